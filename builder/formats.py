@@ -10,6 +10,8 @@ All functions are plain torch and run on any device.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 FP8_MAX = 448.0
@@ -107,10 +109,16 @@ def fp8_weight_quant(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, t
     return q.view(o + po, i + pi)[:o, :i].contiguous(), float_to_e8m0(scale)
 
 
+@lru_cache(maxsize=4)
+def _byte_pairs(device: torch.device) -> torch.Tensor:
+    """[256, 2] float32: the (low nibble, high nibble) E2M1 values of every byte."""
+    return e2m1_decode(unpack_e2m1(torch.arange(256, dtype=torch.uint8, device=device))).view(256, 2)
+
+
 def mxfp4_dequant(packed: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """MXFP4 int8 [O, K/2] with E8M0 scales [O, K/32] -> float32 [O, K]."""
-    values = e2m1_decode(unpack_e2m1(packed))
-    return values * e8m0_to_float(s).repeat_interleave(32, dim=-1)
+    values = _byte_pairs(packed.device)[packed.view(torch.uint8).long()].flatten(-2)
+    return (values.unflatten(-1, (-1, 32)) * e8m0_to_float(s)[..., None]).flatten(-2)
 
 
 def mxfp4_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

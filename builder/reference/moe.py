@@ -1,0 +1,82 @@
+"""Mixture of experts of one layer: gate (hash- or score-routed), MXFP4 routed experts, shared expert."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from ..formats import mxfp4_dequant
+from .ops import FP8Linear, quantised_matmul, swiglu
+
+Weights = Callable[[str], torch.Tensor]
+
+
+def route(cfg: ModelConfig, x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor | None,
+          tid2eid: torch.Tensor | None, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [n, d], ids [n] -> (weights [n, k] float32, experts [n, k]).
+
+    Scores in float32; the bias only chooses experts; hash layers take experts from the token id.
+    """
+    scores = x.float() @ gate_w.float().T
+    if cfg.scoring_func == "softmax":
+        scores = scores.softmax(-1)
+    elif cfg.scoring_func == "sigmoid":
+        scores = scores.sigmoid()
+    else:
+        scores = F.softplus(scores).sqrt()
+    if tid2eid is not None:
+        experts = tid2eid[ids]
+    else:
+        chooser = scores + bias if bias is not None else scores
+        experts = chooser.topk(cfg.num_experts_per_tok, dim=-1)[1]
+    weights = scores.gather(1, experts.long())
+    if cfg.scoring_func != "softmax":
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights * cfg.routed_scaling_factor, experts
+
+
+class MoE:
+    def __init__(self, cfg: ModelConfig, w: Weights, prefix: str, layer: int):
+        self.cfg, self.w, self.prefix = cfg, w, f"{prefix}ffn."
+        p = self.prefix
+        self.gate = w(f"{p}gate.weight")
+        hashed = cfg.is_hash_layer(layer)
+        self.tid2eid = w(f"{p}gate.tid2eid").to(torch.int32) if hashed else None
+        self.bias = None if hashed else w(f"{p}gate.bias").float()
+        # Dequantised experts cached up to ~256 MB per layer (all of them on small models).
+        per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
+        self.cache: dict[int, list[torch.Tensor]] = {}
+        self.cache_size = max(2, (256 << 20) // per_expert)
+        self.shared = [FP8Linear(w(f"{p}shared_experts.{n}.weight"), w(f"{p}shared_experts.{n}.scale"))
+                       for n in ("w1", "w3", "w2")]
+
+    def expert_weights(self, e: int) -> list[torch.Tensor]:
+        """Dequantised float32 w1, w3, w2 of routed expert `e`, kept in a small cache."""
+        if e not in self.cache:
+            if len(self.cache) >= self.cache_size:
+                self.cache.pop(next(iter(self.cache)))
+            base = f"{self.prefix}experts.{e}"
+            self.cache[e] = [mxfp4_dequant(self.w(f"{base}.{n}.weight"), self.w(f"{base}.{n}.scale"))
+                             for n in ("w1", "w3", "w2")]
+        return self.cache[e]
+
+    def expert(self, e: int, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Routed expert `e` on rows x [m, d], its route weight [m, 1] applied before w2 (as the
+        official code), each matmul an FP8-activation x MXFP4-weight product like `fp4_gemm`."""
+        w1, w3, w2 = self.expert_weights(e)
+        h = weight * swiglu(quantised_matmul(x, w1), quantised_matmul(x, w3), self.cfg.swiglu_limit)
+        return quantised_matmul(h.to(x.dtype), w2)
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, experts = route(self.cfg, x, self.gate, self.bias, self.tid2eid, ids.flatten())
+        y = torch.zeros_like(x, dtype=torch.float32)
+        for e in torch.unique(experts).tolist():                   # ascending, as the official loop
+            rows, slot = torch.where(experts == e)
+            y[rows] += self.expert(e, x[rows], weights[rows, slot, None])
+        w1, w3, w2 = self.shared
+        y += w2(swiglu(w1(x), w3(x), self.cfg.swiglu_limit).to(x.dtype))
+        return y.to(x.dtype).view(shape)

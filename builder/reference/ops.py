@@ -1,0 +1,177 @@
+"""Numeric building blocks of the reference model, each matching DeepSeek's official code step by step.
+
+`act` is the activation dtype: bfloat16 reproduces the official numerics; float32 is used by tests
+that need prefill and decode to agree closely. Quantised linears dequantise exactly in float32, so a
+product equals the official FP8/FP4 GEMM up to summation order.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig, yarn_correction_range
+from ..formats import fp4_act_roundtrip, fp8_act_roundtrip, fp8_weight_dequant
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in float32 with a float32 weight, cast back to the input dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    return (weight * xf).to(x.dtype)
+
+
+# ------------------------------------------------------------------ rotary embedding
+@lru_cache(maxsize=8)
+def rope_table(cfg: ModelConfig, compressed: bool, length: int, device: str) -> torch.Tensor:
+    """complex64 [length, rope_dim/2] rotations. Compressed-attention layers use YaRN on
+    `compress_rope_theta`; pure sliding-window layers use `rope_theta` without YaRN."""
+    dim = cfg.qk_rope_head_dim
+    base = cfg.compress_rope_theta if compressed else cfg.rope_theta
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if compressed:
+        low, high = yarn_correction_range(cfg, base, dim)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        freqs = freqs / cfg.rope_factor * ramp + freqs * (1 - ramp)
+    angles = torch.outer(torch.arange(length), freqs)
+    return torch.polar(torch.ones_like(angles), angles).to(device)
+
+
+def apply_rope(x: torch.Tensor, rot: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) of x [b, s, (h,) r] by rot [s, r/2]; returns x's dtype."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    if inverse:
+        rot = rot.conj()
+    rot = rot.view(1, x.size(1), 1, -1) if x.dim() == 4 else rot.view(1, x.size(1), -1)
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+
+
+def with_rope(x: torch.Tensor, rot: torch.Tensor, rope_dim: int, inverse: bool = False) -> torch.Tensor:
+    """x with RoPE applied to its last `rope_dim` channels."""
+    return torch.cat([x[..., :-rope_dim], apply_rope(x[..., -rope_dim:], rot, inverse)], dim=-1)
+
+
+# ------------------------------------------------------------------ Hadamard
+@lru_cache(maxsize=4)
+def _hadamard(n: int, device: str) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.size(0) < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h.to(device)
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Walsh-Hadamard transform of the last dim scaled by d^-0.5, computed in float32, cast back."""
+    n = x.size(-1)
+    return (x.float() @ _hadamard(n, str(x.device)) * n ** -0.5).to(x.dtype)
+
+
+# ------------------------------------------------------------------ linears
+class FP8Linear:
+    """FP8 e4m3 weight with 128x128 E8M0 scales. Input activations round-trip through FP8
+    (block 128) as the official `act_quant` + `fp8_gemm` do; the output has the input's dtype."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor):
+        self.w = fp8_weight_dequant(weight, scale)          # exact in float32
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return quantised_matmul(x, self.w)
+
+
+def quantised_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [.., K] round-tripped through FP8 (block 128) times a dequantised weight w [N, K], in float32,
+    cast to x's dtype: the official `act_quant` + `fp8_gemm` / `fp4_gemm` up to summation order."""
+    return (fp8_act_roundtrip(x) @ w.T).to(x.dtype)
+
+
+def fp8_kv_roundtrip(kv: torch.Tensor, rope_dim: int, block: int) -> torch.Tensor:
+    """FP8 round-trip of the non-rope channels (block `block`); rope channels stay as they are."""
+    nope = fp8_act_roundtrip(kv[..., :-rope_dim], block).to(kv.dtype)
+    return torch.cat([nope, kv[..., -rope_dim:]], dim=-1)
+
+
+def fp4_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    return fp4_act_roundtrip(x).to(x.dtype)
+
+
+# ------------------------------------------------------------------ attention core
+def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Attention of q [b, s, h, d] over rows kv[b, idx[b, s, k]] (-1 = no row), one shared K=V row
+    per index, with a per-head sink exp(sink_h) added to the softmax denominator only.
+
+    As the official kernel: scores and the normaliser in float32, the probabilities rounded to the
+    activation dtype before they weight the rows, output in q's dtype.
+    """
+    b, s, h, d = q.shape
+    valid = idx >= 0
+    rows = kv.gather(1, idx.clamp(min=0).long().flatten(1)[..., None].expand(-1, -1, d))
+    rows = rows.view(b, s, -1, d).float()                                        # [b, s, k, d]
+    scores = torch.einsum("bshd,bskd->bshk", q.float(), rows) * scale
+    scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
+    top = scores.amax(-1, keepdim=True)                                         # [b, s, h, 1]
+    p = torch.exp(scores - top)
+    denom = p.sum(-1) + torch.exp(sink.float().view(1, 1, h) - top.squeeze(-1))
+    o = torch.einsum("bshk,bskd->bshd", p.to(q.dtype).float(), rows) / denom[..., None]
+    return o.to(q.dtype)
+
+
+# ------------------------------------------------------------------ hyper-connections
+def sinkhorn_split(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mix [..., (2+hc)*hc] -> pre [..., hc], post [..., hc], comb [..., hc, hc] (rows j: input stream,
+    columns k: output stream), comb made doubly stochastic by Sinkhorn iterations (float32)."""
+    pre = torch.sigmoid(mix[..., :hc] * scale[0] + base[:hc]) + eps
+    post = 2 * torch.sigmoid(mix[..., hc:2 * hc] * scale[1] + base[hc:2 * hc])
+    comb = mix[..., 2 * hc:].unflatten(-1, (hc, hc)) * scale[2] + base[2 * hc:].view(hc, hc)
+    comb = comb.softmax(-1) + eps
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    return pre, post, comb
+
+
+def hc_mix(x: torch.Tensor, fn: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [b, s, hc, d] -> (mixes [b, s, rows], x flattened in float32 [b, s, hc*d])."""
+    xf = x.flatten(2).float()
+    return (xf @ fn.T) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps), xf
+
+
+def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, cfg: ModelConfig):
+    """Collapse the hc streams into one sub-layer input; also return post weights and comb."""
+    mix, xf = hc_mix(x, fn, cfg.rms_norm_eps)
+    pre, post, comb = sinkhorn_split(mix, scale, base, cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps)
+    y = (pre[..., None] * xf.view(x.shape)).sum(2)
+    return y.to(x.dtype), post, comb
+
+
+def hc_post(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """out_k = post_k * f + sum_j comb[j, k] * res_j, in float32, cast to f's dtype. f [b,s,d], res [b,s,hc,d]."""
+    y = post[..., None] * f[:, :, None, :] + (comb[..., None] * res[:, :, :, None, :]).sum(2)
+    return y.to(f.dtype)
+
+
+def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
+            cfg: ModelConfig) -> torch.Tensor:
+    """Final collapse of the hc streams: sigmoid weights, no Sinkhorn."""
+    mix, xf = hc_mix(x, fn, cfg.rms_norm_eps)
+    pre = torch.sigmoid(mix * scale + base) + cfg.hc_eps
+    return (pre[..., None] * xf.view(x.shape)).sum(2).to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """silu(gate) * up in float32 with DeepSeek's clamps (up to [-limit, limit], gate to <= limit)."""
+    gate, up = gate.float(), up.float()
+    if limit > 0:
+        up = up.clamp(-limit, limit)
+        gate = gate.clamp(max=limit)
+    return F.silu(gate) * up
+
+
+def softmax_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
