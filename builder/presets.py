@@ -23,7 +23,7 @@ TINY: dict[str, Any] = {
     **FLASH, "vocab_size": 1024, "hidden_size": 256, "num_hidden_layers": 5, "num_nextn_predict_layers": 1,
     "num_attention_heads": 4, "head_dim": 128, "q_lora_rank": 128, "o_lora_rank": 128, "o_groups": 2,
     "sliding_window": 16, "n_routed_experts": 16, "num_experts_per_tok": 6, "moe_intermediate_size": 128,
-    "index_n_heads": 4, "index_head_dim": 128, "index_topk": 8, "max_position_embeddings": 4096,
+    "index_n_heads": 16, "index_head_dim": 128, "index_topk": 8, "max_position_embeddings": 4096,
     "compress_ratios": [0, 0, 4, 128, 4, 0],
 }
 

@@ -49,7 +49,10 @@ def _dense(spec: TensorSpec, g: torch.Generator, hc: int) -> torch.Tensor:
         return 0.5 + 0.5 * torch.rand(*shape, generator=g)
     if name.endswith("_base"):
         base = 0.5 * randn(*shape)
-        if shape[0] > hc:                             # favour keeping each stream in the comb matrix
+        if shape[0] > hc:
+            # Residual-dominated streams, as in a trained model: each sub-layer adds a modest update
+            # (post = 2*sigmoid(~-2) ~ 0.25) and the comb matrix mostly keeps each stream in place.
+            base[hc:2 * hc] -= 2.0
             base[2 * hc:] += 2.0 * torch.eye(hc).flatten()
         return base
     if name.endswith("attn_sink"):

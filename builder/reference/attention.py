@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import KV_FP8_BLOCK, ModelConfig
-from .ops import (FP8Linear, fp4_roundtrip, fp8_kv_roundtrip, hadamard, rms_norm, softmax_scale,
+from ..formats import fp8_weight_dequant
+from .ops import (FP8Linear, wide, fp4_roundtrip, fp8_kv_roundtrip, hadamard, rms_norm, softmax_scale,
                   sparse_attention, with_rope)
 
 Weights = Callable[[str], torch.Tensor]
@@ -25,17 +26,15 @@ class Compressor:
                  rot: torch.Tensor):
         self.cfg, self.ratio, self.dim, self.rotate, self.rot = cfg, ratio, dim, rotate, rot
         self.overlap = ratio == 4
-        self.wkv = w(f"{prefix}.wkv.weight").float()
-        self.wgate = w(f"{prefix}.wgate.weight").float()
-        self.ape = w(f"{prefix}.ape").float()
-        self.norm = w(f"{prefix}.norm.weight").float()
+        self.wkv, self.wgate, self.ape, self.norm = (
+            w(f"{prefix}.{n}") for n in ("wkv.weight", "wgate.weight", "ape", "norm.weight"))
 
     def reset(self, batch: int, device) -> None:
         coff = 2 if self.overlap else 1
         shape = (batch, coff * self.ratio, coff * self.dim)
         # Partial-block state: with overlap, rows [:ratio] are the previous block, [ratio:] the current.
-        self.kv_state = torch.zeros(shape, device=device)
-        self.score_state = torch.full(shape, float("-inf"), device=device)
+        self.kv_state = torch.zeros(shape, device=device, dtype=self.wkv.dtype)
+        self.score_state = torch.full(shape, float("-inf"), device=device, dtype=self.wkv.dtype)
 
     def _overlap(self, t: torch.Tensor, fill: float) -> torch.Tensor:
         """[b, n, r, 2d] -> [b, n, 2r, d]: block i's own second half of channels after the first
@@ -51,7 +50,7 @@ class Compressor:
         """Feed x [b, s, dim_model]; write completed rows into `cache` [b, blocks, d]; return them."""
         b, s, _ = x.shape
         r, d, dtype = self.ratio, self.dim, x.dtype
-        xf = x.float()
+        xf = wide(x)
         kv, score = xf @ self.wkv.T, xf @ self.wgate.T
         if start == 0:
             cutoff = s - s % r
@@ -106,7 +105,7 @@ class Indexer:
 
     def __init__(self, cfg: ModelConfig, w: Weights, prefix: str, rot: torch.Tensor, act: torch.dtype):
         self.cfg, self.rot = cfg, rot
-        self.wq_b = FP8Linear(w(f"{prefix}.wq_b.weight"), w(f"{prefix}.wq_b.scale"))
+        self.wq_b = FP8Linear(w(f"{prefix}.wq_b.weight"), w(f"{prefix}.wq_b.scale"), act)
         self.weights_proj = w(f"{prefix}.weights_proj.weight").to(act)
         self.compressor = Compressor(cfg, w, f"{prefix}.compressor", 4, cfg.index_head_dim, True, rot)
 
@@ -161,16 +160,14 @@ class Attention:
         self.cfg, self.act = cfg, act
         self.ratio = cfg.ratio(layer)
         a = f"{prefix}attn."
-        self.wq_a = FP8Linear(w(f"{a}wq_a.weight"), w(f"{a}wq_a.scale"))
-        self.q_norm = w(f"{a}q_norm.weight").float()
-        self.wq_b = FP8Linear(w(f"{a}wq_b.weight"), w(f"{a}wq_b.scale"))
-        self.wkv = FP8Linear(w(f"{a}wkv.weight"), w(f"{a}wkv.scale"))
-        self.kv_norm = w(f"{a}kv_norm.weight").float()
+        fp8 = lambda n: FP8Linear(w(f"{a}{n}.weight"), w(f"{a}{n}.scale"), act)  # noqa: E731
+        self.wq_a, self.wq_b, self.wkv, self.wo_b = fp8("wq_a"), fp8("wq_b"), fp8("wkv"), fp8("wo_b")
+        self.q_norm = w(f"{a}q_norm.weight")
+        self.kv_norm = w(f"{a}kv_norm.weight")
         # As DeepSeek's convert.py: wo_a is dequantised to bf16 once and applied as a plain grouped einsum.
-        wo_a = FP8Linear(w(f"{a}wo_a.weight"), w(f"{a}wo_a.scale")).w.to(torch.bfloat16)
+        wo_a = fp8_weight_dequant(w(f"{a}wo_a.weight"), w(f"{a}wo_a.scale")).to(torch.bfloat16)
         self.wo_a = wo_a.to(act).view(cfg.o_groups, cfg.o_lora_rank, -1)
-        self.wo_b = FP8Linear(w(f"{a}wo_b.weight"), w(f"{a}wo_b.scale"))
-        self.sink = w(f"{a}attn_sink").float()
+        self.sink = w(f"{a}attn_sink")
         self.rot = rot
         self.compressor = self.indexer = None
         if self.ratio:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from .attention import Attention
 from .moe import MoE
-from .ops import FP8Linear, hc_head, hc_post, hc_pre, rms_norm, rope_table
+from .ops import FP8Linear, hc_head, hc_post, hc_pre, rms_norm, rope_table, wide, wide_dtype
 
 Weights = Callable[[str], torch.Tensor]
 
@@ -30,12 +30,12 @@ class Block:
     def __init__(self, cfg: ModelConfig, w: Weights, prefix: str, layer: int, act: torch.dtype,
                  rot: torch.Tensor):
         self.cfg = cfg
-        self.attn_norm = w(f"{prefix}attn_norm.weight").float()
-        self.ffn_norm = w(f"{prefix}ffn_norm.weight").float()
-        self.hc = {k: [w(f"{prefix}hc_{k}_{part}").float() for part in ("fn", "scale", "base")]
+        self.attn_norm = w(f"{prefix}attn_norm.weight")
+        self.ffn_norm = w(f"{prefix}ffn_norm.weight")
+        self.hc = {k: [w(f"{prefix}hc_{k}_{part}") for part in ("fn", "scale", "base")]
                    for k in ("attn", "ffn")}
         self.attn = Attention(cfg, w, prefix, layer, act, rot)
-        self.moe = MoE(cfg, w, prefix, layer)
+        self.moe = MoE(cfg, w, prefix, layer, act)
 
     def __call__(self, x: torch.Tensor, start: int, ids: torch.Tensor) -> torch.Tensor:
         # x: [b, s, hc, d] hidden streams
@@ -51,12 +51,12 @@ class Head:
 
     def __init__(self, cfg: ModelConfig, w: Weights, prefix: str, weight: torch.Tensor):
         self.cfg, self.weight = cfg, weight
-        self.fn, self.scale, self.base = (w(f"{prefix}hc_head_{p}").float() for p in ("fn", "scale", "base"))
-        self.norm = w(f"{prefix}norm.weight").float()
+        self.fn, self.scale, self.base = (w(f"{prefix}hc_head_{p}") for p in ("fn", "scale", "base"))
+        self.norm = w(f"{prefix}norm.weight")
 
     def __call__(self, x: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
         y = rms_norm(hc_head(x, self.fn, self.scale, self.base, self.cfg), self.norm, self.cfg.rms_norm_eps)
-        return F.linear((y if all_positions else y[:, -1]).float(), self.weight)
+        return F.linear(wide(y if all_positions else y[:, -1]), self.weight)
 
 
 class MTPBlock(Block):
@@ -68,10 +68,10 @@ class MTPBlock(Block):
         prefix = f"mtp.{j}."
         super().__init__(cfg, w, prefix, cfg.num_hidden_layers + j, act, rot)
         self.embed = embed
-        self.e_proj = FP8Linear(w(f"{prefix}e_proj.weight"), w(f"{prefix}e_proj.scale"))
-        self.h_proj = FP8Linear(w(f"{prefix}h_proj.weight"), w(f"{prefix}h_proj.scale"))
-        self.enorm = w(f"{prefix}enorm.weight").float()
-        self.hnorm = w(f"{prefix}hnorm.weight").float()
+        self.e_proj = FP8Linear(w(f"{prefix}e_proj.weight"), w(f"{prefix}e_proj.scale"), act)
+        self.h_proj = FP8Linear(w(f"{prefix}h_proj.weight"), w(f"{prefix}h_proj.scale"), act)
+        self.enorm = w(f"{prefix}enorm.weight")
+        self.hnorm = w(f"{prefix}hnorm.weight")
         self.head = Head(cfg, w, prefix, head_weight)
 
     def draft(self, h: torch.Tensor, start: int, ids: torch.Tensor) -> torch.Tensor:
@@ -90,11 +90,16 @@ class ReferenceModel:
         get = source.get if hasattr(source, "get") else source
         self.cfg, self.act, self.device, self.max_len = cfg, act, torch.device(device), max_len
 
+        working = wide_dtype(act)
+
         def w(name: str) -> torch.Tensor:
-            return get(name).to(self.device)
+            """A tensor on the device; bf16/f32 ones (norms, hc, compressors, head, ...) become float32
+            parameters as in the official code (float64 for a float64 model)."""
+            t = get(name).to(self.device)
+            return t.to(working) if t.dtype in (torch.bfloat16, torch.float32) else t
 
         self.embed = w("embed.weight").to(act)
-        head_weight = w("head.weight").float()
+        head_weight = w("head.weight")
         self.head = Head(cfg, w, "", head_weight)
         rot = {c: rope_table(cfg, c, max_len, str(self.device)) for c in (False, True)}
         self.layers = [Block(cfg, w, f"layers.{i}.", i, act, rot[cfg.ratio(i) > 0])

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..formats import mxfp4_dequant
-from .ops import FP8Linear, quantised_matmul, swiglu
+from .ops import FP8Linear, quantised_matmul, swiglu, wide, wide_dtype
 
 Weights = Callable[[str], torch.Tensor]
 
@@ -19,7 +19,7 @@ def route(cfg: ModelConfig, x: torch.Tensor, gate_w: torch.Tensor, bias: torch.T
 
     Scores in float32; the bias only chooses experts; hash layers take experts from the token id.
     """
-    scores = x.float() @ gate_w.float().T
+    scores = wide(x) @ gate_w.to(wide_dtype(x.dtype)).T
     if cfg.scoring_func == "softmax":
         scores = scores.softmax(-1)
     elif cfg.scoring_func == "sigmoid":
@@ -38,18 +38,18 @@ def route(cfg: ModelConfig, x: torch.Tensor, gate_w: torch.Tensor, bias: torch.T
 
 
 class MoE:
-    def __init__(self, cfg: ModelConfig, w: Weights, prefix: str, layer: int):
-        self.cfg, self.w, self.prefix = cfg, w, f"{prefix}ffn."
+    def __init__(self, cfg: ModelConfig, w: Weights, prefix: str, layer: int, act: torch.dtype):
+        self.cfg, self.w, self.prefix, self.wide = cfg, w, f"{prefix}ffn.", wide_dtype(act)
         p = self.prefix
         self.gate = w(f"{p}gate.weight")
         hashed = cfg.is_hash_layer(layer)
         self.tid2eid = w(f"{p}gate.tid2eid").to(torch.int32) if hashed else None
-        self.bias = None if hashed else w(f"{p}gate.bias").float()
+        self.bias = None if hashed else w(f"{p}gate.bias")
         # Dequantised experts cached up to ~256 MB per layer (all of them on small models).
         per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 4
         self.cache: dict[int, list[torch.Tensor]] = {}
         self.cache_size = max(2, (256 << 20) // per_expert)
-        self.shared = [FP8Linear(w(f"{p}shared_experts.{n}.weight"), w(f"{p}shared_experts.{n}.scale"))
+        self.shared = [FP8Linear(w(f"{p}shared_experts.{n}.weight"), w(f"{p}shared_experts.{n}.scale"), act)
                        for n in ("w1", "w3", "w2")]
 
     def expert_weights(self, e: int) -> list[torch.Tensor]:
@@ -58,7 +58,7 @@ class MoE:
             if len(self.cache) >= self.cache_size:
                 self.cache.pop(next(iter(self.cache)))
             base = f"{self.prefix}experts.{e}"
-            self.cache[e] = [mxfp4_dequant(self.w(f"{base}.{n}.weight"), self.w(f"{base}.{n}.scale"))
+            self.cache[e] = [mxfp4_dequant(self.w(f"{base}.{n}.weight"), self.w(f"{base}.{n}.scale")).to(self.wide)
                              for n in ("w1", "w3", "w2")]
         return self.cache[e]
 
@@ -73,7 +73,7 @@ class MoE:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, experts = route(self.cfg, x, self.gate, self.bias, self.tid2eid, ids.flatten())
-        y = torch.zeros_like(x, dtype=torch.float32)
+        y = torch.zeros_like(x, dtype=self.wide)
         for e in torch.unique(experts).tolist():                   # ascending, as the official loop
             rows, slot = torch.where(experts == e)
             y[rows] += self.expert(e, x[rows], weights[rows, slot, None])

@@ -16,9 +16,19 @@ from ..config import ModelConfig, yarn_correction_range
 from ..formats import fp4_act_roundtrip, fp8_act_roundtrip, fp8_weight_dequant
 
 
+def wide_dtype(act: torch.dtype) -> torch.dtype:
+    """The dtype of the official code's float32 steps: float64 when the model runs in float64."""
+    return torch.float64 if act == torch.float64 else torch.float32
+
+
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """x in its float32 (or, for a float64 model, float64) working precision."""
+    return x.to(wide_dtype(x.dtype))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm in float32 with a float32 weight, cast back to the input dtype."""
-    xf = x.float()
+    xf = wide(x)
     xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     return (weight * xf).to(x.dtype)
 
@@ -43,7 +53,7 @@ def rope_table(cfg: ModelConfig, compressed: bool, length: int, device: str) -> 
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Rotate interleaved pairs (2i, 2i+1) of x [b, s, (h,) r] by rot [s, r/2]; returns x's dtype."""
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    xc = torch.view_as_complex(wide(x).unflatten(-1, (-1, 2)).contiguous())
     if inverse:
         rot = rot.conj()
     rot = rot.view(1, x.size(1), 1, -1) if x.dim() == 4 else rot.view(1, x.size(1), -1)
@@ -67,7 +77,7 @@ def _hadamard(n: int, device: str) -> torch.Tensor:
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """Walsh-Hadamard transform of the last dim scaled by d^-0.5, computed in float32, cast back."""
     n = x.size(-1)
-    return (x.float() @ _hadamard(n, str(x.device)) * n ** -0.5).to(x.dtype)
+    return (wide(x) @ _hadamard(n, str(x.device)).to(wide_dtype(x.dtype)) * n ** -0.5).to(x.dtype)
 
 
 # ------------------------------------------------------------------ linears
@@ -75,8 +85,8 @@ class FP8Linear:
     """FP8 e4m3 weight with 128x128 E8M0 scales. Input activations round-trip through FP8
     (block 128) as the official `act_quant` + `fp8_gemm` do; the output has the input's dtype."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor):
-        self.w = fp8_weight_dequant(weight, scale)          # exact in float32
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, act: torch.dtype):
+        self.w = fp8_weight_dequant(weight, scale).to(wide_dtype(act))      # exact in float32
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return quantised_matmul(x, self.w)
@@ -85,7 +95,7 @@ class FP8Linear:
 def quantised_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [.., K] round-tripped through FP8 (block 128) times a dequantised weight w [N, K], in float32,
     cast to x's dtype: the official `act_quant` + `fp8_gemm` / `fp4_gemm` up to summation order."""
-    return (fp8_act_roundtrip(x) @ w.T).to(x.dtype)
+    return (fp8_act_roundtrip(x).to(w.dtype) @ w.T).to(x.dtype)
 
 
 def fp8_kv_roundtrip(kv: torch.Tensor, rope_dim: int, block: int) -> torch.Tensor:
@@ -110,13 +120,13 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
     b, s, h, d = q.shape
     valid = idx >= 0
     rows = kv.gather(1, idx.clamp(min=0).long().flatten(1)[..., None].expand(-1, -1, d))
-    rows = rows.view(b, s, -1, d).float()                                        # [b, s, k, d]
-    scores = torch.einsum("bshd,bskd->bshk", q.float(), rows) * scale
+    rows = wide(rows.view(b, s, -1, d))                                          # [b, s, k, d]
+    scores = torch.einsum("bshd,bskd->bshk", wide(q), rows) * scale
     scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
     top = scores.amax(-1, keepdim=True)                                         # [b, s, h, 1]
     p = torch.exp(scores - top)
-    denom = p.sum(-1) + torch.exp(sink.float().view(1, 1, h) - top.squeeze(-1))
-    o = torch.einsum("bshk,bskd->bshd", p.to(q.dtype).float(), rows) / denom[..., None]
+    denom = p.sum(-1) + torch.exp(sink.view(1, 1, h) - top.squeeze(-1))
+    o = torch.einsum("bshk,bskd->bshd", wide(p.to(q.dtype)), rows) / denom[..., None]
     return o.to(q.dtype)
 
 
@@ -138,7 +148,7 @@ def sinkhorn_split(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, h
 
 def hc_mix(x: torch.Tensor, fn: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x [b, s, hc, d] -> (mixes [b, s, rows], x flattened in float32 [b, s, hc*d])."""
-    xf = x.flatten(2).float()
+    xf = wide(x.flatten(2))
     return (xf @ fn.T) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps), xf
 
 
@@ -166,7 +176,7 @@ def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     """silu(gate) * up in float32 with DeepSeek's clamps (up to [-limit, limit], gate to <= limit)."""
-    gate, up = gate.float(), up.float()
+    gate, up = wide(gate), wide(up)
     if limit > 0:
         up = up.clamp(-limit, limit)
         gate = gate.clamp(max=limit)
