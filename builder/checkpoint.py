@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from runtime.errors import UserError
+
 from .config import ModelConfig, load_config
 from .layout import TensorSpec, checkpoint_specs
 
@@ -23,7 +25,7 @@ ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 
             "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that does not match its config or is damaged; the message names the place."""
 
 

@@ -1,0 +1,259 @@
+"""`dsv4`: the command line. A thin layer: each command parses flags and calls library code by keyword.
+
+User mistakes (bad paths, bad flags, damaged files) end with one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from runtime.errors import UserError
+
+DTYPES = ("bfloat16", "float32", "float64")
+TINY_DIR = Path("artifacts") / "tiny-checkpoint"
+
+
+def _device(name: str) -> str:
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but this machine has no CUDA GPU")
+    return name
+
+
+def _load_reference(checkpoint: Path | None, device: str, dtype: str, max_len: int):
+    """Open a checkpoint (the embedded tiny model when none is given) and build the reference model."""
+    import torch
+
+    from builder.checkpoint import Checkpoint
+    from builder.reference.model import ReferenceModel
+    ckpt = Checkpoint(checkpoint or ensure_tiny())
+    return ckpt, ReferenceModel(ckpt, device=_device(device), act=getattr(torch, dtype), max_len=max_len)
+
+
+def ensure_tiny() -> Path:
+    """The embedded tiny model: synthesised once (seed 0) into artifacts/tiny-checkpoint."""
+    from builder.checkpoint import INDEX_FILE
+    if not (TINY_DIR / INDEX_FILE).is_file():
+        from builder.presets import preset_json
+        from builder.synth import write_synthetic
+        click.echo(f"creating the embedded tiny model in {TINY_DIR} ...", err=True)
+        write_synthetic(preset_json("tiny"), TINY_DIR, seed=0)
+    return TINY_DIR
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """dsv4-aot: compile and run DeepSeek V4 (official MXFP4/FP8 checkpoints) on one GPU box.
+
+    Without a checkpoint, commands use the embedded tiny model (synthesised on first use).
+    """
+
+
+@cli.command()
+@click.option("--model", "model", type=click.Choice(["tiny", "flash", "pro"]), default="tiny", show_default=True,
+              help="Named config: the tiny test model or DeepSeek V4 Flash / Pro sizes.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path),
+              help="A config.json to use instead of a named model.")
+@click.option("--layers", type=int, help="Keep only the first N transformer layers (plus MTP).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output checkpoint folder.")
+def synth(model: str, config_file: Path | None, layers: int | None, seed: int, out: Path) -> None:
+    """Write a synthetic checkpoint in the official layout (shards, index, config.json, tokenizer.json).
+
+    Weights are random but realistically scaled; FP8 and MXFP4 tensors are packed exactly as DeepSeek's.
+    """
+    from rich.progress import Progress
+
+    from builder.config import ConfigError, parse_config
+    from builder.presets import preset_json
+    from builder.synth import write_synthetic
+    if config_file:
+        try:
+            raw = json.loads(config_file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read config {config_file}: {e}") from None
+        if layers is not None:
+            raise ConfigError("--layers applies to named models only")
+        parse_config(raw)
+    else:
+        raw = preset_json(model, layers)
+    t0 = time.time()
+    with Progress(transient=True) as bar:
+        task = bar.add_task("writing shards", total=None)
+        write_synthetic(raw, out, seed=seed,
+                        progress=lambda group, i, n: bar.update(task, completed=i, total=n, description=group))
+    click.echo(f"wrote {out} in {time.time() - t0:.1f}s")
+
+
+@cli.command("inspect")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Checkpoint folder (validates every shard).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="A config.json.")
+@click.option("--model", type=click.Choice(["tiny", "flash", "pro"]), help="A named config.")
+@click.option("--budget-gib", type=float, help="Memory budget to check the whole model against.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def inspect_cmd(checkpoint: Path | None, config_file: Path | None, model: str | None, budget_gib: float | None,
+                as_json: bool) -> None:
+    """Parameters (total, active per token, by dtype), bytes read per decoded token, memory fit."""
+    from builder.checkpoint import Checkpoint
+    from builder.config import load_config
+    from builder.presets import preset
+    from builder.sizes import GIB, model_sizes
+    if sum(x is not None for x in (checkpoint, config_file, model)) != 1:
+        raise UserError("give exactly one of --checkpoint, --config or --model")
+    cfg = (Checkpoint(checkpoint).config if checkpoint else load_config(config_file) if config_file
+           else preset(model))
+    s = model_sizes(cfg)
+    report = {
+        "params_total": s.params_total, "params_mtp": s.params_mtp, "params_active_per_token": s.params_active,
+        "params_by_dtype": s.params_by_dtype, "checkpoint_bytes": s.checkpoint_bytes,
+        "bytes_read_per_token": s.bytes_per_token, "routed_expert_bytes": s.expert_bytes,
+    }
+    if budget_gib is not None:
+        report["budget_gib"] = budget_gib
+        report["fits_budget"] = s.checkpoint_bytes <= budget_gib * GIB
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    b = lambda n: f"{n / 1e9:.2f} GB ({n / GIB:.2f} GiB)"  # noqa: E731
+    click.echo(f"parameters (main model, no MTP): {s.params_total / 1e9:.2f}B   MTP: {s.params_mtp / 1e9:.2f}B")
+    click.echo(f"active per token (excl. input embedding): {s.params_active / 1e9:.2f}B")
+    for dtype, n in sorted(s.params_by_dtype.items(), key=lambda kv: -kv[1]):
+        click.echo(f"  {dtype:8s} {n / 1e9:9.3f}B")
+    click.echo(f"checkpoint size: {b(s.checkpoint_bytes)}   one routed expert: {s.expert_bytes / 1e6:.1f} MB")
+    click.echo(f"bytes read per decoded token: {b(s.bytes_per_token)}")
+    if budget_gib is not None:
+        verdict = "fits" if report["fits_budget"] else "does NOT fit"
+        click.echo(f"whole model {verdict} a budget of {budget_gib:g} GiB (needs {s.checkpoint_bytes / GIB:.1f} GiB)")
+
+
+def _read_ids(inline: str | None, file: Path | None, what: str, required: bool) -> list[int]:
+    from builder.forced import parse_ids
+    if inline is not None and file is not None:
+        raise UserError(f"give --{what} or --{what}-file, not both")
+    if file is not None:
+        if not file.is_file():
+            raise UserError(f"--{what}-file: no file at {file}")
+        return parse_ids(file.read_text(), f"--{what}-file")
+    if inline is None:
+        if required:
+            raise UserError(f"--{what} or --{what}-file is required")
+        return []
+    return parse_ids(inline, f"--{what}")
+
+
+@cli.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Checkpoint folder (default: embedded tiny model).")
+@click.option("--prompt-ids", help="Prompt token ids, comma or space separated.")
+@click.option("--prompt-ids-file", type=click.Path(path_type=Path), help="File holding the prompt token ids.")
+@click.option("--forced-ids", help="Token ids fed one decode step each.")
+@click.option("--forced-ids-file", type=click.Path(path_type=Path), help="File holding the forced token ids.")
+@click.option("--out", type=click.Path(path_type=Path), help="Write logits [1 + n_forced, vocab] here (safetensors).")
+@click.option("--compare", "compare_with", type=click.Path(path_type=Path),
+              help="Compare with another logits file and print per-step agreement.")
+@click.option("--min-cosine", type=float, default=0.999, show_default=True,
+              help="With --compare: exit non-zero if any step's cosine is below this.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True,
+              help="Activation dtype; bfloat16 reproduces DeepSeek's official numerics.")
+def forced(checkpoint, prompt_ids, prompt_ids_file, forced_ids, forced_ids_file, out, compare_with,
+           min_cosine, device, dtype) -> None:
+    """Logits after prefilling a prompt, then after each forced token as one decode step.
+
+    Row 0 of the output is after the whole prompt; row i after feeding forced_ids[i-1].
+    """
+    from builder.forced import check_ids, compare, forced_logits, load_logits, save_logits
+    prompt = _read_ids(prompt_ids, prompt_ids_file, "prompt-ids", required=True)
+    steps = _read_ids(forced_ids, forced_ids_file, "forced-ids", required=False)
+    if not prompt:
+        raise UserError("the prompt needs at least one token id")
+    if out is None and compare_with is None:
+        raise UserError("give --out, --compare or both")
+    other = load_logits(compare_with) if compare_with else None
+    ckpt, model = _load_reference(checkpoint, device, dtype, max_len=len(prompt) + len(steps) + 1)
+    check_ids(prompt + steps, ckpt.config.vocab_size, "token ids")
+    t0 = time.time()
+    logits = forced_logits(model, prompt, steps)
+    click.echo(f"{len(prompt)} prompt tokens + {len(steps)} forced steps in {time.time() - t0:.2f}s", err=True)
+    if out:
+        save_logits(out, logits, prompt, steps, source=f"reference:{ckpt.folder}")
+        click.echo(f"wrote {out}", err=True)
+    if other is not None:
+        stats = compare(logits, other)
+        worst = min(s.cosine for s in stats)
+        agree = sum(s.argmax_a == s.argmax_b for s in stats)
+        for s in stats:
+            mark = "" if s.argmax_a == s.argmax_b and s.cosine >= min_cosine else "   <--"
+            click.echo(f"step {s.step:3d}  argmax {s.argmax_a:6d} vs {s.argmax_b:6d}  cosine {s.cosine:.6f}  "
+                       f"max|diff| {s.max_abs:.4g}{mark}")
+        click.echo(f"argmax agreement {agree}/{len(stats)}, worst cosine {worst:.6f}")
+        if worst < min_cosine:
+            click.echo(f"error: cosine {worst:.6f} is below --min-cosine {min_cosine}", err=True)
+            sys.exit(1)
+
+
+@cli.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Checkpoint folder (default: embedded tiny model).")
+@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--chat", is_flag=True, help="Render the prompt as a chat turn.")
+@click.option("--thinking", is_flag=True, help="With --chat: thinking mode (opens the answer with <think>).")
+@click.option("--system", default="", help="With --chat: system message.")
+@click.option("--max-new", type=click.IntRange(1, 100000), default=32, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def generate(checkpoint, prompt, chat, thinking, system, max_new, device) -> None:
+    """Greedy generation with the reference model (slow; the ground truth, not the fast path)."""
+    import torch
+
+    from runtime.chat import Message, render
+    from runtime.tokenizer import Tokenizer
+    ckpt, _ = None, None
+    folder = checkpoint or ensure_tiny()
+    tok = Tokenizer(folder)
+    if chat:
+        msgs = ([Message("system", system)] if system else []) + [Message("user", prompt)]
+        text = render(msgs, thinking=thinking)
+    else:
+        text = prompt
+    ids = tok.encode(text)
+    if not ids:
+        raise UserError("the prompt encodes to no tokens")
+    ckpt, model = _load_reference(folder, device, "bfloat16", max_len=len(ids) + max_new)
+    t0 = time.time()
+    logits = model.forward(torch.tensor([ids]), 0)
+    t_prefill = time.time() - t0
+    out: list[int] = []
+    t1 = time.time()
+    for step in range(max_new):
+        nxt = int(logits[0].argmax())
+        if nxt == tok.eos_id:
+            break
+        out.append(nxt)
+        click.echo(tok.decode([nxt]), nl=False)
+        logits = model.forward(torch.tensor([[nxt]]), len(ids) + step)
+    dt = time.time() - t1
+    click.echo()
+    click.echo(f"prefill {len(ids)} tokens: {len(ids) / t_prefill:.1f} tok/s; "
+               f"decode {len(out)} tokens: {len(out) / max(dt, 1e-9):.1f} tok/s (reference model)", err=True)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
