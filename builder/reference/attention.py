@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..config import KV_FP8_BLOCK, ModelConfig
 from ..formats import fp8_weight_dequant
-from .ops import (FP8Linear, wide, fp4_roundtrip, fp8_kv_roundtrip, hadamard, rms_norm, softmax_scale,
+from .ops import (FP8Linear, einsum, linear, wide, fp4_roundtrip, fp8_kv_roundtrip, hadamard, rms_norm, softmax_scale,
                   sparse_attention, with_rope)
 
 Weights = Callable[[str], torch.Tensor]
@@ -120,9 +120,9 @@ class Indexer:
         q = self.wq_b(qr).unflatten(-1, (c.index_n_heads, c.index_head_dim))
         q = fp4_roundtrip(hadamard(with_rope(q, self.rot[start:end], c.qk_rope_head_dim)))
         self.compressor(x, start, self.keys)
-        weights = F.linear(x, self.weights_proj) * (softmax_scale(c.index_head_dim) * c.index_n_heads ** -0.5)
-        score = torch.einsum("bshd,btd->bsht", q, self.keys[:b, :end // 4])          # activation dtype
-        score = (score.relu() * weights[..., None]).sum(dim=2)                       # [b, s, t]
+        weights = linear(x, self.weights_proj) * (softmax_scale(c.index_head_dim) * c.index_n_heads ** -0.5)
+        score = einsum("bshd,btd->bsht", q, self.keys[:b, :end // 4])                # activation dtype
+        score = wide(score.relu() * weights[..., None]).sum(dim=2).to(x.dtype)        # [b, s, t]
         k = min(c.index_topk, end // 4)
         if start == 0:
             visible = torch.arange(end // 4, device=x.device) < (torch.arange(1, s + 1, device=x.device) // 4)[:, None]
@@ -191,7 +191,7 @@ class Attention:
         rot = self.rot[start:start + s]
         qr = rms_norm(self.wq_a(x), self.q_norm, c.rms_norm_eps)
         q = self.wq_b(qr).unflatten(-1, (c.num_attention_heads, c.head_dim))
-        q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + c.rms_norm_eps)       # per head, no weight
+        q = q * torch.rsqrt(wide(q.square()).mean(-1, keepdim=True).to(q.dtype) + c.rms_norm_eps)  # per head
         q = with_rope(q, rot, rd)
         kv = with_rope(rms_norm(self.wkv(x), self.kv_norm, c.rms_norm_eps), rot, rd)
         kv = fp8_kv_roundtrip(kv, rd, KV_FP8_BLOCK)
@@ -224,5 +224,5 @@ class Attention:
                 self.compressor(x, start, compressed)
             o = sparse_attention(q, self.kv[:b], self.sink, idx, softmax_scale(c.head_dim))
         o = with_rope(o, rot, rd, inverse=True)
-        o = torch.einsum("bsgd,grd->bsgr", o.view(b, s, c.o_groups, -1), self.wo_a)
+        o = einsum("bsgd,grd->bsgr", o.view(b, s, c.o_groups, -1), self.wo_a)
         return self.wo_b(o.flatten(2))

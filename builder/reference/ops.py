@@ -17,13 +17,28 @@ from ..formats import fp4_act_roundtrip, fp8_act_roundtrip, fp8_weight_dequant
 
 
 def wide_dtype(act: torch.dtype) -> torch.dtype:
-    """The dtype of the official code's float32 steps: float64 when the model runs in float64."""
-    return torch.float64 if act == torch.float64 else torch.float32
+    """Working precision of the official code's float32 steps (products, norms, softmax, routing).
+
+    With bfloat16 activations (the official numerics) it is float32. With float32 or float64
+    activations it is float64: then each step's float32 result is one rounding of a nearly exact value,
+    the same whatever the summation order, so prefill and step-by-step decode round identically.
+    """
+    return torch.float32 if act in (torch.bfloat16, torch.float16) else torch.float64
 
 
 def wide(x: torch.Tensor) -> torch.Tensor:
     """x in its float32 (or, for a float64 model, float64) working precision."""
     return x.to(wide_dtype(x.dtype))
+
+
+def einsum(spec: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """An activation-dtype einsum: accumulated in working precision, rounded once (as cuBLAS does)."""
+    return torch.einsum(spec, wide(a), wide(b)).to(a.dtype)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """An unquantised activation-dtype linear, accumulated in working precision, rounded once."""
+    return F.linear(wide(x), wide(w.to(x.dtype))).to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
