@@ -225,7 +225,8 @@ def _validate(c: ModelConfig) -> None:
         need(getattr(c, name) % FP8_BLOCK == 0, name, "must be a multiple of 128 (FP8 activation blocks)")
     need((c.num_attention_heads * c.head_dim) % c.o_groups == 0, "o_groups", "must divide heads x head_dim")
     need(c.num_attention_heads % c.o_groups == 0, "o_groups", "must divide num_attention_heads")
-    need((c.o_groups * c.o_lora_rank) % FP8_BLOCK == 0, "o_lora_rank", "o_groups x o_lora_rank must be a multiple of 128")
+    need((c.o_groups * c.o_lora_rank) % FP8_BLOCK == 0, "o_lora_rank",
+         "o_groups x o_lora_rank must be a multiple of 128")
     need(c.scoring_func in ("sqrtsoftplus", "sigmoid", "softmax"), "scoring_func",
          "must be sqrtsoftplus, sigmoid or softmax")
     need(c.rope_factor >= 1, "rope_factor", "YaRN factor must be >= 1")

@@ -211,7 +211,6 @@ def generate(checkpoint, prompt, chat, thinking, system, max_new, device) -> Non
 
     from runtime.chat import Message, render
     from runtime.tokenizer import Tokenizer
-    ckpt, _ = None, None
     folder = checkpoint or ensure_tiny()
     tok = Tokenizer(folder)
     if chat:

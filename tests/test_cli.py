@@ -38,13 +38,15 @@ def test_forced_writes_logits_and_compares(tiny_dir, tmp_path):
     assert other.returncode == 1 and "below --min-cosine" in other.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--prompt-ids", "1,x"], "'x' is not a token id"),
-    (["--prompt-ids", "1,99999"], "outside the vocabulary"),
-    (["--prompt-ids", "1"], "give --out, --compare or both"),
-])
-def test_forced_user_errors(tiny_dir, tmp_path, args, message):
-    r = _cli("forced", "--checkpoint", str(tiny_dir), *args, *(["--out", str(tmp_path / "o")] if "1" != args[-1] else []))
+@pytest.mark.parametrize("args, with_out, message", [
+    (["--prompt-ids", "1,x"], True, "'x' is not a token id"),
+    (["--prompt-ids", "1,99999"], True, "outside the vocabulary"),
+    (["--prompt-ids", "1"], False, "give --out, --compare or both"),
+    (["--prompt-ids-file", "/nonexistent/ids.txt"], True, "no file at"),
+], ids=["not-an-id", "out-of-vocab", "no-output", "missing-ids-file"])
+def test_forced_user_errors(tiny_dir, tmp_path, args, with_out, message):
+    out = ["--out", str(tmp_path / "o.safetensors")] if with_out else []
+    r = _cli("forced", "--checkpoint", str(tiny_dir), *args, *out)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
