@@ -1,0 +1,48 @@
+from pathlib import Path
+
+import pytest
+
+from builder.presets import preset
+from builder.recipe import RecipeError, load_recipe, parse_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.toml")), ids=lambda p: p.stem)
+def test_shipped_recipes_parse_and_fit(path):
+    r = load_recipe(path)
+    model = "tiny" if r.source == "tiny" else "pro" if "pro" in r.name else "flash"
+    r.check_fits(preset(model))
+
+
+def test_flash_gb10_keeps_about_a_quarter_of_experts_off_device():
+    r = load_recipe(RECIPES / "dsv4-flash-gb10.toml")
+    cfg = preset("flash")
+    off = 1 - r.expert_slots / (cfg.num_hidden_layers * cfg.n_routed_experts)
+    assert 0.2 < off < 0.4 and r.gpu_archs == ("sm_121a",)
+
+
+GOOD = {"model": {"source": "tiny"}, "build": {"backend": "aoti", "device": "cpu"},
+        "runtime": {"max_context": 64, "memory_budget_gib": 1}}
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"build": {"backend": "onnx", "device": "cpu"}}, "build.backend"),
+    ({"build": {"backend": "aoti", "device": "cpu", "speed": 3}}, "build.speed"),
+    ({"runtime": {"max_context": "long", "memory_budget_gib": 1}}, "runtime.max_context"),
+    ({"runtime": {"memory_budget_gib": 1}}, "runtime.max_context"),
+    ({"runtime": {"max_context": 64, "memory_budget_gib": 1, "decode_batch_buckets": [0]}},
+     "runtime.decode_batch_buckets"),
+    ({"build": {"backend": "tensorrt", "device": "cpu"}}, "build.device"),
+    ({"build": {"backend": "aoti", "device": "cuda"}}, "build.gpu_archs"),
+    ({"extras": {}}, "[extras]"),
+], ids=["backend", "unknown-key", "type", "missing", "buckets", "trt-on-cpu", "no-arch", "section"])
+def test_bad_recipes_name_the_key(change, key):
+    with pytest.raises(RecipeError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        parse_recipe({**GOOD, **change}, "t")
+
+
+def test_budget_too_small_is_refused():
+    r = parse_recipe({**GOOD, "runtime": {"max_context": 64, "memory_budget_gib": 100, "expert_slots": 11000}}, "t")
+    with pytest.raises(RecipeError, match="memory_budget_gib"):
+        r.check_fits(preset("flash"))
