@@ -1,0 +1,99 @@
+"""Kernel benchmarks at DeepSeek V4 Flash sizes with random weights (H200).
+
+Decode kernels are memory bound: the figure is bytes the kernel must read / time, divided by the
+device copy bandwidth measured in the same run; also the speedup over the eager torch oracle.
+Each weight is cycled through enough copies to overflow L2, so every launch reads from HBM.
+
+    python bench/kernels.py [--json bench/results/kernels-h200.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from builder.formats import fp8_weight_dequant  # noqa: E402
+from builder.reference.ops import quantised_matmul  # noqa: E402
+from plugins.fp8_linear import fp8_linear_decode  # noqa: E402
+
+L2_DEFEAT_BYTES = 512 << 20
+
+
+def time_ms(fn, iters: int = 50) -> float:
+    """Median over `iters` launches, each timed with CUDA events."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 2 GiB: (read + write bytes) / time, in bytes/s."""
+    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), iters=20)
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def bench_fp8_gemv(name: str, n: int, k: int, m: int, bandwidth: float) -> dict:
+    copies = max(1, L2_DEFEAT_BYTES // (n * k))
+    ws = [torch.randint(-100, 100, (n, k), device="cuda", dtype=torch.int8).view(torch.float8_e4m3fn)
+          for _ in range(copies)]
+    ss = [torch.full(((n + 127) // 128, k // 128), 120, device="cuda", dtype=torch.uint8)
+          .view(torch.float8_e8m0fnu) for _ in range(copies)]
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    out, work = torch.empty(m, n, device="cuda", dtype=torch.bfloat16), torch.empty_like(x)
+    state = {"i": 0}
+
+    def kernel():
+        i = state["i"] = (state["i"] + 1) % copies
+        fp8_linear_decode(x, ws[i], ss[i], out, work)
+
+    deq = fp8_weight_dequant(ws[0], ss[0])
+
+    def oracle():
+        quantised_matmul(x, deq)
+
+    ms = time_ms(kernel)
+    ms_oracle = time_ms(oracle, iters=10)
+    bytes_read = n * k + ss[0].numel() + x.numel() * 2
+    achieved = bytes_read / (ms * 1e-3)
+    return {"kernel": "fp8_gemv", "weight": name, "N": n, "K": k, "rows": m, "weight_mb": n * k / 1e6,
+            "time_us": ms * 1e3, "achieved_gbps": achieved / 1e9, "fraction_of_copy_bw": achieved / bandwidth,
+            "speedup_vs_eager_oracle": ms_oracle / ms}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "kernels-h200.json")
+    args = ap.parse_args()
+    bw = copy_bandwidth()
+    shapes = [("wq_a", 1024, 4096), ("wq_b", 32768, 1024), ("wkv", 512, 4096), ("wo_b", 4096, 8192),
+              ("shared_w1", 2048, 4096), ("shared_w2", 4096, 2048), ("indexer_wq_b", 8192, 1024)]
+    rows = []
+    for m in (1, 4, 16):
+        for name, n, k in shapes:
+            rows.append(bench_fp8_gemv(name, n, k, m, bw))
+            print(json.dumps(rows[-1]))
+    report = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+              "copy_bandwidth_gbps": bw / 1e9, "results": rows}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s; wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
