@@ -9,7 +9,8 @@ import torch
 
 from .loader import INT, PTR, kernels
 
-MAX_ROWS = 16
+ROW_BUCKETS = (1, 2, 4, 8, 16)
+MAX_ROWS = ROW_BUCKETS[-1]
 
 
 def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out: torch.Tensor | None = None,
@@ -25,6 +26,9 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
     lib = kernels()
     warps = m * (k // 128)
     lib.launch("dsv4_act_quant_fp8", (warps * 32 + 255) // 256, 256, [(x, PTR), (workspace, PTR), (m, INT), (k, INT)])
-    lib.launch("dsv4_fp8_gemv", (n * 32 + 255) // 256, 256,
-               [(workspace, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT), (n, INT), (k, INT)])
+    bucket = next(b for b in ROW_BUCKETS if b >= m)
+    wpr = max(1, min(8, k // 1024))                       # warps per output row: split K on wide rows
+    rows_per_block = 8 // wpr
+    lib.launch(f"dsv4_fp8_gemv_m{bucket}", (n + rows_per_block - 1) // rows_per_block, 256,
+               [(workspace, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT), (n, INT), (k, INT), (wpr, INT)])
     return out
