@@ -27,7 +27,7 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
     warps = m * (k // 128)
     lib.launch("dsv4_act_quant_fp8", (warps * 32 + 255) // 256, 256, [(x, PTR), (workspace, PTR), (m, INT), (k, INT)])
     bucket = next(b for b in ROW_BUCKETS if b >= m)
-    wpr = max(1, min(8, k // 1024))                       # warps per output row: split K on wide rows
+    wpr = 1 << max(0, min(3, (k // 1024).bit_length() - 1))   # warps per row (1, 2, 4, 8): split K on wide rows
     rows_per_block = 8 // wpr
     lib.launch(f"dsv4_fp8_gemv_m{bucket}", (n + rows_per_block - 1) // rows_per_block, 256,
                [(workspace, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT), (n, INT), (k, INT), (wpr, INT)])

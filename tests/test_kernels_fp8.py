@@ -21,8 +21,8 @@ def _weights(n, k, seed=0):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 16], ids=lambda m: f"{m}rows")
-@pytest.mark.parametrize("n, k", [(1024, 4096), (32768, 1024), (4096, 8192), (1000, 256), (2048, 128)],
-                         ids=["wq_a", "wq_b", "wo_b", "odd-n", "k128"])
+@pytest.mark.parametrize("n, k", [(1024, 4096), (32768, 1024), (4096, 8192), (1000, 256), (2048, 128), (512, 7168)],
+                         ids=["wq_a", "wq_b", "wo_b", "odd-n", "k128", "pro-wkv"])
 def test_fp8_linear_decode_matches_oracle(m, n, k):
     from plugins.fp8_linear import fp8_linear_decode
     w, s = _weights(n, k)
