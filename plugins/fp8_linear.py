@@ -5,12 +5,19 @@ fp8_gemm). Pass `out` and `workspace` to launch without allocating (CUDA-graph c
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from .loader import INT, PTR, kernels
 
 ROW_BUCKETS = (1, 2, 4, 8, 16)
 MAX_ROWS = ROW_BUCKETS[-1]
+
+
+@lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out: torch.Tensor | None = None,
@@ -29,6 +36,7 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
     bucket = next(b for b in ROW_BUCKETS if b >= m)
     wpr = 1 << max(0, min(3, (k // 1024).bit_length() - 1))   # warps per row (1, 2, 4, 8): split K on wide rows
     rows_per_block = 8 // wpr
-    lib.launch(f"dsv4_fp8_gemv_m{bucket}", (n + rows_per_block - 1) // rows_per_block, 256,
+    groups = (n + rows_per_block - 1) // rows_per_block
+    lib.launch(f"dsv4_fp8_gemv_m{bucket}", min(groups, 8 * _sm_count(x.device)), 256,
                [(workspace, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT), (n, INT), (k, INT), (wpr, INT)])
     return out

@@ -58,9 +58,12 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ xq, c
                                          int rows, int N, int K, int wpr) {
   __shared__ float partial[8][M];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int n = blockIdx.x * (8 / wpr) + warp / wpr;
   const int part = warp % wpr;
   const int kblocks = (K + 127) / 128;
+  const int groups = (N + 8 / wpr - 1) / (8 / wpr);
+  // Grid-stride over row groups: a few resident blocks per SM stream the whole weight.
+  for (int group = blockIdx.x; group < groups; group += gridDim.x) {
+  const int n = group * (8 / wpr) + warp / wpr;
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.f;
@@ -116,6 +119,8 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ xq, c
     float v = 0.f;
     for (int p = 0; p < wpr; ++p) v += partial[warp + p][lane];
     y[size_t(lane) * N + n] = __float2bfloat16(v);
+  }
+  __syncthreads();                                               // partial[] is reused by the next group
   }
 }
 
