@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from builder.formats import fp8_weight_dequant  # noqa: E402
 from builder.reference.ops import quantised_matmul  # noqa: E402
-from plugins.fp8_linear import fp8_linear_decode  # noqa: E402
+from plugins.fp8_linear import fp8_linear_decode, make_workspace  # noqa: E402
 
 L2_DEFEAT_BYTES = 512 << 20   # 10x the H200's L2
 
@@ -66,7 +66,7 @@ def bench_fp8_gemv(name: str, n: int, k: int, m: int, bandwidth: float) -> dict:
     ss = [torch.full(((n + 127) // 128, k // 128), 120, device="cuda", dtype=torch.uint8)
           .view(torch.float8_e8m0fnu) for _ in range(copies)]
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-    out, work = torch.empty(m, n, device="cuda", dtype=torch.bfloat16), torch.empty_like(x)
+    out, work = torch.empty(m, n, device="cuda", dtype=torch.bfloat16), make_workspace(m, k, "cuda")
     state = {"i": 0}
 
     def kernel():

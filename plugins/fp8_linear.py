@@ -11,8 +11,7 @@ import torch
 
 from .loader import INT, PTR, kernels
 
-ROW_BUCKETS = (1, 2, 4, 8, 16)
-MAX_ROWS = ROW_BUCKETS[-1]
+MAX_ROWS = 16
 
 
 @lru_cache(maxsize=8)
@@ -20,23 +19,38 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def warps_per_row(k: int) -> int:
+    """Warps sharing one group of 8 output rows: split K so each warp still streams >= 1024 bytes."""
+    blocks = k // 128
+    return next(p for p in (8, 4, 2, 1) if blocks % p == 0 and blocks // p >= 8 or p == 1)
+
+
 def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out: torch.Tensor | None = None,
-                      workspace: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] bf16 (M <= 16), w [N, K] float8_e4m3fn, w_scale [ceil(N/128), K/128] E8M0 -> [M, N] bf16."""
+                      workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """x [M, K] bf16 (M <= 16), w [N, K] float8_e4m3fn, w_scale [ceil(N/128), K/128] E8M0 -> [M, N] bf16.
+
+    `workspace` = (codes uint8 [M, K], scales float32 [M, K/128]) from `make_workspace`.
+    """
     m, k = x.shape
     n = w.size(0)
     assert x.dtype == torch.bfloat16 and w.dtype == torch.float8_e4m3fn and m <= MAX_ROWS
     assert k % 128 == 0 and w.size(1) == k and x.is_contiguous() and w.is_contiguous()
     assert w_scale.shape == ((n + 127) // 128, k // 128)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device) if out is None else out
-    workspace = torch.empty_like(x) if workspace is None else workspace
+    codes, scales = make_workspace(m, k, x.device) if workspace is None else workspace
     lib = kernels()
     warps = m * (k // 128)
-    lib.launch("dsv4_act_quant_fp8", (warps * 32 + 255) // 256, 256, [(x, PTR), (workspace, PTR), (m, INT), (k, INT)])
-    bucket = next(b for b in ROW_BUCKETS if b >= m)
-    wpr = 1 << max(0, min(3, (k // 1024).bit_length() - 1))   # warps per row (1, 2, 4, 8): split K on wide rows
-    rows_per_block = 8 // wpr
-    groups = (n + rows_per_block - 1) // rows_per_block
-    lib.launch(f"dsv4_fp8_gemv_m{bucket}", min(groups, 8 * _sm_count(x.device)), 256,
-               [(workspace, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT), (n, INT), (k, INT), (wpr, INT)])
+    lib.launch("dsv4_act_quant_fp8", (warps * 32 + 255) // 256, 256,
+               [(x, PTR), (codes, PTR), (scales, PTR), (m, INT), (k, INT)])
+    wpr = warps_per_row(k)
+    groups_per_block = 8 // wpr
+    blocks = (n + 8 * groups_per_block - 1) // (8 * groups_per_block)
+    lib.launch(f"dsv4_fp8_gemv_m{8 if m <= 8 else 16}", min(blocks, 8 * _sm_count(x.device)), 256,
+               [(codes, PTR), (scales, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT), (n, INT), (k, INT),
+                (wpr, INT)])
     return out
+
+
+def make_workspace(m: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty(m, k, dtype=torch.uint8, device=device),
+            torch.empty(m, k // 128, dtype=torch.float32, device=device))

@@ -20,7 +20,7 @@ def _weights(n, k, seed=0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 3, 16], ids=lambda m: f"{m}rows")
+@pytest.mark.parametrize("m", [1, 3, 9, 16], ids=lambda m: f"{m}rows")
 @pytest.mark.parametrize("n, k", [(1024, 4096), (32768, 1024), (4096, 8192), (1000, 256), (2048, 128), (512, 7168)],
                          ids=["wq_a", "wq_b", "wo_b", "odd-n", "k128", "pro-wkv"])
 def test_fp8_linear_decode_matches_oracle(m, n, k):
@@ -32,8 +32,9 @@ def test_fp8_linear_decode_matches_oracle(m, n, k):
     got = fp8_linear_decode(x.cuda(), w.cuda(), s.cuda())
     cos = torch.nn.functional.cosine_similarity(got.double(), expect.double(), dim=-1)
     assert cos.min() > 0.99999
-    # both are one bf16 rounding of the same fp32-exact products: nearly every element is identical
-    assert (got != expect).float().mean() < 0.01
+    # exact products, fp32 sums in another order (tensor cores): almost all elements round the same
+    assert (got != expect).float().mean() < 0.05
+    assert torch.allclose(got.float(), expect.float(), rtol=2 ** -7, atol=1e-3 * expect.float().abs().max())
 
 
 @pytest.mark.gpu
@@ -41,7 +42,8 @@ def test_fp8_linear_decode_captures_in_a_cuda_graph():
     from plugins.fp8_linear import fp8_linear_decode
     w, s = (t.cuda() for t in _weights(4096, 1024))
     x = torch.randn(2, 1024, device="cuda").to(torch.bfloat16)
-    out, ws = torch.empty(2, 4096, device="cuda", dtype=torch.bfloat16), torch.empty_like(x)
+    from plugins.fp8_linear import make_workspace
+    out, ws = torch.empty(2, 4096, device="cuda", dtype=torch.bfloat16), make_workspace(2, 1024, "cuda")
     fp8_linear_decode(x, w, s, out, ws)                  # warm-up: loads the module outside capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -1,10 +1,9 @@
 // FP8 block-scaled linear for decode (1-16 rows): DeepSeek's act_quant + fp8_gemm numerics.
 //
-//   act_quant_fp8: x [M, K] bf16 -> x' [M, K] bf16, each 128-block round-tripped through e4m3 with the
-//                  scale 2^ceil(log2(amax * (1/448))) (amax floored at 1e-4). x' is exact in bf16: an
-//                  e4m3 value (3 mantissa bits) times a power of two.
-//   fp8_gemv:      y [M, N] bf16 = x' [M, K] . W[N, K]^T, W e4m3 with E8M0 scales per 128x128 block,
-//                  accumulated in fp32, rounded once. W is read exactly once.
+//   act_quant_fp8: x [M, K] bf16 -> e4m3 codes [M, K] and fp32 scales [M, K/128], the scale of each
+//                  128-block 2^ceil(log2(amax * (1/448))) (amax floored at 1e-4), codes rounded to nearest even.
+//   fp8_gemv:      y [M, N] bf16 = (codes * scales) . W[N, K]^T, W e4m3 with E8M0 scales per 128x128 block,
+//                  on FP8 tensor cores per 128-K block, scaled and summed in fp32, rounded once. W is read once.
 //
 // Launch paths never allocate or synchronise, so they can be captured in CUDA graphs.
 #include <cuda_bf16.h>
@@ -24,9 +23,9 @@ __device__ __forceinline__ float e8m0(uint8_t b) { return __uint_as_float(uint32
 
 }  // namespace
 
-// One warp per (row, 128-block): 32 lanes x 4 elements.
-extern "C" __global__ void dsv4_act_quant_fp8(const __nv_bfloat16* __restrict__ x,
-                                              __nv_bfloat16* __restrict__ out, int rows, int K) {
+// One warp per (row, 128-block): 32 lanes x 4 elements. Writes the e4m3 codes and the block's scale.
+extern "C" __global__ void dsv4_act_quant_fp8(const __nv_bfloat16* __restrict__ x, uint8_t* __restrict__ codes,
+                                              float* __restrict__ scales, int rows, int K) {
   const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   const int blocks_per_row = K / 128;
@@ -41,97 +40,92 @@ extern "C" __global__ void dsv4_act_quant_fp8(const __nv_bfloat16* __restrict__ 
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
   const float scale = pow2_ceil_scale(fmaxf(amax, 1e-4f), 1.0f / 448.0f);
+  uint32_t packed = 0;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float q = fminf(fmaxf(v[i] / scale, -448.f), 448.f);
-    const __nv_fp8_e4m3 f8(q);                       // round to nearest even
-    out[base + i] = __float2bfloat16(float(f8) * scale);
+    const __nv_fp8_e4m3 f8(fminf(fmaxf(v[i] / scale, -448.f), 448.f));   // round to nearest even
+    packed |= uint32_t(f8.__x) << (8 * i);
   }
+  *reinterpret_cast<uint32_t*>(codes + base) = packed;
+  if (lane == 0) scales[warp] = scale;
 }
 
-// y[m, n] for m < M: `wpr` warps share one output row, each taking a contiguous slice of K in 16-byte
-// chunks (two chunks in flight per lane); partial sums meet in shared memory. Block = 256 threads =
-// 8 / wpr rows. M is a compile-time bucket so the accumulators stay in registers.
+__device__ __forceinline__ void mma_e4m3(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// y[m, n] for m < rows (<= 16) on FP8 tensor cores (mma m16n8k32): a warp owns 8 weight rows and a
+// slice of K. Per 128-K block the MMA sums are scaled by w_scale * x_scale in fp32, as DeepSeek's
+// fp8_gemm. Lane t loads 16 contiguous bytes of weight row n0 + t/4 at k0 + (t%4)*16; the activation
+// fragments use the same permutation of K, so every product pairs the right elements.
 template <int M>
-__device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ xq, const uint8_t* __restrict__ w,
-                                         const uint8_t* __restrict__ w_scale, __nv_bfloat16* __restrict__ y,
-                                         int rows, int N, int K, int wpr) {
-  __shared__ float partial[8][M];
+__device__ __forceinline__ void fp8_gemv(const uint8_t* __restrict__ xq, const float* __restrict__ xs,
+                                         const uint8_t* __restrict__ w, const uint8_t* __restrict__ w_scale,
+                                         __nv_bfloat16* __restrict__ y, int rows, int N, int K, int wpr) {
+  __shared__ float partial[8][4][32];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int part = warp % wpr;
-  const int kblocks = (K + 127) / 128;
-  const int groups = (N + 8 / wpr - 1) / (8 / wpr);
-  // Grid-stride over row groups: a few resident blocks per SM stream the whole weight.
-  for (int group = blockIdx.x; group < groups; group += gridDim.x) {
-  const int n = group * (8 / wpr) + warp / wpr;
-  float acc[M];
+  const int kblocks = K / 128;
+  const int r = lane >> 2, q = lane & 3;                         // fragment row / quad
+  const int groups = (N + 7) / 8;                                // 8 weight rows per warp
+  const int warps_per_block = 8 / wpr;
+  // Grid-stride over groups; every warp of a block runs the same iterations (__syncthreads below).
+  for (int base = blockIdx.x * warps_per_block; base < groups; base += gridDim.x * warps_per_block) {
+    const int n0 = (base + warp / wpr) * 8;
+    float total[4] = {0.f, 0.f, 0.f, 0.f};
+    if (n0 < N) {
+      const uint8_t* wrow = w + size_t(min(n0 + r, N - 1)) * K + q * 16;
+      const uint8_t* xrow0 = xq + size_t(r) * K + q * 16;
+      const uint8_t* xrow1 = xq + size_t(r + 8) * K + q * 16;
+      const int kb_per_part = kblocks / wpr;
+      for (int kb = part * kb_per_part; kb < (part + 1) * kb_per_part; ++kb) {
+        float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = 0.f;
-  if (n < N) {
-    const uint8_t* row = w + size_t(n) * K;
-    const uint8_t* srow = w_scale + size_t(n / 128) * kblocks;
-    const int slice = K / wpr;                                  // multiple of 16 (K % 128 == 0, wpr | 8)
-    const int begin = part * slice, end = begin + slice;
-    for (int k0 = begin + lane * 16; k0 < end; k0 += 1024) {
-      uint4 chunk[2];
-      const bool second = k0 + 512 < end;
-      chunk[0] = __ldg(reinterpret_cast<const uint4*>(row + k0));
-      if (second) chunk[1] = __ldg(reinterpret_cast<const uint4*>(row + k0 + 512));
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        if (c == 1 && !second) break;
-        const int k = k0 + c * 512;
-        const uint8_t* b = reinterpret_cast<const uint8_t*>(&chunk[c]);
-        float wf[16];
-#pragma unroll
-        for (int i = 0; i < 16; ++i) {
-          __nv_fp8_e4m3 f8;
-          f8.__x = b[i];
-          wf[i] = float(f8);
+        for (int half = 0; half < 2; ++half) {                   // 2 x 64 K per 128-block
+          const int k = kb * 128 + half * 64;
+          const uint4 b = __ldg(reinterpret_cast<const uint4*>(wrow + k));
+          uint4 a0 = make_uint4(0, 0, 0, 0), a1 = make_uint4(0, 0, 0, 0);
+          if (r < rows) a0 = __ldg(reinterpret_cast<const uint4*>(xrow0 + k));
+          if (M > 8 && r + 8 < rows) a1 = __ldg(reinterpret_cast<const uint4*>(xrow1 + k));
+          const uint32_t fa[4] = {a0.x, a1.x, a0.y, a1.y};
+          mma_e4m3(c, fa, b.x, b.y);
+          const uint32_t fb[4] = {a0.z, a1.z, a0.w, a1.w};
+          mma_e4m3(c, fb, b.z, b.w);
         }
-        const float s = e8m0(srow[k / 128]);
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          if (m >= rows) break;
-          const uint4* xp = reinterpret_cast<const uint4*>(xq + size_t(m) * K + k);
-          const uint4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
-          const __nv_bfloat16* xa = reinterpret_cast<const __nv_bfloat16*>(&x0);
-          const __nv_bfloat16* xb = reinterpret_cast<const __nv_bfloat16*>(&x1);
-          float dot = 0.f;
-#pragma unroll
-          for (int i = 0; i < 8; ++i) dot = fmaf(wf[i], __bfloat162float(xa[i]), dot);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) dot = fmaf(wf[8 + i], __bfloat162float(xb[i]), dot);
-          acc[m] = fmaf(dot, s, acc[m]);
-        }
+        const float sw = e8m0(w_scale[size_t(n0 / 128) * kblocks + kb]);
+        const float sx0 = r < rows ? xs[size_t(r) * kblocks + kb] : 0.f;
+        const float sx1 = r + 8 < rows ? xs[size_t(r + 8) * kblocks + kb] : 0.f;
+        total[0] = fmaf(c[0], sw * sx0, total[0]);
+        total[1] = fmaf(c[1], sw * sx0, total[1]);
+        total[2] = fmaf(c[2], sw * sx1, total[2]);
+        total[3] = fmaf(c[3], sw * sx1, total[3]);
       }
     }
-  }
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-    float v = acc[m];
+    for (int i = 0; i < 4; ++i) partial[warp][i][lane] = total[i];
+    __syncthreads();
+    if (part == 0 && n0 < N) {
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    if (lane == 0) partial[warp][m] = v;
-  }
-  __syncthreads();
-  if (part == 0 && lane < M && lane < rows && n < N) {
-    float v = 0.f;
-    for (int p = 0; p < wpr; ++p) v += partial[warp + p][lane];
-    y[size_t(lane) * N + n] = __float2bfloat16(v);
-  }
-  __syncthreads();                                               // partial[] is reused by the next group
+      for (int i = 0; i < 4; ++i) {
+        float v = 0.f;
+        for (int p = 0; p < wpr; ++p) v += partial[warp + p][i][lane];
+        const int m = r + (i >= 2 ? 8 : 0), n = n0 + q * 2 + (i & 1);
+        if (m < rows && n < N) y[size_t(m) * N + n] = __float2bfloat16(v);
+      }
+    }
+    __syncthreads();
   }
 }
 
-#define DSV4_FP8_GEMV(M)                                                                                    \
-  extern "C" __global__ void __launch_bounds__(256) dsv4_fp8_gemv_m##M(                                    \
-      const __nv_bfloat16* __restrict__ xq, const uint8_t* __restrict__ w, const uint8_t* __restrict__ ws, \
-      __nv_bfloat16* __restrict__ y, int rows, int N, int K, int wpr) {                                    \
-    fp8_gemv<M>(xq, w, ws, y, rows, N, K, wpr);                                                            \
+#define DSV4_FP8_GEMV(M)                                                                                  \
+  extern "C" __global__ void __launch_bounds__(256) dsv4_fp8_gemv_m##M(                                  \
+      const uint8_t* __restrict__ xq, const float* __restrict__ xs, const uint8_t* __restrict__ w,       \
+      const uint8_t* __restrict__ ws, __nv_bfloat16* __restrict__ y, int rows, int N, int K, int wpr) {  \
+    fp8_gemv<M>(xq, xs, w, ws, y, rows, N, K, wpr);                                                      \
   }
-DSV4_FP8_GEMV(1)
-DSV4_FP8_GEMV(2)
-DSV4_FP8_GEMV(4)
 DSV4_FP8_GEMV(8)
 DSV4_FP8_GEMV(16)
