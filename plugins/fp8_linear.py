@@ -20,9 +20,9 @@ def _sm_count(device: torch.device) -> int:
 
 
 def warps_per_row(k: int) -> int:
-    """Warps sharing one group of 8 output rows: split K so each warp still streams >= 1024 bytes."""
+    """Warps sharing one group of 8 output rows: split K so each warp still has 4 blocks (one unrolled step)."""
     blocks = k // 128
-    return next(p for p in (8, 4, 2, 1) if blocks % p == 0 and blocks // p >= 8 or p == 1)
+    return next(p for p in (8, 4, 2, 1) if blocks % p == 0 and blocks // p >= 4 or p == 1)
 
 
 def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out: torch.Tensor | None = None,

@@ -51,7 +51,7 @@ extern "C" __global__ void dsv4_act_quant_fp8(const __nv_bfloat16* __restrict__ 
 }
 
 __device__ __forceinline__ void mma_e4m3(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -81,28 +81,45 @@ __device__ __forceinline__ void fp8_gemv(const uint8_t* __restrict__ xq, const f
       const uint8_t* wrow = w + size_t(min(n0 + r, N - 1)) * K + q * 16;
       const uint8_t* xrow0 = xq + size_t(r) * K + q * 16;
       const uint8_t* xrow1 = xq + size_t(r + 8) * K + q * 16;
-      const int kb_per_part = kblocks / wpr;
-      for (int kb = part * kb_per_part; kb < (part + 1) * kb_per_part; ++kb) {
-        float c[4] = {0.f, 0.f, 0.f, 0.f};
+      const int kb_begin = part * (kblocks / wpr), kb_end = kb_begin + kblocks / wpr;
+      const uint8_t* wsrow = w_scale + size_t(n0 / 128) * kblocks;
+      // UNROLL 128-K blocks per step: all their loads are issued before the first MMA waits on one.
+      constexpr int UNROLL = 4;
+      for (int kb0 = kb_begin; kb0 < kb_end; kb0 += UNROLL) {
+        uint4 b[UNROLL][2], a0[UNROLL][2], a1[UNROLL][2];
+        float sw[UNROLL], sx0[UNROLL], sx1[UNROLL];
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {                   // 2 x 64 K per 128-block
-          const int k = kb * 128 + half * 64;
-          const uint4 b = __ldg(reinterpret_cast<const uint4*>(wrow + k));
-          uint4 a0 = make_uint4(0, 0, 0, 0), a1 = make_uint4(0, 0, 0, 0);
-          if (r < rows) a0 = __ldg(reinterpret_cast<const uint4*>(xrow0 + k));
-          if (M > 8 && r + 8 < rows) a1 = __ldg(reinterpret_cast<const uint4*>(xrow1 + k));
-          const uint32_t fa[4] = {a0.x, a1.x, a0.y, a1.y};
-          mma_e4m3(c, fa, b.x, b.y);
-          const uint32_t fb[4] = {a0.z, a1.z, a0.w, a1.w};
-          mma_e4m3(c, fb, b.z, b.w);
+        for (int u = 0; u < UNROLL; ++u) {
+          const int kb = kb0 + u;
+          if (kb >= kb_end) break;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {                          // 2 x 64 K per 128-block
+            const int k = kb * 128 + h * 64;
+            b[u][h] = __ldg(reinterpret_cast<const uint4*>(wrow + k));
+            a0[u][h] = r < rows ? __ldg(reinterpret_cast<const uint4*>(xrow0 + k)) : make_uint4(0, 0, 0, 0);
+            a1[u][h] = M > 8 && r + 8 < rows ? __ldg(reinterpret_cast<const uint4*>(xrow1 + k))
+                                             : make_uint4(0, 0, 0, 0);
+          }
+          sw[u] = e8m0(wsrow[kb]);
+          sx0[u] = r < rows ? xs[size_t(r) * kblocks + kb] : 0.f;
+          sx1[u] = r + 8 < rows ? xs[size_t(r + 8) * kblocks + kb] : 0.f;
         }
-        const float sw = e8m0(w_scale[size_t(n0 / 128) * kblocks + kb]);
-        const float sx0 = r < rows ? xs[size_t(r) * kblocks + kb] : 0.f;
-        const float sx1 = r + 8 < rows ? xs[size_t(r + 8) * kblocks + kb] : 0.f;
-        total[0] = fmaf(c[0], sw * sx0, total[0]);
-        total[1] = fmaf(c[1], sw * sx0, total[1]);
-        total[2] = fmaf(c[2], sw * sx1, total[2]);
-        total[3] = fmaf(c[3], sw * sx1, total[3]);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+          if (kb0 + u >= kb_end) break;
+          float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint32_t fa[4] = {a0[u][h].x, a1[u][h].x, a0[u][h].y, a1[u][h].y};
+            mma_e4m3(c, fa, b[u][h].x, b[u][h].y);
+            const uint32_t fb[4] = {a0[u][h].z, a1[u][h].z, a0[u][h].w, a1[u][h].w};
+            mma_e4m3(c, fb, b[u][h].z, b[u][h].w);
+          }
+          total[0] = fmaf(c[0], sw[u] * sx0[u], total[0]);
+          total[1] = fmaf(c[1], sw[u] * sx0[u], total[1]);
+          total[2] = fmaf(c[2], sw[u] * sx1[u], total[2]);
+          total[3] = fmaf(c[3], sw[u] * sx1[u], total[3]);
+        }
       }
     }
 #pragma unroll
