@@ -38,10 +38,8 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
     assert w_scale.shape == ((n + 127) // 128, k // 128)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device) if out is None else out
     codes, scales = make_workspace(m, k, x.device) if workspace is None else workspace
+    act_quant(x, codes, scales)
     lib = kernels()
-    warps = m * (k // 128)
-    lib.launch("dsv4_act_quant_fp8", (warps * 32 + 255) // 256, 256,
-               [(x, PTR), (codes, PTR), (scales, PTR), (m, INT), (k, INT)])
     wpr = warps_per_row(k)
     groups_per_block = 8 // wpr
     blocks = (n + 8 * groups_per_block - 1) // (8 * groups_per_block)
@@ -49,6 +47,14 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
                [(codes, PTR), (scales, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT), (n, INT), (k, INT),
                 (wpr, INT)])
     return out
+
+
+def act_quant(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    """DeepSeek's FP8 act_quant of x [M, K] bf16 into e4m3 codes [M, K] (uint8) and scales [M, K/128]."""
+    m, k = x.shape
+    warps = m * (k // 128)
+    kernels().launch("dsv4_act_quant_fp8", (warps * 32 + 255) // 256, 256,
+                     [(x, PTR), (codes, PTR), (scales, PTR), (m, INT), (k, INT)])
 
 
 def make_workspace(m: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:

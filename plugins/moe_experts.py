@@ -1,0 +1,58 @@
+"""MXFP4 routed experts for decode on the GPU, reached through a table of expert pointers.
+
+Oracle: `builder.reference.moe.MoE.expert` summed over a token's experts in ascending id order (the
+official loop), without the shared expert. Experts live in an expert bank: each expert contiguous,
+[w1 | w3 | w2 | s1 | s3 | s2] (see csrc/moe_experts.cu); the table holds one pointer per expert, to
+device memory or to pinned host memory, so experts move without rebuilding anything.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from .fp8_linear import _sm_count, act_quant
+from .loader import INT, PTR, kernels
+
+
+def expert_nbytes(d: int, f: int) -> int:
+    return 3 * f * d // 2 + 3 * f * d // 32
+
+
+def pack_expert(w1, s1, w3, s3, w2, s2) -> torch.Tensor:
+    """Checkpoint tensors of one expert (int8 packed MXFP4, E8M0 scales) -> its bank bytes (uint8)."""
+    parts = [t.contiguous().view(torch.uint8).flatten() for t in (w1, w3, w2, s1, s3, s2)]
+    return torch.cat(parts)
+
+
+def make_workspace(tokens: int, topk: int, d: int, f: int, device) -> dict[str, torch.Tensor]:
+    pairs = tokens * topk
+    u8, f32 = torch.uint8, torch.float32
+    return {"xc": torch.empty(tokens, d, dtype=u8, device=device),
+            "xs": torch.empty(tokens, d // 128, dtype=f32, device=device),
+            "h": torch.empty(pairs, f, dtype=torch.bfloat16, device=device),
+            "hc": torch.empty(pairs, f, dtype=u8, device=device),
+            "hs": torch.empty(pairs, f // 128, dtype=f32, device=device)}
+
+
+def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Tensor, table: torch.Tensor,
+                       f: int, limit: float, out: torch.Tensor | None = None,
+                       workspace: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """x [T, D] bf16, experts [T, k] int32, route_w [T, k] float32, table [E] int64 -> y [T, D] float32."""
+    t, d = x.shape
+    k = experts.size(1)
+    assert x.dtype == torch.bfloat16 and experts.dtype == torch.int32 and route_w.dtype == torch.float32
+    assert table.dtype == torch.int64 and d % 256 == 0 and f % 128 == 0
+    ws = make_workspace(t, k, d, f, x.device) if workspace is None else workspace
+    out = torch.empty(t, d, dtype=torch.float32, device=x.device) if out is None else out
+    lib = kernels()
+    grid = 8 * _sm_count(x.device)
+    act_quant(x, ws["xc"], ws["xs"])
+    lib.launch("dsv4_moe_gate_up", min(grid, (t * k * f // 8 * 32 + 255) // 256), 256,
+               [(ws["xc"], PTR), (ws["xs"], PTR), (experts, PTR), (route_w, PTR), (table, PTR), (ws["h"], PTR),
+                (t * k, INT), (k, INT), (d, INT), (f, INT), (limit, ctypes.c_float)])
+    act_quant(ws["h"], ws["hc"], ws["hs"])
+    lib.launch("dsv4_moe_down", min(grid, (t * (d // 8) * 32 + 255) // 256), 256,
+               [(ws["hc"], PTR), (ws["hs"], PTR), (experts, PTR), (table, PTR), (out, PTR),
+                (t, INT), (k, INT), (d, INT), (f, INT)])
+    return out
