@@ -20,7 +20,7 @@ ARCHS = ("90a", "100a", "120a", "121a")
 
 
 def nvcc_command(sources: list[Path], out: Path) -> list[str]:
-    cmd = ["nvcc", "-fatbin", "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-o", str(out)]
+    cmd = ["nvcc", "-fatbin", "-O3", "-std=c++17", "--expt-relaxed-constexpr", f"-I{CSRC}", "-o", str(out)]
     for arch in ARCHS:
         cmd.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
     cmd.append("-gencode=arch=compute_90,code=compute_90")

@@ -27,12 +27,13 @@ def pack_expert(w1, s1, w3, s3, w2, s2) -> torch.Tensor:
 
 def make_workspace(tokens: int, topk: int, d: int, f: int, device) -> dict[str, torch.Tensor]:
     pairs = tokens * topk
-    u8, f32 = torch.uint8, torch.float32
+    u8, f32, bf16 = torch.uint8, torch.float32, torch.bfloat16
     return {"xc": torch.empty(tokens, d, dtype=u8, device=device),
             "xs": torch.empty(tokens, d // 128, dtype=f32, device=device),
-            "h": torch.empty(pairs, f, dtype=torch.bfloat16, device=device),
+            "gu": torch.empty(pairs, 2, f, dtype=bf16, device=device),
             "hc": torch.empty(pairs, f, dtype=u8, device=device),
-            "hs": torch.empty(pairs, f // 128, dtype=f32, device=device)}
+            "hs": torch.empty(pairs, f // 128, dtype=f32, device=device),
+            "o": torch.empty(pairs, d, dtype=bf16, device=device)}
 
 
 def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Tensor, table: torch.Tensor,
@@ -41,18 +42,27 @@ def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Te
     """x [T, D] bf16, experts [T, k] int32, route_w [T, k] float32, table [E] int64 -> y [T, D] float32."""
     t, d = x.shape
     k = experts.size(1)
+    pairs = t * k
     assert x.dtype == torch.bfloat16 and experts.dtype == torch.int32 and route_w.dtype == torch.float32
     assert table.dtype == torch.int64 and d % 256 == 0 and f % 128 == 0
     ws = make_workspace(t, k, d, f, x.device) if workspace is None else workspace
     out = torch.empty(t, d, dtype=torch.float32, device=x.device) if out is None else out
     lib = kernels()
-    grid = 8 * _sm_count(x.device)
+    resident = 8 * _sm_count(x.device)
+
+    def warps(n: int) -> int:
+        return min(resident, (n * 32 + 255) // 256)
+
     act_quant(x, ws["xc"], ws["xs"])
-    lib.launch("dsv4_moe_gate_up", min(grid, (t * k * f // 8 * 32 + 255) // 256), 256,
-               [(ws["xc"], PTR), (ws["xs"], PTR), (experts, PTR), (route_w, PTR), (table, PTR), (ws["h"], PTR),
-                (t * k, INT), (k, INT), (d, INT), (f, INT), (limit, ctypes.c_float)])
-    act_quant(ws["h"], ws["hc"], ws["hs"])
-    lib.launch("dsv4_moe_down", min(grid, (t * (d // 8) * 32 + 255) // 256), 256,
-               [(ws["hc"], PTR), (ws["hs"], PTR), (experts, PTR), (table, PTR), (out, PTR),
-                (t, INT), (k, INT), (d, INT), (f, INT)])
+    lib.launch("dsv4_moe_gate_up", warps(pairs * 2 * (f // 8)), 256,
+               [(ws["xc"], PTR), (ws["xs"], PTR), (experts, PTR), (table, PTR), (ws["gu"], PTR),
+                (pairs, INT), (k, INT), (d, INT), (f, INT)])
+    lib.launch("dsv4_moe_swiglu_quant", (pairs * (f // 128) * 32 + 255) // 256, 256,
+               [(ws["gu"], PTR), (route_w, PTR), (ws["hc"], PTR), (ws["hs"], PTR), (pairs, INT), (f, INT),
+                (limit, ctypes.c_float)])
+    lib.launch("dsv4_moe_down", warps(pairs * ((d + 7) // 8)), 256,
+               [(ws["hc"], PTR), (ws["hs"], PTR), (experts, PTR), (table, PTR), (ws["o"], PTR),
+                (pairs, INT), (d, INT), (f, INT)])
+    lib.launch("dsv4_moe_sum", (t * d + 255) // 256, 256,
+               [(ws["o"], PTR), (experts, PTR), (out, PTR), (t, INT), (k, INT), (d, INT)])
     return out

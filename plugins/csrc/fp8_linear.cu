@@ -10,18 +10,10 @@
 #include <cuda_fp8.h>
 #include <stdint.h>
 
-namespace {
+#include "common.cuh"
 
-__device__ __forceinline__ float pow2_ceil_scale(float amax, float inv_qmax) {
-  // 2^ceil(log2(amax * inv_qmax)) by exponent bits, as DeepSeek's fast_round_scale.
-  uint32_t bits = __float_as_uint(amax * inv_qmax);
-  int exp = int((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0);
-  return __uint_as_float(uint32_t(exp + 127) << 23);
-}
-
-__device__ __forceinline__ float e8m0(uint8_t b) { return __uint_as_float(uint32_t(b) << 23); }
-
-}  // namespace
+using dsv4::e8m0;
+using dsv4::pow2_ceil_scale;
 
 // One warp per (row, 128-block): 32 lanes x 4 elements. Writes the e4m3 codes and the block's scale.
 extern "C" __global__ void dsv4_act_quant_fp8(const __nv_bfloat16* __restrict__ x, uint8_t* __restrict__ codes,
