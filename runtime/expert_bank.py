@@ -1,0 +1,50 @@
+"""Reads an expert bank (builder/expert_bank.py): one memory-mapped file per layer, one aligned,
+contiguous expert per stride, checked against its sha256 on request."""
+from __future__ import annotations
+
+import hashlib
+import mmap
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+
+class ExpertBank:
+    def __init__(self, folder: str | Path, entries: list[dict]):
+        """`entries`: the bank entries written by the builder, one per layer."""
+        self.folder = Path(folder)
+        self.entries = {e["layer"]: e for e in entries}
+        self._maps: dict[int, mmap.mmap] = {}
+        for layer, e in self.entries.items():
+            path = self.folder / e["file"]
+            if not path.is_file():
+                raise UserError(f"expert bank file {path} is missing")
+            need = e["experts"] * e["stride"]
+            if path.stat().st_size < need:
+                raise UserError(f"expert bank file {path} is truncated: {path.stat().st_size} bytes, needs {need}")
+
+    def _map(self, layer: int) -> mmap.mmap:
+        if layer not in self._maps:
+            # Copy-on-write: tensors over the map are writable, and a stray write never reaches the file.
+            with (self.folder / self.entries[layer]["file"]).open("rb") as f:
+                self._maps[layer] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._maps[layer]
+
+    def expert(self, layer: int, e: int) -> torch.Tensor:
+        """The bytes of one expert (uint8), a zero-copy view of the mapped file (copy-on-write)."""
+        entry = self.entries[layer]
+        start = e * entry["stride"]
+        view = memoryview(self._map(layer))[start:start + entry["expert_bytes"]]
+        return torch.frombuffer(view, dtype=torch.uint8)
+
+    def verify(self, layer: int | None = None) -> None:
+        """Check every expert's sha256 (of one layer, or all); the error names the file and the expert."""
+        for lay in ([layer] if layer is not None else sorted(self.entries)):
+            entry = self.entries[lay]
+            m = self._map(lay)
+            for e, digest in enumerate(entry["sha256"]):
+                start = e * entry["stride"]
+                if hashlib.sha256(m[start:start + entry["expert_bytes"]]).hexdigest() != digest:
+                    raise UserError(f"expert bank {entry['file']}: expert {e} is corrupted (sha256 mismatch)")
