@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from builder.formats import fp8_weight_dequant  # noqa: E402
-from builder.reference.ops import quantised_matmul  # noqa: E402
+from plugins.formats import fp8_weight_dequant  # noqa: E402
 from plugins.fp8_linear import fp8_linear_decode, make_workspace  # noqa: E402
 from plugins.moe_experts import expert_nbytes, moe_experts_decode  # noqa: E402
 from plugins.moe_experts import make_workspace as moe_make_workspace  # noqa: E402
+from plugins.oracle import quantised_matmul  # noqa: E402
 
 L2_DEFEAT_BYTES = 512 << 20   # 10x the H200's L2
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,12 +252,3 @@ def load_config(path: str | Path) -> ModelConfig:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
     return parse_config(raw)
-
-
-def yarn_correction_range(cfg: ModelConfig, base: float, dim: int) -> tuple[int, int]:
-    """YaRN's [low, high] ramp over rotary pair indices, as DeepSeek's reference computes it."""
-    def corr(rotations: float) -> float:
-        return dim * math.log(cfg.rope_original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(base))
-    low = math.floor(corr(cfg.rope_beta_fast))
-    high = math.ceil(corr(cfg.rope_beta_slow))
-    return max(low, 0), min(high, dim - 1)

@@ -16,9 +16,10 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
+from plugins.formats import E2M1_VALUES, fp8_weight_quant
+
 from .checkpoint import INDEX_FILE
 from .config import MXFP4_BLOCK, ModelConfig, parse_config
-from .formats import E2M1_VALUES, fp8_weight_quant
 from .layout import TensorSpec, checkpoint_specs, layer_of
 from .tokenizer_train import train_tokenizer
 

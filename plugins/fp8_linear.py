@@ -1,6 +1,6 @@
 """FP8 block-scaled linear for decode (1-16 rows) on the GPU: act_quant + fp8_gemv kernels.
 
-Oracle: `builder.reference.ops.quantised_matmul(x, fp8_weight_dequant(w, s))` (DeepSeek's act_quant +
+Oracle: `plugins.oracle.quantised_matmul(x, fp8_weight_dequant(w, s))` (DeepSeek's act_quant +
 fp8_gemm). Pass `out` and `workspace` to launch without allocating (CUDA-graph capture).
 """
 from __future__ import annotations

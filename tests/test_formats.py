@@ -1,9 +1,20 @@
 import pytest
 import torch
 
-from builder.formats import (e2m1_codes, e8m0_to_float, float_to_e8m0, fp4_act_roundtrip, fp8_act_roundtrip,
-                             fp8_weight_dequant, fp8_weight_quant, mxfp4_dequant, mxfp4_quant, pack_e2m1,
-                             round_to_e2m1, unpack_e2m1)
+from plugins.formats import (
+    e2m1_codes,
+    e8m0_to_float,
+    float_to_e8m0,
+    fp4_act_roundtrip,
+    fp8_act_roundtrip,
+    fp8_weight_dequant,
+    fp8_weight_quant,
+    mxfp4_dequant,
+    mxfp4_quant,
+    pack_e2m1,
+    round_to_e2m1,
+    unpack_e2m1,
+)
 
 
 def test_e2m1_packing_low_nibble_first():

@@ -3,9 +3,9 @@ import shutil
 import pytest
 import torch
 
-from builder.formats import fp8_weight_dequant, fp8_weight_quant
-from builder.reference.ops import quantised_matmul
 from plugins.build import build
+from plugins.formats import fp8_weight_dequant, fp8_weight_quant
+from plugins.oracle import quantised_matmul
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")

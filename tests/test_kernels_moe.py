@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from builder.formats import mxfp4_dequant, mxfp4_quant
-from builder.reference.ops import quantised_matmul, swiglu
+from plugins.formats import mxfp4_dequant, mxfp4_quant
+from plugins.oracle import quantised_matmul, swiglu
 
 
 def _experts(n, d, f, seed=0):

@@ -8,7 +8,8 @@ import torch
 from builder.presets import preset
 from builder.reference.attention import block_indices, window_indices
 from builder.reference.moe import route
-from builder.reference.ops import hc_post, rope_table, sinkhorn_split, sparse_attention, swiglu
+from builder.reference.rope import rope_table
+from plugins.oracle import hc_post, sinkhorn_split, sparse_attention, swiglu
 
 
 def test_sinkhorn_comb_is_doubly_stochastic_and_pre_post_ranges():

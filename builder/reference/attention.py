@@ -10,10 +10,22 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from plugins.formats import fp8_weight_dequant
+from plugins.oracle import (
+    FP8Linear,
+    einsum,
+    fp4_roundtrip,
+    fp8_kv_roundtrip,
+    hadamard,
+    linear,
+    rms_norm,
+    softmax_scale,
+    sparse_attention,
+    wide,
+    with_rope,
+)
+
 from ..config import KV_FP8_BLOCK, ModelConfig
-from ..formats import fp8_weight_dequant
-from .ops import (FP8Linear, einsum, linear, wide, fp4_roundtrip, fp8_kv_roundtrip, hadamard, rms_norm, softmax_scale,
-                  sparse_attention, with_rope)
 
 Weights = Callable[[str], torch.Tensor]
 

@@ -16,10 +16,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from plugins.oracle import FP8Linear, hc_head, hc_post, hc_pre, rms_norm, wide, wide_dtype
+
 from ..config import ModelConfig
 from .attention import Attention
 from .moe import MoE
-from .ops import FP8Linear, hc_head, hc_post, hc_pre, rms_norm, rope_table, wide, wide_dtype
+from .rope import rope_table
 
 Weights = Callable[[str], torch.Tensor]
 

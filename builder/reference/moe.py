@@ -6,9 +6,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from plugins.formats import mxfp4_dequant
+from plugins.oracle import FP8Linear, quantised_matmul, swiglu, wide, wide_dtype
+
 from ..config import ModelConfig
-from ..formats import mxfp4_dequant
-from .ops import FP8Linear, quantised_matmul, swiglu, wide, wide_dtype
 
 Weights = Callable[[str], torch.Tensor]
 

@@ -1,4 +1,5 @@
-"""Numeric building blocks of the reference model, each matching DeepSeek's official code step by step.
+"""Plain-torch numerics of DeepSeek V4, each matching the official code step by step: the building
+blocks of the reference model (builder/reference/) and the oracles of the CUDA kernels.
 
 `act` is the activation dtype: bfloat16 reproduces the official numerics; float32 is used by tests
 that need prefill and decode to agree closely. Quantised linears dequantise exactly in float32, so a
@@ -8,12 +9,15 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelConfig, yarn_correction_range
-from ..formats import fp4_act_roundtrip, fp8_act_roundtrip, fp8_weight_dequant
+if TYPE_CHECKING:                     # type only: plugins never import the builder at run time
+    from builder.config import ModelConfig
+
+from .formats import fp4_act_roundtrip, fp8_act_roundtrip, fp8_weight_dequant
 
 
 def wide_dtype(act: torch.dtype) -> torch.dtype:
@@ -49,23 +53,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ rotary embedding
-@lru_cache(maxsize=8)
-def rope_table(cfg: ModelConfig, compressed: bool, length: int, device: str) -> torch.Tensor:
-    """complex64 [length, rope_dim/2] rotations. Compressed-attention layers use YaRN on
-    `compress_rope_theta`; pure sliding-window layers use `rope_theta` without YaRN."""
-    dim = cfg.qk_rope_head_dim
-    base = cfg.compress_rope_theta if compressed else cfg.rope_theta
-    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    if compressed:
-        low, high = yarn_correction_range(cfg, base, dim)
-        if low == high:
-            high += 0.001
-        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-        freqs = freqs / cfg.rope_factor * ramp + freqs * (1 - ramp)
-    angles = torch.outer(torch.arange(length), freqs)
-    return torch.polar(torch.ones_like(angles), angles).to(device)
-
-
 def apply_rope(x: torch.Tensor, rot: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Rotate interleaved pairs (2i, 2i+1) of x [b, s, (h,) r] by rot [s, r/2]; returns x's dtype."""
     xc = torch.view_as_complex(wide(x).unflatten(-1, (-1, 2)).contiguous())
