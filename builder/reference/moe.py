@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from plugins.formats import mxfp4_dequant
-from plugins.oracle import FP8Linear, quantised_matmul, swiglu, wide, wide_dtype
+from plugins.ops import moe_routed_oracle
+from plugins.oracle import FP8Linear, swiglu, wide, wide_dtype
 
 from ..config import ModelConfig
 
@@ -53,31 +54,21 @@ class MoE:
         self.shared = [FP8Linear(w(f"{p}shared_experts.{n}.weight"), w(f"{p}shared_experts.{n}.scale"), act)
                        for n in ("w1", "w3", "w2")]
 
-    def expert_weights(self, e: int) -> list[torch.Tensor]:
-        """Dequantised float32 w1, w3, w2 of routed expert `e`, kept in a small cache."""
+    def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dequantised w1, w3, w2 of routed expert `e`, kept in a small cache."""
         if e not in self.cache:
             if len(self.cache) >= self.cache_size:
                 self.cache.pop(next(iter(self.cache)))
             base = f"{self.prefix}experts.{e}"
-            self.cache[e] = [mxfp4_dequant(self.w(f"{base}.{n}.weight"), self.w(f"{base}.{n}.scale")).to(self.wide)
-                             for n in ("w1", "w3", "w2")]
+            self.cache[e] = tuple(mxfp4_dequant(self.w(f"{base}.{n}.weight"), self.w(f"{base}.{n}.scale"))
+                                  .to(self.wide) for n in ("w1", "w3", "w2"))
         return self.cache[e]
-
-    def expert(self, e: int, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Routed expert `e` on rows x [m, d], its route weight [m, 1] applied before w2 (as the
-        official code), each matmul an FP8-activation x MXFP4-weight product like `fp4_gemm`."""
-        w1, w3, w2 = self.expert_weights(e)
-        h = weight * swiglu(quantised_matmul(x, w1), quantised_matmul(x, w3), self.cfg.swiglu_limit)
-        return quantised_matmul(h.to(x.dtype), w2)
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, experts = route(self.cfg, x, self.gate, self.bias, self.tid2eid, ids.flatten())
-        y = torch.zeros_like(x, dtype=self.wide)
-        for e in torch.unique(experts).tolist():                   # ascending, as the official loop
-            rows, slot = torch.where(experts == e)
-            y[rows] += self.expert(e, x[rows], weights[rows, slot, None])
+        y = moe_routed_oracle(x, experts, weights, self.expert_weights, self.cfg.swiglu_limit)
         w1, w3, w2 = self.shared
         y += w2(swiglu(w1(x), w3(x), self.cfg.swiglu_limit).to(x.dtype))
         return y.to(x.dtype).view(shape)

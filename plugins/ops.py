@@ -1,0 +1,96 @@
+"""The project's torch custom ops, namespace `dsv4`: one definition each, with a plain-torch
+implementation (CPU, and the oracle), the CUDA kernel where one exists, and a fake implementation so
+torch.export and AOTInductor can trace layer programs through them.
+
+    dsv4::fp8_linear(x, weight, scale)                      FP8 block-scaled linear (act_quant + GEMM)
+    dsv4::moe_routed(x, experts, weights, table, inter, limit)   routed MXFP4 experts via a pointer table
+    dsv4::sparse_attention(q, kv, sink, idx, scale)        attention over picked rows with a sink
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Callable
+
+import torch
+
+from .formats import fp8_weight_dequant, mxfp4_dequant
+from .moe_experts import expert_nbytes, moe_experts_decode, unpack_expert
+from .oracle import quantised_matmul, swiglu, wide_dtype
+from .oracle import sparse_attention as sparse_attention_oracle
+
+# ------------------------------------------------------------------ fp8_linear
+
+
+@torch.library.custom_op("dsv4::fp8_linear", mutates_args=())
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] -> [..., N]; weight [N, K] float8_e4m3fn with E8M0 scales [ceil(N/128), K/128]."""
+    rows = x.reshape(-1, x.size(-1))
+    if x.is_cuda and x.dtype == torch.bfloat16 and rows.size(0) <= 16:
+        from .fp8_linear import fp8_linear_decode
+        return fp8_linear_decode(rows.contiguous(), weight, scale).view(*x.shape[:-1], weight.size(0))
+    return quantised_matmul(x, fp8_weight_dequant(weight, scale).to(wide_dtype(x.dtype)))
+
+
+@fp8_linear.register_fake
+def _(x, weight, scale):
+    return x.new_empty(*x.shape[:-1], weight.size(0))
+
+
+# ------------------------------------------------------------------ moe_routed
+
+
+def _host_expert(address: int, d: int, f: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dequantised (w1, w3, w2) of the expert at a host address (CPU tensor or pinned memory)."""
+    buf = (ctypes.c_uint8 * expert_nbytes(d, f)).from_address(address)
+    w1, s1, w3, s3, w2, s2 = unpack_expert(torch.frombuffer(buf, dtype=torch.uint8), d, f)
+    return mxfp4_dequant(w1, s1), mxfp4_dequant(w3, s3), mxfp4_dequant(w2, s2)
+
+
+def moe_routed_oracle(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                      expert: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                      limit: float) -> torch.Tensor:
+    """Routed experts as DeepSeek's MoE loop: ascending expert ids, each expert's output (in x's dtype)
+    added in working precision, the route weight applied before w2. `expert(e)` gives the dequantised
+    (w1, w3, w2) of expert e."""
+    work = wide_dtype(x.dtype)
+    y = torch.zeros(x.shape, dtype=work, device=x.device)
+    for e in torch.unique(experts).tolist():
+        w1, w3, w2 = (t.to(device=x.device, dtype=work) for t in expert(e))
+        rows, slot = torch.where(experts == e)
+        xe = x[rows]
+        h = weights[rows, slot, None].to(work) * swiglu(quantised_matmul(xe, w1), quantised_matmul(xe, w3), limit)
+        y[rows] += quantised_matmul(h.to(x.dtype), w2).to(work)
+    return y
+
+
+@torch.library.custom_op("dsv4::moe_routed", mutates_args=())
+def moe_routed(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, inter: int,
+               limit: float) -> torch.Tensor:
+    """x [T, D], experts [T, k] int32, weights [T, k] float32, table [E] int64 expert addresses -> [T, D]
+    float32 (float64 for a float32/float64 model): the routed experts' sum, shared expert excluded."""
+    if x.is_cuda:
+        if x.dtype != torch.bfloat16:
+            raise NotImplementedError("dsv4::moe_routed on CUDA takes bfloat16 activations")
+        return moe_experts_decode(x.contiguous(), experts, weights, table, inter, limit)
+    addresses = table.tolist()
+    return moe_routed_oracle(x, experts, weights, lambda e: _host_expert(addresses[e], x.size(1), inter), limit)
+
+
+@moe_routed.register_fake
+def _(x, experts, weights, table, inter, limit):
+    return x.new_empty(x.shape, dtype=wide_dtype(x.dtype))
+
+
+# ------------------------------------------------------------------ sparse_attention
+
+
+@torch.library.custom_op("dsv4::sparse_attention", mutates_args=())
+def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """q [b, s, h, d] over rows kv[b, idx[b, s, k]] (-1 = none) with a per-head sink -> [b, s, h, d]."""
+    return sparse_attention_oracle(q, kv, sink, idx, scale)
+
+
+@sparse_attention.register_fake
+def _(q, kv, sink, idx, scale):
+    return torch.empty_like(q)

@@ -1,0 +1,91 @@
+"""The dsv4 custom ops: CPU implementations against the oracles, and tracing through torch.export."""
+import pytest
+import torch
+
+import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
+from plugins.formats import fp8_weight_dequant, fp8_weight_quant, mxfp4_dequant, mxfp4_quant
+from plugins.moe_experts import pack_expert
+from plugins.oracle import quantised_matmul, sparse_attention
+
+D, F, E = 256, 128, 8
+
+
+def _bank(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    raw = []
+    for _ in range(E):
+        w1, s1 = mxfp4_quant(torch.randn(F, D, generator=g) / D ** 0.5)
+        w3, s3 = mxfp4_quant(torch.randn(F, D, generator=g) / D ** 0.5)
+        w2, s2 = mxfp4_quant(torch.randn(D, F, generator=g) / F ** 0.5)
+        raw.append((w1, s1, w3, s3, w2, s2))
+    packed = [pack_expert(*r) for r in raw]
+    table = torch.tensor([p.data_ptr() for p in packed], dtype=torch.int64)
+    return raw, packed, table
+
+
+def test_fp8_linear_op_is_the_oracle():
+    w, s = fp8_weight_quant(torch.randn(384, 256) / 16)
+    x = torch.randn(2, 3, 256).to(torch.bfloat16)
+    y = torch.ops.dsv4.fp8_linear(x, w, s)
+    assert y.shape == (2, 3, 384) and y.dtype == torch.bfloat16
+    assert torch.equal(y, quantised_matmul(x, fp8_weight_dequant(w, s)))
+
+
+def test_moe_routed_reads_experts_through_the_table():
+    raw, packed, table = _bank()
+    x = torch.randn(3, D).to(torch.bfloat16)
+    experts = torch.tensor([[0, 5, 2], [5, 1, 7], [3, 2, 6]], dtype=torch.int32)
+    weights = torch.rand(3, 3)
+    y = torch.ops.dsv4.moe_routed(x, experts, weights, table, F, 10.0)
+    expect = torch.zeros(3, D)
+    for t in range(3):
+        for j in sorted(range(3), key=lambda j: int(experts[t, j])):
+            w1, s1, w3, s3, w2, s2 = raw[int(experts[t, j])]
+            xe = x[t:t + 1]
+            g = quantised_matmul(xe, mxfp4_dequant(w1, s1)).float().clamp(max=10)
+            u = quantised_matmul(xe, mxfp4_dequant(w3, s3)).float().clamp(-10, 10)
+            h = (weights[t, j] * torch.nn.functional.silu(g) * u).to(torch.bfloat16)
+            expect[t] += quantised_matmul(h, mxfp4_dequant(w2, s2))[0].float()
+    assert torch.equal(y, expect)
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        w, s = fp8_weight_quant(torch.randn(D, D) / 16)
+        self.register_buffer("w", w)
+        self.register_buffer("s", s)
+
+    def forward(self, x, experts, weights, table, kv, sink, idx):
+        h = torch.ops.dsv4.fp8_linear(x, self.w, self.s)
+        y = torch.ops.dsv4.moe_routed(h, experts, weights, table, F, 10.0).to(h.dtype)
+        q = y.view(1, x.size(0), 2, D // 2)
+        return torch.ops.dsv4.sparse_attention(q, kv, sink, idx, 0.1)
+
+
+def test_layer_through_custom_ops_exports():
+    raw, packed, table = _bank(1)
+    args = (torch.randn(4, D).to(torch.bfloat16), torch.randint(0, E, (4, 2), dtype=torch.int32), torch.rand(4, 2),
+            table, torch.randn(1, 10, D // 2).to(torch.bfloat16), torch.zeros(2),
+            torch.tensor([[[0, 3, -1], [1, 2, 9], [4, -1, -1], [5, 6, 7]]]))
+    model = _Tiny()
+    exported = torch.export.export(model, args)
+    ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert {"dsv4.fp8_linear.default", "dsv4.moe_routed.default", "dsv4.sparse_attention.default"} <= ops
+    assert torch.equal(exported.module()(*args), model(*args))
+    assert torch.equal(model(*args), sparse_attention(
+        torch.ops.dsv4.moe_routed(torch.ops.dsv4.fp8_linear(args[0], model.w, model.s), *args[1:4], F, 10.0)
+        .to(torch.bfloat16).view(1, 4, 2, D // 2), args[4], args[5], args[6], 0.1))
+
+
+@pytest.mark.slow
+def test_layer_through_custom_ops_runs_from_an_aoti_package(tmp_path):
+    """AOTInductor compiles a program that calls the dsv4 ops; the loaded package matches eager."""
+    raw, packed, table = _bank(2)
+    args = (torch.randn(4, D).to(torch.bfloat16), torch.randint(0, E, (4, 2), dtype=torch.int32), torch.rand(4, 2),
+            table, torch.randn(1, 10, D // 2).to(torch.bfloat16), torch.zeros(2),
+            torch.tensor([[[0, 3, -1], [1, 2, 9], [4, -1, -1], [5, 6, 7]]]))
+    model = _Tiny()
+    path = torch._inductor.aoti_compile_and_package(torch.export.export(model, args),
+                                                    package_path=str(tmp_path / "tiny.pt2"))
+    assert torch.equal(torch._inductor.aoti_load_package(path)(*args), model(*args))
