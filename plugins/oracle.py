@@ -54,11 +54,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 # ------------------------------------------------------------------ rotary embedding
 def apply_rope(x: torch.Tensor, rot: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Rotate interleaved pairs (2i, 2i+1) of x [b, s, (h,) r] by rot [s, r/2]; returns x's dtype."""
+    """Rotate interleaved pairs (2i, 2i+1) of x [b, s, (h,) r] by rot [s, r/2] (shared positions) or
+    [b, s, r/2] (each sequence at its own positions); returns x's dtype."""
     xc = torch.view_as_complex(wide(x).unflatten(-1, (-1, 2)).contiguous())
     if inverse:
         rot = rot.conj()
-    rot = rot.view(1, x.size(1), 1, -1) if x.dim() == 4 else rot.view(1, x.size(1), -1)
+    if rot.dim() == 2:
+        rot = rot[None]
+    rot = rot[:, :, None, :] if x.dim() == 4 else rot
     return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
 
 

@@ -1,0 +1,97 @@
+"""Decode layer programs against the reference layers, one layer kind at a time (float32, exact)."""
+import pytest
+import torch
+
+from builder.checkpoint import Checkpoint
+from builder.programs.decode import DecodeLayer, expert_table, new_caches
+from builder.reference.model import ReferenceModel
+
+MAX_LEN = 320
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dir):
+    ckpt = Checkpoint(tiny_dir)
+    return ckpt, ReferenceModel(ckpt, act=torch.float32, max_len=MAX_LEN)
+
+
+def _copy_reference_caches(block, caches):
+    attn = block.attn
+    caches["kv"].copy_(attn.kv)
+    if attn.compressor is not None:
+        caches["comp_kv"].copy_(attn.compressor.kv_state)
+        caches["comp_score"].copy_(attn.compressor.score_state)
+    if attn.indexer is not None:
+        caches["idx_keys"].copy_(attn.indexer.keys)
+        caches["idx_kv"].copy_(attn.indexer.compressor.kv_state)
+        caches["idx_score"].copy_(attn.indexer.compressor.score_state)
+
+
+@pytest.mark.parametrize("layer", [0, 2, 3, 4], ids=["hash-ratio0", "hash-ratio4-indexer", "ratio128", "ratio4"])
+def test_decode_program_equals_reference_layer(setup, layer):
+    ckpt, ref = setup
+    cfg = ckpt.config
+    block = ref.layers[layer]
+    program = DecodeLayer(cfg, ckpt.get, layer, torch.float32, MAX_LEN)
+    table, keep = expert_table(ckpt.get, cfg, layer)
+    ids = torch.randint(0, 900, (1, 140), generator=torch.Generator().manual_seed(layer))
+    ref.reset()
+    states = {}
+    orig = type(block).__call__
+
+    def spy(self, x, start, ids_):
+        out = orig(self, x, start, ids_)
+        if self is block:
+            states[start] = (x[:, -1].clone(), out[:, -1].clone())
+        return out
+    type(block).__call__ = spy
+    try:
+        ref.forward(ids[:, :127], 0)                  # prefill: window wrapped, ratio-128 block not yet complete
+        caches = new_caches(cfg, layer, 1, MAX_LEN, torch.float32)
+        _copy_reference_caches(block, caches)
+        for p in range(127, 140):                      # completes a ratio-128 block at 127, ratio-4 blocks every 4
+            ref.forward(ids[:, p:p + 1], p)
+            h_in, h_ref = states[p]
+            h = program(h_in, torch.tensor([p]), ids[0, p:p + 1], table, caches)
+            assert torch.equal(h, h_ref), f"layer {layer} position {p}: max diff {(h - h_ref).abs().max()}"
+        assert torch.equal(caches["kv"], block.attn.kv)
+    finally:
+        type(block).__call__ = orig
+
+
+def _program_and_args(ckpt, layer, batch=2):
+    cfg = ckpt.config
+    program = DecodeLayer(cfg, ckpt.get, layer, torch.float32, MAX_LEN)
+    table, keep = expert_table(ckpt.get, cfg, layer)
+    caches = new_caches(cfg, layer, batch, MAX_LEN, torch.float32)
+    g = torch.Generator().manual_seed(4)
+    args = (torch.randn(batch, cfg.hc_mult, cfg.hidden_size, generator=g), torch.tensor([5, 40]),
+            torch.tensor([3, 9]), table)
+    return program, args, caches, keep
+
+
+def test_decode_program_exports_with_its_cache_writes(setup):
+    """Two sequences at different positions; the exported program writes the same caches as eager."""
+    ckpt, _ = setup
+    program, args, caches, keep = _program_and_args(ckpt, 2)
+    eager_caches = {k: v.clone() for k, v in caches.items()}
+    expect = program(*args, eager_caches)
+    exported = torch.export.export(program, (*args, {k: v.clone() for k, v in caches.items()}))
+    got = exported.module()(*args, caches)
+    assert torch.equal(got, expect)
+    assert all(torch.equal(caches[k], eager_caches[k]) for k in caches)
+    assert caches["kv"].abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_decode_program_runs_from_an_aoti_package(setup, tmp_path):
+    ckpt, _ = setup
+    program, args, caches, keep = _program_and_args(ckpt, 3)
+    eager_caches = {k: v.clone() for k, v in caches.items()}
+    expect = program(*args, eager_caches)
+    exported = torch.export.export(program, (*args, {k: v.clone() for k, v in caches.items()}))
+    package = torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "layer3.pt2")))
+    got = package(*args, caches)
+    assert torch.nn.functional.cosine_similarity(got.flatten(), expect.flatten(), dim=0) > 0.99999
+    assert torch.equal(caches["kv"], eager_caches["kv"])
