@@ -95,3 +95,23 @@ def test_decode_program_runs_from_an_aoti_package(setup, tmp_path):
     got = package(*args, caches)
     assert torch.nn.functional.cosine_similarity(got.flatten(), expect.flatten(), dim=0) > 0.99999
     assert torch.equal(caches["kv"], eager_caches["kv"])
+
+
+def test_decode_mtp_program_equals_reference_draft(setup):
+    from builder.programs.decode import DecodeMTP
+    ckpt, ref = setup
+    cfg = ckpt.config
+    program = DecodeMTP(cfg, ckpt.get, 0, torch.float32, MAX_LEN)
+    mtp = ref.mtp[0]
+    table, keep = expert_table(ckpt.get, cfg, cfg.num_hidden_layers, prefix="mtp.0.")
+    ids = torch.randint(0, 900, (1, 40), generator=torch.Generator().manual_seed(11))
+    ref.reset()
+    h = ref.hidden(ids[:, :30], 0)
+    mtp.draft(h, 0, ids[:, :30])
+    caches = new_caches(cfg, cfg.num_hidden_layers, 1, MAX_LEN, torch.float32)
+    _copy_reference_caches(mtp, caches)
+    for p in range(30, 40):
+        h = ref.hidden(ids[:, p:p + 1], p)
+        expect = mtp.draft(h, p, ids[:, p:p + 1])
+        got = program(h[:, 0], torch.tensor([p]), ids[0, p:p + 1], table, caches)
+        assert torch.equal(got, expect), f"position {p}"

@@ -16,20 +16,8 @@ import torch
 
 import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
 from plugins.formats import fp8_weight_dequant
-from plugins.oracle import (
-    einsum,
-    fp4_roundtrip,
-    fp8_kv_roundtrip,
-    hadamard,
-    hc_post,
-    hc_pre,
-    linear,
-    rms_norm,
-    softmax_scale,
-    swiglu,
-    wide,
-    with_rope,
-)
+from plugins.oracle import (einsum, fp4_roundtrip, fp8_kv_roundtrip, hadamard, hc_head, hc_post, hc_pre, linear,
+                            rms_norm, softmax_scale, swiglu, wide, with_rope)
 
 from ..config import KV_FP8_BLOCK, ModelConfig
 from ..reference.moe import route
@@ -204,3 +192,27 @@ def expert_table(get, cfg: ModelConfig, layer: int, prefix: str | None = None) -
             for e in range(cfg.n_routed_experts)]
     return torch.tensor([t.data_ptr() for t in keep], dtype=torch.int64), keep
 
+
+
+class DecodeMTP(DecodeLayer):
+    """The MTP block's decode step: embeds the next token and the main model's last streams, runs one
+    more layer and drafts the token after next: forward(h, pos, ids, table, caches) -> logits [B, vocab]."""
+
+    def __init__(self, cfg: ModelConfig, get, j: int, act: torch.dtype, max_len: int):
+        p = f"mtp.{j}."
+        super().__init__(cfg, get, cfg.num_hidden_layers + j, act, max_len, prefix=p)
+        work = torch.float32 if act == torch.bfloat16 else torch.float64
+        self.embed = get("embed.weight").to(act)
+        self.e_proj = (get(f"{p}e_proj.weight"), get(f"{p}e_proj.scale"))
+        self.h_proj = (get(f"{p}h_proj.weight"), get(f"{p}h_proj.scale"))
+        self.enorm, self.hnorm, self.norm = (get(f"{p}{n}.weight").to(work) for n in ("enorm", "hnorm", "norm"))
+        self.head_hc = [get(f"{p}hc_head_{n}").to(work) for n in ("fn", "scale", "base")]
+        self.head = get("head.weight").to(work)
+
+    def forward(self, h, pos, ids, table, caches: dict[str, torch.Tensor]):
+        c = self.cfg
+        e = rms_norm(self.embed[ids], self.enorm, c.rms_norm_eps)
+        x = self._linear(e, self.e_proj)[:, None] + self._linear(rms_norm(h, self.hnorm, c.rms_norm_eps), self.h_proj)
+        x = super().forward(x, pos, ids, table, caches)
+        y = rms_norm(hc_head(x[:, None], *self.head_hc, c)[:, 0], self.norm, c.rms_norm_eps)
+        return torch.nn.functional.linear(wide(y), self.head)
