@@ -240,6 +240,27 @@ def generate(checkpoint, prompt, chat, thinking, system, max_new, device) -> Non
                f"decode {len(out)} tokens: {len(out) / max(dt, 1e-9):.1f} tok/s (reference model)", err=True)
 
 
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--no-hashes", is_flag=True, help="Check sizes only (skip hashing large files).")
+def verify(artifact: Path, no_hashes: bool) -> None:
+    """Check a built (or copied) artifact without running it: every file's size and sha256, and whether
+    this machine's GPU, torch and TensorRT can run it. Lists every problem; exit code 1 if any."""
+    from runtime.manifest import Machine, check_artifact
+    machine = Machine.this()
+    manifest, problems = check_artifact(artifact, machine, hashes=not no_hashes)
+    click.echo(f"artifact {artifact}: model {manifest.get('model_id', '?')}, backend {manifest.get('backend', '?')}, "
+               f"{len(manifest.get('files', []))} files")
+    click.echo(f"this machine: GPU {machine.gpu_arch or 'none'}, "
+               + ", ".join(f"{k} {v}" for k, v in sorted(machine.versions.items())))
+    for p in problems:
+        click.echo(f"problem: {p}")
+    if problems:
+        click.echo(f"error: {len(problems)} problem(s); this artifact cannot run here as it is", err=True)
+        sys.exit(1)
+    click.echo("ok: every file matches the manifest and this machine can run it")
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
