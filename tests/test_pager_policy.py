@@ -1,0 +1,92 @@
+import random
+
+import pytest
+import torch
+
+from builder.checkpoint import Checkpoint
+from builder.reference.model import ReferenceModel
+from builder.reference.moe import MoE, route
+from runtime.pager_policy import SlotPool, simulate
+
+
+def test_budget_is_never_exceeded_and_the_step_is_protected():
+    rng = random.Random(0)
+    pool = SlotPool(10)
+    for _ in range(2000):
+        needed = [(rng.randrange(4), rng.randrange(32)) for _ in range(6)]
+        slots = pool.use(needed)
+        assert set(slots) == set(needed) and len(set(slots.values())) == len(slots)
+        pool.prefetch([(rng.randrange(4), rng.randrange(32)) for _ in range(6)], protect=needed)
+        assert all(k in pool.resident for k in needed)          # prefetch never evicts the step in flight
+        assert len(pool.resident) <= 10 and len(set(pool.resident.values())) == len(pool.resident)
+    with pytest.raises(ValueError):
+        pool.use([(0, e) for e in range(11)])
+
+
+def _zipf_trace(steps, layers, experts, k, seed):
+    rng = random.Random(seed)
+    weights = [1.0 / (i + 1) ** 1.1 for i in range(experts)]
+    perms = [rng.sample(range(experts), experts) for _ in range(layers)]
+    trace = []
+    for _ in range(steps):
+        step = []
+        for lay in range(layers):
+            chosen = set()
+            while len(chosen) < k:
+                chosen.add(perms[lay][rng.choices(range(experts), weights)[0]])
+            step.append(sorted(chosen))
+        trace.append(step)
+    return trace
+
+
+def test_skewed_routing_beats_the_uniform_hit_rate():
+    trace = _zipf_trace(300, 8, 64, 6, seed=1)
+    stats = simulate(trace, slots=int(0.75 * 8 * 64))
+    assert stats.hit_rate > 0.85                                # uniform routing would give about 0.75
+
+
+def test_prediction_raises_hits_on_a_skewed_trace():
+    trace = _zipf_trace(300, 8, 64, 6, seed=2)
+    rng = random.Random(3)
+    # a predictor right on 4 of the 6 experts of the next layer
+    predicted = [[sorted(trace[s][lay + 1][:4] + rng.sample(range(64), 2)) if lay + 1 < 8 else []
+                  for lay in range(8)] for s in range(300)]
+    plain = simulate(trace, slots=int(0.75 * 8 * 64))
+    ahead = simulate(trace, slots=int(0.75 * 8 * 64), predicted=predicted)
+    assert ahead.misses < plain.misses and ahead.prefetch_hits > 0
+
+
+def test_prediction_on_a_trace_recorded_from_the_tiny_model(tiny_dir):
+    """Routing recorded from the tiny model's decode; prediction = the next layer's gate applied to the
+    current layer's MoE input (exact on hash layers, which route by token id)."""
+    ckpt = Checkpoint(tiny_dir)
+    cfg = ckpt.config
+    model = ReferenceModel(ckpt, act=torch.float32, max_len=256)
+    moes = [b.moe for b in model.layers]
+    record: dict[int, tuple] = {}
+    orig = MoE.__call__
+
+    def spy(self, x, ids):
+        layer = moes.index(self)
+        flat = x.reshape(-1, x.shape[-1])
+        used = route(cfg, flat, self.gate, self.bias, self.tid2eid, ids.flatten())[1]
+        nxt = None
+        if layer + 1 < len(moes):
+            n = moes[layer + 1]
+            nxt = route(cfg, flat, n.gate, n.bias, n.tid2eid, ids.flatten())[1]
+        record[layer] = (used[-1].tolist(), nxt[-1].tolist() if nxt is not None else [])
+        return orig(self, x, ids)
+    MoE.__call__ = spy
+    try:
+        ids = torch.randint(0, 900, (1, 200), generator=torch.Generator().manual_seed(5))
+        trace, predicted = [], []
+        model.forward(ids[:, :1], 0)
+        for p in range(1, 200):
+            model.forward(ids[:, p:p + 1], p)
+            trace.append([sorted(record[lay][0]) for lay in range(len(moes))])
+            predicted.append([record[lay][1] for lay in range(len(moes))])
+    finally:
+        MoE.__call__ = orig
+    slots = int(0.75 * cfg.num_hidden_layers * cfg.n_routed_experts)
+    plain, ahead = simulate(trace, slots), simulate(trace, slots, predicted)
+    assert ahead.misses < plain.misses, (plain, ahead)
