@@ -23,9 +23,10 @@ def stride_of(expert_bytes: int) -> int:
     return -(-expert_bytes // ALIGN) * ALIGN
 
 
-def write_layer_bank(ckpt: Checkpoint, layer: int, path: Path,
-                     progress: Callable[[int, int], None] | None = None) -> dict:
-    """Write the routed experts of `layer` to `path`; return its bank entry (file, offsets, checksums)."""
+def write_layer_bank(ckpt: Checkpoint, layer: int, path: Path, progress: Callable[[int, int], None] | None = None,
+                     prefix: str | None = None) -> dict:
+    """Write the routed experts of `layer` (tensors under `prefix`, default 'layers.N.') to `path`;
+    return its bank entry (file, offsets, checksums)."""
     cfg = ckpt.config
     d, f = cfg.hidden_size, cfg.moe_intermediate_size
     nbytes = expert_nbytes(d, f)
@@ -35,7 +36,7 @@ def write_layer_bank(ckpt: Checkpoint, layer: int, path: Path,
     tmp = path.with_name(path.name + ".partial")
     with tmp.open("wb") as out:
         for e in range(cfg.n_routed_experts):
-            p = f"layers.{layer}.ffn.experts.{e}."
+            p = f"{prefix or f'layers.{layer}.'}ffn.experts.{e}."
             blob = pack_expert(*_expert_tensors(ckpt, p)).numpy().tobytes()
             assert len(blob) == nbytes
             sums.append(hashlib.sha256(blob).hexdigest())

@@ -2,7 +2,7 @@
 
     [model]    source = "tiny" (the embedded synthetic model) or a checkpoint folder
     [build]    backend = "eager" | "aoti" | "tensorrt" | "tensorrt-rtx"; device = "cpu" | "cuda";
-               gpu_archs = ["sm_90a", ...]
+               gpu_archs = ["sm_90a", ...]; dtype = "bfloat16" (default) | "float32"
     [runtime]  decode_batch_buckets, prefill_chunk, max_context, memory_budget_gib, expert_slots
 
 Unknown keys and bad values are errors that name the key.
@@ -35,6 +35,7 @@ class Recipe:
     backend: str
     device: str
     gpu_archs: tuple[str, ...]
+    dtype: str                        # activation dtype: bfloat16 (DeepSeek's numerics) or float32
     decode_batch_buckets: tuple[int, ...]
     prefill_chunk: int
     max_context: int
@@ -58,11 +59,11 @@ class Recipe:
 
 _SCHEMA: dict[str, dict[str, type]] = {
     "model": {"source": str},
-    "build": {"backend": str, "device": str, "gpu_archs": list},
+    "build": {"backend": str, "device": str, "gpu_archs": list, "dtype": str},
     "runtime": {"decode_batch_buckets": list, "prefill_chunk": int, "max_context": int,
                 "memory_budget_gib": float, "expert_slots": int},
 }
-_DEFAULTS: dict[str, Any] = {"gpu_archs": [], "decode_batch_buckets": [1], "prefill_chunk": 256,
+_DEFAULTS: dict[str, Any] = {"gpu_archs": [], "dtype": "bfloat16", "decode_batch_buckets": [1], "prefill_chunk": 256,
                              "expert_slots": 0}
 
 
@@ -99,6 +100,8 @@ def parse_recipe(raw: dict[str, Any], name: str) -> Recipe:
         raise bad("build.backend", f"choose one of {', '.join(BACKENDS)}")
     if values["device"] not in DEVICES:
         raise bad("build.device", f"choose one of {', '.join(DEVICES)}")
+    if values["dtype"] not in ("bfloat16", "float32"):
+        raise bad("build.dtype", "choose bfloat16 (DeepSeek's numerics) or float32")
     if any(a not in GPU_ARCHS for a in values["gpu_archs"]):
         raise bad("build.gpu_archs", f"each must be one of {', '.join(GPU_ARCHS)}")
     if values["backend"].startswith("tensorrt") and values["device"] != "cuda":

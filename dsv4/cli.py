@@ -149,6 +149,7 @@ def _read_ids(inline: str | None, file: Path | None, what: str, required: bool) 
 
 @cli.command()
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Checkpoint folder (default: embedded tiny model).")
+@click.option("--artifact", type=click.Path(path_type=Path), help="Run a built artifact instead of the reference.")
 @click.option("--prompt-ids", help="Prompt token ids, comma or space separated.")
 @click.option("--prompt-ids-file", type=click.Path(path_type=Path), help="File holding the prompt token ids.")
 @click.option("--forced-ids", help="Token ids fed one decode step each.")
@@ -161,7 +162,7 @@ def _read_ids(inline: str | None, file: Path | None, what: str, required: bool) 
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True,
               help="Activation dtype; bfloat16 reproduces DeepSeek's official numerics.")
-def forced(checkpoint, prompt_ids, prompt_ids_file, forced_ids, forced_ids_file, out, compare_with,
+def forced(checkpoint, artifact, prompt_ids, prompt_ids_file, forced_ids, forced_ids_file, out, compare_with,
            min_cosine, device, dtype) -> None:
     """Logits after prefilling a prompt, then after each forced token as one decode step.
 
@@ -175,13 +176,21 @@ def forced(checkpoint, prompt_ids, prompt_ids_file, forced_ids, forced_ids_file,
     if out is None and compare_with is None:
         raise UserError("give --out, --compare or both")
     other = load_logits(compare_with) if compare_with else None
-    ckpt, model = _load_reference(checkpoint, device, dtype, max_len=len(prompt) + len(steps) + 1)
-    check_ids(prompt + steps, ckpt.config.vocab_size, "token ids")
+    if artifact is not None:
+        if checkpoint is not None:
+            raise UserError("give --checkpoint or --artifact, not both")
+        from runtime.artifact import ArtifactModel
+        model = ArtifactModel(artifact)
+        vocab, source = model.config.vocab_size, f"artifact:{artifact}"
+    else:
+        ckpt, model = _load_reference(checkpoint, device, dtype, max_len=len(prompt) + len(steps) + 1)
+        vocab, source = ckpt.config.vocab_size, f"reference:{ckpt.folder}"
+    check_ids(prompt + steps, vocab, "token ids")
     t0 = time.time()
     logits = forced_logits(model, prompt, steps)
     click.echo(f"{len(prompt)} prompt tokens + {len(steps)} forced steps in {time.time() - t0:.2f}s", err=True)
     if out:
-        save_logits(out, logits, prompt, steps, source=f"reference:{ckpt.folder}")
+        save_logits(out, logits, prompt, steps, source=source)
         click.echo(f"wrote {out}", err=True)
     if other is not None:
         stats = compare(logits, other)
@@ -238,6 +247,39 @@ def generate(checkpoint, prompt, chat, thinking, system, max_new, device) -> Non
     click.echo()
     click.echo(f"prefill {len(ids)} tokens: {len(ids) / t_prefill:.1f} tok/s; "
                f"decode {len(out)} tokens: {len(out) / max(dt, 1e-9):.1f} tok/s (reference model)", err=True)
+
+
+@cli.command("build")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Checkpoint folder (default: the recipe's source).")
+@click.option("--out", type=click.Path(path_type=Path), help="Artifact folder (default: artifacts/<recipe name>).")
+def build_cmd(recipe: Path, checkpoint: Path | None, out: Path | None) -> None:
+    """Compile a checkpoint into an artifact as RECIPE says (recipes/*.toml).
+
+    Resumable: outputs whose inputs did not change are reused. The new artifact replaces the old one only
+    when complete.
+    """
+    from rich.progress import Progress
+
+    from builder.build import build
+    from builder.recipe import load_recipe
+    r = load_recipe(recipe)
+    source = checkpoint or (ensure_tiny() if r.source == "tiny" else Path(r.source))
+    out = out or Path("artifacts") / r.name
+    t0 = time.time()
+    with Progress(transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, i: int, n: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=n)
+            bar.update(tasks[stage], completed=i)
+        summary = build(r, source, out, progress)
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    click.echo(f"built {out} in {time.time() - t0:.1f}s: {len(summary.made)} outputs made, "
+               f"{len(summary.reused)} reused, {size / 1e6:.1f} MB")
+    for stage, seconds in summary.stage_seconds.items():
+        click.echo(f"  {stage:9s} {seconds:7.1f}s")
 
 
 @cli.command()

@@ -8,7 +8,6 @@ product equals the official FP8/FP4 GEMM up to summation order.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import torch
@@ -71,12 +70,13 @@ def with_rope(x: torch.Tensor, rot: torch.Tensor, rope_dim: int, inverse: bool =
 
 
 # ------------------------------------------------------------------ Hadamard
-@lru_cache(maxsize=4)
 def _hadamard(n: int, device: str) -> torch.Tensor:
-    h = torch.ones(1, 1)
+    """The n x n Sylvester Hadamard matrix. Not cached: a cache filled while torch.export traces would
+    hold a fake tensor."""
+    h = torch.ones(1, 1, device=device)
     while h.size(0) < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h.to(device)
+    return h
 
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 contiguous expert per stride, checked against its sha256 on request."""
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import mmap
 from pathlib import Path
@@ -38,6 +39,12 @@ class ExpertBank:
         start = e * entry["stride"]
         view = memoryview(self._map(layer))[start:start + entry["expert_bytes"]]
         return torch.frombuffer(view, dtype=torch.uint8)
+
+    def addresses(self, layer: int) -> torch.Tensor:
+        """int64 addresses of every expert of `layer` in the mapped file: an expert table for the kernels."""
+        entry = self.entries[layer]
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._map(layer)))
+        return torch.tensor([base + i * entry["stride"] for i in range(entry["experts"])], dtype=torch.int64)
 
     def verify(self, layer: int | None = None) -> None:
         """Check every expert's sha256 (of one layer, or all); the error names the file and the expert."""

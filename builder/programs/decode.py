@@ -103,7 +103,7 @@ class DecodeLayer(torch.nn.Module):
         self.sink = f32("attn.attn_sink")
         wo_a = fp8_weight_dequant(get(f"{a}wo_a.weight"), get(f"{a}wo_a.scale")).to(torch.bfloat16)
         self.wo_a = wo_a.to(act).view(cfg.o_groups, cfg.o_lora_rank, -1)
-        self.rot = rope_table(cfg, self.ratio > 0, max_len, "cpu")
+        self.rot = rope_table(cfg, self.ratio > 0, max_len, "cpu").clone()   # own copy: export lifts it
         if self.ratio:
             self.compressor = _Compressor(cfg, get, f"{a}compressor", self.ratio, cfg.head_dim, False, work)
         if self.ratio == 4:
