@@ -1,0 +1,62 @@
+"""`dsv4 build` on the tiny recipe: an aoti artifact that matches the reference, rebuilt in a fraction of
+the time, refused when damaged."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from builder.build import build
+from builder.checkpoint import Checkpoint
+from builder.forced import forced_logits
+from builder.recipe import load_recipe
+from builder.reference.model import ReferenceModel
+from runtime.artifact import ArtifactModel
+from runtime.manifest import ArtifactError
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml"
+
+
+@pytest.fixture(scope="module")
+def built(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("art") / "tiny"
+    t0 = time.time()
+    summary = build(load_recipe(RECIPE), tiny_dir, out)
+    return out, time.time() - t0, summary
+
+
+@pytest.mark.slow
+def test_artifact_matches_the_reference(built, tiny_dir):
+    out, _, summary = built
+    assert not summary.reused and (out / "manifest.json").is_file()
+    prompt, forced = [5, 17, 99, 300, 12] * 30, [3, 4, 5, 6, 7, 8]     # 150 tokens: a ratio-128 block completes
+    art = forced_logits(ArtifactModel(out), prompt, forced)
+    ref = forced_logits(ReferenceModel(Checkpoint(tiny_dir), act=torch.float32, max_len=200), prompt, forced)
+    cos = torch.nn.functional.cosine_similarity(art.double(), ref.double(), dim=-1)
+    assert torch.equal(art.argmax(-1), ref.argmax(-1)) and cos.min() >= 0.999
+
+
+@pytest.mark.slow
+def test_rebuild_reuses_everything(built, tiny_dir):
+    out, first, _ = built
+    t0 = time.time()
+    summary = build(load_recipe(RECIPE), tiny_dir, out)
+    assert not summary.made and time.time() - t0 < 0.1 * first
+
+
+@pytest.mark.slow
+def test_damaged_artifact_is_refused(built, tmp_path):
+    out, _, _ = built
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+    program = copy / "programs" / "layer-002.pt2"
+    data = bytearray(program.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    program.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="programs/layer-002.pt2 is corrupted"):
+        ArtifactModel(copy)
+    r = subprocess.run([sys.executable, "-m", "dsv4.cli", "forced", "--artifact", str(copy), "--prompt-ids", "1,2",
+                        "--out", str(tmp_path / "x.safetensors")], capture_output=True, text=True)
+    assert r.returncode == 2 and "corrupted" in r.stderr and len(r.stderr.strip().splitlines()) == 1
