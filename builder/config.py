@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import UserError
+from runtime.errors import UserError, read_json
 
 
 class ConfigError(UserError, ValueError):
@@ -245,10 +245,4 @@ def load_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"no config file at {path}")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
-    return parse_config(raw)
+    return parse_config(read_json(path, ConfigError, f"no config file at {path}"))

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, read_json
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -78,12 +78,8 @@ def check_artifact(root: str | Path, machine: Machine | None = None, hashes: boo
     """
     root = Path(root)
     path = root / MANIFEST
-    if not path.is_file():
-        raise ArtifactError(f"{root} is not an artifact: no {MANIFEST} (build one with `dsv4 build RECIPE`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    manifest = read_json(path, ArtifactError,
+                         f"{root} is not an artifact: no {MANIFEST} (build one with `dsv4 build RECIPE`)")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path}: format version {manifest.get('format_version')!r}, this runtime reads "
                             f"{FORMAT_VERSION}; rebuild the artifact")

@@ -1,19 +1,9 @@
 import pytest
 import torch
 
-from plugins.formats import mxfp4_dequant, mxfp4_quant
+from helpers import random_experts
+from plugins.formats import mxfp4_dequant
 from plugins.ops import moe_routed_oracle
-
-
-def _experts(n, d, f, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        w1, s1 = mxfp4_quant(torch.randn(f, d, generator=g) / d ** 0.5)
-        w3, s3 = mxfp4_quant(torch.randn(f, d, generator=g) / d ** 0.5)
-        w2, s2 = mxfp4_quant(torch.randn(d, f, generator=g) / f ** 0.5)
-        out.append((w1, s1, w3, s3, w2, s2))
-    return out
 
 
 @pytest.mark.gpu
@@ -22,7 +12,7 @@ def _experts(n, d, f, seed=0):
 def test_moe_decode_matches_oracle_with_host_experts(tokens, d, f, same):
     from plugins.moe_experts import moe_experts_decode, pack_expert
     n_exp, k = 12, 6
-    bank = _experts(n_exp, d, f)
+    bank = random_experts(n_exp, d, f)
     packed = [pack_expert(*e) for e in bank]
     # even experts on the device, odd ones in pinned host memory (read over the bus)
     stores = [p.cuda() if i % 2 == 0 else p.pin_memory() for i, p in enumerate(packed)]

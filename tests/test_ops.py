@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
-from plugins.formats import fp8_weight_dequant, fp8_weight_quant, mxfp4_dequant, mxfp4_quant
+from helpers import random_experts
+from plugins.formats import fp8_weight_dequant, fp8_weight_quant, mxfp4_dequant
 from plugins.moe_experts import pack_expert
 from plugins.oracle import quantised_matmul, sparse_attention
 
@@ -11,13 +12,7 @@ D, F, E = 256, 128, 8
 
 
 def _bank(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    raw = []
-    for _ in range(E):
-        w1, s1 = mxfp4_quant(torch.randn(F, D, generator=g) / D ** 0.5)
-        w3, s3 = mxfp4_quant(torch.randn(F, D, generator=g) / D ** 0.5)
-        w2, s2 = mxfp4_quant(torch.randn(D, F, generator=g) / F ** 0.5)
-        raw.append((w1, s1, w3, s3, w2, s2))
+    raw = random_experts(E, D, F, seed)
     packed = [pack_expert(*r) for r in raw]
     table = torch.tensor([p.data_ptr() for p in packed], dtype=torch.int64)
     return raw, packed, table
