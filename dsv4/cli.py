@@ -284,6 +284,55 @@ def build_cmd(recipe: Path, checkpoint: Path | None, out: Path | None) -> None:
 
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--chat", is_flag=True, help="Render the prompt as a chat turn.")
+@click.option("--thinking", is_flag=True, help="With --chat: thinking mode (opens the answer with <think>).")
+@click.option("--system", default="", help="With --chat: system message.")
+@click.option("--max-new", type=click.IntRange(1, 100000), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def run(artifact, prompt, chat, thinking, system, max_new, temperature, top_p, seed) -> None:
+    """Generate from a built artifact, streaming text; stops at end of sentence, then reports speeds."""
+    import torch
+
+    from runtime.artifact import ArtifactModel
+    from runtime.chat import Message, render
+    from runtime.sampling import sample
+    from runtime.tokenizer import Tokenizer
+    if not (artifact / "manifest.json").is_file():
+        raise UserError(f"no artifact at {artifact}; build one first, e.g. `dsv4 build recipes/tiny.toml`")
+    model = ArtifactModel(artifact)
+    tok = Tokenizer(artifact)
+    text = render(([Message("system", system)] if system else []) + [Message("user", prompt)],
+                  thinking=thinking) if chat else prompt
+    ids = tok.encode(text)
+    if not ids:
+        raise UserError("the prompt encodes to no tokens")
+    if len(ids) + max_new > model.max_len:
+        raise UserError(f"prompt ({len(ids)} tokens) + --max-new {max_new} exceeds the artifact's context "
+                        f"of {model.max_len}")
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    logits = model.forward(torch.tensor([ids]), 0)
+    t_prefill = time.time() - t0
+    out: list[int] = []
+    t1 = time.time()
+    for step in range(max_new):
+        nxt = sample(logits[0], temperature, top_p, gen)
+        if nxt == tok.eos_id:
+            break
+        out.append(nxt)
+        click.echo(tok.decode([nxt]), nl=False)
+        logits = model.forward(torch.tensor([[nxt]]), len(ids) + step)
+    dt = time.time() - t1
+    click.echo()
+    click.echo(f"prefill {len(ids)} tokens: {len(ids) / t_prefill:.1f} tok/s; decode {len(out)} tokens: "
+               f"{len(out) / max(dt, 1e-9):.1f} tok/s ({model.manifest['backend']} artifact)", err=True)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--no-hashes", is_flag=True, help="Check sizes only (skip hashing large files).")
 def verify(artifact: Path, no_hashes: bool) -> None:
     """Check a built (or copied) artifact without running it: every file's size and sha256, and whether

@@ -60,3 +60,27 @@ def test_damaged_artifact_is_refused(built, tmp_path):
     r = subprocess.run([sys.executable, "-m", "dsv4.cli", "forced", "--artifact", str(copy), "--prompt-ids", "1,2",
                         "--out", str(tmp_path / "x.safetensors")], capture_output=True, text=True)
     assert r.returncode == 2 and "corrupted" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_run_streams_text_from_the_artifact(built, tmp_path):
+    out, _, _ = built
+    cli = [sys.executable, "-m", "dsv4.cli", "run"]
+    r = subprocess.run([*cli, str(out), "--prompt", "Hello", "--chat", "--max-new", "5", "--temperature", "0.8",
+                        "--top-p", "0.9", "--seed", "3"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "decode" in r.stderr and "aoti artifact" in r.stderr
+    again = subprocess.run([*cli, str(out), "--prompt", "Hello", "--chat", "--max-new", "5", "--temperature", "0.8",
+                            "--top-p", "0.9", "--seed", "3"], capture_output=True, text=True)
+    assert again.stdout == r.stdout                           # seeded sampling is reproducible
+    missing = subprocess.run([*cli, str(tmp_path / "none"), "--prompt", "x"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "dsv4 build recipes/tiny.toml" in missing.stderr
+
+
+def test_top_p_keeps_the_smallest_prefix():
+    from runtime.sampling import sample
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    g = torch.Generator().manual_seed(0)
+    picks = {sample(logits, 1.0, 0.7, g) for _ in range(200)}
+    assert picks == {0, 1}
+    assert sample(logits, 0.0, 1.0, None) == 0
