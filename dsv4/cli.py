@@ -216,37 +216,17 @@ def forced(checkpoint, artifact, prompt_ids, prompt_ids_file, forced_ids, forced
 @click.option("--device", default="auto", show_default=True)
 def generate(checkpoint, prompt, chat, thinking, system, max_new, device) -> None:
     """Greedy generation with the reference model (slow; the ground truth, not the fast path)."""
-    import torch
 
-    from runtime.chat import Message, render
+    from runtime.generate import generate as run_generation
+    from runtime.generate import prompt_ids
     from runtime.tokenizer import Tokenizer
     folder = checkpoint or ensure_tiny()
     tok = Tokenizer(folder)
-    if chat:
-        msgs = ([Message("system", system)] if system else []) + [Message("user", prompt)]
-        text = render(msgs, thinking=thinking)
-    else:
-        text = prompt
-    ids = tok.encode(text)
-    if not ids:
-        raise UserError("the prompt encodes to no tokens")
-    ckpt, model = _load_reference(folder, device, "bfloat16", max_len=len(ids) + max_new)
-    t0 = time.time()
-    logits = model.forward(torch.tensor([ids]), 0)
-    t_prefill = time.time() - t0
-    out: list[int] = []
-    t1 = time.time()
-    for step in range(max_new):
-        nxt = int(logits[0].argmax())
-        if nxt == tok.eos_id:
-            break
-        out.append(nxt)
-        click.echo(tok.decode([nxt]), nl=False)
-        logits = model.forward(torch.tensor([[nxt]]), len(ids) + step)
-    dt = time.time() - t1
+    ids = prompt_ids(tok, prompt, chat, thinking, system)
+    _, model = _load_reference(folder, device, "bfloat16", max_len=len(ids) + max_new)
+    timing = run_generation(model, tok, ids, max_new, lambda text: click.echo(text, nl=False))
     click.echo()
-    click.echo(f"prefill {len(ids)} tokens: {len(ids) / t_prefill:.1f} tok/s; "
-               f"decode {len(out)} tokens: {len(out) / max(dt, 1e-9):.1f} tok/s (reference model)", err=True)
+    click.echo(timing.line("reference model"), err=True)
 
 
 @cli.command("build")
@@ -294,41 +274,22 @@ def build_cmd(recipe: Path, checkpoint: Path | None, out: Path | None) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 def run(artifact, prompt, chat, thinking, system, max_new, temperature, top_p, seed) -> None:
     """Generate from a built artifact, streaming text; stops at end of sentence, then reports speeds."""
-    import torch
-
     from runtime.artifact import ArtifactModel
-    from runtime.chat import Message, render
-    from runtime.sampling import sample
+    from runtime.generate import generate as run_generation
+    from runtime.generate import prompt_ids
     from runtime.tokenizer import Tokenizer
     if not (artifact / "manifest.json").is_file():
         raise UserError(f"no artifact at {artifact}; build one first, e.g. `dsv4 build recipes/tiny.toml`")
     model = ArtifactModel(artifact)
     tok = Tokenizer(artifact)
-    text = render(([Message("system", system)] if system else []) + [Message("user", prompt)],
-                  thinking=thinking) if chat else prompt
-    ids = tok.encode(text)
-    if not ids:
-        raise UserError("the prompt encodes to no tokens")
+    ids = prompt_ids(tok, prompt, chat, thinking, system)
     if len(ids) + max_new > model.max_len:
         raise UserError(f"prompt ({len(ids)} tokens) + --max-new {max_new} exceeds the artifact's context "
                         f"of {model.max_len}")
-    gen = torch.Generator().manual_seed(seed)
-    t0 = time.time()
-    logits = model.forward(torch.tensor([ids]), 0)
-    t_prefill = time.time() - t0
-    out: list[int] = []
-    t1 = time.time()
-    for step in range(max_new):
-        nxt = sample(logits[0], temperature, top_p, gen)
-        if nxt == tok.eos_id:
-            break
-        out.append(nxt)
-        click.echo(tok.decode([nxt]), nl=False)
-        logits = model.forward(torch.tensor([[nxt]]), len(ids) + step)
-    dt = time.time() - t1
+    timing = run_generation(model, tok, ids, max_new, lambda text: click.echo(text, nl=False),
+                            temperature, top_p, seed)
     click.echo()
-    click.echo(f"prefill {len(ids)} tokens: {len(ids) / t_prefill:.1f} tok/s; decode {len(out)} tokens: "
-               f"{len(out) / max(dt, 1e-9):.1f} tok/s ({model.manifest['backend']} artifact)", err=True)
+    click.echo(timing.line(f"{model.manifest['backend']} artifact"), err=True)
 
 
 @cli.command()

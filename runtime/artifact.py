@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import plugins.ops  # noqa: F401  (the packages call torch.ops.dsv4)
-from plugins.oracle import hc_head, rms_norm, wide
+from plugins.oracle import hc_head, rms_norm, wide, wide_dtype
 
 from .expert_bank import ExpertBank
 from .manifest import load_manifest
@@ -39,7 +39,7 @@ class ArtifactModel:
         self.config = _Config(json.loads((self.root / "config.json").read_text()))
         self.act = getattr(torch, self.manifest["dtype"])
         self.max_len = self.manifest["max_context"]
-        self.work = torch.float32 if self.act == torch.bfloat16 else torch.float64
+        self.work = wide_dtype(self.act)
         dense = load_file(str(self.root / "dense.safetensors"))
         self.embed = dense["embed.weight"].to(self.act)
         self.head = dense["head.weight"].to(self.work)

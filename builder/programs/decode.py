@@ -17,7 +17,7 @@ import torch
 import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
 from plugins.formats import fp8_weight_dequant
 from plugins.oracle import (einsum, fp4_roundtrip, fp8_kv_roundtrip, hadamard, hc_head, hc_post, hc_pre, linear,
-                            rms_norm, softmax_scale, swiglu, wide, with_rope)
+                            rms_norm, softmax_scale, swiglu, wide, wide_dtype, with_rope)
 
 from ..config import KV_FP8_BLOCK, ModelConfig
 from ..reference.moe import route
@@ -28,7 +28,7 @@ def new_caches(cfg: ModelConfig, layer: int, batch: int, max_len: int, act: torc
                device="cpu") -> dict[str, torch.Tensor]:
     """Zeroed caches of one layer, shaped as the reference model's."""
     ratio, win = cfg.ratio(layer), cfg.sliding_window
-    work = torch.float32 if act == torch.bfloat16 else torch.float64
+    work = wide_dtype(act)
     c = {"kv": torch.zeros(batch, win + (max_len // ratio if ratio else 0), cfg.head_dim, dtype=act, device=device)}
 
     def state(prefix: str, r: int, dim: int) -> None:
@@ -92,7 +92,7 @@ class DecodeLayer(torch.nn.Module):
         super().__init__()
         self.cfg, self.layer, self.act, self.max_len = cfg, layer, act, max_len
         p = prefix or f"layers.{layer}."
-        work = torch.float32 if act == torch.bfloat16 else torch.float64
+        work = wide_dtype(act)
         f32 = lambda n: get(f"{p}{n}").to(work)  # noqa: E731
         self.ratio = cfg.ratio(layer)
         self.attn_norm, self.ffn_norm = f32("attn_norm.weight"), f32("ffn_norm.weight")
@@ -201,7 +201,7 @@ class DecodeMTP(DecodeLayer):
     def __init__(self, cfg: ModelConfig, get, j: int, act: torch.dtype, max_len: int):
         p = f"mtp.{j}."
         super().__init__(cfg, get, cfg.num_hidden_layers + j, act, max_len, prefix=p)
-        work = torch.float32 if act == torch.bfloat16 else torch.float64
+        work = wide_dtype(act)
         self.embed = get("embed.weight").to(act)
         self.e_proj = (get(f"{p}e_proj.weight"), get(f"{p}e_proj.scale"))
         self.h_proj = (get(f"{p}h_proj.weight"), get(f"{p}h_proj.scale"))

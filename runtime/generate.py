@@ -1,0 +1,54 @@
+"""Generation loop shared by every model (reference or artifact): render the prompt, prefill, then
+decode one token at a time, streaming text, until end of sentence or the token limit."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .chat import Message, render
+from .errors import UserError
+from .sampling import sample
+from .tokenizer import Tokenizer
+
+
+def prompt_ids(tok: Tokenizer, prompt: str, chat: bool, thinking: bool = False, system: str = "") -> list[int]:
+    text = render(([Message("system", system)] if system else []) + [Message("user", prompt)],
+                  thinking=thinking) if chat else prompt
+    ids = tok.encode(text)
+    if not ids:
+        raise UserError("the prompt encodes to no tokens")
+    return ids
+
+
+@dataclass(frozen=True)
+class Timing:
+    prompt_tokens: int
+    prefill_s: float
+    new_tokens: int
+    decode_s: float
+
+    def line(self, what: str) -> str:
+        return (f"prefill {self.prompt_tokens} tokens: {self.prompt_tokens / max(self.prefill_s, 1e-9):.1f} tok/s; "
+                f"decode {self.new_tokens} tokens: {self.new_tokens / max(self.decode_s, 1e-9):.1f} tok/s ({what})")
+
+
+def generate(model, tok: Tokenizer, ids: list[int], max_new: int, emit: Callable[[str], None],
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Timing:
+    """`model` has `forward(ids [1, s], start) -> logits [1, vocab]`; each new token's text goes to `emit`."""
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    logits = model.forward(torch.tensor([ids]), 0)
+    prefill = time.time() - t0
+    produced = 0
+    t1 = time.time()
+    for step in range(max_new):
+        nxt = sample(logits[0], temperature, top_p, gen)
+        if nxt == tok.eos_id:
+            break
+        produced += 1
+        emit(tok.decode([nxt]))
+        logits = model.forward(torch.tensor([[nxt]]), len(ids) + step)
+    return Timing(len(ids), prefill, produced, time.time() - t1)
