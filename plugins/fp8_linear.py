@@ -9,9 +9,13 @@ from functools import lru_cache
 
 import torch
 
-from .loader import INT, PTR, kernels
+from .loader import INT, PTR, balanced_grid, kernels
 
 MAX_ROWS = 16
+# The fused kernel quantises the activation rows in every CTA: cheap while rows x K/128 is small; beyond
+# it one act_quant launch writes the codes once for all CTAs.
+FUSE_LIMIT_BLOCKS = 128
+ROW_PAD = 64                      # csrc/fp8_linear.cu ROW_PAD
 
 
 @lru_cache(maxsize=8)
@@ -20,7 +24,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def warps_per_row(k: int) -> int:
-    """Warps sharing one group of 8 output rows: split K so each warp still has 4 blocks (one unrolled step)."""
+    """Warps sharing one group of 8 output rows: split K so each warp still has 4 blocks (one step)."""
     blocks = k // 128
     return next(p for p in (8, 4, 2, 1) if blocks % p == 0 and blocks // p >= 4 or p == 1)
 
@@ -29,7 +33,8 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
                       workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [M, K] bf16 (M <= 16), w [N, K] float8_e4m3fn, w_scale [ceil(N/128), K/128] E8M0 -> [M, N] bf16.
 
-    `workspace` = (codes uint8 [M, K], scales float32 [M, K/128]) from `make_workspace`.
+    `workspace` = (codes uint8 [M, K], scales float32 [M, K/128]) from `make_workspace`; only the
+    unfused path (many rows x long K) uses it.
     """
     m, k = x.shape
     n = w.size(0)
@@ -37,15 +42,22 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
     assert k % 128 == 0 and w.size(1) == k and x.is_contiguous() and w.is_contiguous()
     assert w_scale.shape == ((n + 127) // 128, k // 128)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device) if out is None else out
-    codes, scales = make_workspace(m, k, x.device) if workspace is None else workspace
-    act_quant(x, codes, scales)
+    fused = m * (k // 128) <= FUSE_LIMIT_BLOCKS
+    if fused:
+        codes, scales = x, x                                  # unused by the fused kernel
+        shared = m * (k + ROW_PAD) + m * (k // 128) * 4
+    else:
+        codes, scales = make_workspace(m, k, x.device) if workspace is None else workspace
+        act_quant(x, codes, scales)
+        shared = 0
     lib = kernels()
+    name = f"dsv4_fp8_gemv{'_fused' if fused else ''}_m{8 if m <= 8 else 16}"
     wpr = warps_per_row(k)
-    groups_per_block = 8 // wpr
-    blocks = (n + 8 * groups_per_block - 1) // (8 * groups_per_block)
-    lib.launch(f"dsv4_fp8_gemv_m{8 if m <= 8 else 16}", min(blocks, 8 * _sm_count(x.device)), 256,
-               [(codes, PTR), (scales, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT), (n, INT), (k, INT),
-                (wpr, INT)])
+    items = -(-((n + 7) // 8) // (8 // wpr))
+    grid = balanced_grid(items, lib.resident(name, 256, shared))
+    lib.launch(name, grid, 256,
+               [(x, PTR), (codes, PTR), (scales, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT), (n, INT),
+                (k, INT), (wpr, INT), (items, INT)], shared)
     return out
 
 

@@ -7,6 +7,7 @@ here allocates or synchronises, so launches can be captured in CUDA graphs.
 from __future__ import annotations
 
 import ctypes
+import logging
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from runtime.errors import UserError
 
 FATBIN = Path(__file__).parent / "dsv4_kernels.fatbin"
+log = logging.getLogger(__name__)
 
 
 def _check(result):
@@ -39,19 +41,69 @@ class KernelImage:
         torch.empty(1, device="cuda")            # makes the primary context current on this thread
         self.module = _check(driver.cuModuleLoadData(path.read_bytes()))
         self._functions: dict[str, object] = {}
+        self._resident: dict[tuple[str, int, int], int] = {}
+        self._shared_allowed: dict[str, int] = {}
+        # Programmatic dependent launch needs sm_90+ (the kernels' griddepcontrol is compiled in from sm_90).
+        self._pdl = torch.cuda.get_device_capability() >= (9, 0)
 
     def function(self, name: str):
         if name not in self._functions:
             self._functions[name] = _check(self.driver.cuModuleGetFunction(self.module, name.encode()))
         return self._functions[name]
 
-    def launch(self, name: str, grid: int, block: int, args: list[tuple[object, type]]) -> None:
-        """Launch `name` on the current torch stream; args are (value, ctypes type) pairs."""
+    def _allow_shared(self, name: str, shared: int) -> None:
+        """Kernels asking for more than 48 KiB of dynamic shared memory must opt in, once per size."""
+        if shared > 48 * 1024 and self._shared_allowed.get(name, 0) < shared:
+            attr = self.driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            _check(self.driver.cuFuncSetAttribute(self.function(name), attr, shared))
+            self._shared_allowed[name] = shared
+
+    def resident(self, name: str, block: int, shared: int = 0) -> int:
+        """CTAs of `name` that fit on the whole GPU at once (persistent grids are sized by it); cached."""
+        key = (name, block, shared)
+        if key not in self._resident:
+            self._allow_shared(name, shared)
+            per_sm = _check(self.driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.function(name), block,
+                                                                                       shared))
+            sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+            self._resident[key] = max(1, per_sm) * sms
+        return self._resident[key]
+
+    def launch(self, name: str, grid: int | tuple[int, int], block: int, args: list[tuple[object, type]],
+               shared: int = 0) -> None:
+        """Launch `name` on the current torch stream; args are (value, ctypes type) pairs; `shared` bytes of
+        dynamic shared memory."""
         values = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a, _ in args)
         types = tuple(t for _, t in args)
+        gx, gy = grid if isinstance(grid, tuple) else (grid, 1)
+        self._allow_shared(name, shared)
         stream = self.driver.CUstream(torch.cuda.current_stream().cuda_stream)
-        _check(self.driver.cuLaunchKernel(self.function(name), grid, 1, 1, block, 1, 1, 0, stream,
+        if self._pdl:
+            try:
+                _check(self.driver.cuLaunchKernelEx(self._pdl_config(gx, gy, block, shared, stream),
+                                                    self.function(name), (values, types), 0))
+                return
+            except (AttributeError, TypeError, RuntimeError) as e:   # older driver or bindings: plain launches
+                log.warning("programmatic dependent launch unavailable (%s); launching plainly", e)
+                self._pdl = False
+        _check(self.driver.cuLaunchKernel(self.function(name), gx, gy, 1, block, 1, 1, shared, stream,
                                           (values, types), 0))
+
+    def _pdl_config(self, gx: int, gy: int, block: int, shared: int, stream):
+        """A launch that may start while the previous kernel in the stream finishes (the kernels call
+        griddepcontrol.wait before touching its outputs; see csrc/common.cuh)."""
+        d = self.driver
+        cfg = d.CUlaunchConfig()
+        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = gx, gy, 1
+        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block, 1, 1
+        cfg.sharedMemBytes = shared
+        cfg.hStream = stream
+        attr = d.CUlaunchAttribute()
+        attr.id = d.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value.programmaticStreamSerializationAllowed = 1
+        cfg.attrs = [attr]
+        cfg.numAttrs = 1
+        return cfg
 
 
 @lru_cache(maxsize=1)
@@ -60,3 +112,10 @@ def kernels() -> KernelImage:
 
 
 PTR, INT = ctypes.c_void_p, ctypes.c_int
+
+
+def balanced_grid(items: int, resident: int) -> int:
+    """CTAs for `items` equal work items on a persistent grid: as many rounds as needed, then as few CTAs as
+    keep that number of rounds, so that no CTA has more items than another by more than one."""
+    rounds = -(-items // resident)
+    return max(1, -(-items // rounds))

@@ -11,8 +11,7 @@ import ctypes
 
 import torch
 
-from .fp8_linear import _sm_count, act_quant
-from .loader import INT, PTR, kernels
+from .loader import INT, PTR, balanced_grid, kernels
 
 
 def expert_nbytes(d: int, f: int) -> int:
@@ -43,15 +42,14 @@ def unpack_expert(blob: torch.Tensor, d: int, f: int) -> tuple[torch.Tensor, ...
     return tuple(views[k] for k in ("w1", "s1", "w3", "s3", "w2", "s2"))
 
 
+MAX_TOPK = 16                     # csrc/moe_experts.cu MAX_TOPK
+PARTS = 4                         # csrc/moe_experts.cu PARTS
+RING_BYTES = 8 * 4 * (16 * 8 * 16 + 16 * 8)   # csrc/moe_experts.cu RING_BYTES: 8 warps x 4 stages
+
+
 def make_workspace(tokens: int, topk: int, d: int, f: int, device) -> dict[str, torch.Tensor]:
-    pairs = tokens * topk
-    u8, f32, bf16 = torch.uint8, torch.float32, torch.bfloat16
-    return {"xc": torch.empty(tokens, d, dtype=u8, device=device),
-            "xs": torch.empty(tokens, d // 128, dtype=f32, device=device),
-            "gu": torch.empty(pairs, 2, f, dtype=bf16, device=device),
-            "hc": torch.empty(pairs, f, dtype=u8, device=device),
-            "hs": torch.empty(pairs, f // 128, dtype=f32, device=device),
-            "o": torch.empty(pairs, d, dtype=bf16, device=device)}
+    """h: each (token, expert) pair's bf16 SwiGLU output, handed from the gate_up kernel to the down kernel."""
+    return {"h": torch.empty(tokens * topk, f, dtype=torch.bfloat16, device=device)}
 
 
 def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Tensor, table: torch.Tensor,
@@ -60,27 +58,23 @@ def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Te
     """x [T, D] bf16, experts [T, k] int32, route_w [T, k] float32, table [E] int64 -> y [T, D] float32."""
     t, d = x.shape
     k = experts.size(1)
-    pairs = t * k
     assert x.dtype == torch.bfloat16 and experts.dtype == torch.int32 and route_w.dtype == torch.float32
-    assert table.dtype == torch.int64 and d % 256 == 0 and f % 128 == 0
+    assert table.dtype == torch.int64 and d % 256 == 0 and f % 128 == 0 and 1 <= k <= MAX_TOPK
+    assert x.is_contiguous() and experts.is_contiguous() and route_w.is_contiguous()
     ws = make_workspace(t, k, d, f, x.device) if workspace is None else workspace
     out = torch.empty(t, d, dtype=torch.float32, device=x.device) if out is None else out
     lib = kernels()
-    resident = 8 * _sm_count(x.device)
-
-    def warps(n: int) -> int:
-        return min(resident, (n * 32 + 255) // 256)
-
-    act_quant(x, ws["xc"], ws["xs"])
-    lib.launch("dsv4_moe_gate_up", warps(pairs * 2 * (f // 8)), 256,
-               [(ws["xc"], PTR), (ws["xs"], PTR), (experts, PTR), (table, PTR), (ws["gu"], PTR),
-                (pairs, INT), (k, INT), (d, INT), (f, INT)])
-    lib.launch("dsv4_moe_swiglu_quant", (pairs * (f // 128) * 32 + 255) // 256, 256,
-               [(ws["gu"], PTR), (route_w, PTR), (ws["hc"], PTR), (ws["hs"], PTR), (pairs, INT), (f, INT),
-                (limit, ctypes.c_float)])
-    lib.launch("dsv4_moe_down", warps(pairs * ((d + 7) // 8)), 256,
-               [(ws["hc"], PTR), (ws["hs"], PTR), (experts, PTR), (table, PTR), (ws["o"], PTR),
-                (pairs, INT), (d, INT), (f, INT)])
-    lib.launch("dsv4_moe_sum", (t * d + 255) // 256, 256,
-               [(ws["o"], PTR), (experts, PTR), (out, PTR), (t, INT), (k, INT), (d, INT)])
+    # The grids' y is the token; x is a persistent grid over that token's items, sized to fill the GPU.
+    shared_up = RING_BYTES + d + d // 128 * 4
+    items_up = k * (f // 16)
+    grid_up = balanced_grid(items_up * t, lib.resident("dsv4_moe_gate_up", 256, shared_up))
+    lib.launch("dsv4_moe_gate_up", (max(1, -(-grid_up // t)), t), 256,
+               [(x, PTR), (experts, PTR), (route_w, PTR), (table, PTR), (ws["h"], PTR), (k, INT), (d, INT),
+                (f, INT), (limit, ctypes.c_float)], shared_up)
+    shared_down = RING_BYTES + k * f + k * (f // 128) * 4 + k * PARTS * 16 * 4
+    items_down = d // 16
+    grid_down = balanced_grid(items_down * t, lib.resident("dsv4_moe_down", 256, shared_down))
+    lib.launch("dsv4_moe_down", (max(1, -(-grid_down // t)), t), 256,
+               [(ws["h"], PTR), (experts, PTR), (table, PTR), (out, PTR), (k, INT), (d, INT), (f, INT)],
+               shared_down)
     return out

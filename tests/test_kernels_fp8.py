@@ -21,8 +21,9 @@ def _weights(n, k, seed=0):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 9, 16], ids=lambda m: f"{m}rows")
-@pytest.mark.parametrize("n, k", [(1024, 4096), (32768, 1024), (4096, 8192), (1000, 256), (2048, 128), (512, 7168)],
-                         ids=["wq_a", "wq_b", "wo_b", "odd-n", "k128", "pro-wkv"])
+@pytest.mark.parametrize("n, k", [(1024, 4096), (32768, 1024), (4096, 8192), (1000, 256), (2048, 128), (512, 7168),
+                                   (24, 384)],
+                         ids=["wq_a", "wq_b", "wo_b", "odd-n", "k128", "pro-wkv", "tiny-k3blocks"])
 def test_fp8_linear_decode_matches_oracle(m, n, k):
     from plugins.fp8_linear import fp8_linear_decode
     w, s = _weights(n, k)
@@ -38,17 +39,17 @@ def test_fp8_linear_decode_matches_oracle(m, n, k):
 
 
 @pytest.mark.gpu
-def test_fp8_linear_decode_captures_in_a_cuda_graph():
-    from plugins.fp8_linear import fp8_linear_decode
-    w, s = (t.cuda() for t in _weights(4096, 1024))
-    x = torch.randn(2, 1024, device="cuda").to(torch.bfloat16)
-    from plugins.fp8_linear import make_workspace
-    out, ws = torch.empty(2, 4096, device="cuda", dtype=torch.bfloat16), make_workspace(2, 1024, "cuda")
+@pytest.mark.parametrize("m, n, k", [(2, 4096, 1024), (12, 1024, 4096)], ids=["fused", "act-quant-kernel"])
+def test_fp8_linear_decode_captures_in_a_cuda_graph(m, n, k):
+    from plugins.fp8_linear import fp8_linear_decode, make_workspace
+    w, s = (t.cuda() for t in _weights(n, k))
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    out, ws = torch.empty(m, n, device="cuda", dtype=torch.bfloat16), make_workspace(m, k, "cuda")
     fp8_linear_decode(x, w, s, out, ws)                  # warm-up: loads the module outside capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fp8_linear_decode(x, w, s, out, ws)
-    x.copy_(torch.randn(2, 1024, device="cuda").to(torch.bfloat16))
+    x.copy_(torch.randn(m, k, device="cuda").to(torch.bfloat16))
     graph.replay()
     torch.cuda.synchronize()
     expect = fp8_linear_decode(x, w, s)

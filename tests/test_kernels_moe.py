@@ -7,11 +7,13 @@ from plugins.ops import moe_routed_oracle
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens, d, f, same", [(1, 4096, 2048, False), (3, 256, 128, False), (4, 512, 256, True)],
-                         ids=["flash-1tok", "tiny-3tok", "all-on-one-expert"])
-def test_moe_decode_matches_oracle_with_host_experts(tokens, d, f, same):
+@pytest.mark.parametrize("tokens, d, f, k, same", [(1, 4096, 2048, 6, False), (3, 256, 128, 6, False),
+                                                (4, 512, 256, 6, True), (16, 1024, 384, 6, False),
+                                                (5, 768, 640, 3, False), (1, 256, 128, 1, False)],
+                         ids=["flash-1tok", "tiny-3tok", "all-on-one-expert", "16tok", "odd-sizes-k3", "k1"])
+def test_moe_decode_matches_oracle_with_host_experts(tokens, d, f, k, same):
     from plugins.moe_experts import moe_experts_decode, pack_expert
-    n_exp, k = 12, 6
+    n_exp = 12
     bank = random_experts(n_exp, d, f)
     packed = [pack_expert(*e) for e in bank]
     # even experts on the device, odd ones in pinned host memory (read over the bus)
@@ -20,7 +22,7 @@ def test_moe_decode_matches_oracle_with_host_experts(tokens, d, f, same):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(tokens, d, generator=g).to(torch.bfloat16).cuda()
     if same:
-        experts = torch.tensor([[5, 0, 1, 2, 3, 4]] * tokens, dtype=torch.int32)
+        experts = torch.tensor([[5, 0, 1, 2, 3, 4][:k]] * tokens, dtype=torch.int32)
     else:
         experts = torch.stack([torch.randperm(n_exp, generator=g)[:k] for _ in range(tokens)]).to(torch.int32)
     weights = torch.rand(tokens, k, generator=g) + 0.1
@@ -31,3 +33,26 @@ def test_moe_decode_matches_oracle_with_host_experts(tokens, d, f, same):
     cos = torch.nn.functional.cosine_similarity(got.double(), expect.double(), dim=-1)
     assert cos.min() >= 0.9999, cos
     assert torch.allclose(got, expect, rtol=0.02, atol=0.02 * expect.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_moe_decode_captures_in_a_cuda_graph_and_is_deterministic():
+    from plugins.moe_experts import make_workspace, moe_experts_decode, pack_expert
+    d, f, k, tokens = 512, 256, 6, 2
+    table_of = [pack_expert(*e).cuda() for e in random_experts(10, d, f)]
+    table = torch.tensor([t.data_ptr() for t in table_of], dtype=torch.int64, device="cuda")
+    x = torch.randn(tokens, d, device="cuda").to(torch.bfloat16)
+    experts = torch.tensor([[0, 1, 2, 3, 4, 5], [9, 8, 7, 6, 5, 4]], dtype=torch.int32, device="cuda")
+    weights = torch.rand(tokens, k, device="cuda")
+    out, ws = torch.empty(tokens, d, device="cuda"), make_workspace(tokens, k, d, f, "cuda")
+    moe_experts_decode(x, experts, weights, table, f, 10.0, out, ws)   # warm-up: loads the module
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        moe_experts_decode(x, experts, weights, table, f, 10.0, out, ws)
+    x.copy_(torch.randn(tokens, d, device="cuda").to(torch.bfloat16))
+    experts.copy_(torch.tensor([[3, 1, 4, 0, 5, 9], [2, 6, 5, 3, 8, 7]], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    expect = moe_experts_decode(x, experts, weights, table, f, 10.0)
+    assert torch.equal(out, expect)
+    assert torch.equal(moe_experts_decode(x, experts, weights, table, f, 10.0), expect)

@@ -1,5 +1,8 @@
-// Helpers shared by the project's kernels: DeepSeek's power-of-two block scales and E8M0 decoding.
+// Helpers shared by the project's kernels: DeepSeek's power-of-two block scales, E8M0 decoding, the FP8
+// tensor-core MMA, and DeepSeek's FP8 act_quant of a short activation row into shared memory.
 #pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <stdint.h>
 
 namespace dsv4 {
@@ -11,7 +14,92 @@ __device__ __forceinline__ float pow2_ceil_scale(float amax, float inv_qmax) {
   return __uint_as_float(uint32_t(exp + 127) << 23);
 }
 
+// Programmatic dependent launch (sm_90+; the host launches with programmatic stream serialisation). A
+// kernel may read immutable weights before pdl_wait(); activations written by the previous kernel, and
+// every global write, come after it. pdl_launch_dependents() lets the next kernel's CTAs start (and
+// prefetch their weights) while this one finishes; called after pdl_wait(), so by the time any dependent
+// starts, every kernel before this one has completed.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // An E8M0 scale byte as a float: 2^(b - 127).
-__device__ __forceinline__ float e8m0(uint8_t b) { return __uint_as_float(uint32_t(b) << 23); }
+__device__ __forceinline__ float e8m0(uint32_t b) { return __uint_as_float((b & 0xFFu) << 23); }
+
+// c += A (16x32, row) . B (32x8, col), e4m3 inputs, fp32 accumulators (sm_89+).
+__device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t fp8x4(float a, float b, float c, float d) {
+  // satfinite = DeepSeek's clamp to [-448, 448]; round to nearest even.
+  const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
+  const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(c, d), __NV_SATFINITE, __NV_E4M3);
+  return lo | (hi << 16);
+}
+
+// DeepSeek's FP8 act_quant of n bf16 values (n % 128 == 0, 128-blocks never straddle rows) by the whole
+// CTA: codes to shared memory (byte i of block b at b * 128 + i, plus `pad` bytes after every `row` values),
+// one power-of-two scale per 128-block to `scales`. 16 threads own a 128-block, 8 values each.
+// SLOTS: store each thread's 8 codes as (v0 v2 v4 v6 | v1 v3 v5 v7), the order the MXFP4 kernels' MMA
+// fragments take (see moe_experts.cu); otherwise in natural order.
+template <bool SLOTS>
+__device__ __forceinline__ void quantise_to_smem(const __nv_bfloat16* __restrict__ x, int n, int row, int pad,
+                                                 uint8_t* codes, float* scales) {
+  constexpr int BATCH = 4;                       // 128-blocks per thread group in flight at once
+  const int sub = threadIdx.x & 15, groups = blockDim.x >> 4;
+  const int blocks = n / 128;
+  // The loop bound is warp-uniform (both half-warps test the first one's block) for the shuffles below.
+  for (int b0 = threadIdx.x >> 4; (b0 & ~1) < blocks; b0 += groups * BATCH) {
+    uint4 raw[BATCH];
+#pragma unroll
+    for (int i = 0; i < BATCH; ++i) {
+      const int b = b0 + i * groups;
+      raw[i] = b < blocks ? *reinterpret_cast<const uint4*>(x + size_t(b) * 128 + sub * 8) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < BATCH; ++i) {
+      const int b = b0 + i * groups;
+      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw[i]);
+      float v[8], amax = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 f = __bfloat1622float2(h[j]);
+        v[2 * j] = f.x;
+        v[2 * j + 1] = f.y;
+        amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
+      }
+#pragma unroll
+      for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+      const float scale = pow2_ceil_scale(fmaxf(amax, 1e-4f), 1.0f / 448.0f);
+      const float inv = 1.0f / scale;            // exact: a power of two, so v * inv == v / scale
+      uint2 out;
+      if (SLOTS) {
+        out.x = fp8x4(v[0] * inv, v[2] * inv, v[4] * inv, v[6] * inv);
+        out.y = fp8x4(v[1] * inv, v[3] * inv, v[5] * inv, v[7] * inv);
+      } else {
+        out.x = fp8x4(v[0] * inv, v[1] * inv, v[2] * inv, v[3] * inv);
+        out.y = fp8x4(v[4] * inv, v[5] * inv, v[6] * inv, v[7] * inv);
+      }
+      if (b < blocks) {
+        const int at = b * 128 + sub * 8;
+        *reinterpret_cast<uint2*>(codes + at + (at / row) * pad) = out;
+        if (sub == 0) scales[b] = scale;
+      }
+    }
+  }
+}
 
 }  // namespace dsv4

@@ -1,180 +1,289 @@
 // MXFP4 routed experts for decode (few tokens), DeepSeek's numerics:
 //   g = bf16(W1 x'), u = bf16(W3 x')                       x' = FP8 act_quant(x), W MXFP4 (E8M0 per 32 K)
 //   h = bf16(weight * silu(min(g, L)) * clamp(u, -L, L))   in fp32
-//   y[t] += float(bf16(W2 h'))  over the token's experts in ascending id order, h' = FP8 act_quant(h)
-// Five launches: act_quant(x), gate_up (w1 and w3 rows spread over warps), swiglu_quant, down, sum.
+//   y[t] = sum over the token's experts in ascending id order of float(bf16(W2 h')),  h' = FP8 act_quant(h)
+// Two launches: gate_up (act_quant of x in every CTA, w1 and w3, SwiGLU, route weight -> h) and down
+// (act_quant of the token's h in every CTA, w2, the sum over experts -> y).
 // Experts are reached through a table of pointers, one per expert, each to one contiguous expert:
 //   [w1 F x D/2 | w3 F x D/2 | w2 D x F/2 | s1 F x D/32 | s3 F x D/32 | s2 D x F/32]   (bytes)
 // Any pointer may point into mapped pinned host memory. Launches never allocate or synchronise.
 //
-// Products run on FP8 tensor cores (mma m16n8k32 e4m3): E2M1 codes are widened to e4m3 exactly. One MMA
-// covers exactly one 32-K scale block: lane (r, q) holds bytes [q*4, q*4+4) of the block for weight row
-// n0 + r, i.e. elements q*8 .. q*8+7; the activation fragment uses the same K order.
-#include <cuda_bf16.h>
-#include <cuda_fp8.h>
-#include <stdint.h>
-
+// Products run on FP8 tensor cores (mma m16n8k32 e4m3) with the weights as the 16-row A operand and the
+// token as column 0 of B. One MMA covers one 32-K scale block: lane (r, q) loads the 4 bytes [q*4, q*4+4)
+// of the block for weight rows r and r+8 (elements 8q .. 8q+7); the low nibbles (even elements) go to the
+// first k-slots, the high nibbles (odd elements) to the second, and the activation codes are stored in that
+// order (quantise_to_smem<true>). An E2M1 code s.e1e0.m becomes the e4m3 byte s.0000.e1e0.m.00 with two
+// shifts and masks: that byte's value is exactly 2^-6 times the E2M1 value (e1e0 = 0 lands on the e4m3
+// subnormal 0.5 * 2^-6), so the sums are multiplied by 64 once, exactly.
+//
+// Decode reads every byte of 6 experts once; a warp streams a 2 KB step (16 rows x 8 blocks) one step
+// ahead of its MMAs, and the grid is the resident CTAs, each running items b, b + grid, ...
 #include "common.cuh"
 
 namespace {
 
-// Four E2M1 codes (16 bits, element order from the low nibble) -> four e4m3 bytes.
-__device__ __forceinline__ uint32_t e2m1x4_to_e4m3x4(uint32_t v) {
-  // e4m3 codes of the magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6
-  const uint32_t lut_lo = 0x3C383000u, lut_hi = 0x4C484440u;
-  const uint32_t mags = __byte_perm(lut_lo, lut_hi, v & 0x7777u);
-  const uint32_t s = v & 0x8888u;
-  const uint32_t signs = ((s & 0x8u) << 4) | ((s & 0x80u) << 8) | ((s & 0x800u) << 12) | ((s & 0x8000u) << 16);
-  return mags | signs;
+constexpr int UB = 8;        // 32-K blocks per warp step
+constexpr int PARTS = 4;     // K slices of one matrix, each a warp, added in shared memory
+constexpr int MAX_TOPK = 16;
+
+__device__ __forceinline__ uint32_t e2m1_even(uint32_t v) {      // low nibbles -> e4m3 (x 2^-6)
+  return ((v << 2) & 0x1C1C1C1Cu) | ((v << 4) & 0x80808080u);
+}
+__device__ __forceinline__ uint32_t e2m1_odd(uint32_t v) {       // high nibbles -> e4m3 (x 2^-6)
+  return ((v >> 2) & 0x1C1C1C1Cu) | (v & 0x80808080u);
 }
 
-__device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
-  const uint32_t zero = 0;
-  asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(zero), "r"(a2), "r"(zero), "r"(b0), "r"(b1));
+// One warp's step: 16 weight rows (row stride ld bytes) x up to UB blocks from the job's first block, with
+// their E8M0 scales (row stride sld bytes).
+struct Fp4Job {
+  const uint8_t* w;           // row 0 of the group, first block of the step
+  const uint8_t* s;
+  int ld, sld, blocks;        // blocks in this step (0: nothing to do)
+};
+
+// Each warp streams its steps through its own ring of STAGES shared-memory stages with cp.async (16-byte
+// global reads, STAGES - 1 steps in flight without holding registers); ldmatrix then hands lane (r, q)
+// word q of each 16-byte block row, the MMA fragment. Block slots are XOR-swizzled by row so the eight
+// rows an ldmatrix phase reads sit in distinct banks.
+constexpr int STAGES = 4;
+constexpr int STAGE_W = 16 * UB * 16;               // weights: 16 rows x UB blocks x 16 bytes
+constexpr int STAGE_BYTES = STAGE_W + 16 * UB;      // + the scale bytes [16 rows][UB]
+constexpr int RING_BYTES = 8 * STAGES * STAGE_BYTES;  // 8 warps
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return uint32_t(__cvta_generic_to_shared(p));
 }
 
-// Dot products of weight rows n0 .. n0+7 (row stride `ld` bytes, K = 2 * ld) with one activation row
-// (e4m3 codes `xc`, fp32 scales `xs` per 128 K). Lanes with r == 0 return the sums of rows n0 + 2q
-// and n0 + 2q + 1 in out[0], out[1].
-__device__ __forceinline__ void mxfp4_dot8(const uint8_t* __restrict__ w, const uint8_t* __restrict__ ws,
-                                           int rows_valid, int ld, const uint8_t* __restrict__ xc,
-                                           const float* __restrict__ xs, int lane, float (&out)[2]) {
-  const int r = lane >> 2, q = lane & 3;
-  const int K = ld * 2, blocks = K / 32;
-  const uint8_t* wrow = w + size_t(min(r, rows_valid - 1)) * ld + q * 4;
-  const uint8_t* s0 = ws + size_t(min(2 * q, rows_valid - 1)) * blocks;
-  const uint8_t* s1 = ws + size_t(min(2 * q + 1, rows_valid - 1)) * blocks;
-  out[0] = out[1] = 0.f;
-  constexpr int UNROLL = 8;
-  for (int b0 = 0; b0 < blocks; b0 += UNROLL) {
-    uint32_t wv[UNROLL];
-    uint2 xv[UNROLL];
+// Scales go through the ring too when every step's scale bytes are 4-byte aligned (`async_scales`, true at
+// Flash sizes); otherwise mma_step reads them from global memory itself.
+__device__ __forceinline__ void issue_step(const Fp4Job& j, uint8_t* stage, int lane, bool async_scales) {
+  if (j.blocks > 0) {
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      if (b0 + u >= blocks) break;
-      wv[u] = __ldg(reinterpret_cast<const uint32_t*>(wrow + (b0 + u) * 16));
-      xv[u] = r == 0 ? __ldg(reinterpret_cast<const uint2*>(xc + (b0 + u) * 32 + q * 8)) : make_uint2(0, 0);
+    for (int i = 0; i < 4; ++i) {
+      const int c = lane + 32 * i, row = c >> 3, col = c & 7;
+      if (col < j.blocks)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(stage + row * 128 + ((col ^ (row & 7)) << 4))),
+                     "l"(j.w + size_t(row) * j.ld + col * 16));
     }
+    const int row = lane >> 1, half = lane & 1;
+    if (async_scales && half * 4 < j.blocks)
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(stage + STAGE_W + row * UB + half * 4)),
+                   "l"(j.s + size_t(row) * j.sld + half * 4));
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+
+__device__ __forceinline__ void wait_stage() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 1));
+  __syncwarp();
+}
+
+// acc[0], acc[1] += rows r, r + 8 of the step's products (lanes q == 0 hold the token's column).
+// act: the token's codes (slot order), act_s: its scales per 128 K, blk: the step's first block.
+__device__ __forceinline__ void mma_step(const uint8_t* stage, const Fp4Job& j, bool async_scales, const uint8_t* act,
+                                         const float* act_s, int blk, int lane, float (&acc)[2]) {
+  const int r = (lane & 31) >> 2, q = lane & 3;
+  uint32_t sc[2][2];
+  if (async_scales) {
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      if (b0 + u >= blocks) break;
-      float c[4] = {0.f, 0.f, 0.f, 0.f};
-      mma_e4m3(c, xv[u].x, xv[u].y, e2m1x4_to_e4m3x4(wv[u] & 0xFFFFu), e2m1x4_to_e4m3x4(wv[u] >> 16));
-      const int blk = b0 + u;
-      const float sx = xs[blk / 4];
-      out[0] = fmaf(c[0], dsv4::e8m0(s0[blk]) * sx, out[0]);
-      out[1] = fmaf(c[1], dsv4::e8m0(s1[blk]) * sx, out[1]);
+    for (int h = 0; h < 2; ++h) {
+      const uint2 v = *reinterpret_cast<const uint2*>(stage + STAGE_W + (r + 8 * h) * UB);
+      sc[h][0] = v.x;
+      sc[h][1] = v.y;
+    }
+  } else {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      sc[h][0] = sc[h][1] = 0u;
+#pragma unroll
+      for (int u = 0; u < UB; ++u)
+        if (u < j.blocks) sc[h][u / 4] |= uint32_t(__ldg(j.s + size_t(r + 8 * h) * j.sld + u)) << (8 * (u % 4));
     }
   }
+  const int mi = lane >> 3, i = lane & 7, row = i + 8 * (mi & 1);
+#pragma unroll
+  for (int u = 0; u < UB; u += 2) {
+    if (u >= j.blocks) break;
+    uint32_t d[4];                               // rows r, r + 8 of block u, then of block u + 1
+    const int col = u + (mi >> 1);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+                 : "r"(smem_addr(stage + row * 128 + ((col ^ i) << 4))));
+#pragma unroll
+    for (int v = 0; v < 2; ++v) {
+      const int b = u + v;
+      if (b >= j.blocks) break;
+      const uint2 x = r == 0 ? *reinterpret_cast<const uint2*>(act + (blk + b) * 32 + q * 8) : make_uint2(0, 0);
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+      const uint32_t w0 = d[2 * v], w8 = d[2 * v + 1];
+      dsv4::mma_e4m3(c, e2m1_even(w0), e2m1_even(w8), e2m1_odd(w0), e2m1_odd(w8), x.x, x.y);
+      const float sx = act_s[(blk + b) / 4];
+      acc[0] = fmaf(c[0], dsv4::e8m0(sc[0][b / 4] >> (8 * (b % 4))) * sx, acc[0]);
+      acc[1] = fmaf(c[2], dsv4::e8m0(sc[1][b / 4] >> (8 * (b % 4))) * sx, acc[1]);
+    }
+  }
+}
+
+__device__ __forceinline__ int my_items(int items) {
+  return (items - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x);
 }
 
 }  // namespace
 
-// Grid-stride over (pair p = t * topk + j, matrix w1 | w3, group of 8 rows of F); one warp each.
-// gu[p][0 | 1][n] = bf16(W1 x' | W3 x').
-extern "C" __global__ void __launch_bounds__(256) dsv4_moe_gate_up(
-    const uint8_t* __restrict__ xc, const float* __restrict__ xs, const int* __restrict__ experts,
-    const uint64_t* __restrict__ table, __nv_bfloat16* __restrict__ gu, int pairs, int topk, int D, int F) {
-  const int lane = threadIdx.x & 31;
-  const int groups = F / 8;
-  const int total = pairs * 2 * groups;
+// Grid (slots, tokens). An item is (expert slot j of token t, 16 rows of F): warps 0-3 take w1's four K
+// slices, warps 4-7 w3's; the CTA then forms h for those 16 rows. h [T * topk, F] bf16.
+extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_gate_up(
+    const __nv_bfloat16* __restrict__ x, const int* __restrict__ experts, const float* __restrict__ route_w,
+    const uint64_t* __restrict__ table, __nv_bfloat16* __restrict__ h, int topk, int D, int F, float limit) {
+  extern __shared__ uint4 smem[];              // the warps' rings, codes [D], scales [D / 128]
+  __shared__ const uint8_t* base[MAX_TOPK];
+  __shared__ float partial[8][16];
+  uint8_t* codes = reinterpret_cast<uint8_t*>(smem) + RING_BYTES;
+  float* scales = reinterpret_cast<float*>(codes + D);
+  const int t = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2, q = lane & 3;
+  const int which = warp / PARTS, part = warp % PARTS;
+  const int groups = F / 16, items = topk * groups;
+  const int nb = D / 32 / PARTS, steps = (nb + UB - 1) / UB;
+  const int total = my_items(items) * steps;
   const size_t wbytes = size_t(F) * D / 2;
-  for (int item = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; item < total; item += (gridDim.x * blockDim.x) >> 5) {
-    const int p = item / (2 * groups), which = (item / groups) % 2, n0 = (item % groups) * 8;
-    const uint8_t* e = reinterpret_cast<const uint8_t*>(table[experts[p]]);
-    const uint8_t* w = e + which * wbytes + size_t(n0) * (D / 2);
-    const uint8_t* ws = e + 3 * wbytes + which * size_t(F) * (D / 32) + size_t(n0) * (D / 32);
-    const int token = p / topk;
-    float o[2];
-    mxfp4_dot8(w, ws, 8, D / 2, xc + size_t(token) * D, xs + size_t(token) * (D / 128), lane, o);
-    if ((lane >> 2) == 0) {
-      __nv_bfloat16* dst = gu + (size_t(p) * 2 + which) * F + n0 + (lane & 3) * 2;
-      dst[0] = __float2bfloat16(o[0]);
-      dst[1] = __float2bfloat16(o[1]);
+
+  dsv4::pdl_wait();                             // the routing (experts, weights) and x come from before
+  dsv4::pdl_launch_dependents();
+  if (threadIdx.x < topk) base[threadIdx.x] = reinterpret_cast<const uint8_t*>(table[experts[t * topk + threadIdx.x]]);
+  __syncthreads();
+  auto job = [&](int g) {
+    const int item = int(blockIdx.x) + (g / steps) * int(gridDim.x), s = g % steps;
+    const int j = item / groups, row0 = (item % groups) * 16, blk = part * nb + s * UB;
+    Fp4Job jb;
+    const uint8_t* e = base[min(j, topk - 1)];
+    jb.ld = D / 2;
+    jb.sld = D / 32;
+    jb.w = e + which * wbytes + size_t(row0) * jb.ld + blk * 16;
+    jb.s = e + 3 * wbytes + which * size_t(F) * jb.sld + size_t(row0) * jb.sld + blk;
+    jb.blocks = g < total ? min(UB, nb - s * UB) : 0;
+    return jb;
+  };
+  uint8_t* ring = reinterpret_cast<uint8_t*>(smem) + warp * STAGES * STAGE_BYTES;
+  const bool async_scales = nb % 4 == 0;
+#pragma unroll
+  for (int g = 0; g < STAGES - 1; ++g) issue_step(job(g), ring + g * STAGE_BYTES, lane, async_scales);
+  dsv4::quantise_to_smem<true>(x + size_t(t) * D, D, D, 0, codes, scales);   // while the first steps stream
+  __syncthreads();
+  float acc[2] = {0.f, 0.f};
+  for (int g = 0; g < total; ++g) {
+    issue_step(job(g + STAGES - 1), ring + ((g + STAGES - 1) % STAGES) * STAGE_BYTES, lane, async_scales);
+    wait_stage();
+    const int blk = part * nb + (g % steps) * UB;
+    mma_step(ring + (g % STAGES) * STAGE_BYTES, job(g), async_scales, codes, scales, blk, lane, acc);
+    __syncwarp();                               // the stage is refilled by the next iteration's issue
+    if (g % steps == steps - 1) {
+      if (q == 0) {
+        partial[warp][r] = acc[0];
+        partial[warp][r + 8] = acc[1];
+      }
+      acc[0] = acc[1] = 0.f;
+      __syncthreads();
+      if (threadIdx.x < 16) {
+        const int item = int(blockIdx.x) + (g / steps) * int(gridDim.x);
+        const int j = item / groups, n = (item % groups) * 16 + threadIdx.x;
+        float sg = 0.f, su = 0.f;
+        for (int p = 0; p < PARTS; ++p) {
+          sg += partial[p][threadIdx.x];
+          su += partial[PARTS + p][threadIdx.x];
+        }
+        float gate = __bfloat162float(__float2bfloat16(sg * 64.f));
+        float up = __bfloat162float(__float2bfloat16(su * 64.f));
+        if (limit > 0.f) {
+          up = fminf(fmaxf(up, -limit), limit);
+          gate = fminf(gate, limit);
+        }
+        const float wgt = route_w[t * topk + j];
+        h[size_t(t * topk + j) * F + n] = __float2bfloat16(wgt * (gate / (1.f + __expf(-gate)) * up));
+      }
+      __syncthreads();
     }
   }
 }
 
-// One warp per (pair, 128-block of F): h = bf16(weight * silu(min(g, L)) * clamp(u, -L, L)), then
-// DeepSeek's FP8 act_quant of h (codes + one scale per 128).
-extern "C" __global__ void dsv4_moe_swiglu_quant(const __nv_bfloat16* __restrict__ gu, const float* __restrict__ route_w,
-                                                 uint8_t* __restrict__ hc, float* __restrict__ hs, int pairs, int F,
-                                                 float limit) {
-  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  const int blocks = F / 128;
-  if (warp >= pairs * blocks) return;
-  const int p = warp / blocks;
-  const int k0 = (warp % blocks) * 128 + lane * 4;
-  const float wgt = route_w[p];
-  float h[4], amax = 0.f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float g = __bfloat162float(gu[(size_t(p) * 2) * F + k0 + i]);
-    float u = __bfloat162float(gu[(size_t(p) * 2 + 1) * F + k0 + i]);
-    if (limit > 0.f) {
-      u = fminf(fmaxf(u, -limit), limit);
-      g = fminf(g, limit);
-    }
-    h[i] = __bfloat162float(__float2bfloat16(wgt * (g / (1.f + __expf(-g)) * u)));
-    amax = fmaxf(amax, fabsf(h[i]));
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-  const float scale = dsv4::pow2_ceil_scale(fmaxf(amax, 1e-4f), 1.0f / 448.0f);
-  uint32_t packed = 0;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __nv_fp8_e4m3 f8(fminf(fmaxf(h[i] / scale, -448.f), 448.f));
-    packed |= uint32_t(f8.__x) << (8 * i);
-  }
-  *reinterpret_cast<uint32_t*>(hc + size_t(p) * F + k0) = packed;
-  if (lane == 0) hs[warp] = scale;
-}
-
-// Grid-stride over (pair, group of 8 rows of D): o[p][n] = bf16(W2 h'), one warp each.
-extern "C" __global__ void __launch_bounds__(256) dsv4_moe_down(
-    const uint8_t* __restrict__ hc, const float* __restrict__ hs, const int* __restrict__ experts,
-    const uint64_t* __restrict__ table, __nv_bfloat16* __restrict__ o, int pairs, int D, int F) {
-  const int lane = threadIdx.x & 31;
-  const int groups = (D + 7) / 8;
-  const int total = pairs * groups;
+// Grid (slots, tokens). An item is 16 rows of D for token t: its topk x PARTS jobs (expert slot, F slice)
+// are spread over the 8 warps; the CTA then rounds each expert's output to bf16 and adds them in
+// ascending expert id order. y [T, D] float32.
+extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_down(
+    const __nv_bfloat16* __restrict__ h, const int* __restrict__ experts, const uint64_t* __restrict__ table,
+    float* __restrict__ y, int topk, int D, int F) {
+  extern __shared__ uint4 smem[];  // the warps' rings, codes [topk][F], scales [topk][F / 128], partial [jobs][16]
+  __shared__ const uint8_t* base[MAX_TOPK];
+  __shared__ int order[MAX_TOPK];
+  uint8_t* codes = reinterpret_cast<uint8_t*>(smem) + RING_BYTES;
+  float* scales = reinterpret_cast<float*>(codes + topk * F);
+  float* partial = scales + topk * (F / 128);
+  const int t = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2, q = lane & 3;
+  const int jobs = topk * PARTS, per_warp = (jobs + 7) / 8;
+  const int nb = F / 32 / PARTS, steps = (nb + UB - 1) / UB;
+  const int items = D / 16, total = my_items(items) * per_warp * steps;
   const size_t wbytes = size_t(F) * D / 2;
-  for (int item = (blockIdx.x * blockDim.x + threadIdx.x) >> 5; item < total; item += (gridDim.x * blockDim.x) >> 5) {
-    const int p = item / groups, n0 = (item % groups) * 8;
-    const uint8_t* e = reinterpret_cast<const uint8_t*>(table[experts[p]]);
-    const uint8_t* w2 = e + 2 * wbytes + size_t(n0) * (F / 2);
-    const uint8_t* s2 = e + 3 * wbytes + 2 * size_t(F) * (D / 32) + size_t(n0) * (F / 32);
-    float r[2];
-    mxfp4_dot8(w2, s2, min(8, D - n0), F / 2, hc + size_t(p) * F, hs + size_t(p) * (F / 128), lane, r);
-    if ((lane >> 2) == 0) {
-      const int n = n0 + (lane & 3) * 2;
-      if (n < D) o[size_t(p) * D + n] = __float2bfloat16(r[0]);
-      if (n + 1 < D) o[size_t(p) * D + n + 1] = __float2bfloat16(r[1]);
-    }
-  }
-}
 
-// y[t][n] = sum over the token's experts in ascending id order of float(o[t*topk + j][n]) (fp32).
-extern "C" __global__ void dsv4_moe_sum(const __nv_bfloat16* __restrict__ o, const int* __restrict__ experts,
-                                        float* __restrict__ y, int tokens, int topk, int D) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= tokens * D) return;
-  const int t = i / D, n = i % D;
-  float acc = 0.f;
-  int last = -1;
-  for (int step = 0; step < topk; ++step) {
-    int best = -1, best_id = 0x7fffffff;
-    for (int j = 0; j < topk; ++j) {
-      const int id = experts[t * topk + j];
-      if (id > last && id < best_id) { best_id = id; best = j; }
+  if (threadIdx.x < topk) base[threadIdx.x] = reinterpret_cast<const uint8_t*>(table[experts[t * topk + threadIdx.x]]);
+  if (threadIdx.x == 0) {                       // expert slots by ascending id (insertion sort, topk <= 16)
+    for (int a = 0; a < topk; ++a) {
+      const int id = experts[t * topk + a];
+      int b = a;
+      for (; b > 0 && experts[t * topk + order[b - 1]] > id; --b) order[b] = order[b - 1];
+      order[b] = a;
     }
-    if (best < 0) break;
-    last = best_id;
-    acc += __bfloat162float(o[size_t(t * topk + best) * D + n]);
   }
-  y[i] = acc;
+  __syncthreads();
+  const int per_item = per_warp * steps;
+  auto job = [&](int g) {
+    const int item = int(blockIdx.x) + (g / per_item) * int(gridDim.x);
+    const int jobid = warp + 8 * ((g % per_item) / steps), s = g % steps;
+    const int j = min(jobid / PARTS, topk - 1), blk = (jobid % PARTS) * nb + s * UB;
+    Fp4Job jb;
+    jb.ld = F / 2;
+    jb.sld = F / 32;
+    jb.w = base[j] + 2 * wbytes + size_t(item * 16) * jb.ld + blk * 16;
+    jb.s = base[j] + 3 * wbytes + 2 * size_t(F) * (D / 32) + size_t(item * 16) * jb.sld + blk;
+    jb.blocks = g < total && jobid < jobs ? min(UB, nb - s * UB) : 0;
+    return jb;
+  };
+  uint8_t* ring = reinterpret_cast<uint8_t*>(smem) + warp * STAGES * STAGE_BYTES;
+  const bool async_scales = nb % 4 == 0;
+#pragma unroll
+  for (int g = 0; g < STAGES - 1; ++g) issue_step(job(g), ring + g * STAGE_BYTES, lane, async_scales);
+  dsv4::pdl_wait();                             // h comes from gate_up (experts and table from before it)
+  dsv4::pdl_launch_dependents();
+  dsv4::quantise_to_smem<true>(h + size_t(t) * topk * F, topk * F, topk * F, 0, codes, scales);
+  __syncthreads();
+  float acc[2] = {0.f, 0.f};
+  for (int g = 0; g < total; ++g) {
+    issue_step(job(g + STAGES - 1), ring + ((g + STAGES - 1) % STAGES) * STAGE_BYTES, lane, async_scales);
+    wait_stage();
+    const int jobid = warp + 8 * ((g % per_item) / steps), s = g % steps;
+    const int blk = (jobid % PARTS) * nb + s * UB, pair = min(jobid / PARTS, topk - 1);
+    mma_step(ring + (g % STAGES) * STAGE_BYTES, job(g), async_scales, codes + pair * F, scales + pair * (F / 128),
+             blk, lane, acc);
+    __syncwarp();                               // the stage is refilled by the next iteration's issue
+    if (s == steps - 1) {
+      if (q == 0 && jobid < jobs) {
+        partial[jobid * 16 + r] = acc[0];
+        partial[jobid * 16 + r + 8] = acc[1];
+      }
+      acc[0] = acc[1] = 0.f;
+    }
+    if (g % per_item == per_item - 1) {
+      __syncthreads();
+      if (threadIdx.x < 16) {
+        const int item = int(blockIdx.x) + (g / per_item) * int(gridDim.x);
+        float sum = 0.f;
+        for (int a = 0; a < topk; ++a) {
+          const int j = order[a];
+          float o = 0.f;
+          for (int p = 0; p < PARTS; ++p) o += partial[(j * PARTS + p) * 16 + threadIdx.x];
+          sum += __bfloat162float(__float2bfloat16(o * 64.f));
+        }
+        y[size_t(t) * D + item * 16 + threadIdx.x] = sum;
+      }
+      __syncthreads();
+    }
+  }
 }
