@@ -4,14 +4,15 @@ namespace, fields (ONNX node attributes = TensorRT plugin fields) and the output
 Pure Python, no onnx or TensorRT import: the exporter (builder/backends), the onnxruntime reference and
 the IPluginV3 plugins (plugins/trt_plugins.py) all read these tables, so a name cannot drift between them.
 
-    Fp8Linear(x [..., K], weight u8 [N, K], scale u8 [ceil(N/128), K/128])          -> [..., N] x.dtype
+    Fp8Linear(x [..., K], weight f8 [N, K], scale f8-typed E8M0 bytes [ceil(N/128), K/128]) -> [..., N]
     MoeRouted(x [T, D], experts i32 [T, k], weights f32 [T, k], table i64 [E]; inter, limit)
                                                                                       -> [T, D] wide(x)
     SparseAttention(q [b, s, h, d], kv [b, n, d], sink [h], idx i64 [b, s, k]; scale) -> like q
     BitCast(x; to)                                                                    -> x's shape, `to`
 
-FP8 weights and E8M0 scales cross the ONNX/TensorRT boundary as their raw bytes (uint8): neither
-torch's ONNX exporter nor TensorRT's ONNX parser knows E8M0, and the kernels read bytes anyway.
+E8M0 scales cross the ONNX/TensorRT boundary as their bytes typed float8e4m3fn: neither torch's ONNX
+exporter nor TensorRT's ONNX parser knows E8M0, TensorRT's plugins take no uint8, and the kernels only
+read the bytes (nothing in the engine computes on them).
 BitCast is ONNX's own op since opset 26; TensorRT's parsers have no importer for it, so it is exported
 in our domain and served by a plugin (a device-to-device copy).
 """
@@ -24,8 +25,7 @@ NAMESPACE = "dsv4"          # TensorRT plugin namespace
 VERSION = "1"
 
 # ONNX TensorProto element types used here (numbers from onnx.proto, fixed forever)
-FLOAT, UINT8, INT32, INT64, FLOAT16, DOUBLE, BFLOAT16 = 1, 2, 6, 7, 10, 11, 16
-ELEMENT_SIZE = {FLOAT: 4, UINT8: 1, INT32: 4, INT64: 8, FLOAT16: 2, DOUBLE: 8, BFLOAT16: 2}
+FLOAT, UINT8, INT32, INT64, FLOAT16, DOUBLE, BFLOAT16, FLOAT8E4M3FN, FLOAT8E8M0 = 1, 2, 6, 7, 10, 11, 16, 17, 24
 
 
 def wide_type(elem: int) -> int:

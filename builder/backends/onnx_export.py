@@ -5,24 +5,23 @@ that TensorRT's ONNX parser maps to our plugins (node op_type = plugin name, att
 I/O contract of an exported layer (names are the ONNX graph's, B = decode batch, dim `batch`):
     inputs   h [B, hc, d], pos [B] i64, ids [B] i64, table [E] i64,
              cache_<name> (see decode.new_caches), w_<name> (decode.layer_weights; '.' -> '_',
-             FP8 weights and E8M0 scales as uint8 bytes)
+             FP8 weights as float8e4m3fn, E8M0 scales as their bytes typed float8e4m3fn)
     outputs  out (h' [B, hc, d], or MTP logits [B, vocab]), new_cache_<name> for every cache
 The program mutates its caches in place; ONNX has no in-place writes, so each cache comes back as an
 explicit output holding the whole updated cache (the executor binds it to a second buffer set and swaps).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from plugins import oracle
 from plugins import plugin_specs as ps
 
 from ..programs import decode
+from .export_math import onnx_friendly
 
 log = logging.getLogger(__name__)
 OPSET = 20              # Cast to float8 (the FP8 round-trips) needs >= 19
@@ -52,6 +51,8 @@ def register_schemas() -> None:
 
 def _translations() -> dict:
     """torch op -> onnxscript function emitting the plugin node (and one float64 workaround)."""
+    import ml_dtypes
+    import numpy as np
     import onnx_ir as ir
     import onnxscript
     from onnxscript import opset20 as op
@@ -80,32 +81,23 @@ def _translations() -> dict:
         soft = op.Div(op.Log(op.Add(op.Exp(bx), op.CastLike(1.0, x))), op.CastLike(beta, x))
         return op.Where(op.Greater(bx, op.CastLike(threshold, x)), x, soft)
 
-    return {torch.ops.aten.softplus.default: softplus, torch.ops.dsv4.fp8_linear.default: fp8_linear, torch.ops.dsv4.moe_routed.default: moe_routed,
+    def to_copy(x, dtype: int = -1, layout: str = "", device: str = "", pin_memory: bool = False,
+                non_blocking: bool = False, memory_format: str = ""):
+        """Casts, with float8 ones as QuantizeLinear / DequantizeLinear at scale 1 (the same rounding and
+        saturation): TensorRT takes FP8 tensors only from and into Q/DQ layers."""
+        f8, one = ir.DataType.FLOAT8E4M3FN, op.Constant(value=ir.tensor(1.0, dtype=ir.DataType.FLOAT))
+        if dtype == -1 or dtype == x.dtype:
+            return op.Identity(x)
+        if dtype == f8:
+            zero = op.Constant(value=ir.tensor(np.zeros((), dtype=ml_dtypes.float8_e4m3fn)))
+            return op.QuantizeLinear(op.CastLike(x, one) if x.dtype != ir.DataType.FLOAT else x, one, zero)
+        if x.dtype == f8:
+            y = op.DequantizeLinear(x, one)
+            return y if dtype == ir.DataType.FLOAT else op.Cast(y, to=dtype)
+        return op.Cast(x, to=dtype)
+
+    return {torch.ops.aten._to_copy.default: to_copy, torch.ops.aten.softplus.default: softplus, torch.ops.dsv4.fp8_linear.default: fp8_linear, torch.ops.dsv4.moe_routed.default: moe_routed,
             torch.ops.dsv4.sparse_attention.default: sparse_attention, torch.ops.aten.view.dtype: bitcast}
-
-
-def _apply_rope_real(x: torch.Tensor, rot: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """oracle.apply_rope on a real table rot [..., r/2, 2] (cos, sin): ONNX has no complex tensors.
-    Same products as the complex multiply, in the same working precision."""
-    xr = oracle.wide(x).unflatten(-1, (-1, 2))
-    if rot.dim() == 3:
-        rot = rot[None]
-    rot = rot[:, :, None] if x.dim() == 4 else rot
-    cos, sin = rot[..., 0], rot[..., 1]
-    sin = -sin if inverse else sin
-    a, b = xr[..., 0], xr[..., 1]
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2).to(x.dtype)
-
-
-@contextlib.contextmanager
-def real_rope(program: torch.nn.Module):
-    """While exporting: the program's complex RoPE table as real pairs, and RoPE in real arithmetic."""
-    saved_rot, saved_fn = program.rot, oracle.apply_rope
-    program.rot, oracle.apply_rope = torch.view_as_real(saved_rot).clone(), _apply_rope_real
-    try:
-        yield
-    finally:
-        program.rot, oracle.apply_rope = saved_rot, saved_fn
 
 
 class Functional(torch.nn.Module):
@@ -149,13 +141,14 @@ def io_names(caches: dict, weights: dict) -> tuple[list[str], list[str]]:
 
 
 def feeds(h, pos, ids, table, caches, weights) -> dict[str, torch.Tensor]:
-    """The ONNX inputs, by name, for one call of the layer program."""
+    """The ONNX inputs, by name, for one call of the layer program (FP8/E8M0 as uint8: numpy has neither;
+    onnx_reference runs a copy whose FP8 inputs are typed uint8)."""
     names, _ = io_names(caches, weights)
     return dict(zip(names, [h, pos, ids, table, *caches.values(), *raw_bytes(weights).values()]))
 
 
 def raw_bytes(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Weights as the ONNX graph takes them: FP8 and E8M0 tensors as their uint8 bytes."""
+    """FP8 and E8M0 tensors as their uint8 bytes."""
     return {k: v.view(torch.uint8) if v.dtype in _RAW else v for k, v in weights.items()}
 
 
@@ -171,11 +164,11 @@ def export_layer(program: torch.nn.Module, inputs: LayerInputs, path: str | Path
     if batch is not None:
         shapes = ({0: batch}, {0: batch}, {0: batch}, None, {k: {0: batch} for k in caches},
                   {k: None for k in weights})
-    with real_rope(program):
+    with onnx_friendly(program):
         exported = torch.export.export(wrapper, (h, pos, ids, table, caches, weights), dynamic_shapes=shapes)
-    for node in exported.graph.nodes:            # FP8 / E8M0 placeholders become uint8 graph inputs
-        if node.op == "placeholder" and node.meta["val"].dtype in _RAW:
-            node.meta["val"] = node.meta["val"].view(torch.uint8)
+    for node in exported.graph.nodes:            # E8M0 placeholders become FP8-typed bytes (see plugin_specs)
+        if node.op == "placeholder" and node.meta["val"].dtype == torch.float8_e8m0fnu:
+            node.meta["val"] = node.meta["val"].view(torch.float8_e4m3fn)
     onnx_program = torch.onnx.export(exported, (), dynamo=True, custom_translation_table=_translations(),
                                      opset_version=OPSET, optimize=True, verbose=False)
     _type_plugin_outputs(onnx_program.model)

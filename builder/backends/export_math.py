@@ -1,0 +1,65 @@
+"""Export-time stand-ins for the few oracle functions whose torch form has no ONNX/TensorRT equivalent.
+
+Each computes the same values as the function it replaces, in standard ops both onnxruntime and
+TensorRT import (the onnxruntime check runs the stand-ins, so any difference would show there):
+  - RoPE: the complex table and multiply as real (cos, sin) pairs (ONNX has no complex tensors);
+  - pow2_ceil: exponent bits (bitcast, shifts) -> log2/floor/pow plus one correction each way
+    (TensorRT has no BitCast and no BitShift, and no uint32);
+  - round_to_e2m1: the code's sign bit and nibble masks as arithmetic (no bitwise ops).
+They are swapped in only while a program is traced for ONNX (`onnx_friendly`), never at run time.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from plugins import formats, oracle
+
+_MIN_NORMAL = 2.0 ** -126
+
+
+def apply_rope_real(x: torch.Tensor, rot: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """oracle.apply_rope with rot [..., r/2, 2] (cos, sin): the complex product's terms, same precision."""
+    xr = oracle.wide(x).unflatten(-1, (-1, 2))
+    if rot.dim() == 3:
+        rot = rot[None]
+    rot = rot[:, :, None] if x.dim() == 4 else rot
+    cos, sin = rot[..., 0], rot[..., 1]
+    sin = -sin if inverse else sin
+    a, b = xr[..., 0], xr[..., 1]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2).to(x.dtype)
+
+
+def pow2_ceil_float(x: torch.Tensor) -> torch.Tensor:
+    """formats.pow2_ceil without bits: 2^ceil(log2(x)) for positive float32 x. Below the smallest normal
+    the bit version gives 2^-126, so x is raised to it first (also keeps flush-to-zero GPUs exact)."""
+    x = x.float().clamp(min=_MIN_NORMAL)
+    p = torch.pow(2.0, torch.floor(torch.log2(x)))                 # within a factor 2 of the answer
+    p = torch.where(p < x, p * 2, p)
+    return torch.where(p * 0.5 >= x, p * 0.5, p)
+
+
+def round_to_e2m1_arith(x: torch.Tensor) -> torch.Tensor:
+    """formats.round_to_e2m1 with the same midpoints and ties, the sign applied without bit masks."""
+    mag = x.abs().clamp(max=formats.FP4_MAX)
+    idx = torch.zeros_like(mag, dtype=torch.int32)
+    for mid, up in zip(formats._E2M1_MIDPOINTS, formats._E2M1_TIE_UP):
+        idx += (mag > mid).to(torch.int32)
+        if up:
+            idx += (mag == mid).to(torch.int32)
+    value = torch.tensor(formats.E2M1_VALUES, dtype=torch.float32, device=x.device)[idx.long()]
+    return torch.where((x < 0) & (idx > 0), -value, value)
+
+
+@contextlib.contextmanager
+def onnx_friendly(program: torch.nn.Module):
+    """While tracing `program` for ONNX: real RoPE table and the stand-ins above."""
+    saved = program.rot, oracle.apply_rope, formats.pow2_ceil, formats.round_to_e2m1
+    program.rot = torch.view_as_real(saved[0]).clone()
+    oracle.apply_rope, formats.pow2_ceil, formats.round_to_e2m1 = apply_rope_real, pow2_ceil_float, \
+        round_to_e2m1_arith
+    try:
+        yield
+    finally:
+        program.rot, oracle.apply_rope, formats.pow2_ceil, formats.round_to_e2m1 = saved
