@@ -52,9 +52,13 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
         shared = 0
     lib = kernels()
     name = f"dsv4_fp8_gemv{'_fused' if fused else ''}_m{8 if m <= 8 else 16}"
-    wpr = warps_per_row(k)
-    items = -(-((n + 7) // 8) // (8 // wpr))
-    grid = balanced_grid(items, lib.resident(name, 256, shared))
+    resident = lib.resident(name, 256, shared)
+    groups = (n + 7) // 8
+    # Warps sharing a row group meet at a CTA barrier after every group; with enough row groups to fill
+    # the grid, each warp takes whole rows instead and streams without barriers.
+    wpr = 1 if groups // 8 >= resident else warps_per_row(k)
+    items = -(-groups // (8 // wpr))
+    grid = balanced_grid(items, resident)
     lib.launch(name, grid, 256,
                [(x, PTR), (codes, PTR), (scales, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT), (n, INT),
                 (k, INT), (wpr, INT), (items, INT)], shared)
