@@ -35,7 +35,7 @@ def register_schemas() -> None:
         return
     schema = defs.OpSchema
     kinds = {"int": schema.AttrType.INT, "float": schema.AttrType.FLOAT}
-    types = ["tensor(float)", "tensor(double)", "tensor(bfloat16)", "tensor(float16)", "tensor(uint8)",
+    types = ["tensor(float)", "tensor(double)", "tensor(bfloat16)", "tensor(float16)", "tensor(uint8)", "tensor(float8e4m3fn)",
              "tensor(int32)", "tensor(int64)"]
     for spec in ps.SPECS.values():
         attrs = [schema.Attribute(f.name, kinds[f.kind], "plugin field") for f in spec.fields]
@@ -125,8 +125,6 @@ def example_inputs(cfg, get, layer: int, act: torch.dtype, max_len: int, batch: 
     caches = decode.new_caches(cfg, layer, batch, max_len, act)
     g = torch.Generator().manual_seed(layer)
     h = torch.randn(batch, cfg.hc_mult, cfg.hidden_size, generator=g).to(act)
-    if decode.is_mtp(cfg, layer):
-        h = h[:, 0]
     pos = torch.arange(batch, dtype=torch.int64) * 7 + 3
     ids = torch.arange(batch, dtype=torch.int64) * 5 + 1
     return LayerInputs((h, pos, ids, table, caches, decode.layer_weights(cfg, get, layer, act)), keep)
