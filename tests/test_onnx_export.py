@@ -9,8 +9,8 @@ from builder.programs import decode
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime_extensions")
-from builder.backends import onnx_export as ox  # noqa: E402
-from builder.backends import onnx_reference  # noqa: E402
+from builder.backends import onnx_export as ox
+from builder.backends import onnx_reference
 
 MAX_LEN = 256                   # two ratio-128 rows
 LAYERS = [pytest.param(0, id="hash-ratio0"), pytest.param(2, id="hash-ratio4-indexer"),
