@@ -1,8 +1,10 @@
 """`dsv4 build`: checkpoint + recipe -> artifact, as a chain of stages with their own outputs.
 
     experts   routed experts of each layer -> experts/layer-NNN.experts (the expert bank)
+    weights   each layer's dense weights, in its program's form -> weights/layer-NNN.safetensors
     dense     embedding, final norm, hc head, vocabulary head -> dense.safetensors
-    programs  one decode layer program per layer (+ MTP) -> programs/layer-NNN.pt2 (AOTInductor)
+    programs  one decode program per layer kind and batch bucket -> programs/KIND-bB.pt2 (AOTInductor);
+              programs hold no weights (bound at load time), so every layer of a kind shares one
     manifest  manifest.json: config, recipe, versions, layer table, every file's sha256
 
 Resumable: each output is keyed by a digest of its inputs (checkpoint headers, config, recipe, code);
@@ -60,56 +62,58 @@ def _source_digest(ckpt: Checkpoint) -> str:
     return hashlib.sha256(json.dumps([entries, sizes, ckpt.config.digest()], default=str).encode()).hexdigest()
 
 
-def _layers(ckpt: Checkpoint) -> list[tuple[int, str]]:
-    """(layer index, tensor prefix) of every block, MTP included."""
-    cfg = ckpt.config
-    return ([(i, f"layers.{i}.") for i in range(cfg.num_hidden_layers)]
-            + [(cfg.num_hidden_layers + j, f"mtp.{j}.") for j in range(cfg.num_nextn_predict_layers)])
+def _layers(cfg) -> list[int]:
+    """Every block, MTP included (MTP blocks continue the numbering)."""
+    return list(range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers))
 
 
-def _example_inputs(ckpt: Checkpoint, layer: int, prefix: str, act: torch.dtype, max_len: int):
-    cfg = ckpt.config
-    table, keep = decode.expert_table(ckpt.get, cfg, layer, prefix)
-    caches = decode.new_caches(cfg, layer, 1, max_len, act)
-    h = torch.zeros(1, cfg.hc_mult, cfg.hidden_size, dtype=act)
-    return (h, torch.tensor([0]), torch.tensor([0]), table, caches), keep
-
-
-def _compile_program(ckpt: Checkpoint, layer: int, prefix: str, act: torch.dtype, max_len: int, path: Path) -> dict:
-    cfg = ckpt.config
-    if prefix.startswith("mtp."):
-        program = decode.DecodeMTP(cfg, ckpt.get, int(prefix.split(".")[1]), act, max_len)
-    else:
-        program = decode.DecodeLayer(cfg, ckpt.get, layer, act, max_len)
-    args, keep = _example_inputs(ckpt, layer, prefix, act, max_len)
+def _compile_program(cfg, layer: int, weights: dict, act: torch.dtype, max_len: int, batch: int,
+                     device: str, path: Path) -> None:
+    """Export and compile the decode program of `layer`'s kind, traced with `weights` (any layer of the kind)."""
+    program = decode.make_program(cfg, layer, act, max_len)
+    caches = decode.new_caches(cfg, layer, batch, max_len, act, device)
+    table = torch.zeros(cfg.n_routed_experts, dtype=torch.int64, device=device)  # only its shape is traced
+    h = torch.zeros(batch, cfg.hc_mult, cfg.hidden_size, dtype=act, device=device)
+    pos = torch.zeros(batch, dtype=torch.int64, device=device)
+    args = (h, pos, pos.clone(), table, caches, {k: v.to(device) for k, v in weights.items()})
     exported = torch.export.export(program, args)
     torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
+
+
+def _cache_spec(cfg, layer: int, act: torch.dtype, max_len: int) -> dict:
+    """Shapes (batch 1; dim 0 is the batch), dtypes and fill values of a layer's caches."""
     return {name: [list(t.shape), str(t.dtype).removeprefix("torch."), "-inf" if name.endswith("_score") else "0"]
-            for name, t in args[4].items()}
+            for name, t in decode.new_caches(cfg, layer, 1, max_len, act, "meta").items()}
+
+
+def _check_device(recipe: Recipe) -> None:
+    if recipe.backend not in ("aoti", "eager"):
+        raise UserError(f"backend {recipe.backend!r} is not implemented by this build; use 'aoti' or 'eager'")
+    if recipe.device == "cuda" and recipe.backend == "aoti" and not torch.cuda.is_available():
+        raise UserError("an aoti build for cuda compiles on the GPU it targets: this machine has no CUDA GPU "
+                        "(build on the target box, or use a cpu recipe such as recipes/tiny.toml)")
 
 
 def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
           progress: Progress | None = None) -> BuildSummary:
-    if recipe.backend != "aoti" or recipe.device != "cpu":
-        raise UserError(f"backend {recipe.backend!r} on {recipe.device!r} is not implemented yet; "
-                        f"this build supports 'aoti' on 'cpu'")
+    _check_device(recipe)
     out = Path(out)
     ckpt = Checkpoint(checkpoint)
     cfg = ckpt.config
     act = getattr(torch, recipe.dtype)
     max_len = recipe.max_context
     summary = BuildSummary(out)
-    key_base = {"source": _source_digest(ckpt), "recipe": asdict(recipe), "code": _code_digest(),
-                "torch": torch.__version__}
+    key_base = {"recipe": asdict(recipe), "code": _code_digest(), "torch": torch.__version__}
+    source = {"source": _source_digest(ckpt)}
     old_state = json.loads((out / STATE).read_text()) if (out / STATE).is_file() else {}
     new_state: dict[str, str] = {}
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
-    (partial / "experts").mkdir(parents=True)
-    (partial / "programs").mkdir()
+    for folder in ("experts", "weights", "programs"):
+        (partial / folder).mkdir(parents=True)
 
-    def stage(name: str, rel: str, make: Callable[[Path], object], **key) -> object:
+    def stage(rel: str, make: Callable[[Path], object], **key) -> object:
         digest = hashlib.sha256(json.dumps({**key_base, **key, "file": rel}, sort_keys=True, default=str)
                                 .encode()).hexdigest()
         new_state[rel] = digest
@@ -123,40 +127,63 @@ def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
         summary.made.append(rel)
         return result
 
-    def previous(name: str) -> dict:
-        return json.loads((out / name).read_text()) if (out / name).is_file() else {}
+    def timed(name: str, items: list, one: Callable) -> None:
+        t0 = time.time()
+        for n, item in enumerate(items):
+            one(item)
+            if progress:
+                progress(name, n + 1, len(items))
+        summary.stage_seconds[name] = time.time() - t0
 
-    old_bank, old_layers = previous("bank.json"), previous("layers.json")
-    layers = _layers(ckpt)
-    timings = summary.stage_seconds
-    t0 = time.time()
+    old_bank = json.loads((out / "bank.json").read_text()) if (out / "bank.json").is_file() else {}
+    layers = _layers(cfg)
     bank = {}
-    for n, (layer, prefix) in enumerate(layers):
-        entry = stage("experts", f"experts/layer-{layer:03d}.experts",
-                      lambda p, layer=layer, prefix=prefix: write_layer_bank(ckpt, layer, p, prefix=prefix))
+
+    def experts(layer: int) -> None:
+        entry = stage(f"experts/layer-{layer:03d}.experts",
+                      lambda p: write_layer_bank(ckpt, layer, p, prefix=decode.layer_prefix(cfg, layer)), **source)
         bank[str(layer)] = entry if entry is not None else old_bank[str(layer)]
-        if progress:
-            progress("experts", n + 1, len(layers))
-    timings["experts"] = time.time() - t0
+    timed("experts", layers, experts)
+
+    def weights_file(layer: int) -> str:
+        return f"weights/layer-{layer:03d}.safetensors"
+
+    def weights(layer: int) -> None:
+        def make(p: Path) -> None:
+            w = decode.layer_weights(cfg, ckpt.get, layer, act)
+            save_file({k: v for k, v in w.items() if k not in decode.SHARED_WEIGHTS}, str(p))
+        stage(weights_file(layer), make, **source)
+    timed("weights", layers, weights)
+
+    timed("dense", ["dense.safetensors"], lambda rel: stage(
+        rel, lambda p: save_file({k: ckpt.get(k).contiguous() for k in DENSE}, str(p)), **source))
+
+    kinds: dict[str, int] = {}                       # kind -> the first layer of it (traced with its weights)
+    for layer in layers:
+        kinds.setdefault(decode.program_kind(cfg, layer), layer)
+    buckets = recipe.decode_batch_buckets
+
+    def program_file(kind: str, batch: int) -> str:
+        return f"programs/{kind}-b{batch}.pt2"
+
+    def program(item: tuple[str, int]) -> None:
+        kind, batch = item
+        layer = kinds[kind]
+        stage(program_file(kind, batch), lambda p: _compile_program(
+            cfg, layer, decode.layer_weights(cfg, ckpt.get, layer, act), act, max_len, batch, recipe.device, p),
+            config=cfg.digest(), kind=kind, batch=batch)
+    if recipe.backend == "aoti":
+        timed("programs", [(k, b) for k in kinds for b in buckets], program)
 
     t0 = time.time()
-    stage("dense", "dense.safetensors", lambda p: save_file({k: ckpt.get(k).contiguous() for k in DENSE}, str(p)))
-    timings["dense"] = time.time() - t0
-
-    t0 = time.time()
-    layer_table = []
-    for n, (layer, prefix) in enumerate(layers):
-        rel = f"programs/layer-{layer:03d}.pt2"
-        spec = stage("programs", rel, lambda p, layer=layer, prefix=prefix:
-                     _compile_program(ckpt, layer, prefix, act, max_len, p))
-        layer_table.append({"layer": layer, "prefix": prefix, "program": rel, "experts": bank[str(layer)]["file"],
-                            "caches": spec if spec is not None else old_layers[str(layer)]["caches"]})
-        if progress:
-            progress("programs", n + 1, len(layers))
-    timings["programs"] = time.time() - t0
-
-    t0 = time.time()
-    (partial / "layers.json").write_text(json.dumps({str(e["layer"]): e for e in layer_table}, indent=2))
+    layer_table = [{
+        "layer": layer, "prefix": decode.layer_prefix(cfg, layer), "kind": decode.program_kind(cfg, layer),
+        "programs": ({str(b): program_file(decode.program_kind(cfg, layer), b) for b in buckets}
+                     if recipe.backend == "aoti" else {}),
+        "weights": weights_file(layer),
+        "shared_weights": list(decode.SHARED_WEIGHTS) if decode.is_mtp(cfg, layer) else [],
+        "experts": bank[str(layer)]["file"], "caches": _cache_spec(cfg, layer, act, max_len)}
+        for layer in layers]
     (partial / "bank.json").write_text(json.dumps(bank, indent=2))
     (partial / "config.json").write_text(json.dumps(cfg.to_json(), indent=2))
     if (ckpt.folder / "tokenizer.json").is_file():
@@ -165,10 +192,10 @@ def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
     write_manifest(partial, {
         "model_id": recipe.name, "config_digest": cfg.digest(), "recipe": asdict(recipe),
         "backend": recipe.backend, "device": recipe.device, "gpu_archs": list(recipe.gpu_archs),
-        "dtype": recipe.dtype, "max_context": max_len, "decode_batch": 1,
+        "dtype": recipe.dtype, "max_context": max_len, "decode_batch_buckets": list(buckets),
         "versions": {"torch": torch.__version__.split("+")[0]}, "layers": layer_table,
     })
-    timings["manifest"] = time.time() - t0
+    summary.stage_seconds["manifest"] = time.time() - t0
     old = out.with_name(out.name + ".old")
     if out.exists():
         out.rename(old)

@@ -36,6 +36,30 @@ def _load_reference(checkpoint: Path | None, device: str, dtype: str, max_len: i
     return ckpt, ReferenceModel(ckpt, device=_device(device), act=getattr(torch, dtype), max_len=max_len)
 
 
+def _open_artifact(artifact: Path, device: str = "auto", eager: bool = False, graphs: bool = True):
+    """Load a built artifact on `device` ("auto": where its programs were compiled for). `eager` runs the
+    layer programs as modules instead of the compiled ones (an eager artifact always does); CUDA graphs
+    are captured on a GPU unless `graphs` is off."""
+    import torch
+
+    from runtime.artifact import ArtifactModel
+    from runtime.errors import read_json
+    manifest = read_json(artifact / "manifest.json", UserError,
+                         f"no artifact at {artifact}; build one first, e.g. `dsv4 build recipes/tiny.toml`")
+    if device == "auto":
+        device = manifest.get("device", "cpu") if manifest.get("backend") == "aoti" else _device("auto")
+    programs = None
+    if eager or manifest.get("backend") == "eager":
+        from builder.config import parse_config
+        from builder.programs.decode import make_program
+        cfg = parse_config(json.loads((artifact / "config.json").read_text()))
+        act, max_len = getattr(torch, manifest["dtype"]), manifest["max_context"]
+        programs = lambda layer: make_program(cfg, layer, act, max_len)  # noqa: E731
+    # graphs capture the compiled chain; the eager modules' oracles copy host constants, which capture forbids
+    return ArtifactModel(artifact, _device(device), programs=programs,
+                         graphs=graphs and programs is None and device.startswith("cuda"))
+
+
 def ensure_tiny() -> Path:
     """The embedded tiny model: synthesised once (seed 0) into artifacts/tiny-checkpoint."""
     from builder.checkpoint import INDEX_FILE
@@ -179,8 +203,7 @@ def forced(checkpoint, artifact, prompt_ids, prompt_ids_file, forced_ids, forced
     if artifact is not None:
         if checkpoint is not None:
             raise UserError("give --checkpoint or --artifact, not both")
-        from runtime.artifact import ArtifactModel
-        model = ArtifactModel(artifact)
+        model = _open_artifact(artifact, device)
         vocab, source = model.config.vocab_size, f"artifact:{artifact}"
     else:
         ckpt, model = _load_reference(checkpoint, device, dtype, max_len=len(prompt) + len(steps) + 1)
@@ -272,15 +295,16 @@ def build_cmd(recipe: Path, checkpoint: Path | None, out: Path | None) -> None:
 @click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def run(artifact, prompt, chat, thinking, system, max_new, temperature, top_p, seed) -> None:
+@click.option("--device", default="auto", show_default=True, help="auto = what the artifact was compiled for.")
+@click.option("--eager", is_flag=True, help="Run the layer programs eagerly instead of the compiled ones.")
+@click.option("--no-graphs", is_flag=True, help="On a GPU: launch every step instead of replaying a CUDA graph.")
+def run(artifact, prompt, chat, thinking, system, max_new, temperature, top_p, seed, device, eager,
+        no_graphs) -> None:
     """Generate from a built artifact, streaming text; stops at end of sentence, then reports speeds."""
-    from runtime.artifact import ArtifactModel
     from runtime.generate import generate as run_generation
     from runtime.generate import prompt_ids
     from runtime.tokenizer import Tokenizer
-    if not (artifact / "manifest.json").is_file():
-        raise UserError(f"no artifact at {artifact}; build one first, e.g. `dsv4 build recipes/tiny.toml`")
-    model = ArtifactModel(artifact)
+    model = _open_artifact(artifact, device, eager, graphs=not no_graphs)
     tok = Tokenizer(artifact)
     ids = prompt_ids(tok, prompt, chat, thinking, system)
     if len(ids) + max_new > model.max_len:
@@ -289,7 +313,58 @@ def run(artifact, prompt, chat, thinking, system, max_new, temperature, top_p, s
     timing = run_generation(model, tok, ids, max_new, lambda text: click.echo(text, nl=False),
                             temperature, top_p, seed)
     click.echo()
-    click.echo(timing.line(f"{model.manifest['backend']} artifact"), err=True)
+    mode = f"{model.backend} on {model.device}" + (", CUDA graph" if model.graph is not None else "")
+    click.echo(timing.line(f"{mode}"), err=True)
+
+
+@cli.command("bench")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--compare", "compare_with", type=click.Choice(["eager", "none"]), default="eager", show_default=True,
+              help="Also run the layer programs eagerly, in the same process.")
+@click.option("--prompt-len", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--new", "new_tokens", type=click.IntRange(2), default=32, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto = what the artifact was compiled for.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the figures here.")
+def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out) -> None:
+    """Time to first token, prefill and decode tok/s of an artifact (with and without CUDA graphs on a GPU),
+    side by side with eager; greedy tokens of every mode must agree. On a GPU, decode is also given as a
+    fraction of (bytes read per token / device copy bandwidth measured in this run)."""
+    import platform
+
+    import torch
+
+    from runtime.bench import bytes_per_token, copy_bandwidth, measure
+    prompt = [(7 * i + 3) % 1000 + 2 for i in range(prompt_len)]
+    modes = [("compiled", False, True)] + ([("eager", True, False)] if compare_with == "eager" else [])
+    report: dict = {"command": " ".join(sys.argv), "artifact": str(artifact), "torch": torch.__version__,
+                    "python": platform.python_version(), "modes": {}}
+    per_token = bandwidth = None
+    for name, eager, graphs in modes:
+        model = _open_artifact(artifact, device, eager, graphs)
+        if name == "compiled" and model.device.type == "cuda":
+            modes.insert(1, ("compiled-no-graph", False, False))
+            report["gpu"] = torch.cuda.get_device_name(model.device)
+            bandwidth, per_token = copy_bandwidth(model.device), bytes_per_token(model)
+            report |= {"copy_bandwidth_gb_s": bandwidth / 1e9, "bytes_per_token": per_token}
+        figures = measure(model, prompt, new_tokens)
+        if per_token:
+            figures["fraction_of_copy_bandwidth"] = per_token / bandwidth / (figures["decode_step_ms"] / 1e3)
+        report["modes"][name] = figures
+        click.echo(f"{name:18s} ttft {figures['time_to_first_token_s'] * 1e3:8.1f} ms  prefill "
+                   f"{figures['prefill_tok_s']:8.1f} tok/s  decode {figures['decode_tok_s']:8.1f} tok/s"
+                   + (f"  ({figures['fraction_of_copy_bandwidth']:.2f} of copy bandwidth)" if per_token else ""))
+        del model
+    runs = report["modes"]
+    base = runs["compiled"]
+    for name, figures in runs.items():
+        if name != "compiled":
+            report[f"decode_speedup_compiled_vs_{name}"] = base["decode_tok_s"] / figures["decode_tok_s"]
+    report["tokens_agree"] = all(r["tokens"] == base["tokens"] for r in runs.values())
+    click.echo("greedy tokens agree across modes" if report["tokens_agree"] else "greedy tokens DIFFER across modes")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2))
+        click.echo(f"wrote {json_out}", err=True)
 
 
 @cli.command()

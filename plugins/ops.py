@@ -23,7 +23,9 @@ from .oracle import sparse_attention as sparse_attention_oracle
 
 @torch.library.custom_op("dsv4::fp8_linear", mutates_args=())
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., K] -> [..., N]; weight [N, K] float8_e4m3fn with E8M0 scales [ceil(N/128), K/128]."""
+    """x [..., K] -> [..., N]; weight [N, K] float8_e4m3fn with E8M0 scales [ceil(N/128), K/128], as
+    float8_e8m0fnu or as their raw bytes (uint8: AOTInductor cannot take e8m0 program inputs)."""
+    scale = scale.view(torch.float8_e8m0fnu)
     rows = x.reshape(-1, x.size(-1))
     if x.is_cuda and x.dtype == torch.bfloat16 and rows.size(0) <= 16:
         from .fp8_linear import fp8_linear_decode

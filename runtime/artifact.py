@@ -1,14 +1,21 @@
-"""Runs a built artifact: the decode layer programs (AOTInductor packages) chained over caches
-allocated once, routed experts read through tables of addresses into the memory-mapped expert bank.
+"""Runs a built artifact: the decode layer programs chained over buffers allocated once, each layer's
+dense weights bound from its weights file, routed experts read through tables of addresses.
 
 `ArtifactModel` has the reference model's interface (`reset`, `forward(ids, start)`), so the
-forced-token harness drives both. The prompt goes through the same one-token programs as decoding
-(prefill programs do not exist yet).
+forced-token harness and the generation loop drive both. One decode step is the whole chain (embed,
+every layer, head) over static buffers (`tokens`, `positions`, caches); on CUDA it is captured once
+as a CUDA graph and replayed per token. The prompt goes through the same one-token step (prefill
+programs do not exist yet).
+
+AOTInductor packages are loaded with `run_single_threaded=True`: the default model container waits on
+events between runs, which is not allowed while a stream is capturing; the single-threaded runner skips
+that bookkeeping and keeps the proxy executor that calls the `dsv4::` ops, so the chain captures.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -16,8 +23,13 @@ from safetensors.torch import load_file
 import plugins.ops  # noqa: F401  (the packages call torch.ops.dsv4)
 from plugins.oracle import hc_head, rms_norm, wide, wide_dtype
 
+from .errors import UserError
 from .expert_bank import ExpertBank
+from .expert_store import DeviceExperts, HostExperts
 from .manifest import load_manifest
+
+# layer -> a module with the layer programs' contract; the eager backend runs these as they are
+ProgramFactory = Callable[[int], torch.nn.Module]
 
 
 class _Config:
@@ -30,48 +42,104 @@ class _Config:
 
 
 class ArtifactModel:
-    def __init__(self, root: str | Path, device: str = "cpu"):
+    def __init__(self, root: str | Path, device: str = "cpu", programs: ProgramFactory | None = None,
+                 graphs: bool = False, batch: int = 1):
+        """`programs` replaces the compiled programs by modules (the eager comparison, or an eager
+        artifact); `graphs` captures the decode step as one CUDA graph."""
         self.root = Path(root)
-        self.manifest = load_manifest(self.root)
-        if device != "cpu":
-            from .errors import UserError
-            raise UserError("artifacts run on the CPU only so far (the backend built is aoti for cpu)")
+        self.manifest = m = load_manifest(self.root)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: this machine has no CUDA GPU")
+        if programs is None and m["backend"] == "aoti" and m["device"] != self.device.type:
+            raise UserError(f"this artifact's programs are compiled for {m['device']}; run it on {m['device']}")
+        if programs is None and m["backend"] != "aoti":
+            raise UserError(f"backend {m['backend']!r} artifacts run through `dsv4 run`, which supplies the programs")
+        if graphs and self.device.type != "cuda":
+            raise UserError("CUDA graphs need --device cuda")
+        if str(batch) not in {str(b) for b in m["decode_batch_buckets"]}:
+            raise UserError(f"the artifact has decode programs for batches {m['decode_batch_buckets']}, not {batch}")
+        self.backend = "eager" if programs is not None else m["backend"]
         self.config = _Config(json.loads((self.root / "config.json").read_text()))
-        self.act = getattr(torch, self.manifest["dtype"])
-        self.max_len = self.manifest["max_context"]
+        self.act = getattr(torch, m["dtype"])
+        self.max_len = m["max_context"]
         self.work = wide_dtype(self.act)
-        dense = load_file(str(self.root / "dense.safetensors"))
+        self.batch = batch
+        dev = str(self.device)
+        dense = load_file(str(self.root / "dense.safetensors"), device=dev)
         self.embed = dense["embed.weight"].to(self.act)
         self.head = dense["head.weight"].to(self.work)
         self.norm = dense["norm.weight"].to(self.work)
         self.head_hc = [dense[f"hc_head_{n}"].to(self.work) for n in ("fn", "scale", "base")]
-        bank_entries = json.loads((self.root / "bank.json").read_text())
-        self.bank = ExpertBank(self.root / "experts", list(bank_entries.values()))
-        main = [e for e in self.manifest["layers"] if e["prefix"].startswith("layers.")]
+        main = [e for e in m["layers"] if e["prefix"].startswith("layers.")]
+        bank = ExpertBank(self.root / "experts", list(json.loads((self.root / "bank.json").read_text()).values()))
+        ids = [e["layer"] for e in main]
+        self.experts = DeviceExperts(bank, ids, self.device) if self.device.type == "cuda" else HostExperts(bank, ids)
+        loaded: dict[str, object] = {}
         self.layers = []
         for e in main:
-            program = torch._inductor.aoti_load_package(str(self.root / e["program"]))
-            self.layers.append((program, self.bank.addresses(e["layer"]), e["caches"]))
-        self.reset()
+            if programs is not None:
+                run = programs(e["layer"]).to(self.device)
+            else:
+                path = e["programs"][str(batch)]
+                if path not in loaded:
+                    loaded[path] = torch._inductor.aoti_load_package(
+                        str(self.root / path), run_single_threaded=self.device.type == "cuda")
+                run = loaded[path]
+            # dict inputs in sorted key order: the order the programs were traced with
+            weights = dict(sorted(load_file(str(self.root / e["weights"]), device=dev).items()))
+            caches = {name: torch.full([batch, *shape[1:]], float(fill), dtype=getattr(torch, dtype), device=dev)
+                      for name, (shape, dtype, fill) in sorted(e["caches"].items())}
+            self.layers.append((run, self.experts.tables[e["layer"]], weights, caches))
+        self.tokens = torch.zeros(batch, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(batch, dtype=torch.int64, device=dev)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if graphs:
+            self._capture()
 
     def reset(self, batch: int = 1) -> None:
-        if batch != 1:
-            raise ValueError("this artifact was built for decode batch 1")
-        self.caches = []
-        for _, _, spec in self.layers:
-            self.caches.append({name: torch.full(shape, float(fill), dtype=getattr(torch, dtype))
-                                for name, (shape, dtype, fill) in spec.items()})
+        """Empty every cache in place (a captured graph keeps pointing at the same storage)."""
+        if batch != self.batch:
+            raise ValueError(f"this model runs decode batch {self.batch}")
+        for _, _, _, caches in self.layers:
+            for name, t in caches.items():
+                t.fill_(float("-inf") if name.endswith("_score") else 0)
+
+    def _step(self) -> torch.Tensor:
+        """One decode step over the static buffers: logits [B, vocab] in the working dtype."""
+        h = self.embed[self.tokens][:, None].repeat(1, self.config.hc_mult, 1)
+        for run, table, weights, caches in self.layers:
+            h = run(h, self.positions, self.tokens, table, caches, weights)
+        y = rms_norm(hc_head(h[:, None], *self.head_hc, self.config)[:, 0], self.norm, self.config.rms_norm_eps)
+        return torch.nn.functional.linear(wide(y), self.head)
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                    # warm-up: module loads, first-run setup, allocator pools
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.reset(self.batch)                           # the warm-up wrote the caches
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._out = self._step()
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Decode tokens [B] at positions [B]; float32 logits [B, vocab] on the model's device."""
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        if self.graph is not None:
+            self.graph.replay()
+            return self._out.float()
+        return self._step().float()
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Feed ids [1, s] at positions start.. one token at a time; float32 logits [1, vocab] of the last."""
+        """Feed ids [1, s] at positions start.. one token at a time; float32 logits [1, vocab] of the last,
+        on the CPU."""
         if start + ids.size(1) > self.max_len:
             raise ValueError(f"position {start + ids.size(1)} exceeds the artifact's context of {self.max_len}")
         for i in range(ids.size(1)):
-            token = ids[:, i]
-            h = self.embed[token][:, None].repeat(1, self.config.hc_mult, 1)
-            pos = torch.tensor([start + i])
-            for (program, table, _), caches in zip(self.layers, self.caches):
-                h = program(h, pos, token, table, caches)
-        y = rms_norm(hc_head(h[:, None], *self.head_hc, self.config)[:, 0], self.norm, self.config.rms_norm_eps)
-        return torch.nn.functional.linear(wide(y), self.head).float()
+            logits = self.step(ids[:, i], torch.tensor([start + i]))
+        return logits.cpu()

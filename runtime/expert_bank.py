@@ -40,6 +40,11 @@ class ExpertBank:
         view = memoryview(self._map(layer))[start:start + entry["expert_bytes"]]
         return torch.frombuffer(view, dtype=torch.uint8)
 
+    def layer_bytes(self, layer: int) -> torch.Tensor:
+        """Every byte of a layer's bank (uint8), a zero-copy view of the mapped file."""
+        entry = self.entries[layer]
+        return torch.frombuffer(memoryview(self._map(layer))[:entry["experts"] * entry["stride"]], dtype=torch.uint8)
+
     def addresses(self, layer: int) -> torch.Tensor:
         """int64 addresses of every expert of `layer` in the mapped file: an expert table for the kernels."""
         entry = self.entries[layer]

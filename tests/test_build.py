@@ -31,6 +31,11 @@ def built(tiny_dir, tmp_path_factory):
 def test_artifact_matches_the_reference(built, tiny_dir):
     out, _, summary = built
     assert not summary.reused and (out / "manifest.json").is_file()
+    # one program per layer kind (hash layers 0 and 1 share one), weights bound from their own files
+    assert sorted(p.name for p in (out / "programs").iterdir()) == [
+        "layer-ratio0-hash-b1.pt2", "layer-ratio128-b1.pt2", "layer-ratio4-b1.pt2", "layer-ratio4-hash-b1.pt2",
+        "mtp-ratio0-b1.pt2"]
+    assert len(list((out / "weights").iterdir())) == 6
     prompt, forced = [5, 17, 99, 300, 12] * 30, [3, 4, 5, 6, 7, 8]     # 150 tokens: a ratio-128 block completes
     art = forced_logits(ArtifactModel(out), prompt, forced)
     ref = forced_logits(ReferenceModel(Checkpoint(tiny_dir), act=torch.float32, max_len=200), prompt, forced)
@@ -51,11 +56,11 @@ def test_damaged_artifact_is_refused(built, tmp_path):
     out, _, _ = built
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
-    program = copy / "programs" / "layer-002.pt2"
+    program = copy / "programs" / "layer-ratio4-hash-b1.pt2"
     data = bytearray(program.read_bytes())
     data[len(data) // 2] ^= 0xFF
     program.write_bytes(bytes(data))
-    with pytest.raises(ArtifactError, match="programs/layer-002.pt2 is corrupted"):
+    with pytest.raises(ArtifactError, match="programs/layer-ratio4-hash-b1.pt2 is corrupted"):
         ArtifactModel(copy)
     r = subprocess.run([sys.executable, "-m", "dsv4.cli", "forced", "--artifact", str(copy), "--prompt-ids", "1,2",
                         "--out", str(tmp_path / "x.safetensors")], capture_output=True, text=True)
@@ -69,7 +74,7 @@ def test_run_streams_text_from_the_artifact(built, tmp_path):
     r = subprocess.run([*cli, str(out), "--prompt", "Hello", "--chat", "--max-new", "5", "--temperature", "0.8",
                         "--top-p", "0.9", "--seed", "3"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "decode" in r.stderr and "aoti artifact" in r.stderr
+    assert "decode" in r.stderr and "(aoti on cpu)" in r.stderr
     again = subprocess.run([*cli, str(out), "--prompt", "Hello", "--chat", "--max-new", "5", "--temperature", "0.8",
                             "--top-p", "0.9", "--seed", "3"], capture_output=True, text=True)
     assert again.stdout == r.stdout                           # seeded sampling is reproducible

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from builder.checkpoint import Checkpoint
-from builder.programs.decode import DecodeLayer, expert_table, new_caches
+from builder.programs.decode import expert_table, layer_weights, make_program, new_caches, program_kind
 from builder.reference.model import ReferenceModel
 
 MAX_LEN = 320
@@ -32,7 +32,8 @@ def test_decode_program_equals_reference_layer(setup, layer):
     ckpt, ref = setup
     cfg = ckpt.config
     block = ref.layers[layer]
-    program = DecodeLayer(cfg, ckpt.get, layer, torch.float32, MAX_LEN)
+    program = make_program(cfg, layer, torch.float32, MAX_LEN)
+    weights = layer_weights(cfg, ckpt.get, layer, torch.float32)
     table, keep = expert_table(ckpt.get, cfg, layer)
     ids = torch.randint(0, 900, (1, 140), generator=torch.Generator().manual_seed(layer))
     ref.reset()
@@ -52,7 +53,7 @@ def test_decode_program_equals_reference_layer(setup, layer):
         for p in range(127, 140):                      # completes a ratio-128 block at 127, ratio-4 blocks every 4
             ref.forward(ids[:, p:p + 1], p)
             h_in, h_ref = states[p]
-            h = program(h_in, torch.tensor([p]), ids[0, p:p + 1], table, caches)
+            h = program(h_in, torch.tensor([p]), ids[0, p:p + 1], table, caches, weights)
             assert torch.equal(h, h_ref), f"layer {layer} position {p}: max diff {(h - h_ref).abs().max()}"
         assert torch.equal(caches["kv"], block.attn.kv)
     finally:
@@ -61,23 +62,25 @@ def test_decode_program_equals_reference_layer(setup, layer):
 
 def _program_and_args(ckpt, layer, batch=2):
     cfg = ckpt.config
-    program = DecodeLayer(cfg, ckpt.get, layer, torch.float32, MAX_LEN)
+    program = make_program(cfg, layer, torch.float32, MAX_LEN)
     table, keep = expert_table(ckpt.get, cfg, layer)
     caches = new_caches(cfg, layer, batch, MAX_LEN, torch.float32)
     g = torch.Generator().manual_seed(4)
     args = (torch.randn(batch, cfg.hc_mult, cfg.hidden_size, generator=g), torch.tensor([5, 40]),
             torch.tensor([3, 9]), table)
-    return program, args, caches, keep
+    return program, args, caches, layer_weights(cfg, ckpt.get, layer, torch.float32), keep
 
 
 def test_decode_program_exports_with_its_cache_writes(setup):
     """Two sequences at different positions; the exported program writes the same caches as eager."""
     ckpt, _ = setup
-    program, args, caches, keep = _program_and_args(ckpt, 2)
+    program, args, caches, weights, keep = _program_and_args(ckpt, 2)
     eager_caches = {k: v.clone() for k, v in caches.items()}
-    expect = program(*args, eager_caches)
-    exported = torch.export.export(program, (*args, {k: v.clone() for k, v in caches.items()}))
-    got = exported.module()(*args, caches)
+    expect = program(*args, eager_caches, weights)
+    exported = torch.export.export(program, (*args, {k: v.clone() for k, v in caches.items()}, weights))
+    small = {k: v.numel() for k, v in exported.constants.items()}
+    assert max(small.values()) <= 16, f"weights must be inputs, not constants: {small}"   # format grids only
+    got = exported.module()(*args, caches, weights)
     assert torch.equal(got, expect)
     assert all(torch.equal(caches[k], eager_caches[k]) for k in caches)
     assert caches["kv"].abs().sum() > 0
@@ -86,24 +89,25 @@ def test_decode_program_exports_with_its_cache_writes(setup):
 @pytest.mark.slow
 def test_decode_program_runs_from_an_aoti_package(setup, tmp_path):
     ckpt, _ = setup
-    program, args, caches, keep = _program_and_args(ckpt, 3)
+    program, args, caches, weights, keep = _program_and_args(ckpt, 3)
     eager_caches = {k: v.clone() for k, v in caches.items()}
-    expect = program(*args, eager_caches)
-    exported = torch.export.export(program, (*args, {k: v.clone() for k, v in caches.items()}))
+    expect = program(*args, eager_caches, weights)
+    exported = torch.export.export(program, (*args, {k: v.clone() for k, v in caches.items()}, weights))
     package = torch._inductor.aoti_load_package(
         torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "layer3.pt2")))
-    got = package(*args, caches)
+    got = package(*args, caches, weights)
     assert torch.nn.functional.cosine_similarity(got.flatten(), expect.flatten(), dim=0) > 0.99999
     assert torch.equal(caches["kv"], eager_caches["kv"])
 
 
 def test_decode_mtp_program_equals_reference_draft(setup):
-    from builder.programs.decode import DecodeMTP
     ckpt, ref = setup
     cfg = ckpt.config
-    program = DecodeMTP(cfg, ckpt.get, 0, torch.float32, MAX_LEN)
+    layer = cfg.num_hidden_layers
+    program = make_program(cfg, layer, torch.float32, MAX_LEN)
+    weights = layer_weights(cfg, ckpt.get, layer, torch.float32)
     mtp = ref.mtp[0]
-    table, keep = expert_table(ckpt.get, cfg, cfg.num_hidden_layers, prefix="mtp.0.")
+    table, keep = expert_table(ckpt.get, cfg, layer)
     ids = torch.randint(0, 900, (1, 40), generator=torch.Generator().manual_seed(11))
     ref.reset()
     h = ref.hidden(ids[:, :30], 0)
@@ -113,5 +117,14 @@ def test_decode_mtp_program_equals_reference_draft(setup):
     for p in range(30, 40):
         h = ref.hidden(ids[:, p:p + 1], p)
         expect = mtp.draft(h, p, ids[:, p:p + 1])
-        got = program(h[:, 0], torch.tensor([p]), ids[0, p:p + 1], table, caches)
+        got = program(h[:, 0], torch.tensor([p]), ids[0, p:p + 1], table, caches, weights)
         assert torch.equal(got, expect), f"position {p}"
+
+
+def test_layers_of_one_kind_share_a_program(setup):
+    """Hash layers 0 and 1 share one program; every other kind is distinct (the artifact test runs both)."""
+    ckpt, _ = setup
+    cfg = ckpt.config
+    kinds = [program_kind(cfg, i) for i in range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers)]
+    assert kinds[0] == kinds[1] == "layer-ratio0-hash" and kinds[-1].startswith("mtp-")
+    assert len(set(kinds)) == len(kinds) - 1

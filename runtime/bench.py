@@ -1,0 +1,64 @@
+"""Measures an artifact as users see it: time to first token, prefill and decode tokens per second,
+greedy tokens (so runs can be checked against each other), and, on a GPU, decode against the device's
+copy bandwidth measured in the same process: (bytes one decode step must read / copy bandwidth)
+divided by the measured step time."""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy: (read + written bytes) / time, bytes/s; the median of 10 copies."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return 2 * nbytes / sorted(times)[len(times) // 2]
+
+
+def bytes_per_token(model) -> int:
+    """What one decode step reads at least: every chained layer's dense weights, the routed experts a
+    token picks in each layer, one embedding row, the head."""
+    raw = json.loads((model.root / "config.json").read_text())
+    k = raw["num_experts_per_tok"]
+    bank = json.loads((model.root / "bank.json").read_text())
+    total = model.head.numel() * model.head.element_size() + model.embed[0].numel() * model.embed.element_size()
+    for run, table, weights, caches in model.layers:
+        total += sum(t.numel() * t.element_size() for t in weights.values())
+    total += sum(k * bank[str(e["layer"])]["expert_bytes"] for e in model.manifest["layers"]
+                 if e["prefix"].startswith("layers."))
+    return total
+
+
+def _sync(model) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
+@torch.inference_mode()
+def measure(model, prompt: list[int], new_tokens: int) -> dict:
+    """Greedy generation from `prompt` (fed one token per step), timed."""
+    model.reset(1)
+    _sync(model)
+    t0 = time.perf_counter()
+    logits = model.forward(torch.tensor([prompt]), 0)
+    ttft = time.perf_counter() - t0
+    tokens = [int(logits[0].argmax())]
+    t1 = time.perf_counter()
+    for i in range(new_tokens - 1):
+        logits = model.step(torch.tensor(tokens[-1:]), torch.tensor([len(prompt) + i]))
+        tokens.append(int(logits[0].argmax()))          # the host needs each token: a sync per step, as in use
+    decode = time.perf_counter() - t1
+    return {"prompt_tokens": len(prompt), "time_to_first_token_s": ttft, "prefill_tok_s": len(prompt) / ttft,
+            "decode_tokens": new_tokens - 1, "decode_tok_s": (new_tokens - 1) / decode,
+            "decode_step_ms": 1e3 * decode / max(new_tokens - 1, 1), "tokens": tokens}
