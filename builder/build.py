@@ -70,7 +70,7 @@ def _layers(cfg) -> list[int]:
 def _compile_program(cfg, layer: int, weights: dict, act: torch.dtype, max_len: int, batch: int,
                      device: str, path: Path) -> None:
     """Export and compile the decode program of `layer`'s kind, traced with `weights` (any layer of the kind)."""
-    program = decode.make_program(cfg, layer, act, max_len)
+    program = decode.make_program(cfg, layer, act, max_len).to(device)
     caches = decode.new_caches(cfg, layer, batch, max_len, act, device)
     table = torch.zeros(cfg.n_routed_experts, dtype=torch.int64, device=device)  # only its shape is traced
     h = torch.zeros(batch, cfg.hc_mult, cfg.hidden_size, dtype=act, device=device)
