@@ -41,10 +41,23 @@ def _(x, weight, scale):
 # ------------------------------------------------------------------ moe_routed
 
 
-def _host_expert(address: int, d: int, f: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dequantised (w1, w3, w2) of the expert at a host address (CPU tensor or pinned memory)."""
-    buf = (ctypes.c_uint8 * expert_nbytes(d, f)).from_address(address)
-    w1, s1, w3, s3, w2, s2 = unpack_expert(torch.frombuffer(buf, dtype=torch.uint8), d, f)
+class _DeviceBytes:
+    """A zero-copy CUDA view of `n` bytes at a device (or mapped pinned host) address, through the CUDA
+    array interface, so the oracle can read experts the kernels would read."""
+
+    def __init__(self, address: int, n: int):
+        self.__cuda_array_interface__ = {"shape": (n,), "typestr": "|u1", "data": (address, True), "version": 3,
+                                         "strides": None}
+
+
+def _expert_at(address: int, d: int, f: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dequantised (w1, w3, w2) of the expert at `address`: host memory for a CPU run, else device memory."""
+    n = expert_nbytes(d, f)
+    if device.type == "cpu":
+        blob = torch.frombuffer((ctypes.c_uint8 * n).from_address(address), dtype=torch.uint8)
+    else:
+        blob = torch.as_tensor(_DeviceBytes(address, n), device=device)
+    w1, s1, w3, s3, w2, s2 = unpack_expert(blob, d, f)
     return mxfp4_dequant(w1, s1), mxfp4_dequant(w3, s3), mxfp4_dequant(w2, s2)
 
 
@@ -70,12 +83,13 @@ def moe_routed(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, ta
                limit: float) -> torch.Tensor:
     """x [T, D], experts [T, k] int32, weights [T, k] float32, table [E] int64 expert addresses -> [T, D]
     float32 (float64 for a float32/float64 model): the routed experts' sum, shared expert excluded."""
-    if x.is_cuda:
-        if x.dtype != torch.bfloat16:
-            raise NotImplementedError("dsv4::moe_routed on CUDA takes bfloat16 activations")
+    if x.is_cuda and x.dtype == torch.bfloat16:
         return moe_experts_decode(x.contiguous(), experts, weights, table, inter, limit)
+    # the oracle (CPU, and float32 models on CUDA, which check compiled programs exactly); it reads the
+    # table on the host, so it cannot be captured in a CUDA graph
     addresses = table.tolist()
-    return moe_routed_oracle(x, experts, weights, lambda e: _host_expert(addresses[e], x.size(1), inter), limit)
+    return moe_routed_oracle(x, experts, weights, lambda e: _expert_at(addresses[e], x.size(1), inter, x.device),
+                             limit)
 
 
 @moe_routed.register_fake
