@@ -26,6 +26,10 @@ from .export_math import onnx_friendly
 log = logging.getLogger(__name__)
 OPSET = 20              # Cast to float8 (the FP8 round-trips) needs >= 19
 _RAW = (torch.float8_e4m3fn, torch.float8_e8m0fnu)
+# E8M0 scales arrive as E8M0 or as their uint8 bytes (decode.layer_weights; the only uint8 weights).
+# uint8 must not reach TensorRT: no plugin accepts it, and TensorRT-RTX 1.7 then corrupts its heap
+# (`malloc_consolidate(): invalid chunk size`) instead of reporting the unsupported format.
+_SCALE_BYTES = (torch.float8_e8m0fnu, torch.uint8)
 
 
 def register_schemas() -> None:
@@ -164,8 +168,8 @@ def export_layer(program: torch.nn.Module, inputs: LayerInputs, path: str | Path
                   {k: None for k in weights})
     with onnx_friendly(program):
         exported = torch.export.export(wrapper, (h, pos, ids, table, caches, weights), dynamic_shapes=shapes)
-    for node in exported.graph.nodes:            # E8M0 placeholders become FP8-typed bytes (see plugin_specs)
-        if node.op == "placeholder" and node.meta["val"].dtype == torch.float8_e8m0fnu:
+    for node in exported.graph.nodes:            # E8M0 scales become FP8-typed bytes (see plugin_specs)
+        if node.op == "placeholder" and node.meta["val"].dtype in _SCALE_BYTES:
             node.meta["val"] = node.meta["val"].view(torch.float8_e4m3fn)
     onnx_program = torch.onnx.export(exported, (), dynamo=True, custom_translation_table=_translations(),
                                      opset_version=OPSET, optimize=True, verbose=False)
