@@ -4,7 +4,8 @@
     weights   each layer's dense weights, in its program's form -> weights/layer-NNN.safetensors
     dense     embedding, final norm, hc head, vocabulary head -> dense.safetensors
     programs  one decode program per layer kind and batch bucket -> programs/KIND-bB.pt2 (AOTInductor);
-              programs hold no weights (bound at load time), so every layer of a kind shares one
+              programs hold no weights (bound at load time), so every layer of a kind shares one.
+              TensorRT backends: programs/KIND.onnx and engines/KIND.engine, one profile per bucket
     manifest  manifest.json: config, recipe, versions, layer table, every file's sha256
 
 Resumable: each output is keyed by a digest of its inputs (checkpoint headers, config, recipe, code);
@@ -29,13 +30,16 @@ from safetensors.torch import save_file
 import plugins
 from runtime.errors import UserError
 from runtime.manifest import write_manifest
+from runtime.trt_support import load_tensorrt
 
+from .backends import trt_program
 from .checkpoint import Checkpoint
 from .expert_bank import write_layer_bank
 from .programs import decode
 from .recipe import Recipe
 
 STATE = "build-state.json"
+TRT_BACKENDS = ("tensorrt", "tensorrt-rtx")
 DENSE = ["embed.weight", "head.weight", "norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale"]
 Progress = Callable[[str, int, int], None]
 
@@ -86,31 +90,61 @@ def _cache_spec(cfg, layer: int, act: torch.dtype, max_len: int) -> dict:
             for name, t in decode.new_caches(cfg, layer, 1, max_len, act, "meta").items()}
 
 
-def _check_device(recipe: Recipe) -> None:
+def _check_device(recipe: Recipe) -> dict[str, str]:
+    """Refuse a build this machine cannot make; return the versions the backend adds to the manifest."""
+    if recipe.backend in TRT_BACKENDS:
+        # TensorRT-RTX compiles for its targets without a GPU; full TensorRT times kernels on the GPU it targets
+        if recipe.backend == "tensorrt" and not torch.cuda.is_available():
+            raise UserError("backend 'tensorrt' builds engines on the GPU they target: this machine has no CUDA "
+                            "GPU (build on the target box, or use backend 'tensorrt-rtx' for sm_120a/sm_121a)")
+        return {recipe.backend: load_tensorrt(recipe.backend).__version__}
     if recipe.backend not in ("aoti", "eager"):
         raise UserError(f"backend {recipe.backend!r} is not implemented by this build; use 'aoti' or 'eager'")
     if recipe.device == "cuda" and recipe.backend == "aoti" and not torch.cuda.is_available():
         raise UserError("an aoti build for cuda compiles on the GPU it targets: this machine has no CUDA GPU "
                         "(build on the target box, or use a cpu recipe such as recipes/tiny.toml)")
+    return {}
+
+
+def engine_file(kind: str) -> str:
+    return f"engines/{kind}.engine"
+
+
+def _programs(backend: str, kind: str, buckets, program_file) -> dict[str, str]:
+    """Decode batch bucket -> the file the runtime loads for it."""
+    if backend == "aoti":
+        return {str(b): program_file(kind, b) for b in buckets}
+    if backend in TRT_BACKENDS:
+        return {str(b): engine_file(kind) for b in buckets}
+    return {}
+
+
+def _engine_entry(backend: str, kind: str, buckets, root: Path) -> dict:
+    """A TensorRT layer's engine: its ONNX, the profile index of each bucket and its I/O tensors."""
+    if backend not in TRT_BACKENDS:
+        return {}
+    onnx_rel = f"programs/{kind}.onnx"
+    return {"engine": {"file": engine_file(kind), "onnx": onnx_rel, "profiles": {str(b): i for i, b in enumerate(buckets)},
+                       **trt_program.engine_io(root / onnx_rel)}}
 
 
 def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
           progress: Progress | None = None) -> BuildSummary:
-    _check_device(recipe)
+    backend_versions = _check_device(recipe)
     out = Path(out)
     ckpt = Checkpoint(checkpoint)
     cfg = ckpt.config
     act = getattr(torch, recipe.dtype)
     max_len = recipe.max_context
     summary = BuildSummary(out)
-    key_base = {"recipe": asdict(recipe), "code": _code_digest(), "torch": torch.__version__}
+    key_base = {"recipe": asdict(recipe), "code": _code_digest(), "torch": torch.__version__, **backend_versions}
     source = {"source": _source_digest(ckpt)}
     old_state = json.loads((out / STATE).read_text()) if (out / STATE).is_file() else {}
     new_state: dict[str, str] = {}
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
-    for folder in ("experts", "weights", "programs"):
+    for folder in ("experts", "weights", "programs", *(("engines",) if recipe.backend in TRT_BACKENDS else ())):
         (partial / folder).mkdir(parents=True)
 
     def stage(rel: str, make: Callable[[Path], object], **key) -> object:
@@ -175,11 +209,23 @@ def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
     if recipe.backend == "aoti":
         timed("programs", [(k, b) for k in kinds for b in buckets], program)
 
+    def engine(kind: str) -> None:
+        layer, onnx_rel = kinds[kind], f"programs/{kind}.onnx"
+        stage(onnx_rel, lambda p: trt_program.export_kind(cfg, ckpt.get, layer, act, max_len, buckets, p),
+              config=cfg.digest(), kind=kind, buckets=list(buckets), export=export_code)
+        stage(engine_file(kind), lambda p: trt_program.build_engine(
+            recipe.backend, recipe.gpu_archs, buckets, partial / onnx_rel, p, timing_cache),
+            config=cfg.digest(), kind=kind, buckets=list(buckets), onnx=new_state[onnx_rel])
+    timing_cache = out.with_name(out.name + ".timing-cache")    # outside the artifact: reused by every build
+    if recipe.backend in TRT_BACKENDS:
+        export_code = trt_program.code_digest()
+        timed("programs", list(kinds), engine)
+
     t0 = time.time()
     layer_table = [{
         "layer": layer, "prefix": decode.layer_prefix(cfg, layer), "kind": decode.program_kind(cfg, layer),
-        "programs": ({str(b): program_file(decode.program_kind(cfg, layer), b) for b in buckets}
-                     if recipe.backend == "aoti" else {}),
+        "programs": _programs(recipe.backend, decode.program_kind(cfg, layer), buckets, program_file),
+        **_engine_entry(recipe.backend, decode.program_kind(cfg, layer), buckets, partial),
         "weights": weights_file(layer),
         "shared_weights": list(decode.SHARED_WEIGHTS) if decode.is_mtp(cfg, layer) else [],
         "experts": bank[str(layer)]["file"], "caches": _cache_spec(cfg, layer, act, max_len)}
@@ -193,7 +239,7 @@ def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
         "model_id": recipe.name, "config_digest": cfg.digest(), "recipe": asdict(recipe),
         "backend": recipe.backend, "device": recipe.device, "gpu_archs": list(recipe.gpu_archs),
         "dtype": recipe.dtype, "max_context": max_len, "decode_batch_buckets": list(buckets),
-        "versions": {"torch": torch.__version__.split("+")[0]}, "layers": layer_table,
+        "versions": {"torch": torch.__version__.split("+")[0], **backend_versions}, "layers": layer_table,
     })
     summary.stage_seconds["manifest"] = time.time() - t0
     old = out.with_name(out.name + ".old")

@@ -154,14 +154,16 @@ def raw_bytes(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.view(torch.uint8) if v.dtype in _RAW else v for k, v in weights.items()}
 
 
-def export_layer(program: torch.nn.Module, inputs: LayerInputs, path: str | Path, dynamic_batch: bool = True):
-    """Export one layer program to `path` (ONNX, weights not embedded: they are graph inputs).
+def export_layer(program: torch.nn.Module, inputs: LayerInputs, path: str | Path, dynamic_batch: bool = True,
+                 max_batch: int = 64):
+    """Export one layer program to `path` (ONNX, weights not embedded: they are graph inputs), its batch
+    dynamic up to `max_batch` (the example inputs' batch must be above 1: torch.export specialises 1).
     Returns the onnx ModelProto."""
     import onnx
     h, pos, ids, table, caches, weights = inputs.args
     names_in, names_out = io_names(caches, weights)
     wrapper = Functional(program, list(caches))
-    batch = torch.export.Dim("batch", min=1, max=64) if dynamic_batch else None
+    batch = torch.export.Dim("batch", min=1, max=max(max_batch, 2)) if dynamic_batch else None
     shapes = None
     if batch is not None:
         shapes = ({0: batch}, {0: batch}, {0: batch}, None, {k: {0: batch} for k in caches},

@@ -4,10 +4,17 @@ sm_120/sm_121): one engine per layer program from its ONNX, the dsv4 plugins reg
 Strongly typed networks (the ONNX graph's dtypes are the engine's); one optimisation profile per decode
 batch bucket (min = opt = max, so each bucket's CUDA graph replays a fixed shape); a timing cache file
 shared by every layer and every later build (TensorRT-RTX ignores tactic timing but keeps the API).
+
+`python -m builder.backends.tensorrt ONNX ENGINE --backend B --arch A --bucket N --timing-cache F`
+builds one engine in its own process (see trt_program: a TensorRT abort must not kill the builder);
+a UserError is printed as one `error: ...` line on stderr, exit status 2.
 """
 from __future__ import annotations
 
+import argparse
 import logging
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +41,9 @@ class EngineBuild:
             if bad or not self.gpu_archs:
                 raise UserError(f"backend 'tensorrt-rtx' builds for {', '.join(RTX_ARCHS)}; recipe asks for "
                                 f"{', '.join(self.gpu_archs) or 'no architecture'}")
-        self.logger = self.trt.Logger(self.trt.Logger.VERBOSE if __import__("os").environ.get("DSV4_TRT_VERBOSE") else self.trt.Logger.WARNING)
+        # DSV4_TRT_VERBOSE: TensorRT's own verbose log, for debugging a build by hand (not a setting)
+        level = self.trt.Logger.VERBOSE if os.environ.get("DSV4_TRT_VERBOSE") else self.trt.Logger.WARNING
+        self.logger = self.trt.Logger(level)
 
     def _network(self, builder, onnx_path: Path):
         trt = self.trt
@@ -86,7 +95,9 @@ class EngineBuild:
         tmp = engine_path.with_suffix(".partial")
         tmp.write_bytes(memoryview(plan))
         tmp.replace(engine_path)
-        self.timing_cache.write_bytes(memoryview(config.get_timing_cache().serialize()))
+        cache_tmp = self.timing_cache.with_name(f".{self.timing_cache.name}.{os.getpid()}")
+        cache_tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
+        cache_tmp.replace(self.timing_cache)       # atomic: a concurrent build reads a whole cache or none
         io = {}
         for i in range(network.num_inputs):
             t = network.get_input(i)
@@ -95,3 +106,24 @@ class EngineBuild:
             t = network.get_output(i)
             io[t.name] = [list(t.shape), str(t.dtype).split(".")[-1], "output"]
         return io
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="build one TensorRT engine from a dsv4 layer ONNX")
+    parser.add_argument("onnx", type=Path)
+    parser.add_argument("engine", type=Path)
+    parser.add_argument("--backend", required=True, choices=("tensorrt", "tensorrt-rtx"))
+    parser.add_argument("--arch", action="append", default=[])
+    parser.add_argument("--bucket", type=int, action="append", required=True)
+    parser.add_argument("--timing-cache", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        EngineBuild(args.backend, tuple(args.arch), tuple(args.bucket), args.timing_cache).build(args.onnx, args.engine)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
