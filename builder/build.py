@@ -81,7 +81,10 @@ def _compile_program(cfg, layer: int, weights: dict, act: torch.dtype, max_len: 
     pos = torch.zeros(batch, dtype=torch.int64, device=device)
     args = (h, pos, pos.clone(), table, caches, {k: v.to(device) for k, v in weights.items()})
     exported = torch.export.export(program, args)
-    torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
+    # keep eager's rounding of every low-precision intermediate: the reference (and DeepSeek's code) rounds
+    # after each op, where fused kernels would otherwise carry float32 through and drift from it
+    with torch._inductor.config.patch(emulate_precision_casts=True):
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
 
 
 def _cache_spec(cfg, layer: int, act: torch.dtype, max_len: int) -> dict:

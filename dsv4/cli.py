@@ -36,7 +36,8 @@ def _load_reference(checkpoint: Path | None, device: str, dtype: str, max_len: i
     return ckpt, ReferenceModel(ckpt, device=_device(device), act=getattr(torch, dtype), max_len=max_len)
 
 
-def _open_artifact(artifact: Path, device: str = "auto", eager: bool = False, graphs: bool = True):
+def _open_artifact(artifact: Path, device: str = "auto", eager: bool = False, graphs: bool = True,
+                   expert_slots: int | None = None):
     """Load a built artifact on `device` ("auto": where its programs were compiled for). `eager` runs the
     layer programs as modules instead of the compiled ones (an eager artifact always does); CUDA graphs
     are captured on a GPU unless `graphs` is off."""
@@ -57,7 +58,7 @@ def _open_artifact(artifact: Path, device: str = "auto", eager: bool = False, gr
         programs = lambda layer: make_program(cfg, layer, act, max_len)  # noqa: E731
     # graphs capture the compiled chain; the eager modules' oracles copy host constants, which capture forbids
     return ArtifactModel(artifact, _device(device), programs=programs,
-                         graphs=graphs and programs is None and device.startswith("cuda"))
+                         graphs=graphs and programs is None and device.startswith("cuda"), expert_slots=expert_slots)
 
 
 def ensure_tiny() -> Path:
@@ -298,13 +299,15 @@ def build_cmd(recipe: Path, checkpoint: Path | None, out: Path | None) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto = what the artifact was compiled for.")
 @click.option("--eager", is_flag=True, help="Run the layer programs eagerly instead of the compiled ones.")
 @click.option("--no-graphs", is_flag=True, help="On a GPU: launch every step instead of replaying a CUDA graph.")
+@click.option("--expert-slots", type=click.IntRange(0), default=None,
+              help="Routed experts kept in device slots; the rest are paged (default: the recipe's; 0 = all).")
 def run(artifact, prompt, chat, thinking, system, max_new, temperature, top_p, seed, device, eager,
-        no_graphs) -> None:
+        no_graphs, expert_slots) -> None:
     """Generate from a built artifact, streaming text; stops at end of sentence, then reports speeds."""
     from runtime.generate import generate as run_generation
     from runtime.generate import prompt_ids
     from runtime.tokenizer import Tokenizer
-    model = _open_artifact(artifact, device, eager, graphs=not no_graphs)
+    model = _open_artifact(artifact, device, eager, graphs=not no_graphs, expert_slots=expert_slots)
     tok = Tokenizer(artifact)
     ids = prompt_ids(tok, prompt, chat, thinking, system)
     if len(ids) + max_new > model.max_len:
@@ -315,6 +318,15 @@ def run(artifact, prompt, chat, thinking, system, max_new, temperature, top_p, s
     click.echo()
     mode = f"{model.backend} on {model.device}" + (", CUDA graph" if model.graph is not None else "")
     click.echo(timing.line(f"{mode}"), err=True)
+    if model.pager is not None:
+        click.echo(_pager_line(model.pager), err=True)
+
+
+def _pager_line(pager) -> str:
+    s = pager.stats
+    return (f"expert pager: {pager.pool.slots} slots, hit rate {s.hit_rate:.3f} ({s.hits} hits, {s.misses} "
+            f"misses, {s.prefetch_hits} prefetch hits), {pager.bytes_moved / 1e6:.1f} MB moved, "
+            f"{pager.stall_s * 1e3:.1f} ms stalled")
 
 
 @cli.command("bench")
@@ -325,7 +337,9 @@ def run(artifact, prompt, chat, thinking, system, max_new, temperature, top_p, s
 @click.option("--new", "new_tokens", type=click.IntRange(2), default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto = what the artifact was compiled for.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the figures here.")
-def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out) -> None:
+@click.option("--expert-slots", type=click.IntRange(0), default=None,
+              help="Routed experts kept in device slots; the rest are paged (default: the recipe's; 0 = all).")
+def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, expert_slots) -> None:
     """Time to first token, prefill and decode tok/s of an artifact (with and without CUDA graphs on a GPU),
     side by side with eager; greedy tokens of every mode must agree. On a GPU, decode is also given as a
     fraction of (bytes read per token / device copy bandwidth measured in this run)."""
@@ -340,13 +354,19 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out) 
                     "python": platform.python_version(), "modes": {}}
     per_token = bandwidth = None
     for name, eager, graphs in modes:
-        model = _open_artifact(artifact, device, eager, graphs)
+        model = _open_artifact(artifact, device, eager, graphs, expert_slots)
         if name == "compiled" and model.device.type == "cuda":
             modes.insert(1, ("compiled-no-graph", False, False))
             report["gpu"] = torch.cuda.get_device_name(model.device)
             bandwidth, per_token = copy_bandwidth(model.device), bytes_per_token(model)
             report |= {"copy_bandwidth_gb_s": bandwidth / 1e9, "bytes_per_token": per_token}
         figures = measure(model, prompt, new_tokens)
+        if model.pager is not None:
+            st = model.pager.stats
+            figures["pager"] = {"slots": model.pager.pool.slots, "hit_rate": st.hit_rate, "hits": st.hits,
+                                "misses": st.misses, "prefetch_hits": st.prefetch_hits,
+                                "bytes_moved": model.pager.bytes_moved, "stall_s": model.pager.stall_s}
+            click.echo(_pager_line(model.pager))
         if per_token:
             figures["fraction_of_copy_bandwidth"] = per_token / bandwidth / (figures["decode_step_ms"] / 1e3)
         report["modes"][name] = figures

@@ -46,7 +46,7 @@ class _DeviceBytes:
     array interface, so the oracle can read experts the kernels would read."""
 
     def __init__(self, address: int, n: int):
-        self.__cuda_array_interface__ = {"shape": (n,), "typestr": "|u1", "data": (address, True), "version": 3,
+        self.__cuda_array_interface__ = {"shape": (n,), "typestr": "|u1", "data": (address, False), "version": 3,
                                          "strides": None}
 
 

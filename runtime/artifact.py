@@ -13,6 +13,7 @@ that bookkeeping and keeps the proxy executor that calls the `dsv4::` ops, so th
 """
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,7 @@ from plugins.oracle import hc_head, rms_norm, wide, wide_dtype
 
 from .errors import UserError
 from .expert_bank import ExpertBank
+from .expert_pager import PagedExperts
 from .expert_store import DeviceExperts, HostExperts
 from .manifest import load_manifest
 
@@ -43,9 +45,11 @@ class _Config:
 
 class ArtifactModel:
     def __init__(self, root: str | Path, device: str = "cpu", programs: ProgramFactory | None = None,
-                 graphs: bool = False, batch: int = 1):
+                 graphs: bool = False, batch: int = 1, expert_slots: int | None = None):
         """`programs` replaces the compiled programs by modules (the eager comparison, or an eager
-        artifact); `graphs` captures the decode step as one CUDA graph."""
+        artifact); `graphs` captures the decode step as one CUDA graph; `expert_slots` > 0 keeps only
+        that many routed experts in device slots and pages the rest (0: every expert resident; None: as the
+        recipe says)."""
         self.root = Path(root)
         self.manifest = m = load_manifest(self.root)
         self.device = torch.device(device)
@@ -74,7 +78,18 @@ class ArtifactModel:
         main = [e for e in m["layers"] if e["prefix"].startswith("layers.")]
         bank = ExpertBank(self.root / "experts", list(json.loads((self.root / "bank.json").read_text()).values()))
         ids = [e["layer"] for e in main]
-        self.experts = DeviceExperts(bank, ids, self.device) if self.device.type == "cuda" else HostExperts(bank, ids)
+        total = sum(bank.entries[i]["experts"] for i in ids)
+        if expert_slots is None:
+            expert_slots = m["recipe"].get("expert_slots", 0)
+        self.pager: PagedExperts | None = None
+        if 0 < expert_slots < total:
+            tid2eid = {e["layer"]: load_file(str(self.root / e["weights"]))["ffn.gate.tid2eid"]
+                       for e in main if "hash" in e["kind"]}
+            self.experts = self.pager = PagedExperts(bank, ids, self.device, expert_slots, tid2eid)
+        elif self.device.type == "cuda":
+            self.experts = DeviceExperts(bank, ids, self.device)
+        else:
+            self.experts = HostExperts(bank, ids)
         loaded: dict[str, object] = {}
         self.layers = []
         for e in main:
@@ -122,17 +137,31 @@ class ArtifactModel:
         torch.cuda.current_stream().wait_stream(side)
         self.reset(self.batch)                           # the warm-up wrote the caches
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._out = self._step()
+        # No garbage collection while capturing: collecting an old model would free its AOTInductor
+        # constants with cudaFree, which a capturing stream forbids (measured on the H200).
+        gc.collect()
+        gc.disable()
+        try:
+            with torch.cuda.graph(self.graph):
+                self._out = self._step()
+        finally:
+            gc.enable()
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Decode tokens [B] at positions [B]; float32 logits [B, vocab] on the model's device."""
+        if self.pager is not None:
+            self.pager.prepare(tokens.tolist())
         self.tokens.copy_(tokens)
         self.positions.copy_(positions)
         if self.graph is not None:
             self.graph.replay()
-            return self._out.float()
-        return self._step().float()
+            logits = self._out.float()
+        else:
+            logits = self._step().float()
+        if self.pager is not None:
+            self.pager.observe({layer: caches["routed"] for layer, (_, _, _, caches) in zip(self.pager.layers,
+                                                                                              self.layers)})
+        return logits
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:

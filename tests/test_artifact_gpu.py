@@ -2,8 +2,7 @@
 
 float32 is the exact gate of the compiled chain (fp64 accumulation, the ops' oracles): it must equal the
 reference. bfloat16 runs DeepSeek's numerics through the kernels, where one-ulp roundings flip FP8
-codes: there the artifact must be as close to the reference as the reference's own decode is to its
-prefill (random weights amplify these flips; see the README)."""
+codes, amplified by random weights (see the README): there it must follow the reference closely."""
 import dataclasses
 from pathlib import Path
 
@@ -65,18 +64,19 @@ def test_cuda_float32_artifact_equals_the_reference(artifact_fp32, tiny_dir):
     assert _cosines(got, ref).min() >= 0.999999, (got - ref).abs().max()
 
 
-def test_cuda_bfloat16_artifact_is_as_close_as_the_reference_to_itself(artifact, tiny_dir):
+def test_cuda_bfloat16_artifact_follows_the_reference(artifact, tiny_dir):
     model = ArtifactModel(artifact, "cuda", graphs=True)
     assert model.graph is not None
     got = forced_logits(model, PROMPT, FORCED)
     ref = ReferenceModel(Checkpoint(tiny_dir), device="cuda", act=torch.bfloat16, max_len=200)
     prefill = forced_logits(ref, PROMPT, FORCED)
-    decode = forced_logits(_TokenByToken(ref), PROMPT, FORCED)
-    noise = _cosines(prefill, decode).min().item()
-    cos = _cosines(got, prefill)
-    print(f"bf16 worst cosine: artifact vs reference {cos.min():.6f}, reference decode vs prefill {noise:.6f}")
-    assert cos.min() >= min(noise, 0.999) - 0.003, (cos, noise)
-    assert (got.argmax(-1) == prefill.argmax(-1)).float().mean() >= 6 / 7
+    decode = forced_logits(_TokenByToken(ref), PROMPT, FORCED)      # fed as the artifact is
+    print(f"bf16 worst cosine: artifact vs reference decode {_cosines(got, decode).min():.6f}, vs prefill "
+          f"{_cosines(got, prefill).min():.6f}; reference decode vs prefill {_cosines(prefill, decode).min():.6f}")
+    # on CPU (oracles, no kernels) the same comparison measured 0.9969 worst, the reference against
+    # itself 0.971: bf16 on random weights is this noisy; the exact gate is the float32 test above
+    assert _cosines(got, decode).min() >= 0.99
+    assert (got.argmax(-1) == decode.argmax(-1)).float().mean() >= 6 / 7
 
 
 def test_graph_replay_equals_plain_launches_and_eager(artifact, tiny_dir):

@@ -89,3 +89,19 @@ def test_top_p_keeps_the_smallest_prefix():
     picks = {sample(logits, 1.0, 0.7, g) for _ in range(200)}
     assert picks == {0, 1}
     assert sample(logits, 0.0, 1.0, None) == 0
+
+
+@pytest.mark.slow
+def test_pager_under_a_budget_changes_nothing_but_where_experts_are_read(built):
+    """20 slots for 80 routed experts: the tables point at slots or at the cold bank; logits are the same."""
+    out, _, _ = built
+    prompt, forced = [5, 17, 99, 300, 12] * 8, [3, 4, 5, 6, 7, 8]
+    resident = forced_logits(ArtifactModel(out), prompt, forced)
+    paged_model = ArtifactModel(out, expert_slots=20)
+    paged = forced_logits(paged_model, prompt, forced)
+    assert torch.equal(paged, resident)
+    stats = paged_model.pager.stats
+    steps, layers, k = len(prompt) + len(forced), 5, 6
+    assert stats.hits + stats.misses == steps * layers * k
+    assert len(paged_model.pager.pool.resident) <= 20 and paged_model.pager.bytes_moved > 0
+    assert stats.prefetch_hits > 0          # hash layers: experts fetched from the next token's id

@@ -78,7 +78,7 @@ def test_decode_program_exports_with_its_cache_writes(setup):
     eager_caches = {k: v.clone() for k, v in caches.items()}
     expect = program(*args, eager_caches, weights)
     exported = torch.export.export(program, (*args, {k: v.clone() for k, v in caches.items()}, weights))
-    small = {k: v.numel() for k, v in exported.constants.items()}
+    small = {k: v.numel() for k, v in exported.constants.items() if k != "rot"}   # rot: the RoPE table
     assert max(small.values()) <= 16, f"weights must be inputs, not constants: {small}"   # format grids only
     got = exported.module()(*args, caches, weights)
     assert torch.equal(got, expect)

@@ -43,6 +43,8 @@ def new_caches(cfg: ModelConfig, layer: int, batch: int, max_len: int, act: torc
     if ratio == 4:
         state("idx", 4, cfg.index_head_dim)
         c["idx_keys"] = torch.zeros(batch, max_len // 4, cfg.index_head_dim, dtype=act, device=device)
+    # the experts this step routed each sequence to, for the runtime's expert pager
+    c["routed"] = torch.zeros(batch, cfg.num_experts_per_tok, dtype=torch.int32, device=device)
     return {k: c[k] for k in sorted(c)}        # sorted, as `layer_weights` (the key order is traced)
 
 
@@ -207,9 +209,10 @@ class DecodeLayer(torch.nn.Module):
         top, picked = score.topk(min(c.index_topk, score.size(-1)), dim=-1)
         return torch.where(top == float("-inf"), -1, picked)
 
-    def moe(self, x, ids, table, w):
+    def moe(self, x, ids, table, w, routed):
         c = self.cfg
         weights, experts = route(c, x, w["ffn.gate.weight"], w.get("ffn.gate.bias"), w.get("ffn.gate.tid2eid"), ids)
+        routed.copy_(experts.to(torch.int32))
         y = torch.ops.dsv4.moe_routed(x, experts.to(torch.int32), weights, table, c.moe_intermediate_size,
                                       c.swiglu_limit)
         gate, up = _linear(x, w, "ffn.shared_experts.w1"), _linear(x, w, "ffn.shared_experts.w3")
@@ -224,7 +227,8 @@ class DecodeLayer(torch.nn.Module):
         h = hc_post(self.attention(rms_norm(y[:, 0], w["attn_norm.weight"], eps), pos, caches, w)[:, None],
                     h, post, comb)
         y, post, comb = hc_pre(h, *hc["ffn"], self.cfg)
-        h = hc_post(self.moe(rms_norm(y[:, 0], w["ffn_norm.weight"], eps), ids, table, w)[:, None], h, post, comb)
+        ffn = self.moe(rms_norm(y[:, 0], w["ffn_norm.weight"], eps), ids, table, w, caches["routed"])
+        h = hc_post(ffn[:, None], h, post, comb)
         return h[:, 0]
 
 

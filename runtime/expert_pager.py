@@ -1,0 +1,117 @@
+"""Routed experts under a memory budget: a pool of device slots shared by every layer, the rest read
+from a cold store, with the slot pool's policy (runtime/pager_policy.py) deciding who is resident.
+
+Each layer's table entry points at the expert's slot when it is resident, else at its cold copy
+(pinned host memory on CUDA, the memory-mapped bank on CPU). The kernels read either, so a miss is a
+slower read over the bus, never a failure: a captured decode graph stays valid whatever is resident,
+and only the tables' values change between steps.
+
+After each step the runtime reports what every layer routed to (the programs write it to their
+`routed` cache); before the next it gives the next tokens. The pager counts hits and misses against
+what was resident during the step, admits the missed experts, prefetches the hash-routed layers'
+experts of the next tokens (known exactly from the token ids: `tid2eid`), evicts by frequency then
+recency, and copies on its own stream; the next step waits for those copies through an event.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .expert_bank import ExpertBank
+from .pager_policy import SlotPool
+
+
+class PagedExperts:
+    def __init__(self, bank: ExpertBank, layers: list[int], device: torch.device, slots: int,
+                 tid2eid: dict[int, torch.Tensor] | None = None):
+        """`tid2eid[layer]` [vocab, k] for the hash-routed layers among `layers` (exact prefetch)."""
+        self.device, self.layers = device, layers
+        self.tid2eid = {layer: t.cpu() for layer, t in (tid2eid or {}).items()}
+        self.stride = max(bank.entries[layer]["stride"] for layer in layers)
+        self.expert_bytes = {layer: bank.entries[layer]["expert_bytes"] for layer in layers}
+        self.strides = {layer: bank.entries[layer]["stride"] for layer in layers}
+        self.pool = SlotPool(slots)
+        self.slab = torch.empty(slots * self.stride, dtype=torch.uint8, device=device)
+        cuda = device.type == "cuda"
+        self.cold: dict[int, torch.Tensor] = {}
+        self.cold_tables: dict[int, torch.Tensor] = {}
+        self.tables: dict[int, torch.Tensor] = {}
+        for layer in layers:
+            e = bank.entries[layer]
+            mapped = bank.layer_bytes(layer)
+            # CUDA: pinned host memory, which the kernels read directly; CPU: the mapped bank itself
+            store = torch.empty(mapped.numel(), dtype=torch.uint8, pin_memory=True).copy_(mapped) if cuda else mapped
+            self.cold[layer] = store
+            self.cold_tables[layer] = store.data_ptr() + e["stride"] * torch.arange(e["experts"], dtype=torch.int64)
+            self.tables[layer] = self.cold_tables[layer].clone().to(device)
+        self.bank = bank                              # owns the maps the CPU cold store points into
+        self.placed: dict[tuple[int, int], int] = {}  # (layer, expert) -> slot whose bytes are in the slab
+        self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        self.ready = torch.cuda.Event() if cuda else None
+        self.bytes_moved = 0
+        self.stall_s = 0.0
+
+    @property
+    def stats(self):
+        return self.pool.stats
+
+    def device_bytes(self) -> int:
+        return self.slab.numel()
+
+    def observe(self, routed: dict[int, torch.Tensor]) -> None:
+        """After a step: `routed[layer]` [B, k] the experts each layer used. Counts hits and misses against
+        what was resident during the step, admits the missed experts and starts copying them."""
+        for layer in self.layers:
+            self.pool.use([(layer, int(e)) for e in routed[layer].flatten().tolist()])
+        self._apply()
+
+    def prepare(self, tokens: list[int]) -> None:
+        """Before a step: prefetch the hash-routed layers' experts of `tokens`, then make the compute
+        stream wait for every copy and table update (the wait counts as stall time if it blocks)."""
+        for layer, table in self.tid2eid.items():
+            self.pool.prefetch([(layer, int(e)) for t in tokens for e in table[t].tolist()])
+        self._apply()
+        if self.ready is not None:
+            t0 = time.perf_counter()
+            if not self.ready.query():
+                self.ready.synchronize()
+                self.stall_s += time.perf_counter() - t0
+            torch.cuda.current_stream(self.device).wait_event(self.ready)
+
+    def _apply(self) -> None:
+        """Copy newly admitted experts into their slots and point every table at the current residency."""
+        resident = self.pool.resident
+        moves = [(key, slot) for key, slot in resident.items() if self.placed.get(key) != slot]
+        self.placed = dict(resident)
+        if not moves:
+            return
+        stream = torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else _NoStream()
+        with stream:
+            if self.copy_stream is not None:
+                # the step that read the slots being overwritten has finished: the runtime synchronised on
+                # its logits; still, order after all work on the compute stream
+                self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            for (layer, e), slot in moves:
+                n = self.expert_bytes[layer]
+                src = self.cold[layer][e * self.strides[layer]:e * self.strides[layer] + n]
+                self.slab[slot * self.stride:slot * self.stride + n].copy_(src, non_blocking=True)
+                self.bytes_moved += n
+            base = self.slab.data_ptr()
+            for layer in self.layers:
+                values = self.cold_tables[layer].clone()
+                for (lay, e), slot in resident.items():
+                    if lay == layer:
+                        values[e] = base + slot * self.stride
+                host = values.pin_memory() if self.copy_stream is not None else values
+                self.tables[layer].copy_(host, non_blocking=True)
+            if self.ready is not None:
+                self.ready.record(self.copy_stream)
+
+
+class _NoStream:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
