@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .errors import UserError, read_json
+from .trt_support import installed_versions
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -59,11 +60,7 @@ class Machine:
             major, minor = torch.cuda.get_device_capability()
             arch = f"sm_{major}{minor}"
         versions = {"torch": torch.__version__.split("+")[0], "python": platform.python_version()}
-        try:
-            import tensorrt  # noqa: F401
-            versions["tensorrt"] = tensorrt.__version__
-        except ImportError:
-            pass
+        versions |= installed_versions()        # 'tensorrt' / 'tensorrt-rtx', the keys builds write
         return Machine(arch, versions)
 
 

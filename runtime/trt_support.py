@@ -39,7 +39,32 @@ def available_backends() -> list[str]:
     return out
 
 
+_DISTRIBUTIONS = {"tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-cu13-bindings"),
+                  "tensorrt-rtx": ("tensorrt-rtx", "tensorrt-rtx-cu13-bindings", "tensorrt-rtx-cu12-bindings")}
+
+
+def installed_versions() -> dict[str, str]:
+    """backend -> installed TensorRT version, from package metadata (nothing imported: the manifest check
+    must not load TensorRT, and TensorRT-RTX must be imported through load_tensorrt)."""
+    from importlib import metadata
+    out = {}
+    for backend, names in _DISTRIBUTIONS.items():
+        for name in names:
+            try:
+                out[backend] = metadata.version(name)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return out
+
+
+_rtx_linked = False          # this process already loaded the libraries from the link folder
+
+
 def _link_rtx_parser() -> None:
+    global _rtx_linked
+    if _rtx_linked:
+        return
     spec = importlib.util.find_spec("tensorrt_rtx_libs")
     if spec is None or not spec.submodule_search_locations:
         return
@@ -62,6 +87,7 @@ def _link_rtx_parser() -> None:
         tmp.replace(link)                       # atomic: concurrent builds never see a missing link
     for name in _RTX_LIBS:                      # loaded from the cache folder: their $ORIGIN is that folder
         ctypes.CDLL(str(cache / name), mode=ctypes.RTLD_GLOBAL)
+    _rtx_linked = True
 
 
 def load_tensorrt(backend: str):
