@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds a synthetic DeepSeek V4 Flash-size checkpoint cut to LAYERS layers with aoti for CUDA, checks the
 # artifact against the reference through `dsv4 forced`, and benchmarks it against eager (`dsv4 bench`).
-#   LAYERS=4 OUT=/some/dir bash bench/artifact_h200.sh       (on the H200; results land in $OUT)
+#   LAYERS=8 OUT=/some/dir bash bench/artifact_h200.sh       (on the H200; results land in $OUT)
+# Then the same artifact with a quarter of its routed experts off the GPU, expert prefetch on and off.
 # AOTInductor packages on the H200 image need libstdc++ preloaded (see docs/design.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,3 +21,6 @@ dsv4 forced --artifact $ART --prompt-ids $PROMPT --forced-ids 11,12,13,14,15,16,
     --compare /tmp/ref-flash$LAYERS.safetensors --min-cosine 0.999 2>&1 | tee $OUT/forced-flash$LAYERS.txt || true
 fi
 dsv4 bench $ART --compare eager --json $OUT/artifact-flash$LAYERS-h200.json 2>&1 | tee $OUT/bench-flash$LAYERS.txt
+SLOTS=$(( LAYERS * 256 * 3 / 4 ))
+dsv4 bench $ART --compare none --expert-slots $SLOTS --json $OUT/artifact-flash$LAYERS-paged-h200.json 2>&1 \
+    | tee $OUT/bench-flash$LAYERS-paged.txt

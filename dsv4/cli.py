@@ -349,14 +349,19 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
 
     from runtime.bench import bytes_per_token, copy_bandwidth, measure
     prompt = [(7 * i + 3) % 1000 + 2 for i in range(prompt_len)]
-    modes = [("compiled", False, True)] + ([("eager", True, False)] if compare_with == "eager" else [])
+    # (name, eager, graphs, pager prefetch); the list grows once the device is known
+    modes = [("compiled", False, True, True)] + ([("eager", True, False, True)] if compare_with == "eager" else [])
     report: dict = {"command": " ".join(sys.argv), "artifact": str(artifact), "torch": torch.__version__,
                     "python": platform.python_version(), "modes": {}}
     per_token = bandwidth = None
-    for name, eager, graphs in modes:
+    for name, eager, graphs, prefetch in modes:
         model = _open_artifact(artifact, device, eager, graphs, expert_slots)
+        if model.pager is not None:
+            model.pager.prefetch_enabled = prefetch
+            if name == "compiled":
+                modes.insert(1, ("compiled-no-prefetch", False, True, False))
         if name == "compiled" and model.device.type == "cuda":
-            modes.insert(1, ("compiled-no-graph", False, False))
+            modes.insert(1, ("compiled-no-graph", False, False, True))
             report["gpu"] = torch.cuda.get_device_name(model.device)
             bandwidth, per_token = copy_bandwidth(model.device), bytes_per_token(model)
             report |= {"copy_bandwidth_gb_s": bandwidth / 1e9, "bytes_per_token": per_token}

@@ -51,6 +51,7 @@ class PagedExperts:
         self.ready = torch.cuda.Event() if cuda else None
         self.bytes_moved = 0
         self.stall_s = 0.0
+        self.prefetch_enabled = True                  # off: only the policy's admissions on use (a baseline)
 
     @property
     def stats(self):
@@ -69,7 +70,7 @@ class PagedExperts:
     def prepare(self, tokens: list[int]) -> None:
         """Before a step: prefetch the hash-routed layers' experts of `tokens`, then make the compute
         stream wait for every copy and table update (the wait counts as stall time if it blocks)."""
-        for layer, table in self.tid2eid.items():
+        for layer, table in (self.tid2eid.items() if self.prefetch_enabled else ()):
             self.pool.prefetch([(layer, int(e)) for t in tokens for e in table[t].tolist()])
         self._apply()
         if self.ready is not None:
