@@ -87,3 +87,16 @@ def test_graph_replay_equals_plain_launches_and_eager(artifact, tiny_dir):
     eager = forced_logits(ArtifactModel(artifact, "cuda", programs=lambda layer: make_program(
         cfg, layer, torch.bfloat16, 1024)), PROMPT, FORCED)
     assert _cosines(graphed, eager).min() >= 0.9999
+
+
+def test_paged_experts_change_nothing_but_where_they_are_read(artifact):
+    """20 device slots for 80 experts, the rest read from pinned host memory, inside the captured graph:
+    the same logits as every expert resident, with hits, misses and prefetches counted."""
+    resident = forced_logits(ArtifactModel(artifact, "cuda", graphs=True, expert_slots=0), PROMPT, FORCED)
+    model = ArtifactModel(artifact, "cuda", graphs=True, expert_slots=20)
+    paged = forced_logits(model, PROMPT, FORCED)
+    assert torch.equal(paged, resident)
+    stats = model.pager.stats
+    assert stats.hits + stats.misses == (len(PROMPT) + len(FORCED)) * 5 * 6
+    assert stats.prefetch_hits > 0 and model.pager.bytes_moved > 0
+    assert model.pager.device_bytes() == 20 * model.pager.stride
