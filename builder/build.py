@@ -100,6 +100,9 @@ def _check_device(recipe: Recipe) -> dict[str, str]:
         if recipe.backend == "tensorrt" and not torch.cuda.is_available():
             raise UserError("backend 'tensorrt' builds engines on the GPU they target: this machine has no CUDA "
                             "GPU (build on the target box, or use backend 'tensorrt-rtx' for sm_120a/sm_121a)")
+        if recipe.dtype != "bfloat16":
+            raise UserError(f"backend {recipe.backend!r} builds bfloat16 programs (dtype {recipe.dtype!r} works in "
+                            "float64, which TensorRT has no kernels for); set build.dtype = \"bfloat16\"")
         return {recipe.backend: load_tensorrt(recipe.backend).__version__}
     if recipe.backend not in ("aoti", "eager"):
         raise UserError(f"backend {recipe.backend!r} is not implemented by this build; use 'aoti' or 'eager'")

@@ -101,3 +101,9 @@ def test_full_tensorrt_needs_the_target_gpu(tiny_dir, tmp_path, monkeypatch):
     recipe = replace(load_recipe(RECIPE), backend="tensorrt")
     with pytest.raises(UserError, match="backend 'tensorrt' builds engines on the GPU they target"):
         build(recipe, tiny_dir, tmp_path / "out")
+
+
+def test_tensorrt_builds_need_bfloat16(tiny_dir, tmp_path):
+    from dataclasses import replace
+    with pytest.raises(UserError, match="backend 'tensorrt-rtx' builds bfloat16 programs"):
+        build(replace(load_recipe(RECIPE), dtype="float32"), tiny_dir, tmp_path / "out")
