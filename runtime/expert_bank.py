@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import mmap
+import os
 from pathlib import Path
 
 import torch
@@ -44,6 +45,15 @@ class ExpertBank:
         """Every byte of a layer's bank (uint8), a zero-copy view of the mapped file."""
         entry = self.entries[layer]
         return torch.frombuffer(memoryview(self._map(layer))[:entry["experts"] * entry["stride"]], dtype=torch.uint8)
+
+    def release(self, layer: int) -> None:
+        """Drop a layer's bank from this process and from the page cache once its bytes were copied
+        elsewhere (device memory, pinned memory): on a unified-memory GB10 the page cache competes with
+        the GPU for the same memory. Later reads fault the pages back in from the file."""
+        if layer in self._maps:
+            self._maps[layer].madvise(mmap.MADV_DONTNEED)
+        with (self.folder / self.entries[layer]["file"]).open("rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
     def addresses(self, layer: int) -> torch.Tensor:
         """int64 addresses of every expert of `layer` in the mapped file: an expert table for the kernels."""

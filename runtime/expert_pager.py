@@ -42,6 +42,8 @@ class PagedExperts:
             mapped = bank.layer_bytes(layer)
             # CUDA: pinned host memory, which the kernels read directly; CPU: the mapped bank itself
             store = torch.empty(mapped.numel(), dtype=torch.uint8, pin_memory=True).copy_(mapped) if cuda else mapped
+            if cuda:
+                bank.release(layer)                   # the pinned copy serves from now on
             self.cold[layer] = store
             self.cold_tables[layer] = store.data_ptr() + e["stride"] * torch.arange(e["experts"], dtype=torch.int64)
             self.tables[layer] = self.cold_tables[layer].clone().to(device)

@@ -31,6 +31,8 @@ class DeviceExperts:
             mapped = bank.layer_bytes(layer)
             for at in range(0, n * stride, chunk):          # bounded host memory: the page cache does the rest
                 slab[at:at + chunk].copy_(mapped[at:at + chunk])
+            torch.cuda.synchronize(device)
+            bank.release(layer)
             self.slabs[layer] = slab
             self.tables[layer] = slab.data_ptr() + stride * torch.arange(n, dtype=torch.int64, device=device)
 

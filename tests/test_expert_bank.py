@@ -29,6 +29,8 @@ def test_bank_holds_each_expert_contiguous_and_aligned(bank):
     assert torch.equal(reader.expert(3, 7), expect)
     assert not list(out.glob("*.partial"))
     reader.verify()
+    reader.release(3)                        # dropped from memory and page cache, read back from the file
+    assert torch.equal(reader.expert(3, 7), expect)
 
 
 def test_corrupted_expert_is_named(bank, tmp_path):
