@@ -7,6 +7,7 @@ every layer, head) over static buffers (`tokens`, `positions`, caches); on CUDA 
 as a CUDA graph and replayed per token. The prompt goes through the same one-token step (prefill
 programs do not exist yet).
 
+TensorRT engines (runtime/trt_executor.py) take the compiled programs' place with the same contract.
 AOTInductor packages are loaded with `run_single_threaded=True`: the default model container waits on
 events between runs, which is not allowed while a stream is capturing; the single-threaded runner skips
 that bookkeeping and keeps the proxy executor that calls the `dsv4::` ops, so the chain captures.
@@ -57,8 +58,8 @@ class ArtifactModel:
             raise UserError("--device cuda: this machine has no CUDA GPU")
         if programs is None and m["backend"] == "aoti" and m["device"] != self.device.type:
             raise UserError(f"this artifact's programs are compiled for {m['device']}; run it on {m['device']}")
-        if programs is None and m["backend"] != "aoti":
-            raise UserError(f"backend {m['backend']!r} artifacts run through `dsv4 run`, which supplies the programs")
+        if programs is None and m["backend"] == "eager":
+            raise UserError("eager artifacts run through `dsv4 run`, which supplies the layer programs")
         if graphs and self.device.type != "cuda":
             raise UserError("CUDA graphs need --device cuda")
         if str(batch) not in {str(b) for b in m["decode_batch_buckets"]}:
@@ -91,10 +92,16 @@ class ArtifactModel:
         else:
             self.experts = HostExperts(bank, ids)
         loaded: dict[str, object] = {}
+        engines = None
+        if programs is None and m["backend"] in ("tensorrt", "tensorrt-rtx"):
+            from .trt_executor import EngineLoader      # TensorRT stays an optional import
+            engines = EngineLoader(m, self.root, self.device)
         self.layers = []
         for e in main:
             if programs is not None:
                 run = programs(e["layer"]).to(self.device)
+            elif engines is not None:
+                run = engines.layer(e, batch)           # called exactly like a compiled program
             else:
                 path = e["programs"][str(batch)]
                 if path not in loaded:

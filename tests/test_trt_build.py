@@ -107,3 +107,14 @@ def test_tensorrt_builds_need_bfloat16(tiny_dir, tmp_path):
     from dataclasses import replace
     with pytest.raises(UserError, match="backend 'tensorrt-rtx' builds bfloat16 programs"):
         build(replace(load_recipe(RECIPE), dtype="float32"), tiny_dir, tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_running_an_rtx_artifact_without_its_gpu_is_one_message(rtx_built, tmp_path):
+    import subprocess
+    import sys
+    out, _ = rtx_built
+    r = subprocess.run([sys.executable, "-m", "dsv4.cli", "run", str(out), "--prompt", "Hello", "--max-new", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "sm_121a" in r.stderr and "no CUDA GPU" in r.stderr
