@@ -14,6 +14,7 @@ recency, and copies on its own stream; the next step waits for those copies thro
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -47,6 +48,9 @@ class PagedExperts:
             self.cold[layer] = store
             self.cold_tables[layer] = store.data_ptr() + e["stride"] * torch.arange(e["experts"], dtype=torch.int64)
             self.tables[layer] = self.cold_tables[layer].clone().to(device)
+        # the tables' values on the host (pinned on CUDA, for asynchronous copies), changed entry by entry
+        self.host_tables = {layer: t.clone().pin_memory() if cuda else t.clone()
+                            for layer, t in self.cold_tables.items()}
         self.bank = bank                              # owns the maps the CPU cold store points into
         self.placed: dict[tuple[int, int], int] = {}  # (layer, expert) -> slot whose bytes are in the slab
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
@@ -83,38 +87,34 @@ class PagedExperts:
             torch.cuda.current_stream(self.device).wait_event(self.ready)
 
     def _apply(self) -> None:
-        """Copy newly admitted experts into their slots and point every table at the current residency."""
+        """Copy newly admitted experts into their slots and repoint the table entries that changed."""
         resident = self.pool.resident
         moves = [(key, slot) for key, slot in resident.items() if self.placed.get(key) != slot]
+        evicted = [key for key in self.placed if key not in resident]
         self.placed = dict(resident)
-        if not moves:
+        if not moves and not evicted:
             return
-        stream = torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else _NoStream()
+        touched = set()
+        for layer, e in evicted:
+            self.host_tables[layer][e] = self.cold_tables[layer][e]
+            touched.add(layer)
+        stream = torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else contextlib.nullcontext()
         with stream:
             if self.copy_stream is not None:
-                # the step that read the slots being overwritten has finished: the runtime synchronised on
-                # its logits; still, order after all work on the compute stream
+                # the step that read the slots being overwritten has finished (the runtime synchronised on
+                # its logits); still, order after all work on the compute stream
                 self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            base = self.slab.data_ptr()
             for (layer, e), slot in moves:
                 n = self.expert_bytes[layer]
                 src = self.cold[layer][e * self.strides[layer]:e * self.strides[layer] + n]
                 self.slab[slot * self.stride:slot * self.stride + n].copy_(src, non_blocking=True)
                 self.bytes_moved += n
-            base = self.slab.data_ptr()
-            for layer in self.layers:
-                values = self.cold_tables[layer].clone()
-                for (lay, e), slot in resident.items():
-                    if lay == layer:
-                        values[e] = base + slot * self.stride
-                host = values.pin_memory() if self.copy_stream is not None else values
-                self.tables[layer].copy_(host, non_blocking=True)
+                self.host_tables[layer][e] = base + slot * self.stride
+                touched.add(layer)
+            # host tables are reused: the next change to them comes after the step that waited for these
+            # copies has finished
+            for layer in touched:
+                self.tables[layer].copy_(self.host_tables[layer], non_blocking=True)
             if self.ready is not None:
                 self.ready.record(self.copy_stream)
-
-
-class _NoStream:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
