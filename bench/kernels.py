@@ -23,6 +23,7 @@ from plugins.fp8_linear import fp8_linear_decode, make_workspace  # noqa: E402
 from plugins.moe_experts import expert_nbytes, moe_experts_decode  # noqa: E402
 from plugins.moe_experts import make_workspace as moe_make_workspace  # noqa: E402
 from plugins.oracle import quantised_matmul  # noqa: E402
+from runtime.bench import copy_bandwidth  # noqa: E402
 
 L2_DEFEAT_BYTES = 512 << 20   # 10x the H200's L2
 
@@ -51,14 +52,6 @@ def graph_time_ms(fn, launches: int, replays: int = 20) -> float:
         for _ in range(launches):
             fn()
     return time_ms(graph.replay, iters=replays) / launches
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy of 2 GiB: (read + write bytes) / time, in bytes/s."""
-    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), iters=20)
-    return 2 * src.numel() / (ms * 1e-3)
 
 
 def bench_fp8_gemv(name: str, n: int, k: int, m: int, bandwidth: float) -> dict:

@@ -10,13 +10,14 @@ import time
 import torch
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy: (read + written bytes) / time, bytes/s; the median of 10 copies."""
+def copy_bandwidth(device: torch.device | str = "cuda", nbytes: int = 2 << 30, iters: int = 20) -> float:
+    """Device-to-device copy: (read + written bytes) / time, bytes/s; the median of `iters` copies. The
+    one yardstick of every decode figure (kernels and end to end)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     times = []
-    for _ in range(10):
+    for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         dst.copy_(src)
