@@ -333,8 +333,10 @@ def _pager_line(pager) -> str:
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--compare", "compare_with", type=click.Choice(["eager", "none"]), default="eager", show_default=True,
               help="Also run the layer programs eagerly, in the same process.")
-@click.option("--prompt-len", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--new", "new_tokens", type=click.IntRange(2), default=32, show_default=True)
+@click.option("--prompt-len", type=click.IntRange(1), default=32, show_default=True,
+              help="Prompt tokens (a fixed synthetic sequence), fed one decode step each.")
+@click.option("--new", "new_tokens", type=click.IntRange(2), default=32, show_default=True,
+              help="Tokens generated greedily after the prompt.")
 @click.option("--device", default="auto", show_default=True, help="auto = what the artifact was compiled for.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the figures here.")
 @click.option("--expert-slots", type=click.IntRange(0), default=None,
@@ -342,7 +344,8 @@ def _pager_line(pager) -> str:
 def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, expert_slots) -> None:
     """Time to first token, prefill and decode tok/s of an artifact (with and without CUDA graphs on a GPU),
     side by side with eager; greedy tokens of every mode must agree. On a GPU, decode is also given as a
-    fraction of (bytes read per token / device copy bandwidth measured in this run)."""
+    fraction of (bytes read per token / device copy bandwidth measured in this run). When experts are
+    paged (--expert-slots), the compiled run is repeated without prefetch: hit rates and stall time."""
     import platform
 
     import torch
