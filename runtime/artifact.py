@@ -116,8 +116,18 @@ class ArtifactModel:
         self.tokens = torch.zeros(batch, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(batch, dtype=torch.int64, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None
+        if self.device.type == "cuda":
+            self._check_budget(m["recipe"].get("memory_budget_gib"))
         if graphs:
             self._capture()
+
+    def _check_budget(self, budget_gib: float | None) -> None:
+        """Weights, expert slots and caches are all allocated by now: refuse if they exceed the recipe's
+        memory budget, rather than run into it mid-generation."""
+        used = torch.cuda.memory_allocated(self.device)
+        if budget_gib is not None and used > budget_gib * 2**30:
+            raise UserError(f"loading took {used / 2**30:.1f} GiB of device memory, above the recipe's budget of "
+                            f"{budget_gib:g} GiB: run with fewer --expert-slots")
 
     def reset(self, batch: int = 1) -> None:
         """Empty every cache in place (a captured graph keeps pointing at the same storage)."""
