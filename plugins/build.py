@@ -8,6 +8,7 @@ At run time the CUDA driver picks the image matching the GPU (see plugins/loader
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,11 @@ def build(out: Path = DEFAULT_OUT) -> Path:
             sys.stderr.write(result.stderr)
             raise SystemExit(f"error: nvcc failed building {out.name}")
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(partial), out)        # a failed build leaves the previous fat binary intact
+        # copy next to the target, then rename: a reader never sees a half-written fat binary (a move
+        # from /tmp across filesystems is a copy), and a failed build leaves the previous one intact
+        staged = out.with_name(out.name + ".partial")
+        shutil.copyfile(partial, staged)
+        os.replace(staged, out)
     return out
 
 
