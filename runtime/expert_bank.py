@@ -57,9 +57,7 @@ class ExpertBank:
 
     def addresses(self, layer: int) -> torch.Tensor:
         """int64 addresses of every expert of `layer` in the mapped file: an expert table for the kernels."""
-        entry = self.entries[layer]
-        base = ctypes.addressof(ctypes.c_char.from_buffer(self._map(layer)))
-        return torch.tensor([base + i * entry["stride"] for i in range(entry["experts"])], dtype=torch.int64)
+        return expert_addresses(ctypes.addressof(ctypes.c_char.from_buffer(self._map(layer))), self.entries[layer])
 
     def verify(self, layer: int | None = None) -> None:
         """Check every expert's sha256 (of one layer, or all); the error names the file and the expert."""
@@ -70,3 +68,8 @@ class ExpertBank:
                 start = e * entry["stride"]
                 if hashlib.sha256(m[start:start + entry["expert_bytes"]]).hexdigest() != digest:
                     raise UserError(f"expert bank {entry['file']}: expert {e} is corrupted (sha256 mismatch)")
+
+
+def expert_addresses(base: int, entry: dict, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The expert table of a bank laid out from address `base` (file map, device slab, pinned copy)."""
+    return base + entry["stride"] * torch.arange(entry["experts"], dtype=torch.int64, device=device)

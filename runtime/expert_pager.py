@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from .expert_bank import ExpertBank
+from .expert_bank import ExpertBank, expert_addresses
 from .pager_policy import SlotPool
 
 
@@ -46,13 +46,12 @@ class PagedExperts:
             if cuda:
                 bank.release(layer)                   # the pinned copy serves from now on
             self.cold[layer] = store
-            self.cold_tables[layer] = store.data_ptr() + e["stride"] * torch.arange(e["experts"], dtype=torch.int64)
+            self.cold_tables[layer] = expert_addresses(store.data_ptr(), e)
             self.tables[layer] = self.cold_tables[layer].clone().to(device)
         # the tables' values on the host (pinned on CUDA, for asynchronous copies), changed entry by entry
         self.host_tables = {layer: t.clone().pin_memory() if cuda else t.clone()
                             for layer, t in self.cold_tables.items()}
         self.bank = bank                              # owns the maps the CPU cold store points into
-        self.placed: dict[tuple[int, int], int] = {}  # (layer, expert) -> slot whose bytes are in the slab
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
         self.ready = torch.cuda.Event() if cuda else None
         self.bytes_moved = 0
@@ -69,8 +68,9 @@ class PagedExperts:
     def observe(self, routed: dict[int, torch.Tensor]) -> None:
         """After a step: `routed[layer]` [B, k] the experts each layer used. Counts hits and misses against
         what was resident during the step, admits the missed experts and starts copying them."""
-        for layer in self.layers:
-            self.pool.use([(layer, int(e)) for e in routed[layer].flatten().tolist()])
+        used = torch.stack([routed[layer] for layer in self.layers]).tolist()   # one transfer for all layers
+        for layer, experts in zip(self.layers, used):
+            self.pool.use([(layer, e) for row in experts for e in row])
         self._apply()
 
     def prepare(self, tokens: list[int]) -> None:
@@ -87,17 +87,15 @@ class PagedExperts:
             torch.cuda.current_stream(self.device).wait_event(self.ready)
 
     def _apply(self) -> None:
-        """Copy newly admitted experts into their slots and repoint the table entries that changed."""
-        resident = self.pool.resident
-        moves = [(key, slot) for key, slot in resident.items() if self.placed.get(key) != slot]
-        evicted = [key for key in self.placed if key not in resident]
-        self.placed = dict(resident)
-        if not moves and not evicted:
+        """Carry out the pool's admissions and evictions since the last call: copy admitted experts into
+        their slots, repoint the table entries that changed."""
+        changes, self.pool.changes = self.pool.changes, []
+        if not changes:
             return
+        # only each expert's last change counts: one admitted and evicted again within the same call is
+        # never copied (at most one expert ends up in any slot)
+        changes = dict(changes)
         touched = set()
-        for layer, e in evicted:
-            self.host_tables[layer][e] = self.cold_tables[layer][e]
-            touched.add(layer)
         stream = torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else contextlib.nullcontext()
         with stream:
             if self.copy_stream is not None:
@@ -105,13 +103,18 @@ class PagedExperts:
                 # its logits); still, order after all work on the compute stream
                 self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             base = self.slab.data_ptr()
-            for (layer, e), slot in moves:
+            for (layer, e), slot in changes.items():
+                touched.add(layer)
+                if slot is None:                      # evicted: read from the cold copy again
+                    self.host_tables[layer][e] = self.cold_tables[layer][e]
+                    continue
+                if self.host_tables[layer][e] == base + slot * self.stride:
+                    continue                          # evicted and readmitted to the slot it still holds
                 n = self.expert_bytes[layer]
                 src = self.cold[layer][e * self.strides[layer]:e * self.strides[layer] + n]
                 self.slab[slot * self.stride:slot * self.stride + n].copy_(src, non_blocking=True)
                 self.bytes_moved += n
                 self.host_tables[layer][e] = base + slot * self.stride
-                touched.add(layer)
             # host tables are reused: the next change to them comes after the step that waited for these
             # copies has finished
             for layer in touched:

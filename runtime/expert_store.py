@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .expert_bank import ExpertBank
+from .expert_bank import ExpertBank, expert_addresses
 
 
 class HostExperts:
@@ -34,8 +34,4 @@ class DeviceExperts:
             torch.cuda.synchronize(device)
             bank.release(layer)
             self.slabs[layer] = slab
-            self.tables[layer] = slab.data_ptr() + stride * torch.arange(n, dtype=torch.int64, device=device)
-
-    @property
-    def device_bytes(self) -> int:
-        return sum(s.numel() for s in self.slabs.values())
+            self.tables[layer] = expert_addresses(slab.data_ptr(), entry, device)

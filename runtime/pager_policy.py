@@ -40,6 +40,8 @@ class SlotPool:
     prefetched: set[Key] = field(default_factory=set)
     clock: int = 0
     stats: PagerStats = field(default_factory=PagerStats)
+    # (key, slot) admitted or (key, None) evicted, in order: what a copy engine must carry out
+    changes: list[tuple[Key, int | None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.slots < 1:
@@ -67,8 +69,10 @@ class SlotPool:
             self.free.append(self.resident.pop(victim))
             self.prefetched.discard(victim)
             self.stats.evictions += 1
+            self.changes.append((victim, None))
         slot = self.free.pop()
         self.resident[key] = slot
+        self.changes.append((key, slot))
         return slot
 
     def use(self, needed: Iterable[Key]) -> dict[Key, int]:
