@@ -53,9 +53,11 @@ class BuildSummary:
 
 
 def _code_digest() -> str:
-    """Digest of the code that shapes the outputs: the layer programs and the ops they call."""
+    """Digest of the code that shapes the outputs: the layer programs, the reference functions they reuse
+    (routing, RoPE tables) and the ops they call."""
     h = hashlib.sha256()
-    for path in sorted([Path(decode.__file__), *Path(plugins.__file__).parent.glob("*.py")]):
+    reference = Path(decode.__file__).parents[1] / "reference"
+    for path in sorted([Path(decode.__file__), *reference.glob("*.py"), *Path(plugins.__file__).parent.glob("*.py")]):
         h.update(path.read_bytes())
     return h.hexdigest()
 
@@ -130,7 +132,8 @@ def _engine_entry(backend: str, kind: str, buckets, root: Path) -> dict:
     if backend not in TRT_BACKENDS:
         return {}
     onnx_rel = f"programs/{kind}.onnx"
-    return {"engine": {"file": engine_file(kind), "onnx": onnx_rel, "profiles": {str(b): i for i, b in enumerate(buckets)},
+    profiles = {str(b): i for i, b in enumerate(buckets)}
+    return {"engine": {"file": engine_file(kind), "onnx": onnx_rel, "profiles": profiles,
                        **trt_program.engine_io(root / onnx_rel)}}
 
 

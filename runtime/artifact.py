@@ -97,6 +97,7 @@ class ArtifactModel:
             from .trt_executor import EngineLoader      # TensorRT stays an optional import
             engines = EngineLoader(m, self.root, self.device)
         self.layers = []
+        self.fills: list[dict[str, float]] = []          # each cache's empty value, from the manifest
         for e in main:
             if programs is not None:
                 run = programs(e["layer"]).to(self.device)
@@ -112,6 +113,7 @@ class ArtifactModel:
             weights = dict(sorted(load_file(str(self.root / e["weights"]), device=dev).items()))
             caches = {name: torch.full([batch, *shape[1:]], float(fill), dtype=getattr(torch, dtype), device=dev)
                       for name, (shape, dtype, fill) in sorted(e["caches"].items())}
+            self.fills.append({name: float(fill) for name, (_, _, fill) in e["caches"].items()})
             self.layers.append((run, self.experts.tables[e["layer"]], weights, caches))
         self.tokens = torch.zeros(batch, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(batch, dtype=torch.int64, device=dev)
@@ -133,9 +135,9 @@ class ArtifactModel:
         """Empty every cache in place (a captured graph keeps pointing at the same storage)."""
         if batch != self.batch:
             raise ValueError(f"this model runs decode batch {self.batch}")
-        for _, _, _, caches in self.layers:
+        for (_, _, _, caches), fills in zip(self.layers, self.fills):
             for name, t in caches.items():
-                t.fill_(float("-inf") if name.endswith("_score") else 0)
+                t.fill_(fills[name])
 
     def _step(self) -> torch.Tensor:
         """One decode step over the static buffers: logits [B, vocab] in the working dtype."""
