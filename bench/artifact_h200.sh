@@ -3,22 +3,33 @@
 # artifact against the reference through `dsv4 forced`, and benchmarks it against eager (`dsv4 bench`).
 #   LAYERS=8 OUT=/some/dir bash bench/artifact_h200.sh       (on the H200; results land in $OUT)
 # Then the same artifact with a quarter of its routed experts off the GPU, expert prefetch on and off.
-# AOTInductor packages on the H200 image need libstdc++ preloaded (see docs/design.md).
+# DTYPE=float32 builds the exact gate instead: the artifact runs the ops' oracles and must equal the float32
+# reference (argmax identical, cosine >= 0.999999); no benchmark (oracles are not the fast path).
+# SKIP_FORCED=1 skips the reference comparison. AOTInductor packages on the H200 image need libstdc++
+# preloaded (see docs/design.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6
-LAYERS=${LAYERS:-4}
-CKPT=/tmp/flash$LAYERS ART=/tmp/art/flash$LAYERS
+LAYERS=${LAYERS:-4} DTYPE=${DTYPE:-bfloat16}
+CKPT=/tmp/flash$LAYERS ART=/tmp/art/flash$LAYERS-$DTYPE RECIPE=/tmp/bench-flash-$DTYPE.toml
+sed "s/^dtype = .*/dtype = \"$DTYPE\"/" recipes/bench-flash-h200.toml > $RECIPE
 dsv4() { python -m dsv4.cli "$@"; }
 [ -f plugins/dsv4_kernels.fatbin ] || python -m plugins.build
-[ -f $CKPT/config.json ] || { time dsv4 synth --model flash --layers $LAYERS --out $CKPT; } 2>&1 | tail -3
-{ time dsv4 build recipes/bench-flash-h200.toml --checkpoint $CKPT --out $ART; } 2>&1 | tail -12 | tee $OUT/build-flash$LAYERS.txt
+[ -f $CKPT/config.json ] || { time dsv4 synth --model flash --layers $LAYERS --device cuda --out $CKPT; } 2>&1 | tail -3
+{ time dsv4 build $RECIPE --checkpoint $CKPT --out $ART; } 2>&1 | tail -12 | tee $OUT/build-flash$LAYERS-$DTYPE.txt
 if [ -z "${SKIP_FORCED:-}" ]; then
-PROMPT=$(python -c "print(','.join(str((7 * i + 3) % 1000 + 2) for i in range(136)))")
-dsv4 forced --checkpoint $CKPT --device cuda --dtype bfloat16 --prompt-ids $PROMPT --forced-ids 11,12,13,14,15,16,17,18 \
-    --out /tmp/ref-flash$LAYERS.safetensors
-dsv4 forced --artifact $ART --prompt-ids $PROMPT --forced-ids 11,12,13,14,15,16,17,18 \
-    --compare /tmp/ref-flash$LAYERS.safetensors --min-cosine 0.999 2>&1 | tee $OUT/forced-flash$LAYERS.txt || true
+  PROMPT=$(python -c "print(','.join(str((7 * i + 3) % 1000 + 2) for i in range(136)))")
+  dsv4 forced --checkpoint $CKPT --device cuda --dtype $DTYPE --prompt-ids $PROMPT --forced-ids 11,12,13,14,15,16,17,18 \
+      --out /tmp/ref-flash$LAYERS-$DTYPE.safetensors
+  if [ $DTYPE = float32 ]; then
+    dsv4 forced --artifact $ART --prompt-ids $PROMPT --forced-ids 11,12,13,14,15,16,17,18 \
+        --compare /tmp/ref-flash$LAYERS-$DTYPE.safetensors --min-cosine 0.999999 2>&1 | tee $OUT/forced-flash$LAYERS-$DTYPE.txt
+    exit 0
+  fi
+  # bfloat16 on random weights: the reference's own decode-vs-prefill gap reaches cosine 0.977 at this size
+  # (bench/results/reference_consistency-flash4-h200.json), so this comparison is reported, not gated
+  dsv4 forced --artifact $ART --prompt-ids $PROMPT --forced-ids 11,12,13,14,15,16,17,18 \
+      --compare /tmp/ref-flash$LAYERS-$DTYPE.safetensors --min-cosine 0.97 2>&1 | tee $OUT/forced-flash$LAYERS-$DTYPE.txt
 fi
 dsv4 bench $ART --compare eager --json $OUT/artifact-flash$LAYERS-h200.json 2>&1 | tee $OUT/bench-flash$LAYERS.txt
 SLOTS=$(( LAYERS * 256 * 3 / 4 ))

@@ -29,9 +29,9 @@ _E2M1_RMS = math.sqrt(sum(v * v for v in E2M1_VALUES) / len(E2M1_VALUES))
 def _mxfp4(spec: TensorSpec, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Uniformly random E2M1 codes with per-block E8M0 scales near 1/sqrt(fan_in) (+-1 octave)."""
     out, half = spec.shape
-    packed = torch.randint(0, 256, (out, half), generator=g, dtype=torch.int32).to(torch.uint8).view(torch.int8)
+    packed = torch.randint(0, 256, (out, half), generator=g, device=g.device, dtype=torch.int32).to(torch.uint8).view(torch.int8)
     target = round(math.log2(1.0 / (math.sqrt(spec.fan_in) * _E2M1_RMS)))
-    jitter = torch.randint(-1, 2, (out, spec.fan_in // MXFP4_BLOCK), generator=g)
+    jitter = torch.randint(-1, 2, (out, spec.fan_in // MXFP4_BLOCK), generator=g, device=g.device)
     scale = (127 + target + jitter).to(torch.uint8).view(torch.float8_e8m0fnu)
     return packed, scale
 
@@ -39,7 +39,7 @@ def _mxfp4(spec: TensorSpec, g: torch.Generator) -> tuple[torch.Tensor, torch.Te
 def _dense(spec: TensorSpec, g: torch.Generator, hc: int) -> torch.Tensor:
     """A float32 value for a non-packed tensor, scaled by its role."""
     name, shape = spec.name, spec.shape
-    randn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    randn = lambda *s: torch.randn(*s, generator=g, device=g.device)  # noqa: E731
     if name.endswith("norm.weight"):
         return 1.0 + 0.1 * randn(*shape)
     if name == "embed.weight":
@@ -47,14 +47,14 @@ def _dense(spec: TensorSpec, g: torch.Generator, hc: int) -> torch.Tensor:
     if name.endswith("_fn"):                          # hyper-connection mixes of order 1
         return randn(*shape) / math.sqrt(shape[1])
     if name.endswith("_scale") and "hc_" in name:
-        return 0.5 + 0.5 * torch.rand(*shape, generator=g)
+        return 0.5 + 0.5 * torch.rand(*shape, generator=g, device=g.device)
     if name.endswith("_base"):
         base = 0.5 * randn(*shape)
         if shape[0] > hc:
             # Residual-dominated streams, as in a trained model: each sub-layer adds a modest update
             # (post = 2*sigmoid(~-2) ~ 0.25) and the comb matrix mostly keeps each stream in place.
             base[hc:2 * hc] -= 2.0
-            base[2 * hc:] += 2.0 * torch.eye(hc).flatten()
+            base[2 * hc:] += 2.0 * torch.eye(hc, device=g.device).flatten()
         return base
     if name.endswith("attn_sink"):
         return randn(*shape)
@@ -78,18 +78,20 @@ def _tensors(cfg: ModelConfig, specs: list[TensorSpec], g: torch.Generator) -> d
         elif spec.kind == "mxfp4":
             out[spec.name], out[f"{base}.scale"] = _mxfp4(spec, g)
         elif spec.kind == "i64":                      # hash routing: distinct experts per token id
-            order = torch.rand(cfg.vocab_size, cfg.n_routed_experts, generator=g).argsort(-1)
+            order = torch.rand(cfg.vocab_size, cfg.n_routed_experts, generator=g, device=g.device).argsort(-1)
             out[spec.name] = order[:, :cfg.num_experts_per_tok].contiguous()
         else:
             value = _dense(spec, g, cfg.hc_mult)
             out[spec.name] = value.to(torch.bfloat16 if spec.dtype == "BF16" else torch.float32)
-    return out
+    return {name: t.cpu() for name, t in out.items()}
 
 
 def write_synthetic(config_json: dict[str, Any], out: str | Path, seed: int = 0,
                     tokenizer_vocab: int | None = None,
-                    progress: Callable[[str, int, int], None] | None = None) -> Path:
-    """Write a synthetic checkpoint for `config_json` (HF config dict) into folder `out`."""
+                    progress: Callable[[str, int, int], None] | None = None, device: str = "cpu") -> Path:
+    """Write a synthetic checkpoint for `config_json` (HF config dict) into folder `out`. The weights are
+    drawn on `device` (a GPU draws Flash-size layers many times faster); a seed gives the same weights on
+    the same kind of device only, as torch's CPU and CUDA generators differ."""
     cfg = parse_config(config_json)
     out = Path(out)
     groups: dict[str, list[TensorSpec]] = {}
@@ -98,7 +100,7 @@ def write_synthetic(config_json: dict[str, Any], out: str | Path, seed: int = 0,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(device).manual_seed(seed)
         weight_map, total = {}, 0
         n = len(groups)
         for i, (group, specs) in enumerate(groups.items()):

@@ -13,7 +13,8 @@ import torch
 from . import plugin_specs as ps
 
 _TORCH = {ps.FLOAT: torch.float32, ps.FLOAT16: torch.float16, ps.BFLOAT16: torch.bfloat16, ps.UINT8: torch.uint8,
-          ps.INT32: torch.int32, ps.INT64: torch.int64, ps.DOUBLE: torch.float64}
+          ps.INT32: torch.int32, ps.INT64: torch.int64, ps.DOUBLE: torch.float64,
+          ps.FLOAT8E4M3FN: torch.float8_e4m3fn, ps.FLOAT8E8M0: torch.float8_e8m0fnu}
 # typestr of a same-sized type the array interface knows (it has no bfloat16)
 _TYPESTR = {1: "|u1", 2: "<u2", 4: "<u4", 8: "<u8"}
 
