@@ -56,9 +56,8 @@ def _open_artifact(artifact: Path, device: str = "auto", eager: bool = False, gr
         cfg = parse_config(json.loads((artifact / "config.json").read_text()))
         act, max_len = getattr(torch, manifest["dtype"]), manifest["max_context"]
         programs = lambda layer: make_program(cfg, layer, act, max_len)  # noqa: E731
-    # graphs capture the compiled chain; the eager modules' oracles copy host constants, which capture forbids
-    return ArtifactModel(artifact, _device(device), programs=programs,
-                         graphs=graphs and programs is None and device.startswith("cuda"), expert_slots=expert_slots)
+    return ArtifactModel(artifact, _device(device), programs=programs, graphs=graphs and device.startswith("cuda"),
+                         expert_slots=expert_slots)
 
 
 def ensure_tiny() -> Path:

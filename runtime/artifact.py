@@ -48,7 +48,8 @@ class ArtifactModel:
     def __init__(self, root: str | Path, device: str = "cpu", programs: ProgramFactory | None = None,
                  graphs: bool = False, batch: int = 1, expert_slots: int | None = None):
         """`programs` replaces the compiled programs by modules (the eager comparison, or an eager
-        artifact); `graphs` captures the decode step as one CUDA graph; `expert_slots` > 0 keeps only
+        artifact); `graphs` captures the decode step as one CUDA graph where it can be (bfloat16 compiled
+        programs: `self.capturable`); `expert_slots` > 0 keeps only
         that many routed experts in device slots and pages the rest (0: every expert resident; None: as the
         recipe says)."""
         self.root = Path(root)
@@ -120,7 +121,10 @@ class ArtifactModel:
         self.graph: torch.cuda.CUDAGraph | None = None
         if self.device.type == "cuda":
             self._check_budget(m["recipe"].get("memory_budget_gib"))
-        if graphs:
+        # Only the kernels' path is captured: eager modules and float32/float64 programs run the ops' oracles,
+        # which copy host constants (forbidden while capturing); float32 is the exact gate, not the fast path.
+        self.capturable = programs is None and self.act == torch.bfloat16
+        if graphs and self.capturable:
             self._capture()
 
     def _check_budget(self, budget_gib: float | None) -> None:
