@@ -5,13 +5,14 @@
 # Then the same artifact with a quarter of its routed experts off the GPU, expert prefetch on and off.
 # DTYPE=float32 builds the exact gate instead: the artifact runs the ops' oracles and must equal the float32
 # reference (argmax identical, cosine >= 0.999999); no benchmark (oracles are not the fast path).
-# SKIP_FORCED=1 skips the reference comparison. AOTInductor packages on the H200 image need libstdc++
+# SKIP_FORCED=1 skips the reference comparison. CKPT=/dev/shm/flash8 keeps a large checkpoint in memory when
+# checkpoint + artifact would not fit the disk (8 layers: about 30 + 36 GB against 64 GB). AOTInductor packages on the H200 image need libstdc++
 # preloaded (see docs/design.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6
 LAYERS=${LAYERS:-4} DTYPE=${DTYPE:-bfloat16}
-CKPT=/tmp/flash$LAYERS ART=/tmp/art/flash$LAYERS-$DTYPE RECIPE=/tmp/bench-flash-$DTYPE.toml
+CKPT=${CKPT:-/tmp/flash$LAYERS} ART=/tmp/art/flash$LAYERS-$DTYPE RECIPE=/tmp/bench-flash-$DTYPE.toml
 sed "s/^dtype = .*/dtype = \"$DTYPE\"/" recipes/bench-flash-h200.toml > $RECIPE
 dsv4() { python -m dsv4.cli "$@"; }
 [ -f plugins/dsv4_kernels.fatbin ] || python -m plugins.build
@@ -35,3 +36,4 @@ dsv4 bench $ART --compare eager --json $OUT/artifact-flash$LAYERS-h200.json 2>&1
 SLOTS=$(( LAYERS * 256 * 3 / 4 ))
 dsv4 bench $ART --compare none --expert-slots $SLOTS --json $OUT/artifact-flash$LAYERS-paged-h200.json 2>&1 \
     | tee $OUT/bench-flash$LAYERS-paged.txt
+python bench/profile_decode.py $ART --json $OUT/profile-decode-flash$LAYERS-h200.json 2>&1 | tee $OUT/profile-flash$LAYERS.txt
