@@ -48,11 +48,12 @@ def new_caches(cfg: ModelConfig, layer: int, batch: int, max_len: int, act: torc
     return {k: c[k] for k in sorted(c)}        # sorted, as `layer_weights` (the key order is traced)
 
 
-def _put(cache: torch.Tensor, rows: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-    """cache[b, rows[b]] = value[b] for every sequence b (only where mask[b], if given)."""
-    batch = torch.arange(cache.size(0), device=cache.device)
+def put_rows(cache: torch.Tensor, rows: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """cache[b, rows[b, k]] = value[b, k] for every sequence b (only where mask[b, k], if given); rows [B] or
+    [B, K] with no row twice in one sequence."""
+    batch = torch.arange(cache.size(0), device=cache.device).view(-1, *[1] * (rows.dim() - 1))
     if mask is not None:
-        value = torch.where(mask[:, None], value, cache[batch, rows])
+        value = torch.where(mask.view(*mask.shape, *[1] * (value.dim() - mask.dim())), value, cache[batch, rows])
     cache.index_put_((batch, rows), value.to(cache.dtype))
 
 
@@ -114,44 +115,64 @@ def shared_weights(get, act: torch.dtype) -> dict[str, torch.Tensor]:
     return {"embed.weight": get("embed.weight").to(act), "head.weight": get("head.weight").to(wide_dtype(act))}
 
 
-class _Compressor(torch.nn.Module):
+def linear_fp8(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    return torch.ops.dsv4.fp8_linear(x, w[f"{name}.weight"], w[f"{name}.scale"])
+
+
+class Compressor(torch.nn.Module):
+    """Gated pooling of `ratio` tokens into one compressed row (ratio 4: overlapping the previous block's
+    first half of channels). The row math lives here once; `forward` is the decode step, one token per
+    sequence (the prefill program subclasses it for chunks)."""
+
     def __init__(self, cfg: ModelConfig, prefix: str, ratio: int, dim: int, rotate: bool):
         super().__init__()
         self.cfg, self.prefix, self.ratio, self.dim, self.rotate = cfg, prefix, ratio, dim, rotate
 
+    def project(self, x, pos, w):
+        """x [..., dm] at positions pos [...] -> kv, score [..., coff*dim] in working precision; the score
+        carries the APE of the token's slot in its block."""
+        p, xf = self.prefix, wide(x)
+        return xf @ w[f"{p}.wkv.weight"].T, xf @ w[f"{p}.wgate.weight"].T + w[f"{p}.ape"][pos % self.ratio]
+
+    def pool(self, kv, score):
+        """kv, score [..., coff*r, coff*dim] in the state layout (ratio 4: rows [:r] the previous block,
+        [r:] the current one) -> the block's row [..., dim]: per channel sum_t kv_t * softmax_t(score_t)."""
+        r, d = self.ratio, self.dim
+        if r == 4:          # overlap: the previous block's first half of channels, the current block's second
+            kv = torch.cat([kv[..., :r, :d], kv[..., r:, d:]], dim=-2)
+            score = torch.cat([score[..., :r, :d], score[..., r:, d:]], dim=-2)
+        return (kv * score.softmax(dim=-2)).sum(dim=-2)
+
+    def finish(self, rows, rot, dtype, w):
+        """Pooled rows [B, M, dim] with rot [B, M, rd/2] at each block's first token -> cache rows: RMSNorm,
+        RoPE, then Hadamard + FP4 round-trip (indexer keys) or FP8 round-trip of the non-rope channels."""
+        c = self.cfg
+        rows = rms_norm(rows.to(dtype), w[f"{self.prefix}.norm.weight"], c.rms_norm_eps)
+        rows = with_rope(rows, rot, c.qk_rope_head_dim)
+        if self.rotate:
+            return fp4_roundtrip(hadamard(rows))
+        return fp8_kv_roundtrip(rows, c.qk_rope_head_dim, KV_FP8_BLOCK)
+
     def forward(self, x, pos, rot, kv_state, score_state, cache, w):
         """x [B, dm]: feed one token per sequence, write the rows completed at `pos` into `cache`."""
-        r, d, p = self.ratio, self.dim, self.prefix
-        xf = wide(x)
-        kv, score = xf @ w[f"{p}.wkv.weight"].T, xf @ w[f"{p}.wgate.weight"].T + w[f"{p}.ape"][pos % r]
+        r = self.ratio
+        kv, score = self.project(x, pos, w)
         slot = pos % r + (r if r == 4 else 0)
-        _put(kv_state, slot, kv)
-        _put(score_state, slot, score)
-        if r == 4:          # overlap: the previous block's first half of channels, the current block's second
-            kv_all = torch.cat([kv_state[:, :r, :d], kv_state[:, r:, d:]], dim=1)
-            sc_all = torch.cat([score_state[:, :r, :d], score_state[:, r:, d:]], dim=1)
-        else:
-            kv_all, sc_all = kv_state, score_state
-        row = (kv_all * sc_all.softmax(dim=1)).sum(dim=1)                      # [B, d]
+        put_rows(kv_state, slot, kv)
+        put_rows(score_state, slot, score)
+        row = self.pool(kv_state, score_state)                                  # [B, d]
         emit = (pos + 1) % r == 0
         if r == 4:
             shifted = torch.where(emit[:, None, None], kv_state[:, r:], kv_state[:, :r])
             kv_state[:, :r] = shifted
             score_state[:, :r] = torch.where(emit[:, None, None], score_state[:, r:], score_state[:, :r])
-        row = rms_norm(row.to(x.dtype), w[f"{p}.norm.weight"], self.cfg.rms_norm_eps)[:, None]
-        row = with_rope(row, rot[(pos + 1 - r).clamp(min=0)][:, None], self.cfg.qk_rope_head_dim)
-        if self.rotate:
-            row = fp4_roundtrip(hadamard(row))
-        else:
-            row = fp8_kv_roundtrip(row, self.cfg.qk_rope_head_dim, KV_FP8_BLOCK)
-        _put(cache, pos // r, row[:, 0], emit)
-
-
-def _linear(x, w, name):
-    return torch.ops.dsv4.fp8_linear(x, w[f"{name}.weight"], w[f"{name}.scale"])
+        row = self.finish(row[:, None], rot[(pos + 1 - r).clamp(min=0)][:, None], x.dtype, w)
+        put_rows(cache, pos // r, row[:, 0], emit)
 
 
 class DecodeLayer(torch.nn.Module):
+    compressor_type = Compressor
+
     def __init__(self, cfg: ModelConfig, layer: int, act: torch.dtype, max_len: int):
         """`max_len` bounds positions (the RoPE table, caches). Only the layer's kind matters."""
         super().__init__()
@@ -160,76 +181,116 @@ class DecodeLayer(torch.nn.Module):
         # a buffer, so .to(device) moves it; an own copy, so programs never share a tensor when exported
         self.register_buffer("rot", rope_table(cfg, self.ratio > 0, max_len, "cpu").clone(), persistent=False)
         if self.ratio:
-            self.compressor = _Compressor(cfg, "attn.compressor", self.ratio, cfg.head_dim, False)
+            self.compressor = self.compressor_type(cfg, "attn.compressor", self.ratio, cfg.head_dim, False)
         if self.ratio == 4:
-            self.idx_compressor = _Compressor(cfg, "attn.indexer.compressor", 4, cfg.index_head_dim, True)
+            self.idx_compressor = self.compressor_type(cfg, "attn.indexer.compressor", 4, cfg.index_head_dim, True)
 
-    def attention(self, x, pos, caches, w):
+    def project(self, x, rot, w):
+        """x [B, S, d] with rot [B, S, rd/2] -> qr [B, S, q_lora], q [B, S, heads, hd] (per-head norm, RoPE),
+        kv [B, S, hd] (norm, RoPE, FP8 round-trip of the non-rope channels)."""
         c = self.cfg
-        b = x.size(0)
-        win, rd, r = c.sliding_window, c.qk_rope_head_dim, self.ratio
-        x3 = x[:, None]                                                          # [B, 1, d]
-        rot = self.rot[pos][:, None]                               # [B, 1, rd/2]
-        qr = rms_norm(_linear(x3, w, "attn.wq_a"), w["attn.q_norm.weight"], c.rms_norm_eps)
-        q = _linear(qr, w, "attn.wq_b").unflatten(-1, (c.num_attention_heads, c.head_dim))
+        rd = c.qk_rope_head_dim
+        qr = rms_norm(linear_fp8(x, w, "attn.wq_a"), w["attn.q_norm.weight"], c.rms_norm_eps)
+        q = linear_fp8(qr, w, "attn.wq_b").unflatten(-1, (c.num_attention_heads, c.head_dim))
         q = q * torch.rsqrt(wide(q.square()).mean(-1, keepdim=True).to(q.dtype) + c.rms_norm_eps)
         q = with_rope(q, rot, rd)
-        kv = with_rope(rms_norm(_linear(x3, w, "attn.wkv"), w["attn.kv_norm.weight"], c.rms_norm_eps), rot, rd)
-        kv = fp8_kv_roundtrip(kv, rd, KV_FP8_BLOCK)
+        kv = with_rope(rms_norm(linear_fp8(x, w, "attn.wkv"), w["attn.kv_norm.weight"], c.rms_norm_eps), rot, rd)
+        return qr, q, fp8_kv_roundtrip(kv, rd, KV_FP8_BLOCK)
+
+    def attend(self, q, rows, idx, rot, w):
+        """Sparse attention of q [B, S, heads, hd] over rows[b, idx[b, s]] (-1 = none), then the output
+        projection (inverse RoPE, grouped wo_a, wo_b) -> [B, S, d]."""
+        c = self.cfg
+        o = torch.ops.dsv4.sparse_attention(q, rows, w["attn.attn_sink"], idx, softmax_scale(c.head_dim))
+        o = with_rope(o, rot, c.qk_rope_head_dim, inverse=True)
+        o = einsum("bsgd,grd->bsgr", o.view(*o.shape[:2], c.o_groups, -1), w["attn.wo_a"])
+        return linear_fp8(o.flatten(2), w, "attn.wo_b")
+
+    def attention(self, x, pos, caches, w):
+        """x [B, 1, d]: one token per sequence at `pos` [B]."""
+        c = self.cfg
+        win, r = c.sliding_window, self.ratio
+        rot = self.rot[pos][:, None]                                             # [B, 1, rd/2]
+        qr, q, kv = self.project(x, rot, w)
         ring = torch.arange(win, device=x.device)
         idx = torch.where(ring[None] <= pos[:, None], ring[None], -1)           # window slots holding a token
-        _put(caches["kv"], pos % win, kv[:, 0])
+        put_rows(caches["kv"], pos % win, kv[:, 0])
         if r:
-            rot_table = self.rot
             compressed = caches["kv"][:, win:]
-            self.compressor(x, pos, rot_table, caches["comp_kv"], caches["comp_score"], compressed, w)
+            self.compressor(x[:, 0], pos, self.rot, caches["comp_kv"], caches["comp_score"], compressed, w)
             blocks = torch.arange(compressed.size(1), device=x.device)
             visible = blocks[None] < ((pos + 1) // r)[:, None]
             if r == 4:
-                picked = self.indexer(x, qr, pos, rot, rot_table, caches, visible, w)
+                q_idx, weights = self.index_query(x, qr, rot, w)
+                self.idx_compressor(x[:, 0], pos, self.rot, caches["idx_kv"], caches["idx_score"],
+                                    caches["idx_keys"], w)
+                picked = self.pick_blocks(q_idx, weights, caches["idx_keys"], visible[:, None])[:, 0]
             else:
                 picked = torch.where(visible, blocks[None], -1)
             idx = torch.cat([idx, torch.where(picked >= 0, picked + win, -1)], dim=-1)
-        o = torch.ops.dsv4.sparse_attention(q, caches["kv"], w["attn.attn_sink"], idx[:, None],
-                                            softmax_scale(c.head_dim))
-        o = with_rope(o, rot, rd, inverse=True)
-        o = einsum("bsgd,grd->bsgr", o.view(b, 1, c.o_groups, -1), w["attn.wo_a"])
-        return _linear(o.flatten(2), w, "attn.wo_b")[:, 0]
+        return self.attend(q, caches["kv"], idx[:, None], rot, w)
 
-    def indexer(self, x, qr, pos, rot, rot_table, caches, visible, w):
+    def index_query(self, x, qr, rot, w):
+        """The indexer's queries [B, S, iheads, idim] (RoPE, Hadamard, FP4 round-trip) and per-head
+        weights [B, S, iheads] of tokens x [B, S, d] with query latents qr."""
         c = self.cfg
-        q = _linear(qr, w, "attn.indexer.wq_b").unflatten(-1, (c.index_n_heads, c.index_head_dim))
+        q = linear_fp8(qr, w, "attn.indexer.wq_b").unflatten(-1, (c.index_n_heads, c.index_head_dim))
         q = fp4_roundtrip(hadamard(with_rope(q, rot, c.qk_rope_head_dim)))
-        self.idx_compressor(x, pos, rot_table, caches["idx_kv"], caches["idx_score"], caches["idx_keys"], w)
-        weights = (linear(x[:, None], w["attn.indexer.weights_proj.weight"])
+        weights = (linear(x, w["attn.indexer.weights_proj.weight"])
                    * (softmax_scale(c.index_head_dim) * c.index_n_heads ** -0.5))
-        score = einsum("bshd,btd->bsht", q, caches["idx_keys"])
-        score = wide(score.relu() * weights[..., None]).sum(dim=2).to(x.dtype)[:, 0]     # [B, T]
+        return q, weights
+
+    def pick_blocks(self, q, weights, keys, visible):
+        """The compressed blocks each query attends to [B, S, topk] (-1 = none): the top-k of
+        sum_h w_h * relu(q_h . key_t) over the blocks visible [B, S, T] to it."""
+        score = einsum("bshd,btd->bsht", q, keys)
+        score = wide(score.relu() * weights[..., None]).sum(dim=2).to(q.dtype)          # [B, S, T]
         score = score.masked_fill(~visible, float("-inf"))
-        top, picked = score.topk(min(c.index_topk, score.size(-1)), dim=-1)
+        top, picked = score.topk(min(self.cfg.index_topk, score.size(-1)), dim=-1)
         return torch.where(top == float("-inf"), -1, picked)
 
-    def moe(self, x, ids, table, w, routed):
+    def moe(self, x, ids, table, w):
+        """x [N, d], ids [N] -> (y [N, d], the routed experts [N, k] int32)."""
         c = self.cfg
         weights, experts = route(c, x, w["ffn.gate.weight"], w.get("ffn.gate.bias"), w.get("ffn.gate.tid2eid"), ids)
-        routed.copy_(experts.to(torch.int32))
-        y = torch.ops.dsv4.moe_routed(x, experts.to(torch.int32), weights, table, c.moe_intermediate_size,
-                                      c.swiglu_limit)
-        gate, up = _linear(x, w, "ffn.shared_experts.w1"), _linear(x, w, "ffn.shared_experts.w3")
-        y = y + _linear(swiglu(gate, up, c.swiglu_limit).to(x.dtype), w, "ffn.shared_experts.w2").to(y.dtype)
-        return y.to(x.dtype)
+        experts = experts.to(torch.int32)
+        y = torch.ops.dsv4.moe_routed(x, experts, weights, table, c.moe_intermediate_size, c.swiglu_limit)
+        gate, up = linear_fp8(x, w, "ffn.shared_experts.w1"), linear_fp8(x, w, "ffn.shared_experts.w3")
+        y = y + linear_fp8(swiglu(gate, up, c.swiglu_limit).to(x.dtype), w, "ffn.shared_experts.w2").to(y.dtype)
+        return y.to(x.dtype), experts
+
+    def block(self, h, attention, ids, table, w):
+        """h [B, S, hc, d] -> (h' [B, S, hc, d], routed experts [B, S, k]): the attention sub-layer
+        (`attention`: normed x [B, S, d] -> [B, S, d]) and the MoE, each inside hyper-connections."""
+        eps = self.cfg.rms_norm_eps
+        hc = {k: [w[f"hc_{k}_{part}"] for part in ("fn", "scale", "base")] for k in ("attn", "ffn")}
+        y, post, comb = hc_pre(h, *hc["attn"], self.cfg)
+        h = hc_post(attention(rms_norm(y, w["attn_norm.weight"], eps)), h, post, comb)
+        y, post, comb = hc_pre(h, *hc["ffn"], self.cfg)
+        x = rms_norm(y, w["ffn_norm.weight"], eps)
+        ffn, experts = self.moe(x.flatten(0, 1), ids.flatten(), table, w)
+        return hc_post(ffn.view(x.shape), h, post, comb), experts.view(*x.shape[:2], -1)
 
     def forward(self, h, pos, ids, table, caches: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]):
-        eps, w = self.cfg.rms_norm_eps, weights
-        hc = {k: [w[f"hc_{k}_{part}"] for part in ("fn", "scale", "base")] for k in ("attn", "ffn")}
-        h = h[:, None]                                                           # [B, 1, hc, d]
-        y, post, comb = hc_pre(h, *hc["attn"], self.cfg)
-        h = hc_post(self.attention(rms_norm(y[:, 0], w["attn_norm.weight"], eps), pos, caches, w)[:, None],
-                    h, post, comb)
-        y, post, comb = hc_pre(h, *hc["ffn"], self.cfg)
-        ffn = self.moe(rms_norm(y[:, 0], w["ffn_norm.weight"], eps), ids, table, w, caches["routed"])
-        h = hc_post(ffn[:, None], h, post, comb)
+        h, experts = self.block(h[:, None], lambda x: self.attention(x, pos, caches, weights), ids[:, None],
+                                table, weights)
+        caches["routed"].copy_(experts[:, 0])
         return h[:, 0]
+
+
+def mtp_input(cfg: ModelConfig, h, ids, w):
+    """The MTP block's input streams [..., hc, d]: e_proj(enorm(embed(ids))) added to every stream of
+    h_proj(hnorm(h)), for h [..., hc, d] and ids [...]."""
+    e = rms_norm(w["embed.weight"][ids], w["enorm.weight"], cfg.rms_norm_eps)
+    return linear_fp8(e, w, "e_proj").unsqueeze(-2) + linear_fp8(rms_norm(h, w["hnorm.weight"], cfg.rms_norm_eps),
+                                                                  w, "h_proj")
+
+
+def mtp_logits(cfg: ModelConfig, x, w):
+    """The MTP block's draft logits [B, S, vocab] (working precision) from its output streams [B, S, hc, d]."""
+    head_hc = [w[f"hc_head_{n}"] for n in ("fn", "scale", "base")]
+    y = rms_norm(hc_head(x, *head_hc, cfg), w["norm.weight"], cfg.rms_norm_eps)
+    return torch.nn.functional.linear(wide(y), w["head.weight"])
 
 
 class DecodeMTP(DecodeLayer):
@@ -237,13 +298,8 @@ class DecodeMTP(DecodeLayer):
     more layer and drafts the token after next: forward(h, pos, ids, table, caches, weights) -> logits."""
 
     def forward(self, h, pos, ids, table, caches: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]):
-        c, w = self.cfg, weights
-        e = rms_norm(w["embed.weight"][ids], w["enorm.weight"], c.rms_norm_eps)
-        x = _linear(e, w, "e_proj")[:, None] + _linear(rms_norm(h, w["hnorm.weight"], c.rms_norm_eps), w, "h_proj")
-        x = super().forward(x, pos, ids, table, caches, weights)
-        head_hc = [w[f"hc_head_{n}"] for n in ("fn", "scale", "base")]
-        y = rms_norm(hc_head(x[:, None], *head_hc, c)[:, 0], w["norm.weight"], c.rms_norm_eps)
-        return torch.nn.functional.linear(wide(y), w["head.weight"])
+        x = super().forward(mtp_input(self.cfg, h, ids, weights), pos, ids, table, caches, weights)
+        return mtp_logits(self.cfg, x[:, None], weights)[:, 0]
 
 
 def make_program(cfg: ModelConfig, layer: int, act: torch.dtype, max_len: int) -> DecodeLayer:
