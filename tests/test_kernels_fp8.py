@@ -71,3 +71,16 @@ def test_fp8_linear_decode_captures_in_a_cuda_graph(m, n, k):
     torch.cuda.synchronize()
     expect = fp8_linear_decode(x, w, s)
     assert torch.equal(out, expect)
+
+
+@pytest.mark.gpu
+def test_bulk_copies_also_read_pinned_host_memory():
+    """The GEMV's bulk asynchronous copies read weights in mapped pinned host memory too (as routed experts
+    paged out to the host would be read): the same result as from device memory."""
+    from plugins.fp8_linear import fp8_linear_decode
+    w, s = _weights(2048, 1024)
+    x = torch.randn(1, 1024, device="cuda").to(torch.bfloat16)
+    on_device = fp8_linear_decode(x, w.cuda(), s.cuda())
+    from_host = fp8_linear_decode(x, w.pin_memory(), s.cuda())
+    torch.cuda.synchronize()
+    assert torch.equal(from_host, on_device)
