@@ -1,0 +1,150 @@
+"""Prefill layer programs: one transformer layer for a chunk of C tokens per sequence, with static shapes,
+built from the same pieces as the decode programs (builder/programs/decode.py) and mutating the same
+caches, so decode continues right after a chunk.
+
+Contract (B sequences, each at its own position):
+    forward(h [B, C, hc, d], start [B] int64, n [B] int64, ids [B, C] int64, table [E] int64, caches, weights)
+        -> h' [B, C, hc, d]
+Token i of sequence b sits at position start[b] + i. Only tokens i < n[b] (1 <= n <= C) are real: the rest
+are padding, change no cache and give outputs to ignore (their ids must still be valid token ids).
+`caches` and `weights` are exactly the decode program's (`new_caches`, `layer_weights`). Afterwards the
+caches hold what the decode program leaves after feeding the same n tokens one at a time: window ring,
+compressed rows, the compressors' partial-block states (stale slots included) and the indexer keys;
+`routed` holds the experts of each sequence's last real token.
+
+Every query sees what it would see in a one-shot prefill of the whole prompt: its window (ring rows from
+before the chunk and the chunk's own earlier tokens, gathered before the ring is overwritten), the
+compressed rows of blocks completed before it (blocks completed inside the chunk included) and, on
+ratio-4 layers, the indexer's top-k among those. Nothing branches on tensor values: positions only
+build indices and masks, so one graph serves every start.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from .decode import Compressor, DecodeLayer, is_mtp, mtp_input, mtp_logits, put_rows
+
+
+def ring_update(old: torch.Tensor, new: torch.Tensor, start: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """The ring old [B, R, ...] after writing new[b, i] [B, C, ...] into slot (start[b] + i) % R for
+    i < n[b] in order: a slot keeps the last token written to it, or its old row if none was."""
+    size, chunk = old.size(1), new.size(1)
+    slot = torch.arange(size, device=old.device)
+    first = (slot[None] - start[:, None]) % size                 # [B, R] first chunk token landing in the slot
+    written = first < n[:, None]
+    last = first + size * ((n[:, None] - 1 - first).clamp(min=0) // size)
+    batch = torch.arange(old.size(0), device=old.device)[:, None]
+    picked = new[batch, last.clamp(max=chunk - 1)]
+    return torch.where(written.view(*written.shape, *[1] * (old.dim() - 2)), picked, old)
+
+
+class ChunkCompressor(Compressor):
+    """The compressor fed a chunk of tokens per sequence (the row math is the decode compressor's)."""
+
+    def forward(self, x, start, n, rot, kv_state, score_state, cache, w):
+        """x [B, C, dm]: feed tokens i < n at positions start + i; write the rows of blocks completed in the
+        chunk into `cache` [B, blocks, dim]; leave the states as the decode step would."""
+        r = self.ratio
+        off = r if r == 4 else 0                      # with overlap, state rows [:r] hold the previous block
+        b, chunk = x.shape[:2]
+        dev = x.device
+        kv, score = self.project(x, start[:, None] + torch.arange(chunk, device=dev), w)    # [B, C, coff*dim]
+        # A timeline of whole blocks from the block before the current one (overlap) or the current one:
+        # its rows before the chunk's first token come from the state, the rest from the chunk.
+        blocks = (r + chunk - 1) // r                 # blocks that can complete inside a chunk
+        u = torch.arange(off + blocks * r, device=dev)
+        filled = off + start % r                      # [B] timeline rows taken from the state
+        from_state = (u[None] < filled[:, None])[..., None]
+        batch = torch.arange(b, device=dev)[:, None]
+        src = (u[None] - filled[:, None]).clamp(0, chunk - 1)
+        state_rows = u.clamp(max=off + r - 1)
+
+        def timeline(state, new):                     # -> [B, off/r + blocks, r, coff*dim]
+            return torch.where(from_state, state[:, state_rows], new[batch, src]).unflatten(1, (-1, r))
+        line_kv, line_score = timeline(kv_state, kv), timeline(score_state, score)
+        if off:                                       # block k pooled with the block before it: [B, blocks, 2r, .]
+            rows = self.pool(torch.cat([line_kv[:, :-1], line_kv[:, 1:]], dim=2),
+                             torch.cat([line_score[:, :-1], line_score[:, 1:]], dim=2))
+        else:
+            rows = self.pool(line_kv, line_score)                               # [B, blocks, dim]
+        k = torch.arange(blocks, device=dev)
+        index = start[:, None] // r + k                                           # [B, blocks] cache row
+        done = (k[None] + 1) * r <= (start % r + n)[:, None]                      # completed by a real token
+        rows = self.finish(rows, rot[(index * r).clamp(max=rot.size(0) - 1)], x.dtype, w)
+        # consecutive rows modulo the cache: never one row twice, and a masked row past the end stays in range
+        put_rows(cache, index % cache.size(1), rows, done)
+        if off:                                       # the last block completed becomes the previous block
+            last = (start % r + n) // r                                          # [B] its timeline block (0: none)
+            moved = (last > 0)[:, None, None]
+            prev_kv = torch.where(moved, line_kv[batch[:, 0], last], kv_state[:, :r])
+            prev_score = torch.where(moved, line_score[batch[:, 0], last], score_state[:, :r])
+            kv_state[:, :r] = prev_kv
+            score_state[:, :r] = prev_score
+        kv_state[:, off:] = ring_update(kv_state[:, off:], kv, start, n)
+        score_state[:, off:] = ring_update(score_state[:, off:], score, start, n)
+
+
+class PrefillLayer(DecodeLayer):
+    compressor_type = ChunkCompressor
+
+    def __init__(self, cfg: ModelConfig, layer: int, act: torch.dtype, max_len: int, chunk: int):
+        super().__init__(cfg, layer, act, max_len)
+        self.chunk = chunk
+
+    def attention(self, x, start, n, caches, w):
+        """x [B, C, d]: the chunk's tokens at positions start + i."""
+        c = self.cfg
+        win, r = c.sliding_window, self.ratio
+        dev, cache = x.device, caches["kv"]
+        pos = start[:, None] + torch.arange(x.size(1), device=dev)                # [B, C]
+        rot = self.rot[pos.clamp(max=self.max_len - 1)]                            # padding may run past the table
+        qr, q, kv = self.project(x, rot, w)
+        # Attention reads [cache | chunk kv]: window positions before the chunk from the ring (still
+        # unwritten), the chunk's own from behind the cache.
+        seen = pos[..., None] - win + 1 + torch.arange(win, device=dev)           # [B, C, win] window positions
+        behind = start[:, None, None]
+        idx = torch.where(seen >= behind, cache.size(1) + seen - behind, seen % win)
+        idx = torch.where(seen < 0, -1, idx)
+        if r:
+            compressed = cache[:, win:]
+            self.compressor(x, start, n, self.rot, caches["comp_kv"], caches["comp_score"], compressed, w)
+            blocks = torch.arange(compressed.size(1), device=dev)
+            visible = blocks < ((pos + 1) // r)[..., None]                         # [B, C, blocks]
+            if r == 4:
+                q_idx, weights = self.index_query(x, qr, rot, w)
+                self.idx_compressor(x, start, n, self.rot, caches["idx_kv"], caches["idx_score"],
+                                    caches["idx_keys"], w)
+                picked = self.pick_blocks(q_idx, weights, caches["idx_keys"], visible)
+            else:
+                picked = torch.where(visible, blocks, -1)
+            idx = torch.cat([idx, torch.where(picked >= 0, picked + win, -1)], dim=-1)
+        rows = torch.cat([cache, kv], dim=1)
+        cache[:, :win] = ring_update(cache[:, :win], kv, start, n)
+        return self.attend(q, rows, idx, rot, w)
+
+    def forward(self, h, start, n, ids, table, caches: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]):
+        h, experts = self.block(h, lambda x: self.attention(x, start, n, caches, weights), ids, table, weights)
+        batch = torch.arange(h.size(0), device=h.device)
+        caches["routed"].copy_(experts[batch, (n - 1).clamp(min=0)])
+        return h
+
+
+class PrefillMTP(PrefillLayer):
+    """The MTP block over a chunk: forward(h, start, n, ids, table, caches, weights) -> draft logits
+    [B, C, vocab], with h the main model's last streams and ids the next tokens, as DecodeMTP."""
+
+    def forward(self, h, start, n, ids, table, caches: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]):
+        x = super().forward(mtp_input(self.cfg, h, ids, weights), start, n, ids, table, caches, weights)
+        return mtp_logits(self.cfg, x, weights)
+
+
+def make_prefill_program(cfg: ModelConfig, layer: int, act: torch.dtype, max_len: int, chunk: int) -> PrefillLayer:
+    """The prefill program of `layer`'s kind for chunks of `chunk` tokens."""
+    if chunk < 1:
+        raise ValueError(f"prefill chunk must be at least 1 token, got {chunk}")
+    ratio = cfg.ratio(layer)
+    if ratio and (ratio + chunk - 1) // ratio > max_len // ratio:
+        raise ValueError(f"prefill chunk of {chunk} tokens completes more ratio-{ratio} blocks than a context "
+                         f"of {max_len} tokens holds")
+    return (PrefillMTP if is_mtp(cfg, layer) else PrefillLayer)(cfg, layer, act, max_len, chunk)
