@@ -3,8 +3,10 @@
     experts   routed experts of each layer -> experts/layer-NNN.experts (the expert bank)
     weights   each layer's dense weights, in its program's form -> weights/layer-NNN.safetensors
     dense     embedding, final norm, hc head, vocabulary head -> dense.safetensors
-    programs  one decode program per layer kind and batch bucket -> programs/KIND-bB.pt2 (AOTInductor);
-              programs hold no weights (bound at load time), so every layer of a kind shares one.
+    programs  one decode program per layer kind and batch bucket -> programs/KIND-bB.pt2 (AOTInductor),
+              and one prefill program per main-layer kind for chunks of `prefill_chunk` tokens of one
+              sequence -> programs/KIND-prefill-cC.pt2; programs hold no weights (bound at load time),
+              so every layer of a kind shares one.
               TensorRT backends: programs/KIND.onnx and engines/KIND.engine, one profile per bucket
     manifest  manifest.json: config, recipe, versions, layer table, every file's sha256
 
@@ -35,7 +37,7 @@ from runtime.trt_support import load_tensorrt
 from .backends import trt_program
 from .checkpoint import Checkpoint
 from .expert_bank import write_layer_bank
-from .programs import decode
+from .programs import decode, prefill
 from .recipe import Recipe
 
 STATE = "build-state.json"
@@ -57,7 +59,8 @@ def _code_digest() -> str:
     (routing, RoPE tables) and the ops they call."""
     h = hashlib.sha256()
     reference = Path(decode.__file__).parents[1] / "reference"
-    for path in sorted([Path(decode.__file__), *reference.glob("*.py"), *Path(plugins.__file__).parent.glob("*.py")]):
+    programs = Path(decode.__file__).parent
+    for path in sorted([*programs.glob("*.py"), *reference.glob("*.py"), *Path(plugins.__file__).parent.glob("*.py")]):
         h.update(path.read_bytes())
     return h.hexdigest()
 
@@ -74,14 +77,22 @@ def _layers(cfg) -> list[int]:
 
 
 def _compile_program(cfg, layer: int, weights: dict, act: torch.dtype, max_len: int, batch: int,
-                     device: str, path: Path) -> None:
-    """Export and compile the decode program of `layer`'s kind, traced with `weights` (any layer of the kind)."""
-    program = decode.make_program(cfg, layer, act, max_len).to(device)
+                     device: str, path: Path, chunk: int = 0) -> None:
+    """Export and compile the program of `layer`'s kind, traced with `weights` (any layer of the kind): the
+    decode step, or with `chunk` the prefill of that many tokens."""
     caches = decode.new_caches(cfg, layer, batch, max_len, act, device)
     table = torch.zeros(cfg.n_routed_experts, dtype=torch.int64, device=device)  # only its shape is traced
-    h = torch.zeros(batch, cfg.hc_mult, cfg.hidden_size, dtype=act, device=device)
     pos = torch.zeros(batch, dtype=torch.int64, device=device)
-    args = (h, pos, pos.clone(), table, caches, {k: v.to(device) for k, v in weights.items()})
+    weights = {k: v.to(device) for k, v in weights.items()}
+    if chunk:
+        program = prefill.make_prefill_program(cfg, layer, act, max_len, chunk).to(device)
+        h = torch.zeros(batch, chunk, cfg.hc_mult, cfg.hidden_size, dtype=act, device=device)
+        ids = torch.zeros(batch, chunk, dtype=torch.int64, device=device)
+        args = (h, pos, torch.full_like(pos, chunk), ids, table, caches, weights)
+    else:
+        program = decode.make_program(cfg, layer, act, max_len).to(device)
+        h = torch.zeros(batch, cfg.hc_mult, cfg.hidden_size, dtype=act, device=device)
+        args = (h, pos, pos.clone(), table, caches, weights)
     exported = torch.export.export(program, args)
     # keep eager's rounding of every low-precision intermediate: the reference (and DeepSeek's code) rounds
     # after each op, where fused kernels would otherwise carry float32 through and drift from it
@@ -215,8 +226,21 @@ def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
         stage(program_file(kind, batch), lambda p: _compile_program(
             cfg, layer, decode.layer_weights(cfg, ckpt.get, layer, act), act, max_len, batch, recipe.device, p),
             config=cfg.digest(), kind=kind, batch=batch)
+    chunk = recipe.prefill_chunk
+
+    def prefill_file(kind: str) -> str:
+        return f"programs/{kind}-prefill-c{chunk}.pt2"
+
+    def prefill_program(kind: str) -> None:
+        layer = kinds[kind]
+        stage(prefill_file(kind), lambda p: _compile_program(
+            cfg, layer, decode.layer_weights(cfg, ckpt.get, layer, act), act, max_len, 1, recipe.device, p, chunk),
+            config=cfg.digest(), kind=kind, chunk=chunk)
+    # prefill for one sequence at a time, main layers only (generation never runs the MTP block)
+    prefill_kinds = [k for k, layer in kinds.items() if not decode.is_mtp(cfg, layer)]
     if recipe.backend == "aoti":
         timed("programs", [(k, b) for k in kinds for b in buckets], program)
+        timed("prefill", prefill_kinds, prefill_program)
 
     def engine(kind: str) -> None:
         layer, onnx_rel = kinds[kind], f"programs/{kind}.onnx"
@@ -234,6 +258,8 @@ def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
     layer_table = [{
         "layer": layer, "prefix": decode.layer_prefix(cfg, layer), "kind": decode.program_kind(cfg, layer),
         "programs": _programs(recipe.backend, decode.program_kind(cfg, layer), buckets, program_file),
+        **({"prefill": {"chunk": chunk, "program": prefill_file(decode.program_kind(cfg, layer))}}
+           if recipe.backend == "aoti" and not decode.is_mtp(cfg, layer) else {}),
         **_engine_entry(recipe.backend, decode.program_kind(cfg, layer), buckets, partial),
         "weights": weights_file(layer),
         "shared_weights": list(decode.SHARED_WEIGHTS) if decode.is_mtp(cfg, layer) else [],

@@ -49,15 +49,18 @@ def _open_artifact(artifact: Path, device: str = "auto", eager: bool = False, gr
                          f"no artifact at {artifact}; build one first, e.g. `dsv4 build recipes/tiny.toml`")
     if device == "auto":
         device = manifest.get("device", "cpu") if manifest.get("backend") == "aoti" else _device("auto")
-    programs = None
+    programs = prefill = None
     if eager or manifest.get("backend") == "eager":
         from builder.config import parse_config
         from builder.programs.decode import make_program
+        from builder.programs.prefill import make_prefill_program
         cfg = parse_config(json.loads((artifact / "config.json").read_text()))
         act, max_len = getattr(torch, manifest["dtype"]), manifest["max_context"]
+        chunk = manifest["recipe"]["prefill_chunk"]
         programs = lambda layer: make_program(cfg, layer, act, max_len)  # noqa: E731
+        prefill = lambda layer: make_prefill_program(cfg, layer, act, max_len, chunk)  # noqa: E731
     return ArtifactModel(artifact, _device(device), programs=programs, graphs=graphs and device.startswith("cuda"),
-                         expert_slots=expert_slots)
+                         expert_slots=expert_slots, prefill=prefill)
 
 
 def ensure_tiny() -> Path:

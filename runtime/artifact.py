@@ -4,8 +4,9 @@ dense weights bound from its weights file, routed experts read through tables of
 `ArtifactModel` has the reference model's interface (`reset`, `forward(ids, start)`), so the
 forced-token harness and the generation loop drive both. One decode step is the whole chain (embed,
 every layer, head) over static buffers (`tokens`, `positions`, caches); on CUDA it is captured once
-as a CUDA graph and replayed per token. The prompt goes through the same one-token step (prefill
-programs do not exist yet).
+as a CUDA graph and replayed per token. A prompt goes through the prefill programs in chunks of the
+recipe's `prefill_chunk` tokens (plain launches, the same caches), where the artifact has them (aoti,
+decode batch 1); otherwise through the one-token step.
 
 TensorRT engines (runtime/trt_executor.py) take the compiled programs' place with the same contract.
 AOTInductor packages are loaded with `run_single_threaded=True`: the default model container waits on
@@ -46,12 +47,13 @@ class _Config:
 
 class ArtifactModel:
     def __init__(self, root: str | Path, device: str = "cpu", programs: ProgramFactory | None = None,
-                 graphs: bool = False, batch: int = 1, expert_slots: int | None = None):
+                 graphs: bool = False, batch: int = 1, expert_slots: int | None = None,
+                 prefill: ProgramFactory | None = None):
         """`programs` replaces the compiled programs by modules (the eager comparison, or an eager
         artifact); `graphs` captures the decode step as one CUDA graph where it can be (bfloat16 compiled
         programs: `self.capturable`); `expert_slots` > 0 keeps only
         that many routed experts in device slots and pages the rest (0: every expert resident; None: as the
-        recipe says)."""
+        recipe says). `prefill` gives prefill modules to run eagerly alongside `programs`."""
         self.root = Path(root)
         self.manifest = m = load_manifest(self.root)
         self.device = torch.device(device)
@@ -116,6 +118,8 @@ class ArtifactModel:
                       for name, (shape, dtype, fill) in sorted(e["caches"].items())}
             self.fills.append({name: float(fill) for name, (_, _, fill) in e["caches"].items()})
             self.layers.append((run, self.experts.tables[e["layer"]], weights, caches))
+        self.chunk = m["recipe"].get("prefill_chunk", 0)
+        self.prefill_runs = self._prefill_programs(main, programs, prefill, engines is not None)
         self.tokens = torch.zeros(batch, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(batch, dtype=torch.int64, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -126,6 +130,20 @@ class ArtifactModel:
         self.capturable = programs is None and self.act == torch.bfloat16
         if graphs and self.capturable:
             self._capture()
+
+    def _prefill_programs(self, main: list[dict], programs, prefill, engines: bool) -> list | None:
+        """One prefill program per main layer (modules from `prefill`, or the artifact's packages), or None
+        where there are none: then the prompt goes through the decode step token by token."""
+        if programs is not None:
+            return [prefill(e["layer"]).to(self.device) for e in main] if prefill is not None else None
+        if engines or self.batch != 1 or not all("prefill" in e for e in main):
+            return None
+        loaded: dict[str, object] = {}
+        for e in main:
+            path = e["prefill"]["program"]
+            if path not in loaded:
+                loaded[path] = torch._inductor.aoti_load_package(str(self.root / path))
+        return [loaded[e["prefill"]["program"]] for e in main]
 
     def _check_budget(self, budget_gib: float | None) -> None:
         """Weights, expert slots and caches are all allocated by now: refuse if they exceed the recipe's
@@ -148,8 +166,25 @@ class ArtifactModel:
         h = self.embed[self.tokens][:, None].repeat(1, self.config.hc_mult, 1)
         for run, table, weights, caches in self.layers:
             h = run(h, self.positions, self.tokens, table, caches, weights)
+        return self._logits(h)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """hc streams h [B, hc, d] -> logits [B, vocab] in the working dtype."""
         y = rms_norm(hc_head(h[:, None], *self.head_hc, self.config)[:, 0], self.norm, self.config.rms_norm_eps)
         return torch.nn.functional.linear(wide(y), self.head)
+
+    def _prefill_chunk(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Feed ids [1, n] (n <= chunk) at positions start.. through the prefill programs; float32 logits
+        [1, vocab] of the last."""
+        n = ids.size(1)
+        padded = torch.zeros(1, self.chunk, dtype=torch.int64, device=self.device)    # padding: token 0
+        padded[:, :n] = ids
+        h = self.embed[padded][:, :, None].repeat(1, 1, self.config.hc_mult, 1)     # [1, C, hc, d]
+        start_t = torch.tensor([start], device=self.device)
+        n_t = torch.tensor([n], device=self.device)
+        for (_, table, weights, caches), run in zip(self.layers, self.prefill_runs):
+            h = run(h, start_t, n_t, padded, table, caches, weights)
+        return self._logits(h[:, n - 1]).float()
 
     def _capture(self) -> None:
         side = torch.cuda.Stream()
@@ -188,10 +223,14 @@ class ArtifactModel:
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Feed ids [1, s] at positions start.. one token at a time; float32 logits [1, vocab] of the last,
-        on the CPU."""
+        """Feed ids [1, s] at positions start.. (in prefill chunks, or one token at a time); float32 logits
+        [1, vocab] of the last, on the CPU."""
         if start + ids.size(1) > self.max_len:
             raise ValueError(f"position {start + ids.size(1)} exceeds the artifact's context of {self.max_len}")
+        if self.prefill_runs is not None and ids.size(1) > 1:
+            for c0 in range(0, ids.size(1), self.chunk):
+                logits = self._prefill_chunk(ids[:, c0:c0 + self.chunk].to(self.device), start + c0)
+            return logits.cpu()
         for i in range(ids.size(1)):
             logits = self.step(ids[:, i], torch.tensor([start + i]))
         return logits.cpu()

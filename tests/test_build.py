@@ -31,16 +31,22 @@ def built(tiny_dir, tmp_path_factory):
 def test_artifact_matches_the_reference(built, tiny_dir):
     out, _, summary = built
     assert not summary.reused and (out / "manifest.json").is_file()
-    # one program per layer kind (hash layers 0 and 1 share one), weights bound from their own files
-    assert sorted(p.name for p in (out / "programs").iterdir()) == [
-        "layer-ratio0-hash-b1.pt2", "layer-ratio128-b1.pt2", "layer-ratio4-b1.pt2", "layer-ratio4-hash-b1.pt2",
-        "mtp-ratio0-b1.pt2"]
+    # one decode program per layer kind (hash layers 0 and 1 share one) and one prefill program per main
+    # layer kind; weights bound from their own files
+    kinds = ["layer-ratio0-hash", "layer-ratio128", "layer-ratio4", "layer-ratio4-hash"]
+    assert sorted(p.name for p in (out / "programs").iterdir()) == sorted(
+        [f"{k}-b1.pt2" for k in kinds + ["mtp-ratio0"]] + [f"{k}-prefill-c64.pt2" for k in kinds])
     assert len(list((out / "weights").iterdir())) == 6
     prompt, forced = [5, 17, 99, 300, 12] * 30, [3, 4, 5, 6, 7, 8]     # 150 tokens: a ratio-128 block completes
-    art = forced_logits(ArtifactModel(out), prompt, forced)
+    model = ArtifactModel(out)
+    assert model.prefill_runs is not None                   # the prompt goes through in 3 chunks of 64
+    art = forced_logits(model, prompt, forced)
+    model.prefill_runs = None                               # the same artifact, the prompt token by token
+    by_token = forced_logits(model, prompt, forced)
     ref = forced_logits(ReferenceModel(Checkpoint(tiny_dir), act=torch.float32, max_len=200), prompt, forced)
-    cos = torch.nn.functional.cosine_similarity(art.double(), ref.double(), dim=-1)
-    assert torch.equal(art.argmax(-1), ref.argmax(-1)) and cos.min() >= 0.999
+    for got in (art, by_token):
+        cos = torch.nn.functional.cosine_similarity(got.double(), ref.double(), dim=-1)
+        assert torch.equal(got.argmax(-1), ref.argmax(-1)) and cos.min() >= 0.999999, (got - ref).abs().max()
 
 
 @pytest.mark.slow
@@ -101,7 +107,7 @@ def test_pager_under_a_budget_changes_nothing_but_where_experts_are_read(built):
     paged = forced_logits(paged_model, prompt, forced)
     assert torch.equal(paged, resident)
     stats = paged_model.pager.stats
-    steps, layers, k = len(prompt) + len(forced), 5, 6
+    steps, layers, k = len(forced), 5, 6                    # decode steps (the prompt is prefilled)
     assert stats.hits + stats.misses == steps * layers * k
     assert len(paged_model.pager.pool.resident) <= 20 and paged_model.pager.bytes_moved > 0
     assert stats.prefetch_hits > 0          # hash layers: experts fetched from the next token's id
