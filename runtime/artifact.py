@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 import plugins.ops  # noqa: F401  (the packages call torch.ops.dsv4)
+from plugins.head import head_logits, kernel_fits
 from plugins.oracle import hc_head, rms_norm, wide, wide_dtype
 
 from .errors import UserError
@@ -76,7 +77,11 @@ class ArtifactModel:
         dev = str(self.device)
         dense = load_file(str(self.root / "dense.safetensors"), device=dev)
         self.embed = dense["embed.weight"].to(self.act)
-        self.head = dense["head.weight"].to(self.work)
+        head = dense["head.weight"]
+        # bf16 on a GPU (the kernel accumulates in float32; the official fp32 head is loaded from bf16)
+        bf16_head = (head.dtype == torch.bfloat16 and self.work == torch.float32
+                     and kernel_fits(batch, self.config.hidden_size, self.device))
+        self.head = head if bf16_head else head.to(self.work)
         self.norm = dense["norm.weight"].to(self.work)
         self.head_hc = [dense[f"hc_head_{n}"].to(self.work) for n in ("fn", "scale", "base")]
         main = [e for e in m["layers"] if e["prefix"].startswith("layers.")]
@@ -171,7 +176,7 @@ class ArtifactModel:
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """hc streams h [B, hc, d] -> logits [B, vocab] in the working dtype."""
         y = rms_norm(hc_head(h[:, None], *self.head_hc, self.config)[:, 0], self.norm, self.config.rms_norm_eps)
-        return torch.nn.functional.linear(wide(y), self.head)
+        return head_logits(wide(y), self.head)
 
     def _prefill_chunk(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Feed ids [1, n] (n <= chunk) at positions start.. through the prefill programs; float32 logits

@@ -84,3 +84,25 @@ def test_bulk_copies_also_read_pinned_host_memory():
     from_host = fp8_linear_decode(x, w.pin_memory(), s.cuda())
     torch.cuda.synchronize()
     assert torch.equal(from_host, on_device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, v, d", [(1, 129280, 4096), (3, 1000, 256), (4, 4099, 512)],
+                         ids=["flash-1row", "tiny-3rows", "odd-vocab-4rows"])
+def test_bf16_head_kernel_matches_the_float32_head(rows, v, d):
+    """The head kept in bf16 (exact: the official fp32 head is loaded from bf16) and accumulated in fp32:
+    the float32 linear up to summation order; graph-capturable."""
+    from plugins.head import head_logits
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(v, d, generator=g) / d ** 0.5).to(torch.bfloat16).cuda()
+    y = torch.randn(rows, d, generator=g).cuda()
+    expect = torch.nn.functional.linear(y.double(), w.double())
+    got = head_logits(y, w)
+    assert got.dtype == torch.float32 and torch.equal(got.argmax(-1), expect.argmax(-1))
+    assert torch.allclose(got.double(), expect, rtol=1e-5, atol=1e-5 * expect.abs().max().item())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = head_logits(y, w)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, got)
