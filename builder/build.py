@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -98,6 +100,32 @@ def _compile_program(cfg, layer: int, weights: dict, act: torch.dtype, max_len: 
     # after each op, where fused kernels would otherwise carry float32 through and drift from it
     with torch._inductor.config.patch(emulate_precision_casts=True):
         torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
+
+
+def _compile_job(job: tuple) -> None:
+    """One program compile from plain arguments (it may run in a child process): (checkpoint folder, layer,
+    dtype name, max_len, batch, device, output path, prefill chunk or 0)."""
+    folder, layer, dtype, max_len, batch, device, path, chunk = job
+    ckpt = Checkpoint(folder)
+    act = getattr(torch, dtype)
+    _compile_program(ckpt.config, layer, decode.layer_weights(ckpt.config, ckpt.get, layer, act), act, max_len,
+                     batch, device, Path(path), chunk)
+
+
+def _compile_all(jobs: list[tuple], progress: Progress | None) -> None:
+    """Run the compiles, several at once where the machine has the cores (each compile also uses a few)."""
+    workers = min(len(jobs), (os.cpu_count() or 1) // 4)
+    if workers <= 1:
+        for n, job in enumerate(jobs):
+            _compile_job(job)
+            if progress:
+                progress("programs", n + 1, len(jobs))
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for n, done in enumerate(as_completed([pool.submit(_compile_job, job) for job in jobs])):
+            done.result()
+            if progress:
+                progress("programs", n + 1, len(jobs))
 
 
 def _cache_spec(cfg, layer: int, act: torch.dtype, max_len: int) -> dict:
@@ -220,11 +248,14 @@ def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
     def program_file(kind: str, batch: int) -> str:
         return f"programs/{kind}-b{batch}.pt2"
 
+    # Program compiles are collected, then run side by side (each in its own process on a machine with cores
+    # to spare): they are the build's longest stage and independent of each other.
+    compiles: list[tuple] = []
+
     def program(item: tuple[str, int]) -> None:
         kind, batch = item
-        layer = kinds[kind]
-        stage(program_file(kind, batch), lambda p: _compile_program(
-            cfg, layer, decode.layer_weights(cfg, ckpt.get, layer, act), act, max_len, batch, recipe.device, p),
+        stage(program_file(kind, batch), lambda p: compiles.append(
+            (str(ckpt.folder), kinds[kind], recipe.dtype, max_len, batch, recipe.device, str(p), 0)),
             config=cfg.digest(), kind=kind, batch=batch)
     chunk = recipe.prefill_chunk
 
@@ -232,15 +263,17 @@ def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
         return f"programs/{kind}-prefill-c{chunk}.pt2"
 
     def prefill_program(kind: str) -> None:
-        layer = kinds[kind]
-        stage(prefill_file(kind), lambda p: _compile_program(
-            cfg, layer, decode.layer_weights(cfg, ckpt.get, layer, act), act, max_len, 1, recipe.device, p, chunk),
+        stage(prefill_file(kind), lambda p: compiles.append(
+            (str(ckpt.folder), kinds[kind], recipe.dtype, max_len, 1, recipe.device, str(p), chunk)),
             config=cfg.digest(), kind=kind, chunk=chunk)
-    # prefill for one sequence at a time, main layers only (generation never runs the MTP block)
-    prefill_kinds = [k for k, layer in kinds.items() if not decode.is_mtp(cfg, layer)]
     if recipe.backend == "aoti":
-        timed("programs", [(k, b) for k in kinds for b in buckets], program)
-        timed("prefill", prefill_kinds, prefill_program)
+        for item in [(k, b) for k in kinds for b in buckets]:
+            program(item)
+        # prefill for one sequence at a time, main layers only (generation never runs the MTP block)
+        for kind, layer in kinds.items():
+            if not decode.is_mtp(cfg, layer):
+                prefill_program(kind)
+        timed("programs", [compiles], lambda jobs: _compile_all(jobs, progress))
 
     def engine(kind: str) -> None:
         layer, onnx_rel = kinds[kind], f"programs/{kind}.onnx"
