@@ -1,10 +1,12 @@
 """Routed experts under a memory budget: a pool of device slots shared by every layer, the rest read
 from a cold store, with the slot pool's policy (runtime/pager_policy.py) deciding who is resident.
 
-Each layer's table entry points at the expert's slot when it is resident, else at its cold copy
-(pinned host memory on CUDA, the memory-mapped bank on CPU). The kernels read either, so a miss is a
-slower read over the bus, never a failure: a captured decode graph stays valid whatever is resident,
-and only the tables' values change between steps.
+Each layer's table entry points at the expert's slot when it is resident, else at its cold copy. The
+kernels read either, so a miss is a slower read, never a failure: a captured decode graph stays valid
+whatever is resident, and only the tables' values change between steps. The cold copy is the
+memory-mapped bank where the processor reading it can follow the host's page tables (CPU runs, and GPUs
+with address translation services: GB10, GH200), so it costs page cache, not a second copy in the one
+memory such a box has; elsewhere (an H200 over PCIe) it is a pinned host copy the GPU reads over the bus.
 
 After each step the runtime reports what every layer routed to (the programs write it to their
 `routed` cache); before the next it gives the next tokens. The pager counts hits and misses against
@@ -23,6 +25,22 @@ from .expert_bank import ExpertBank, expert_addresses
 from .pager_policy import SlotPool
 
 
+def reads_pageable_memory(device: torch.device) -> bool:
+    """Whether this GPU reads pageable host memory through the host's own page tables (ATS), as a GB10 or
+    a GH200 does; not an H200 on PCIe (there pageable access, if any, goes through software page faults)."""
+    try:
+        from cuda.bindings import driver
+        attr = driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES
+    except (ImportError, AttributeError):         # no cuda-python: the kernels cannot run either
+        return False
+    driver.cuInit(0)
+    err, dev = driver.cuDeviceGet(device.index if device.index is not None else torch.cuda.current_device())
+    if int(err) != 0:
+        return False
+    err, value = driver.cuDeviceGetAttribute(attr, dev)
+    return int(err) == 0 and value == 1
+
+
 class PagedExperts:
     def __init__(self, bank: ExpertBank, layers: list[int], device: torch.device, slots: int,
                  tid2eid: dict[int, torch.Tensor] | None = None):
@@ -35,15 +53,17 @@ class PagedExperts:
         self.pool = SlotPool(slots)
         self.slab = torch.empty(slots * self.stride, dtype=torch.uint8, device=device)
         cuda = device.type == "cuda"
+        self.mapped_cold = not cuda or reads_pageable_memory(device)
         self.cold: dict[int, torch.Tensor] = {}
         self.cold_tables: dict[int, torch.Tensor] = {}
         self.tables: dict[int, torch.Tensor] = {}
         for layer in layers:
             e = bank.entries[layer]
             mapped = bank.layer_bytes(layer)
-            # CUDA: pinned host memory, which the kernels read directly; CPU: the mapped bank itself
-            store = torch.empty(mapped.numel(), dtype=torch.uint8, pin_memory=True).copy_(mapped) if cuda else mapped
-            if cuda:
+            if self.mapped_cold:
+                store = mapped
+            else:
+                store = torch.empty(mapped.numel(), dtype=torch.uint8, pin_memory=True).copy_(mapped)
                 bank.release(layer)                   # the pinned copy serves from now on
             self.cold[layer] = store
             self.cold_tables[layer] = expert_addresses(store.data_ptr(), e)

@@ -104,3 +104,10 @@ def test_paged_experts_change_nothing_but_where_they_are_read(artifact):
     assert stats.hits + stats.misses == len(FORCED) * 5 * 6         # decode steps (the prompt is prefilled)
     assert stats.prefetch_hits > 0 and model.pager.bytes_moved > 0
     assert model.pager.device_bytes() == 20 * model.pager.stride
+
+
+def test_an_h200_keeps_cold_experts_pinned():
+    """PCIe GPUs read pageable memory, if at all, through software faults: the cold copies are pinned there
+    (a GB10 or GH200 would keep them in the mapped bank instead: not reachable here)."""
+    from runtime.expert_pager import reads_pageable_memory
+    assert not reads_pageable_memory(torch.device("cuda"))
