@@ -139,15 +139,42 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
 def sinkhorn_split(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,
                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mix [..., (2+hc)*hc] -> pre [..., hc], post [..., hc], comb [..., hc, hc] (rows j: input stream,
-    columns k: output stream), comb made doubly stochastic by Sinkhorn iterations (float32)."""
+    columns k: output stream), comb made doubly stochastic by Sinkhorn iterations (float32).
+
+    The hc x hc matrix is iterated as hc * hc separate tensors of the batch's shape, its row and column
+    sums as explicit adds in index order: elementwise ops on one shape, which a compiler fuses into a few
+    kernels, where every reduction over 4 elements became its own kernel (43 per hc_pre with Inductor)."""
     pre = torch.sigmoid(mix[..., :hc] * scale[0] + base[:hc]) + eps
     post = 2 * torch.sigmoid(mix[..., hc:2 * hc] * scale[1] + base[hc:2 * hc])
-    comb = mix[..., 2 * hc:].unflatten(-1, (hc, hc)) * scale[2] + base[2 * hc:].view(hc, hc)
-    comb = comb.softmax(-1) + eps
-    comb = comb / (comb.sum(-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        comb = comb / (comb.sum(-1, keepdim=True) + eps)
-        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    logits = mix[..., 2 * hc:] * scale[2] + base[2 * hc:]
+    c = [[logits[..., j * hc + k] for k in range(hc)] for j in range(hc)]       # c[j][k] [...]
+
+    def row_sum(j):
+        total = c[j][0]
+        for k in range(1, hc):
+            total = total + c[j][k]
+        return total
+
+    def col_sum(k):
+        total = c[0][k]
+        for j in range(1, hc):
+            total = total + c[j][k]
+        return total
+
+    for j in range(hc):                              # softmax over each row, + eps
+        top = c[j][0]
+        for k in range(1, hc):
+            top = torch.maximum(top, c[j][k])
+        c[j] = [torch.exp(v - top) for v in c[j]]
+        total = row_sum(j)
+        c[j] = [v / total + eps for v in c[j]]
+    for it in range(iters):
+        if it:                                       # the first iteration normalises columns only
+            sums = [row_sum(j) + eps for j in range(hc)]
+            c = [[c[j][k] / sums[j] for k in range(hc)] for j in range(hc)]
+        sums = [col_sum(k) + eps for k in range(hc)]
+        c = [[c[j][k] / sums[k] for k in range(hc)] for j in range(hc)]
+    comb = torch.stack([torch.stack(row, -1) for row in c], -2)
     return pre, post, comb
 
 

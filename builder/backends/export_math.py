@@ -67,7 +67,8 @@ def fusion_barrier(x: torch.Tensor) -> torch.Tensor:
 
 
 def sinkhorn_split_barriers(mix, scale, base, hc: int, iters: int, eps: float):
-    """oracle.sinkhorn_split, same operations in the same order, a fusion barrier every few iterations."""
+    """oracle.sinkhorn_split's math in matrix form (a few ONNX nodes per iteration, where the oracle's
+    per-element form suits Inductor), equal up to summation order, a fusion barrier every few iterations."""
     pre = torch.sigmoid(mix[..., :hc] * scale[0] + base[:hc]) + eps
     post = 2 * torch.sigmoid(mix[..., hc:2 * hc] * scale[1] + base[hc:2 * hc])
     comb = mix[..., 2 * hc:].unflatten(-1, (hc, hc)) * scale[2] + base[2 * hc:].view(hc, hc)
