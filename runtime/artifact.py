@@ -233,6 +233,8 @@ class ArtifactModel:
         if start + ids.size(1) > self.max_len:
             raise ValueError(f"position {start + ids.size(1)} exceeds the artifact's context of {self.max_len}")
         if self.prefill_runs is not None and ids.size(1) > 1:
+            if self.pager is not None:
+                self.pager.prepare([])      # slot copies and table updates still in flight land first
             for c0 in range(0, ids.size(1), self.chunk):
                 logits = self._prefill_chunk(ids[:, c0:c0 + self.chunk].to(self.device), start + c0)
             return logits.cpu()
