@@ -53,7 +53,8 @@ def kernel_times(model: ArtifactModel, steps: int, pos: int) -> tuple[dict[str, 
     return dict(us), {k: v // steps for k, v in count.items()}
 
 
-def replay_ms(model: ArtifactModel, steps: int, pos: int) -> float:
+def step_ms(model: ArtifactModel, steps: int, pos: int) -> float:
+    """Wall time per decode step (graph replay if the model captured one, else plain launches)."""
     token = torch.tensor([5])
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -76,13 +77,13 @@ def main() -> None:
               "python": platform.python_version(), "copy_bandwidth_gb_s": bandwidth / 1e9}
     graphed = ArtifactModel(args.artifact, "cuda", graphs=True)
     graphed.forward(torch.arange(args.context)[None] % 1000 + 2)
-    report["graph_step_ms"] = replay_ms(graphed, args.steps, args.context)
+    report["graph_step_ms"] = step_ms(graphed, args.steps, args.context)
     report["bytes_per_token"] = per_token = bytes_per_token(graphed)
     report["floor_step_ms"] = 1e3 * per_token / bandwidth
     del graphed
     plain = ArtifactModel(args.artifact, "cuda", graphs=False)
     plain.forward(torch.arange(args.context)[None] % 1000 + 2)
-    report["plain_step_ms"] = replay_ms(plain, args.steps, args.context)
+    report["plain_step_ms"] = step_ms(plain, args.steps, args.context)
     us, launches = kernel_times(plain, args.steps, args.context + args.steps)
     report["kernel_us_per_step"] = dict(sorted(us.items(), key=lambda kv: -kv[1]))
     report["launches_per_step"] = launches

@@ -30,30 +30,25 @@ def _device_limits(device: torch.device) -> tuple[int, int]:
     return props.multi_processor_count, optin - 1024
 
 
-def _divisor_at_most(n: int, cap: int) -> int:
-    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
-
-
 def gemv_plan(m: int, n: int, k: int, fused: bool, sms: int, shared_limit: int) -> dict:
     """How the GEMV splits the work (see csrc/fp8_linear.cu): warps per CTA (fewer when there are few row
     groups, so that every multiprocessor streams), the K chunk of a stage and the stages per warp that
     fit in shared memory, the shared-memory layout. Pure arithmetic, so it is tested without a GPU."""
     groups = -(-n // 8)
     ring_at = -(-(m * (k + ROW_PAD) + m * (k // 128) * 4) // 128) * 128 if fused else 0
-    warps = MAX_WARPS
-    while warps > 1 and -(-groups // warps) < sms:
-        warps //= 2
-    while True:
-        blocks = _divisor_at_most(k // 128, STAGE_KB_BLOCKS)
-        while True:
+    most = MAX_WARPS
+    while most > 1 and -(-groups // most) < sms:
+        most //= 2
+    # the largest warps per CTA, then the longest K chunk, that leave every warp two stages or more
+    chunks = [d for d in range(min(k // 128, STAGE_KB_BLOCKS), 0, -1) if (k // 128) % d == 0]
+    for warps in [most >> i for i in range(most.bit_length())]:
+        for blocks in chunks:
             stage = 8 * (blocks * 128 + ROW_PAD)
             stages = min(MAX_STAGES, (shared_limit - ring_at) // (warps * stage))
-            if stages >= 2 or blocks == 1:
+            if stages >= 2:
                 break
-            blocks = _divisor_at_most(k // 128, blocks - 1)
-        if stages >= 2 or warps == 1:
+        if stages >= 2:
             break
-        warps //= 2
     if stages < 1:
         raise ValueError(f"fp8 GEMV of {m} x {k} does not fit {shared_limit} bytes of shared memory")
     return {"warps": warps, "kc": blocks * 128, "stages": stages, "ring_at": ring_at,

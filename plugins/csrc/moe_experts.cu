@@ -20,6 +20,8 @@
 // ahead of its MMAs, and the grid is the resident CTAs, each running items b, b + grid, ...
 #include "common.cuh"
 
+using dsv4::smem_addr;
+
 namespace {
 
 constexpr int UB = 8;        // 32-K blocks per warp step
@@ -49,10 +51,6 @@ constexpr int STAGES = 4;
 constexpr int STAGE_W = 16 * UB * 16;               // weights: 16 rows x UB blocks x 16 bytes
 constexpr int STAGE_BYTES = STAGE_W + 16 * UB;      // + the scale bytes [16 rows][UB]
 constexpr int RING_BYTES = 8 * STAGES * STAGE_BYTES;  // 8 warps
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return uint32_t(__cvta_generic_to_shared(p));
-}
 
 // Scales go through the ring too when every step's scale bytes are 4-byte aligned (`async_scales`, true at
 // Flash sizes); otherwise mma_step reads them from global memory itself.
