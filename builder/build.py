@@ -21,6 +21,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import traceback
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -112,17 +113,28 @@ def _compile_job(job: tuple) -> None:
                      batch, device, Path(path), chunk)
 
 
+def _compile_job_in_child(job: tuple) -> None:
+    """_compile_job with its failure turned into text: torch's export errors hold frames, which cannot be
+    pickled back to the parent (the H200 build died on 'cannot pickle frame' instead of the real error)."""
+    try:
+        _compile_job(job)
+    except Exception as e:
+        raise RuntimeError(f"compiling {Path(job[6]).name}: {traceback.format_exc()}") from None
+
+
 def _compile_all(jobs: list[tuple], progress: Progress | None) -> None:
     """Run the compiles, several at once where the machine has the cores (each compile also uses a few)."""
     workers = min(len(jobs), (os.cpu_count() or 1) // 4)
-    if workers <= 1:
+    # CUDA compiles stay in this process: children would each create a CUDA context, and on the H200 the
+    # spawned CUDA compiles failed where the same compiles in one process build (session 4)
+    if workers <= 1 or any(job[5] != "cpu" for job in jobs):
         for n, job in enumerate(jobs):
             _compile_job(job)
             if progress:
                 progress("programs", n + 1, len(jobs))
         return
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for n, done in enumerate(as_completed([pool.submit(_compile_job, job) for job in jobs])):
+        for n, done in enumerate(as_completed([pool.submit(_compile_job_in_child, job) for job in jobs])):
             done.result()
             if progress:
                 progress("programs", n + 1, len(jobs))

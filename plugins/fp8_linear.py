@@ -9,7 +9,7 @@ from functools import lru_cache
 
 import torch
 
-from .loader import INT, PTR, kernels
+from .loader import INT, PTR, balanced_grid, kernels
 
 MAX_ROWS = 16
 # The fused kernel quantises the activation rows in every CTA: cheap while rows x K/128 is small; beyond
@@ -18,41 +18,15 @@ FUSE_LIMIT_BLOCKS = 128
 ROW_PAD = 64                      # csrc/fp8_linear.cu ROW_PAD
 
 
-MAX_STAGES, MAX_WARPS = 4, 8      # csrc/fp8_linear.cu
-STAGE_KB_BLOCKS = 8               # a stage holds up to 8 rows x 1 KB of K
-
-
 @lru_cache(maxsize=8)
-def _device_limits(device: torch.device) -> tuple[int, int]:
-    """(multiprocessors, dynamic shared memory a CTA may opt into, less the kernel's static barriers)."""
-    props = torch.cuda.get_device_properties(device)
-    optin = getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024
-    return props.multi_processor_count, optin - 1024
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def gemv_plan(m: int, n: int, k: int, fused: bool, sms: int, shared_limit: int) -> dict:
-    """How the GEMV splits the work (see csrc/fp8_linear.cu): warps per CTA (fewer when there are few row
-    groups, so that every multiprocessor streams), the K chunk of a stage and the stages per warp that
-    fit in shared memory, the shared-memory layout. Pure arithmetic, so it is tested without a GPU."""
-    groups = -(-n // 8)
-    ring_at = -(-(m * (k + ROW_PAD) + m * (k // 128) * 4) // 128) * 128 if fused else 0
-    most = MAX_WARPS
-    while most > 1 and -(-groups // most) < sms:
-        most //= 2
-    # the largest warps per CTA, then the longest K chunk, that leave every warp two stages or more
-    chunks = [d for d in range(min(k // 128, STAGE_KB_BLOCKS), 0, -1) if (k // 128) % d == 0]
-    for warps in [most >> i for i in range(most.bit_length())]:
-        for blocks in chunks:
-            stage = 8 * (blocks * 128 + ROW_PAD)
-            stages = min(MAX_STAGES, (shared_limit - ring_at) // (warps * stage))
-            if stages >= 2:
-                break
-        if stages >= 2:
-            break
-    if stages < 1:
-        raise ValueError(f"fp8 GEMV of {m} x {k} does not fit {shared_limit} bytes of shared memory")
-    return {"warps": warps, "kc": blocks * 128, "stages": stages, "ring_at": ring_at,
-            "shared": ring_at + warps * stages * stage, "ctas": -(-groups // warps)}
+def warps_per_row(k: int) -> int:
+    """Warps sharing one group of 8 output rows: split K so each warp still has 4 blocks (one step)."""
+    blocks = k // 128
+    return next(p for p in (8, 4, 2, 1) if blocks % p == 0 and blocks // p >= 4 or p == 1)
 
 
 def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out: torch.Tensor | None = None,
@@ -66,23 +40,28 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
     n = w.size(0)
     assert x.dtype == torch.bfloat16 and w.dtype == torch.float8_e4m3fn and m <= MAX_ROWS
     assert k % 128 == 0 and w.size(1) == k and x.is_contiguous() and w.is_contiguous()
-    assert w.data_ptr() % 16 == 0, "bulk copies need 16-byte aligned weights"
     assert w_scale.shape == ((n + 127) // 128, k // 128)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device) if out is None else out
     fused = m * (k // 128) <= FUSE_LIMIT_BLOCKS
     if fused:
         codes, scales = x, x                                  # unused by the fused kernel
+        shared = m * (k + ROW_PAD) + m * (k // 128) * 4
     else:
         codes, scales = make_workspace(m, k, x.device) if workspace is None else workspace
         act_quant(x, codes, scales)
-    plan = gemv_plan(m, n, k, fused, *_device_limits(x.device))
+        shared = 0
     lib = kernels()
     name = f"dsv4_fp8_gemv{'_fused' if fused else ''}_m{8 if m <= 8 else 16}"
-    block = 32 * plan["warps"]
-    grid = min(plan["ctas"], lib.resident(name, block, plan["shared"]))
-    lib.launch(name, grid, block,
+    resident = lib.resident(name, 256, shared)
+    groups = (n + 7) // 8
+    # Warps sharing a row group meet at a CTA barrier after every group; with enough row groups to fill
+    # the grid, each warp takes whole rows instead and streams without barriers.
+    wpr = 1 if groups // 8 >= resident else warps_per_row(k)
+    items = -(-groups // (8 // wpr))
+    grid = balanced_grid(items, resident)
+    lib.launch(name, grid, 256,
                [(x, PTR), (codes, PTR), (scales, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT), (n, INT),
-                (k, INT), (plan["kc"], INT), (plan["stages"], INT), (plan["ring_at"], INT)], plan["shared"])
+                (k, INT), (wpr, INT), (items, INT)], shared)
     return out
 
 

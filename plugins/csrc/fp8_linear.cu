@@ -5,22 +5,15 @@
 //   gemv:       y [M, N] bf16 = (codes * scales) . W[N, K]^T, W e4m3 with E8M0 scales per 128x128 block,
 //               on FP8 tensor cores per 128-K block, scaled and summed in fp32, rounded once. W is read once.
 //
-// Decode is bound by the weight read, so the GEMV is built to keep HBM busy. Each warp owns whole groups of 8
-// weight rows (all of K, so no partial sums cross warps) and streams them through its own ring of shared-
-// memory stages with bulk asynchronous copies (csrc/common.cuh): its lane 0 keeps STAGES chunks of 8 rows x
-// `kc` bytes requested, tens of kilobytes per warp, where register loads held 4 KB; the first requests go
-// out before the kernel waits for the previous one (programmatic dependent launch), as weights never
-// depend on it. A persistent grid: warp w of all takes row groups w, w + warps, ... The fused form
-// quantises the activation rows itself (each CTA, into shared memory, while its first stages land): one
-// launch. For many rows x long K the separate act_quant kernel writes the codes once instead
-// (dsv4_fp8_gemv_m*), read through L1 by every CTA.
+// Decode is bound by the weight read, so the GEMV is built to keep HBM busy: a persistent grid sized to the
+// resident CTAs, each warp streaming 16-byte weight loads one step (4 KB per warp) ahead of its MMAs, across
+// row groups without a bubble. The fused form quantises the activation rows itself (each CTA, into shared
+// memory, while its first weight loads are in flight): one launch. For many rows x long K the separate
+// act_quant kernel writes the codes once instead (dsv4_fp8_gemv_m*), read through L1 by every CTA.
 // Launch paths never allocate or synchronise, so they can be captured in CUDA graphs.
 #include "common.cuh"
 
-using dsv4::bulk_copy_to_smem;
 using dsv4::e8m0;
-using dsv4::mbar_expect_bytes;
-using dsv4::mbar_init;
 using dsv4::mma_e4m3;
 
 // One warp per (row, 128-block): 32 lanes x 4 elements. Writes the e4m3 codes and the block's scale.
@@ -49,107 +42,120 @@ extern "C" __global__ void dsv4_act_quant_fp8(const __nv_bfloat16* __restrict__ 
 
 namespace {
 
-constexpr int MAX_STAGES = 4;   // per warp; the host picks 2..4 by the shared memory it has
-constexpr int MAX_WARPS = 8;    // per CTA
-constexpr int ROW_PAD = 64;     // bytes after each shared row (activations and weight stages): rows alternate
-                                // 128-byte bank halves, so a warp's 16-byte reads of 8 rows do not collide
+constexpr int U = 4;            // 128-K blocks per warp step: 8 x 16-byte loads per lane in flight
+constexpr int ROW_PAD = 64;     // bytes after each shared activation row: rows alternate 128-byte bank halves
 
-// y[m, n] for m < rows on FP8 tensor cores (mma m16n8k32). Lane t = (r, q) = (t / 4, t % 4) reads 16
-// contiguous bytes of weight row n0 + r at k + q * 16 per 64-byte half block; the activation fragments use
-// the same permutation of K, so every product pairs the right elements. Per 128-K block the MMA sums are
-// scaled by w_scale * x_scale in fp32 and added, as DeepSeek's fp8_gemm.
-// Shared memory: FUSED activation codes [rows][K + ROW_PAD] and scales [rows][K/128], then (128-aligned at
-// `ring_at`) each warp's stages of 8 x (kc + ROW_PAD) bytes.
+struct Fp8Step {
+  uint4 w[U][2];                // lane (r, q): weight row n0 + r, bytes kb * 128 + h * 64 + q * 16 .. + 16
+  uint32_t ws[U];               // the E8M0 scale byte of each block
+};
+
+// y[m, n] for m < rows on FP8 tensor cores (mma m16n8k32): a warp owns 8 weight rows (a row group) and a
+// slice of K; `wpr` warps of a CTA split K for the same row group and add their sums in shared memory.
+// Per 128-K block the MMA sums are scaled by w_scale * x_scale in fp32, as DeepSeek's fp8_gemm. Lane t
+// loads 16 contiguous weight bytes at k0 + (t%4)*16; the activation fragments use the same permutation of
+// K, so every product pairs the right elements. An item is the CTA's 8 / wpr row groups over all of K;
+// CTA b runs items b, b + grid, ...
 template <int M, bool FUSED>
 __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ xq,
                                          const float* __restrict__ xs, const uint8_t* __restrict__ w,
                                          const uint8_t* __restrict__ w_scale, __nv_bfloat16* __restrict__ y,
-                                         int rows, int N, int K, int kc, int stages, int ring_at) {
-  extern __shared__ __align__(128) uint8_t smem[];
-  __shared__ uint64_t bars[MAX_WARPS][MAX_STAGES];
+                                         int rows, int N, int K, int wpr, int items) {
+  extern __shared__ uint4 smem[];               // FUSED: codes [rows][K + ROW_PAD], then scales [rows][K/128]
+  __shared__ float partial[8][4][32];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2, q = lane & 3;
-  const int warps = blockDim.x >> 5, all_warps = int(gridDim.x) * warps;
-  const int gw = int(blockIdx.x) * warps + warp;
-  const int groups = (N + 7) / 8, chunks = K / kc, kblocks = K / 128, stride = kc + ROW_PAD;
-  const int my_groups = gw < groups ? (groups - 1 - gw) / all_warps + 1 : 0;
-  const int total = my_groups * chunks;         // this warp's steps: (row group, K chunk) pairs
-  uint8_t* ring = smem + ring_at + size_t(warp) * stages * 8 * stride;
+  const int kblocks = K / 128, nkb = kblocks / wpr, part = warp % wpr, kb_begin = part * nkb;
+  const int steps = (nkb + U - 1) / U;
+  const int my_items = (items - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x);
+  const int total = my_items * steps;
 
-  // lane 0: ask for step t's 8 rows x kc bytes (fewer rows past N) into stage t % stages
-  auto request = [&](int t) {
-    if (t >= total) return;
-    const int n0 = (gw + (t / chunks) * all_warps) * 8, c = t % chunks, valid = min(8, N - n0);
-    uint64_t* bar = &bars[warp][t % stages];
-    uint8_t* dst = ring + (t % stages) * 8 * stride;
-    mbar_expect_bytes(bar, uint32_t(valid * kc));
-    for (int i = 0; i < valid; ++i)
-      bulk_copy_to_smem(dst + i * stride, w + size_t(n0 + i) * K + size_t(c) * kc, uint32_t(kc), bar);
+  const uint8_t* codes = FUSED ? reinterpret_cast<const uint8_t*>(smem) : xq;
+  const float* scales = FUSED ? reinterpret_cast<const float*>(reinterpret_cast<uint8_t*>(smem) + rows * (K + ROW_PAD)) : xs;
+  const int ldx = FUSED ? K + ROW_PAD : K;
+
+  auto group_of = [&](int g) { return (int(blockIdx.x) + (g / steps) * int(gridDim.x)) * (8 / wpr) + warp / wpr; };
+  auto load = [&](int g, Fp8Step& st) {
+    const int n0 = group_of(g) * 8, kb0 = kb_begin + (g % steps) * U;
+    const bool live = g < total && n0 < N;
+    const uint8_t* wrow = w + size_t(min(n0 + r, N - 1)) * K + q * 16;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const bool ok = live && kb0 + u < kb_begin + nkb;
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        st.w[u][h] = ok ? __ldg(reinterpret_cast<const uint4*>(wrow + (kb0 + u) * 128 + h * 64)) : make_uint4(0, 0, 0, 0);
+      st.ws[u] = ok ? __ldg(w_scale + size_t(n0 / 128) * kblocks + kb0 + u) : 0u;
+    }
   };
-  if (lane == 0) {
-    for (int s = 0; s < stages; ++s) mbar_init(&bars[warp][s], 1);
-    for (int t = 0; t < stages; ++t) request(t);
-  }
-  __syncwarp();
+
+  Fp8Step cur;
+  load(0, cur);                                  // in flight while the activations are quantised
   dsv4::pdl_wait();                              // x (or its codes) come from the previous kernels
   dsv4::pdl_launch_dependents();
-  const uint8_t* codes = FUSED ? smem : xq;
-  const float* scales = FUSED ? reinterpret_cast<const float*>(smem + rows * (K + ROW_PAD)) : xs;
-  const int ldx = FUSED ? K + ROW_PAD : K;
   if (FUSED) {
-    dsv4::quantise_to_smem<false>(x, rows * K, K, ROW_PAD, smem, const_cast<float*>(scales));
+    dsv4::quantise_to_smem<false>(x, rows * K, K, ROW_PAD, reinterpret_cast<uint8_t*>(smem),
+                                  const_cast<float*>(scales));
     __syncthreads();
   }
-
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int t = 0; t < total; ++t) {
-    const int n0 = (gw + (t / chunks) * all_warps) * 8, c = t % chunks;
-    dsv4::mbar_wait(&bars[warp][t % stages], uint32_t((t / stages) & 1));
-    const uint8_t* wrow = ring + (t % stages) * 8 * stride + r * stride + q * 16;
-    for (int kbl = 0; kbl < kc / 128; ++kbl) {
-      const int kb = c * (kc / 128) + kbl;
-      float part[4] = {0.f, 0.f, 0.f, 0.f};
+  float total_c[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int g = 0; g < total; ++g) {
+    Fp8Step nxt;
+    load(g + 1, nxt);                            // the next step's weights stream while this one multiplies
+    const int kb0 = kb_begin + (g % steps) * U;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int kb = kb0 + u;
+      if (kb >= kb_begin + nkb) break;
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int k = kb * 128 + h * 64 + q * 16;
         const uint4 a0 = r < rows ? *reinterpret_cast<const uint4*>(codes + size_t(r) * ldx + k) : make_uint4(0, 0, 0, 0);
         const uint4 a1 = M > 8 && r + 8 < rows ? *reinterpret_cast<const uint4*>(codes + size_t(r + 8) * ldx + k)
                                                : make_uint4(0, 0, 0, 0);
-        const uint4 b = *reinterpret_cast<const uint4*>(wrow + kbl * 128 + h * 64);
-        mma_e4m3(part, a0.x, a1.x, a0.y, a1.y, b.x, b.y);
-        mma_e4m3(part, a0.z, a1.z, a0.w, a1.w, b.z, b.w);
+        mma_e4m3(c, a0.x, a1.x, a0.y, a1.y, cur.w[u][h].x, cur.w[u][h].y);
+        mma_e4m3(c, a0.z, a1.z, a0.w, a1.w, cur.w[u][h].z, cur.w[u][h].w);
       }
-      const float sw = e8m0(__ldg(w_scale + size_t(n0 / 128) * kblocks + kb));
+      const float sw = e8m0(cur.ws[u]);
       const float sx0 = r < rows ? scales[r * kblocks + kb] : 0.f;
       const float sx1 = M > 8 && r + 8 < rows ? scales[(r + 8) * kblocks + kb] : 0.f;
-      acc[0] = fmaf(part[0], sw * sx0, acc[0]);
-      acc[1] = fmaf(part[1], sw * sx0, acc[1]);
-      acc[2] = fmaf(part[2], sw * sx1, acc[2]);
-      acc[3] = fmaf(part[3], sw * sx1, acc[3]);
+      total_c[0] = fmaf(c[0], sw * sx0, total_c[0]);
+      total_c[1] = fmaf(c[1], sw * sx0, total_c[1]);
+      total_c[2] = fmaf(c[2], sw * sx1, total_c[2]);
+      total_c[3] = fmaf(c[3], sw * sx1, total_c[3]);
     }
-    __syncwarp();                                // every lane has read the stage: lane 0 may refill it
-    if (lane == 0) {
-      dsv4::fence_async_smem();
-      request(t + stages);
-    }
-    if (c == chunks - 1) {                       // the row group's last chunk: write y, start the next group
+    if (g % steps == steps - 1) {                // the item's last step: add the K slices, write y
+      const int n0 = group_of(g) * 8;
+      if (wpr > 1) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int m = r + (i >= 2 ? 8 : 0), n = n0 + q * 2 + (i & 1);
-        if (m < rows && n < N) y[size_t(m) * N + n] = __float2bfloat16(acc[i]);
-        acc[i] = 0.f;
+        for (int i = 0; i < 4; ++i) partial[warp][i][lane] = total_c[i];
+        __syncthreads();
       }
+      if (part == 0 && n0 < N) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          float v = total_c[i];
+          for (int p = 1; p < wpr; ++p) v += partial[warp + p][i][lane];
+          const int m = r + (i >= 2 ? 8 : 0), n = n0 + q * 2 + (i & 1);
+          if (m < rows && n < N) y[size_t(m) * N + n] = __float2bfloat16(v);
+        }
+      }
+      if (wpr > 1) __syncthreads();
+#pragma unroll
+      for (int i = 0; i < 4; ++i) total_c[i] = 0.f;
     }
+    cur = nxt;
   }
 }
 
 }  // namespace
 
 #define DSV4_FP8_GEMV(NAME, M, FUSED)                                                                        \
-  extern "C" __global__ void __launch_bounds__(256) NAME(                                                    \
+  extern "C" __global__ void __launch_bounds__(256, 2) NAME(                                                 \
       const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ xq, const float* __restrict__ xs,     \
       const uint8_t* __restrict__ w, const uint8_t* __restrict__ ws, __nv_bfloat16* __restrict__ y, int rows, \
-      int N, int K, int kc, int stages, int ring_at) {                                                       \
-    fp8_gemv<M, FUSED>(x, xq, xs, w, ws, y, rows, N, K, kc, stages, ring_at);                                \
+      int N, int K, int wpr, int items) {                                                                    \
+    fp8_gemv<M, FUSED>(x, xq, xs, w, ws, y, rows, N, K, wpr, items);                                         \
   }
 DSV4_FP8_GEMV(dsv4_fp8_gemv_m8, 8, false)
 DSV4_FP8_GEMV(dsv4_fp8_gemv_m16, 16, false)
