@@ -115,7 +115,7 @@ def _compile_job(job: tuple) -> None:
 
 def _compile_job_in_child(job: tuple) -> None:
     """_compile_job with its failure turned into text: torch's export errors hold frames, which cannot be
-    pickled back to the parent (the H200 build died on 'cannot pickle frame' instead of the real error)."""
+    pickled back to the parent (an H200 build reported 'cannot pickle frame' instead of the real error)."""
     try:
         _compile_job(job)
     except Exception as e:
@@ -125,9 +125,7 @@ def _compile_job_in_child(job: tuple) -> None:
 def _compile_all(jobs: list[tuple], progress: Progress | None) -> None:
     """Run the compiles, several at once where the machine has the cores (each compile also uses a few)."""
     workers = min(len(jobs), (os.cpu_count() or 1) // 4)
-    # CUDA compiles stay in this process: children would each create a CUDA context, and on the H200 the
-    # spawned CUDA compiles failed where the same compiles in one process build (session 4)
-    if workers <= 1 or any(job[5] != "cpu" for job in jobs):
+    if workers <= 1:
         for n, job in enumerate(jobs):
             _compile_job(job)
             if progress:
