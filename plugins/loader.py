@@ -111,7 +111,7 @@ def kernels() -> KernelImage:
     return KernelImage()
 
 
-PTR, INT = ctypes.c_void_p, ctypes.c_int
+PTR, INT, FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
 
 def balanced_grid(items: int, resident: int) -> int:

@@ -7,7 +7,6 @@ device memory or to pinned host memory, so experts move without rebuilding anyth
 """
 from __future__ import annotations
 
-import ctypes
 
 import torch
 
@@ -70,7 +69,7 @@ def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Te
     grid_up = balanced_grid(items_up * t, lib.resident("dsv4_moe_gate_up", 256, shared_up))
     lib.launch("dsv4_moe_gate_up", (max(1, -(-grid_up // t)), t), 256,
                [(x, PTR), (experts, PTR), (route_w, PTR), (table, PTR), (ws["h"], PTR), (k, INT), (d, INT),
-                (f, INT), (limit, ctypes.c_float)], shared_up)
+                (f, INT), (limit, FLOAT)], shared_up)
     shared_down = RING_BYTES + k * f + k * (f // 128) * 4 + k * PARTS * 16 * 4
     items_down = d // 16
     grid_down = balanced_grid(items_down * t, lib.resident("dsv4_moe_down", 256, shared_down))

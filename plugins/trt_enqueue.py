@@ -37,7 +37,7 @@ def workspace_layout(spec: ps.PluginSpec, shapes: list[list[int]], fields: dict 
                      ) -> dict[str, tuple[list[int], torch.dtype, int]]:
     """Scratch tensors a plugin carves from TensorRT's workspace: name -> (shape, dtype, bytes rounded to
     256), taken from the kernels' own `make_workspace` (on the meta device), so the two cannot drift."""
-    from . import fp8_linear, moe_experts
+    from . import fp8_linear, moe_experts, sparse_attention
     if spec.name == "Fp8Linear":
         m = 1
         for s in shapes[0][:-1]:
@@ -47,6 +47,9 @@ def workspace_layout(spec: ps.PluginSpec, shapes: list[list[int]], fields: dict 
     elif spec.name == "MoeRouted":
         (t, d), k = shapes[0], shapes[1][1]
         parts = moe_experts.make_workspace(t, k, d, int((fields or {})["inter"]), "meta")
+    elif spec.name == "SparseAttention":
+        (b, s, h, d), k = shapes[0], shapes[3][-1]
+        parts = sparse_attention.make_workspace(b * s, h, d, k, "meta")
     else:
         parts = {}
     return {name: (list(x.shape), x.dtype, (x.numel() * x.element_size() + 255) // 256 * 256)
@@ -77,8 +80,12 @@ def enqueue(spec: ps.PluginSpec, fields: dict, ins: list[tuple[list[int], int]],
             moe_experts_decode(x[0], x[1], x[2], x[3], int(fields["inter"]), float(fields["limit"]), out=y,
                                workspace=ws)
         elif spec.name == "SparseAttention":
-            from .oracle import sparse_attention
-            y.copy_(sparse_attention(x[0], x[1], x[2], x[3], float(fields["scale"])))
+            from .sparse_attention import sparse_attention_decode, supports
+            if supports(x[0], x[1]) and x[3].dtype == torch.int64:
+                sparse_attention_decode(x[0], x[1], x[2], x[3], float(fields["scale"]), out=y, workspace=ws)
+            else:                             # float32 engines, int32 indices: the oracle (it allocates)
+                from .oracle import sparse_attention
+                y.copy_(sparse_attention(x[0], x[1], x[2], x[3], float(fields["scale"])))
         elif spec.name == "BitCast":
             y.view(torch.uint8).copy_(x[0].view(torch.uint8))
         else:

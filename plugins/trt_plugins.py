@@ -5,8 +5,8 @@ the classes are made per module by `creators(trt)` and registered by `register(t
 `enqueue` runs exactly what the torch ops run on CUDA: `fp8_linear_decode` and `moe_experts_decode`
 (the one fat binary's kernels, plugins/loader.py), given zero-copy torch views of TensorRT's buffers and
 TensorRT's stream made current, with outputs and workspaces preallocated by TensorRT: nothing
-allocates, nothing synchronises. SparseAttention has no CUDA kernel yet; like `dsv4::sparse_attention`
-on CUDA it runs the torch oracle (which allocates from torch's pool). BitCast is an async device copy.
+allocates, nothing synchronises. SparseAttention runs its bf16 kernel (int64 indices); float32 engines and
+int32 indices run the torch oracle (which allocates from torch's pool). BitCast is an async device copy.
 """
 from __future__ import annotations
 

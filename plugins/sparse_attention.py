@@ -1,0 +1,54 @@
+"""Sparse attention with a sink for decode on the GPU (csrc/sparse_attention.cu): a split launch that
+gathers each split's rows once for a group of heads, and a combine launch.
+
+Oracle: `plugins.oracle.sparse_attention`. Pass `workspace` (from `make_workspace`) to launch without
+allocating.
+"""
+from __future__ import annotations
+
+import torch
+
+from .loader import FLOAT, INT, PTR, kernels
+
+ROWS = 64                                    # csrc/sparse_attention.cu: indices per split
+CHUNKS = (1, 2, 4)                           # head_dim / 128 the kernel is built for
+
+
+def supports(q: torch.Tensor, kv: torch.Tensor) -> bool:
+    d = q.size(-1)
+    return (q.is_cuda and q.dtype == kv.dtype == torch.bfloat16 and d % 128 == 0 and d // 128 in CHUNKS
+            and kv.size(-1) == d)
+
+
+def heads_per_cta(heads: int) -> int:
+    return next(w for w in (8, 4, 2, 1) if heads % w == 0)
+
+
+def make_workspace(queries: int, heads: int, d: int, k: int, device) -> dict[str, torch.Tensor]:
+    """Per (query, split, head): the split's unnormalised output row (acc) and its maximum and normaliser."""
+    splits = -(-k // ROWS)
+    return {"acc": torch.empty(queries * splits * heads * d, dtype=torch.float32, device=device),
+            "ml": torch.empty(queries * splits * heads * 2, dtype=torch.float32, device=device)}
+
+
+def sparse_attention_decode(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
+                            out: torch.Tensor | None = None,
+                            workspace: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """q [b, s, h, d] bf16 over rows kv[b, idx[b, s, k]] (kv [b, T, d] bf16; idx int64, -1 = none) with a
+    per-head sink [h] float32 -> [b, s, h, d] bf16. All contiguous."""
+    b, s, h, d = q.shape
+    k, t = idx.size(-1), kv.size(1)
+    assert supports(q, kv) and idx.shape == (b, s, k) and idx.dtype == torch.int64 and sink.numel() == h
+    assert q.is_contiguous() and kv.is_contiguous() and idx.is_contiguous() and sink.dtype == torch.float32
+    ws = make_workspace(b * s, h, d, k, q.device) if workspace is None else workspace
+    acc, ml = ws["acc"], ws["ml"]
+    out = torch.empty_like(q) if out is None else out
+    splits, warps = -(-k // ROWS), heads_per_cta(h)
+    lib = kernels()
+    shared = ROWS * d * 2 + warps * ROWS * 4
+    lib.launch(f"dsv4_sparse_attention_split_d{d // 128}", (splits * (h // warps), b * s), 32 * warps,
+               [(q, PTR), (kv, PTR), (idx, PTR), (acc, PTR), (ml, PTR), (s, INT), (h, INT), (t, INT), (k, INT),
+                (scale, FLOAT)], shared)
+    lib.launch("dsv4_sparse_attention_combine", (h, b * s), 128,
+               [(acc, PTR), (ml, PTR), (sink, PTR), (out, PTR), (h, INT), (d, INT), (splits, INT)])
+    return out
