@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .loader import INT, PTR, balanced_grid, kernels
+from .loader import FLOAT, INT, PTR, balanced_grid, kernels
 
 
 def expert_nbytes(d: int, f: int) -> int:

@@ -10,14 +10,15 @@ import torch
 
 from .loader import FLOAT, INT, PTR, kernels
 
-ROWS = 64                                    # csrc/sparse_attention.cu: indices per split
+ROWS, MAX_SPLITS = 64, 1024                  # csrc/sparse_attention.cu: indices per split, splits
 CHUNKS = (1, 2, 4)                           # head_dim / 128 the kernel is built for
 
 
-def supports(q: torch.Tensor, kv: torch.Tensor) -> bool:
+def supports(q: torch.Tensor, kv: torch.Tensor, k: int) -> bool:
+    """Whether the kernel takes q [..., h, d] over kv rows with k indices per query."""
     d = q.size(-1)
     return (q.is_cuda and q.dtype == kv.dtype == torch.bfloat16 and d % 128 == 0 and d // 128 in CHUNKS
-            and kv.size(-1) == d)
+            and kv.size(-1) == d and k <= ROWS * MAX_SPLITS)
 
 
 def heads_per_cta(heads: int) -> int:
@@ -38,7 +39,7 @@ def sparse_attention_decode(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
     per-head sink [h] float32 -> [b, s, h, d] bf16. All contiguous."""
     b, s, h, d = q.shape
     k, t = idx.size(-1), kv.size(1)
-    assert supports(q, kv) and idx.shape == (b, s, k) and idx.dtype == torch.int64 and sink.numel() == h
+    assert supports(q, kv, k) and idx.shape == (b, s, k) and idx.dtype == torch.int64 and sink.numel() == h
     assert q.is_contiguous() and kv.is_contiguous() and idx.is_contiguous() and sink.dtype == torch.float32
     ws = make_workspace(b * s, h, d, k, q.device) if workspace is None else workspace
     acc, ml = ws["acc"], ws["ml"]

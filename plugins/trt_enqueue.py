@@ -81,7 +81,7 @@ def enqueue(spec: ps.PluginSpec, fields: dict, ins: list[tuple[list[int], int]],
                                workspace=ws)
         elif spec.name == "SparseAttention":
             from .sparse_attention import sparse_attention_decode, supports
-            if supports(x[0], x[1]) and x[3].dtype == torch.int64:
+            if supports(x[0], x[1], x[3].size(-1)) and x[3].dtype == torch.int64:
                 sparse_attention_decode(x[0], x[1], x[2], x[3], float(fields["scale"]), out=y, workspace=ws)
             else:                             # float32 engines, int32 indices: the oracle (it allocates)
                 from .oracle import sparse_attention

@@ -13,6 +13,7 @@ namespace {
 
 constexpr int ROWS = 64;          // indices per split (64 rows x 512 x 2 bytes = 64 KB of shared memory)
 constexpr int MAX_CHUNKS = 4;     // head_dim / 128 <= 4
+constexpr int MAX_SPLITS = 1024;  // indices <= 64K (sparse_attention.py checks)
 
 // Lane l holds elements c * 128 + l * 4 + j (c < D/128, j < 4) of a head: 8-byte pieces, so a warp reading
 // one row touches consecutive shared-memory words.
@@ -29,9 +30,7 @@ __device__ __forceinline__ float dot_row(const float (&q)[MAX_CHUNKS][4], const 
     s = fmaf(q[c][2], b.x, s);
     s = fmaf(q[c][3], b.y, s);
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-  return __shfl_sync(0xffffffffu, s, 0);          // lane 0's sum in every lane: one value per score
+  return s;                                       // this lane's part; the warp sums the parts
 }
 
 // grid (splits * head groups, queries), block 32 * heads per group. Writes per (query, split, head) the
@@ -53,14 +52,29 @@ __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q
 
   dsv4::pdl_wait();                               // q, kv and idx come from the kernels before
   dsv4::pdl_launch_dependents();
-  // gather the split's rows: 8-byte pieces, row by row (invalid indices leave zeros, never read below)
-  const int pieces = D / 4;
-  for (int i = threadIdx.x; i < n * pieces; i += blockDim.x) {
-    const int r = i / pieces, p = i % pieces;
+  // gather the split's rows: their indices first (one load each), then 8-byte pieces, BATCH loads in
+  // flight per thread (invalid indices leave zeros, never read below)
+  __shared__ int64_t at[ROWS];
+  for (int r = threadIdx.x; r < n; r += blockDim.x) {
     const int64_t row = idx[size_t(query) * K + k0 + r];
-    uint2 v = make_uint2(0, 0);
-    if (row >= 0 && row < T) v = *reinterpret_cast<const uint2*>(kv + (size_t(b) * T + row) * D + p * 4);
-    *reinterpret_cast<uint2*>(rows + r * D + p * 4) = v;
+    at[r] = row >= 0 && row < T ? row : -1;
+  }
+  __syncthreads();
+  constexpr int BATCH = 8;
+  const int pieces = D / 4;
+  for (int base = threadIdx.x; base < n * pieces; base += blockDim.x * BATCH) {
+    uint2 v[BATCH];
+#pragma unroll
+    for (int j = 0; j < BATCH; ++j) {
+      const int i = base + j * blockDim.x, r = i / pieces, p = i % pieces;
+      v[j] = make_uint2(0, 0);
+      if (i < n * pieces && at[r] >= 0) v[j] = *reinterpret_cast<const uint2*>(kv + (size_t(b) * T + at[r]) * D + p * 4);
+    }
+#pragma unroll
+    for (int j = 0; j < BATCH; ++j) {
+      const int i = base + j * blockDim.x;
+      if (i < n * pieces) *reinterpret_cast<uint2*>(rows + (i / pieces) * D + (i % pieces) * 4) = v[j];
+    }
   }
   float qr[MAX_CHUNKS][4];
   const __nv_bfloat16* qh = q + (size_t(query) * heads + head) * D;
@@ -72,11 +86,24 @@ __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q
 
   float* my_scores = scores + warp * ROWS;
   float m = -INFINITY;
-  for (int r = 0; r < n; ++r) {
-    const int64_t row = idx[size_t(query) * K + k0 + r];
-    const float s = row >= 0 && row < T ? dot_row<CHUNKS>(qr, rows + r * D, lane) * scale : -INFINITY;
-    if (lane == 0) my_scores[r] = s;
-    m = fmaxf(m, s);
+  constexpr int U = 4;                           // rows scored together: their shuffles overlap
+  for (int r0 = 0; r0 < n; r0 += U) {
+    float part[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) part[u] = dot_row<CHUNKS>(qr, rows + min(r0 + u, n - 1) * D, lane);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1)
+#pragma unroll
+      for (int u = 0; u < U; ++u) part[u] += __shfl_xor_sync(0xffffffffu, part[u], off);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int r = r0 + u;
+      if (r >= n) break;
+      // lane 0's sum in every lane: one value per score
+      const float s = at[r] >= 0 ? __shfl_sync(0xffffffffu, part[u], 0) * scale : -INFINITY;
+      if (lane == 0) my_scores[r] = s;
+      m = fmaxf(m, s);
+    }
   }
   __syncwarp();
   float o[MAX_CHUNKS][4] = {};
@@ -131,24 +158,29 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_sparse_attention_combine(
     __nv_bfloat16* __restrict__ out, int heads, int D, int splits) {
   dsv4::pdl_wait();
   dsv4::pdl_launch_dependents();
+  __shared__ float w[MAX_SPLITS];                  // each split's weight exp(m_i - M) / den
   const int head = blockIdx.x, query = blockIdx.y;
-  float M = -INFINITY;
-  for (int i = 0; i < splits; ++i) M = fmaxf(M, ml[((size_t(query) * splits + i) * heads + head) * 2]);
-  const float sink_h = sink[head];
-  if (M == -INFINITY) M = sink_h;                 // no row at all: the output is 0
-  float den = expf(sink_h - M);
-  for (int i = 0; i < splits; ++i) {
-    const size_t part = (size_t(query) * splits + i) * heads + head;
-    const float m = ml[part * 2];
-    if (m != -INFINITY) den += ml[part * 2 + 1] * expf(m - M);
+  const float* part_ml = ml + size_t(query) * splits * heads * 2;
+  for (int i = threadIdx.x; i < splits; i += blockDim.x) w[i] = part_ml[(size_t(i) * heads + head) * 2];
+  __syncthreads();
+  if (threadIdx.x == 0) {                        // few splits: one thread, in split order
+    float M = -INFINITY;
+    for (int i = 0; i < splits; ++i) M = fmaxf(M, w[i]);
+    const float sink_h = sink[head];
+    if (M == -INFINITY) M = sink_h;              // no row at all: the output is 0
+    float den = expf(sink_h - M);
+    for (int i = 0; i < splits; ++i) {
+      const float m = w[i];
+      w[i] = m == -INFINITY ? 0.f : expf(m - M);
+      den += w[i] == 0.f ? 0.f : part_ml[(size_t(i) * heads + head) * 2 + 1] * w[i];
+    }
+    for (int i = 0; i < splits; ++i) w[i] /= den;
   }
+  __syncthreads();
   for (int e = threadIdx.x; e < D; e += blockDim.x) {
     float o = 0.f;
-    for (int i = 0; i < splits; ++i) {
-      const size_t part = (size_t(query) * splits + i) * heads + head;
-      const float m = ml[part * 2];
-      if (m != -INFINITY) o = fmaf(acc[part * D + e], expf(m - M), o);
-    }
-    out[(size_t(query) * heads + head) * D + e] = __float2bfloat16(o / den);
+#pragma unroll 4
+    for (int i = 0; i < splits; ++i) o = fmaf(acc[((size_t(query) * splits + i) * heads + head) * D + e], w[i], o);
+    out[(size_t(query) * heads + head) * D + e] = __float2bfloat16(o);
   }
 }
