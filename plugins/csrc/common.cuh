@@ -59,6 +59,12 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       "@!done bra WAIT;\n"
       "}\n" ::"r"(smem_addr(bar)), "r"(parity) : "memory");
 }
+// 16 bytes global -> shared without registers (cp.async); `bytes` < 16 zero-fills the rest (0: all zeros,
+// `src` still a valid address). cp_async_wait_all() waits for this thread's copies.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, uint32_t bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 // Orders this thread's earlier shared-memory reads before a later bulk copy overwrites the same bytes.
 __device__ __forceinline__ void fence_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");

@@ -52,36 +52,27 @@ __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q
 
   dsv4::pdl_wait();                               // q, kv and idx come from the kernels before
   dsv4::pdl_launch_dependents();
-  // gather the split's rows: their indices first (one load each), then 8-byte pieces, BATCH loads in
-  // flight per thread (invalid indices leave zeros, never read below)
+  // gather the split's rows: their indices first (one load each), then every 16-byte piece at once with
+  // cp.async (one memory round trip; invalid indices zero-filled, never read below)
   __shared__ int64_t at[ROWS];
   for (int r = threadIdx.x; r < n; r += blockDim.x) {
     const int64_t row = idx[size_t(query) * K + k0 + r];
     at[r] = row >= 0 && row < T ? row : -1;
   }
   __syncthreads();
-  constexpr int BATCH = 8;
-  const int pieces = D / 4;
-  for (int base = threadIdx.x; base < n * pieces; base += blockDim.x * BATCH) {
-    uint2 v[BATCH];
-#pragma unroll
-    for (int j = 0; j < BATCH; ++j) {
-      const int i = base + j * blockDim.x, r = i / pieces, p = i % pieces;
-      v[j] = make_uint2(0, 0);
-      if (i < n * pieces && at[r] >= 0) v[j] = *reinterpret_cast<const uint2*>(kv + (size_t(b) * T + at[r]) * D + p * 4);
-    }
-#pragma unroll
-    for (int j = 0; j < BATCH; ++j) {
-      const int i = base + j * blockDim.x;
-      if (i < n * pieces) *reinterpret_cast<uint2*>(rows + (i / pieces) * D + (i % pieces) * 4) = v[j];
-    }
+  const int pieces = D / 8;
+  for (int i = threadIdx.x; i < n * pieces; i += blockDim.x) {
+    const int r = i / pieces, p = i % pieces;
+    const int64_t row = at[r];
+    dsv4::cp_async16(rows + r * D + p * 8, kv + (size_t(b) * T + (row >= 0 ? row : 0)) * D + p * 8, row >= 0 ? 16 : 0);
   }
-  float qr[MAX_CHUNKS][4];
+  float qr[MAX_CHUNKS][4];                        // loaded while the rows land
   const __nv_bfloat16* qh = q + (size_t(query) * heads + head) * D;
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c)
 #pragma unroll
     for (int j = 0; j < 4; ++j) qr[c][j] = __bfloat162float(qh[c * 128 + lane * 4 + j]);
+  dsv4::cp_async_wait_all();
   __syncthreads();
 
   float* my_scores = scores + warp * ROWS;
@@ -158,10 +149,13 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_sparse_attention_combine(
     __nv_bfloat16* __restrict__ out, int heads, int D, int splits) {
   dsv4::pdl_wait();
   dsv4::pdl_launch_dependents();
-  __shared__ float w[MAX_SPLITS];                  // each split's weight exp(m_i - M) / den
+  __shared__ float w[MAX_SPLITS], l[MAX_SPLITS];   // each split's maximum, then weight; its normaliser
   const int head = blockIdx.x, query = blockIdx.y;
   const float* part_ml = ml + size_t(query) * splits * heads * 2;
-  for (int i = threadIdx.x; i < splits; i += blockDim.x) w[i] = part_ml[(size_t(i) * heads + head) * 2];
+  for (int i = threadIdx.x; i < splits; i += blockDim.x) {
+    w[i] = part_ml[(size_t(i) * heads + head) * 2];
+    l[i] = part_ml[(size_t(i) * heads + head) * 2 + 1];
+  }
   __syncthreads();
   if (threadIdx.x == 0) {                        // few splits: one thread, in split order
     float M = -INFINITY;
@@ -172,7 +166,7 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_sparse_attention_combine(
     for (int i = 0; i < splits; ++i) {
       const float m = w[i];
       w[i] = m == -INFINITY ? 0.f : expf(m - M);
-      den += w[i] == 0.f ? 0.f : part_ml[(size_t(i) * heads + head) * 2 + 1] * w[i];
+      den += w[i] == 0.f ? 0.f : l[i] * w[i];
     }
     for (int i = 0; i < splits; ++i) w[i] /= den;
   }
