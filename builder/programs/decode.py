@@ -139,8 +139,12 @@ class Compressor(torch.nn.Module):
         [r:] the current one) -> the block's row [..., dim]: per channel sum_t kv_t * softmax_t(score_t)."""
         r, d = self.ratio, self.dim
         if r == 4:          # overlap: the previous block's first half of channels, the current block's second
-            kv = torch.cat([kv[..., :r, :d], kv[..., r:, d:]], dim=-2)
-            score = torch.cat([score[..., :r, :d], score[..., r:, d:]], dim=-2)
+            # a select, not a cat of the two halves: torch 2.11's Inductor lowers a cat into a pointwise
+            # kernel (on CUDA) whose Identity(...) row offsets break its index simplification ("The argument
+            # '((-4)) + 4' is not comparable") once a clamped index reads the cat's input (the prefill timeline)
+            previous = (torch.arange(2 * r, device=kv.device) < r)[:, None]
+            kv = torch.where(previous, kv[..., :d], kv[..., d:])
+            score = torch.where(previous, score[..., :d], score[..., d:])
         return (kv * score.softmax(dim=-2)).sum(dim=-2)
 
     def finish(self, rows, rot, dtype, w):

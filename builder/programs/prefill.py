@@ -51,24 +51,24 @@ class ChunkCompressor(Compressor):
         dev = x.device
         kv, score = self.project(x, start[:, None] + torch.arange(chunk, device=dev), w)    # [B, C, coff*dim]
         # A timeline of whole blocks from the block before the current one (overlap) or the current one:
-        # its rows before the chunk's first token come from the state, the rest from the chunk.
+        # its rows before the chunk's first token come from the state, the rest from the chunk. Block k is
+        # pooled over timeline rows k*r .. k*r + off + r - 1 (with overlap, the block before it too), gathered
+        # straight into [B, blocks, off + r, .] windows: no cat of shifted blocks, which torch 2.11's Inductor
+        # lowers (on CUDA) into a pointwise kernel whose Identity(...) offsets inside the clamped state rows
+        # below fail its index simplification ("The argument '((-4)) + 4' is not comparable").
         blocks = (r + chunk - 1) // r                 # blocks that can complete inside a chunk
-        u = torch.arange(off + blocks * r, device=dev)
-        filled = off + start % r                      # [B] timeline rows taken from the state
-        from_state = (u[None] < filled[:, None])[..., None]
-        batch = torch.arange(b, device=dev)[:, None]
-        src = (u[None] - filled[:, None]).clamp(0, chunk - 1)
+        k = torch.arange(blocks, device=dev)
+        u = k[:, None] * r + torch.arange(off + r, device=dev)                   # [blocks, off + r] timeline rows
+        filled = (off + start % r)[:, None, None]     # [B, 1, 1] timeline rows taken from the state
+        from_state = (u[None] < filled)[..., None]
+        batch = torch.arange(b, device=dev)
+        src = (u[None] - filled).clamp(0, chunk - 1)
         state_rows = u.clamp(max=off + r - 1)
 
-        def timeline(state, new):                     # -> [B, off/r + blocks, r, coff*dim]
-            return torch.where(from_state, state[:, state_rows], new[batch, src]).unflatten(1, (-1, r))
-        line_kv, line_score = timeline(kv_state, kv), timeline(score_state, score)
-        if off:                                       # block k pooled with the block before it: [B, blocks, 2r, .]
-            rows = self.pool(torch.cat([line_kv[:, :-1], line_kv[:, 1:]], dim=2),
-                             torch.cat([line_score[:, :-1], line_score[:, 1:]], dim=2))
-        else:
-            rows = self.pool(line_kv, line_score)                               # [B, blocks, dim]
-        k = torch.arange(blocks, device=dev)
+        def windows(state, new):                      # -> [B, blocks, off + r, coff*dim]
+            return torch.where(from_state, state[:, state_rows], new[batch[:, None, None], src])
+        win_kv, win_score = windows(kv_state, kv), windows(score_state, score)
+        rows = self.pool(win_kv, win_score)                                     # [B, blocks, dim]
         index = start[:, None] // r + k                                           # [B, blocks] cache row
         done = (k[None] + 1) * r <= (start % r + n)[:, None]                      # completed by a real token
         rows = self.finish(rows, rot[(index * r).clamp(max=rot.size(0) - 1)], x.dtype, w)
@@ -77,8 +77,9 @@ class ChunkCompressor(Compressor):
         if off:                                       # the last block completed becomes the previous block
             last = (start % r + n) // r                                          # [B] its timeline block (0: none)
             moved = (last > 0)[:, None, None]
-            prev_kv = torch.where(moved, line_kv[batch[:, 0], last], kv_state[:, :r])
-            prev_score = torch.where(moved, line_score[batch[:, 0], last], score_state[:, :r])
+            window = (last - 1).clamp(min=0)          # timeline block `last` is the second half of window last-1
+            prev_kv = torch.where(moved, win_kv[batch, window, r:], kv_state[:, :r])
+            prev_score = torch.where(moved, win_score[batch, window, r:], score_state[:, :r])
             kv_state[:, :r] = prev_kv
             score_state[:, :r] = prev_score
         kv_state[:, off:] = ring_update(kv_state[:, off:], kv, start, n)
