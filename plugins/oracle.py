@@ -53,15 +53,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 # ------------------------------------------------------------------ rotary embedding
 def apply_rope(x: torch.Tensor, rot: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Rotate interleaved pairs (2i, 2i+1) of x [b, s, (h,) r] by rot [s, r/2] (shared positions) or
-    [b, s, r/2] (each sequence at its own positions); returns x's dtype."""
-    xc = torch.view_as_complex(wide(x).unflatten(-1, (-1, 2)).contiguous())
-    if inverse:
-        rot = rot.conj()
-    if rot.dim() == 2:
+    """Rotate interleaved pairs (2i, 2i+1) of x [b, s, (h,) r] by rot [s, r/2, 2] (shared positions) or
+    [b, s, r/2, 2] (each sequence at its own positions), (cos, sin) pairs; returns x's dtype.
+
+    DeepSeek's complex product written out in real terms, in working precision: compilers fuse it with
+    its neighbours (Inductor has no complex kernels: a complex multiply fell back to separate ATen
+    kernels around every RoPE), and ONNX has no complex tensors."""
+    xr = wide(x).unflatten(-1, (-1, 2))
+    if rot.dim() == 3:
         rot = rot[None]
-    rot = rot[:, :, None, :] if x.dim() == 4 else rot
-    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+    rot = rot[:, :, None] if x.dim() == 4 else rot
+    cos, sin = rot[..., 0], rot[..., 1]
+    sin = -sin if inverse else sin
+    a, b = xr[..., 0], xr[..., 1]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2).to(x.dtype)
 
 
 def with_rope(x: torch.Tensor, rot: torch.Tensor, rope_dim: int, inverse: bool = False) -> torch.Tensor:

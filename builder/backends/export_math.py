@@ -2,7 +2,6 @@
 
 Each computes the same values as the function it replaces, in standard ops both onnxruntime and
 TensorRT import (the onnxruntime check runs the stand-ins, so any difference would show there):
-  - RoPE: the complex table and multiply as real (cos, sin) pairs (ONNX has no complex tensors);
   - pow2_ceil: exponent bits (bitcast, shifts) -> log2/floor/pow plus one correction each way
     (TensorRT has no BitCast and no BitShift, and no uint32);
   - round_to_e2m1: the code's sign bit and nibble masks as arithmetic (no bitwise ops);
@@ -22,18 +21,6 @@ import torch
 from plugins import formats, oracle
 
 _MIN_NORMAL = 2.0 ** -126
-
-
-def apply_rope_real(x: torch.Tensor, rot: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """oracle.apply_rope with rot [..., r/2, 2] (cos, sin): the complex product's terms, same precision."""
-    xr = oracle.wide(x).unflatten(-1, (-1, 2))
-    if rot.dim() == 3:
-        rot = rot[None]
-    rot = rot[:, :, None] if x.dim() == 4 else rot
-    cos, sin = rot[..., 0], rot[..., 1]
-    sin = -sin if inverse else sin
-    a, b = xr[..., 0], xr[..., 1]
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2).to(x.dtype)
 
 
 def pow2_ceil_float(x: torch.Tensor) -> torch.Tensor:
@@ -83,14 +70,12 @@ def sinkhorn_split_barriers(mix, scale, base, hc: int, iters: int, eps: float):
 
 
 @contextlib.contextmanager
-def onnx_friendly(program: torch.nn.Module):
-    """While tracing `program` for ONNX: real RoPE table and the stand-ins above."""
-    saved = program.rot, oracle.apply_rope, formats.pow2_ceil, formats.round_to_e2m1, oracle.sinkhorn_split
-    program.rot = torch.view_as_real(saved[0]).clone()
-    oracle.apply_rope, formats.pow2_ceil, formats.round_to_e2m1 = apply_rope_real, pow2_ceil_float, \
-        round_to_e2m1_arith
+def onnx_friendly():
+    """While tracing `program` for ONNX: the stand-ins above."""
+    saved = formats.pow2_ceil, formats.round_to_e2m1, oracle.sinkhorn_split
+    formats.pow2_ceil, formats.round_to_e2m1 = pow2_ceil_float, round_to_e2m1_arith
     oracle.sinkhorn_split = sinkhorn_split_barriers
     try:
         yield
     finally:
-        program.rot, oracle.apply_rope, formats.pow2_ceil, formats.round_to_e2m1, oracle.sinkhorn_split = saved
+        formats.pow2_ceil, formats.round_to_e2m1, oracle.sinkhorn_split = saved

@@ -168,7 +168,7 @@ def export_layer(program: torch.nn.Module, inputs: LayerInputs, path: str | Path
     if batch is not None:
         shapes = ({0: batch}, {0: batch}, {0: batch}, None, {k: {0: batch} for k in caches},
                   {k: None for k in weights})
-    with onnx_friendly(program):
+    with onnx_friendly():
         exported = torch.export.export(wrapper, (h, pos, ids, table, caches, weights), dynamic_shapes=shapes)
     for node in exported.graph.nodes:            # E8M0 scales become FP8-typed bytes (see plugin_specs)
         if node.op == "placeholder" and node.meta["val"].dtype in _SCALE_BYTES:

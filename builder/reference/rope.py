@@ -21,8 +21,9 @@ def yarn_correction_range(cfg: ModelConfig, base: float, dim: int) -> tuple[int,
 
 @lru_cache(maxsize=8)
 def rope_table(cfg: ModelConfig, compressed: bool, length: int, device: str) -> torch.Tensor:
-    """complex64 [length, rope_dim/2] rotations. Compressed-attention layers use YaRN on
-    `compress_rope_theta`; pure sliding-window layers use `rope_theta` without YaRN."""
+    """float32 [length, rope_dim/2, 2] rotations as (cos, sin) pairs: the real and imaginary parts of
+    DeepSeek's complex64 `freqs_cis`. Compressed-attention layers use YaRN on `compress_rope_theta`; pure
+    sliding-window layers use `rope_theta` without YaRN."""
     dim = cfg.qk_rope_head_dim
     base = cfg.compress_rope_theta if compressed else cfg.rope_theta
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
@@ -33,4 +34,4 @@ def rope_table(cfg: ModelConfig, compressed: bool, length: int, device: str) -> 
         ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
         freqs = freqs / cfg.rope_factor * ramp + freqs * (1 - ramp)
     angles = torch.outer(torch.arange(length), freqs)
-    return torch.polar(torch.ones_like(angles), angles).to(device)
+    return torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).to(device)
