@@ -355,26 +355,33 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
     """Time to first token, prefill and decode tok/s of an artifact (with and without CUDA graphs on a GPU),
     side by side with eager; greedy tokens of every mode must agree. On a GPU, decode is also given as a
     fraction of (bytes read per token / device copy bandwidth measured in this run). When experts are
-    paged (--expert-slots), the compiled run is repeated without prefetch: hit rates and stall time."""
+    paged (--expert-slots), the compiled run is repeated without prefetch, and with every expert resident
+    where the device has the memory: hit rates, time stalled waiting for copies, and the decode time lost
+    to paging (misses read from host memory) against the resident run."""
     import platform
 
     import torch
 
-    from runtime.bench import bytes_per_token, copy_bandwidth, measure
+    from runtime.bench import bytes_per_token, copy_bandwidth, measure, routed_expert_bytes
     prompt = [(7 * i + 3) % 1000 + 2 for i in range(prompt_len)]
-    # (name, eager, graphs, pager prefetch); the list grows once the device is known
-    modes = [("compiled", False, True, True)] + ([("eager", True, False, True)] if compare_with == "eager" else [])
+    # (name, eager, graphs, pager prefetch, expert slots); the list grows once the device is known
+    modes = [("compiled", False, True, True, expert_slots)]
+    modes += [("eager", True, False, True, expert_slots)] if compare_with == "eager" else []
     report: dict = {"command": " ".join(sys.argv), "artifact": str(artifact), "torch": torch.__version__,
                     "python": platform.python_version(), "modes": {}}
     per_token = bandwidth = None
-    for name, eager, graphs, prefetch in modes:
-        model = _open_artifact(artifact, device, eager, graphs, expert_slots)
+    for name, eager, graphs, prefetch, slots in modes:
+        model = _open_artifact(artifact, device, eager, graphs, slots)
         if model.pager is not None:
             model.pager.prefetch_enabled = prefetch
             if name == "compiled":
-                modes.insert(1, ("compiled-no-prefetch", False, True, False))
+                modes.insert(1, ("compiled-no-prefetch", False, True, False, slots))
+                # the same run with every expert resident, if the device holds them (not on a GB10)
+                if (model.device.type != "cuda" or torch.cuda.mem_get_info(model.device)[0]
+                        + model.pager.device_bytes() > 1.05 * routed_expert_bytes(model)):
+                    modes.append(("compiled-resident", False, True, True, 0))
         if name == "compiled" and model.device.type == "cuda":
-            modes.insert(1, ("compiled-no-graph", False, False, True))
+            modes.insert(1, ("compiled-no-graph", False, False, True, slots))
             report["gpu"] = torch.cuda.get_device_name(model.device)
             bandwidth, per_token = copy_bandwidth(model.device), bytes_per_token(model)
             report |= {"copy_bandwidth_gb_s": bandwidth / 1e9, "bytes_per_token": per_token}
@@ -394,6 +401,13 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
         del model
     runs = report["modes"]
     base = runs["compiled"]
+    if "compiled-resident" in runs:              # what paging cost each paged mode, decode steps only
+        for name, figures in runs.items():
+            if "pager" in figures:
+                step_ms = figures["decode_step_ms"] - runs["compiled-resident"]["decode_step_ms"]
+                lost = step_ms * figures["decode_tokens"] / 1e3
+                figures["pager"]["time_lost_to_paging_s"] = lost
+                click.echo(f"{name:18s} decode time lost to paging against the resident run: {lost * 1e3:.1f} ms")
     for name, figures in runs.items():
         if name != "compiled":
             report[f"decode_speedup_compiled_vs_{name}"] = base["decode_tok_s"] / figures["decode_tok_s"]

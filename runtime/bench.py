@@ -41,6 +41,14 @@ def bytes_per_token(model) -> int:
     return total
 
 
+def routed_expert_bytes(model) -> int:
+    """All routed experts of the chained layers: what an all-resident run keeps on the device."""
+    n = json.loads((model.root / "config.json").read_text())["n_routed_experts"]
+    bank = json.loads((model.root / "bank.json").read_text())
+    return sum(n * bank[str(e["layer"])]["expert_bytes"] for e in model.manifest["layers"]
+               if e["prefix"].startswith("layers."))
+
+
 def _sync(model) -> None:
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)

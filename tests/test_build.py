@@ -111,3 +111,24 @@ def test_pager_under_a_budget_changes_nothing_but_where_experts_are_read(built):
     assert stats.hits + stats.misses == steps * layers * k
     assert len(paged_model.pager.pool.resident) <= 20 and paged_model.pager.bytes_moved > 0
     assert stats.prefetch_hits > 0          # hash layers: experts fetched from the next token's id
+
+
+@pytest.mark.slow
+def test_paged_bench_reports_prefetch_and_the_resident_run(built, tmp_path):
+    """`dsv4 bench --expert-slots`: the paged run with and without prefetch and the all-resident run, in one
+    process; the same greedy tokens in all three, and each paged mode's decode time lost to paging."""
+    import json
+    out, _, _ = built
+    report = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "dsv4.cli", "bench", str(out), "--compare", "none", "--expert-slots",
+                        "20", "--prompt-len", "4", "--new", "4", "--json", str(report)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(report.read_text())
+    assert set(got["modes"]) == {"compiled", "compiled-no-prefetch", "compiled-resident"}
+    assert got["tokens_agree"]
+    assert "pager" not in got["modes"]["compiled-resident"]
+    for name in ("compiled", "compiled-no-prefetch"):
+        pager = got["modes"][name]["pager"]
+        assert pager["slots"] == 20 and "time_lost_to_paging_s" in pager
+    assert got["modes"]["compiled"]["pager"]["prefetch_hits"] > 0
+    assert got["modes"]["compiled-no-prefetch"]["pager"]["prefetch_hits"] == 0
