@@ -167,6 +167,25 @@ def bench_sparse_attention(bandwidth: float, k: int = 640, t: int = 2176) -> dic
             "fraction_of_copy_bw": nbytes / (ms * 1e-3) / bandwidth, "speedup_vs_eager_oracle": ms_oracle / ms}
 
 
+def bench_hc_pre(bandwidth: float) -> dict:
+    """One Flash hyper-connection pre for 1 token (its float32 mixing weights 24 x 16384 are the bytes):
+    the two-launch kernel against the eager oracle, both replayed from a graph."""
+    from plugins.hc_pre import hc_pre_decode, make_workspace
+    from plugins.oracle import hc_pre_parts
+    d = 4096
+    x = torch.randn(1, 1, 4, d, device="cuda").to(torch.bfloat16)
+    fn = torch.randn(24, 4 * d, device="cuda") * 1e-2
+    scale, base = torch.rand(3, device="cuda"), torch.randn(24, device="cuda")
+    ws = make_workspace(1, d, "cuda")
+    out = (x.new_empty(1, 1, d), torch.empty(1, 1, 4, device="cuda"), torch.empty(1, 1, 4, 4, device="cuda"))
+    ms = graph_time_ms(lambda: hc_pre_decode(x, fn, scale, base, 1e-6, 1e-6, 20, out=out, workspace=ws), 8)
+    ms_oracle = graph_time_ms(lambda: hc_pre_parts(x, fn, scale, base, 1e-6, 1e-6, 20), 8)
+    nbytes = fn.numel() * 4 + x.numel() * 2
+    return {"kernel": "hc_pre_decode", "weight": "fn 24 x 16384 float32", "rows": 1, "weight_mb": nbytes / 1e6,
+            "time_us": ms * 1e3, "achieved_gbps": nbytes / (ms * 1e-3) / 1e9,
+            "fraction_of_copy_bw": nbytes / (ms * 1e-3) / bandwidth, "speedup_vs_eager_oracle": ms_oracle / ms}
+
+
 def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64) -> dict:
     """One Flash decode layer's weight-bound kernels back to back for 1 token, captured in one CUDA graph:
     wq_a, wq_b, wkv (FP8 GEMV), wo_a (bf16 grouped einsum, as the model applies it), wo_b, the shared expert
@@ -240,6 +259,8 @@ def main() -> None:
     rows.append(bench_head(bw))
     print(json.dumps(rows[-1]))
     rows.append(bench_sparse_attention(bw))
+    print(json.dumps(rows[-1]))
+    rows.append(bench_hc_pre(bw))
     print(json.dumps(rows[-1]))
     rows.append(bench_decode_layer(bw))
     print(json.dumps(rows[-1]))

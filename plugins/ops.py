@@ -5,6 +5,7 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::fp8_linear(x, weight, scale)                      FP8 block-scaled linear (act_quant + GEMM)
     dsv4::moe_routed(x, experts, weights, table, inter, limit)   routed MXFP4 experts via a pointer table
     dsv4::sparse_attention(q, kv, sink, idx, scale)        attention over picked rows with a sink
+    dsv4::hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters)   hyper-connection pre (mixes, Sinkhorn, sum)
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from .formats import fp8_weight_dequant, mxfp4_dequant
 from .moe_experts import expert_nbytes, moe_experts_decode, unpack_expert
-from .oracle import quantised_matmul, swiglu, wide_dtype
+from .oracle import hc_pre_parts, quantised_matmul, swiglu, wide_dtype
 from .oracle import sparse_attention as sparse_attention_oracle
 
 # ------------------------------------------------------------------ fp8_linear
@@ -114,3 +115,24 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
 @sparse_attention.register_fake
 def _(q, kv, sink, idx, scale):
     return torch.empty_like(q)
+
+
+# ------------------------------------------------------------------ hc_pre
+
+
+@torch.library.custom_op("dsv4::hc_pre", mutates_args=())
+def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float,
+           hc_eps: float, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [b, s, hc, d] -> (y [b, s, d] like x, post [b, s, hc], comb [b, s, hc, hc] in working precision)."""
+    from .hc_pre import hc_pre_decode, supports
+    if supports(x, fn):
+        return hc_pre_decode(x.contiguous(), fn.contiguous(), scale, base, norm_eps, hc_eps, iters)
+    return hc_pre_parts(x, fn, scale, base, norm_eps, hc_eps, iters)
+
+
+@hc_pre.register_fake
+def _(x, fn, scale, base, norm_eps, hc_eps, iters):
+    wide = wide_dtype(x.dtype)
+    hc = x.size(-2)
+    return (x.new_empty(*x.shape[:-2], x.size(-1)), x.new_empty(*x.shape[:-2], hc, dtype=wide),
+            x.new_empty(*x.shape[:-2], hc, hc, dtype=wide))

@@ -191,9 +191,16 @@ def hc_mix(x: torch.Tensor, fn: torch.Tensor, eps: float) -> tuple[torch.Tensor,
 
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, cfg: ModelConfig):
     """Collapse the hc streams into one sub-layer input; also return post weights and comb."""
-    mix, xf = hc_mix(x, fn, cfg.rms_norm_eps)
-    pre, post, comb = sinkhorn_split(mix, scale, base, cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps)
-    y = (pre[..., None] * xf.view(x.shape)).sum(2)
+    return hc_pre_parts(x, fn, scale, base, cfg.rms_norm_eps, cfg.hc_eps, cfg.hc_sinkhorn_iters)
+
+
+def hc_pre_parts(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float,
+                 hc_eps: float, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hc_pre with its config values spelled out (the dsv4::hc_pre op's signature): x [b, s, hc, d] ->
+    y [b, s, d] in x's dtype, post [b, s, hc], comb [b, s, hc, hc] in working precision."""
+    mix, xf = hc_mix(x, fn, norm_eps)
+    pre, post, comb = sinkhorn_split(mix, scale, base, x.size(-2), iters, hc_eps)
+    y = (pre[..., None] * xf.view(x.shape)).sum(-2)
     return y.to(x.dtype), post, comb
 
 

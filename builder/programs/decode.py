@@ -73,6 +73,7 @@ def layer_prefix(cfg: ModelConfig, layer: int) -> str:
 
 # weights taken from the model's top level by an MTP block: bound from dense.safetensors, not per layer
 SHARED_WEIGHTS = ("embed.weight", "head.weight")
+HC_PRE_OP_ROWS = 16                 # plugins/hc_pre.py MAX_ROWS: decode batches take the fused op
 
 
 def layer_weights(cfg: ModelConfig, get, layer: int, act: torch.dtype) -> dict[str, torch.Tensor]:
@@ -268,9 +269,9 @@ class DecodeLayer(torch.nn.Module):
         (`attention`: normed x [B, S, d] -> [B, S, d]) and the MoE, each inside hyper-connections."""
         eps = self.cfg.rms_norm_eps
         hc = {k: [w[f"hc_{k}_{part}"] for part in ("fn", "scale", "base")] for k in ("attn", "ffn")}
-        y, post, comb = hc_pre(h, *hc["attn"], self.cfg)
+        y, post, comb = hc_pre_step(h, *hc["attn"], self.cfg)
         h = hc_post(attention(rms_norm(y, w["attn_norm.weight"], eps)), h, post, comb)
-        y, post, comb = hc_pre(h, *hc["ffn"], self.cfg)
+        y, post, comb = hc_pre_step(h, *hc["ffn"], self.cfg)
         x = rms_norm(y, w["ffn_norm.weight"], eps)
         ffn, experts = self.moe(x.flatten(0, 1), ids.flatten(), table, w)
         return hc_post(ffn.view(x.shape), h, post, comb), experts.view(*x.shape[:2], -1)
@@ -280,6 +281,15 @@ class DecodeLayer(torch.nn.Module):
                                 table, weights)
         caches["routed"].copy_(experts[:, 0])
         return h[:, 0]
+
+
+def hc_pre_step(h, fn, scale, base, cfg: ModelConfig):
+    """hc_pre of h [B, S, hc, d]: through the dsv4 op for decode-sized inputs (two fused launches on a GPU
+    where a compiler makes dozens of kernels), written out for prefill chunks (which Inductor fuses well).
+    The choice is made from static shapes while tracing; both compute the same values on the CPU."""
+    if h.size(0) * h.size(1) <= HC_PRE_OP_ROWS:
+        return torch.ops.dsv4.hc_pre(h, fn, scale, base, cfg.rms_norm_eps, cfg.hc_eps, cfg.hc_sinkhorn_iters)
+    return hc_pre(h, fn, scale, base, cfg)
 
 
 def mtp_input(cfg: ModelConfig, h, ids, w):

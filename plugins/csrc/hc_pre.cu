@@ -1,0 +1,159 @@
+// Hyper-connection pre for decode (few rows), DeepSeek's numerics (plugins/oracle.py hc_pre, bf16 model):
+//   xf = x [N, HC*D] in float32;  mix = (xf . fn^T) * rsqrt(mean(xf^2) + norm_eps)     fn [M, HC*D], M = (2+HC)*HC
+//   pre, post, comb = sinkhorn_split(mix, scale, base)                                (the oracle's order of ops)
+//   y = sum_j pre_j * xf_j  -> bf16 [N, D]
+// Two launches instead of the dozens a compiler makes of it: `mix` splits HC*D into 256-element slices, one
+// CTA each, and writes per slice the M partial dots and the partial sum of squares; `finish` adds the slices
+// in order, runs the Sinkhorn iterations per row (one thread per row, HC*HC values in registers) and writes
+// its share of y (and, CTA 0, post and comb). Launches never allocate or synchronise.
+#include "common.cuh"
+
+namespace {
+
+constexpr int HC = 4;
+constexpr int M = (2 + HC) * HC;     // 24 mixes per row
+constexpr int SLICE = 256;           // elements of HC*D per CTA of `mix`: 8 per lane
+constexpr int MAX_ROWS = 16;
+
+__device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
+
+}  // namespace
+
+// grid (HC*D / SLICE), block 256 (8 warps; warp w: mixes w, w+8, w+16). part [slices][N][M+1].
+extern "C" __global__ void __launch_bounds__(256) dsv4_hc_pre_mix(const __nv_bfloat16* __restrict__ x,
+                                                                  const float* __restrict__ fn,
+                                                                  float* __restrict__ part, int N, int K) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, slice = blockIdx.x;
+  const int k = slice * SLICE + lane * 8;
+  float w[M / 8][8];                              // this lane's 8 elements of its warp's three fn rows
+#pragma unroll
+  for (int i = 0; i < M / 8; ++i) {
+    const float4* src = reinterpret_cast<const float4*>(fn + size_t(warp + 8 * i) * K + k);
+    const float4 a = __ldg(src), b = __ldg(src + 1);
+    w[i][0] = a.x, w[i][1] = a.y, w[i][2] = a.z, w[i][3] = a.w;
+    w[i][4] = b.x, w[i][5] = b.y, w[i][6] = b.z, w[i][7] = b.w;
+  }
+  dsv4::pdl_wait();                               // x comes from the kernels before
+  dsv4::pdl_launch_dependents();
+  for (int n = 0; n < N; ++n) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(x + size_t(n) * K + k);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+    float v[8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __bfloat1622float2(h[j]);
+      v[2 * j] = f.x, v[2 * j + 1] = f.y;
+    }
+    float dot[M / 8 + 1] = {};                    // three dots, then the sum of squares
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+#pragma unroll
+      for (int i = 0; i < M / 8; ++i) dot[i] = fmaf(v[e], w[i][e], dot[i]);
+      dot[M / 8] = fmaf(v[e], v[e], dot[M / 8]);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1)
+#pragma unroll
+      for (int i = 0; i <= M / 8; ++i) dot[i] += __shfl_xor_sync(0xffffffffu, dot[i], off);
+    if (lane == 0) {
+      float* out = part + (size_t(slice) * N + n) * (M + 1);
+#pragma unroll
+      for (int i = 0; i < M / 8; ++i) out[warp + 8 * i] = dot[i];
+      if (warp == 0) out[M] = dot[M / 8];
+    }
+  }
+}
+
+// grid (ceil(D / 1024)), block 256. y [N, D] bf16; post [N, HC], comb [N, HC, HC] float32 (CTA 0 writes them).
+extern "C" __global__ void __launch_bounds__(256) dsv4_hc_pre_finish(
+    const __nv_bfloat16* __restrict__ x, const float* __restrict__ part, const float* __restrict__ scale,
+    const float* __restrict__ base, __nv_bfloat16* __restrict__ y, float* __restrict__ post_out,
+    float* __restrict__ comb_out, int N, int D, int slices, float norm_eps, float hc_eps, int iters) {
+  __shared__ float mix[MAX_ROWS][M + 1];
+  __shared__ float pre[MAX_ROWS][HC];
+  dsv4::pdl_wait();
+  dsv4::pdl_launch_dependents();
+  for (int t = threadIdx.x; t < N * (M + 1); t += blockDim.x) {
+    const int n = t / (M + 1), m = t % (M + 1);
+    float s = 0.f;
+    for (int i = 0; i < slices; ++i) s += part[(size_t(i) * N + n) * (M + 1) + m];
+    mix[n][m] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x < N) {
+    const int n = threadIdx.x;
+    const float r = rsqrtf(mix[n][M] / float(HC * D) + norm_eps);
+    float c[HC][HC];
+#pragma unroll
+    for (int j = 0; j < HC; ++j) {
+      pre[n][j] = sigmoid(mix[n][j] * r * scale[0] + base[j]) + hc_eps;
+      const float p = 2.f * sigmoid(mix[n][HC + j] * r * scale[1] + base[HC + j]);
+      if (blockIdx.x == 0) post_out[n * HC + j] = p;
+#pragma unroll
+      for (int k = 0; k < HC; ++k) c[j][k] = mix[n][2 * HC + j * HC + k] * r * scale[2] + base[2 * HC + j * HC + k];
+    }
+#pragma unroll
+    for (int j = 0; j < HC; ++j) {                // softmax over each row, + eps
+      float top = c[j][0];
+#pragma unroll
+      for (int k = 1; k < HC; ++k) top = fmaxf(top, c[j][k]);
+#pragma unroll
+      for (int k = 0; k < HC; ++k) c[j][k] = expf(c[j][k] - top);
+      float total = c[j][0];
+#pragma unroll
+      for (int k = 1; k < HC; ++k) total += c[j][k];
+#pragma unroll
+      for (int k = 0; k < HC; ++k) c[j][k] = c[j][k] / total + hc_eps;
+    }
+    for (int it = 0; it < iters; ++it) {
+      if (it) {                                   // the first iteration normalises columns only
+#pragma unroll
+        for (int j = 0; j < HC; ++j) {
+          float sum = c[j][0];
+#pragma unroll
+          for (int k = 1; k < HC; ++k) sum += c[j][k];
+          sum += hc_eps;
+#pragma unroll
+          for (int k = 0; k < HC; ++k) c[j][k] /= sum;
+        }
+      }
+      float sums[HC];
+#pragma unroll
+      for (int k = 0; k < HC; ++k) {
+        sums[k] = c[0][k];
+#pragma unroll
+        for (int j = 1; j < HC; ++j) sums[k] += c[j][k];
+        sums[k] += hc_eps;
+      }
+#pragma unroll
+      for (int j = 0; j < HC; ++j)
+#pragma unroll
+        for (int k = 0; k < HC; ++k) c[j][k] /= sums[k];
+    }
+    if (blockIdx.x == 0)
+#pragma unroll
+      for (int j = 0; j < HC; ++j)
+#pragma unroll
+        for (int k = 0; k < HC; ++k) comb_out[(n * HC + j) * HC + k] = c[j][k];
+  }
+  __syncthreads();
+  // y: 4 consecutive elements per thread per row
+  for (int e = (blockIdx.x * blockDim.x + threadIdx.x) * 4; e < D; e += gridDim.x * blockDim.x * 4) {
+    for (int n = 0; n < N; ++n) {
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < HC; ++j) {
+        const uint2 raw = *reinterpret_cast<const uint2*>(x + (size_t(n) * HC + j) * D + e);
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+        const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+        const float p = pre[n][j];
+        acc[0] += p * a.x, acc[1] += p * a.y, acc[2] += p * b.x, acc[3] += p * b.y;
+      }
+      __nv_bfloat162 lo = __floats2bfloat162_rn(acc[0], acc[1]), hi = __floats2bfloat162_rn(acc[2], acc[3]);
+      uint2 out;
+      out.x = *reinterpret_cast<uint32_t*>(&lo);
+      out.y = *reinterpret_cast<uint32_t*>(&hi);
+      *reinterpret_cast<uint2*>(y + size_t(n) * D + e) = out;
+    }
+  }
+}

@@ -1,0 +1,46 @@
+"""Hyper-connection pre for decode on the GPU (csrc/hc_pre.cu): the mixes over slices of the flattened
+streams, then Sinkhorn and the weighted sum of streams; two launches.
+
+Oracle: `plugins.oracle.hc_pre_parts`. Pass `out` and `workspace` to launch without allocating.
+"""
+from __future__ import annotations
+
+import torch
+
+from .loader import FLOAT, INT, PTR, kernels
+
+HC, MIXES, SLICE, MAX_ROWS = 4, 24, 256, 16          # csrc/hc_pre.cu
+
+
+def supports(x: torch.Tensor, fn: torch.Tensor) -> bool:
+    """x [..., hc, d]: bf16 on a GPU, 4 streams, at most 16 rows, hc*d in 256-element slices."""
+    rows = x.numel() // (x.size(-1) * x.size(-2)) if x.dim() >= 2 else 0
+    return (x.is_cuda and x.dtype == torch.bfloat16 and x.size(-2) == HC and fn.shape == (MIXES, HC * x.size(-1))
+            and 1 <= rows <= MAX_ROWS and (HC * x.size(-1)) % SLICE == 0)
+
+
+def make_workspace(rows: int, d: int, device) -> torch.Tensor:
+    """Per slice and row: the 24 partial mixes and the partial sum of squares."""
+    return torch.empty(HC * d // SLICE * rows * (MIXES + 1), dtype=torch.float32, device=device)
+
+
+def hc_pre_decode(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float,
+                  hc_eps: float, iters: int, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                  workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., 4, d] bf16, fn [24, 4d], scale [3], base [24] float32 -> y [..., d] bf16, post [..., 4],
+    comb [..., 4, 4] float32. All contiguous."""
+    assert supports(x, fn) and x.is_contiguous() and fn.is_contiguous() and fn.dtype == torch.float32
+    lead, d = x.shape[:-2], x.size(-1)
+    rows = x.numel() // (HC * d)
+    part = make_workspace(rows, d, x.device) if workspace is None else workspace
+    if out is None:
+        out = (x.new_empty(*lead, d), torch.empty(*lead, HC, dtype=torch.float32, device=x.device),
+               torch.empty(*lead, HC, HC, dtype=torch.float32, device=x.device))
+    y, post, comb = out
+    lib = kernels()
+    slices = HC * d // SLICE
+    lib.launch("dsv4_hc_pre_mix", slices, 256, [(x, PTR), (fn, PTR), (part, PTR), (rows, INT), (HC * d, INT)])
+    lib.launch("dsv4_hc_pre_finish", -(-d // 1024), 256,
+               [(x, PTR), (part, PTR), (scale, PTR), (base, PTR), (y, PTR), (post, PTR), (comb, PTR), (rows, INT),
+                (d, INT), (slices, INT), (norm_eps, FLOAT), (hc_eps, FLOAT), (iters, INT)])
+    return y, post, comb

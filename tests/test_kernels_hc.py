@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from plugins.oracle import hc_pre_parts
+
+
+def _case(rows, d, seed=0):
+    """Streams x [rows, 1, 4, d] bf16 and hc weights of DeepSeek's scale (fn ~ 1e-2, base ~ 1, scale ~ 0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 1, 4, d, generator=g).to(torch.bfloat16)
+    fn = torch.randn(24, 4 * d, generator=g) * 1e-2
+    scale = torch.rand(3, generator=g) + 0.25
+    base = torch.randn(24, generator=g)
+    return x.cuda(), fn.cuda(), scale.cuda(), base.cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, d", [pytest.param(1, 4096, id="flash-1row"), pytest.param(3, 256, id="tiny-3rows"),
+                                     pytest.param(1, 7168, id="pro-1row"), pytest.param(16, 4096, id="flash-16rows")])
+def test_hc_pre_decode_matches_oracle(rows, d):
+    from plugins.hc_pre import hc_pre_decode
+    x, fn, scale, base = _case(rows, d)
+    y, post, comb = hc_pre_decode(x, fn, scale, base, 1e-6, 1e-6, 20)
+    ey, epost, ecomb = hc_pre_parts(x, fn, scale, base, 1e-6, 1e-6, 20)
+    assert y.dtype == torch.bfloat16 and y.shape == ey.shape and post.shape == epost.shape
+    assert torch.allclose(post, epost, rtol=1e-4, atol=1e-5) and torch.allclose(comb, ecomb, rtol=1e-4, atol=1e-5)
+    cos = torch.nn.functional.cosine_similarity(y.double().flatten(0, 1), ey.double().flatten(0, 1), dim=-1)
+    assert cos.min() >= 0.9999, cos.min()
+    assert torch.allclose(y.float(), ey.float(), rtol=0.02, atol=0.02 * ey.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_hc_pre_decode_captures_in_a_cuda_graph_and_the_op_dispatches_to_it():
+    import plugins.ops  # noqa: F401
+    from plugins.hc_pre import hc_pre_decode, make_workspace
+    x, fn, scale, base = _case(2, 4096)
+    expect = hc_pre_decode(x, fn, scale, base, 1e-6, 1e-6, 20)
+    out = tuple(torch.empty_like(t) for t in expect)
+    ws = make_workspace(2, 4096, "cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        hc_pre_decode(x, fn, scale, base, 1e-6, 1e-6, 20, out=out, workspace=ws)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(out, expect))
+    via_op = torch.ops.dsv4.hc_pre(x, fn, scale, base, 1e-6, 1e-6, 20)
+    assert all(torch.equal(a, b) for a, b in zip(via_op, expect))
