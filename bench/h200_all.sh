@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Every H200 check of the project in one background run, in order of what it decides (a device call lasts
+# at most 10 minutes and the machine is given back when idle, so start this and keep polling):
+#   kernel tests -> kernel benchmarks -> Flash-4 float32 exact gate -> Flash-8 bf16 bench, paged bench and
+#   profile -> tiny CUDA artifact tests.
+#   (RES=/tmp/res setsid nohup bash bench/h200_all.sh > /dev/null 2>&1 &)   # then poll $RES/steps.log
+#   tar czf $OUT/h200.tgz -C /tmp res                                       # one file back (the tool's cap is 8)
+# A failing step is logged ($RES/NAME.log, rc in steps.log) and the next one runs.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6 PYTHONUNBUFFERED=1
+RES=${RES:-/tmp/res}
+mkdir -p "$RES"
+step() {
+  local name=$1
+  shift
+  echo "$(date +%T) start $name" >> "$RES/steps.log"
+  "$@" > "$RES/$name.log" 2>&1
+  echo "$(date +%T) rc $? $name" >> "$RES/steps.log"
+}
+step plugins python -m plugins.build
+step kernel-tests python -m pytest -q -rA -m gpu tests/test_kernels_fp8.py tests/test_kernels_moe.py \
+    tests/test_kernels_attention.py tests/test_kernels_hc.py tests/test_trt_executor.py
+step kernels python bench/kernels.py --json "$RES/kernels-h200.json"
+step gate-flash4-f32 env OUT="$RES" LAYERS=4 DTYPE=float32 bash bench/artifact_h200.sh
+rm -rf /tmp/flash4 /tmp/art /tmp/ref-*                  # the disk holds one Flash artifact at a time
+step flash8 env OUT="$RES" LAYERS=8 CKPT=/dev/shm/flash8 SKIP_FORCED=1 bash bench/artifact_h200.sh
+step tiny-artifacts python -m pytest -q -rA -m gpu tests/test_artifact_gpu.py
+touch "$RES/DONE"
