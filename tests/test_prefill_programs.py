@@ -152,3 +152,20 @@ def test_prefill_program_exports_with_its_cache_writes(reference, layer):
     args = (args[0], torch.tensor([0, 250]), torch.tensor([2, 7]), *args[3:])   # one graph serves every start
     assert torch.equal(exported.module()(*args, caches, weights), program(*args, eager_caches, weights))
     assert all(torch.equal(caches[k], eager_caches[k]) for k in caches)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk", [pytest.param(0, id="decode"), pytest.param(8, id="prefill-chunk8")])
+def test_ratio4_programs_compile_with_cat_lowered_as_on_cuda(tiny_dir, tmp_path, chunk):
+    """Inductor lowers `cat` into a pointwise kernel on CUDA (never on CPU), and torch 2.11 then failed on the
+    ratio-4 compressor's timeline ("The argument '((-4)) + 4' is not comparable"): the H200 build of session 4
+    died on it. Forcing that lowering here shows the failure on a CPU machine (measured: the old program
+    fails with torch 2.13 too), so a `cat` that would break a GPU build fails CI first."""
+    from builder.build import _compile_program
+    ckpt = Checkpoint(tiny_dir)
+    cfg = ckpt.config
+    layer = 4                                       # ratio 4 with the indexer
+    with torch._inductor.config.patch(force_pointwise_cat=True):
+        _compile_program(cfg, layer, layer_weights(cfg, ckpt.get, layer, torch.float32), torch.float32, MAX_LEN, 1,
+                         "cpu", tmp_path / "program.pt2", chunk)
+    assert (tmp_path / "program.pt2").stat().st_size > 0
