@@ -21,9 +21,9 @@ import hashlib
 import json
 import multiprocessing
 import os
-import traceback
 import shutil
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -118,7 +118,7 @@ def _compile_job_in_child(job: tuple) -> None:
     pickled back to the parent (an H200 build reported 'cannot pickle frame' instead of the real error)."""
     try:
         _compile_job(job)
-    except Exception as e:
+    except Exception:
         raise RuntimeError(f"compiling {Path(job[6]).name}: {traceback.format_exc()}") from None
 
 

@@ -7,7 +7,6 @@ device memory or to pinned host memory, so experts move without rebuilding anyth
 """
 from __future__ import annotations
 
-
 import torch
 
 from .loader import FLOAT, INT, PTR, balanced_grid, kernels

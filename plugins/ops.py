@@ -106,7 +106,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
                      scale: float) -> torch.Tensor:
     """q [b, s, h, d] over rows kv[b, idx[b, s, k]] (-1 = none) with a per-head sink -> [b, s, h, d]."""
     from .sparse_attention import sparse_attention_decode, supports
-    if supports(q, kv, idx.size(-1)) and q.size(0) * q.size(1) <= 16:
+    if supports(q, kv, idx.size(-1)):
         return sparse_attention_decode(q.contiguous(), kv.contiguous(), sink.float().contiguous(),
                                        idx.long().contiguous(), scale)
     return sparse_attention_oracle(q, kv, sink, idx, scale)

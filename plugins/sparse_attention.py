@@ -11,14 +11,15 @@ import torch
 from .loader import FLOAT, INT, PTR, kernels
 
 ROWS, MAX_SPLITS = 64, 1024                  # csrc/sparse_attention.cu: indices per split, splits
+MAX_QUERIES = 16                             # decode sizes; prefill chunks take the oracle
 CHUNKS = (1, 2, 4)                           # head_dim / 128 the kernel is built for
 
 
 def supports(q: torch.Tensor, kv: torch.Tensor, k: int) -> bool:
-    """Whether the kernel takes q [..., h, d] over kv rows with k indices per query."""
+    """Whether the kernel takes q [b, s, h, d] over kv rows with k indices per query."""
     d = q.size(-1)
     return (q.is_cuda and q.dtype == kv.dtype == torch.bfloat16 and d % 128 == 0 and d // 128 in CHUNKS
-            and kv.size(-1) == d and k <= ROWS * MAX_SPLITS)
+            and kv.size(-1) == d and k <= ROWS * MAX_SPLITS and q.size(0) * q.size(1) <= MAX_QUERIES)
 
 
 def heads_per_cta(heads: int) -> int:

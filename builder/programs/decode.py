@@ -19,6 +19,7 @@ import torch
 
 import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
 from plugins.formats import fp8_weight_dequant
+from plugins.hc_pre import MAX_ROWS as HC_PRE_KERNEL_ROWS
 from plugins.oracle import (einsum, fp4_roundtrip, fp8_kv_roundtrip, hadamard, hc_head, hc_post, hc_pre, linear,
                             rms_norm, softmax_scale, swiglu, wide, wide_dtype, with_rope)
 
@@ -73,7 +74,7 @@ def layer_prefix(cfg: ModelConfig, layer: int) -> str:
 
 # weights taken from the model's top level by an MTP block: bound from dense.safetensors, not per layer
 SHARED_WEIGHTS = ("embed.weight", "head.weight")
-HC_PRE_OP_ROWS = 16                 # plugins/hc_pre.py MAX_ROWS: decode batches take the fused op
+HC_PRE_OP_ROWS = HC_PRE_KERNEL_ROWS  # decode batches take the fused op (ONNX export sets 0)
 
 
 def layer_weights(cfg: ModelConfig, get, layer: int, act: torch.dtype) -> dict[str, torch.Tensor]:
