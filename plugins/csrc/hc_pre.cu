@@ -4,8 +4,8 @@
 //   y = sum_j pre_j * xf_j  -> bf16 [N, D]
 // Two launches instead of the dozens a compiler makes of it: `mix` splits HC*D into 256-element slices, one
 // CTA each, and writes per slice the M partial dots and the partial sum of squares; `finish` adds the slices
-// in order, runs the Sinkhorn iterations per row (one thread per row, HC*HC values in registers) and writes
-// its share of y (and, CTA 0, post and comb). Launches never allocate or synchronise.
+// (a group of lanes per value), runs the Sinkhorn iterations per row (one thread per row, HC*HC values in
+// registers) and writes its share of y (and, CTA 0, post and comb). Launches never allocate or synchronise.
 #include "common.cuh"
 
 namespace {
@@ -14,6 +14,7 @@ constexpr int HC = 4;
 constexpr int M = (2 + HC) * HC;     // 24 mixes per row
 constexpr int SLICE = 256;           // elements of HC*D per CTA of `mix`: 8 per lane
 constexpr int MAX_ROWS = 16;
+constexpr int GROUP = 8;             // lanes of `finish` that add one value's slice partials
 
 __device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
 
@@ -73,11 +74,20 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_hc_pre_finish(
   __shared__ float pre[MAX_ROWS][HC];
   dsv4::pdl_wait();
   dsv4::pdl_launch_dependents();
-  for (int t = threadIdx.x; t < N * (M + 1); t += blockDim.x) {
-    const int n = t / (M + 1), m = t % (M + 1);
+  // the slices' partials of each value v = n*(M+1) + m, summed by a group of lanes with several loads in
+  // flight each: one thread adding 64 slices in turn waited on 64 L2 round trips (24 us of a 3.5 ms Flash
+  // decode step, 16 launches, measured on the H200)
+  const int values = N * (M + 1), g = threadIdx.x % GROUP;
+  for (int first = 0; first < values; first += blockDim.x / GROUP) {   // uniform: the shuffles see every lane
+    const int v = first + threadIdx.x / GROUP;
     float s = 0.f;
-    for (int i = 0; i < slices; ++i) s += part[(size_t(i) * N + n) * (M + 1) + m];
-    mix[n][m] = s;
+    if (v < values) {
+#pragma unroll 4
+      for (int i = g; i < slices; i += GROUP) s += part[size_t(i) * values + v];
+    }
+#pragma unroll
+    for (int off = GROUP / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if (g == 0 && v < values) mix[v / (M + 1)][v % (M + 1)] = s;
   }
   __syncthreads();
   if (threadIdx.x < N) {
