@@ -34,13 +34,26 @@ def wide(x: torch.Tensor) -> torch.Tensor:
     return x.to(wide_dtype(x.dtype))
 
 
+def _cublas_does_it(x: torch.Tensor) -> bool:
+    """Whether a half-precision product on x's device is cuBLAS's, which accumulates in float32 and rounds
+    once by itself. There the operands stay as they are: widening them first costs, per layer and decode
+    step at Flash size, a conversion of wo_a to float32 (64 MB read, 128 MB written) and a float32 GEMM
+    over it; the H200 Flash-8 profile's conversion kernels took 11% of the step
+    (bench/results/profile-decode-flash8-h200.json)."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
 def einsum(spec: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """An activation-dtype einsum: accumulated in working precision, rounded once (as cuBLAS does)."""
+    if _cublas_does_it(a):
+        return torch.einsum(spec, a, b.to(a.dtype))
     return torch.einsum(spec, wide(a), wide(b)).to(a.dtype)
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """An unquantised activation-dtype linear, accumulated in working precision, rounded once."""
+    if _cublas_does_it(x):
+        return F.linear(x, w.to(x.dtype))
     return F.linear(wide(x), wide(w.to(x.dtype))).to(x.dtype)
 
 
