@@ -8,11 +8,12 @@ memory-mapped bank where the processor reading it can follow the host's page tab
 with address translation services: GB10, GH200), so it costs page cache, not a second copy in the one
 memory such a box has; elsewhere (an H200 over PCIe) it is a pinned host copy the GPU reads over the bus.
 
-After each step the runtime reports what every layer routed to (the programs write it to their
-`routed` cache); before the next it gives the next tokens. The pager counts hits and misses against
-what was resident during the step, admits the missed experts, prefetches the hash-routed layers'
-experts of the next tokens (known exactly from the token ids: `tid2eid`), evicts by frequency then
-recency, and copies on its own stream; the next step waits for those copies through an event.
+The pool is filled at load. After each step the runtime reports what every layer routed to (the
+programs write it to their `routed` cache); before the next it gives the next tokens. The pager counts
+hits and misses against what was resident during the step, admits the missed experts, prefetches the
+hash-routed layers' experts of the next tokens (known exactly from the token ids: `tid2eid`), evicts by
+frequency then recency, and copies on its own stream; the next step waits for those copies through an
+event.
 """
 from __future__ import annotations
 
@@ -77,6 +78,25 @@ class PagedExperts:
         self.bytes_moved = 0
         self.stall_s = 0.0
         self.prefetch_enabled = True                  # off: only the policy's admissions on use (a baseline)
+        self.pool.fill(self.fill_order(bank))
+        self._apply()
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()
+        self.fill_bytes, self.bytes_moved = self.bytes_moved, 0   # load-time copies are not the run's
+
+    def fill_order(self, bank: ExpertBank) -> list[tuple[int, int]]:
+        """The experts that fill the pool at load, best first: the layers take turns so each gets an even
+        share; a hash-routed layer offers its experts by how many token ids route to them, the others in
+        index order (a router's load is balanced by training: no expert is known to be hotter)."""
+        ranked = []
+        for layer in self.layers:
+            experts = list(range(bank.entries[layer]["experts"]))
+            if layer in self.tid2eid:
+                uses = torch.bincount(self.tid2eid[layer].flatten().long(), minlength=len(experts))
+                experts.sort(key=lambda e: -int(uses[e]))
+            ranked.append(experts)
+        return [(layer, order[i]) for i in range(max(map(len, ranked)))
+                for layer, order in zip(self.layers, ranked) if i < len(order)]
 
     @property
     def stats(self):

@@ -75,6 +75,17 @@ class SlotPool:
         self.changes.append((key, slot))
         return slot
 
+    def fill(self, keys: Iterable[Key]) -> None:
+        """Admit `keys` in order into the free slots, evicting nothing and counting nothing: the pool
+        filled at load time, so that a run starts from a full pool, not from an empty one that every
+        first use must miss into (the H200 Flash-8 paged bench started empty: in 32 steps it copied 13 GB
+        without filling its 1536 slots, at a hit rate of 0.35 without prefetch)."""
+        for key in keys:
+            if not self.free:
+                break
+            if key not in self.resident:
+                self._admit(key, set())
+
     def use(self, needed: Iterable[Key]) -> dict[Key, int]:
         """The slots of the experts one layer's step needs, admitting the missing ones (a stall each)."""
         needed = list(dict.fromkeys(needed))
@@ -113,10 +124,13 @@ class SlotPool:
         assert len(self.resident) <= self.slots
 
 
-def simulate(trace: list[list[list[int]]], slots: int, predicted: list[list[list[int]]] | None = None) -> PagerStats:
+def simulate(trace: list[list[list[int]]], slots: int, predicted: list[list[list[int]]] | None = None,
+             filled: Iterable[Key] = ()) -> PagerStats:
     """Replay trace[step][layer] = experts used; with `predicted[step][layer]` = the experts predicted for
-    layer+1 while layer runs, prefetch them. Returns the pool's statistics."""
+    layer+1 while layer runs, prefetch them; `filled`: the pool's keys at the start. Returns the pool's
+    statistics."""
     pool = SlotPool(slots)
+    pool.fill(filled)
     for step, layers in enumerate(trace):
         for layer, experts in enumerate(layers):
             needed = [(layer, e) for e in experts]
