@@ -6,6 +6,7 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::moe_routed(x, experts, weights, table, inter, limit)   routed MXFP4 experts via a pointer table
     dsv4::sparse_attention(q, kv, sink, idx, scale)        attention over picked rows with a sink
     dsv4::hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters)   hyper-connection pre (mixes, Sinkhorn, sum)
+    dsv4::wide_linear(x, weight)                            float32 product with a weight kept in bf16
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Callable
 import torch
 
 from .formats import fp8_weight_dequant, mxfp4_dequant
+from .head import head_logits, kernel_fits
 from .moe_experts import expert_nbytes, moe_experts_decode, unpack_expert
 from .oracle import hc_pre_parts, quantised_matmul, swiglu, wide_dtype
 from .oracle import sparse_attention as sparse_attention_oracle
@@ -136,3 +138,24 @@ def _(x, fn, scale, base, norm_eps, hc_eps, iters):
     hc = x.size(-2)
     return (x.new_empty(*x.shape[:-2], x.size(-1)), x.new_empty(*x.shape[:-2], hc, dtype=wide),
             x.new_empty(*x.shape[:-2], hc, hc, dtype=wide))
+
+
+# ------------------------------------------------------------------ wide_linear
+
+
+@torch.library.custom_op("dsv4::wide_linear", mutates_args=())
+def wide_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] in working precision @ weight [N, K]^T -> [..., N] in x's dtype, for the official model's
+    float32 parameters loaded from bf16 (the compressors' projections, the router's gate), kept here in
+    their bf16: on a GPU the head's kernel reads them as such (half the bytes of the float32 copy, the same
+    products, another float32 summation order); elsewhere they are widened for the product."""
+    rows = x.reshape(-1, x.size(-1))
+    if (weight.dtype == torch.bfloat16 and x.dtype == torch.float32 and weight.is_contiguous()
+            and kernel_fits(rows.size(0), x.size(-1), x.device)):
+        return head_logits(rows, weight).view(*x.shape[:-1], weight.size(0))
+    return x @ weight.to(x.dtype).T
+
+
+@wide_linear.register_fake
+def _(x, weight):
+    return x.new_empty(*x.shape[:-1], weight.size(0))

@@ -76,3 +76,20 @@ def test_bf16_head_kernel_matches_the_float32_head(rows, v, d):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, got)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, n", [(1, 1024), (1, 256), (4, 512)], ids=["compressor-1row", "indexer-1row", "gate-4rows"])
+def test_wide_linear_op_runs_the_head_kernel_for_bf16_weights(rows, n):
+    """dsv4::wide_linear on a GPU: float32 rows times a bf16-stored weight (compressor, router gate) through
+    the head's kernel, the float32 product over the widened weight up to summation order."""
+    import plugins.ops  # noqa: F401
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(n, 4096, generator=g) / 64).to(torch.bfloat16).cuda()
+    x = torch.randn(rows, 4096, generator=g).cuda()
+    got = torch.ops.dsv4.wide_linear(x, w)
+    expect = x.double() @ w.double().T
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    assert torch.allclose(got.double(), expect, rtol=1e-5, atol=1e-5 * expect.abs().max().item())
+    from plugins.head import head_logits
+    assert torch.equal(got, head_logits(x, w))                        # the kernel ran, not a widened copy

@@ -26,6 +26,16 @@ def test_fp8_linear_op_is_the_oracle():
     assert torch.equal(y, quantised_matmul(x, fp8_weight_dequant(w, s)))
 
 
+def test_wide_linear_op_widens_a_bf16_weight_on_the_cpu():
+    """The op equals the float32 product over the widened weight (and float64 for a float32 model)."""
+    w = torch.randn(96, 256).to(torch.bfloat16)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(2, 3, 256, dtype=dtype)
+        y = torch.ops.dsv4.wide_linear(x, w)
+        assert y.shape == (2, 3, 96) and y.dtype == dtype
+        assert torch.equal(y, x @ w.to(dtype).T)
+
+
 def test_moe_routed_reads_experts_through_the_table():
     raw, packed, table = _bank()
     x = torch.randn(3, D).to(torch.bfloat16)

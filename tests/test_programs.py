@@ -1,4 +1,4 @@
-"""Decode layer programs against the reference layers, one layer kind at a time (float32, exact)."""
+"""Decode layer programs against the reference layers, one layer kind at a time (bitwise)."""
 import pytest
 import torch
 
@@ -15,6 +15,12 @@ def setup(tiny_dir):
     return ckpt, ReferenceModel(ckpt, act=torch.float32, max_len=MAX_LEN)
 
 
+@pytest.fixture(scope="module")
+def setup_bf16(tiny_dir):
+    ckpt = Checkpoint(tiny_dir)
+    return ckpt, ReferenceModel(ckpt, act=torch.bfloat16, max_len=MAX_LEN)
+
+
 def _copy_reference_caches(block, caches):
     attn = block.attn
     caches["kv"].copy_(attn.kv)
@@ -27,13 +33,17 @@ def _copy_reference_caches(block, caches):
         caches["idx_score"].copy_(attn.indexer.compressor.score_state)
 
 
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("layer", [0, 2, 3, 4], ids=["hash-ratio0", "hash-ratio4-indexer", "ratio128", "ratio4"])
-def test_decode_program_equals_reference_layer(setup, layer):
-    ckpt, ref = setup
+def test_decode_program_equals_reference_layer(request, layer, act):
+    """Bitwise, in float32 and in bf16 (there the compressor and gate weights stay in bf16 and
+    `dsv4::wide_linear` widens them on the CPU)."""
+    ckpt, ref = request.getfixturevalue("setup" if act == torch.float32 else "setup_bf16")
     cfg = ckpt.config
     block = ref.layers[layer]
-    program = make_program(cfg, layer, torch.float32, MAX_LEN)
-    weights = layer_weights(cfg, ckpt.get, layer, torch.float32)
+    program = make_program(cfg, layer, act, MAX_LEN)
+    weights = layer_weights(cfg, ckpt.get, layer, act)
+    assert weights["ffn.gate.weight"].dtype == (torch.bfloat16 if act == torch.bfloat16 else torch.float64)
     table, keep = expert_table(ckpt.get, cfg, layer)
     ids = torch.randint(0, 900, (1, 140), generator=torch.Generator().manual_seed(layer))
     ref.reset()
@@ -48,7 +58,7 @@ def test_decode_program_equals_reference_layer(setup, layer):
     type(block).__call__ = spy
     try:
         ref.forward(ids[:, :127], 0)                  # prefill: window wrapped, ratio-128 block not yet complete
-        caches = new_caches(cfg, layer, 1, MAX_LEN, torch.float32)
+        caches = new_caches(cfg, layer, 1, MAX_LEN, act)
         _copy_reference_caches(block, caches)
         for p in range(127, 140):                      # completes a ratio-128 block at 127, ratio-4 blocks every 4
             ref.forward(ids[:, p:p + 1], p)

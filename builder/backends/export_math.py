@@ -74,10 +74,12 @@ def sinkhorn_split_barriers(mix, scale, base, hc: int, iters: int, eps: float):
 def onnx_friendly():
     """While tracing a program for ONNX: the stand-ins above."""
     from builder.programs import decode
-    saved = formats.pow2_ceil, formats.round_to_e2m1, oracle.sinkhorn_split, decode.HC_PRE_OP_ROWS
+    saved = (formats.pow2_ceil, formats.round_to_e2m1, oracle.sinkhorn_split, decode.HC_PRE_OP_ROWS,
+             decode.WIDE_LINEAR_OP)
     formats.pow2_ceil, formats.round_to_e2m1 = pow2_ceil_float, round_to_e2m1_arith
-    oracle.sinkhorn_split, decode.HC_PRE_OP_ROWS = sinkhorn_split_barriers, 0
+    oracle.sinkhorn_split, decode.HC_PRE_OP_ROWS, decode.WIDE_LINEAR_OP = sinkhorn_split_barriers, 0, False
     try:
         yield
     finally:
-        formats.pow2_ceil, formats.round_to_e2m1, oracle.sinkhorn_split, decode.HC_PRE_OP_ROWS = saved
+        (formats.pow2_ceil, formats.round_to_e2m1, oracle.sinkhorn_split, decode.HC_PRE_OP_ROWS,
+         decode.WIDE_LINEAR_OP) = saved

@@ -75,21 +75,35 @@ def layer_prefix(cfg: ModelConfig, layer: int) -> str:
 # weights taken from the model's top level by an MTP block: bound from dense.safetensors, not per layer
 SHARED_WEIGHTS = ("embed.weight", "head.weight")
 HC_PRE_OP_ROWS = HC_PRE_KERNEL_ROWS  # decode batches take the fused op (ONNX export sets 0)
+WIDE_LINEAR_OP = True                # products with bf16-stored float32 weights through the op (not in ONNX)
+
+
+def wide_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] in working precision @ weight [N, K]^T, for a weight the official model holds in float32
+    after loading it from bf16: through `dsv4::wide_linear`, which reads it as stored (on a GPU the cuBLAS
+    float32 products over widened copies of these weights took 43 launches and 16% of a Flash-8 decode
+    step, bench/results/profile-decode-flash8-h200.json); written out for ONNX (a Cast and a MatMul)."""
+    if WIDE_LINEAR_OP:
+        return torch.ops.dsv4.wide_linear(x, weight)
+    return x @ weight.to(x.dtype).T
 
 
 def layer_weights(cfg: ModelConfig, get, layer: int, act: torch.dtype) -> dict[str, torch.Tensor]:
     """A layer's dense weights in the form its program takes, keyed by checkpoint name without the layer
     prefix. FP8 weights and their scales stay as stored (the kernels read them); what the official code
-    computes in float32 is widened here once; `wo_a` is dequantised to bf16 as DeepSeek's convert.py does."""
+    computes in float32 is widened here once, except the products' weights that `wide_product` takes as
+    stored; `wo_a` is dequantised to bf16 as DeepSeek's convert.py does."""
     p, work, ratio = layer_prefix(cfg, layer), wide_dtype(act), cfg.ratio(layer)
     names_work = ["attn_norm.weight", "ffn_norm.weight", "attn.q_norm.weight", "attn.kv_norm.weight",
-                  "attn.attn_sink", "ffn.gate.weight"]
+                  "attn.attn_sink"]
+    names_kept = ["ffn.gate.weight"]                   # float32 in the official model, taken by `wide_product`
     names_raw = [f"{n}.{k}" for n in ("attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_b", "ffn.shared_experts.w1",
                                        "ffn.shared_experts.w2", "ffn.shared_experts.w3") for k in ("weight", "scale")]
     names_work += [f"hc_{k}_{part}" for k in ("attn", "ffn") for part in ("fn", "scale", "base")]
     names_act = []
     compressors = (["attn.compressor"] if ratio else []) + (["attn.indexer.compressor"] if ratio == 4 else [])
-    names_work += [f"{c}.{n}" for c in compressors for n in ("wkv.weight", "wgate.weight", "ape", "norm.weight")]
+    names_work += [f"{c}.{n}" for c in compressors for n in ("ape", "norm.weight")]
+    names_kept += [f"{c}.{n}" for c in compressors for n in ("wkv.weight", "wgate.weight")]
     if ratio == 4:
         names_raw += ["attn.indexer.wq_b.weight", "attn.indexer.wq_b.scale"]
         names_act += ["attn.indexer.weights_proj.weight"]
@@ -97,6 +111,8 @@ def layer_weights(cfg: ModelConfig, get, layer: int, act: torch.dtype) -> dict[s
     w = {n: get(p + n).to(work) for n in names_work}
     w |= {n: get(p + n) for n in names_raw}
     w |= {n: get(p + n).to(act) for n in names_act}
+    # kept in bf16 for a bf16 model (as the checkpoint stores them); widened for a float32 one (an exact gate)
+    w |= {n: t if t.dtype == act == torch.bfloat16 else t.to(work) for n in names_kept for t in [get(p + n)]}
     if cfg.is_hash_layer(layer):
         w["ffn.gate.tid2eid"] = get(p + "ffn.gate.tid2eid").to(torch.int32)
     wo_a = fp8_weight_dequant(get(p + "attn.wo_a.weight"), get(p + "attn.wo_a.scale")).to(torch.bfloat16)
@@ -134,7 +150,8 @@ class Compressor(torch.nn.Module):
         """x [..., dm] at positions pos [...] -> kv, score [..., coff*dim] in working precision; the score
         carries the APE of the token's slot in its block."""
         p, xf = self.prefix, wide(x)
-        return xf @ w[f"{p}.wkv.weight"].T, xf @ w[f"{p}.wgate.weight"].T + w[f"{p}.ape"][pos % self.ratio]
+        return (wide_product(xf, w[f"{p}.wkv.weight"]),
+                wide_product(xf, w[f"{p}.wgate.weight"]) + w[f"{p}.ape"][pos % self.ratio])
 
     def pool(self, kv, score):
         """kv, score [..., coff*r, coff*dim] in the state layout (ratio 4: rows [:r] the previous block,
@@ -258,7 +275,8 @@ class DecodeLayer(torch.nn.Module):
     def moe(self, x, ids, table, w):
         """x [N, d], ids [N] -> (y [N, d], the routed experts [N, k] int32)."""
         c = self.cfg
-        weights, experts = route(c, x, w["ffn.gate.weight"], w.get("ffn.gate.bias"), w.get("ffn.gate.tid2eid"), ids)
+        weights, experts = route(c, x, w["ffn.gate.weight"], w.get("ffn.gate.bias"), w.get("ffn.gate.tid2eid"), ids,
+                                 product=wide_product)
         experts = experts.to(torch.int32)
         y = torch.ops.dsv4.moe_routed(x, experts, weights, table, c.moe_intermediate_size, c.swiglu_limit)
         gate, up = linear_fp8(x, w, "ffn.shared_experts.w1"), linear_fp8(x, w, "ffn.shared_experts.w3")

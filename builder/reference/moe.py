@@ -16,12 +16,14 @@ Weights = Callable[[str], torch.Tensor]
 
 
 def route(cfg: ModelConfig, x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor | None,
-          tid2eid: torch.Tensor | None, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+          tid2eid: torch.Tensor | None, ids: torch.Tensor, product=None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [n, d], ids [n] -> (weights [n, k] float32, experts [n, k]).
 
     Scores in float32; the bias only chooses experts; hash layers take experts from the token id.
+    `product(x, gate_w)` computes the scores' logits (layer programs pass their op; same values).
     """
-    scores = wide(x) @ gate_w.to(wide_dtype(x.dtype)).T
+    xf = wide(x)
+    scores = product(xf, gate_w) if product is not None else xf @ gate_w.to(xf.dtype).T
     if cfg.scoring_func == "softmax":
         scores = scores.softmax(-1)
     elif cfg.scoring_func == "sigmoid":
