@@ -131,18 +131,31 @@ def bench_moe_decode(bandwidth: float, tokens: int = 1, n_experts: int = 64) -> 
             "fraction_of_copy_bw": achieved / bandwidth}
 
 
-def bench_head(bandwidth: float, rows: int = 1) -> dict:
-    """The Flash vocabulary head (129280 x 4096) kept in bf16, float32 accumulation: one 1.06 GB read, far
-    past L2, against the float32 linear the official parameter dtype would need (2.1 GB)."""
-    from plugins.head import head_logits
-    v, d = 129280, 4096
-    w = (torch.randn(v, d, device="cuda") * 0.01).to(torch.bfloat16)
+def bench_bf16_gemv(name: str, v: int, d: int, bandwidth: float, rows: int = 1) -> dict:
+    """Float32 rows times a weight kept in bf16, float32 accumulation (plugins/head.py's kernel): the Flash
+    vocabulary head, and through `dsv4::wide_linear` the compressors' and the router's products. Against
+    the float32 linear over the widened weight (what the official parameter dtype would read). Small
+    weights rotate through copies past L2."""
+    import plugins.ops  # noqa: F401
+    copies = max(1, L2_DEFEAT_BYTES // (v * d * 2))
+    ws = [(torch.randn(v, d, device="cuda") * 0.01).to(torch.bfloat16) for _ in range(copies)]
     y = torch.randn(rows, d, device="cuda")
-    ms = graph_time_ms(lambda: head_logits(y, w), 4)
-    w32 = w.float()
-    ms_f32 = graph_time_ms(lambda: torch.nn.functional.linear(y, w32), 4)
+    state = {"i": 0}
+
+    def kernel():
+        i = state["i"] = (state["i"] + 1) % copies
+        torch.ops.dsv4.wide_linear(y, ws[i])
+
+    w32 = [w.float() for w in ws[:max(1, copies // 2)]]   # half as many: twice the bytes each
+
+    def widened():
+        i = state["i"] = (state["i"] + 1) % len(w32)
+        torch.nn.functional.linear(y, w32[i])
+
+    ms = graph_time_ms(kernel, max(copies, 4))
+    ms_f32 = graph_time_ms(widened, max(len(w32), 4))
     achieved = v * d * 2 / (ms * 1e-3)
-    return {"kernel": "head_gemv_bf16", "weight": "head 129280 x 4096", "rows": rows, "weight_mb": v * d * 2 / 1e6,
+    return {"kernel": "bf16_gemv", "weight": f"{name} {v} x {d}", "rows": rows, "weight_mb": v * d * 2 / 1e6,
             "time_us": ms * 1e3, "achieved_gbps": achieved / 1e9, "fraction_of_copy_bw": achieved / bandwidth,
             "speedup_vs_float32_linear": ms_f32 / ms}
 
@@ -256,8 +269,10 @@ def main() -> None:
     for tokens in (1, 2):
         rows.append(bench_moe_decode(bw, tokens))
         print(json.dumps(rows[-1]))
-    rows.append(bench_head(bw))
-    print(json.dumps(rows[-1]))
+    for name, v, d in [("head", 129280, 4096), ("compressor_ratio4", 1024, 4096), ("compressor_ratio128", 512, 4096),
+                       ("indexer_compressor", 256, 4096), ("gate", 256, 4096)]:
+        rows.append(bench_bf16_gemv(name, v, d, bw))
+        print(json.dumps(rows[-1]))
     rows.append(bench_sparse_attention(bw))
     print(json.dumps(rows[-1]))
     rows.append(bench_hc_pre(bw))
