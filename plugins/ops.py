@@ -7,6 +7,7 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::sparse_attention(q, kv, sink, idx, scale)        attention over picked rows with a sink
     dsv4::hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters)   hyper-connection pre (mixes, Sinkhorn, sum)
     dsv4::wide_linear(x, weight)                            float32 product with a weight kept in bf16
+    dsv4::grouped_fp8_linear(x, weight, scale)              per-group FP8 weights, bf16 activations (wo_a)
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from .formats import fp8_weight_dequant, mxfp4_dequant
 from .head import head_logits, kernel_fits
 from .moe_experts import expert_nbytes, moe_experts_decode, unpack_expert
-from .oracle import hc_pre_parts, quantised_matmul, swiglu, wide_dtype
+from .oracle import einsum, hc_pre_parts, quantised_matmul, swiglu, wide_dtype
 from .oracle import sparse_attention as sparse_attention_oracle
 
 # ------------------------------------------------------------------ fp8_linear
@@ -159,3 +160,26 @@ def wide_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @wide_linear.register_fake
 def _(x, weight):
     return x.new_empty(*x.shape[:-1], weight.size(0))
+
+
+# ------------------------------------------------------------------ grouped_fp8_linear
+
+
+@torch.library.custom_op("dsv4::grouped_fp8_linear", mutates_args=())
+def grouped_fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [b, s, G, D] -> [b, s, G, R] in x's dtype: group g's rows weight[g*R:(g+1)*R] (float8_e4m3fn, E8M0
+    scales [G*R/128, D/128] or their bytes) applied to x[..., g, :] with no activation quantisation. This is
+    DeepSeek's wo_a, which its convert.py dequantises to bf16 and the model applies as a bf16 grouped einsum:
+    the same here, or on a GPU the kernel reading the FP8 codes (exact in bf16: the same products)."""
+    from .grouped_linear import grouped_fp8_gemv, supports
+    if supports(x, weight):
+        return grouped_fp8_gemv(x.contiguous(), weight, scale.contiguous())
+    w = fp8_weight_dequant(weight, scale.view(torch.float8_e8m0fnu)).to(torch.bfloat16).to(x.dtype)
+    # contiguous, as the fake: einsum may return a permuted view, and a compiled caller reads the strides it
+    # traced (an AOTInductor package got wrong values from the permuted output)
+    return einsum("bsgd,grd->bsgr", x, w.view(x.size(-2), -1, x.size(-1))).contiguous()
+
+
+@grouped_fp8_linear.register_fake
+def _(x, weight, scale):
+    return x.new_empty(*x.shape[:-1], weight.size(0) // x.size(-2))

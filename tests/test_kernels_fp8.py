@@ -93,3 +93,32 @@ def test_wide_linear_op_runs_the_head_kernel_for_bf16_weights(rows, n):
     assert torch.allclose(got.double(), expect, rtol=1e-5, atol=1e-5 * expect.abs().max().item())
     from plugins.head import head_logits
     assert torch.equal(got, head_logits(x, w))                        # the kernel ran, not a widened copy
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, g, r, d", [(1, 8, 1024, 4096), (3, 2, 256, 512), (4, 8, 128, 1024)],
+                         ids=["flash-wo_a-1row", "small-3rows", "4rows"])
+def test_grouped_fp8_kernel_matches_the_bf16_grouped_einsum(rows, g, r, d):
+    """DeepSeek's wo_a from its FP8 codes: the bf16 grouped einsum over the dequantised weight up to
+    summation order; the op dispatches to it; graph-capturable."""
+    import plugins.ops  # noqa: F401
+    from plugins.grouped_linear import grouped_fp8_gemv
+    from plugins.oracle import einsum
+    gen = torch.Generator().manual_seed(2)
+    w, s = fp8_weight_quant(torch.randn(g * r, d, generator=gen) / 32)
+    x = torch.randn(rows, 1, g, d, generator=gen).to(torch.bfloat16)
+    w, s, x = w.cuda(), s.cuda(), x.cuda()
+    expect = einsum("bsgd,grd->bsgr", x, fp8_weight_dequant(w, s).to(torch.bfloat16).view(g, r, d))
+    got = grouped_fp8_gemv(x, w, s)
+    assert got.dtype == torch.bfloat16 and got.shape == expect.shape
+    exact = torch.einsum("bsgd,grd->bsgr", x.double(), fp8_weight_dequant(w, s).double().view(g, r, d))
+    tol = 1e-2 * exact.abs().max().item()
+    assert (got.double() - exact).abs().max() <= tol and (expect.double() - exact).abs().max() <= tol
+    assert torch.equal(torch.ops.dsv4.grouped_fp8_linear(x, w, s.view(torch.uint8)), got)
+    out = torch.empty_like(got)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grouped_fp8_gemv(x, w, s, out=out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, got)

@@ -36,6 +36,21 @@ def test_wide_linear_op_widens_a_bf16_weight_on_the_cpu():
         assert torch.equal(y, x @ w.to(dtype).T)
 
 
+def test_grouped_fp8_linear_op_is_the_bf16_grouped_einsum():
+    """wo_a as DeepSeek applies it: dequantised to bf16 (exact), a grouped einsum of bf16 activations."""
+    from plugins.grouped_linear import wo_a_as_bf16
+    from plugins.oracle import einsum
+    w, s = fp8_weight_quant(torch.randn(4 * 128, 256) / 16)
+    x = torch.randn(2, 1, 4, 256).to(torch.bfloat16)
+    y = torch.ops.dsv4.grouped_fp8_linear(x, w, s.view(torch.uint8))
+    deq = fp8_weight_dequant(w, s)
+    assert torch.equal(deq.to(torch.bfloat16).float(), deq)               # the bf16 weight is exact
+    assert y.shape == (2, 1, 4, 128) and y.dtype == torch.bfloat16
+    assert torch.equal(y, einsum("bsgd,grd->bsgr", x, deq.to(torch.bfloat16).view(4, 128, 256)))
+    bf16 = wo_a_as_bf16({"attn.wo_a.weight": w, "attn.wo_a.scale": s.view(torch.uint8), "z": x}, torch.bfloat16)
+    assert list(bf16) == ["attn.wo_a", "z"] and torch.equal(bf16["attn.wo_a"], deq.to(torch.bfloat16))
+
+
 def test_moe_routed_reads_experts_through_the_table():
     raw, packed, table = _bank()
     x = torch.randn(3, D).to(torch.bfloat16)

@@ -4,7 +4,7 @@ that TensorRT's ONNX parser maps to our plugins (node op_type = plugin name, att
 
 I/O contract of an exported layer (names are the ONNX graph's, B = decode batch, dim `batch`):
     inputs   h [B, hc, d], pos [B] i64, ids [B] i64, table [E] i64,
-             cache_<name> (see decode.new_caches), w_<name> (decode.layer_weights; '.' -> '_',
+             cache_<name> (see decode.new_caches), w_<name> (decode.layer_weights, wo_a in bf16; '.' -> '_',
              FP8 weights as float8e4m3fn, E8M0 scales as their bytes typed float8e4m3fn)
     outputs  out (h' [B, hc, d], or MTP logits [B, vocab]), new_cache_<name> for every cache
 The program mutates its caches in place; ONNX has no in-place writes, so each cache comes back as an
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from plugins import plugin_specs as ps
+from plugins.grouped_linear import wo_a_as_bf16
 
 from ..programs import decode
 from .export_math import onnx_friendly
@@ -131,7 +132,8 @@ def example_inputs(cfg, get, layer: int, act: torch.dtype, max_len: int, batch: 
     h = torch.randn(batch, cfg.hc_mult, cfg.hidden_size, generator=g).to(act)
     pos = torch.arange(batch, dtype=torch.int64) * 7 + 3
     ids = torch.arange(batch, dtype=torch.int64) * 5 + 1
-    return LayerInputs((h, pos, ids, table, caches, decode.layer_weights(cfg, get, layer, act)), keep)
+    weights = wo_a_as_bf16(decode.layer_weights(cfg, get, layer, act), act)
+    return LayerInputs((h, pos, ids, table, caches, weights), keep)
 
 
 def io_names(caches: dict, weights: dict) -> tuple[list[str], list[str]]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
-from plugins.formats import fp8_weight_dequant
 from plugins.hc_pre import MAX_ROWS as HC_PRE_KERNEL_ROWS
 from plugins.oracle import (einsum, fp4_roundtrip, fp8_kv_roundtrip, hadamard, hc_head, hc_post, hc_pre, linear,
                             rms_norm, softmax_scale, swiglu, wide, wide_dtype, with_rope)
@@ -92,13 +91,15 @@ def layer_weights(cfg: ModelConfig, get, layer: int, act: torch.dtype) -> dict[s
     """A layer's dense weights in the form its program takes, keyed by checkpoint name without the layer
     prefix. FP8 weights and their scales stay as stored (the kernels read them); what the official code
     computes in float32 is widened here once, except the products' weights that `wide_product` takes as
-    stored; `wo_a` is dequantised to bf16 as DeepSeek's convert.py does."""
+    stored. `wo_a` stays FP8 too (`dsv4::grouped_fp8_linear`; `plugins.grouped_linear.wo_a_as_bf16` gives the form
+    of graphs without that op)."""
     p, work, ratio = layer_prefix(cfg, layer), wide_dtype(act), cfg.ratio(layer)
     names_work = ["attn_norm.weight", "ffn_norm.weight", "attn.q_norm.weight", "attn.kv_norm.weight",
                   "attn.attn_sink"]
     names_kept = ["ffn.gate.weight"]                   # float32 in the official model, taken by `wide_product`
-    names_raw = [f"{n}.{k}" for n in ("attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_b", "ffn.shared_experts.w1",
-                                       "ffn.shared_experts.w2", "ffn.shared_experts.w3") for k in ("weight", "scale")]
+    names_raw = [f"{n}.{k}" for n in ("attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_a", "attn.wo_b",
+                                       "ffn.shared_experts.w1", "ffn.shared_experts.w2", "ffn.shared_experts.w3")
+                 for k in ("weight", "scale")]
     names_work += [f"hc_{k}_{part}" for k in ("attn", "ffn") for part in ("fn", "scale", "base")]
     names_act = []
     compressors = (["attn.compressor"] if ratio else []) + (["attn.indexer.compressor"] if ratio == 4 else [])
@@ -115,8 +116,6 @@ def layer_weights(cfg: ModelConfig, get, layer: int, act: torch.dtype) -> dict[s
     w |= {n: t if t.dtype == act == torch.bfloat16 else t.to(work) for n in names_kept for t in [get(p + n)]}
     if cfg.is_hash_layer(layer):
         w["ffn.gate.tid2eid"] = get(p + "ffn.gate.tid2eid").to(torch.int32)
-    wo_a = fp8_weight_dequant(get(p + "attn.wo_a.weight"), get(p + "attn.wo_a.scale")).to(torch.bfloat16)
-    w["attn.wo_a"] = wo_a.to(act).view(cfg.o_groups, cfg.o_lora_rank, -1)
     if is_mtp(cfg, layer):
         w |= {n: get(p + n) for n in ("e_proj.weight", "e_proj.scale", "h_proj.weight", "h_proj.scale")}
         w |= {n: get(p + n).to(work) for n in ("enorm.weight", "hnorm.weight", "norm.weight",
@@ -226,7 +225,11 @@ class DecodeLayer(torch.nn.Module):
         c = self.cfg
         o = torch.ops.dsv4.sparse_attention(q, rows, w["attn.attn_sink"], idx, softmax_scale(c.head_dim))
         o = with_rope(o, rot, c.qk_rope_head_dim, inverse=True)
-        o = einsum("bsgd,grd->bsgr", o.view(*o.shape[:2], c.o_groups, -1), w["attn.wo_a"])
+        o = o.view(*o.shape[:2], c.o_groups, -1)
+        if "attn.wo_a" in w:                    # the bf16 form (ONNX/TensorRT: no grouped FP8 plugin)
+            o = einsum("bsgd,grd->bsgr", o, w["attn.wo_a"].view(c.o_groups, -1, o.size(-1)))
+        else:
+            o = torch.ops.dsv4.grouped_fp8_linear(o, w["attn.wo_a.weight"], w["attn.wo_a.scale"])
         return linear_fp8(o.flatten(2), w, "attn.wo_b")
 
     def attention(self, x, pos, caches, w):
