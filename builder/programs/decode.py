@@ -79,9 +79,10 @@ WIDE_LINEAR_OP = True                # products with bf16-stored float32 weights
 
 def wide_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] in working precision @ weight [N, K]^T, for a weight the official model holds in float32
-    after loading it from bf16: through `dsv4::wide_linear`, which reads it as stored (on a GPU the cuBLAS
-    float32 products over widened copies of these weights took 43 launches and 16% of a Flash-8 decode
-    step, bench/results/profile-decode-flash8-h200.json); written out for ONNX (a Cast and a MatMul)."""
+    after loading it from bf16: through `dsv4::wide_linear`, which reads it as stored (on a GPU these
+    products were cuBLAS float32 GEMMs over widened copies: with wo_a's and the indexer's, 43 launches and
+    16% of a Flash-8 decode step, bench/results/profile-decode-flash8-h200.json); written out for ONNX (a
+    Cast and a MatMul)."""
     if WIDE_LINEAR_OP:
         return torch.ops.dsv4.wide_linear(x, weight)
     return x @ weight.to(x.dtype).T
