@@ -44,6 +44,22 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 // An E8M0 scale byte as a float: 2^(b - 127).
 __device__ __forceinline__ float e8m0(uint32_t b) { return __uint_as_float((b & 0xFFu) << 23); }
 
+// A warp streaming one weight row: chunk c is 16 bytes per lane at row[c * 32 + lane]. Loads chunks c0 ..
+// c0 + N - 1 (zeros past `chunks`) so that all N are in flight at once.
+template <int N>
+__device__ __forceinline__ void load_row_chunks(const uint4* __restrict__ row, int c0, int chunks, int lane,
+                                                uint4 (&raw)[N]) {
+#pragma unroll
+  for (int u = 0; u < N; ++u) raw[u] = c0 + u < chunks ? __ldg(row + (c0 + u) * 32 + lane) : make_uint4(0, 0, 0, 0);
+}
+
+// The sum over a warp's lanes, in every lane.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
 // c += A (16x32, row) . B (32x8, col), e4m3 inputs, fp32 accumulators (sm_89+).
 __device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                          uint32_t b0, uint32_t b1) {

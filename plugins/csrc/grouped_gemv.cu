@@ -36,9 +36,7 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_grouped_fp8_gemv(const __
     float acc[MAX_M] = {0.f, 0.f, 0.f, 0.f};
     for (int c0 = 0; c0 < chunks; c0 += UNROLL) {
       uint4 raw[UNROLL];
-#pragma unroll
-      for (int u = 0; u < UNROLL; ++u)
-        raw[u] = c0 + u < chunks ? __ldg(row + (c0 + u) * 32 + lane) : make_uint4(0, 0, 0, 0);
+      dsv4::load_row_chunks(row, c0, chunks, lane, raw);
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
         if (c0 + u >= chunks) break;
@@ -73,9 +71,7 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_grouped_fp8_gemv(const __
 #pragma unroll
     for (int m = 0; m < MAX_M; ++m) {
       if (m >= M) break;
-      float v = acc[m];
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      const float v = dsv4::warp_sum(acc[m]);
       if (lane == 0) y[size_t(m) * N + n] = __float2bfloat16(v);
     }
   }

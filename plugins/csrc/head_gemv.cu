@@ -28,9 +28,7 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_head_gemv(const float* __
     float acc[MAX_B] = {0.f, 0.f, 0.f, 0.f};
     for (int c0 = 0; c0 < chunks; c0 += UNROLL) {
       uint4 raw[UNROLL];
-#pragma unroll
-      for (int u = 0; u < UNROLL; ++u)
-        raw[u] = c0 + u < chunks ? __ldg(row + (c0 + u) * 32 + lane) : make_uint4(0, 0, 0, 0);
+      dsv4::load_row_chunks(row, c0, chunks, lane, raw);
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
         if (c0 + u >= chunks) break;
@@ -62,9 +60,7 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_head_gemv(const float* __
 #pragma unroll
     for (int b = 0; b < MAX_B; ++b) {
       if (b >= B) break;
-      float s = acc[b];
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+      const float s = dsv4::warp_sum(acc[b]);
       if (lane == 0) out[size_t(b) * V + v] = s;
     }
   }
