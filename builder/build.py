@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 import plugins
+from plugins.grouped_linear import wo_a_as_bf16
 from runtime.errors import UserError
 from runtime.manifest import write_manifest
 from runtime.trt_support import load_tensorrt
@@ -243,6 +244,8 @@ def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
     def weights(layer: int) -> None:
         def make(p: Path) -> None:
             w = decode.layer_weights(cfg, ckpt.get, layer, act)
+            if recipe.backend in TRT_BACKENDS:      # their graphs take wo_a in bf16 (no grouped FP8 plugin)
+                w = wo_a_as_bf16(w, act)
             save_file({k: v for k, v in w.items() if k not in decode.SHARED_WEIGHTS}, str(p))
         stage(weights_file(layer), make, **source)
     timed("weights", layers, weights)

@@ -43,7 +43,7 @@ def grouped_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 def wo_a_as_bf16(weights: dict[str, torch.Tensor], act: torch.dtype) -> dict[str, torch.Tensor]:
     """A layer's weights (plugins' layer-program form) with wo_a dequantised as DeepSeek's convert.py does,
     bf16 [G*R, D] in `act`, under "attn.wo_a" in place of its FP8 pair: the form of the ONNX/TensorRT graphs,
-    which have no grouped FP8 plugin. Sorted, as programs take their dict inputs."""
+    which have no grouped FP8 plugin (their artifacts store it so). Sorted, as programs take dict inputs."""
     if "attn.wo_a.weight" not in weights:
         return weights
     scale = weights["attn.wo_a.scale"].view(torch.float8_e8m0fnu)

@@ -24,7 +24,6 @@ import torch
 from safetensors.torch import load_file
 
 import plugins.ops  # noqa: F401  (the packages call torch.ops.dsv4)
-from plugins.grouped_linear import wo_a_as_bf16
 from plugins.head import head_logits, kernel_fits
 from plugins.oracle import hc_head, rms_norm, wide, wide_dtype
 
@@ -120,8 +119,6 @@ class ArtifactModel:
                 run = loaded[path]
             # dict inputs in sorted key order: the order the programs were traced with
             weights = dict(sorted(load_file(str(self.root / e["weights"]), device=dev).items()))
-            if engines is not None:                     # TensorRT graphs take wo_a in bf16
-                weights = wo_a_as_bf16(weights, self.act)
             caches = {name: torch.full([batch, *shape[1:]], float(fill), dtype=getattr(torch, dtype), device=dev)
                       for name, (shape, dtype, fill) in sorted(e["caches"].items())}
             self.fills.append({name: float(fill) for name, (_, _, fill) in e["caches"].items()})

@@ -92,8 +92,8 @@ def layer_weights(cfg: ModelConfig, get, layer: int, act: torch.dtype) -> dict[s
     """A layer's dense weights in the form its program takes, keyed by checkpoint name without the layer
     prefix. FP8 weights and their scales stay as stored (the kernels read them); what the official code
     computes in float32 is widened here once, except the products' weights that `wide_product` takes as
-    stored. `wo_a` stays FP8 too (`dsv4::grouped_fp8_linear`; `plugins.grouped_linear.wo_a_as_bf16` gives the form
-    of graphs without that op)."""
+    stored. `wo_a` stays FP8 too (`dsv4::grouped_fp8_linear`; `plugins.grouped_linear.wo_a_as_bf16` gives
+    the form of graphs without that op)."""
     p, work, ratio = layer_prefix(cfg, layer), wide_dtype(act), cfg.ratio(layer)
     names_work = ["attn_norm.weight", "ffn_norm.weight", "attn.q_norm.weight", "attn.kv_norm.weight",
                   "attn.attn_sink"]
