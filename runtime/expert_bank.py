@@ -55,6 +55,19 @@ class ExpertBank:
         with (self.folder / self.entries[layer]["file"]).open("rb") as f:
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
+    def drop_cached(self, layer: int, experts: list[int]) -> None:
+        """Drop these experts' pages from this process and from the page cache once their bytes live in
+        device slots: on a unified-memory GB10 a cached page beside its slot copy holds the same bytes
+        twice in the one memory. Later reads fault them back in from the file."""
+        entry, m = self.entries[layer], self._map(layer)
+        n = entry["expert_bytes"]
+        with (self.folder / entry["file"]).open("rb") as f:
+            for e in experts:
+                start = e * entry["stride"]
+                if start % mmap.PAGESIZE == 0:           # the builder aligns experts to 4096 bytes
+                    m.madvise(mmap.MADV_DONTNEED, start, n)
+                os.posix_fadvise(f.fileno(), start, n, os.POSIX_FADV_DONTNEED)
+
     def addresses(self, layer: int) -> torch.Tensor:
         """int64 addresses of every expert of `layer` in the mapped file: an expert table for the kernels."""
         return expert_addresses(ctypes.addressof(ctypes.c_char.from_buffer(self._map(layer))), self.entries[layer])

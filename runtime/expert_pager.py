@@ -83,6 +83,9 @@ class PagedExperts:
         if self.copy_stream is not None:
             self.copy_stream.synchronize()
         self.fill_bytes, self.bytes_moved = self.bytes_moved, 0   # load-time copies are not the run's
+        if self.mapped_cold:                          # the filled experts' file pages are not needed now
+            for layer in layers:
+                bank.drop_cached(layer, [e for lay, e in self.pool.resident if lay == layer])
 
     def fill_order(self, bank: ExpertBank) -> list[tuple[int, int]]:
         """The experts that fill the pool at load, best first: the layers take turns so each gets an even

@@ -31,6 +31,9 @@ def test_bank_holds_each_expert_contiguous_and_aligned(bank):
     reader.verify()
     reader.release(3)                        # dropped from memory and page cache, read back from the file
     assert torch.equal(reader.expert(3, 7), expect)
+    view = reader.expert(3, 7)               # a table entry into the map stays valid when its pages go
+    reader.drop_cached(3, [7, 2])
+    assert torch.equal(view, expect) and torch.equal(reader.expert(3, 7), expect)
 
 
 def test_corrupted_expert_is_named(bank, tmp_path):
