@@ -36,10 +36,9 @@ def wide(x: torch.Tensor) -> torch.Tensor:
 
 def _cublas_does_it(x: torch.Tensor) -> bool:
     """Whether a half-precision product on x's device is cuBLAS's, which accumulates in float32 and rounds
-    once by itself. There the operands stay as they are: widening them first costs, per layer and decode
-    step at Flash size, a conversion of wo_a to float32 (64 MB read, 128 MB written) and a float32 GEMM
-    over it; the H200 Flash-8 profile's conversion kernels took 11% of the step
-    (bench/results/profile-decode-flash8-h200.json)."""
+    once by itself. There the operands stay as they are: widening them first adds a conversion kernel
+    and a float32 GEMM over twice the bytes (the H200 Flash-8 profile's conversion kernels, wo_a's
+    widening when it went through here, took 11% of the step: bench/results/profile-decode-flash8-h200.json)."""
     return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
 
 

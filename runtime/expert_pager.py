@@ -82,7 +82,7 @@ class PagedExperts:
         self._apply()
         if self.copy_stream is not None:
             self.copy_stream.synchronize()
-        self.fill_bytes, self.bytes_moved = self.bytes_moved, 0   # load-time copies are not the run's
+        self.bytes_moved = 0                          # load-time copies are not the run's
         if self.mapped_cold:                          # the filled experts' file pages are not needed now
             for layer in layers:
                 bank.drop_cached(layer, [e for lay, e in self.pool.resident if lay == layer])
