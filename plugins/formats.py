@@ -27,7 +27,8 @@ _E2M1_TIE_UP = (False, True, False, True, False, True, False)
 def e8m0_to_float(s: torch.Tensor) -> torch.Tensor:
     """E8M0 bytes (float8_e8m0fnu or uint8) -> float32 powers of two 2^(byte - 127)."""
     bits = s.view(torch.uint8).to(torch.int32)
-    return ((bits << 23).view(torch.float32)).where(bits > 0, torch.tensor(2.0 ** -127, device=s.device))
+    # a Python scalar, not a new tensor: a CPU tensor copied to the GPU would break CUDA graph capture
+    return ((bits << 23).view(torch.float32)).where(bits > 0, 2.0 ** -127)
 
 
 def float_to_e8m0(x: torch.Tensor) -> torch.Tensor:

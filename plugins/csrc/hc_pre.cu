@@ -4,8 +4,8 @@
 //   y = sum_j pre_j * xf_j  -> bf16 [N, D]
 // Two launches instead of the dozens a compiler makes of it: `mix` splits HC*D into 256-element slices, one
 // CTA each, and writes per slice the M partial dots and the partial sum of squares; `finish` adds the slices
-// (a group of lanes per value), runs the Sinkhorn iterations per row (one thread per row, HC*HC values in
-// registers) and writes its share of y (and, CTA 0, post and comb). Launches never allocate or synchronise.
+// (a group of lanes per value), runs the Sinkhorn iterations per row (HC*HC lanes per row, a value each)
+// and writes its share of y (and, CTA 0, post and comb). Launches never allocate or synchronise.
 #include "common.cuh"
 
 namespace {
@@ -15,6 +15,7 @@ constexpr int M = (2 + HC) * HC;     // 24 mixes per row
 constexpr int SLICE = 256;           // elements of HC*D per CTA of `mix`: 8 per lane
 constexpr int MAX_ROWS = 16;
 constexpr int GROUP = 8;             // lanes of `finish` that add one value's slice partials
+static_assert(MAX_ROWS * HC * HC == 256, "finish: one lane per (row, comb value) in its 256 threads");
 
 __device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
 
@@ -75,8 +76,7 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_hc_pre_finish(
   dsv4::pdl_wait();
   dsv4::pdl_launch_dependents();
   // the slices' partials of each value v = n*(M+1) + m, summed by a group of lanes with several loads in
-  // flight each: one thread adding 64 slices in turn waited on 64 L2 round trips (24 us of a 3.5 ms Flash
-  // decode step, 16 launches, measured on the H200)
+  // flight each
   const int values = N * (M + 1), g = threadIdx.x % GROUP;
   for (int first = 0; first < values; first += blockDim.x / GROUP) {   // uniform: the shuffles see every lane
     const int v = first + threadIdx.x / GROUP;
@@ -90,62 +90,44 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_hc_pre_finish(
     if (g == 0 && v < values) mix[v / (M + 1)][v % (M + 1)] = s;
   }
   __syncthreads();
-  if (threadIdx.x < N) {
-    const int n = threadIdx.x;
-    const float r = rsqrtf(mix[n][M] / float(HC * D) + norm_eps);
-    float c[HC][HC];
-#pragma unroll
-    for (int j = 0; j < HC; ++j) {
-      pre[n][j] = sigmoid(mix[n][j] * r * scale[0] + base[j]) + hc_eps;
-      const float p = 2.f * sigmoid(mix[n][HC + j] * r * scale[1] + base[HC + j]);
-      if (blockIdx.x == 0) post_out[n * HC + j] = p;
-#pragma unroll
-      for (int k = 0; k < HC; ++k) c[j][k] = mix[n][2 * HC + j * HC + k] * r * scale[2] + base[2 * HC + j * HC + k];
-    }
-#pragma unroll
-    for (int j = 0; j < HC; ++j) {                // softmax over each row, + eps
-      float top = c[j][0];
-#pragma unroll
-      for (int k = 1; k < HC; ++k) top = fmaxf(top, c[j][k]);
-#pragma unroll
-      for (int k = 0; k < HC; ++k) c[j][k] = expf(c[j][k] - top);
-      float total = c[j][0];
-#pragma unroll
-      for (int k = 1; k < HC; ++k) total += c[j][k];
-#pragma unroll
-      for (int k = 0; k < HC; ++k) c[j][k] = c[j][k] / total + hc_eps;
-    }
-    for (int it = 0; it < iters; ++it) {
-      if (it) {                                   // the first iteration normalises columns only
-#pragma unroll
-        for (int j = 0; j < HC; ++j) {
-          float sum = c[j][0];
-#pragma unroll
-          for (int k = 1; k < HC; ++k) sum += c[j][k];
-          sum += hc_eps;
-#pragma unroll
-          for (int k = 0; k < HC; ++k) c[j][k] /= sum;
-        }
-      }
-      float sums[HC];
-#pragma unroll
-      for (int k = 0; k < HC; ++k) {
-        sums[k] = c[0][k];
-#pragma unroll
-        for (int j = 1; j < HC; ++j) sums[k] += c[j][k];
-        sums[k] += hc_eps;
-      }
-#pragma unroll
-      for (int j = 0; j < HC; ++j)
-#pragma unroll
-        for (int k = 0; k < HC; ++k) c[j][k] /= sums[k];
-    }
-    if (blockIdx.x == 0)
-#pragma unroll
-      for (int j = 0; j < HC; ++j)
-#pragma unroll
-        for (int k = 0; k < HC; ++k) comb_out[(n * HC + j) * HC + k] = c[j][k];
+  // Sinkhorn: 16 lanes per row, lane e holding c[j][k] (j = e / 4, k = e % 4). Each lane gathers its row's
+  // (column's) four values by shuffles and adds them in index order, as the oracle: the same operations as
+  // one thread holding the whole matrix, whose 20 iterations of 32 dependent divisions took ~20 us.
+  const int n = threadIdx.x / (HC * HC), e = threadIdx.x % (HC * HC), j = e / HC, k = e % HC;
+  const int lane = threadIdx.x & 31, row0 = lane & ~(HC * HC - 1);   // first lane of this row's 16
+  const bool live = n < N;                        // rows past N work on row 0's values; nothing is written
+  const int nn = live ? n : 0;
+  const float r = rsqrtf(mix[nn][M] / float(HC * D) + norm_eps);
+  if (live && k == 0) {
+    pre[n][j] = sigmoid(mix[n][j] * r * scale[0] + base[j]) + hc_eps;
+    if (blockIdx.x == 0) post_out[n * HC + j] = 2.f * sigmoid(mix[n][HC + j] * r * scale[1] + base[HC + j]);
   }
+  float c = mix[nn][2 * HC + e] * r * scale[2] + base[2 * HC + e];
+  auto row_value = [&](float v, int kk) { return __shfl_sync(0xffffffffu, v, row0 + j * HC + kk); };
+  auto col_value = [&](float v, int jj) { return __shfl_sync(0xffffffffu, v, row0 + jj * HC + k); };
+  {                                               // softmax over each row, + eps
+    float top = row_value(c, 0);
+#pragma unroll
+    for (int kk = 1; kk < HC; ++kk) top = fmaxf(top, row_value(c, kk));
+    c = expf(c - top);
+    float total = row_value(c, 0);
+#pragma unroll
+    for (int kk = 1; kk < HC; ++kk) total += row_value(c, kk);
+    c = c / total + hc_eps;
+  }
+  for (int it = 0; it < iters; ++it) {
+    if (it) {                                     // the first iteration normalises columns only
+      float sum = row_value(c, 0);
+#pragma unroll
+      for (int kk = 1; kk < HC; ++kk) sum += row_value(c, kk);
+      c /= sum + hc_eps;
+    }
+    float sum = col_value(c, 0);
+#pragma unroll
+    for (int jj = 1; jj < HC; ++jj) sum += col_value(c, jj);
+    c /= sum + hc_eps;
+  }
+  if (live && blockIdx.x == 0) comb_out[n * HC * HC + e] = c;
   __syncthreads();
   // y: 4 consecutive elements per thread per row
   for (int e = (blockIdx.x * blockDim.x + threadIdx.x) * 4; e < D; e += gridDim.x * blockDim.x * 4) {
