@@ -6,7 +6,7 @@
 #   (RES=/tmp/res setsid nohup bash bench/h200_all.sh > /dev/null 2>&1 &)   # then poll $RES/steps.log
 #   tar czf $OUT/h200.tgz -C /tmp res                                       # one file back (the tool's cap is 8)
 # A failing step is logged ($RES/NAME.log, rc in steps.log) and the next one runs. STEPS names the steps to
-# run (default: all): plugins kernel-tests kernels gate-flash4-f32 flash8 tiny-artifacts. OVERLAP=1 runs the
+# run (default: all): plugins kernel-tests kernels gemv-probe gate-flash4-f32 flash8 tiny-artifacts. OVERLAP=1 runs the
 # tiny artifact tests beside the Flash-8 build (the device time of a session is short); TESTS overrides the
 # kernel test files.
 set -u
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6 PYTHONUNBUFFERED=1
 RES=${RES:-/tmp/res}
 mkdir -p "$RES"
-STEPS=${STEPS:-plugins kernel-tests kernels gate-flash4-f32 flash8 tiny-artifacts}
+STEPS=${STEPS:-plugins kernel-tests kernels gemv-probe gate-flash4-f32 flash8 tiny-artifacts}
 step() {
   local name=$1
   shift
@@ -27,6 +27,7 @@ step plugins python -m plugins.build
 step kernel-tests python -m pytest -q -rA -m gpu ${TESTS:-tests/test_kernels_fp8.py tests/test_kernels_moe.py \
     tests/test_kernels_attention.py tests/test_kernels_hc.py tests/test_trt_executor.py}
 step kernels python bench/kernels.py --json "$RES/kernels-h200.json"
+step gemv-probe python bench/gemv_probe.py --json "$RES/gemv-probe-h200.json"
 step gate-flash4-f32 env OUT="$RES" LAYERS=4 DTYPE=float32 bash bench/artifact_h200.sh
 rm -rf /tmp/flash4 /tmp/art /tmp/ref-*                  # the disk holds one Flash artifact at a time
 tiny_artifacts() { step tiny-artifacts python -m pytest -q -rA -m gpu tests/test_artifact_gpu.py; }
