@@ -38,4 +38,4 @@ dsv4 bench $ART --compare ${COMPARE:-eager} --json $OUT/artifact-flash$LAYERS-h2
 SLOTS=$(( LAYERS * 256 * 3 / 4 ))
 dsv4 bench $ART --compare none --expert-slots $SLOTS --json $OUT/artifact-flash$LAYERS-paged-h200.json 2>&1 \
     | tee $OUT/bench-flash$LAYERS-paged.txt
-python bench/profile_decode.py $ART --json $OUT/profile-decode-flash$LAYERS-h200.json 2>&1 | tee $OUT/profile-flash$LAYERS.txt
+python bench/profile_decode.py $ART --prefill 512 --json $OUT/profile-decode-flash$LAYERS-h200.json 2>&1 | tee $OUT/profile-flash$LAYERS.txt

@@ -1,11 +1,12 @@
 """Where a decode step's time goes: GPU kernel time per kernel family for one step of a built artifact,
-against the step's replayed-graph time and its bytes / copy bandwidth (the floor).
+against the step's replayed-graph time and its bytes / copy bandwidth (the floor); with --prefill N, the
+same for a prompt of N tokens through the prefill programs (chunks of the recipe's prefill_chunk).
 
 Kernels are recorded by torch.profiler on plain launches (no graph: the kernels are the same, the host
 gaps are not); the graph time comes from replays. Families: our `dsv4_*` kernels by name, Inductor's
 generated Triton kernels, and everything else (aten, cuBLAS) by name.
 
-    python bench/profile_decode.py /tmp/art/flash4-bfloat16 --json bench/results/profile-decode-flash4-h200.json
+    python bench/profile_decode.py /tmp/art/flash4-bfloat16 [--prefill 1024] --json bench/results/profile-decode-flash4-h200.json
 """
 from __future__ import annotations
 
@@ -37,20 +38,45 @@ def family(kernel: str) -> str:
     return "other:" + kernel.split("<")[0].split("(")[0][:60]
 
 
-def kernel_times(model: ArtifactModel, steps: int, pos: int) -> tuple[dict[str, float], dict[str, int]]:
-    """Microseconds of GPU time per family per step, and launches per step, over `steps` plain steps."""
-    token = torch.tensor([5])
+def kernel_times(run, reps: int) -> tuple[dict[str, float], dict[str, int]]:
+    """Microseconds of GPU time per family per call of `run(i)`, and launches per call, over `reps` calls."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for i in range(steps):
-            model.step(token, torch.tensor([pos + i]))
+        for i in range(reps):
+            run(i)
         torch.cuda.synchronize()
     us: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)
     for e in prof.events():
         if e.device_type == DeviceType.CUDA:
-            us[family(e.name)] += e.time_range.elapsed_us() / steps
+            us[family(e.name)] += e.time_range.elapsed_us() / reps
             count[family(e.name)] += 1
-    return dict(us), {k: v // steps for k, v in count.items()}
+    return dict(us), {k: v // reps for k, v in count.items()}
+
+
+def print_families(us: dict[str, float], launches: dict[str, int]) -> None:
+    total = sum(us.values())
+    for name, t in sorted(us.items(), key=lambda kv: -kv[1]):
+        print(f"  {t:9.1f} us  {100 * t / total:5.1f}%  x{launches[name]:<4d} {name}")
+
+
+def prefill_report(model: ArtifactModel, tokens: int, reps: int = 3) -> dict:
+    """A prompt of `tokens` tokens from empty caches: wall time and GPU time per kernel family."""
+    prompt = torch.arange(tokens)[None] % 1000 + 2
+
+    def run(_):
+        model.reset(1)
+        model.forward(prompt)
+    run(0)                                          # first use: modules load, handles are made
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(reps):
+        run(i)
+    torch.cuda.synchronize()
+    ms = 1e3 * (time.perf_counter() - t0) / reps
+    us, launches = kernel_times(run, reps)
+    return {"prompt_tokens": tokens, "prefill_ms": ms, "prefill_tok_s": tokens / ms * 1e3,
+            "kernel_ms": sum(us.values()) / 1e3, "kernel_us": dict(sorted(us.items(), key=lambda kv: -kv[1])),
+            "launches": launches}
 
 
 def step_ms(model: ArtifactModel, steps: int, pos: int) -> float:
@@ -70,6 +96,7 @@ def main() -> None:
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--context", type=int, default=64, help="tokens fed before measuring")
+    ap.add_argument("--prefill", type=int, default=0, help="also profile a prompt of this many tokens")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     bandwidth = copy_bandwidth("cuda")
@@ -84,15 +111,22 @@ def main() -> None:
     plain = ArtifactModel(args.artifact, "cuda", graphs=False)
     plain.forward(torch.arange(args.context)[None] % 1000 + 2)
     report["plain_step_ms"] = step_ms(plain, args.steps, args.context)
-    us, launches = kernel_times(plain, args.steps, args.context + args.steps)
+    token, pos = torch.tensor([5]), args.context + args.steps
+    us, launches = kernel_times(lambda i: plain.step(token, torch.tensor([pos + i])), args.steps)
     report["kernel_us_per_step"] = dict(sorted(us.items(), key=lambda kv: -kv[1]))
     report["launches_per_step"] = launches
     report["kernel_ms_per_step"] = total = sum(us.values()) / 1e3
     print(f"step: graph {report['graph_step_ms']:.3f} ms, plain {report['plain_step_ms']:.3f} ms, kernels "
           f"{total:.3f} ms, floor {report['floor_step_ms']:.3f} ms ({per_token / 1e9:.2f} GB at "
           f"{bandwidth / 1e9:.0f} GB/s); fraction of bandwidth {report['floor_step_ms'] / report['graph_step_ms']:.2f}")
-    for name, t in report["kernel_us_per_step"].items():
-        print(f"  {t:9.1f} us  {100 * t / 1e3 / total:5.1f}%  x{launches[name]:<4d} {name}")
+    print_families(us, launches)
+    if args.prefill:
+        if plain.prefill_runs is None:
+            print("this artifact has no prefill programs: its prompts run as decode steps")
+        report["prefill"] = pre = prefill_report(plain, args.prefill)
+        print(f"prefill of {args.prefill} tokens: {pre['prefill_ms']:.1f} ms ({pre['prefill_tok_s']:.0f} tok/s), "
+              f"kernels {pre['kernel_ms']:.1f} ms")
+        print_families(pre["kernel_us"], pre["launches"])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))

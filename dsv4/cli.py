@@ -395,7 +395,8 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
         if per_token:
             figures["fraction_of_copy_bandwidth"] = per_token / bandwidth / (figures["decode_step_ms"] / 1e3)
         report["modes"][name] = figures
-        click.echo(f"{name:18s} ttft {figures['time_to_first_token_s'] * 1e3:8.1f} ms  prefill "
+        click.echo(f"{name:18s} ttft {figures['time_to_first_token_s'] * 1e3:8.1f} ms "
+                   f"(cold {figures['cold_time_to_first_token_s'] * 1e3:.1f})  prefill "
                    f"{figures['prefill_tok_s']:8.1f} tok/s  decode {figures['decode_tok_s']:8.1f} tok/s"
                    + (f"  ({figures['fraction_of_copy_bandwidth']:.2f} of copy bandwidth)" if per_token else ""))
         del model

@@ -23,7 +23,7 @@ import time
 import torch
 
 from .expert_bank import ExpertBank, expert_addresses
-from .pager_policy import SlotPool
+from .pager_policy import PagerStats, SlotPool
 
 
 def reads_pageable_memory(device: torch.device) -> bool:
@@ -104,6 +104,11 @@ class PagedExperts:
     @property
     def stats(self):
         return self.pool.stats
+
+    def reset_stats(self) -> None:
+        """Start counting afresh (hits, misses, bytes moved, stall), keeping what is resident."""
+        self.pool.stats = PagerStats()
+        self.bytes_moved, self.stall_s = 0, 0.0
 
     def device_bytes(self) -> int:
         return self.slab.numel()

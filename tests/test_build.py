@@ -130,5 +130,8 @@ def test_paged_bench_reports_prefetch_and_the_resident_run(built, tmp_path):
     for name in ("compiled", "compiled-no-prefetch"):
         pager = got["modes"][name]["pager"]
         assert pager["slots"] == 20 and "time_lost_to_paging_s" in pager
+        assert pager["hits"] + pager["misses"] == 3 * 5 * 6     # the timed run's 3 decode steps x 5 layers x 6
+    for figures in got["modes"].values():                      # the first (cold) prompt is reported apart
+        assert figures["cold_time_to_first_token_s"] > 0 and figures["time_to_first_token_s"] > 0
     assert got["modes"]["compiled"]["pager"]["prefetch_hits"] > 0
     assert got["modes"]["compiled-no-prefetch"]["pager"]["prefetch_hits"] == 0
