@@ -2,7 +2,9 @@
 # Builds a synthetic DeepSeek V4 Flash-size checkpoint cut to LAYERS layers with aoti for CUDA, checks the
 # artifact against the reference through `dsv4 forced`, and benchmarks it against eager (`dsv4 bench`).
 #   LAYERS=8 OUT=/some/dir bash bench/artifact_h200.sh       (on the H200; results land in $OUT)
-# Then the same artifact with a quarter of its routed experts off the GPU, expert prefetch on and off.
+# Then the same artifact with a quarter of its routed experts off the GPU, expert prefetch on and off. The
+# checkpoint's routing is skewed (SKEW, `dsv4 synth --routing-skew`; results up to session 6 had none): random
+# weights alone route near uniformly, which no expert cache can beat.
 # DTYPE=float32 builds the exact gate instead: the artifact runs the ops' oracles and must equal the float32
 # reference (argmax identical, cosine >= 0.999999); no benchmark (oracles are not the fast path).
 # SKIP_FORCED=1 skips the reference comparison; COMPARE=none leaves eager out of the benchmark. CKPT=/dev/shm/flash8 keeps a large checkpoint in memory when
@@ -11,12 +13,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6
-LAYERS=${LAYERS:-4} DTYPE=${DTYPE:-bfloat16}
+LAYERS=${LAYERS:-4} DTYPE=${DTYPE:-bfloat16} SKEW=${SKEW:-0.1}
 CKPT=${CKPT:-/tmp/flash$LAYERS} ART=/tmp/art/flash$LAYERS-$DTYPE RECIPE=/tmp/bench-flash-$DTYPE.toml
 sed "s/^dtype = .*/dtype = \"$DTYPE\"/" recipes/bench-flash-h200.toml > $RECIPE
 dsv4() { python -m dsv4.cli "$@"; }
 [ -f plugins/dsv4_kernels.fatbin ] || python -m plugins.build
-[ -f $CKPT/config.json ] || { time dsv4 synth --model flash --layers $LAYERS --device cuda --out $CKPT; } 2>&1 | tail -3
+[ -f $CKPT/config.json ] || { time dsv4 synth --model flash --layers $LAYERS --device cuda --routing-skew $SKEW \
+    --out $CKPT; } 2>&1 | tail -3
 { time dsv4 build $RECIPE --checkpoint $CKPT --out $ART; } 2>&1 | tail -12 | tee $OUT/build-flash$LAYERS-$DTYPE.txt
 if [ -z "${SKIP_FORCED:-}" ]; then
   PROMPT=$(python -c "print(','.join(str((7 * i + 3) % 1000 + 2) for i in range(136)))")

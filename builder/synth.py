@@ -67,7 +67,16 @@ def _dense(spec: TensorSpec, g: torch.Generator, hc: int) -> torch.Tensor:
     raise AssertionError(f"no initialiser for {name}")
 
 
-def _tensors(cfg: ModelConfig, specs: list[TensorSpec], g: torch.Generator) -> dict[str, torch.Tensor]:
+def _expert_bias(cfg: ModelConfig, g: torch.Generator, skew: float) -> torch.Tensor:
+    """[experts] float32: -skew * ln(1 + rank) for a random ranking of a layer's experts. Added to the
+    router's choice, it makes a few experts hot, as routing over one sequence of a trained model is (random
+    weights alone route near uniformly, which no expert cache can beat)."""
+    rank = torch.randperm(cfg.n_routed_experts, generator=g, device=g.device).float()
+    return -skew * torch.log1p(rank)
+
+
+def _tensors(cfg: ModelConfig, specs: list[TensorSpec], g: torch.Generator,
+             routing_skew: float = 0.0) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for spec in specs:
         if spec.kind in ("fp8_scale", "mxfp4_scale"):
@@ -78,20 +87,31 @@ def _tensors(cfg: ModelConfig, specs: list[TensorSpec], g: torch.Generator) -> d
         elif spec.kind == "mxfp4":
             out[spec.name], out[f"{base}.scale"] = _mxfp4(spec, g)
         elif spec.kind == "i64":                      # hash routing: distinct experts per token id
+            if routing_skew > 0:                      # chosen as a router would, from random scores + the skew
+                scores = torch.randn(cfg.vocab_size, cfg.n_routed_experts, generator=g, device=g.device)
+                chooser = torch.nn.functional.softplus(scores).sqrt() + _expert_bias(cfg, g, routing_skew)
+                out[spec.name] = chooser.topk(cfg.num_experts_per_tok, dim=-1)[1].contiguous()
+                continue
             order = torch.rand(cfg.vocab_size, cfg.n_routed_experts, generator=g, device=g.device).argsort(-1)
             out[spec.name] = order[:, :cfg.num_experts_per_tok].contiguous()
         else:
             value = _dense(spec, g, cfg.hc_mult)
+            if routing_skew > 0 and spec.name.endswith("gate.bias"):
+                value = value + _expert_bias(cfg, g, routing_skew)
             out[spec.name] = value.to(torch.bfloat16 if spec.dtype == "BF16" else torch.float32)
     return {name: t.cpu() for name, t in out.items()}
 
 
 def write_synthetic(config_json: dict[str, Any], out: str | Path, seed: int = 0,
                     tokenizer_vocab: int | None = None,
-                    progress: Callable[[str, int, int], None] | None = None, device: str = "cpu") -> Path:
+                    progress: Callable[[str, int, int], None] | None = None, device: str = "cpu",
+                    routing_skew: float = 0.0) -> Path:
     """Write a synthetic checkpoint for `config_json` (HF config dict) into folder `out`. The weights are
     drawn on `device` (a GPU draws Flash-size layers many times faster); a seed gives the same weights on
-    the same kind of device only, as torch's CPU and CUDA generators differ."""
+    the same kind of device only, as torch's CPU and CUDA generators differ. `routing_skew` > 0 makes some
+    routed experts hot in every layer (`_expert_bias`); 0 leaves routing near uniform."""
+    if routing_skew < 0:
+        raise ValueError(f"routing_skew must be >= 0, got {routing_skew}")
     cfg = parse_config(config_json)
     out = Path(out)
     groups: dict[str, list[TensorSpec]] = {}
@@ -105,7 +125,7 @@ def write_synthetic(config_json: dict[str, Any], out: str | Path, seed: int = 0,
         n = len(groups)
         for i, (group, specs) in enumerate(groups.items()):
             shard = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            tensors = _tensors(cfg, specs, g)
+            tensors = _tensors(cfg, specs, g, routing_skew)
             save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             weight_map.update({name: shard for name in tensors})

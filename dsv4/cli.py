@@ -93,7 +93,12 @@ def cli() -> None:
 @click.option("--device", default="cpu", show_default=True,
               help="Where the random weights are drawn (cuda is far faster at Flash size; a seed's weights "
                    "differ between cpu and cuda).")
-def synth(model: str, config_file: Path | None, layers: int | None, seed: int, out: Path, device: str) -> None:
+@click.option("--routing-skew", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Make some routed experts hot in every layer: each expert's choice is biased by "
+                   "-SKEW * ln(1 + its rank) in a random ranking (Flash: 0.1 sends about 60% of routes to a "
+                   "quarter of the experts). 0: random weights route near uniformly.")
+def synth(model: str, config_file: Path | None, layers: int | None, seed: int, out: Path, device: str,
+          routing_skew: float) -> None:
     """Write a synthetic checkpoint in the official layout (shards, index, config.json, tokenizer.json).
 
     Weights are random but realistically scaled; FP8 and MXFP4 tensors are packed exactly as DeepSeek's.
@@ -121,7 +126,7 @@ def synth(model: str, config_file: Path | None, layers: int | None, seed: int, o
     t0 = time.time()
     with Progress(transient=True) as bar:
         task = bar.add_task("writing shards", total=None)
-        write_synthetic(raw, out, seed=seed, device=device,
+        write_synthetic(raw, out, seed=seed, device=device, routing_skew=routing_skew,
                         progress=lambda group, i, n: bar.update(task, completed=i, total=n, description=group))
     click.echo(f"wrote {out} in {time.time() - t0:.1f}s")
 
