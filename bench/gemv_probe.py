@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.kernels import L2_DEFEAT_BYTES, graph_time_ms  # noqa: E402
+from bench.kernels import L2_DEFEAT_BYTES, graph_time_ms, random_fp8  # noqa: E402
 from plugins.fp8_linear import act_quant, fp8_linear_decode, make_workspace  # noqa: E402
 from plugins.loader import kernels  # noqa: E402
 from runtime.bench import copy_bandwidth  # noqa: E402
@@ -27,10 +27,7 @@ SHAPES = [("wkv", 512, 4096), ("wq_a", 1024, 4096), ("shared_w1", 2048, 4096), (
 
 def gemv_us(n: int, k: int, rotate: bool) -> float:
     copies = max(2, L2_DEFEAT_BYTES // (n * k)) if rotate else 1
-    ws = [torch.randint(-100, 100, (n, k), device="cuda", dtype=torch.int8).view(torch.float8_e4m3fn)
-          for _ in range(copies)]
-    ss = [torch.full(((n + 127) // 128, k // 128), 120, device="cuda", dtype=torch.uint8)
-          .view(torch.float8_e8m0fnu) for _ in range(copies)]
+    ws, ss = zip(*(random_fp8(n, k) for _ in range(copies)))
     x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
     out, work = torch.empty(1, n, device="cuda", dtype=torch.bfloat16), make_workspace(1, k, "cuda")
     state = {"i": 0}

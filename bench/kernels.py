@@ -55,12 +55,15 @@ def graph_time_ms(fn, launches: int, replays: int = 20) -> float:
     return time_ms(graph.replay, iters=replays) / launches
 
 
+def random_fp8(n: int, k: int, device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor]:
+    """A random FP8 weight [n, k] (e4m3 codes) with E8M0 block scales [ceil(n/128), k/128] near 2^-7."""
+    return (torch.randint(-100, 100, (n, k), device=device, dtype=torch.int8).view(torch.float8_e4m3fn),
+            torch.full(((n + 127) // 128, k // 128), 120, device=device, dtype=torch.uint8).view(torch.float8_e8m0fnu))
+
+
 def bench_fp8_gemv(name: str, n: int, k: int, m: int, bandwidth: float) -> dict:
     copies = max(2, L2_DEFEAT_BYTES // (n * k))
-    ws = [torch.randint(-100, 100, (n, k), device="cuda", dtype=torch.int8).view(torch.float8_e4m3fn)
-          for _ in range(copies)]
-    ss = [torch.full(((n + 127) // 128, k // 128), 120, device="cuda", dtype=torch.uint8)
-          .view(torch.float8_e8m0fnu) for _ in range(copies)]
+    ws, ss = zip(*(random_fp8(n, k) for _ in range(copies)))
     x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     out, work = torch.empty(m, n, device="cuda", dtype=torch.bfloat16), make_workspace(m, k, "cuda")
     state = {"i": 0}
@@ -166,9 +169,7 @@ def bench_wo_a(bandwidth: float, rows: int = 1) -> dict:
     grouped einsum over the dequantised weight that the official model runs (twice the bytes)."""
     g, r, d = 8, 1024, 4096
     copies = max(2, L2_DEFEAT_BYTES // (g * r * d))
-    ws = [(torch.randint(-100, 100, (g * r, d), device="cuda", dtype=torch.int8).view(torch.float8_e4m3fn),
-           torch.full((g * r // 128, d // 128), 120, device="cuda", dtype=torch.uint8).view(torch.float8_e8m0fnu))
-          for _ in range(copies)]
+    ws = [random_fp8(g * r, d) for _ in range(copies)]
     x = torch.randn(rows, 1, g, d, device="cuda").to(torch.bfloat16)
     out = torch.empty(rows, 1, g, r, device="cuda", dtype=torch.bfloat16)
     state = {"i": 0}
@@ -240,14 +241,9 @@ def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64) -
     fp8_shapes = {"wq_a": (1024, 4096), "wq_b": (32768, 1024), "wkv": (512, 4096), "wo_b": (4096, 8192),
                   "w1": (2048, 4096), "w3": (2048, 4096), "w2": (4096, 2048)}
 
-    def fp8(n, kk):
-        return (torch.randint(-100, 100, (n, kk), device="cuda", dtype=torch.int8).view(torch.float8_e4m3fn),
-                torch.full(((n + 127) // 128, kk // 128), 120, device="cuda", dtype=torch.uint8)
-                .view(torch.float8_e8m0fnu))
-
-    layers = [{name: fp8(*shape) for name, shape in fp8_shapes.items()} for _ in range(copies)]
+    layers = [{name: random_fp8(*shape) for name, shape in fp8_shapes.items()} for _ in range(copies)]
     for layer in layers:
-        layer["wo_a"] = fp8(8 * 1024, 4096)
+        layer["wo_a"] = random_fp8(8 * 1024, 4096)
     nbytes = expert_nbytes(d, f)
     bank = torch.randint(0, 256, (n_experts, nbytes), device="cuda", dtype=torch.int32).to(torch.uint8)
     bank[:, 3 * f * d // 2:] = 118
