@@ -41,6 +41,9 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, uint32_t 
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
+// 1 / s for a power of two s = 2^e with |e| < 127, exactly (as 1.0f / s) from its exponent bits: 2^-e.
+__device__ __forceinline__ float pow2_inverse(float s) { return __uint_as_float((254u << 23) - __float_as_uint(s)); }
+
 // An E8M0 scale byte as a float: 2^(b - 127).
 __device__ __forceinline__ float e8m0(uint32_t b) { return __uint_as_float((b & 0xFFu) << 23); }
 
@@ -110,8 +113,10 @@ __device__ __forceinline__ void quantise_to_smem(const __nv_bfloat16* __restrict
       }
 #pragma unroll
       for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+      // scale in [2^-22, 2^120] (amax floored at 1e-4, at most bf16's largest): its inverse is exact, so
+      // v * inv == v / scale
       const float scale = pow2_ceil_scale(fmaxf(amax, 1e-4f), 1.0f / 448.0f);
-      const float inv = 1.0f / scale;            // exact: a power of two, so v * inv == v / scale
+      const float inv = pow2_inverse(scale);
       uint2 out;
       if (SLOTS) {
         out.x = fp8x4(v[0] * inv, v[2] * inv, v[4] * inv, v[6] * inv);
@@ -122,7 +127,10 @@ __device__ __forceinline__ void quantise_to_smem(const __nv_bfloat16* __restrict
       }
       if (b < blocks) {
         const int at = b * 128 + sub * 8;
-        *reinterpret_cast<uint2*>(codes + at + (at / row) * pad) = out;
+        int r = 0;                                 // at / row without a division (decode: a few rows at most)
+        if (pad)
+          for (int end = row; end <= at; end += row) ++r;
+        *reinterpret_cast<uint2*>(codes + at + r * pad) = out;
         if (sub == 0) scales[b] = scale;
       }
     }

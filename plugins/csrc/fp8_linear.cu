@@ -35,7 +35,7 @@ extern "C" __global__ void dsv4_act_quant_fp8(const __nv_bfloat16* __restrict__ 
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
   const float scale = dsv4::pow2_ceil_scale(fmaxf(amax, 1e-4f), 1.0f / 448.0f);
-  const float inv = 1.0f / scale;
+  const float inv = dsv4::pow2_inverse(scale);
   *reinterpret_cast<uint32_t*>(codes + base) = dsv4::fp8x4(v[0] * inv, v[1] * inv, v[2] * inv, v[3] * inv);
   if (lane == 0) scales[warp] = scale;
 }
@@ -73,10 +73,16 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
   const float* scales = FUSED ? reinterpret_cast<const float*>(reinterpret_cast<uint8_t*>(smem) + rows * (K + ROW_PAD)) : xs;
   const int ldx = FUSED ? K + ROW_PAD : K;
 
-  auto group_of = [&](int g) { return (int(blockIdx.x) + (g / steps) * int(gridDim.x)) * (8 / wpr) + warp / wpr; };
-  auto load = [&](int g, Fp8Step& st) {
-    const int n0 = group_of(g) * 8, kb0 = kb_begin + (g % steps) * U;
-    const bool live = g < total && n0 < N;
+  // Steps are walked as (item, step) pairs by counters: a division per step was a good part of the loop's
+  // instructions, and this kernel is bound by its instructions, not by DRAM (bench/results/ncu-fp8-gemv-*).
+  const int groups_per_item = 8 / wpr, my_group = warp / wpr;
+  auto first_row = [&](int item) { return ((int(blockIdx.x) + item * int(gridDim.x)) * groups_per_item + my_group) * 8; };
+  auto advance = [&](int& item, int& s) {
+    if (++s == steps) s = 0, ++item;
+  };
+  auto load = [&](int item, int s, Fp8Step& st) {
+    const int n0 = first_row(item), kb0 = kb_begin + s * U;
+    const bool live = item < my_items && n0 < N;
     const uint8_t* wrow = w + size_t(min(n0 + r, N - 1)) * K + q * 16;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -89,7 +95,9 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
   };
 
   Fp8Step cur;
-  load(0, cur);                                  // in flight while the activations are quantised
+  int item = 0, step = 0, next_item = 0, next_step = 0;     // the step in hand, and the one after it
+  load(item, step, cur);                         // in flight while the activations are quantised
+  advance(next_item, next_step);
   dsv4::pdl_wait();                              // x (or its codes) come from the previous kernels
   dsv4::pdl_launch_dependents();
   if (FUSED) {
@@ -100,8 +108,8 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
   float total_c[4] = {0.f, 0.f, 0.f, 0.f};
   for (int g = 0; g < total; ++g) {
     Fp8Step nxt;
-    load(g + 1, nxt);                            // the next step's weights stream while this one multiplies
-    const int kb0 = kb_begin + (g % steps) * U;
+    load(next_item, next_step, nxt);             // the next step's weights stream while this one multiplies
+    const int kb0 = kb_begin + step * U;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int kb = kb0 + u;
@@ -124,8 +132,8 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
       total_c[2] = fmaf(c[2], sw * sx1, total_c[2]);
       total_c[3] = fmaf(c[3], sw * sx1, total_c[3]);
     }
-    if (g % steps == steps - 1) {                // the item's last step: add the K slices, write y
-      const int n0 = group_of(g) * 8;
+    if (step == steps - 1) {                     // the item's last step: add the K slices, write y
+      const int n0 = first_row(item);
       if (wpr > 1) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) partial[warp][i][lane] = total_c[i];
@@ -145,6 +153,8 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
       for (int i = 0; i < 4; ++i) total_c[i] = 0.f;
     }
     cur = nxt;
+    item = next_item, step = next_step;
+    advance(next_item, next_step);
   }
 }
 
