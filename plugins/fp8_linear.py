@@ -45,7 +45,7 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
     fused = m * (k // 128) <= FUSE_LIMIT_BLOCKS
     if fused:
         codes, scales = x, x                                  # unused by the fused kernel
-        shared = m * (k + ROW_PAD) + m * (k // 128) * 4
+        shared = 2 * m * (k + ROW_PAD) + m * (k // 128) * 4    # room for f16 codes (csrc/fp8_linear.cu)
     else:
         codes, scales = make_workspace(m, k, x.device) if workspace is None else workspace
         act_quant(x, codes, scales)

@@ -73,6 +73,32 @@ __device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// c += A (16x16, row) . B (16x8, col), f16 inputs, fp32 accumulators.
+__device__ __forceinline__ void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                        uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Two e4m3 codes (the low 16 bits; the lower byte first) as their exact f16 values (f16x2), in one
+// conversion (sm_89+): cuda_fp8.h's wrapper returns two halves that the compiler then repacks.
+__device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t codes) {
+  uint32_t out;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(out) : "h"(static_cast<uint16_t>(codes)));
+  return out;
+}
+
+// Whether the FP8 MMA runs natively: Hopper has no FP8 mma.sync (its compiler emulates one with two f16
+// MMAs and conversions of both operands: the fused m8 GEMV's sm_90a SASS, session 6), Ada and Blackwell do.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900
+constexpr bool kEmulatedFp8Mma = true;
+#else
+constexpr bool kEmulatedFp8Mma = false;
+#endif
+
 __device__ __forceinline__ uint32_t fp8x4(float a, float b, float c, float d) {
   // satfinite = DeepSeek's clamp to [-448, 448]; round to nearest even.
   const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
@@ -84,8 +110,9 @@ __device__ __forceinline__ uint32_t fp8x4(float a, float b, float c, float d) {
 // CTA: codes to shared memory (byte i of block b at b * 128 + i, plus `pad` bytes after every `row` values),
 // one power-of-two scale per 128-block to `scales`. 16 threads own a 128-block, 8 values each.
 // SLOTS: store each thread's 8 codes as (v0 v2 v4 v6 | v1 v3 v5 v7), the order the MXFP4 kernels' MMA
-// fragments take (see moe_experts.cu); otherwise in natural order.
-template <bool SLOTS>
+// fragments take (see moe_experts.cu); otherwise in natural order. F16 (natural order only): store each
+// code's exact f16 value instead (2 bytes each, at byte 2 * i; `pad` counts values), for f16 MMAs.
+template <bool SLOTS, bool F16 = false>
 __device__ __forceinline__ void quantise_to_smem(const __nv_bfloat16* __restrict__ x, int n, int row, int pad,
                                                  uint8_t* codes, float* scales) {
   constexpr int BATCH = 4;                       // 128-blocks per thread group in flight at once
@@ -130,7 +157,13 @@ __device__ __forceinline__ void quantise_to_smem(const __nv_bfloat16* __restrict
         int r = 0;                                 // at / row without a division (decode: a few rows at most)
         if (pad)
           for (int end = row; end <= at; end += row) ++r;
-        *reinterpret_cast<uint2*>(codes + at + r * pad) = out;
+        if (F16) {
+          const uint4 wide = make_uint4(e4m3x2_to_f16x2(out.x), e4m3x2_to_f16x2(out.x >> 16),
+                                        e4m3x2_to_f16x2(out.y), e4m3x2_to_f16x2(out.y >> 16));
+          *reinterpret_cast<uint4*>(codes + 2 * (at + r * pad)) = wide;
+        } else {
+          *reinterpret_cast<uint2*>(codes + at + r * pad) = out;
+        }
         if (sub == 0) scales[b] = scale;
       }
     }

@@ -61,7 +61,9 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
                                          const float* __restrict__ xs, const uint8_t* __restrict__ w,
                                          const uint8_t* __restrict__ w_scale, __nv_bfloat16* __restrict__ y,
                                          int rows, int N, int K, int wpr, int items) {
-  extern __shared__ uint4 smem[];               // FUSED: codes [rows][K + ROW_PAD], then scales [rows][K/128]
+  // FUSED: the activation codes [rows][K + ROW_PAD] (room for 2 bytes each: f16 values where the FP8 MMA
+  // is emulated, see below; else e4m3 bytes), then their scales [rows][K/128]
+  extern __shared__ uint4 smem[];
   __shared__ float partial[8][4][32];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2, q = lane & 3;
   const int kblocks = K / 128, nkb = kblocks / wpr, part = warp % wpr, kb_begin = part * nkb;
@@ -70,7 +72,10 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
   const int total = my_items * steps;
 
   const uint8_t* codes = FUSED ? reinterpret_cast<const uint8_t*>(smem) : xq;
-  const float* scales = FUSED ? reinterpret_cast<const float*>(reinterpret_cast<uint8_t*>(smem) + rows * (K + ROW_PAD)) : xs;
+  const float* scales = FUSED ? reinterpret_cast<const float*>(reinterpret_cast<uint8_t*>(smem) + 2 * rows * (K + ROW_PAD)) : xs;
+  // Hopper emulates the FP8 MMA by converting both operands to f16 for every MMA; the fused form keeps the
+  // activation's f16 values in shared memory instead and converts only the weights (exact either way).
+  constexpr bool f16_path = FUSED && dsv4::kEmulatedFp8Mma;
   const int ldx = FUSED ? K + ROW_PAD : K;
 
   // Steps are walked as (item, step) pairs by counters: a division per step was a good part of the loop's
@@ -101,8 +106,8 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
   dsv4::pdl_wait();                              // x (or its codes) come from the previous kernels
   dsv4::pdl_launch_dependents();
   if (FUSED) {
-    dsv4::quantise_to_smem<false>(x, rows * K, K, ROW_PAD, reinterpret_cast<uint8_t*>(smem),
-                                  const_cast<float*>(scales));
+    dsv4::quantise_to_smem<false, f16_path>(x, rows * K, K, ROW_PAD, reinterpret_cast<uint8_t*>(smem),
+                                            const_cast<float*>(scales));
     __syncthreads();
   }
   float total_c[4] = {0.f, 0.f, 0.f, 0.f};
@@ -118,6 +123,24 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int k = kb * 128 + h * 64 + q * 16;
+        if (f16_path) {
+          // f16 MMA i (of 4) takes bytes 4i .. 4i+3 of this lane's 16 weight bytes: k-slots 2q, 2q+1 <- bytes
+          // 4i, 4i+1 and 2q+8, 2q+9 <- 4i+2, 4i+3; the activation's f16 values in the same order (words 2i,
+          // 2i+1 of its 16 values at k), so every product pairs the right elements.
+          const uint4* a = reinterpret_cast<const uint4*>(codes + 2 * (size_t(r) * ldx + k));
+          const uint4* b = reinterpret_cast<const uint4*>(codes + 2 * (size_t(r + 8) * ldx + k));
+          const uint4 z = make_uint4(0, 0, 0, 0);
+          const uint4 a_lo = r < rows ? a[0] : z, a_hi = r < rows ? a[1] : z;
+          const uint4 b_lo = M > 8 && r + 8 < rows ? b[0] : z, b_hi = M > 8 && r + 8 < rows ? b[1] : z;
+          const uint32_t f[8] = {a_lo.x, a_lo.y, a_lo.z, a_lo.w, a_hi.x, a_hi.y, a_hi.z, a_hi.w};
+          const uint32_t g[8] = {b_lo.x, b_lo.y, b_lo.z, b_lo.w, b_hi.x, b_hi.y, b_hi.z, b_hi.w};
+          const uint32_t wv[4] = {cur.w[u][h].x, cur.w[u][h].y, cur.w[u][h].z, cur.w[u][h].w};
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            dsv4::mma_f16(c, f[2 * i], g[2 * i], f[2 * i + 1], g[2 * i + 1], dsv4::e4m3x2_to_f16x2(wv[i]),
+                          dsv4::e4m3x2_to_f16x2(wv[i] >> 16));
+          continue;
+        }
         const uint4 a0 = r < rows ? *reinterpret_cast<const uint4*>(codes + size_t(r) * ldx + k) : make_uint4(0, 0, 0, 0);
         const uint4 a1 = M > 8 && r + 8 < rows ? *reinterpret_cast<const uint4*>(codes + size_t(r + 8) * ldx + k)
                                                : make_uint4(0, 0, 0, 0);
