@@ -126,6 +126,30 @@ __device__ __forceinline__ int my_items(int items) {
   return (items - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x);
 }
 
+// Where a warp is in its walk over steps, advanced by counters: the divisions that located step g took a
+// good share of each step's instructions (the kernels are bound by instructions, not by DRAM, on the H200).
+// gate_up: step s of the CTA's it-th item, item = blockIdx.x + it * gridDim.x = j * groups + rg.
+struct GateUpCursor {
+  int it, s, j, rg;
+  __device__ __forceinline__ explicit GateUpCursor(int groups)
+      : it(0), s(0), j(int(blockIdx.x) / groups), rg(int(blockIdx.x) % groups) {}
+  __device__ __forceinline__ void advance(int steps, int groups) {
+    if (++s < steps) return;
+    s = 0, ++it, rg += int(gridDim.x);
+    while (rg >= groups) rg -= groups, ++j;
+  }
+};
+// down: step s of job slot `slot` (job warp + 8 * slot) of the CTA's it-th item (16 rows of D).
+struct DownCursor {
+  int it = 0, slot = 0, s = 0;
+  __device__ __forceinline__ void advance(int steps, int per_warp) {
+    if (++s < steps) return;
+    s = 0;
+    if (++slot < per_warp) return;
+    slot = 0, ++it;
+  }
+};
+
 }  // namespace
 
 // Grid (slots, tokens). An item is (expert slot j of token t, 16 rows of F): warps 0-3 take w1's four K
@@ -142,39 +166,43 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_gate_up(
   const int which = warp / PARTS, part = warp % PARTS;
   const int groups = F / 16, items = topk * groups;
   const int nb = D / 32 / PARTS, steps = (nb + UB - 1) / UB;
-  const int total = my_items(items) * steps;
+  const int mine = my_items(items), total = mine * steps;
   const size_t wbytes = size_t(F) * D / 2;
 
   dsv4::pdl_wait();                             // the routing (experts, weights) and x come from before
   dsv4::pdl_launch_dependents();
   if (threadIdx.x < topk) base[threadIdx.x] = reinterpret_cast<const uint8_t*>(table[experts[t * topk + threadIdx.x]]);
   __syncthreads();
-  auto job = [&](int g) {
-    const int item = int(blockIdx.x) + (g / steps) * int(gridDim.x), s = g % steps;
-    const int j = item / groups, row0 = (item % groups) * 16, blk = part * nb + s * UB;
+  auto job = [&](const GateUpCursor& c) {
+    const int row0 = c.rg * 16, blk = part * nb + c.s * UB;
     Fp4Job jb;
-    const uint8_t* e = base[min(j, topk - 1)];
+    const uint8_t* e = base[min(c.j, topk - 1)];
     jb.ld = D / 2;
     jb.sld = D / 32;
     jb.w = e + which * wbytes + size_t(row0) * jb.ld + blk * 16;
     jb.s = e + 3 * wbytes + which * size_t(F) * jb.sld + size_t(row0) * jb.sld + blk;
-    jb.blocks = g < total ? min(UB, nb - s * UB) : 0;
+    jb.blocks = c.it < mine ? min(UB, nb - c.s * UB) : 0;
     return jb;
   };
   uint8_t* ring = reinterpret_cast<uint8_t*>(smem) + warp * STAGES * STAGE_BYTES;
   const bool async_scales = nb % 4 == 0;
+  GateUpCursor now(groups), ahead(groups);      // the step being multiplied, the step being loaded
 #pragma unroll
-  for (int g = 0; g < STAGES - 1; ++g) issue_step(job(g), ring + g * STAGE_BYTES, lane, async_scales);
+  for (int g = 0; g < STAGES - 1; ++g) {
+    issue_step(job(ahead), ring + g * STAGE_BYTES, lane, async_scales);
+    ahead.advance(steps, groups);
+  }
   dsv4::quantise_to_smem<true>(x + size_t(t) * D, D, D, 0, codes, scales);   // while the first steps stream
   __syncthreads();
   float acc[2] = {0.f, 0.f};
   for (int g = 0; g < total; ++g) {
-    issue_step(job(g + STAGES - 1), ring + ((g + STAGES - 1) % STAGES) * STAGE_BYTES, lane, async_scales);
+    issue_step(job(ahead), ring + ((g + STAGES - 1) % STAGES) * STAGE_BYTES, lane, async_scales);
+    ahead.advance(steps, groups);
     wait_stage();
-    const int blk = part * nb + (g % steps) * UB;
-    mma_step(ring + (g % STAGES) * STAGE_BYTES, job(g), async_scales, codes, scales, blk, lane, acc);
+    const int blk = part * nb + now.s * UB;
+    mma_step(ring + (g % STAGES) * STAGE_BYTES, job(now), async_scales, codes, scales, blk, lane, acc);
     __syncwarp();                               // the stage is refilled by the next iteration's issue
-    if (g % steps == steps - 1) {
+    if (now.s == steps - 1) {
       if (q == 0) {
         partial[warp][r] = acc[0];
         partial[warp][r + 8] = acc[1];
@@ -182,8 +210,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_gate_up(
       acc[0] = acc[1] = 0.f;
       __syncthreads();
       if (threadIdx.x < 16) {
-        const int item = int(blockIdx.x) + (g / steps) * int(gridDim.x);
-        const int j = item / groups, n = (item % groups) * 16 + threadIdx.x;
+        const int j = now.j, n = now.rg * 16 + threadIdx.x;
         float sg = 0.f, su = 0.f;
         for (int p = 0; p < PARTS; ++p) {
           sg += partial[p][threadIdx.x];
@@ -200,6 +227,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_gate_up(
       }
       __syncthreads();
     }
+    now.advance(steps, groups);
   }
 }
 
@@ -218,7 +246,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_down(
   const int t = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2, q = lane & 3;
   const int jobs = topk * PARTS, per_warp = (jobs + 7) / 8;
   const int nb = F / 32 / PARTS, steps = (nb + UB - 1) / UB;
-  const int items = D / 16, total = my_items(items) * per_warp * steps;
+  const int items = D / 16, mine = my_items(items), total = mine * per_warp * steps;
   const size_t wbytes = size_t(F) * D / 2;
 
   if (threadIdx.x < topk) base[threadIdx.x] = reinterpret_cast<const uint8_t*>(table[experts[t * topk + threadIdx.x]]);
@@ -231,47 +259,50 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_down(
     }
   }
   __syncthreads();
-  const int per_item = per_warp * steps;
-  auto job = [&](int g) {
-    const int item = int(blockIdx.x) + (g / per_item) * int(gridDim.x);
-    const int jobid = warp + 8 * ((g % per_item) / steps), s = g % steps;
-    const int j = min(jobid / PARTS, topk - 1), blk = (jobid % PARTS) * nb + s * UB;
+  auto job = [&](const DownCursor& c) {
+    const int item = int(blockIdx.x) + c.it * int(gridDim.x), jobid = warp + 8 * c.slot;
+    const int j = min(jobid / PARTS, topk - 1), blk = (jobid % PARTS) * nb + c.s * UB;
     Fp4Job jb;
     jb.ld = F / 2;
     jb.sld = F / 32;
     jb.w = base[j] + 2 * wbytes + size_t(item * 16) * jb.ld + blk * 16;
     jb.s = base[j] + 3 * wbytes + 2 * size_t(F) * (D / 32) + size_t(item * 16) * jb.sld + blk;
-    jb.blocks = g < total && jobid < jobs ? min(UB, nb - s * UB) : 0;
+    jb.blocks = c.it < mine && jobid < jobs ? min(UB, nb - c.s * UB) : 0;
     return jb;
   };
   uint8_t* ring = reinterpret_cast<uint8_t*>(smem) + warp * STAGES * STAGE_BYTES;
   const bool async_scales = nb % 4 == 0;
+  DownCursor now, ahead;                        // the step being multiplied, the step being loaded
 #pragma unroll
-  for (int g = 0; g < STAGES - 1; ++g) issue_step(job(g), ring + g * STAGE_BYTES, lane, async_scales);
+  for (int g = 0; g < STAGES - 1; ++g) {
+    issue_step(job(ahead), ring + g * STAGE_BYTES, lane, async_scales);
+    ahead.advance(steps, per_warp);
+  }
   dsv4::pdl_wait();                             // h comes from gate_up (experts and table from before it)
   dsv4::pdl_launch_dependents();
   dsv4::quantise_to_smem<true>(h + size_t(t) * topk * F, topk * F, topk * F, 0, codes, scales);
   __syncthreads();
   float acc[2] = {0.f, 0.f};
   for (int g = 0; g < total; ++g) {
-    issue_step(job(g + STAGES - 1), ring + ((g + STAGES - 1) % STAGES) * STAGE_BYTES, lane, async_scales);
+    issue_step(job(ahead), ring + ((g + STAGES - 1) % STAGES) * STAGE_BYTES, lane, async_scales);
+    ahead.advance(steps, per_warp);
     wait_stage();
-    const int jobid = warp + 8 * ((g % per_item) / steps), s = g % steps;
-    const int blk = (jobid % PARTS) * nb + s * UB, pair = min(jobid / PARTS, topk - 1);
-    mma_step(ring + (g % STAGES) * STAGE_BYTES, job(g), async_scales, codes + pair * F, scales + pair * (F / 128),
+    const int jobid = warp + 8 * now.slot;
+    const int blk = (jobid % PARTS) * nb + now.s * UB, pair = min(jobid / PARTS, topk - 1);
+    mma_step(ring + (g % STAGES) * STAGE_BYTES, job(now), async_scales, codes + pair * F, scales + pair * (F / 128),
              blk, lane, acc);
     __syncwarp();                               // the stage is refilled by the next iteration's issue
-    if (s == steps - 1) {
+    if (now.s == steps - 1) {
       if (q == 0 && jobid < jobs) {
         partial[jobid * 16 + r] = acc[0];
         partial[jobid * 16 + r + 8] = acc[1];
       }
       acc[0] = acc[1] = 0.f;
     }
-    if (g % per_item == per_item - 1) {
+    if (now.s == steps - 1 && now.slot == per_warp - 1) {     // the item's last step
       __syncthreads();
       if (threadIdx.x < 16) {
-        const int item = int(blockIdx.x) + (g / per_item) * int(gridDim.x);
+        const int item = int(blockIdx.x) + now.it * int(gridDim.x);
         float sum = 0.f;
         for (int a = 0; a < topk; ++a) {
           const int j = order[a];
@@ -283,5 +314,6 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_down(
       }
       __syncthreads();
     }
+    now.advance(steps, per_warp);
   }
 }
