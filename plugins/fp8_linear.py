@@ -24,7 +24,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def warps_per_row(k: int) -> int:
-    """Warps sharing one group of 8 output rows: split K so each warp still has 4 blocks (one step)."""
+    """Warps sharing one group of 16 output rows: split K so each warp still has 4 blocks (two steps)."""
     blocks = k // 128
     return next(p for p in (8, 4, 2, 1) if blocks % p == 0 and blocks // p >= 4 or p == 1)
 
@@ -53,7 +53,7 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
     lib = kernels()
     name = f"dsv4_fp8_gemv{'_fused' if fused else ''}_m{8 if m <= 8 else 16}"
     resident = lib.resident(name, 256, shared)
-    groups = (n + 7) // 8
+    groups = (n + 15) // 16                   # row groups of 16 (csrc/fp8_linear.cu)
     # Warps sharing a row group meet at a CTA barrier after every group; with enough row groups to fill
     # the grid, each warp takes whole rows instead and streams without barriers.
     wpr = 1 if groups // 8 >= resident else warps_per_row(k)

@@ -7,7 +7,8 @@
 //
 // Decode is bound by the weight read, so the GEMV is built to keep HBM busy: a persistent grid sized to the
 // resident CTAs, each warp streaming 16-byte weight loads one step (4 KB per warp) ahead of its MMAs, across
-// row groups without a bubble. The fused form quantises the activation rows itself (each CTA, into shared
+// row groups without a bubble; and, since the H200 showed it bound by instructions rather than DRAM, with
+// few instructions per weight byte (the weights are the MMA's 16-row operand, the tokens its 8 columns). The fused form quantises the activation rows itself (each CTA, into shared
 // memory, while its first weight loads are in flight): one launch. For many rows x long K the separate
 // act_quant kernel writes the codes once instead (dsv4_fp8_gemv_m*), read through L1 by every CTA.
 // Launch paths never allocate or synchronise, so they can be captured in CUDA graphs.
@@ -42,30 +43,39 @@ extern "C" __global__ void dsv4_act_quant_fp8(const __nv_bfloat16* __restrict__ 
 
 namespace {
 
-constexpr int U = 4;            // 128-K blocks per warp step: 8 x 16-byte loads per lane in flight
-constexpr int ROW_PAD = 64;     // bytes after each shared activation row: rows alternate 128-byte bank halves
+constexpr int U = 2;            // 128-K blocks per warp step: 8 x 16-byte loads per lane in flight (4 KB per warp)
+constexpr int ROW_PAD = 64;     // values after each shared activation row
 
 struct Fp8Step {
-  uint4 w[U][2];                // lane (r, q): weight row n0 + r, bytes kb * 128 + h * 64 + q * 16 .. + 16
+  uint4 w[U][2][2];             // lane (g, t): [block][half][row n0 + g, n0 + g + 8], bytes kb*128 + h*64 + t*16 ..
   uint32_t ws[U];               // the E8M0 scale byte of each block
 };
 
-// y[m, n] for m < rows on FP8 tensor cores (mma m16n8k32): a warp owns 8 weight rows (a row group) and a
-// slice of K; `wpr` warps of a CTA split K for the same row group and add their sums in shared memory.
-// Per 128-K block the MMA sums are scaled by w_scale * x_scale in fp32, as DeepSeek's fp8_gemm. Lane t
-// loads 16 contiguous weight bytes at k0 + (t%4)*16; the activation fragments use the same permutation of
-// K, so every product pairs the right elements. An item is the CTA's 8 / wpr row groups over all of K;
-// CTA b runs items b, b + grid, ...
+// y[m, n] for m < rows on tensor cores. A warp owns 16 weight rows (a row group: the MMA's A operand, rows
+// g and g + 8 for lane (g, t)) and a slice of K; the tokens are the B operand's columns (token g for lane
+// (g, t); a second MMA for tokens 8-15 when M = 16). `wpr` warps of a CTA split K for the same row group
+// and add their sums in shared memory. Per 128-K block the MMA sums are scaled by w_scale * x_scale in
+// fp32, as DeepSeek's fp8_gemm. Lane (g, t) loads 16 contiguous weight bytes at k0 + t*16 of its two rows
+// and the activation bytes at the same k: the MMAs' k-slots are that permutation of K on both operands,
+// so every product pairs the right elements. An item is the CTA's 8 / wpr row groups over all of K; CTA b
+// runs items b, b + grid, ...
+//
+// Where the FP8 MMA is native (sm_89, sm_100, sm_120): m16n8k32 e4m3, two per 64 bytes of K. Where it is
+// emulated (sm_90: the compiler converts both operands to f16 for every MMA), the fused form keeps the
+// activation's f16 values in shared memory, converts each weight byte once and runs m16n8k16 f16 MMAs,
+// four per 64 bytes of K: the same exact products, summed in fp32.
 template <int M, bool FUSED>
 __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ xq,
                                          const float* __restrict__ xs, const uint8_t* __restrict__ w,
                                          const uint8_t* __restrict__ w_scale, __nv_bfloat16* __restrict__ y,
                                          int rows, int N, int K, int wpr, int items) {
-  // FUSED: the activation codes [rows][K + ROW_PAD] (room for 2 bytes each: f16 values where the FP8 MMA
-  // is emulated, see below; else e4m3 bytes), then their scales [rows][K/128]
+  constexpr int NACC = M > 8 ? 8 : 4;           // c[0..3]: tokens 2t, 2t+1 of rows g, g + 8; c[4..7]: tokens + 8
+  constexpr bool f16_path = FUSED && dsv4::kEmulatedFp8Mma;
+  // FUSED: the activation codes [rows][K + ROW_PAD] (room for 2 bytes each: f16 values on the f16 path,
+  // else e4m3 bytes), then their scales [rows][K/128]
   extern __shared__ uint4 smem[];
-  __shared__ float partial[8][4][32];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2, q = lane & 3;
+  __shared__ float partial[8][NACC][32];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int kblocks = K / 128, nkb = kblocks / wpr, part = warp % wpr, kb_begin = part * nkb;
   const int steps = (nkb + U - 1) / U;
   const int my_items = (items - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x);
@@ -73,28 +83,31 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
 
   const uint8_t* codes = FUSED ? reinterpret_cast<const uint8_t*>(smem) : xq;
   const float* scales = FUSED ? reinterpret_cast<const float*>(reinterpret_cast<uint8_t*>(smem) + 2 * rows * (K + ROW_PAD)) : xs;
-  // Hopper emulates the FP8 MMA by converting both operands to f16 for every MMA; the fused form keeps the
-  // activation's f16 values in shared memory instead and converts only the weights (exact either way).
-  constexpr bool f16_path = FUSED && dsv4::kEmulatedFp8Mma;
   const int ldx = FUSED ? K + ROW_PAD : K;
+  // the token columns this lane feeds to B; past `rows` a valid row's values, in columns never written
+  const int tok0 = min(g, rows - 1), tok1 = min(g + 8, rows - 1);
 
   // Steps are walked as (item, step) pairs by counters: a division per step was a good part of the loop's
   // instructions, and this kernel is bound by its instructions, not by DRAM (bench/results/ncu-fp8-gemv-*).
   const int groups_per_item = 8 / wpr, my_group = warp / wpr;
-  auto first_row = [&](int item) { return ((int(blockIdx.x) + item * int(gridDim.x)) * groups_per_item + my_group) * 8; };
+  auto first_row = [&](int item) { return ((int(blockIdx.x) + item * int(gridDim.x)) * groups_per_item + my_group) * 16; };
   auto advance = [&](int& item, int& s) {
     if (++s == steps) s = 0, ++item;
   };
   auto load = [&](int item, int s, Fp8Step& st) {
     const int n0 = first_row(item), kb0 = kb_begin + s * U;
     const bool live = item < my_items && n0 < N;
-    const uint8_t* wrow = w + size_t(min(n0 + r, N - 1)) * K + q * 16;
+    const uint8_t* row_g = w + size_t(min(n0 + g, N - 1)) * K + t * 16;
+    const uint8_t* row_g8 = w + size_t(min(n0 + g + 8, N - 1)) * K + t * 16;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const bool ok = live && kb0 + u < kb_begin + nkb;
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-        st.w[u][h] = ok ? __ldg(reinterpret_cast<const uint4*>(wrow + (kb0 + u) * 128 + h * 64)) : make_uint4(0, 0, 0, 0);
+      for (int h = 0; h < 2; ++h) {
+        const int at = (kb0 + u) * 128 + h * 64;
+        st.w[u][h][0] = ok ? __ldg(reinterpret_cast<const uint4*>(row_g + at)) : make_uint4(0, 0, 0, 0);
+        st.w[u][h][1] = ok ? __ldg(reinterpret_cast<const uint4*>(row_g8 + at)) : make_uint4(0, 0, 0, 0);
+      }
       st.ws[u] = ok ? __ldg(w_scale + size_t(n0 / 128) * kblocks + kb0 + u) : 0u;
     }
   };
@@ -110,8 +123,11 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
                                             const_cast<float*>(scales));
     __syncthreads();
   }
-  float total_c[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int g = 0; g < total; ++g) {
+  auto x_scale = [&](int tok, int kb) { return tok < rows ? scales[tok * kblocks + kb] : 0.f; };
+  float total_c[NACC];
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) total_c[i] = 0.f;
+  for (int gstep = 0; gstep < total; ++gstep) {
     Fp8Step nxt;
     load(next_item, next_step, nxt);             // the next step's weights stream while this one multiplies
     const int kb0 = kb_begin + step * U;
@@ -119,61 +135,69 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
     for (int u = 0; u < U; ++u) {
       const int kb = kb0 + u;
       if (kb >= kb_begin + nkb) break;
-      float c[4] = {0.f, 0.f, 0.f, 0.f};
+      float c[NACC];
+#pragma unroll
+      for (int i = 0; i < NACC; ++i) c[i] = 0.f;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int k = kb * 128 + h * 64 + q * 16;
+        const int k = kb * 128 + h * 64 + t * 16;
+        const uint4 w0 = cur.w[u][h][0], w8 = cur.w[u][h][1];
         if (f16_path) {
-          // f16 MMA i (of 4) takes bytes 4i .. 4i+3 of this lane's 16 weight bytes: k-slots 2q, 2q+1 <- bytes
-          // 4i, 4i+1 and 2q+8, 2q+9 <- 4i+2, 4i+3; the activation's f16 values in the same order (words 2i,
-          // 2i+1 of its 16 values at k), so every product pairs the right elements.
-          const uint4* a = reinterpret_cast<const uint4*>(codes + 2 * (size_t(r) * ldx + k));
-          const uint4* b = reinterpret_cast<const uint4*>(codes + 2 * (size_t(r + 8) * ldx + k));
-          const uint4 z = make_uint4(0, 0, 0, 0);
-          const uint4 a_lo = r < rows ? a[0] : z, a_hi = r < rows ? a[1] : z;
-          const uint4 b_lo = M > 8 && r + 8 < rows ? b[0] : z, b_hi = M > 8 && r + 8 < rows ? b[1] : z;
-          const uint32_t f[8] = {a_lo.x, a_lo.y, a_lo.z, a_lo.w, a_hi.x, a_hi.y, a_hi.z, a_hi.w};
-          const uint32_t g[8] = {b_lo.x, b_lo.y, b_lo.z, b_lo.w, b_hi.x, b_hi.y, b_hi.z, b_hi.w};
-          const uint32_t wv[4] = {cur.w[u][h].x, cur.w[u][h].y, cur.w[u][h].z, cur.w[u][h].w};
+          // f16 MMA i (of 4) takes bytes 4i .. 4i+3 of the 16: k-slots 2t, 2t+1 <- bytes 4i, 4i+1 and 2t+8,
+          // 2t+9 <- 4i+2, 4i+3; the activation's f16 words 2i, 2i+1 hold the same positions
+          const uint32_t a[2][4] = {{w0.x, w0.y, w0.z, w0.w}, {w8.x, w8.y, w8.z, w8.w}};
+          const uint4* b0p = reinterpret_cast<const uint4*>(codes + 2 * (size_t(tok0) * ldx + k));
+          const uint4 b0lo = b0p[0], b0hi = b0p[1];
+          const uint32_t f0[8] = {b0lo.x, b0lo.y, b0lo.z, b0lo.w, b0hi.x, b0hi.y, b0hi.z, b0hi.w};
+          uint32_t f1[8] = {};
+          if (M > 8) {
+            const uint4* b1p = reinterpret_cast<const uint4*>(codes + 2 * (size_t(tok1) * ldx + k));
+            const uint4 b1lo = b1p[0], b1hi = b1p[1];
+            f1[0] = b1lo.x, f1[1] = b1lo.y, f1[2] = b1lo.z, f1[3] = b1lo.w;
+            f1[4] = b1hi.x, f1[5] = b1hi.y, f1[6] = b1hi.z, f1[7] = b1hi.w;
+          }
 #pragma unroll
-          for (int i = 0; i < 4; ++i)
-            dsv4::mma_f16(c, f[2 * i], g[2 * i], f[2 * i + 1], g[2 * i + 1], dsv4::e4m3x2_to_f16x2(wv[i]),
-                          dsv4::e4m3x2_to_f16x2(wv[i] >> 16));
-          continue;
+          for (int i = 0; i < 4; ++i) {
+            const uint32_t a0 = dsv4::e4m3x2_to_f16x2(a[0][i]), a1 = dsv4::e4m3x2_to_f16x2(a[1][i]);
+            const uint32_t a2 = dsv4::e4m3x2_to_f16x2(a[0][i] >> 16), a3 = dsv4::e4m3x2_to_f16x2(a[1][i] >> 16);
+            dsv4::mma_f16(*reinterpret_cast<float(*)[4]>(c), a0, a1, a2, a3, f0[2 * i], f0[2 * i + 1]);
+            if (M > 8) dsv4::mma_f16(*reinterpret_cast<float(*)[4]>(c + 4), a0, a1, a2, a3, f1[2 * i], f1[2 * i + 1]);
+          }
+        } else {
+          const uint4 b0 = *reinterpret_cast<const uint4*>(codes + size_t(tok0) * ldx + k);
+          mma_e4m3(*reinterpret_cast<float(*)[4]>(c), w0.x, w8.x, w0.y, w8.y, b0.x, b0.y);
+          mma_e4m3(*reinterpret_cast<float(*)[4]>(c), w0.z, w8.z, w0.w, w8.w, b0.z, b0.w);
+          if (M > 8) {
+            const uint4 b1 = *reinterpret_cast<const uint4*>(codes + size_t(tok1) * ldx + k);
+            mma_e4m3(*reinterpret_cast<float(*)[4]>(c + 4), w0.x, w8.x, w0.y, w8.y, b1.x, b1.y);
+            mma_e4m3(*reinterpret_cast<float(*)[4]>(c + 4), w0.z, w8.z, w0.w, w8.w, b1.z, b1.w);
+          }
         }
-        const uint4 a0 = r < rows ? *reinterpret_cast<const uint4*>(codes + size_t(r) * ldx + k) : make_uint4(0, 0, 0, 0);
-        const uint4 a1 = M > 8 && r + 8 < rows ? *reinterpret_cast<const uint4*>(codes + size_t(r + 8) * ldx + k)
-                                               : make_uint4(0, 0, 0, 0);
-        mma_e4m3(c, a0.x, a1.x, a0.y, a1.y, cur.w[u][h].x, cur.w[u][h].y);
-        mma_e4m3(c, a0.z, a1.z, a0.w, a1.w, cur.w[u][h].z, cur.w[u][h].w);
       }
       const float sw = e8m0(cur.ws[u]);
-      const float sx0 = r < rows ? scales[r * kblocks + kb] : 0.f;
-      const float sx1 = M > 8 && r + 8 < rows ? scales[(r + 8) * kblocks + kb] : 0.f;
-      total_c[0] = fmaf(c[0], sw * sx0, total_c[0]);
-      total_c[1] = fmaf(c[1], sw * sx0, total_c[1]);
-      total_c[2] = fmaf(c[2], sw * sx1, total_c[2]);
-      total_c[3] = fmaf(c[3], sw * sx1, total_c[3]);
+#pragma unroll
+      for (int i = 0; i < NACC; ++i)             // c[i]: token 2t + (i & 1) (+ 8 for i >= 4)
+        total_c[i] = fmaf(c[i], sw * x_scale(2 * t + (i & 1) + (i >= 4 ? 8 : 0), kb), total_c[i]);
     }
     if (step == steps - 1) {                     // the item's last step: add the K slices, write y
       const int n0 = first_row(item);
       if (wpr > 1) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) partial[warp][i][lane] = total_c[i];
+        for (int i = 0; i < NACC; ++i) partial[warp][i][lane] = total_c[i];
         __syncthreads();
       }
       if (part == 0 && n0 < N) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < NACC; ++i) {
           float v = total_c[i];
           for (int p = 1; p < wpr; ++p) v += partial[warp + p][i][lane];
-          const int m = r + (i >= 2 ? 8 : 0), n = n0 + q * 2 + (i & 1);
+          const int m = 2 * t + (i & 1) + (i >= 4 ? 8 : 0), n = n0 + g + (i & 2 ? 8 : 0);
           if (m < rows && n < N) y[size_t(m) * N + n] = __float2bfloat16(v);
         }
       }
       if (wpr > 1) __syncthreads();
 #pragma unroll
-      for (int i = 0; i < 4; ++i) total_c[i] = 0.f;
+      for (int i = 0; i < NACC; ++i) total_c[i] = 0.f;
     }
     cur = nxt;
     item = next_item, step = next_step;
