@@ -16,11 +16,27 @@ MAX_ROWS = 16
 # it one act_quant launch writes the codes once for all CTAs.
 FUSE_LIMIT_BLOCKS = 128
 ROW_PAD = 64                      # csrc/fp8_linear.cu ROW_PAD
+# The weight ring: per step 8 warps x 4 KiB of weights plus two 4-byte scale words each (csrc/fp8_linear.cu)
+STAGE_BYTES = 8 * (4096 + 8)
+MAX_STAGES = 6
 
 
 @lru_cache(maxsize=8)
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def ring_stages(shared_memory: tuple[int, int], fixed: int) -> int:
+    """Depth of the GEMV's weight ring (csrc/fp8_linear.cu): as deep as two CTAs per SM allow (at least 3
+    steps, 2 in flight per warp), else as one CTA per SM allows (GPUs with little shared memory, e.g.
+    sm_120). `fixed`: the CTA's other shared bytes."""
+    per_sm, per_block = shared_memory
+    for ctas, least in ((2, 3), (1, 2)):
+        room = min(per_sm // ctas - 1024, per_block) - fixed   # the driver keeps 1 KiB per CTA
+        stages = min(MAX_STAGES, room // STAGE_BYTES)
+        if stages >= least:
+            return stages
+    raise RuntimeError(f"FP8 GEMV: {per_block} bytes of shared memory per CTA cannot hold its weight ring")
 
 
 def warps_per_row(k: int) -> int:
@@ -45,13 +61,15 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
     fused = m * (k // 128) <= FUSE_LIMIT_BLOCKS
     if fused:
         codes, scales = x, x                                  # unused by the fused kernel
-        shared = 2 * m * (k + ROW_PAD) + m * (k // 128) * 4    # room for f16 codes (csrc/fp8_linear.cu)
+        act = 2 * m * (k + ROW_PAD) + m * (k // 128) * 4       # room for f16 codes (csrc/fp8_linear.cu)
     else:
         codes, scales = make_workspace(m, k, x.device) if workspace is None else workspace
         act_quant(x, codes, scales)
-        shared = 0
+        act = 0
     lib = kernels()
     name = f"dsv4_fp8_gemv{'_fused' if fused else ''}_m{8 if m <= 8 else 16}"
+    stages = ring_stages(lib.shared_memory(), act + (8 if m > 8 else 4) * 1024)
+    shared = stages * STAGE_BYTES + act
     resident = lib.resident(name, 256, shared)
     groups = (n + 15) // 16                   # row groups of 16 (csrc/fp8_linear.cu)
     # Warps sharing a row group meet at a CTA barrier after every group; with enough row groups to fill
@@ -61,7 +79,7 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
     grid = balanced_grid(items, resident)
     lib.launch(name, grid, 256,
                [(x, PTR), (codes, PTR), (scales, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT), (n, INT),
-                (k, INT), (wpr, INT), (items, INT)], shared)
+                (k, INT), (wpr, INT), (items, INT), (stages, INT)], shared)
     return out
 
 

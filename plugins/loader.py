@@ -43,6 +43,7 @@ class KernelImage:
         self._functions: dict[str, object] = {}
         self._resident: dict[tuple[str, int, int], int] = {}
         self._shared_allowed: dict[str, int] = {}
+        self._shared_memory: dict[int, tuple[int, int]] = {}
         # Programmatic dependent launch needs sm_90+ (the kernels' griddepcontrol is compiled in from sm_90).
         self._pdl = torch.cuda.get_device_capability() >= (9, 0)
 
@@ -68,6 +69,18 @@ class KernelImage:
             sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
             self._resident[key] = max(1, per_sm) * sms
         return self._resident[key]
+
+    def shared_memory(self) -> tuple[int, int]:
+        """(bytes of shared memory per SM, the most one CTA may opt in to) of the current GPU; cached."""
+        ordinal = torch.cuda.current_device()
+        if ordinal not in self._shared_memory:
+            d = self.driver
+            dev = _check(d.cuDeviceGet(ordinal))
+            attr = d.CUdevice_attribute
+            self._shared_memory[ordinal] = (
+                _check(d.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR, dev)),
+                _check(d.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev)))
+        return self._shared_memory[ordinal]
 
     def launch(self, name: str, grid: int | tuple[int, int], block: int, args: list[tuple[object, type]],
                shared: int = 0) -> None:

@@ -123,3 +123,22 @@ def test_grouped_fp8_kernel_matches_the_bf16_grouped_einsum(rows, g, r, d):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, got)
+
+
+@pytest.mark.parametrize("shared_memory, fixed, stages", [
+    pytest.param((233472, 232448), 12 * 1024, 3, id="h200-two-ctas"),
+    pytest.param((233472, 232448), 60 * 1024, 5, id="h200-big-act-one-cta"),
+    pytest.param((102400, 101376), 12 * 1024, 2, id="sm120-one-cta"),
+])
+def test_gemv_ring_depth_fits_the_gpus_shared_memory(shared_memory, fixed, stages):
+    from plugins.fp8_linear import STAGE_BYTES, ring_stages
+    got = ring_stages(shared_memory, fixed)
+    assert got == stages
+    ctas = 2 if got * STAGE_BYTES + fixed <= shared_memory[0] // 2 - 1024 else 1
+    assert ctas * (got * STAGE_BYTES + fixed + 1024) <= shared_memory[0]
+
+
+def test_gemv_ring_refuses_a_gpu_without_room():
+    from plugins.fp8_linear import ring_stages
+    with pytest.raises(RuntimeError, match="weight ring"):
+        ring_stages((65536, 49152), 20 * 1024)

@@ -40,6 +40,24 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, uint32_t 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+// 4 bytes global -> shared (`src` 4-byte aligned; `bytes` < 4 reads that many and zero-fills the rest).
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, uint32_t bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes) : "memory");
+}
+// Closes this thread's copies issued since the last commit into one group (an empty group is fine).
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most `pending` (0..7) of this thread's newest groups are still in flight. The PTX takes an
+// immediate; a ring whose depth is a launch parameter (the GPU's shared memory decides it) picks it here.
+__device__ __forceinline__ void cp_async_wait_pending(int pending) {
+  switch (pending) {
+#define DSV4_WAIT_GROUP(N) \
+  case N: asm volatile("cp.async.wait_group " #N ";\n" ::: "memory"); break;
+    DSV4_WAIT_GROUP(0) DSV4_WAIT_GROUP(1) DSV4_WAIT_GROUP(2) DSV4_WAIT_GROUP(3)
+    DSV4_WAIT_GROUP(4) DSV4_WAIT_GROUP(5) DSV4_WAIT_GROUP(6)
+    default: asm volatile("cp.async.wait_group 7;\n" ::: "memory");
+#undef DSV4_WAIT_GROUP
+  }
+}
 
 // 1 / s for a power of two s = 2^e with |e| < 127, exactly (as 1.0f / s) from its exponent bits: 2^-e.
 __device__ __forceinline__ float pow2_inverse(float s) { return __uint_as_float((254u << 23) - __float_as_uint(s)); }

@@ -43,13 +43,10 @@ extern "C" __global__ void dsv4_act_quant_fp8(const __nv_bfloat16* __restrict__ 
 
 namespace {
 
-constexpr int U = 2;            // 128-K blocks per warp step: 8 x 16-byte loads per lane in flight (4 KB per warp)
 constexpr int ROW_PAD = 64;     // values after each shared activation row
-
-struct Fp8Step {
-  uint4 w[U][2][2];             // lane (g, t): [block][half][row n0 + g, n0 + g + 8], bytes kb*128 + h*64 + t*16 ..
-  uint32_t ws[U];               // the E8M0 scale byte of each block
-};
+constexpr int U = 2;            // 128-K blocks per step
+constexpr int CHUNKS = 4 * U;   // 16-byte weight loads per lane per step: [block][half][row g, g + 8]
+constexpr int WARPS = 8;
 
 // y[m, n] for m < rows on tensor cores. A warp owns 16 weight rows (a row group: the MMA's A operand, rows
 // g and g + 8 for lane (g, t)) and a slice of K; the tokens are the B operand's columns (token g for lane
@@ -60,6 +57,13 @@ struct Fp8Step {
 // so every product pairs the right elements. An item is the CTA's 8 / wpr row groups over all of K; CTA b
 // runs items b, b + grid, ...
 //
+// The weights stream through a ring of `stages` steps (U blocks, 4 KB) per warp in shared memory, filled by
+// cp.async, `stages` - 1 steps in flight while the warp multiplies one: with one step in flight in
+// registers the H200 showed the kernel bound by latency (ncu: 0.45 instructions issued per cycle, 47% of
+// DRAM bandwidth). Each lane reads back only the bytes it copied, so the ring needs no barrier; lanes 0..U-1
+// copy the step's scale bytes (their aligned words), which the warp reads after a __syncwarp. The copy
+// addresses advance by increments (the loop is bound by its instructions as much as by DRAM).
+//
 // Where the FP8 MMA is native (sm_89, sm_100, sm_120): m16n8k32 e4m3, two per 64 bytes of K. Where it is
 // emulated (sm_90: the compiler converts both operands to f16 for every MMA), the fused form keeps the
 // activation's f16 values in shared memory, converts each weight byte once and runs m16n8k16 f16 MMAs,
@@ -68,80 +72,107 @@ template <int M, bool FUSED>
 __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ xq,
                                          const float* __restrict__ xs, const uint8_t* __restrict__ w,
                                          const uint8_t* __restrict__ w_scale, __nv_bfloat16* __restrict__ y,
-                                         int rows, int N, int K, int wpr, int items) {
+                                         int rows, int N, int K, int wpr, int items, int stages) {
   constexpr int NACC = M > 8 ? 8 : 4;           // c[0..3]: tokens 2t, 2t+1 of rows g, g + 8; c[4..7]: tokens + 8
   constexpr bool f16_path = FUSED && dsv4::kEmulatedFp8Mma;
-  // FUSED: the activation codes [rows][K + ROW_PAD] (room for 2 bytes each: f16 values on the f16 path,
-  // else e4m3 bytes), then their scales [rows][K/128]
+  // dynamic shared memory: the weight ring [WARPS][stages][CHUNKS][32 lanes] (16 B each), the scale ring
+  // [WARPS][stages][U] (4 B each); then, FUSED, the activation codes [rows][K + ROW_PAD] (room for 2 bytes
+  // each: f16 values on the f16 path, else e4m3 bytes) and their scales [rows][K/128]
   extern __shared__ uint4 smem[];
-  __shared__ float partial[8][NACC][32];
+  __shared__ float partial[WARPS][NACC][32];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int kblocks = K / 128, nkb = kblocks / wpr, part = warp % wpr, kb_begin = part * nkb;
-  const int steps = (nkb + U - 1) / U;
+  const int kb_end = kb_begin + nkb, steps = (nkb + U - 1) / U;
   const int my_items = (items - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x);
   const int total = my_items * steps;
+  const int scale_bytes = ((N + 127) / 128) * kblocks;
 
-  const uint8_t* codes = FUSED ? reinterpret_cast<const uint8_t*>(smem) : xq;
-  const float* scales = FUSED ? reinterpret_cast<const float*>(reinterpret_cast<uint8_t*>(smem) + 2 * rows * (K + ROW_PAD)) : xs;
+  uint4* ring = smem + size_t(warp) * stages * CHUNKS * 32 + lane;
+  uint32_t* scale_ring = reinterpret_cast<uint32_t*>(smem + size_t(WARPS) * stages * CHUNKS * 32);
+  uint8_t* act = reinterpret_cast<uint8_t*>(scale_ring + WARPS * stages * U);
+  scale_ring += warp * stages * U;
+  const uint8_t* codes = FUSED ? act : xq;
+  const float* scales = FUSED ? reinterpret_cast<const float*>(act + 2 * rows * (K + ROW_PAD)) : xs;
   const int ldx = FUSED ? K + ROW_PAD : K;
   // the token columns this lane feeds to B; past `rows` a valid row's values, in columns never written
   const int tok0 = min(g, rows - 1), tok1 = min(g + 8, rows - 1);
 
-  // Steps are walked as (item, step) pairs by counters: a division per step was a good part of the loop's
-  // instructions, and this kernel is bound by its instructions, not by DRAM (bench/results/ncu-fp8-gemv-*).
-  const int groups_per_item = 8 / wpr, my_group = warp / wpr;
+  const int groups_per_item = WARPS / wpr, my_group = warp / wpr;
   auto first_row = [&](int item) { return ((int(blockIdx.x) + item * int(gridDim.x)) * groups_per_item + my_group) * 16; };
-  auto advance = [&](int& item, int& s) {
-    if (++s == steps) s = 0, ++item;
+
+  // The copy cursor: the next step to fetch, its ring slot and addresses (advanced by increments).
+  struct Cursor {
+    int item, step, slot, n0, kb, scale;        // kb: the step's first block; scale: its byte in w_scale
+    const uint8_t *row_g, *row_g8;
+  } nx;
+  auto start_item = [&](Cursor& c) {
+    c.n0 = first_row(c.item), c.kb = kb_begin;
+    c.scale = (c.n0 / 128) * kblocks + kb_begin;
+    c.row_g = w + size_t(min(c.n0 + g, N - 1)) * K + kb_begin * 128 + t * 16;
+    c.row_g8 = w + size_t(min(c.n0 + g + 8, N - 1)) * K + kb_begin * 128 + t * 16;
   };
-  auto load = [&](int item, int s, Fp8Step& st) {
-    const int n0 = first_row(item), kb0 = kb_begin + s * U;
-    const bool live = item < my_items && n0 < N;
-    const uint8_t* row_g = w + size_t(min(n0 + g, N - 1)) * K + t * 16;
-    const uint8_t* row_g8 = w + size_t(min(n0 + g + 8, N - 1)) * K + t * 16;
+  nx.item = 0, nx.step = 0, nx.slot = 0;
+  start_item(nx);
+  auto issue = [&]() {                           // one step's copies, committed as one group (maybe empty)
+    if (nx.item < my_items && nx.n0 < N) {       // warp-uniform
+      uint4* dst = ring + nx.slot * CHUNKS * 32;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const bool ok = live && kb0 + u < kb_begin + nkb;
+      for (int u = 0; u < U; ++u) {
+        const uint32_t bytes = nx.kb + u < kb_end ? 16 : 0;       // zero-filled past the warp's blocks
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int at = (kb0 + u) * 128 + h * 64;
-        st.w[u][h][0] = ok ? __ldg(reinterpret_cast<const uint4*>(row_g + at)) : make_uint4(0, 0, 0, 0);
-        st.w[u][h][1] = ok ? __ldg(reinterpret_cast<const uint4*>(row_g8 + at)) : make_uint4(0, 0, 0, 0);
+        for (int h = 0; h < 2; ++h) {
+          dsv4::cp_async16(dst + (4 * u + 2 * h) * 32, nx.row_g + u * 128 + h * 64, bytes);
+          dsv4::cp_async16(dst + (4 * u + 2 * h + 1) * 32, nx.row_g8 + u * 128 + h * 64, bytes);
+        }
       }
-      st.ws[u] = ok ? __ldg(w_scale + size_t(n0 / 128) * kblocks + kb0 + u) : 0u;
+      if (lane < U && nx.kb + lane < kb_end) {
+        const int word = (nx.scale + lane) & ~3;
+        dsv4::cp_async4(scale_ring + nx.slot * U + lane, w_scale + word, min(4, scale_bytes - word));
+      }
+    }
+    dsv4::cp_async_commit();
+    if (++nx.slot == stages) nx.slot = 0;
+    if (++nx.step == steps) {
+      nx.step = 0, ++nx.item;
+      start_item(nx);
+    } else {
+      nx.kb += U, nx.scale += U, nx.row_g += U * 128, nx.row_g8 += U * 128;
     }
   };
 
-  Fp8Step cur;
-  int item = 0, step = 0, next_item = 0, next_step = 0;     // the step in hand, and the one after it
-  load(item, step, cur);                         // in flight while the activations are quantised
-  advance(next_item, next_step);
+  for (int p = 0; p < stages - 1; ++p) issue();  // in flight while the activations are quantised
   dsv4::pdl_wait();                              // x (or its codes) come from the previous kernels
   dsv4::pdl_launch_dependents();
   if (FUSED) {
-    dsv4::quantise_to_smem<false, f16_path>(x, rows * K, K, ROW_PAD, reinterpret_cast<uint8_t*>(smem),
-                                            const_cast<float*>(scales));
+    dsv4::quantise_to_smem<false, f16_path>(x, rows * K, K, ROW_PAD, act, const_cast<float*>(scales));
     __syncthreads();
   }
   auto x_scale = [&](int tok, int kb) { return tok < rows ? scales[tok * kblocks + kb] : 0.f; };
   float total_c[NACC];
 #pragma unroll
   for (int i = 0; i < NACC; ++i) total_c[i] = 0.f;
+  int item = 0, step = 0, slot = 0;              // the step being multiplied and its ring slot
+  int n0 = first_row(0), scale0 = (n0 / 128) * kblocks + kb_begin;
   for (int gstep = 0; gstep < total; ++gstep) {
-    Fp8Step nxt;
-    load(next_item, next_step, nxt);             // the next step's weights stream while this one multiplies
+    __syncwarp();                                // the warp has read the scale words the next copy replaces
+    issue();
+    dsv4::cp_async_wait_pending(stages - 1);     // this step's group has landed
+    __syncwarp();                                // lanes 0..U-1's scale words are visible to the warp
+    const uint4* src = ring + slot * CHUNKS * 32;
     const int kb0 = kb_begin + step * U;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int kb = kb0 + u;
-      if (kb >= kb_begin + nkb) break;
-      float c[NACC];
-#pragma unroll
-      for (int i = 0; i < NACC; ++i) c[i] = 0.f;
+      if (kb >= kb_end) break;
+      float c[2][NACC];                          // one MMA chain per 64-K half
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int i = 0; i < NACC; ++i) c[h][i] = 0.f;
         const int k = kb * 128 + h * 64 + t * 16;
-        const uint4 w0 = cur.w[u][h][0], w8 = cur.w[u][h][1];
+        const uint4 w0 = src[(4 * u + 2 * h) * 32], w8 = src[(4 * u + 2 * h + 1) * 32];
+        float(&c0)[4] = *reinterpret_cast<float(*)[4]>(c[h]);
+        float(&c1)[4] = *reinterpret_cast<float(*)[4]>(c[h] + 4);
         if (f16_path) {
           // f16 MMA i (of 4) takes bytes 4i .. 4i+3 of the 16: k-slots 2t, 2t+1 <- bytes 4i, 4i+1 and 2t+8,
           // 2t+9 <- 4i+2, 4i+3; the activation's f16 words 2i, 2i+1 hold the same positions
@@ -160,27 +191,28 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
           for (int i = 0; i < 4; ++i) {
             const uint32_t a0 = dsv4::e4m3x2_to_f16x2(a[0][i]), a1 = dsv4::e4m3x2_to_f16x2(a[1][i]);
             const uint32_t a2 = dsv4::e4m3x2_to_f16x2(a[0][i] >> 16), a3 = dsv4::e4m3x2_to_f16x2(a[1][i] >> 16);
-            dsv4::mma_f16(*reinterpret_cast<float(*)[4]>(c), a0, a1, a2, a3, f0[2 * i], f0[2 * i + 1]);
-            if (M > 8) dsv4::mma_f16(*reinterpret_cast<float(*)[4]>(c + 4), a0, a1, a2, a3, f1[2 * i], f1[2 * i + 1]);
+            dsv4::mma_f16(c0, a0, a1, a2, a3, f0[2 * i], f0[2 * i + 1]);
+            if (M > 8) dsv4::mma_f16(c1, a0, a1, a2, a3, f1[2 * i], f1[2 * i + 1]);
           }
         } else {
           const uint4 b0 = *reinterpret_cast<const uint4*>(codes + size_t(tok0) * ldx + k);
-          mma_e4m3(*reinterpret_cast<float(*)[4]>(c), w0.x, w8.x, w0.y, w8.y, b0.x, b0.y);
-          mma_e4m3(*reinterpret_cast<float(*)[4]>(c), w0.z, w8.z, w0.w, w8.w, b0.z, b0.w);
+          mma_e4m3(c0, w0.x, w8.x, w0.y, w8.y, b0.x, b0.y);
+          mma_e4m3(c0, w0.z, w8.z, w0.w, w8.w, b0.z, b0.w);
           if (M > 8) {
             const uint4 b1 = *reinterpret_cast<const uint4*>(codes + size_t(tok1) * ldx + k);
-            mma_e4m3(*reinterpret_cast<float(*)[4]>(c + 4), w0.x, w8.x, w0.y, w8.y, b1.x, b1.y);
-            mma_e4m3(*reinterpret_cast<float(*)[4]>(c + 4), w0.z, w8.z, w0.w, w8.w, b1.z, b1.w);
+            mma_e4m3(c1, w0.x, w8.x, w0.y, w8.y, b1.x, b1.y);
+            mma_e4m3(c1, w0.z, w8.z, w0.w, w8.w, b1.z, b1.w);
           }
         }
       }
-      const float sw = e8m0(cur.ws[u]);
+      const int at = scale0 + step * U + u;
+      const float sw = e8m0(scale_ring[slot * U + u] >> (8 * (at & 3)));
 #pragma unroll
-      for (int i = 0; i < NACC; ++i)             // c[i]: token 2t + (i & 1) (+ 8 for i >= 4)
-        total_c[i] = fmaf(c[i], sw * x_scale(2 * t + (i & 1) + (i >= 4 ? 8 : 0), kb), total_c[i]);
+      for (int i = 0; i < NACC; ++i)             // c[.][i]: token 2t + (i & 1) (+ 8 for i >= 4)
+        total_c[i] = fmaf(c[0][i] + c[1][i], sw * x_scale(2 * t + (i & 1) + (i >= 4 ? 8 : 0), kb), total_c[i]);
     }
+    if (++slot == stages) slot = 0;
     if (step == steps - 1) {                     // the item's last step: add the K slices, write y
-      const int n0 = first_row(item);
       if (wpr > 1) {
 #pragma unroll
         for (int i = 0; i < NACC; ++i) partial[warp][i][lane] = total_c[i];
@@ -198,10 +230,11 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
       if (wpr > 1) __syncthreads();
 #pragma unroll
       for (int i = 0; i < NACC; ++i) total_c[i] = 0.f;
+      step = 0, ++item;
+      n0 = first_row(item), scale0 = (n0 / 128) * kblocks + kb_begin;
+    } else {
+      ++step;
     }
-    cur = nxt;
-    item = next_item, step = next_step;
-    advance(next_item, next_step);
   }
 }
 
@@ -211,8 +244,8 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
   extern "C" __global__ void __launch_bounds__(256, 2) NAME(                                                 \
       const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ xq, const float* __restrict__ xs,     \
       const uint8_t* __restrict__ w, const uint8_t* __restrict__ ws, __nv_bfloat16* __restrict__ y, int rows, \
-      int N, int K, int wpr, int items) {                                                                    \
-    fp8_gemv<M, FUSED>(x, xq, xs, w, ws, y, rows, N, K, wpr, items);                                         \
+      int N, int K, int wpr, int items, int stages) {                                                        \
+    fp8_gemv<M, FUSED>(x, xq, xs, w, ws, y, rows, N, K, wpr, items, stages);                                 \
   }
 DSV4_FP8_GEMV(dsv4_fp8_gemv_m8, 8, false)
 DSV4_FP8_GEMV(dsv4_fp8_gemv_m16, 16, false)

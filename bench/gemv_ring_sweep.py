@@ -1,0 +1,43 @@
+"""FP8 GEMV time against the depth of its weight ring (csrc/fp8_linear.cu), weights rotated past L2, inside a
+CUDA graph: which depth (and so how many CTAs per SM) keeps HBM busiest for each Flash shape.
+
+    python bench/gemv_ring_sweep.py [--json bench/results/gemv-ring-sweep-h200.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import plugins.fp8_linear as fp8_linear  # noqa: E402
+from bench.gemv_probe import SHAPES, gemv_us  # noqa: E402
+from runtime.bench import copy_bandwidth  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "gemv-ring-sweep-h200.json")
+    args = ap.parse_args()
+    bw = copy_bandwidth()
+    chosen = fp8_linear.ring_stages
+    rows = []
+    for stages in (None, 2, 3, 4, 5, 6):
+        fp8_linear.ring_stages = chosen if stages is None else (lambda *_, s=stages: s)
+        for name, n, k in SHAPES:
+            us = gemv_us(n, k, rotate=True)
+            rows.append({"stages": stages or "default", "weight": name, "time_us": us,
+                         "fraction_of_copy_bw": n * k / (us * 1e-6) / bw})
+            print(json.dumps(rows[-1]))
+    report = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "cuda": torch.version.cuda, "copy_bandwidth_gbps": bw / 1e9,
+              "results": rows}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
