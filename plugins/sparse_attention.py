@@ -1,5 +1,5 @@
 """Sparse attention with a sink for decode on the GPU (csrc/sparse_attention.cu): a split launch that
-gathers each split's rows once for a group of heads, and a combine launch.
+gathers each split's rows once for every head and runs both products on tensor cores, and a combine launch.
 
 Oracle: `plugins.oracle.sparse_attention`. Pass `workspace` (from `make_workspace`) to launch without
 allocating.
@@ -10,20 +10,18 @@ import torch
 
 from .loader import FLOAT, INT, PTR, kernels
 
-ROWS, MAX_SPLITS = 64, 1024                  # csrc/sparse_attention.cu: indices per split, splits
+ROWS, MAX_SPLITS, ROW_PAD = 32, 2048, 8     # csrc/sparse_attention.cu: indices per split, splits, row padding
 MAX_QUERIES = 16                             # decode sizes; prefill chunks take the oracle
 CHUNKS = (1, 2, 4)                           # head_dim / 128 the kernel is built for
+MAX_HEADS = 128                              # a warp per 16 heads, 8 warps
 
 
 def supports(q: torch.Tensor, kv: torch.Tensor, k: int) -> bool:
     """Whether the kernel takes q [b, s, h, d] over kv rows with k indices per query."""
     d = q.size(-1)
     return (q.is_cuda and q.dtype == kv.dtype == torch.bfloat16 and d % 128 == 0 and d // 128 in CHUNKS
-            and kv.size(-1) == d and k <= ROWS * MAX_SPLITS and q.size(0) * q.size(1) <= MAX_QUERIES)
-
-
-def heads_per_cta(heads: int) -> int:
-    return next(w for w in (8, 4, 2, 1) if heads % w == 0)
+            and kv.size(-1) == d and k <= ROWS * MAX_SPLITS and q.size(0) * q.size(1) <= MAX_QUERIES
+            and q.size(2) <= MAX_HEADS)
 
 
 def make_workspace(queries: int, heads: int, d: int, k: int, device) -> dict[str, torch.Tensor]:
@@ -45,12 +43,11 @@ def sparse_attention_decode(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
     ws = make_workspace(b * s, h, d, k, q.device) if workspace is None else workspace
     acc, ml = ws["acc"], ws["ml"]
     out = torch.empty_like(q) if out is None else out
-    splits, warps = -(-k // ROWS), heads_per_cta(h)
+    splits, warps = -(-k // ROWS), -(-h // 16)
     lib = kernels()
-    shared = ROWS * d * 2 + warps * ROWS * 4
-    lib.launch(f"dsv4_sparse_attention_split_d{d // 128}", (splits * (h // warps), b * s), 32 * warps,
+    lib.launch(f"dsv4_sparse_attention_split_d{d // 128}", (splits, b * s), 32 * warps,
                [(q, PTR), (kv, PTR), (idx, PTR), (acc, PTR), (ml, PTR), (s, INT), (h, INT), (t, INT), (k, INT),
-                (scale, FLOAT)], shared)
-    lib.launch("dsv4_sparse_attention_combine", (h, b * s), 128,
+                (scale, FLOAT)], ROWS * (d + ROW_PAD) * 2)
+    lib.launch("dsv4_sparse_attention_combine", (h, b * s), 128,             # 4 elements a thread: d <= 512
                [(acc, PTR), (ml, PTR), (sink, PTR), (out, PTR), (h, INT), (d, INT), (splits, INT)])
     return out

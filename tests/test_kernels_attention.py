@@ -27,6 +27,8 @@ def _case(b, s, h, d, t, k, valid, seed=0):
     pytest.param(1, 1, 64, 512, 2176, 640, 1, id="one-row"),
     pytest.param(3, 1, 4, 128, 60, 77, 50, id="tiny-3seq-odd-k"),
     pytest.param(2, 2, 16, 256, 300, 129, 100, id="d256-2tok"),
+    pytest.param(1, 1, 128, 512, 4000, 640, 640, id="pro-128heads-all-valid"),
+    pytest.param(1, 2, 20, 128, 90, 33, 33, id="20heads-split-of-one"),
 ])
 def test_sparse_attention_decode_matches_oracle(b, s, h, d, t, k, valid):
     from plugins.sparse_attention import sparse_attention_decode

@@ -1,131 +1,172 @@
 // Sparse attention with a sink, for decode (few queries), DeepSeek's numerics (plugins/oracle.py):
 //   s_k = scale * q_h . kv[idx_k]   (float32; idx_k = -1: no row)
 //   o_h = sum_k bf16(exp(s_k - m)) * kv[idx_k] / (sum_k exp(s_k - m) + exp(sink_h - m)),   m = max_k s_k
-// One shared K = V row per index (MQA over the latent), so a CTA takes a group of heads (a warp each) over
-// a split of at most ROWS indices: it gathers those rows into shared memory once, every warp scores them
-// against its head and sums its split's rows with its split's maximum. A second launch combines the splits
-// (rescaling each by exp(m_split - m)); the probabilities are rounded to bf16 against their split's maximum
-// instead of the global one, a difference at bf16 rounding level.
+// One shared K = V row per index (MQA over the latent): a CTA takes a split of ROWS indices for every head
+// (a warp per 16 heads), gathers those rows into shared memory once, and runs both products on bf16 tensor
+// cores (mma m16n8k16, fp32 sums): scores S = Q . K^T with the heads as the 16-row A operand, then the
+// split's softmax in registers, then P . V with S's accumulators reused as P's A fragments (bf16). A second
+// launch combines the splits (rescaling each by exp(m_split - m)); the probabilities are rounded to bf16
+// against their split's maximum instead of the global one, a difference at bf16 rounding level.
+// (Session 6's scalar kernel took 27 us at Flash size, 640 rows: one warp per head, a serial chain of
+// shuffles per row.)
 // Launches never allocate or synchronise (the workspace is passed in), so they can be captured in graphs.
 #include "common.cuh"
 
 namespace {
 
-constexpr int ROWS = 64;          // indices per split (64 rows x 512 x 2 bytes = 64 KB of shared memory)
-constexpr int MAX_CHUNKS = 4;     // head_dim / 128 <= 4
-constexpr int MAX_SPLITS = 1024;  // indices <= 64K (sparse_attention.py checks)
+constexpr int ROWS = 32;          // indices per split
+constexpr int MAX_SPLITS = 2048;  // indices <= 64K (sparse_attention.py checks)
+constexpr int KV_ROW_PAD = 8;        // bf16 values after each shared row: rows 4 banks apart, ldmatrix conflict-free
 
-// Lane l holds elements c * 128 + l * 4 + j (c < D/128, j < 4) of a head: 8-byte pieces, so a warp reading
-// one row touches consecutive shared-memory words.
-template <int CHUNKS>
-__device__ __forceinline__ float dot_row(const float (&q)[MAX_CHUNKS][4], const __nv_bfloat16* row, int lane) {
-  float s = 0.f;
-#pragma unroll
-  for (int c = 0; c < CHUNKS; ++c) {
-    const uint2 raw = *reinterpret_cast<const uint2*>(row + c * 128 + lane * 4);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-    const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
-    s = fmaf(q[c][0], a.x, s);
-    s = fmaf(q[c][1], a.y, s);
-    s = fmaf(q[c][2], b.x, s);
-    s = fmaf(q[c][3], b.y, s);
-  }
-  return s;                                       // this lane's part; the warp sums the parts
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&d)[4], const void* p, bool trans) {
+  if (trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3]) : "r"(dsv4::smem_addr(p)));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3]) : "r"(dsv4::smem_addr(p)));
 }
 
-// grid (splits * head groups, queries), block 32 * heads per group. Writes per (query, split, head) the
-// split's maximum score and normaliser (ml) and its unnormalised output row (acc).
-template <int CHUNKS>
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t ld_weak(const uint32_t* p) {
+  uint32_t v;
+  asm("ld.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// grid (splits, queries), block 32 * ceil(heads / 16). Writes per (query, split, head) the split's maximum
+// score and normaliser (ml) and its unnormalised output row (acc). Lane (g, t) of warp w holds heads
+// 16w + g and 16w + g + 8 (clamped to a valid head past `heads`, never written) and, per 8 rows or dims of
+// an MMA tile, columns 2t and 2t + 1.
+template <int D>
 __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
                                              const int64_t* __restrict__ idx, float* __restrict__ acc,
                                              float* __restrict__ ml, int s_per_b, int heads, int T, int K,
                                              float scale) {
-  extern __shared__ uint4 smem[];                 // the split's rows [ROWS][D], then scores [warps][ROWS]
-  constexpr int D = CHUNKS * 128;
+  constexpr int LD = D + KV_ROW_PAD;                // shared row stride in bf16 values
+  extern __shared__ uint4 smem[];                // the split's rows [ROWS][LD]
   __nv_bfloat16* rows = reinterpret_cast<__nv_bfloat16*>(smem);
-  float* scores = reinterpret_cast<float*>(rows + ROWS * D);
-  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int groups = heads / warps, splits = (K + ROWS - 1) / ROWS;
-  const int split = blockIdx.x / groups, head = (blockIdx.x % groups) * warps + warp;
-  const int query = blockIdx.y, b = query / s_per_b;
+  __shared__ int64_t at[ROWS];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int split = blockIdx.x, splits = gridDim.x, query = blockIdx.y, b = query / s_per_b;
   const int k0 = split * ROWS, n = min(ROWS, K - k0);
 
-  dsv4::pdl_wait();                               // q, kv and idx come from the kernels before
+  dsv4::pdl_wait();                              // q, kv and idx come from the kernels before
   dsv4::pdl_launch_dependents();
+  // this warp's Q as A fragments, all of them in registers, loaded with the indices and in flight while the
+  // rows land: one round trip (plain loads are not moved past the barrier below; read-only loads were sunk
+  // next to their use in the MMA loop, a round trip each)
+  const int h0 = min(16 * warp + g, heads - 1), h8 = min(16 * warp + g + 8, heads - 1);
+  const uint32_t* q0 = reinterpret_cast<const uint32_t*>(q + (size_t(query) * heads + h0) * D) + t;
+  const uint32_t* q8 = reinterpret_cast<const uint32_t*>(q + (size_t(query) * heads + h8) * D) + t;
+  uint32_t qa[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    qa[kk][0] = ld_weak(q0 + kk * 8), qa[kk][1] = ld_weak(q8 + kk * 8);
+    qa[kk][2] = ld_weak(q0 + kk * 8 + 4), qa[kk][3] = ld_weak(q8 + kk * 8 + 4);
+  }
   // gather the split's rows: their indices first (one load each), then every 16-byte piece at once with
-  // cp.async (one memory round trip; invalid indices zero-filled, never read below)
-  __shared__ int64_t at[ROWS];
-  for (int r = threadIdx.x; r < n; r += blockDim.x) {
-    const int64_t row = idx[size_t(query) * K + k0 + r];
+  // cp.async (one memory round trip); missing rows (index -1, or past K) zero-filled
+  for (int r = threadIdx.x; r < ROWS; r += blockDim.x) {
+    const int64_t row = r < n ? idx[size_t(query) * K + k0 + r] : -1;
     at[r] = row >= 0 && row < T ? row : -1;
   }
   __syncthreads();
-  const int pieces = D / 8;
-  for (int i = threadIdx.x; i < n * pieces; i += blockDim.x) {
-    const int r = i / pieces, p = i % pieces;
+  constexpr int PIECES = D / 8;
+  for (int i = threadIdx.x; i < ROWS * PIECES; i += blockDim.x) {
+    const int r = i / PIECES, p = i % PIECES;
     const int64_t row = at[r];
-    dsv4::cp_async16(rows + r * D + p * 8, kv + (size_t(b) * T + (row >= 0 ? row : 0)) * D + p * 8, row >= 0 ? 16 : 0);
+    dsv4::cp_async16(rows + r * LD + p * 8, kv + (size_t(b) * T + (row >= 0 ? row : 0)) * D + p * 8, row >= 0 ? 16 : 0);
   }
-  float qr[MAX_CHUNKS][4];                        // loaded while the rows land
-  const __nv_bfloat16* qh = q + (size_t(query) * heads + head) * D;
-#pragma unroll
-  for (int c = 0; c < CHUNKS; ++c)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) qr[c][j] = __bfloat162float(qh[c * 128 + lane * 4 + j]);
   dsv4::cp_async_wait_all();
   __syncthreads();
 
-  float* my_scores = scores + warp * ROWS;
-  float m = -INFINITY;
-  constexpr int U = 4;                           // rows scored together: their shuffles overlap
-  for (int r0 = 0; r0 < n; r0 += U) {
-    float part[U];
+  // S = Q . K^T: 4 tiles of 8 rows; ldmatrix x4 hands two tiles' B fragments (16 dims) at once
+  constexpr int NT = ROWS / 8;
+  float s[NT][4] = {};
+  const int mi = lane >> 3, mr = lane & 7;      // the matrix and row this lane addresses in an ldmatrix
 #pragma unroll
-    for (int u = 0; u < U; ++u) part[u] = dot_row<CHUNKS>(qr, rows + min(r0 + u, n - 1) * D, lane);
+  for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1)
-#pragma unroll
-      for (int u = 0; u < U; ++u) part[u] += __shfl_xor_sync(0xffffffffu, part[u], off);
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int r = r0 + u;
-      if (r >= n) break;
-      // lane 0's sum in every lane: one value per score
-      const float s = at[r] >= 0 ? __shfl_sync(0xffffffffu, part[u], 0) * scale : -INFINITY;
-      if (lane == 0) my_scores[r] = s;
-      m = fmaxf(m, s);
+    for (int nt = 0; nt < NT; nt += 2) {
+      uint32_t bfr[4];                           // matrices: (tile nt, dims lo), (nt, hi), (nt + 1, lo), (nt + 1, hi)
+      ldmatrix_x4(bfr, rows + ((nt + (mi >> 1)) * 8 + mr) * LD + kk * 16 + (mi & 1) * 8, false);
+      mma_bf16(s[nt], qa[kk], bfr[0], bfr[1]);
+      mma_bf16(s[nt + 1], qa[kk], bfr[2], bfr[3]);
     }
   }
-  __syncwarp();
-  float o[MAX_CHUNKS][4] = {};
-  float l = 0.f;
-  if (m != -INFINITY) {
-    for (int r = 0; r < n; ++r) {
-      const float s = my_scores[r];
-      if (s == -INFINITY) continue;
-      const float p = expf(s - m);
-      l += p;
-      const float pb = __bfloat162float(__float2bfloat16(p));            // the probabilities in bf16
-      const __nv_bfloat16* row = rows + r * D;
+  // the split's softmax per head (rows g: s[.][0..1], g + 8: s[.][2..3]); the 4 lanes of a head share it
+  float m[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int c = 0; c < CHUNKS; ++c) {
-        const uint2 raw = *reinterpret_cast<const uint2*>(row + c * 128 + lane * 4);
-        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-        const float2 a = __bfloat1622float2(h[0]), bb = __bfloat1622float2(h[1]);
-        o[c][0] = fmaf(pb, a.x, o[c][0]);
-        o[c][1] = fmaf(pb, a.y, o[c][1]);
-        o[c][2] = fmaf(pb, bb.x, o[c][2]);
-        o[c][3] = fmaf(pb, bb.y, o[c][3]);
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = nt * 8 + 2 * t + (i & 1);
+      s[nt][i] = at[r] >= 0 ? s[nt][i] * scale : -INFINITY;
+      m[i >> 1] = fmaxf(m[i >> 1], s[nt][i]);
+    }
+  float l[2] = {0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    m[j] = fmaxf(m[j], __shfl_xor_sync(0xffffffffu, m[j], 1));
+    m[j] = fmaxf(m[j], __shfl_xor_sync(0xffffffffu, m[j], 2));
+  }
+  uint32_t p[NT / 2][4];                         // P's A fragments, 16 rows each, in bf16
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    float e[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      e[i] = m[i >> 1] == -INFINITY ? 0.f : expf(s[nt][i] - m[i >> 1]);
+      l[i >> 1] += e[i];
+    }
+    p[nt >> 1][(nt & 1) * 2] = bf16x2(e[0], e[1]);
+    p[nt >> 1][(nt & 1) * 2 + 1] = bf16x2(e[2], e[3]);
+  }
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    l[j] += __shfl_xor_sync(0xffffffffu, l[j], 1);
+    l[j] += __shfl_xor_sync(0xffffffffu, l[j], 2);
+  }
+  const size_t part = (size_t(query) * splits + split) * heads;
+  const int head0 = 16 * warp + g, head8 = head0 + 8;
+  if (t == 0) {
+    if (head0 < heads) ml[(part + head0) * 2] = m[0], ml[(part + head0) * 2 + 1] = l[0];
+    if (head8 < heads) ml[(part + head8) * 2] = m[1], ml[(part + head8) * 2 + 1] = l[1];
+  }
+  // O = P . V over 128 dims at a time (16 tiles of 8 dims); ldmatrix.trans hands V's B fragments for two
+  // tiles (16 rows) at once
+  float* out0 = acc + (part + head0) * D + 2 * t;
+  float* out8 = acc + (part + head8) * D + 2 * t;
+#pragma unroll 1
+  for (int d0 = 0; d0 < D; d0 += 128) {
+    float o[16][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; ++kk)
+#pragma unroll
+      for (int dt = 0; dt < 16; dt += 2) {
+        uint32_t bfr[4];                         // matrices: (rows lo, tile dt), (hi, dt), (lo, dt + 1), (hi, dt + 1)
+        ldmatrix_x4(bfr, rows + (kk * 16 + (mi & 1) * 8 + mr) * LD + d0 + (dt + (mi >> 1)) * 8, true);
+        mma_bf16(o[dt], p[kk], bfr[0], bfr[1]);
+        mma_bf16(o[dt + 1], p[kk], bfr[2], bfr[3]);
       }
-    }
-  }
-  const size_t part = (size_t(query) * splits + split) * heads + head;
 #pragma unroll
-  for (int c = 0; c < CHUNKS; ++c)
-    *reinterpret_cast<float4*>(acc + part * D + c * 128 + lane * 4) = make_float4(o[c][0], o[c][1], o[c][2], o[c][3]);
-  if (lane == 0) {
-    ml[part * 2] = m;
-    ml[part * 2 + 1] = l;
+    for (int dt = 0; dt < 16; ++dt) {
+      if (head0 < heads) *reinterpret_cast<float2*>(out0 + d0 + dt * 8) = make_float2(o[dt][0], o[dt][1]);
+      if (head8 < heads) *reinterpret_cast<float2*>(out8 + d0 + dt * 8) = make_float2(o[dt][2], o[dt][3]);
+    }
   }
 }
 
@@ -136,45 +177,80 @@ __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q
       const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,                             \
       const int64_t* __restrict__ idx, float* __restrict__ acc, float* __restrict__ ml, int s_per_b,         \
       int heads, int T, int K, float scale) {                                                                \
-    attend_split<CHUNKS>(q, kv, idx, acc, ml, s_per_b, heads, T, K, scale);                                  \
+    attend_split<CHUNKS * 128>(q, kv, idx, acc, ml, s_per_b, heads, T, K, scale);                            \
   }
 DSV4_SPARSE_ATTENTION(1)
 DSV4_SPARSE_ATTENTION(2)
 DSV4_SPARSE_ATTENTION(4)
 
-// grid (heads, queries), block 128: o = sum_i acc_i * w_i / (sum_i l_i * w_i + exp(sink - M)),
-// w_i = exp(m_i - M), M = max_i m_i (splits without a row weigh nothing).
+// grid (heads, queries), block D / 4: o = sum_i acc_i * w_i / (sum_i l_i * w_i + exp(sink - M)),
+// w_i = exp(m_i - M), M = max_i m_i (splits without a row weigh nothing). Each thread owns 4 elements of
+// the row (float4 loads) and reads UNROLL splits' partials at once; the maximum and the normaliser are
+// block reductions over the splits' (m, l), read once.
+__device__ __forceinline__ float block_reduce(float v, bool is_max, float* scratch) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float o = __shfl_xor_sync(0xffffffffu, v, off);
+    v = is_max ? fmaxf(v, o) : v + o;
+  }
+  const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  __syncthreads();                               // scratch is free (a previous reduction has been read)
+  if ((threadIdx.x & 31) == 0) scratch[warp] = v;
+  __syncthreads();
+  v = scratch[0];
+  for (int i = 1; i < warps; ++i) v = is_max ? fmaxf(v, scratch[i]) : v + scratch[i];
+  return v;
+}
+
 extern "C" __global__ void __launch_bounds__(128) dsv4_sparse_attention_combine(
     const float* __restrict__ acc, const float* __restrict__ ml, const float* __restrict__ sink,
     __nv_bfloat16* __restrict__ out, int heads, int D, int splits) {
   dsv4::pdl_wait();
   dsv4::pdl_launch_dependents();
-  __shared__ float w[MAX_SPLITS], l[MAX_SPLITS];   // each split's maximum, then weight; its normaliser
+  __shared__ float w[MAX_SPLITS], scratch[4];    // each split's weight
   const int head = blockIdx.x, query = blockIdx.y;
   const float* part_ml = ml + size_t(query) * splits * heads * 2;
-  for (int i = threadIdx.x; i < splits; i += blockDim.x) {
-    w[i] = part_ml[(size_t(i) * heads + head) * 2];
-    l[i] = part_ml[(size_t(i) * heads + head) * 2 + 1];
+  constexpr int PER = MAX_SPLITS / 128;          // splits per thread, in registers
+  float2 mine[PER];
+  float M = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int i = threadIdx.x + j * blockDim.x;
+    mine[j] = i < splits ? *reinterpret_cast<const float2*>(part_ml + (size_t(i) * heads + head) * 2)
+                         : make_float2(-INFINITY, 0.f);
+    M = fmaxf(M, mine[j].x);
   }
-  __syncthreads();
-  if (threadIdx.x == 0) {                        // few splits: one thread, in split order
-    float M = -INFINITY;
-    for (int i = 0; i < splits; ++i) M = fmaxf(M, w[i]);
-    const float sink_h = sink[head];
-    if (M == -INFINITY) M = sink_h;              // no row at all: the output is 0
-    float den = expf(sink_h - M);
-    for (int i = 0; i < splits; ++i) {
-      const float m = w[i];
-      w[i] = m == -INFINITY ? 0.f : expf(m - M);
-      den += w[i] == 0.f ? 0.f : l[i] * w[i];
+  M = block_reduce(M, true, scratch);
+  const float sink_h = sink[head];
+  if (M == -INFINITY) M = sink_h;                // no row at all: the output is 0
+  float den = 0.f;
+#pragma unroll
+  for (int j = 0; j < PER; ++j) {
+    const int i = threadIdx.x + j * blockDim.x;
+    const float wi = mine[j].x == -INFINITY ? 0.f : expf(mine[j].x - M);
+    if (i < splits) w[i] = wi;
+    den += wi == 0.f ? 0.f : mine[j].y * wi;
+  }
+  den = block_reduce(den, false, scratch) + expf(sink_h - M);   // its barriers also publish w[]
+  const float inv = 1.f / den;
+  constexpr int UNROLL = 8;
+  const int e = threadIdx.x * 4;
+  if (e >= D) return;
+  const float* a = acc + (size_t(query) * splits * heads + head) * D + e;
+  const size_t stride = size_t(heads) * D;       // from one split's row to the next
+  float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int i = 0; i < splits; i += UNROLL) {
+    float4 v[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+      v[u] = i + u < splits ? *reinterpret_cast<const float4*>(a + (i + u) * stride) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const float wu = i + u < splits ? w[i + u] : 0.f;
+      o.x = fmaf(v[u].x, wu, o.x), o.y = fmaf(v[u].y, wu, o.y), o.z = fmaf(v[u].z, wu, o.z), o.w = fmaf(v[u].w, wu, o.w);
     }
-    for (int i = 0; i < splits; ++i) w[i] /= den;
   }
-  __syncthreads();
-  for (int e = threadIdx.x; e < D; e += blockDim.x) {
-    float o = 0.f;
-#pragma unroll 4
-    for (int i = 0; i < splits; ++i) o = fmaf(acc[((size_t(query) * splits + i) * heads + head) * D + e], w[i], o);
-    out[(size_t(query) * heads + head) * D + e] = __float2bfloat16(o);
-  }
+  __nv_bfloat16* dst = out + (size_t(query) * heads + head) * D + e;
+  *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(o.x * inv, o.y * inv);
+  *reinterpret_cast<__nv_bfloat162*>(dst + 2) = __floats2bfloat162_rn(o.z * inv, o.w * inv);
 }
