@@ -7,7 +7,8 @@
 # weights alone route near uniformly, which no expert cache can beat.
 # DTYPE=float32 builds the exact gate instead: the artifact runs the ops' oracles and must equal the float32
 # reference (argmax identical, cosine >= 0.999999); no benchmark (oracles are not the fast path).
-# SKIP_FORCED=1 skips the reference comparison; COMPARE=none leaves eager out of the benchmark. CKPT=/dev/shm/flash8 keeps a large checkpoint in memory when
+# SKIP_FORCED=1 skips the reference comparison; COMPARE=none leaves eager out of the benchmark; SKIP_PROFILE=1 the
+# decode profile. CKPT=/dev/shm/flash8 keeps a large checkpoint in memory when
 # checkpoint + artifact would not fit the disk (8 layers: about 30 + 36 GB against 64 GB). AOTInductor packages on the H200 image need libstdc++
 # preloaded (see docs/design.md).
 set -euo pipefail
@@ -41,4 +42,4 @@ dsv4 bench $ART --compare ${COMPARE:-eager} --json $OUT/artifact-flash$LAYERS-h2
 SLOTS=$(( LAYERS * 256 * 3 / 4 ))
 dsv4 bench $ART --compare none --expert-slots $SLOTS --json $OUT/artifact-flash$LAYERS-paged-h200.json 2>&1 \
     | tee $OUT/bench-flash$LAYERS-paged.txt
-python bench/profile_decode.py $ART --prefill 512 --json $OUT/profile-decode-flash$LAYERS-h200.json 2>&1 | tee $OUT/profile-flash$LAYERS.txt
+[ -n "${SKIP_PROFILE:-}" ] || python bench/profile_decode.py $ART --prefill 512 --json $OUT/profile-decode-flash$LAYERS-h200.json 2>&1 | tee $OUT/profile-flash$LAYERS.txt
