@@ -1,5 +1,6 @@
-"""FP8 GEMV time against the depth of its weight ring (csrc/fp8_linear.cu), weights rotated past L2, inside a
-CUDA graph: which depth (and so how many CTAs per SM) keeps HBM busiest for each Flash shape.
+"""FP8 GEMV time against the depth of its weight ring (csrc/fp8_linear.cu) and against quantising the
+activation in every CTA (fused) or once in its own launch (unfused), weights rotated past L2, inside a CUDA
+graph: which depth (and so how many CTAs per SM) and which form keep HBM busiest for each Flash shape.
 
     python bench/gemv_ring_sweep.py [--json bench/results/gemv-ring-sweep-h200.json]
 """
@@ -23,15 +24,18 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "gemv-ring-sweep-h200.json")
     args = ap.parse_args()
     bw = copy_bandwidth()
-    chosen = fp8_linear.ring_stages
+    chosen, fuse_limit = fp8_linear.ring_stages, fp8_linear.FUSE_LIMIT_BLOCKS
     rows = []
-    for stages in (None, 2, 3, 4, 5, 6):
-        fp8_linear.ring_stages = chosen if stages is None else (lambda *_, s=stages: s)
-        for name, n, k in SHAPES:
-            us = gemv_us(n, k, rotate=True)
-            rows.append({"stages": stages or "default", "weight": name, "time_us": us,
-                         "fraction_of_copy_bw": n * k / (us * 1e-6) / bw})
-            print(json.dumps(rows[-1]))
+    for fused in (True, False):
+        fp8_linear.FUSE_LIMIT_BLOCKS = fuse_limit if fused else 0
+        for stages in (None, 2, 3, 4, 5, 6):
+            fp8_linear.ring_stages = chosen if stages is None else (lambda *_, s=stages: s)
+            for name, n, k in SHAPES:
+                us = gemv_us(n, k, rotate=True)
+                rows.append({"stages": stages or "default", "fused": fused, "weight": name, "time_us": us,
+                             "fraction_of_copy_bw": n * k / (us * 1e-6) / bw})
+                print(json.dumps(rows[-1]))
+    fp8_linear.ring_stages, fp8_linear.FUSE_LIMIT_BLOCKS = chosen, fuse_limit
     report = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "cuda": torch.version.cuda, "copy_bandwidth_gbps": bw / 1e9,
               "results": rows}
