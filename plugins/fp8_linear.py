@@ -27,11 +27,13 @@ def _sm_count(device: torch.device) -> int:
 
 
 def ring_stages(shared_memory: tuple[int, int], fixed: int) -> int:
-    """Depth of the GEMV's weight ring (csrc/fp8_linear.cu): as deep as two CTAs per SM allow (at least 3
-    steps, 2 in flight per warp), else as one CTA per SM allows (GPUs with little shared memory, e.g.
-    sm_120). `fixed`: the CTA's other shared bytes."""
+    """Depth of the GEMV's weight ring (csrc/fp8_linear.cu): as deep as two CTAs per SM allow (at least 2
+    steps), else as one CTA per SM allows (GPUs with little shared memory, e.g. sm_120). Two CTAs win on
+    the H200 even when that leaves one step in flight (`bench/results/gemv-ring-sweep-h200.json`: wo_b,
+    whose 8192-wide activation takes 17 KB, 11.8 us at 2 CTAs x 2 steps, 12.1-13.1 us at one CTA x 3-6).
+    `fixed`: the CTA's other shared bytes."""
     per_sm, per_block = shared_memory
-    for ctas, least in ((2, 3), (1, 2)):
+    for ctas, least in ((2, 2), (1, 2)):
         room = min(per_sm // ctas - 1024, per_block) - fixed   # the driver keeps 1 KiB per CTA
         stages = min(MAX_STAGES, room // STAGE_BYTES)
         if stages >= least:

@@ -127,6 +127,7 @@ def test_grouped_fp8_kernel_matches_the_bf16_grouped_einsum(rows, g, r, d):
 
 @pytest.mark.parametrize("shared_memory, fixed, stages", [
     pytest.param((233472, 232448), 12 * 1024, 3, id="h200-two-ctas"),
+    pytest.param((233472, 232448), 20864, 2, id="h200-wo_b-two-ctas-two-steps"),
     pytest.param((233472, 232448), 60 * 1024, 5, id="h200-big-act-one-cta"),
     pytest.param((102400, 101376), 12 * 1024, 2, id="sm120-one-cta"),
 ])
