@@ -41,6 +41,22 @@ def ring_stages(shared_memory: tuple[int, int], fixed: int) -> int:
     raise RuntimeError(f"FP8 GEMV: {per_block} bytes of shared memory per CTA cannot hold its weight ring")
 
 
+def gemv_plan(m: int, k: int, shared_memory: tuple[int, int]) -> tuple[bool, int, int]:
+    """(fused, ring depth, dynamic shared bytes) of a GEMV over m rows of width k. Fused: each CTA quantises
+    the rows into shared memory itself, while m * k / 128 is small and they leave room for a ring of 2
+    steps; else one act_quant launch writes the codes for all CTAs (e.g. 4 rows of 4096 on sm_120)."""
+    static = (8 if m > 8 else 4) * 1024                         # csrc/fp8_linear.cu partial sums
+    if m * (k // 128) <= FUSE_LIMIT_BLOCKS:
+        act = 2 * m * (k + ROW_PAD) + m * (k // 128) * 4          # room for f16 codes (csrc/fp8_linear.cu)
+        try:
+            stages = ring_stages(shared_memory, act + static)
+            return True, stages, stages * STAGE_BYTES + act
+        except RuntimeError:
+            pass
+    stages = ring_stages(shared_memory, static)
+    return False, stages, stages * STAGE_BYTES
+
+
 def warps_per_row(k: int) -> int:
     """Warps sharing one group of 16 output rows: split K so each warp still has 4 blocks (two steps)."""
     blocks = k // 128
@@ -60,18 +76,14 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
     assert k % 128 == 0 and w.size(1) == k and x.is_contiguous() and w.is_contiguous()
     assert w_scale.shape == ((n + 127) // 128, k // 128)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device) if out is None else out
-    fused = m * (k // 128) <= FUSE_LIMIT_BLOCKS
+    lib = kernels()
+    fused, stages, shared = gemv_plan(m, k, lib.shared_memory())
     if fused:
         codes, scales = x, x                                  # unused by the fused kernel
-        act = 2 * m * (k + ROW_PAD) + m * (k // 128) * 4       # room for f16 codes (csrc/fp8_linear.cu)
     else:
         codes, scales = make_workspace(m, k, x.device) if workspace is None else workspace
         act_quant(x, codes, scales)
-        act = 0
-    lib = kernels()
     name = f"dsv4_fp8_gemv{'_fused' if fused else ''}_m{8 if m <= 8 else 16}"
-    stages = ring_stages(lib.shared_memory(), act + (8 if m > 8 else 4) * 1024)
-    shared = stages * STAGE_BYTES + act
     resident = lib.resident(name, 256, shared)
     groups = (n + 15) // 16                   # row groups of 16 (csrc/fp8_linear.cu)
     # Warps sharing a row group meet at a CTA barrier after every group; with enough row groups to fill

@@ -143,3 +143,17 @@ def test_gemv_ring_refuses_a_gpu_without_room():
     from plugins.fp8_linear import ring_stages
     with pytest.raises(RuntimeError, match="weight ring"):
         ring_stages((65536, 49152), 20 * 1024)
+
+
+@pytest.mark.parametrize("m, k, shared_memory, fused", [
+    pytest.param(1, 8192, (233472, 232448), True, id="h200-wo_b-fused"),
+    pytest.param(16, 1024, (233472, 232448), True, id="h200-16rows-fused"),
+    pytest.param(4, 4096, (102400, 101376), False, id="sm120-4rows-no-room-unfused"),
+    pytest.param(1, 4096, (102400, 101376), True, id="sm120-1row-fused"),
+    pytest.param(16, 4096, (233472, 232448), False, id="many-blocks-unfused"),
+])
+def test_gemv_plan_falls_back_to_one_act_quant_where_shared_memory_is_short(m, k, shared_memory, fused):
+    from plugins.fp8_linear import STAGE_BYTES, gemv_plan
+    got_fused, stages, shared = gemv_plan(m, k, shared_memory)
+    assert got_fused == fused and stages >= 2
+    assert shared >= stages * STAGE_BYTES and shared + 8 * 1024 <= shared_memory[1]
