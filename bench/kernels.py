@@ -135,6 +135,12 @@ def bench_moe_decode(bandwidth: float, tokens: int = 1, n_experts: int = 64) -> 
             "fraction_of_copy_bw": achieved / bandwidth}
 
 
+def bf16_matmul_tflops(n: int = 8192) -> float:
+    """A bf16 torch.matmul of two n x n matrices, TFLOP/s: the compute yardstick of prefill kernels."""
+    a, b = (torch.randn(n, n, device="cuda").to(torch.bfloat16) for _ in range(2))
+    return 2 * n ** 3 / (time_ms(lambda: torch.matmul(a, b), iters=20) * 1e-3) / 1e12
+
+
 def bench_bf16_gemv(name: str, v: int, d: int, bandwidth: float, rows: int = 1) -> dict:
     """Float32 rows times a weight kept in bf16, float32 accumulation (plugins/head.py's kernel): the Flash
     vocabulary head, and through `dsv4::wide_linear` the compressors' and the router's products. Against
@@ -297,6 +303,9 @@ def main() -> None:
     for tokens in (1, 2):
         rows.append(bench_moe_decode(bw, tokens))
         print(json.dumps(rows[-1]))
+    matmul = bf16_matmul_tflops()
+    rows.append({"kernel": "bf16_matmul", "weight": "8192 x 8192 x 8192", "tflops": matmul})
+    print(json.dumps(rows[-1]))
     for name, v, d in [("head", 129280, 4096), ("compressor_ratio4", 1024, 4096), ("compressor_ratio128", 512, 4096),
                        ("indexer_compressor", 256, 4096), ("gate", 256, 4096)]:
         rows.append(bench_bf16_gemv(name, v, d, bw))
