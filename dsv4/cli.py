@@ -349,7 +349,8 @@ def _pager_line(pager) -> str:
 @click.option("--compare", "compare_with", type=click.Choice(["eager", "none"]), default="eager", show_default=True,
               help="Also run the layer programs eagerly, in the same process.")
 @click.option("--prompt-len", type=click.IntRange(1), default=32, show_default=True,
-              help="Prompt tokens (a fixed synthetic sequence), fed one decode step each.")
+              help="Prompt tokens (a fixed synthetic sequence), prefilled in chunks by the artifact's prefill "
+                   "programs (one decode step each where it has none).")
 @click.option("--new", "new_tokens", type=click.IntRange(2), default=32, show_default=True,
               help="Tokens generated greedily after the prompt.")
 @click.option("--device", default="auto", show_default=True, help="auto = what the artifact was compiled for.")
