@@ -8,7 +8,7 @@
 # DTYPE=float32 builds the exact gate instead: the artifact runs the ops' oracles and must equal the float32
 # reference (argmax identical, cosine >= 0.999999); no benchmark (oracles are not the fast path).
 # SKIP_FORCED=1 skips the reference comparison; COMPARE=none leaves eager out of the benchmark; SKIP_PROFILE=1 the
-# decode profile. CKPT=/dev/shm/flash8 keeps a large checkpoint in memory when
+# decode profile; PROMPT_LEN sets the benchmark's prompt (default 32 tokens). CKPT=/dev/shm/flash8 keeps a large checkpoint in memory when
 # checkpoint + artifact would not fit the disk (8 layers: about 30 + 36 GB against 64 GB). AOTInductor packages on the H200 image need libstdc++
 # preloaded (see docs/design.md).
 set -euo pipefail
@@ -38,7 +38,7 @@ if [ -z "${SKIP_FORCED:-}" ]; then
 fi
 # another job sharing the machine (WAIT_FOR=pid, e.g. GPU tests run during this build) ends before timing
 while [ -n "${WAIT_FOR:-}" ] && kill -0 "$WAIT_FOR" 2>/dev/null; do sleep 2; done
-dsv4 bench $ART --compare ${COMPARE:-eager} --json $OUT/artifact-flash$LAYERS-h200.json 2>&1 | tee $OUT/bench-flash$LAYERS.txt
+dsv4 bench $ART --compare ${COMPARE:-eager} --prompt-len ${PROMPT_LEN:-32} --json $OUT/artifact-flash$LAYERS-h200.json 2>&1 | tee $OUT/bench-flash$LAYERS.txt
 SLOTS=$(( LAYERS * 256 * 3 / 4 ))
 dsv4 bench $ART --compare none --expert-slots $SLOTS --json $OUT/artifact-flash$LAYERS-paged-h200.json 2>&1 \
     | tee $OUT/bench-flash$LAYERS-paged.txt
