@@ -81,25 +81,19 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// c += A (16x32, row) . B (32x8, col), e4m3 inputs, fp32 accumulators (sm_89+).
-__device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// c += A (16x16, row) . B (16x8, col), f16 inputs, fp32 accumulators.
-__device__ __forceinline__ void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                        uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
+// c += A (16 x K, row) . B (K x 8, col) on tensor cores with fp32 accumulators, for the input types in
+// SHAPE_TYPES; A is four 32-bit registers per lane, B two (the PTX fragment layouts).
+#define DSV4_MMA_16X8(NAME, SHAPE_TYPES)                                                                   \
+  __device__ __forceinline__ void NAME(float(&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,   \
+                                       uint32_t b0, uint32_t b1) {                                         \
+    asm volatile("mma.sync.aligned." SHAPE_TYPES " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n" \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                          \
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));                                  \
+  }
+DSV4_MMA_16X8(mma_e4m3, "m16n8k32.row.col.f32.e4m3.e4m3.f32")   // K 32, e4m3 (sm_89+)
+DSV4_MMA_16X8(mma_f16, "m16n8k16.row.col.f32.f16.f16.f32")      // K 16, f16
+DSV4_MMA_16X8(mma_bf16, "m16n8k16.row.col.f32.bf16.bf16.f32")   // K 16, bf16
+#undef DSV4_MMA_16X8
 
 // Two e4m3 codes (the low 16 bits; the lower byte first) as their exact f16 values (f16x2), in one
 // conversion (sm_89+): cuda_fp8.h's wrapper returns two halves that the compiler then repacks.

@@ -27,14 +27,6 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&d)[4], const void* p, boo
                  : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3]) : "r"(dsv4::smem_addr(p)));
 }
 
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 __device__ __forceinline__ uint32_t ld_weak(const uint32_t* p) {
   uint32_t v;
   asm("ld.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p));
@@ -103,8 +95,8 @@ __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q
     for (int nt = 0; nt < NT; nt += 2) {
       uint32_t bfr[4];                           // matrices: (tile nt, dims lo), (nt, hi), (nt + 1, lo), (nt + 1, hi)
       ldmatrix_x4(bfr, rows + ((nt + (mi >> 1)) * 8 + mr) * LD + kk * 16 + (mi & 1) * 8, false);
-      mma_bf16(s[nt], qa[kk], bfr[0], bfr[1]);
-      mma_bf16(s[nt + 1], qa[kk], bfr[2], bfr[3]);
+      dsv4::mma_bf16(s[nt], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], bfr[0], bfr[1]);
+      dsv4::mma_bf16(s[nt + 1], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], bfr[2], bfr[3]);
     }
   }
   // the split's softmax per head (rows g: s[.][0..1], g + 8: s[.][2..3]); the 4 lanes of a head share it
@@ -159,8 +151,8 @@ __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q
       for (int dt = 0; dt < 16; dt += 2) {
         uint32_t bfr[4];                         // matrices: (rows lo, tile dt), (hi, dt), (lo, dt + 1), (hi, dt + 1)
         ldmatrix_x4(bfr, rows + (kk * 16 + (mi & 1) * 8 + mr) * LD + d0 + (dt + (mi >> 1)) * 8, true);
-        mma_bf16(o[dt], p[kk], bfr[0], bfr[1]);
-        mma_bf16(o[dt + 1], p[kk], bfr[2], bfr[3]);
+        dsv4::mma_bf16(o[dt], p[kk][0], p[kk][1], p[kk][2], p[kk][3], bfr[0], bfr[1]);
+        dsv4::mma_bf16(o[dt + 1], p[kk][0], p[kk][1], p[kk][2], p[kk][3], bfr[2], bfr[3]);
       }
 #pragma unroll
     for (int dt = 0; dt < 16; ++dt) {
