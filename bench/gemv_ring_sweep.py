@@ -30,12 +30,14 @@ def main() -> None:
         fp8_linear.FUSE_LIMIT_BLOCKS = fuse_limit if fused else 0
         for stages in (None, 2, 3, 4, 5, 6):
             fp8_linear.ring_stages = chosen if stages is None else (lambda *_, s=stages: s)
+            fp8_linear.gemv_plan.cache_clear()               # plans are cached per shape
             for name, n, k in SHAPES:
                 us = gemv_us(n, k, rotate=True)
                 rows.append({"stages": stages or "default", "fused": fused, "weight": name, "time_us": us,
                              "fraction_of_copy_bw": n * k / (us * 1e-6) / bw})
                 print(json.dumps(rows[-1]))
     fp8_linear.ring_stages, fp8_linear.FUSE_LIMIT_BLOCKS = chosen, fuse_limit
+    fp8_linear.gemv_plan.cache_clear()
     report = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "cuda": torch.version.cuda, "copy_bandwidth_gbps": bw / 1e9,
               "results": rows}

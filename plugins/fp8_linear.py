@@ -21,11 +21,6 @@ STAGE_BYTES = 8 * (4096 + 8)
 MAX_STAGES = 6
 
 
-@lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def ring_stages(shared_memory: tuple[int, int], fixed: int) -> int:
     """Depth of the GEMV's weight ring (csrc/fp8_linear.cu): as deep as two CTAs per SM allow (at least 2
     steps), else as one CTA per SM allows (GPUs with little shared memory, e.g. sm_120). Two CTAs win on
@@ -41,6 +36,7 @@ def ring_stages(shared_memory: tuple[int, int], fixed: int) -> int:
     raise RuntimeError(f"FP8 GEMV: {per_block} bytes of shared memory per CTA cannot hold its weight ring")
 
 
+@lru_cache(maxsize=64)                    # called on every launch: plain decode pays Python per call
 def gemv_plan(m: int, k: int, shared_memory: tuple[int, int]) -> tuple[bool, int, int]:
     """(fused, ring depth, dynamic shared bytes) of a GEMV over m rows of width k. Fused: each CTA quantises
     the rows into shared memory itself, while m * k / 128 is small and they leave room for a ring of 2
