@@ -18,7 +18,7 @@ import torch
 
 from .formats import fp8_weight_dequant, mxfp4_dequant
 from .head import head_logits, kernel_fits
-from .moe_experts import expert_nbytes, moe_experts_decode, unpack_expert
+from .moe_experts import expert_nbytes, moe_experts_decode, moe_experts_prefill, unpack_expert
 from .oracle import einsum, hc_pre_parts, quantised_matmul, swiglu, wide_dtype
 from .oracle import sparse_attention as sparse_attention_oracle
 
@@ -88,6 +88,10 @@ def moe_routed(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, ta
     """x [T, D], experts [T, k] int32, weights [T, k] float32, table [E] int64 expert addresses -> [T, D]
     float32 (float64 for a float32/float64 model): the routed experts' sum, shared expert excluded."""
     if x.is_cuda and x.dtype == torch.bfloat16:
+        if x.size(0) > 16 and not torch.cuda.is_current_stream_capturing():
+            # prefill: each expert read once per group of its tokens, not once per token (same bits)
+            return moe_experts_prefill(x.contiguous(), experts.contiguous(), weights.contiguous(), table, inter,
+                                       limit)
         return moe_experts_decode(x.contiguous(), experts, weights, table, inter, limit)
     # the oracle (CPU, and float32 models on CUDA, which check compiled programs exactly); it reads the
     # table on the host, so it cannot be captured in a CUDA graph
