@@ -122,7 +122,7 @@ __device__ __forceinline__ void mma_step(const uint8_t* stage, const Fp4Job& j, 
       const uint32_t w0 = d[2 * v], w8 = d[2 * v + 1];
       dsv4::mma_e4m3(c, e2m1_even(w0), e2m1_even(w8), e2m1_odd(w0), e2m1_odd(w8), x.x, x.y);
       const float s0 = dsv4::e8m0(sc[0][b / 4] >> (8 * (b % 4))), s8 = dsv4::e8m0(sc[1][b / 4] >> (8 * (b % 4)));
-      if (TOKENS == 1) {
+      if constexpr (TOKENS == 1) {
         const float sx = act_s[(blk + b) / 4];
         acc[0] = fmaf(c[0], s0 * sx, acc[0]);
         acc[1] = fmaf(c[2], s8 * sx, acc[1]);
@@ -131,8 +131,8 @@ __device__ __forceinline__ void mma_step(const uint8_t* stage, const Fp4Job& j, 
         const float x0 = t0 < ntok ? act_s[t0 * per + kb] : 0.f, x1 = t1 < ntok ? act_s[t1 * per + kb] : 0.f;
         acc[0] = fmaf(c[0], s0 * x0, acc[0]);
         acc[1] = fmaf(c[1], s0 * x1, acc[1]);
-        acc[TOKENS > 1 ? 2 : 0] = fmaf(c[2], s8 * x0, acc[TOKENS > 1 ? 2 : 0]);
-        acc[TOKENS > 1 ? 3 : 1] = fmaf(c[3], s8 * x1, acc[TOKENS > 1 ? 3 : 1]);
+        acc[2] = fmaf(c[2], s8 * x0, acc[2]);
+        acc[3] = fmaf(c[3], s8 * x1, acc[3]);
       }
     }
   }
