@@ -381,6 +381,70 @@ __device__ __forceinline__ int quantise_group(const __nv_bfloat16* src, const in
   return count;
 }
 
+// What both grouped kernels share: the activation rows (`src`, `n` values each, by token or by pair), the
+// grouping (groups of at most `max_group` pairs), and the walk (`blocks` row blocks per group, `nb` 32-K
+// blocks per warp and item).
+struct GroupedWalk {
+  const __nv_bfloat16* src;
+  const int *pairs, *g_expert, *g_start, *g_count;
+  const uint64_t* table;
+  int groups, topk, n, blocks, nb, max_group;
+  bool by_token;
+};
+
+// The CTA's items (group, row block) in order, each warp streaming its job's steps through its ring; at a
+// new group its rows are quantised into `codes`; after an item's last step the warps' sums are in
+// partial[warp][row][token] and epilogue(cursor, ntok) forms the outputs. job(cursor) -> Fp4Job.
+template <class JobOf, class Epilogue>
+__device__ __forceinline__ void walk_groups(const GroupedWalk& w, uint8_t* smem_bytes, float (&partial)[8][16][8],
+                                            JobOf job, Epilogue epilogue) {
+  uint8_t* codes = smem_bytes + RING_BYTES;
+  float* scales = reinterpret_cast<float*>(codes + w.max_group * w.n);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2, q = lane & 3;
+  const int part = warp % PARTS, steps = (w.nb + UB - 1) / UB;
+  const int2 range = cta_range(w.groups * w.blocks);
+  const int mine = range.y, total = mine * steps;
+  uint8_t* ring = smem_bytes + warp * STAGES * STAGE_BYTES;
+  const bool async_scales = w.nb % 4 == 0;
+  GroupCursor now, ahead;                       // the step being multiplied, the step being loaded
+  now.start(range.x, w.blocks, w.groups, w.g_expert, w.table);
+  ahead.start(range.x, w.blocks, w.groups, w.g_expert, w.table);
+  auto job_at = [&](const GroupCursor& c) {
+    Fp4Job jb = job(c);
+    jb.blocks = c.it < mine ? min(UB, w.nb - c.s * UB) : 0;
+    return jb;
+  };
+#pragma unroll
+  for (int p = 0; p < STAGES - 1; ++p) {
+    issue_step(job_at(ahead), ring + p * STAGE_BYTES, lane, async_scales);
+    ahead.advance(steps, w.blocks, w.groups, mine, w.g_expert, w.table);
+  }
+  int coded = -1, ntok = 0;                     // the group whose rows are in `codes`
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int i = 0; i < total; ++i) {
+    if (now.s == 0 && now.g != coded)           // every warp is here at the same i; `codes` is free
+      coded = now.g, ntok = quantise_group(w.src, w.pairs, w.g_start[now.g], w.g_count[now.g], w.topk, w.by_token,
+                                           w.n, codes, scales);
+    issue_step(job_at(ahead), ring + ((i + STAGES - 1) % STAGES) * STAGE_BYTES, lane, async_scales);
+    ahead.advance(steps, w.blocks, w.groups, mine, w.g_expert, w.table);
+    wait_stage();
+    mma_step<8>(ring + (i % STAGES) * STAGE_BYTES, job_at(now), async_scales, codes, scales, w.n, ntok,
+                part * w.nb + now.s * UB, lane, acc);
+    __syncwarp();                               // the stage is refilled by the next iteration's issue
+    if (now.s == steps - 1) {                   // the item's last step
+      partial[warp][r][2 * q] = acc[0];
+      partial[warp][r][2 * q + 1] = acc[1];
+      partial[warp][r + 8][2 * q] = acc[2];
+      partial[warp][r + 8][2 * q + 1] = acc[3];
+      acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+      __syncthreads();
+      epilogue(now, ntok);
+      __syncthreads();
+    }
+    now.advance(steps, w.blocks, w.groups, mine, w.g_expert, w.table);
+  }
+}
+
 }  // namespace
 
 // An item is (group g, 16 rows of F): warps 0-3 take w1's four K slices, warps 4-7 w3's, for all of the
@@ -392,75 +456,38 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_gate_up_grouped(
     float limit, int max_group) {
   extern __shared__ uint4 smem[];              // the warps' rings, codes [max_group][D], scales [max_group][D / 128]
   __shared__ float partial[8][16][8];
-  uint8_t* codes = reinterpret_cast<uint8_t*>(smem) + RING_BYTES;
-  float* scales = reinterpret_cast<float*>(codes + max_group * D);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2, q = lane & 3;
-  const int which = warp / PARTS, part = warp % PARTS;
-  const int blocks = F / 16, nb = D / 32 / PARTS, steps = (nb + UB - 1) / UB;
-  const int2 range = cta_range(groups * blocks);
-  const int mine = range.y, total = mine * steps;
+  const int warp = threadIdx.x >> 5, which = warp / PARTS, part = warp % PARTS, nb = D / 32 / PARTS;
   const size_t wbytes = size_t(F) * D / 2;
-
   dsv4::pdl_wait();                             // the routing and x come from the kernels before
   dsv4::pdl_launch_dependents();
+  const GroupedWalk w{x, pairs, g_expert, g_start, g_count, table, groups, topk, D, F / 16, nb, max_group, true};
   auto job = [&](const GroupCursor& c) {
     Fp4Job jb;
     const int row0 = c.rb * 16, blk = part * nb + c.s * UB;
     jb.ld = D / 2;
     jb.sld = D / 32;
-    jb.blocks = c.it < mine ? min(UB, nb - c.s * UB) : 0;
     jb.w = c.e + which * wbytes + size_t(row0) * jb.ld + blk * 16;
     jb.s = c.e + 3 * wbytes + which * size_t(F) * jb.sld + size_t(row0) * jb.sld + blk;
     return jb;
   };
-  uint8_t* ring = reinterpret_cast<uint8_t*>(smem) + warp * STAGES * STAGE_BYTES;
-  const bool async_scales = nb % 4 == 0;
-  GroupCursor now, ahead;                       // the step being multiplied, the step being loaded
-  now.start(range.x, blocks, groups, g_expert, table);
-  ahead.start(range.x, blocks, groups, g_expert, table);
-#pragma unroll
-  for (int p = 0; p < STAGES - 1; ++p) {
-    issue_step(job(ahead), ring + p * STAGE_BYTES, lane, async_scales);
-    ahead.advance(steps, blocks, groups, mine, g_expert, table);
-  }
-  int coded = -1, ntok = 0;                     // the group whose tokens are in `codes`
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int i = 0; i < total; ++i) {
-    if (now.s == 0 && now.g != coded)           // every warp is here at the same i; `codes` is free
-      coded = now.g, ntok = quantise_group(x, pairs, g_start[now.g], g_count[now.g], topk, true, D, codes, scales);
-    issue_step(job(ahead), ring + ((i + STAGES - 1) % STAGES) * STAGE_BYTES, lane, async_scales);
-    ahead.advance(steps, blocks, groups, mine, g_expert, table);
-    wait_stage();
-    mma_step<8>(ring + (i % STAGES) * STAGE_BYTES, job(now), async_scales, codes, scales, D, ntok,
-                part * nb + now.s * UB, lane, acc);
-    __syncwarp();                               // the stage is refilled by the next iteration's issue
-    if (now.s == steps - 1) {                   // the item's last step
-      partial[warp][r][2 * q] = acc[0];
-      partial[warp][r][2 * q + 1] = acc[1];
-      partial[warp][r + 8][2 * q] = acc[2];
-      partial[warp][r + 8][2 * q + 1] = acc[3];
-      acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-      __syncthreads();
-      const int row = threadIdx.x >> 3, j = threadIdx.x & 7;
-      if (threadIdx.x < 128 && j < ntok) {
-        float sg = 0.f, su = 0.f;
-        for (int p = 0; p < PARTS; ++p) {
-          sg += partial[p][row][j];
-          su += partial[PARTS + p][row][j];
-        }
-        float gate = __bfloat162float(__float2bfloat16(sg * 64.f));
-        float up = __bfloat162float(__float2bfloat16(su * 64.f));
-        if (limit > 0.f) {
-          up = fminf(fmaxf(up, -limit), limit);
-          gate = fminf(gate, limit);
-        }
-        const int pair = pairs[g_start[now.g] + j];
-        h[size_t(pair) * F + now.rb * 16 + row] = __float2bfloat16(route_w[pair] * (gate / (1.f + __expf(-gate)) * up));
-      }
-      __syncthreads();
+  auto epilogue = [&](const GroupCursor& c, int ntok) {
+    const int row = threadIdx.x >> 3, j = threadIdx.x & 7;
+    if (threadIdx.x >= 128 || j >= ntok) return;
+    float sg = 0.f, su = 0.f;
+    for (int p = 0; p < PARTS; ++p) {
+      sg += partial[p][row][j];
+      su += partial[PARTS + p][row][j];
     }
-    now.advance(steps, blocks, groups, mine, g_expert, table);
-  }
+    float gate = __bfloat162float(__float2bfloat16(sg * 64.f));
+    float up = __bfloat162float(__float2bfloat16(su * 64.f));
+    if (limit > 0.f) {
+      up = fminf(fmaxf(up, -limit), limit);
+      gate = fminf(gate, limit);
+    }
+    const int pair = pairs[g_start[c.g] + j];
+    h[size_t(pair) * F + c.rb * 16 + row] = __float2bfloat16(route_w[pair] * (gate / (1.f + __expf(-gate)) * up));
+  };
+  walk_groups(w, reinterpret_cast<uint8_t*>(smem), partial, job, epilogue);
 }
 
 // An item is (group g, 32 rows of D): warps 0-3 take rows 0-15 over w2's four K (F) slices, warps 4-7 rows
@@ -472,64 +499,27 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_down_grouped(
     float* __restrict__ ypart, int groups, int D, int F, int max_group) {
   extern __shared__ uint4 smem[];              // the warps' rings, codes [max_group][F], scales [max_group][F / 128]
   __shared__ float partial[8][16][8];
-  uint8_t* codes = reinterpret_cast<uint8_t*>(smem) + RING_BYTES;
-  float* scales = reinterpret_cast<float*>(codes + max_group * F);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2, q = lane & 3;
-  const int half = warp / PARTS, part = warp % PARTS;
-  const int blocks = D / 32, nb = F / 32 / PARTS, steps = (nb + UB - 1) / UB;
-  const int2 range = cta_range(groups * blocks);
-  const int mine = range.y, total = mine * steps;
+  const int warp = threadIdx.x >> 5, half = warp / PARTS, part = warp % PARTS, nb = F / 32 / PARTS;
   const size_t wbytes = size_t(F) * D / 2;
-
   dsv4::pdl_wait();                             // h comes from gate_up
   dsv4::pdl_launch_dependents();
+  const GroupedWalk w{h, pairs, g_expert, g_start, g_count, table, groups, 1, F, D / 32, nb, max_group, false};
   auto job = [&](const GroupCursor& c) {
     Fp4Job jb;
     const int row0 = c.rb * 32 + half * 16, blk = part * nb + c.s * UB;
     jb.ld = F / 2;
     jb.sld = F / 32;
-    jb.blocks = c.it < mine ? min(UB, nb - c.s * UB) : 0;
     jb.w = c.e + 2 * wbytes + size_t(row0) * jb.ld + blk * 16;
     jb.s = c.e + 3 * wbytes + 2 * size_t(F) * (D / 32) + size_t(row0) * jb.sld + blk;
     return jb;
   };
-  uint8_t* ring = reinterpret_cast<uint8_t*>(smem) + warp * STAGES * STAGE_BYTES;
-  const bool async_scales = nb % 4 == 0;
-  GroupCursor now, ahead;
-  now.start(range.x, blocks, groups, g_expert, table);
-  ahead.start(range.x, blocks, groups, g_expert, table);
-#pragma unroll
-  for (int p = 0; p < STAGES - 1; ++p) {
-    issue_step(job(ahead), ring + p * STAGE_BYTES, lane, async_scales);
-    ahead.advance(steps, blocks, groups, mine, g_expert, table);
-  }
-  int coded = -1, ntok = 0;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int i = 0; i < total; ++i) {
-    if (now.s == 0 && now.g != coded)
-      coded = now.g, ntok = quantise_group(h, pairs, g_start[now.g], g_count[now.g], 1, false, F, codes, scales);
-    issue_step(job(ahead), ring + ((i + STAGES - 1) % STAGES) * STAGE_BYTES, lane, async_scales);
-    ahead.advance(steps, blocks, groups, mine, g_expert, table);
-    wait_stage();
-    mma_step<8>(ring + (i % STAGES) * STAGE_BYTES, job(now), async_scales, codes, scales, F, ntok,
-                part * nb + now.s * UB, lane, acc);
-    __syncwarp();
-    if (now.s == steps - 1) {
-      partial[warp][r][2 * q] = acc[0];
-      partial[warp][r][2 * q + 1] = acc[1];
-      partial[warp][r + 8][2 * q] = acc[2];
-      partial[warp][r + 8][2 * q + 1] = acc[3];
-      acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-      __syncthreads();
-      const int hh = threadIdx.x >> 7, row = (threadIdx.x >> 3) & 15, j = threadIdx.x & 7;
-      if (j < ntok) {
-        float o = 0.f;
-        for (int p = 0; p < PARTS; ++p) o += partial[hh * PARTS + p][row][j];
-        const int pair = pairs[g_start[now.g] + j];
-        ypart[size_t(pair) * D + now.rb * 32 + hh * 16 + row] = __bfloat162float(__float2bfloat16(o * 64.f));
-      }
-      __syncthreads();
-    }
-    now.advance(steps, blocks, groups, mine, g_expert, table);
-  }
+  auto epilogue = [&](const GroupCursor& c, int ntok) {
+    const int hh = threadIdx.x >> 7, row = (threadIdx.x >> 3) & 15, j = threadIdx.x & 7;
+    if (j >= ntok) return;
+    float o = 0.f;
+    for (int p = 0; p < PARTS; ++p) o += partial[hh * PARTS + p][row][j];
+    const int pair = pairs[g_start[c.g] + j];
+    ypart[size_t(pair) * D + c.rb * 32 + hh * 16 + row] = __bfloat162float(__float2bfloat16(o * 64.f));
+  };
+  walk_groups(w, reinterpret_cast<uint8_t*>(smem), partial, job, epilogue);
 }
