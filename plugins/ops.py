@@ -35,9 +35,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
         if rows.size(0) <= 16:
             from .fp8_linear import fp8_linear_decode
             return fp8_linear_decode(rows.contiguous(), weight, scale).view(*x.shape[:-1], weight.size(0))
-        # prefill: the weight dequantised to bf16 (exact) and one GEMM with float32 sums, where the generic
-        # path below runs a float32 GEMM (no tensor cores)
-        return quantised_matmul(x, fp8_weight_dequant(weight, scale, dtype=torch.bfloat16))
+        # prefill: FP8 tensor cores (or bf16 ones), where the generic path below runs a float32 GEMM
+        from .fp8_linear import fp8_linear_prefill
+        return fp8_linear_prefill(rows.contiguous(), weight, scale).view(*x.shape[:-1], weight.size(0))
     return quantised_matmul(x, fp8_weight_dequant(weight, scale).to(wide_dtype(x.dtype)))
 
 
