@@ -163,6 +163,18 @@ def bench_moe_prefill(matmul_tflops: float, tokens: int = 4096, n_experts: int =
             "speedup_vs_decode_kernels": ms_decode / ms}
 
 
+def bench_fp8_prefill(matmul_tflops: float, name: str, n: int, k: int, rows: int = 4096) -> dict:
+    """A Flash projection over a prefill chunk through dsv4::fp8_linear (act_quant kernel + block-scaled FP8
+    GEMM, or its bf16 fallback): TFLOP/s against a bf16 matmul measured in the same run."""
+    import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
+    w, s = random_fp8(n, k)
+    x = torch.randn(rows, k, device="cuda").to(torch.bfloat16)
+    ms = time_ms(lambda: torch.ops.dsv4.fp8_linear(x, w, s), iters=20)
+    tflops = 2 * rows * n * k / (ms * 1e-3) / 1e12
+    return {"kernel": "fp8_linear_prefill", "weight": name, "rows": rows, "time_us": ms * 1e3, "tflops": tflops,
+            "fraction_of_bf16_matmul": tflops / matmul_tflops}
+
+
 def bench_bf16_gemv(name: str, v: int, d: int, bandwidth: float, rows: int = 1) -> dict:
     """Float32 rows times a weight kept in bf16, float32 accumulation (plugins/head.py's kernel): the Flash
     vocabulary head, and through `dsv4::wide_linear` the compressors' and the router's products. Against
@@ -330,6 +342,9 @@ def main() -> None:
     print(json.dumps(rows[-1]))
     for tokens in (256, 4096):
         rows.append(bench_moe_prefill(matmul, tokens))
+        print(json.dumps(rows[-1]))
+    for name, n, k in [("wq_b", 32768, 1024), ("wo_b", 4096, 8192), ("shared_w1", 2048, 4096)]:
+        rows.append(bench_fp8_prefill(matmul, name, n, k))
         print(json.dumps(rows[-1]))
     for name, v, d in [("head", 129280, 4096), ("compressor_ratio4", 1024, 4096), ("compressor_ratio128", 512, 4096),
                        ("indexer_compressor", 256, 4096), ("gate", 256, 4096)]:

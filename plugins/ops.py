@@ -31,9 +31,13 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
     float8_e8m0fnu or as their raw bytes (uint8: AOTInductor cannot take e8m0 program inputs)."""
     scale = scale.view(torch.float8_e8m0fnu)
     rows = x.reshape(-1, x.size(-1))
-    if x.is_cuda and x.dtype == torch.bfloat16 and rows.size(0) <= 16:
-        from .fp8_linear import fp8_linear_decode
-        return fp8_linear_decode(rows.contiguous(), weight, scale).view(*x.shape[:-1], weight.size(0))
+    if x.is_cuda and x.dtype == torch.bfloat16:
+        if rows.size(0) <= 16:
+            from .fp8_linear import fp8_linear_decode
+            return fp8_linear_decode(rows.contiguous(), weight, scale).view(*x.shape[:-1], weight.size(0))
+        # prefill: FP8 tensor cores (or bf16 ones), where the generic path below runs a float32 GEMM
+        from .fp8_linear import fp8_linear_prefill
+        return fp8_linear_prefill(rows.contiguous(), weight, scale).view(*x.shape[:-1], weight.size(0))
     return quantised_matmul(x, fp8_weight_dequant(weight, scale).to(wide_dtype(x.dtype)))
 
 
