@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from plugins.formats import fp8_weight_dequant  # noqa: E402
 from plugins.fp8_linear import fp8_linear_decode, make_workspace  # noqa: E402
 from plugins.grouped_linear import grouped_fp8_gemv  # noqa: E402
-from plugins.moe_experts import expert_nbytes, moe_experts_decode  # noqa: E402
+from plugins.moe_experts import expert_nbytes, moe_experts_decode, moe_experts_prefill  # noqa: E402
 from plugins.moe_experts import make_workspace as moe_make_workspace  # noqa: E402
 from plugins.oracle import quantised_matmul  # noqa: E402
 from runtime.bench import copy_bandwidth  # noqa: E402
@@ -139,6 +139,40 @@ def bf16_matmul_tflops(n: int = 8192) -> float:
     """A bf16 torch.matmul of two n x n matrices, TFLOP/s: the compute yardstick of prefill kernels."""
     a, b = (torch.randn(n, n, device="cuda").to(torch.bfloat16) for _ in range(2))
     return 2 * n ** 3 / (time_ms(lambda: torch.matmul(a, b), iters=20) * 1e-3) / 1e12
+
+
+def bench_moe_prefill(matmul_tflops: float, tokens: int = 4096, n_experts: int = 256) -> dict:
+    """Flash-size routed experts for a prefill chunk (D 4096, F 2048, 6 of 256 experts per token, routed
+    uniformly at random): tokens grouped by expert (moe_experts_prefill, grouping included), in TFLOP/s of
+    its products against a bf16 matmul measured in the same run; and against the decode kernels' per-token
+    reads."""
+    d, f, k = 4096, 2048, 6
+    nbytes = expert_nbytes(d, f)
+    bank = torch.randint(0, 256, (n_experts, nbytes), device="cuda", dtype=torch.int32).to(torch.uint8)
+    bank[:, 3 * f * d // 2:] = 118                             # sane E8M0 scales (2^-9)
+    table = torch.tensor([bank[i].data_ptr() for i in range(n_experts)], dtype=torch.int64, device="cuda")
+    g = torch.Generator().manual_seed(0)
+    experts = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(tokens)]).to(torch.int32).cuda()
+    x = torch.randn(tokens, d, device="cuda").to(torch.bfloat16)
+    w = torch.full((tokens, k), 0.25, device="cuda")
+    ms = time_ms(lambda: moe_experts_prefill(x, experts, w, table, f, 10.0), iters=10)
+    ms_decode = time_ms(lambda: moe_experts_decode(x, experts, w, table, f, 10.0), iters=3)
+    tflops = tokens * k * 3 * 2 * d * f / (ms * 1e-3) / 1e12
+    return {"kernel": "moe_experts_prefill", "weight": f"{n_experts} experts, 6 per token", "rows": tokens,
+            "time_us": ms * 1e3, "tflops": tflops, "fraction_of_bf16_matmul": tflops / matmul_tflops,
+            "speedup_vs_decode_kernels": ms_decode / ms}
+
+
+def bench_fp8_prefill(matmul_tflops: float, name: str, n: int, k: int, rows: int = 4096) -> dict:
+    """A Flash projection over a prefill chunk through dsv4::fp8_linear (act_quant kernel + block-scaled FP8
+    GEMM, or its bf16 fallback): TFLOP/s against a bf16 matmul measured in the same run."""
+    import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
+    w, s = random_fp8(n, k)
+    x = torch.randn(rows, k, device="cuda").to(torch.bfloat16)
+    ms = time_ms(lambda: torch.ops.dsv4.fp8_linear(x, w, s), iters=20)
+    tflops = 2 * rows * n * k / (ms * 1e-3) / 1e12
+    return {"kernel": "fp8_linear_prefill", "weight": name, "rows": rows, "time_us": ms * 1e3, "tflops": tflops,
+            "fraction_of_bf16_matmul": tflops / matmul_tflops}
 
 
 def bench_bf16_gemv(name: str, v: int, d: int, bandwidth: float, rows: int = 1) -> dict:
@@ -306,6 +340,12 @@ def main() -> None:
     matmul = bf16_matmul_tflops()
     rows.append({"kernel": "bf16_matmul", "weight": "8192 x 8192 x 8192", "tflops": matmul})
     print(json.dumps(rows[-1]))
+    for tokens in (256, 4096):
+        rows.append(bench_moe_prefill(matmul, tokens))
+        print(json.dumps(rows[-1]))
+    for name, n, k in [("wq_b", 32768, 1024), ("wo_b", 4096, 8192), ("shared_w1", 2048, 4096)]:
+        rows.append(bench_fp8_prefill(matmul, name, n, k))
+        print(json.dumps(rows[-1]))
     for name, v, d in [("head", 129280, 4096), ("compressor_ratio4", 1024, 4096), ("compressor_ratio128", 512, 4096),
                        ("indexer_compressor", 256, 4096), ("gate", 256, 4096)]:
         rows.append(bench_bf16_gemv(name, v, d, bw))

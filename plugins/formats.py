@@ -91,11 +91,13 @@ def unpack_e2m1(packed: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- weights
-def fp8_weight_dequant(w: torch.Tensor, s: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """FP8 e4m3 [O, I] with E8M0 block scales [ceil(O/b), ceil(I/b)] -> float32 [O, I]."""
+def fp8_weight_dequant(w: torch.Tensor, s: torch.Tensor, block: int = 128,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """FP8 e4m3 [O, I] with E8M0 block scales [ceil(O/b), ceil(I/b)] -> [O, I] in float32, or in `dtype`
+    (bf16 holds every such value exactly: 3 mantissa bits times a power of two)."""
     o, i = w.shape
     scale = e8m0_to_float(s).repeat_interleave(block, 0)[:o].repeat_interleave(block, 1)[:, :i]
-    return w.float() * scale
+    return w.to(dtype) * scale.to(dtype)
 
 
 def fp8_weight_quant(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

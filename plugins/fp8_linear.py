@@ -5,11 +5,16 @@ fp8_gemm). Pass `out` and `workspace` to launch without allocating (CUDA-graph c
 """
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 
 import torch
 
+from .formats import e8m0_to_float, fp8_weight_dequant
 from .loader import INT, PTR, balanced_grid, kernels
+from .oracle import quantised_matmul
+
+log = logging.getLogger(__name__)
 
 MAX_ROWS = 16
 # The fused kernel quantises the activation rows in every CTA: cheap while rows x K/128 is small; beyond
@@ -91,6 +96,39 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
                [(x, PTR), (codes, PTR), (scales, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT), (n, INT),
                 (k, INT), (wpr, INT), (items, INT), (stages, INT)], shared)
     return out
+
+
+# Whether torch and cuBLAS run block-scaled FP8 GEMMs here (None: not tried yet; CUDA 12.9+ on sm_90+)
+_block_scaled: bool | None = None
+
+
+def fp8_linear_prefill(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bf16 (many rows) -> [M, N] bf16 on FP8 tensor cores: the act_quant kernel, then cuBLAS's
+    block-scaled FP8 GEMM (torch._scaled_mm with DeepSeek's 1x128 activation and 128x128 weight scales,
+    float32 sums): DeepSeek's act_quant + fp8_gemm, with no dequantised copy of the weight. Where block
+    scaling is missing (torch or CUDA too old; logged once), the weight dequantised to bf16 (exact) and one
+    GEMM with float32 sums: the same products. Allocates (prefill runs outside CUDA graphs)."""
+    global _block_scaled
+    m, k = x.shape
+    n = w.size(0)
+    if _block_scaled is not False and n % 128 == 0:
+        codes, scales = make_workspace(m, k, x.device)
+        act_quant(x, codes, scales)
+        blocks = k // 128
+        padded = torch.zeros(n // 128, -(-blocks // 4) * 4, dtype=torch.float32, device=x.device)
+        padded[:, :blocks] = e8m0_to_float(w_scale)            # cuBLAS wants K's blocks padded to 4
+        try:
+            y = torch._scaled_mm(codes.view(torch.float8_e4m3fn), w.t(),
+                                 scale_a=scales.t().contiguous().t(),   # [M, K/128], outer dimension major
+                                 scale_b=padded.t(), out_dtype=torch.bfloat16)
+            _block_scaled = True
+            return y
+        except RuntimeError as e:
+            if _block_scaled:
+                raise
+            log.warning("block-scaled FP8 GEMM unavailable (%s); prefill linears use bf16 GEMMs", e)
+            _block_scaled = False
+    return quantised_matmul(x, fp8_weight_dequant(w, w_scale, dtype=torch.bfloat16))
 
 
 def act_quant(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:

@@ -76,3 +76,69 @@ def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Te
                [(ws["h"], PTR), (experts, PTR), (table, PTR), (out, PTR), (k, INT), (d, INT), (f, INT)],
                shared_down)
     return out
+
+
+# ------------------------------------------------------------------ prefill: tokens grouped by expert
+MAX_GROUP = 8                     # csrc/moe_experts.cu: a group's tokens are the MMA's 8 B columns
+PARTIAL_BYTES = 8 * 16 * 8 * 4    # csrc/moe_experts.cu: the grouped kernels' static partial sums
+
+
+def group_size(shared_memory: tuple[int, int], d: int, f: int) -> int:
+    """Tokens per group: 8, or fewer where one CTA's shared memory cannot hold 8 rows of activation codes
+    next to the weight ring (sm_120's 99 KiB at Flash size: 6)."""
+    room = shared_memory[1] - RING_BYTES - PARTIAL_BYTES
+    per_token = max(d + d // 32, f + f // 32)                     # codes and their float32 scales per 128
+    group = min(MAX_GROUP, room // per_token)
+    if group < 1:
+        raise RuntimeError(f"grouped MoE: {shared_memory[1]} bytes of shared memory per CTA hold no token")
+    return group
+
+
+def group_pairs(experts: torch.Tensor, n_experts: int, max_group: int) -> tuple[torch.Tensor, ...]:
+    """A chunk's (token, slot) pairs (pair id token * topk + slot) sorted by expert, and cut into groups of
+    at most `max_group` pairs of one expert: (pairs, group expert, group start in pairs, group size), int32.
+    Synchronises once (the number of groups), so it is for prefill, never inside a captured graph."""
+    flat = experts.flatten().long()
+    pairs = torch.argsort(flat, stable=True).to(torch.int32)
+    counts = torch.bincount(flat, minlength=n_experts)
+    per_expert = (counts + max_group - 1) // max_group
+    g_expert = torch.repeat_interleave(torch.arange(n_experts, device=flat.device), per_expert)
+    nth = torch.arange(g_expert.numel(), device=flat.device) - (torch.cumsum(per_expert, 0) - per_expert)[g_expert]
+    g_start = (torch.cumsum(counts, 0) - counts)[g_expert] + nth * max_group
+    g_count = torch.clamp(counts[g_expert] - nth * max_group, max=max_group)
+    return pairs, g_expert.to(torch.int32), g_start.to(torch.int32), g_count.to(torch.int32)
+
+
+def moe_experts_prefill(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Tensor, table: torch.Tensor,
+                        f: int, limit: float) -> torch.Tensor:
+    """`moe_experts_decode` for a prefill chunk: each routed expert's weights read once per group of up to 8
+    of its tokens instead of once per token; the same result, bit for bit. Allocates and synchronises."""
+    t, d = x.shape
+    k = experts.size(1)
+    assert x.dtype == torch.bfloat16 and experts.dtype == torch.int32 and route_w.dtype == torch.float32
+    assert table.dtype == torch.int64 and d % 256 == 0 and f % 128 == 0 and 1 <= k <= MAX_TOPK
+    assert x.is_contiguous() and route_w.is_contiguous()
+    lib = kernels()
+    max_group = group_size(lib.shared_memory(), d, f)
+    pairs, g_expert, g_start, g_count = group_pairs(experts, table.numel(), max_group)
+    groups = g_expert.numel()
+    h = torch.empty(t * k, f, dtype=torch.bfloat16, device=x.device)
+    ypart = torch.empty(t * k, d, dtype=torch.float32, device=x.device)
+    group_args = [(pairs, PTR), (g_expert, PTR), (g_start, PTR), (g_count, PTR)]
+    shared_up = RING_BYTES + max_group * (d + d // 32)
+    grid_up = min(groups * (f // 16), lib.resident("dsv4_moe_gate_up_grouped", 256, shared_up))
+    lib.launch("dsv4_moe_gate_up_grouped", grid_up, 256,
+               [(x, PTR)] + group_args + [(route_w, PTR), (table, PTR), (h, PTR), (groups, INT), (k, INT), (d, INT),
+                                          (f, INT), (limit, FLOAT), (max_group, INT)], shared_up)
+    shared_down = RING_BYTES + max_group * (f + f // 32)
+    grid_down = min(groups * (d // 32), lib.resident("dsv4_moe_down_grouped", 256, shared_down))
+    lib.launch("dsv4_moe_down_grouped", grid_down, 256,
+               [(h, PTR)] + group_args + [(table, PTR), (ypart, PTR), (groups, INT), (d, INT), (f, INT),
+                                          (max_group, INT)], shared_down)
+    # each token's experts added in ascending expert id order, in float32 from zero: the decode kernel's sum
+    order = torch.argsort(experts, dim=1, stable=True)
+    parts, rows = ypart.view(t, k, d), torch.arange(t, device=x.device)
+    y = torch.zeros(t, d, dtype=torch.float32, device=x.device)
+    for a in range(k):
+        y += parts[rows, order[:, a]]
+    return y

@@ -18,7 +18,7 @@ import torch
 
 from .formats import fp8_weight_dequant, mxfp4_dequant
 from .head import head_logits, kernel_fits
-from .moe_experts import expert_nbytes, moe_experts_decode, unpack_expert
+from .moe_experts import expert_nbytes, moe_experts_decode, moe_experts_prefill, unpack_expert
 from .oracle import einsum, hc_pre_parts, quantised_matmul, swiglu, wide_dtype
 from .oracle import sparse_attention as sparse_attention_oracle
 
@@ -31,9 +31,13 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
     float8_e8m0fnu or as their raw bytes (uint8: AOTInductor cannot take e8m0 program inputs)."""
     scale = scale.view(torch.float8_e8m0fnu)
     rows = x.reshape(-1, x.size(-1))
-    if x.is_cuda and x.dtype == torch.bfloat16 and rows.size(0) <= 16:
-        from .fp8_linear import fp8_linear_decode
-        return fp8_linear_decode(rows.contiguous(), weight, scale).view(*x.shape[:-1], weight.size(0))
+    if x.is_cuda and x.dtype == torch.bfloat16:
+        if rows.size(0) <= 16:
+            from .fp8_linear import fp8_linear_decode
+            return fp8_linear_decode(rows.contiguous(), weight, scale).view(*x.shape[:-1], weight.size(0))
+        # prefill: FP8 tensor cores (or bf16 ones), where the generic path below runs a float32 GEMM
+        from .fp8_linear import fp8_linear_prefill
+        return fp8_linear_prefill(rows.contiguous(), weight, scale).view(*x.shape[:-1], weight.size(0))
     return quantised_matmul(x, fp8_weight_dequant(weight, scale).to(wide_dtype(x.dtype)))
 
 
@@ -88,6 +92,10 @@ def moe_routed(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, ta
     """x [T, D], experts [T, k] int32, weights [T, k] float32, table [E] int64 expert addresses -> [T, D]
     float32 (float64 for a float32/float64 model): the routed experts' sum, shared expert excluded."""
     if x.is_cuda and x.dtype == torch.bfloat16:
+        if x.size(0) > 16 and not torch.cuda.is_current_stream_capturing():
+            # prefill: each expert read once per group of its tokens, not once per token (same bits)
+            return moe_experts_prefill(x.contiguous(), experts.contiguous(), weights.contiguous(), table, inter,
+                                       limit)
         return moe_experts_decode(x.contiguous(), experts, weights, table, inter, limit)
     # the oracle (CPU, and float32 models on CUDA, which check compiled programs exactly); it reads the
     # table on the host, so it cannot be captured in a CUDA graph

@@ -116,8 +116,22 @@ class FP8Linear:
 
 def quantised_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [.., K] round-tripped through FP8 (block 128) times a dequantised weight w [N, K], in float32,
-    cast to x's dtype: the official `act_quant` + `fp8_gemm` / `fp4_gemm` up to summation order."""
-    return (fp8_act_roundtrip(x).to(w.dtype) @ w.T).to(x.dtype)
+    cast to x's dtype: the official `act_quant` + `fp8_gemm` / `fp4_gemm` up to summation order. A bf16 w
+    (exact for FP8 and MXFP4 values, as are the round-tripped activations) takes `bf16_gemm`: the same
+    products and float32 sums, on a GPU's tensor cores."""
+    xq = fp8_act_roundtrip(x).to(w.dtype)
+    if w.dtype == torch.bfloat16:
+        return bf16_gemm(xq.reshape(-1, xq.size(-1)), w).to(x.dtype).view(*x.shape[:-1], w.size(0))
+    return (xq @ w.T).to(x.dtype)
+
+
+def bf16_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] @ b [N, K]^T of bf16 matrices with float32 sums -> float32 [M, N]. On a GPU one cuBLAS GEMM
+    with a float32 output (so no split-K partial sum is rounded to bf16, which torch allows for bf16
+    outputs); on the CPU in float32 arithmetic."""
+    if a.is_cuda:
+        return torch.mm(a, b.T, out_dtype=torch.float32)
+    return a.float() @ b.float().T
 
 
 def fp8_kv_roundtrip(kv: torch.Tensor, rope_dim: int, block: int) -> torch.Tensor:

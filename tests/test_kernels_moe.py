@@ -56,3 +56,44 @@ def test_moe_decode_captures_in_a_cuda_graph_and_is_deterministic():
     expect = moe_experts_decode(x, experts, weights, table, f, 10.0)
     assert torch.equal(out, expect)
     assert torch.equal(moe_experts_decode(x, experts, weights, table, f, 10.0), expect)
+
+
+def test_group_pairs_cuts_each_experts_run_into_groups():
+    from plugins.moe_experts import group_pairs
+    g = torch.Generator().manual_seed(2)
+    experts = torch.stack([torch.randperm(10, generator=g)[:6] for _ in range(37)]).to(torch.int32)
+    experts[:20, 0] = 7                                   # a hot expert: several full groups
+    pairs, g_expert, g_start, g_count = group_pairs(experts, 10, 8)
+    flat = experts.flatten()
+    assert sorted(pairs.tolist()) == list(range(37 * 6))
+    assert torch.equal(flat[pairs.long()], flat.sort(stable=True).values)
+    assert g_count.max() <= 8 and g_count.min() >= 1 and int(g_count.sum()) == 37 * 6
+    for e, s, c in zip(g_expert.tolist(), g_start.tolist(), g_count.tolist()):
+        assert set(flat[pairs[s:s + c].long()].tolist()) == {e}
+    assert (g_start[1:] == g_start[:-1] + g_count[:-1]).all()   # the groups tile the sorted pairs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens, d, f, k, hot", [(40, 512, 256, 6, False), (64, 4096, 2048, 6, True),
+                                                  (23, 768, 640, 3, False)],
+                         ids=["40tok", "flash-64tok-hot", "odd-sizes-k3"])
+def test_moe_prefill_groups_equal_the_decode_kernels(tokens, d, f, k, hot):
+    """Tokens grouped by expert give the decode kernels' bits, and both the oracle's values."""
+    from plugins.moe_experts import moe_experts_decode, moe_experts_prefill, pack_expert
+    n_exp = 12
+    bank = random_experts(n_exp, d, f)
+    stores = [pack_expert(*e).cuda() if i % 2 == 0 else pack_expert(*e).pin_memory() for i, e in enumerate(bank)]
+    table = torch.tensor([s.data_ptr() for s in stores], dtype=torch.int64, device="cuda")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(tokens, d, generator=g).to(torch.bfloat16).cuda()
+    experts = torch.stack([torch.randperm(n_exp, generator=g)[:k] for _ in range(tokens)]).to(torch.int32)
+    if hot:
+        experts[:, 0] = torch.where(experts[:, 1:].eq(4).any(1), experts[:, 0], 4)   # most tokens on expert 4
+    weights = torch.rand(tokens, k, generator=g) + 0.1
+    experts, weights = experts.cuda(), weights.cuda()
+    got = moe_experts_prefill(x, experts, weights, table, f, limit=10.0)
+    assert torch.equal(got, moe_experts_decode(x, experts, weights, table, f, limit=10.0))
+    dequantised = [tuple(mxfp4_dequant(*e[i:i + 2]) for i in (0, 2, 4)) for e in bank]
+    expect = moe_routed_oracle(x, experts, weights, dequantised.__getitem__, 10.0)
+    cos = torch.nn.functional.cosine_similarity(got.double(), expect.double(), dim=-1)
+    assert cos.min() >= 0.9999, cos

@@ -26,6 +26,18 @@ def test_fp8_linear_op_is_the_oracle():
     assert torch.equal(y, quantised_matmul(x, fp8_weight_dequant(w, s)))
 
 
+def test_bf16_weights_take_the_same_products_and_sums():
+    """A weight dequantised to bf16 (exact for FP8 values) goes through bf16_gemm: the float32 result the
+    float32 weight gives, to the bit, on the CPU (on a GPU, the same products summed on tensor cores)."""
+    w, s = fp8_weight_quant(torch.randn(96, 384, generator=torch.Generator().manual_seed(3)))
+    x = torch.randn(2, 21, 384, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    as_bf16 = fp8_weight_dequant(w, s, dtype=torch.bfloat16)
+    assert torch.equal(as_bf16.float(), fp8_weight_dequant(w, s))
+    got = quantised_matmul(x, as_bf16)
+    assert got.shape == (2, 21, 96) and got.dtype == torch.bfloat16
+    assert torch.equal(got, quantised_matmul(x, fp8_weight_dequant(w, s)))
+
+
 def test_wide_linear_op_widens_a_bf16_weight_on_the_cpu():
     """The op equals the float32 product over the widened weight (and float64 for a float32 model)."""
     w = torch.randn(96, 256).to(torch.bfloat16)

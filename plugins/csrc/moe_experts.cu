@@ -76,10 +76,15 @@ __device__ __forceinline__ void wait_stage() {
   __syncwarp();
 }
 
-// acc[0], acc[1] += rows r, r + 8 of the step's products (lanes q == 0 hold the token's column).
-// act: the token's codes (slot order), act_s: its scales per 128 K, blk: the step's first block.
+// One token (decode): acc[0], acc[1] += rows r, r + 8 of the step's products (lanes q == 0 hold the token's
+// column). TOKENS = 8 (prefill groups): the B operand's 8 columns are `ntok` tokens (lane (r, q) feeds token
+// r) and acc[0..3] += rows r, r, r + 8, r + 8 of tokens 2q, 2q + 1, 2q, 2q + 1. act: the codes (slot order),
+// token t's at t * lda; act_s: their scales per 128 K, token t's at t * lda / 128; blk: the step's first
+// block. Each column's products and sums are the one-token form's.
+template <int TOKENS>
 __device__ __forceinline__ void mma_step(const uint8_t* stage, const Fp4Job& j, bool async_scales, const uint8_t* act,
-                                         const float* act_s, int blk, int lane, float (&acc)[2]) {
+                                         const float* act_s, int lda, int ntok, int blk, int lane,
+                                         float (&acc)[TOKENS > 1 ? 4 : 2]) {
   const int r = (lane & 31) >> 2, q = lane & 3;
   uint32_t sc[2][2];
   if (async_scales) {
@@ -111,13 +116,24 @@ __device__ __forceinline__ void mma_step(const uint8_t* stage, const Fp4Job& j, 
     for (int v = 0; v < 2; ++v) {
       const int b = u + v;
       if (b >= j.blocks) break;
-      const uint2 x = r == 0 ? *reinterpret_cast<const uint2*>(act + (blk + b) * 32 + q * 8) : make_uint2(0, 0);
+      const uint2 x = r < ntok ? *reinterpret_cast<const uint2*>(act + r * lda + (blk + b) * 32 + q * 8)
+                               : make_uint2(0, 0);
       float c[4] = {0.f, 0.f, 0.f, 0.f};
       const uint32_t w0 = d[2 * v], w8 = d[2 * v + 1];
       dsv4::mma_e4m3(c, e2m1_even(w0), e2m1_even(w8), e2m1_odd(w0), e2m1_odd(w8), x.x, x.y);
-      const float sx = act_s[(blk + b) / 4];
-      acc[0] = fmaf(c[0], dsv4::e8m0(sc[0][b / 4] >> (8 * (b % 4))) * sx, acc[0]);
-      acc[1] = fmaf(c[2], dsv4::e8m0(sc[1][b / 4] >> (8 * (b % 4))) * sx, acc[1]);
+      const float s0 = dsv4::e8m0(sc[0][b / 4] >> (8 * (b % 4))), s8 = dsv4::e8m0(sc[1][b / 4] >> (8 * (b % 4)));
+      if constexpr (TOKENS == 1) {
+        const float sx = act_s[(blk + b) / 4];
+        acc[0] = fmaf(c[0], s0 * sx, acc[0]);
+        acc[1] = fmaf(c[2], s8 * sx, acc[1]);
+      } else {                                   // columns past ntok hold zeros: their scale is never read
+        const int kb = (blk + b) / 4, per = lda / 128, t0 = 2 * q, t1 = 2 * q + 1;
+        const float x0 = t0 < ntok ? act_s[t0 * per + kb] : 0.f, x1 = t1 < ntok ? act_s[t1 * per + kb] : 0.f;
+        acc[0] = fmaf(c[0], s0 * x0, acc[0]);
+        acc[1] = fmaf(c[1], s0 * x1, acc[1]);
+        acc[2] = fmaf(c[2], s8 * x0, acc[2]);
+        acc[3] = fmaf(c[3], s8 * x1, acc[3]);
+      }
     }
   }
 }
@@ -200,7 +216,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_gate_up(
     ahead.advance(steps, groups);
     wait_stage();
     const int blk = part * nb + now.s * UB;
-    mma_step(ring + (g % STAGES) * STAGE_BYTES, job(now), async_scales, codes, scales, blk, lane, acc);
+    mma_step<1>(ring + (g % STAGES) * STAGE_BYTES, job(now), async_scales, codes, scales, 0, 1, blk, lane, acc);
     __syncwarp();                               // the stage is refilled by the next iteration's issue
     if (now.s == steps - 1) {
       if (q == 0) {
@@ -289,8 +305,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_down(
     wait_stage();
     const int jobid = warp + 8 * now.slot;
     const int blk = (jobid % PARTS) * nb + now.s * UB, pair = min(jobid / PARTS, topk - 1);
-    mma_step(ring + (g % STAGES) * STAGE_BYTES, job(now), async_scales, codes + pair * F, scales + pair * (F / 128),
-             blk, lane, acc);
+    mma_step<1>(ring + (g % STAGES) * STAGE_BYTES, job(now), async_scales, codes + pair * F,
+                scales + pair * (F / 128), 0, 1, blk, lane, acc);
     __syncwarp();                               // the stage is refilled by the next iteration's issue
     if (now.s == steps - 1) {
       if (q == 0 && jobid < jobs) {
@@ -316,4 +332,194 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_down(
     }
     now.advance(steps, per_warp);
   }
+}
+
+// ------------------------------------------------------------------ prefill: tokens grouped by expert
+// The decode kernels read each token's experts anew, so a prefill chunk of T tokens would read T x topk
+// experts. Here the host sorts the chunk's (token, slot) pairs by expert and cuts each expert's run into
+// groups of at most `max_group` (<= 8) pairs (plugins/moe_experts.py group_pairs); a group's tokens are the
+// MMA's B columns, so each weight byte read serves all of them. Every column's products and sums are the
+// decode kernels' (mma_step<8>, the same parts added in the same order), so the outputs equal theirs bit
+// for bit. A CTA runs a contiguous range of items (group, row block): its group, and the group's quantised
+// activations, change rarely. Both launches never allocate or synchronise.
+namespace {
+
+// Where a warp is in its CTA's range of items (item = g * blocks + rb), advanced by counters; `e` is the
+// group's expert (its bank bytes), looked up when the group changes.
+struct GroupCursor {
+  int it = 0, s = 0, g = 0, rb = 0;
+  const uint8_t* e = nullptr;
+  __device__ __forceinline__ void start(int first, int blocks, int groups, const int* g_expert, const uint64_t* table) {
+    g = first / blocks, rb = first % blocks;
+    if (g < groups) e = reinterpret_cast<const uint8_t*>(table[g_expert[g]]);
+  }
+  __device__ __forceinline__ void advance(int steps, int blocks, int groups, int mine, const int* g_expert,
+                                          const uint64_t* table) {
+    if (++s < steps) return;
+    s = 0, ++it;
+    if (++rb < blocks) return;
+    rb = 0, ++g;
+    if (g < groups && it < mine) e = reinterpret_cast<const uint8_t*>(table[g_expert[g]]);
+  }
+};
+
+// The CTA's contiguous range of `items`: its first item and how many.
+__device__ __forceinline__ int2 cta_range(int items) {
+  const int per = (items + int(gridDim.x) - 1) / int(gridDim.x), first = int(blockIdx.x) * per;
+  return make_int2(first, max(0, min(per, items - first)));
+}
+
+// The group's rows of `src` (pair p's at src + p * n, or token p / topk's at src + (p / topk) * n when
+// by_token), quantised into codes [j][n] and scales [j][n / 128]: the decode kernels' act_quant per row.
+__device__ __forceinline__ int quantise_group(const __nv_bfloat16* src, const int* pairs, int start, int count,
+                                              int topk, bool by_token, int n, uint8_t* codes, float* scales) {
+  for (int j = 0; j < count; ++j) {
+    const int p = pairs[start + j], row = by_token ? p / topk : p;
+    dsv4::quantise_to_smem<true>(src + size_t(row) * n, n, n, 0, codes + j * n, scales + j * (n / 128));
+  }
+  __syncthreads();
+  return count;
+}
+
+// What both grouped kernels share: the activation rows (`src`, `n` values each, by token or by pair), the
+// grouping (groups of at most `max_group` pairs), and the walk (`blocks` row blocks per group, `nb` 32-K
+// blocks per warp and item).
+struct GroupedWalk {
+  const __nv_bfloat16* src;
+  const int *pairs, *g_expert, *g_start, *g_count;
+  const uint64_t* table;
+  int groups, topk, n, blocks, nb, max_group;
+  bool by_token;
+};
+
+// The CTA's items (group, row block) in order, each warp streaming its job's steps through its ring; at a
+// new group its rows are quantised into `codes`; after an item's last step the warps' sums are in
+// partial[warp][row][token] and epilogue(cursor, ntok) forms the outputs. job(cursor) -> Fp4Job.
+template <class JobOf, class Epilogue>
+__device__ __forceinline__ void walk_groups(const GroupedWalk& w, uint8_t* smem_bytes, float (&partial)[8][16][8],
+                                            JobOf job, Epilogue epilogue) {
+  uint8_t* codes = smem_bytes + RING_BYTES;
+  float* scales = reinterpret_cast<float*>(codes + w.max_group * w.n);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2, q = lane & 3;
+  const int part = warp % PARTS, steps = (w.nb + UB - 1) / UB;
+  const int2 range = cta_range(w.groups * w.blocks);
+  const int mine = range.y, total = mine * steps;
+  uint8_t* ring = smem_bytes + warp * STAGES * STAGE_BYTES;
+  const bool async_scales = w.nb % 4 == 0;
+  GroupCursor now, ahead;                       // the step being multiplied, the step being loaded
+  now.start(range.x, w.blocks, w.groups, w.g_expert, w.table);
+  ahead.start(range.x, w.blocks, w.groups, w.g_expert, w.table);
+  auto job_at = [&](const GroupCursor& c) {
+    Fp4Job jb = job(c);
+    jb.blocks = c.it < mine ? min(UB, w.nb - c.s * UB) : 0;
+    return jb;
+  };
+#pragma unroll
+  for (int p = 0; p < STAGES - 1; ++p) {
+    issue_step(job_at(ahead), ring + p * STAGE_BYTES, lane, async_scales);
+    ahead.advance(steps, w.blocks, w.groups, mine, w.g_expert, w.table);
+  }
+  int coded = -1, ntok = 0;                     // the group whose rows are in `codes`
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int i = 0; i < total; ++i) {
+    if (now.s == 0 && now.g != coded)           // every warp is here at the same i; `codes` is free
+      coded = now.g, ntok = quantise_group(w.src, w.pairs, w.g_start[now.g], w.g_count[now.g], w.topk, w.by_token,
+                                           w.n, codes, scales);
+    issue_step(job_at(ahead), ring + ((i + STAGES - 1) % STAGES) * STAGE_BYTES, lane, async_scales);
+    ahead.advance(steps, w.blocks, w.groups, mine, w.g_expert, w.table);
+    wait_stage();
+    mma_step<8>(ring + (i % STAGES) * STAGE_BYTES, job_at(now), async_scales, codes, scales, w.n, ntok,
+                part * w.nb + now.s * UB, lane, acc);
+    __syncwarp();                               // the stage is refilled by the next iteration's issue
+    if (now.s == steps - 1) {                   // the item's last step
+      partial[warp][r][2 * q] = acc[0];
+      partial[warp][r][2 * q + 1] = acc[1];
+      partial[warp][r + 8][2 * q] = acc[2];
+      partial[warp][r + 8][2 * q + 1] = acc[3];
+      acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+      __syncthreads();
+      epilogue(now, ntok);
+      __syncthreads();
+    }
+    now.advance(steps, w.blocks, w.groups, mine, w.g_expert, w.table);
+  }
+}
+
+}  // namespace
+
+// An item is (group g, 16 rows of F): warps 0-3 take w1's four K slices, warps 4-7 w3's, for all of the
+// group's tokens; the CTA then forms h for those rows and tokens. h [T * topk, F] bf16, pair-indexed.
+extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_gate_up_grouped(
+    const __nv_bfloat16* __restrict__ x, const int* __restrict__ pairs, const int* __restrict__ g_expert,
+    const int* __restrict__ g_start, const int* __restrict__ g_count, const float* __restrict__ route_w,
+    const uint64_t* __restrict__ table, __nv_bfloat16* __restrict__ h, int groups, int topk, int D, int F,
+    float limit, int max_group) {
+  extern __shared__ uint4 smem[];              // the warps' rings, codes [max_group][D], scales [max_group][D / 128]
+  __shared__ float partial[8][16][8];
+  const int warp = threadIdx.x >> 5, which = warp / PARTS, part = warp % PARTS, nb = D / 32 / PARTS;
+  const size_t wbytes = size_t(F) * D / 2;
+  dsv4::pdl_wait();                             // the routing and x come from the kernels before
+  dsv4::pdl_launch_dependents();
+  const GroupedWalk w{x, pairs, g_expert, g_start, g_count, table, groups, topk, D, F / 16, nb, max_group, true};
+  auto job = [&](const GroupCursor& c) {
+    Fp4Job jb;
+    const int row0 = c.rb * 16, blk = part * nb + c.s * UB;
+    jb.ld = D / 2;
+    jb.sld = D / 32;
+    jb.w = c.e + which * wbytes + size_t(row0) * jb.ld + blk * 16;
+    jb.s = c.e + 3 * wbytes + which * size_t(F) * jb.sld + size_t(row0) * jb.sld + blk;
+    return jb;
+  };
+  auto epilogue = [&](const GroupCursor& c, int ntok) {
+    const int row = threadIdx.x >> 3, j = threadIdx.x & 7;
+    if (threadIdx.x >= 128 || j >= ntok) return;
+    float sg = 0.f, su = 0.f;
+    for (int p = 0; p < PARTS; ++p) {
+      sg += partial[p][row][j];
+      su += partial[PARTS + p][row][j];
+    }
+    float gate = __bfloat162float(__float2bfloat16(sg * 64.f));
+    float up = __bfloat162float(__float2bfloat16(su * 64.f));
+    if (limit > 0.f) {
+      up = fminf(fmaxf(up, -limit), limit);
+      gate = fminf(gate, limit);
+    }
+    const int pair = pairs[g_start[c.g] + j];
+    h[size_t(pair) * F + c.rb * 16 + row] = __float2bfloat16(route_w[pair] * (gate / (1.f + __expf(-gate)) * up));
+  };
+  walk_groups(w, reinterpret_cast<uint8_t*>(smem), partial, job, epilogue);
+}
+
+// An item is (group g, 32 rows of D): warps 0-3 take rows 0-15 over w2's four K (F) slices, warps 4-7 rows
+// 16-31; the CTA rounds each pair's output to bf16, as the decode kernel rounds each expert's. ypart [T *
+// topk, D] float32, pair-indexed; the host adds a token's pairs in ascending expert id order.
+extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_down_grouped(
+    const __nv_bfloat16* __restrict__ h, const int* __restrict__ pairs, const int* __restrict__ g_expert,
+    const int* __restrict__ g_start, const int* __restrict__ g_count, const uint64_t* __restrict__ table,
+    float* __restrict__ ypart, int groups, int D, int F, int max_group) {
+  extern __shared__ uint4 smem[];              // the warps' rings, codes [max_group][F], scales [max_group][F / 128]
+  __shared__ float partial[8][16][8];
+  const int warp = threadIdx.x >> 5, half = warp / PARTS, part = warp % PARTS, nb = F / 32 / PARTS;
+  const size_t wbytes = size_t(F) * D / 2;
+  dsv4::pdl_wait();                             // h comes from gate_up
+  dsv4::pdl_launch_dependents();
+  const GroupedWalk w{h, pairs, g_expert, g_start, g_count, table, groups, 1, F, D / 32, nb, max_group, false};
+  auto job = [&](const GroupCursor& c) {
+    Fp4Job jb;
+    const int row0 = c.rb * 32 + half * 16, blk = part * nb + c.s * UB;
+    jb.ld = F / 2;
+    jb.sld = F / 32;
+    jb.w = c.e + 2 * wbytes + size_t(row0) * jb.ld + blk * 16;
+    jb.s = c.e + 3 * wbytes + 2 * size_t(F) * (D / 32) + size_t(row0) * jb.sld + blk;
+    return jb;
+  };
+  auto epilogue = [&](const GroupCursor& c, int ntok) {
+    const int hh = threadIdx.x >> 7, row = (threadIdx.x >> 3) & 15, j = threadIdx.x & 7;
+    if (j >= ntok) return;
+    float o = 0.f;
+    for (int p = 0; p < PARTS; ++p) o += partial[hh * PARTS + p][row][j];
+    const int pair = pairs[g_start[c.g] + j];
+    ypart[size_t(pair) * D + c.rb * 32 + hh * 16 + row] = __bfloat162float(__float2bfloat16(o * 64.f));
+  };
+  walk_groups(w, reinterpret_cast<uint8_t*>(smem), partial, job, epilogue);
 }
