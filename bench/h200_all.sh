@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Every H200 check of the project in one background run, in order of what it decides (a device call lasts
-# at most 10 minutes and the machine is given back when idle, so start this and keep polling):
+# at most 10 minutes, and the machine is given back after 30 s without a call, killing whatever runs there:
+# start this from a copy of the tree, then keep calling back to back, each call waiting for $RES/DONE):
 #   kernel tests -> kernel benchmarks -> Flash-4 float32 exact gate -> Flash-8 bf16 bench, paged bench and
 #   profile -> tiny CUDA artifact tests.
-#   (RES=/tmp/res setsid nohup bash bench/h200_all.sh > /dev/null 2>&1 &)   # then poll $RES/steps.log
-#   tar czf $OUT/h200.tgz -C /tmp res                                       # one file back (the tool's cap is 8)
+#   cp -r . /root/snap && cd /root/snap && (RES=/root/res setsid nohup bash bench/h200_all.sh > /dev/null 2>&1 &)
+#   for i in $(seq 115); do [ -f /root/res/DONE ] && break; sleep 5; done; cat /root/res/steps.log   # repeat
+#   tar czf $OUT/h200.tgz -C /root res                                      # one file back (the tool's cap is 8)
 # A failing step is logged ($RES/NAME.log, rc in steps.log) and the next one runs. STEPS names the steps to
 # run (default: all): plugins kernel-tests kernels gemv-probe gate-flash4-f32 flash8 tiny-artifacts. OVERLAP=1 runs the
 # tiny artifact tests beside the Flash-8 build (the device time of a session is short); TESTS overrides the

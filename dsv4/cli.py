@@ -37,10 +37,11 @@ def _load_reference(checkpoint: Path | None, device: str, dtype: str, max_len: i
 
 
 def _open_artifact(artifact: Path, device: str = "auto", eager: bool = False, graphs: bool = True,
-                   expert_slots: int | None = None):
+                   expert_slots: int | None = None, prefetch: str = "predict"):
     """Load a built artifact on `device` ("auto": where its programs were compiled for). `eager` runs the
     layer programs as modules instead of the compiled ones (an eager artifact always does); CUDA graphs
-    are captured on a GPU unless `graphs` is off."""
+    are captured on a GPU unless `graphs` is off; `prefetch`: what the expert pager fetches ahead of use
+    (runtime.artifact.PREFETCH)."""
     import torch
 
     from runtime.artifact import ArtifactModel
@@ -60,7 +61,7 @@ def _open_artifact(artifact: Path, device: str = "auto", eager: bool = False, gr
         programs = lambda layer: make_program(cfg, layer, act, max_len)  # noqa: E731
         prefill = lambda layer: make_prefill_program(cfg, layer, act, max_len, chunk)  # noqa: E731
     return ArtifactModel(artifact, _device(device), programs=programs, graphs=graphs and device.startswith("cuda"),
-                         expert_slots=expert_slots, prefill=prefill)
+                         expert_slots=expert_slots, prefill=prefill, prefetch=prefetch)
 
 
 def ensure_tiny() -> Path:
@@ -339,9 +340,10 @@ def run(artifact, prompt, chat, thinking, system, max_new, temperature, top_p, s
 
 def _pager_line(pager) -> str:
     s = pager.stats
+    predicted = (f", predictions right on {s.predicted_used}/{s.predicted} experts used" if s.predicted else "")
     return (f"expert pager: {pager.pool.slots} slots, hit rate {s.hit_rate:.3f} ({s.hits} hits, {s.misses} "
-            f"misses, {s.prefetch_hits} prefetch hits), {pager.bytes_moved / 1e6:.1f} MB moved, "
-            f"{pager.stall_s * 1e3:.1f} ms stalled")
+            f"misses, {s.prefetch_hits} prefetch hits){predicted}, {pager.bytes_moved / 1e6:.1f} MB copied in, "
+            f"{pager.cold_bytes_read / 1e6:.1f} MB read from cold copies")
 
 
 @cli.command("bench")
@@ -361,9 +363,11 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
     """Time to first token, prefill and decode tok/s of an artifact (with and without CUDA graphs on a GPU),
     side by side with eager; greedy tokens of every mode must agree. On a GPU, decode is also given as a
     fraction of (bytes read per token / device copy bandwidth measured in this run). When experts are
-    paged (--expert-slots), the compiled run is repeated without prefetch, and with every expert resident
-    where the device has the memory: hit rates, time stalled waiting for copies, and the decode time lost
-    to paging (misses read from host memory) against the resident run."""
+    paged (--expert-slots), the compiled run is repeated without route prediction (hash-routed layers'
+    experts still fetched from the token ids), without any prefetch, and with every expert resident where
+    the device has the memory: hit rates, how often the predictions were right, bytes copied in and read
+    from cold copies, and the decode time lost to paging (the stall: steps never wait for copies, misses
+    read host memory) against the resident run."""
     import platform
 
     import torch
@@ -371,23 +375,23 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
     from runtime.bench import bytes_per_token, copy_bandwidth, measure, routed_expert_bytes
     prompt = [(7 * i + 3) % 1000 + 2 for i in range(prompt_len)]
     # (name, eager, graphs, pager prefetch, expert slots); the list grows once the device is known
-    modes = [("compiled", False, True, True, expert_slots)]
-    modes += [("eager", True, False, True, expert_slots)] if compare_with == "eager" else []
+    modes = [("compiled", False, True, "predict", expert_slots)]
+    modes += [("eager", True, False, "predict", expert_slots)] if compare_with == "eager" else []
     report: dict = {"command": " ".join(sys.argv), "artifact": str(artifact), "torch": torch.__version__,
                     "python": platform.python_version(), "modes": {}}
     per_token = bandwidth = None
     for name, eager, graphs, prefetch, slots in modes:
-        model = _open_artifact(artifact, device, eager, graphs, slots)
+        model = _open_artifact(artifact, device, eager, graphs, slots, prefetch)
         if model.pager is not None:
-            model.pager.prefetch_enabled = prefetch
             if name == "compiled":
-                modes.insert(1, ("compiled-no-prefetch", False, True, False, slots))
+                modes[1:1] = [("compiled-no-prediction", False, True, "hash", slots),
+                              ("compiled-no-prefetch", False, True, "none", slots)]
                 # the same run with every expert resident, if the device holds them (not on a GB10)
                 if (model.device.type != "cuda" or torch.cuda.mem_get_info(model.device)[0]
                         + model.pager.device_bytes() > 1.05 * routed_expert_bytes(model)):
-                    modes.append(("compiled-resident", False, True, True, 0))
+                    modes.append(("compiled-resident", False, True, "predict", 0))
         if name == "compiled" and model.device.type == "cuda":
-            modes.insert(1, ("compiled-no-graph", False, False, True, slots))
+            modes.insert(1, ("compiled-no-graph", False, False, "predict", slots))
             report["gpu"] = torch.cuda.get_device_name(model.device)
             bandwidth, per_token = copy_bandwidth(model.device), bytes_per_token(model)
             report |= {"copy_bandwidth_gb_s": bandwidth / 1e9, "bytes_per_token": per_token}
@@ -396,7 +400,9 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
             st = model.pager.stats
             figures["pager"] = {"slots": model.pager.pool.slots, "hit_rate": st.hit_rate, "hits": st.hits,
                                 "misses": st.misses, "prefetch_hits": st.prefetch_hits,
-                                "bytes_moved": model.pager.bytes_moved, "stall_s": model.pager.stall_s}
+                                "experts_predicted_for": st.predicted, "predicted_right": st.predicted_used,
+                                "bytes_copied_in": model.pager.bytes_moved,
+                                "bytes_read_cold": model.pager.cold_bytes_read}
             click.echo(_pager_line(model.pager))
         if per_token:
             figures["fraction_of_copy_bandwidth"] = per_token / bandwidth / (figures["decode_step_ms"] / 1e3)

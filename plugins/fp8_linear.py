@@ -116,11 +116,13 @@ def fp8_linear_prefill(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) 
         act_quant(x, codes, scales)
         blocks = k // 128
         padded = torch.zeros(n // 128, -(-blocks // 4) * 4, dtype=torch.float32, device=x.device)
-        padded[:, :blocks] = e8m0_to_float(w_scale)            # cuBLAS wants K's blocks padded to 4
+        padded[:, :blocks] = e8m0_to_float(w_scale)
         try:
+            # scale_b [K/128, N/128] with its columns 16-byte aligned: a view of the padded rows (its size must
+            # stay K/128: the padded size itself was refused for K = 256, measured on the H200)
             y = torch._scaled_mm(codes.view(torch.float8_e4m3fn), w.t(),
                                  scale_a=scales.t().contiguous().t(),   # [M, K/128], outer dimension major
-                                 scale_b=padded.t(), out_dtype=torch.bfloat16)
+                                 scale_b=padded[:, :blocks].t(), out_dtype=torch.bfloat16)
             _block_scaled = True
             return y
         except RuntimeError as e:

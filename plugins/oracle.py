@@ -244,6 +244,15 @@ def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.
     return (pre[..., None] * xf.view(x.shape)).sum(2).to(x.dtype)
 
 
+def router_scores(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    """A MoE gate's scores from its logits x @ W_gate^T (float32): softmax, sigmoid, or V4's sqrt(softplus)."""
+    if scoring_func == "softmax":
+        return logits.softmax(-1)
+    if scoring_func == "sigmoid":
+        return logits.sigmoid()
+    return F.softplus(logits).sqrt()
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     """silu(gate) * up in float32 with DeepSeek's clamps (up to [-limit, limit], gate to <= limit)."""
     gate, up = wide(gate), wide(up)

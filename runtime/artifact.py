@@ -32,7 +32,10 @@ from .expert_bank import ExpertBank
 from .expert_pager import PagedExperts
 from .expert_store import DeviceExperts, HostExperts
 from .manifest import load_manifest
+from .route_predictor import RoutePredictor
 
+# what the expert pager fetches ahead of use (ArtifactModel's `prefetch`)
+PREFETCH = ("predict", "hash", "none")
 # layer -> a module with the layer programs' contract; the eager backend runs these as they are
 ProgramFactory = Callable[[int], torch.nn.Module]
 
@@ -49,12 +52,15 @@ class _Config:
 class ArtifactModel:
     def __init__(self, root: str | Path, device: str = "cpu", programs: ProgramFactory | None = None,
                  graphs: bool = False, batch: int = 1, expert_slots: int | None = None,
-                 prefill: ProgramFactory | None = None):
+                 prefill: ProgramFactory | None = None, prefetch: str = "predict"):
         """`programs` replaces the compiled programs by modules (the eager comparison, or an eager
         artifact); `graphs` captures the decode step as one CUDA graph where it can be (bfloat16 compiled
         programs: `self.capturable`); `expert_slots` > 0 keeps only
         that many routed experts in device slots and pages the rest (0: every expert resident; None: as the
-        recipe says). `prefill` gives prefill modules to run eagerly alongside `programs`."""
+        recipe says); `prefetch` is what the pager fetches ahead of use: "predict" (the hash-routed layers'
+        experts from the token ids, the others' from the route predictor), "hash" (the former only) or
+        "none" (it only admits experts it missed: the baseline). `prefill` gives prefill modules to run
+        eagerly alongside `programs`."""
         self.root = Path(root)
         self.manifest = m = load_manifest(self.root)
         self.device = torch.device(device)
@@ -69,7 +75,8 @@ class ArtifactModel:
         if str(batch) not in {str(b) for b in m["decode_batch_buckets"]}:
             raise UserError(f"the artifact has decode programs for batches {m['decode_batch_buckets']}, not {batch}")
         self.backend = "eager" if programs is not None else m["backend"]
-        self.config = _Config(json.loads((self.root / "config.json").read_text()))
+        raw_config = json.loads((self.root / "config.json").read_text())
+        self.config = _Config(raw_config)
         self.act = getattr(torch, m["dtype"])
         self.max_len = m["max_context"]
         self.work = wide_dtype(self.act)
@@ -94,7 +101,10 @@ class ArtifactModel:
         if 0 < expert_slots < total:
             tid2eid = {e["layer"]: load_file(str(self.root / e["weights"]))["ffn.gate.tid2eid"]
                        for e in main if "hash" in e["kind"]}
-            self.experts = self.pager = PagedExperts(bank, ids, self.device, expert_slots, tid2eid)
+            if prefetch not in PREFETCH:
+                raise ValueError(f"prefetch must be one of {PREFETCH}, not {prefetch!r}")
+            self.experts = self.pager = PagedExperts(bank, ids, self.device, expert_slots, tid2eid,
+                                                     prefetch != "none")
         elif self.device.type == "cuda":
             self.experts = DeviceExperts(bank, ids, self.device)
         else:
@@ -123,6 +133,11 @@ class ArtifactModel:
                       for name, (shape, dtype, fill) in sorted(e["caches"].items())}
             self.fills.append({name: float(fill) for name, (_, _, fill) in e["caches"].items()})
             self.layers.append((run, self.experts.tables[e["layer"]], weights, caches))
+        # score-routed layers after the first: predicted as the layer before them starts
+        predicted = {i: weights for i, (e, (_, _, weights, _)) in enumerate(zip(main, self.layers))
+                     if i > 0 and "hash" not in e["kind"]}
+        if self.pager is not None and prefetch == "predict" and predicted:
+            self.pager.predict_with(RoutePredictor(raw_config, predicted, batch, self.device))
         self.chunk = m["recipe"].get("prefill_chunk", 0)
         self.prefill_runs = self._prefill_programs(main, programs, prefill, engines is not None)
         self.tokens = torch.zeros(batch, dtype=torch.int64, device=dev)
@@ -169,7 +184,9 @@ class ArtifactModel:
     def _step(self) -> torch.Tensor:
         """One decode step over the static buffers: logits [B, vocab] in the working dtype."""
         h = self.embed[self.tokens][:, None].repeat(1, self.config.hc_mult, 1)
-        for run, table, weights, caches in self.layers:
+        for i, (run, table, weights, caches) in enumerate(self.layers):
+            if self.pager is not None:
+                self.pager.before_layer(i, h)
             h = run(h, self.positions, self.tokens, table, caches, weights)
         return self._logits(h)
 
@@ -213,18 +230,18 @@ class ArtifactModel:
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Decode tokens [B] at positions [B]; float32 logits [B, vocab] on the model's device."""
         if self.pager is not None:
-            self.pager.prepare(tokens.tolist())
+            self.pager.begin_step(tokens.tolist())
         self.tokens.copy_(tokens)
         self.positions.copy_(positions)
         if self.graph is not None:
             self.graph.replay()
-            logits = self._out.float()
+            logits = self._out
         else:
-            logits = self._step().float()
+            logits = self._step()
         if self.pager is not None:
-            self.pager.observe({layer: caches["routed"] for layer, (_, _, _, caches) in zip(self.pager.layers,
-                                                                                              self.layers)})
-        return logits
+            self.pager.follow()                 # prefetch predicted experts while the step runs
+            self.pager.end_step([caches["routed"] for _, _, _, caches in self.layers])
+        return logits.float()
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -234,7 +251,7 @@ class ArtifactModel:
             raise ValueError(f"position {start + ids.size(1)} exceeds the artifact's context of {self.max_len}")
         if self.prefill_runs is not None and ids.size(1) > 1:
             if self.pager is not None:
-                self.pager.prepare([])      # slot copies and table updates still in flight land first
+                self.pager.begin_step([])   # the last step's misses admitted, evicted experts repointed
             for c0 in range(0, ids.size(1), self.chunk):
                 logits = self._prefill_chunk(ids[:, c0:c0 + self.chunk].to(self.device), start + c0)
             return logits.cpu()

@@ -68,6 +68,17 @@ class ExpertBank:
                     m.madvise(mmap.MADV_DONTNEED, start, n)
                 os.posix_fadvise(f.fileno(), start, n, os.POSIX_FADV_DONTNEED)
 
+    def will_need(self, layer: int, experts: list[int]) -> None:
+        """Start reading these experts' pages from the file ahead of use (the kernel's readahead runs while the
+        caller goes on): where the GPU reads the mapped bank itself (a GB10), a predicted expert left cold is
+        then read from the page cache rather than faulted in from storage mid-kernel."""
+        entry, m = self.entries[layer], self._map(layer)
+        n = entry["expert_bytes"]
+        for e in experts:
+            start = e * entry["stride"]
+            if start % mmap.PAGESIZE == 0:               # the builder aligns experts to 4096 bytes
+                m.madvise(mmap.MADV_WILLNEED, start, n)
+
     def addresses(self, layer: int) -> torch.Tensor:
         """int64 addresses of every expert of `layer` in the mapped file: an expert table for the kernels."""
         return expert_addresses(ctypes.addressof(ctypes.c_char.from_buffer(self._map(layer))), self.entries[layer])

@@ -3,27 +3,34 @@ from a cold store, with the slot pool's policy (runtime/pager_policy.py) decidin
 
 Each layer's table entry points at the expert's slot when it is resident, else at its cold copy. The
 kernels read either, so a miss is a slower read, never a failure: a captured decode graph stays valid
-whatever is resident, and only the tables' values change between steps. The cold copy is the
-memory-mapped bank where the processor reading it can follow the host's page tables (CPU runs, and GPUs
-with address translation services: GB10, GH200), so it costs page cache, not a second copy in the one
-memory such a box has; elsewhere (an H200 over PCIe) it is a pinned host copy the GPU reads over the bus.
+whatever is resident, and only the tables' values change. The cold copy is the memory-mapped bank where the
+processor reading it can follow the host's page tables (CPU runs, and GPUs with address translation
+services: GB10, GH200), so it costs page cache, not a second copy in the one memory such a box has;
+elsewhere (an H200 over PCIe) it is a pinned host copy the GPU reads over the bus.
 
-The pool is filled at load. After each step the runtime reports what every layer routed to (the
-programs write it to their `routed` cache); before the next it gives the next tokens. The pager counts
-hits and misses against what was resident during the step, admits the missed experts, prefetches the
-hash-routed layers' experts of the next tokens (known exactly from the token ids: `tid2eid`), evicts by
-frequency then recency, and copies on its own stream; the next step waits for those copies through an
-event.
+A step never waits for an expert copy. Copies run on their own stream and repoint the table entry only
+once the slot holds the expert, so a kernel reads the cold copy or the complete slot, whichever the entry
+says when it looks. What must never happen is a slot overwritten while a kernel may still read it, so an
+expert leaves its slot only when no running work can read it: before a step starts (its entry repointed
+to the cold copy ahead of the step) or, during a step, if its layer has already run in that step (its
+entry repointed on a side stream the next step waits for); an expert whose own copy is still in flight
+stays.
+
+Per step: `begin_step(tokens)` admits the previous step's misses and prefetches the hash-routed layers'
+experts of `tokens` (known exactly from `tid2eid`); inside the step (and its CUDA graph) `before_layer`
+records what each layer's table says as the layer starts (what hits are counted against) and runs the
+route predictor, whose picks reach the host mid-step; `follow()`, called once the step is launched,
+prefetches each prediction as it arrives; `end_step(routed)` counts hits and misses.
 """
 from __future__ import annotations
 
 import contextlib
-import time
 
 import torch
 
 from .expert_bank import ExpertBank, expert_addresses
 from .pager_policy import PagerStats, SlotPool
+from .route_predictor import RoutePredictor
 
 
 def reads_pageable_memory(device: torch.device) -> bool:
@@ -44,9 +51,11 @@ def reads_pageable_memory(device: torch.device) -> bool:
 
 class PagedExperts:
     def __init__(self, bank: ExpertBank, layers: list[int], device: torch.device, slots: int,
-                 tid2eid: dict[int, torch.Tensor] | None = None):
-        """`tid2eid[layer]` [vocab, k] for the hash-routed layers among `layers` (exact prefetch)."""
-        self.device, self.layers = device, layers
+                 tid2eid: dict[int, torch.Tensor] | None = None, prefetch: bool = True):
+        """`layers`: the chained layers in order; `tid2eid[layer]` [vocab, k] for the hash-routed ones
+        (exact prefetch); `prefetch` off leaves only admissions on a miss (the baseline)."""
+        self.device, self.layers, self.prefetch_enabled = device, layers, prefetch
+        self.position = {layer: i for i, layer in enumerate(layers)}
         self.tid2eid = {layer: t.cpu() for layer, t in (tid2eid or {}).items()}
         self.stride = max(bank.entries[layer]["stride"] for layer in layers)
         self.expert_bytes = {layer: bank.entries[layer]["expert_bytes"] for layer in layers}
@@ -56,7 +65,7 @@ class PagedExperts:
         cuda = device.type == "cuda"
         self.mapped_cold = not cuda or reads_pageable_memory(device)
         self.cold: dict[int, torch.Tensor] = {}
-        self.cold_tables: dict[int, torch.Tensor] = {}
+        self.cold_tables: dict[int, list[int]] = {}
         self.tables: dict[int, torch.Tensor] = {}
         for layer in layers:
             e = bank.entries[layer]
@@ -67,19 +76,22 @@ class PagedExperts:
                 store = torch.empty(mapped.numel(), dtype=torch.uint8, pin_memory=True).copy_(mapped)
                 bank.release(layer)                   # the pinned copy serves from now on
             self.cold[layer] = store
-            self.cold_tables[layer] = expert_addresses(store.data_ptr(), e)
-            self.tables[layer] = self.cold_tables[layer].clone().to(device)
-        # the tables' values on the host (pinned on CUDA, for asynchronous copies), changed entry by entry
-        self.host_tables = {layer: t.clone().pin_memory() if cuda else t.clone()
-                            for layer, t in self.cold_tables.items()}
+            table = expert_addresses(store.data_ptr(), e)
+            self.cold_tables[layer] = table.tolist()
+            self.tables[layer] = table.to(device)
+        self.snapshots = torch.zeros(len(layers), max(t.numel() for t in self.tables.values()), dtype=torch.int64,
+                                     device=device)
         self.bank = bank                              # owns the maps the CPU cold store points into
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
-        self.ready = torch.cuda.Event() if cuda else None
-        self.bytes_moved = 0
-        self.stall_s = 0.0
-        self.prefetch_enabled = True                  # off: only the policy's admissions on use (a baseline)
+        self.table_stream = torch.cuda.Stream(device) if cuda else None
+        self.repointed = torch.cuda.Event() if cuda else None     # the last mid-step repointing to a cold copy
+        self.in_flight: dict[tuple[int, int], torch.cuda.Event] = {}  # admissions whose copy may not have landed
+        self.predictor: RoutePredictor | None = None
+        self.predicted: dict[int, list[int]] = {}
+        self.missed: list[tuple[int, int]] = []
+        self.reset_stats()
         self.pool.fill(self.fill_order(bank))
-        self._apply()
+        self._carry_out(self._current())
         if self.copy_stream is not None:
             self.copy_stream.synchronize()
         self.bytes_moved = 0                          # load-time copies are not the run's
@@ -102,70 +114,117 @@ class PagedExperts:
                 for layer, order in zip(self.layers, ranked) if i < len(order)]
 
     @property
-    def stats(self):
+    def stats(self) -> PagerStats:
         return self.pool.stats
 
     def reset_stats(self) -> None:
-        """Start counting afresh (hits, misses, bytes moved, stall), keeping what is resident."""
+        """Start counting afresh (hits, misses, bytes moved and read cold, predictions), keeping what is
+        resident."""
         self.pool.stats = PagerStats()
-        self.bytes_moved, self.stall_s = 0, 0.0
+        self.bytes_moved = self.cold_bytes_read = 0
 
     def device_bytes(self) -> int:
         return self.slab.numel()
 
-    def observe(self, routed: dict[int, torch.Tensor]) -> None:
-        """After a step: `routed[layer]` [B, k] the experts each layer used. Counts hits and misses against
-        what was resident during the step, admits the missed experts and starts copying them."""
-        used = torch.stack([routed[layer] for layer in self.layers]).tolist()   # one transfer for all layers
-        for layer, experts in zip(self.layers, used):
-            self.pool.use([(layer, e) for row in experts for e in row])
-        self._apply()
+    def predict_with(self, predictor: RoutePredictor) -> None:
+        """Prefetch the score-routed layers' experts predicted one layer ahead by `predictor`."""
+        self.predictor = predictor
 
-    def prepare(self, tokens: list[int]) -> None:
-        """Before a step: prefetch the hash-routed layers' experts of `tokens`, then make the compute
-        stream wait for every copy and table update (the wait counts as stall time if it blocks)."""
+    # ------------------------------------------------------------------ the step, host side
+    def begin_step(self, tokens: list[int]) -> None:
+        """Before a step (the last one finished): admit its misses, prefetch the hash-routed layers' experts
+        of `tokens`, repoint evicted experts to their cold copies ahead of the step."""
+        stream = self._current()
+        if self.repointed is not None:
+            stream.wait_event(self.repointed)
+        self.pool.admit(self.missed, busy=self._in_flight)
+        self.missed = []
         for layer, table in (self.tid2eid.items() if self.prefetch_enabled else ()):
-            self.pool.prefetch([(layer, int(e)) for t in tokens for e in table[t].tolist()])
-        self._apply()
-        if self.ready is not None:
-            t0 = time.perf_counter()
-            if not self.ready.query():
-                self.ready.synchronize()
-                self.stall_s += time.perf_counter() - t0
-            torch.cuda.current_stream(self.device).wait_event(self.ready)
+            self.pool.prefetch([(layer, int(e)) for t in tokens for e in table[t].tolist()], busy=self._in_flight)
+        self._carry_out(stream)
+        if self.predictor is not None:
+            self.predictor.clear()
 
-    def _apply(self) -> None:
-        """Carry out the pool's admissions and evictions since the last call: copy admitted experts into
-        their slots, repoint the table entries that changed."""
-        changes, self.pool.changes = self.pool.changes, []
-        if not changes:
+    def follow(self) -> None:
+        """While the launched step runs: prefetch each layer's predicted experts as they arrive, evicting
+        only experts of layers that have run (the prediction for layer j is made as layer j-1 starts)."""
+        if self.predictor is None:
             return
-        # only each expert's last change counts: one admitted and evicted again within the same call is
-        # never copied (at most one expert ends up in any slot)
-        changes = dict(changes)
-        touched = set()
-        stream = torch.cuda.stream(self.copy_stream) if self.copy_stream is not None else contextlib.nullcontext()
-        with stream:
-            if self.copy_stream is not None:
-                # the step that read the slots being overwritten has finished (the runtime synchronised on
-                # its logits); still, order after all work on the compute stream
-                self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-            base = self.slab.data_ptr()
-            for (layer, e), slot in changes.items():
-                touched.add(layer)
-                if slot is None:                      # evicted: read from the cold copy again
-                    self.host_tables[layer][e] = self.cold_tables[layer][e]
+        for j in self.predictor.order:
+            layer = self.layers[j]
+            self.predicted[layer] = self.predictor.wait(j)
+            self.pool.prefetch([(layer, e) for e in self.predicted[layer]], layers=self.layers[:max(j - 1, 0)],
+                               busy=self._in_flight)
+            self._carry_out(self.table_stream)
+            if self.mapped_cold:                      # those left cold: read ahead from the file
+                self.bank.will_need(layer, [e for e in self.predicted[layer] if (layer, e) not in self.pool.resident])
+
+    def end_step(self, routed: list[torch.Tensor]) -> None:
+        """After a step: `routed[i]` [B, k] the experts chained layer i used. A use is a hit if the layer's
+        table pointed at a slot when the layer started; misses are admitted before the next step."""
+        base, end = self.slab.data_ptr(), self.slab.data_ptr() + self.slab.numel()
+        ids = torch.stack([r.reshape(-1).long() for r in routed])                  # [layers, B*k]
+        seen = self.snapshots.gather(1, ids)
+        rows = torch.cat([ids, ((seen >= base) & (seen < end)).long()], 1).tolist()   # one transfer
+        for layer, row in zip(self.layers, rows):
+            experts, hits = row[:len(row) // 2], row[len(row) // 2:]
+            misses = self.pool.record([(layer, e) for e in experts], [bool(h) for h in hits])
+            self.missed += misses
+            self.cold_bytes_read += len(misses) * self.expert_bytes[layer]
+            if layer in self.predicted:
+                self.stats.predicted += len(set(experts))
+                self.stats.predicted_used += len(set(experts) & set(self.predicted[layer]))
+        self.predicted = {}
+
+    # ------------------------------------------------------------------ the step, device side
+    def before_layer(self, i: int, h: torch.Tensor) -> None:
+        """Inside the step, as chained layer i starts on streams h: note its table; predict layer i+1."""
+        table = self.tables[self.layers[i]]
+        self.snapshots[i, :table.numel()].copy_(table)
+        if self.predictor is not None and i + 1 in self.predictor.index:
+            self.predictor(i + 1, h)
+
+    # ------------------------------------------------------------------ copies
+    def _current(self):
+        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
+    def _in_flight(self, key: tuple[int, int]) -> bool:
+        """Whether the expert's admission copy may not have landed yet: until it has, it stays."""
+        event = self.in_flight.get(key)
+        if event is None:
+            return False
+        if not event.query():
+            return True
+        del self.in_flight[key]
+        return False
+
+    def _carry_out(self, repoint_stream) -> None:
+        """Carry out the pool's evictions and admissions since the last call: evicted experts' entries back
+        to their cold copies on `repoint_stream`, then on the copy stream each admitted expert copied into
+        its slot and its entry repointed there."""
+        changes, self.pool.changes = self.pool.changes, []
+        final = dict(changes)                  # admitted then evicted within one call: never copied
+        if not final:
+            return
+        cuda = self.copy_stream is not None
+        with torch.cuda.stream(repoint_stream) if cuda else contextlib.nullcontext():
+            # every expert that left a slot, readmitted or not: its entry must not point at a slot that
+            # another expert's copy may be overwriting
+            for layer, e in {key for key, slot in changes if slot is None}:
+                self.tables[layer][e].fill_(self.cold_tables[layer][e])
+            if cuda:
+                self.copy_stream.wait_stream(repoint_stream)
+                if repoint_stream is self.table_stream:
+                    self.repointed.record(repoint_stream)
+        with torch.cuda.stream(self.copy_stream) if cuda else contextlib.nullcontext():
+            for (layer, e), slot in final.items():
+                if slot is None:
                     continue
-                if self.host_tables[layer][e] == base + slot * self.stride:
-                    continue                          # evicted and readmitted to the slot it still holds
-                n = self.expert_bytes[layer]
-                src = self.cold[layer][e * self.strides[layer]:e * self.strides[layer] + n]
-                self.slab[slot * self.stride:slot * self.stride + n].copy_(src, non_blocking=True)
+                n, at = self.expert_bytes[layer], slot * self.stride
+                self.slab[at:at + n].copy_(self.cold[layer][e * self.strides[layer]:e * self.strides[layer] + n],
+                                           non_blocking=True)
+                self.tables[layer][e].fill_(self.slab.data_ptr() + at)
                 self.bytes_moved += n
-                self.host_tables[layer][e] = base + slot * self.stride
-            # host tables are reused: the next change to them comes after the step that waited for these
-            # copies has finished
-            for layer in touched:
-                self.tables[layer].copy_(self.host_tables[layer], non_blocking=True)
-            if self.ready is not None:
-                self.ready.record(self.copy_stream)
+                if cuda:
+                    self.in_flight[(layer, e)] = torch.cuda.Event()
+                    self.in_flight[(layer, e)].record(self.copy_stream)

@@ -94,8 +94,9 @@ def test_graph_replay_equals_plain_launches_and_eager(artifact, tiny_dir):
 
 
 def test_paged_experts_change_nothing_but_where_they_are_read(artifact):
-    """20 device slots for 80 experts, the rest read from pinned host memory, inside the captured graph:
-    the same logits as every expert resident, with hits, misses and prefetches counted."""
+    """20 device slots for 80 experts, the rest read from pinned host memory, inside the captured graph
+    (route predictions and prefetch copies racing the replay): the same logits as every expert resident,
+    with hits, misses, prefetches and predictions counted."""
     resident = forced_logits(ArtifactModel(artifact, "cuda", graphs=True, expert_slots=0), PROMPT, FORCED)
     model = ArtifactModel(artifact, "cuda", graphs=True, expert_slots=20)
     paged = forced_logits(model, PROMPT, FORCED)
@@ -104,6 +105,8 @@ def test_paged_experts_change_nothing_but_where_they_are_read(artifact):
     assert stats.hits + stats.misses == len(FORCED) * 5 * 6         # decode steps (the prompt is prefilled)
     assert stats.prefetch_hits > 0 and model.pager.bytes_moved > 0
     assert model.pager.device_bytes() == 20 * model.pager.stride
+    # the score-routed layers' predictions reached the host from inside the graph, and name used experts
+    assert stats.predicted == len(FORCED) * 2 * 6 and stats.predicted_used > 0
 
 
 def test_an_h200_keeps_cold_experts_pinned():

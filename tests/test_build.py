@@ -111,12 +111,15 @@ def test_pager_under_a_budget_changes_nothing_but_where_experts_are_read(built):
     assert stats.hits + stats.misses == steps * layers * k
     assert len(paged_model.pager.pool.resident) <= 20 and paged_model.pager.bytes_moved > 0
     assert stats.prefetch_hits > 0          # hash layers: experts fetched from the next token's id
+    # layers 3 and 4 (score-routed) predicted as the layer before them starts: 6 experts each per step
+    assert stats.predicted == steps * 2 * k and 0 < stats.predicted_used <= stats.predicted
 
 
 @pytest.mark.slow
 def test_paged_bench_reports_prefetch_and_the_resident_run(built, tmp_path):
-    """`dsv4 bench --expert-slots`: the paged run with and without prefetch and the all-resident run, in one
-    process; the same greedy tokens in all three, and each paged mode's decode time lost to paging."""
+    """`dsv4 bench --expert-slots`: the paged run with route prediction, with hash-layer prefetch only, with no
+    prefetch, and the all-resident run, in one process; the same greedy tokens in all four, and each paged
+    mode's decode time lost to paging."""
     import json
     out, _, _ = built
     report = tmp_path / "bench.json"
@@ -124,14 +127,16 @@ def test_paged_bench_reports_prefetch_and_the_resident_run(built, tmp_path):
                         "20", "--prompt-len", "4", "--new", "4", "--json", str(report)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     got = json.loads(report.read_text())
-    assert set(got["modes"]) == {"compiled", "compiled-no-prefetch", "compiled-resident"}
+    assert set(got["modes"]) == {"compiled", "compiled-no-prediction", "compiled-no-prefetch", "compiled-resident"}
     assert got["tokens_agree"]
     assert "pager" not in got["modes"]["compiled-resident"]
-    for name in ("compiled", "compiled-no-prefetch"):
+    for name in ("compiled", "compiled-no-prediction", "compiled-no-prefetch"):
         pager = got["modes"][name]["pager"]
         assert pager["slots"] == 20 and "time_lost_to_paging_s" in pager
         assert pager["hits"] + pager["misses"] == 3 * 5 * 6     # the timed run's 3 decode steps x 5 layers x 6
     for figures in got["modes"].values():                      # the first (cold) prompt is reported apart
         assert figures["cold_time_to_first_token_s"] > 0 and figures["time_to_first_token_s"] > 0
     assert got["modes"]["compiled"]["pager"]["prefetch_hits"] > 0
+    assert got["modes"]["compiled"]["pager"]["experts_predicted_for"] == 3 * 2 * 6      # layers 3 and 4
+    assert got["modes"]["compiled-no-prediction"]["pager"]["experts_predicted_for"] == 0
     assert got["modes"]["compiled-no-prefetch"]["pager"]["prefetch_hits"] == 0

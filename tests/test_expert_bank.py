@@ -34,6 +34,8 @@ def test_bank_holds_each_expert_contiguous_and_aligned(bank):
     view = reader.expert(3, 7)               # a table entry into the map stays valid when its pages go
     reader.drop_cached(3, [7, 2])
     assert torch.equal(view, expect) and torch.equal(reader.expert(3, 7), expect)
+    reader.will_need(3, [7, 2])              # read ahead (a predicted expert left cold): the same bytes
+    assert torch.equal(view, expect)
 
 
 def test_corrupted_expert_is_named(bank, tmp_path):

@@ -126,16 +126,17 @@ def test_grouped_fp8_kernel_matches_the_bf16_grouped_einsum(rows, g, r, d):
 
 
 @pytest.mark.gpu
-def test_fp8_linear_op_on_prefill_rows_is_a_bf16_gemm_matching_the_float32_oracle():
+@pytest.mark.parametrize("n, k", [pytest.param(1024, 4096, id="flash-wq_a"), pytest.param(128, 256, id="tiny-k256")])
+def test_fp8_linear_op_on_prefill_rows_is_a_bf16_gemm_matching_the_float32_oracle(n, k):
     """More rows than the GEMV takes: the act_quant kernel and cuBLAS's block-scaled FP8 GEMM (CUDA 13 on
     the H200 has it), equal to the float32 oracle up to summation order."""
     import plugins.fp8_linear as fp8_linear
     import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
-    w, s = _weights(1024, 4096)
-    x = torch.randn(3, 40, 4096, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).cuda()
+    w, s = _weights(n, k)
+    x = torch.randn(3, 40, k, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16).cuda()
     got = torch.ops.dsv4.fp8_linear(x, w.cuda(), s.cuda())
     expect = quantised_matmul(x, fp8_weight_dequant(w, s).cuda())
-    assert got.shape == (3, 40, 1024) and got.dtype == torch.bfloat16
+    assert got.shape == (3, 40, n) and got.dtype == torch.bfloat16
     cos = torch.nn.functional.cosine_similarity(got.double().flatten(0, 1), expect.double().flatten(0, 1), dim=-1)
     assert cos.min() > 0.99999
     # fp32 sums in another order (cuBLAS splits K and scales per 128-block): bf16 results may round the other

@@ -9,18 +9,36 @@ from builder.reference.moe import MoE, route
 from runtime.pager_policy import SlotPool, simulate
 
 
-def test_budget_is_never_exceeded_and_the_step_is_protected():
+def test_budget_is_never_exceeded_and_only_allowed_experts_are_evicted():
     rng = random.Random(0)
     pool = SlotPool(10)
-    for _ in range(2000):
+    for step in range(2000):
         needed = [(rng.randrange(4), rng.randrange(32)) for _ in range(6)]
-        slots = pool.use(needed)
-        assert set(slots) == set(needed) and len(set(slots.values())) == len(slots)
-        pool.prefetch([(rng.randrange(4), rng.randrange(32)) for _ in range(6)], protect=needed)
-        assert all(k in pool.resident for k in needed)          # prefetch never evicts the step in flight
+        misses = pool.record(needed, [k in pool.resident for k in needed])
+        assert misses == [k for k in needed if k not in pool.resident]
+        before = dict(pool.resident)
+        pool.prefetch([(rng.randrange(4), rng.randrange(32)) for _ in range(6)], layers=[0, 1],
+                      busy=lambda k: k == (0, step % 32))
+        assert all(before.get(k) == slot for k, slot in pool.resident.items() if k in before)
+        assert all(k in pool.resident for k in before if k[0] >= 2 or k == (0, step % 32))   # only these went
+        pool.admit(misses)
+        assert all(k in pool.resident for k in misses)
         assert len(pool.resident) <= 10 and len(set(pool.resident.values())) == len(pool.resident)
-    with pytest.raises(ValueError):
-        pool.use([(0, e) for e in range(11)])
+    assert pool.stats.hits + pool.stats.misses == 2000 * 6
+
+
+def test_the_victim_is_the_least_used_then_the_least_recent():
+    pool = SlotPool(3, aging_period=4)
+    pool.fill([(0, 0), (0, 1), (0, 2)])
+    pool.record([(0, 0), (0, 1), (0, 0), (0, 2), (0, 1)], [True] * 5)
+    # counts: (0,0) 1 + 1 (last used 3rd), (0,1) 1 + 2 (the 4th use onwards counts twice), (0,2) 2 (4th)
+    pool.admit([(1, 0)])
+    assert (0, 0) not in pool.resident and (1, 0) in pool.resident      # the tie goes to the least recent
+    pool.prefetch([(1, 1)])                  # (1, 0) was never used: a prediction may replace it
+    assert (1, 0) not in pool.resident and (1, 1) in pool.resident
+    pool.record([(0, 2)], [True])            # (0,2) now 4, (0,1) 3: both count more than a use (2)
+    pool.prefetch([(1, 2)], layers=[0])
+    assert (1, 2) not in pool.resident and pool.stats.prefetches == 1
 
 
 def _zipf_trace(steps, layers, experts, k, seed):

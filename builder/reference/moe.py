@@ -4,11 +4,10 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from plugins.formats import mxfp4_dequant
 from plugins.ops import moe_routed_oracle
-from plugins.oracle import FP8Linear, swiglu, wide, wide_dtype
+from plugins.oracle import FP8Linear, router_scores, swiglu, wide, wide_dtype
 
 from ..config import ModelConfig
 
@@ -24,12 +23,7 @@ def route(cfg: ModelConfig, x: torch.Tensor, gate_w: torch.Tensor, bias: torch.T
     """
     xf = wide(x)
     scores = product(xf, gate_w) if product is not None else xf @ gate_w.to(xf.dtype).T
-    if cfg.scoring_func == "softmax":
-        scores = scores.softmax(-1)
-    elif cfg.scoring_func == "sigmoid":
-        scores = scores.sigmoid()
-    else:
-        scores = F.softplus(scores).sqrt()
+    scores = router_scores(scores, cfg.scoring_func)
     if tid2eid is not None:
         experts = tid2eid[ids]
     else:
