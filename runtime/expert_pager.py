@@ -137,6 +137,7 @@ class PagedExperts:
         stream = self._current()
         if self.repointed is not None:
             stream.wait_event(self.repointed)
+        self._settle()
         self.pool.admit(self.missed, busy=self._in_flight)
         self.missed = []
         for layer, table in (self.tid2eid.items() if self.prefetch_enabled else ()):
@@ -188,15 +189,21 @@ class PagedExperts:
     def _current(self):
         return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
 
+    def _settle(self) -> None:
+        """Forget the admissions whose copies have landed; where the cold store is the mapped bank, drop their
+        file pages: the slot holds those bytes now, and on a GB10 a cached page is a second copy in the one
+        memory (page cache kept in check)."""
+        landed = [key for key, event in self.in_flight.items() if event.query()]
+        for key in landed:
+            del self.in_flight[key]
+        if self.mapped_cold:
+            for layer in {lay for lay, _ in landed}:
+                self.bank.drop_cached(layer, [e for lay, e in landed if lay == layer])
+
     def _in_flight(self, key: tuple[int, int]) -> bool:
         """Whether the expert's admission copy may not have landed yet: until it has, it stays."""
         event = self.in_flight.get(key)
-        if event is None:
-            return False
-        if not event.query():
-            return True
-        del self.in_flight[key]
-        return False
+        return event is not None and not event.query()
 
     def _carry_out(self, repoint_stream) -> None:
         """Carry out the pool's evictions and admissions since the last call: evicted experts' entries back

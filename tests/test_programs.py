@@ -138,3 +138,19 @@ def test_layers_of_one_kind_share_a_program(setup):
     kinds = [program_kind(cfg, i) for i in range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers)]
     assert kinds[0] == kinds[1] == "layer-ratio0-hash" and kinds[-1].startswith("mtp-")
     assert len(set(kinds)) == len(kinds) - 1
+
+
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_stacked_fp8_linear_gives_each_part_exactly(act):
+    """Projections of one input stacked into one FP8 linear (`FUSED_FP8`), a part not a multiple of 128
+    rows padded: each part's output equals its own linear's, bit for bit."""
+    from builder.programs.decode import linear_fp8, linear_fp8_parts, stack_fp8
+    from plugins.formats import fp8_weight_quant
+    g = torch.Generator().manual_seed(3)
+    parts = [fp8_weight_quant(torch.randn(n, 256, generator=g) * 0.05) for n in (100, 256, 40)]
+    x = torch.randn(2, 3, 256, generator=g).to(act)
+    w = {f"p{i}.{k}": t for i, part in enumerate(parts) for k, t in zip(("weight", "scale"), part)}
+    w["all.weight"], w["all.scale"] = stack_fp8(parts)
+    assert w["all.weight"].shape == (128 + 256 + 128, 256) and w["all.scale"].shape == (1 + 2 + 1, 2)
+    for i, got in enumerate(linear_fp8_parts(x, w, "all", (100, 256, 40))):
+        assert torch.equal(got, linear_fp8(x, w, f"p{i}"))

@@ -98,8 +98,7 @@ def layer_weights(cfg: ModelConfig, get, layer: int, act: torch.dtype) -> dict[s
     names_work = ["attn_norm.weight", "ffn_norm.weight", "attn.q_norm.weight", "attn.kv_norm.weight",
                   "attn.attn_sink"]
     names_kept = ["ffn.gate.weight"]                   # float32 in the official model, taken by `wide_product`
-    names_raw = [f"{n}.{k}" for n in ("attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_a", "attn.wo_b",
-                                       "ffn.shared_experts.w1", "ffn.shared_experts.w2", "ffn.shared_experts.w3")
+    names_raw = [f"{n}.{k}" for n in ("attn.wq_b", "attn.wo_a", "attn.wo_b", "ffn.shared_experts.w2")
                  for k in ("weight", "scale")]
     names_work += [f"hc_{k}_{part}" for k in ("attn", "ffn") for part in ("fn", "scale", "base")]
     names_act = []
@@ -112,6 +111,9 @@ def layer_weights(cfg: ModelConfig, get, layer: int, act: torch.dtype) -> dict[s
     names_work += [] if cfg.is_hash_layer(layer) else ["ffn.gate.bias"]
     w = {n: get(p + n).to(work) for n in names_work}
     w |= {n: get(p + n) for n in names_raw}
+    for name, parts in FUSED_FP8.items():
+        w[f"{name}.weight"], w[f"{name}.scale"] = stack_fp8([(get(f"{p}{n}.weight"), get(f"{p}{n}.scale"))
+                                                             for n in parts])
     w |= {n: get(p + n).to(act) for n in names_act}
     # kept in bf16 for a bf16 model (as the checkpoint stores them); widened for a float32 one (an exact gate)
     w |= {n: t if t.dtype == act == torch.bfloat16 else t.to(work) for n in names_kept for t in [get(p + n)]}
@@ -135,6 +137,33 @@ def shared_weights(get, act: torch.dtype) -> dict[str, torch.Tensor]:
 
 def linear_fp8(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     return torch.ops.dsv4.fp8_linear(x, w[f"{name}.weight"], w[f"{name}.scale"])
+
+
+# FP8 projections of one input that run as one linear (one launch, one read of the activation, one longer
+# stream of weights): the program's weight name -> the checkpoint's, in order. On the H200 the two pairs
+# were four GEMVs of 2-8 MB at 0.14-0.52 of the copy bandwidth (bench/results/kernels-h200.json).
+FUSED_FP8 = {"attn.wq_a_wkv": ("attn.wq_a", "attn.wkv"),
+             "ffn.shared_experts.w13": ("ffn.shared_experts.w1", "ffn.shared_experts.w3")}
+
+
+def stack_fp8(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 weights [n_i, K] with their 128x128 block scales stacked by rows into one, each part's rows padded
+    to a multiple of 128 (zero rows, scale 1) so that every block keeps its own scale."""
+    weights, scales = [], []                   # stacked as bytes: not every dtype here has a CPU `cat`
+    for weight, scale in parts:
+        pad = -weight.size(0) % 128
+        weights += [weight.view(torch.uint8), torch.zeros(pad, weight.size(1), dtype=torch.uint8)]
+        scales.append(scale.view(torch.uint8))
+    return torch.cat(weights).view(parts[0][0].dtype), torch.cat(scales).view(parts[0][1].dtype)
+
+
+def linear_fp8_parts(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, sizes: tuple[int, ...]):
+    """The outputs of a stacked linear (`FUSED_FP8`), one per part of `sizes` output features."""
+    y, at, out = linear_fp8(x, w, name), 0, []
+    for n in sizes:
+        out.append(y[..., at:at + n])
+        at += -(-n // 128) * 128
+    return out
 
 
 class Compressor(torch.nn.Module):
@@ -213,11 +242,12 @@ class DecodeLayer(torch.nn.Module):
         kv [B, S, hd] (norm, RoPE, FP8 round-trip of the non-rope channels)."""
         c = self.cfg
         rd = c.qk_rope_head_dim
-        qr = rms_norm(linear_fp8(x, w, "attn.wq_a"), w["attn.q_norm.weight"], c.rms_norm_eps)
+        qr, kv = linear_fp8_parts(x, w, "attn.wq_a_wkv", (c.q_lora_rank, c.head_dim))
+        qr = rms_norm(qr, w["attn.q_norm.weight"], c.rms_norm_eps)
         q = linear_fp8(qr, w, "attn.wq_b").unflatten(-1, (c.num_attention_heads, c.head_dim))
         q = q * torch.rsqrt(wide(q.square()).mean(-1, keepdim=True).to(q.dtype) + c.rms_norm_eps)
         q = with_rope(q, rot, rd)
-        kv = with_rope(rms_norm(linear_fp8(x, w, "attn.wkv"), w["attn.kv_norm.weight"], c.rms_norm_eps), rot, rd)
+        kv = with_rope(rms_norm(kv, w["attn.kv_norm.weight"], c.rms_norm_eps), rot, rd)
         return qr, q, fp8_kv_roundtrip(kv, rd, KV_FP8_BLOCK)
 
     def attend(self, q, rows, idx, rot, w):
@@ -283,7 +313,7 @@ class DecodeLayer(torch.nn.Module):
                                  product=wide_product)
         experts = experts.to(torch.int32)
         y = torch.ops.dsv4.moe_routed(x, experts, weights, table, c.moe_intermediate_size, c.swiglu_limit)
-        gate, up = linear_fp8(x, w, "ffn.shared_experts.w1"), linear_fp8(x, w, "ffn.shared_experts.w3")
+        gate, up = linear_fp8_parts(x, w, "ffn.shared_experts.w13", (c.moe_intermediate_size,) * 2)
         y = y + linear_fp8(swiglu(gate, up, c.swiglu_limit).to(x.dtype), w, "ffn.shared_experts.w2").to(y.dtype)
         return y.to(x.dtype), experts
 
