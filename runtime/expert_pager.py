@@ -8,9 +8,9 @@ processor reading it can follow the host's page tables (CPU runs, and GPUs with 
 services: GB10, GH200), so it costs page cache, not a second copy in the one memory such a box has;
 elsewhere (an H200 over PCIe) it is a pinned host copy the GPU reads over the bus.
 
-A step never waits for an expert copy. Copies run on their own stream and repoint the table entry only
-once the slot holds the expert, so a kernel reads the cold copy or the complete slot, whichever the entry
-says when it looks. What must never happen is a slot overwritten while a kernel may still read it, so an
+A step waits only for the copies into its first layers (`WAITED`, below). Copies run on their own stream
+and repoint the table entry only once the slot holds the expert, so a kernel reads the cold copy or the
+complete slot, whichever the entry says when it looks. What must never happen is a slot overwritten while a kernel may still read it, so an
 expert leaves its slot only when no running work can read it: before a step starts (its entry repointed
 to the cold copy ahead of the step) or, during a step, if its layer has already run in that step (its
 entry repointed on a side stream the next step waits for); an expert whose own copy is still in flight
@@ -31,6 +31,9 @@ import torch
 from .expert_bank import ExpertBank, expert_addresses
 from .pager_policy import PagerStats, SlotPool
 from .route_predictor import RoutePredictor
+
+# the chained layers whose admissions a step waits for (begin_step): the predictor's lead is one layer
+WAITED = 2
 
 
 def reads_pageable_memory(device: torch.device) -> bool:
@@ -133,16 +136,26 @@ class PagedExperts:
     # ------------------------------------------------------------------ the step, host side
     def begin_step(self, tokens: list[int]) -> None:
         """Before a step (the last one finished): admit its misses, prefetch the hash-routed layers' experts
-        of `tokens`, repoint evicted experts to their cold copies ahead of the step."""
+        of `tokens`, repoint evicted experts to their cold copies ahead of the step. The step waits for the
+        copies into its first `WAITED` layers, which have no time to land otherwise: over PCIe an expert
+        (12.6 MB at Flash size) should copy in about 0.25 ms at PCIe 5 rates (not measured), while each miss
+        cost about 1.7 ms in the H200's Flash-8 paged run (decode time lost to paging, less the time waiting
+        for copies, over the misses: a kernel reading the expert from host memory); the other copies race
+        the step."""
         stream = self._current()
         if self.repointed is not None:
             stream.wait_event(self.repointed)
         self._settle()
-        self.pool.admit(self.missed, busy=self._in_flight)
+        hashed = {layer: [(layer, int(e)) for t in tokens for e in table[t].tolist()]
+                  for layer, table in (self.tid2eid.items() if self.prefetch_enabled else ())}
+        for early in (True, False):
+            chosen = lambda key: (self.position[key[0]] < WAITED) == early      # noqa: E731
+            self.pool.admit([key for key in self.missed if chosen(key)], busy=self._in_flight)
+            for layer, keys in hashed.items():
+                if chosen((layer, 0)):
+                    self.pool.prefetch(keys, busy=self._in_flight)
+            self._carry_out(stream, wait=early)
         self.missed = []
-        for layer, table in (self.tid2eid.items() if self.prefetch_enabled else ()):
-            self.pool.prefetch([(layer, int(e)) for t in tokens for e in table[t].tolist()], busy=self._in_flight)
-        self._carry_out(stream)
         if self.predictor is not None:
             self.predictor.clear()
 
@@ -205,10 +218,10 @@ class PagedExperts:
         event = self.in_flight.get(key)
         return event is not None and not event.query()
 
-    def _carry_out(self, repoint_stream) -> None:
+    def _carry_out(self, repoint_stream, wait: bool = False) -> None:
         """Carry out the pool's evictions and admissions since the last call: evicted experts' entries back
         to their cold copies on `repoint_stream`, then on the copy stream each admitted expert copied into
-        its slot and its entry repointed there."""
+        its slot and its entry repointed there; with `wait`, the current stream waits for those copies."""
         changes, self.pool.changes = self.pool.changes, []
         final = dict(changes)                  # admitted then evicted within one call: never copied
         if not final:
@@ -235,3 +248,5 @@ class PagedExperts:
                 if cuda:
                     self.in_flight[(layer, e)] = torch.cuda.Event()
                     self.in_flight[(layer, e)].record(self.copy_stream)
+        if cuda and wait:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
