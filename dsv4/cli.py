@@ -343,7 +343,8 @@ def _pager_line(pager) -> str:
     predicted = (f", predictions right on {s.predicted_used}/{s.predicted} experts used" if s.predicted else "")
     return (f"expert pager: {pager.pool.slots} slots, hit rate {s.hit_rate:.3f} ({s.hits} hits, {s.misses} "
             f"misses, {s.prefetch_hits} prefetch hits){predicted}, {pager.bytes_moved / 1e6:.1f} MB copied in, "
-            f"{pager.cold_bytes_read / 1e6:.1f} MB read from cold copies")
+            f"{pager.cold_bytes_read / 1e6:.1f} MB read from cold copies, "
+            f"{pager.stall_s * 1e3:.1f} ms waiting for copies")
 
 
 @cli.command("bench")
@@ -366,8 +367,8 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
     paged (--expert-slots), the compiled run is repeated without route prediction (hash-routed layers'
     experts still fetched from the token ids), without any prefetch, and with every expert resident where
     the device has the memory: hit rates, how often the predictions were right, bytes copied in and read
-    from cold copies, and the decode time lost to paging (the stall: steps never wait for copies, misses
-    read host memory) against the resident run."""
+    from cold copies, the time steps waited for copies (those into their first layers), and the decode time
+    lost to paging (those waits and the misses' reads from host memory) against the resident run."""
     import platform
 
     import torch
@@ -402,7 +403,7 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
                                 "misses": st.misses, "prefetch_hits": st.prefetch_hits,
                                 "experts_predicted_for": st.predicted, "predicted_right": st.predicted_used,
                                 "bytes_copied_in": model.pager.bytes_moved,
-                                "bytes_read_cold": model.pager.cold_bytes_read}
+                                "bytes_read_cold": model.pager.cold_bytes_read, "stall_s": model.pager.stall_s}
             click.echo(_pager_line(model.pager))
         if per_token:
             figures["fraction_of_copy_bandwidth"] = per_token / bandwidth / (figures["decode_step_ms"] / 1e3)

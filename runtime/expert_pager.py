@@ -10,11 +10,11 @@ elsewhere (an H200 over PCIe) it is a pinned host copy the GPU reads over the bu
 
 A step waits only for the copies into its first layers (`WAITED`, below). Copies run on their own stream
 and repoint the table entry only once the slot holds the expert, so a kernel reads the cold copy or the
-complete slot, whichever the entry says when it looks. What must never happen is a slot overwritten while a kernel may still read it, so an
-expert leaves its slot only when no running work can read it: before a step starts (its entry repointed
-to the cold copy ahead of the step) or, during a step, if its layer has already run in that step (its
-entry repointed on a side stream the next step waits for); an expert whose own copy is still in flight
-stays.
+complete slot, whichever the entry says when it looks. What must never happen is a slot overwritten while
+a kernel may still read it, so an expert leaves its slot only when no running work can read it: before a
+step starts (its entry repointed to the cold copy ahead of the step) or, during a step, if its layer has
+already run in that step (its entry repointed on a side stream the next step waits for); an expert whose
+own copy is still in flight stays.
 
 Per step: `begin_step(tokens)` admits the previous step's misses and prefetches the hash-routed layers'
 experts of `tokens` (known exactly from `tid2eid`); inside the step (and its CUDA graph) `before_layer`
@@ -121,10 +121,11 @@ class PagedExperts:
         return self.pool.stats
 
     def reset_stats(self) -> None:
-        """Start counting afresh (hits, misses, bytes moved and read cold, predictions), keeping what is
-        resident."""
+        """Start counting afresh (hits, misses, bytes moved and read cold, predictions, time the GPU waited
+        for copies), keeping what is resident."""
         self.pool.stats = PagerStats()
         self.bytes_moved = self.cold_bytes_read = 0
+        self.stall_s, self.waits = 0.0, []
 
     def device_bytes(self) -> int:
         return self.slab.numel()
@@ -189,6 +190,8 @@ class PagedExperts:
                 self.stats.predicted += len(set(experts))
                 self.stats.predicted_used += len(set(experts) & set(self.predicted[layer]))
         self.predicted = {}
+        self.stall_s += sum(before.elapsed_time(after) for before, after in self.waits) / 1e3
+        self.waits = []
 
     # ------------------------------------------------------------------ the step, device side
     def before_layer(self, i: int, h: torch.Tensor) -> None:
@@ -249,4 +252,10 @@ class PagedExperts:
                     self.in_flight[(layer, e)] = torch.cuda.Event()
                     self.in_flight[(layer, e)].record(self.copy_stream)
         if cuda and wait:
-            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+            # the wait, timed on the GPU between two events (read after the step): the stall on copies
+            stream = torch.cuda.current_stream(self.device)
+            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            before.record(stream)
+            stream.wait_stream(self.copy_stream)
+            after.record(stream)
+            self.waits.append((before, after))
