@@ -41,12 +41,15 @@ ProgramFactory = Callable[[int], torch.nn.Module]
 
 
 class _Config:
-    """The few config values the runtime's head needs, read from the artifact's config.json."""
+    """The few config values the runtime's head and route predictor need, read from the artifact's
+    config.json (named as the builder's ModelConfig names them)."""
 
     def __init__(self, raw: dict):
         self.hc_mult, self.hidden_size = raw["hc_mult"], raw["hidden_size"]
         self.rms_norm_eps, self.hc_eps = raw["rms_norm_eps"], raw["hc_eps"]
         self.vocab_size = raw["vocab_size"]
+        self.hc_sinkhorn_iters, self.scoring_func = raw["hc_sinkhorn_iters"], raw["scoring_func"]
+        self.num_experts_per_tok = raw["num_experts_per_tok"]
 
 
 class ArtifactModel:
@@ -70,13 +73,14 @@ class ArtifactModel:
             raise UserError(f"this artifact's programs are compiled for {m['device']}; run it on {m['device']}")
         if programs is None and m["backend"] == "eager":
             raise UserError("eager artifacts run through `dsv4 run`, which supplies the layer programs")
+        if prefetch not in PREFETCH:
+            raise ValueError(f"prefetch must be one of {PREFETCH}, not {prefetch!r}")
         if graphs and self.device.type != "cuda":
             raise UserError("CUDA graphs need --device cuda")
         if str(batch) not in {str(b) for b in m["decode_batch_buckets"]}:
             raise UserError(f"the artifact has decode programs for batches {m['decode_batch_buckets']}, not {batch}")
         self.backend = "eager" if programs is not None else m["backend"]
-        raw_config = json.loads((self.root / "config.json").read_text())
-        self.config = _Config(raw_config)
+        self.config = _Config(json.loads((self.root / "config.json").read_text()))
         self.act = getattr(torch, m["dtype"])
         self.max_len = m["max_context"]
         self.work = wide_dtype(self.act)
@@ -101,8 +105,6 @@ class ArtifactModel:
         if 0 < expert_slots < total:
             tid2eid = {e["layer"]: load_file(str(self.root / e["weights"]))["ffn.gate.tid2eid"]
                        for e in main if "hash" in e["kind"]}
-            if prefetch not in PREFETCH:
-                raise ValueError(f"prefetch must be one of {PREFETCH}, not {prefetch!r}")
             self.experts = self.pager = PagedExperts(bank, ids, self.device, expert_slots, tid2eid,
                                                      prefetch != "none")
         elif self.device.type == "cuda":
@@ -137,7 +139,7 @@ class ArtifactModel:
         predicted = {i: weights for i, (e, (_, _, weights, _)) in enumerate(zip(main, self.layers))
                      if i > 0 and "hash" not in e["kind"]}
         if self.pager is not None and prefetch == "predict" and predicted:
-            self.pager.predict_with(RoutePredictor(raw_config, predicted, batch, self.device))
+            self.pager.predict_with(RoutePredictor(self.config, predicted, batch, self.device))
         self.chunk = m["recipe"].get("prefill_chunk", 0)
         self.prefill_runs = self._prefill_programs(main, programs, prefill, engines is not None)
         self.tokens = torch.zeros(batch, dtype=torch.int64, device=dev)

@@ -29,15 +29,16 @@ def _host_buffer(shape: tuple[int, ...], cuda: bool) -> torch.Tensor:
 
 
 class RoutePredictor:
-    def __init__(self, config: dict, targets: dict[int, dict[str, torch.Tensor]], batch: int, device: torch.device):
+    def __init__(self, config, targets: dict[int, dict[str, torch.Tensor]], batch: int, device: torch.device):
         """`targets[j]`: the weights of chained layer j (a score-routed layer) whose experts are predicted
-        while layer j-1 runs; `config`: the model's config.json."""
+        while layer j-1 runs; `config`: the model's config values (rms_norm_eps, hc_eps, hc_sinkhorn_iters,
+        scoring_func, num_experts_per_tok) as attributes."""
         self.cfg, self.device = config, device
         self.order = sorted(targets)
         self.index = {j: i for i, j in enumerate(self.order)}
         self.weights = {j: {n: w[n] for n in ("hc_ffn_fn", "hc_ffn_scale", "hc_ffn_base", "ffn_norm.weight",
                                                "ffn.gate.weight", "ffn.gate.bias")} for j, w in targets.items()}
-        k = config["num_experts_per_tok"]
+        k = config.num_experts_per_tok
         cuda = device.type == "cuda"
         self.picks = torch.zeros(len(self.order), batch, k, dtype=torch.int32, device=device)
         self.one = torch.ones(1, dtype=torch.int32, device=device)
@@ -50,10 +51,10 @@ class RoutePredictor:
         """Inside the step, before chained layer j-1 runs on streams h [B, hc, d]: predict layer j."""
         c, w, i = self.cfg, self.weights[j], self.index[j]
         y = torch.ops.dsv4.hc_pre(h[:, None], w["hc_ffn_fn"], w["hc_ffn_scale"], w["hc_ffn_base"],
-                                  c["rms_norm_eps"], c["hc_eps"], c["hc_sinkhorn_iters"])[0][:, 0]
-        x = wide(rms_norm(y, w["ffn_norm.weight"], c["rms_norm_eps"]))
-        scores = router_scores(torch.ops.dsv4.wide_linear(x, w["ffn.gate.weight"]), c["scoring_func"])
-        self.picks[i].copy_((scores + w["ffn.gate.bias"]).topk(c["num_experts_per_tok"], dim=-1)[1])
+                                  c.rms_norm_eps, c.hc_eps, c.hc_sinkhorn_iters)[0][:, 0]
+        x = wide(rms_norm(y, w["ffn_norm.weight"], c.rms_norm_eps))
+        scores = router_scores(torch.ops.dsv4.wide_linear(x, w["ffn.gate.weight"]), c.scoring_func)
+        self.picks[i].copy_((scores + w["ffn.gate.bias"]).topk(c.num_experts_per_tok, dim=-1)[1])
         self.host_picks[i].copy_(self.picks[i], non_blocking=True)
         self.host_ready[i:i + 1].copy_(self.one, non_blocking=True)     # after the picks: same stream
 

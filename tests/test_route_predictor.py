@@ -1,7 +1,5 @@
 """The route predictor (runtime/route_predictor.py) applies a layer's own router to the streams it is given:
 fed the streams that reach that layer's MoE, it must pick exactly the experts the reference routes to."""
-import json
-
 import torch
 
 from builder.checkpoint import Checkpoint
@@ -16,8 +14,7 @@ def test_predictor_picks_the_reference_routes_of_the_streams_it_is_given(tiny_di
     cfg = ckpt.config
     layer = cfg.num_hash_layers                         # the first score-routed layer
     w = layer_weights(cfg, ckpt.get, layer, torch.float32)
-    raw = json.loads((tiny_dir / "config.json").read_text())
-    predictor = RoutePredictor(raw, {layer: w}, batch=3, device=torch.device("cpu"))
+    predictor = RoutePredictor(cfg, {layer: w}, batch=3, device=torch.device("cpu"))
     h = torch.randn(3, cfg.hc_mult, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     predictor.clear()
     predictor(layer, h)                                 # as the layer before it starts
