@@ -88,7 +88,8 @@ class PagedExperts:
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
         self.table_stream = torch.cuda.Stream(device) if cuda else None
         self.repointed = torch.cuda.Event() if cuda else None     # the last mid-step repointing to a cold copy
-        self.in_flight: dict[tuple[int, int], torch.cuda.Event] = {}  # admissions whose copy may not have landed
+        # admissions not yet settled: their copy's event (None on a CPU, where copies land at once)
+        self.in_flight: dict[tuple[int, int], torch.cuda.Event | None] = {}
         self.predictor: RoutePredictor | None = None
         self.predicted: dict[int, list[int]] = {}
         self.missed: list[tuple[int, int]] = []
@@ -98,9 +99,7 @@ class PagedExperts:
         if self.copy_stream is not None:
             self.copy_stream.synchronize()
         self.bytes_moved = 0                          # load-time copies are not the run's
-        if self.mapped_cold:                          # the filled experts' file pages are not needed now
-            for layer in layers:
-                bank.drop_cached(layer, [e for lay, e in self.pool.resident if lay == layer])
+        self._settle()                                # the filled experts' file pages are not needed now
 
     def fill_order(self, bank: ExpertBank) -> list[tuple[int, int]]:
         """The experts that fill the pool at load, best first: the layers take turns so each gets an even
@@ -209,7 +208,7 @@ class PagedExperts:
         """Forget the admissions whose copies have landed; where the cold store is the mapped bank, drop their
         file pages: the slot holds those bytes now, and on a GB10 a cached page is a second copy in the one
         memory (page cache kept in check)."""
-        landed = [key for key, event in self.in_flight.items() if event.query()]
+        landed = [key for key, event in self.in_flight.items() if event is None or event.query()]
         for key in landed:
             del self.in_flight[key]
         if self.mapped_cold:
@@ -248,8 +247,8 @@ class PagedExperts:
                                            non_blocking=True)
                 self.tables[layer][e].fill_(self.slab.data_ptr() + at)
                 self.bytes_moved += n
+                self.in_flight[(layer, e)] = torch.cuda.Event() if cuda else None
                 if cuda:
-                    self.in_flight[(layer, e)] = torch.cuda.Event()
                     self.in_flight[(layer, e)].record(self.copy_stream)
         if cuda and wait:
             # the wait, timed on the GPU between two events (read after the step): the stall on copies

@@ -33,7 +33,7 @@ class RoutePredictor:
         """`targets[j]`: the weights of chained layer j (a score-routed layer) whose experts are predicted
         while layer j-1 runs; `config`: the model's config values (rms_norm_eps, hc_eps, hc_sinkhorn_iters,
         scoring_func, num_experts_per_tok) as attributes."""
-        self.cfg, self.device = config, device
+        self.cfg = config
         self.order = sorted(targets)
         self.index = {j: i for i, j in enumerate(self.order)}
         self.weights = {j: {n: w[n] for n in ("hc_ffn_fn", "hc_ffn_scale", "hc_ffn_base", "ffn_norm.weight",
