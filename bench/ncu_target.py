@@ -1,5 +1,8 @@
-"""FP8 GEMV launches of one shape for Nsight Compute: `ncu --set full -k regex:dsv4_fp8 -s 2 -c 1 python
-bench/ncu_target.py N K` profiles the third (results: bench/results/ncu-fp8-gemv-*-h200.txt)."""
+"""Launches of one kernel shape for Nsight Compute; `ncu --set full -k regex:NAME -s 2 -c 1 python
+bench/ncu_target.py ...` profiles the third launch (results: bench/results/ncu-*-h200.txt).
+    python bench/ncu_target.py fp8 N K      FP8 GEMV of an N x K projection, one row
+    python bench/ncu_target.py moe          MXFP4 routed experts of one token (6 of 64 Flash-size experts)
+"""
 import sys
 from pathlib import Path
 
@@ -8,10 +11,30 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.kernels import random_fp8  # noqa: E402
 from plugins.fp8_linear import fp8_linear_decode  # noqa: E402
+from plugins.moe_experts import expert_nbytes, make_workspace, moe_experts_decode  # noqa: E402
 
-n, k = (int(a) for a in sys.argv[1:3])
-w, s = random_fp8(n, k)
-x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
+
+def moe_launch():
+    """bench/kernels.py's MoE decode setup, cut to what one launch needs."""
+    d, f, k, n = 4096, 2048, 6, 64
+    bank = torch.randint(0, 256, (n, expert_nbytes(d, f)), device="cuda", dtype=torch.int32).to(torch.uint8)
+    bank[:, 3 * f * d // 2:] = 118
+    table = torch.tensor([bank[i].data_ptr() for i in range(n)], dtype=torch.int64, device="cuda")
+    ids = torch.randperm(n)[:k].view(1, k).to(torch.int32).cuda()
+    x = torch.randn(1, d, device="cuda").to(torch.bfloat16)
+    w, ws = torch.full((1, k), 0.25, device="cuda"), make_workspace(1, k, d, f, "cuda")
+    return lambda: moe_experts_decode(x, ids, w, table, f, 10.0, None, ws)
+
+
+if sys.argv[1] == "moe":
+    launch = moe_launch()
+else:
+    n, k = (int(a) for a in sys.argv[2:4])
+    w, s = random_fp8(n, k)
+    x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
+    launch = lambda: fp8_linear_decode(x, w, s)  # noqa: E731
 for _ in range(3):
-    fp8_linear_decode(x, w, s)
+    launch()
 torch.cuda.synchronize()
+# /usr/local/cuda/bin/ncu --set full -k regex:dsv4_fp8 -s 2 -c 1 python bench/ncu_target.py fp8 32768 1024
+# (H200, session 6; ncu runs the SM at 1.37 GHz)
