@@ -272,6 +272,19 @@ def bench_hc_pre(bandwidth: float) -> dict:
             "fraction_of_copy_bw": nbytes / (ms * 1e-3) / bandwidth, "speedup_vs_eager_oracle": ms_oracle / ms}
 
 
+def bench_route() -> dict:
+    """One Flash router after its product (1 token, 256 experts, top 6): the one-launch kernel against the
+    torch ops it replaces (scores, biased top-k, gather, normalisation), both replayed from a graph. Latency,
+    not bandwidth: the inputs are 2 KB."""
+    from plugins.oracle import route_from_logits
+    from plugins.route import route_topk
+    logits, bias = torch.randn(1, 256, device="cuda") * 3, torch.randn(256, device="cuda") * 1e-2
+    ms = graph_time_ms(lambda: route_topk(logits, bias, 6, 1.5), 8)
+    ms_oracle = graph_time_ms(lambda: route_from_logits(logits, bias, 6, "sqrtsoftplus", 1.5), 8)
+    return {"kernel": "route_topk", "weight": "logits 1 x 256 float32, top 6", "rows": 1, "time_us": ms * 1e3,
+            "speedup_vs_eager_oracle": ms_oracle / ms}
+
+
 def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64) -> dict:
     """One Flash decode layer's weight-bound kernels back to back for 1 token, captured in one CUDA graph:
     wq_a with wkv (one stacked FP8 GEMV, as the programs run them), wq_b, wo_a (grouped, FP8 codes with bf16
@@ -359,6 +372,8 @@ def main() -> None:
     rows.append(bench_sparse_attention(bw))
     print(json.dumps(rows[-1]))
     rows.append(bench_hc_pre(bw))
+    print(json.dumps(rows[-1]))
+    rows.append(bench_route())
     print(json.dumps(rows[-1]))
     rows.append(bench_decode_layer(bw))
     print(json.dumps(rows[-1]))

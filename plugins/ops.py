@@ -16,10 +16,11 @@ from typing import Callable
 
 import torch
 
+from . import route as route_gpu
 from .formats import fp8_weight_dequant, mxfp4_dequant
 from .head import head_logits, kernel_fits
 from .moe_experts import expert_nbytes, moe_experts_decode, moe_experts_prefill, unpack_expert
-from .oracle import einsum, hc_pre_parts, quantised_matmul, swiglu, wide_dtype
+from .oracle import einsum, hc_pre_parts, quantised_matmul, route_from_logits, swiglu, wide_dtype
 from .oracle import sparse_attention as sparse_attention_oracle
 
 # ------------------------------------------------------------------ fp8_linear
@@ -168,6 +169,26 @@ def wide_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @wide_linear.register_fake
 def _(x, weight):
     return x.new_empty(*x.shape[:-1], weight.size(0))
+
+
+# ------------------------------------------------------------------ route_topk
+
+
+@torch.library.custom_op("dsv4::route_topk", mutates_args=())
+def route_topk(logits: torch.Tensor, bias: torch.Tensor, k: int, scoring_func: str,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A score-routed gate from its logits [n, E] float32 -> (weights [n, k] float32, experts [n, k] int32):
+    one kernel launch for decode rows on a GPU (V4's scores), the oracle elsewhere."""
+    if route_gpu.kernel_fits(logits, k, scoring_func):
+        return route_gpu.route_topk(logits, bias, k, scale)
+    weights, experts = route_from_logits(logits, bias, k, scoring_func, scale)
+    return weights, experts.to(torch.int32)
+
+
+@route_topk.register_fake
+def _(logits, bias, k, scoring_func, scale):
+    return (logits.new_empty(logits.size(0), k, dtype=torch.float32),
+            logits.new_empty(logits.size(0), k, dtype=torch.int32))
 
 
 # ------------------------------------------------------------------ grouped_fp8_linear

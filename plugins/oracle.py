@@ -253,6 +253,23 @@ def router_scores(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
     return F.softplus(logits).sqrt()
 
 
+def route_from_logits(logits: torch.Tensor, bias: torch.Tensor | None, k: int, scoring_func: str,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A score-routed gate from its logits [n, E] float32: (weights [n, k] float32, experts [n, k]); the bias
+    only chooses the experts."""
+    scores = router_scores(logits, scoring_func)
+    experts = (scores + bias if bias is not None else scores).topk(k, dim=-1)[1]
+    return route_weights(scores, experts, scoring_func, scale), experts
+
+
+def route_weights(scores: torch.Tensor, experts: torch.Tensor, scoring_func: str, scale: float) -> torch.Tensor:
+    """The chosen experts' scores, normalised unless softmax made them, times the routed scaling factor."""
+    weights = scores.gather(1, experts.long())
+    if scoring_func != "softmax":
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights * scale
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     """silu(gate) * up in float32 with DeepSeek's clamps (up to [-limit, limit], gate to <= limit)."""
     gate, up = wide(gate), wide(up)

@@ -8,9 +8,9 @@ processor reading it can follow the host's page tables (CPU runs, and GPUs with 
 services: GB10, GH200), so it costs page cache, not a second copy in the one memory such a box has;
 elsewhere (an H200 over PCIe) it is a pinned host copy the GPU reads over the bus.
 
-A step waits only for the copies into its first layers (`WAITED`, below). Copies run on their own stream
-and repoint the table entry only once the slot holds the expert, so a kernel reads the cold copy or the
-complete slot, whichever the entry says when it looks. What must never happen is a slot overwritten while
+A step waits only for the copies into its first layers (`WAITED`, below), which run on a stream of their
+own; the other copies run on another. A copy repoints the table entry only once the slot holds the expert,
+so a kernel reads the cold copy or the complete slot, whichever the entry says when it looks. What must never happen is a slot overwritten while
 a kernel may still read it, so an expert leaves its slot only when no running work can read it: before a
 step starts (its entry repointed to the cold copy ahead of the step) or, during a step, if its layer has
 already run in that step (its entry repointed on a side stream the next step waits for); an expert whose
@@ -86,6 +86,9 @@ class PagedExperts:
                                      device=device)
         self.bank = bank                              # owns the maps the CPU cold store points into
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        # the copies a step waits for get a stream of their own: on the shared one they queued behind the
+        # last step's predicted copies still in flight (H200 Flash-8, session 9: the wait grew with prediction)
+        self.urgent_stream = torch.cuda.Stream(device) if cuda else None
         self.table_stream = torch.cuda.Stream(device) if cuda else None
         self.repointed = torch.cuda.Event() if cuda else None     # the last mid-step repointing to a cold copy
         # admissions not yet settled: their copy's event (None on a CPU, where copies land at once)
@@ -223,22 +226,24 @@ class PagedExperts:
     def _carry_out(self, repoint_stream, wait: bool = False) -> None:
         """Carry out the pool's evictions and admissions since the last call: evicted experts' entries back
         to their cold copies on `repoint_stream`, then on the copy stream each admitted expert copied into
-        its slot and its entry repointed there; with `wait`, the current stream waits for those copies."""
+        its slot and its entry repointed there; with `wait`, on the urgent stream, and the current stream
+        waits for those copies alone."""
         changes, self.pool.changes = self.pool.changes, []
         final = dict(changes)                  # admitted then evicted within one call: never copied
         if not final:
             return
         cuda = self.copy_stream is not None
+        copies = self.urgent_stream if wait else self.copy_stream
         with torch.cuda.stream(repoint_stream) if cuda else contextlib.nullcontext():
             # every expert that left a slot, readmitted or not: its entry must not point at a slot that
             # another expert's copy may be overwriting
             for layer, e in {key for key, slot in changes if slot is None}:
                 self.tables[layer][e].fill_(self.cold_tables[layer][e])
             if cuda:
-                self.copy_stream.wait_stream(repoint_stream)
+                copies.wait_stream(repoint_stream)
                 if repoint_stream is self.table_stream:
                     self.repointed.record(repoint_stream)
-        with torch.cuda.stream(self.copy_stream) if cuda else contextlib.nullcontext():
+        with torch.cuda.stream(copies) if cuda else contextlib.nullcontext():
             for (layer, e), slot in final.items():
                 if slot is None:
                     continue
@@ -249,12 +254,12 @@ class PagedExperts:
                 self.bytes_moved += n
                 self.in_flight[(layer, e)] = torch.cuda.Event() if cuda else None
                 if cuda:
-                    self.in_flight[(layer, e)].record(self.copy_stream)
+                    self.in_flight[(layer, e)].record(copies)
         if cuda and wait:
             # the wait, timed on the GPU between two events (read after the step): the stall on copies
             stream = torch.cuda.current_stream(self.device)
             before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             before.record(stream)
-            stream.wait_stream(self.copy_stream)
+            stream.wait_stream(copies)
             after.record(stream)
             self.waits.append((before, after))

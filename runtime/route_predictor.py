@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from plugins.oracle import rms_norm, router_scores, wide
+import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
+from plugins.oracle import rms_norm, wide
 
 
 def _host_buffer(shape: tuple[int, ...], cuda: bool) -> torch.Tensor:
@@ -53,8 +54,10 @@ class RoutePredictor:
         y = torch.ops.dsv4.hc_pre(h[:, None], w["hc_ffn_fn"], w["hc_ffn_scale"], w["hc_ffn_base"],
                                   c.rms_norm_eps, c.hc_eps, c.hc_sinkhorn_iters)[0][:, 0]
         x = wide(rms_norm(y, w["ffn_norm.weight"], c.rms_norm_eps))
-        scores = router_scores(torch.ops.dsv4.wide_linear(x, w["ffn.gate.weight"]), c.scoring_func)
-        self.picks[i].copy_((scores + w["ffn.gate.bias"]).topk(c.num_experts_per_tok, dim=-1)[1])
+        logits = torch.ops.dsv4.wide_linear(x, w["ffn.gate.weight"])
+        # the weights (and so the scale) do not matter here, only the experts
+        self.picks[i].copy_(torch.ops.dsv4.route_topk(logits, w["ffn.gate.bias"], c.num_experts_per_tok,
+                                                      c.scoring_func, 1.0)[1])
         self.host_picks[i].copy_(self.picks[i], non_blocking=True)
         self.host_ready[i:i + 1].copy_(self.one, non_blocking=True)     # after the picks: same stream
 

@@ -5,7 +5,8 @@ TensorRT import (the onnxruntime check runs the stand-ins, so any difference wou
   - pow2_ceil: exponent bits (bitcast, shifts) -> log2/floor/pow plus one correction each way
     (TensorRT has no BitCast and no BitShift, and no uint32);
   - round_to_e2m1: the code's sign bit and nibble masks as arithmetic (no bitwise ops);
-  - dsv4::hc_pre (decode programs): its math written out, as prefill programs have it (no plugin);
+  - dsv4::hc_pre and dsv4::route_topk (decode programs): their math written out, as prefill programs
+    have it (no plugin);
   - sinkhorn_split: the same iterations with a fusion barrier (a BitCast round trip, two dsv4 plugin
     copies) every few: TensorRT fuses the whole unrolled loop into one Myelin region whose compile
     time triples per iteration (measured with TensorRT-RTX 1.7: 2 iterations 0.3 s, 5 iterations 6 s,
@@ -75,11 +76,12 @@ def onnx_friendly():
     """While tracing a program for ONNX: the stand-ins above."""
     from builder.programs import decode
     saved = (formats.pow2_ceil, formats.round_to_e2m1, oracle.sinkhorn_split, decode.HC_PRE_OP_ROWS,
-             decode.WIDE_LINEAR_OP)
+             decode.WIDE_LINEAR_OP, decode.ROUTE_OP_ROWS)
     formats.pow2_ceil, formats.round_to_e2m1 = pow2_ceil_float, round_to_e2m1_arith
     oracle.sinkhorn_split, decode.HC_PRE_OP_ROWS, decode.WIDE_LINEAR_OP = sinkhorn_split_barriers, 0, False
+    decode.ROUTE_OP_ROWS = 0
     try:
         yield
     finally:
         (formats.pow2_ceil, formats.round_to_e2m1, oracle.sinkhorn_split, decode.HC_PRE_OP_ROWS,
-         decode.WIDE_LINEAR_OP) = saved
+         decode.WIDE_LINEAR_OP, decode.ROUTE_OP_ROWS) = saved

@@ -19,6 +19,7 @@ import torch
 
 import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
 from plugins.hc_pre import MAX_ROWS as HC_PRE_KERNEL_ROWS
+from plugins.route import MAX_ROWS as ROUTE_KERNEL_ROWS
 from plugins.oracle import (einsum, fp4_roundtrip, fp8_kv_roundtrip, hadamard, hc_head, hc_post, hc_pre, linear,
                             rms_norm, softmax_scale, swiglu, wide, wide_dtype, with_rope)
 
@@ -75,6 +76,7 @@ def layer_prefix(cfg: ModelConfig, layer: int) -> str:
 SHARED_WEIGHTS = ("embed.weight", "head.weight")
 HC_PRE_OP_ROWS = HC_PRE_KERNEL_ROWS  # decode batches take the fused op (ONNX export sets 0)
 WIDE_LINEAR_OP = True                # products with bf16-stored float32 weights through the op (not in ONNX)
+ROUTE_OP_ROWS = ROUTE_KERNEL_ROWS    # decode batches' score-routed gates take the one-launch op (ONNX: 0)
 
 
 def wide_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -309,9 +311,14 @@ class DecodeLayer(torch.nn.Module):
     def moe(self, x, ids, table, w):
         """x [N, d], ids [N] -> (y [N, d], the routed experts [N, k] int32)."""
         c = self.cfg
-        weights, experts = route(c, x, w["ffn.gate.weight"], w.get("ffn.gate.bias"), w.get("ffn.gate.tid2eid"), ids,
-                                 product=wide_product)
-        experts = experts.to(torch.int32)
+        if "ffn.gate.tid2eid" not in w and x.size(0) <= ROUTE_OP_ROWS:
+            logits = wide_product(wide(x), w["ffn.gate.weight"])
+            weights, experts = torch.ops.dsv4.route_topk(logits, w["ffn.gate.bias"], c.num_experts_per_tok,
+                                                         c.scoring_func, c.routed_scaling_factor)
+        else:
+            weights, experts = route(c, x, w["ffn.gate.weight"], w.get("ffn.gate.bias"), w.get("ffn.gate.tid2eid"),
+                                     ids, product=wide_product)
+            experts = experts.to(torch.int32)
         y = torch.ops.dsv4.moe_routed(x, experts, weights, table, c.moe_intermediate_size, c.swiglu_limit)
         gate, up = linear_fp8_parts(x, w, "ffn.shared_experts.w13", (c.moe_intermediate_size,) * 2)
         y = y + linear_fp8(swiglu(gate, up, c.swiglu_limit).to(x.dtype), w, "ffn.shared_experts.w2").to(y.dtype)

@@ -7,7 +7,7 @@ import torch
 
 from plugins.formats import mxfp4_dequant
 from plugins.ops import moe_routed_oracle
-from plugins.oracle import FP8Linear, router_scores, swiglu, wide, wide_dtype
+from plugins.oracle import FP8Linear, route_from_logits, route_weights, router_scores, swiglu, wide, wide_dtype
 
 from ..config import ModelConfig
 
@@ -22,17 +22,12 @@ def route(cfg: ModelConfig, x: torch.Tensor, gate_w: torch.Tensor, bias: torch.T
     `product(x, gate_w)` computes the scores' logits (layer programs pass their op; same values).
     """
     xf = wide(x)
-    scores = product(xf, gate_w) if product is not None else xf @ gate_w.to(xf.dtype).T
-    scores = router_scores(scores, cfg.scoring_func)
-    if tid2eid is not None:
-        experts = tid2eid[ids]
-    else:
-        chooser = scores + bias if bias is not None else scores
-        experts = chooser.topk(cfg.num_experts_per_tok, dim=-1)[1]
-    weights = scores.gather(1, experts.long())
-    if cfg.scoring_func != "softmax":
-        weights = weights / weights.sum(-1, keepdim=True)
-    return weights * cfg.routed_scaling_factor, experts
+    logits = product(xf, gate_w) if product is not None else xf @ gate_w.to(xf.dtype).T
+    if tid2eid is None:
+        return route_from_logits(logits, bias, cfg.num_experts_per_tok, cfg.scoring_func, cfg.routed_scaling_factor)
+    experts = tid2eid[ids]
+    scores = router_scores(logits, cfg.scoring_func)
+    return route_weights(scores, experts, cfg.scoring_func, cfg.routed_scaling_factor), experts
 
 
 class MoE:

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
+from plugins.oracle import route_from_logits
+
+
+def _case(rows, experts, seed=0):
+    """Gate logits [rows, E] float32 of a trained gate's spread, and a bias of DeepSeek's size (~1e-2)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, experts, generator=g) * 3
+    bias = torch.randn(experts, generator=g) * 1e-2
+    return logits, bias
+
+
+def test_route_op_is_the_oracle_on_the_cpu():
+    logits, bias = _case(3, 256)
+    weights, experts = torch.ops.dsv4.route_topk(logits, bias, 6, "sqrtsoftplus", 1.5)
+    expect_w, expect_e = route_from_logits(logits, bias, 6, "sqrtsoftplus", 1.5)
+    assert experts.dtype == torch.int32 and torch.equal(experts.long(), expect_e) and torch.equal(weights, expect_w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, experts, k", [pytest.param(1, 256, 6, id="flash-1row"),
+                                              pytest.param(16, 256, 6, id="flash-16rows"),
+                                              pytest.param(2, 384, 6, id="pro-2rows"),
+                                              pytest.param(5, 72, 3, id="odd-72-k3"),
+                                              pytest.param(1, 1024, 16, id="widest")])
+def test_route_kernel_matches_oracle(rows, experts, k):
+    from plugins.route import kernel_fits, route_topk
+    logits, bias = (t.cuda() for t in _case(rows, experts))
+    assert kernel_fits(logits, k, "sqrtsoftplus")
+    weights, picked = route_topk(logits, bias, k, 1.5)
+    expect_w, expect_e = route_from_logits(logits, bias, k, "sqrtsoftplus", 1.5)    # torch on the GPU
+    assert torch.equal(picked.long(), expect_e)                  # the same experts, in the same order
+    assert torch.allclose(weights, expect_w, rtol=1e-6, atol=0)  # the normalising sum's order may differ
+
+
+@pytest.mark.gpu
+def test_route_kernel_captures_in_a_cuda_graph():
+    from plugins.route import route_topk
+    logits, bias = (t.cuda() for t in _case(1, 256))
+    route_topk(logits, bias, 6, 1.5)                              # loads the kernel before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = torch.ops.dsv4.route_topk(logits, bias, 6, "sqrtsoftplus", 1.5)
+    fresh, _ = _case(1, 256, seed=1)
+    logits.copy_(fresh.cuda())
+    graph.replay()
+    expect = route_topk(logits, bias, 6, 1.5)
+    assert torch.equal(got[1], expect[1]) and torch.equal(got[0], expect[0])
