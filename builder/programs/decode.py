@@ -311,7 +311,7 @@ class DecodeLayer(torch.nn.Module):
     def moe(self, x, ids, table, w):
         """x [N, d], ids [N] -> (y [N, d], the routed experts [N, k] int32)."""
         c = self.cfg
-        if "ffn.gate.tid2eid" not in w and x.size(0) <= ROUTE_OP_ROWS:
+        if "ffn.gate.bias" in w and "ffn.gate.tid2eid" not in w and x.size(0) <= ROUTE_OP_ROWS:
             logits = wide_product(wide(x), w["ffn.gate.weight"])
             weights, experts = torch.ops.dsv4.route_topk(logits, w["ffn.gate.bias"], c.num_experts_per_tok,
                                                          c.scoring_func, c.routed_scaling_factor)
