@@ -444,11 +444,12 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--no-hashes", is_flag=True, help="Check sizes only (skip hashing large files).")
 def verify(artifact: Path, no_hashes: bool) -> None:
-    """Check a built (or copied) artifact without running it: every file's size and sha256, and whether
-    this machine's GPU, torch and TensorRT can run it. Lists every problem; exit code 1 if any."""
+    """Check a built (or copied) artifact without running it: every file's size and sha256 (all hashed
+    afresh; loading an artifact hashes only the files changed since they last hashed clean here), and
+    whether this machine's GPU, torch and TensorRT can run it. Lists every problem; exit code 1 if any."""
     from runtime.manifest import Machine, check_artifact
     machine = Machine.this()
-    manifest, problems = check_artifact(artifact, machine, hashes=not no_hashes)
+    manifest, problems = check_artifact(artifact, machine, hashes=not no_hashes, trust_verified=False)
     click.echo(f"artifact {artifact}: model {manifest.get('model_id', '?')}, backend {manifest.get('backend', '?')}, "
                f"{len(manifest.get('files', []))} files")
     click.echo(f"this machine: GPU {machine.gpu_arch or 'none'}, "

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -57,3 +58,24 @@ def test_verify_command(artifact):
     r = subprocess.run([sys.executable, "-m", "dsv4.cli", "verify", str(artifact / "nope")], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "no manifest.json" in r.stderr
+
+
+def test_loads_hash_only_what_changed_since_a_clean_check(artifact, monkeypatch):
+    import runtime.manifest as manifest_module
+    hashed = []
+    real = manifest_module.sha256_file
+    monkeypatch.setattr(manifest_module, "sha256_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
+    load_manifest(artifact, GB10)
+    assert sorted(hashed) == ["layer-000.experts", "layer-000.pt2"]          # first load: everything
+    hashed.clear()
+    load_manifest(artifact, GB10)
+    assert hashed == []                                                     # unchanged since
+    changed = artifact / "layer-000.pt2"
+    mtime = changed.stat().st_mtime_ns
+    changed.write_bytes(b"y" * 1000)                                        # same size, other bytes
+    os.utime(changed, ns=(mtime + 10**9, mtime + 10**9))                    # a later write (clocks are coarse)
+    _, problems = check_artifact(artifact, GB10)
+    assert hashed == ["layer-000.pt2"] and problems == ["file layer-000.pt2 is corrupted (sha256 mismatch)"]
+    hashed.clear()
+    _, problems = check_artifact(artifact, GB10, trust_verified=False)      # `dsv4 verify`: everything
+    assert sorted(hashed) == ["layer-000.experts", "layer-000.pt2"] and len(problems) == 1
