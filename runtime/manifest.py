@@ -70,7 +70,7 @@ def _read_verified(root: Path) -> dict:
 def _write_verified(root: Path, files: list[dict]) -> None:
     """Best effort: an artifact on a read-only mount is simply hashed in full at every load."""
     try:
-        tmp = root / (VERIFIED + ".partial")
+        tmp = root / f"{VERIFIED}.{os.getpid()}.partial"           # loads may run side by side
         tmp.write_text(json.dumps({f["path"]: _signature(root / f["path"], f["sha256"]) for f in files}))
         tmp.replace(root / VERIFIED)
     except OSError as e:
