@@ -5,8 +5,9 @@ every file's size and sha256, the GPU architecture, and the versions the backend
 collected and reported one line each, naming the file or the mismatch; nothing is loaded before
 they are all clear.
 
-Hashing a Flash artifact (34 GB for 8 layers, about 150 GB for all 43) took half a minute per load on
-one core, at every `dsv4 run`. Files are hashed side by side now, and a clean check leaves
+Every load used to hash the whole artifact on one core (34 GB for 8 Flash layers, about 150 GB for all
+43; a Flash-8 `dsv4 bench` with pager modes loads it nine times). Files are hashed side by side now, and a
+clean check leaves
 `.verified.json` in the artifact: each file's size, modification time and inode with the hash it matched,
 so later loads on this machine hash only what changed since (a copied artifact has other inodes and is
 hashed in full). `dsv4 verify` always hashes everything.
