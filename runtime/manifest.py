@@ -5,12 +5,11 @@ every file's size and sha256, the GPU architecture, and the versions the backend
 collected and reported one line each, naming the file or the mismatch; nothing is loaded before
 they are all clear.
 
-Every load used to hash the whole artifact on one core (34 GB for 8 Flash layers, about 150 GB for all
-43; a Flash-8 `dsv4 bench` with pager modes loads it nine times). Files are hashed side by side now, and a
-clean check leaves
-`.verified.json` in the artifact: each file's size, modification time and inode with the hash it matched,
-so later loads on this machine hash only what changed since (a copied artifact has other inodes and is
-hashed in full). `dsv4 verify` always hashes everything.
+Every load used to hash the whole artifact on one core (34 GB for 8 Flash layers, several times that for
+all 43; `bench/artifact_h200.sh` loads its Flash-8 artifact nine times). Files are hashed side by side
+now, and a clean check leaves `.verified.json` in the artifact: each file's size, modification time and
+inode with the hash it matched, so later loads on this machine hash only what changed since (a copied
+artifact has other inodes and is hashed in full). `dsv4 verify` always hashes everything.
 """
 from __future__ import annotations
 
