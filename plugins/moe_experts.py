@@ -135,10 +135,53 @@ def moe_experts_prefill(x: torch.Tensor, experts: torch.Tensor, route_w: torch.T
     lib.launch("dsv4_moe_down_grouped", grid_down, 256,
                [(h, PTR)] + group_args + [(table, PTR), (ypart, PTR), (groups, INT), (d, INT), (f, INT),
                                           (max_group, INT)], shared_down)
-    # each token's experts added in ascending expert id order, in float32 from zero: the decode kernel's sum
+    return sum_pairs(ypart, experts)
+
+
+def sum_pairs(ypart: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """ypart [T * k, D] (pair-indexed outputs) -> y [T, D]: each token's experts added in ascending expert id
+    order, in float32 from zero, as the decode kernel adds them."""
+    t, k = experts.shape
     order = torch.argsort(experts, dim=1, stable=True)
-    parts, rows = ypart.view(t, k, d), torch.arange(t, device=x.device)
-    y = torch.zeros(t, d, dtype=torch.float32, device=x.device)
+    parts, rows = ypart.view(t, k, -1), torch.arange(t, device=ypart.device)
+    y = torch.zeros(t, parts.size(-1), dtype=torch.float32, device=ypart.device)
     for a in range(k):
         y += parts[rows, order[:, a]]
     return y
+
+
+# ------------------------------------------------------------------ prefill on wgmma (sm_90a; DRAFT)
+WGMMA_GROUP = 64                  # csrc/moe_wgmma.cu TILE_M: a group's pairs are the MMA's 64 rows
+
+
+def wgmma_fits(x: torch.Tensor, d: int, f: int) -> bool:
+    """Whether csrc/moe_wgmma.cu serves this chunk: an sm_90 GPU, K and columns in whole tiles."""
+    return (x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0)
+            and d % 128 == 0 and f % 128 == 0)
+
+
+def moe_experts_prefill_wgmma(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Tensor, table: torch.Tensor,
+                              f: int, limit: float) -> torch.Tensor:
+    """`moe_experts_prefill` on Hopper's warpgroup MMAs: groups of up to 64 pairs per expert, the weights
+    converted to e4m3 once per (group, 128-column tile). Close to the decode kernels, not bit for bit
+    (another summation, and scales applied per 128 K). DRAFT: never run on a GPU yet."""
+    from .fp8_linear import act_quant, make_workspace as act_workspace
+    t, d = x.shape
+    k = experts.size(1)
+    assert wgmma_fits(x, d, f) and x.dtype == torch.bfloat16 and route_w.dtype == torch.float32
+    pairs, g_expert, g_start, g_count = group_pairs(experts, table.numel(), WGMMA_GROUP)
+    groups = g_expert.numel()
+    group_args = [(pairs, PTR), (g_expert, PTR), (g_start, PTR), (g_count, PTR)]
+    lib = kernels()
+    codes, scales = act_workspace(t, d, x.device)
+    act_quant(x.contiguous(), codes, scales)
+    h = torch.empty(t * k, f, dtype=torch.bfloat16, device=x.device)
+    lib.launch("dsv4_moe_gate_up_wgmma", groups * (f // 64), 128,
+               [(codes, PTR), (scales, PTR)] + group_args + [(route_w.contiguous(), PTR), (table, PTR), (h, PTR),
+                                                             (k, INT), (d, INT), (f, INT), (limit, FLOAT)])
+    h_codes, h_scales = act_workspace(t * k, f, x.device)
+    act_quant(h, h_codes, h_scales)
+    ypart = torch.empty(t * k, d, dtype=torch.float32, device=x.device)
+    lib.launch("dsv4_moe_down_wgmma", groups * (d // 128), 128,
+               [(h_codes, PTR), (h_scales, PTR)] + group_args + [(table, PTR), (ypart, PTR), (d, INT), (f, INT)])
+    return sum_pairs(ypart, experts)

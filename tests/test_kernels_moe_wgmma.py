@@ -1,0 +1,52 @@
+"""The wgmma prefill MoE (csrc/moe_wgmma.cu, sm_90 only; a draft never run before these tests)."""
+import pytest
+import torch
+
+from helpers import random_experts
+from plugins.formats import mxfp4_dequant, mxfp4_quant
+from plugins.ops import moe_routed_oracle
+
+
+def _bank(n_exp, d, f, tiny_block):
+    """Random experts; with `tiny_block`, one 32-K block of some rows 2^-12 smaller than the rest of its
+    128 K, beyond what folds exactly into e4m3 (rounded there)."""
+    bank = random_experts(n_exp, d, f)
+    if tiny_block:
+        g = torch.Generator().manual_seed(5)
+        w = torch.randn(f, d, generator=g) / d ** 0.5
+        w[::7, 32:64] *= 2.0 ** -12
+        bank[0] = (*mxfp4_quant(w), *bank[0][2:])
+    return bank
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens, d, f, k, hot, tiny_block",
+                         [(40, 512, 256, 6, False, False), (300, 4096, 2048, 6, True, False),
+                          (23, 768, 640, 3, False, False), (64, 1024, 512, 6, False, True)],
+                         ids=["40tok", "flash-300tok-hot", "odd-sizes-k3", "scale-spread-beyond-8"])
+def test_moe_prefill_wgmma_matches_oracle_and_the_grouped_kernels(tokens, d, f, k, hot, tiny_block):
+    from plugins.moe_experts import moe_experts_prefill, moe_experts_prefill_wgmma, pack_expert, wgmma_fits
+    if not wgmma_fits(torch.empty(1, device="cuda"), d, f):
+        pytest.skip("wgmma kernels are built for sm_90a only")
+    n_exp = 12
+    bank = _bank(n_exp, d, f, tiny_block)
+    stores = [pack_expert(*e).cuda() for e in bank]
+    table = torch.tensor([s.data_ptr() for s in stores], dtype=torch.int64, device="cuda")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(tokens, d, generator=g).to(torch.bfloat16).cuda()
+    experts = torch.stack([torch.randperm(n_exp, generator=g)[:k] for _ in range(tokens)]).to(torch.int32)
+    if hot:
+        experts[:, 0] = torch.where(experts[:, 1:].eq(4).any(1), experts[:, 0], 4)   # most tokens on expert 4
+    if tiny_block:
+        experts[:, 0] = torch.where(experts[:, 1:].eq(0).any(1), experts[:, 0], 0)   # every token on expert 0
+    weights = torch.rand(tokens, k, generator=g) + 0.1
+    experts, weights = experts.cuda(), weights.cuda()
+    got = moe_experts_prefill_wgmma(x, experts, weights, table, f, limit=10.0)
+    dequantised = [tuple(mxfp4_dequant(*e[i:i + 2]) for i in (0, 2, 4)) for e in bank]
+    expect = moe_routed_oracle(x, experts, weights, dequantised.__getitem__, 10.0)
+    cos = torch.nn.functional.cosine_similarity(got.double(), expect.double(), dim=-1)
+    assert cos.min() >= 0.9999, cos
+    assert torch.allclose(got, expect, rtol=0.02, atol=0.02 * expect.abs().max().item())
+    grouped = moe_experts_prefill(x, experts, weights, table, f, limit=10.0)
+    cos = torch.nn.functional.cosine_similarity(got.double(), grouped.double(), dim=-1)
+    assert cos.min() >= 0.9999, cos
