@@ -27,8 +27,8 @@ step() {
 }
 step plugins python -m plugins.build
 step kernel-tests python -m pytest -q -rA -m gpu ${TESTS:-tests/test_kernels_fp8.py tests/test_kernels_moe.py \
-    tests/test_kernels_attention.py tests/test_kernels_hc.py tests/test_kernels_route.py tests/test_kernels_moe_wgmma.py \
-    tests/test_trt_executor.py}
+    tests/test_kernels_attention.py tests/test_kernels_hc.py tests/test_kernels_route.py tests/test_trt_executor.py \
+    tests/test_kernels_moe_wgmma.py}
 step kernels python bench/kernels.py --json "$RES/kernels-h200.json"
 step gemv-probe python bench/gemv_probe.py --json "$RES/gemv-probe-h200.json"
 step gate-flash4-f32 env OUT="$RES" LAYERS=4 DTYPE=float32 bash bench/artifact_h200.sh
