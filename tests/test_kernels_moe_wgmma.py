@@ -1,4 +1,4 @@
-"""The wgmma prefill MoE (csrc/moe_wgmma.cu, sm_90 only; a draft never run before these tests)."""
+"""The wgmma prefill MoE (csrc/moe_wgmma.cu, sm_90 only) against the oracle and the grouped kernels."""
 import pytest
 import torch
 
@@ -24,7 +24,8 @@ def _bank(n_exp, d, f, tiny_block):
                          [(40, 512, 256, 6, False, False), (300, 4096, 2048, 6, True, False),
                           (23, 768, 640, 3, False, False), (64, 1024, 512, 6, False, True)],
                          ids=["40tok", "flash-300tok-hot", "odd-sizes-k3", "scale-spread-beyond-8"])
-def test_moe_prefill_wgmma_matches_oracle_and_the_grouped_kernels(tokens, d, f, k, hot, tiny_block):
+@pytest.mark.parametrize("warpgroups", [1, 2], ids=["m64", "m128"])
+def test_moe_prefill_wgmma_matches_oracle_and_the_grouped_kernels(tokens, d, f, k, hot, tiny_block, warpgroups):
     from plugins.moe_experts import moe_experts_prefill, moe_experts_prefill_wgmma, pack_expert, wgmma_fits
     if not wgmma_fits(torch.empty(1, device="cuda"), d, f):
         pytest.skip("wgmma kernels are built for sm_90a only")
@@ -41,7 +42,7 @@ def test_moe_prefill_wgmma_matches_oracle_and_the_grouped_kernels(tokens, d, f, 
         experts[:, 0] = torch.where(experts[:, 1:].eq(0).any(1), experts[:, 0], 0)   # every token on expert 0
     weights = torch.rand(tokens, k, generator=g) + 0.1
     experts, weights = experts.cuda(), weights.cuda()
-    got = moe_experts_prefill_wgmma(x, experts, weights, table, f, limit=10.0)
+    got = moe_experts_prefill_wgmma(x, experts, weights, table, f, limit=10.0, warpgroups=warpgroups)
     dequantised = [tuple(mxfp4_dequant(*e[i:i + 2]) for i in (0, 2, 4)) for e in bank]
     expect = moe_routed_oracle(x, experts, weights, dequantised.__getitem__, 10.0)
     cos = torch.nn.functional.cosine_similarity(got.double(), expect.double(), dim=-1)
