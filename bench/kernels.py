@@ -22,7 +22,7 @@ from plugins.formats import fp8_weight_dequant  # noqa: E402
 from plugins.fp8_linear import fp8_linear_decode, make_workspace  # noqa: E402
 from plugins.grouped_linear import grouped_fp8_gemv  # noqa: E402
 from plugins.moe_experts import expert_nbytes, moe_experts_decode, moe_experts_prefill  # noqa: E402
-from plugins.moe_experts import WGMMA_WARPGROUPS, moe_experts_prefill_wgmma, wgmma_fits  # noqa: E402
+from plugins.moe_experts import moe_experts_prefill_wgmma, wgmma_fits  # noqa: E402
 from plugins.moe_experts import make_workspace as moe_make_workspace  # noqa: E402
 from plugins.oracle import quantised_matmul  # noqa: E402
 from runtime.bench import copy_bandwidth  # noqa: E402
@@ -162,11 +162,11 @@ def bench_moe_prefill(matmul_tflops: float, tokens: int = 4096, n_experts: int =
     row = {"kernel": "moe_experts_prefill", "weight": f"{n_experts} experts, 6 per token", "rows": tokens,
            "time_us": ms * 1e3, "tflops": tflops, "fraction_of_bf16_matmul": tflops / matmul_tflops,
            "speedup_vs_decode_kernels": ms_decode / ms}
-    for wg in WGMMA_WARPGROUPS if wgmma_fits(x, d, f) else ():   # csrc/moe_wgmma.cu, sm_90 only
-        ms_w = time_ms(lambda: moe_experts_prefill_wgmma(x, experts, w, table, f, 10.0, warpgroups=wg), iters=10)
+    if wgmma_fits(x, d, f):                                   # csrc/moe_wgmma.cu, sm_90 only
+        ms_w = time_ms(lambda: moe_experts_prefill_wgmma(x, experts, w, table, f, 10.0), iters=10)
         tflops_w = tokens * k * 3 * 2 * d * f / (ms_w * 1e-3) / 1e12
-        row |= {f"wgmma_m{64 * wg}_time_us": ms_w * 1e3, f"wgmma_m{64 * wg}_tflops": tflops_w,
-                f"wgmma_m{64 * wg}_fraction_of_bf16_matmul": tflops_w / matmul_tflops}
+        row |= {"wgmma_time_us": ms_w * 1e3, "wgmma_tflops": tflops_w,
+                "wgmma_fraction_of_bf16_matmul": tflops_w / matmul_tflops}
     return row
 
 

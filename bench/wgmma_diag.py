@@ -1,4 +1,8 @@
-"""Where the wgmma prefill MoE departs from the oracle (a diagnostic for csrc/moe_wgmma.cu, not a test)."""
+"""The wgmma prefill MoE (csrc/moe_wgmma.cu) examined on an H200, not a test:
+    python bench/wgmma_diag.py [cases] [h_check] [profile] [crossover]
+cases: per-token cosine against the oracle and the grouped kernels; h_check: gate_up alone, pair by pair;
+profile: device time per launch at 4096 Flash tokens; crossover: grouped against wgmma over chunk sizes
+(WGMMA_MIN_PAIRS_PER_EXPERT in plugins/moe_experts.py comes from it)."""
 import sys
 import torch
 sys.path.insert(0, "tests")
@@ -39,10 +43,10 @@ def case(tokens, d, f, k, tiny, all_on_0, seed=3):
           f"{expect[worst].abs().max():.4g}; rows below 0.9999: {(cw < 0.9999).nonzero().flatten().tolist()[:20]}")
 
 
-torch.manual_seed(0)
-for args in [(64, 1024, 512, 6, -12, True), (64, 1024, 512, 6, None, True), (64, 1024, 512, 6, -6, True),
-             (64, 1024, 512, 6, -12, False), (64, 1024, 512, 6, -9, True), (300, 4096, 2048, 6, -12, True)]:
-    case(*args)
+def cases():
+    for args in [(64, 1024, 512, 6, -12, True), (64, 1024, 512, 6, None, True), (64, 1024, 512, 6, -6, True),
+                 (64, 1024, 512, 6, -12, False), (64, 1024, 512, 6, -9, True), (300, 4096, 2048, 6, -12, True)]:
+        case(*args)
 
 
 def profile(tokens=4096, n_experts=256, d=4096, f=2048, k=6):
@@ -55,15 +59,72 @@ def profile(tokens=4096, n_experts=256, d=4096, f=2048, k=6):
     experts = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(tokens)]).to(torch.int32).cuda()
     x = torch.randn(tokens, d, device="cuda").to(torch.bfloat16)
     w = torch.full((tokens, k), 0.25, device="cuda")
-    for wg in (1, 2):
-        for _ in range(3):
-            moe_experts_prefill_wgmma(x, experts, w, table, f, 10.0, warpgroups=wg)
+    for _ in range(3):
+        moe_experts_prefill_wgmma(x, experts, w, table, f, 10.0)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        moe_experts_prefill_wgmma(x, experts, w, table, f, 10.0)
         torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            moe_experts_prefill_wgmma(x, experts, w, table, f, 10.0, warpgroups=wg)
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=12))
+
+
+
+
+def h_check(tokens=64, d=1024, f=512, k=6):
+    """gate_up alone: the wgmma kernel's h against the oracle's, pair by pair (where the cosine gap starts)."""
+    from plugins.moe_experts import WGMMA_GROUP, group_pairs, wgmma_gate_up
+    from plugins.oracle import quantised_matmul, swiglu
+    n_exp = 12
+    bank = random_experts(n_exp, d, f)
+    stores = [pack_expert(*e).cuda() for e in bank]
+    table = torch.tensor([s.data_ptr() for s in stores], dtype=torch.int64, device="cuda")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(tokens, d, generator=g).to(torch.bfloat16).cuda()
+    experts = torch.stack([torch.randperm(n_exp, generator=g)[:k] for _ in range(tokens)]).to(torch.int32).cuda()
+    weights = (torch.rand(tokens, k, generator=g) + 0.1).cuda()
+    h = wgmma_gate_up(x, experts, weights, table, f, 10.0, group_pairs(experts, n_exp, WGMMA_GROUP))
+    dq = [tuple(mxfp4_dequant(*e[i:i + 2]).cuda() for i in (0, 2, 4)) for e in bank]
+    worst = []
+    for p in range(tokens * k):
+        t, s = divmod(p, k)
+        w1, w3, _ = dq[int(experts[t, s])]
+        ref = (weights[t, s] * swiglu(quantised_matmul(x[t:t + 1], w1), quantised_matmul(x[t:t + 1], w3), 10.0))
+        ref = ref.to(torch.bfloat16).float().flatten()
+        got = h[p].float()
+        rel = ((got - ref).abs() / ref.abs().clamp(min=1e-3)).max().item()
+        cos = torch.nn.functional.cosine_similarity(got.double(), ref.double(), dim=0).item()
+        worst.append((cos, rel, p, t, s, int(experts[t, s])))
+    worst.sort()
+    print("h: worst pairs (cos, max rel, pair, token, slot, expert):", [tuple(round(v, 6) if isinstance(v, float)
+                                                                              else v for v in w) for w in worst[:6]])
+
+
+def crossover(sizes=(256, 384, 512, 1024, 2048, 4096), n_experts=256, d=4096, f=2048, k=6):
+    """Grouped mma.sync kernels against the wgmma ones over prefill chunk sizes (where to switch)."""
+    from plugins.moe_experts import expert_nbytes
+    import time
+    bank = torch.randint(0, 256, (n_experts, expert_nbytes(d, f)), device="cuda", dtype=torch.int32).to(torch.uint8)
+    bank[:, 3 * f * d // 2:] = 118
+    table = torch.tensor([bank[i].data_ptr() for i in range(n_experts)], dtype=torch.int64, device="cuda")
+    for tokens in sizes:
+        g = torch.Generator().manual_seed(0)
+        experts = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(tokens)]).to(torch.int32).cuda()
+        x = torch.randn(tokens, d, device="cuda").to(torch.bfloat16)
+        w = torch.full((tokens, k), 0.25, device="cuda")
+        out = {}
+        for name, fn in [("grouped", lambda: moe_experts_prefill(x, experts, w, table, f, 10.0)),
+                         ("wgmma", lambda: moe_experts_prefill_wgmma(x, experts, w, table, f, 10.0))]:
+            fn()
             torch.cuda.synchronize()
-        print(f"warpgroups={wg}")
-        print(prof.key_averages().table(sort_by="device_time_total", row_limit=12))
+            t0 = time.perf_counter()
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+            out[name] = round((time.perf_counter() - t0) / 5 * 1e3, 3)
+        print(f"tokens {tokens}: ms {out}")
 
 
-profile()
+if __name__ == "__main__":
+    what = sys.argv[1:] or ["cases", "profile"]
+    for name in what:
+        globals()[name]()

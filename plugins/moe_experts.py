@@ -151,46 +151,55 @@ def sum_pairs(ypart: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ prefill on wgmma (sm_90a)
-WGMMA_WARPGROUPS = (1, 2)          # csrc/moe_wgmma.cu: _m64 and _m128, groups of 64 or 128 pairs
+WGMMA_GROUP = 64                    # csrc/moe_wgmma.cu TILE_M: a group's pairs are the MMA's 64 rows
+WGMMA_SHARED_BYTES = 2 * (64 + 128) * 128 + 1024   # two stages of A and B tiles, 1 KiB to align them
+WGMMA_MIN_PAIRS_PER_EXPERT = 12     # below, the grouped mma.sync kernels are faster (measured on the H200)
 
 
 def wgmma_fits(x: torch.Tensor, d: int, f: int) -> bool:
-    """Whether csrc/moe_wgmma.cu serves this chunk: an sm_90 GPU, K and columns in whole tiles."""
+    """Whether csrc/moe_wgmma.cu can serve this chunk: an sm_90 GPU, K and columns in whole tiles."""
     return (x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0)
             and d % 128 == 0 and f % 128 == 0)
 
 
-def wgmma_shared_bytes(warpgroups: int) -> int:
-    """Dynamic shared memory of one CTA: two stages of (64 * warpgroups + 128 rows) x 128 K e4m3 bytes, and
-    1 KiB to start them on the swizzle's 1024-byte boundary (csrc/moe_wgmma.cu stage_bytes)."""
-    return 2 * (64 * warpgroups + 128) * 128 + 1024
+def wgmma_pays(x: torch.Tensor, experts: torch.Tensor, n_experts: int, f: int) -> bool:
+    """Whether a prefill chunk goes to the wgmma kernels: they fit, and the chunk has enough pairs per expert
+    on average (bench/results/wgmma-diag-h200.txt: slower at 256 Flash tokens, 6 pairs per expert; faster
+    from 512, 12)."""
+    return wgmma_fits(x, x.size(1), f) and experts.numel() >= WGMMA_MIN_PAIRS_PER_EXPERT * n_experts
 
 
 def moe_experts_prefill_wgmma(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Tensor, table: torch.Tensor,
-                              f: int, limit: float, warpgroups: int = 2) -> torch.Tensor:
-    """`moe_experts_prefill` on Hopper's warpgroup MMAs: groups of up to 64 * `warpgroups` pairs per expert,
-    the weights converted to e4m3 once per (group, 128-column tile). Close to the decode kernels, not bit for
-    bit (another summation, and scales applied per 128 K). Allocates and synchronises."""
+                              f: int, limit: float) -> torch.Tensor:
+    """`moe_experts_prefill` on Hopper's warpgroup MMAs: groups of up to 64 pairs per expert, the weights
+    converted to e4m3 once per (group, 128-column tile). Close to the decode kernels, not bit for bit
+    (another summation, and scales applied per 128 K). Allocates and synchronises."""
+    from .fp8_linear import act_quant, make_workspace as act_workspace
+    t, d = x.shape
+    groups = group_pairs(experts, table.numel(), WGMMA_GROUP)
+    h = wgmma_gate_up(x, experts, route_w, table, f, limit, groups)
+    h_codes, h_scales = act_workspace(t * experts.size(1), f, x.device)
+    act_quant(h, h_codes, h_scales)
+    ypart = torch.empty(t * experts.size(1), d, dtype=torch.float32, device=x.device)
+    kernels().launch("dsv4_moe_down_wgmma", groups[1].numel() * (d // 128), 128,
+                     [(h_codes, PTR), (h_scales, PTR)] + [(g, PTR) for g in groups]
+                     + [(table, PTR), (ypart, PTR), (d, INT), (f, INT)], WGMMA_SHARED_BYTES)
+    return sum_pairs(ypart, experts)
+
+
+def wgmma_gate_up(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Tensor, table: torch.Tensor, f: int,
+                  limit: float, groups: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The first half of `moe_experts_prefill_wgmma`: h [T * k, F] bf16 (pair-indexed), each pair's
+    route_w * silu(gate) * up; `groups` from group_pairs(experts, E, WGMMA_GROUP)."""
     from .fp8_linear import act_quant, make_workspace as act_workspace
     t, d = x.shape
     k = experts.size(1)
     assert wgmma_fits(x, d, f) and x.dtype == torch.bfloat16 and route_w.dtype == torch.float32
-    assert warpgroups in WGMMA_WARPGROUPS
-    suffix, threads, shared = f"_m{64 * warpgroups}", 128 * warpgroups, wgmma_shared_bytes(warpgroups)
-    pairs, g_expert, g_start, g_count = group_pairs(experts, table.numel(), 64 * warpgroups)
-    groups = g_expert.numel()
-    group_args = [(pairs, PTR), (g_expert, PTR), (g_start, PTR), (g_count, PTR)]
-    lib = kernels()
     codes, scales = act_workspace(t, d, x.device)
     act_quant(x.contiguous(), codes, scales)
     h = torch.empty(t * k, f, dtype=torch.bfloat16, device=x.device)
-    lib.launch("dsv4_moe_gate_up_wgmma" + suffix, groups * (f // 64), threads,
-               [(codes, PTR), (scales, PTR)] + group_args + [(route_w.contiguous(), PTR), (table, PTR), (h, PTR),
-                                                             (k, INT), (d, INT), (f, INT), (limit, FLOAT)], shared)
-    h_codes, h_scales = act_workspace(t * k, f, x.device)
-    act_quant(h, h_codes, h_scales)
-    ypart = torch.empty(t * k, d, dtype=torch.float32, device=x.device)
-    lib.launch("dsv4_moe_down_wgmma" + suffix, groups * (d // 128), threads,
-               [(h_codes, PTR), (h_scales, PTR)] + group_args + [(table, PTR), (ypart, PTR), (d, INT), (f, INT)],
-               shared)
-    return sum_pairs(ypart, experts)
+    kernels().launch("dsv4_moe_gate_up_wgmma", groups[1].numel() * (f // 64), 128,
+                     [(codes, PTR), (scales, PTR)] + [(g, PTR) for g in groups]
+                     + [(route_w.contiguous(), PTR), (table, PTR), (h, PTR), (k, INT), (d, INT), (f, INT),
+                        (limit, FLOAT)], WGMMA_SHARED_BYTES)
+    return h

@@ -19,7 +19,8 @@ import torch
 from . import route as route_gpu
 from .formats import fp8_weight_dequant, mxfp4_dequant
 from .head import head_logits, kernel_fits
-from .moe_experts import expert_nbytes, moe_experts_decode, moe_experts_prefill, unpack_expert
+from .moe_experts import (expert_nbytes, moe_experts_decode, moe_experts_prefill, moe_experts_prefill_wgmma,
+                          unpack_expert, wgmma_pays)
 from .oracle import einsum, hc_pre_parts, quantised_matmul, route_from_logits, swiglu, wide_dtype
 from .oracle import sparse_attention as sparse_attention_oracle
 
@@ -94,9 +95,12 @@ def moe_routed(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, ta
     float32 (float64 for a float32/float64 model): the routed experts' sum, shared expert excluded."""
     if x.is_cuda and x.dtype == torch.bfloat16:
         if x.size(0) > 16 and not torch.cuda.is_current_stream_capturing():
-            # prefill: each expert read once per group of its tokens, not once per token (same bits)
-            return moe_experts_prefill(x.contiguous(), experts.contiguous(), weights.contiguous(), table, inter,
-                                       limit)
+            # prefill: each expert read once per group of its tokens, not once per token; on an H200 with
+            # enough tokens per expert through warpgroup MMAs (close to decode, not the same bits)
+            args = (x.contiguous(), experts.contiguous(), weights.contiguous(), table, inter, limit)
+            if wgmma_pays(x, experts, table.numel(), inter):
+                return moe_experts_prefill_wgmma(*args)
+            return moe_experts_prefill(*args)
         return moe_experts_decode(x.contiguous(), experts, weights, table, inter, limit)
     # the oracle (CPU, and float32 models on CUDA, which check compiled programs exactly); it reads the
     # table on the host, so it cannot be captured in a CUDA graph

@@ -24,8 +24,7 @@ def _bank(n_exp, d, f, tiny_block):
                          [(40, 512, 256, 6, False, False), (300, 4096, 2048, 6, True, False),
                           (23, 768, 640, 3, False, False), (64, 1024, 512, 6, False, True)],
                          ids=["40tok", "flash-300tok-hot", "odd-sizes-k3", "scale-spread-beyond-8"])
-@pytest.mark.parametrize("warpgroups", [1, 2], ids=["m64", "m128"])
-def test_moe_prefill_wgmma_matches_oracle_and_the_grouped_kernels(tokens, d, f, k, hot, tiny_block, warpgroups):
+def test_moe_prefill_wgmma_matches_oracle_and_the_grouped_kernels(tokens, d, f, k, hot, tiny_block):
     from plugins.moe_experts import moe_experts_prefill, moe_experts_prefill_wgmma, pack_expert, wgmma_fits
     if not wgmma_fits(torch.empty(1, device="cuda"), d, f):
         pytest.skip("wgmma kernels are built for sm_90a only")
@@ -42,12 +41,14 @@ def test_moe_prefill_wgmma_matches_oracle_and_the_grouped_kernels(tokens, d, f, 
         experts[:, 0] = torch.where(experts[:, 1:].eq(0).any(1), experts[:, 0], 0)   # every token on expert 0
     weights = torch.rand(tokens, k, generator=g) + 0.1
     experts, weights = experts.cuda(), weights.cuda()
-    got = moe_experts_prefill_wgmma(x, experts, weights, table, f, limit=10.0, warpgroups=warpgroups)
+    got = moe_experts_prefill_wgmma(x, experts, weights, table, f, limit=10.0)
     dequantised = [tuple(mxfp4_dequant(*e[i:i + 2]) for i in (0, 2, 4)) for e in bank]
     expect = moe_routed_oracle(x, experts, weights, dequantised.__getitem__, 10.0)
-    cos = torch.nn.functional.cosine_similarity(got.double(), expect.double(), dim=-1)
-    assert cos.min() >= 0.9999, cos
-    assert torch.allclose(got, expect, rtol=0.02, atol=0.02 * expect.abs().max().item())
-    grouped = moe_experts_prefill(x, experts, weights, table, f, limit=10.0)
-    cos = torch.nn.functional.cosine_similarity(got.double(), grouped.double(), dim=-1)
-    assert cos.min() >= 0.9999, cos
+    # The FP8 MMA adds in less than float32 within 128 K: a gate or up value may land a bf16 unit away from
+    # the oracle's, and h's e4m3 requantisation can turn that into a code step of one element (see
+    # csrc/moe_wgmma.cu). So: 0.9999 over the whole output, and every token within 0.9995.
+    for other in (expect, moe_experts_prefill(x, experts, weights, table, f, limit=10.0)):
+        whole = torch.nn.functional.cosine_similarity(got.double().flatten(), other.double().flatten(), dim=0)
+        per_token = torch.nn.functional.cosine_similarity(got.double(), other.double(), dim=-1)
+        assert whole >= 0.9999 and per_token.min() >= 0.9995, (whole, per_token.min())
+        assert torch.allclose(got, other, rtol=0.02, atol=0.02 * other.abs().max().item())

@@ -1,5 +1,5 @@
 // MXFP4 routed experts for prefill on Hopper's warpgroup MMA (sm_90a only; elsewhere the grouped
-// mma.sync kernels of moe_experts.cu serve). DRAFT, session 9: compiled, never run.
+// mma.sync kernels of moe_experts.cu serve, and also below 12 pairs per expert, where they are faster).
 //
 // The host sorts a chunk's (token, slot) pairs by expert and cuts each expert's run into groups of at most
 // 64 pairs (plugins/moe_experts.py group_pairs); the activations are quantised once per row by the
@@ -12,6 +12,13 @@
 //     t >= -8 (the smallest, 0.5 * 2^-8, is e4m3's smallest subnormal); beyond, it is rounded to nearest
 //     (LUT below). So each 128-K step is four wgmma m64n128k32 into fresh accumulators, then
 //     acc += step * a_scale[row] * b_scale[col] in float32 (DeepSeek's promotion every 128 K).
+// Numerics: the FP8 MMA adds within 128 K in less than float32, so a gate or up value can differ from the
+// decode kernels' by a bf16 unit; h's e4m3 requantisation before down can turn that into one code step of
+// one element. Measured: h within cosine 0.999996 of the oracle per pair, outputs >= 0.9999 per token at
+// Flash size, one token in 64 at 0.99990 in a small case (bench/results/wgmma-diag-h200.txt).
+// Measured on the H200 (ncu, bench/results/ncu-gate-up-wgmma-h200.txt): issue-bound, ~700 instructions
+// per warp per 128-K step (the E2M1 -> e4m3 conversion and the per-column scales) against 256 cycles of
+// tensor work, with 2 CTAs per SM (237 registers); a producer/consumer split would be the next step.
 // gate_up: the tile's columns are 64 rows of w1 and the same 64 rows of w3; the CTA forms
 //   h = bf16(route_w * silu(min(bf16(g), L)) * clamp(bf16(u), -L, L)) for them. down: 128 rows of w2,
 //   ypart = float(bf16(y)) per pair; the host adds a token's pairs in ascending expert id order.
@@ -22,8 +29,8 @@ using dsv4::smem_addr;
 
 namespace {
 
-constexpr int TILE_N = 128, TILE_K = 128, SHIFTS = 17;   // folded shifts 0 .. -16
-constexpr int B_BYTES = TILE_N * TILE_K;
+constexpr int TILE_M = 64, TILE_N = 128, TILE_K = 128, SHIFTS = 17;   // folded shifts 0 .. -16
+constexpr int WG_A_BYTES = TILE_M * TILE_K, WG_STAGE_BYTES = WG_A_BYTES + TILE_N * TILE_K;
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // A shared-memory matrix of 8-row, 128-byte swizzled atoms (K-major): start address, leading byte offset
@@ -61,47 +68,44 @@ __device__ __forceinline__ uint32_t e2m1x4_to_e4m3(uint32_t w, uint32_t lut_lo, 
   return value | ((b << 4) & 0x00800080u) | (b & 0x80008000u);
 }
 
-// One (group, 128-column tile) of a grouped GEMM, WG warpgroups over 64 group rows each, into acc (64 per
-// thread: for its 8-column block j, rows r and r + 8 of its warp's 16, columns 2q and 2q + 1). Two stages
-// in `stages` (dynamic shared memory, `stage_bytes(WG)` each): while the tensor cores multiply one, the
-// threads fill the other (A by cp.async, B converted from registers loaded one more step ahead).
-// b_row(n, w, s): B row n's codes and scales (K/2 and K/32 bytes).
-template <int WG>
-__host__ __device__ constexpr int stage_bytes() { return 64 * WG * TILE_K + B_BYTES; }
-
-template <int WG, class BRow>
+// One (group, 128-column tile) of a grouped GEMM by one warpgroup into acc (64 per thread: for its
+// 8-column block j, rows r and r + 8 of its warp's 16, columns 2q and 2q + 1). Two stages in dynamic shared
+// memory, WG_STAGE_BYTES each: while the tensor cores multiply one, the threads fill the other (A by cp.async,
+// B converted from registers loaded one more step ahead). b_row(n, w, s): B row n's codes and scales (K/2
+// and K/32 bytes). (Two warpgroups over 128 rows, sharing each B tile, measured slower at every chunk size
+// in bench/results/wgmma-diag-h200.txt: one CTA per SM instead of two.)
+template <class BRow>
 __device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, const float* __restrict__ code_scales,
                                           const int* a_rows, int count, int K, BRow b_row, float (&acc)[64]) {
-  constexpr int TILE_M = 64 * WG, THREADS = 128 * WG, A_BYTES = TILE_M * TILE_K, BLOCKS = 4 / WG;
+  constexpr int THREADS = 128;
   // the stages start on 1024-byte boundaries, where the swizzle pattern starts (the launch adds 1 KiB)
   extern __shared__ uint8_t dynamic_smem[];
   uint8_t* stages = dynamic_smem + ((1024 - (smem_addr(dynamic_smem) & 1023)) & 1023);
   __shared__ float a_scale[2][TILE_M], b_scale[2][TILE_N];
   __shared__ uint32_t lut[SHIFTS][2];
-  const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid & 31, r = lane >> 2, q = lane & 3;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, r = lane >> 2, q = lane & 3;
   for (int at = tid; at < SHIFTS * 8; at += THREADS) {   // e4m3 of each magnitude times 2^-shift, rounded
     const int shift = at / 8, m = at % 8;      // magnitude m: 0, 0.5, then (1 + (m & 1) / 2) 2^(m / 2 - 1)
     const float mag = m < 2 ? 0.5f * m : ldexpf(1.f + 0.5f * (m & 1), (m >> 1) - 1);
     const auto byte = __nv_cvt_float_to_fp8(ldexpf(mag, -shift), __NV_SATFINITE, __NV_E4M3);
     reinterpret_cast<uint8_t*>(lut)[at] = uint8_t(byte);
   }
-  // this thread's B row (tid % 128) and its 32-K blocks BLOCKS * wg .. BLOCKS * (wg + 1) - 1 of each 128 K
-  const uint8_t *w_row, *s_row;
-  b_row(tid % TILE_N, w_row, s_row);
-  const int nk = K / TILE_K, first_block = BLOCKS * wg;
-  uint4 raw[BLOCKS];
+  const uint8_t *w_row, *s_row;                // this thread's B row
+  b_row(tid, w_row, s_row);
+  const int nk = K / TILE_K;
+  uint4 raw[4];
   uint32_t sc = 0;
   auto fetch = [&](int kb) {                   // registers, one step ahead of their conversion
-    const uint4* wq = reinterpret_cast<const uint4*>(w_row + kb * (TILE_K / 2)) + first_block;
+    const uint4* wq = reinterpret_cast<const uint4*>(w_row + kb * (TILE_K / 2));
 #pragma unroll
-    for (int j = 0; j < BLOCKS; ++j) raw[j] = __ldg(wq + j);
+    for (int j = 0; j < 4; ++j) raw[j] = __ldg(wq + j);
     sc = __ldg(reinterpret_cast<const uint32_t*>(s_row + kb * (TILE_K / 32)));
   };
   auto fill = [&](int kb, int stage) {
-    uint8_t* a_tile = stages + stage * stage_bytes<WG>();
-    uint8_t* b_tile = a_tile + A_BYTES;
+    uint8_t* a_tile = stages + stage * WG_STAGE_BYTES;
+    uint8_t* b_tile = a_tile + WG_A_BYTES;
 #pragma unroll
-    for (int i = 0; i < A_BYTES / 16 / THREADS; ++i) {   // A: TILE_M rows x 8 chunks; past the count, zeros
+    for (int i = 0; i < WG_A_BYTES / 16 / THREADS; ++i) {   // A: TILE_M rows x 8 chunks; past the count, zeros
       const int c = tid + THREADS * i, row = c >> 3, chunk = c & 7;
       const bool live = row < count;
       const uint8_t* src = codes + size_t(a_rows[live ? row : 0]) * K + kb * TILE_K + chunk * 16;
@@ -114,17 +118,15 @@ __device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, con
     dsv4::cp_async_commit();
     // B: of the row's four 32-K scales the largest is the row's for these 128 K; the others fold into codes
     const uint32_t top = max(max(sc & 0xFFu, (sc >> 8) & 0xFFu), max((sc >> 16) & 0xFFu, sc >> 24));
-    if (wg == 0) b_scale[stage][tid] = dsv4::e8m0(top);
+    b_scale[stage][tid] = dsv4::e8m0(top);
 #pragma unroll
-    for (int j = 0; j < BLOCKS; ++j) {          // 32-K block: 16 bytes of codes -> 32 bytes of e4m3
-      const int block = first_block + j;
-      const int shift = min(int(top - ((sc >> (8 * block)) & 0xFFu)), SHIFTS - 1);
+    for (int j = 0; j < 4; ++j) {               // 32-K block j: 16 bytes of codes -> 32 bytes of e4m3
+      const int shift = min(int(top - ((sc >> (8 * j)) & 0xFFu)), SHIFTS - 1);
       const uint32_t lo = lut[shift][0], hi = lut[shift][1];
-      const int row = tid % TILE_N;
-      *reinterpret_cast<uint4*>(b_tile + swizzled(row, 2 * block)) =
+      *reinterpret_cast<uint4*>(b_tile + swizzled(tid, 2 * j)) =
           make_uint4(e2m1x4_to_e4m3<0>(raw[j].x, lo, hi), e2m1x4_to_e4m3<1>(raw[j].x, lo, hi),
                      e2m1x4_to_e4m3<0>(raw[j].y, lo, hi), e2m1x4_to_e4m3<1>(raw[j].y, lo, hi));
-      *reinterpret_cast<uint4*>(b_tile + swizzled(row, 2 * block + 1)) =
+      *reinterpret_cast<uint4*>(b_tile + swizzled(tid, 2 * j + 1)) =
           make_uint4(e2m1x4_to_e4m3<0>(raw[j].z, lo, hi), e2m1x4_to_e4m3<1>(raw[j].z, lo, hi),
                      e2m1x4_to_e4m3<0>(raw[j].w, lo, hi), e2m1x4_to_e4m3<1>(raw[j].w, lo, hi));
     }
@@ -138,8 +140,8 @@ __device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, con
   if (nk > 1) fetch(1);
   for (int kb = 0; kb < nk; ++kb) {
     const int stage = kb & 1;
-    uint8_t* a_tile = stages + stage * stage_bytes<WG>() + wg * 64 * TILE_K;   // this warpgroup's 64 rows
-    uint8_t* b_tile = stages + stage * stage_bytes<WG>() + 64 * WG * TILE_K;
+    uint8_t* a_tile = stages + stage * WG_STAGE_BYTES;
+    uint8_t* b_tile = a_tile + WG_A_BYTES;
     dsv4::cp_async_wait_all();
     fence_async_shared();
     __syncthreads();                            // stage `stage` complete; the other one free (step kb - 1 done)
@@ -153,7 +155,7 @@ __device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, con
       if (kb + 2 < nk) fetch(kb + 2);
     }
     wgmma_wait_all();
-    const float a0 = a_scale[stage][64 * wg + 16 * warp + r], a1 = a_scale[stage][64 * wg + 16 * warp + r + 8];
+    const float a0 = a_scale[stage][16 * warp + r], a1 = a_scale[stage][16 * warp + r + 8];
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
       const float2 b = *reinterpret_cast<const float2*>(&b_scale[stage][8 * j + 2 * q]);
@@ -166,10 +168,9 @@ __device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, con
 }
 
 // The group's rows: each pair's id, and its row of the activations (its token's for gate_up).
-template <int WG>
 __device__ __forceinline__ void group_rows(const int* pairs, int start, int count, int per_row, int* pair_of,
                                            int* rows) {
-  if (threadIdx.x < 64 * WG) {
+  if (threadIdx.x < TILE_M) {
     const int p = pairs[start + min(int(threadIdx.x), count - 1)];
     pair_of[threadIdx.x] = p;
     rows[threadIdx.x] = p / per_row;
@@ -177,15 +178,14 @@ __device__ __forceinline__ void group_rows(const int* pairs, int start, int coun
   __syncthreads();
 }
 
-// Tile row of accumulator pair (4 j + 2 h) of thread `tid` (its warpgroup's 64 rows, then its warp's 16).
-__device__ __forceinline__ int acc_row(int tid, int h) { return 64 * (tid / 128) + 16 * ((tid / 32) % 4) + (tid & 31) / 4 + 8 * h; }
+// Tile row of accumulators 4 j + 2 h and 4 j + 2 h + 1 of thread `tid` (its warp's 16 rows, then r).
+__device__ __forceinline__ int acc_row(int tid, int h) { return 16 * (tid / 32) + (tid & 31) / 4 + 8 * h; }
 #endif
 
 }  // namespace
 
 // gate_up. Grid: groups x (F / 64). x_codes [T, D] e4m3 and x_scales [T, D / 128] (act_quant of x); h
 // [T * topk, F] bf16, pair-indexed.
-template <int WG>
 __device__ __forceinline__ void gate_up_wgmma(const uint8_t* __restrict__ x_codes, const float* __restrict__ x_scales,
                                               const int* __restrict__ pairs, const int* __restrict__ g_expert,
                                               const int* __restrict__ g_start, const int* __restrict__ g_count,
@@ -195,8 +195,8 @@ __device__ __forceinline__ void gate_up_wgmma(const uint8_t* __restrict__ x_code
   dsv4::pdl_wait();                             // the codes come from the act_quant launch before
   dsv4::pdl_launch_dependents();
   const int tiles = F / 64, g = blockIdx.x / tiles, tile = blockIdx.x % tiles, count = g_count[g];
-  __shared__ int pair_of[64 * WG], rows[64 * WG];
-  group_rows<WG>(pairs, g_start[g], count, topk, pair_of, rows);
+  __shared__ int pair_of[TILE_M], rows[TILE_M];
+  group_rows(pairs, g_start[g], count, topk, pair_of, rows);
   const uint8_t* e = reinterpret_cast<const uint8_t*>(table[g_expert[g]]);
   const size_t wbytes = size_t(F) * D / 2;
   auto b_row = [&](int n, const uint8_t*& w, const uint8_t*& s) {   // columns 0-63: w1, 64-127: w3
@@ -205,7 +205,7 @@ __device__ __forceinline__ void gate_up_wgmma(const uint8_t* __restrict__ x_code
     s = e + 3 * wbytes + which * size_t(F) * (D / 32) + size_t(row) * (D / 32);
   };
   float acc[64];
-  tile_gemm<WG>(x_codes, x_scales, rows, count, D, b_row, acc);
+  tile_gemm(x_codes, x_scales, rows, count, D, b_row, acc);
   const int q = threadIdx.x & 3;
 #pragma unroll
   for (int i = 0; i < 32; ++i) {                // gate column c (i < 32) and its up column c + 64 (i + 32)
@@ -225,7 +225,6 @@ __device__ __forceinline__ void gate_up_wgmma(const uint8_t* __restrict__ x_code
 
 // down. Grid: groups x (D / 128). h_codes [T * topk, F] e4m3 and h_scales [T * topk, F / 128] (act_quant of
 // h); ypart [T * topk, D] float32, each pair's output rounded to bf16 as the decode kernel rounds each expert's.
-template <int WG>
 __device__ __forceinline__ void down_wgmma(const uint8_t* __restrict__ h_codes, const float* __restrict__ h_scales,
                                            const int* __restrict__ pairs, const int* __restrict__ g_expert,
                                            const int* __restrict__ g_start, const int* __restrict__ g_count,
@@ -234,8 +233,8 @@ __device__ __forceinline__ void down_wgmma(const uint8_t* __restrict__ h_codes, 
   dsv4::pdl_wait();                             // the codes come from the act_quant launch before
   dsv4::pdl_launch_dependents();
   const int tiles = D / TILE_N, g = blockIdx.x / tiles, tile = blockIdx.x % tiles, count = g_count[g];
-  __shared__ int pair_of[64 * WG], rows[64 * WG];
-  group_rows<WG>(pairs, g_start[g], count, 1, pair_of, rows);
+  __shared__ int pair_of[TILE_M], rows[TILE_M];
+  group_rows(pairs, g_start[g], count, 1, pair_of, rows);
   const uint8_t* e = reinterpret_cast<const uint8_t*>(table[g_expert[g]]);
   const size_t wbytes = size_t(F) * D / 2;
   auto b_row = [&](int n, const uint8_t*& w, const uint8_t*& s) {
@@ -244,7 +243,7 @@ __device__ __forceinline__ void down_wgmma(const uint8_t* __restrict__ h_codes, 
     s = e + 3 * wbytes + 2 * size_t(F) * (D / 32) + size_t(row) * (F / 32);
   };
   float acc[64];
-  tile_gemm<WG>(h_codes, h_scales, rows, count, F, b_row, acc);
+  tile_gemm(h_codes, h_scales, rows, count, F, b_row, acc);
   const int q = threadIdx.x & 3;
 #pragma unroll
   for (int i = 0; i < 64; ++i) {
@@ -254,20 +253,17 @@ __device__ __forceinline__ void down_wgmma(const uint8_t* __restrict__ h_codes, 
 #endif
 }
 
-// The launches: _m64 (one warpgroup, groups of 64 pairs) and _m128 (two, 128), with dynamic shared memory
-// of 2 * stage_bytes + 1024 (plugins/moe_experts.py wgmma_shared_bytes).
-#define DSV4_WGMMA_KERNELS(WG, SUFFIX)                                                                          \
-  extern "C" __global__ void __launch_bounds__(128 * WG) dsv4_moe_gate_up_wgmma##SUFFIX(                        \
-      const uint8_t* x_codes, const float* x_scales, const int* pairs, const int* g_expert, const int* g_start, \
-      const int* g_count, const float* route_w, const uint64_t* table, __nv_bfloat16* h, int topk, int D, int F, \
-      float limit) {                                                                                            \
-    gate_up_wgmma<WG>(x_codes, x_scales, pairs, g_expert, g_start, g_count, route_w, table, h, topk, D, F, limit); \
-  }                                                                                                             \
-  extern "C" __global__ void __launch_bounds__(128 * WG) dsv4_moe_down_wgmma##SUFFIX(                           \
-      const uint8_t* h_codes, const float* h_scales, const int* pairs, const int* g_expert, const int* g_start, \
-      const int* g_count, const uint64_t* table, float* ypart, int D, int F) {                                  \
-    down_wgmma<WG>(h_codes, h_scales, pairs, g_expert, g_start, g_count, table, ypart, D, F);                   \
-  }
-DSV4_WGMMA_KERNELS(1, _m64)
-DSV4_WGMMA_KERNELS(2, _m128)
-#undef DSV4_WGMMA_KERNELS
+// The launches: one warpgroup, dynamic shared memory 2 * WG_STAGE_BYTES + 1024 (plugins/moe_experts.py
+// WGMMA_SHARED_BYTES).
+extern "C" __global__ void __launch_bounds__(128) dsv4_moe_gate_up_wgmma(
+    const uint8_t* x_codes, const float* x_scales, const int* pairs, const int* g_expert, const int* g_start,
+    const int* g_count, const float* route_w, const uint64_t* table, __nv_bfloat16* h, int topk, int D, int F,
+    float limit) {
+  gate_up_wgmma(x_codes, x_scales, pairs, g_expert, g_start, g_count, route_w, table, h, topk, D, F, limit);
+}
+
+extern "C" __global__ void __launch_bounds__(128) dsv4_moe_down_wgmma(
+    const uint8_t* h_codes, const float* h_scales, const int* pairs, const int* g_expert, const int* g_start,
+    const int* g_count, const uint64_t* table, float* ypart, int D, int F) {
+  down_wgmma(h_codes, h_scales, pairs, g_expert, g_start, g_count, table, ypart, D, F);
+}
