@@ -8,15 +8,16 @@
 #   for i in $(seq 115); do [ -f /root/res/DONE ] && break; sleep 5; done; cat /root/res/steps.log   # repeat
 #   tar czf $OUT/h200.tgz -C /root res                                      # one file back (the tool's cap is 8)
 # A failing step is logged ($RES/NAME.log, rc in steps.log) and the next one runs. STEPS names the steps to
-# run (default: all): plugins wgmma kernel-tests kernels gemv-probe gate-flash4-f32 flash8 tiny-artifacts. OVERLAP=1 runs the
+# run (default: all): plugins patch kernel-tests kernels gemv-probe gate-flash4-f32 flash8 tiny-artifacts. OVERLAP=1 runs the
 # tiny artifact tests beside the Flash-8 build (the device time of a session is short); TESTS overrides the
-# kernel test files; WGMMA_PATCH names a patch tried by the wgmma step in its own copy of the tree.
+# kernel test files; TRY_PATCH names a patch (git diff) that the patch step builds, tests (PATCH_TESTS) and
+# benchmarks in its own copy of the tree, first (session 10 tried the wgmma prefill MoE so).
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6 PYTHONUNBUFFERED=1
 RES=${RES:-/tmp/res}
 mkdir -p "$RES"
-STEPS=${STEPS:-plugins kernel-tests kernels gemv-probe gate-flash4-f32 flash8 tiny-artifacts}
+STEPS=${STEPS:-plugins patch kernel-tests kernels gemv-probe gate-flash4-f32 flash8 tiny-artifacts}
 step() {
   local name=$1
   shift
@@ -26,12 +27,12 @@ step() {
   echo "$(date +%T) rc $? $name" >> "$RES/steps.log"
 }
 step plugins python -m plugins.build
-wgmma_branch() (   # a draft kernel's patch, tried in its own copy of the tree so a fault cannot touch the rest
-  rm -rf /tmp/snapw && cp -r . /tmp/snapw && cd /tmp/snapw && (git apply "$WGMMA_PATCH" || patch -p1 < "$WGMMA_PATCH") \
-    && python -m plugins.build && python -m pytest -q -rA -m gpu tests/test_kernels_moe_wgmma.py
-  python bench/kernels.py --json "$RES/kernels-wgmma-h200.json"
+try_patch() (   # a draft's patch, tried in its own copy of the tree so a fault cannot touch the rest
+  rm -rf /tmp/snap-patch && cp -r . /tmp/snap-patch && cd /tmp/snap-patch \
+    && (git apply "$TRY_PATCH" || patch -p1 < "$TRY_PATCH") && python -m plugins.build \
+    && python -m pytest -q -rA -m gpu ${PATCH_TESTS:-} && python bench/kernels.py --json "$RES/kernels-patch-h200.json"
 )
-[ -n "${WGMMA_PATCH:-}" ] && step wgmma wgmma_branch
+[ -n "${TRY_PATCH:-}" ] && step patch try_patch
 step kernel-tests python -m pytest -q -rA -m gpu ${TESTS:-tests/test_kernels_fp8.py tests/test_kernels_moe.py \
     tests/test_kernels_attention.py tests/test_kernels_hc.py tests/test_kernels_route.py tests/test_trt_executor.py \
     tests/test_kernels_moe_wgmma.py}

@@ -18,7 +18,8 @@
 // Flash size, one token in 64 at 0.99990 in a small case (bench/results/wgmma-diag-h200.txt).
 // Measured on the H200 (ncu, bench/results/ncu-gate-up-wgmma-h200.txt): issue-bound, ~700 instructions
 // per warp per 128-K step (the E2M1 -> e4m3 conversion and the per-column scales) against 256 cycles of
-// tensor work, with 2 CTAs per SM (237 registers); a producer/consumer split would be the next step.
+// tensor work, 42% of issue slots busy with 2 CTAs per SM (241 registers then, 237 now); a producer/
+// consumer split with fewer registers for the converting warps would be the next step.
 // gate_up: the tile's columns are 64 rows of w1 and the same 64 rows of w3; the CTA forms
 //   h = bf16(route_w * silu(min(bf16(g), L)) * clamp(bf16(u), -L, L)) for them. down: 128 rows of w2,
 //   ypart = float(bf16(y)) per pair; the host adds a token's pairs in ascending expert id order.
@@ -73,7 +74,7 @@ __device__ __forceinline__ uint32_t e2m1x4_to_e4m3(uint32_t w, uint32_t lut_lo, 
 // memory, WG_STAGE_BYTES each: while the tensor cores multiply one, the threads fill the other (A by cp.async,
 // B converted from registers loaded one more step ahead). b_row(n, w, s): B row n's codes and scales (K/2
 // and K/32 bytes). (Two warpgroups over 128 rows, sharing each B tile, measured slower at every chunk size
-// in bench/results/wgmma-diag-h200.txt: one CTA per SM instead of two.)
+// in bench/results/wgmma-two-warpgroups-h200.txt: one CTA per SM instead of two.)
 template <class BRow>
 __device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, const float* __restrict__ code_scales,
                                           const int* a_rows, int count, int K, BRow b_row, float (&acc)[64]) {
