@@ -14,3 +14,15 @@ def random_experts(n: int, d: int, f: int, seed: int = 0) -> list[tuple[torch.Te
         w2, s2 = mxfp4_quant(torch.randn(d, f, generator=g) / f ** 0.5)
         out.append((w1, s1, w3, s3, w2, s2))
     return out
+
+
+def routed_chunk(tokens: int, d: int, n_exp: int, k: int, hot_expert: int | None = None):
+    """A prefill chunk on the GPU: x [tokens, d] bf16, each token's k distinct experts [tokens, k] int32
+    (with `hot_expert`, every token routed to it) and route weights [tokens, k] float32."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(tokens, d, generator=g).to(torch.bfloat16).cuda()
+    experts = torch.stack([torch.randperm(n_exp, generator=g)[:k] for _ in range(tokens)]).to(torch.int32)
+    if hot_expert is not None:
+        experts[:, 0] = torch.where(experts[:, 1:].eq(hot_expert).any(1), experts[:, 0], hot_expert)
+    weights = torch.rand(tokens, k, generator=g) + 0.1
+    return x, experts.cuda(), weights.cuda()

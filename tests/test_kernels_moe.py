@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from helpers import random_experts
+from helpers import random_experts, routed_chunk
 from plugins.formats import mxfp4_dequant
 from plugins.ops import moe_routed_oracle
 
@@ -84,13 +84,7 @@ def test_moe_prefill_groups_equal_the_decode_kernels(tokens, d, f, k, hot):
     bank = random_experts(n_exp, d, f)
     stores = [pack_expert(*e).cuda() if i % 2 == 0 else pack_expert(*e).pin_memory() for i, e in enumerate(bank)]
     table = torch.tensor([s.data_ptr() for s in stores], dtype=torch.int64, device="cuda")
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(tokens, d, generator=g).to(torch.bfloat16).cuda()
-    experts = torch.stack([torch.randperm(n_exp, generator=g)[:k] for _ in range(tokens)]).to(torch.int32)
-    if hot:
-        experts[:, 0] = torch.where(experts[:, 1:].eq(4).any(1), experts[:, 0], 4)   # most tokens on expert 4
-    weights = torch.rand(tokens, k, generator=g) + 0.1
-    experts, weights = experts.cuda(), weights.cuda()
+    x, experts, weights = routed_chunk(tokens, d, n_exp, k, hot_expert=4 if hot else None)
     got = moe_experts_prefill(x, experts, weights, table, f, limit=10.0)
     assert torch.equal(got, moe_experts_decode(x, experts, weights, table, f, limit=10.0))
     dequantised = [tuple(mxfp4_dequant(*e[i:i + 2]) for i in (0, 2, 4)) for e in bank]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import random_experts
+from helpers import random_experts, routed_chunk
 from plugins.formats import mxfp4_dequant, mxfp4_quant
 from plugins.ops import moe_routed_oracle
 
@@ -32,15 +32,8 @@ def test_moe_prefill_wgmma_matches_oracle_and_the_grouped_kernels(tokens, d, f, 
     bank = _bank(n_exp, d, f, tiny_block)
     stores = [pack_expert(*e).cuda() for e in bank]
     table = torch.tensor([s.data_ptr() for s in stores], dtype=torch.int64, device="cuda")
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(tokens, d, generator=g).to(torch.bfloat16).cuda()
-    experts = torch.stack([torch.randperm(n_exp, generator=g)[:k] for _ in range(tokens)]).to(torch.int32)
-    if hot:
-        experts[:, 0] = torch.where(experts[:, 1:].eq(4).any(1), experts[:, 0], 4)   # most tokens on expert 4
-    if tiny_block:
-        experts[:, 0] = torch.where(experts[:, 1:].eq(0).any(1), experts[:, 0], 0)   # every token on expert 0
-    weights = torch.rand(tokens, k, generator=g) + 0.1
-    experts, weights = experts.cuda(), weights.cuda()
+    # every token on expert 4, or on expert 0 whose tiny block is then read by every group
+    x, experts, weights = routed_chunk(tokens, d, n_exp, k, hot_expert=4 if hot else 0 if tiny_block else None)
     got = moe_experts_prefill_wgmma(x, experts, weights, table, f, limit=10.0)
     dequantised = [tuple(mxfp4_dequant(*e[i:i + 2]) for i in (0, 2, 4)) for e in bank]
     expect = moe_routed_oracle(x, experts, weights, dequantised.__getitem__, 10.0)
