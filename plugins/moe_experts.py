@@ -140,13 +140,14 @@ def moe_experts_prefill(x: torch.Tensor, experts: torch.Tensor, route_w: torch.T
 
 def sum_pairs(ypart: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """ypart [T * k, D] (pair-indexed outputs) -> y [T, D]: each token's experts added in ascending expert id
-    order, in float32 from zero, as the decode kernel adds them."""
+    order, in float32 from zero, as the decode kernel adds them (csrc/moe_experts.cu dsv4_moe_sum_pairs)."""
     t, k = experts.shape
-    order = torch.argsort(experts, dim=1, stable=True)
-    parts, rows = ypart.view(t, k, -1), torch.arange(t, device=ypart.device)
-    y = torch.zeros(t, parts.size(-1), dtype=torch.float32, device=ypart.device)
-    for a in range(k):
-        y += parts[rows, order[:, a]]
+    d = ypart.size(1)
+    assert ypart.dtype == torch.float32 and ypart.is_contiguous() and experts.dtype == torch.int32
+    assert d % 4 == 0 and k <= MAX_TOPK
+    y = torch.empty(t, d, dtype=torch.float32, device=ypart.device)
+    kernels().launch("dsv4_moe_sum_pairs", (t, -(-d // 1024)), 256,
+                     [(ypart, PTR), (experts.contiguous(), PTR), (y, PTR), (k, INT), (d, INT)])
     return y
 
 

@@ -86,9 +86,10 @@ class PagedExperts:
                                      device=device)
         self.bank = bank                              # owns the maps the CPU cold store points into
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
-        # the copies a step waits for get a stream of their own: on the shared one they queued behind the
-        # last step's predicted copies still in flight (H200 Flash-8, session 9: the wait grew with prediction)
-        self.urgent_stream = torch.cuda.Stream(device) if cuda else None
+        # the copies a step waits for get a stream of their own, of the highest priority: on the shared one
+        # they queued behind the last step's predicted copies still in flight (H200 Flash-8, session 9: the
+        # wait grew with prediction); on their own they still shared PCIe with them (session 10: it grew less)
+        self.urgent_stream = torch.cuda.Stream(device, priority=-1) if cuda else None
         self.table_stream = torch.cuda.Stream(device) if cuda else None
         self.repointed = torch.cuda.Event() if cuda else None     # the last mid-step repointing to a cold copy
         # admissions not yet settled: their copy's event (None on a CPU, where copies land at once)
@@ -158,6 +159,9 @@ class PagedExperts:
                 if chosen((layer, 0)):
                     self.pool.prefetch(keys, busy=self._in_flight)
             self._carry_out(stream, wait=early)
+            if early and self.copy_stream is not None:
+                # the later layers' copies start once the waited ones have landed, not beside them on PCIe
+                self.copy_stream.wait_stream(self.urgent_stream)
         self.missed = []
         if self.predictor is not None:
             self.predictor.clear()

@@ -536,3 +536,36 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_down_grouped(
   };
   walk_groups(w, reinterpret_cast<uint8_t*>(smem), partial, job, epilogue);
 }
+
+// Grid: (T, ceil(D / 1024)), 256 threads, 4 columns each. ypart [T * topk, D] float32, pair-indexed (token *
+// topk + slot) -> y [T, D] float32: each token's pairs added in ascending expert id order, in float32 from
+// zero, as the decode kernel adds its experts (so grouped prefill stays the decode kernels' bits). One
+// launch where torch took a gather and an add per slot.
+extern "C" __global__ void __launch_bounds__(256) dsv4_moe_sum_pairs(const float* __restrict__ ypart,
+                                                                     const int* __restrict__ experts,
+                                                                     float* __restrict__ y, int topk, int D) {
+  dsv4::pdl_wait();                             // ypart comes from the down launch
+  dsv4::pdl_launch_dependents();
+  const int t = blockIdx.x, col = (blockIdx.y * blockDim.x + threadIdx.x) * 4;
+  int id[MAX_TOPK], slot[MAX_TOPK];
+  for (int a = 0; a < topk; ++a) {              // insertion sort of the token's (expert, slot) by expert id
+    const int e = experts[size_t(t) * topk + a];
+    int b = a;
+    for (; b > 0 && id[b - 1] > e; --b) {
+      id[b] = id[b - 1];
+      slot[b] = slot[b - 1];
+    }
+    id[b] = e;
+    slot[b] = a;
+  }
+  if (col >= D) return;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int a = 0; a < topk; ++a) {
+    const float4 p = *reinterpret_cast<const float4*>(ypart + (size_t(t) * topk + slot[a]) * D + col);
+    acc.x += p.x;
+    acc.y += p.y;
+    acc.z += p.z;
+    acc.w += p.w;
+  }
+  *reinterpret_cast<float4*>(y + size_t(t) * D + col) = acc;
+}
