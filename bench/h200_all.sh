@@ -30,7 +30,8 @@ step plugins python -m plugins.build
 try_patch() (   # a draft's patch, tried in its own copy of the tree so a fault cannot touch the rest
   rm -rf /tmp/snap-patch && cp -r . /tmp/snap-patch && cd /tmp/snap-patch \
     && (git apply "$TRY_PATCH" || patch -p1 < "$TRY_PATCH") && python -m plugins.build \
-    && python -m pytest -q -rA -m gpu ${PATCH_TESTS:-} && python bench/kernels.py --json "$RES/kernels-patch-h200.json"
+    && timeout 300 python -m pytest -q -rA -m gpu ${PATCH_TESTS:-} \
+    && timeout 300 python bench/kernels.py --json "$RES/kernels-patch-h200.json"   # a draft may hang: bounded
 )
 [ -n "${TRY_PATCH:-}" ] && step patch try_patch
 step kernel-tests python -m pytest -q -rA -m gpu ${TESTS:-tests/test_kernels_fp8.py tests/test_kernels_moe.py \
