@@ -53,6 +53,17 @@ def kernel_times(run, reps: int) -> tuple[dict[str, float], dict[str, int]]:
     return dict(us), {k: v // reps for k, v in count.items()}
 
 
+def host_times(run, reps: int, top: int = 15) -> dict[str, float]:
+    """Microseconds of host (CPU) time per call of `run(i)` spent in each op itself, the `top` largest: where a
+    step without the graph goes besides its kernels."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for i in range(reps):
+            run(i)
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return {e.key: e.self_cpu_time_total / reps for e in rows}
+
+
 def print_families(us: dict[str, float], launches: dict[str, int]) -> None:
     total = sum(us.values())
     for name, t in sorted(us.items(), key=lambda kv: -kv[1]):
@@ -116,6 +127,8 @@ def main() -> None:
     report["kernel_us_per_step"] = dict(sorted(us.items(), key=lambda kv: -kv[1]))
     report["launches_per_step"] = launches
     report["kernel_ms_per_step"] = total = sum(us.values()) / 1e3
+    report["plain_host_us_per_step_by_op"] = host_times(lambda i: plain.step(token, torch.tensor([pos + i])),
+                                                        args.steps)
     print(f"step: graph {report['graph_step_ms']:.3f} ms, plain {report['plain_step_ms']:.3f} ms, kernels "
           f"{total:.3f} ms, floor {report['floor_step_ms']:.3f} ms ({per_token / 1e9:.2f} GB at "
           f"{bandwidth / 1e9:.0f} GB/s); fraction of bandwidth {report['floor_step_ms'] / report['graph_step_ms']:.2f}")
