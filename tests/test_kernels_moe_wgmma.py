@@ -22,8 +22,10 @@ def _bank(n_exp, d, f, tiny_block):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens, d, f, k, hot, tiny_block",
                          [(40, 512, 256, 6, False, False), (300, 4096, 2048, 6, True, False),
-                          (23, 768, 640, 3, False, False), (64, 1024, 512, 6, False, True), (50, 256, 128, 6, False, False)],
-                         ids=["40tok", "flash-300tok-hot", "odd-sizes-k3", "scale-spread-beyond-8", "tiny-model-one-k-step"])
+                          (23, 768, 640, 3, False, False), (64, 1024, 512, 6, False, True),
+                          (50, 256, 128, 6, False, False)],
+                         ids=["40tok", "flash-300tok-hot", "odd-sizes-k3", "scale-spread-beyond-8",
+                              "tiny-model-one-k-step"])
 def test_moe_prefill_wgmma_matches_oracle_and_the_grouped_kernels(tokens, d, f, k, hot, tiny_block):
     from plugins.moe_experts import moe_experts_prefill, moe_experts_prefill_wgmma, pack_expert, wgmma_fits
     if not wgmma_fits(torch.empty(1, device="cuda"), d, f):
