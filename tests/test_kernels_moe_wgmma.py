@@ -32,7 +32,8 @@ def test_moe_prefill_wgmma_matches_oracle_and_the_grouped_kernels(tokens, d, f, 
         pytest.skip("wgmma kernels are built for sm_90a only")
     n_exp = 12
     bank = _bank(n_exp, d, f, tiny_block)
-    stores = [pack_expert(*e).cuda() for e in bank]
+    # odd experts in pinned host memory, read over PCIe through the same table (a paged prefill)
+    stores = [pack_expert(*e).cuda() if i % 2 == 0 else pack_expert(*e).pin_memory() for i, e in enumerate(bank)]
     table = torch.tensor([s.data_ptr() for s in stores], dtype=torch.int64, device="cuda")
     # every token on expert 4, or on expert 0 whose tiny block is then read by every group
     x, experts, weights = routed_chunk(tokens, d, n_exp, k, hot_expert=4 if hot else 0 if tiny_block else None)
