@@ -142,20 +142,29 @@ def bf16_matmul_tflops(n: int = 8192) -> float:
     return 2 * n ** 3 / (time_ms(lambda: torch.matmul(a, b), iters=20) * 1e-3) / 1e12
 
 
+def random_flash_bank(n_experts: int, d: int = 4096, f: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """n_experts random MXFP4 experts in one device tensor, with sane E8M0 scales (2^-9), and their table."""
+    bank = torch.randint(0, 256, (n_experts, expert_nbytes(d, f)), device="cuda", dtype=torch.int32).to(torch.uint8)
+    bank[:, 3 * f * d // 2:] = 118
+    return bank, torch.tensor([bank[i].data_ptr() for i in range(n_experts)], dtype=torch.int64, device="cuda")
+
+
+def random_routing(tokens: int, n_experts: int, d: int = 4096, k: int = 6):
+    """A prefill chunk routed uniformly at random: x [tokens, d] bf16, experts [tokens, k] int32, weights."""
+    g = torch.Generator().manual_seed(0)
+    experts = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(tokens)]).to(torch.int32).cuda()
+    return (torch.randn(tokens, d, device="cuda").to(torch.bfloat16), experts,
+            torch.full((tokens, k), 0.25, device="cuda"))
+
+
 def bench_moe_prefill(matmul_tflops: float, tokens: int = 4096, n_experts: int = 256) -> dict:
     """Flash-size routed experts for a prefill chunk (D 4096, F 2048, 6 of 256 experts per token, routed
     uniformly at random): tokens grouped by expert (moe_experts_prefill, grouping included), in TFLOP/s of
     its products against a bf16 matmul measured in the same run; and against the decode kernels' per-token
     reads."""
     d, f, k = 4096, 2048, 6
-    nbytes = expert_nbytes(d, f)
-    bank = torch.randint(0, 256, (n_experts, nbytes), device="cuda", dtype=torch.int32).to(torch.uint8)
-    bank[:, 3 * f * d // 2:] = 118                             # sane E8M0 scales (2^-9)
-    table = torch.tensor([bank[i].data_ptr() for i in range(n_experts)], dtype=torch.int64, device="cuda")
-    g = torch.Generator().manual_seed(0)
-    experts = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(tokens)]).to(torch.int32).cuda()
-    x = torch.randn(tokens, d, device="cuda").to(torch.bfloat16)
-    w = torch.full((tokens, k), 0.25, device="cuda")
+    bank, table = random_flash_bank(n_experts, d, f)
+    x, experts, w = random_routing(tokens, n_experts, d, k)
     ms = time_ms(lambda: moe_experts_prefill(x, experts, w, table, f, 10.0), iters=10)
     ms_decode = time_ms(lambda: moe_experts_decode(x, experts, w, table, f, 10.0), iters=3)
     tflops = tokens * k * 3 * 2 * d * f / (ms * 1e-3) / 1e12

@@ -10,6 +10,7 @@ from helpers import random_experts  # noqa: E402
 from plugins.formats import mxfp4_dequant, mxfp4_quant  # noqa: E402
 from plugins.ops import moe_routed_oracle  # noqa: E402
 from plugins.moe_experts import moe_experts_prefill, moe_experts_prefill_wgmma, pack_expert  # noqa: E402
+from kernels import random_flash_bank, random_routing  # noqa: E402  (bench/kernels.py, beside this script)
 
 
 def case(tokens, d, f, k, tiny, all_on_0, seed=3):
@@ -51,14 +52,8 @@ def cases():
 
 def profile(tokens=4096, n_experts=256, d=4096, f=2048, k=6):
     """Per-kernel device time of one call of each variant at the benchmark's size."""
-    from plugins.moe_experts import expert_nbytes
-    bank = torch.randint(0, 256, (n_experts, expert_nbytes(d, f)), device="cuda", dtype=torch.int32).to(torch.uint8)
-    bank[:, 3 * f * d // 2:] = 118
-    table = torch.tensor([bank[i].data_ptr() for i in range(n_experts)], dtype=torch.int64, device="cuda")
-    g = torch.Generator().manual_seed(0)
-    experts = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(tokens)]).to(torch.int32).cuda()
-    x = torch.randn(tokens, d, device="cuda").to(torch.bfloat16)
-    w = torch.full((tokens, k), 0.25, device="cuda")
+    bank, table = random_flash_bank(n_experts, d, f)
+    x, experts, w = random_routing(tokens, n_experts, d, k)
     for _ in range(3):
         moe_experts_prefill_wgmma(x, experts, w, table, f, 10.0)
     torch.cuda.synchronize()
@@ -101,16 +96,10 @@ def h_check(tokens=64, d=1024, f=512, k=6):
 
 def crossover(sizes=(256, 384, 512, 1024, 2048, 4096), n_experts=256, d=4096, f=2048, k=6):
     """Grouped mma.sync kernels against the wgmma ones over prefill chunk sizes (where to switch)."""
-    from plugins.moe_experts import expert_nbytes
     import time
-    bank = torch.randint(0, 256, (n_experts, expert_nbytes(d, f)), device="cuda", dtype=torch.int32).to(torch.uint8)
-    bank[:, 3 * f * d // 2:] = 118
-    table = torch.tensor([bank[i].data_ptr() for i in range(n_experts)], dtype=torch.int64, device="cuda")
+    bank, table = random_flash_bank(n_experts, d, f)
     for tokens in sizes:
-        g = torch.Generator().manual_seed(0)
-        experts = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(tokens)]).to(torch.int32).cuda()
-        x = torch.randn(tokens, d, device="cuda").to(torch.bfloat16)
-        w = torch.full((tokens, k), 0.25, device="cuda")
+        x, experts, w = random_routing(tokens, n_experts, d, k)
         out = {}
         for name, fn in [("grouped", lambda: moe_experts_prefill(x, experts, w, table, f, 10.0)),
                          ("wgmma", lambda: moe_experts_prefill_wgmma(x, experts, w, table, f, 10.0))]:
