@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .fp8_linear import act_quant
+from .fp8_linear import make_workspace as act_workspace
 from .loader import FLOAT, INT, PTR, balanced_grid, kernels
 
 
@@ -175,7 +177,6 @@ def moe_experts_prefill_wgmma(x: torch.Tensor, experts: torch.Tensor, route_w: t
     """`moe_experts_prefill` on Hopper's warpgroup MMAs: groups of up to 64 pairs per expert, the weights
     converted to e4m3 once per (group, 128-column tile). Close to the decode kernels, not bit for bit
     (another summation, and scales applied per 128 K). Allocates and synchronises."""
-    from .fp8_linear import act_quant, make_workspace as act_workspace
     t, d = x.shape
     groups = group_pairs(experts, table.numel(), WGMMA_GROUP)
     h = wgmma_gate_up(x, experts, route_w, table, f, limit, groups)
@@ -192,7 +193,6 @@ def wgmma_gate_up(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Tensor,
                   limit: float, groups: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The first half of `moe_experts_prefill_wgmma`: h [T * k, F] bf16 (pair-indexed), each pair's
     route_w * silu(gate) * up; `groups` from group_pairs(experts, E, WGMMA_GROUP)."""
-    from .fp8_linear import act_quant, make_workspace as act_workspace
     t, d = x.shape
     k = experts.size(1)
     assert wgmma_fits(x, d, f) and x.dtype == torch.bfloat16 and route_w.dtype == torch.float32

@@ -10,11 +10,11 @@ elsewhere (an H200 over PCIe) it is a pinned host copy the GPU reads over the bu
 
 A step waits only for the copies into its first layers (`WAITED`, below), which run on a stream of their
 own; the other copies run on another. A copy repoints the table entry only once the slot holds the expert,
-so a kernel reads the cold copy or the complete slot, whichever the entry says when it looks. What must never happen is a slot overwritten while
-a kernel may still read it, so an expert leaves its slot only when no running work can read it: before a
-step starts (its entry repointed to the cold copy ahead of the step) or, during a step, if its layer has
-already run in that step (its entry repointed on a side stream the next step waits for); an expert whose
-own copy is still in flight stays.
+so a kernel reads the cold copy or the complete slot, whichever the entry says when it looks. What must
+never happen is a slot overwritten while a kernel may still read it, so an expert leaves its slot only
+when no running work can read it: before a step starts (its entry repointed to the cold copy ahead of the
+step) or, during a step, if its layer has already run in that step (its entry repointed on a side stream
+the next step waits for); an expert whose own copy is still in flight stays.
 
 Per step: `begin_step(tokens)` admits the previous step's misses and prefetches the hash-routed layers'
 experts of `tokens` (known exactly from `tid2eid`); inside the step (and its CUDA graph) `before_layer`
