@@ -8,7 +8,7 @@
 #   for i in $(seq 115); do [ -f /root/res/DONE ] && break; sleep 5; done; cat /root/res/steps.log   # repeat
 #   tar czf $OUT/h200.tgz -C /root res                                      # one file back (the tool's cap is 8)
 # A failing step is logged ($RES/NAME.log, rc in steps.log) and the next one runs. STEPS names the steps to
-# run (default: all): plugins patch kernel-tests kernels gemv-probe gate-flash4-f32 flash8 tiny-artifacts. OVERLAP=1 runs the
+# run (default: all but wgmma-crossover): plugins patch kernel-tests kernels wgmma-crossover gemv-probe gate-flash4-f32 flash8 tiny-artifacts. OVERLAP=1 runs the
 # tiny artifact tests beside the Flash-8 build (the device time of a session is short); TESTS overrides the
 # kernel test files; TRY_PATCH names a patch (git diff) that the patch step builds, tests (PATCH_TESTS) and
 # benchmarks in its own copy of the tree, first (session 10 tried the wgmma prefill MoE so).
@@ -38,6 +38,7 @@ step kernel-tests python -m pytest -q -rA -m gpu ${TESTS:-tests/test_kernels_fp8
     tests/test_kernels_attention.py tests/test_kernels_hc.py tests/test_kernels_route.py tests/test_trt_executor.py \
     tests/test_kernels_moe_wgmma.py}
 step kernels python bench/kernels.py --json "$RES/kernels-h200.json"
+step wgmma-crossover python bench/wgmma_diag.py crossover
 step gemv-probe python bench/gemv_probe.py --json "$RES/gemv-probe-h200.json"
 step gate-flash4-f32 env OUT="$RES" LAYERS=4 DTYPE=float32 bash bench/artifact_h200.sh
 rm -rf /tmp/flash4 /tmp/art /tmp/ref-*                  # the disk holds one Flash artifact at a time

@@ -107,9 +107,9 @@ def bench_copy_in_harness(nbytes: int, bandwidth: float) -> dict:
             "fraction_of_copy_bw": achieved / bandwidth}
 
 
-def bench_moe_decode(bandwidth: float, tokens: int = 1, n_experts: int = 64) -> dict:
+def bench_moe_decode(bandwidth: float, tokens: int = 1, wgmma: bool = False, n_experts: int = 64) -> dict:
     """Flash-size routed experts (D 4096, F 2048, 6 per token) from the device table, L2 defeated by
-    rotating through 64 experts (855 MB)."""
+    rotating through 64 experts (855 MB); on the warpgroup-MMA kernels (sm_90) or the mma.sync ones."""
     d, f, k = 4096, 2048, 6
     nbytes = expert_nbytes(d, f)
     bank = torch.randint(0, 256, (n_experts, nbytes), device="cuda", dtype=torch.int32).to(torch.uint8)
@@ -126,13 +126,13 @@ def bench_moe_decode(bandwidth: float, tokens: int = 1, n_experts: int = 64) -> 
 
     def kernel():
         state["i"] = (state["i"] + 1) % len(id_sets)
-        moe_experts_decode(x, id_sets[state["i"]], w, table, f, 10.0, out, ws)
+        moe_experts_decode(x, id_sets[state["i"]], w, table, f, 10.0, out, ws, wgmma=wgmma)
 
     ms = graph_time_ms(kernel, len(id_sets))
     bytes_read = len(set(id_sets[0].flatten().tolist())) * nbytes
     achieved = bytes_read / (ms * 1e-3)
-    return {"kernel": "moe_experts_decode", "weight": "6 routed experts", "rows": tokens,
-            "weight_mb": bytes_read / 1e6, "time_us": ms * 1e3, "achieved_gbps": achieved / 1e9,
+    return {"kernel": "moe_experts_decode" + ("_wgmma" if wgmma else ""), "weight": "6 routed experts",
+            "rows": tokens, "weight_mb": bytes_read / 1e6, "time_us": ms * 1e3, "achieved_gbps": achieved / 1e9,
             "fraction_of_copy_bw": achieved / bandwidth}
 
 
@@ -366,9 +366,11 @@ def main() -> None:
         for name, n, k in shapes:
             rows.append(bench_fp8_gemv(name, n, k, m, bw))
             print(json.dumps(rows[-1]))
+    on_sm90 = torch.cuda.get_device_capability() == (9, 0)
     for tokens in (1, 2):
-        rows.append(bench_moe_decode(bw, tokens))
-        print(json.dumps(rows[-1]))
+        for wgmma in (False, True) if on_sm90 else (False,):
+            rows.append(bench_moe_decode(bw, tokens, wgmma))
+            print(json.dumps(rows[-1]))
     matmul = bf16_matmul_tflops()
     rows.append({"kernel": "bf16_matmul", "weight": "8192 x 8192 x 8192", "tflops": matmul})
     print(json.dumps(rows[-1]))

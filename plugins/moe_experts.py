@@ -48,14 +48,27 @@ RING_BYTES = 8 * 4 * (16 * 8 * 16 + 16 * 8)   # csrc/moe_experts.cu RING_BYTES: 
 
 
 def make_workspace(tokens: int, topk: int, d: int, f: int, device) -> dict[str, torch.Tensor]:
-    """h: each (token, expert) pair's bf16 SwiGLU output, handed from the gate_up kernel to the down kernel."""
-    return {"h": torch.empty(tokens * topk, f, dtype=torch.bfloat16, device=device)}
+    """h: each (token, expert) pair's bf16 SwiGLU output, handed from the gate_up kernel to the down kernel;
+    ypart: each pair's output, from the wgmma down kernel to the sum over pairs."""
+    return {"h": torch.empty(tokens * topk, f, dtype=torch.bfloat16, device=device),
+            "ypart": torch.empty(tokens * topk, d, dtype=torch.float32, device=device)}
+
+
+DECODE_WGMMA_MAX_TOPK = 8         # csrc/moe_decode_wgmma.cu: a token's pairs are the B tile's 8 columns
+
+
+def decode_wgmma_fits(x: torch.Tensor, topk: int, d: int, f: int) -> bool:
+    """Whether csrc/moe_decode_wgmma.cu serves this decode call: an sm_90 GPU, at most 8 experts per token,
+    rows in whole 64-row items (Hopper emulates the mma.sync kernels' FP8 MMA, so they are slower there)."""
+    return (x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0) and topk <= DECODE_WGMMA_MAX_TOPK
+            and d % 64 == 0 and f % 64 == 0)
 
 
 def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Tensor, table: torch.Tensor,
                        f: int, limit: float, out: torch.Tensor | None = None,
-                       workspace: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """x [T, D] bf16, experts [T, k] int32, route_w [T, k] float32, table [E] int64 -> y [T, D] float32."""
+                       workspace: dict[str, torch.Tensor] | None = None, wgmma: bool | None = None) -> torch.Tensor:
+    """x [T, D] bf16, experts [T, k] int32, route_w [T, k] float32, table [E] int64 -> y [T, D] float32.
+    `wgmma`: the warpgroup-MMA kernels (sm_90) or the mma.sync ones; by default wgmma where it fits."""
     t, d = x.shape
     k = experts.size(1)
     assert x.dtype == torch.bfloat16 and experts.dtype == torch.int32 and route_w.dtype == torch.float32
@@ -64,6 +77,8 @@ def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Te
     ws = make_workspace(t, k, d, f, x.device) if workspace is None else workspace
     out = torch.empty(t, d, dtype=torch.float32, device=x.device) if out is None else out
     lib = kernels()
+    if decode_wgmma_fits(x, k, d, f) if wgmma is None else wgmma:
+        return _decode_wgmma(lib, x, experts, route_w, table, f, limit, out, ws)
     # The grids' y is the token; x is a persistent grid over that token's items, sized to fill the GPU.
     shared_up = RING_BYTES + d + d // 128 * 4
     items_up = k * (f // 16)
@@ -78,6 +93,24 @@ def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Te
                [(ws["h"], PTR), (experts, PTR), (table, PTR), (out, PTR), (k, INT), (d, INT), (f, INT)],
                shared_down)
     return out
+
+
+def _decode_wgmma(lib, x, experts, route_w, table, f, limit, out, ws) -> torch.Tensor:
+    """`moe_experts_decode` on csrc/moe_decode_wgmma.cu: gate_up (two warpgroups per 64 rows of F), down (a
+    warpgroup per pair and 64 rows of D, into ws["ypart"]), then the sum over each token's pairs."""
+    t, d = x.shape
+    k = experts.size(1)
+    shared_up = RING_BYTES + d // 32 * 256 + d // 128 * 4
+    grid_up = balanced_grid(k * (f // 64) * t, lib.resident("dsv4_moe_gate_up_decode_wgmma", 256, shared_up))
+    lib.launch("dsv4_moe_gate_up_decode_wgmma", (max(1, -(-grid_up // t)), t), 256,
+               [(x, PTR), (experts, PTR), (route_w, PTR), (table, PTR), (ws["h"], PTR), (k, INT), (d, INT),
+                (f, INT), (limit, FLOAT)], shared_up)
+    shared_down = RING_BYTES // 2 + f // 32 * 256 + k * (f // 128) * 4
+    grid_down = balanced_grid(k * (d // 64) * t, lib.resident("dsv4_moe_down_decode_wgmma", 128, shared_down))
+    lib.launch("dsv4_moe_down_decode_wgmma", (max(1, -(-grid_down // t)), t), 128,
+               [(ws["h"], PTR), (experts, PTR), (table, PTR), (ws["ypart"], PTR), (k, INT), (d, INT), (f, INT)],
+               shared_down)
+    return sum_pairs(ws["ypart"], experts, out)
 
 
 # ------------------------------------------------------------------ prefill: tokens grouped by expert
@@ -140,14 +173,14 @@ def moe_experts_prefill(x: torch.Tensor, experts: torch.Tensor, route_w: torch.T
     return sum_pairs(ypart, experts)
 
 
-def sum_pairs(ypart: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+def sum_pairs(ypart: torch.Tensor, experts: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """ypart [T * k, D] (pair-indexed outputs) -> y [T, D]: each token's experts added in ascending expert id
     order, in float32 from zero, as the decode kernel adds them (csrc/moe_experts.cu dsv4_moe_sum_pairs)."""
     t, k = experts.shape
     d = ypart.size(1)
     assert ypart.dtype == torch.float32 and ypart.is_contiguous() and experts.dtype == torch.int32
     assert d % 4 == 0 and k <= MAX_TOPK
-    y = torch.empty(t, d, dtype=torch.float32, device=ypart.device)
+    y = torch.empty(t, d, dtype=torch.float32, device=ypart.device) if out is None else out
     kernels().launch("dsv4_moe_sum_pairs", (t, -(-d // 1024)), 256,
                      [(ypart, PTR), (experts.contiguous(), PTR), (y, PTR), (k, INT), (d, INT)])
     return y

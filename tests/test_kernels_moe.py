@@ -11,8 +11,11 @@ from plugins.ops import moe_routed_oracle
                                                 (4, 512, 256, 6, True), (16, 1024, 384, 6, False),
                                                 (5, 768, 640, 3, False), (1, 256, 128, 1, False)],
                          ids=["flash-1tok", "tiny-3tok", "all-on-one-expert", "16tok", "odd-sizes-k3", "k1"])
-def test_moe_decode_matches_oracle_with_host_experts(tokens, d, f, k, same):
-    from plugins.moe_experts import moe_experts_decode, pack_expert
+@pytest.mark.parametrize("wgmma", [False, True], ids=["mma", "wgmma"])
+def test_moe_decode_matches_oracle_with_host_experts(tokens, d, f, k, same, wgmma):
+    from plugins.moe_experts import decode_wgmma_fits, moe_experts_decode, pack_expert
+    if wgmma and not decode_wgmma_fits(torch.empty(0, device="cuda"), k, d, f):
+        pytest.skip("the wgmma decode kernels need an sm_90 GPU")
     n_exp = 12
     bank = random_experts(n_exp, d, f)
     packed = [pack_expert(*e) for e in bank]
@@ -27,7 +30,7 @@ def test_moe_decode_matches_oracle_with_host_experts(tokens, d, f, k, same):
         experts = torch.stack([torch.randperm(n_exp, generator=g)[:k] for _ in range(tokens)]).to(torch.int32)
     weights = torch.rand(tokens, k, generator=g) + 0.1
     experts, weights = experts.cuda(), weights.cuda()
-    got = moe_experts_decode(x, experts, weights, table, f, limit=10.0)
+    got = moe_experts_decode(x, experts, weights, table, f, limit=10.0, wgmma=wgmma)
     dequantised = [tuple(mxfp4_dequant(*e[i:i + 2]) for i in (0, 2, 4)) for e in bank]
     expect = moe_routed_oracle(x, experts, weights, dequantised.__getitem__, 10.0)
     cos = torch.nn.functional.cosine_similarity(got.double(), expect.double(), dim=-1)
@@ -78,7 +81,7 @@ def test_group_pairs_cuts_each_experts_run_into_groups():
                                                   (23, 768, 640, 3, False)],
                          ids=["40tok", "flash-64tok-hot", "odd-sizes-k3"])
 def test_moe_prefill_groups_equal_the_decode_kernels(tokens, d, f, k, hot):
-    """Tokens grouped by expert give the decode kernels' bits, and both the oracle's values."""
+    """Tokens grouped by expert give the mma.sync decode kernels' bits, and both the oracle's values."""
     from plugins.moe_experts import moe_experts_decode, moe_experts_prefill, pack_expert
     n_exp = 12
     bank = random_experts(n_exp, d, f)
@@ -86,7 +89,7 @@ def test_moe_prefill_groups_equal_the_decode_kernels(tokens, d, f, k, hot):
     table = torch.tensor([s.data_ptr() for s in stores], dtype=torch.int64, device="cuda")
     x, experts, weights = routed_chunk(tokens, d, n_exp, k, hot_expert=4 if hot else None)
     got = moe_experts_prefill(x, experts, weights, table, f, limit=10.0)
-    assert torch.equal(got, moe_experts_decode(x, experts, weights, table, f, limit=10.0))
+    assert torch.equal(got, moe_experts_decode(x, experts, weights, table, f, limit=10.0, wgmma=False))
     dequantised = [tuple(mxfp4_dequant(*e[i:i + 2]) for i in (0, 2, 4)) for e in bank]
     expect = moe_routed_oracle(x, experts, weights, dequantised.__getitem__, 10.0)
     cos = torch.nn.functional.cosine_similarity(got.double(), expect.double(), dim=-1)

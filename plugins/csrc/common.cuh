@@ -123,8 +123,10 @@ __device__ __forceinline__ uint32_t fp8x4(float a, float b, float c, float d) {
 // one power-of-two scale per 128-block to `scales`. 16 threads own a 128-block, 8 values each.
 // SLOTS: store each thread's 8 codes as (v0 v2 v4 v6 | v1 v3 v5 v7), the order the MXFP4 kernels' MMA
 // fragments take (see moe_experts.cu); otherwise in natural order. F16 (natural order only): store each
-// code's exact f16 value instead (2 bytes each, at byte 2 * i; `pad` counts values), for f16 MMAs.
-template <bool SLOTS, bool F16 = false>
+// code's exact f16 value instead (2 bytes each, at byte 2 * i; `pad` counts values), for f16 MMAs. B_TILE (with
+// SLOTS, `pad` 0, at most 8 rows): store row r as column r of wgmma's B operand, K-major 8-row x 16-byte core
+// matrices without swizzle, two per 32 K (32-K block k at k * 256: its slots 0-15 of the 8 columns, then 16-31).
+template <bool SLOTS, bool F16 = false, bool B_TILE = false>
 __device__ __forceinline__ void quantise_to_smem(const __nv_bfloat16* __restrict__ x, int n, int row, int pad,
                                                  uint8_t* codes, float* scales) {
   constexpr int BATCH = 4;                       // 128-blocks per thread group in flight at once
@@ -167,9 +169,13 @@ __device__ __forceinline__ void quantise_to_smem(const __nv_bfloat16* __restrict
       if (b < blocks) {
         const int at = b * 128 + sub * 8;
         int r = 0;                                 // at / row without a division (decode: a few rows at most)
-        if (pad)
+        if (pad || B_TILE)
           for (int end = row; end <= at; end += row) ++r;
-        if (F16) {
+        if (B_TILE) {                              // slots 8q .. 8q + 3 are k-slots 4q .., 8q + 4 .. are 16 + 4q ..
+          uint8_t* dst = codes + ((at - r * row) >> 5) * 256 + r * 16 + ((at & 31) >> 1);
+          *reinterpret_cast<uint32_t*>(dst) = out.x;
+          *reinterpret_cast<uint32_t*>(dst + 128) = out.y;
+        } else if (F16) {
           const uint4 wide = make_uint4(e4m3x2_to_f16x2(out.x), e4m3x2_to_f16x2(out.x >> 16),
                                         e4m3x2_to_f16x2(out.y), e4m3x2_to_f16x2(out.y >> 16));
           *reinterpret_cast<uint4*>(codes + 2 * (at + r * pad)) = wide;

@@ -19,62 +19,13 @@
 // Decode reads every byte of 6 experts once; a warp streams a 2 KB step (16 rows x 8 blocks) one step
 // ahead of its MMAs, and the grid is the resident CTAs, each running items b, b + grid, ...
 #include "common.cuh"
+#include "fp4_ring.cuh"
 
 using dsv4::smem_addr;
 
 namespace {
 
-constexpr int UB = 8;        // 32-K blocks per warp step
 constexpr int PARTS = 4;     // K slices of one matrix, each a warp, added in shared memory
-constexpr int MAX_TOPK = 16;
-
-__device__ __forceinline__ uint32_t e2m1_even(uint32_t v) {      // low nibbles -> e4m3 (x 2^-6)
-  return ((v << 2) & 0x1C1C1C1Cu) | ((v << 4) & 0x80808080u);
-}
-__device__ __forceinline__ uint32_t e2m1_odd(uint32_t v) {       // high nibbles -> e4m3 (x 2^-6)
-  return ((v >> 2) & 0x1C1C1C1Cu) | (v & 0x80808080u);
-}
-
-// One warp's step: 16 weight rows (row stride ld bytes) x up to UB blocks from the job's first block, with
-// their E8M0 scales (row stride sld bytes).
-struct Fp4Job {
-  const uint8_t* w;           // row 0 of the group, first block of the step
-  const uint8_t* s;
-  int ld, sld, blocks;        // blocks in this step (0: nothing to do)
-};
-
-// Each warp streams its steps through its own ring of STAGES shared-memory stages with cp.async (16-byte
-// global reads, STAGES - 1 steps in flight without holding registers); ldmatrix then hands lane (r, q)
-// word q of each 16-byte block row, the MMA fragment. Block slots are XOR-swizzled by row so the eight
-// rows an ldmatrix phase reads sit in distinct banks.
-constexpr int STAGES = 4;
-constexpr int STAGE_W = 16 * UB * 16;               // weights: 16 rows x UB blocks x 16 bytes
-constexpr int STAGE_BYTES = STAGE_W + 16 * UB;      // + the scale bytes [16 rows][UB]
-constexpr int RING_BYTES = 8 * STAGES * STAGE_BYTES;  // 8 warps
-
-// Scales go through the ring too when every step's scale bytes are 4-byte aligned (`async_scales`, true at
-// Flash sizes); otherwise mma_step reads them from global memory itself.
-__device__ __forceinline__ void issue_step(const Fp4Job& j, uint8_t* stage, int lane, bool async_scales) {
-  if (j.blocks > 0) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int c = lane + 32 * i, row = c >> 3, col = c & 7;
-      if (col < j.blocks)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(stage + row * 128 + ((col ^ (row & 7)) << 4))),
-                     "l"(j.w + size_t(row) * j.ld + col * 16));
-    }
-    const int row = lane >> 1, half = lane & 1;
-    if (async_scales && half * 4 < j.blocks)
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(stage + STAGE_W + row * UB + half * 4)),
-                   "l"(j.s + size_t(row) * j.sld + half * 4));
-  }
-  asm volatile("cp.async.commit_group;\n" ::);
-}
-
-__device__ __forceinline__ void wait_stage() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 1));
-  __syncwarp();
-}
 
 // One token (decode): acc[0], acc[1] += rows r, r + 8 of the step's products (lanes q == 0 hold the token's
 // column). TOKENS = 8 (prefill groups): the B operand's 8 columns are `ntok` tokens (lane (r, q) feeds token
@@ -87,31 +38,9 @@ __device__ __forceinline__ void mma_step(const uint8_t* stage, const Fp4Job& j, 
                                          float (&acc)[TOKENS > 1 ? 4 : 2]) {
   const int r = (lane & 31) >> 2, q = lane & 3;
   uint32_t sc[2][2];
-  if (async_scales) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint2 v = *reinterpret_cast<const uint2*>(stage + STAGE_W + (r + 8 * h) * UB);
-      sc[h][0] = v.x;
-      sc[h][1] = v.y;
-    }
-  } else {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      sc[h][0] = sc[h][1] = 0u;
-#pragma unroll
-      for (int u = 0; u < UB; ++u)
-        if (u < j.blocks) sc[h][u / 4] |= uint32_t(__ldg(j.s + size_t(r + 8 * h) * j.sld + u)) << (8 * (u % 4));
-    }
-  }
-  const int mi = lane >> 3, i = lane & 7, row = i + 8 * (mi & 1);
+  step_scales(stage, j, async_scales, r, sc);
   const uint8_t* codes = act + r * lda + blk * 32 + q * 8;     // this lane's token's codes for the step
   const bool live = r < ntok;
-  auto load_pair = [&](int u, uint32_t(&d)[4]) {  // rows r, r + 8 of block u, then of block u + 1
-    const int col = u + (mi >> 1);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
-                 : "r"(smem_addr(stage + row * 128 + ((col ^ i) << 4))));
-  };
   auto block = [&](int b, uint32_t w0, uint32_t w8) {
     const uint2 x = live ? *reinterpret_cast<const uint2*>(codes + b * 32) : make_uint2(0, 0);
     float c[4] = {0.f, 0.f, 0.f, 0.f};
@@ -136,7 +65,7 @@ __device__ __forceinline__ void mma_step(const uint8_t* stage, const Fp4Job& j, 
   if (j.blocks == UB) {
 #pragma unroll
     for (int u = 0; u < UB; u += 2) {
-      load_pair(u, d);
+      load_block_pair(stage, u, lane, d);
       block(u, d[0], d[1]);
       block(u + 1, d[2], d[3]);
     }
@@ -145,29 +74,12 @@ __device__ __forceinline__ void mma_step(const uint8_t* stage, const Fp4Job& j, 
 #pragma unroll
   for (int u = 0; u < UB; u += 2) {
     if (u >= j.blocks) break;
-    load_pair(u, d);
+    load_block_pair(stage, u, lane, d);
     block(u, d[0], d[1]);
     if (u + 1 < j.blocks) block(u + 1, d[2], d[3]);
   }
 }
 
-__device__ __forceinline__ int my_items(int items) {
-  return (items - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x);
-}
-
-// Where a warp is in its walk over steps, advanced by counters: the divisions that located step g took a
-// good share of each step's instructions (the kernels are bound by instructions, not by DRAM, on the H200).
-// gate_up: step s of the CTA's it-th item, item = blockIdx.x + it * gridDim.x = j * groups + rg.
-struct GateUpCursor {
-  int it, s, j, rg;
-  __device__ __forceinline__ explicit GateUpCursor(int groups)
-      : it(0), s(0), j(int(blockIdx.x) / groups), rg(int(blockIdx.x) % groups) {}
-  __device__ __forceinline__ void advance(int steps, int groups) {
-    if (++s < steps) return;
-    s = 0, ++it, rg += int(gridDim.x);
-    while (rg >= groups) rg -= groups, ++j;
-  }
-};
 // down: step s of job slot `slot` (job warp + 8 * slot) of the CTA's it-th item (16 rows of D).
 struct DownCursor {
   int it = 0, slot = 0, s = 0;

@@ -1,0 +1,112 @@
+// How the MXFP4 expert kernels stream weights: each warp copies 16-row x UB-block steps (UB 32-K blocks of
+// packed E2M1 codes, 2 KB, and their E8M0 scale bytes) through its own ring of shared-memory stages with
+// cp.async, and turns codes into e4m3 for the tensor cores. Shared by the mma.sync kernels (moe_experts.cu)
+// and the decode kernels on Hopper's warpgroup MMA (moe_decode_wgmma.cu).
+#pragma once
+#include "common.cuh"
+
+namespace {
+
+using dsv4::smem_addr;
+
+constexpr int UB = 8;        // 32-K blocks per warp step
+constexpr int MAX_TOPK = 16;  // experts per token
+
+__device__ __forceinline__ uint32_t e2m1_even(uint32_t v) {      // low nibbles -> e4m3 (x 2^-6)
+  return ((v << 2) & 0x1C1C1C1Cu) | ((v << 4) & 0x80808080u);
+}
+__device__ __forceinline__ uint32_t e2m1_odd(uint32_t v) {       // high nibbles -> e4m3 (x 2^-6)
+  return ((v >> 2) & 0x1C1C1C1Cu) | (v & 0x80808080u);
+}
+
+// One warp's step: 16 weight rows (row stride ld bytes) x up to UB blocks from the job's first block, with
+// their E8M0 scales (row stride sld bytes).
+struct Fp4Job {
+  const uint8_t* w;           // row 0 of the group, first block of the step
+  const uint8_t* s;
+  int ld, sld, blocks;        // blocks in this step (0: nothing to do)
+};
+
+// Each warp streams its steps through its own ring of STAGES shared-memory stages with cp.async (16-byte
+// global reads, STAGES - 1 steps in flight without holding registers); ldmatrix then hands lane (r, q)
+// word q of each 16-byte block row, the MMA fragment. Block slots are XOR-swizzled by row so the eight
+// rows an ldmatrix phase reads sit in distinct banks.
+constexpr int STAGES = 4;
+constexpr int STAGE_W = 16 * UB * 16;               // weights: 16 rows x UB blocks x 16 bytes
+constexpr int STAGE_BYTES = STAGE_W + 16 * UB;      // + the scale bytes [16 rows][UB]
+constexpr int RING_BYTES = 8 * STAGES * STAGE_BYTES;  // 8 warps
+
+// Scales go through the ring too when every step's scale bytes are 4-byte aligned (`async_scales`, true at
+// Flash sizes); otherwise mma_step reads them from global memory itself.
+__device__ __forceinline__ void issue_step(const Fp4Job& j, uint8_t* stage, int lane, bool async_scales) {
+  if (j.blocks > 0) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int c = lane + 32 * i, row = c >> 3, col = c & 7;
+      if (col < j.blocks)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(stage + row * 128 + ((col ^ (row & 7)) << 4))),
+                     "l"(j.w + size_t(row) * j.ld + col * 16));
+    }
+    const int row = lane >> 1, half = lane & 1;
+    if (async_scales && half * 4 < j.blocks)
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(stage + STAGE_W + row * UB + half * 4)),
+                   "l"(j.s + size_t(row) * j.sld + half * 4));
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+
+__device__ __forceinline__ void wait_stage() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 1));
+  __syncwarp();
+}
+
+// The step's E8M0 scale bytes of the warp's rows r and r + 8 (h = 0, 1): block u's is byte u % 4 of
+// sc[h][u / 4]. From the ring, or from global memory where the scales were not copied (`async_scales`).
+__device__ __forceinline__ void step_scales(const uint8_t* stage, const Fp4Job& j, bool async_scales, int r,
+                                            uint32_t (&sc)[2][2]) {
+  if (async_scales) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint2 v = *reinterpret_cast<const uint2*>(stage + STAGE_W + (r + 8 * h) * UB);
+      sc[h][0] = v.x;
+      sc[h][1] = v.y;
+    }
+  } else {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      sc[h][0] = sc[h][1] = 0u;
+#pragma unroll
+      for (int u = 0; u < UB; ++u)
+        if (u < j.blocks) sc[h][u / 4] |= uint32_t(__ldg(j.s + size_t(r + 8 * h) * j.sld + u)) << (8 * (u % 4));
+    }
+  }
+}
+
+// Lane (r, q)'s codes of the step's blocks u and u + 1 (ldmatrix): d[0], d[1] = word q of rows r, r + 8 of
+// block u (elements 8q .. 8q + 7), d[2], d[3] = the same of block u + 1.
+__device__ __forceinline__ void load_block_pair(const uint8_t* stage, int u, int lane, uint32_t (&d)[4]) {
+  const int mi = lane >> 3, i = lane & 7, row = i + 8 * (mi & 1), col = u + (mi >> 1);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+               : "r"(smem_addr(stage + row * 128 + ((col ^ i) << 4))));
+}
+
+__device__ __forceinline__ int my_items(int items) {
+  return (items - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x);
+}
+
+// Where a warp is in its walk over steps, advanced by counters: the divisions that located step g took a
+// good share of each step's instructions (the kernels are bound by instructions, not by DRAM, on the H200).
+// gate_up: step s of the CTA's it-th item, item = blockIdx.x + it * gridDim.x = j * groups + rg.
+struct GateUpCursor {
+  int it, s, j, rg;
+  __device__ __forceinline__ explicit GateUpCursor(int groups)
+      : it(0), s(0), j(int(blockIdx.x) / groups), rg(int(blockIdx.x) % groups) {}
+  __device__ __forceinline__ void advance(int steps, int groups) {
+    if (++s < steps) return;
+    s = 0, ++it, rg += int(gridDim.x);
+    while (rg >= groups) rg -= groups, ++j;
+  }
+};
+
+}  // namespace
