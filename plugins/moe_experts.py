@@ -59,7 +59,7 @@ DECODE_WGMMA_MAX_TOPK = 8         # csrc/moe_decode_wgmma.cu: a token's pairs ar
 
 def decode_wgmma_fits(x: torch.Tensor, topk: int, d: int, f: int) -> bool:
     """Whether csrc/moe_decode_wgmma.cu serves this decode call: an sm_90 GPU, at most 8 experts per token,
-    rows in whole 64-row items (Hopper emulates the mma.sync kernels' FP8 MMA, so they are slower there)."""
+    rows in whole items (32 rows of F, 64 of D) (Hopper emulates the mma.sync kernels' FP8 MMA, so they are slower there)."""
     return (x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0) and topk <= DECODE_WGMMA_MAX_TOPK
             and d % 64 == 0 and f % 64 == 0)
 
@@ -96,13 +96,13 @@ def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Te
 
 
 def _decode_wgmma(lib, x, experts, route_w, table, f, limit, out, ws) -> torch.Tensor:
-    """`moe_experts_decode` on csrc/moe_decode_wgmma.cu: gate_up (two warpgroups per 64 rows of F), down (a
-    warpgroup per pair and 64 rows of D, into ws["ypart"]), then the sum over each token's pairs."""
+    """`moe_experts_decode` on csrc/moe_decode_wgmma.cu: gate_up (a warpgroup per expert and 32 rows of F),
+    down (a warpgroup per pair and 64 rows of D, into ws["ypart"]), then the sum over each token's pairs."""
     t, d = x.shape
     k = experts.size(1)
-    shared_up = RING_BYTES + d // 32 * 256 + d // 128 * 4
-    grid_up = balanced_grid(k * (f // 64) * t, lib.resident("dsv4_moe_gate_up_decode_wgmma", 256, shared_up))
-    lib.launch("dsv4_moe_gate_up_decode_wgmma", (max(1, -(-grid_up // t)), t), 256,
+    shared_up = RING_BYTES // 2 + d // 32 * 256 + d // 128 * 4
+    grid_up = balanced_grid(k * (f // 32) * t, lib.resident("dsv4_moe_gate_up_decode_wgmma", 128, shared_up))
+    lib.launch("dsv4_moe_gate_up_decode_wgmma", (max(1, -(-grid_up // t)), t), 128,
                [(x, PTR), (experts, PTR), (route_w, PTR), (table, PTR), (ws["h"], PTR), (k, INT), (d, INT),
                 (f, INT), (limit, FLOAT)], shared_up)
     shared_down = RING_BYTES // 2 + f // 32 * 256 + k * (f // 128) * 4

@@ -64,6 +64,10 @@ __device__ __forceinline__ float pow2_inverse(float s) { return __uint_as_float(
 
 // An E8M0 scale byte as a float: 2^(b - 127).
 __device__ __forceinline__ float e8m0(uint32_t b) { return __uint_as_float((b & 0xFFu) << 23); }
+// Byte k of a word of E8M0 scales as a float: one shift and one mask where k is known at compile time.
+__device__ __forceinline__ float e8m0_byte(uint32_t w, int k) {
+  return __uint_as_float((k == 3 ? w >> 1 : w << (23 - 8 * k)) & 0x7F800000u);
+}
 
 // A warp streaming one weight row: chunk c is 16 bytes per lane at row[c * 32 + lane]. Loads chunks c0 ..
 // c0 + N - 1 (zeros past `chunks`) so that all N are in flight at once.

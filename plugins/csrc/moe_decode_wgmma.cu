@@ -89,7 +89,7 @@ __device__ __forceinline__ void wgmma_step(const uint8_t* stage, const Fp4Job& j
 #pragma unroll
     for (int i = 0; i < 4; ++i) wgmma_pin(c[u][i]);
     const float sx = act_s[u / 4];
-    const float s0 = dsv4::e8m0(sc[0][u / 4] >> (8 * (u % 4))), s8 = dsv4::e8m0(sc[1][u / 4] >> (8 * (u % 4)));
+    const float s0 = dsv4::e8m0_byte(sc[0][u / 4], u % 4), s8 = dsv4::e8m0_byte(sc[1][u / 4], u % 4);
     acc[0] = fmaf(odd ? c[u][1] : c[u][0], s0 * sx, acc[0]);
     acc[1] = fmaf(odd ? c[u][3] : c[u][2], s8 * sx, acc[1]);
   }
@@ -204,8 +204,9 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_gate_up_decode_wgmma(
 }
 
 // Grid (slots, tokens), 128 threads. Dynamic shared memory: RING_BYTES / 2 (four warps), the B tile (F / 32 *
-// 256 bytes: the token's topk <= 8 pairs as columns), their scales (topk * F / 128 floats). An item is (pair
-// j, 64 rows of D). ypart [T * topk, D] float32, each pair's output rounded to bf16.
+// 256 bytes: the token's topk <= 8 pairs as columns, of which the CTA quantises those of its items), their
+// scales (topk * F / 128 floats). An item is (pair j, 64 rows of D). ypart [T * topk, D] float32, each
+// pair's output rounded to bf16.
 extern "C" __global__ void __launch_bounds__(128) dsv4_moe_down_decode_wgmma(
     const __nv_bfloat16* __restrict__ h, const int* __restrict__ experts, const uint64_t* __restrict__ table,
     float* __restrict__ ypart, int topk, int D, int F) {
@@ -232,10 +233,16 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_down_decode_wgmma(
     jb.blocks = c.it < mine ? min(UB, nb - c.s * UB) : 0;
     return jb;
   };
-  auto quantise = [&] {
+  auto quantise = [&] {                         // only the pairs of this CTA's items, each into its column
     dsv4::pdl_wait();                           // h comes from gate_up (experts and table from before it)
     dsv4::pdl_launch_dependents();
-    dsv4::quantise_to_smem<true, false, true>(h + size_t(t) * topk * F, topk * F, F, 0, tile, scales);
+    for (int it = 0, done = -1; it < mine; ++it) {
+      const int j = (int(blockIdx.x) + it * int(gridDim.x)) / groups;
+      if (j == done) continue;
+      done = j;
+      dsv4::quantise_to_smem<true, false, true>(h + size_t(t * topk + j) * F, F, F, 0, tile + 16 * j,
+                                                scales + j * (F / 128));
+    }
   };
   auto col = [&](const GateUpCursor& c) { return min(c.j, topk - 1); };
   auto epilogue = [&](const GateUpCursor& c, const float (&acc)[2]) {
