@@ -301,12 +301,12 @@ def bench_route() -> dict:
             "speedup_vs_eager_oracle": ms_oracle / ms}
 
 
-def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64) -> dict:
+def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, wgmma: bool = False) -> dict:
     """One Flash decode layer's weight-bound kernels back to back for 1 token, captured in one CUDA graph:
     wq_a with wkv (one stacked FP8 GEMV, as the programs run them), wq_b, wo_a (grouped, FP8 codes with bf16
     activations), wo_b, the shared expert (w1 with w3 stacked, SwiGLU, w2) and 6 routed experts. `copies`
     layers alternate so no layer finds its weights in L2. Figure: the layer's weight bytes / time, over the
-    copy bandwidth."""
+    copy bandwidth. `wgmma`: the routed experts on the warpgroup-MMA decode kernels (sm_90)."""
     d, f, k = 4096, 2048, 6
     fp8_shapes = {"wq_a_wkv": (1536, 4096), "wq_b": (32768, 1024), "wo_b": (4096, 8192), "w13": (4096, 4096),
                   "w2": (4096, 2048)}
@@ -332,7 +332,7 @@ def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64) -
         fp8_linear_decode(o, *w["wo_b"])
         g, u = fp8_linear_decode(x, *w["w13"]).split(f, dim=-1)
         fp8_linear_decode((torch.nn.functional.silu(g.float()) * u.float()).to(torch.bfloat16), *w["w2"])
-        moe_experts_decode(x, ids[i], route, table, f, 10.0, moe_out, moe_ws)
+        moe_experts_decode(x, ids[i], route, table, f, 10.0, moe_out, moe_ws, wgmma=wgmma)
 
     state = {"i": 0}
 
@@ -344,7 +344,8 @@ def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64) -
     layer_bytes = sum(n * kk + ((n + 127) // 128) * (kk // 128) for n, kk in fp8_shapes.values())
     layer_bytes += 8 * 1024 * 4096 + 64 * 32 + k * nbytes                  # wo_a: FP8 codes and scales
     achieved = layer_bytes / (ms * 1e-3)
-    return {"kernel": "decode_layer", "weight": "wq_a+wkv wq_b wo_a(fp8) wo_b shared(w1+w3, w2) routed(6)", "rows": 1,
+    return {"kernel": "decode_layer" + ("_wgmma_moe" if wgmma else ""),
+            "weight": "wq_a+wkv wq_b wo_a(fp8) wo_b shared(w1+w3, w2) routed(6)", "rows": 1,
             "weight_mb": layer_bytes / 1e6, "time_us": ms * 1e3, "achieved_gbps": achieved / 1e9,
             "fraction_of_copy_bw": achieved / bandwidth}
 
@@ -393,8 +394,9 @@ def main() -> None:
     print(json.dumps(rows[-1]))
     rows.append(bench_route())
     print(json.dumps(rows[-1]))
-    rows.append(bench_decode_layer(bw))
-    print(json.dumps(rows[-1]))
+    for wgmma in (False, True) if on_sm90 else (False,):
+        rows.append(bench_decode_layer(bw, wgmma=wgmma))
+        print(json.dumps(rows[-1]))
     report = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
               "copy_bandwidth_gbps": bw / 1e9, "results": rows}

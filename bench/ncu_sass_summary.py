@@ -15,17 +15,20 @@ def summary(path: str, top: int = 16) -> str:
     sampled = header.index("Warp Stall Sampling (All Samples)")
     count, stalls = collections.Counter(), collections.Counter()
     for row in data:
-        if not row[executed].isdigit():
-            continue
+        if len(row) <= max(src, executed, sampled) or not row[executed].isdigit() or not row[src].split():
+            continue                               # blank lines, repeated headers
         words = row[src].split()
         opcode = (words[1] if words[0].startswith("@") else words[0]).split(".")[0]   # predicate, modifiers off
         count[opcode] += int(row[executed])
         stalls[opcode] += int(row[sampled])
     total, samples = sum(count.values()), sum(stalls.values())
-    lines = [f"{kernel}: {total} warp instructions, {samples} stall samples ({path})",
-             "  opcode      instructions  share  stall share"]
+    mmas = count["QGMMA"] + count["HMMA"]          # tensor-core instructions, to read the rest per MMA
+    lines = [f"{kernel}: {total} warp instructions, {samples} stall samples ({path})"
+             + (f"; {total / mmas:.1f} per tensor-core instruction" if mmas else ""),
+             "  opcode      instructions  share  stall share" + ("  per MMA" if mmas else "")]
     for opcode, n in count.most_common(top):
-        lines.append(f"  {opcode:10s} {n:13d}  {n / total:5.3f}  {stalls[opcode] / samples:5.3f}")
+        lines.append(f"  {opcode:10s} {n:13d}  {n / total:5.3f}  {stalls[opcode] / samples:5.3f}"
+                     + (f"  {n / mmas:7.2f}" if mmas else ""))
     return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@
     python bench/wgmma_diag.py [cases] [h_check] [profile] [crossover]
 cases: per-token cosine against the oracle and the grouped kernels; h_check: gate_up alone, pair by pair;
 profile: device time per launch at 4096 Flash tokens; crossover: grouped against wgmma over chunk sizes
-(WGMMA_MIN_PAIRS_PER_EXPERT in plugins/moe_experts.py comes from it)."""
+(plugins/moe_experts.py wgmma_pays comes from it)."""
 import sys
 import torch
 sys.path.insert(0, "tests")

@@ -7,6 +7,8 @@ device memory or to pinned host memory, so experts move without rebuilding anyth
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .fp8_linear import act_quant
@@ -54,12 +56,26 @@ def make_workspace(tokens: int, topk: int, d: int, f: int, device) -> dict[str, 
             "ypart": torch.empty(tokens * topk, d, dtype=torch.float32, device=device)}
 
 
+@dataclasses.dataclass
+class WgmmaPaths:
+    """Whether `dsv4::moe_routed` takes the sm_90 warpgroup-MMA kernels where they fit: for decode
+    (csrc/moe_decode_wgmma.cu, faster than the mma.sync kernels, whose FP8 MMA Hopper emulates) and for prefill
+    chunks with at least 12 pairs per expert (csrc/moe_wgmma.cu; from 512 Flash tokens faster than the
+    grouped kernels). Both off: their FP8 MMAs add in less than float32, so they are not the mma.sync
+    kernels' bits, and with the prefill one on the tiny bf16 artifact fell below its argmax agreement with
+    the reference (H200, session 11). A switch for tests and benchmarks (tests/test_artifact_gpu.py runs the
+    artifact with each on), until that model-level check passes with them."""
+    decode: bool = False
+    prefill: bool = False
+
+
+WGMMA = WgmmaPaths()
 DECODE_WGMMA_MAX_TOPK = 8         # csrc/moe_decode_wgmma.cu: a token's pairs are the B tile's 8 columns
 
 
 def decode_wgmma_fits(x: torch.Tensor, topk: int, d: int, f: int) -> bool:
-    """Whether csrc/moe_decode_wgmma.cu serves this decode call: an sm_90 GPU, at most 8 experts per token,
-    rows in whole items (32 rows of F, 64 of D) (Hopper emulates the mma.sync kernels' FP8 MMA, so they are slower there)."""
+    """Whether csrc/moe_decode_wgmma.cu can serve this decode call: an sm_90 GPU, at most 8 experts per
+    token, rows in whole items (32 rows of F, 64 of D)."""
     return (x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0) and topk <= DECODE_WGMMA_MAX_TOPK
             and d % 64 == 0 and f % 64 == 0)
 
@@ -68,7 +84,7 @@ def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Te
                        f: int, limit: float, out: torch.Tensor | None = None,
                        workspace: dict[str, torch.Tensor] | None = None, wgmma: bool | None = None) -> torch.Tensor:
     """x [T, D] bf16, experts [T, k] int32, route_w [T, k] float32, table [E] int64 -> y [T, D] float32.
-    `wgmma`: the warpgroup-MMA kernels (sm_90) or the mma.sync ones; by default wgmma where it fits."""
+    `wgmma`: the warpgroup-MMA kernels (sm_90) or the mma.sync ones; by default as WGMMA.decode, where they fit."""
     t, d = x.shape
     k = experts.size(1)
     assert x.dtype == torch.bfloat16 and experts.dtype == torch.int32 and route_w.dtype == torch.float32
@@ -77,7 +93,7 @@ def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Te
     ws = make_workspace(t, k, d, f, x.device) if workspace is None else workspace
     out = torch.empty(t, d, dtype=torch.float32, device=x.device) if out is None else out
     lib = kernels()
-    if decode_wgmma_fits(x, k, d, f) if wgmma is None else wgmma:
+    if (WGMMA.decode and decode_wgmma_fits(x, k, d, f)) if wgmma is None else wgmma:
         return _decode_wgmma(lib, x, experts, route_w, table, f, limit, out, ws)
     # The grids' y is the token; x is a persistent grid over that token's items, sized to fill the GPU.
     shared_up = RING_BYTES + d + d // 128 * 4
@@ -189,7 +205,6 @@ def sum_pairs(ypart: torch.Tensor, experts: torch.Tensor, out: torch.Tensor | No
 # ------------------------------------------------------------------ prefill on wgmma (sm_90a)
 WGMMA_GROUP = 64                    # csrc/moe_wgmma.cu TILE_M: a group's pairs are the MMA's 64 rows
 WGMMA_SHARED_BYTES = 2 * (64 + 128) * 128 + 1024   # two stages of A and B tiles, 1 KiB to align them
-WGMMA_MIN_PAIRS_PER_EXPERT = 12     # below, the grouped mma.sync kernels are faster (measured on the H200)
 
 
 def wgmma_fits(x: torch.Tensor, d: int, f: int) -> bool:
@@ -199,10 +214,10 @@ def wgmma_fits(x: torch.Tensor, d: int, f: int) -> bool:
 
 
 def wgmma_pays(x: torch.Tensor, experts: torch.Tensor, n_experts: int, f: int) -> bool:
-    """Whether a prefill chunk goes to the wgmma kernels: they fit, and the chunk has enough pairs per expert
-    on average (bench/results/wgmma-diag-h200.txt: slower at 256 Flash tokens, 6 pairs per expert; faster
-    from 512, 12)."""
-    return wgmma_fits(x, x.size(1), f) and experts.numel() >= WGMMA_MIN_PAIRS_PER_EXPERT * n_experts
+    """Whether a prefill chunk goes to the wgmma kernels: switched on (WGMMA.prefill), they fit, and the
+    chunk has at least 12 pairs per expert on average (bench/results/wgmma-crossover-h200.txt: slower at 256
+    Flash tokens, 6 pairs per expert; faster from 512, 12)."""
+    return WGMMA.prefill and wgmma_fits(x, x.size(1), f) and experts.numel() >= 12 * n_experts
 
 
 def moe_experts_prefill_wgmma(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Tensor, table: torch.Tensor,

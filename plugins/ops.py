@@ -95,8 +95,8 @@ def moe_routed(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, ta
     float32 (float64 for a float32/float64 model): the routed experts' sum, shared expert excluded."""
     if x.is_cuda and x.dtype == torch.bfloat16:
         if x.size(0) > 16 and not torch.cuda.is_current_stream_capturing():
-            # prefill: each expert read once per group of its tokens, not once per token; on an H200 with
-            # enough tokens per expert through warpgroup MMAs (close to decode, not the same bits)
+            # prefill: each expert read once per group of its tokens, not once per token (through warpgroup
+            # MMAs only where switched on: moe_experts.WgmmaPaths)
             args = (x.contiguous(), experts.contiguous(), weights.contiguous(), table, inter, limit)
             if wgmma_pays(x, experts, table.numel(), inter):
                 return moe_experts_prefill_wgmma(*args)

@@ -66,7 +66,15 @@ def test_cuda_float32_artifact_equals_the_reference(artifact_fp32, tiny_dir):
     assert _cosines(got, ref).min() >= 0.999999, (got - ref).abs().max()
 
 
-def test_cuda_bfloat16_artifact_follows_the_reference(artifact, tiny_dir):
+@pytest.mark.parametrize("wgmma", ["", "decode", "prefill"], ids=["mma", "wgmma-decode", "wgmma-prefill"])
+def test_cuda_bfloat16_artifact_follows_the_reference(artifact, tiny_dir, wgmma, monkeypatch):
+    """Also the model-level check of the sm_90 warpgroup-MMA MoE paths, switched on one at a time (where the
+    GPU has them): plugins.moe_experts.WgmmaPaths."""
+    from plugins import moe_experts
+    if wgmma:
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("the wgmma MoE kernels need an sm_90 GPU")
+        monkeypatch.setattr(moe_experts.WGMMA, wgmma, True)
     model = ArtifactModel(artifact, "cuda", graphs=True)
     assert model.graph is not None
     got = forced_logits(model, PROMPT, FORCED)
