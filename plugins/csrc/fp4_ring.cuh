@@ -60,6 +60,27 @@ __device__ __forceinline__ void wait_stage() {
   __syncwarp();
 }
 
+// The ring's pipeline over a walk of steps: prime_ring() issues the first STAGES - 1 steps from the `ahead`
+// cursor; next_stage(g) issues the step STAGES - 1 ahead of step g and waits for step g's stage, which it
+// returns. job(cursor) -> Fp4Job; advance(cursor) moves a cursor one step on.
+template <class Job, class Cursor, class Advance>
+__device__ __forceinline__ void prime_ring(uint8_t* ring, const Job& job, Cursor& ahead, const Advance& advance,
+                                           int lane, bool async_scales) {
+#pragma unroll
+  for (int g = 0; g < STAGES - 1; ++g) {
+    issue_step(job(ahead), ring + g * STAGE_BYTES, lane, async_scales);
+    advance(ahead);
+  }
+}
+template <class Job, class Cursor, class Advance>
+__device__ __forceinline__ const uint8_t* next_stage(uint8_t* ring, int g, const Job& job, Cursor& ahead,
+                                                     const Advance& advance, int lane, bool async_scales) {
+  issue_step(job(ahead), ring + ((g + STAGES - 1) % STAGES) * STAGE_BYTES, lane, async_scales);
+  advance(ahead);
+  wait_stage();
+  return ring + (g % STAGES) * STAGE_BYTES;
+}
+
 // The step's E8M0 scale bytes of the warp's rows r and r + 8 (h = 0, 1): block u's is byte u % 4 of
 // sc[h][u / 4]. From the ring, or from global memory where the scales were not copied (`async_scales`).
 __device__ __forceinline__ void step_scales(const uint8_t* stage, const Fp4Job& j, bool async_scales, int r,

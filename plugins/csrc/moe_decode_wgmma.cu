@@ -108,23 +108,17 @@ __device__ __forceinline__ void walk_items(uint8_t* ring_base, const uint8_t* ti
   uint8_t* ring = ring_base + warp * STAGES * STAGE_BYTES;
   const bool async_scales = nb % 4 == 0;
   GateUpCursor now(groups), ahead(groups);      // the step being multiplied, the step being loaded
-#pragma unroll
-  for (int g = 0; g < STAGES - 1; ++g) {
-    issue_step(job(ahead), ring + g * STAGE_BYTES, lane, async_scales);
-    ahead.advance(steps, groups);
-  }
+  const auto advance = [&](GateUpCursor& c) { c.advance(steps, groups); };
+  prime_ring(ring, job, ahead, advance, lane, async_scales);
   quantise();
   fence_async_shared();                         // the tile's stores, visible to wgmma's reads
   __syncthreads();
   const uint64_t desc0 = b_tile_desc(tile);
   float acc[2] = {0.f, 0.f};
   for (int g = 0; g < total; ++g) {
-    issue_step(job(ahead), ring + ((g + STAGES - 1) % STAGES) * STAGE_BYTES, lane, async_scales);
-    ahead.advance(steps, groups);
-    wait_stage();
+    const uint8_t* stage = next_stage(ring, g, job, ahead, advance, lane, async_scales);
     const Fp4Job jb = job(now);
     const int c = col(now), blk = now.s * UB;
-    const uint8_t* stage = ring + (g % STAGES) * STAGE_BYTES;
     const float* act_s = scales + c * (nb / 4) + blk / 4;
     if (jb.blocks == UB)
       wgmma_step<true>(stage, jb, async_scales, desc0 + 16 * blk, act_s, c, lane, acc);
@@ -135,7 +129,7 @@ __device__ __forceinline__ void walk_items(uint8_t* ring_base, const uint8_t* ti
       epilogue(now, acc);
       acc[0] = acc[1] = 0.f;
     }
-    now.advance(steps, groups);
+    advance(now);
   }
 }
 

@@ -128,20 +128,15 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_gate_up(
   uint8_t* ring = reinterpret_cast<uint8_t*>(smem) + warp * STAGES * STAGE_BYTES;
   const bool async_scales = nb % 4 == 0;
   GateUpCursor now(groups), ahead(groups);      // the step being multiplied, the step being loaded
-#pragma unroll
-  for (int g = 0; g < STAGES - 1; ++g) {
-    issue_step(job(ahead), ring + g * STAGE_BYTES, lane, async_scales);
-    ahead.advance(steps, groups);
-  }
+  const auto advance = [&](GateUpCursor& c) { c.advance(steps, groups); };
+  prime_ring(ring, job, ahead, advance, lane, async_scales);
   dsv4::quantise_to_smem<true>(x + size_t(t) * D, D, D, 0, codes, scales);   // while the first steps stream
   __syncthreads();
   float acc[2] = {0.f, 0.f};
   for (int g = 0; g < total; ++g) {
-    issue_step(job(ahead), ring + ((g + STAGES - 1) % STAGES) * STAGE_BYTES, lane, async_scales);
-    ahead.advance(steps, groups);
-    wait_stage();
+    const uint8_t* stage = next_stage(ring, g, job, ahead, advance, lane, async_scales);
     const int blk = part * nb + now.s * UB;
-    mma_step<1>(ring + (g % STAGES) * STAGE_BYTES, job(now), async_scales, codes, scales, 0, 1, blk, lane, acc);
+    mma_step<1>(stage, job(now), async_scales, codes, scales, 0, 1, blk, lane, acc);
     __syncwarp();                               // the stage is refilled by the next iteration's issue
     if (now.s == steps - 1) {
       if (q == 0) {
@@ -168,7 +163,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_gate_up(
       }
       __syncthreads();
     }
-    now.advance(steps, groups);
+    advance(now);
   }
 }
 
@@ -214,23 +209,18 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_down(
   uint8_t* ring = reinterpret_cast<uint8_t*>(smem) + warp * STAGES * STAGE_BYTES;
   const bool async_scales = nb % 4 == 0;
   DownCursor now, ahead;                        // the step being multiplied, the step being loaded
-#pragma unroll
-  for (int g = 0; g < STAGES - 1; ++g) {
-    issue_step(job(ahead), ring + g * STAGE_BYTES, lane, async_scales);
-    ahead.advance(steps, per_warp);
-  }
+  const auto advance = [&](DownCursor& c) { c.advance(steps, per_warp); };
+  prime_ring(ring, job, ahead, advance, lane, async_scales);
   dsv4::pdl_wait();                             // h comes from gate_up (experts and table from before it)
   dsv4::pdl_launch_dependents();
   dsv4::quantise_to_smem<true>(h + size_t(t) * topk * F, topk * F, topk * F, 0, codes, scales);
   __syncthreads();
   float acc[2] = {0.f, 0.f};
   for (int g = 0; g < total; ++g) {
-    issue_step(job(ahead), ring + ((g + STAGES - 1) % STAGES) * STAGE_BYTES, lane, async_scales);
-    ahead.advance(steps, per_warp);
-    wait_stage();
+    const uint8_t* stage = next_stage(ring, g, job, ahead, advance, lane, async_scales);
     const int jobid = warp + 8 * now.slot;
     const int blk = (jobid % PARTS) * nb + now.s * UB, pair = min(jobid / PARTS, topk - 1);
-    mma_step<1>(ring + (g % STAGES) * STAGE_BYTES, job(now), async_scales, codes + pair * F,
+    mma_step<1>(stage, job(now), async_scales, codes + pair * F,
                 scales + pair * (F / 128), 0, 1, blk, lane, acc);
     __syncwarp();                               // the stage is refilled by the next iteration's issue
     if (now.s == steps - 1) {
@@ -255,7 +245,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_down(
       }
       __syncthreads();
     }
-    now.advance(steps, per_warp);
+    advance(now);
   }
 }
 
@@ -339,21 +329,16 @@ __device__ __forceinline__ void walk_groups(const GroupedWalk& w, uint8_t* smem_
     jb.blocks = c.it < mine ? min(UB, w.nb - c.s * UB) : 0;
     return jb;
   };
-#pragma unroll
-  for (int p = 0; p < STAGES - 1; ++p) {
-    issue_step(job_at(ahead), ring + p * STAGE_BYTES, lane, async_scales);
-    ahead.advance(steps, w.blocks, w.groups, mine, w.g_expert, w.table);
-  }
+  const auto advance = [&](GroupCursor& c) { c.advance(steps, w.blocks, w.groups, mine, w.g_expert, w.table); };
+  prime_ring(ring, job_at, ahead, advance, lane, async_scales);
   int coded = -1, ntok = 0;                     // the group whose rows are in `codes`
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int i = 0; i < total; ++i) {
     if (now.s == 0 && now.g != coded)           // every warp is here at the same i; `codes` is free
       coded = now.g, ntok = quantise_group(w.src, w.pairs, w.g_start[now.g], w.g_count[now.g], w.topk, w.by_token,
                                            w.n, codes, scales);
-    issue_step(job_at(ahead), ring + ((i + STAGES - 1) % STAGES) * STAGE_BYTES, lane, async_scales);
-    ahead.advance(steps, w.blocks, w.groups, mine, w.g_expert, w.table);
-    wait_stage();
-    mma_step<8>(ring + (i % STAGES) * STAGE_BYTES, job_at(now), async_scales, codes, scales, w.n, ntok,
+    const uint8_t* stage = next_stage(ring, i, job_at, ahead, advance, lane, async_scales);
+    mma_step<8>(stage, job_at(now), async_scales, codes, scales, w.n, ntok,
                 part * w.nb + now.s * UB, lane, acc);
     __syncwarp();                               // the stage is refilled by the next iteration's issue
     if (now.s == steps - 1) {                   // the item's last step
@@ -366,7 +351,7 @@ __device__ __forceinline__ void walk_groups(const GroupedWalk& w, uint8_t* smem_
       epilogue(now, ntok);
       __syncthreads();
     }
-    now.advance(steps, w.blocks, w.groups, mine, w.g_expert, w.table);
+    advance(now);
   }
 }
 
