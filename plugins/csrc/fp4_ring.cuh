@@ -27,6 +27,21 @@ struct Fp4Job {
   int ld, sld, blocks;        // blocks in this step (0: nothing to do)
 };
 
+// Matrix m (0: w1, 1: w3, 2: w2) of the expert at `e`, in the bank layout
+//   [w1 F x D/2 | w3 F x D/2 | w2 D x F/2 | s1 F x D/32 | s3 F x D/32 | s2 D x F/32]   (bytes):
+// the step from row `row0` and 32-K block `blk`, with `blocks` blocks.
+__device__ __forceinline__ Fp4Job bank_job(const uint8_t* e, int m, int row0, int blk, int blocks, int D, int F) {
+  const size_t wbytes = size_t(F) * D / 2;
+  const int k = m < 2 ? D : F;                  // the matrix's K
+  Fp4Job jb;
+  jb.ld = k / 2;
+  jb.sld = k / 32;
+  jb.w = e + m * wbytes + size_t(row0) * jb.ld + blk * 16;
+  jb.s = e + 3 * wbytes + m * size_t(F) * (D / 32) + size_t(row0) * jb.sld + blk;
+  jb.blocks = blocks;
+  return jb;
+}
+
 // Each warp streams its steps through its own ring of STAGES shared-memory stages with cp.async (16-byte
 // global reads, STAGES - 1 steps in flight without holding registers); ldmatrix then hands lane (r, q)
 // word q of each 16-byte block row, the MMA fragment. Block slots are XOR-swizzled by row so the eight

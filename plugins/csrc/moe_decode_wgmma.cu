@@ -155,7 +155,6 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_gate_up_decode_wgmma(
   const int t = blockIdx.y, warp = threadIdx.x >> 5, r = (threadIdx.x & 31) >> 2, q = threadIdx.x & 3;
   const int which = warp / 2, half = warp % 2;  // w1 or w3; the warp's 16 of the item's 32 rows
   const int groups = F / 32, nb = D / 32;
-  const size_t wbytes = size_t(F) * D / 2;
   clear_tile(tile, D / 32 * 256);
   dsv4::pdl_wait();                             // the routing (experts, weights) and x come from before
   dsv4::pdl_launch_dependents();
@@ -164,14 +163,7 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_gate_up_decode_wgmma(
   const int mine = my_items(topk * groups);
   auto job = [&](const GateUpCursor& c) {
     const int row0 = c.rg * 32 + half * 16, blk = c.s * UB;
-    const uint8_t* e = base[min(c.j, topk - 1)];
-    Fp4Job jb;
-    jb.ld = D / 2;
-    jb.sld = D / 32;
-    jb.w = e + which * wbytes + size_t(row0) * jb.ld + blk * 16;
-    jb.s = e + 3 * wbytes + which * size_t(F) * jb.sld + size_t(row0) * jb.sld + blk;
-    jb.blocks = c.it < mine ? min(UB, nb - c.s * UB) : 0;
-    return jb;
+    return bank_job(base[min(c.j, topk - 1)], which, row0, blk, c.it < mine ? min(UB, nb - c.s * UB) : 0, D, F);
   };
   auto quantise = [&] { dsv4::quantise_to_smem<true, false, true>(x + size_t(t) * D, D, D, 0, tile, scales); };
   auto col = [](const GateUpCursor&) { return 0; };
@@ -211,21 +203,13 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_down_decode_wgmma(
   float* scales = reinterpret_cast<float*>(tile + F / 32 * 256);
   const int t = blockIdx.y, warp = threadIdx.x >> 5, r = (threadIdx.x & 31) >> 2, q = threadIdx.x & 3;
   const int groups = D / 64, nb = F / 32;
-  const size_t wbytes = size_t(F) * D / 2;
   clear_tile(tile, F / 32 * 256);
   if (threadIdx.x < topk) base[threadIdx.x] = reinterpret_cast<const uint8_t*>(table[experts[t * topk + threadIdx.x]]);
   __syncthreads();
   const int mine = my_items(topk * groups);
   auto job = [&](const GateUpCursor& c) {       // c.j: the pair, c.rg: the row block
     const int row0 = c.rg * 64 + warp * 16, blk = c.s * UB;
-    const uint8_t* e = base[min(c.j, topk - 1)];
-    Fp4Job jb;
-    jb.ld = F / 2;
-    jb.sld = F / 32;
-    jb.w = e + 2 * wbytes + size_t(row0) * jb.ld + blk * 16;
-    jb.s = e + 3 * wbytes + 2 * size_t(F) * (D / 32) + size_t(row0) * jb.sld + blk;
-    jb.blocks = c.it < mine ? min(UB, nb - c.s * UB) : 0;
-    return jb;
+    return bank_job(base[min(c.j, topk - 1)], 2, row0, blk, c.it < mine ? min(UB, nb - c.s * UB) : 0, D, F);
   };
   auto quantise = [&] {                         // only the pairs of this CTA's items, each into its column
     dsv4::pdl_wait();                           // h comes from gate_up (experts and table from before it)

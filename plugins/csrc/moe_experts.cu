@@ -108,7 +108,6 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_gate_up(
   const int groups = F / 16, items = topk * groups;
   const int nb = D / 32 / PARTS, steps = (nb + UB - 1) / UB;
   const int mine = my_items(items), total = mine * steps;
-  const size_t wbytes = size_t(F) * D / 2;
 
   dsv4::pdl_wait();                             // the routing (experts, weights) and x come from before
   dsv4::pdl_launch_dependents();
@@ -116,14 +115,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_gate_up(
   __syncthreads();
   auto job = [&](const GateUpCursor& c) {
     const int row0 = c.rg * 16, blk = part * nb + c.s * UB;
-    Fp4Job jb;
-    const uint8_t* e = base[min(c.j, topk - 1)];
-    jb.ld = D / 2;
-    jb.sld = D / 32;
-    jb.w = e + which * wbytes + size_t(row0) * jb.ld + blk * 16;
-    jb.s = e + 3 * wbytes + which * size_t(F) * jb.sld + size_t(row0) * jb.sld + blk;
-    jb.blocks = c.it < mine ? min(UB, nb - c.s * UB) : 0;
-    return jb;
+    return bank_job(base[min(c.j, topk - 1)], which, row0, blk, c.it < mine ? min(UB, nb - c.s * UB) : 0, D, F);
   };
   uint8_t* ring = reinterpret_cast<uint8_t*>(smem) + warp * STAGES * STAGE_BYTES;
   const bool async_scales = nb % 4 == 0;
@@ -183,7 +175,6 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_down(
   const int jobs = topk * PARTS, per_warp = (jobs + 7) / 8;
   const int nb = F / 32 / PARTS, steps = (nb + UB - 1) / UB;
   const int items = D / 16, mine = my_items(items), total = mine * per_warp * steps;
-  const size_t wbytes = size_t(F) * D / 2;
 
   if (threadIdx.x < topk) base[threadIdx.x] = reinterpret_cast<const uint8_t*>(table[experts[t * topk + threadIdx.x]]);
   if (threadIdx.x == 0) {                       // expert slots by ascending id (insertion sort, topk <= 16)
@@ -198,13 +189,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_down(
   auto job = [&](const DownCursor& c) {
     const int item = int(blockIdx.x) + c.it * int(gridDim.x), jobid = warp + 8 * c.slot;
     const int j = min(jobid / PARTS, topk - 1), blk = (jobid % PARTS) * nb + c.s * UB;
-    Fp4Job jb;
-    jb.ld = F / 2;
-    jb.sld = F / 32;
-    jb.w = base[j] + 2 * wbytes + size_t(item * 16) * jb.ld + blk * 16;
-    jb.s = base[j] + 3 * wbytes + 2 * size_t(F) * (D / 32) + size_t(item * 16) * jb.sld + blk;
-    jb.blocks = c.it < mine && jobid < jobs ? min(UB, nb - c.s * UB) : 0;
-    return jb;
+    return bank_job(base[j], 2, item * 16, blk, c.it < mine && jobid < jobs ? min(UB, nb - c.s * UB) : 0, D, F);
   };
   uint8_t* ring = reinterpret_cast<uint8_t*>(smem) + warp * STAGES * STAGE_BYTES;
   const bool async_scales = nb % 4 == 0;
@@ -367,18 +352,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_gate_up_grouped(
   extern __shared__ uint4 smem[];              // the warps' rings, codes [max_group][D], scales [max_group][D / 128]
   __shared__ float partial[8][16][8];
   const int warp = threadIdx.x >> 5, which = warp / PARTS, part = warp % PARTS, nb = D / 32 / PARTS;
-  const size_t wbytes = size_t(F) * D / 2;
   dsv4::pdl_wait();                             // the routing and x come from the kernels before
   dsv4::pdl_launch_dependents();
   const GroupedWalk w{x, pairs, g_expert, g_start, g_count, table, groups, topk, D, F / 16, nb, max_group, true};
   auto job = [&](const GroupCursor& c) {
-    Fp4Job jb;
-    const int row0 = c.rb * 16, blk = part * nb + c.s * UB;
-    jb.ld = D / 2;
-    jb.sld = D / 32;
-    jb.w = c.e + which * wbytes + size_t(row0) * jb.ld + blk * 16;
-    jb.s = c.e + 3 * wbytes + which * size_t(F) * jb.sld + size_t(row0) * jb.sld + blk;
-    return jb;
+    return bank_job(c.e, which, c.rb * 16, part * nb + c.s * UB, 0, D, F);
   };
   auto epilogue = [&](const GroupCursor& c, int ntok) {
     const int row = threadIdx.x >> 3, j = threadIdx.x & 7;
@@ -410,18 +388,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_down_grouped(
   extern __shared__ uint4 smem[];              // the warps' rings, codes [max_group][F], scales [max_group][F / 128]
   __shared__ float partial[8][16][8];
   const int warp = threadIdx.x >> 5, half = warp / PARTS, part = warp % PARTS, nb = F / 32 / PARTS;
-  const size_t wbytes = size_t(F) * D / 2;
   dsv4::pdl_wait();                             // h comes from gate_up
   dsv4::pdl_launch_dependents();
   const GroupedWalk w{h, pairs, g_expert, g_start, g_count, table, groups, 1, F, D / 32, nb, max_group, false};
   auto job = [&](const GroupCursor& c) {
-    Fp4Job jb;
-    const int row0 = c.rb * 32 + half * 16, blk = part * nb + c.s * UB;
-    jb.ld = F / 2;
-    jb.sld = F / 32;
-    jb.w = c.e + 2 * wbytes + size_t(row0) * jb.ld + blk * 16;
-    jb.s = c.e + 3 * wbytes + 2 * size_t(F) * (D / 32) + size_t(row0) * jb.sld + blk;
-    return jb;
+    return bank_job(c.e, 2, c.rb * 32 + half * 16, part * nb + c.s * UB, 0, D, F);
   };
   auto epilogue = [&](const GroupCursor& c, int ntok) {
     const int hh = threadIdx.x >> 7, row = (threadIdx.x >> 3) & 15, j = threadIdx.x & 7;
