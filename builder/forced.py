@@ -39,6 +39,22 @@ def forced_logits(model, prompt: list[int], forced: list[int]) -> torch.Tensor:
     return torch.stack(rows)
 
 
+class TokenByToken:
+    """A model (`reset()`, `forward(ids, start)`) fed one token per call: a prompt goes through the decode
+    step instead of prefill, for comparing the two paths."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def reset(self, batch: int = 1) -> None:
+        self.model.reset(batch)
+
+    def forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        for i in range(ids.size(1)):
+            logits = self.model.forward(ids[:, i:i + 1], start + i)
+        return logits
+
+
 def save_logits(path: str | Path, logits: torch.Tensor, prompt: list[int], forced: list[int], source: str) -> None:
     meta = {"prompt_ids": ",".join(map(str, prompt)), "forced_ids": ",".join(map(str, forced)), "source": source}
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import torch
 
 from builder.build import build
 from builder.checkpoint import Checkpoint
-from builder.forced import forced_logits
+from builder.forced import TokenByToken, forced_logits
 from builder.programs.decode import make_program
 from builder.recipe import load_recipe
 from builder.reference.model import ReferenceModel
@@ -41,21 +41,6 @@ def _cosines(a, b):
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
 
 
-class _TokenByToken:
-    """The reference fed one token per step, as the artifact is."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def reset(self, batch=1):
-        self.model.reset(batch)
-
-    def forward(self, ids, start):
-        for i in range(ids.size(1)):
-            logits = self.model.forward(ids[:, i:i + 1], start + i)
-        return logits
-
-
 def test_cuda_float32_artifact_equals_the_reference(artifact_fp32, tiny_dir):
     model = ArtifactModel(artifact_fp32, "cuda", graphs=True)     # as `dsv4 forced` opens it
     assert model.graph is None                                     # oracles: not captured
@@ -80,7 +65,7 @@ def test_cuda_bfloat16_artifact_follows_the_reference(artifact, tiny_dir, wgmma,
     got = forced_logits(model, PROMPT, FORCED)
     ref = ReferenceModel(Checkpoint(tiny_dir), device="cuda", act=torch.bfloat16, max_len=200)
     prefill = forced_logits(ref, PROMPT, FORCED)
-    decode = forced_logits(_TokenByToken(ref), PROMPT, FORCED)      # fed as the artifact is
+    decode = forced_logits(TokenByToken(ref), PROMPT, FORCED)      # fed as the artifact is
     print(f"bf16 worst cosine: artifact vs reference decode {_cosines(got, decode).min():.6f}, vs prefill "
           f"{_cosines(got, prefill).min():.6f}; reference decode vs prefill {_cosines(prefill, decode).min():.6f}")
     # on CPU (oracles, no kernels) the same comparison measured 0.9969 worst, the reference against

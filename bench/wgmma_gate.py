@@ -1,0 +1,78 @@
+"""The model-level check of the sm_90 warpgroup-MMA MoE paths on a built bf16 CUDA artifact (Flash-8 in
+bench/h200_all.sh): forced-token logits with each path switched on (plugins.moe_experts.WGMMA), against the
+same artifact on its default kernels, next to that default's own noise: the same prompt fed token by token
+through the decode step instead of through the prefill programs (one-ulp summation differences flip FP8
+roundings in bf16; the reference model disagrees with itself the same way, README).
+
+    python bench/wgmma_gate.py /tmp/art/flash8-bfloat16 --json bench/results/wgmma-gate-flash8-h200.json
+
+A path passes when its worst cosine and argmax agreement against the default are no worse than the default's
+own prompt-as-prefill against prompt-as-decode.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from builder.forced import TokenByToken, forced_logits  # noqa: E402
+from plugins import moe_experts  # noqa: E402
+from runtime.artifact import ArtifactModel  # noqa: E402
+
+
+def logits_with(artifact: Path, prompt: list[int], forced: list[int], decode=False, prefill=False,
+                token_by_token=False) -> torch.Tensor:
+    moe_experts.WGMMA.decode, moe_experts.WGMMA.prefill = decode, prefill
+    model = ArtifactModel(artifact, "cuda", graphs=True)          # the decode graph captures the chosen kernels
+    try:
+        return forced_logits(TokenByToken(model) if token_by_token else model, prompt, forced)
+    finally:
+        moe_experts.WGMMA.decode = moe_experts.WGMMA.prefill = False
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
+    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1)
+    return {"worst_cosine": cos.min().item(), "cosine_per_step": cos.tolist(),
+            "argmax_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("artifact", type=Path)
+    ap.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (the prefill path's MoE sees "
+                    "6 x this many pairs: 512 gives 12 per expert at Flash size, where wgmma_pays starts)")
+    ap.add_argument("--forced", type=int, default=16, help="forced decode steps after the prompt")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    prompt = [(7 * i + 3) % 1000 + 2 for i in range(args.prompt_len)]
+    forced = [(11 * i + 5) % 1000 + 2 for i in range(args.forced)]
+    base = logits_with(args.artifact, prompt, forced)
+    noise = agreement(logits_with(args.artifact, prompt, forced, token_by_token=True), base)
+    report = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "python": platform.python_version(), "prompt_tokens": len(prompt),
+              "forced_steps": len(forced), "default_prefill_vs_token_by_token": noise, "paths": {}}
+    print(f"noise (default kernels, prompt as prefill vs token by token): worst cosine "
+          f"{noise['worst_cosine']:.6f}, argmax agreement {noise['argmax_agreement']:.3f}")
+    for path in ("decode", "prefill"):
+        got = agreement(logits_with(args.artifact, prompt, forced, **{path: True}), base)
+        got["passes"] = (got["worst_cosine"] >= noise["worst_cosine"]
+                         and got["argmax_agreement"] >= noise["argmax_agreement"])
+        report["paths"][path] = got
+        print(f"wgmma {path}: worst cosine {got['worst_cosine']:.6f}, argmax agreement "
+              f"{got['argmax_agreement']:.3f} against the default kernels: {'passes' if got['passes'] else 'FAILS'}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
