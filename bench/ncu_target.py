@@ -1,7 +1,8 @@
 """Launches of one kernel shape for Nsight Compute; `ncu --set full -k regex:NAME -s 2 -c 1 python
 bench/ncu_target.py ...` profiles the third launch (results: bench/results/ncu-*-h200.txt).
     python bench/ncu_target.py fp8 N K      FP8 GEMV of an N x K projection, one row
-    python bench/ncu_target.py moe          MXFP4 routed experts of one token (6 of 64 Flash-size experts)
+    python bench/ncu_target.py moe [wgmma]  MXFP4 routed experts of one token (6 of 64 Flash-size experts),
+                                            on the mma.sync kernels or the warpgroup-MMA ones (sm_90)
 """
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from plugins.fp8_linear import fp8_linear_decode  # noqa: E402
 from plugins.moe_experts import expert_nbytes, make_workspace, moe_experts_decode  # noqa: E402
 
 
-def moe_launch():
+def moe_launch(wgmma: bool):
     """bench/kernels.py's MoE decode setup, cut to what one launch needs."""
     d, f, k, n = 4096, 2048, 6, 64
     bank = torch.randint(0, 256, (n, expert_nbytes(d, f)), device="cuda", dtype=torch.int32).to(torch.uint8)
@@ -23,11 +24,11 @@ def moe_launch():
     ids = torch.randperm(n)[:k].view(1, k).to(torch.int32).cuda()
     x = torch.randn(1, d, device="cuda").to(torch.bfloat16)
     w, ws = torch.full((1, k), 0.25, device="cuda"), make_workspace(1, k, d, f, "cuda")
-    return lambda: moe_experts_decode(x, ids, w, table, f, 10.0, None, ws)
+    return lambda: moe_experts_decode(x, ids, w, table, f, 10.0, None, ws, wgmma=wgmma)
 
 
 if sys.argv[1] == "moe":
-    launch = moe_launch()
+    launch = moe_launch(sys.argv[2:3] == ["wgmma"])
 else:
     n, k = (int(a) for a in sys.argv[2:4])
     w, s = random_fp8(n, k)

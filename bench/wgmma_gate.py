@@ -28,12 +28,15 @@ from runtime.artifact import ArtifactModel  # noqa: E402
 
 def logits_with(artifact: Path, prompt: list[int], forced: list[int], decode=False, prefill=False,
                 token_by_token=False) -> torch.Tensor:
-    moe_experts.WGMMA.decode, moe_experts.WGMMA.prefill = decode, prefill
+    default = moe_experts.WGMMA
+    # prefill: every chunk, whatever its pairs per expert (a bench artifact's 256-token chunks have 6 per
+    # expert at Flash size, below where the speed rule would take it)
+    moe_experts.WGMMA = moe_experts.WgmmaPaths(decode=decode, prefill=prefill, prefill_min_pairs_per_expert=0)
     model = ArtifactModel(artifact, "cuda", graphs=True)          # the decode graph captures the chosen kernels
     try:
         return forced_logits(TokenByToken(model) if token_by_token else model, prompt, forced)
     finally:
-        moe_experts.WGMMA.decode = moe_experts.WGMMA.prefill = False
+        moe_experts.WGMMA = default
         del model
         gc.collect()
         torch.cuda.empty_cache()
@@ -48,8 +51,8 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("artifact", type=Path)
-    ap.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (the prefill path's MoE sees "
-                    "6 x this many pairs: 512 gives 12 per expert at Flash size, where wgmma_pays starts)")
+    ap.add_argument("--prompt-len", type=int, default=512, help="prompt tokens (through the prefill programs "
+                    "in the recipe's chunks)")
     ap.add_argument("--forced", type=int, default=16, help="forced decode steps after the prompt")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()

@@ -67,6 +67,7 @@ class WgmmaPaths:
     artifact with each on), until that model-level check passes with them."""
     decode: bool = False
     prefill: bool = False
+    prefill_min_pairs_per_expert: int = 12    # where wgmma beats the grouped kernels (0: any chunk it fits)
 
 
 WGMMA = WgmmaPaths()
@@ -94,6 +95,7 @@ def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Te
     out = torch.empty(t, d, dtype=torch.float32, device=x.device) if out is None else out
     lib = kernels()
     if (WGMMA.decode and decode_wgmma_fits(x, k, d, f)) if wgmma is None else wgmma:
+        assert decode_wgmma_fits(x, k, d, f), "the wgmma decode kernels need sm_90, topk <= 8, whole items"
         return _decode_wgmma(lib, x, experts, route_w, table, f, limit, out, ws)
     # The grids' y is the token; x is a persistent grid over that token's items, sized to fill the GPU.
     shared_up = RING_BYTES + d + d // 128 * 4
@@ -215,9 +217,10 @@ def wgmma_fits(x: torch.Tensor, d: int, f: int) -> bool:
 
 def wgmma_pays(x: torch.Tensor, experts: torch.Tensor, n_experts: int, f: int) -> bool:
     """Whether a prefill chunk goes to the wgmma kernels: switched on (WGMMA.prefill), they fit, and the
-    chunk has at least 12 pairs per expert on average (bench/results/wgmma-crossover-h200.txt: slower at 256
-    Flash tokens, 6 pairs per expert; faster from 512, 12)."""
-    return WGMMA.prefill and wgmma_fits(x, x.size(1), f) and experts.numel() >= 12 * n_experts
+    chunk has WGMMA.prefill_min_pairs_per_expert pairs per expert on average (12:
+    bench/results/wgmma-crossover-h200.txt, slower at 256 Flash tokens, 6 pairs per expert; faster from 512)."""
+    return (WGMMA.prefill and wgmma_fits(x, x.size(1), f)
+            and experts.numel() >= WGMMA.prefill_min_pairs_per_expert * n_experts)
 
 
 def moe_experts_prefill_wgmma(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Tensor, table: torch.Tensor,
