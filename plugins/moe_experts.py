@@ -94,8 +94,9 @@ def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Te
     ws = make_workspace(t, k, d, f, x.device) if workspace is None else workspace
     out = torch.empty(t, d, dtype=torch.float32, device=x.device) if out is None else out
     lib = kernels()
-    if (WGMMA.decode and decode_wgmma_fits(x, k, d, f)) if wgmma is None else wgmma:
-        assert decode_wgmma_fits(x, k, d, f), "the wgmma decode kernels need sm_90, topk <= 8, whole items"
+    fits = decode_wgmma_fits(x, k, d, f)
+    if (WGMMA.decode and fits) if wgmma is None else wgmma:
+        assert fits, "the wgmma decode kernels need sm_90, topk <= 8, whole items"
         return _decode_wgmma(lib, x, experts, route_w, table, f, limit, out, ws)
     # The grids' y is the token; x is a persistent grid over that token's items, sized to fill the GPU.
     shared_up = RING_BYTES + d + d // 128 * 4
