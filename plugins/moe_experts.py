@@ -94,10 +94,10 @@ def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Te
     ws = make_workspace(t, k, d, f, x.device) if workspace is None else workspace
     out = torch.empty(t, d, dtype=torch.float32, device=x.device) if out is None else out
     lib = kernels()
-    fits = decode_wgmma_fits(x, k, d, f)
-    if (WGMMA.decode and fits) if wgmma is None else wgmma:
-        assert fits, "the wgmma decode kernels need sm_90, topk <= 8, whole items"
-        return _decode_wgmma(lib, x, experts, route_w, table, f, limit, out, ws)
+    if WGMMA.decode if wgmma is None else wgmma:   # (asked for explicitly, they must fit)
+        if decode_wgmma_fits(x, k, d, f):
+            return _decode_wgmma(lib, x, experts, route_w, table, f, limit, out, ws)
+        assert wgmma is None, "the wgmma decode kernels need sm_90, topk <= 8, whole items"
     # The grids' y is the token; x is a persistent grid over that token's items, sized to fill the GPU.
     shared_up = RING_BYTES + d + d // 128 * 4
     items_up = k * (f // 16)
