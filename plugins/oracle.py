@@ -49,6 +49,15 @@ def einsum(spec: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.einsum(spec, wide(a), wide(b)).to(a.dtype)
 
 
+def top_k(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries along the last dim, ties to the lower index: (values, indices). torch.topk
+    leaves ties to its implementation, which picked differently for different lengths (CPU, session 11: the
+    reference scores its visible indexer blocks, a program every block of its cache), so the indexer's
+    picks followed the buffer's length; a stable descending sort does not."""
+    values, indices = score.sort(dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """An unquantised activation-dtype linear, accumulated in working precision, rounded once."""
     if _cublas_does_it(x):

@@ -7,6 +7,8 @@ TensorRT import (the onnxruntime check runs the stand-ins, so any difference wou
   - round_to_e2m1: the code's sign bit and nibble masks as arithmetic (no bitwise ops);
   - dsv4::hc_pre and dsv4::route_topk (decode programs): their math written out, as prefill programs
     have it (no plugin);
+  - top_k (the indexer's picks): torch.topk, since aten.sort has no ONNX export; ONNX TopK breaks ties
+    by the lower index (its spec), as oracle.top_k's stable sort does;
   - sinkhorn_split: the same iterations with a fusion barrier (a BitCast round trip, two dsv4 plugin
     copies) every few: TensorRT fuses the whole unrolled loop into one Myelin region whose compile
     time triples per iteration (measured with TensorRT-RTX 1.7: 2 iterations 0.3 s, 5 iterations 6 s,
@@ -46,6 +48,11 @@ def round_to_e2m1_arith(x: torch.Tensor) -> torch.Tensor:
     return torch.where((x < 0) & (idx > 0), -value, value)
 
 
+def top_k_onnx(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """oracle.top_k as ONNX TopK (values, indices; ties to the lower index)."""
+    return torch.topk(score, k, dim=-1)
+
+
 _BARRIER_EVERY = 3         # iterations per Myelin region: small enough to compile in seconds
 _SAME_SIZE_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
 
@@ -76,12 +83,12 @@ def onnx_friendly():
     """While tracing a program for ONNX: the stand-ins above."""
     from builder.programs import decode
     saved = (formats.pow2_ceil, formats.round_to_e2m1, oracle.sinkhorn_split, decode.HC_PRE_OP_ROWS,
-             decode.WIDE_LINEAR_OP, decode.ROUTE_OP_ROWS)
-    formats.pow2_ceil, formats.round_to_e2m1 = pow2_ceil_float, round_to_e2m1_arith
+             decode.WIDE_LINEAR_OP, decode.ROUTE_OP_ROWS, decode.top_k)
+    formats.pow2_ceil, formats.round_to_e2m1, decode.top_k = pow2_ceil_float, round_to_e2m1_arith, top_k_onnx
     oracle.sinkhorn_split, decode.HC_PRE_OP_ROWS, decode.WIDE_LINEAR_OP = sinkhorn_split_barriers, 0, False
     decode.ROUTE_OP_ROWS = 0
     try:
         yield
     finally:
         (formats.pow2_ceil, formats.round_to_e2m1, oracle.sinkhorn_split, decode.HC_PRE_OP_ROWS,
-         decode.WIDE_LINEAR_OP, decode.ROUTE_OP_ROWS) = saved
+         decode.WIDE_LINEAR_OP, decode.ROUTE_OP_ROWS, decode.top_k) = saved

@@ -21,7 +21,7 @@ import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
 from plugins.hc_pre import MAX_ROWS as HC_PRE_KERNEL_ROWS
 from plugins.route import MAX_ROWS as ROUTE_KERNEL_ROWS
 from plugins.oracle import (einsum, fp4_roundtrip, fp8_kv_roundtrip, hadamard, hc_head, hc_post, hc_pre, linear,
-                            rms_norm, softmax_scale, swiglu, wide, wide_dtype, with_rope)
+                            rms_norm, softmax_scale, swiglu, top_k, wide, wide_dtype, with_rope)
 
 from ..config import KV_FP8_BLOCK, ModelConfig
 from ..reference.moe import route
@@ -305,7 +305,7 @@ class DecodeLayer(torch.nn.Module):
         score = einsum("bshd,btd->bsht", q, keys)
         score = wide(score.relu() * weights[..., None]).sum(dim=2).to(q.dtype)          # [B, S, T]
         score = score.masked_fill(~visible, float("-inf"))
-        top, picked = score.topk(min(self.cfg.index_topk, score.size(-1)), dim=-1)
+        top, picked = top_k(score, min(self.cfg.index_topk, score.size(-1)))
         return torch.where(top == float("-inf"), -1, picked)
 
     def moe(self, x, ids, table, w):

@@ -21,6 +21,7 @@ from plugins.oracle import (
     rms_norm,
     softmax_scale,
     sparse_attention,
+    top_k,
     wide,
     with_rope,
 )
@@ -139,10 +140,10 @@ class Indexer:
         if start == 0:
             visible = torch.arange(end // 4, device=x.device) < (torch.arange(1, s + 1, device=x.device) // 4)[:, None]
             score = score + torch.where(visible, 0.0, float("-inf")).to(score.dtype)
-            idx = score.topk(k, dim=-1)[1]
+            idx = top_k(score, k)[1]
             limit = (torch.arange(1, s + 1, device=x.device) // 4)[None, :, None]
             return torch.where(idx >= limit, -1, idx + offset)
-        return score.topk(k, dim=-1)[1] + offset
+        return top_k(score, k)[1] + offset
 
 
 def window_indices(window: int, s: int, start: int, device) -> torch.Tensor:
