@@ -107,15 +107,19 @@ def bench_copy_in_harness(nbytes: int, bandwidth: float) -> dict:
             "fraction_of_copy_bw": achieved / bandwidth}
 
 
+def random_flash_bank(n_experts: int, d: int = 4096, f: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """n_experts random MXFP4 experts in one device tensor, with sane E8M0 scales (2^-9), and their table."""
+    bank = torch.randint(0, 256, (n_experts, expert_nbytes(d, f)), device="cuda", dtype=torch.int32).to(torch.uint8)
+    bank[:, 3 * f * d // 2:] = 118
+    return bank, torch.tensor([bank[i].data_ptr() for i in range(n_experts)], dtype=torch.int64, device="cuda")
+
+
 def bench_moe_decode(bandwidth: float, tokens: int = 1, wgmma: bool = False, n_experts: int = 64) -> dict:
     """Flash-size routed experts (D 4096, F 2048, 6 per token) from the device table, L2 defeated by
     rotating through 64 experts (855 MB); on the warpgroup-MMA kernels (sm_90) or the mma.sync ones."""
     d, f, k = 4096, 2048, 6
     nbytes = expert_nbytes(d, f)
-    bank = torch.randint(0, 256, (n_experts, nbytes), device="cuda", dtype=torch.int32).to(torch.uint8)
-    scale_at = 3 * f * d // 2
-    bank[:, scale_at:] = 118                                   # sane E8M0 scales (2^-9)
-    table = torch.tensor([bank[i].data_ptr() for i in range(n_experts)], dtype=torch.int64, device="cuda")
+    bank, table = random_flash_bank(n_experts, d, f)
     g = torch.Generator().manual_seed(0)
     id_sets = [torch.randperm(n_experts, generator=g)[: tokens * k].view(tokens, k).to(torch.int32).cuda()
                for _ in range(n_experts // k)]
@@ -140,13 +144,6 @@ def bf16_matmul_tflops(n: int = 8192) -> float:
     """A bf16 torch.matmul of two n x n matrices, TFLOP/s: the compute yardstick of prefill kernels."""
     a, b = (torch.randn(n, n, device="cuda").to(torch.bfloat16) for _ in range(2))
     return 2 * n ** 3 / (time_ms(lambda: torch.matmul(a, b), iters=20) * 1e-3) / 1e12
-
-
-def random_flash_bank(n_experts: int, d: int = 4096, f: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """n_experts random MXFP4 experts in one device tensor, with sane E8M0 scales (2^-9), and their table."""
-    bank = torch.randint(0, 256, (n_experts, expert_nbytes(d, f)), device="cuda", dtype=torch.int32).to(torch.uint8)
-    bank[:, 3 * f * d // 2:] = 118
-    return bank, torch.tensor([bank[i].data_ptr() for i in range(n_experts)], dtype=torch.int64, device="cuda")
 
 
 def random_routing(tokens: int, n_experts: int, d: int = 4096, k: int = 6):
@@ -315,9 +312,7 @@ def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, w
     for layer in layers:
         layer["wo_a"] = random_fp8(8 * 1024, 4096)
     nbytes = expert_nbytes(d, f)
-    bank = torch.randint(0, 256, (n_experts, nbytes), device="cuda", dtype=torch.int32).to(torch.uint8)
-    bank[:, 3 * f * d // 2:] = 118
-    table = torch.tensor([bank[i].data_ptr() for i in range(n_experts)], dtype=torch.int64, device="cuda")
+    bank, table = random_flash_bank(n_experts, d, f)
     ids = torch.randperm(n_experts, generator=torch.Generator().manual_seed(0))[: copies * k]
     ids = ids.view(copies, 1, k).to(torch.int32).cuda()
     route = torch.full((1, k), 0.25, device="cuda")

@@ -10,21 +10,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.kernels import random_fp8  # noqa: E402
+from bench.kernels import random_flash_bank, random_fp8  # noqa: E402
 from plugins.fp8_linear import fp8_linear_decode  # noqa: E402
-from plugins.moe_experts import expert_nbytes, make_workspace, moe_experts_decode  # noqa: E402
+from plugins.moe_experts import make_workspace, moe_experts_decode  # noqa: E402
 
 
 def moe_launch(wgmma: bool):
     """bench/kernels.py's MoE decode setup, cut to what one launch needs."""
     d, f, k, n = 4096, 2048, 6, 64
-    bank = torch.randint(0, 256, (n, expert_nbytes(d, f)), device="cuda", dtype=torch.int32).to(torch.uint8)
-    bank[:, 3 * f * d // 2:] = 118
-    table = torch.tensor([bank[i].data_ptr() for i in range(n)], dtype=torch.int64, device="cuda")
+    bank, table = random_flash_bank(n, d, f)
     ids = torch.randperm(n)[:k].view(1, k).to(torch.int32).cuda()
     x = torch.randn(1, d, device="cuda").to(torch.bfloat16)
     w, ws = torch.full((1, k), 0.25, device="cuda"), make_workspace(1, k, d, f, "cuda")
-    return lambda: moe_experts_decode(x, ids, w, table, f, 10.0, None, ws, wgmma=wgmma)
+    return lambda bank=bank: moe_experts_decode(x, ids, w, table, f, 10.0, None, ws, wgmma=wgmma)  # keeps bank alive
 
 
 if sys.argv[1] == "moe":

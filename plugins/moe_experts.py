@@ -49,11 +49,14 @@ PARTS = 4                         # csrc/moe_experts.cu PARTS
 RING_BYTES = 8 * 4 * (16 * 8 * 16 + 16 * 8)   # csrc/moe_experts.cu RING_BYTES: 8 warps x 4 stages
 
 
-def make_workspace(tokens: int, topk: int, d: int, f: int, device) -> dict[str, torch.Tensor]:
+def make_workspace(tokens: int, topk: int, d: int, f: int, device, wgmma: bool = True) -> dict[str, torch.Tensor]:
     """h: each (token, expert) pair's bf16 SwiGLU output, handed from the gate_up kernel to the down kernel;
-    ypart: each pair's output, from the wgmma down kernel to the sum over pairs."""
-    return {"h": torch.empty(tokens * topk, f, dtype=torch.bfloat16, device=device),
-            "ypart": torch.empty(tokens * topk, d, dtype=torch.float32, device=device)}
+    with `wgmma` (both paths' scratch, as a TensorRT workspace is laid out) ypart: each pair's output, from
+    the wgmma down kernel to the sum over pairs."""
+    ws = {"h": torch.empty(tokens * topk, f, dtype=torch.bfloat16, device=device)}
+    if wgmma:
+        ws["ypart"] = torch.empty(tokens * topk, d, dtype=torch.float32, device=device)
+    return ws
 
 
 @dataclasses.dataclass
@@ -91,13 +94,15 @@ def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Te
     assert x.dtype == torch.bfloat16 and experts.dtype == torch.int32 and route_w.dtype == torch.float32
     assert table.dtype == torch.int64 and d % 256 == 0 and f % 128 == 0 and 1 <= k <= MAX_TOPK
     assert x.is_contiguous() and experts.is_contiguous() and route_w.is_contiguous()
-    ws = make_workspace(t, k, d, f, x.device) if workspace is None else workspace
+    use_wgmma = False
+    if WGMMA.decode if wgmma is None else wgmma:   # (asked for explicitly, they must fit)
+        use_wgmma = decode_wgmma_fits(x, k, d, f)
+        assert use_wgmma or wgmma is None, "the wgmma decode kernels need sm_90, topk <= 8, whole items"
+    ws = make_workspace(t, k, d, f, x.device, use_wgmma) if workspace is None else workspace
     out = torch.empty(t, d, dtype=torch.float32, device=x.device) if out is None else out
     lib = kernels()
-    if WGMMA.decode if wgmma is None else wgmma:   # (asked for explicitly, they must fit)
-        if decode_wgmma_fits(x, k, d, f):
-            return _decode_wgmma(lib, x, experts, route_w, table, f, limit, out, ws)
-        assert wgmma is None, "the wgmma decode kernels need sm_90, topk <= 8, whole items"
+    if use_wgmma:
+        return _decode_wgmma(lib, x, experts, route_w, table, f, limit, out, ws)
     # The grids' y is the token; x is a persistent grid over that token's items, sized to fill the GPU.
     shared_up = RING_BYTES + d + d // 128 * 4
     items_up = k * (f // 16)
