@@ -2,7 +2,8 @@
 # Builds a synthetic DeepSeek V4 Flash-size checkpoint cut to LAYERS layers with aoti for CUDA, checks the
 # artifact against the reference through `dsv4 forced`, and benchmarks it against eager (`dsv4 bench`).
 #   LAYERS=8 OUT=/some/dir bash bench/artifact_h200.sh       (on the H200; results land in $OUT)
-# Then the same artifact with a quarter of its routed experts off the GPU, expert prefetch on and off. The
+# Then the same artifact with a quarter of its routed experts off the GPU, expert prefetch on and off, over
+# PAGED_NEW (96) greedy tokens: 31 left the modes' time lost within the run-to-run spread (session 11). The
 # checkpoint's routing is skewed (SKEW, `dsv4 synth --routing-skew`; results up to session 6 had none): random
 # weights alone route near uniformly, which no expert cache can beat.
 # DTYPE=float32 builds the exact gate instead: the artifact runs the ops' oracles and must equal the float32
@@ -40,6 +41,6 @@ fi
 while [ -n "${WAIT_FOR:-}" ] && kill -0 "$WAIT_FOR" 2>/dev/null; do sleep 2; done
 dsv4 bench $ART --compare ${COMPARE:-eager} --prompt-len ${PROMPT_LEN:-32} --json $OUT/artifact-flash$LAYERS-h200.json 2>&1 | tee $OUT/bench-flash$LAYERS.txt
 SLOTS=$(( LAYERS * 256 * 3 / 4 ))
-dsv4 bench $ART --compare none --expert-slots $SLOTS --json $OUT/artifact-flash$LAYERS-paged-h200.json 2>&1 \
+dsv4 bench $ART --compare none --expert-slots $SLOTS --new ${PAGED_NEW:-96} --json $OUT/artifact-flash$LAYERS-paged-h200.json 2>&1 \
     | tee $OUT/bench-flash$LAYERS-paged.txt
 [ -n "${SKIP_PROFILE:-}" ] || python bench/profile_decode.py $ART --prefill 512 --json $OUT/profile-decode-flash$LAYERS-h200.json 2>&1 | tee $OUT/profile-flash$LAYERS.txt

@@ -365,7 +365,8 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
     side by side with eager; greedy tokens of every mode must agree. On a GPU, decode is also given as a
     fraction of (bytes read per token / device copy bandwidth measured in this run). When experts are
     paged (--expert-slots), the compiled run is repeated without route prediction (hash-routed layers'
-    experts still fetched from the token ids), without any prefetch, and with every expert resident where
+    experts still fetched from the token ids), without any prefetch, admitting every miss (the admission
+    rule before the frequency rule), and with every expert resident where
     the device has the memory: hit rates, how often the predictions were right, bytes copied in and read
     from cold copies, the time steps waited for copies (those into their first layers), and the decode time
     lost to paging (those waits and the misses' reads from host memory) against the resident run."""
@@ -386,7 +387,8 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
         if model.pager is not None:
             if name == "compiled":
                 modes[1:1] = [("compiled-no-prediction", False, True, "hash", slots),
-                              ("compiled-no-prefetch", False, True, "none", slots)]
+                              ("compiled-no-prefetch", False, True, "none", slots),
+                              ("compiled-admit-always", False, True, "predict", slots)]
                 # the same run with every expert resident, if the device holds them (not on a GB10)
                 if (model.device.type != "cuda" or torch.cuda.mem_get_info(model.device)[0]
                         + model.pager.device_bytes() > 1.05 * routed_expert_bytes(model)):
@@ -396,11 +398,14 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
             report["gpu"] = torch.cuda.get_device_name(model.device)
             bandwidth, per_token = copy_bandwidth(model.device), bytes_per_token(model)
             report |= {"copy_bandwidth_gb_s": bandwidth / 1e9, "bytes_per_token": per_token}
+        if name == "compiled-admit-always":           # the admission rule up to session 11, for comparison
+            model.pager.pool.admit_rule = "always"
         figures = measure(model, prompt, new_tokens)
         if model.pager is not None:
             st = model.pager.stats
             figures["pager"] = {"slots": model.pager.pool.slots, "hit_rate": st.hit_rate, "hits": st.hits,
                                 "misses": st.misses, "prefetch_hits": st.prefetch_hits,
+                                "admissions": st.admissions, "prefetches": st.prefetches,
                                 "experts_predicted_for": st.predicted, "predicted_right": st.predicted_used,
                                 "bytes_copied_in": model.pager.bytes_moved,
                                 "bytes_read_cold": model.pager.cold_bytes_read, "stall_s": model.pager.stall_s}

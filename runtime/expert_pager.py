@@ -34,6 +34,10 @@ from .route_predictor import RoutePredictor
 
 # the chained layers whose admissions a step waits for (begin_step): the predictor's lead is one layer
 WAITED = 2
+# predicted experts copied per layer, most likely first: the lead is one layer, about 0.3 ms at Flash size
+# on the H200, and one expert takes about that over PCIe. A copy still in flight when its layer starts
+# leaves the kernel reading the cold copy beside it: the bus bytes twice and a miss all the same.
+PREDICTED_COPIES = 2
 
 
 def reads_pageable_memory(device: torch.device) -> bool:
@@ -90,6 +94,8 @@ class PagedExperts:
         # they queued behind the last step's predicted copies still in flight (H200 Flash-8, session 9: the
         # wait grew with prediction); on their own they still shared PCIe with them (session 10: it grew less)
         self.urgent_stream = torch.cuda.Stream(device, priority=-1) if cuda else None
+        # predicted copies are needed within a layer: not queued behind the admissions racing the step
+        self.ahead_stream = torch.cuda.Stream(device, priority=-1) if cuda else None
         self.table_stream = torch.cuda.Stream(device) if cuda else None
         self.repointed = torch.cuda.Event() if cuda else None     # the last mid-step repointing to a cold copy
         # admissions not yet settled: their copy's event (None on a CPU, where copies land at once)
@@ -99,7 +105,7 @@ class PagedExperts:
         self.missed: list[tuple[int, int]] = []
         self.reset_stats()
         self.pool.fill(self.fill_order(bank))
-        self._carry_out(self._current())
+        self._carry_out(self._current(), self.copy_stream)
         if self.copy_stream is not None:
             self.copy_stream.synchronize()
         self.bytes_moved = 0                          # load-time copies are not the run's
@@ -158,7 +164,7 @@ class PagedExperts:
             for layer, keys in hashed.items():
                 if chosen((layer, 0)):
                     self.pool.prefetch(keys, busy=self._in_flight)
-            self._carry_out(stream, wait=early)
+            self._carry_out(stream, self.urgent_stream if early else self.copy_stream, wait=early)
             if early and self.copy_stream is not None:
                 # the later layers' copies start once the waited ones have landed, not beside them on PCIe
                 self.copy_stream.wait_stream(self.urgent_stream)
@@ -174,9 +180,9 @@ class PagedExperts:
         for j in self.predictor.order:
             layer = self.layers[j]
             self.predicted[layer] = self.predictor.wait(j)
-            self.pool.prefetch([(layer, e) for e in self.predicted[layer]], layers=self.layers[:max(j - 1, 0)],
-                               busy=self._in_flight)
-            self._carry_out(self.table_stream)
+            cold = [(layer, e) for e in self.predicted[layer] if (layer, e) not in self.pool.resident]
+            self.pool.prefetch(cold[:PREDICTED_COPIES], layers=self.layers[:max(j - 1, 0)], busy=self._in_flight)
+            self._carry_out(self.table_stream, self.ahead_stream)
             if self.mapped_cold:                      # those left cold: read ahead from the file
                 self.bank.will_need(layer, [e for e in self.predicted[layer] if (layer, e) not in self.pool.resident])
 
@@ -227,17 +233,15 @@ class PagedExperts:
         event = self.in_flight.get(key)
         return event is not None and not event.query()
 
-    def _carry_out(self, repoint_stream, wait: bool = False) -> None:
+    def _carry_out(self, repoint_stream, copies, wait: bool = False) -> None:
         """Carry out the pool's evictions and admissions since the last call: evicted experts' entries back
-        to their cold copies on `repoint_stream`, then on the copy stream each admitted expert copied into
-        its slot and its entry repointed there; with `wait`, on the urgent stream, and the current stream
-        waits for those copies alone."""
+        to their cold copies on `repoint_stream`, then on the stream `copies` each admitted expert copied
+        into its slot and its entry repointed there; with `wait`, the current stream waits for those copies."""
         changes, self.pool.changes = self.pool.changes, []
         final = dict(changes)                  # admitted then evicted within one call: never copied
         if not final:
             return
         cuda = self.copy_stream is not None
-        copies = self.urgent_stream if wait else self.copy_stream
         with torch.cuda.stream(repoint_stream) if cuda else contextlib.nullcontext():
             # every expert that left a slot, readmitted or not: its entry must not point at a slot that
             # another expert's copy may be overwriting

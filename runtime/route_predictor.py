@@ -66,10 +66,11 @@ class RoutePredictor:
         self._ready[:] = 0
 
     def wait(self, j: int, timeout_s: float = 60.0) -> list[int]:
-        """The experts predicted for chained layer j (every row's), once the step has written them."""
+        """The experts predicted for chained layer j (every row's), most likely first (the rows' first picks,
+        then their second ...), once the step has written them."""
         i = self.index[j]
         deadline = time.monotonic() + timeout_s
         while not self._ready[i]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no expert prediction for chained layer {j} after {timeout_s:.0f} s")
-        return sorted(set(self.host_picks[i].flatten().tolist()))
+        return list(dict.fromkeys(self.host_picks[i].T.flatten().tolist()))   # each row's best first

@@ -118,7 +118,7 @@ def test_pager_under_a_budget_changes_nothing_but_where_experts_are_read(built):
 @pytest.mark.slow
 def test_paged_bench_reports_prefetch_and_the_resident_run(built, tmp_path):
     """`dsv4 bench --expert-slots`: the paged run with route prediction, with hash-layer prefetch only, with no
-    prefetch, and the all-resident run, in one process; the same greedy tokens in all four, and each paged
+    prefetch, admitting every miss, and the all-resident run, in one process; the same greedy tokens in all, and each paged
     mode's decode time lost to paging."""
     import json
     out, _, _ = built
@@ -127,10 +127,11 @@ def test_paged_bench_reports_prefetch_and_the_resident_run(built, tmp_path):
                         "20", "--prompt-len", "4", "--new", "4", "--json", str(report)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     got = json.loads(report.read_text())
-    assert set(got["modes"]) == {"compiled", "compiled-no-prediction", "compiled-no-prefetch", "compiled-resident"}
+    assert set(got["modes"]) == {"compiled", "compiled-no-prediction", "compiled-no-prefetch", "compiled-admit-always",
+                                 "compiled-resident"}
     assert got["tokens_agree"]
     assert "pager" not in got["modes"]["compiled-resident"]
-    for name in ("compiled", "compiled-no-prediction", "compiled-no-prefetch"):
+    for name in ("compiled", "compiled-no-prediction", "compiled-no-prefetch", "compiled-admit-always"):
         pager = got["modes"][name]["pager"]
         assert pager["slots"] == 20 and "time_lost_to_paging_s" in pager
         assert pager["hits"] + pager["misses"] == 3 * 5 * 6     # the timed run's 3 decode steps x 5 layers x 6
@@ -140,3 +141,5 @@ def test_paged_bench_reports_prefetch_and_the_resident_run(built, tmp_path):
     assert got["modes"]["compiled"]["pager"]["experts_predicted_for"] == 3 * 2 * 6      # layers 3 and 4
     assert got["modes"]["compiled-no-prediction"]["pager"]["experts_predicted_for"] == 0
     assert got["modes"]["compiled-no-prefetch"]["pager"]["prefetch_hits"] == 0
+    always = got["modes"]["compiled-admit-always"]["pager"]
+    assert 0 < always["admissions"] <= always["misses"]        # misses copied in (the last step's after the run)

@@ -9,9 +9,10 @@ from builder.reference.moe import MoE, route
 from runtime.pager_policy import SlotPool, simulate
 
 
-def test_budget_is_never_exceeded_and_only_allowed_experts_are_evicted():
+@pytest.mark.parametrize("rule", ["always", "frequency"])
+def test_budget_is_never_exceeded_and_only_allowed_experts_are_evicted(rule):
     rng = random.Random(0)
-    pool = SlotPool(10)
+    pool = SlotPool(10, admit_rule=rule)
     for step in range(2000):
         needed = [(rng.randrange(4), rng.randrange(32)) for _ in range(6)]
         misses = pool.record(needed, [k in pool.resident for k in needed])
@@ -22,13 +23,13 @@ def test_budget_is_never_exceeded_and_only_allowed_experts_are_evicted():
         assert all(before.get(k) == slot for k, slot in pool.resident.items() if k in before)
         assert all(k in pool.resident for k in before if k[0] >= 2 or k == (0, step % 32))   # only these went
         pool.admit(misses)
-        assert all(k in pool.resident for k in misses)
+        assert rule == "frequency" or all(k in pool.resident for k in misses)
         assert len(pool.resident) <= 10 and len(set(pool.resident.values())) == len(pool.resident)
     assert pool.stats.hits + pool.stats.misses == 2000 * 6
 
 
 def test_the_victim_is_the_least_used_then_the_least_recent():
-    pool = SlotPool(3, aging_period=4)
+    pool = SlotPool(3, aging_period=4, admit_rule="always")
     pool.fill([(0, 0), (0, 1), (0, 2)])
     pool.record([(0, 0), (0, 1), (0, 0), (0, 2), (0, 1)], [True] * 5)
     # counts: (0,0) 1 + 1 (last used 3rd), (0,1) 1 + 2 (the 4th use onwards counts twice), (0,2) 2 (4th)
@@ -39,6 +40,20 @@ def test_the_victim_is_the_least_used_then_the_least_recent():
     pool.record([(0, 2)], [True])            # (0,2) now 4, (0,1) 3: both count more than a use (2)
     pool.prefetch([(1, 2)], layers=[0])
     assert (1, 2) not in pool.resident and pool.stats.prefetches == 1
+
+
+def test_a_miss_comes_in_only_over_an_expert_it_outweighs_by_more_than_one_use():
+    pool = SlotPool(2, aging_period=10**6)
+    pool.fill([(0, 0), (0, 1)])
+    pool.record([(0, 0), (0, 1), (0, 1)], [True] * 3)          # counts: (0,0) 1, (0,1) 2
+    assert pool.record([(1, 0)], [False]) == [(1, 0)]
+    pool.admit([(1, 0)])                                        # used once: no better than (0,0)
+    assert (1, 0) not in pool.resident and pool.stats.admissions == 0
+    pool.record([(1, 0)] * 2, [False] * 2)                      # now 3 uses, 2 before this one: > 1
+    pool.admit([(1, 0)])
+    assert (1, 0) in pool.resident and (0, 0) not in pool.resident and pool.stats.admissions == 1
+    pool.admit([(1, 1)])                                        # never used: nothing to replace
+    assert (1, 1) not in pool.resident
 
 
 def _zipf_trace(steps, layers, experts, k, seed):
@@ -61,6 +76,18 @@ def test_skewed_routing_beats_the_uniform_hit_rate():
     trace = _zipf_trace(300, 8, 64, 6, seed=1)
     stats = simulate(trace, slots=int(0.75 * 8 * 64))
     assert stats.hit_rate > 0.85                                # uniform routing would give about 0.75
+
+
+def test_admitting_by_frequency_copies_less_at_about_the_same_hit_rate():
+    """A copy moves as many bytes as one cold read: admitting every miss on a skewed trace mostly copies
+    experts that leave before they are used again."""
+    trace = _zipf_trace(300, 8, 64, 6, seed=1)
+    filled = [(lay, e) for e in range(64) for lay in range(8)]
+    bus = {}
+    for rule in ("always", "frequency"):
+        s = simulate(trace, int(0.75 * 8 * 64), filled=filled, admit_rule=rule)
+        bus[rule] = (s.misses + s.admissions, s.hit_rate)
+    assert bus["frequency"][0] < 0.8 * bus["always"][0] and bus["frequency"][1] > bus["always"][1] - 0.01, bus
 
 
 def test_prediction_raises_hits_on_a_skewed_trace():
