@@ -64,11 +64,13 @@ class WgmmaPaths:
     """Whether `dsv4::moe_routed` takes the sm_90 warpgroup-MMA kernels where they fit: for decode
     (csrc/moe_decode_wgmma.cu, faster than the mma.sync kernels, whose FP8 MMA Hopper emulates) and for prefill
     chunks with at least 12 pairs per expert (csrc/moe_wgmma.cu; from 512 Flash tokens faster than the
-    grouped kernels). Both off: their FP8 MMAs add in less than float32, so they are not the mma.sync
-    kernels' bits, and with the prefill one on the tiny bf16 artifact fell below its argmax agreement with
-    the reference (H200, session 11). A switch for tests and benchmarks (tests/test_artifact_gpu.py runs the
-    artifact with each on), until that model-level check passes with them."""
-    decode: bool = False
+    grouped kernels). Their FP8 MMAs add in less than float32, so they are not the mma.sync kernels' bits:
+    each is on only once it passed both model-level checks on the H200, the tiny bf16 artifact against the
+    reference (tests/test_artifact_gpu.py) and the Flash-8 artifact against the default kernels, within
+    their own prefill-vs-decode noise (bench/wgmma_gate.py). Decode passed both in session 12; with prefill
+    on, the tiny artifact fell below its argmax agreement in sessions 11 and 12, so it stays off. A switch
+    for tests and benchmarks."""
+    decode: bool = True
     prefill: bool = False
     prefill_min_pairs_per_expert: int = 12    # where wgmma beats the grouped kernels (0: any chunk it fits)
 
