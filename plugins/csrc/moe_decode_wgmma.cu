@@ -43,72 +43,55 @@ __device__ __forceinline__ void wgmma_m64n8k32_rs(float (&d)[4], const uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(0));
 }
 
-// A step's UB blocks go to the tensor cores in two halves of HB blocks: the first half's MMAs run while the
-// warp converts the second half's codes, and the first half's products are added while the second's run.
-// (Each step used to convert all, then wait for all its MMAs: ncu, session 11, found under one warp eligible
-// per scheduler, at three CTAs of four warps per SM. MMAs left in flight across steps made ptxas serialise
-// them: C7514.)
-constexpr int HB = UB / 2;
-
-// The half's A fragments: each warp's 16 rows x blocks 4 * half .. 4 * half + 3 of its ring stage, as e4m3.
-// ALL: a whole step (every step at Flash sizes); otherwise blocks past `blocks` (a short step; the stage always holds UB blocks, some stale) become zeros, so
-// that the MMAs never branch (which made the compiler serialise them).
-template <bool ALL>
-__device__ __forceinline__ void half_fragments(const uint8_t* stage, int half, int blocks, int lane,
-                                               uint32_t (&a)[HB][4]) {
+// One step of the warpgroup: each warp's 16 rows x the step's blocks (from its ring stage) times column
+// `col` of the B tile (descriptor `desc` at the step's first block); acc[0], acc[1] += rows r, r + 8 (in
+// lanes q == col / 2). act_s: the column's activation scales per 128 K from the step's first block. FULL: a
+// whole step of UB blocks (every step at Flash sizes), without bounds checks.
+template <bool FULL>
+__device__ __forceinline__ void wgmma_step(const uint8_t* stage, const Fp4Job& j, bool async_scales, uint64_t desc,
+                                           const float* act_s, int col, int lane, float (&acc)[2]) {
+  const int r = lane >> 2, blocks = FULL ? UB : j.blocks;
+  uint32_t sc[2][2];
+  step_scales(stage, j, async_scales, r, sc);
+  // The step's A fragments first, then one fence, then the MMAs: wgmma reads its A registers asynchronously,
+  // and registers written between the fence and an MMA may not feed it (PTX: wgmma.fence). A short step
+  // multiplies zeros past its blocks (the ring stage always holds UB blocks, some stale) rather than
+  // branching between the MMAs, which made the compiler serialise them.
+  uint32_t a[UB][4];
 #pragma unroll
-  for (int u = 0; u < HB; u += 2) {
+  for (int u = 0; u < UB; u += 2) {
     uint32_t d[4];
-    load_block_pair(stage, HB * half + u, lane, d);
+    load_block_pair(stage, u, lane, d);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {                // block u + h: rows r, r + 8 of its even slots, then odd
-      const bool live = ALL || HB * half + u + h < blocks;
+      const bool live = FULL || u + h < blocks;
       a[u + h][0] = live ? e2m1_even(d[2 * h]) : 0u;
       a[u + h][1] = live ? e2m1_even(d[2 * h + 1]) : 0u;
       a[u + h][2] = live ? e2m1_odd(d[2 * h]) : 0u;
       a[u + h][3] = live ? e2m1_odd(d[2 * h + 1]) : 0u;
     }
   }
-}
-
-// Pins the A fragments of a half: computed before the fence that precedes their MMAs (the compiler would
-// sink them past it), and kept in their registers until the wait that retires those MMAs (wgmma reads them
-// asynchronously; the compiler would reuse the registers once the MMA is issued).
-__device__ __forceinline__ void pin_fragments(uint32_t (&a)[HB][4]) {
 #pragma unroll
-  for (int u = 0; u < HB; ++u)
+  for (int u = 0; u < UB; ++u)                   // computed before the fence (the compiler would sink them)
 #pragma unroll
     for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[u][i])::"memory");
-}
-
-// The half's MMAs, one per block, fresh into c: past a short step's blocks, block 0's B times zeros.
-__device__ __forceinline__ void half_mmas(float (&c)[HB][4], const uint32_t (&a)[HB][4], uint64_t desc, int half,
-                                          int blocks) {
+  float c[UB][4];
+  wgmma_fence();
 #pragma unroll
-  for (int u = 0; u < HB; ++u)
-    wgmma_m64n8k32_rs(c[u], a[u], desc + (HB * half + u < blocks ? 16 * (HB * half + u) : 0));
+  for (int u = 0; u < UB; ++u)                   // past a short step's blocks: block 0's B, times zeros
+    wgmma_m64n8k32_rs(c[u], a[u], desc + (FULL || u < blocks ? 16 * u : 0));
   wgmma_commit();
-}
-
-// What adding a half's products needs once its MMAs have retired: its blocks' scale bytes for rows r and
-// r + 8, the column's activation scale (one per 128 K: one per half), the column, the live blocks.
-struct HalfSums {
-  uint32_t s0, s8;
-  float sx;
-  int col, blocks;
-};
-
-// acc[0], acc[1] += the retired half's products (column col, in lanes q == col / 2) times their scales.
-__device__ __forceinline__ void add_half(float (&c)[HB][4], const HalfSums& m, float (&acc)[2]) {
-  const bool odd = m.col & 1;
+  wgmma_wait_all();
+  const bool odd = col & 1;
 #pragma unroll
-  for (int u = 0; u < HB; ++u) {
-    if (u >= m.blocks) break;
+  for (int u = 0; u < UB; ++u) {
+    if (u >= blocks) break;
 #pragma unroll
     for (int i = 0; i < 4; ++i) wgmma_pin(c[u][i]);
-    const float s0 = dsv4::e8m0_byte(m.s0, u), s8 = dsv4::e8m0_byte(m.s8, u);
-    acc[0] = fmaf(odd ? c[u][1] : c[u][0], s0 * m.sx, acc[0]);
-    acc[1] = fmaf(odd ? c[u][3] : c[u][2], s8 * m.sx, acc[1]);
+    const float sx = act_s[u / 4];
+    const float s0 = dsv4::e8m0_byte(sc[0][u / 4], u % 4), s8 = dsv4::e8m0_byte(sc[1][u / 4], u % 4);
+    acc[0] = fmaf(odd ? c[u][1] : c[u][0], s0 * sx, acc[0]);
+    acc[1] = fmaf(odd ? c[u][3] : c[u][2], s8 * sx, acc[1]);
   }
 }
 
@@ -120,7 +103,7 @@ __device__ __forceinline__ void add_half(float (&c)[HB][4], const HalfSums& m, f
 template <class Job, class Quantise, class Col, class Epilogue>
 __device__ __forceinline__ void walk_items(uint8_t* ring_base, const uint8_t* tile, const float* scales, int items,
                                            int groups, int nb, Job job, Quantise quantise, Col col, Epilogue epilogue) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, r = lane >> 2;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int steps = (nb + UB - 1) / UB, total = my_items(items) * steps;
   uint8_t* ring = ring_base + warp * STAGES * STAGE_BYTES;
   const bool async_scales = nb % 4 == 0;
@@ -132,34 +115,16 @@ __device__ __forceinline__ void walk_items(uint8_t* ring_base, const uint8_t* ti
   __syncthreads();
   const uint64_t desc0 = b_tile_desc(tile);
   float acc[2] = {0.f, 0.f};
-  uint32_t a[2][HB][4];                         // the two halves' fragments
-  float c[2][HB][4];
   for (int g = 0; g < total; ++g) {
     const uint8_t* stage = next_stage(ring, g, job, ahead, advance, lane, async_scales);
     const Fp4Job jb = job(now);
-    uint32_t sc[2][2];
-    step_scales(stage, jb, async_scales, r, sc);
-    const int cl = col(now), blk = now.s * UB;
-    const float* act_s = scales + cl * (nb / 4) + blk / 4;
-    const uint64_t desc = desc0 + 16 * blk;
-    // half 0 issued, half 1 converted while it runs, half 1 issued, half 0 added while that runs
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      if (jb.blocks == UB)
-        half_fragments<true>(stage, half, jb.blocks, lane, a[half]);
-      else
-        half_fragments<false>(stage, half, jb.blocks, lane, a[half]);
-      pin_fragments(a[half]);
-      wgmma_fence();
-      half_mmas(c[half], a[half], desc, half, jb.blocks);
-    }
+    const int c = col(now), blk = now.s * UB;
+    const float* act_s = scales + c * (nb / 4) + blk / 4;
+    if (jb.blocks == UB)
+      wgmma_step<true>(stage, jb, async_scales, desc0 + 16 * blk, act_s, c, lane, acc);
+    else
+      wgmma_step<false>(stage, jb, async_scales, desc0 + 16 * blk, act_s, c, lane, acc);
     __syncwarp();                               // the stage is refilled by the next iteration's issue
-    wgmma_wait_group<1>();
-    pin_fragments(a[0]);
-    add_half(c[0], HalfSums{sc[0][0], sc[1][0], act_s[0], cl, min(jb.blocks, HB)}, acc);
-    wgmma_wait_group<0>();
-    pin_fragments(a[1]);
-    add_half(c[1], HalfSums{sc[0][1], sc[1][1], jb.blocks > HB ? act_s[1] : 0.f, cl, max(jb.blocks - HB, 0)}, acc);
     if (now.s == steps - 1) {
       epilogue(now, acc);
       acc[0] = acc[1] = 0.f;
