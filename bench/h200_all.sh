@@ -3,14 +3,15 @@
 # at most 10 minutes, and the machine is given back after 30 s without a call, killing whatever runs there:
 # start this from a copy of the tree, then keep calling back to back, each call waiting for $RES/DONE):
 #   kernel tests -> kernel benchmarks -> Flash-4 float32 exact gate -> Flash-8 bf16 bench, paged bench and
-#   profile -> tiny CUDA artifact tests -> the wgmma MoE paths' model-level check on the Flash-8 artifact.
+#   profile -> tiny CUDA artifact tests -> the wgmma MoE paths' model-level check and the pager sweep on the
+#   Flash-8 artifact.
 #   cp -r . /root/snap && cd /root/snap && (RES=/root/res setsid nohup bash bench/h200_all.sh > /dev/null 2>&1 &)
 #   for i in $(seq 115); do [ -f /root/res/DONE ] && break; sleep 5; done; cat /root/res/steps.log   # repeat
 #   tar czf $OUT/h200.tgz -C /root res                                      # one file back (the tool's cap is 8)
 # A failing step is logged ($RES/NAME.log, rc in steps.log) and the next one runs. STEPS names the steps to
 # run (default: all but wgmma-crossover): plugins patch kernel-tests kernels wgmma-crossover gemv-probe
-# gate-flash4-f32 flash8 tiny-artifacts wgmma-gate (the last: the Flash-8 artifact with each wgmma MoE path
-# switched on, bench/wgmma_gate.py). OVERLAP=1 runs the tiny artifact tests beside the Flash-8 build (the
+# gate-flash4-f32 flash8 tiny-artifacts wgmma-gate pager-sweep (the last two on the Flash-8 artifact: each
+# wgmma MoE path switched on, bench/wgmma_gate.py; the pager's settings, bench/pager_sweep.py). OVERLAP=1 runs the tiny artifact tests beside the Flash-8 build (the
 # device time of a session is short); TESTS overrides the kernel test files; TRY_PATCH names a patch (git diff) that the patch step builds, tests (PATCH_TESTS) and
 # benchmarks in its own copy of the tree, first (session 10 tried the wgmma prefill MoE so).
 set -u
@@ -18,7 +19,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6 PYTHONUNBUFFERED=1
 RES=${RES:-/tmp/res}
 mkdir -p "$RES"
-STEPS=${STEPS:-plugins patch kernel-tests kernels gemv-probe gate-flash4-f32 flash8 tiny-artifacts wgmma-gate}
+STEPS=${STEPS:-plugins patch kernel-tests kernels gemv-probe gate-flash4-f32 flash8 tiny-artifacts wgmma-gate pager-sweep}
 step() {
   local name=$1
   shift
@@ -54,4 +55,5 @@ else
   tiny_artifacts
 fi
 step wgmma-gate python bench/wgmma_gate.py /tmp/art/flash8-bfloat16 --json "$RES/wgmma-gate-flash8-h200.json"
+step pager-sweep python bench/pager_sweep.py /tmp/art/flash8-bfloat16 --slots 1536 --json "$RES/pager-sweep-flash8-h200.json"
 touch "$RES/DONE"

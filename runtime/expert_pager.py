@@ -63,6 +63,8 @@ class PagedExperts:
         """`layers`: the chained layers in order; `tid2eid[layer]` [vocab, k] for the hash-routed ones
         (exact prefetch); `prefetch` off leaves only admissions on a miss (the baseline)."""
         self.device, self.layers, self.prefetch_enabled = device, layers, prefetch
+        # the module's defaults; bench/pager_sweep.py varies them on one loaded artifact
+        self.waited, self.predicted_copies = WAITED, PREDICTED_COPIES
         self.position = {layer: i for i, layer in enumerate(layers)}
         self.tid2eid = {layer: t.cpu() for layer, t in (tid2eid or {}).items()}
         self.stride = max(bank.entries[layer]["stride"] for layer in layers)
@@ -148,7 +150,7 @@ class PagedExperts:
     def begin_step(self, tokens: list[int]) -> None:
         """Before a step (the last one finished): admit its misses, prefetch the hash-routed layers' experts
         of `tokens`, repoint evicted experts to their cold copies ahead of the step. The step waits for the
-        copies into its first `WAITED` layers, which have no time to land otherwise: over PCIe an expert
+        copies into its first `waited` layers (WAITED), which have no time to land otherwise: over PCIe an expert
         (12.6 MB at Flash size) should copy in about 0.25 ms at PCIe 5 rates (not measured), while each miss
         cost about 1.7 ms in the H200's Flash-8 paged run (decode time lost to paging, less the time waiting
         for copies, over the misses: a kernel reading the expert from host memory); the other copies race
@@ -160,7 +162,7 @@ class PagedExperts:
         hashed = {layer: [(layer, int(e)) for t in tokens for e in table[t].tolist()]
                   for layer, table in (self.tid2eid.items() if self.prefetch_enabled else ())}
         for early in (True, False):
-            chosen = lambda key: (self.position[key[0]] < WAITED) == early      # noqa: E731
+            chosen = lambda key: (self.position[key[0]] < self.waited) == early      # noqa: E731
             self.pool.admit([key for key in self.missed if chosen(key)], busy=self._in_flight)
             for layer, keys in hashed.items():
                 if chosen((layer, 0)):
@@ -182,7 +184,8 @@ class PagedExperts:
             layer = self.layers[j]
             self.predicted[layer] = self.predictor.wait(j)
             cold = [(layer, e) for e in self.predicted[layer] if (layer, e) not in self.pool.resident]
-            self.pool.prefetch(cold[:PREDICTED_COPIES], layers=self.layers[:max(j - 1, 0)], busy=self._in_flight)
+            self.pool.prefetch(cold[:self.predicted_copies], layers=self.layers[:max(j - 1, 0)],
+                               busy=self._in_flight)
             self._carry_out(self.table_stream, self.ahead_stream)
             if self.mapped_cold:                      # those left cold: read ahead from the file
                 self.bank.will_need(layer, [e for e in self.predicted[layer] if (layer, e) not in self.pool.resident])

@@ -119,14 +119,15 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_gate_up(
   };
   uint8_t* ring = reinterpret_cast<uint8_t*>(smem) + warp * STAGES * STAGE_BYTES;
   const bool async_scales = nb % 4 == 0;
+  const LaneCopies lc(lane, D / 2, D / 32);     // w1 and w3: rows of D / 2 bytes
   GateUpCursor now(groups), ahead(groups);      // the step being multiplied, the step being loaded
   const auto advance = [&](GateUpCursor& c) { c.advance(steps, groups); };
-  prime_ring(ring, job, ahead, advance, lane, async_scales);
+  prime_ring(ring, job, ahead, advance, lc, async_scales);
   dsv4::quantise_to_smem<true>(x + size_t(t) * D, D, D, 0, codes, scales);   // while the first steps stream
   __syncthreads();
   float acc[2] = {0.f, 0.f};
   for (int g = 0; g < total; ++g) {
-    const uint8_t* stage = next_stage(ring, g, job, ahead, advance, lane, async_scales);
+    const uint8_t* stage = next_stage(ring, g, job, ahead, advance, lc, async_scales);
     const int blk = part * nb + now.s * UB;
     mma_step<1>(stage, job(now), async_scales, codes, scales, 0, 1, blk, lane, acc);
     __syncwarp();                               // the stage is refilled by the next iteration's issue
@@ -193,16 +194,17 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_down(
   };
   uint8_t* ring = reinterpret_cast<uint8_t*>(smem) + warp * STAGES * STAGE_BYTES;
   const bool async_scales = nb % 4 == 0;
+  const LaneCopies lc(lane, F / 2, F / 32);     // w2: rows of F / 2 bytes
   DownCursor now, ahead;                        // the step being multiplied, the step being loaded
   const auto advance = [&](DownCursor& c) { c.advance(steps, per_warp); };
-  prime_ring(ring, job, ahead, advance, lane, async_scales);
+  prime_ring(ring, job, ahead, advance, lc, async_scales);
   dsv4::pdl_wait();                             // h comes from gate_up (experts and table from before it)
   dsv4::pdl_launch_dependents();
   dsv4::quantise_to_smem<true>(h + size_t(t) * topk * F, topk * F, topk * F, 0, codes, scales);
   __syncthreads();
   float acc[2] = {0.f, 0.f};
   for (int g = 0; g < total; ++g) {
-    const uint8_t* stage = next_stage(ring, g, job, ahead, advance, lane, async_scales);
+    const uint8_t* stage = next_stage(ring, g, job, ahead, advance, lc, async_scales);
     const int jobid = warp + 8 * now.slot;
     const int blk = (jobid % PARTS) * nb + now.s * UB, pair = min(jobid / PARTS, topk - 1);
     mma_step<1>(stage, job(now), async_scales, codes + pair * F,
@@ -315,14 +317,15 @@ __device__ __forceinline__ void walk_groups(const GroupedWalk& w, uint8_t* smem_
     return jb;
   };
   const auto advance = [&](GroupCursor& c) { c.advance(steps, w.blocks, w.groups, mine, w.g_expert, w.table); };
-  prime_ring(ring, job_at, ahead, advance, lane, async_scales);
+  const LaneCopies lc(lane, w.n / 2, w.n / 32); // the matrix's K is the activation rows' length
+  prime_ring(ring, job_at, ahead, advance, lc, async_scales);
   int coded = -1, ntok = 0;                     // the group whose rows are in `codes`
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int i = 0; i < total; ++i) {
     if (now.s == 0 && now.g != coded)           // every warp is here at the same i; `codes` is free
       coded = now.g, ntok = quantise_group(w.src, w.pairs, w.g_start[now.g], w.g_count[now.g], w.topk, w.by_token,
                                            w.n, codes, scales);
-    const uint8_t* stage = next_stage(ring, i, job_at, ahead, advance, lane, async_scales);
+    const uint8_t* stage = next_stage(ring, i, job_at, ahead, advance, lc, async_scales);
     mma_step<8>(stage, job_at(now), async_scales, codes, scales, w.n, ntok,
                 part * w.nb + now.s * UB, lane, acc);
     __syncwarp();                               // the stage is refilled by the next iteration's issue

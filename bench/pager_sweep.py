@@ -1,0 +1,97 @@
+"""The expert pager's settings swept on one built artifact, in one process: each variant's hit rate, waits on
+copies and decode time lost to paging against the all-resident run, and the two main modes (route
+prediction, hash prefetch only) run twice each so that the run-to-run spread sits beside the differences.
+
+    python bench/pager_sweep.py /tmp/art/flash8-bfloat16 --slots 1536 --json bench/results/pager-sweep-flash8-h200.json
+
+Variants: what a step waits for (`waited`: its first 1 or 2 layers' copies), how many predicted experts a
+layer copies (`predicted_copies`), and the admission rule (runtime/pager_policy.py). Greedy tokens must be
+the same in every variant (where experts are read from never changes the arithmetic).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from runtime.artifact import ArtifactModel  # noqa: E402
+from runtime.bench import measure  # noqa: E402
+
+# (name, prefetch, waited, predicted copies per layer, admission rule)
+VARIANTS = [
+    ("predict", "predict", 2, 2, "frequency"),
+    ("hash", "hash", 2, 2, "frequency"),
+    ("predict-again", "predict", 2, 2, "frequency"),
+    ("hash-again", "hash", 2, 2, "frequency"),
+    ("predict-1-copy", "predict", 2, 1, "frequency"),
+    ("predict-4-copies", "predict", 2, 4, "frequency"),
+    ("predict-wait-1", "predict", 1, 2, "frequency"),
+    ("hash-wait-1", "hash", 1, 2, "frequency"),
+    ("predict-admit-always", "predict", 2, 2, "always"),
+]
+
+
+def run(artifact: Path, device: str, slots: int, prompt: list[int], new: int, prefetch: str, waited: int,
+        copies: int, rule: str) -> dict:
+    model = ArtifactModel(artifact, device, graphs=device == "cuda", expert_slots=slots, prefetch=prefetch)
+    try:
+        if model.pager is not None:
+            model.pager.waited, model.pager.predicted_copies = waited, copies
+            model.pager.pool.admit_rule = rule
+        figures = measure(model, prompt, new)
+        if model.pager is not None:
+            p, s = model.pager, model.pager.stats
+            figures["pager"] = {"hit_rate": s.hit_rate, "misses": s.misses, "admissions": s.admissions,
+                                "prefetches": s.prefetches, "prefetch_hits": s.prefetch_hits,
+                                "predicted": s.predicted, "predicted_right": s.predicted_used,
+                                "bytes_copied_in": p.bytes_moved, "bytes_read_cold": p.cold_bytes_read,
+                                "wait_on_copies_s": p.stall_s}
+        return figures
+    finally:
+        del model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("artifact", type=Path)
+    ap.add_argument("--slots", type=int, required=True, help="routed experts kept in device slots")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new", type=int, default=96, help="greedy tokens per variant")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (no timing worth reading)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    prompt = [(7 * i + 3) % 1000 + 2 for i in range(args.prompt_len)]
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
+    report = {"command": "python " + " ".join(sys.argv), "gpu": gpu,
+              "torch": torch.__version__, "python": platform.python_version(), "slots": args.slots,
+              "variants": {}}
+    resident = run(args.artifact, args.device, 0, prompt, args.new, "predict", 2, 2, "frequency")
+    report["resident"] = resident
+    print(f"resident: decode {resident['decode_tok_s']:.1f} tok/s")
+    for name, prefetch, waited, copies, rule in VARIANTS:
+        f = run(args.artifact, args.device, args.slots, prompt, args.new, prefetch, waited, copies, rule)
+        f["settings"] = {"prefetch": prefetch, "waited": waited, "predicted_copies": copies, "admit_rule": rule}
+        f["time_lost_to_paging_s"] = (f["decode_step_ms"] - resident["decode_step_ms"]) * f["decode_tokens"] / 1e3
+        f["tokens_as_resident"] = f["tokens"] == resident["tokens"]
+        report["variants"][name] = f
+        p = f["pager"]
+        print(f"{name:22s} hit {p['hit_rate']:.3f}  misses {p['misses']:4d}  copied {p['bytes_copied_in'] / 1e6:7.0f} MB"
+              f"  cold {p['bytes_read_cold'] / 1e6:7.0f} MB  wait {p['wait_on_copies_s'] * 1e3:6.1f} ms  lost "
+              f"{f['time_lost_to_paging_s'] * 1e3:6.1f} ms  decode {f['decode_tok_s']:6.1f} tok/s"
+              f"  tokens {'same' if f['tokens_as_resident'] else 'DIFFER'}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
