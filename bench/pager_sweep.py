@@ -4,8 +4,9 @@ prediction, hash prefetch only) run twice each so that the run-to-run spread sit
 
     python bench/pager_sweep.py /tmp/art/flash8-bfloat16 --slots 1536 --json bench/results/pager-sweep-flash8-h200.json
 
-Variants: what a step waits for (`waited`: its first 1 or 2 layers' copies), how many predicted experts a
-layer copies (`predicted_copies`), and the admission rule (runtime/pager_policy.py). Greedy tokens must be
+`dsv4 bench --expert-slots` already compares the admission rules. Variants: what a step waits for (`waited`: its first 1 or 2 layers' copies), how many predicted experts a
+layer copies (`predicted_copies`), whether the last layer's predictions are copied (`unpredicted_tail`), and
+the admission rule (runtime/pager_policy.py). Greedy tokens must be
 the same in every variant (where experts are read from never changes the arithmetic).
 """
 from __future__ import annotations
@@ -23,26 +24,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime.artifact import ArtifactModel  # noqa: E402
 from runtime.bench import measure  # noqa: E402
 
-# (name, prefetch, waited, predicted copies per layer, admission rule)
+# (name, prefetch, waited, predicted copies per layer, last layers not predicted, admission rule)
 VARIANTS = [
-    ("predict", "predict", 2, 2, "frequency"),
-    ("hash", "hash", 2, 2, "frequency"),
-    ("predict-again", "predict", 2, 2, "frequency"),
-    ("hash-again", "hash", 2, 2, "frequency"),
-    ("predict-1-copy", "predict", 2, 1, "frequency"),
-    ("predict-4-copies", "predict", 2, 4, "frequency"),
-    ("predict-wait-1", "predict", 1, 2, "frequency"),
-    ("hash-wait-1", "hash", 1, 2, "frequency"),
-    ("predict-admit-always", "predict", 2, 2, "always"),
+    ("predict", "predict", 2, 2, 0, "frequency"),
+    ("hash", "hash", 2, 2, 0, "frequency"),
+    ("predict-again", "predict", 2, 2, 0, "frequency"),
+    ("hash-again", "hash", 2, 2, 0, "frequency"),
+    ("predict-1-copy", "predict", 2, 1, 0, "frequency"),
+    ("predict-4-copies", "predict", 2, 4, 0, "frequency"),
+    ("predict-not-last-layer", "predict", 2, 2, 1, "frequency"),
+    ("predict-wait-1", "predict", 1, 2, 0, "frequency"),
 ]
 
 
 def run(artifact: Path, device: str, slots: int, prompt: list[int], new: int, prefetch: str, waited: int,
-        copies: int, rule: str) -> dict:
+        copies: int, tail: int, rule: str) -> dict:
     model = ArtifactModel(artifact, device, graphs=device == "cuda", expert_slots=slots, prefetch=prefetch)
     try:
         if model.pager is not None:
-            model.pager.waited, model.pager.predicted_copies = waited, copies
+            model.pager.waited, model.pager.predicted_copies, model.pager.unpredicted_tail = waited, copies, tail
             model.pager.pool.admit_rule = rule
         figures = measure(model, prompt, new)
         if model.pager is not None:
@@ -74,12 +74,13 @@ def main() -> None:
     report = {"command": "python " + " ".join(sys.argv), "gpu": gpu,
               "torch": torch.__version__, "python": platform.python_version(), "slots": args.slots,
               "variants": {}}
-    resident = run(args.artifact, args.device, 0, prompt, args.new, "predict", 2, 2, "frequency")
+    resident = run(args.artifact, args.device, 0, prompt, args.new, "predict", 2, 2, 0, "frequency")
     report["resident"] = resident
     print(f"resident: decode {resident['decode_tok_s']:.1f} tok/s")
-    for name, prefetch, waited, copies, rule in VARIANTS:
-        f = run(args.artifact, args.device, args.slots, prompt, args.new, prefetch, waited, copies, rule)
-        f["settings"] = {"prefetch": prefetch, "waited": waited, "predicted_copies": copies, "admit_rule": rule}
+    for name, prefetch, waited, copies, tail, rule in VARIANTS:
+        f = run(args.artifact, args.device, args.slots, prompt, args.new, prefetch, waited, copies, tail, rule)
+        f["settings"] = {"prefetch": prefetch, "waited": waited, "predicted_copies": copies,
+                         "unpredicted_tail": tail, "admit_rule": rule}
         f["time_lost_to_paging_s"] = (f["decode_step_ms"] - resident["decode_step_ms"]) * f["decode_tokens"] / 1e3
         f["tokens_as_resident"] = f["tokens"] == resident["tokens"]
         report["variants"][name] = f

@@ -63,8 +63,10 @@ class PagedExperts:
         """`layers`: the chained layers in order; `tid2eid[layer]` [vocab, k] for the hash-routed ones
         (exact prefetch); `prefetch` off leaves only admissions on a miss (the baseline)."""
         self.device, self.layers, self.prefetch_enabled = device, layers, prefetch
-        # the module's defaults; bench/pager_sweep.py varies them on one loaded artifact
-        self.waited, self.predicted_copies = WAITED, PREDICTED_COPIES
+        # the module's defaults; bench/pager_sweep.py varies them on one loaded artifact. unpredicted_tail:
+        # the last chained layers whose predictions are not copied (those copies may still be on the bus
+        # when the next step's waited copies start: the H200's wait grew with prediction, session 12)
+        self.waited, self.predicted_copies, self.unpredicted_tail = WAITED, PREDICTED_COPIES, 0
         self.position = {layer: i for i, layer in enumerate(layers)}
         self.tid2eid = {layer: t.cpu() for layer, t in (tid2eid or {}).items()}
         self.stride = max(bank.entries[layer]["stride"] for layer in layers)
@@ -184,8 +186,8 @@ class PagedExperts:
             layer = self.layers[j]
             self.predicted[layer] = self.predictor.wait(j)
             cold = [(layer, e) for e in self.predicted[layer] if (layer, e) not in self.pool.resident]
-            self.pool.prefetch(cold[:self.predicted_copies], layers=self.layers[:max(j - 1, 0)],
-                               busy=self._in_flight)
+            copies = self.predicted_copies if j < len(self.layers) - self.unpredicted_tail else 0
+            self.pool.prefetch(cold[:copies], layers=self.layers[:max(j - 1, 0)], busy=self._in_flight)
             self._carry_out(self.table_stream, self.ahead_stream)
             if self.mapped_cold:                      # those left cold: read ahead from the file
                 self.bank.will_need(layer, [e for e in self.predicted[layer] if (layer, e) not in self.pool.resident])
