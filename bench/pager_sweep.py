@@ -2,12 +2,13 @@
 copies and decode time lost to paging against the all-resident run, and the two main modes (route
 prediction, hash prefetch only) run twice each so that the run-to-run spread sits beside the differences.
 
-    python bench/pager_sweep.py /tmp/art/flash8-bfloat16 --slots 1536 --json bench/results/pager-sweep-flash8-h200.json
+    python bench/pager_sweep.py /tmp/art/flash8-bfloat16 --slots 1536 \
+        --json bench/results/pager-sweep-flash8-h200.json
 
-`dsv4 bench --expert-slots` already compares the admission rules. Variants: what a step waits for (`waited`: its first 1 or 2 layers' copies), how many predicted experts a
-layer copies (`predicted_copies`), whether the last layer's predictions are copied (`unpredicted_tail`), and
-the admission rule (runtime/pager_policy.py). Greedy tokens must be
-the same in every variant (where experts are read from never changes the arithmetic).
+Variants: what a step waits for (`waited`: its first 1 or 2 layers' copies), how many predicted experts a
+layer copies (`predicted_copies`), and whether the last layer's predictions are copied (`unpredicted_tail`);
+`dsv4 bench --expert-slots` compares the admission rules. Greedy tokens must be the same in every variant
+(where experts are read from never changes the arithmetic).
 """
 from __future__ import annotations
 
@@ -85,8 +86,9 @@ def main() -> None:
         f["tokens_as_resident"] = f["tokens"] == resident["tokens"]
         report["variants"][name] = f
         p = f["pager"]
-        print(f"{name:22s} hit {p['hit_rate']:.3f}  misses {p['misses']:4d}  copied {p['bytes_copied_in'] / 1e6:7.0f} MB"
-              f"  cold {p['bytes_read_cold'] / 1e6:7.0f} MB  wait {p['wait_on_copies_s'] * 1e3:6.1f} ms  lost "
+        print(f"{name:22s} hit {p['hit_rate']:.3f}  misses {p['misses']:4d}  copied "
+              f"{p['bytes_copied_in'] / 1e6:7.0f} MB  cold {p['bytes_read_cold'] / 1e6:7.0f} MB  wait "
+              f"{p['wait_on_copies_s'] * 1e3:6.1f} ms  lost "
               f"{f['time_lost_to_paging_s'] * 1e3:6.1f} ms  decode {f['decode_tok_s']:6.1f} tok/s"
               f"  tokens {'same' if f['tokens_as_resident'] else 'DIFFER'}")
     if args.json:

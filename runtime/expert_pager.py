@@ -9,19 +9,20 @@ services: GB10, GH200), so it costs page cache, not a second copy in the one mem
 elsewhere (an H200 over PCIe) it is a pinned host copy the GPU reads over the bus.
 
 A step waits only for the copies into its first layers (`WAITED`, below), which run on a stream of their
-own; predicted copies run on a second (they are needed within a layer), the other admissions on a third. A copy repoints the table entry only once the slot holds the expert,
-so a kernel reads the cold copy or the complete slot, whichever the entry says when it looks. What must
-never happen is a slot overwritten while a kernel may still read it, so an expert leaves its slot only
-when no running work can read it: before a step starts (its entry repointed to the cold copy ahead of the
-step) or, during a step, if its layer has already run in that step (its entry repointed on a side stream
-the next step waits for); an expert whose own copy is still in flight stays.
+own; predicted copies run on a second (they are needed within a layer), the other admissions on a third.
+A copy repoints the table entry only once the slot holds the expert, so a kernel reads the cold copy or the
+complete slot, whichever the entry says when it looks. What must never happen is a slot overwritten while a
+kernel may still read it, so an expert leaves its slot only when no running work can read it: before a step
+starts (its entry repointed to the cold copy ahead of the step) or, during a step, if its layer has already
+run in that step (its entry repointed on a side stream the next step waits for); an expert whose own copy
+is still in flight stays.
 
 Per step: `begin_step(tokens)` admits the previous step's misses (those the pool's frequency rule lets in)
-and prefetches the hash-routed layers'
-experts of `tokens` (known exactly from `tid2eid`); inside the step (and its CUDA graph) `before_layer`
-records what each layer's table says as the layer starts (what hits are counted against) and runs the
-route predictor, whose picks reach the host mid-step; `follow()`, called once the step is launched,
-prefetches each prediction as it arrives; `end_step(routed)` counts hits and misses.
+and prefetches the hash-routed layers' experts of `tokens` (known exactly from `tid2eid`); inside the step
+(and its CUDA graph) `before_layer` records what each layer's table says as the layer starts (what hits
+are counted against) and runs the route predictor, whose picks reach the host mid-step; `follow()`, called
+once the step is launched, prefetches each prediction as it arrives; `end_step(routed)` counts hits and
+misses.
 """
 from __future__ import annotations
 
