@@ -8,6 +8,7 @@ device memory or to pinned host memory, so experts move without rebuilding anyth
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -79,11 +80,20 @@ WGMMA = WgmmaPaths()
 DECODE_WGMMA_MAX_TOPK = 8         # csrc/moe_decode_wgmma.cu: a token's pairs are the B tile's 8 columns
 
 
+@functools.cache
+def _sm90(index: int) -> bool:
+    """Whether CUDA device `index` is sm_90 (asked once: the check sits on every decode call's path)."""
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def on_sm90(x: torch.Tensor) -> bool:
+    return x.is_cuda and _sm90(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
 def decode_wgmma_fits(x: torch.Tensor, topk: int, d: int, f: int) -> bool:
     """Whether csrc/moe_decode_wgmma.cu can serve this decode call: an sm_90 GPU, at most 8 experts per
     token, rows in whole items (32 rows of F, 64 of D)."""
-    return (x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0) and topk <= DECODE_WGMMA_MAX_TOPK
-            and d % 64 == 0 and f % 64 == 0)
+    return on_sm90(x) and topk <= DECODE_WGMMA_MAX_TOPK and d % 64 == 0 and f % 64 == 0
 
 
 def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Tensor, table: torch.Tensor,
@@ -219,8 +229,7 @@ WGMMA_SHARED_BYTES = 2 * (64 + 128) * 128 + 1024   # two stages of A and B tiles
 
 def wgmma_fits(x: torch.Tensor, d: int, f: int) -> bool:
     """Whether csrc/moe_wgmma.cu can serve this chunk: an sm_90 GPU, K and columns in whole tiles."""
-    return (x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0)
-            and d % 128 == 0 and f % 128 == 0)
+    return on_sm90(x) and d % 128 == 0 and f % 128 == 0
 
 
 def wgmma_pays(x: torch.Tensor, experts: torch.Tensor, n_experts: int, f: int) -> bool:
