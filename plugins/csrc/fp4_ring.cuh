@@ -169,4 +169,27 @@ struct GateUpCursor {
   }
 };
 
+// Where a warp is in its walk, with its item's first step kept (item_job(cursor) -> that step, with all
+// of the item's blocks, or none past the CTA's items), so that a step's addresses are two additions
+// (recomputed from the bank layout every step, they were a good share of a step's instructions; SASS,
+// session 12).
+struct ItemPlace {
+  GateUpCursor c;
+  Fp4Job item;
+  template <class ItemJob>
+  __device__ __forceinline__ ItemPlace(int groups, const ItemJob& item_job) : c(groups), item(item_job(c)) {}
+  __device__ __forceinline__ Fp4Job step() const {
+    Fp4Job j = item;
+    j.w += c.s * (UB * 16);
+    j.s += c.s * UB;
+    j.blocks = max(0, min(UB, item.blocks - c.s * UB));
+    return j;
+  }
+  template <class ItemJob>
+  __device__ __forceinline__ void advance(int steps, int groups, const ItemJob& item_job) {
+    c.advance(steps, groups);
+    if (c.s == 0) item = item_job(c);
+  }
+};
+
 }  // namespace

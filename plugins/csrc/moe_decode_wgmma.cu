@@ -95,22 +95,6 @@ __device__ __forceinline__ void wgmma_step(const uint8_t* stage, const Fp4Job& j
   }
 }
 
-// Where a warp is in its walk, with its item's first step (blocks: all of the item's, 0 past the CTA's
-// items) kept, so that a step's addresses are two additions (recomputed from the bank layout every step,
-// they were a good share of a step's instructions; SASS, session 12).
-struct ItemPlace {
-  GateUpCursor c;
-  Fp4Job item;
-  __device__ __forceinline__ explicit ItemPlace(int groups) : c(groups) {}
-  __device__ __forceinline__ Fp4Job step() const {
-    Fp4Job j = item;
-    j.w += c.s * (UB * 16);
-    j.s += c.s * UB;
-    j.blocks = max(0, min(UB, item.blocks - c.s * UB));
-    return j;
-  }
-};
-
 // What both kernels share: the warpgroup walks its CTA's items (expert slot or pair j, row block rg; item
 // = j * groups + rg) in `steps` steps each, streaming each warp's rows through its ring (item_job(cursor)
 // -> the item's first step, with all its blocks, or none past the CTA's items); the activation is quantised
@@ -124,13 +108,9 @@ __device__ __forceinline__ void walk_items(uint8_t* ring_base, const uint8_t* ti
   const int steps = (nb + UB - 1) / UB, total = my_items(items) * steps;
   uint8_t* ring = ring_base + warp * STAGES * STAGE_BYTES;
   const bool async_scales = nb % 4 == 0;
-  ItemPlace now(groups), ahead(groups);         // the step being multiplied, the step being loaded
-  now.item = ahead.item = item_job(now.c);
+  ItemPlace now(groups, item_job), ahead(groups, item_job);   // the step being multiplied, being loaded
   const auto job = [](const ItemPlace& p) { return p.step(); };
-  const auto advance = [&](ItemPlace& p) {
-    p.c.advance(steps, groups);
-    if (p.c.s == 0) p.item = item_job(p.c);
-  };
+  const auto advance = [&](ItemPlace& p) { p.advance(steps, groups, item_job); };
   const LaneCopies lc(lane, nb * 16, nb);       // each matrix's rows: nb blocks of 16 bytes
   prime_ring(ring, job, ahead, advance, lc, async_scales);
   quantise();
