@@ -26,7 +26,8 @@ step() {
   case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
   echo "$(date +%T) start $name" >> "$RES/steps.log"
   "$@" > "$RES/$name.log" 2>&1
-  echo "$(date +%T) rc $? $name" >> "$RES/steps.log"
+  local rc=$?                                   # before $(date ...), which sets $? itself
+  echo "$(date +%T) rc $rc $name" >> "$RES/steps.log"
 }
 step plugins python -m plugins.build
 try_patch() (   # a draft's patch, tried in its own copy of the tree so a fault cannot touch the rest

@@ -51,45 +51,21 @@ constexpr int STAGE_W = 16 * UB * 16;               // weights: 16 rows x UB blo
 constexpr int STAGE_BYTES = STAGE_W + 16 * UB;      // + the scale bytes [16 rows][UB]
 constexpr int RING_BYTES = 8 * STAGES * STAGE_BYTES;  // 8 warps
 
-// A lane's share of every step's copies, fixed for a walk (the matrices a kernel streams share one row
-// stride): chunk i of 4 is row (lane >> 3) + 4i, block slot lane & 7 (the same slot for all four, so one
-// predicate), 16 bytes each, into its XOR-swizzled place in the stage; and, with `async_scales`, 4 scale
-// bytes of row lane >> 1. Computed once per walk, so that issuing a step costs the copies and their
-// address additions (recomputed per step from the lane, they were about a third of a wgmma decode step's
-// instructions; SASS, session 12).
-struct LaneCopies {
-  uint32_t dst[2];            // chunks 0 and 1 in a stage; chunks 2 and 3 are 8 rows (1 KB) further
-  int src, src4;              // chunk 0's byte offset from the step's first byte; chunk i + 1's from chunk i
-  int slot;                   // the block slot the lane copies: only if slot < the step's blocks
-  uint32_t sdst;              // the scale bytes' offset in a stage
-  int ssrc, shalf;            // their offset from the step's first scale byte; the first block among them
-  __device__ __forceinline__ LaneCopies(int lane, int ld, int sld) {
-    const int row = lane >> 3;
-    slot = lane & 7;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) dst[i] = (row + 4 * i) * 128 + ((slot ^ (row + 4 * i)) << 4);
-    src = row * ld + slot * 16;
-    src4 = 4 * ld;
-    sdst = STAGE_W + (lane >> 1) * UB + (lane & 1) * 4;
-    ssrc = (lane >> 1) * sld + (lane & 1) * 4;
-    shalf = (lane & 1) * 4;
-  }
-};
-
 // Scales go through the ring too when every step's scale bytes are 4-byte aligned (`async_scales`, true at
 // Flash sizes); otherwise mma_step reads them from global memory itself.
-__device__ __forceinline__ void issue_step(const Fp4Job& j, uint8_t* stage, const LaneCopies& lc, bool async_scales) {
+__device__ __forceinline__ void issue_step(const Fp4Job& j, uint8_t* stage, int lane, bool async_scales) {
   if (j.blocks > 0) {
-    const uint32_t st = smem_addr(stage);
-    if (lc.slot < j.blocks) {
-      const uint8_t* src = j.w + lc.src;
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(st + lc.dst[i & 1] + (i >> 1) * 1024),
-                     "l"(src + i * lc.src4));
+    for (int i = 0; i < 4; ++i) {
+      const int c = lane + 32 * i, row = c >> 3, col = c & 7;
+      if (col < j.blocks)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(stage + row * 128 + ((col ^ (row & 7)) << 4))),
+                     "l"(j.w + size_t(row) * j.ld + col * 16));
     }
-    if (async_scales && lc.shalf < j.blocks)
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(st + lc.sdst), "l"(j.s + lc.ssrc));
+    const int row = lane >> 1, half = lane & 1;
+    if (async_scales && half * 4 < j.blocks)
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(stage + STAGE_W + row * UB + half * 4)),
+                   "l"(j.s + size_t(row) * j.sld + half * 4));
   }
   asm volatile("cp.async.commit_group;\n" ::);
 }
@@ -104,17 +80,17 @@ __device__ __forceinline__ void wait_stage() {
 // returns. job(cursor) -> Fp4Job; advance(cursor) moves a cursor one step on.
 template <class Job, class Cursor, class Advance>
 __device__ __forceinline__ void prime_ring(uint8_t* ring, const Job& job, Cursor& ahead, const Advance& advance,
-                                           const LaneCopies& lc, bool async_scales) {
+                                           int lane, bool async_scales) {
 #pragma unroll
   for (int g = 0; g < STAGES - 1; ++g) {
-    issue_step(job(ahead), ring + g * STAGE_BYTES, lc, async_scales);
+    issue_step(job(ahead), ring + g * STAGE_BYTES, lane, async_scales);
     advance(ahead);
   }
 }
 template <class Job, class Cursor, class Advance>
 __device__ __forceinline__ const uint8_t* next_stage(uint8_t* ring, int g, const Job& job, Cursor& ahead,
-                                                     const Advance& advance, const LaneCopies& lc, bool async_scales) {
-  issue_step(job(ahead), ring + ((g + STAGES - 1) % STAGES) * STAGE_BYTES, lc, async_scales);
+                                                     const Advance& advance, int lane, bool async_scales) {
+  issue_step(job(ahead), ring + ((g + STAGES - 1) % STAGES) * STAGE_BYTES, lane, async_scales);
   advance(ahead);
   wait_stage();
   return ring + (g % STAGES) * STAGE_BYTES;
@@ -166,29 +142,6 @@ struct GateUpCursor {
     if (++s < steps) return;
     s = 0, ++it, rg += int(gridDim.x);
     while (rg >= groups) rg -= groups, ++j;
-  }
-};
-
-// Where a warp is in its walk, with its item's first step kept (item_job(cursor) -> that step, with all
-// of the item's blocks, or none past the CTA's items), so that a step's addresses are two additions
-// (recomputed from the bank layout every step, they were a good share of a step's instructions; SASS,
-// session 12).
-struct ItemPlace {
-  GateUpCursor c;
-  Fp4Job item;
-  template <class ItemJob>
-  __device__ __forceinline__ ItemPlace(int groups, const ItemJob& item_job) : c(groups), item(item_job(c)) {}
-  __device__ __forceinline__ Fp4Job step() const {
-    Fp4Job j = item;
-    j.w += c.s * (UB * 16);
-    j.s += c.s * UB;
-    j.blocks = max(0, min(UB, item.blocks - c.s * UB));
-    return j;
-  }
-  template <class ItemJob>
-  __device__ __forceinline__ void advance(int steps, int groups, const ItemJob& item_job) {
-    c.advance(steps, groups);
-    if (c.s == 0) item = item_job(c);
   }
 };
 

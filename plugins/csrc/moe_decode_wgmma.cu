@@ -96,40 +96,37 @@ __device__ __forceinline__ void wgmma_step(const uint8_t* stage, const Fp4Job& j
 }
 
 // What both kernels share: the warpgroup walks its CTA's items (expert slot or pair j, row block rg; item
-// = j * groups + rg) in `steps` steps each, streaming each warp's rows through its ring (item_job(cursor)
-// -> the item's first step, with all its blocks, or none past the CTA's items); the activation is quantised
-// into the B tile (by quantise(), while the first steps stream); after an item's last step,
-// epilogue(cursor, acc) gets the warp's sums for rows r, r + 8. col(cursor): the item's B column.
-template <class ItemJob, class Quantise, class Col, class Epilogue>
+// = j * groups + rg) in `steps` steps each, streaming each warp's rows (job(cursor) -> Fp4Job) through its
+// ring; the activation is quantised into the B tile (by quantise(), while the first steps stream); after
+// an item's last step, epilogue(cursor, acc) gets the warp's sums for rows r, r + 8. col(cursor): the
+// item's B column; act_s(cursor): that column's scales.
+template <class Job, class Quantise, class Col, class Epilogue>
 __device__ __forceinline__ void walk_items(uint8_t* ring_base, const uint8_t* tile, const float* scales, int items,
-                                           int groups, int nb, ItemJob item_job, Quantise quantise, Col col,
-                                           Epilogue epilogue) {
+                                           int groups, int nb, Job job, Quantise quantise, Col col, Epilogue epilogue) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int steps = (nb + UB - 1) / UB, total = my_items(items) * steps;
   uint8_t* ring = ring_base + warp * STAGES * STAGE_BYTES;
   const bool async_scales = nb % 4 == 0;
-  ItemPlace now(groups, item_job), ahead(groups, item_job);   // the step being multiplied, being loaded
-  const auto job = [](const ItemPlace& p) { return p.step(); };
-  const auto advance = [&](ItemPlace& p) { p.advance(steps, groups, item_job); };
-  const LaneCopies lc(lane, nb * 16, nb);       // each matrix's rows: nb blocks of 16 bytes
-  prime_ring(ring, job, ahead, advance, lc, async_scales);
+  GateUpCursor now(groups), ahead(groups);      // the step being multiplied, the step being loaded
+  const auto advance = [&](GateUpCursor& c) { c.advance(steps, groups); };
+  prime_ring(ring, job, ahead, advance, lane, async_scales);
   quantise();
   fence_async_shared();                         // the tile's stores, visible to wgmma's reads
   __syncthreads();
   const uint64_t desc0 = b_tile_desc(tile);
   float acc[2] = {0.f, 0.f};
   for (int g = 0; g < total; ++g) {
-    const uint8_t* stage = next_stage(ring, g, job, ahead, advance, lc, async_scales);
-    const Fp4Job jb = now.step();
-    const int c = col(now.c), blk = now.c.s * UB;
+    const uint8_t* stage = next_stage(ring, g, job, ahead, advance, lane, async_scales);
+    const Fp4Job jb = job(now);
+    const int c = col(now), blk = now.s * UB;
     const float* act_s = scales + c * (nb / 4) + blk / 4;
     if (jb.blocks == UB)
       wgmma_step<true>(stage, jb, async_scales, desc0 + 16 * blk, act_s, c, lane, acc);
     else
       wgmma_step<false>(stage, jb, async_scales, desc0 + 16 * blk, act_s, c, lane, acc);
     __syncwarp();                               // the stage is refilled by the next iteration's issue
-    if (now.c.s == steps - 1) {
-      epilogue(now.c, acc);
+    if (now.s == steps - 1) {
+      epilogue(now, acc);
       acc[0] = acc[1] = 0.f;
     }
     advance(now);
@@ -164,8 +161,9 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_gate_up_decode_wgmma(
   if (threadIdx.x < topk) base[threadIdx.x] = reinterpret_cast<const uint8_t*>(table[experts[t * topk + threadIdx.x]]);
   __syncthreads();
   const int mine = my_items(topk * groups);
-  auto job = [&](const GateUpCursor& c) {       // the item's first step: rows of w1 or w3, all nb blocks
-    return bank_job(base[min(c.j, topk - 1)], which, c.rg * 32 + half * 16, 0, c.it < mine ? nb : 0, D, F);
+  auto job = [&](const GateUpCursor& c) {
+    const int row0 = c.rg * 32 + half * 16, blk = c.s * UB;
+    return bank_job(base[min(c.j, topk - 1)], which, row0, blk, c.it < mine ? min(UB, nb - c.s * UB) : 0, D, F);
   };
   auto quantise = [&] { dsv4::quantise_to_smem<true, false, true>(x + size_t(t) * D, D, D, 0, tile, scales); };
   auto col = [](const GateUpCursor&) { return 0; };
@@ -209,8 +207,9 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_down_decode_wgmma(
   if (threadIdx.x < topk) base[threadIdx.x] = reinterpret_cast<const uint8_t*>(table[experts[t * topk + threadIdx.x]]);
   __syncthreads();
   const int mine = my_items(topk * groups);
-  auto job = [&](const GateUpCursor& c) {       // c.j: the pair, c.rg: the row block; its first step
-    return bank_job(base[min(c.j, topk - 1)], 2, c.rg * 64 + warp * 16, 0, c.it < mine ? nb : 0, D, F);
+  auto job = [&](const GateUpCursor& c) {       // c.j: the pair, c.rg: the row block
+    const int row0 = c.rg * 64 + warp * 16, blk = c.s * UB;
+    return bank_job(base[min(c.j, topk - 1)], 2, row0, blk, c.it < mine ? min(UB, nb - c.s * UB) : 0, D, F);
   };
   auto quantise = [&] {                         // only the pairs of this CTA's items, each into its column
     dsv4::pdl_wait();                           // h comes from gate_up (experts and table from before it)

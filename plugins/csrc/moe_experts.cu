@@ -113,25 +113,24 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_gate_up(
   dsv4::pdl_launch_dependents();
   if (threadIdx.x < topk) base[threadIdx.x] = reinterpret_cast<const uint8_t*>(table[experts[t * topk + threadIdx.x]]);
   __syncthreads();
-  auto item_job = [&](const GateUpCursor& c) {  // the item's first step: its rows, the warp's K slice
-    return bank_job(base[min(c.j, topk - 1)], which, c.rg * 16, part * nb, c.it < mine ? nb : 0, D, F);
+  auto job = [&](const GateUpCursor& c) {
+    const int row0 = c.rg * 16, blk = part * nb + c.s * UB;
+    return bank_job(base[min(c.j, topk - 1)], which, row0, blk, c.it < mine ? min(UB, nb - c.s * UB) : 0, D, F);
   };
   uint8_t* ring = reinterpret_cast<uint8_t*>(smem) + warp * STAGES * STAGE_BYTES;
   const bool async_scales = nb % 4 == 0;
-  const LaneCopies lc(lane, D / 2, D / 32);     // w1 and w3: rows of D / 2 bytes
-  ItemPlace now(groups, item_job), ahead(groups, item_job);   // the step being multiplied, being loaded
-  const auto job = [](const ItemPlace& p) { return p.step(); };
-  const auto advance = [&](ItemPlace& p) { p.advance(steps, groups, item_job); };
-  prime_ring(ring, job, ahead, advance, lc, async_scales);
+  GateUpCursor now(groups), ahead(groups);      // the step being multiplied, the step being loaded
+  const auto advance = [&](GateUpCursor& c) { c.advance(steps, groups); };
+  prime_ring(ring, job, ahead, advance, lane, async_scales);
   dsv4::quantise_to_smem<true>(x + size_t(t) * D, D, D, 0, codes, scales);   // while the first steps stream
   __syncthreads();
   float acc[2] = {0.f, 0.f};
   for (int g = 0; g < total; ++g) {
-    const uint8_t* stage = next_stage(ring, g, job, ahead, advance, lc, async_scales);
-    const int blk = part * nb + now.c.s * UB;
-    mma_step<1>(stage, now.step(), async_scales, codes, scales, 0, 1, blk, lane, acc);
+    const uint8_t* stage = next_stage(ring, g, job, ahead, advance, lane, async_scales);
+    const int blk = part * nb + now.s * UB;
+    mma_step<1>(stage, job(now), async_scales, codes, scales, 0, 1, blk, lane, acc);
     __syncwarp();                               // the stage is refilled by the next iteration's issue
-    if (now.c.s == steps - 1) {
+    if (now.s == steps - 1) {
       if (q == 0) {
         partial[warp][r] = acc[0];
         partial[warp][r + 8] = acc[1];
@@ -139,7 +138,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_gate_up(
       acc[0] = acc[1] = 0.f;
       __syncthreads();
       if (threadIdx.x < 16) {
-        const int j = now.c.j, n = now.c.rg * 16 + threadIdx.x;
+        const int j = now.j, n = now.rg * 16 + threadIdx.x;
         float sg = 0.f, su = 0.f;
         for (int p = 0; p < PARTS; ++p) {
           sg += partial[p][threadIdx.x];
@@ -194,17 +193,16 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_down(
   };
   uint8_t* ring = reinterpret_cast<uint8_t*>(smem) + warp * STAGES * STAGE_BYTES;
   const bool async_scales = nb % 4 == 0;
-  const LaneCopies lc(lane, F / 2, F / 32);     // w2: rows of F / 2 bytes
   DownCursor now, ahead;                        // the step being multiplied, the step being loaded
   const auto advance = [&](DownCursor& c) { c.advance(steps, per_warp); };
-  prime_ring(ring, job, ahead, advance, lc, async_scales);
+  prime_ring(ring, job, ahead, advance, lane, async_scales);
   dsv4::pdl_wait();                             // h comes from gate_up (experts and table from before it)
   dsv4::pdl_launch_dependents();
   dsv4::quantise_to_smem<true>(h + size_t(t) * topk * F, topk * F, topk * F, 0, codes, scales);
   __syncthreads();
   float acc[2] = {0.f, 0.f};
   for (int g = 0; g < total; ++g) {
-    const uint8_t* stage = next_stage(ring, g, job, ahead, advance, lc, async_scales);
+    const uint8_t* stage = next_stage(ring, g, job, ahead, advance, lane, async_scales);
     const int jobid = warp + 8 * now.slot;
     const int blk = (jobid % PARTS) * nb + now.s * UB, pair = min(jobid / PARTS, topk - 1);
     mma_step<1>(stage, job(now), async_scales, codes + pair * F,
@@ -317,15 +315,14 @@ __device__ __forceinline__ void walk_groups(const GroupedWalk& w, uint8_t* smem_
     return jb;
   };
   const auto advance = [&](GroupCursor& c) { c.advance(steps, w.blocks, w.groups, mine, w.g_expert, w.table); };
-  const LaneCopies lc(lane, w.n / 2, w.n / 32); // the matrix's K is the activation rows' length
-  prime_ring(ring, job_at, ahead, advance, lc, async_scales);
+  prime_ring(ring, job_at, ahead, advance, lane, async_scales);
   int coded = -1, ntok = 0;                     // the group whose rows are in `codes`
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   for (int i = 0; i < total; ++i) {
     if (now.s == 0 && now.g != coded)           // every warp is here at the same i; `codes` is free
       coded = now.g, ntok = quantise_group(w.src, w.pairs, w.g_start[now.g], w.g_count[now.g], w.topk, w.by_token,
                                            w.n, codes, scales);
-    const uint8_t* stage = next_stage(ring, i, job_at, ahead, advance, lc, async_scales);
+    const uint8_t* stage = next_stage(ring, i, job_at, ahead, advance, lane, async_scales);
     mma_step<8>(stage, job_at(now), async_scales, codes, scales, w.n, ntok,
                 part * w.nb + now.s * UB, lane, acc);
     __syncwarp();                               // the stage is refilled by the next iteration's issue
