@@ -11,6 +11,7 @@ import torch
 from .loader import INT, PTR, kernels
 
 MAX_ROWS = 4                      # csrc/head_gemv.cu MAX_B
+UNROLL = 4                        # csrc/head_gemv.cu: 16-byte loads in flight per lane
 
 
 def kernel_fits(rows: int, hidden: int, device: torch.device) -> bool:
@@ -18,8 +19,9 @@ def kernel_fits(rows: int, hidden: int, device: torch.device) -> bool:
     return device.type == "cuda" and rows <= MAX_ROWS and hidden % 256 == 0
 
 
-def head_logits(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """y [B, D] float32 (or float64), weight [V, D] bf16 (kernel; see `kernel_fits`) or y's dtype -> [B, V]."""
+def head_logits(y: torch.Tensor, weight: torch.Tensor, split: int | None = None) -> torch.Tensor:
+    """y [B, D] float32 (or float64), weight [V, D] bf16 (kernel; see `kernel_fits`) or y's dtype -> [B, V].
+    `split`: warps per weight row (tests; by default `k_split`'s)."""
     if weight.dtype == y.dtype:
         return torch.nn.functional.linear(y, weight)
     b, d = y.shape
@@ -29,7 +31,19 @@ def head_logits(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     v = weight.size(0)
     out = torch.empty(b, v, dtype=torch.float32, device=y.device)
     lib, shared = kernels(), b * d * 4
-    grid = min(-(-v // 8), lib.resident("dsv4_head_gemv", 256, shared))
-    lib.launch("dsv4_head_gemv", grid, 256, [(y, PTR), (weight, PTR), (out, PTR), (b, INT), (v, INT), (d, INT)],
-               shared)
+    resident = lib.resident("dsv4_head_gemv", 256, shared)
+    split = k_split(v, d // 256, resident * 8) if split is None else split
+    assert split in (1, 2, 4, 8) and (d // 256) % split == 0
+    grid = min(-(-v * split // 8), resident)
+    lib.launch("dsv4_head_gemv", grid, 256,
+               [(y, PTR), (weight, PTR), (out, PTR), (b, INT), (v, INT), (d, INT), (split, INT)], shared)
     return out
+
+
+def k_split(rows: int, chunks: int, resident_warps: int) -> int:
+    """Warps per weight row (1, 2, 4 or 8; each a K slice of `chunks` / split 256-element chunks): doubled
+    while the rows leave resident warps idle and each slice keeps a full round of loads (UNROLL chunks)."""
+    split = 1
+    while split < 8 and rows * split < resident_warps and chunks % (2 * split) == 0 and chunks // (2 * split) >= UNROLL:
+        split *= 2
+    return split

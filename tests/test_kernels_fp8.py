@@ -79,6 +79,22 @@ def test_bf16_head_kernel_matches_the_float32_head(rows, v, d):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("split", [1, 2, 4, 8])
+@pytest.mark.parametrize("rows, v", [(1, 300), (3, 37)], ids=["1row-300", "3rows-37"])
+def test_bf16_head_kernel_split_over_k_matches_the_float32_product(rows, v, split):
+    """Narrow weights: `split` warps per row, each a K slice, summed in slice order (rows past the last
+    CTA's full share, fewer rows than CTAs): the float32 product up to summation order, deterministic."""
+    from plugins.head import head_logits
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(v, 4096, generator=g) / 64).to(torch.bfloat16).cuda()
+    y = torch.randn(rows, 4096, generator=g).cuda()
+    expect = y.double() @ w.double().T
+    got = head_logits(y, w, split=split)
+    assert torch.allclose(got.double(), expect, rtol=1e-5, atol=1e-5 * expect.abs().max().item())
+    assert torch.equal(got, head_logits(y, w, split=split))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("rows, n", [(1, 1024), (1, 256), (4, 512)],
                          ids=["compressor-1row", "indexer-1row", "gate-4rows"])
 def test_wide_linear_op_runs_the_head_kernel_for_bf16_weights(rows, n):
@@ -178,3 +194,13 @@ def test_gemv_plan_falls_back_to_one_act_quant_where_shared_memory_is_short(m, k
     got_fused, stages, shared = gemv_plan(m, k, shared_memory)
     assert got_fused == fused and stages >= 2
     assert shared >= stages * STAGE_BYTES and shared + 8 * 1024 <= shared_memory[1]
+
+
+def test_k_split_leaves_the_head_whole_and_splits_narrow_weights():
+    from plugins.head import UNROLL, k_split
+    warps = 132 * 8 * 8                                   # an H200's resident warps at 8 CTAs of 8 per SM
+    assert k_split(129280, 16, warps) == 1                # the vocabulary head fills the GPU row by row
+    for rows in (256, 512, 1024):                         # router gate, compressor products
+        split = k_split(rows, 16, warps)
+        assert split > 1 and 16 % split == 0 and 16 // split >= UNROLL
+    assert k_split(256, 1, warps) == 1                    # a 256-wide row is one chunk: nothing to split

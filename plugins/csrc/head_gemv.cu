@@ -13,25 +13,31 @@ constexpr int UNROLL = 4;       // 16-byte loads in flight per lane
 
 extern "C" __global__ void __launch_bounds__(256) dsv4_head_gemv(const float* __restrict__ y,
                                                                 const __nv_bfloat16* __restrict__ w,
-                                                                float* __restrict__ out, int B, int V, int D) {
+                                                                float* __restrict__ out, int B, int V, int D,
+                                                                int split) {
   extern __shared__ float ys[];                 // [B][D]
-  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  const int gw = int(blockIdx.x) * warps + (threadIdx.x >> 5), all_warps = int(gridDim.x) * warps;
+  __shared__ float partial[8][MAX_B];           // split > 1: each warp's sums, added by the row's first warp
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int rows_per_cta = warps / split, part = warp % split, stride = int(gridDim.x) * rows_per_cta;
+  const int chunks = D / 256, per = chunks / split;   // 32 lanes x 8 weights per chunk; chunks per slice
+  const int c_begin = part * per, c_end = c_begin + per;
+  auto row_of = [&](int v) { return reinterpret_cast<const uint4*>(w + size_t(v) * D); };
+  int v = int(blockIdx.x) * rows_per_cta + warp / split;
+  uint4 raw[UNROLL];
+  if (v < V) dsv4::load_row_chunks(row_of(v), c_begin, c_end, lane, raw);
   dsv4::pdl_wait();                             // y comes from the previous kernels
   dsv4::pdl_launch_dependents();
   for (int i = threadIdx.x * 4; i < B * D; i += blockDim.x * 4)
     *reinterpret_cast<float4*>(ys + i) = *reinterpret_cast<const float4*>(y + i);
   __syncthreads();
-  const int chunks = D / 256;                   // 32 lanes x 8 weights per chunk
-  for (int v = gw; v < V; v += all_warps) {
-    const uint4* row = reinterpret_cast<const uint4*>(w + size_t(v) * D);
+  for (int first = int(blockIdx.x) * rows_per_cta; first < V; first += stride, v += stride) {  // CTA-uniform
+    const bool live = v < V;
     float acc[MAX_B] = {0.f, 0.f, 0.f, 0.f};
-    for (int c0 = 0; c0 < chunks; c0 += UNROLL) {
-      uint4 raw[UNROLL];
-      dsv4::load_row_chunks(row, c0, chunks, lane, raw);
+    for (int c0 = c_begin; live && c0 < c_end; c0 += UNROLL) {
+      if (c0 != c_begin || first != int(blockIdx.x) * rows_per_cta) dsv4::load_row_chunks(row_of(v), c0, c_end, lane, raw);
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
-        if (c0 + u >= chunks) break;
+        if (c0 + u >= c_end) break;
         const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw[u]);
         float wf[8];
 #pragma unroll
@@ -58,10 +64,23 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_head_gemv(const float* __
       }
     }
 #pragma unroll
-    for (int b = 0; b < MAX_B; ++b) {
-      if (b >= B) break;
-      const float s = dsv4::warp_sum(acc[b]);
-      if (lane == 0) out[size_t(b) * V + v] = s;
+    for (int b = 0; b < MAX_B; ++b) acc[b] = dsv4::warp_sum(acc[b]);
+    if (split == 1) {
+#pragma unroll
+      for (int b = 0; b < MAX_B; ++b)
+        if (b < B && live && lane == 0) out[size_t(b) * V + v] = acc[b];
+      continue;
     }
+    if (lane == 0) {
+#pragma unroll
+      for (int b = 0; b < MAX_B; ++b) partial[warp][b] = acc[b];
+    }
+    __syncthreads();
+    if (part == 0 && live && lane < B) {        // lane b writes token b's sum, the slices in order
+      float s = 0.f;
+      for (int p = 0; p < split; ++p) s += partial[warp + p][lane];
+      out[size_t(lane) * V + v] = s;
+    }
+    __syncthreads();                            // partial is refilled by the next row
   }
 }
