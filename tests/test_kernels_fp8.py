@@ -113,8 +113,9 @@ def test_wide_linear_op_runs_the_head_kernel_for_bf16_weights(rows, n):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows, g, r, d", [(1, 8, 1024, 4096), (3, 2, 256, 512), (4, 8, 128, 1024)],
-                         ids=["flash-wo_a-1row", "small-3rows", "4rows"])
+@pytest.mark.parametrize("rows, g, r, d", [(1, 8, 1024, 4096), (3, 2, 256, 512), (4, 8, 128, 1024),
+                                           (2, 3, 256, 2560)],
+                         ids=["flash-wo_a-1row", "small-3rows", "4rows", "partial-last-step"])
 def test_grouped_fp8_kernel_matches_the_bf16_grouped_einsum(rows, g, r, d):
     """DeepSeek's wo_a from its FP8 codes: the bf16 grouped einsum over the dequantised weight up to
     summation order; the op dispatches to it; graph-capturable."""
