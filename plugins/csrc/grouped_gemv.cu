@@ -8,16 +8,16 @@
 // computes the same products from half the bytes (32 MB instead of 64 MB per layer at Flash size); sums are
 // float32, rounded once, as cuBLAS does (another order). Each lane's 16 codes lie in one 128-block, so its
 // partial sum takes the block scale once (exact: a power of two).
-// A warp per output row n (rows gw, gw + warps, ...), walked as steps of UNROLL 16-byte code loads per lane
-// (a 4 KB Flash row is two steps), the next step's loads issued before this one's products: with a step
-// at a time and none ahead, each warp's loads stopped while it multiplied, and the kernel reached half of
-// the copy bandwidth. Each lane reads the activations of its 16 columns through L1 (every warp of a CTA
-// reads the same group's).
+// A warp per output row n (rows gw, gw + warps, ...): each lane streams its 16-byte code loads of a row
+// (UNROLL of them: a 4 KB Flash row) into one of two register buffers while it multiplies the row in the
+// other, so a warp always has a row's loads in flight (a row at a time, the loads stopped while the warp
+// multiplied). Each lane reads the activations of its 16 columns through L1 (every warp of a CTA reads
+// the same group's).
 #include "common.cuh"
 
 namespace grouped_gemv {
 constexpr int MAX_M = 4;        // decode rows
-constexpr int UNROLL = 4;       // 16-byte code loads per lane per step; a second step in flight
+constexpr int UNROLL = 8;       // 16-byte code loads per lane per step: one 4 KB Flash row
 }  // namespace grouped_gemv
 
 extern "C" __global__ void __launch_bounds__(256) dsv4_grouped_fp8_gemv(const __nv_bfloat16* __restrict__ x,
@@ -33,17 +33,13 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_grouped_fp8_gemv(const __
   const int row_steps = (chunks + UNROLL - 1) / UNROLL;
   const int total = gw < N ? (N - gw + all_warps - 1) / all_warps * row_steps : 0;
   auto load = [&](int i, uint4 (&raw)[UNROLL]) {    // step i of the warp's walk: row gw + (i / row_steps) * all_warps
+    if (i >= total) return;
     const int n = gw + (i / row_steps) * all_warps;
     dsv4::load_row_chunks(reinterpret_cast<const uint4*>(w + size_t(n) * D), (i % row_steps) * UNROLL, chunks,
                           lane, raw);
   };
-  uint4 now[UNROLL], ahead[UNROLL];
-  if (total > 0) load(0, now);                   // the weights never depend on the previous kernel
-  dsv4::pdl_wait();                             // x comes from the previous kernels
-  dsv4::pdl_launch_dependents();
   float acc[MAX_M] = {0.f, 0.f, 0.f, 0.f};
-  for (int i = 0; i < total; ++i) {
-    if (i + 1 < total) load(i + 1, ahead);
+  auto multiply = [&](int i, const uint4 (&raw)[UNROLL]) {
     const int n = gw + (i / row_steps) * all_warps, g = n / R, c0 = (i % row_steps) * UNROLL;
     const uint8_t* row_scale = w_scale + size_t(n / 128) * kblocks;
 #pragma unroll
@@ -52,7 +48,7 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_grouped_fp8_gemv(const __
       const int d = ((c0 + u) * 32 + lane) * 16;
       const float s = dsv4::e8m0(__ldg(row_scale + d / 128));
       float wf[16];
-      const __nv_fp8x2_storage_t* pairs = reinterpret_cast<const __nv_fp8x2_storage_t*>(&now[u]);
+      const __nv_fp8x2_storage_t* pairs = reinterpret_cast<const __nv_fp8x2_storage_t*>(&raw[u]);
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pairs[j], __NV_E4M3)));
@@ -85,7 +81,16 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_grouped_fp8_gemv(const __
         acc[m] = 0.f;
       }
     }
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) now[u] = ahead[u];
+  };
+  uint4 even[UNROLL], odd[UNROLL];              // steps 2j and 2j + 1
+  load(0, even);                                // the weights never depend on the previous kernel
+  dsv4::pdl_wait();                             // x comes from the previous kernels
+  dsv4::pdl_launch_dependents();
+  for (int i = 0; i < total; i += 2) {
+    load(i + 1, odd);
+    multiply(i, even);
+    if (i + 1 == total) break;
+    load(i + 2, even);
+    multiply(i + 1, odd);
   }
 }
