@@ -18,7 +18,7 @@ from __future__ import annotations
 import gc
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file
@@ -226,6 +226,7 @@ class ArtifactModel:
         try:
             with torch.cuda.graph(self.graph):
                 self._out = self._step()
+                self._next = self._out.argmax(-1)      # the greedy pick, on the device (decode_greedy)
         finally:
             gc.enable()
 
@@ -244,6 +245,47 @@ class ArtifactModel:
             self.pager.follow()                 # prefetch predicted experts while the step runs
             self.pager.end_step([caches["routed"] for _, _, _, caches in self.layers])
         return logits.float()
+
+    @torch.inference_mode()
+    def decode_greedy(self, token: int, position: int, count: int) -> Iterator[int]:
+        """The `count` greedy tokens after `token` at `position` (batch 1; closing the iterator stops early):
+        what `step` and the argmax of its logits give one at a time. The device runs a step ahead of the
+        host: each step's token is picked on the device and fed to the next step there, and the next step
+        is queued before the host reads this one, so the host's work between steps (reading the token,
+        copying it in, launching the graph) no longer leaves the GPU idle. The pager needs each token on
+        the host before its step (hash-routed prefetch), so it keeps the step-by-step loop. A step queued
+        past an early stop only writes cache rows at a position the next request overwrites."""
+        if self.pager is not None or self.batch != 1:
+            for i in range(count):
+                token = int(self.step(torch.tensor([token]), torch.tensor([position + i]))[0].argmax())
+                yield token
+            return
+        cuda = self.device.type == "cuda"
+        self.tokens.fill_(token)
+        self.positions.fill_(position)
+        picked = torch.empty(max(count, 0), dtype=torch.int64, pin_memory=cuda)
+
+        def queue(i: int) -> torch.cuda.Event | None:
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._next = self._step().argmax(-1)
+            self.tokens.copy_(self._next)                # the next step's input, never through the host
+            self.positions.add_(1)
+            picked[i].copy_(self._next[0], non_blocking=cuda)
+            if not cuda:
+                return None
+            done = torch.cuda.Event()
+            done.record()
+            return done
+
+        done = queue(0) if count > 0 else None
+        for i in range(count):
+            ahead = queue(i + 1) if i + 1 < count else None
+            if done is not None:
+                done.synchronize()
+            yield int(picked[i])
+            done = ahead
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:

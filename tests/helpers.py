@@ -26,3 +26,19 @@ def routed_chunk(tokens: int, d: int, n_exp: int, k: int, hot_expert: int | None
         experts[:, 0] = torch.where(experts[:, 1:].eq(hot_expert).any(1), experts[:, 0], hot_expert)
     weights = torch.rand(tokens, k, generator=g) + 0.1
     return x, experts.cuda(), weights.cuda()
+
+
+def greedy_both_ways(model, prompt: list[int], new: int) -> tuple[list[int], list[int], list[int]]:
+    """An artifact model's greedy tokens after `prompt`: stepped one at a time with each argmax read back;
+    the first 4 of `decode_greedy`, closed there; then all of `decode_greedy` (each from a fresh prefill)."""
+    def first_token() -> int:
+        model.reset(1)
+        return int(model.forward(torch.tensor([prompt]), 0)[0].argmax())
+
+    stepped = [first_token()]
+    for i in range(new):
+        stepped.append(int(model.step(torch.tensor(stepped[-1:]), torch.tensor([len(prompt) + i]))[0].argmax()))
+    stopped = model.decode_greedy(first_token(), len(prompt), new)
+    early = [next(stopped) for _ in range(4)]
+    stopped.close()
+    return stepped, early, [first_token(), *model.decode_greedy(stepped[0], len(prompt), new)]

@@ -17,6 +17,8 @@ from builder.recipe import load_recipe
 from builder.reference.model import ReferenceModel
 from runtime.artifact import ArtifactModel
 
+from helpers import greedy_both_ways
+
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-h200.toml"
 PROMPT, FORCED = [5, 17, 99, 300, 12] * 28, [3, 4, 5, 6, 7, 8]        # 140 tokens: a ratio-128 block completes
 
@@ -87,6 +89,13 @@ def test_graph_replay_equals_plain_launches_and_eager(artifact, tiny_dir):
     # Inductor's fused bf16 kernels round differently from eager's op-by-op ones: measured worst 0.9978 on
     # the H200, the reference's own decode-vs-prefill gap being 0.9973 (exactness is the float32 test's job)
     assert _cosines(graphed, eager).min() >= 0.99
+
+
+def test_greedy_decode_ahead_of_the_host_equals_step_by_step_on_the_graph(artifact):
+    """The captured step picks each token on the GPU and the next replay is queued before the host reads
+    it: the same tokens as replaying one step at a time with each argmax read back."""
+    expect, early, greedy = greedy_both_ways(ArtifactModel(artifact, "cuda", graphs=True), PROMPT, 12)
+    assert early == expect[1:5] and greedy == expect
 
 
 def test_paged_experts_change_nothing_but_where_they_are_read(artifact):

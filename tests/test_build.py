@@ -16,6 +16,8 @@ from builder.reference.model import ReferenceModel
 from runtime.artifact import ArtifactModel
 from runtime.manifest import ArtifactError
 
+from helpers import greedy_both_ways
+
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml"
 
 
@@ -47,6 +49,15 @@ def test_artifact_matches_the_reference(built, tiny_dir):
     for got in (art, by_token):
         cos = torch.nn.functional.cosine_similarity(got.double(), ref.double(), dim=-1)
         assert torch.equal(got.argmax(-1), ref.argmax(-1)) and cos.min() >= 0.999999, (got - ref).abs().max()
+
+
+@pytest.mark.slow
+def test_greedy_decode_with_tokens_fed_on_the_device_equals_step_by_step(built):
+    """decode_greedy feeds each picked token to the next step on the device (the host reads it a step
+    behind): the same tokens as stepping with each argmax read back; stopping early leaves nothing behind
+    that a new request sees."""
+    expect, early, greedy = greedy_both_ways(ArtifactModel(built[0]), [5, 17, 99, 300, 12] * 3, 12)
+    assert len(set(expect)) > 3 and early == expect[1:5] and greedy == expect
 
 
 @pytest.mark.slow
