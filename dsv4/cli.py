@@ -344,7 +344,8 @@ def _pager_line(pager) -> str:
     return (f"expert pager: {pager.pool.slots} slots, hit rate {s.hit_rate:.3f} ({s.hits} hits, {s.misses} "
             f"misses, {s.prefetch_hits} prefetch hits){predicted}, {pager.bytes_moved / 1e6:.1f} MB copied in, "
             f"{pager.cold_bytes_read / 1e6:.1f} MB read from cold copies, "
-            f"{pager.stall_s * 1e3:.1f} ms waiting for copies")
+            f"{pager.stall_s * 1e3:.1f} ms waiting for copies of {pager.waited_bytes / 1e6:.1f} MB "
+            f"({pager.waited_again} of them experts a prediction had evicted)")
 
 
 @cli.command("bench")
@@ -402,13 +403,7 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
             model.pager.pool.admit_rule = "always"
         figures = measure(model, prompt, new_tokens)
         if model.pager is not None:
-            st = model.pager.stats
-            figures["pager"] = {"slots": model.pager.pool.slots, "hit_rate": st.hit_rate, "hits": st.hits,
-                                "misses": st.misses, "prefetch_hits": st.prefetch_hits,
-                                "admissions": st.admissions, "prefetches": st.prefetches,
-                                "experts_predicted_for": st.predicted, "predicted_right": st.predicted_used,
-                                "bytes_copied_in": model.pager.bytes_moved,
-                                "bytes_read_cold": model.pager.cold_bytes_read, "stall_s": model.pager.stall_s}
+            figures["pager"] = model.pager.report()
             click.echo(_pager_line(model.pager))
         if per_token:
             figures["fraction_of_copy_bandwidth"] = per_token / bandwidth / (figures["decode_step_ms"] / 1e3)

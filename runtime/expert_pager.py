@@ -68,6 +68,9 @@ class PagedExperts:
         # the last chained layers whose predictions are not copied (those copies may still be on the bus
         # when the next step's waited copies start: the H200's wait grew with prediction, session 12)
         self.waited, self.predicted_copies, self.unpredicted_tail = WAITED, PREDICTED_COPIES, 0
+        # spare_waited: predicted copies evict no expert of the first `waited` layers, which the next step
+        # would wait to copy back (off by default; a pager_sweep variant)
+        self.spare_waited = False
         self.position = {layer: i for i, layer in enumerate(layers)}
         self.tid2eid = {layer: t.cpu() for layer, t in (tid2eid or {}).items()}
         self.stride = max(bank.entries[layer]["stride"] for layer in layers)
@@ -141,6 +144,19 @@ class PagedExperts:
         self.pool.stats = PagerStats()
         self.bytes_moved = self.cold_bytes_read = 0
         self.stall_s, self.waits = 0.0, []
+        # what the steps waited for: bytes copied before they started, and how many of those copies
+        # brought back an expert that a predicted copy had evicted (`displaced`; why the wait grows?)
+        self.waited_bytes = self.waited_again = 0
+        self.displaced: set[tuple[int, int]] = set()
+
+    def report(self) -> dict:
+        """The counters since `reset_stats`, for benchmark reports."""
+        st = self.stats
+        return {"slots": self.pool.slots, "hit_rate": st.hit_rate, "hits": st.hits, "misses": st.misses,
+                "prefetch_hits": st.prefetch_hits, "admissions": st.admissions, "prefetches": st.prefetches,
+                "experts_predicted_for": st.predicted, "predicted_right": st.predicted_used,
+                "bytes_copied_in": self.bytes_moved, "bytes_read_cold": self.cold_bytes_read,
+                "stall_s": self.stall_s, "waited_bytes": self.waited_bytes, "waited_again": self.waited_again}
 
     def device_bytes(self) -> int:
         return self.slab.numel()
@@ -170,7 +186,11 @@ class PagedExperts:
             for layer, keys in hashed.items():
                 if chosen((layer, 0)):
                     self.pool.prefetch(keys, busy=self._in_flight)
-            self._carry_out(stream, self.urgent_stream if early else self.copy_stream, wait=early)
+            copied = self._carry_out(stream, self.urgent_stream if early else self.copy_stream, wait=early)
+            if early:
+                self.waited_bytes += sum(self.expert_bytes[layer] for layer, _ in copied)
+                self.waited_again += len(self.displaced.intersection(copied))
+            self.displaced.difference_update(copied)
             if early and self.copy_stream is not None:
                 # the later layers' copies start once the waited ones have landed, not beside them on PCIe
                 self.copy_stream.wait_stream(self.urgent_stream)
@@ -188,8 +208,10 @@ class PagedExperts:
             self.predicted[layer] = self.predictor.wait(j)
             cold = [(layer, e) for e in self.predicted[layer] if (layer, e) not in self.pool.resident]
             copies = self.predicted_copies if j < len(self.layers) - self.unpredicted_tail else 0
-            self.pool.prefetch(cold[:copies], layers=self.layers[:max(j - 1, 0)], busy=self._in_flight)
-            self._carry_out(self.table_stream, self.ahead_stream)
+            run = self.layers[self.waited if self.spare_waited else 0:max(j - 1, 0)]   # layers done this step
+            self.pool.prefetch(cold[:copies], layers=run, busy=self._in_flight)
+            self.displaced.update(key for key, slot in self.pool.changes if slot is None)
+            self.displaced.difference_update(self._carry_out(self.table_stream, self.ahead_stream))
             if self.mapped_cold:                      # those left cold: read ahead from the file
                 self.bank.will_need(layer, [e for e in self.predicted[layer] if (layer, e) not in self.pool.resident])
 
@@ -240,14 +262,15 @@ class PagedExperts:
         event = self.in_flight.get(key)
         return event is not None and not event.query()
 
-    def _carry_out(self, repoint_stream, copies, wait: bool = False) -> None:
+    def _carry_out(self, repoint_stream, copies, wait: bool = False) -> list[tuple[int, int]]:
         """Carry out the pool's evictions and admissions since the last call: evicted experts' entries back
         to their cold copies on `repoint_stream`, then on the stream `copies` each admitted expert copied
-        into its slot and its entry repointed there; with `wait`, the current stream waits for those copies."""
+        into its slot and its entry repointed there; with `wait`, the current stream waits for those copies.
+        Returns the experts copied in."""
         changes, self.pool.changes = self.pool.changes, []
         final = dict(changes)                  # admitted then evicted within one call: never copied
         if not final:
-            return
+            return []
         cuda = self.copy_stream is not None
         with torch.cuda.stream(repoint_stream) if cuda else contextlib.nullcontext():
             # every expert that left a slot, readmitted or not: its entry must not point at a slot that
@@ -278,3 +301,4 @@ class PagedExperts:
             stream.wait_stream(copies)
             after.record(stream)
             self.waits.append((before, after))
+        return [key for key, slot in final.items() if slot is not None]

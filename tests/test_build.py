@@ -127,6 +127,22 @@ def test_pager_under_a_budget_changes_nothing_but_where_experts_are_read(built):
 
 
 @pytest.mark.slow
+def test_the_pager_counts_waits_for_experts_a_prediction_evicted_and_can_spare_them(built):
+    """A step waits for the copies into its first layers; the pager counts those bytes and how many brought
+    back an expert a predicted copy had evicted. Sparing the waited layers from those evictions leaves
+    none such, and changes no token."""
+    from runtime.bench import measure
+    runs = {}
+    for spare in (False, True):
+        model = ArtifactModel(built[0], expert_slots=20)
+        model.pager.spare_waited = spare
+        tokens = measure(model, [5, 17, 99, 300, 12] * 2, 12)["tokens"]
+        runs[spare] = (model.pager.waited_again, model.pager.waited_bytes, tokens)
+    assert runs[False][0] > 0 and runs[False][1] > 0     # predictions did evict the first layers' experts
+    assert runs[True][0] == 0 and runs[True][2] == runs[False][2]
+
+
+@pytest.mark.slow
 def test_paged_bench_reports_prefetch_and_the_resident_run(built, tmp_path):
     """`dsv4 bench --expert-slots`: the paged run with route prediction, with hash-layer prefetch only, with no
     prefetch, admitting every miss, and the all-resident run, in one process; the same greedy tokens in all, and each paged
