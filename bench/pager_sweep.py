@@ -6,9 +6,9 @@ prediction, hash prefetch only) run twice each so that the run-to-run spread sit
         --json bench/results/pager-sweep-flash8-h200.json
 
 Variants: what a step waits for (`waited`: its first 1 or 2 layers' copies), how many predicted experts a
-layer copies (`predicted_copies`), whether the last layer's predictions are copied (`unpredicted_tail`),
-and whether predicted copies may evict the waited layers' experts (`spare_waited`); each reports the bytes
-a step waited for and how many of those copies brought back experts a prediction had evicted.
+layer copies (`predicted_copies`), and whether predicted copies may evict the waited layers' experts
+(`spare_waited`, the default since session 13); each reports the bytes a step waited for and how many of
+those copies brought back experts a prediction had evicted.
 `dsv4 bench --expert-slots` compares the admission rules. Greedy tokens must be the same in every variant
 (where experts are read from never changes the arithmetic).
 """
@@ -27,27 +27,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime.artifact import ArtifactModel  # noqa: E402
 from runtime.bench import measure  # noqa: E402
 
-# (name, prefetch, waited, predicted copies per layer, last layers not predicted, waited layers spared)
+# (name, prefetch, waited, predicted copies per layer, waited layers spared by predicted copies)
 VARIANTS = [
-    ("predict", "predict", 2, 2, 0, False),
-    ("hash", "hash", 2, 2, 0, False),
-    ("predict-again", "predict", 2, 2, 0, False),
-    ("hash-again", "hash", 2, 2, 0, False),
-    ("predict-spare-waited", "predict", 2, 2, 0, True),
-    ("predict-1-copy", "predict", 2, 1, 0, False),
-    ("predict-4-copies", "predict", 2, 4, 0, False),
-    ("predict-not-last-layer", "predict", 2, 2, 1, False),
-    ("predict-wait-1", "predict", 1, 2, 0, False),
+    ("predict", "predict", 2, 2, True),
+    ("hash", "hash", 2, 2, True),
+    ("predict-again", "predict", 2, 2, True),
+    ("hash-again", "hash", 2, 2, True),
+    ("predict-evicting-waited", "predict", 2, 2, False),     # the default up to session 13
+    ("predict-evicting-waited-again", "predict", 2, 2, False),
+    ("predict-1-copy", "predict", 2, 1, True),
+    ("predict-4-copies", "predict", 2, 4, True),
+    ("predict-wait-1", "predict", 1, 2, True),
 ]
 
 
 def run(artifact: Path, device: str, slots: int, prompt: list[int], new: int, prefetch: str, waited: int,
-        copies: int, tail: int, spare: bool) -> dict:
+        copies: int, spare: bool) -> dict:
     model = ArtifactModel(artifact, device, graphs=device == "cuda", expert_slots=slots, prefetch=prefetch)
     try:
         if model.pager is not None:
-            model.pager.waited, model.pager.predicted_copies, model.pager.unpredicted_tail = waited, copies, tail
-            model.pager.spare_waited = spare
+            model.pager.waited, model.pager.predicted_copies, model.pager.spare_waited = waited, copies, spare
         figures = measure(model, prompt, new)
         if model.pager is not None:
             figures["pager"] = model.pager.report()
@@ -73,18 +72,18 @@ def main() -> None:
     report = {"command": "python " + " ".join(sys.argv), "gpu": gpu,
               "torch": torch.__version__, "python": platform.python_version(), "slots": args.slots,
               "variants": {}}
-    resident = run(args.artifact, args.device, 0, prompt, args.new, "predict", 2, 2, 0, False)
+    resident = run(args.artifact, args.device, 0, prompt, args.new, "predict", 2, 2, True)
     report["resident"] = resident
     print(f"resident: decode {resident['decode_tok_s']:.1f} tok/s")
-    for name, prefetch, waited, copies, tail, spare in VARIANTS:
-        f = run(args.artifact, args.device, args.slots, prompt, args.new, prefetch, waited, copies, tail, spare)
+    for name, prefetch, waited, copies, spare in VARIANTS:
+        f = run(args.artifact, args.device, args.slots, prompt, args.new, prefetch, waited, copies, spare)
         f["settings"] = {"prefetch": prefetch, "waited": waited, "predicted_copies": copies,
-                         "unpredicted_tail": tail, "spare_waited": spare}
+                         "spare_waited": spare}
         f["time_lost_to_paging_s"] = (f["decode_step_ms"] - resident["decode_step_ms"]) * f["decode_tokens"] / 1e3
         f["tokens_as_resident"] = f["tokens"] == resident["tokens"]
         report["variants"][name] = f
         p = f["pager"]
-        print(f"{name:22s} hit {p['hit_rate']:.3f}  misses {p['misses']:4d}  copied "
+        print(f"{name:29s} hit {p['hit_rate']:.3f}  misses {p['misses']:4d}  copied "
               f"{p['bytes_copied_in'] / 1e6:7.0f} MB  cold {p['bytes_read_cold'] / 1e6:7.0f} MB  wait "
               f"{p['stall_s'] * 1e3:6.1f} ms ({p['waited_bytes'] / 1e6:5.0f} MB, {p['waited_again']:3d} again)  lost "
               f"{f['time_lost_to_paging_s'] * 1e3:6.1f} ms  decode {f['decode_tok_s']:6.1f} tok/s"

@@ -40,6 +40,12 @@ WAITED = 2
 # on the H200, and one expert takes about that over PCIe. A copy still in flight when its layer starts
 # leaves the kernel reading the cold copy beside it: the bus bytes twice and a miss all the same.
 PREDICTED_COPIES = 2
+# predicted copies evict no expert of the first WAITED layers: the next step would wait to copy those back.
+# On the tiny artifact (CPU, 60 slots for 80 experts, 48 tokens) letting them evict such experts made the
+# steps wait for 2.14 MB of copies (15 of them experts a prediction had evicted) against 1.41 MB with hash
+# prefetch alone; sparing them, 1.57 MB (none), at the same hit rate. Not yet measured at Flash size, where
+# the H200's wait with prediction was 54-58 ms against 41-42 (session 13's sweep, before this).
+SPARE_WAITED = True
 
 
 def reads_pageable_memory(device: torch.device) -> bool:
@@ -64,13 +70,8 @@ class PagedExperts:
         """`layers`: the chained layers in order; `tid2eid[layer]` [vocab, k] for the hash-routed ones
         (exact prefetch); `prefetch` off leaves only admissions on a miss (the baseline)."""
         self.device, self.layers, self.prefetch_enabled = device, layers, prefetch
-        # the module's defaults; bench/pager_sweep.py varies them on one loaded artifact. unpredicted_tail:
-        # the last chained layers whose predictions are not copied (those copies may still be on the bus
-        # when the next step's waited copies start: the H200's wait grew with prediction, session 12)
-        self.waited, self.predicted_copies, self.unpredicted_tail = WAITED, PREDICTED_COPIES, 0
-        # spare_waited: predicted copies evict no expert of the first `waited` layers, which the next step
-        # would wait to copy back (off by default; a pager_sweep variant)
-        self.spare_waited = False
+        # the module's defaults; bench/pager_sweep.py varies them on one loaded artifact
+        self.waited, self.predicted_copies, self.spare_waited = WAITED, PREDICTED_COPIES, SPARE_WAITED
         self.position = {layer: i for i, layer in enumerate(layers)}
         self.tid2eid = {layer: t.cpu() for layer, t in (tid2eid or {}).items()}
         self.stride = max(bank.entries[layer]["stride"] for layer in layers)
@@ -200,16 +201,16 @@ class PagedExperts:
 
     def follow(self) -> None:
         """While the launched step runs: prefetch each layer's predicted experts as they arrive, evicting
-        only experts of layers that have run (the prediction for layer j is made as layer j-1 starts)."""
+        only experts of layers that have run (the prediction for layer j is made as layer j-1 starts), and
+        with `spare_waited` none of the first `waited` layers'."""
         if self.predictor is None:
             return
         for j in self.predictor.order:
             layer = self.layers[j]
             self.predicted[layer] = self.predictor.wait(j)
             cold = [(layer, e) for e in self.predicted[layer] if (layer, e) not in self.pool.resident]
-            copies = self.predicted_copies if j < len(self.layers) - self.unpredicted_tail else 0
             run = self.layers[self.waited if self.spare_waited else 0:max(j - 1, 0)]   # layers done this step
-            self.pool.prefetch(cold[:copies], layers=run, busy=self._in_flight)
+            self.pool.prefetch(cold[:self.predicted_copies], layers=run, busy=self._in_flight)
             self.displaced.update(key for key, slot in self.pool.changes if slot is None)
             self.displaced.difference_update(self._carry_out(self.table_stream, self.ahead_stream))
             if self.mapped_cold:                      # those left cold: read ahead from the file
