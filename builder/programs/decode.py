@@ -106,7 +106,6 @@ def layer_weights(cfg: ModelConfig, get, layer: int, act: torch.dtype) -> dict[s
     names_act = []
     compressors = (["attn.compressor"] if ratio else []) + (["attn.indexer.compressor"] if ratio == 4 else [])
     names_work += [f"{c}.{n}" for c in compressors for n in ("ape", "norm.weight")]
-    names_kept += [f"{c}.{n}" for c in compressors for n in ("wkv.weight", "wgate.weight")]
     if ratio == 4:
         names_raw += ["attn.indexer.wq_b.weight", "attn.indexer.wq_b.scale"]
         names_act += ["attn.indexer.weights_proj.weight"]
@@ -117,8 +116,12 @@ def layer_weights(cfg: ModelConfig, get, layer: int, act: torch.dtype) -> dict[s
         w[f"{name}.weight"], w[f"{name}.scale"] = stack_fp8([(get(f"{p}{n}.weight"), get(f"{p}{n}.scale"))
                                                              for n in parts])
     w |= {n: get(p + n).to(act) for n in names_act}
+    # each compressor's two products of one input, stacked by rows: one launch (`Compressor.project`)
+    stacked = {f"{c}.wkv_wgate.weight": torch.cat([get(f"{p}{c}.wkv.weight"), get(f"{p}{c}.wgate.weight")])
+               for c in compressors}
     # kept in bf16 for a bf16 model (as the checkpoint stores them); widened for a float32 one (an exact gate)
-    w |= {n: t if t.dtype == act == torch.bfloat16 else t.to(work) for n in names_kept for t in [get(p + n)]}
+    w |= {n: t if t.dtype == act == torch.bfloat16 else t.to(work)
+          for n, t in [(n, get(p + n)) for n in names_kept] + list(stacked.items())}
     if cfg.is_hash_layer(layer):
         w["ffn.gate.tid2eid"] = get(p + "ffn.gate.tid2eid").to(torch.int32)
     if is_mtp(cfg, layer):
@@ -180,9 +183,9 @@ class Compressor(torch.nn.Module):
     def project(self, x, pos, w):
         """x [..., dm] at positions pos [...] -> kv, score [..., coff*dim] in working precision; the score
         carries the APE of the token's slot in its block."""
-        p, xf = self.prefix, wide(x)
-        return (wide_product(xf, w[f"{p}.wkv.weight"]),
-                wide_product(xf, w[f"{p}.wgate.weight"]) + w[f"{p}.ape"][pos % self.ratio])
+        p = self.prefix
+        kv, score = wide_product(wide(x), w[f"{p}.wkv_wgate.weight"]).chunk(2, dim=-1)   # wkv, wgate stacked
+        return kv, score + w[f"{p}.ape"][pos % self.ratio]
 
     def pool(self, kv, score):
         """kv, score [..., coff*r, coff*dim] in the state layout (ratio 4: rows [:r] the previous block,
