@@ -51,7 +51,7 @@ def generate(model, tok: Tokenizer, ids: list[int], max_new: int, emit: Callable
         picks = itertools.chain([first], model.decode_greedy(first, len(ids), max_new - 1))
     else:
         picks = sampled(model, first, len(ids), max_new, temperature, top_p, gen)
-    for nxt in picks:
+    for nxt in itertools.islice(picks, max(max_new, 0)):   # max_new 0: none, not even the first
         if nxt == tok.eos_id:
             break
         produced += 1
