@@ -146,7 +146,7 @@ class PagedExperts:
         self.bytes_moved = self.cold_bytes_read = 0
         self.stall_s, self.waits = 0.0, []
         # what the steps waited for: bytes copied before they started, and how many of those copies
-        # brought back an expert that a predicted copy had evicted (`displaced`; why the wait grows?)
+        # brought back an expert that a predicted copy had evicted (`displaced`: those not back yet)
         self.waited_bytes = self.waited_again = 0
         self.displaced: set[tuple[int, int]] = set()
 
