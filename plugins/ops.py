@@ -120,11 +120,15 @@ def _(x, experts, weights, table, inter, limit):
 @torch.library.custom_op("dsv4::sparse_attention", mutates_args=())
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
                      scale: float) -> torch.Tensor:
-    """q [b, s, h, d] over rows kv[b, idx[b, s, k]] (-1 = none) with a per-head sink -> [b, s, h, d]."""
-    from .sparse_attention import sparse_attention_decode, supports
-    if supports(q, kv, idx.size(-1)):
-        return sparse_attention_decode(q.contiguous(), kv.contiguous(), sink.float().contiguous(),
-                                       idx.long().contiguous(), scale)
+    """q [b, s, h, d] over rows kv[b, idx[b, s, k]] (-1 = none) with a per-head sink -> [b, s, h, d]: the
+    kernels for bf16 on a GPU (prefill chunks only with PREFILL_KERNEL), else the oracle."""
+    from . import sparse_attention as kernel
+    if kernel.fits(q, kv, idx.size(-1)):
+        args = (q.contiguous(), kv.contiguous(), sink.float().contiguous(), idx.long().contiguous(), scale)
+        if kernel.supports(q, kv, idx.size(-1)):
+            return kernel.sparse_attention_decode(*args)
+        if kernel.PREFILL_KERNEL:
+            return kernel.sparse_attention_chunked(*args)
     return sparse_attention_oracle(q, kv, sink, idx, scale)
 
 

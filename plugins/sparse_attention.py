@@ -1,5 +1,6 @@
-"""Sparse attention with a sink for decode on the GPU (csrc/sparse_attention.cu): a split launch that
-gathers each split's rows once for every head and runs both products on tensor cores, and a combine launch.
+"""Sparse attention with a sink on the GPU (csrc/sparse_attention.cu): a split launch that gathers each
+split's rows once for every head and runs both products on tensor cores, and a combine launch. Decode takes
+one launch pair; a prefill chunk takes one per group of PREFILL_QUERIES queries (`sparse_attention_chunked`).
 
 Oracle: `plugins.oracle.sparse_attention`. Pass `workspace` (from `make_workspace`) to launch without
 allocating.
@@ -11,17 +12,28 @@ import torch
 from .loader import FLOAT, INT, PTR, kernels
 
 ROWS, MAX_SPLITS, ROW_PAD = 32, 2048, 8     # csrc/sparse_attention.cu: indices per split, splits, row padding
-MAX_QUERIES = 16                             # decode sizes; prefill chunks take the oracle
+MAX_QUERIES = 16                             # decode sizes: one launch pair
+# queries per launch pair for a prefill chunk: bounds the workspace (32 x splits x heads x d floats, 84 MB at
+# Flash size with 640 rows)
+PREFILL_QUERIES = 32
+# whether dsv4::sparse_attention takes the kernels for prefill chunks too (else the oracle): off until their
+# GPU tests and the tiny artifact's bf16 check have run with it (written in session 13 after the device time)
+PREFILL_KERNEL = False
 CHUNKS = (1, 2, 4)                           # head_dim / 128 the kernel is built for
 MAX_HEADS = 128                              # a warp per 16 heads, 8 warps
 
 
-def supports(q: torch.Tensor, kv: torch.Tensor, k: int) -> bool:
-    """Whether the kernel takes q [b, s, h, d] over kv rows with k indices per query."""
+def fits(q: torch.Tensor, kv: torch.Tensor, k: int) -> bool:
+    """Whether the kernels take q [b, s, h, d] over kv rows with k indices per query (any number of queries:
+    `supports` says which fit one launch pair)."""
     d = q.size(-1)
     return (q.is_cuda and q.dtype == kv.dtype == torch.bfloat16 and d % 128 == 0 and d // 128 in CHUNKS
-            and kv.size(-1) == d and k <= ROWS * MAX_SPLITS and q.size(0) * q.size(1) <= MAX_QUERIES
-            and q.size(2) <= MAX_HEADS)
+            and kv.size(-1) == d and k <= ROWS * MAX_SPLITS and q.size(2) <= MAX_HEADS)
+
+
+def supports(q: torch.Tensor, kv: torch.Tensor, k: int) -> bool:
+    """Whether one launch pair (`sparse_attention_decode`) takes q [b, s, h, d]: decode sizes."""
+    return fits(q, kv, k) and q.size(0) * q.size(1) <= MAX_QUERIES
 
 
 def make_workspace(queries: int, heads: int, d: int, k: int, device) -> dict[str, torch.Tensor]:
@@ -38,7 +50,7 @@ def sparse_attention_decode(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
     per-head sink [h] float32 -> [b, s, h, d] bf16. All contiguous."""
     b, s, h, d = q.shape
     k, t = idx.size(-1), kv.size(1)
-    assert supports(q, kv, k) and idx.shape == (b, s, k) and idx.dtype == torch.int64 and sink.numel() == h
+    assert fits(q, kv, k) and idx.shape == (b, s, k) and idx.dtype == torch.int64 and sink.numel() == h
     assert q.is_contiguous() and kv.is_contiguous() and idx.is_contiguous() and sink.dtype == torch.float32
     ws = make_workspace(b * s, h, d, k, q.device) if workspace is None else workspace
     acc, ml = ws["acc"], ws["ml"]
@@ -51,3 +63,15 @@ def sparse_attention_decode(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
     lib.launch("dsv4_sparse_attention_combine", (h, b * s), 128,             # 4 elements a thread: d <= 512
                [(acc, PTR), (ml, PTR), (sink, PTR), (out, PTR), (h, INT), (d, INT), (splits, INT)])
     return out
+
+
+def sparse_attention_chunked(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    """`sparse_attention_decode` over a prefill chunk's queries, PREFILL_QUERIES at a time through one
+    workspace: no gathered copy of each query's rows, as the oracle makes. Allocates (prefill runs outside
+    CUDA graphs)."""
+    b, s, h, d = q.shape
+    ws = make_workspace(b * min(s, PREFILL_QUERIES), h, d, idx.size(-1), q.device)
+    return torch.cat([sparse_attention_decode(q[:, i:i + PREFILL_QUERIES].contiguous(), kv, sink,
+                                              idx[:, i:i + PREFILL_QUERIES].contiguous(), scale, workspace=ws)
+                      for i in range(0, s, PREFILL_QUERIES)], dim=1)
