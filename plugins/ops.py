@@ -123,12 +123,9 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
     """q [b, s, h, d] over rows kv[b, idx[b, s, k]] (-1 = none) with a per-head sink -> [b, s, h, d]: the
     kernels for bf16 on a GPU (prefill chunks only with PREFILL_KERNEL), else the oracle."""
     from . import sparse_attention as kernel
-    if kernel.fits(q, kv, idx.size(-1)):
-        args = (q.contiguous(), kv.contiguous(), sink.float().contiguous(), idx.long().contiguous(), scale)
-        if kernel.supports(q, kv, idx.size(-1)):
-            return kernel.sparse_attention_decode(*args)
-        if kernel.PREFILL_KERNEL:
-            return kernel.sparse_attention_chunked(*args)
+    if kernel.fits(q, kv, idx.size(-1)) and (q.size(0) * q.size(1) <= kernel.MAX_QUERIES or kernel.PREFILL_KERNEL):
+        return kernel.sparse_attention_chunked(q.contiguous(), kv.contiguous(), sink.float().contiguous(),
+                                               idx.long().contiguous(), scale)
     return sparse_attention_oracle(q, kv, sink, idx, scale)
 
 

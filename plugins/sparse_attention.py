@@ -67,11 +67,13 @@ def sparse_attention_decode(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
 
 def sparse_attention_chunked(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
                              scale: float) -> torch.Tensor:
-    """`sparse_attention_decode` over a prefill chunk's queries, PREFILL_QUERIES at a time through one
-    workspace: no gathered copy of each query's rows, as the oracle makes. Allocates (prefill runs outside
-    CUDA graphs)."""
+    """`sparse_attention_decode` over any number of queries: one launch pair up to PREFILL_QUERIES (decode),
+    else PREFILL_QUERIES at a time through one workspace (prefill chunks), with no gathered copy of each
+    query's rows as the oracle makes. Allocates without a workspace (prefill runs outside CUDA graphs)."""
     b, s, h, d = q.shape
-    ws = make_workspace(b * min(s, PREFILL_QUERIES), h, d, idx.size(-1), q.device)
+    if s <= PREFILL_QUERIES:                     # decode: one launch pair, nothing to join
+        return sparse_attention_decode(q, kv, sink, idx, scale)
+    ws = make_workspace(b * PREFILL_QUERIES, h, d, idx.size(-1), q.device)
     return torch.cat([sparse_attention_decode(q[:, i:i + PREFILL_QUERIES].contiguous(), kv, sink,
                                               idx[:, i:i + PREFILL_QUERIES].contiguous(), scale, workspace=ws)
                       for i in range(0, s, PREFILL_QUERIES)], dim=1)
