@@ -8,6 +8,8 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters)   hyper-connection pre (mixes, Sinkhorn, sum)
     dsv4::wide_linear(x, weight)                            float32 product with a weight kept in bf16
     dsv4::grouped_fp8_linear(x, weight, scale)              per-group FP8 weights, bf16 activations (wo_a)
+    dsv4::route_topk(logits, bias, k, scoring_func, scale)  a score-routed gate's experts and weights
+    dsv4::indexer_picks(q, weights, keys, count, k)        the indexer's top-k compressed blocks
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from .head import head_logits, kernel_fits
 from .moe_experts import (expert_nbytes, moe_experts_decode, moe_experts_prefill, moe_experts_prefill_wgmma,
                           unpack_expert, wgmma_pays)
 from .oracle import einsum, hc_pre_parts, quantised_matmul, route_from_logits, swiglu, wide_dtype
+from .oracle import indexer_picks as indexer_picks_oracle
 from .oracle import sparse_attention as sparse_attention_oracle
 
 # ------------------------------------------------------------------ fp8_linear
@@ -194,6 +197,27 @@ def route_topk(logits: torch.Tensor, bias: torch.Tensor, k: int, scoring_func: s
 def _(logits, bias, k, scoring_func, scale):
     return (logits.new_empty(logits.size(0), k, dtype=torch.float32),
             logits.new_empty(logits.size(0), k, dtype=torch.int32))
+
+
+# ------------------------------------------------------------------ indexer_picks
+
+
+@torch.library.custom_op("dsv4::indexer_picks", mutates_args=())
+def indexer_picks(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, count: torch.Tensor,
+                  k: int) -> torch.Tensor:
+    """The indexer's top k compressed blocks [B, S, k] int64 (-1 = none) of queries q [B, S, heads, dim] with
+    head weights [B, S, heads] over keys [B, T, dim], blocks t < count [B, S] visible: two launches for decode
+    rows in bf16 on a GPU, the oracle elsewhere."""
+    from . import indexer as kernel
+    if kernel.supports(q, keys, k):
+        return kernel.indexer_picks(q.contiguous(), weights.contiguous(), keys.contiguous(),
+                                    count.long().contiguous(), k)
+    return indexer_picks_oracle(q, weights, keys, count, k)
+
+
+@indexer_picks.register_fake
+def _(q, weights, keys, count, k):
+    return q.new_empty(*q.shape[:2], k, dtype=torch.int64)
 
 
 # ------------------------------------------------------------------ grouped_fp8_linear

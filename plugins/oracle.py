@@ -58,6 +58,18 @@ def top_k(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values[..., :k], indices[..., :k]
 
 
+def indexer_picks(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, count: torch.Tensor,
+                  k: int) -> torch.Tensor:
+    """The compressed blocks each query attends to [B, S, k] int64 (-1 = none): the top k of
+    sum_h w_h * relu(q_h . key_t) over the blocks t < count [B, S] visible to it. q [B, S, heads, dim],
+    weights [B, S, heads], keys [B, T, dim]; a bf16 einsum, its product with the weights rounded likewise."""
+    score = einsum("bshd,btd->bsht", q, keys)
+    score = wide(score.relu() * weights[..., None]).sum(dim=2).to(q.dtype)          # [B, S, T]
+    visible = torch.arange(keys.size(1), device=keys.device) < count[..., None]
+    top, picked = top_k(score.masked_fill(~visible, float("-inf")), k)
+    return torch.where(top == float("-inf"), -1, picked)
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """An unquantised activation-dtype linear, accumulated in working precision, rounded once."""
     if _cublas_does_it(x):

@@ -20,8 +20,9 @@ import torch
 import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
 from plugins.hc_pre import MAX_ROWS as HC_PRE_KERNEL_ROWS
 from plugins.route import MAX_ROWS as ROUTE_KERNEL_ROWS
-from plugins.oracle import (einsum, fp4_roundtrip, fp8_kv_roundtrip, hadamard, hc_head, hc_post, hc_pre, linear,
-                            rms_norm, softmax_scale, swiglu, top_k, wide, wide_dtype, with_rope)
+from plugins.indexer import MAX_ROWS as INDEXER_KERNEL_ROWS
+from plugins.oracle import (einsum, fp4_roundtrip, fp8_kv_roundtrip, hadamard, hc_head, hc_post, hc_pre,
+                            indexer_picks, linear, rms_norm, softmax_scale, swiglu, wide, wide_dtype, with_rope)
 
 from ..config import KV_FP8_BLOCK, ModelConfig
 from ..reference.moe import route
@@ -77,6 +78,7 @@ SHARED_WEIGHTS = ("embed.weight", "head.weight")
 HC_PRE_OP_ROWS = HC_PRE_KERNEL_ROWS  # decode batches take the fused op (ONNX export sets 0)
 WIDE_LINEAR_OP = True                # products with bf16-stored float32 weights through the op (not in ONNX)
 ROUTE_OP_ROWS = ROUTE_KERNEL_ROWS    # decode batches' score-routed gates take the one-launch op (ONNX: 0)
+INDEXER_OP_ROWS = INDEXER_KERNEL_ROWS  # decode batches' indexer picks take the two-launch op (ONNX: 0)
 
 
 def wide_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -281,14 +283,14 @@ class DecodeLayer(torch.nn.Module):
             compressed = caches["kv"][:, win:]
             self.compressor(x[:, 0], pos, self.rot, caches["comp_kv"], caches["comp_score"], compressed, w)
             blocks = torch.arange(compressed.size(1), device=x.device)
-            visible = blocks[None] < ((pos + 1) // r)[:, None]
+            count = (pos + 1) // r                                               # complete blocks [B]
             if r == 4:
                 q_idx, weights = self.index_query(x, qr, rot, w)
                 self.idx_compressor(x[:, 0], pos, self.rot, caches["idx_kv"], caches["idx_score"],
                                     caches["idx_keys"], w)
-                picked = self.pick_blocks(q_idx, weights, caches["idx_keys"], visible[:, None])[:, 0]
+                picked = self.pick_blocks(q_idx, weights, caches["idx_keys"], count[:, None])[:, 0]
             else:
-                picked = torch.where(visible, blocks[None], -1)
+                picked = torch.where(blocks[None] < count[:, None], blocks[None], -1)
             idx = torch.cat([idx, torch.where(picked >= 0, picked + win, -1)], dim=-1)
         return self.attend(q, caches["kv"], idx[:, None], rot, w)
 
@@ -302,14 +304,13 @@ class DecodeLayer(torch.nn.Module):
                    * (softmax_scale(c.index_head_dim) * c.index_n_heads ** -0.5))
         return q, weights
 
-    def pick_blocks(self, q, weights, keys, visible):
-        """The compressed blocks each query attends to [B, S, topk] (-1 = none): the top-k of
-        sum_h w_h * relu(q_h . key_t) over the blocks visible [B, S, T] to it."""
-        score = einsum("bshd,btd->bsht", q, keys)
-        score = wide(score.relu() * weights[..., None]).sum(dim=2).to(q.dtype)          # [B, S, T]
-        score = score.masked_fill(~visible, float("-inf"))
-        top, picked = top_k(score, min(self.cfg.index_topk, score.size(-1)))
-        return torch.where(top == float("-inf"), -1, picked)
+    def pick_blocks(self, q, weights, keys, count):
+        """The compressed blocks each query q [B, S, iheads, idim] attends to [B, S, topk] (-1 = none): the
+        top-k of sum_h w_h * relu(q_h . key_t) over the blocks t < count [B, S] visible to it."""
+        k = min(self.cfg.index_topk, keys.size(1))
+        if q.size(0) * q.size(1) <= INDEXER_OP_ROWS:
+            return torch.ops.dsv4.indexer_picks(q, weights, keys, count, k)
+        return indexer_picks(q, weights, keys, count, k)
 
     def moe(self, x, ids, table, w):
         """x [N, d], ids [N] -> (y [N, d], the routed experts [N, k] int32)."""

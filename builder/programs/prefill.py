@@ -111,14 +111,14 @@ class PrefillLayer(DecodeLayer):
             compressed = cache[:, win:]
             self.compressor(x, start, n, self.rot, caches["comp_kv"], caches["comp_score"], compressed, w)
             blocks = torch.arange(compressed.size(1), device=dev)
-            visible = blocks < ((pos + 1) // r)[..., None]                         # [B, C, blocks]
+            count = (pos + 1) // r                                                 # [B, C] complete blocks
             if r == 4:
                 q_idx, weights = self.index_query(x, qr, rot, w)
                 self.idx_compressor(x, start, n, self.rot, caches["idx_kv"], caches["idx_score"],
                                     caches["idx_keys"], w)
-                picked = self.pick_blocks(q_idx, weights, caches["idx_keys"], visible)
+                picked = self.pick_blocks(q_idx, weights, caches["idx_keys"], count)
             else:
-                picked = torch.where(visible, blocks, -1)
+                picked = torch.where(blocks < count[..., None], blocks, -1)
             idx = torch.cat([idx, torch.where(picked >= 0, picked + win, -1)], dim=-1)
         rows = torch.cat([cache, kv], dim=1)
         cache[:, :win] = ring_update(cache[:, :win], kv, start, n)

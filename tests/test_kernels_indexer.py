@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
+from plugins.oracle import indexer_picks as indexer_picks_oracle
+
+
+def _case(b, s, t, counts, exact, seed=0, heads=64, dim=128):
+    """q [b, s, heads, dim], weights [b, s, heads], keys [b, t, dim] (bf16), count [b, s]. `exact`: small
+    integers and power-of-two weights, so every sum is exact in any order and ties are many (the kernel must
+    then give the oracle's picks bit for bit); else normal values."""
+    g = torch.Generator().manual_seed(seed)
+    if exact:
+        q = torch.randint(-2, 3, (b, s, heads, dim), generator=g).float()
+        keys = torch.randint(-2, 3, (b, t, dim), generator=g).float()
+        weights = 2.0 ** torch.randint(-3, 2, (b, s, heads), generator=g).float()
+        weights *= torch.where(torch.rand(b, s, heads, generator=g) < 0.2, -1.0, 1.0)
+    else:
+        q, keys = torch.randn(b, s, heads, dim, generator=g), torch.randn(b, t, dim, generator=g)
+        weights = torch.randn(b, s, heads, generator=g) * 0.1
+    count = torch.tensor(counts, dtype=torch.int64).view(b, s)
+    return [x.to(torch.bfloat16).cuda() for x in (q, weights, keys)] + [count.cuda()]
+
+
+def test_indexer_op_is_the_oracle_on_the_cpu():
+    g = torch.Generator().manual_seed(0)
+    q, keys = torch.randn(2, 1, 4, 8, generator=g), torch.randn(2, 20, 8, generator=g)
+    weights, count = torch.randn(2, 1, 4, generator=g), torch.tensor([[5], [20]])
+    got = torch.ops.dsv4.indexer_picks(q, weights, keys, count, 8)
+    assert torch.equal(got, indexer_picks_oracle(q, weights, keys, count, 8))
+    assert (got[0, 0, 5:] == -1).all() and (got[0, 0, :5] >= 0).all() and (got[0, 0, :5] < 5).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b, s, t, counts, k", [
+    pytest.param(1, 1, 1024, [150], 512, id="flash-fewer-blocks-than-k"),
+    pytest.param(1, 1, 4096, [3001], 512, id="flash-more-blocks-than-k"),
+    pytest.param(1, 1, 1024, [0], 512, id="no-block-yet"),
+    pytest.param(3, 1, 2048, [1, 777, 2048], 512, id="3seq-each-its-count"),
+    pytest.param(2, 2, 600, [600, 599, 64, 65], 300, id="2x2-queries-odd-k"),
+    pytest.param(1, 1, 16384, [16384], 1024, id="pro-k-64k-context"),
+])
+@pytest.mark.parametrize("exact", [pytest.param(True, id="exact-ties"), pytest.param(False, id="normal")])
+def test_indexer_kernel_matches_oracle(b, s, t, counts, k, exact):
+    from plugins.indexer import indexer_picks, supports
+    q, weights, keys, count = _case(b, s, t, counts, exact)
+    assert supports(q, keys, k)
+    got = indexer_picks(q, weights, keys, count, k)
+    expect = indexer_picks_oracle(q, weights, keys, count, k)        # torch on the GPU
+    assert got.shape == expect.shape == (b, s, k) and got.dtype == torch.int64
+    assert torch.equal(got < 0, expect < 0)                          # as many picks, then -1
+    if exact:                                                        # every sum exact: the same picks, in order
+        assert torch.equal(got, expect)
+        return
+    # Float32 sums in another order may move a score by one bf16 ulp: where the picks differ, the scores at
+    # them (the oracle's) must be within an ulp of each other, and the kernel's must still descend.
+    score = torch.einsum("bshd,btd->bsht", q.float(), keys.float()).bfloat16().relu() * weights[..., None]
+    score = score.float().sum(2)
+    for i in range(b):
+        for j in range(s):
+            mine, theirs = got[i, j][got[i, j] >= 0], expect[i, j][expect[i, j] >= 0]
+            a, e = score[i, j, mine], score[i, j, theirs]
+            ulp = e.abs().max() * 2 ** -7 + 1e-6
+            assert (a - e).abs().max() <= 2 * ulp if len(e) else True
+            assert (a[1:] <= a[:-1] + 2 * ulp).all()
+            assert len(set(mine.tolist()) ^ set(theirs.tolist())) <= max(2, len(e) // 50)
+
+
+@pytest.mark.gpu
+def test_indexer_kernel_captures_in_a_cuda_graph():
+    from plugins.indexer import indexer_picks
+    q, weights, keys, count = _case(1, 1, 1024, [300], exact=True)
+    indexer_picks(q, weights, keys, count, 512)                      # loads the kernels before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = torch.ops.dsv4.indexer_picks(q, weights, keys, count, 512)
+    fresh = _case(1, 1, 1024, [301], exact=True, seed=1)
+    for buf, new in zip((q, weights, keys, count), fresh):
+        buf.copy_(new)
+    graph.replay()
+    assert torch.equal(got, indexer_picks_oracle(q, weights, keys, count, 512))
