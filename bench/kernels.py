@@ -345,6 +345,24 @@ def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, w
             "fraction_of_copy_bw": achieved / bandwidth}
 
 
+def bench_indexer(bandwidth: float, blocks: int, capacity: int = 16384, k: int = 512) -> dict:
+    """The indexer's picks of one Flash ratio-4 decode step with `blocks` visible of a 64K-context cache
+    (16384 blocks): the two-launch kernel against the oracle's eager ops (a bf16 GEMM over every block,
+    weighting, sum, mask, a stable sort), both replayed from a graph. The bytes: the visible keys and q."""
+    from plugins.indexer import indexer_picks
+    from plugins.oracle import indexer_picks as oracle
+    q = torch.randn(1, 1, 64, 128, device="cuda").to(torch.bfloat16)
+    weights = (torch.randn(1, 1, 64, device="cuda") * 0.1).to(torch.bfloat16)
+    keys = torch.randn(1, capacity, 128, device="cuda").to(torch.bfloat16)
+    count = torch.full((1, 1), blocks, dtype=torch.int64, device="cuda")
+    ms = graph_time_ms(lambda: indexer_picks(q, weights, keys, count, k), 8)
+    ms_oracle = graph_time_ms(lambda: oracle(q, weights, keys, count, k), 8)
+    nbytes = (blocks + 64) * 128 * 2
+    return {"kernel": "indexer_picks", "weight": f"{blocks} of {capacity} blocks x 128, 64 heads, top {k}",
+            "rows": 1, "weight_mb": nbytes / 1e6, "time_us": ms * 1e3, "achieved_gbps": nbytes / (ms * 1e-3) / 1e9,
+            "fraction_of_copy_bw": nbytes / (ms * 1e-3) / bandwidth, "speedup_vs_eager_oracle": ms_oracle / ms}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "kernels-h200.json")
@@ -389,6 +407,9 @@ def main() -> None:
     print(json.dumps(rows[-1]))
     rows.append(bench_route())
     print(json.dumps(rows[-1]))
+    for blocks in (150, 2048, 16384):
+        rows.append(bench_indexer(bw, blocks))
+        print(json.dumps(rows[-1]))
     for wgmma in (False, True) if on_sm90 else (False,):
         rows.append(bench_decode_layer(bw, wgmma=wgmma))
         print(json.dumps(rows[-1]))
