@@ -31,5 +31,5 @@ def indexer_picks(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, co
     lib = kernels()
     lib.launch("dsv4_indexer_scores", (-(-t // KEYS_PER_CTA), b * s), 256,
                [(q, PTR), (weights, PTR), (keys, PTR), (count, PTR), (scores, PTR), (t, INT), (s, INT)])
-    lib.launch("dsv4_indexer_topk", b * s, 1024, [(scores, PTR), (count, PTR), (picks, PTR), (t, INT), (k, INT)])
+    lib.launch("dsv4_indexer_topk", b * s, 512, [(scores, PTR), (count, PTR), (picks, PTR), (t, INT), (k, INT)])
     return picks

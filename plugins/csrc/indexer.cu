@@ -12,8 +12,8 @@ constexpr int HEADS = 64, DIM = 128;      // V4's index_n_heads and index_head_d
 constexpr int KEYS_PER_CTA = 64;          // 8 warps x 8 keys
 constexpr int QROW = DIM + 8;             // a query row in shared memory, padded: 16-byte reads of two
                                           // lanes' rows start 272 B apart, in different banks
-constexpr int TOPK_THREADS = 1024;
-constexpr int MAX_SORT = 2048;            // k <= 2048 (V4's index_topk: 512 Flash, 1024 Pro)
+constexpr int PICK_THREADS = 512;
+constexpr int MAX_SORT = 2048;            // picks: k <= 2048 (V4's index_topk: 512 Flash, 1024 Pro)
 
 // bf16 bits -> an unsigned key of the same order (negative values flipped whole, positive ones above them).
 __device__ __forceinline__ uint32_t ordered(uint16_t bits) {
@@ -86,81 +86,72 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_indexer_scores(
   }
 }
 
-// Grid rows, 1024 threads. The first k of scores[row, :count] in descending order, ties to the lower block,
-// as int64 block numbers, -1 past them: a two-pass radix select of the k-th largest 16-bit key, the ties
-// at it taken in block order (a block-wide scan), then a bitonic sort of the picks in shared memory.
-extern "C" __global__ void __launch_bounds__(1024) dsv4_indexer_topk(const uint16_t* __restrict__ scores,
-                                                                    const long long* __restrict__ count,
-                                                                    long long* __restrict__ picks, int T, int k) {
+// Grid rows, 512 threads. The first k of scores[row, :count] in descending order, ties to the lower block,
+// as int64 block numbers, -1 past them. Each block is keyed by 32 distinct bits (its score's 16, then its
+// number's complement), so the picks are exactly the k largest keys: a radix select finds the k-th one a
+// byte at a time, the picks are gathered, and each pick's place is the number of picks above it.
+extern "C" __global__ void __launch_bounds__(indexer::PICK_THREADS) dsv4_indexer_topk(const uint16_t* __restrict__ scores,
+                                                                            const long long* __restrict__ count,
+                                                                            long long* __restrict__ picks, int T,
+                                                                            int k) {
   using namespace indexer;
   __shared__ int hist[256];
-  __shared__ int scan[TOPK_THREADS];
-  __shared__ uint32_t sorted[MAX_SORT];
-  __shared__ int found_bin, above, taken;
-  const int row = blockIdx.x, tid = threadIdx.x;
+  __shared__ uint32_t picked[MAX_SORT];
+  __shared__ uint32_t found_prefix;
+  __shared__ int found_above, taken;
+  const int row = blockIdx.x, tid = threadIdx.x, lane = tid % 32;
   dsv4::pdl_wait();
   dsv4::pdl_launch_dependents();
   const int n = int(min((long long)T, max(0LL, count[row])));
   const int want = min(k, n);
   const uint16_t* s = scores + size_t(row) * T;
-  // Each thread a contiguous run of blocks, so that the scan below orders ties by block.
-  const int per = (n + TOPK_THREADS - 1) / TOPK_THREADS, lo = min(n, tid * per), hi = min(n, lo + per);
-  uint32_t prefix = 0, threshold = 0;        // the k-th largest key, one byte at a time
-  int greater = 0;                           // keys above the threshold's known high bits, found so far
-  for (int pass = 0; pass < 2 && want > 0; ++pass) {
-    const int shift = 8 - 8 * pass;
-    for (int i = tid; i < 256; i += TOPK_THREADS) hist[i] = 0;
+  auto key_of = [&](int i) { return (ordered(s[i]) << 16) | (0xFFFFu - uint32_t(i)); };
+  uint32_t prefix = 0;                       // the k-th largest key's bytes found so far
+  int above = 0;                             // keys above it found so far
+  for (int shift = 24; shift >= 0 && want > 0; shift -= 8) {
+    for (int i = tid; i < 256; i += PICK_THREADS) hist[i] = 0;
     __syncthreads();
-    for (int i = lo; i < hi; ++i) {
-      const uint32_t key = ordered(s[i]);
-      if (pass == 0 || (key >> 8) == prefix) atomicAdd(&hist[(key >> shift) & 0xFF], 1);
+    const uint32_t high = shift == 24 ? 0u : prefix;   // keys whose higher bytes are the prefix
+    for (int i = tid; i < n; i += PICK_THREADS) {
+      const uint32_t key = key_of(i);
+      if (shift == 24 || (key >> (shift + 8)) == high) atomicAdd(&hist[(key >> shift) & 0xFF], 1);
     }
     __syncthreads();
-    if (tid == 0) {                          // the highest bin where the running count reaches the rest
-      int run = greater, b = 255;
-      while (b > 0 && run + hist[b] < want) run += hist[b--];
-      found_bin = b, above = run;
-    }
-    __syncthreads();
-    prefix = (prefix << 8) | uint32_t(found_bin);
-    greater = above;
-    __syncthreads();
-  }
-  threshold = prefix;
-  // Ties at the threshold: the first (want - greater) of them in block order.
-  int ties = 0;
-  for (int i = lo; i < hi; ++i) ties += want > 0 && ordered(s[i]) == threshold;
-  scan[tid] = ties;
-  __syncthreads();
-  for (int off = 1; off < TOPK_THREADS; off <<= 1) {   // inclusive scan (Hillis-Steele)
-    const int v = tid >= off ? scan[tid - off] : 0;
-    __syncthreads();
-    scan[tid] += v;
-    __syncthreads();
-  }
-  int tie_rank = scan[tid] - ties;
-  if (tid == 0) taken = 0;
-  int size = 1;
-  while (size < want) size <<= 1;
-  for (int i = tid; i < size; i += TOPK_THREADS) sorted[i] = 0;   // sorts below every pick
-  __syncthreads();
-  for (int i = lo; i < hi && want > 0; ++i) {
-    const uint32_t key = ordered(s[i]);
-    const bool pick = key > threshold || (key == threshold && tie_rank++ < want - greater);
-    if (pick) sorted[atomicAdd(&taken, 1)] = (key << 16) | (0xFFFFu - uint32_t(i));   // key down, block up
-  }
-  __syncthreads();
-  for (int len = 2; len <= size; len <<= 1) {          // bitonic sort, descending
-    for (int stride = len / 2; stride > 0; stride >>= 1) {
-      for (int i = tid; i < size / 2; i += TOPK_THREADS) {
-        const int a = 2 * i - (i & (stride - 1)), b = a + stride;
-        const bool down = (a & len) == 0;
-        const uint32_t x = sorted[a], y = sorted[b];
-        if ((x < y) == down) sorted[a] = y, sorted[b] = x;
+    if (tid < 32) {                          // one warp: lane l sums bins 255-8l down to 248-8l
+      int bins[8], sum = 0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) bins[j] = hist[255 - 8 * lane - j], sum += bins[j];
+      int run = sum;                         // inclusive scan over the lanes, highest bins first
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, run, off);
+        if (lane >= off) run += v;
       }
-      __syncthreads();
+      const int before = above + run - sum;  // keys in higher bins than this lane's
+      const bool here = before < want && before + sum >= want;
+      if (here) {
+        int b = 0, acc = before;
+        while (acc + bins[b] < want) acc += bins[b++];
+        found_prefix = (prefix << 8) | uint32_t(255 - 8 * lane - b);
+        found_above = acc;
+      }
     }
+    __syncthreads();
+    prefix = found_prefix, above = found_above;
+    __syncthreads();                         // before the next pass clears the bins
   }
-  for (int j = tid; j < k; j += TOPK_THREADS)
-    picks[size_t(row) * k + j] = j < want ? (long long)(0xFFFFu - (sorted[j] & 0xFFFFu)) : -1LL;
+  if (tid == 0) taken = 0;
+  __syncthreads();
+  for (int i = tid; i < n && want > 0; i += PICK_THREADS) {
+    const uint32_t key = key_of(i);
+    if (key >= prefix) picked[atomicAdd(&taken, 1)] = key;    // exactly `want` of them
+  }
+  __syncthreads();
+  for (int i = tid; i < want; i += PICK_THREADS) {
+    const uint32_t key = picked[i];
+    int rank = 0;
+    for (int j = 0; j < want; ++j) rank += picked[j] > key;
+    picks[size_t(row) * k + rank] = (long long)(0xFFFFu - (key & 0xFFFFu));
+  }
+  for (int j = want + tid; j < k; j += PICK_THREADS) picks[size_t(row) * k + j] = -1LL;
 }
