@@ -124,9 +124,9 @@ def _(x, experts, weights, table, inter, limit):
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """q [b, s, h, d] over rows kv[b, idx[b, s, k]] (-1 = none) with a per-head sink -> [b, s, h, d]: the
-    kernels for bf16 on a GPU (prefill chunks only with PREFILL_KERNEL), else the oracle."""
+    kernels for bf16 on a GPU (decode rows and prefill chunks), else the oracle."""
     from . import sparse_attention as kernel
-    if kernel.fits(q, kv, idx.size(-1)) and (q.size(0) * q.size(1) <= kernel.MAX_QUERIES or kernel.PREFILL_KERNEL):
+    if kernel.fits(q, kv, idx.size(-1)):
         return kernel.sparse_attention_chunked(q.contiguous(), kv.contiguous(), sink.float().contiguous(),
                                                idx.long().contiguous(), scale)
     return sparse_attention_oracle(q, kv, sink, idx, scale)

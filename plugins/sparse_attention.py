@@ -16,9 +16,6 @@ MAX_QUERIES = 16                             # decode sizes: one launch pair
 # queries per launch pair for a prefill chunk: bounds the workspace (32 x splits x heads x d floats, 84 MB at
 # Flash size with 640 rows)
 PREFILL_QUERIES = 32
-# whether dsv4::sparse_attention takes the kernels for prefill chunks too (else the oracle): off until their
-# GPU tests and the tiny artifact's bf16 check have run with it (written in session 13 after the device time)
-PREFILL_KERNEL = False
 CHUNKS = (1, 2, 4)                           # head_dim / 128 the kernel is built for
 MAX_HEADS = 128                              # a warp per 16 heads, 8 warps
 

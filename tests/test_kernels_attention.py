@@ -73,9 +73,9 @@ def test_sparse_attention_op_runs_the_kernel_for_bf16_decode():
     pytest.param(2, 33, 16, 256, 300, 129, 100, id="d256-2seq-33-queries"),
     pytest.param(1, 64, 4, 128, 60, 77, 3, id="tiny-64-queries-few-rows"),
 ])
-def test_sparse_attention_prefill_chunk_matches_oracle(b, s, h, d, t, k, valid, monkeypatch):
+def test_sparse_attention_prefill_chunk_matches_oracle(b, s, h, d, t, k, valid):
     """A prefill chunk through the decode kernels, PREFILL_QUERIES queries per launch pair (groups cut
-    mid-chunk, a short last group): the oracle's bounds; the op takes that path when PREFILL_KERNEL is on."""
+    mid-chunk, a short last group): the oracle's bounds; the op takes that path."""
     import plugins.ops  # noqa: F401  (registers the ops)
     from plugins import sparse_attention as kernel
     q, kv, sink, idx = _case(b, s, h, d, t, k, valid, seed=4)
@@ -86,5 +86,4 @@ def test_sparse_attention_prefill_chunk_matches_oracle(b, s, h, d, t, k, valid, 
     cos = torch.nn.functional.cosine_similarity(got.double().flatten(0, 2), expect.double().flatten(0, 2), dim=-1)
     assert cos.min() >= 0.9999, cos.min()
     assert torch.allclose(got.float(), expect.float(), rtol=0.02, atol=0.02 * expect.abs().max().item())
-    monkeypatch.setattr(kernel, "PREFILL_KERNEL", True)
     assert torch.equal(torch.ops.dsv4.sparse_attention(q, kv, sink, idx, scale), got)
