@@ -363,6 +363,26 @@ def bench_indexer(bandwidth: float, blocks: int, capacity: int = 16384, k: int =
             "fraction_of_copy_bw": nbytes / (ms * 1e-3) / bandwidth, "speedup_vs_eager_oracle": ms_oracle / ms}
 
 
+def bench_compressor(ratio: int, dim: int, rotate: bool) -> dict:
+    """One Flash compressor decode step that completes a block (the dearer case: pooling, norm, RoPE and the
+    round-trip run only then): the one-launch kernel against the oracle's eager ops, both replayed from a
+    graph. Latency: the state is at most 256 KB."""
+    from plugins.compressor import compressor_step
+    from plugins.oracle import compressor_step as oracle
+    coff = 2 if ratio == 4 else 1
+    c = coff * dim
+    proj, ape = torch.randn(1, 2 * c, device="cuda"), torch.randn(ratio, c, device="cuda")
+    kv, score = torch.randn(1, coff * ratio, c, device="cuda"), torch.randn(1, coff * ratio, c, device="cuda")
+    norm, rot = torch.ones(dim, device="cuda"), torch.randn(4096, 32, 2, device="cuda")
+    cache = torch.zeros(1, 128 + 4096 // ratio, dim, dtype=torch.bfloat16, device="cuda")
+    pos = torch.full((1,), ratio - 1, dtype=torch.int64, device="cuda")
+    args = (proj, ape, pos, kv, score, cache, 128, norm, rot, ratio, rotate, 1e-6)
+    ms = graph_time_ms(lambda: compressor_step(*args), 8)
+    ms_oracle = graph_time_ms(lambda: oracle(*args, 64, 64), 8)
+    return {"kernel": "compressor_step", "weight": f"ratio {ratio}, {dim} channels" + (", indexer keys" if rotate else ""),
+            "rows": 1, "time_us": ms * 1e3, "speedup_vs_eager_oracle": ms_oracle / ms}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "kernels-h200.json")
@@ -407,6 +427,9 @@ def main() -> None:
     print(json.dumps(rows[-1]))
     rows.append(bench_route())
     print(json.dumps(rows[-1]))
+    for ratio, dim, rotate in ((4, 512, False), (128, 512, False), (4, 128, True)):
+        rows.append(bench_compressor(ratio, dim, rotate))
+        print(json.dumps(rows[-1]))
     for blocks in (150, 2048, 16384):
         rows.append(bench_indexer(bw, blocks))
         print(json.dumps(rows[-1]))

@@ -10,6 +10,7 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::grouped_fp8_linear(x, weight, scale)              per-group FP8 weights, bf16 activations (wo_a)
     dsv4::route_topk(logits, bias, k, scoring_func, scale)  a score-routed gate's experts and weights
     dsv4::indexer_picks(q, weights, keys, count, k)        the indexer's top-k compressed blocks
+    dsv4::compressor_step(proj, ape, pos, states, cache, ...)   a compressor fed one token (mutates)
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .head import head_logits, kernel_fits
 from .moe_experts import (expert_nbytes, moe_experts_decode, moe_experts_prefill, moe_experts_prefill_wgmma,
                           unpack_expert, wgmma_pays)
 from .oracle import einsum, hc_pre_parts, quantised_matmul, route_from_logits, swiglu, wide_dtype
+from .oracle import compressor_step as compressor_step_oracle
 from .oracle import indexer_picks as indexer_picks_oracle
 from .oracle import sparse_attention as sparse_attention_oracle
 
@@ -218,6 +220,31 @@ def indexer_picks(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, co
 @indexer_picks.register_fake
 def _(q, weights, keys, count, k):
     return q.new_empty(*q.shape[:2], k, dtype=torch.int64)
+
+
+# ------------------------------------------------------------------ compressor_step
+
+
+@torch.library.custom_op("dsv4::compressor_step", mutates_args=("kv_state", "score_state", "cache"))
+def compressor_step(proj: torch.Tensor, ape: torch.Tensor, pos: torch.Tensor, kv_state: torch.Tensor,
+                    score_state: torch.Tensor, cache: torch.Tensor, first_row: int, norm: torch.Tensor,
+                    rot: torch.Tensor, ratio: int, rotate: bool, eps: float, rope_dim: int, fp8_block: int) -> None:
+    """A compressor fed one token per sequence (see `plugins.oracle.compressor_step`): one launch for decode
+    batches on a GPU, the oracle elsewhere. Mutates the partial-block states and the cache."""
+    from . import compressor as kernel
+    if kernel.supports(proj, cache, ratio, rope_dim, fp8_block) and all(
+            t.is_contiguous() for t in (kv_state, score_state, cache)):
+        kernel.compressor_step(proj.contiguous(), ape.float().contiguous(), pos.long().contiguous(), kv_state,
+                               score_state, cache, first_row, norm.float().contiguous(), rot.float().contiguous(),
+                               ratio, rotate, eps)
+        return
+    compressor_step_oracle(proj, ape, pos, kv_state, score_state, cache, first_row, norm, rot, ratio, rotate, eps,
+                           rope_dim, fp8_block)
+
+
+@compressor_step.register_fake
+def _(proj, ape, pos, kv_state, score_state, cache, first_row, norm, rot, ratio, rotate, eps, rope_dim, fp8_block):
+    return None
 
 
 # ------------------------------------------------------------------ grouped_fp8_linear

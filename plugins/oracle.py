@@ -165,6 +165,66 @@ def fp4_roundtrip(x: torch.Tensor) -> torch.Tensor:
     return fp4_act_roundtrip(x).to(x.dtype)
 
 
+# ------------------------------------------------------------------ compressor
+def put_rows(cache: torch.Tensor, rows: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """cache[b, rows[b, k]] = value[b, k] for every sequence b (only where mask[b, k], if given); rows [B] or
+    [B, K] with no row twice in one sequence."""
+    batch = torch.arange(cache.size(0), device=cache.device).view(-1, *[1] * (rows.dim() - 1))
+    if mask is not None:
+        value = torch.where(mask.view(*mask.shape, *[1] * (value.dim() - mask.dim())), value, cache[batch, rows])
+    cache.index_put_((batch, rows), value.to(cache.dtype))
+
+
+def compressor_inputs(proj: torch.Tensor, ape: torch.Tensor, pos: torch.Tensor, ratio: int):
+    """The stacked wkv | wgate products [..., 2C] of tokens at positions pos [...] -> kv, score [..., C]; the
+    score carries the APE of the token's slot in its block."""
+    kv, score = proj.chunk(2, dim=-1)
+    return kv, score + ape[pos % ratio]
+
+
+def compressor_pool(kv: torch.Tensor, score: torch.Tensor, ratio: int) -> torch.Tensor:
+    """kv, score [..., coff*r, coff*dim] in the state layout (ratio 4: rows [:r] the previous block, [r:]
+    the current one) -> the block's row [..., dim]: per channel sum_t kv_t * softmax_t(score_t)."""
+    if ratio == 4:      # overlap: the previous block's first half of channels, the current block's second
+        # a select, not a cat of the two halves: torch 2.11's Inductor lowers a cat into a pointwise
+        # kernel (on CUDA) whose Identity(...) row offsets break its index simplification ("The argument
+        # '((-4)) + 4' is not comparable") once a clamped index reads the cat's input (the prefill timeline)
+        d = kv.size(-1) // 2
+        previous = (torch.arange(2 * ratio, device=kv.device) < ratio)[:, None]
+        kv = torch.where(previous, kv[..., :d], kv[..., d:])
+        score = torch.where(previous, score[..., :d], score[..., d:])
+    return (kv * score.softmax(dim=-2)).sum(dim=-2)
+
+
+def compressor_finish(rows: torch.Tensor, rot: torch.Tensor, dtype: torch.dtype, norm: torch.Tensor, eps: float,
+                      rotate: bool, rope_dim: int, fp8_block: int) -> torch.Tensor:
+    """Pooled rows [B, M, dim] with rot [B, M, rope_dim/2, 2] at each block's first token -> cache rows:
+    RMSNorm, RoPE, then Hadamard + FP4 round-trip (`rotate`: indexer keys) or FP8 round-trip of the non-rope
+    channels."""
+    rows = with_rope(rms_norm(rows.to(dtype), norm, eps), rot, rope_dim)
+    return fp4_roundtrip(hadamard(rows)) if rotate else fp8_kv_roundtrip(rows, rope_dim, fp8_block)
+
+
+def compressor_step(proj: torch.Tensor, ape: torch.Tensor, pos: torch.Tensor, kv_state: torch.Tensor,
+                    score_state: torch.Tensor, cache: torch.Tensor, first_row: int, norm: torch.Tensor,
+                    rot: torch.Tensor, ratio: int, rotate: bool, eps: float, rope_dim: int, fp8_block: int) -> None:
+    """The compressor fed one token per sequence at pos [B], its products proj [B, 2C]: the token into the
+    partial-block states [B, coff*r, C], and where it completes block j, that block's row into
+    cache[b, first_row + j] (rot: the layer's table [max_len, rope_dim/2, 2])."""
+    kv, score = compressor_inputs(proj, ape, pos, ratio)
+    slot = pos % ratio + (ratio if ratio == 4 else 0)
+    put_rows(kv_state, slot, kv)
+    put_rows(score_state, slot, score)
+    row = compressor_pool(kv_state, score_state, ratio)                       # [B, dim]
+    emit = (pos + 1) % ratio == 0
+    if ratio == 4:      # a completed block becomes the previous one
+        kv_state[:, :ratio] = torch.where(emit[:, None, None], kv_state[:, ratio:], kv_state[:, :ratio])
+        score_state[:, :ratio] = torch.where(emit[:, None, None], score_state[:, ratio:], score_state[:, :ratio])
+    row = compressor_finish(row[:, None], rot[(pos + 1 - ratio).clamp(min=0)][:, None], cache.dtype, norm, eps,
+                            rotate, rope_dim, fp8_block)
+    put_rows(cache, first_row + pos // ratio, row[:, 0], emit)
+
+
 # ------------------------------------------------------------------ attention core
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
                      scale: float) -> torch.Tensor:

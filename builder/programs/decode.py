@@ -21,8 +21,10 @@ import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
 from plugins.hc_pre import MAX_ROWS as HC_PRE_KERNEL_ROWS
 from plugins.route import MAX_ROWS as ROUTE_KERNEL_ROWS
 from plugins.indexer import MAX_ROWS as INDEXER_KERNEL_ROWS
-from plugins.oracle import (einsum, fp4_roundtrip, fp8_kv_roundtrip, hadamard, hc_head, hc_post, hc_pre,
-                            indexer_picks, linear, rms_norm, softmax_scale, swiglu, wide, wide_dtype, with_rope)
+from plugins.compressor import MAX_ROWS as COMPRESSOR_KERNEL_ROWS
+from plugins.oracle import (compressor_finish, compressor_inputs, compressor_pool, compressor_step, einsum,
+                            fp4_roundtrip, fp8_kv_roundtrip, hadamard, hc_head, hc_post, hc_pre, indexer_picks,
+                            linear, put_rows, rms_norm, softmax_scale, swiglu, wide, wide_dtype, with_rope)
 
 from ..config import KV_FP8_BLOCK, ModelConfig
 from ..reference.moe import route
@@ -50,15 +52,6 @@ def new_caches(cfg: ModelConfig, layer: int, batch: int, max_len: int, act: torc
     return {k: c[k] for k in sorted(c)}        # sorted, as `layer_weights` (the key order is traced)
 
 
-def put_rows(cache: torch.Tensor, rows: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-    """cache[b, rows[b, k]] = value[b, k] for every sequence b (only where mask[b, k], if given); rows [B] or
-    [B, K] with no row twice in one sequence."""
-    batch = torch.arange(cache.size(0), device=cache.device).view(-1, *[1] * (rows.dim() - 1))
-    if mask is not None:
-        value = torch.where(mask.view(*mask.shape, *[1] * (value.dim() - mask.dim())), value, cache[batch, rows])
-    cache.index_put_((batch, rows), value.to(cache.dtype))
-
-
 def is_mtp(cfg: ModelConfig, layer: int) -> bool:
     return layer >= cfg.num_hidden_layers
 
@@ -79,6 +72,7 @@ HC_PRE_OP_ROWS = HC_PRE_KERNEL_ROWS  # decode batches take the fused op (ONNX ex
 WIDE_LINEAR_OP = True                # products with bf16-stored float32 weights through the op (not in ONNX)
 ROUTE_OP_ROWS = ROUTE_KERNEL_ROWS    # decode batches' score-routed gates take the one-launch op (ONNX: 0)
 INDEXER_OP_ROWS = INDEXER_KERNEL_ROWS  # decode batches' indexer picks take the two-launch op (ONNX: 0)
+COMPRESSOR_OP_ROWS = COMPRESSOR_KERNEL_ROWS  # decode batches' compressor steps take the one-launch op (ONNX: 0)
 
 
 def wide_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -175,58 +169,36 @@ def linear_fp8_parts(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, siz
 
 class Compressor(torch.nn.Module):
     """Gated pooling of `ratio` tokens into one compressed row (ratio 4: overlapping the previous block's
-    first half of channels). The row math lives here once; `forward` is the decode step, one token per
-    sequence (the prefill program subclasses it for chunks)."""
+    first half of channels). The row math lives in plugins.oracle (`compressor_*`) once; `forward` is the
+    decode step, one token per sequence (the prefill program subclasses it for chunks)."""
 
     def __init__(self, cfg: ModelConfig, prefix: str, ratio: int, dim: int, rotate: bool):
         super().__init__()
         self.cfg, self.prefix, self.ratio, self.dim, self.rotate = cfg, prefix, ratio, dim, rotate
 
+    def products(self, x, w):
+        """x [..., dm] -> the stacked wkv | wgate products [..., 2*coff*dim] in working precision."""
+        return wide_product(wide(x), w[f"{self.prefix}.wkv_wgate.weight"])
+
     def project(self, x, pos, w):
         """x [..., dm] at positions pos [...] -> kv, score [..., coff*dim] in working precision; the score
         carries the APE of the token's slot in its block."""
-        p = self.prefix
-        kv, score = wide_product(wide(x), w[f"{p}.wkv_wgate.weight"]).chunk(2, dim=-1)   # wkv, wgate stacked
-        return kv, score + w[f"{p}.ape"][pos % self.ratio]
+        return compressor_inputs(self.products(x, w), w[f"{self.prefix}.ape"], pos, self.ratio)
 
     def pool(self, kv, score):
-        """kv, score [..., coff*r, coff*dim] in the state layout (ratio 4: rows [:r] the previous block,
-        [r:] the current one) -> the block's row [..., dim]: per channel sum_t kv_t * softmax_t(score_t)."""
-        r, d = self.ratio, self.dim
-        if r == 4:          # overlap: the previous block's first half of channels, the current block's second
-            # a select, not a cat of the two halves: torch 2.11's Inductor lowers a cat into a pointwise
-            # kernel (on CUDA) whose Identity(...) row offsets break its index simplification ("The argument
-            # '((-4)) + 4' is not comparable") once a clamped index reads the cat's input (the prefill timeline)
-            previous = (torch.arange(2 * r, device=kv.device) < r)[:, None]
-            kv = torch.where(previous, kv[..., :d], kv[..., d:])
-            score = torch.where(previous, score[..., :d], score[..., d:])
-        return (kv * score.softmax(dim=-2)).sum(dim=-2)
+        return compressor_pool(kv, score, self.ratio)
 
     def finish(self, rows, rot, dtype, w):
-        """Pooled rows [B, M, dim] with rot [B, M, rd/2] at each block's first token -> cache rows: RMSNorm,
-        RoPE, then Hadamard + FP4 round-trip (indexer keys) or FP8 round-trip of the non-rope channels."""
-        c = self.cfg
-        rows = rms_norm(rows.to(dtype), w[f"{self.prefix}.norm.weight"], c.rms_norm_eps)
-        rows = with_rope(rows, rot, c.qk_rope_head_dim)
-        if self.rotate:
-            return fp4_roundtrip(hadamard(rows))
-        return fp8_kv_roundtrip(rows, c.qk_rope_head_dim, KV_FP8_BLOCK)
+        return compressor_finish(rows, rot, dtype, w[f"{self.prefix}.norm.weight"], self.cfg.rms_norm_eps,
+                                 self.rotate, self.cfg.qk_rope_head_dim, KV_FP8_BLOCK)
 
-    def forward(self, x, pos, rot, kv_state, score_state, cache, w):
-        """x [B, dm]: feed one token per sequence, write the rows completed at `pos` into `cache`."""
-        r = self.ratio
-        kv, score = self.project(x, pos, w)
-        slot = pos % r + (r if r == 4 else 0)
-        put_rows(kv_state, slot, kv)
-        put_rows(score_state, slot, score)
-        row = self.pool(kv_state, score_state)                                  # [B, d]
-        emit = (pos + 1) % r == 0
-        if r == 4:
-            shifted = torch.where(emit[:, None, None], kv_state[:, r:], kv_state[:, :r])
-            kv_state[:, :r] = shifted
-            score_state[:, :r] = torch.where(emit[:, None, None], score_state[:, r:], score_state[:, :r])
-        row = self.finish(row[:, None], rot[(pos + 1 - r).clamp(min=0)][:, None], x.dtype, w)
-        put_rows(cache, pos // r, row[:, 0], emit)
+    def forward(self, x, pos, rot, kv_state, score_state, cache, first_row, w):
+        """x [B, dm]: feed one token per sequence, write the rows completed at `pos` into
+        cache[b, first_row + block] (one launch for decode batches on a GPU: `dsv4::compressor_step`)."""
+        p, c = self.prefix, self.cfg
+        step = torch.ops.dsv4.compressor_step if x.size(0) <= COMPRESSOR_OP_ROWS else compressor_step
+        step(self.products(x, w), w[f"{p}.ape"], pos, kv_state, score_state, cache, first_row, w[f"{p}.norm.weight"],
+             rot, self.ratio, self.rotate, c.rms_norm_eps, c.qk_rope_head_dim, KV_FP8_BLOCK)
 
 
 class DecodeLayer(torch.nn.Module):
@@ -280,14 +252,13 @@ class DecodeLayer(torch.nn.Module):
         idx = torch.where(ring[None] <= pos[:, None], ring[None], -1)           # window slots holding a token
         put_rows(caches["kv"], pos % win, kv[:, 0])
         if r:
-            compressed = caches["kv"][:, win:]
-            self.compressor(x[:, 0], pos, self.rot, caches["comp_kv"], caches["comp_score"], compressed, w)
-            blocks = torch.arange(compressed.size(1), device=x.device)
+            self.compressor(x[:, 0], pos, self.rot, caches["comp_kv"], caches["comp_score"], caches["kv"], win, w)
+            blocks = torch.arange(caches["kv"].size(1) - win, device=x.device)
             count = (pos + 1) // r                                               # complete blocks [B]
             if r == 4:
                 q_idx, weights = self.index_query(x, qr, rot, w)
                 self.idx_compressor(x[:, 0], pos, self.rot, caches["idx_kv"], caches["idx_score"],
-                                    caches["idx_keys"], w)
+                                    caches["idx_keys"], 0, w)
                 picked = self.pick_blocks(q_idx, weights, caches["idx_keys"], count[:, None])[:, 0]
             else:
                 picked = torch.where(blocks[None] < count[:, None], blocks[None], -1)

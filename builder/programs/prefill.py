@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import torch
 
+from plugins.oracle import put_rows
+
 from ..config import ModelConfig
-from .decode import Compressor, DecodeLayer, is_mtp, mtp_input, mtp_logits, put_rows
+from .decode import Compressor, DecodeLayer, is_mtp, mtp_input, mtp_logits
 
 
 def ring_update(old: torch.Tensor, new: torch.Tensor, start: torch.Tensor, n: torch.Tensor) -> torch.Tensor:

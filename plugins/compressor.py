@@ -1,0 +1,33 @@
+"""The compressor's decode step on the GPU (csrc/compressor.cu): the token into the partial-block states and,
+where it completes a block, the block's cache row, in one launch. Oracle: `plugins.oracle.compressor_step`.
+"""
+from __future__ import annotations
+
+import torch
+
+from .loader import FLOAT, INT, PTR, kernels
+
+DIMS, ROPE, FP8_BLOCK, MAX_ROWS = (128, 512), 64, 64, 16     # csrc/compressor.cu; rows: decode batches
+
+
+def supports(proj: torch.Tensor, cache: torch.Tensor, ratio: int, rope_dim: int, fp8_block: int) -> bool:
+    """proj [B, 2C] float32 on a GPU for a bf16 cache of 128 or 512 channels, the kernel's RoPE and FP8 block,
+    ratio 4 (with overlap) or more, at most 16 sequences."""
+    dim = cache.size(-1)
+    return (proj.is_cuda and proj.dtype == torch.float32 and cache.dtype == torch.bfloat16 and dim in DIMS
+            and proj.dim() == 2 and proj.size(1) == 2 * dim * (2 if ratio == 4 else 1) and ratio >= 4
+            and rope_dim == ROPE and fp8_block == FP8_BLOCK and 1 <= proj.size(0) <= MAX_ROWS)
+
+
+def compressor_step(proj: torch.Tensor, ape: torch.Tensor, pos: torch.Tensor, kv_state: torch.Tensor,
+                    score_state: torch.Tensor, cache: torch.Tensor, first_row: int, norm: torch.Tensor,
+                    rot: torch.Tensor, ratio: int, rotate: bool, eps: float) -> None:
+    """As the oracle (RoPE 64, FP8 block 64); every tensor contiguous, float32 but the bf16 cache and the
+    int64 positions. Mutates kv_state, score_state and cache."""
+    assert all(t.is_contiguous() for t in (proj, ape, pos, kv_state, score_state, cache, norm, rot))
+    assert pos.dtype == torch.int64 and kv_state.dtype == score_state.dtype == norm.dtype == rot.dtype == torch.float32
+    dim = cache.size(-1)
+    kernels().launch("dsv4_compressor_step", proj.size(0), dim,
+                     [(proj, PTR), (ape, PTR), (pos, PTR), (kv_state, PTR), (score_state, PTR), (norm, PTR),
+                      (rot, PTR), (cache, PTR), (dim, INT), (ratio, INT), (cache.size(1), INT), (first_row, INT),
+                      (int(rotate), INT), (dim ** -0.5, FLOAT), (eps, FLOAT)])

@@ -1,0 +1,134 @@
+// The compressor's decode step (one token per sequence), in one launch where Inductor makes about ten: the
+// token's projections into the partial-block state, and where the token completes a block, the block's
+// row: gated pooling, RMSNorm, RoPE, then the indexer keys' Hadamard + FP4 round-trip or the FP8
+// round-trip of the other channels, written to the cache. The math of `plugins.oracle.compressor_step`:
+//   state[slot] = (kv, score + ape[pos % r])          slot = pos % r (+ r with overlap, ratio 4)
+//   row[c] = sum_t kv_t[c] * softmax_t(score_t[c])    over 2r rows with overlap (the previous block's first
+//                                                      half of channels, this block's second), else r
+//   with overlap, a completed block moves to the previous-block rows
+// Float32 sums run in another order than torch's, so a cache row may differ from the oracle's by a bf16 ulp.
+#include "common.cuh"
+
+namespace compressor {
+constexpr int MAX_DIM = 512;             // channels of a row: 512 (attention), 128 (indexer)
+constexpr int ROPE = 64;                 // V4's qk_rope_head_dim
+constexpr int FP8_BLOCK = 64;            // KV_FP8_BLOCK
+constexpr int FP4_BLOCK = 32;            // MXFP4_BLOCK
+
+__device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16(x)); }
+
+// E2M1 rounding of v in [-6, 6], ties to the even code: the grid 0 .5 1 1.5 2 3 4 6.
+__device__ __forceinline__ float round_e2m1(float v) {
+  const float a = fabsf(v);
+  float r;
+  if (a <= 0.25f) r = 0.f;               // ties: 0.25 -> 0 (even), 0.75 -> 1, 1.25 -> 1, 1.75 -> 2,
+  else if (a < 0.75f) r = 0.5f;          //       2.5 -> 2, 3.5 -> 4, 5 -> 4
+  else if (a <= 1.25f) r = 1.f;
+  else if (a < 1.75f) r = 1.5f;
+  else if (a <= 2.5f) r = 2.f;
+  else if (a < 3.5f) r = 3.f;
+  else if (a <= 5.f) r = 4.f;
+  else r = 6.f;
+  return v < 0.f && r > 0.f ? -r : r;     // no -0, as the oracle's codes
+}
+
+// The maximum of v over groups of `width` consecutive threads (width 32 or 64), through shared memory.
+__device__ __forceinline__ float group_max(float v, int width, float* scratch) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  if (width == 32) return v;
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 == 0) scratch[warp] = v;
+  __syncthreads();
+  v = fmaxf(scratch[warp & ~1], scratch[warp | 1]);
+  __syncthreads();
+  return v;
+}
+}  // namespace compressor
+
+// Grid B (one CTA per sequence), dim threads (128 or 512; thread c owns channel c and, with overlap, dim + c).
+// proj [B, 2 * C] float32 (the stacked wkv | wgate products, C = coff * dim), ape [r, C], pos [B] int64,
+// kv_state / score_state [B, coff * r, C] float32, norm [dim] float32, rot [max_len, 32, 2] float32 (cos, sin),
+// cache [B, cache_rows, dim] bf16 whose block j lives at row first_row + j; rotate: the indexer's keys
+// (Hadamard scaled by hadamard_scale, FP4), else FP8.
+extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_compressor_step(
+    const float* __restrict__ proj, const float* __restrict__ ape, const long long* __restrict__ pos_of,
+    float* __restrict__ kv_state, float* __restrict__ score_state, const float* __restrict__ norm,
+    const float* __restrict__ rot, __nv_bfloat16* __restrict__ cache, int dim, int ratio, int cache_rows,
+    int first_row, int rotate, float hadamard_scale, float eps) {
+  using namespace compressor;
+  __shared__ float vals[MAX_DIM];
+  __shared__ float scratch[MAX_DIM / 32];
+  const int b = blockIdx.x, c = threadIdx.x;
+  const bool overlap = ratio == 4;
+  const int coff = overlap ? 2 : 1, C = coff * dim, rows = coff * ratio;
+  dsv4::pdl_wait();                          // the projections come from the previous kernel
+  dsv4::pdl_launch_dependents();
+  const long long pos = pos_of[b];
+  const int slot = int(pos % ratio) + (overlap ? ratio : 0);
+  float* kvs = kv_state + size_t(b) * rows * C;
+  float* scs = score_state + size_t(b) * rows * C;
+  for (int h = 0; h < coff; ++h) {
+    const int ch = c + h * dim;
+    kvs[size_t(slot) * C + ch] = proj[size_t(b) * 2 * C + ch];
+    scs[size_t(slot) * C + ch] = proj[size_t(b) * 2 * C + C + ch] + ape[size_t(pos % ratio) * C + ch];
+  }
+  if ((pos + 1) % ratio != 0) return;        // the block is not complete: nothing more (uniform per CTA)
+  // Pooling of channel c: rows [0, r) read channel c (the previous block), rows [r, 2r) channel dim + c.
+  float m = -INFINITY;
+  for (int t = 0; t < ratio * coff; ++t) m = fmaxf(m, scs[size_t(t) * C + c + (overlap && t >= ratio ? dim : 0)]);
+  float total = 0.f;
+  for (int t = 0; t < ratio * coff; ++t) total += expf(scs[size_t(t) * C + c + (overlap && t >= ratio ? dim : 0)] - m);
+  float pooled = 0.f;
+  for (int t = 0; t < ratio * coff; ++t) {
+    const size_t at = size_t(t) * C + c + (overlap && t >= ratio ? dim : 0);
+    pooled += kvs[at] * (expf(scs[at] - m) / total);
+  }
+  if (overlap)                               // this block becomes the previous one (after it was pooled)
+    for (int t = 0; t < ratio; ++t)
+      for (int h = 0; h < 2; ++h) {
+        const int ch = c + h * dim;
+        kvs[size_t(t) * C + ch] = kvs[size_t(t + ratio) * C + ch];
+        scs[size_t(t) * C + ch] = scs[size_t(t + ratio) * C + ch];
+      }
+  // RMSNorm of the bf16 row, weight in float32, back to bf16.
+  const float x = bf16_round(pooled);
+  float ss = x * x;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  if (c % 32 == 0) scratch[c / 32] = ss;
+  __syncthreads();
+  ss = 0.f;
+  for (int w = 0; w < dim / 32; ++w) ss += scratch[w];
+  float y = bf16_round(norm[c] * (x * rsqrtf(ss / dim + eps)));
+  // RoPE on the last 64 channels, interleaved pairs, at the block's first position.
+  const float other = __shfl_xor_sync(0xffffffffu, y, 1);
+  if (c >= dim - ROPE) {
+    const long long at = max(0LL, pos + 1 - ratio);
+    const int pair = (c - (dim - ROPE)) / 2;
+    const float cs = rot[(size_t(at) * (ROPE / 2) + pair) * 2], sn = rot[(size_t(at) * (ROPE / 2) + pair) * 2 + 1];
+    // products rounded apart, as torch's (a * cos - b * sin, a * sin + b * cos), not fused
+    y = bf16_round(c % 2 == 0 ? __fsub_rn(__fmul_rn(y, cs), __fmul_rn(other, sn))
+                              : __fadd_rn(__fmul_rn(other, sn), __fmul_rn(y, cs)));
+  }
+  if (rotate) {                              // Hadamard (Sylvester, scaled by dim^-0.5), then FP4 block 32
+    __syncthreads();                         // scratch read above before vals is written
+    vals[c] = y;
+    __syncthreads();
+    float h = 0.f;
+    for (int j = 0; j < dim; ++j) h += (__popc(c & j) & 1) ? -vals[j] : vals[j];
+    h = bf16_round(h * hadamard_scale);
+    const float amax = fmaxf(group_max(fabsf(h), FP4_BLOCK, scratch), 6.f * 1.1754943508222875e-38f);
+    const float scale = dsv4::pow2_ceil_scale(amax, 1.f / 6.f);
+    y = bf16_round(round_e2m1(fminf(fmaxf(h / scale, -6.f), 6.f)) * scale);
+  } else {                                   // FP8 round-trip of the channels before the RoPE ones, block 64
+    __syncthreads();                         // scratch read above before group_max writes it
+    const float amax = fmaxf(group_max(c < dim - ROPE ? fabsf(y) : 0.f, FP8_BLOCK, scratch), 1e-4f);
+    if (c < dim - ROPE) {
+      const float scale = dsv4::pow2_ceil_scale(amax, 1.f / 448.f);
+      const __nv_fp8_e4m3 q(fminf(fmaxf(y / scale, -448.f), 448.f));
+      y = bf16_round(float(q) * scale);
+    }
+  }
+  cache[(size_t(b) * cache_rows + first_row + pos / ratio) * dim + c] = __float2bfloat16(y);
+}

@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
+from plugins.oracle import compressor_step as compressor_step_oracle
+
+
+def _layer(b, dim, ratio, cache_rows, first_row, max_len=512, seed=0, device="cuda"):
+    """A compressor's inputs for b sequences: APE [r, C], norm weight, a RoPE table [max_len, 32, 2], empty
+    states (kv 0, score -inf, as `new_caches`) and a bf16 cache of random rows."""
+    g = torch.Generator().manual_seed(seed)
+    coff = 2 if ratio == 4 else 1
+    c = coff * dim
+    angles = torch.rand(max_len, 32, generator=g) * 6.3
+    layer = {"ape": torch.randn(ratio, c, generator=g), "norm": 1 + 0.1 * torch.randn(dim, generator=g),
+             "rot": torch.stack([angles.cos(), angles.sin()], -1),
+             "kv_state": torch.zeros(b, coff * ratio, c), "score_state": torch.full((b, coff * ratio, c), float("-inf")),
+             "cache": torch.randn(b, cache_rows, dim, generator=g).to(torch.bfloat16)}
+    return {k: v.to(device) for k, v in layer.items()}, g
+
+
+def _step(step, layer, proj, pos, first_row, ratio, rotate):
+    step(proj, layer["ape"], pos, layer["kv_state"], layer["score_state"], layer["cache"], first_row, layer["norm"],
+         layer["rot"], ratio, rotate, 1e-6, 64, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b, dim, ratio, rotate, first_row, starts, steps", [
+    pytest.param(1, 512, 4, False, 128, [0], 13, id="flash-ratio4-from-0"),
+    pytest.param(3, 512, 4, False, 128, [5, 0, 1022], 9, id="flash-ratio4-3seq"),
+    pytest.param(2, 512, 128, False, 128, [0, 100], 140, id="flash-ratio128"),
+    pytest.param(2, 128, 4, True, 0, [0, 37], 11, id="indexer-keys"),
+])
+def test_compressor_kernel_matches_oracle(b, dim, ratio, rotate, first_row, starts, steps):
+    """Tokens fed one step at a time to the kernel and to the oracle (on the GPU), each with its own states
+    and cache: the states stay bit for bit the same; the rows written agree to the FP8/FP4 step that a
+    float32 summation order can flip, and nothing else of the cache moves."""
+    from plugins.compressor import compressor_step, supports
+    max_len = 1024 + 16
+    mine, g = _layer(b, dim, ratio, first_row + max_len // ratio, first_row, max_len)
+    theirs = {k: v.clone() for k, v in mine.items()}
+    before = mine["cache"].clone()
+    coff = 2 if ratio == 4 else 1
+    written = torch.zeros(b, mine["cache"].size(1), dtype=torch.bool, device="cuda")
+    for i in range(steps):
+        pos = torch.tensor(starts, device="cuda") + i
+        proj = torch.cat([torch.randn(b, coff * dim, generator=g), 2 * torch.randn(b, coff * dim, generator=g)], 1)
+        proj = proj.cuda()
+        assert supports(proj, mine["cache"], ratio, 64, 64)
+        _step(lambda *a: compressor_step(*a[:-2]), mine, proj, pos, first_row, ratio, rotate)
+        _step(compressor_step_oracle, theirs, proj, pos, first_row, ratio, rotate)
+        done = (pos + 1) % ratio == 0
+        written[torch.arange(b, device="cuda")[done], first_row + pos[done] // ratio] = True
+        assert torch.equal(mine["kv_state"], theirs["kv_state"]) and torch.equal(mine["score_state"], theirs["score_state"])
+    assert written.any()
+    assert torch.equal(mine["cache"][~written], before[~written])
+    got, expect = mine["cache"][written].float(), theirs["cache"][written].float()
+    cos = torch.nn.functional.cosine_similarity(got, expect, dim=-1)
+    assert cos.min() >= (0.999 if rotate else 0.9999), cos.min()
+    assert (got == expect).float().mean() >= 0.97
+
+
+@pytest.mark.gpu
+def test_compressor_kernel_captures_in_a_cuda_graph():
+    from plugins.compressor import compressor_step
+    layer, g = _layer(1, 512, 4, 128 + 64, 128)
+    proj = torch.randn(1, 2048, generator=g).cuda()
+    pos = torch.zeros(1, dtype=torch.int64, device="cuda")
+    compressor_step(proj, layer["ape"], pos, layer["kv_state"], layer["score_state"], layer["cache"], 128,
+                    layer["norm"], layer["rot"], 4, False, 1e-6)               # loads the kernel before capture
+    oracle = {k: v.clone() for k, v in layer.items()}
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _step(torch.ops.dsv4.compressor_step, layer, proj, pos, 128, 4, False)
+    for p in range(1, 8):                                                     # a block completes at 3 and 7
+        pos.fill_(p)
+        graph.replay()
+        _step(compressor_step_oracle, oracle, proj, pos, 128, 4, False)
+    torch.cuda.synchronize()
+    assert torch.equal(layer["kv_state"], oracle["kv_state"]) and torch.equal(layer["score_state"], oracle["score_state"])
+    cos = torch.nn.functional.cosine_similarity(layer["cache"][0, 128:130].float(), oracle["cache"][0, 128:130].float(), -1)
+    assert cos.min() >= 0.9999
+
+
+def test_compressor_op_is_the_oracle_on_the_cpu():
+    layer, g = _layer(2, 128, 4, 8, 0, max_len=32, device="cpu")
+    oracle = {k: v.clone() for k, v in layer.items()}
+    for p in range(6):
+        proj = torch.randn(2, 512, generator=g)
+        pos = torch.tensor([p, p + 2])
+        _step(torch.ops.dsv4.compressor_step, layer, proj, pos, 0, 4, True)
+        _step(compressor_step_oracle, oracle, proj, pos, 0, 4, True)
+    assert all(torch.equal(layer[k], oracle[k]) for k in ("kv_state", "score_state", "cache"))
+    assert not torch.equal(layer["cache"][:, :2], _layer(2, 128, 4, 8, 0, max_len=32, device="cpu")[0]["cache"][:, :2])
