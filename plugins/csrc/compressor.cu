@@ -75,11 +75,16 @@ extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_compresso
   }
   if ((pos + 1) % ratio != 0) return;        // the block is not complete: nothing more (uniform per CTA)
   // Pooling of channel c: rows [0, r) read channel c (the previous block), rows [r, 2r) channel dim + c.
+  // Three passes as torch's softmax (max, normaliser, weighted sum), unrolled so that the loads of a
+  // ratio-128 block (128 rows) are in flight together.
   float m = -INFINITY;
+#pragma unroll 8
   for (int t = 0; t < ratio * coff; ++t) m = fmaxf(m, scs[size_t(t) * C + c + (overlap && t >= ratio ? dim : 0)]);
   float total = 0.f;
+#pragma unroll 8
   for (int t = 0; t < ratio * coff; ++t) total += expf(scs[size_t(t) * C + c + (overlap && t >= ratio ? dim : 0)] - m);
   float pooled = 0.f;
+#pragma unroll 8
   for (int t = 0; t < ratio * coff; ++t) {
     const size_t at = size_t(t) * C + c + (overlap && t >= ratio ? dim : 0);
     pooled += kvs[at] * (expf(scs[at] - m) / total);
