@@ -30,6 +30,7 @@ def _step(step, layer, proj, pos, first_row, ratio, rotate):
     pytest.param(3, 512, 4, False, 128, [5, 0, 1022], 9, id="flash-ratio4-3seq"),
     pytest.param(2, 512, 128, False, 128, [0, 100], 140, id="flash-ratio128"),
     pytest.param(2, 128, 4, True, 0, [0, 37], 11, id="indexer-keys"),
+    pytest.param(1, 128, 4, False, 16, [0], 9, id="tiny-main-128-channels"),
 ])
 def test_compressor_kernel_matches_oracle(b, dim, ratio, rotate, first_row, starts, steps):
     """Tokens fed one step at a time to the kernel and to the oracle (on the GPU), each with its own states
