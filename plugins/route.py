@@ -7,7 +7,8 @@ import torch
 
 from .loader import FLOAT, INT, PTR, kernels
 
-MAX_EXPERTS, MAX_K, MAX_ROWS = 32 * 32, 16, 16          # csrc/route.cu; rows: decode batches
+SLOTS, MAX_K, MAX_ROWS = (8, 16, 32), 16, 16          # csrc/route.cu: experts per lane builds; rows: decode batches
+MAX_EXPERTS = 32 * SLOTS[-1]
 
 
 def kernel_fits(logits: torch.Tensor, k: int, scoring_func: str) -> bool:
@@ -23,6 +24,7 @@ def route_topk(logits: torch.Tensor, bias: torch.Tensor, k: int, scale: float) -
     logits, bias = logits.contiguous(), bias.float().contiguous()
     weights = torch.empty(n, k, dtype=torch.float32, device=logits.device)
     experts = torch.empty(n, k, dtype=torch.int32, device=logits.device)
-    kernels().launch("dsv4_route_topk", n, 32, [(logits, PTR), (bias, PTR), (weights, PTR), (experts, PTR),
-                                                 (e, INT), (k, INT), (scale, FLOAT)])
+    slots = next(s for s in SLOTS if 32 * s >= e)           # the smallest build that holds the row
+    kernels().launch(f"dsv4_route_topk_s{slots}", n, 32, [(logits, PTR), (bias, PTR), (weights, PTR),
+                                                          (experts, PTR), (e, INT), (k, INT), (scale, FLOAT)])
     return weights, experts
