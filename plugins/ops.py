@@ -211,7 +211,7 @@ def indexer_picks(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, co
     head weights [B, S, heads] over keys [B, T, dim], blocks t < count [B, S] visible: two launches for decode
     rows in bf16 on a GPU, the oracle elsewhere."""
     from . import indexer as kernel
-    if kernel.supports(q, keys, k):
+    if kernel.supports(q, weights, keys, k):
         return kernel.indexer_picks(q.contiguous(), weights.contiguous(), keys.contiguous(),
                                     count.long().contiguous(), k)
     return indexer_picks_oracle(q, weights, keys, count, k)

@@ -44,7 +44,7 @@ def test_indexer_op_is_the_oracle_on_the_cpu():
 def test_indexer_kernel_matches_oracle(b, s, t, counts, k, exact):
     from plugins.indexer import indexer_picks, supports
     q, weights, keys, count = _case(b, s, t, counts, exact)
-    assert supports(q, keys, k)
+    assert supports(q, weights, keys, k)
     got = indexer_picks(q, weights, keys, count, k)
     expect = indexer_picks_oracle(q, weights, keys, count, k)        # torch on the GPU
     assert got.shape == expect.shape == (b, s, k) and got.dtype == torch.int64

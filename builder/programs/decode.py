@@ -18,13 +18,13 @@ from __future__ import annotations
 import torch
 
 import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
-from plugins.hc_pre import MAX_ROWS as HC_PRE_KERNEL_ROWS
-from plugins.route import MAX_ROWS as ROUTE_KERNEL_ROWS
-from plugins.indexer import MAX_ROWS as INDEXER_KERNEL_ROWS
 from plugins.compressor import MAX_ROWS as COMPRESSOR_KERNEL_ROWS
+from plugins.hc_pre import MAX_ROWS as HC_PRE_KERNEL_ROWS
+from plugins.indexer import MAX_ROWS as INDEXER_KERNEL_ROWS
 from plugins.oracle import (compressor_finish, compressor_inputs, compressor_pool, compressor_step, einsum,
                             fp4_roundtrip, fp8_kv_roundtrip, hadamard, hc_head, hc_post, hc_pre, indexer_picks,
                             linear, put_rows, rms_norm, softmax_scale, swiglu, wide, wide_dtype, with_rope)
+from plugins.route import MAX_ROWS as ROUTE_KERNEL_ROWS
 
 from ..config import KV_FP8_BLOCK, ModelConfig
 from ..reference.moe import route

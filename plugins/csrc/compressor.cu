@@ -1,4 +1,4 @@
-// The compressor's decode step (one token per sequence), in one launch where Inductor makes about ten: the
+// The compressor's decode step (one token per sequence), in one launch where Inductor makes several: the
 // token's projections into the partial-block state, and where the token completes a block, the block's
 // row: gated pooling, RMSNorm, RoPE, then the indexer keys' Hadamard + FP4 round-trip or the FP8
 // round-trip of the other channels, written to the cache. The math of `plugins.oracle.compressor_step`:
