@@ -95,8 +95,8 @@ def test_bf16_head_kernel_split_over_k_matches_the_float32_product(rows, v, spli
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows, n", [(1, 1024), (1, 256), (4, 512)],
-                         ids=["compressor-1row", "indexer-1row", "gate-4rows"])
+@pytest.mark.parametrize("rows, n", [(1, 1024), (1, 256), (4, 512), (1, 64)],
+                         ids=["compressor-1row", "indexer-1row", "gate-4rows", "indexer-weights-1row"])
 def test_wide_linear_op_runs_the_head_kernel_for_bf16_weights(rows, n):
     """dsv4::wide_linear on a GPU: float32 rows times a bf16-stored weight (compressor, router gate) through
     the head's kernel, the float32 product over the widened weight up to summation order."""

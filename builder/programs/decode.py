@@ -23,7 +23,7 @@ from plugins.hc_pre import MAX_ROWS as HC_PRE_KERNEL_ROWS
 from plugins.indexer import MAX_ROWS as INDEXER_KERNEL_ROWS
 from plugins.oracle import (compressor_finish, compressor_inputs, compressor_pool, compressor_step, einsum,
                             fp4_roundtrip, fp8_kv_roundtrip, hadamard, hc_head, hc_post, hc_pre, indexer_picks,
-                            linear, put_rows, rms_norm, softmax_scale, swiglu, wide, wide_dtype, with_rope)
+                            put_rows, rms_norm, softmax_scale, swiglu, wide, wide_dtype, with_rope)
 from plugins.route import MAX_ROWS as ROUTE_KERNEL_ROWS
 
 from ..config import KV_FP8_BLOCK, ModelConfig
@@ -271,7 +271,9 @@ class DecodeLayer(torch.nn.Module):
         c = self.cfg
         q = linear_fp8(qr, w, "attn.indexer.wq_b").unflatten(-1, (c.index_n_heads, c.index_head_dim))
         q = fp4_roundtrip(hadamard(with_rope(q, rot, c.qk_rope_head_dim)))
-        weights = (linear(x, w["attn.indexer.weights_proj.weight"])
+        # a bf16 product as the reference's `linear` (float32 sums, rounded once), through the narrow GEMV
+        # kernel on a GPU (`wide_product`), where cuBLAS ran a split-K GEMV and a reduction launch
+        weights = (wide_product(wide(x), w["attn.indexer.weights_proj.weight"]).to(x.dtype)
                    * (softmax_scale(c.index_head_dim) * c.index_n_heads ** -0.5))
         return q, weights
 
