@@ -1,5 +1,6 @@
-"""The compressor's decode step on the GPU (csrc/compressor.cu): the token into the partial-block states and,
-where it completes a block, the block's cache row, in one launch. Oracle: `plugins.oracle.compressor_step`.
+"""KV cache rows of a decode step on the GPU (csrc/compressor.cu), one launch each: the compressor's step (the
+token into the partial-block states and, where it completes a block, the block's cache row; oracle
+`plugins.oracle.compressor_step`) and the window's new row (`kv_row`; oracle `plugins.oracle.kv_row`).
 """
 from __future__ import annotations
 
@@ -31,3 +32,23 @@ def compressor_step(proj: torch.Tensor, ape: torch.Tensor, pos: torch.Tensor, kv
                      [(proj, PTR), (ape, PTR), (pos, PTR), (kv_state, PTR), (score_state, PTR), (norm, PTR),
                       (rot, PTR), (cache, PTR), (dim, INT), (ratio, INT), (cache.size(1), INT), (first_row, INT),
                       (int(rotate), INT), (dim ** -0.5, FLOAT), (eps, FLOAT)])
+
+
+def supports_kv_row(kv: torch.Tensor, cache: torch.Tensor, rope_dim: int, fp8_block: int) -> bool:
+    """kv [B, dim] bf16 rows (unit stride along dim) on a GPU for a bf16 cache of 128 or 512 channels, the
+    kernel's RoPE and FP8 block, at most 16 sequences."""
+    return (kv.is_cuda and kv.dtype == cache.dtype == torch.bfloat16 and kv.dim() == 2 and kv.stride(1) == 1
+            and kv.size(1) == cache.size(-1) in DIMS and rope_dim == ROPE and fp8_block == FP8_BLOCK
+            and 1 <= kv.size(0) <= MAX_ROWS)
+
+
+def kv_row(kv: torch.Tensor, norm: torch.Tensor, rot: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor,
+           window: int, eps: float) -> None:
+    """As the oracle (RoPE 64, FP8 block 64); norm and rot float32, pos int64, cache contiguous; kv's rows
+    may be a stacked product's slices (any row stride). Mutates cache."""
+    assert norm.is_contiguous() and rot.is_contiguous() and pos.is_contiguous() and cache.is_contiguous()
+    assert pos.dtype == torch.int64 and norm.dtype == rot.dtype == torch.float32
+    dim = cache.size(-1)
+    kernels().launch("dsv4_kv_row", kv.size(0), dim,
+                     [(kv, PTR), (kv.stride(0), INT), (norm, PTR), (rot, PTR), (pos, PTR), (cache, PTR), (dim, INT),
+                      (cache.size(1), INT), (window, INT), (eps, FLOAT)])

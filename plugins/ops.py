@@ -11,6 +11,7 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::route_topk(logits, bias, k, scoring_func, scale)  a score-routed gate's experts and weights
     dsv4::indexer_picks(q, weights, keys, count, k)        the indexer's top-k compressed blocks
     dsv4::compressor_step(proj, ape, pos, states, cache, ...)   a compressor fed one token (mutates)
+    dsv4::kv_row(kv, norm, rot, pos, cache, window, ...)    a new token's window row (mutates)
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from .moe_experts import (expert_nbytes, moe_experts_decode, moe_experts_prefill
 from .oracle import einsum, hc_pre_parts, quantised_matmul, route_from_logits, swiglu, wide_dtype
 from .oracle import compressor_step as compressor_step_oracle
 from .oracle import indexer_picks as indexer_picks_oracle
+from .oracle import kv_row as kv_row_oracle
 from .oracle import sparse_attention as sparse_attention_oracle
 
 # ------------------------------------------------------------------ fp8_linear
@@ -244,6 +246,27 @@ def compressor_step(proj: torch.Tensor, ape: torch.Tensor, pos: torch.Tensor, kv
 
 @compressor_step.register_fake
 def _(proj, ape, pos, kv_state, score_state, cache, first_row, norm, rot, ratio, rotate, eps, rope_dim, fp8_block):
+    return None
+
+
+# ------------------------------------------------------------------ kv_row
+
+
+@torch.library.custom_op("dsv4::kv_row", mutates_args=("cache",))
+def kv_row(kv: torch.Tensor, norm: torch.Tensor, rot: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor,
+           window: int, eps: float, rope_dim: int, fp8_block: int) -> None:
+    """Each sequence's new window row (see `plugins.oracle.kv_row`): one launch for decode batches on a GPU,
+    the oracle elsewhere. Mutates the cache."""
+    from . import compressor as kernel
+    if kernel.supports_kv_row(kv, cache, rope_dim, fp8_block) and cache.is_contiguous():
+        kernel.kv_row(kv, norm.float().contiguous(), rot.float().contiguous(), pos.long().contiguous(), cache, window,
+                      eps)
+        return
+    kv_row_oracle(kv, norm, rot, pos, cache, window, eps, rope_dim, fp8_block)
+
+
+@kv_row.register_fake
+def _(kv, norm, rot, pos, cache, window, eps, rope_dim, fp8_block):
     return None
 
 

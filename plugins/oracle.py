@@ -196,11 +196,11 @@ def compressor_pool(kv: torch.Tensor, score: torch.Tensor, ratio: int) -> torch.
     return (kv * score.softmax(dim=-2)).sum(dim=-2)
 
 
-def compressor_finish(rows: torch.Tensor, rot: torch.Tensor, dtype: torch.dtype, norm: torch.Tensor, eps: float,
-                      rotate: bool, rope_dim: int, fp8_block: int) -> torch.Tensor:
-    """Pooled rows [B, M, dim] with rot [B, M, rope_dim/2, 2] at each block's first token -> cache rows:
-    RMSNorm, RoPE, then Hadamard + FP4 round-trip (`rotate`: indexer keys) or FP8 round-trip of the non-rope
-    channels."""
+def finish_rows(rows: torch.Tensor, rot: torch.Tensor, dtype: torch.dtype, norm: torch.Tensor, eps: float,
+                rotate: bool, rope_dim: int, fp8_block: int) -> torch.Tensor:
+    """The last steps of KV cache rows (the window's new rows, the compressors' pooled ones): rows [B, M, dim]
+    with rot [B, M, rope_dim/2, 2] at each row's position -> RMSNorm, RoPE, then Hadamard + FP4 round-trip
+    (`rotate`: indexer keys) or FP8 round-trip of the non-rope channels, in `dtype`."""
     rows = with_rope(rms_norm(rows.to(dtype), norm, eps), rot, rope_dim)
     return fp4_roundtrip(hadamard(rows)) if rotate else fp8_kv_roundtrip(rows, rope_dim, fp8_block)
 
@@ -220,9 +220,18 @@ def compressor_step(proj: torch.Tensor, ape: torch.Tensor, pos: torch.Tensor, kv
     if ratio == 4:      # a completed block becomes the previous one
         kv_state[:, :ratio] = torch.where(emit[:, None, None], kv_state[:, ratio:], kv_state[:, :ratio])
         score_state[:, :ratio] = torch.where(emit[:, None, None], score_state[:, ratio:], score_state[:, :ratio])
-    row = compressor_finish(row[:, None], rot[(pos + 1 - ratio).clamp(min=0)][:, None], cache.dtype, norm, eps,
-                            rotate, rope_dim, fp8_block)
+    row = finish_rows(row[:, None], rot[(pos + 1 - ratio).clamp(min=0)][:, None], cache.dtype, norm, eps, rotate,
+                      rope_dim, fp8_block)
     put_rows(cache, first_row + pos // ratio, row[:, 0], emit)
+
+
+def kv_row(kv: torch.Tensor, norm: torch.Tensor, rot: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor,
+           window: int, eps: float, rope_dim: int, fp8_block: int) -> None:
+    """The window row of each sequence's new token: kv [B, dim] before its norm, at positions pos [B], into
+    cache[b, pos % window] (RMSNorm, RoPE, FP8 round-trip of the non-rope channels; rot the layer's table
+    [max_len, rope_dim/2, 2])."""
+    row = finish_rows(kv[:, None], rot[pos][:, None], cache.dtype, norm, eps, False, rope_dim, fp8_block)
+    put_rows(cache, pos % window, row[:, 0])
 
 
 # ------------------------------------------------------------------ attention core

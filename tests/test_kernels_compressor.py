@@ -93,3 +93,39 @@ def test_compressor_op_is_the_oracle_on_the_cpu():
         _step(compressor_step_oracle, oracle, proj, pos, 0, 4, True)
     assert all(torch.equal(layer[k], oracle[k]) for k in ("kv_state", "score_state", "cache"))
     assert not torch.equal(layer["cache"][:, :2], _layer(2, 128, 4, 8, 0, max_len=32, device="cpu")[0]["cache"][:, :2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b, dim, stride", [pytest.param(1, 512, 1536, id="flash-stacked-slice"),
+                                            pytest.param(3, 512, 512, id="flash-3seq"),
+                                            pytest.param(2, 128, 384, id="tiny-128")])
+def test_kv_row_kernel_matches_oracle(b, dim, stride):
+    """Each sequence's new window row from a slice of the stacked wq_a | wkv product (row stride `stride`):
+    the oracle's row to the FP8 step a float32 summation order can flip; every other row untouched."""
+    from plugins.compressor import kv_row, supports_kv_row
+    from plugins.oracle import kv_row as kv_row_oracle
+    layer, g = _layer(b, dim, 4, 200, 128)
+    stacked = torch.randn(b, stride, generator=g).to(torch.bfloat16).cuda()
+    kv = stacked[:, stride - dim:]
+    pos = torch.tensor([5, 127, 300][:b], device="cuda")
+    assert supports_kv_row(kv, layer["cache"], 64, 64)
+    mine, theirs = layer["cache"].clone(), layer["cache"].clone()
+    kv_row(kv, layer["norm"], layer["rot"], pos, mine, 128, 1e-6)
+    kv_row_oracle(kv, layer["norm"], layer["rot"], pos, theirs, 128, 1e-6, 64, 64)
+    rows = torch.zeros(b, 200, dtype=torch.bool, device="cuda")
+    rows[torch.arange(b, device="cuda"), pos % 128] = True
+    assert torch.equal(mine[~rows], layer["cache"][~rows])
+    got, expect = mine[rows].float(), theirs[rows].float()
+    assert torch.nn.functional.cosine_similarity(got, expect, dim=-1).min() >= 0.9999
+    assert (got == expect).float().mean() >= 0.97
+
+
+def test_kv_row_op_is_the_oracle_on_the_cpu():
+    from plugins.oracle import kv_row as kv_row_oracle
+    layer, g = _layer(2, 128, 4, 40, 16, max_len=64, device="cpu")
+    kv = torch.randn(2, 384, generator=g)[:, 256:]
+    pos = torch.tensor([3, 20])
+    mine, theirs = layer["cache"].clone(), layer["cache"].clone()
+    torch.ops.dsv4.kv_row(kv, layer["norm"], layer["rot"], pos, mine, 16, 1e-6, 64, 64)
+    kv_row_oracle(kv, layer["norm"], layer["rot"], pos, theirs, 16, 1e-6, 64, 64)
+    assert torch.equal(mine, theirs) and not torch.equal(mine, layer["cache"])

@@ -21,9 +21,9 @@ import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
 from plugins.compressor import MAX_ROWS as COMPRESSOR_KERNEL_ROWS
 from plugins.hc_pre import MAX_ROWS as HC_PRE_KERNEL_ROWS
 from plugins.indexer import MAX_ROWS as INDEXER_KERNEL_ROWS
-from plugins.oracle import (compressor_finish, compressor_inputs, compressor_pool, compressor_step, einsum,
-                            fp4_roundtrip, fp8_kv_roundtrip, hadamard, hc_head, hc_post, hc_pre, indexer_picks,
-                            put_rows, rms_norm, softmax_scale, swiglu, wide, wide_dtype, with_rope)
+from plugins.oracle import (compressor_inputs, compressor_pool, compressor_step, einsum, finish_rows, fp4_roundtrip,
+                            hadamard, hc_head, hc_post, hc_pre, indexer_picks, kv_row, rms_norm, softmax_scale,
+                            swiglu, wide, wide_dtype, with_rope)
 from plugins.route import MAX_ROWS as ROUTE_KERNEL_ROWS
 
 from ..config import KV_FP8_BLOCK, ModelConfig
@@ -72,7 +72,8 @@ HC_PRE_OP_ROWS = HC_PRE_KERNEL_ROWS  # decode batches take the fused op (ONNX ex
 WIDE_LINEAR_OP = True                # products with bf16-stored float32 weights through the op (not in ONNX)
 ROUTE_OP_ROWS = ROUTE_KERNEL_ROWS    # decode batches' score-routed gates take the one-launch op (ONNX: 0)
 INDEXER_OP_ROWS = INDEXER_KERNEL_ROWS  # decode batches' indexer picks take the two-launch op (ONNX: 0)
-COMPRESSOR_OP_ROWS = COMPRESSOR_KERNEL_ROWS  # decode batches' compressor steps take the one-launch op (ONNX: 0)
+COMPRESSOR_OP_ROWS = COMPRESSOR_KERNEL_ROWS  # decode batches' compressor steps and window rows take the
+                                             # one-launch ops (ONNX: 0)
 
 
 def wide_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -189,8 +190,8 @@ class Compressor(torch.nn.Module):
         return compressor_pool(kv, score, self.ratio)
 
     def finish(self, rows, rot, dtype, w):
-        return compressor_finish(rows, rot, dtype, w[f"{self.prefix}.norm.weight"], self.cfg.rms_norm_eps,
-                                 self.rotate, self.cfg.qk_rope_head_dim, KV_FP8_BLOCK)
+        return finish_rows(rows, rot, dtype, w[f"{self.prefix}.norm.weight"], self.cfg.rms_norm_eps, self.rotate,
+                           self.cfg.qk_rope_head_dim, KV_FP8_BLOCK)
 
     def forward(self, x, pos, rot, kv_state, score_state, cache, first_row, w):
         """x [B, dm]: feed one token per sequence, write the rows completed at `pos` into
@@ -218,16 +219,19 @@ class DecodeLayer(torch.nn.Module):
 
     def project(self, x, rot, w):
         """x [B, S, d] with rot [B, S, rd/2] -> qr [B, S, q_lora], q [B, S, heads, hd] (per-head norm, RoPE),
-        kv [B, S, hd] (norm, RoPE, FP8 round-trip of the non-rope channels)."""
+        kv [B, S, hd] before its norm (`kv_rows`)."""
         c = self.cfg
-        rd = c.qk_rope_head_dim
         qr, kv = linear_fp8_parts(x, w, "attn.wq_a_wkv", (c.q_lora_rank, c.head_dim))
         qr = rms_norm(qr, w["attn.q_norm.weight"], c.rms_norm_eps)
         q = linear_fp8(qr, w, "attn.wq_b").unflatten(-1, (c.num_attention_heads, c.head_dim))
         q = q * torch.rsqrt(wide(q.square()).mean(-1, keepdim=True).to(q.dtype) + c.rms_norm_eps)
-        q = with_rope(q, rot, rd)
-        kv = with_rope(rms_norm(kv, w["attn.kv_norm.weight"], c.rms_norm_eps), rot, rd)
-        return qr, q, fp8_kv_roundtrip(kv, rd, KV_FP8_BLOCK)
+        return qr, with_rope(q, rot, c.qk_rope_head_dim), kv
+
+    def kv_rows(self, kv, rot, w):
+        """kv [B, S, hd] from `project` -> cache rows: norm, RoPE, FP8 round-trip of the non-rope channels."""
+        c = self.cfg
+        return finish_rows(kv, rot, kv.dtype, w["attn.kv_norm.weight"], c.rms_norm_eps, False, c.qk_rope_head_dim,
+                           KV_FP8_BLOCK)
 
     def attend(self, q, rows, idx, rot, w):
         """Sparse attention of q [B, S, heads, hd] over rows[b, idx[b, s]] (-1 = none), then the output
@@ -250,7 +254,9 @@ class DecodeLayer(torch.nn.Module):
         qr, q, kv = self.project(x, rot, w)
         ring = torch.arange(win, device=x.device)
         idx = torch.where(ring[None] <= pos[:, None], ring[None], -1)           # window slots holding a token
-        put_rows(caches["kv"], pos % win, kv[:, 0])
+        write = torch.ops.dsv4.kv_row if x.size(0) <= COMPRESSOR_OP_ROWS else kv_row   # the new window row
+        write(kv[:, 0], w["attn.kv_norm.weight"], self.rot, pos, caches["kv"], win, c.rms_norm_eps,
+              c.qk_rope_head_dim, KV_FP8_BLOCK)
         if r:
             self.compressor(x[:, 0], pos, self.rot, caches["comp_kv"], caches["comp_score"], caches["kv"], win, w)
             blocks = torch.arange(caches["kv"].size(1) - win, device=x.device)

@@ -103,6 +103,7 @@ class PrefillLayer(DecodeLayer):
         pos = start[:, None] + torch.arange(x.size(1), device=dev)                # [B, C]
         rot = self.rot[pos.clamp(max=self.max_len - 1)]                            # padding may run past the table
         qr, q, kv = self.project(x, rot, w)
+        kv = self.kv_rows(kv, rot, w)
         # Attention reads [cache | chunk kv]: window positions before the chunk from the ring (still
         # unwritten), the chunk's own from behind the cache.
         seen = pos[..., None] - win + 1 + torch.arange(win, device=dev)           # [B, C, win] window positions

@@ -44,6 +44,52 @@ __device__ __forceinline__ float group_max(float v, int width, float* scratch) {
   __syncthreads();
   return v;
 }
+
+// The last steps of a cache row, channel c of `dim` per thread, every thread of the CTA calling (it
+// synchronises): x (a bf16 value) through RMSNorm, RoPE at position `at`, then Hadamard + FP4 (`rotate`:
+// the indexer's keys) or the FP8 round-trip of the channels before the RoPE ones; the bf16 result.
+// plugins.oracle.finish_rows. vals: `dim` floats, scratch: dim / 32 floats of shared memory.
+__device__ float finish_row(float x, int c, int dim, const float* __restrict__ norm, const float* __restrict__ rot,
+                            long long at, bool rotate, float hadamard_scale, float eps, float* vals, float* scratch) {
+  // RMSNorm of the bf16 row, weight in float32, back to bf16.
+  float ss = x * x;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  if (c % 32 == 0) scratch[c / 32] = ss;
+  __syncthreads();
+  ss = 0.f;
+  for (int w = 0; w < dim / 32; ++w) ss += scratch[w];
+  float y = bf16_round(norm[c] * (x * rsqrtf(ss / dim + eps)));
+  // RoPE on the last 64 channels, interleaved pairs, at position `at`.
+  const float other = __shfl_xor_sync(0xffffffffu, y, 1);
+  if (c >= dim - ROPE) {
+    const int pair = (c - (dim - ROPE)) / 2;
+    const float cs = rot[(size_t(at) * (ROPE / 2) + pair) * 2], sn = rot[(size_t(at) * (ROPE / 2) + pair) * 2 + 1];
+    // products rounded apart, as torch's (a * cos - b * sin, a * sin + b * cos), not fused
+    y = bf16_round(c % 2 == 0 ? __fsub_rn(__fmul_rn(y, cs), __fmul_rn(other, sn))
+                              : __fadd_rn(__fmul_rn(other, sn), __fmul_rn(y, cs)));
+  }
+  if (rotate) {                              // Hadamard (Sylvester, scaled by dim^-0.5), then FP4 block 32
+    __syncthreads();                         // scratch read above before vals is written
+    vals[c] = y;
+    __syncthreads();
+    float h = 0.f;
+    for (int j = 0; j < dim; ++j) h += (__popc(c & j) & 1) ? -vals[j] : vals[j];
+    h = bf16_round(h * hadamard_scale);
+    const float amax = fmaxf(group_max(fabsf(h), FP4_BLOCK, scratch), 6.f * 1.1754943508222875e-38f);
+    const float scale = dsv4::pow2_ceil_scale(amax, 1.f / 6.f);
+    y = bf16_round(round_e2m1(fminf(fmaxf(h / scale, -6.f), 6.f)) * scale);
+  } else {                                   // FP8 round-trip of the channels before the RoPE ones, block 64
+    __syncthreads();                         // scratch read above before group_max writes it
+    const float amax = fmaxf(group_max(c < dim - ROPE ? fabsf(y) : 0.f, FP8_BLOCK, scratch), 1e-4f);
+    if (c < dim - ROPE) {
+      const float scale = dsv4::pow2_ceil_scale(amax, 1.f / 448.f);
+      const __nv_fp8_e4m3 q(fminf(fmaxf(y / scale, -448.f), 448.f));
+      y = bf16_round(float(q) * scale);
+    }
+  }
+  return y;
+}
 }  // namespace compressor
 
 // Grid B (one CTA per sequence), dim threads (128 or 512; thread c owns channel c and, with overlap, dim + c).
@@ -96,44 +142,26 @@ extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_compresso
         kvs[size_t(t) * C + ch] = kvs[size_t(t + ratio) * C + ch];
         scs[size_t(t) * C + ch] = scs[size_t(t + ratio) * C + ch];
       }
-  // RMSNorm of the bf16 row, weight in float32, back to bf16.
-  const float x = bf16_round(pooled);
-  float ss = x * x;
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
-  if (c % 32 == 0) scratch[c / 32] = ss;
-  __syncthreads();
-  ss = 0.f;
-  for (int w = 0; w < dim / 32; ++w) ss += scratch[w];
-  float y = bf16_round(norm[c] * (x * rsqrtf(ss / dim + eps)));
-  // RoPE on the last 64 channels, interleaved pairs, at the block's first position.
-  const float other = __shfl_xor_sync(0xffffffffu, y, 1);
-  if (c >= dim - ROPE) {
-    const long long at = max(0LL, pos + 1 - ratio);
-    const int pair = (c - (dim - ROPE)) / 2;
-    const float cs = rot[(size_t(at) * (ROPE / 2) + pair) * 2], sn = rot[(size_t(at) * (ROPE / 2) + pair) * 2 + 1];
-    // products rounded apart, as torch's (a * cos - b * sin, a * sin + b * cos), not fused
-    y = bf16_round(c % 2 == 0 ? __fsub_rn(__fmul_rn(y, cs), __fmul_rn(other, sn))
-                              : __fadd_rn(__fmul_rn(other, sn), __fmul_rn(y, cs)));
-  }
-  if (rotate) {                              // Hadamard (Sylvester, scaled by dim^-0.5), then FP4 block 32
-    __syncthreads();                         // scratch read above before vals is written
-    vals[c] = y;
-    __syncthreads();
-    float h = 0.f;
-    for (int j = 0; j < dim; ++j) h += (__popc(c & j) & 1) ? -vals[j] : vals[j];
-    h = bf16_round(h * hadamard_scale);
-    const float amax = fmaxf(group_max(fabsf(h), FP4_BLOCK, scratch), 6.f * 1.1754943508222875e-38f);
-    const float scale = dsv4::pow2_ceil_scale(amax, 1.f / 6.f);
-    y = bf16_round(round_e2m1(fminf(fmaxf(h / scale, -6.f), 6.f)) * scale);
-  } else {                                   // FP8 round-trip of the channels before the RoPE ones, block 64
-    __syncthreads();                         // scratch read above before group_max writes it
-    const float amax = fmaxf(group_max(c < dim - ROPE ? fabsf(y) : 0.f, FP8_BLOCK, scratch), 1e-4f);
-    if (c < dim - ROPE) {
-      const float scale = dsv4::pow2_ceil_scale(amax, 1.f / 448.f);
-      const __nv_fp8_e4m3 q(fminf(fmaxf(y / scale, -448.f), 448.f));
-      y = bf16_round(float(q) * scale);
-    }
-  }
+  const float y = finish_row(bf16_round(pooled), c, dim, norm, rot, max(0LL, pos + 1 - ratio), rotate,
+                             hadamard_scale, eps, vals, scratch);
   cache[(size_t(b) * cache_rows + first_row + pos / ratio) * dim + c] = __float2bfloat16(y);
+}
+
+// Grid B, dim threads (128 or 512): the window row of each sequence's new token, its kv [B, ld] (bf16, the
+// first dim of a row used) through RMSNorm, RoPE at its position and the FP8 round-trip of the channels
+// before the RoPE ones, written to cache[b, pos % window] ([B, cache_rows, dim] bf16). plugins.oracle.kv_row.
+extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_kv_row(
+    const __nv_bfloat16* __restrict__ kv, int ld, const float* __restrict__ norm, const float* __restrict__ rot,
+    const long long* __restrict__ pos_of, __nv_bfloat16* __restrict__ cache, int dim, int cache_rows, int window,
+    float eps) {
+  using namespace compressor;
+  __shared__ float vals[MAX_DIM];
+  __shared__ float scratch[MAX_DIM / 32];
+  const int b = blockIdx.x, c = threadIdx.x;
+  dsv4::pdl_wait();                          // kv comes from the projection just before
+  dsv4::pdl_launch_dependents();
+  const long long pos = pos_of[b];
+  const float y = finish_row(__bfloat162float(kv[size_t(b) * ld + c]), c, dim, norm, rot, pos, false, 0.f, eps,
+                             vals, scratch);
+  cache[(size_t(b) * cache_rows + pos % window) * dim + c] = __float2bfloat16(y);
 }
