@@ -30,6 +30,9 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
+// x rounded to bf16 and back: the rounding a bf16 tensor between two torch ops applies.
+__device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16(x)); }
+
 // A shared-memory pointer as the 32-bit address PTX takes.
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

@@ -15,7 +15,6 @@ constexpr int ROPE = 64;                 // V4's qk_rope_head_dim
 constexpr int FP8_BLOCK = 64;            // KV_FP8_BLOCK
 constexpr int FP4_BLOCK = 32;            // MXFP4_BLOCK
 
-__device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16(x)); }
 
 // E2M1 rounding of v in [-6, 6], ties to the even code: the grid 0 .5 1 1.5 2 3 4 6.
 __device__ __forceinline__ float round_e2m1(float v) {
@@ -59,14 +58,14 @@ __device__ float finish_row(float x, int c, int dim, const float* __restrict__ n
   __syncthreads();
   ss = 0.f;
   for (int w = 0; w < dim / 32; ++w) ss += scratch[w];
-  float y = bf16_round(norm[c] * (x * rsqrtf(ss / dim + eps)));
+  float y = dsv4::bf16_round(norm[c] * (x * rsqrtf(ss / dim + eps)));
   // RoPE on the last 64 channels, interleaved pairs, at position `at`.
   const float other = __shfl_xor_sync(0xffffffffu, y, 1);
   if (c >= dim - ROPE) {
     const int pair = (c - (dim - ROPE)) / 2;
     const float cs = rot[(size_t(at) * (ROPE / 2) + pair) * 2], sn = rot[(size_t(at) * (ROPE / 2) + pair) * 2 + 1];
     // products rounded apart, as torch's (a * cos - b * sin, a * sin + b * cos), not fused
-    y = bf16_round(c % 2 == 0 ? __fsub_rn(__fmul_rn(y, cs), __fmul_rn(other, sn))
+    y = dsv4::bf16_round(c % 2 == 0 ? __fsub_rn(__fmul_rn(y, cs), __fmul_rn(other, sn))
                               : __fadd_rn(__fmul_rn(other, sn), __fmul_rn(y, cs)));
   }
   if (rotate) {                              // Hadamard (Sylvester, scaled by dim^-0.5), then FP4 block 32
@@ -75,17 +74,17 @@ __device__ float finish_row(float x, int c, int dim, const float* __restrict__ n
     __syncthreads();
     float h = 0.f;
     for (int j = 0; j < dim; ++j) h += (__popc(c & j) & 1) ? -vals[j] : vals[j];
-    h = bf16_round(h * hadamard_scale);
+    h = dsv4::bf16_round(h * hadamard_scale);
     const float amax = fmaxf(group_max(fabsf(h), FP4_BLOCK, scratch), 6.f * 1.1754943508222875e-38f);
     const float scale = dsv4::pow2_ceil_scale(amax, 1.f / 6.f);
-    y = bf16_round(round_e2m1(fminf(fmaxf(h / scale, -6.f), 6.f)) * scale);
+    y = dsv4::bf16_round(round_e2m1(fminf(fmaxf(h / scale, -6.f), 6.f)) * scale);
   } else {                                   // FP8 round-trip of the channels before the RoPE ones, block 64
     __syncthreads();                         // scratch read above before group_max writes it
     const float amax = fmaxf(group_max(c < dim - ROPE ? fabsf(y) : 0.f, FP8_BLOCK, scratch), 1e-4f);
     if (c < dim - ROPE) {
       const float scale = dsv4::pow2_ceil_scale(amax, 1.f / 448.f);
       const __nv_fp8_e4m3 q(fminf(fmaxf(y / scale, -448.f), 448.f));
-      y = bf16_round(float(q) * scale);
+      y = dsv4::bf16_round(float(q) * scale);
     }
   }
   return y;
@@ -142,7 +141,7 @@ extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_compresso
         kvs[size_t(t) * C + ch] = kvs[size_t(t + ratio) * C + ch];
         scs[size_t(t) * C + ch] = scs[size_t(t + ratio) * C + ch];
       }
-  const float y = finish_row(bf16_round(pooled), c, dim, norm, rot, max(0LL, pos + 1 - ratio), rotate,
+  const float y = finish_row(dsv4::bf16_round(pooled), c, dim, norm, rot, max(0LL, pos + 1 - ratio), rotate,
                              hadamard_scale, eps, vals, scratch);
   cache[(size_t(b) * cache_rows + first_row + pos / ratio) * dim + c] = __float2bfloat16(y);
 }

@@ -19,12 +19,11 @@ constexpr int MAX_SORT = 2048;            // picks: k <= 2048 (V4's index_topk: 
 __device__ __forceinline__ uint32_t ordered(uint16_t bits) {
   return (bits & 0x8000u) ? (~bits & 0xFFFFu) : (bits | 0x8000u);
 }
-__device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16(x)); }
 }  // namespace indexer
 
-// Grid (ceil(T / 64), rows), 256 threads. q [rows, 64, 128] bf16, w [rows, 64] bf16, keys [rows / per_key_row
-// ... see below] -> scores [rows, T] as bf16 bits (only t < count[row] written). Query row r reads the keys
-// of sequence r / queries (queries: rows per sequence, 1 in decode).
+// Grid (ceil(T / 64), rows), 256 threads. q [rows, 64, 128] bf16, w [rows, 64] bf16, keys [rows / queries, T,
+// 128] bf16 -> scores [rows, T] as bf16 bits (only t < count[row] written). Query row r reads the keys of
+// sequence r / queries (queries: rows per sequence, 1 in decode).
 extern "C" __global__ void __launch_bounds__(256) dsv4_indexer_scores(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ w, const __nv_bfloat16* __restrict__ keys,
     const long long* __restrict__ count, uint16_t* __restrict__ scores, int T, int queries) {
@@ -78,7 +77,7 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_indexer_scores(
     float s = 0.f;
 #pragma unroll
     for (int g = 0; g < 2; ++g)
-      s += bf16_round(fmaxf(bf16_round(acc[g][kk]), 0.f) * ws[lane + 32 * g]);
+      s += dsv4::bf16_round(fmaxf(dsv4::bf16_round(acc[g][kk]), 0.f) * ws[lane + 32 * g]);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
     const int t = t0 + kk;

@@ -10,10 +10,6 @@
 // H200, about 2700 instructions in a row).
 #include "common.cuh"
 
-namespace route {
-constexpr int MAX_K = 16;    // lane j < k keeps pick j
-}  // namespace route
-
 namespace {
 template <int SLOTS>
 __device__ __forceinline__ void route_topk_row(const float* __restrict__ logits, const float* __restrict__ bias,
