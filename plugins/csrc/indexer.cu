@@ -111,16 +111,9 @@ extern "C" __global__ void __launch_bounds__(indexer::PICK_THREADS) dsv4_indexer
     for (int i = tid; i < 256; i += PICK_THREADS) hist[i] = 0;
     __syncthreads();
     const uint32_t high = shift == 24 ? 0u : prefix;   // keys whose higher bytes are the prefix
-    // One atomic per bin and warp: scores of one magnitude share their top byte, and a warp's 32 adds to
-    // one shared address would run one after another. Every lane runs every round (the trip count is the
-    // block's), so the whole warp takes part in each match.
-    for (int base = 0; base < n; base += PICK_THREADS) {
-      const int i = base + tid;
-      const uint32_t key = i < n ? key_of(i) : 0u;
-      const bool counted = i < n && (shift == 24 || (key >> (shift + 8)) == high);
-      const uint32_t bin = counted ? (key >> shift) & 0xFF : 256u;
-      const unsigned peers = __match_any_sync(0xffffffffu, bin);
-      if (counted && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+    for (int i = tid; i < n; i += PICK_THREADS) {
+      const uint32_t key = key_of(i);
+      if (shift == 24 || (key >> (shift + 8)) == high) atomicAdd(&hist[(key >> shift) & 0xFF], 1);
     }
     __syncthreads();
     if (tid < 32) {                          // one warp: lane l sums bins 255-8l down to 248-8l
