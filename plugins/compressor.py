@@ -1,6 +1,8 @@
-"""KV cache rows of a decode step on the GPU (csrc/compressor.cu), one launch each: the compressor's step (the
-token into the partial-block states and, where it completes a block, the block's cache row; oracle
-`plugins.oracle.compressor_step`) and the window's new row (`kv_row`; oracle `plugins.oracle.kv_row`).
+"""KV cache rows on the GPU (csrc/compressor.cu): the compressor's decode step in one launch (the token into
+the partial-block states and, where it completes a block, the block's cache row; oracle
+`plugins.oracle.compressor_step`), the compressor fed a prefill chunk in two (`compressor_chunk`; oracle
+`plugins.oracle.compressor_chunk`) and a decode step's window row in one (`kv_row`; oracle
+`plugins.oracle.kv_row`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,32 @@ def compressor_step(proj: torch.Tensor, ape: torch.Tensor, pos: torch.Tensor, kv
                      [(proj, PTR), (ape, PTR), (pos, PTR), (kv_state, PTR), (score_state, PTR), (norm, PTR),
                       (rot, PTR), (cache, PTR), (dim, INT), (ratio, INT), (cache.size(1), INT), (first_row, INT),
                       (int(rotate), INT), (dim ** -0.5, FLOAT), (eps, FLOAT)])
+
+
+def supports_chunk(proj: torch.Tensor, cache: torch.Tensor, ratio: int, rope_dim: int, fp8_block: int) -> bool:
+    """proj [B, T, 2C] float32 on a GPU for a bf16 cache of 128 or 512 channels, the kernel's RoPE and FP8
+    block, ratio 4 (with overlap) or more."""
+    dim = cache.size(-1)
+    return (proj.is_cuda and proj.dtype == torch.float32 and cache.dtype == torch.bfloat16 and dim in DIMS
+            and proj.dim() == 3 and proj.size(2) == 2 * dim * (2 if ratio == 4 else 1) and ratio >= 4
+            and rope_dim == ROPE and fp8_block == FP8_BLOCK and proj.size(0) >= 1 and proj.size(1) >= 1)
+
+
+def compressor_chunk(proj: torch.Tensor, ape: torch.Tensor, start: torch.Tensor, n: torch.Tensor,
+                     kv_state: torch.Tensor, score_state: torch.Tensor, cache: torch.Tensor, first_row: int,
+                     norm: torch.Tensor, rot: torch.Tensor, ratio: int, rotate: bool, eps: float) -> None:
+    """As the oracle (RoPE 64, FP8 block 64); every tensor contiguous, float32 but the bf16 cache and the
+    int64 start and n. Mutates kv_state, score_state and cache: the rows first (they read the old states),
+    then the states."""
+    assert all(t.is_contiguous() for t in (proj, ape, start, n, kv_state, score_state, cache, norm, rot))
+    assert start.dtype == n.dtype == torch.int64
+    assert kv_state.dtype == score_state.dtype == norm.dtype == rot.dtype == torch.float32
+    b, chunk, dim = proj.size(0), proj.size(1), cache.size(-1)
+    common = [(proj, PTR), (chunk, INT), (ape, PTR), (start, PTR), (n, PTR), (kv_state, PTR), (score_state, PTR)]
+    kernels().launch("dsv4_compressor_chunk_rows", (b, (ratio + chunk - 1) // ratio), dim,
+                     common + [(norm, PTR), (rot, PTR), (cache, PTR), (dim, INT), (ratio, INT), (cache.size(1), INT),
+                               (first_row, INT), (int(rotate), INT), (dim ** -0.5, FLOAT), (eps, FLOAT)])
+    kernels().launch("dsv4_compressor_chunk_state", b, dim, common + [(dim, INT), (ratio, INT)])
 
 
 def supports_kv_row(kv: torch.Tensor, cache: torch.Tensor, rope_dim: int, fp8_block: int) -> bool:

@@ -11,6 +11,7 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::route_topk(logits, bias, k, scoring_func, scale)  a score-routed gate's experts and weights
     dsv4::indexer_picks(q, weights, keys, count, k)        the indexer's top-k compressed blocks
     dsv4::compressor_step(proj, ape, pos, states, cache, ...)   a compressor fed one token (mutates)
+    dsv4::compressor_chunk(proj, ape, start, n, states, cache, ...)   a compressor fed a chunk (mutates)
     dsv4::kv_row(kv, norm, rot, pos, cache, window, ...)    a new token's window row (mutates)
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .head import head_logits, kernel_fits
 from .moe_experts import (expert_nbytes, moe_experts_decode, moe_experts_prefill, moe_experts_prefill_wgmma,
                           unpack_expert, wgmma_pays)
 from .oracle import einsum, hc_pre_parts, quantised_matmul, route_from_logits, swiglu, wide_dtype
+from .oracle import compressor_chunk as compressor_chunk_oracle
 from .oracle import compressor_step as compressor_step_oracle
 from .oracle import indexer_picks as indexer_picks_oracle
 from .oracle import kv_row as kv_row_oracle
@@ -246,6 +248,33 @@ def compressor_step(proj: torch.Tensor, ape: torch.Tensor, pos: torch.Tensor, kv
 
 @compressor_step.register_fake
 def _(proj, ape, pos, kv_state, score_state, cache, first_row, norm, rot, ratio, rotate, eps, rope_dim, fp8_block):
+    return None
+
+
+# ------------------------------------------------------------------ compressor_chunk
+
+
+@torch.library.custom_op("dsv4::compressor_chunk", mutates_args=("kv_state", "score_state", "cache"))
+def compressor_chunk(proj: torch.Tensor, ape: torch.Tensor, start: torch.Tensor, n: torch.Tensor,
+                     kv_state: torch.Tensor, score_state: torch.Tensor, cache: torch.Tensor, first_row: int,
+                     norm: torch.Tensor, rot: torch.Tensor, ratio: int, rotate: bool, eps: float, rope_dim: int,
+                     fp8_block: int) -> None:
+    """A compressor fed a prefill chunk (see `plugins.oracle.compressor_chunk`): two launches on a GPU, the
+    oracle elsewhere. Mutates the partial-block states and the cache."""
+    from . import compressor as kernel
+    if kernel.supports_chunk(proj, cache, ratio, rope_dim, fp8_block) and all(
+            t.is_contiguous() for t in (kv_state, score_state, cache)):
+        kernel.compressor_chunk(proj.contiguous(), ape.float().contiguous(), start.long().contiguous(),
+                                n.long().contiguous(), kv_state, score_state, cache, first_row,
+                                norm.float().contiguous(), rot.float().contiguous(), ratio, rotate, eps)
+        return
+    compressor_chunk_oracle(proj, ape, start, n, kv_state, score_state, cache, first_row, norm, rot, ratio, rotate,
+                            eps, rope_dim, fp8_block)
+
+
+@compressor_chunk.register_fake
+def _(proj, ape, start, n, kv_state, score_state, cache, first_row, norm, rot, ratio, rotate, eps, rope_dim,
+      fp8_block):
     return None
 
 

@@ -225,6 +225,69 @@ def compressor_step(proj: torch.Tensor, ape: torch.Tensor, pos: torch.Tensor, kv
     put_rows(cache, first_row + pos // ratio, row[:, 0], emit)
 
 
+def ring_update(old: torch.Tensor, new: torch.Tensor, start: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """The ring old [B, R, ...] after writing new[b, i] [B, C, ...] into slot (start[b] + i) % R for
+    i < n[b] in order: a slot keeps the last token written to it, or its old row if none was."""
+    size, chunk = old.size(1), new.size(1)
+    slot = torch.arange(size, device=old.device)
+    first = (slot[None] - start[:, None]) % size                 # [B, R] first chunk token landing in the slot
+    written = first < n[:, None]
+    last = first + size * ((n[:, None] - 1 - first).clamp(min=0) // size)
+    batch = torch.arange(old.size(0), device=old.device)[:, None]
+    picked = new[batch, last.clamp(max=chunk - 1)]
+    return torch.where(written.view(*written.shape, *[1] * (old.dim() - 2)), picked, old)
+
+
+def compressor_chunk(proj: torch.Tensor, ape: torch.Tensor, start: torch.Tensor, n: torch.Tensor,
+                     kv_state: torch.Tensor, score_state: torch.Tensor, cache: torch.Tensor, first_row: int,
+                     norm: torch.Tensor, rot: torch.Tensor, ratio: int, rotate: bool, eps: float, rope_dim: int,
+                     fp8_block: int) -> None:
+    """The compressor fed a chunk (prefill): proj [B, C, 2*coff*dim] the products of tokens i at positions
+    start + i, only i < n [B] real. The rows of blocks completed by real tokens go to cache[b, first_row +
+    block % (rows - first_row)]; the states end as `compressor_step` fed the n tokens one at a time leaves
+    them (stale slots included). rot: the layer's table [max_len, rope_dim/2, 2]."""
+    r = ratio
+    off = r if r == 4 else 0                      # with overlap, state rows [:r] hold the previous block
+    b, chunk = proj.shape[:2]
+    dev = proj.device
+    kv, score = compressor_inputs(proj, ape, start[:, None] + torch.arange(chunk, device=dev), r)   # [B, C, coff*dim]
+    # A timeline of whole blocks from the block before the current one (overlap) or the current one:
+    # its rows before the chunk's first token come from the state, the rest from the chunk. Block k is
+    # pooled over timeline rows k*r .. k*r + off + r - 1 (with overlap, the block before it too), gathered
+    # straight into [B, blocks, off + r, .] windows: no cat of shifted blocks, which torch 2.11's Inductor
+    # lowers (on CUDA) into a pointwise kernel whose Identity(...) offsets inside the clamped state rows
+    # below fail its index simplification ("The argument '((-4)) + 4' is not comparable").
+    blocks = (r + chunk - 1) // r                 # blocks that can complete inside a chunk
+    k = torch.arange(blocks, device=dev)
+    u = k[:, None] * r + torch.arange(off + r, device=dev)                   # [blocks, off + r] timeline rows
+    filled = (off + start % r)[:, None, None]     # [B, 1, 1] timeline rows taken from the state
+    from_state = (u[None] < filled)[..., None]
+    batch = torch.arange(b, device=dev)
+    src = (u[None] - filled).clamp(0, chunk - 1)
+    state_rows = u.clamp(max=off + r - 1)
+
+    def windows(state, new):                      # -> [B, blocks, off + r, coff*dim]
+        return torch.where(from_state, state[:, state_rows], new[batch[:, None, None], src])
+    win_kv, win_score = windows(kv_state, kv), windows(score_state, score)
+    rows = compressor_pool(win_kv, win_score, r)                             # [B, blocks, dim]
+    index = start[:, None] // r + k                                           # [B, blocks] block number
+    done = (k[None] + 1) * r <= (start % r + n)[:, None]                      # completed by a real token
+    rows = finish_rows(rows, rot[(index * r).clamp(max=rot.size(0) - 1)], cache.dtype, norm, eps, rotate, rope_dim,
+                       fp8_block)
+    # consecutive rows modulo the cache: never one row twice, and a masked row past the end stays in range
+    put_rows(cache, first_row + index % (cache.size(1) - first_row), rows, done)
+    if off:                                       # the last block completed becomes the previous block
+        last = (start % r + n) // r                                          # [B] its timeline block (0: none)
+        moved = (last > 0)[:, None, None]
+        window = (last - 1).clamp(min=0)          # timeline block `last` is the second half of window last-1
+        prev_kv = torch.where(moved, win_kv[batch, window, r:], kv_state[:, :r])
+        prev_score = torch.where(moved, win_score[batch, window, r:], score_state[:, :r])
+        kv_state[:, :r] = prev_kv
+        score_state[:, :r] = prev_score
+    kv_state[:, off:] = ring_update(kv_state[:, off:], kv, start, n)
+    score_state[:, off:] = ring_update(score_state[:, off:], score, start, n)
+
+
 def kv_row(kv: torch.Tensor, norm: torch.Tensor, rot: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor,
            window: int, eps: float, rope_dim: int, fp8_block: int) -> None:
     """The window row of each sequence's new token: kv [B, dim] before its norm, at positions pos [B], into

@@ -22,70 +22,24 @@ from __future__ import annotations
 
 import torch
 
-from plugins.oracle import put_rows
+from plugins.oracle import compressor_chunk, ring_update
 
-from ..config import ModelConfig
+from ..config import KV_FP8_BLOCK, ModelConfig
+from . import decode
 from .decode import Compressor, DecodeLayer, is_mtp, mtp_input, mtp_logits
-
-
-def ring_update(old: torch.Tensor, new: torch.Tensor, start: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """The ring old [B, R, ...] after writing new[b, i] [B, C, ...] into slot (start[b] + i) % R for
-    i < n[b] in order: a slot keeps the last token written to it, or its old row if none was."""
-    size, chunk = old.size(1), new.size(1)
-    slot = torch.arange(size, device=old.device)
-    first = (slot[None] - start[:, None]) % size                 # [B, R] first chunk token landing in the slot
-    written = first < n[:, None]
-    last = first + size * ((n[:, None] - 1 - first).clamp(min=0) // size)
-    batch = torch.arange(old.size(0), device=old.device)[:, None]
-    picked = new[batch, last.clamp(max=chunk - 1)]
-    return torch.where(written.view(*written.shape, *[1] * (old.dim() - 2)), picked, old)
 
 
 class ChunkCompressor(Compressor):
     """The compressor fed a chunk of tokens per sequence (the row math is the decode compressor's)."""
 
-    def forward(self, x, start, n, rot, kv_state, score_state, cache, w):
+    def forward(self, x, start, n, rot, kv_state, score_state, cache, first_row, w):
         """x [B, C, dm]: feed tokens i < n at positions start + i; write the rows of blocks completed in the
-        chunk into `cache` [B, blocks, dim]; leave the states as the decode step would."""
-        r = self.ratio
-        off = r if r == 4 else 0                      # with overlap, state rows [:r] hold the previous block
-        b, chunk = x.shape[:2]
-        dev = x.device
-        kv, score = self.project(x, start[:, None] + torch.arange(chunk, device=dev), w)    # [B, C, coff*dim]
-        # A timeline of whole blocks from the block before the current one (overlap) or the current one:
-        # its rows before the chunk's first token come from the state, the rest from the chunk. Block k is
-        # pooled over timeline rows k*r .. k*r + off + r - 1 (with overlap, the block before it too), gathered
-        # straight into [B, blocks, off + r, .] windows: no cat of shifted blocks, which torch 2.11's Inductor
-        # lowers (on CUDA) into a pointwise kernel whose Identity(...) offsets inside the clamped state rows
-        # below fail its index simplification ("The argument '((-4)) + 4' is not comparable").
-        blocks = (r + chunk - 1) // r                 # blocks that can complete inside a chunk
-        k = torch.arange(blocks, device=dev)
-        u = k[:, None] * r + torch.arange(off + r, device=dev)                   # [blocks, off + r] timeline rows
-        filled = (off + start % r)[:, None, None]     # [B, 1, 1] timeline rows taken from the state
-        from_state = (u[None] < filled)[..., None]
-        batch = torch.arange(b, device=dev)
-        src = (u[None] - filled).clamp(0, chunk - 1)
-        state_rows = u.clamp(max=off + r - 1)
-
-        def windows(state, new):                      # -> [B, blocks, off + r, coff*dim]
-            return torch.where(from_state, state[:, state_rows], new[batch[:, None, None], src])
-        win_kv, win_score = windows(kv_state, kv), windows(score_state, score)
-        rows = self.pool(win_kv, win_score)                                     # [B, blocks, dim]
-        index = start[:, None] // r + k                                           # [B, blocks] cache row
-        done = (k[None] + 1) * r <= (start % r + n)[:, None]                      # completed by a real token
-        rows = self.finish(rows, rot[(index * r).clamp(max=rot.size(0) - 1)], x.dtype, w)
-        # consecutive rows modulo the cache: never one row twice, and a masked row past the end stays in range
-        put_rows(cache, index % cache.size(1), rows, done)
-        if off:                                       # the last block completed becomes the previous block
-            last = (start % r + n) // r                                          # [B] its timeline block (0: none)
-            moved = (last > 0)[:, None, None]
-            window = (last - 1).clamp(min=0)          # timeline block `last` is the second half of window last-1
-            prev_kv = torch.where(moved, win_kv[batch, window, r:], kv_state[:, :r])
-            prev_score = torch.where(moved, win_score[batch, window, r:], score_state[:, :r])
-            kv_state[:, :r] = prev_kv
-            score_state[:, :r] = prev_score
-        kv_state[:, off:] = ring_update(kv_state[:, off:], kv, start, n)
-        score_state[:, off:] = ring_update(score_state[:, off:], score, start, n)
+        chunk into cache[b, first_row + block]; leave the states as the decode step would (two launches on a
+        GPU: `dsv4::compressor_chunk`)."""
+        p, c = self.prefix, self.cfg
+        feed = torch.ops.dsv4.compressor_chunk if x.size(0) <= decode.COMPRESSOR_OP_ROWS else compressor_chunk
+        feed(self.products(x, w), w[f"{p}.ape"], start, n, kv_state, score_state, cache, first_row,
+             w[f"{p}.norm.weight"], rot, self.ratio, self.rotate, c.rms_norm_eps, c.qk_rope_head_dim, KV_FP8_BLOCK)
 
 
 class PrefillLayer(DecodeLayer):
@@ -111,14 +65,13 @@ class PrefillLayer(DecodeLayer):
         idx = torch.where(seen >= behind, cache.size(1) + seen - behind, seen % win)
         idx = torch.where(seen < 0, -1, idx)
         if r:
-            compressed = cache[:, win:]
-            self.compressor(x, start, n, self.rot, caches["comp_kv"], caches["comp_score"], compressed, w)
-            blocks = torch.arange(compressed.size(1), device=dev)
+            self.compressor(x, start, n, self.rot, caches["comp_kv"], caches["comp_score"], cache, win, w)
+            blocks = torch.arange(cache.size(1) - win, device=dev)
             count = (pos + 1) // r                                                 # [B, C] complete blocks
             if r == 4:
                 q_idx, weights = self.index_query(x, qr, rot, w)
                 self.idx_compressor(x, start, n, self.rot, caches["idx_kv"], caches["idx_score"],
-                                    caches["idx_keys"], w)
+                                    caches["idx_keys"], 0, w)
                 picked = self.pick_blocks(q_idx, weights, caches["idx_keys"], count)
             else:
                 picked = torch.where(blocks < count[..., None], blocks, -1)

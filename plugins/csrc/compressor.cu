@@ -7,6 +7,8 @@
 //                                                      half of channels, this block's second), else r
 //   with overlap, a completed block moves to the previous-block rows
 // Float32 sums run in another order than torch's, so a cache row may differ from the oracle's by a bf16 ulp.
+// For prefill, the same pooling and row over a chunk of tokens (dsv4_compressor_chunk_rows, then
+// dsv4_compressor_chunk_state), and the window row of a decode step (dsv4_kv_row), share these pieces.
 #include "common.cuh"
 
 namespace compressor {
@@ -89,6 +91,28 @@ __device__ float finish_row(float x, int c, int dim, const float* __restrict__ n
   }
   return y;
 }
+
+// The gated pooling of channel c over a block's rows t in [0, coff * r): with overlap (ratio 4), rows [0, r)
+// read channel c (the previous block), rows [r, 2r) channel dim + c. row(t, ch, score) gives row t's kv
+// (score false) or score (true) of channel ch. Three passes as torch's softmax (max, normaliser, weighted
+// sum), unrolled so that the loads of a ratio-128 block (128 rows) are in flight together.
+template <class Row>
+__device__ __forceinline__ float pool_channel(int ratio, bool overlap, int dim, int c, Row row) {
+  const int rows = overlap ? 2 * ratio : ratio;
+  float m = -INFINITY;
+#pragma unroll 8
+  for (int t = 0; t < rows; ++t) m = fmaxf(m, row(t, c + (overlap && t >= ratio ? dim : 0), true));
+  float total = 0.f;
+#pragma unroll 8
+  for (int t = 0; t < rows; ++t) total += expf(row(t, c + (overlap && t >= ratio ? dim : 0), true) - m);
+  float pooled = 0.f;
+#pragma unroll 8
+  for (int t = 0; t < rows; ++t) {
+    const int ch = c + (overlap && t >= ratio ? dim : 0);
+    pooled += row(t, ch, false) * (expf(row(t, ch, true) - m) / total);
+  }
+  return pooled;
+}
 }  // namespace compressor
 
 // Grid B (one CTA per sequence), dim threads (128 or 512; thread c owns channel c and, with overlap, dim + c).
@@ -119,21 +143,9 @@ extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_compresso
     scs[size_t(slot) * C + ch] = proj[size_t(b) * 2 * C + C + ch] + ape[size_t(pos % ratio) * C + ch];
   }
   if ((pos + 1) % ratio != 0) return;        // the block is not complete: nothing more (uniform per CTA)
-  // Pooling of channel c: rows [0, r) read channel c (the previous block), rows [r, 2r) channel dim + c.
-  // Three passes as torch's softmax (max, normaliser, weighted sum), unrolled so that the loads of a
-  // ratio-128 block (128 rows) are in flight together.
-  float m = -INFINITY;
-#pragma unroll 8
-  for (int t = 0; t < ratio * coff; ++t) m = fmaxf(m, scs[size_t(t) * C + c + (overlap && t >= ratio ? dim : 0)]);
-  float total = 0.f;
-#pragma unroll 8
-  for (int t = 0; t < ratio * coff; ++t) total += expf(scs[size_t(t) * C + c + (overlap && t >= ratio ? dim : 0)] - m);
-  float pooled = 0.f;
-#pragma unroll 8
-  for (int t = 0; t < ratio * coff; ++t) {
-    const size_t at = size_t(t) * C + c + (overlap && t >= ratio ? dim : 0);
-    pooled += kvs[at] * (expf(scs[at] - m) / total);
-  }
+  const float pooled = pool_channel(ratio, overlap, dim, c, [&](int t, int ch, bool score) {
+    return (score ? scs : kvs)[size_t(t) * C + ch];
+  });
   if (overlap)                               // this block becomes the previous one (after it was pooled)
     for (int t = 0; t < ratio; ++t)
       for (int h = 0; h < 2; ++h) {
@@ -163,4 +175,104 @@ extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_kv_row(
   const float y = finish_row(__bfloat162float(kv[size_t(b) * ld + c]), c, dim, norm, rot, pos, false, 0.f, eps,
                              vals, scratch);
   cache[(size_t(b) * cache_rows + pos % window) * dim + c] = __float2bfloat16(y);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The compressor fed a chunk of T tokens per sequence (prefill), in two launches: every block the chunk's
+// real tokens complete, pooled and finished into its cache row; then the states as the decode step leaves
+// them after the same tokens. The math of `plugins.oracle.compressor_chunk`. Sequence b's tokens i < n[b]
+// sit at positions start[b] + i. Its timeline: the state's rows before the chunk's first token (with overlap
+// the previous block, then the current block's s = start % r tokens), then the chunk's tokens; block k
+// pools timeline rows k r .. k r + coff r - 1 and is complete once (k + 1) r <= s + n.
+namespace compressor {
+// Timeline row u of sequence b, channel ch: kv (score false) or score plus the APE of its slot (true).
+struct Timeline {
+  const float* proj;                     // [B, T, 2C] the stacked wkv | wgate products
+  const float* ape;                      // [r, C]
+  const float* kv_state;                 // [B, coff r, C]
+  const float* score_state;
+  int T, C, rows, ratio, filled;         // filled: timeline rows taken from the state (off + s)
+  long long start;
+  int b;
+  __device__ float operator()(int u, int ch, bool score) const {
+    if (u < filled) return (score ? score_state : kv_state)[(size_t(b) * rows + u) * C + ch];
+    const int i = u - filled;
+    const float* p = proj + (size_t(b) * T + i) * 2 * C + ch;
+    return score ? p[C] + ape[size_t((start + i) % ratio) * C + ch] : p[0];
+  }
+};
+}  // namespace compressor
+
+// Grid (B, (r + T - 1) / r: the blocks a chunk can complete), dim threads: block k's row
+// where it is complete, into cache[b, first_row + (start / r + k) % (cache_rows - first_row)].
+extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_compressor_chunk_rows(
+    const float* __restrict__ proj, int T, const float* __restrict__ ape, const long long* __restrict__ start_of,
+    const long long* __restrict__ n_of, const float* __restrict__ kv_state, const float* __restrict__ score_state,
+    const float* __restrict__ norm, const float* __restrict__ rot, __nv_bfloat16* __restrict__ cache, int dim,
+    int ratio, int cache_rows, int first_row, int rotate, float hadamard_scale, float eps) {
+  using namespace compressor;
+  __shared__ float vals[MAX_DIM];
+  __shared__ float scratch[MAX_DIM / 32];
+  const int b = blockIdx.x, k = blockIdx.y, c = threadIdx.x;
+  const bool overlap = ratio == 4;
+  const int coff = overlap ? 2 : 1;
+  dsv4::pdl_wait();                          // the projections come from the previous kernel
+  dsv4::pdl_launch_dependents();
+  const long long start = start_of[b];
+  const int s = int(start % ratio), n = int(n_of[b]);
+  if ((k + 1) * ratio > s + n) return;       // not completed by a real token (uniform per CTA)
+  const Timeline line{proj, ape, kv_state, score_state, T, coff * dim, coff * ratio, ratio,
+                      (overlap ? ratio : 0) + s, start, b};
+  const float pooled = pool_channel(ratio, overlap, dim, c, [&](int t, int ch, bool score) {
+    return line(k * ratio + t, ch, score);
+  });
+  const long long block = start / ratio + k;
+  const float y = finish_row(dsv4::bf16_round(pooled), c, dim, norm, rot, block * ratio, rotate, hadamard_scale, eps,
+                             vals, scratch);
+  cache[(size_t(b) * cache_rows + first_row + block % (cache_rows - first_row)) * dim + c] = __float2bfloat16(y);
+}
+
+// Grid B, dim threads (thread c owns channel c and, with overlap, dim + c, in every row): the states after
+// the chunk. With overlap, the last block completed (timeline block (s + n) / r, if any) becomes the
+// previous block; slot j of the current block takes the last real token i with (start + i) % r == j, if
+// any. Runs after dsv4_compressor_chunk_rows, which reads the old states.
+extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_compressor_chunk_state(
+    const float* __restrict__ proj, int T, const float* __restrict__ ape, const long long* __restrict__ start_of,
+    const long long* __restrict__ n_of, float* __restrict__ kv_state, float* __restrict__ score_state, int dim,
+    int ratio) {
+  using namespace compressor;
+  const int b = blockIdx.x, c = threadIdx.x;
+  const bool overlap = ratio == 4;
+  const int coff = overlap ? 2 : 1, C = coff * dim, rows = coff * ratio, off = overlap ? ratio : 0;
+  dsv4::pdl_wait();                          // the rows kernel has read the old states
+  dsv4::pdl_launch_dependents();
+  const long long start = start_of[b];
+  const int s = int(start % ratio), n = int(n_of[b]);
+  const Timeline line{proj, ape, kv_state, score_state, T, C, rows, ratio, off + s, start, b};
+  float* kvs = kv_state + size_t(b) * rows * C;
+  float* scs = score_state + size_t(b) * rows * C;
+  const int last = (s + n) / ratio;
+  for (int h = 0; h < coff; ++h) {
+    const int ch = c + h * dim;
+    if (overlap && last > 0) {               // read rows [r, 2r) or the chunk before anything is written
+      float kv[4], sc[4];
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        kv[t] = line(last * 4 + t, ch, false);
+        sc[t] = line(last * 4 + t, ch, true);
+      }
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        kvs[size_t(t) * C + ch] = kv[t];
+        scs[size_t(t) * C + ch] = sc[t];
+      }
+    }
+    for (int j = 0; j < ratio; ++j) {
+      const int first = ((j - s) % ratio + ratio) % ratio;      // the first chunk token landing in slot j
+      if (first >= n) continue;
+      const int i = first + ratio * ((n - 1 - first) / ratio);   // the last one
+      kvs[size_t(off + j) * C + ch] = line(off + s + i, ch, false);
+      scs[size_t(off + j) * C + ch] = line(off + s + i, ch, true);
+    }
+  }
 }
