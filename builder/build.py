@@ -11,13 +11,16 @@
     manifest  manifest.json: config, recipe, versions, layer table, every file's sha256
 
 Resumable: each output is keyed by a digest of its inputs (checkpoint headers, config, recipe, code);
-a rebuild links unchanged outputs from the previous artifact instead of making them again. The new
+a rebuild links unchanged outputs from the previous artifact instead of making them again. The expert
+bank, most of a full build's bytes and time, is keyed by the checkpoint and the bank's own code only: a
+new recipe, torch or program code repacks nothing. The new
 artifact is assembled in `<out>.partial` and swapped in at the end, so a failed build never leaves a
 half-written artifact where a good one was.
 """
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import multiprocessing
 import os
@@ -66,6 +69,18 @@ def _code_digest() -> str:
     programs = Path(decode.__file__).parent
     for path in sorted([*programs.glob("*.py"), *reference.glob("*.py"), *Path(plugins.__file__).parent.glob("*.py")]):
         h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _bank_code_digest() -> str:
+    """Digest of the code that shapes the expert bank's bytes: its writer, the checkpoint reader and the
+    kernels' expert layout (`pack_expert` and what it calls), not the rest of plugins/moe_experts.py."""
+    from plugins import moe_experts
+    h = hashlib.sha256()
+    for path in (Path(__file__).with_name("expert_bank.py"), Path(__file__).with_name("checkpoint.py")):
+        h.update(path.read_bytes())
+    for fn in (moe_experts.expert_nbytes, moe_experts._parts, moe_experts.pack_expert):
+        h.update(inspect.getsource(fn).encode())
     return h.hexdigest()
 
 
@@ -198,6 +213,7 @@ def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
     summary = BuildSummary(out)
     key_base = {"recipe": asdict(recipe), "code": _code_digest(), "torch": torch.__version__, **backend_versions}
     source = {"source": _source_digest(ckpt)}
+    bank_base = {"bank_code": _bank_code_digest()}
     old_state = json.loads((out / STATE).read_text()) if (out / STATE).is_file() else {}
     new_state: dict[str, str] = {}
     partial = out.with_name(out.name + ".partial")
@@ -206,9 +222,9 @@ def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
     for folder in ("experts", "weights", "programs", *(("engines",) if recipe.backend in TRT_BACKENDS else ())):
         (partial / folder).mkdir(parents=True)
 
-    def stage(rel: str, make: Callable[[Path], object], **key) -> object:
-        digest = hashlib.sha256(json.dumps({**key_base, **key, "file": rel}, sort_keys=True, default=str)
-                                .encode()).hexdigest()
+    def stage(rel: str, make: Callable[[Path], object], base: dict | None = None, **key) -> object:
+        digest = hashlib.sha256(json.dumps({**(key_base if base is None else base), **key, "file": rel},
+                                           sort_keys=True, default=str).encode()).hexdigest()
         new_state[rel] = digest
         target = partial / rel
         previous = out / rel
@@ -234,7 +250,8 @@ def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
 
     def experts(layer: int) -> None:
         entry = stage(f"experts/layer-{layer:03d}.experts",
-                      lambda p: write_layer_bank(ckpt, layer, p, prefix=decode.layer_prefix(cfg, layer)), **source)
+                      lambda p: write_layer_bank(ckpt, layer, p, prefix=decode.layer_prefix(cfg, layer)),
+                      base=bank_base, prefix=decode.layer_prefix(cfg, layer), **source)
         bank[str(layer)] = entry if entry is not None else old_bank[str(layer)]
     timed("experts", layers, experts)
 

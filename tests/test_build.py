@@ -69,6 +69,23 @@ def test_rebuild_reuses_everything(built, tiny_dir):
 
 
 @pytest.mark.slow
+def test_new_program_code_keeps_the_expert_bank(built, tiny_dir, tmp_path, monkeypatch):
+    """New program code (its digest changed) remakes the weights and programs, but links every layer's expert
+    bank from the previous artifact: the bank is keyed by the checkpoint and its own code. The compiles are
+    stubbed (their outputs are not what is checked), so this runs on a copy of the artifact."""
+    import builder.build as stages
+    out, _, _ = built
+    copy = tmp_path / "tiny"
+    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+    monkeypatch.setattr(stages, "_code_digest", lambda: "new program code")
+    monkeypatch.setattr(stages, "_compile_all", lambda jobs, progress: [Path(job[6]).write_bytes(b"stub") for job in jobs])
+    summary = build(load_recipe(RECIPE), tiny_dir, copy)
+    banks = sorted(f"experts/{p.name}" for p in (out / "experts").iterdir())
+    assert len(banks) > 1 and sorted(summary.reused) == banks
+    assert any(m.startswith("programs/") for m in summary.made) and any(m.startswith("weights/") for m in summary.made)
+
+
+@pytest.mark.slow
 def test_damaged_artifact_is_refused(built, tmp_path):
     out, _, _ = built
     copy = tmp_path / "copy"
