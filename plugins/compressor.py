@@ -59,7 +59,7 @@ def compressor_chunk(proj: torch.Tensor, ape: torch.Tensor, start: torch.Tensor,
     kernels().launch("dsv4_compressor_chunk_rows", (b, (ratio + chunk - 1) // ratio), dim,
                      common + [(norm, PTR), (rot, PTR), (cache, PTR), (dim, INT), (ratio, INT), (cache.size(1), INT),
                                (first_row, INT), (int(rotate), INT), (dim ** -0.5, FLOAT), (eps, FLOAT)])
-    kernels().launch("dsv4_compressor_chunk_state", b, dim, common + [(dim, INT), (ratio, INT)])
+    kernels().launch("dsv4_compressor_chunk_state", (b, ratio), dim, common + [(dim, INT), (ratio, INT)])
 
 
 def supports_kv_row(kv: torch.Tensor, cache: torch.Tensor, rope_dim: int, fp8_block: int) -> bool:

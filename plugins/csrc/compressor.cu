@@ -232,16 +232,18 @@ extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_compresso
   cache[(size_t(b) * cache_rows + first_row + block % (cache_rows - first_row)) * dim + c] = __float2bfloat16(y);
 }
 
-// Grid B, dim threads (thread c owns channel c and, with overlap, dim + c, in every row): the states after
-// the chunk. With overlap, the last block completed (timeline block (s + n) / r, if any) becomes the
-// previous block; slot j of the current block takes the last real token i with (start + i) % r == j, if
-// any. Runs after dsv4_compressor_chunk_rows, which reads the old states.
+// Grid (B, r), dim threads: the states after the chunk, CTA j taking row j of each part (thread c owns
+// channel c and, with overlap, dim + c). With overlap, the last block completed (timeline block
+// (s + n) / r, if any) becomes the previous block: row j from timeline row last r + j, which lies in the
+// chunk or, when last = 1, is state row r + j (read here before this CTA overwrites it below: no other CTA
+// touches it). Ring slot j takes the last real token i with (start + i) % r == j, if any. Runs after
+// dsv4_compressor_chunk_rows, which reads the old states.
 extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_compressor_chunk_state(
     const float* __restrict__ proj, int T, const float* __restrict__ ape, const long long* __restrict__ start_of,
     const long long* __restrict__ n_of, float* __restrict__ kv_state, float* __restrict__ score_state, int dim,
     int ratio) {
   using namespace compressor;
-  const int b = blockIdx.x, c = threadIdx.x;
+  const int b = blockIdx.x, j = blockIdx.y, c = threadIdx.x;
   const bool overlap = ratio == 4;
   const int coff = overlap ? 2 : 1, C = coff * dim, rows = coff * ratio, off = overlap ? ratio : 0;
   dsv4::pdl_wait();                          // the rows kernel has read the old states
@@ -252,25 +254,16 @@ extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_compresso
   float* kvs = kv_state + size_t(b) * rows * C;
   float* scs = score_state + size_t(b) * rows * C;
   const int last = (s + n) / ratio;
+  const int first = ((j - s) % ratio + ratio) % ratio;          // the first chunk token landing in slot j
+  const int i = first + ratio * ((n - 1 - first) / ratio);       // the last one (if first < n)
   for (int h = 0; h < coff; ++h) {
     const int ch = c + h * dim;
-    if (overlap && last > 0) {               // read rows [r, 2r) or the chunk before anything is written
-      float kv[4], sc[4];
-#pragma unroll
-      for (int t = 0; t < 4; ++t) {
-        kv[t] = line(last * 4 + t, ch, false);
-        sc[t] = line(last * 4 + t, ch, true);
-      }
-#pragma unroll
-      for (int t = 0; t < 4; ++t) {
-        kvs[size_t(t) * C + ch] = kv[t];
-        scs[size_t(t) * C + ch] = sc[t];
-      }
+    if (overlap && last > 0) {
+      const float kv = line(last * ratio + j, ch, false), sc = line(last * ratio + j, ch, true);
+      kvs[size_t(j) * C + ch] = kv;
+      scs[size_t(j) * C + ch] = sc;
     }
-    for (int j = 0; j < ratio; ++j) {
-      const int first = ((j - s) % ratio + ratio) % ratio;      // the first chunk token landing in slot j
-      if (first >= n) continue;
-      const int i = first + ratio * ((n - 1 - first) / ratio);   // the last one
+    if (first < n) {
       kvs[size_t(off + j) * C + ch] = line(off + s + i, ch, false);
       scs[size_t(off + j) * C + ch] = line(off + s + i, ch, true);
     }
