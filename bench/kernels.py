@@ -363,6 +363,19 @@ def bench_indexer(bandwidth: float, blocks: int, capacity: int = 16384, k: int =
             "fraction_of_copy_bw": nbytes / (ms * 1e-3) / bandwidth, "speedup_vs_eager_oracle": ms_oracle / ms}
 
 
+def bench_index_query() -> dict:
+    """The indexer's 64 query heads of one decode row (RoPE, Hadamard, FP4): the one-launch kernel replayed
+    from a graph, against the oracle's eager ops (the FP4 block scales make host tensors: not capturable)."""
+    from plugins.indexer import index_query
+    from plugins.oracle import index_query as oracle
+    q = torch.randn(1, 1, 64, 128, device="cuda").to(torch.bfloat16)
+    rot = torch.randn(1, 1, 32, 2, device="cuda")
+    ms = graph_time_ms(lambda: index_query(q, rot), 8)
+    ms_oracle = time_ms(lambda: oracle(q, rot, 64))
+    return {"kernel": "index_query", "weight": "64 heads x 128", "rows": 1, "time_us": ms * 1e3,
+            "speedup_vs_eager_oracle": ms_oracle / ms}
+
+
 def bench_compressor(ratio: int, dim: int, rotate: bool) -> dict:
     """One Flash compressor decode step that completes a block (the dearer case: pooling, norm, RoPE and the
     round-trip run only then): the one-launch kernel replayed from a graph, against the oracle's eager ops
@@ -454,6 +467,8 @@ def main() -> None:
         print(json.dumps(rows[-1]))
         rows.append(bench_compressor_chunk(ratio, dim, rotate))
         print(json.dumps(rows[-1]))
+    rows.append(bench_index_query())
+    print(json.dumps(rows[-1]))
     for blocks in (150, 2048, 16384):
         rows.append(bench_indexer(bw, blocks))
         print(json.dumps(rows[-1]))

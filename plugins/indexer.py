@@ -1,11 +1,13 @@
-"""The indexer's block picks for decode rows on the GPU (csrc/indexer.cu): a scores launch over the visible
-blocks and a top-k launch. Oracle: `plugins.oracle.indexer_picks`.
+"""The indexer on the GPU for decode rows: its queries' RoPE, Hadamard and FP4 round-trip in one launch
+(`index_query`, csrc/compressor.cu: the keys' row tail; oracle `plugins.oracle.index_query`), and its block
+picks, a scores launch over the visible blocks and a top-k launch (csrc/indexer.cu; oracle
+`plugins.oracle.indexer_picks`).
 """
 from __future__ import annotations
 
 import torch
 
-from .loader import INT, PTR, kernels
+from .loader import FLOAT, INT, PTR, kernels
 
 HEADS, DIM, KEYS_PER_CTA, MAX_K = 64, 128, 64, 2048     # csrc/indexer.cu
 MAX_ROWS = 16                                           # decode batches
@@ -34,3 +36,20 @@ def indexer_picks(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, co
                [(q, PTR), (weights, PTR), (keys, PTR), (count, PTR), (scores, PTR), (t, INT), (s, INT)])
     lib.launch("dsv4_indexer_topk", b * s, 512, [(scores, PTR), (count, PTR), (picks, PTR), (t, INT), (k, INT)])
     return picks
+
+
+def supports_query(q: torch.Tensor, rot: torch.Tensor, rope_dim: int) -> bool:
+    """q [B, S, heads, 128] bf16 on a GPU, rot [B, S, 32, 2] at the queries' positions, RoPE 64, at most 16
+    query rows."""
+    return (q.is_cuda and q.dtype == torch.bfloat16 and q.dim() == 4 and q.size(-1) == DIM and rope_dim == 64
+            and rot.shape == (*q.shape[:2], rope_dim // 2, 2) and 1 <= q.size(0) * q.size(1) <= MAX_ROWS)
+
+
+def index_query(q: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """q [B, S, heads, 128] bf16 contiguous, rot [B, S, 32, 2] float32 contiguous -> the queries [B, S, heads,
+    128] bf16 after RoPE, Hadamard and the FP4 round-trip."""
+    assert q.is_contiguous() and rot.is_contiguous() and rot.dtype == torch.float32
+    out = torch.empty_like(q)
+    kernels().launch("dsv4_index_query", (q.size(0) * q.size(1), q.size(2)), DIM,
+                     [(q, PTR), (rot, PTR), (out, PTR), (q.size(2), INT), (DIM ** -0.5, FLOAT)])
+    return out

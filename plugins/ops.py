@@ -9,6 +9,7 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::wide_linear(x, weight)                            float32 product with a weight kept in bf16
     dsv4::grouped_fp8_linear(x, weight, scale)              per-group FP8 weights, bf16 activations (wo_a)
     dsv4::route_topk(logits, bias, k, scoring_func, scale)  a score-routed gate's experts and weights
+    dsv4::index_query(q, rot, rope_dim)                     the indexer's queries: RoPE, Hadamard, FP4
     dsv4::indexer_picks(q, weights, keys, count, k)        the indexer's top-k compressed blocks
     dsv4::compressor_step(proj, ape, pos, states, cache, ...)   a compressor fed one token (mutates)
     dsv4::compressor_chunk(proj, ape, start, n, states, cache, ...)   a compressor fed a chunk (mutates)
@@ -29,6 +30,7 @@ from .moe_experts import (expert_nbytes, moe_experts_decode, moe_experts_prefill
 from .oracle import einsum, hc_pre_parts, quantised_matmul, route_from_logits, swiglu, wide_dtype
 from .oracle import compressor_chunk as compressor_chunk_oracle
 from .oracle import compressor_step as compressor_step_oracle
+from .oracle import index_query as index_query_oracle
 from .oracle import indexer_picks as indexer_picks_oracle
 from .oracle import kv_row as kv_row_oracle
 from .oracle import sparse_attention as sparse_attention_oracle
@@ -203,6 +205,24 @@ def route_topk(logits: torch.Tensor, bias: torch.Tensor, k: int, scoring_func: s
 def _(logits, bias, k, scoring_func, scale):
     return (logits.new_empty(logits.size(0), k, dtype=torch.float32),
             logits.new_empty(logits.size(0), k, dtype=torch.int32))
+
+
+# ------------------------------------------------------------------ index_query
+
+
+@torch.library.custom_op("dsv4::index_query", mutates_args=())
+def index_query(q: torch.Tensor, rot: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """The indexer's queries after RoPE, Hadamard and FP4 round-trip (see `plugins.oracle.index_query`): one
+    launch for decode rows on a GPU, the oracle elsewhere."""
+    from . import indexer as kernel
+    if kernel.supports_query(q, rot, rope_dim):
+        return kernel.index_query(q.contiguous(), rot.float().contiguous())
+    return index_query_oracle(q, rot, rope_dim).contiguous()
+
+
+@index_query.register_fake
+def _(q, rot, rope_dim):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 # ------------------------------------------------------------------ indexer_picks

@@ -58,6 +58,12 @@ def top_k(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values[..., :k], indices[..., :k]
 
 
+def index_query(q: torch.Tensor, rot: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """The indexer's queries q [B, S, heads, dim] (the wq_b product) with rot [B, S, rope_dim/2, 2] at their
+    positions -> RoPE, Hadamard, FP4 round-trip, in q's dtype: the keys' last steps without their norm."""
+    return fp4_roundtrip(hadamard(with_rope(q, rot, rope_dim)))
+
+
 def indexer_picks(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, count: torch.Tensor,
                   k: int) -> torch.Tensor:
     """The compressed blocks each query attends to [B, S, k] int64 (-1 = none): the top k of

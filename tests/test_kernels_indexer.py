@@ -81,3 +81,49 @@ def test_indexer_kernel_captures_in_a_cuda_graph():
         buf.copy_(new)
     graph.replay()
     assert torch.equal(got, indexer_picks_oracle(q, weights, keys, count, 512))
+
+
+def _queries(b, s, heads, device, seed=0):
+    """The wq_b product's queries [b, s, heads, 128] (bf16) and rot [b, s, 32, 2] at random angles."""
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(b, s, heads, 128, generator=g) * 3).to(torch.bfloat16)
+    angles = torch.rand(b, s, 32, generator=g) * 6.3
+    return q.to(device), torch.stack([angles.cos(), angles.sin()], -1).to(device)
+
+
+def test_index_query_op_is_the_oracle_on_the_cpu():
+    from plugins.oracle import index_query
+    q, rot = _queries(2, 1, 4, "cpu")
+    assert torch.equal(torch.ops.dsv4.index_query(q, rot, 64), index_query(q, rot, 64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b, s, heads", [pytest.param(1, 1, 64, id="flash-1row"),
+                                         pytest.param(3, 1, 64, id="flash-3seq"),
+                                         pytest.param(2, 1, 16, id="tiny-16-heads")])
+def test_index_query_kernel_matches_oracle(b, s, heads):
+    """RoPE, Hadamard and FP4 round-trip in one launch against the oracle: within the FP4 step a float32
+    summation order can flip (the Hadamard's sums), most elements equal."""
+    from plugins.indexer import supports_query
+    from plugins.oracle import index_query
+    q, rot = _queries(b, s, heads, "cuda", seed=b)
+    assert supports_query(q, rot, 64)
+    got, expect = torch.ops.dsv4.index_query(q, rot, 64).float(), index_query(q, rot, 64).float()
+    cos = torch.nn.functional.cosine_similarity(got.flatten(0, 2), expect.flatten(0, 2), dim=-1)
+    assert cos.min() >= 0.999, cos.min()
+    assert (got == expect).float().mean() >= 0.97
+
+
+@pytest.mark.gpu
+def test_index_query_kernel_captures_in_a_cuda_graph():
+    q, rot = _queries(1, 1, 64, "cuda")
+    torch.ops.dsv4.index_query(q, rot, 64)                                   # loads the kernel before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.dsv4.index_query(q, rot, 64)
+    fresh, fresh_rot = _queries(1, 1, 64, "cuda", seed=5)
+    q.copy_(fresh)
+    rot.copy_(fresh_rot)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, torch.ops.dsv4.index_query(fresh, fresh_rot, 64))

@@ -21,9 +21,9 @@ import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
 from plugins.compressor import MAX_ROWS as COMPRESSOR_KERNEL_ROWS
 from plugins.hc_pre import MAX_ROWS as HC_PRE_KERNEL_ROWS
 from plugins.indexer import MAX_ROWS as INDEXER_KERNEL_ROWS
-from plugins.oracle import (compressor_inputs, compressor_pool, compressor_step, einsum, finish_rows, fp4_roundtrip,
-                            hadamard, hc_head, hc_post, hc_pre, indexer_picks, kv_row, rms_norm, softmax_scale,
-                            swiglu, wide, wide_dtype, with_rope)
+from plugins.oracle import (compressor_inputs, compressor_pool, compressor_step, einsum, finish_rows, hc_head, hc_post,
+                            hc_pre, index_query, indexer_picks, kv_row, rms_norm, softmax_scale, swiglu, wide,
+                            wide_dtype, with_rope)
 from plugins.route import MAX_ROWS as ROUTE_KERNEL_ROWS
 
 from ..config import KV_FP8_BLOCK, ModelConfig
@@ -276,7 +276,9 @@ class DecodeLayer(torch.nn.Module):
         weights [B, S, iheads] of tokens x [B, S, d] with query latents qr."""
         c = self.cfg
         q = linear_fp8(qr, w, "attn.indexer.wq_b").unflatten(-1, (c.index_n_heads, c.index_head_dim))
-        q = fp4_roundtrip(hadamard(with_rope(q, rot, c.qk_rope_head_dim)))
+        # one launch for decode rows on a GPU where Inductor made a RoPE, a cuBLAS product and the FP4 kernels
+        query = torch.ops.dsv4.index_query if q.size(0) * q.size(1) <= INDEXER_OP_ROWS else index_query
+        q = query(q, rot, c.qk_rope_head_dim)
         # a bf16 product as the reference's `linear` (float32 sums, rounded once), through the narrow GEMV
         # kernel on a GPU (`wide_product`), where cuBLAS ran a split-K GEMV and a reduction launch
         weights = (wide_product(wide(x), w["attn.indexer.weights_proj.weight"]).to(x.dtype)

@@ -46,13 +46,9 @@ __device__ __forceinline__ float group_max(float v, int width, float* scratch) {
   return v;
 }
 
-// The last steps of a cache row, channel c of `dim` per thread, every thread of the CTA calling (it
-// synchronises): x (a bf16 value) through RMSNorm, RoPE at position `at`, then Hadamard + FP4 (`rotate`:
-// the indexer's keys) or the FP8 round-trip of the channels before the RoPE ones; the bf16 result.
-// plugins.oracle.finish_rows. vals: `dim` floats, scratch: dim / 32 floats of shared memory.
-__device__ float finish_row(float x, int c, int dim, const float* __restrict__ norm, const float* __restrict__ rot,
-                            long long at, bool rotate, float hadamard_scale, float eps, float* vals, float* scratch) {
-  // RMSNorm of the bf16 row, weight in float32, back to bf16.
+// RMSNorm of a bf16 row, channel c of `dim` per thread (its weight in float32), back to bf16; every thread
+// of the CTA calls it (it synchronises on scratch: dim / 32 floats of shared memory).
+__device__ __forceinline__ float rms_norm_channel(float x, int c, int dim, float weight, float eps, float* scratch) {
   float ss = x * x;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
@@ -60,7 +56,18 @@ __device__ float finish_row(float x, int c, int dim, const float* __restrict__ n
   __syncthreads();
   ss = 0.f;
   for (int w = 0; w < dim / 32; ++w) ss += scratch[w];
-  float y = dsv4::bf16_round(norm[c] * (x * rsqrtf(ss / dim + eps)));
+  return dsv4::bf16_round(weight * (x * rsqrtf(ss / dim + eps)));
+}
+
+// The last steps of a cache row, channel c of `dim` per thread, every thread of the CTA calling (it
+// synchronises): x (a bf16 value) through RMSNorm (none when `norm` is null: the indexer's queries), RoPE at
+// row `at` of `rot`, then Hadamard + FP4 (`rotate`: the indexer's keys and queries) or the FP8 round-trip
+// of the channels before the RoPE ones; the bf16 result. plugins.oracle.finish_rows. vals: `dim` floats,
+// scratch: dim / 32 floats of shared memory.
+__device__ float finish_row(float x, int c, int dim, const float* __restrict__ norm, const float* __restrict__ rot,
+                            long long at, bool rotate, float hadamard_scale, float eps, float* vals, float* scratch) {
+  float y = x;
+  if (norm != nullptr) y = rms_norm_channel(x, c, dim, norm[c], eps, scratch);
   // RoPE on the last 64 channels, interleaved pairs, at position `at`.
   const float other = __shfl_xor_sync(0xffffffffu, y, 1);
   if (c >= dim - ROPE) {
@@ -268,4 +275,23 @@ extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_compresso
       scs[size_t(off + j) * C + ch] = line(off + s + i, ch, true);
     }
   }
+}
+
+// Grid (rows, heads), 128 threads: head h of the indexer's query row r ([rows, heads, 128] bf16) through RoPE
+// at that row's position (rot [rows, 32, 2], gathered per row), the Hadamard and the FP4 round-trip, as the
+// keys without their norm. plugins.oracle.index_query.
+extern "C" __global__ void __launch_bounds__(128) dsv4_index_query(const __nv_bfloat16* __restrict__ q,
+                                                                   const float* __restrict__ rot,
+                                                                   __nv_bfloat16* __restrict__ out, int heads,
+                                                                   float hadamard_scale) {
+  using namespace compressor;
+  __shared__ float vals[128];
+  __shared__ float scratch[128 / 32];
+  const int r = blockIdx.x, c = threadIdx.x;
+  const size_t at = (size_t(r) * heads + blockIdx.y) * 128 + c;
+  dsv4::pdl_wait();                          // q comes from the projection just before
+  dsv4::pdl_launch_dependents();
+  const float y = finish_row(__bfloat162float(q[at]), c, 128, nullptr, rot, r, true, hadamard_scale, 0.f, vals,
+                             scratch);
+  out[at] = __float2bfloat16(y);
 }
