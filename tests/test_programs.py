@@ -89,7 +89,7 @@ def test_decode_program_exports_with_its_cache_writes(setup):
     expect = program(*args, eager_caches, weights)
     exported = torch.export.export(program, (*args, {k: v.clone() for k, v in caches.items()}, weights))
     small = {k: v.numel() for k, v in exported.constants.items() if k != "rot"}   # rot: the RoPE table
-    assert max(small.values()) <= 16, f"weights must be inputs, not constants: {small}"   # format grids only
+    assert max(small.values(), default=0) <= 16, f"weights must be inputs, not constants: {small}"   # grids only
     got = exported.module()(*args, caches, weights)
     assert torch.equal(got, expect)
     assert all(torch.equal(caches[k], eager_caches[k]) for k in caches)
