@@ -1,7 +1,9 @@
 """Hyper-connection pre for decode on the GPU (csrc/hc_pre.cu): the mixes over slices of the flattened
-streams, then Sinkhorn and the weighted sum of streams; two launches.
+streams, then Sinkhorn and the weighted sum of streams (optionally through the RMSNorm that follows it in
+the layer); two launches.
 
-Oracle: `plugins.oracle.hc_pre_parts`. Pass `out` and `workspace` to launch without allocating.
+Oracle: `plugins.oracle.hc_pre_parts` (then `plugins.oracle.rms_norm`). Pass `out` and `workspace` to launch
+without allocating.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 from .loader import FLOAT, INT, PTR, kernels
 
 HC, MIXES, SLICE, MAX_ROWS = 4, 24, 256, 16          # csrc/hc_pre.cu
+NORM_D = 8 * 256 * 4                                 # csrc/hc_pre.cu NORM_STEPS x 256 threads x 4
 
 
 def supports(x: torch.Tensor, fn: torch.Tensor) -> bool:
@@ -24,12 +27,20 @@ def make_workspace(rows: int, d: int, device) -> torch.Tensor:
     return torch.empty(HC * d // SLICE * rows * (MIXES + 1), dtype=torch.float32, device=device)
 
 
+def supports_norm(x: torch.Tensor, fn: torch.Tensor) -> bool:
+    """As `supports`, for the form that also applies the RMSNorm: d <= 8192."""
+    return supports(x, fn) and x.size(-1) <= NORM_D and x.size(-1) % 4 == 0
+
+
 def hc_pre_decode(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float,
                   hc_eps: float, iters: int, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                  workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  workspace: torch.Tensor | None = None,
+                  norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [..., 4, d] bf16, fn [24, 4d], scale [3], base [24] float32 -> y [..., d] bf16, post [..., 4],
-    comb [..., 4, 4] float32. All contiguous."""
-    assert supports(x, fn) and x.is_contiguous() and fn.is_contiguous() and fn.dtype == torch.float32
+    comb [..., 4, 4] float32. All contiguous. With `norm` ([d] float32), y comes out through RMSNorm with
+    that weight and `norm_eps` (one CTA finishes: d <= 8192)."""
+    assert (supports_norm if norm is not None else supports)(x, fn) and x.is_contiguous() and fn.is_contiguous()
+    assert fn.dtype == torch.float32 and (norm is None or (norm.dtype == torch.float32 and norm.is_contiguous()))
     lead, d = x.shape[:-2], x.size(-1)
     rows = x.numel() // (HC * d)
     part = make_workspace(rows, d, x.device) if workspace is None else workspace
@@ -40,7 +51,8 @@ def hc_pre_decode(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: 
     lib = kernels()
     slices = HC * d // SLICE
     lib.launch("dsv4_hc_pre_mix", slices, 256, [(x, PTR), (fn, PTR), (part, PTR), (rows, INT), (HC * d, INT)])
-    lib.launch("dsv4_hc_pre_finish", -(-d // 1024), 256,
-               [(x, PTR), (part, PTR), (scale, PTR), (base, PTR), (y, PTR), (post, PTR), (comb, PTR), (rows, INT),
-                (d, INT), (slices, INT), (norm_eps, FLOAT), (hc_eps, FLOAT), (iters, INT)])
+    lib.launch("dsv4_hc_pre_finish", -(-d // 1024) if norm is None else 1, 256,
+               [(x, PTR), (part, PTR), (scale, PTR), (base, PTR), (0 if norm is None else norm, PTR), (y, PTR),
+                (post, PTR), (comb, PTR), (rows, INT), (d, INT), (slices, INT), (norm_eps, FLOAT), (hc_eps, FLOAT),
+                (iters, INT)])
     return y, post, comb

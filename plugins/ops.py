@@ -6,6 +6,7 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::moe_routed(x, experts, weights, table, inter, limit)   routed MXFP4 experts via a pointer table
     dsv4::sparse_attention(q, kv, sink, idx, scale)        attention over picked rows with a sink
     dsv4::hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters)   hyper-connection pre (mixes, Sinkhorn, sum)
+    dsv4::hc_pre_norm(x, fn, scale, base, weight, ...)      the same, then the RMSNorm after it
     dsv4::wide_linear(x, weight)                            float32 product with a weight kept in bf16
     dsv4::grouped_fp8_linear(x, weight, scale)              per-group FP8 weights, bf16 activations (wo_a)
     dsv4::route_topk(logits, bias, k, scoring_func, scale)  a score-routed gate's experts and weights
@@ -27,7 +28,7 @@ from .formats import fp8_weight_dequant, mxfp4_dequant
 from .head import head_logits, kernel_fits
 from .moe_experts import (expert_nbytes, moe_experts_decode, moe_experts_prefill, moe_experts_prefill_wgmma,
                           unpack_expert, wgmma_pays)
-from .oracle import einsum, hc_pre_parts, quantised_matmul, route_from_logits, swiglu, wide_dtype
+from .oracle import einsum, hc_pre_parts, quantised_matmul, rms_norm, route_from_logits, swiglu, wide_dtype
 from .oracle import compressor_chunk as compressor_chunk_oracle
 from .oracle import compressor_step as compressor_step_oracle
 from .oracle import index_query as index_query_oracle
@@ -159,11 +160,29 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
 
 
 @hc_pre.register_fake
-def _(x, fn, scale, base, norm_eps, hc_eps, iters):
+def _hc_pre_fake(x, fn, scale, base, norm_eps, hc_eps, iters):
     wide = wide_dtype(x.dtype)
     hc = x.size(-2)
     return (x.new_empty(*x.shape[:-2], x.size(-1)), x.new_empty(*x.shape[:-2], hc, dtype=wide),
             x.new_empty(*x.shape[:-2], hc, hc, dtype=wide))
+
+
+@torch.library.custom_op("dsv4::hc_pre_norm", mutates_args=())
+def hc_pre_norm(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, weight: torch.Tensor,
+                norm_eps: float, hc_eps: float, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hc_pre, its y then through RMSNorm (`weight`, norm_eps: the model's one rms_norm_eps serves both) ->
+    (x [b, s, d] like x, post, comb): the layer's attn_norm / ffn_norm inside the same two launches on a GPU."""
+    from .hc_pre import hc_pre_decode, supports_norm
+    if supports_norm(x, fn):
+        return hc_pre_decode(x.contiguous(), fn.contiguous(), scale, base, norm_eps, hc_eps, iters,
+                             norm=weight.float().contiguous())
+    y, post, comb = hc_pre_parts(x, fn, scale, base, norm_eps, hc_eps, iters)
+    return rms_norm(y, weight, norm_eps), post, comb
+
+
+@hc_pre_norm.register_fake
+def _(x, fn, scale, base, weight, norm_eps, hc_eps, iters):
+    return _hc_pre_fake(x, fn, scale, base, norm_eps, hc_eps, iters)
 
 
 # ------------------------------------------------------------------ wide_linear

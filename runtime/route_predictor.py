@@ -15,7 +15,7 @@ import time
 import torch
 
 import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
-from plugins.oracle import rms_norm, wide
+from plugins.oracle import wide
 
 
 def _host_buffer(shape: tuple[int, ...], cuda: bool) -> torch.Tensor:
@@ -51,9 +51,9 @@ class RoutePredictor:
     def __call__(self, j: int, h: torch.Tensor) -> None:
         """Inside the step, before chained layer j-1 runs on streams h [B, hc, d]: predict layer j."""
         c, w, i = self.cfg, self.weights[j], self.index[j]
-        y = torch.ops.dsv4.hc_pre(h[:, None], w["hc_ffn_fn"], w["hc_ffn_scale"], w["hc_ffn_base"],
-                                  c.rms_norm_eps, c.hc_eps, c.hc_sinkhorn_iters)[0][:, 0]
-        x = wide(rms_norm(y, w["ffn_norm.weight"], c.rms_norm_eps))
+        x = wide(torch.ops.dsv4.hc_pre_norm(h[:, None], w["hc_ffn_fn"], w["hc_ffn_scale"], w["hc_ffn_base"],
+                                            w["ffn_norm.weight"], c.rms_norm_eps, c.hc_eps,
+                                            c.hc_sinkhorn_iters)[0][:, 0])
         logits = torch.ops.dsv4.wide_linear(x, w["ffn.gate.weight"])
         # the weights (and so the scale) do not matter here, only the experts
         self.picks[i].copy_(torch.ops.dsv4.route_topk(logits, w["ffn.gate.bias"], c.num_experts_per_tok,

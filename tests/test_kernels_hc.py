@@ -4,14 +4,14 @@ import torch
 from plugins.oracle import hc_pre_parts
 
 
-def _case(rows, d, seed=0):
+def _case(rows, d, seed=0, device="cuda"):
     """Streams x [rows, 1, 4, d] bf16 and hc weights of DeepSeek's scale (fn ~ 1e-2, base ~ 1, scale ~ 0.5)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, 1, 4, d, generator=g).to(torch.bfloat16)
     fn = torch.randn(24, 4 * d, generator=g) * 1e-2
     scale = torch.rand(3, generator=g) + 0.25
     base = torch.randn(24, generator=g)
-    return x.cuda(), fn.cuda(), scale.cuda(), base.cuda()
+    return x.to(device), fn.to(device), scale.to(device), base.to(device)
 
 
 @pytest.mark.gpu
@@ -45,3 +45,33 @@ def test_hc_pre_decode_captures_in_a_cuda_graph_and_the_op_dispatches_to_it():
     assert all(torch.equal(a, b) for a, b in zip(out, expect))
     via_op = torch.ops.dsv4.hc_pre(x, fn, scale, base, 1e-6, 1e-6, 20)
     assert all(torch.equal(a, b) for a, b in zip(via_op, expect))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, d", [pytest.param(1, 4096, id="flash-1row"), pytest.param(3, 256, id="tiny-3rows"),
+                                     pytest.param(1, 7168, id="pro-1row"), pytest.param(16, 4096, id="flash-16rows")])
+def test_hc_pre_with_the_norm_matches_oracle(rows, d):
+    """The layer's RMSNorm inside the finish launch (one CTA): hc_pre's y then the norm, against the oracle's
+    two steps; post and comb as without the norm."""
+    import plugins.ops  # noqa: F401
+    from plugins.oracle import rms_norm
+    x, fn, scale, base = _case(rows, d, seed=1)
+    weight = 1 + 0.1 * torch.randn(d, generator=torch.Generator().manual_seed(2)).cuda()
+    got, post, comb = torch.ops.dsv4.hc_pre_norm(x, fn, scale, base, weight, 1e-6, 1e-6, 20)
+    ey, epost, ecomb = hc_pre_parts(x, fn, scale, base, 1e-6, 1e-6, 20)
+    expect = rms_norm(ey, weight, 1e-6)
+    assert got.dtype == torch.bfloat16 and got.shape == expect.shape
+    assert torch.allclose(post, epost, rtol=1e-4, atol=1e-5) and torch.allclose(comb, ecomb, rtol=1e-4, atol=1e-5)
+    cos = torch.nn.functional.cosine_similarity(got.double().flatten(0, 1), expect.double().flatten(0, 1), dim=-1)
+    assert cos.min() >= 0.9999, cos.min()
+    assert torch.allclose(got.float(), expect.float(), rtol=0.02, atol=0.02 * expect.abs().max().item())
+
+
+def test_hc_pre_norm_op_is_the_oracle_on_the_cpu():
+    import plugins.ops  # noqa: F401
+    from plugins.oracle import rms_norm
+    x, fn, scale, base = _case(2, 64, device="cpu")
+    weight = torch.rand(64) + 0.5
+    got = torch.ops.dsv4.hc_pre_norm(x, fn, scale, base, weight, 1e-6, 1e-6, 20)
+    y, post, comb = hc_pre_parts(x, fn, scale, base, 1e-6, 1e-6, 20)
+    assert all(torch.equal(a, b) for a, b in zip(got, (rms_norm(y, weight, 1e-6), post, comb)))

@@ -312,12 +312,10 @@ class DecodeLayer(torch.nn.Module):
     def block(self, h, attention, ids, table, w):
         """h [B, S, hc, d] -> (h' [B, S, hc, d], routed experts [B, S, k]): the attention sub-layer
         (`attention`: normed x [B, S, d] -> [B, S, d]) and the MoE, each inside hyper-connections."""
-        eps = self.cfg.rms_norm_eps
         hc = {k: [w[f"hc_{k}_{part}"] for part in ("fn", "scale", "base")] for k in ("attn", "ffn")}
-        y, post, comb = hc_pre_step(h, *hc["attn"], self.cfg)
-        h = hc_post(attention(rms_norm(y, w["attn_norm.weight"], eps)), h, post, comb)
-        y, post, comb = hc_pre_step(h, *hc["ffn"], self.cfg)
-        x = rms_norm(y, w["ffn_norm.weight"], eps)
+        x, post, comb = hc_pre_normed(h, *hc["attn"], w["attn_norm.weight"], self.cfg)
+        h = hc_post(attention(x), h, post, comb)
+        x, post, comb = hc_pre_normed(h, *hc["ffn"], w["ffn_norm.weight"], self.cfg)
         ffn, experts = self.moe(x.flatten(0, 1), ids.flatten(), table, w)
         return hc_post(ffn.view(x.shape), h, post, comb), experts.view(*x.shape[:2], -1)
 
@@ -328,13 +326,16 @@ class DecodeLayer(torch.nn.Module):
         return h[:, 0]
 
 
-def hc_pre_step(h, fn, scale, base, cfg: ModelConfig):
-    """hc_pre of h [B, S, hc, d]: through the dsv4 op for decode-sized inputs (two fused launches on a GPU
-    where a compiler makes dozens of kernels), written out for prefill chunks (which Inductor fuses well).
-    The choice is made from static shapes while tracing; both compute the same values on the CPU."""
+def hc_pre_normed(h, fn, scale, base, norm, cfg: ModelConfig):
+    """hc_pre of h [B, S, hc, d], its y through the RMSNorm with weight `norm` -> (x [B, S, d], post, comb):
+    through the dsv4 op for decode-sized inputs (two fused launches on a GPU, the norm in the second, where a
+    compiler makes dozens of kernels), written out for prefill chunks (which Inductor fuses well). The choice
+    is made from static shapes while tracing; both compute the same values on the CPU."""
     if h.size(0) * h.size(1) <= HC_PRE_OP_ROWS:
-        return torch.ops.dsv4.hc_pre(h, fn, scale, base, cfg.rms_norm_eps, cfg.hc_eps, cfg.hc_sinkhorn_iters)
-    return hc_pre(h, fn, scale, base, cfg)
+        return torch.ops.dsv4.hc_pre_norm(h, fn, scale, base, norm, cfg.rms_norm_eps, cfg.hc_eps,
+                                          cfg.hc_sinkhorn_iters)
+    y, post, comb = hc_pre(h, fn, scale, base, cfg)
+    return rms_norm(y, norm, cfg.rms_norm_eps), post, comb
 
 
 def mtp_input(cfg: ModelConfig, h, ids, w):

@@ -15,6 +15,7 @@ constexpr int M = (2 + HC) * HC;     // 24 mixes per row
 constexpr int SLICE = 256;           // elements of HC*D per CTA of `mix`: 8 per lane
 constexpr int MAX_ROWS = 16;
 constexpr int GROUP = 8;             // lanes of `finish` that add one value's slice partials
+constexpr int NORM_STEPS = 8;        // with the norm, 4-element steps per thread: D <= 8192 (Flash 4096, Pro 7168)
 static_assert(MAX_ROWS * HC * HC == 256, "finish: one lane per (row, comb value) in its 256 threads");
 
 __device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
@@ -67,10 +68,13 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_hc_pre_mix(const __nv_bfl
 }
 
 // grid (ceil(D / 1024)), block 256. y [N, D] bf16; post [N, HC], comb [N, HC, HC] float32 (CTA 0 writes them).
+// With `norm` (grid 1, D <= NORM_D): y through RMSNorm with that float32 weight and norm_eps, as
+// plugins.oracle.rms_norm of the bf16 y, where a separate kernel did it (the layer's attn_norm / ffn_norm).
 extern "C" __global__ void __launch_bounds__(256) dsv4_hc_pre_finish(
     const __nv_bfloat16* __restrict__ x, const float* __restrict__ part, const float* __restrict__ scale,
-    const float* __restrict__ base, __nv_bfloat16* __restrict__ y, float* __restrict__ post_out,
-    float* __restrict__ comb_out, int N, int D, int slices, float norm_eps, float hc_eps, int iters) {
+    const float* __restrict__ base, const float* __restrict__ norm, __nv_bfloat16* __restrict__ y,
+    float* __restrict__ post_out, float* __restrict__ comb_out, int N, int D, int slices, float norm_eps,
+    float hc_eps, int iters) {
   __shared__ float mix[MAX_ROWS][M + 1];
   __shared__ float pre[MAX_ROWS][HC];
   dsv4::pdl_wait();
@@ -129,23 +133,67 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_hc_pre_finish(
   }
   if (live && blockIdx.x == 0) comb_out[n * HC * HC + e] = c;
   __syncthreads();
-  // y: 4 consecutive elements per thread per row
-  for (int e = (blockIdx.x * blockDim.x + threadIdx.x) * 4; e < D; e += gridDim.x * blockDim.x * 4) {
-    for (int n = 0; n < N; ++n) {
-      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  // y: 4 consecutive elements per thread per row, rounded to bf16
+  auto sum_streams = [&](int n, int e, float (&acc)[4]) {
+    acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
 #pragma unroll
-      for (int j = 0; j < HC; ++j) {
-        const uint2 raw = *reinterpret_cast<const uint2*>(x + (size_t(n) * HC + j) * D + e);
-        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-        const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
-        const float p = pre[n][j];
-        acc[0] += p * a.x, acc[1] += p * a.y, acc[2] += p * b.x, acc[3] += p * b.y;
-      }
-      __nv_bfloat162 lo = __floats2bfloat162_rn(acc[0], acc[1]), hi = __floats2bfloat162_rn(acc[2], acc[3]);
-      uint2 out;
-      out.x = *reinterpret_cast<uint32_t*>(&lo);
-      out.y = *reinterpret_cast<uint32_t*>(&hi);
-      *reinterpret_cast<uint2*>(y + size_t(n) * D + e) = out;
+    for (int j = 0; j < HC; ++j) {
+      const uint2 raw = *reinterpret_cast<const uint2*>(x + (size_t(n) * HC + j) * D + e);
+      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+      const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+      const float p = pre[n][j];
+      acc[0] += p * a.x, acc[1] += p * a.y, acc[2] += p * b.x, acc[3] += p * b.y;
     }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[i] = dsv4::bf16_round(acc[i]);
+  };
+  auto store = [&](int n, int e, const float (&v)[4]) {
+    __nv_bfloat162 lo = __floats2bfloat162_rn(v[0], v[1]), hi = __floats2bfloat162_rn(v[2], v[3]);
+    uint2 out;
+    out.x = *reinterpret_cast<uint32_t*>(&lo);
+    out.y = *reinterpret_cast<uint32_t*>(&hi);
+    *reinterpret_cast<uint2*>(y + size_t(n) * D + e) = out;
+  };
+  if (norm == nullptr) {
+    for (int e = (blockIdx.x * blockDim.x + threadIdx.x) * 4; e < D; e += gridDim.x * blockDim.x * 4)
+      for (int n = 0; n < N; ++n) {
+        float acc[4];
+        sum_streams(n, e, acc);
+        store(n, e, acc);
+      }
+    return;
+  }
+  // RMSNorm (one CTA): each row's y stays in registers while the CTA adds its squares in a fixed order.
+  __shared__ float warp_ss[256 / 32];
+  for (int n = 0; n < N; ++n) {
+    float v[NORM_STEPS][4];
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < NORM_STEPS; ++i) {
+      const int e = (i * blockDim.x + threadIdx.x) * 4;
+      if (e < D) {
+        sum_streams(n, e, v[i]);
+        ss += v[i][0] * v[i][0] + v[i][1] * v[i][1] + v[i][2] * v[i][2] + v[i][3] * v[i][3];
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+    if (threadIdx.x % 32 == 0) warp_ss[threadIdx.x / 32] = ss;
+    __syncthreads();
+    float total = 0.f;
+#pragma unroll
+    for (int w = 0; w < 256 / 32; ++w) total += warp_ss[w];
+    const float r = rsqrtf(total / float(D) + norm_eps);
+#pragma unroll
+    for (int i = 0; i < NORM_STEPS; ++i) {
+      const int e = (i * blockDim.x + threadIdx.x) * 4;
+      if (e < D) {
+        float out[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) out[k] = norm[e + k] * (v[i][k] * r);   // weight * (x * rsqrt), as the oracle
+        store(n, e, out);
+      }
+    }
+    __syncthreads();                              // warp_ss is the next row's
   }
 }
