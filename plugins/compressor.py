@@ -1,8 +1,9 @@
 """KV cache rows on the GPU (csrc/compressor.cu): the compressor's decode step in one launch (the token into
 the partial-block states and, where it completes a block, the block's cache row; oracle
 `plugins.oracle.compressor_step`), the compressor fed a prefill chunk in two (`compressor_chunk`; oracle
-`plugins.oracle.compressor_chunk`) and a decode step's window row in one (`kv_row`; oracle
-`plugins.oracle.kv_row`).
+`plugins.oracle.compressor_chunk`), a decode step's window row in one (`kv_row`; oracle
+`plugins.oracle.kv_row`), and the attention's query heads (norm and RoPE) in one (`q_heads`; oracle
+`plugins.oracle.q_heads`).
 """
 from __future__ import annotations
 
@@ -80,3 +81,19 @@ def kv_row(kv: torch.Tensor, norm: torch.Tensor, rot: torch.Tensor, pos: torch.T
     kernels().launch("dsv4_kv_row", kv.size(0), dim,
                      [(kv, PTR), (kv.stride(0), INT), (norm, PTR), (rot, PTR), (pos, PTR), (cache, PTR), (dim, INT),
                       (cache.size(1), INT), (window, INT), (eps, FLOAT)])
+
+
+def supports_q_heads(q: torch.Tensor, rot: torch.Tensor, rope_dim: int) -> bool:
+    """q [B, S, heads, hd] bf16 on a GPU with hd a multiple of 32 up to 512, rot [B, S, 32, 2] at the rows'
+    positions, RoPE 64."""
+    return (q.is_cuda and q.dtype == torch.bfloat16 and q.dim() == 4 and q.size(-1) % 32 == 0
+            and ROPE <= q.size(-1) <= DIMS[-1] and rope_dim == ROPE and rot.shape == (*q.shape[:2], ROPE // 2, 2))
+
+
+def q_heads(q: torch.Tensor, rot: torch.Tensor, eps: float) -> torch.Tensor:
+    """As the oracle (RoPE 64); q contiguous bf16, rot contiguous float32 -> a new [B, S, heads, hd] bf16."""
+    assert q.is_contiguous() and rot.is_contiguous() and rot.dtype == torch.float32
+    out = torch.empty_like(q)
+    kernels().launch("dsv4_q_heads", (q.size(0) * q.size(1), q.size(2)), q.size(3),
+                     [(q, PTR), (rot, PTR), (out, PTR), (q.size(2), INT), (q.size(3), INT), (eps, FLOAT)])
+    return out

@@ -15,6 +15,7 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::compressor_step(proj, ape, pos, states, cache, ...)   a compressor fed one token (mutates)
     dsv4::compressor_chunk(proj, ape, start, n, states, cache, ...)   a compressor fed a chunk (mutates)
     dsv4::kv_row(kv, norm, rot, pos, cache, window, ...)    a new token's window row (mutates)
+    dsv4::q_heads(q, rot, eps, rope_dim)                    the attention's query heads: norm, RoPE
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from .oracle import compressor_step as compressor_step_oracle
 from .oracle import index_query as index_query_oracle
 from .oracle import indexer_picks as indexer_picks_oracle
 from .oracle import kv_row as kv_row_oracle
+from .oracle import q_heads as q_heads_oracle
 from .oracle import sparse_attention as sparse_attention_oracle
 
 # ------------------------------------------------------------------ fp8_linear
@@ -336,6 +338,24 @@ def kv_row(kv: torch.Tensor, norm: torch.Tensor, rot: torch.Tensor, pos: torch.T
 @kv_row.register_fake
 def _(kv, norm, rot, pos, cache, window, eps, rope_dim, fp8_block):
     return None
+
+
+# ------------------------------------------------------------------ q_heads
+
+
+@torch.library.custom_op("dsv4::q_heads", mutates_args=())
+def q_heads(q: torch.Tensor, rot: torch.Tensor, eps: float, rope_dim: int) -> torch.Tensor:
+    """The attention's query heads through their norm and RoPE (see `plugins.oracle.q_heads`): one launch on a
+    GPU, the oracle elsewhere."""
+    from . import compressor as kernel
+    if kernel.supports_q_heads(q, rot, rope_dim):
+        return kernel.q_heads(q.contiguous(), rot.float().contiguous(), eps)
+    return q_heads_oracle(q, rot, eps, rope_dim).contiguous()
+
+
+@q_heads.register_fake
+def _(q, rot, eps, rope_dim):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 # ------------------------------------------------------------------ grouped_fp8_linear

@@ -58,6 +58,13 @@ def top_k(score: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values[..., :k], indices[..., :k]
 
 
+def q_heads(q: torch.Tensor, rot: torch.Tensor, eps: float, rope_dim: int) -> torch.Tensor:
+    """The attention's queries q [B, S, heads, hd] (the wq_b product) -> each head through RMSNorm without a
+    weight, in q's dtype op by op as the reference, then RoPE at rot [B, S, rope_dim/2, 2]."""
+    q = q * torch.rsqrt(wide(q.square()).mean(-1, keepdim=True).to(q.dtype) + eps)
+    return with_rope(q, rot, rope_dim)
+
+
 def index_query(q: torch.Tensor, rot: torch.Tensor, rope_dim: int) -> torch.Tensor:
     """The indexer's queries q [B, S, heads, dim] (the wq_b product) with rot [B, S, rope_dim/2, 2] at their
     positions -> RoPE, Hadamard, FP4 round-trip, in q's dtype: the keys' last steps without their norm."""

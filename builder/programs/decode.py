@@ -22,8 +22,8 @@ from plugins.compressor import MAX_ROWS as COMPRESSOR_KERNEL_ROWS
 from plugins.hc_pre import MAX_ROWS as HC_PRE_KERNEL_ROWS
 from plugins.indexer import MAX_ROWS as INDEXER_KERNEL_ROWS
 from plugins.oracle import (compressor_inputs, compressor_pool, compressor_step, einsum, finish_rows, hc_head, hc_post,
-                            hc_pre, index_query, indexer_picks, kv_row, rms_norm, softmax_scale, swiglu, wide,
-                            wide_dtype, with_rope)
+                            hc_pre, index_query, indexer_picks, kv_row, q_heads, rms_norm, softmax_scale, swiglu,
+                            wide, wide_dtype, with_rope)
 from plugins.route import MAX_ROWS as ROUTE_KERNEL_ROWS
 
 from ..config import KV_FP8_BLOCK, ModelConfig
@@ -71,9 +71,9 @@ SHARED_WEIGHTS = ("embed.weight", "head.weight")
 HC_PRE_OP_ROWS = HC_PRE_KERNEL_ROWS  # decode batches take the fused op (ONNX export sets 0)
 WIDE_LINEAR_OP = True                # products with bf16-stored float32 weights through the op (not in ONNX)
 ROUTE_OP_ROWS = ROUTE_KERNEL_ROWS    # decode batches' score-routed gates take the one-launch op (ONNX: 0)
-INDEXER_OP_ROWS = INDEXER_KERNEL_ROWS  # decode batches' indexer picks take the two-launch op (ONNX: 0)
-COMPRESSOR_OP_ROWS = COMPRESSOR_KERNEL_ROWS  # decode batches' compressor steps and window rows take the
-                                             # one-launch ops (ONNX: 0)
+INDEXER_OP_ROWS = INDEXER_KERNEL_ROWS  # decode batches' indexer queries and picks take the ops (ONNX: 0)
+COMPRESSOR_OP_ROWS = COMPRESSOR_KERNEL_ROWS  # decode batches' compressor steps, window rows and query heads
+                                             # take the one-launch ops (ONNX: 0)
 
 
 def wide_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -224,8 +224,8 @@ class DecodeLayer(torch.nn.Module):
         qr, kv = linear_fp8_parts(x, w, "attn.wq_a_wkv", (c.q_lora_rank, c.head_dim))
         qr = rms_norm(qr, w["attn.q_norm.weight"], c.rms_norm_eps)
         q = linear_fp8(qr, w, "attn.wq_b").unflatten(-1, (c.num_attention_heads, c.head_dim))
-        q = q * torch.rsqrt(wide(q.square()).mean(-1, keepdim=True).to(q.dtype) + c.rms_norm_eps)
-        return qr, with_rope(q, rot, c.qk_rope_head_dim), kv
+        heads = torch.ops.dsv4.q_heads if q.size(0) * q.size(1) <= COMPRESSOR_OP_ROWS else q_heads   # one launch
+        return qr, heads(q, rot, c.rms_norm_eps, c.qk_rope_head_dim), kv
 
     def kv_rows(self, kv, rot, w):
         """kv [B, S, hd] from `project` -> cache rows: norm, RoPE, FP8 round-trip of the non-rope channels."""

@@ -59,6 +59,18 @@ __device__ __forceinline__ float rms_norm_channel(float x, int c, int dim, float
   return dsv4::bf16_round(weight * (x * rsqrtf(ss / dim + eps)));
 }
 
+// RoPE of channel c of `dim` (one per thread; every lane of the warp calls it: pairs meet by a shuffle) on
+// the last 64 channels, interleaved pairs, at row `at` of rot [.., 32, 2] (cos, sin); bf16 results.
+__device__ __forceinline__ float rope_channel(float y, int c, int dim, const float* __restrict__ rot, long long at) {
+  const float other = __shfl_xor_sync(0xffffffffu, y, 1);
+  if (c < dim - ROPE) return y;
+  const int pair = (c - (dim - ROPE)) / 2;
+  const float cs = rot[(size_t(at) * (ROPE / 2) + pair) * 2], sn = rot[(size_t(at) * (ROPE / 2) + pair) * 2 + 1];
+  // products rounded apart, as torch's (a * cos - b * sin, a * sin + b * cos), not fused
+  return dsv4::bf16_round(c % 2 == 0 ? __fsub_rn(__fmul_rn(y, cs), __fmul_rn(other, sn))
+                                     : __fadd_rn(__fmul_rn(other, sn), __fmul_rn(y, cs)));
+}
+
 // The last steps of a cache row, channel c of `dim` per thread, every thread of the CTA calling (it
 // synchronises): x (a bf16 value) through RMSNorm (none when `norm` is null: the indexer's queries), RoPE at
 // row `at` of `rot`, then Hadamard + FP4 (`rotate`: the indexer's keys and queries) or the FP8 round-trip
@@ -68,15 +80,7 @@ __device__ float finish_row(float x, int c, int dim, const float* __restrict__ n
                             long long at, bool rotate, float hadamard_scale, float eps, float* vals, float* scratch) {
   float y = x;
   if (norm != nullptr) y = rms_norm_channel(x, c, dim, norm[c], eps, scratch);
-  // RoPE on the last 64 channels, interleaved pairs, at position `at`.
-  const float other = __shfl_xor_sync(0xffffffffu, y, 1);
-  if (c >= dim - ROPE) {
-    const int pair = (c - (dim - ROPE)) / 2;
-    const float cs = rot[(size_t(at) * (ROPE / 2) + pair) * 2], sn = rot[(size_t(at) * (ROPE / 2) + pair) * 2 + 1];
-    // products rounded apart, as torch's (a * cos - b * sin, a * sin + b * cos), not fused
-    y = dsv4::bf16_round(c % 2 == 0 ? __fsub_rn(__fmul_rn(y, cs), __fmul_rn(other, sn))
-                              : __fadd_rn(__fmul_rn(other, sn), __fmul_rn(y, cs)));
-  }
+  y = rope_channel(y, c, dim, rot, at);
   if (rotate) {                              // Hadamard (Sylvester, scaled by dim^-0.5), then FP4 block 32
     __syncthreads();                         // scratch read above before vals is written
     vals[c] = y;
@@ -294,4 +298,31 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_index_query(const __nv_bf
   const float y = finish_row(__bfloat162float(q[at]), c, 128, nullptr, rot, r, true, hadamard_scale, 0.f, vals,
                              scratch);
   out[at] = __float2bfloat16(y);
+}
+
+// Grid (rows, heads), dim threads (512): head h of the attention's query row r ([rows, heads, dim] bf16, the
+// wq_b product) through the per-head norm without weight, rounded as the bf16 ops of
+// plugins.oracle.q_heads (the square, the mean, + eps, rsqrt and the product each rounded to bf16), then
+// RoPE at that row's position (rot [rows, 32, 2], gathered per row).
+extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_q_heads(const __nv_bfloat16* __restrict__ q,
+                                                                             const float* __restrict__ rot,
+                                                                             __nv_bfloat16* __restrict__ out,
+                                                                             int heads, int dim, float eps) {
+  using namespace compressor;
+  __shared__ float scratch[MAX_DIM / 32];
+  const int r = blockIdx.x, c = threadIdx.x;
+  const size_t at = (size_t(r) * heads + blockIdx.y) * dim + c;
+  dsv4::pdl_wait();                          // q comes from the projection just before
+  dsv4::pdl_launch_dependents();
+  const float x = __bfloat162float(q[at]);
+  float ss = dsv4::bf16_round(x * x);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  if (c % 32 == 0) scratch[c / 32] = ss;
+  __syncthreads();
+  ss = 0.f;
+  for (int w = 0; w < dim / 32; ++w) ss += scratch[w];
+  const float mean = dsv4::bf16_round(ss / float(dim));
+  const float inv = dsv4::bf16_round(rsqrtf(dsv4::bf16_round(mean + eps)));
+  out[at] = __float2bfloat16(rope_channel(dsv4::bf16_round(x * inv), c, dim, rot, r));
 }
