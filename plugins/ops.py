@@ -16,6 +16,8 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::compressor_chunk(proj, ape, start, n, states, cache, ...)   a compressor fed a chunk (mutates)
     dsv4::kv_row(kv, norm, rot, pos, cache, window, ...)    a new token's window row (mutates)
     dsv4::q_heads(q, rot, eps, rope_dim)                    the attention's query heads: norm, RoPE
+    dsv4::rms_norm_rows(x, weight, eps)                     RMSNorm of decode rows
+    dsv4::swiglu_rows(y, size, up, limit)                   the clamped SwiGLU of a stacked gate | up product
 """
 from __future__ import annotations
 
@@ -356,6 +358,39 @@ def q_heads(q: torch.Tensor, rot: torch.Tensor, eps: float, rope_dim: int) -> to
 @q_heads.register_fake
 def _(q, rot, eps, rope_dim):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+# ------------------------------------------------------------------ rms_norm_rows, swiglu_rows
+
+
+@torch.library.custom_op("dsv4::rms_norm_rows", mutates_args=())
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x [..., K] (see `plugins.oracle.rms_norm`): one launch on a GPU that lets the next kernel
+    start early, the oracle elsewhere."""
+    from . import rows
+    if rows.supports_norm(x, weight):
+        return rows.rms_norm_rows(x, weight.float().contiguous(), eps)
+    return rms_norm(x, weight, eps).contiguous()
+
+
+@rms_norm_rows.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("dsv4::swiglu_rows", mutates_args=())
+def swiglu_rows(y: torch.Tensor, size: int, up: int, limit: float) -> torch.Tensor:
+    """The clamped SwiGLU of y [..., W]'s gate (columns [0, size)) and up ([up, up + size)) in y's dtype (see
+    `plugins.oracle.swiglu`): one launch on a GPU that lets the next kernel start early, the oracle elsewhere."""
+    from . import rows
+    if rows.supports_swiglu(y, size, up):
+        return rows.swiglu_rows(y, size, up, limit)
+    return swiglu(y[..., :size], y[..., up:up + size], limit).to(y.dtype).contiguous()
+
+
+@swiglu_rows.register_fake
+def _(y, size, up, limit):
+    return y.new_empty(*y.shape[:-1], size)
 
 
 # ------------------------------------------------------------------ grouped_fp8_linear

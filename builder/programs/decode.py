@@ -72,8 +72,9 @@ HC_PRE_OP_ROWS = HC_PRE_KERNEL_ROWS  # decode batches take the fused op (ONNX ex
 WIDE_LINEAR_OP = True                # products with bf16-stored float32 weights through the op (not in ONNX)
 ROUTE_OP_ROWS = ROUTE_KERNEL_ROWS    # decode batches' score-routed gates take the one-launch op (ONNX: 0)
 INDEXER_OP_ROWS = INDEXER_KERNEL_ROWS  # decode batches' indexer queries and picks take the ops (ONNX: 0)
-COMPRESSOR_OP_ROWS = COMPRESSOR_KERNEL_ROWS  # decode batches' compressor steps, window rows and query heads
-                                             # take the one-launch ops (ONNX: 0)
+COMPRESSOR_OP_ROWS = COMPRESSOR_KERNEL_ROWS  # decode batches' compressor steps, window rows, query heads, the
+                                             # query latent's norm and the shared SwiGLU take the one-launch ops
+                                             # (ONNX: 0)
 
 
 def wide_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -222,7 +223,8 @@ class DecodeLayer(torch.nn.Module):
         kv [B, S, hd] before its norm (`kv_rows`)."""
         c = self.cfg
         qr, kv = linear_fp8_parts(x, w, "attn.wq_a_wkv", (c.q_lora_rank, c.head_dim))
-        qr = rms_norm(qr, w["attn.q_norm.weight"], c.rms_norm_eps)
+        norm = torch.ops.dsv4.rms_norm_rows if x.size(0) * x.size(1) <= COMPRESSOR_OP_ROWS else rms_norm   # wq_b early
+        qr = norm(qr, w["attn.q_norm.weight"], c.rms_norm_eps)
         q = linear_fp8(qr, w, "attn.wq_b").unflatten(-1, (c.num_attention_heads, c.head_dim))
         heads = torch.ops.dsv4.q_heads if q.size(0) * q.size(1) <= COMPRESSOR_OP_ROWS else q_heads   # one launch
         return qr, heads(q, rot, c.rms_norm_eps, c.qk_rope_head_dim), kv
@@ -305,8 +307,14 @@ class DecodeLayer(torch.nn.Module):
                                      ids, product=wide_product)
             experts = experts.to(torch.int32)
         y = torch.ops.dsv4.moe_routed(x, experts, weights, table, c.moe_intermediate_size, c.swiglu_limit)
-        gate, up = linear_fp8_parts(x, w, "ffn.shared_experts.w13", (c.moe_intermediate_size,) * 2)
-        y = y + linear_fp8(swiglu(gate, up, c.swiglu_limit).to(x.dtype), w, "ffn.shared_experts.w2").to(y.dtype)
+        f = c.moe_intermediate_size
+        if x.size(0) <= COMPRESSOR_OP_ROWS:         # one launch that lets w2 start early
+            h = torch.ops.dsv4.swiglu_rows(linear_fp8(x, w, "ffn.shared_experts.w13"), f, -(-f // 128) * 128,
+                                           c.swiglu_limit)
+        else:
+            gate, up = linear_fp8_parts(x, w, "ffn.shared_experts.w13", (f, f))
+            h = swiglu(gate, up, c.swiglu_limit).to(x.dtype)
+        y = y + linear_fp8(h, w, "ffn.shared_experts.w2").to(y.dtype)
         return y.to(x.dtype), experts
 
     def block(self, h, attention, ids, table, w):

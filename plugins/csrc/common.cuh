@@ -30,6 +30,19 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
+// The sum of v over the CTA's `dim` threads (thread c holding one value each, dim a multiple of 32), the
+// warps' sums added in warp order; every thread calls it and gets the sum (it synchronises on scratch: dim / 32
+// floats of shared memory, which the caller may write again only after another barrier).
+__device__ __forceinline__ float block_sum(float v, int c, int dim, float* scratch) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  if (c % 32 == 0) scratch[c / 32] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < dim / 32; ++w) total += scratch[w];
+  return total;
+}
+
 // x rounded to bf16 and back: the rounding a bf16 tensor between two torch ops applies.
 __device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16(x)); }
 

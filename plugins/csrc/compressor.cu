@@ -46,22 +46,10 @@ __device__ __forceinline__ float group_max(float v, int width, float* scratch) {
   return v;
 }
 
-// The sum of v over the CTA's `dim` threads (channel c each), the warps' sums added in warp order; every
-// thread calls it and gets the sum (it synchronises on scratch: dim / 32 floats of shared memory).
-__device__ __forceinline__ float block_sum(float v, int c, int dim, float* scratch) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  if (c % 32 == 0) scratch[c / 32] = v;
-  __syncthreads();
-  float total = 0.f;
-  for (int w = 0; w < dim / 32; ++w) total += scratch[w];
-  return total;
-}
-
 // RMSNorm of a bf16 row, channel c of `dim` per thread (its weight in float32), back to bf16; every thread
 // of the CTA calls it.
 __device__ __forceinline__ float rms_norm_channel(float x, int c, int dim, float weight, float eps, float* scratch) {
-  return dsv4::bf16_round(weight * (x * rsqrtf(block_sum(x * x, c, dim, scratch) / dim + eps)));
+  return dsv4::bf16_round(weight * (x * rsqrtf(dsv4::block_sum(x * x, c, dim, scratch) / dim + eps)));
 }
 
 // RoPE of channel c of `dim` (one per thread; every lane of the warp calls it: pairs meet by a shuffle) on
@@ -320,7 +308,7 @@ extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_q_heads(c
   dsv4::pdl_wait();                          // q comes from the projection just before
   dsv4::pdl_launch_dependents();
   const float x = __bfloat162float(q[at]);
-  const float mean = dsv4::bf16_round(block_sum(dsv4::bf16_round(x * x), c, dim, scratch) / float(dim));
+  const float mean = dsv4::bf16_round(dsv4::block_sum(dsv4::bf16_round(x * x), c, dim, scratch) / float(dim));
   const float inv = dsv4::bf16_round(rsqrtf(dsv4::bf16_round(mean + eps)));
   out[at] = __float2bfloat16(rope_channel(dsv4::bf16_round(x * inv), c, dim, rot, r));
 }
