@@ -31,7 +31,8 @@ from .formats import fp8_weight_dequant, mxfp4_dequant
 from .head import head_logits, kernel_fits
 from .moe_experts import (expert_nbytes, moe_experts_decode, moe_experts_prefill, moe_experts_prefill_wgmma,
                           unpack_expert, wgmma_pays)
-from .oracle import einsum, hc_pre_parts, quantised_matmul, rms_norm, route_from_logits, swiglu, wide_dtype
+from .oracle import (einsum, hc_pre_parts, quantised_matmul, rms_norm, route_from_logits, swiglu, swiglu_stacked,
+                     wide_dtype)
 from .oracle import compressor_chunk as compressor_chunk_oracle
 from .oracle import compressor_step as compressor_step_oracle
 from .oracle import index_query as index_query_oracle
@@ -380,12 +381,12 @@ def _(x, weight, eps):
 
 @torch.library.custom_op("dsv4::swiglu_rows", mutates_args=())
 def swiglu_rows(y: torch.Tensor, size: int, up: int, limit: float) -> torch.Tensor:
-    """The clamped SwiGLU of y [..., W]'s gate (columns [0, size)) and up ([up, up + size)) in y's dtype (see
-    `plugins.oracle.swiglu`): one launch on a GPU that lets the next kernel start early, the oracle elsewhere."""
+    """The clamped SwiGLU of a stacked gate | up product (see `plugins.oracle.swiglu_stacked`): one launch on a
+    GPU that lets the next kernel start early, the oracle elsewhere."""
     from . import rows
     if rows.supports_swiglu(y, size, up):
         return rows.swiglu_rows(y, size, up, limit)
-    return swiglu(y[..., :size], y[..., up:up + size], limit).to(y.dtype).contiguous()
+    return swiglu_stacked(y, size, up, limit).contiguous()
 
 
 @swiglu_rows.register_fake

@@ -445,5 +445,11 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def swiglu_stacked(y: torch.Tensor, size: int, up: int, limit: float) -> torch.Tensor:
+    """`swiglu` of a stacked gate | up product y [..., W] (gate columns [0, size), up [up, up + size)), in y's
+    dtype: what the shared expert's w2 takes."""
+    return swiglu(y[..., :size], y[..., up:up + size], limit).to(y.dtype)
+
+
 def softmax_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)

@@ -22,7 +22,7 @@ from plugins.compressor import MAX_ROWS as COMPRESSOR_KERNEL_ROWS
 from plugins.hc_pre import MAX_ROWS as HC_PRE_KERNEL_ROWS
 from plugins.indexer import MAX_ROWS as INDEXER_KERNEL_ROWS
 from plugins.oracle import (compressor_inputs, compressor_pool, compressor_step, einsum, finish_rows, hc_head, hc_post,
-                            hc_pre, index_query, indexer_picks, kv_row, q_heads, rms_norm, softmax_scale, swiglu,
+                            hc_pre, index_query, indexer_picks, kv_row, q_heads, rms_norm, softmax_scale, swiglu_stacked,
                             wide, wide_dtype, with_rope)
 from plugins.route import MAX_ROWS as ROUTE_KERNEL_ROWS
 
@@ -160,12 +160,17 @@ def stack_fp8(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Ten
     return torch.cat(weights).view(parts[0][0].dtype), torch.cat(scales).view(parts[0][1].dtype)
 
 
+def stacked_width(n: int) -> int:
+    """The columns a part of n output features takes in a stacked linear (`FUSED_FP8`): whole 128-row blocks."""
+    return -(-n // 128) * 128
+
+
 def linear_fp8_parts(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, sizes: tuple[int, ...]):
     """The outputs of a stacked linear (`FUSED_FP8`), one per part of `sizes` output features."""
     y, at, out = linear_fp8(x, w, name), 0, []
     for n in sizes:
         out.append(y[..., at:at + n])
-        at += -(-n // 128) * 128
+        at += stacked_width(n)
     return out
 
 
@@ -308,12 +313,8 @@ class DecodeLayer(torch.nn.Module):
             experts = experts.to(torch.int32)
         y = torch.ops.dsv4.moe_routed(x, experts, weights, table, c.moe_intermediate_size, c.swiglu_limit)
         f = c.moe_intermediate_size
-        if x.size(0) <= COMPRESSOR_OP_ROWS:         # one launch that lets w2 start early
-            h = torch.ops.dsv4.swiglu_rows(linear_fp8(x, w, "ffn.shared_experts.w13"), f, -(-f // 128) * 128,
-                                           c.swiglu_limit)
-        else:
-            gate, up = linear_fp8_parts(x, w, "ffn.shared_experts.w13", (f, f))
-            h = swiglu(gate, up, c.swiglu_limit).to(x.dtype)
+        act = torch.ops.dsv4.swiglu_rows if x.size(0) <= COMPRESSOR_OP_ROWS else swiglu_stacked   # w2 starts early
+        h = act(linear_fp8(x, w, "ffn.shared_experts.w13"), f, stacked_width(f), c.swiglu_limit)
         y = y + linear_fp8(h, w, "ffn.shared_experts.w2").to(y.dtype)
         return y.to(x.dtype), experts
 
