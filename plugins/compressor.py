@@ -14,13 +14,18 @@ from .loader import FLOAT, INT, PTR, kernels
 DIMS, ROPE, FP8_BLOCK, MAX_ROWS = (128, 512), 64, 64, 16     # csrc/compressor.cu; rows: decode batches
 
 
-def supports(proj: torch.Tensor, cache: torch.Tensor, ratio: int, rope_dim: int, fp8_block: int) -> bool:
-    """proj [B, 2C] float32 on a GPU for a bf16 cache of 128 or 512 channels, the kernel's RoPE and FP8 block,
-    ratio 4 (with overlap) or more, at most 16 sequences."""
+def _fits(proj: torch.Tensor, cache: torch.Tensor, ratio: int, rope_dim: int, fp8_block: int) -> bool:
+    """Products [..., 2C] float32 on a GPU for a bf16 cache of 128 or 512 channels, the kernel's RoPE and FP8
+    block, ratio 4 (with overlap) or more."""
     dim = cache.size(-1)
     return (proj.is_cuda and proj.dtype == torch.float32 and cache.dtype == torch.bfloat16 and dim in DIMS
-            and proj.dim() == 2 and proj.size(1) == 2 * dim * (2 if ratio == 4 else 1) and ratio >= 4
-            and rope_dim == ROPE and fp8_block == FP8_BLOCK and 1 <= proj.size(0) <= MAX_ROWS)
+            and proj.size(-1) == 2 * dim * (2 if ratio == 4 else 1) and ratio >= 4 and rope_dim == ROPE
+            and fp8_block == FP8_BLOCK)
+
+
+def supports(proj: torch.Tensor, cache: torch.Tensor, ratio: int, rope_dim: int, fp8_block: int) -> bool:
+    """proj [B, 2C] as `_fits`, at most 16 sequences."""
+    return proj.dim() == 2 and 1 <= proj.size(0) <= MAX_ROWS and _fits(proj, cache, ratio, rope_dim, fp8_block)
 
 
 def compressor_step(proj: torch.Tensor, ape: torch.Tensor, pos: torch.Tensor, kv_state: torch.Tensor,
@@ -38,12 +43,9 @@ def compressor_step(proj: torch.Tensor, ape: torch.Tensor, pos: torch.Tensor, kv
 
 
 def supports_chunk(proj: torch.Tensor, cache: torch.Tensor, ratio: int, rope_dim: int, fp8_block: int) -> bool:
-    """proj [B, T, 2C] float32 on a GPU for a bf16 cache of 128 or 512 channels, the kernel's RoPE and FP8
-    block, ratio 4 (with overlap) or more."""
-    dim = cache.size(-1)
-    return (proj.is_cuda and proj.dtype == torch.float32 and cache.dtype == torch.bfloat16 and dim in DIMS
-            and proj.dim() == 3 and proj.size(2) == 2 * dim * (2 if ratio == 4 else 1) and ratio >= 4
-            and rope_dim == ROPE and fp8_block == FP8_BLOCK and proj.size(0) >= 1 and proj.size(1) >= 1)
+    """proj [B, T, 2C] as `_fits`, at least one sequence and token."""
+    return (proj.dim() == 3 and proj.size(0) >= 1 and proj.size(1) >= 1
+            and _fits(proj, cache, ratio, rope_dim, fp8_block))
 
 
 def compressor_chunk(proj: torch.Tensor, ape: torch.Tensor, start: torch.Tensor, n: torch.Tensor,

@@ -21,9 +21,8 @@ import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
 from plugins.compressor import MAX_ROWS as COMPRESSOR_KERNEL_ROWS
 from plugins.hc_pre import MAX_ROWS as HC_PRE_KERNEL_ROWS
 from plugins.indexer import MAX_ROWS as INDEXER_KERNEL_ROWS
-from plugins.oracle import (compressor_inputs, compressor_pool, compressor_step, einsum, finish_rows, hc_head, hc_post,
-                            hc_pre, index_query, indexer_picks, kv_row, q_heads, rms_norm, softmax_scale, swiglu_stacked,
-                            wide, wide_dtype, with_rope)
+from plugins.oracle import (compressor_step, einsum, finish_rows, hc_head, hc_post, hc_pre, index_query, indexer_picks,
+                            kv_row, q_heads, rms_norm, softmax_scale, swiglu_stacked, wide, wide_dtype, with_rope)
 from plugins.route import MAX_ROWS as ROUTE_KERNEL_ROWS
 
 from ..config import KV_FP8_BLOCK, ModelConfig
@@ -186,18 +185,6 @@ class Compressor(torch.nn.Module):
     def products(self, x, w):
         """x [..., dm] -> the stacked wkv | wgate products [..., 2*coff*dim] in working precision."""
         return wide_product(wide(x), w[f"{self.prefix}.wkv_wgate.weight"])
-
-    def project(self, x, pos, w):
-        """x [..., dm] at positions pos [...] -> kv, score [..., coff*dim] in working precision; the score
-        carries the APE of the token's slot in its block."""
-        return compressor_inputs(self.products(x, w), w[f"{self.prefix}.ape"], pos, self.ratio)
-
-    def pool(self, kv, score):
-        return compressor_pool(kv, score, self.ratio)
-
-    def finish(self, rows, rot, dtype, w):
-        return finish_rows(rows, rot, dtype, w[f"{self.prefix}.norm.weight"], self.cfg.rms_norm_eps, self.rotate,
-                           self.cfg.qk_rope_head_dim, KV_FP8_BLOCK)
 
     def forward(self, x, pos, rot, kv_state, score_state, cache, first_row, w):
         """x [B, dm]: feed one token per sequence, write the rows completed at `pos` into
