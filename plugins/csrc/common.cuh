@@ -30,6 +30,11 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
+// A barrier among `threads` threads (whole warps) of the CTA, for warps that go on while others have left.
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // The sum of v over the CTA's `dim` threads (thread c holding one value each, dim a multiple of 32), the
 // warps' sums added in warp order; every thread calls it and gets the sum (it synchronises on scratch: dim / 32
 // floats of shared memory, which the caller may write again only after another barrier).

@@ -5,7 +5,7 @@
 // Two launches instead of the dozens a compiler makes of it: `mix` splits HC*D into 256-element slices, one
 // CTA each, and writes per slice the M partial dots and the partial sum of squares; `finish` adds the slices
 // (a group of lanes per value), runs the Sinkhorn iterations per row (HC*HC lanes per row, a value each)
-// and writes its share of y (and, CTA 0, post and comb). Launches never allocate or synchronise.
+// in some warps while the others write its share of y (and, CTA 0, post and comb). Launches never allocate or synchronise.
 #include "common.cuh"
 
 namespace {
@@ -19,6 +19,48 @@ constexpr int NORM_STEPS = 8;        // with the norm, 4-element steps per threa
 static_assert(MAX_ROWS * HC * HC == 256, "finish: one lane per (row, comb value) in its 256 threads");
 
 __device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
+
+// comb of rows n < N (comb_out [N, HC, HC], CTA 0 writes it) from their mixes: softmax over each row + eps,
+// then `iters` column normalisations with a row normalisation before all but the first. 16 lanes per row,
+// lane e holding c[j][k] (j = e / 4, k = e % 4), run by whole warps (threads 0 .. 32 * ceil(N / 2) - 1). Each
+// lane gathers its row's (column's) four values by shuffles and adds them in index order, as the oracle: the
+// same operations as one thread holding the whole matrix, whose 20 iterations of 32 dependent divisions
+// took ~20 us.
+__device__ __forceinline__ void sinkhorn(const float (*mix)[M + 1], const float* __restrict__ scale,
+                                         const float* __restrict__ base, float* __restrict__ comb_out, int N,
+                                         int D, float norm_eps, float hc_eps, int iters) {
+  const int n = threadIdx.x / (HC * HC), e = threadIdx.x % (HC * HC), j = e / HC, k = e % HC;
+  const int lane = threadIdx.x & 31, row0 = lane & ~(HC * HC - 1);   // first lane of this row's 16
+  const bool live = n < N;                        // rows past N work on row 0's values; nothing is written
+  const int nn = live ? n : 0;
+  const float r = rsqrtf(mix[nn][M] / float(HC * D) + norm_eps);
+  float c = mix[nn][2 * HC + e] * r * scale[2] + base[2 * HC + e];
+  auto row_value = [&](float v, int kk) { return __shfl_sync(0xffffffffu, v, row0 + j * HC + kk); };
+  auto col_value = [&](float v, int jj) { return __shfl_sync(0xffffffffu, v, row0 + jj * HC + k); };
+  {                                               // softmax over each row, + eps
+    float top = row_value(c, 0);
+#pragma unroll
+    for (int kk = 1; kk < HC; ++kk) top = fmaxf(top, row_value(c, kk));
+    c = expf(c - top);
+    float total = row_value(c, 0);
+#pragma unroll
+    for (int kk = 1; kk < HC; ++kk) total += row_value(c, kk);
+    c = c / total + hc_eps;
+  }
+  for (int it = 0; it < iters; ++it) {
+    if (it) {                                     // the first iteration normalises columns only
+      float sum = row_value(c, 0);
+#pragma unroll
+      for (int kk = 1; kk < HC; ++kk) sum += row_value(c, kk);
+      c /= sum + hc_eps;
+    }
+    float sum = col_value(c, 0);
+#pragma unroll
+    for (int jj = 1; jj < HC; ++jj) sum += col_value(c, jj);
+    c /= sum + hc_eps;
+  }
+  if (live && blockIdx.x == 0) comb_out[n * HC * HC + e] = c;
+}
 
 }  // namespace
 
@@ -94,45 +136,25 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_hc_pre_finish(
     if (g == 0 && v < values) mix[v / (M + 1)][v % (M + 1)] = s;
   }
   __syncthreads();
-  // Sinkhorn: 16 lanes per row, lane e holding c[j][k] (j = e / 4, k = e % 4). Each lane gathers its row's
-  // (column's) four values by shuffles and adds them in index order, as the oracle: the same operations as
-  // one thread holding the whole matrix, whose 20 iterations of 32 dependent divisions took ~20 us.
-  const int n = threadIdx.x / (HC * HC), e = threadIdx.x % (HC * HC), j = e / HC, k = e % HC;
-  const int lane = threadIdx.x & 31, row0 = lane & ~(HC * HC - 1);   // first lane of this row's 16
-  const bool live = n < N;                        // rows past N work on row 0's values; nothing is written
-  const int nn = live ? n : 0;
-  const float r = rsqrtf(mix[nn][M] / float(HC * D) + norm_eps);
-  if (live && k == 0) {
+  // pre and post per row (y needs only pre), before the Sinkhorn iterations
+  if (threadIdx.x < N * HC) {
+    const int n = threadIdx.x / HC, j = threadIdx.x % HC;
+    const float r = rsqrtf(mix[n][M] / float(HC * D) + norm_eps);
     pre[n][j] = sigmoid(mix[n][j] * r * scale[0] + base[j]) + hc_eps;
     if (blockIdx.x == 0) post_out[n * HC + j] = 2.f * sigmoid(mix[n][HC + j] * r * scale[1] + base[HC + j]);
   }
-  float c = mix[nn][2 * HC + e] * r * scale[2] + base[2 * HC + e];
-  auto row_value = [&](float v, int kk) { return __shfl_sync(0xffffffffu, v, row0 + j * HC + kk); };
-  auto col_value = [&](float v, int jj) { return __shfl_sync(0xffffffffu, v, row0 + jj * HC + k); };
-  {                                               // softmax over each row, + eps
-    float top = row_value(c, 0);
-#pragma unroll
-    for (int kk = 1; kk < HC; ++kk) top = fmaxf(top, row_value(c, kk));
-    c = expf(c - top);
-    float total = row_value(c, 0);
-#pragma unroll
-    for (int kk = 1; kk < HC; ++kk) total += row_value(c, kk);
-    c = c / total + hc_eps;
-  }
-  for (int it = 0; it < iters; ++it) {
-    if (it) {                                     // the first iteration normalises columns only
-      float sum = row_value(c, 0);
-#pragma unroll
-      for (int kk = 1; kk < HC; ++kk) sum += row_value(c, kk);
-      c /= sum + hc_eps;
-    }
-    float sum = col_value(c, 0);
-#pragma unroll
-    for (int jj = 1; jj < HC; ++jj) sum += col_value(c, jj);
-    c /= sum + hc_eps;
-  }
-  if (live && blockIdx.x == 0) comb_out[n * HC * HC + e] = c;
   __syncthreads();
+  // The Sinkhorn warps (16 lanes per row) and the warps that sum the streams (y) run side by side where
+  // both fit: the iterations are a chain of ~40 dependent shuffles and divisions per row that the stream
+  // sums need not wait for (the H200 profile had this launch at 5 us, most of it that chain). Otherwise
+  // (many rows, or a norm row too long for the y warps' registers) every warp does both in turn.
+  const int warp = threadIdx.x / 32, sink_warps = (N * HC * HC + 31) / 32;
+  const int y_warps_split = int(blockDim.x) / 32 - sink_warps;
+  const bool split = y_warps_split > 0 && (norm == nullptr || D <= NORM_STEPS * 4 * 32 * y_warps_split);
+  const int y_first = split ? sink_warps * 32 : 0, y_threads = int(blockDim.x) - y_first;
+  if (!split || warp < sink_warps) sinkhorn(mix, scale, base, comb_out, N, D, norm_eps, hc_eps, iters);
+  if (split && warp < sink_warps) return;
+  const int yt = threadIdx.x - y_first;           // this thread's index among the y threads
   // y: 4 consecutive elements per thread per row, rounded to bf16
   auto sum_streams = [&](int n, int e, float (&acc)[4]) {
     acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
@@ -155,7 +177,7 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_hc_pre_finish(
     *reinterpret_cast<uint2*>(y + size_t(n) * D + e) = out;
   };
   if (norm == nullptr) {
-    for (int e = (blockIdx.x * blockDim.x + threadIdx.x) * 4; e < D; e += gridDim.x * blockDim.x * 4)
+    for (int e = (blockIdx.x * y_threads + yt) * 4; e < D; e += gridDim.x * y_threads * 4)
       for (int n = 0; n < N; ++n) {
         float acc[4];
         sum_streams(n, e, acc);
@@ -163,14 +185,16 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_hc_pre_finish(
       }
     return;
   }
-  // RMSNorm (one CTA): each row's y stays in registers while the CTA adds its squares in a fixed order.
+  // RMSNorm (one CTA): each row's y stays in registers while the y warps add its squares in a fixed order
+  // (named barrier 1: the Sinkhorn warps may have left).
   __shared__ float warp_ss[256 / 32];
+  const int y_warps = y_threads / 32;
   for (int n = 0; n < N; ++n) {
     float v[NORM_STEPS][4];
     float ss = 0.f;
 #pragma unroll
     for (int i = 0; i < NORM_STEPS; ++i) {
-      const int e = (i * blockDim.x + threadIdx.x) * 4;
+      const int e = (i * y_threads + yt) * 4;
       if (e < D) {
         sum_streams(n, e, v[i]);
         ss += v[i][0] * v[i][0] + v[i][1] * v[i][1] + v[i][2] * v[i][2] + v[i][3] * v[i][3];
@@ -178,15 +202,14 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_hc_pre_finish(
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
-    if (threadIdx.x % 32 == 0) warp_ss[threadIdx.x / 32] = ss;
-    __syncthreads();
+    if (yt % 32 == 0) warp_ss[yt / 32] = ss;
+    dsv4::named_barrier(1, y_threads);
     float total = 0.f;
-#pragma unroll
-    for (int w = 0; w < 256 / 32; ++w) total += warp_ss[w];
+    for (int w = 0; w < y_warps; ++w) total += warp_ss[w];
     const float r = rsqrtf(total / float(D) + norm_eps);
 #pragma unroll
     for (int i = 0; i < NORM_STEPS; ++i) {
-      const int e = (i * blockDim.x + threadIdx.x) * 4;
+      const int e = (i * y_threads + yt) * 4;
       if (e < D) {
         float out[4];
 #pragma unroll
@@ -194,6 +217,6 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_hc_pre_finish(
         store(n, e, out);
       }
     }
-    __syncthreads();                              // warp_ss is the next row's
+    dsv4::named_barrier(1, y_threads);            // warp_ss is the next row's
   }
 }
