@@ -5,6 +5,7 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::fp8_linear(x, weight, scale)                      FP8 block-scaled linear (act_quant + GEMM)
     dsv4::moe_routed(x, experts, weights, table, inter, limit)   routed MXFP4 experts via a pointer table
     dsv4::sparse_attention(q, kv, sink, idx, scale)        attention over picked rows with a sink
+    dsv4::sparse_attention_rope(q, kv, sink, idx, scale, rot)  the same, then the output's inverse RoPE
     dsv4::hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters)   hyper-connection pre (mixes, Sinkhorn, sum)
     dsv4::hc_pre_norm(x, fn, scale, base, weight, ...)      the same, then the RMSNorm after it
     dsv4::wide_linear(x, weight)                            float32 product with a weight kept in bf16
@@ -32,7 +33,7 @@ from .head import head_logits, kernel_fits
 from .moe_experts import (expert_nbytes, moe_experts_decode, moe_experts_prefill, moe_experts_prefill_wgmma,
                           unpack_expert, wgmma_pays)
 from .oracle import (einsum, hc_pre_parts, quantised_matmul, rms_norm, route_from_logits, swiglu, swiglu_stacked,
-                     wide_dtype)
+                     wide_dtype, with_rope)
 from .oracle import compressor_chunk as compressor_chunk_oracle
 from .oracle import compressor_step as compressor_step_oracle
 from .oracle import index_query as index_query_oracle
@@ -148,6 +149,25 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx:
 
 @sparse_attention.register_fake
 def _(q, kv, sink, idx, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("dsv4::sparse_attention_rope", mutates_args=())
+def sparse_attention_rope(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
+                          rot: torch.Tensor) -> torch.Tensor:
+    """`sparse_attention`, then the inverse RoPE of the output's last r channels at each query's position
+    (rot [b, s, r/2, 2]): one launch pair for decode rows on a GPU (the combine launch rotates), else the
+    oracle's two steps."""
+    from . import sparse_attention as kernel
+    if kernel.supports(q, kv, idx.size(-1)):
+        return kernel.sparse_attention_decode(q.contiguous(), kv.contiguous(), sink.float().contiguous(),
+                                              idx.long().contiguous(), scale, rot=rot.float().contiguous())
+    o = sparse_attention(q, kv, sink, idx, scale)
+    return with_rope(o, rot, 2 * rot.size(-2), inverse=True)
+
+
+@sparse_attention_rope.register_fake
+def _(q, kv, sink, idx, scale, rot):
     return torch.empty_like(q)
 
 

@@ -41,10 +41,11 @@ def make_workspace(queries: int, heads: int, d: int, k: int, device) -> dict[str
 
 
 def sparse_attention_decode(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
-                            out: torch.Tensor | None = None,
-                            workspace: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                            out: torch.Tensor | None = None, workspace: dict[str, torch.Tensor] | None = None,
+                            rot: torch.Tensor | None = None) -> torch.Tensor:
     """q [b, s, h, d] bf16 over rows kv[b, idx[b, s, k]] (kv [b, T, d] bf16; idx int64, -1 = none) with a
-    per-head sink [h] float32 -> [b, s, h, d] bf16. All contiguous."""
+    per-head sink [h] float32 -> [b, s, h, d] bf16. All contiguous. With `rot` [b, s, r/2, 2] float32 (cos,
+    sin), the output's last r channels are rotated back (the inverse RoPE) in the combine launch."""
     b, s, h, d = q.shape
     k, t = idx.size(-1), kv.size(1)
     assert fits(q, kv, k) and idx.shape == (b, s, k) and idx.dtype == torch.int64 and sink.numel() == h
@@ -57,8 +58,11 @@ def sparse_attention_decode(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
     lib.launch(f"dsv4_sparse_attention_split_d{d // 128}", (splits, b * s), 32 * warps,
                [(q, PTR), (kv, PTR), (idx, PTR), (acc, PTR), (ml, PTR), (s, INT), (h, INT), (t, INT), (k, INT),
                 (scale, FLOAT)], ROWS * (d + ROW_PAD) * 2)
+    if rot is not None:
+        assert rot.dtype == torch.float32 and rot.is_contiguous() and rot.numel() == b * s * rot.size(-2) * 2
     lib.launch("dsv4_sparse_attention_combine", (h, b * s), 128,             # 4 elements a thread: d <= 512
-               [(acc, PTR), (ml, PTR), (sink, PTR), (out, PTR), (h, INT), (d, INT), (splits, INT)])
+               [(acc, PTR), (ml, PTR), (sink, PTR), (out, PTR), (h, INT), (d, INT), (splits, INT),
+                (0 if rot is None else rot, PTR), (0 if rot is None else 2 * rot.size(-2), INT)])
     return out
 
 

@@ -67,6 +67,48 @@ def test_sparse_attention_op_runs_the_kernel_for_bf16_decode():
                        sparse_attention_decode(q, kv, sink, idx, 0.1))
 
 
+def _rotations(b, s, rope, seed=5):
+    """Rotations [b, s, rope/2, 2] (cos, sin) at random angles, on the GPU."""
+    angles = torch.rand(b, s, rope // 2, generator=torch.Generator().manual_seed(seed)) * 6.3
+    return torch.stack([angles.cos(), angles.sin()], -1).cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b, s, h, d, t, k, valid", [
+    pytest.param(1, 1, 64, 512, 2176, 640, 600, id="flash-ratio4"),
+    pytest.param(3, 1, 4, 128, 60, 77, 50, id="tiny-3seq"),
+    pytest.param(2, 2, 16, 256, 300, 129, 100, id="d256-2tok"),
+])
+def test_sparse_attention_rope_is_the_kernel_then_the_oracles_inverse_rope(b, s, h, d, t, k, valid):
+    """dsv4::sparse_attention_rope: the combine launch's inverse RoPE on its own bf16 outputs is the oracle's
+    (with_rope), bit for bit; the channels before the last 64 are the plain kernel's."""
+    import plugins.ops  # noqa: F401  (registers the ops)
+    from plugins.oracle import with_rope
+    from plugins.sparse_attention import sparse_attention_decode
+    q, kv, sink, idx = _case(b, s, h, d, t, k, valid, seed=6)
+    rot = _rotations(b, s, 64)
+    got = torch.ops.dsv4.sparse_attention_rope(q, kv, sink, idx, d ** -0.5, rot)
+    plain = sparse_attention_decode(q, kv, sink, idx, d ** -0.5)
+    assert torch.equal(got, with_rope(plain, rot, 64, inverse=True))
+    assert not torch.equal(got[..., -64:], plain[..., -64:])
+
+
+@pytest.mark.gpu
+def test_sparse_attention_rope_captures_in_a_cuda_graph():
+    from plugins.sparse_attention import make_workspace, sparse_attention_decode
+    q, kv, sink, idx = _case(2, 1, 64, 512, 2176, 640, 300)
+    rot = _rotations(2, 1, 64)
+    out = torch.empty_like(q)
+    ws = make_workspace(2, 64, 512, 640, "cuda")
+    expect = sparse_attention_decode(q, kv, sink, idx, 0.05, rot=rot)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sparse_attention_decode(q, kv, sink, idx, 0.05, out=out, workspace=ws, rot=rot)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expect)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("b, s, h, d, t, k, valid", [
     pytest.param(1, 40, 64, 512, 2176, 640, 600, id="flash-ratio4-40-queries"),

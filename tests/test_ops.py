@@ -121,3 +121,14 @@ def test_layer_through_custom_ops_runs_from_an_aoti_package(tmp_path):
     path = torch._inductor.aoti_compile_and_package(torch.export.export(model, args),
                                                     package_path=str(tmp_path / "tiny.pt2"))
     assert torch.equal(torch._inductor.aoti_load_package(path)(*args), model(*args))
+
+
+def test_sparse_attention_rope_op_is_the_oracles_two_steps_on_the_cpu():
+    from plugins.oracle import with_rope
+    g = torch.Generator().manual_seed(3)
+    q, kv = torch.randn(2, 1, 4, 128, generator=g), torch.randn(2, 20, 128, generator=g)
+    sink, idx = torch.randn(4, generator=g), torch.randint(-1, 20, (2, 1, 9), generator=g)
+    angles = torch.rand(2, 1, 32, generator=g)
+    rot = torch.stack([angles.cos(), angles.sin()], -1)
+    got = torch.ops.dsv4.sparse_attention_rope(q, kv, sink, idx, 0.1, rot)
+    assert torch.equal(got, with_rope(sparse_attention(q, kv, sink, idx, 0.1), rot, 64, inverse=True))

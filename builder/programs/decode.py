@@ -231,8 +231,11 @@ class DecodeLayer(torch.nn.Module):
         """Sparse attention of q [B, S, heads, hd] over rows[b, idx[b, s]] (-1 = none), then the output
         projection (inverse RoPE, grouped wo_a, wo_b) -> [B, S, d]."""
         c = self.cfg
-        o = torch.ops.dsv4.sparse_attention(q, rows, w["attn.attn_sink"], idx, softmax_scale(c.head_dim))
-        o = with_rope(o, rot, c.qk_rope_head_dim, inverse=True)
+        args = (q, rows, w["attn.attn_sink"], idx, softmax_scale(c.head_dim))
+        if q.size(0) * q.size(1) <= COMPRESSOR_OP_ROWS:                      # the inverse RoPE in its launches
+            o = torch.ops.dsv4.sparse_attention_rope(*args, rot.expand(*q.shape[:2], *rot.shape[2:]))
+        else:
+            o = with_rope(torch.ops.dsv4.sparse_attention(*args), rot, c.qk_rope_head_dim, inverse=True)
         o = o.view(*o.shape[:2], c.o_groups, -1)
         if "attn.wo_a" in w:                    # the bf16 form (ONNX/TensorRT: no grouped FP8 plugin)
             o = einsum("bsgd,grd->bsgr", o, w["attn.wo_a"].view(c.o_groups, -1, o.size(-1)))

@@ -194,9 +194,12 @@ __device__ __forceinline__ float block_reduce(float v, bool is_max, float* scrat
   return v;
 }
 
+// grid (heads, queries), block 128 (4 elements a thread: D <= 512). With `rot` ([queries, rope / 2, 2] (cos,
+// sin) at each query's position), the output's last `rope` channels also get the inverse RoPE, where the
+// decode step ran it as a launch of its own between this one and wo_a's (plugins.oracle.with_rope).
 extern "C" __global__ void __launch_bounds__(128) dsv4_sparse_attention_combine(
     const float* __restrict__ acc, const float* __restrict__ ml, const float* __restrict__ sink,
-    __nv_bfloat16* __restrict__ out, int heads, int D, int splits) {
+    __nv_bfloat16* __restrict__ out, int heads, int D, int splits, const float* __restrict__ rot, int rope) {
   dsv4::pdl_wait();
   dsv4::pdl_launch_dependents();
   __shared__ float w[MAX_SPLITS], scratch[4];    // each split's weight
@@ -242,7 +245,18 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_sparse_attention_combine(
       o.x = fmaf(v[u].x, wu, o.x), o.y = fmaf(v[u].y, wu, o.y), o.z = fmaf(v[u].z, wu, o.z), o.w = fmaf(v[u].w, wu, o.w);
     }
   }
+  float v[4] = {o.x * inv, o.y * inv, o.z * inv, o.w * inv};
+  if (rot != nullptr && e >= D - rope) {         // the inverse RoPE of the output's last `rope` channels
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {                // pairs (e, e+1), (e+2, e+3), of the bf16 outputs
+      const float a = dsv4::bf16_round(v[2 * p]), b = dsv4::bf16_round(v[2 * p + 1]);
+      const float* cs = rot + (size_t(query) * (rope / 2) + (e + 2 * p - (D - rope)) / 2) * 2;
+      // the oracle's (a * cos - b * -sin, a * -sin + b * cos), products rounded apart
+      v[2 * p] = __fadd_rn(__fmul_rn(a, cs[0]), __fmul_rn(b, cs[1]));
+      v[2 * p + 1] = __fsub_rn(__fmul_rn(b, cs[0]), __fmul_rn(a, cs[1]));
+    }
+  }
   __nv_bfloat16* dst = out + (size_t(query) * heads + head) * D + e;
-  *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(o.x * inv, o.y * inv);
-  *reinterpret_cast<__nv_bfloat162*>(dst + 2) = __floats2bfloat162_rn(o.z * inv, o.w * inv);
+  *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v[0], v[1]);
+  *reinterpret_cast<__nv_bfloat162*>(dst + 2) = __floats2bfloat162_rn(v[2], v[3]);
 }
