@@ -11,7 +11,7 @@
 # PREFILL_CHUNK overrides the recipe's prefill chunk (256; the user recipe dsv4-flash-h200 takes 2048, where the
 # wgmma prefill MoE pays: bench/wgmma_gate.py then measures it on the artifact). A rebuild into the same folder
 # relinks the expert bank. SKIP_FORCED=1 skips the reference comparison; COMPARE=none leaves eager out of the benchmark; SKIP_PROFILE=1 the
-# decode profile; PROMPT_LEN sets the benchmark's prompt (default 32 tokens). CKPT=/dev/shm/flash8 keeps a large checkpoint in memory when
+# decode profile; SKIP_PAGED=1 the paged bench; PROMPT_LEN sets the benchmark's prompt (default 32 tokens). CKPT=/dev/shm/flash8 keeps a large checkpoint in memory when
 # checkpoint + artifact would not fit the disk (8 layers: about 30 + 36 GB against 64 GB). AOTInductor packages on the H200 image need libstdc++
 # preloaded (see docs/design.md).
 set -euo pipefail
@@ -44,6 +44,6 @@ fi
 while [ -n "${WAIT_FOR:-}" ] && kill -0 "$WAIT_FOR" 2>/dev/null; do sleep 2; done
 dsv4 bench $ART --compare ${COMPARE:-eager} --prompt-len ${PROMPT_LEN:-32} --json $OUT/artifact-flash$LAYERS-h200.json 2>&1 | tee $OUT/bench-flash$LAYERS.txt
 SLOTS=$(( LAYERS * 256 * 3 / 4 ))
-dsv4 bench $ART --compare none --expert-slots $SLOTS --new ${PAGED_NEW:-96} --json $OUT/artifact-flash$LAYERS-paged-h200.json 2>&1 \
-    | tee $OUT/bench-flash$LAYERS-paged.txt
+[ -n "${SKIP_PAGED:-}" ] || dsv4 bench $ART --compare none --expert-slots $SLOTS --new ${PAGED_NEW:-96} \
+    --json $OUT/artifact-flash$LAYERS-paged-h200.json 2>&1 | tee $OUT/bench-flash$LAYERS-paged.txt
 [ -n "${SKIP_PROFILE:-}" ] || python bench/profile_decode.py $ART --prefill 512 --json $OUT/profile-decode-flash$LAYERS-h200.json 2>&1 | tee $OUT/profile-flash$LAYERS.txt
