@@ -77,21 +77,14 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
     assert k % 128 == 0 and w.size(1) == k and x.is_contiguous() and w.is_contiguous()
     assert w_scale.shape == ((n + 127) // 128, k // 128)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device) if out is None else out
-    fused, stages, shared = gemv_plan(m, k, kernels().shared_memory())
+    lib = kernels()
+    fused, stages, shared = gemv_plan(m, k, lib.shared_memory())
     if fused:
         codes, scales = x, x                                  # unused by the fused kernel
     else:
         codes, scales = make_workspace(m, k, x.device) if workspace is None else workspace
         act_quant(x, codes, scales)
-    launch_gemv(f"dsv4_fp8_gemv{'_fused' if fused else ''}_m{8 if m <= 8 else 16}", x, codes, scales, w, w_scale,
-                out, stages, shared)
-    return out
-
-
-def launch_gemv(name: str, x, codes, scales, w, w_scale, out, stages: int, shared: int, group_rows: int = 0) -> None:
-    """One launch of a csrc/fp8_linear.cu GEMV kernel over x [m, k] and w [n, k], its grid sized here."""
-    lib = kernels()
-    (m, k), n = x.shape, w.size(0)
+    name = f"dsv4_fp8_gemv{'_fused' if fused else ''}_m{8 if m <= 8 else 16}"
     resident = lib.resident(name, 256, shared)
     groups = (n + 15) // 16                   # row groups of 16 (csrc/fp8_linear.cu)
     # Warps sharing a row group meet at a CTA barrier after every group; with enough row groups to fill
@@ -101,19 +94,8 @@ def launch_gemv(name: str, x, codes, scales, w, w_scale, out, stages: int, share
     grid = balanced_grid(items, resident)
     lib.launch(name, grid, 256,
                [(x, PTR), (codes, PTR), (scales, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT), (n, INT),
-                (k, INT), (wpr, INT), (items, INT), (stages, INT), (group_rows, INT)], shared)
-
-
-@lru_cache(maxsize=16)
-def grouped_plan(m: int, k: int, shared_memory: tuple[int, int]) -> tuple[int, int] | None:
-    """(ring depth, dynamic shared bytes) of the grouped GEMV (wo_a) over m (token, group) rows of width k,
-    each CTA holding them as f16 values; None where they leave no room for a ring of 2 steps."""
-    act = 2 * m * (k + ROW_PAD) + m * (k // 128) * 4
-    try:
-        stages = ring_stages(shared_memory, act + (8 if m > 8 else 4) * 1024)
-    except RuntimeError:
-        return None
-    return stages, stages * STAGE_BYTES + act
+                (k, INT), (wpr, INT), (items, INT), (stages, INT)], shared)
+    return out
 
 
 # Whether torch and cuBLAS run block-scaled FP8 GEMMs here (None: not tried yet; CUDA 12.9+ on sm_90+)

@@ -1,7 +1,6 @@
-"""DeepSeek's wo_a for decode on the GPU: per-group FP8 weights times bf16 activations with no activation
-quantisation, reading the FP8 codes (half the bytes of the bf16 weight that DeepSeek's convert.py makes; the
-same products): on the FP8 GEMV's tensor-core kernel (csrc/fp8_linear.cu, GROUPED) for up to 16 (token,
-group) pairs, else csrc/grouped_gemv.cu.
+"""DeepSeek's wo_a for decode on the GPU (csrc/grouped_gemv.cu): per-group FP8 weights times bf16
+activations with no activation quantisation, reading the FP8 codes (half the bytes of the bf16 weight that
+DeepSeek's convert.py makes; the same products).
 
 Oracle: the bf16 grouped einsum over `fp8_weight_dequant(weight, scale)` (plugins/ops.py grouped_fp8_linear).
 """
@@ -10,14 +9,9 @@ from __future__ import annotations
 import torch
 
 from .formats import fp8_weight_dequant
-from .fp8_linear import grouped_plan, launch_gemv
 from .loader import INT, PTR, kernels
 
 MAX_ROWS = 4                      # csrc/grouped_gemv.cu MAX_M
-# (token, group) pairs up to which wo_a runs on the FP8 GEMV's tensor-core kernel (csrc/fp8_linear.cu
-# GROUPED: each pair a column of its MMAs; Flash's 8 groups: 2 tokens); beyond, csrc/grouped_gemv.cu, whose
-# CUDA-core products took wo_a's 32 MB at 0.47 of the copy bandwidth (bench/results/kernels-h200.json)
-TENSOR_CORE_COLUMNS = 16
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -39,11 +33,6 @@ def grouped_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     assert scale.shape == (n // 128, d // 128)
     out = x.new_empty(*x.shape[:-1], n // g) if out is None else out
     lib = kernels()
-    plan = grouped_plan(rows * g, d, lib.shared_memory()) if rows * g <= TENSOR_CORE_COLUMNS else None
-    if plan is not None:                         # the FP8 GEMV's ring and MMAs, a (token, group) per column
-        launch_gemv(f"dsv4_grouped_gemv_m{8 if rows * g <= 8 else 16}", x.view(rows * g, d), x, x, weight,
-                    scale.view(torch.uint8), out, *plan, group_rows=n // g)
-        return out
     grid = min(-(-n // 8), lib.resident("dsv4_grouped_fp8_gemv", 256))
     lib.launch("dsv4_grouped_fp8_gemv", grid, 256,
                [(x, PTR), (weight, PTR), (scale.view(torch.uint8), PTR), (out, PTR), (rows, INT), (g, INT),

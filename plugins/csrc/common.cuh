@@ -151,10 +151,7 @@ __device__ __forceinline__ uint32_t fp8x4(float a, float b, float c, float d) {
 // code's exact f16 value instead (2 bytes each, at byte 2 * i; `pad` counts values), for f16 MMAs. B_TILE (with
 // SLOTS, `pad` 0, at most 8 rows): store row r as column r of wgmma's B operand, K-major 8-row x 16-byte core
 // matrices without swizzle, two per 32 K (32-K block k at k * 256: its slots 0-15 of the 8 columns, then 16-31).
-// EXACT (with F16): no FP8 rounding; each 128-block's values times a power of two that takes its amax to at
-// most 2^15, stored as f16, exactly (bf16 values in f16's normal range; what falls below it is under the
-// block's amax * 2^-29); `scales` gets that power's inverse, the block's factor back.
-template <bool SLOTS, bool F16 = false, bool B_TILE = false, bool EXACT = false>
+template <bool SLOTS, bool F16 = false, bool B_TILE = false>
 __device__ __forceinline__ void quantise_to_smem(const __nv_bfloat16* __restrict__ x, int n, int row, int pad,
                                                  uint8_t* codes, float* scales) {
   constexpr int BATCH = 4;                       // 128-blocks per thread group in flight at once
@@ -184,13 +181,10 @@ __device__ __forceinline__ void quantise_to_smem(const __nv_bfloat16* __restrict
       for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
       // scale in [2^-22, 2^120] (amax floored at 1e-4, at most bf16's largest): its inverse is exact, so
       // v * inv == v / scale
-      const float scale = EXACT ? pow2_ceil_scale(fmaxf(amax, 1e-30f), 1.0f / 32768.0f)
-                                : pow2_ceil_scale(fmaxf(amax, 1e-4f), 1.0f / 448.0f);
+      const float scale = pow2_ceil_scale(fmaxf(amax, 1e-4f), 1.0f / 448.0f);
       const float inv = pow2_inverse(scale);
       uint2 out;
-      if (EXACT) {
-        out = make_uint2(0u, 0u);                  // unused: the values go to shared memory as f16 below
-      } else if (SLOTS) {
+      if (SLOTS) {
         out.x = fp8x4(v[0] * inv, v[2] * inv, v[4] * inv, v[6] * inv);
         out.y = fp8x4(v[1] * inv, v[3] * inv, v[5] * inv, v[7] * inv);
       } else {
@@ -207,16 +201,8 @@ __device__ __forceinline__ void quantise_to_smem(const __nv_bfloat16* __restrict
           *reinterpret_cast<uint32_t*>(dst) = out.x;
           *reinterpret_cast<uint32_t*>(dst + 128) = out.y;
         } else if (F16) {
-          uint4 wide;
-          if (EXACT) {
-            const __half2 h0 = __floats2half2_rn(v[0] * inv, v[1] * inv), h1 = __floats2half2_rn(v[2] * inv, v[3] * inv);
-            const __half2 h2 = __floats2half2_rn(v[4] * inv, v[5] * inv), h3 = __floats2half2_rn(v[6] * inv, v[7] * inv);
-            wide = make_uint4(*reinterpret_cast<const uint32_t*>(&h0), *reinterpret_cast<const uint32_t*>(&h1),
-                              *reinterpret_cast<const uint32_t*>(&h2), *reinterpret_cast<const uint32_t*>(&h3));
-          } else {
-            wide = make_uint4(e4m3x2_to_f16x2(out.x), e4m3x2_to_f16x2(out.x >> 16), e4m3x2_to_f16x2(out.y),
-                              e4m3x2_to_f16x2(out.y >> 16));
-          }
+          const uint4 wide = make_uint4(e4m3x2_to_f16x2(out.x), e4m3x2_to_f16x2(out.x >> 16),
+                                        e4m3x2_to_f16x2(out.y), e4m3x2_to_f16x2(out.y >> 16));
           *reinterpret_cast<uint4*>(codes + 2 * (at + r * pad)) = wide;
         } else {
           *reinterpret_cast<uint2*>(codes + at + r * pad) = out;

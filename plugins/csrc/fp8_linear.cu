@@ -68,20 +68,13 @@ constexpr int WARPS = 8;
 // emulated (sm_90: the compiler converts both operands to f16 for every MMA), the fused form keeps the
 // activation's f16 values in shared memory, converts each weight byte once and runs m16n8k16 f16 MMAs,
 // four per 64 bytes of K: the same exact products, summed in fp32.
-//
-// GROUPED (DeepSeek's wo_a: G groups of `group_rows` weight rows, each times its own bf16 activation row,
-// no activation quantisation): the token columns are the (token, group) rows of x [T * G, K], quantised
-// EXACT (f16 values, a power of two per 128-block: bf16 products as DeepSeek's bf16 einsum, float32 sums)
-// on the f16 path on every GPU; each output row n keeps only its own group's column: y[t, n] from column
-// t * G + n / group_rows. The MMA multiplies all 8 (16) columns at the cost of one.
-template <int M, bool FUSED, bool GROUPED = false>
+template <int M, bool FUSED>
 __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ xq,
                                          const float* __restrict__ xs, const uint8_t* __restrict__ w,
                                          const uint8_t* __restrict__ w_scale, __nv_bfloat16* __restrict__ y,
-                                         int rows, int N, int K, int wpr, int items, int stages, int group_rows) {
+                                         int rows, int N, int K, int wpr, int items, int stages) {
   constexpr int NACC = M > 8 ? 8 : 4;           // c[0..3]: tokens 2t, 2t+1 of rows g, g + 8; c[4..7]: tokens + 8
-  constexpr bool f16_path = FUSED && (dsv4::kEmulatedFp8Mma || GROUPED);
-  static_assert(FUSED || !GROUPED, "the grouped form quantises its rows in each CTA");
+  constexpr bool f16_path = FUSED && dsv4::kEmulatedFp8Mma;
   // dynamic shared memory: the weight ring [WARPS][stages][CHUNKS][32 lanes] (16 B each), the scale ring
   // [WARPS][stages][U] (4 B each); then, FUSED, the activation codes [rows][K + ROW_PAD] (room for 2 bytes
   // each: f16 values on the f16 path, else e4m3 bytes) and their scales [rows][K/128]
@@ -151,7 +144,7 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
   dsv4::pdl_wait();                              // x (or its codes) come from the previous kernels
   dsv4::pdl_launch_dependents();
   if (FUSED) {
-    dsv4::quantise_to_smem<false, f16_path, false, GROUPED>(x, rows * K, K, ROW_PAD, act, const_cast<float*>(scales));
+    dsv4::quantise_to_smem<false, f16_path>(x, rows * K, K, ROW_PAD, act, const_cast<float*>(scales));
     __syncthreads();
   }
   auto x_scale = [&](int tok, int kb) { return tok < rows ? scales[tok * kblocks + kb] : 0.f; };
@@ -231,12 +224,7 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
           float v = total_c[i];
           for (int p = 1; p < wpr; ++p) v += partial[warp + p][i][lane];
           const int m = 2 * t + (i & 1) + (i >= 4 ? 8 : 0), n = n0 + g + (i & 2 ? 8 : 0);
-          if (GROUPED) {
-            const int groups = N / group_rows;
-            if (m < rows && n < N && m % groups == n / group_rows) y[size_t(m / groups) * N + n] = __float2bfloat16(v);
-          } else if (m < rows && n < N) {
-            y[size_t(m) * N + n] = __float2bfloat16(v);
-          }
+          if (m < rows && n < N) y[size_t(m) * N + n] = __float2bfloat16(v);
         }
       }
       if (wpr > 1) __syncthreads();
@@ -252,16 +240,14 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
 
 }  // namespace
 
-#define DSV4_FP8_GEMV(NAME, M, FUSED, GROUPED)                                                               \
+#define DSV4_FP8_GEMV(NAME, M, FUSED)                                                                        \
   extern "C" __global__ void __launch_bounds__(256, 2) NAME(                                                 \
       const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ xq, const float* __restrict__ xs,     \
       const uint8_t* __restrict__ w, const uint8_t* __restrict__ ws, __nv_bfloat16* __restrict__ y, int rows, \
-      int N, int K, int wpr, int items, int stages, int group_rows) {                                        \
-    fp8_gemv<M, FUSED, GROUPED>(x, xq, xs, w, ws, y, rows, N, K, wpr, items, stages, group_rows);            \
+      int N, int K, int wpr, int items, int stages) {                                                        \
+    fp8_gemv<M, FUSED>(x, xq, xs, w, ws, y, rows, N, K, wpr, items, stages);                                 \
   }
-DSV4_FP8_GEMV(dsv4_fp8_gemv_m8, 8, false, false)
-DSV4_FP8_GEMV(dsv4_fp8_gemv_m16, 16, false, false)
-DSV4_FP8_GEMV(dsv4_fp8_gemv_fused_m8, 8, true, false)
-DSV4_FP8_GEMV(dsv4_fp8_gemv_fused_m16, 16, true, false)
-DSV4_FP8_GEMV(dsv4_grouped_gemv_m8, 8, true, true)      // wo_a (plugins/grouped_linear.py)
-DSV4_FP8_GEMV(dsv4_grouped_gemv_m16, 16, true, true)
+DSV4_FP8_GEMV(dsv4_fp8_gemv_m8, 8, false)
+DSV4_FP8_GEMV(dsv4_fp8_gemv_m16, 16, false)
+DSV4_FP8_GEMV(dsv4_fp8_gemv_fused_m8, 8, true)
+DSV4_FP8_GEMV(dsv4_fp8_gemv_fused_m16, 16, true)
