@@ -68,11 +68,12 @@ class WgmmaPaths:
     grouped kernels). Their FP8 MMAs add in less than float32, so they are not the mma.sync kernels' bits:
     each is on only once it passed both model-level checks on the H200, the tiny bf16 artifact against the
     reference (tests/test_artifact_gpu.py) and the Flash-8 artifact against the default kernels, within
-    their own prefill-vs-decode noise (bench/wgmma_gate.py). Decode passed both in session 12; with prefill
-    on, the tiny artifact fell below its argmax agreement in sessions 11 and 12, so it stays off. A switch
-    for tests and benchmarks."""
+    their own prefill-vs-decode noise (bench/wgmma_gate.py). Decode passed both in session 12. Prefill
+    failed the tiny artifact's argmax line in sessions 11 and 12, passed it in sessions 14, 15 and 16 (the
+    prefill programs changed between), and passed the Flash-8 gate in sessions 12 and 16: on since session
+    16. A switch for tests and benchmarks."""
     decode: bool = True
-    prefill: bool = False
+    prefill: bool = True
     prefill_min_pairs_per_expert: int = 12    # where wgmma beats the grouped kernels (0: any chunk it fits)
 
 

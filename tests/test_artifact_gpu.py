@@ -53,9 +53,7 @@ def test_cuda_float32_artifact_equals_the_reference(artifact_fp32, tiny_dir):
     assert _cosines(got, ref).min() >= 0.999999, (got - ref).abs().max()
 
 
-@pytest.mark.parametrize("wgmma", ["", "decode", pytest.param("prefill", marks=pytest.mark.xfail(
-    reason="failed the argmax line in sessions 11 and 12 (5 of 7): why WgmmaPaths.prefill is off", strict=False))],
-                         ids=["mma", "wgmma-decode", "wgmma-prefill"])
+@pytest.mark.parametrize("wgmma", ["", "decode", "prefill"], ids=["mma", "wgmma-decode", "wgmma-prefill"])
 def test_cuda_bfloat16_artifact_follows_the_reference(artifact, tiny_dir, wgmma, monkeypatch):
     """Also the model-level check of the sm_90 warpgroup-MMA MoE paths, one at a time (where the GPU has
     them): plugins.moe_experts.WgmmaPaths; "mma" runs the mma.sync and grouped kernels alone."""
