@@ -19,6 +19,12 @@ def _case(b, s, h, d, t, k, valid, seed=0):
     return q.cuda(), kv.cuda(), sink.cuda(), idx.cuda()
 
 
+def _rotations(b, s, rope, seed=5):
+    """Rotations [b, s, rope/2, 2] (cos, sin) at random angles, on the GPU."""
+    angles = torch.rand(b, s, rope // 2, generator=torch.Generator().manual_seed(seed)) * 6.3
+    return torch.stack([angles.cos(), angles.sin()], -1).cuda()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("b, s, h, d, t, k, valid", [
     pytest.param(1, 1, 64, 512, 2176, 640, 600, id="flash-ratio4"),
@@ -43,15 +49,17 @@ def test_sparse_attention_decode_matches_oracle(b, s, h, d, t, k, valid):
 
 
 @pytest.mark.gpu
-def test_sparse_attention_decode_captures_in_a_cuda_graph():
+@pytest.mark.parametrize("b, rotate", [(1, False), (2, True)], ids=["plain", "inverse-rope"])
+def test_sparse_attention_decode_captures_in_a_cuda_graph(b, rotate):
     from plugins.sparse_attention import make_workspace, sparse_attention_decode
-    q, kv, sink, idx = _case(1, 1, 64, 512, 2176, 640, 300)
+    q, kv, sink, idx = _case(b, 1, 64, 512, 2176, 640, 300)
+    rot = _rotations(b, 1, 64) if rotate else None
     out = torch.empty_like(q)
-    ws = make_workspace(1, 64, 512, 640, "cuda")
-    expect = sparse_attention_decode(q, kv, sink, idx, 0.05)
+    ws = make_workspace(b, 64, 512, 640, "cuda")
+    expect = sparse_attention_decode(q, kv, sink, idx, 0.05, rot=rot)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        sparse_attention_decode(q, kv, sink, idx, 0.05, out=out, workspace=ws)
+        sparse_attention_decode(q, kv, sink, idx, 0.05, out=out, workspace=ws, rot=rot)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, expect)
@@ -65,12 +73,6 @@ def test_sparse_attention_op_runs_the_kernel_for_bf16_decode():
     q, kv, sink, idx = _case(2, 1, 8, 128, 90, 70, 60)
     assert torch.equal(torch.ops.dsv4.sparse_attention(q, kv, sink, idx, 0.1),
                        sparse_attention_decode(q, kv, sink, idx, 0.1))
-
-
-def _rotations(b, s, rope, seed=5):
-    """Rotations [b, s, rope/2, 2] (cos, sin) at random angles, on the GPU."""
-    angles = torch.rand(b, s, rope // 2, generator=torch.Generator().manual_seed(seed)) * 6.3
-    return torch.stack([angles.cos(), angles.sin()], -1).cuda()
 
 
 @pytest.mark.gpu
@@ -91,22 +93,6 @@ def test_sparse_attention_rope_is_the_kernel_then_the_oracles_inverse_rope(b, s,
     plain = sparse_attention_decode(q, kv, sink, idx, d ** -0.5)
     assert torch.equal(got, with_rope(plain, rot, 64, inverse=True))
     assert not torch.equal(got[..., -64:], plain[..., -64:])
-
-
-@pytest.mark.gpu
-def test_sparse_attention_rope_captures_in_a_cuda_graph():
-    from plugins.sparse_attention import make_workspace, sparse_attention_decode
-    q, kv, sink, idx = _case(2, 1, 64, 512, 2176, 640, 300)
-    rot = _rotations(2, 1, 64)
-    out = torch.empty_like(q)
-    ws = make_workspace(2, 64, 512, 640, "cuda")
-    expect = sparse_attention_decode(q, kv, sink, idx, 0.05, rot=rot)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        sparse_attention_decode(q, kv, sink, idx, 0.05, out=out, workspace=ws, rot=rot)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, expect)
 
 
 @pytest.mark.gpu
