@@ -4,8 +4,9 @@
 //   y = sum_j pre_j * xf_j  -> bf16 [N, D]
 // Two launches instead of the dozens a compiler makes of it: `mix` splits HC*D into 256-element slices, one
 // CTA each, and writes per slice the M partial dots and the partial sum of squares; `finish` adds the slices
-// (a group of lanes per value), runs the Sinkhorn iterations per row (HC*HC lanes per row, a value each)
-// in some warps while the others write its share of y (and, CTA 0, post and comb). Launches never allocate or synchronise.
+// (a group of lanes per value), runs the Sinkhorn iterations per row (HC*HC lanes per row, a value each) in
+// some warps while the others write its share of y (and, CTA 0, post and comb). Launches never allocate or
+// synchronise.
 #include "common.cuh"
 
 namespace {
@@ -22,7 +23,7 @@ __device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + expf(-v)
 
 // comb of rows n < N (comb_out [N, HC, HC], CTA 0 writes it) from their mixes: softmax over each row + eps,
 // then `iters` column normalisations with a row normalisation before all but the first. 16 lanes per row,
-// lane e holding c[j][k] (j = e / 4, k = e % 4), run by whole warps (threads 0 .. 32 * ceil(N / 2) - 1). Each
+// lane e holding c[j][k] (j = e / 4, k = e % 4), run by whole warps (at least threads 0 .. 16 N - 1). Each
 // lane gathers its row's (column's) four values by shuffles and adds them in index order, as the oracle: the
 // same operations as one thread holding the whole matrix, whose 20 iterations of 32 dependent divisions
 // took ~20 us.
@@ -146,8 +147,9 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_hc_pre_finish(
   __syncthreads();
   // The Sinkhorn warps (16 lanes per row) and the warps that sum the streams (y) run side by side where
   // both fit: the iterations are a chain of ~40 dependent shuffles and divisions per row that the stream
-  // sums need not wait for (the H200 profile had this launch at 5 us, most of it that chain). Otherwise
-  // (many rows, or a norm row too long for the y warps' registers) every warp does both in turn.
+  // sums need not wait for (a Flash-8 decode step's 16 launches took 132 us in the H200 profile with every
+  // warp doing both in turn, 104 us so; session 16). Otherwise (many rows, or a norm row too long for the
+  // y warps' registers) every warp does both in turn.
   const int warp = threadIdx.x / 32, sink_warps = (N * HC * HC + 31) / 32;
   const int y_warps_split = int(blockDim.x) / 32 - sink_warps;
   const bool split = y_warps_split > 0 && (norm == nullptr || D <= NORM_STEPS * 4 * 32 * y_warps_split);
