@@ -298,12 +298,16 @@ def bench_route() -> dict:
             "speedup_vs_eager_oracle": ms_oracle / ms}
 
 
-def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, wgmma: bool = False) -> dict:
+def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, wgmma: bool = False,
+                       beside: bool = False) -> dict:
     """One Flash decode layer's weight-bound kernels back to back for 1 token, captured in one CUDA graph:
     wq_a with wkv (one stacked FP8 GEMV, as the programs run them), wq_b, wo_a (grouped, FP8 codes with bf16
     activations), wo_b, the shared expert (w1 with w3 stacked, SwiGLU, w2) and 6 routed experts. `copies`
     layers alternate so no layer finds its weights in L2. Figure: the layer's weight bytes / time, over the
-    copy bandwidth. `wgmma`: the routed experts on the warpgroup-MMA decode kernels (sm_90)."""
+    copy bandwidth. `wgmma`: the routed experts on the warpgroup-MMA decode kernels (sm_90). `beside`: the
+    shared expert on a second stream beside the routed experts (plugins/streams.py, as
+    `dsv4::moe_with_shared` with moe_experts.SHARED_BESIDE_ROUTED)."""
+    from plugins.streams import beside as run_beside
     d, f, k = 4096, 2048, 6
     fp8_shapes = {"wq_a_wkv": (1536, 4096), "wq_b": (32768, 1024), "wo_b": (4096, 8192), "w13": (4096, 4096),
                   "w2": (4096, 2048)}
@@ -325,9 +329,16 @@ def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, w
         q = fp8_linear_decode(qr, *w["wq_b"])
         o = grouped_fp8_gemv(q.view(1, 1, 8, 4096), *w["wo_a"]).reshape(1, 8192)
         fp8_linear_decode(o, *w["wo_b"])
-        g, u = fp8_linear_decode(x, *w["w13"]).split(f, dim=-1)
-        fp8_linear_decode((torch.nn.functional.silu(g.float()) * u.float()).to(torch.bfloat16), *w["w2"])
-        moe_experts_decode(x, ids[i], route, table, f, 10.0, moe_out, moe_ws, wgmma=wgmma)
+        def shared():
+            g, u = fp8_linear_decode(x, *w["w13"]).split(f, dim=-1)
+            return fp8_linear_decode((torch.nn.functional.silu(g.float()) * u.float()).to(torch.bfloat16), *w["w2"])
+
+        def routed():
+            return moe_experts_decode(x, ids[i], route, table, f, 10.0, moe_out, moe_ws, wgmma=wgmma)
+        if beside:
+            run_beside(routed, shared, x.device)
+        else:
+            shared(), routed()
 
     state = {"i": 0}
 
@@ -339,7 +350,7 @@ def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, w
     layer_bytes = sum(n * kk + ((n + 127) // 128) * (kk // 128) for n, kk in fp8_shapes.values())
     layer_bytes += 8 * 1024 * 4096 + 64 * 32 + k * nbytes                  # wo_a: FP8 codes and scales
     achieved = layer_bytes / (ms * 1e-3)
-    return {"kernel": "decode_layer" + ("_wgmma_moe" if wgmma else ""),
+    return {"kernel": "decode_layer" + ("_wgmma_moe" if wgmma else "") + ("_shared_beside" if beside else ""),
             "weight": "wq_a+wkv wq_b wo_a(fp8) wo_b shared(w1+w3, w2) routed(6)", "rows": 1,
             "weight_mb": layer_bytes / 1e6, "time_us": ms * 1e3, "achieved_gbps": achieved / 1e9,
             "fraction_of_copy_bw": achieved / bandwidth}
@@ -472,8 +483,8 @@ def main() -> None:
     for blocks in (150, 2048, 16384):
         rows.append(bench_indexer(bw, blocks))
         print(json.dumps(rows[-1]))
-    for wgmma in (False, True) if on_sm90 else (False,):
-        rows.append(bench_decode_layer(bw, wgmma=wgmma))
+    for wgmma, beside in ((False, False), (True, False), (True, True)) if on_sm90 else ((False, False), (False, True)):
+        rows.append(bench_decode_layer(bw, wgmma=wgmma, beside=beside))
         print(json.dumps(rows[-1]))
     report = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
               "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),

@@ -23,6 +23,7 @@ import torch
 from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from plugins import moe_experts  # noqa: E402
 from runtime.artifact import ArtifactModel  # noqa: E402
 from runtime.bench import bytes_per_token, copy_bandwidth  # noqa: E402
 
@@ -119,6 +120,13 @@ def main() -> None:
     report["bytes_per_token"] = per_token = bytes_per_token(graphed)
     report["floor_step_ms"] = 1e3 * per_token / bandwidth
     del graphed
+    # the same step with the shared expert on a second stream beside the routed ones (dsv4::moe_with_shared)
+    moe_experts.SHARED_BESIDE_ROUTED = True
+    beside = ArtifactModel(args.artifact, "cuda", graphs=True)
+    beside.forward(torch.arange(args.context)[None] % 1000 + 2)
+    report["graph_step_ms_shared_beside_routed"] = step_ms(beside, args.steps, args.context)
+    moe_experts.SHARED_BESIDE_ROUTED = False
+    del beside
     plain = ArtifactModel(args.artifact, "cuda", graphs=False)
     plain.forward(torch.arange(args.context)[None] % 1000 + 2)
     report["plain_step_ms"] = step_ms(plain, args.steps, args.context)
@@ -129,6 +137,7 @@ def main() -> None:
     report["kernel_ms_per_step"] = total = sum(us.values()) / 1e3
     report["plain_host_us_per_step_by_op"] = host_times(lambda i: plain.step(token, torch.tensor([pos + i])),
                                                         args.steps)
+    print(f"step with the shared expert beside the routed ones: {report['graph_step_ms_shared_beside_routed']:.3f} ms")
     print(f"step: graph {report['graph_step_ms']:.3f} ms, plain {report['plain_step_ms']:.3f} ms, kernels "
           f"{total:.3f} ms, floor {report['floor_step_ms']:.3f} ms ({per_token / 1e9:.2f} GB at "
           f"{bandwidth / 1e9:.0f} GB/s); fraction of bandwidth {report['floor_step_ms'] / report['graph_step_ms']:.2f}")

@@ -78,6 +78,9 @@ class WgmmaPaths:
 
 
 WGMMA = WgmmaPaths()
+# Whether `dsv4::moe_with_shared` runs the shared expert on a second stream beside the routed experts
+# (plugins/streams.py); written in session 16, not yet measured on a GPU, so off. A switch for benchmarks.
+SHARED_BESIDE_ROUTED = False
 DECODE_WGMMA_MAX_TOPK = 8         # csrc/moe_decode_wgmma.cu: a token's pairs are the B tile's 8 columns
 
 

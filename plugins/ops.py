@@ -4,6 +4,7 @@ torch.export and AOTInductor can trace layer programs through them.
 
     dsv4::fp8_linear(x, weight, scale)                      FP8 block-scaled linear (act_quant + GEMM)
     dsv4::moe_routed(x, experts, weights, table, inter, limit)   routed MXFP4 experts via a pointer table
+    dsv4::moe_with_shared(x, experts, weights, table, ...)  the routed experts and the shared expert
     dsv4::sparse_attention(q, kv, sink, idx, scale)        attention over picked rows with a sink
     dsv4::sparse_attention_rope(q, kv, sink, idx, scale, rot)  the same, then the output's inverse RoPE
     dsv4::hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters)   hyper-connection pre (mixes, Sinkhorn, sum)
@@ -130,6 +131,31 @@ def moe_routed(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, ta
 @moe_routed.register_fake
 def _(x, experts, weights, table, inter, limit):
     return x.new_empty(x.shape, dtype=wide_dtype(x.dtype))
+
+
+@torch.library.custom_op("dsv4::moe_with_shared", mutates_args=())
+def moe_with_shared(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, inter: int,
+                    limit: float, w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,
+                    up: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MoE of decode rows x [T, D]: (`moe_routed`'s sum of the routed experts, the shared expert's output
+    [T, D] in x's dtype: the stacked w1 | w3 FP8 linear (w3's rows from `up`), the clamped SwiGLU, w2). With
+    moe_experts.SHARED_BESIDE_ROUTED on a GPU, the shared expert runs on a second stream beside the routed
+    experts (a fork and a join inside the op, so a captured step holds two parallel branches)."""
+    def routed():
+        return moe_routed(x, experts, weights, table, inter, limit)
+
+    def shared():
+        return fp8_linear(swiglu_rows(fp8_linear(x, w13, s13), inter, up, limit), w2, s2)
+    from . import moe_experts
+    if x.is_cuda and moe_experts.SHARED_BESIDE_ROUTED:
+        from .streams import beside
+        return beside(routed, shared, x.device)
+    return routed(), shared()
+
+
+@moe_with_shared.register_fake
+def _(x, experts, weights, table, inter, limit, w13, s13, w2, s2, up):
+    return x.new_empty(x.shape, dtype=wide_dtype(x.dtype)), x.new_empty(x.shape)
 
 
 # ------------------------------------------------------------------ sparse_attention

@@ -94,3 +94,36 @@ def test_moe_prefill_groups_equal_the_decode_kernels(tokens, d, f, k, hot):
     expect = moe_routed_oracle(x, experts, weights, dequantised.__getitem__, 10.0)
     cos = torch.nn.functional.cosine_similarity(got.double(), expect.double(), dim=-1)
     assert cos.min() >= 0.9999, cos
+
+
+@pytest.mark.gpu
+def test_shared_expert_beside_the_routed_ones_gives_the_same_bits_and_captures(monkeypatch):
+    """dsv4::moe_with_shared with the shared expert on a second stream (plugins/streams.py): the same two
+    outputs as in turn, eagerly and replayed from a CUDA graph holding the fork and the join."""
+    import plugins.ops  # noqa: F401  (registers the ops)
+    from plugins import moe_experts
+    from plugins.formats import fp8_weight_quant
+    from plugins.moe_experts import pack_expert
+    d, f, k, tokens = 1024, 512, 6, 2
+    stores = [pack_expert(*e).cuda() for e in random_experts(10, d, f)]
+    table = torch.tensor([s.data_ptr() for s in stores], dtype=torch.int64, device="cuda")
+    g = torch.Generator().manual_seed(4)
+    w13, s13 = (t.cuda() for t in fp8_weight_quant(torch.randn(2 * f, d, generator=g) / d ** 0.5))
+    w2, s2 = (t.cuda() for t in fp8_weight_quant(torch.randn(d, f, generator=g) / f ** 0.5))
+    x = torch.randn(tokens, d, generator=g).to(torch.bfloat16).cuda()
+    experts = torch.tensor([[0, 1, 2, 3, 4, 5], [9, 8, 7, 6, 5, 4]], dtype=torch.int32, device="cuda")
+    weights = torch.rand(tokens, k, generator=g).cuda()
+    args = (x, experts, weights, table, f, 10.0, w13, s13, w2, s2, f)
+    monkeypatch.setattr(moe_experts, "SHARED_BESIDE_ROUTED", False)
+    in_turn = torch.ops.dsv4.moe_with_shared(*args)
+    monkeypatch.setattr(moe_experts, "SHARED_BESIDE_ROUTED", True)
+    beside = torch.ops.dsv4.moe_with_shared(*args)
+    assert all(torch.equal(a, b) for a, b in zip(beside, in_turn))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.dsv4.moe_with_shared(*args)
+    x.copy_(torch.randn(tokens, d, device="cuda").to(torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    monkeypatch.setattr(moe_experts, "SHARED_BESIDE_ROUTED", False)
+    assert all(torch.equal(a, b) for a, b in zip(out, torch.ops.dsv4.moe_with_shared(*args)))

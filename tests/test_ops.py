@@ -132,3 +132,18 @@ def test_sparse_attention_rope_op_is_the_oracles_two_steps_on_the_cpu():
     rot = torch.stack([angles.cos(), angles.sin()], -1)
     got = torch.ops.dsv4.sparse_attention_rope(q, kv, sink, idx, 0.1, rot)
     assert torch.equal(got, with_rope(sparse_attention(q, kv, sink, idx, 0.1), rot, 64, inverse=True))
+
+
+def test_moe_with_shared_op_is_the_routed_op_and_the_shared_experts_ops_on_the_cpu():
+    from plugins.formats import fp8_weight_quant
+    from plugins.oracle import swiglu_stacked
+    raw, packed, table = _bank(1)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, D, generator=g).to(torch.bfloat16)
+    experts, weights = torch.randint(0, E, (3, 2), generator=g, dtype=torch.int32), torch.rand(3, 2, generator=g)
+    w13, s13 = fp8_weight_quant(torch.randn(2 * F, D, generator=g) / 16)
+    w2, s2 = fp8_weight_quant(torch.randn(D, F, generator=g) / 16)
+    routed, shared = torch.ops.dsv4.moe_with_shared(x, experts, weights, table, F, 10.0, w13, s13, w2, s2, F)
+    assert torch.equal(routed, torch.ops.dsv4.moe_routed(x, experts, weights, table, F, 10.0))
+    h = swiglu_stacked(torch.ops.dsv4.fp8_linear(x, w13, s13), F, F, 10.0)
+    assert torch.equal(shared, torch.ops.dsv4.fp8_linear(h, w2, s2))

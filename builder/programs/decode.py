@@ -301,12 +301,17 @@ class DecodeLayer(torch.nn.Module):
             weights, experts = route(c, x, w["ffn.gate.weight"], w.get("ffn.gate.bias"), w.get("ffn.gate.tid2eid"),
                                      ids, product=wide_product)
             experts = experts.to(torch.int32)
-        y = torch.ops.dsv4.moe_routed(x, experts, weights, table, c.moe_intermediate_size, c.swiglu_limit)
         f = c.moe_intermediate_size
-        act = torch.ops.dsv4.swiglu_rows if x.size(0) <= COMPRESSOR_OP_ROWS else swiglu_stacked   # w2 starts early
-        h = act(linear_fp8(x, w, "ffn.shared_experts.w13"), f, stacked_width(f), c.swiglu_limit)
-        y = y + linear_fp8(h, w, "ffn.shared_experts.w2").to(y.dtype)
-        return y.to(x.dtype), experts
+        if x.size(0) <= COMPRESSOR_OP_ROWS:      # one op: the two may run side by side (dsv4::moe_with_shared)
+            y, shared = torch.ops.dsv4.moe_with_shared(
+                x, experts, weights, table, f, c.swiglu_limit, w["ffn.shared_experts.w13.weight"],
+                w["ffn.shared_experts.w13.scale"], w["ffn.shared_experts.w2.weight"],
+                w["ffn.shared_experts.w2.scale"], stacked_width(f))
+        else:
+            y = torch.ops.dsv4.moe_routed(x, experts, weights, table, f, c.swiglu_limit)
+            h = swiglu_stacked(linear_fp8(x, w, "ffn.shared_experts.w13"), f, stacked_width(f), c.swiglu_limit)
+            shared = linear_fp8(h, w, "ffn.shared_experts.w2")
+        return (y + shared.to(y.dtype)).to(x.dtype), experts
 
     def block(self, h, attention, ids, table, w):
         """h [B, S, hc, d] -> (h' [B, S, hc, d], routed experts [B, S, k]): the attention sub-layer
