@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from . import moe_experts
 from . import route as route_gpu
 from .formats import fp8_weight_dequant, mxfp4_dequant
 from .head import head_logits, kernel_fits
@@ -42,6 +43,7 @@ from .oracle import indexer_picks as indexer_picks_oracle
 from .oracle import kv_row as kv_row_oracle
 from .oracle import q_heads as q_heads_oracle
 from .oracle import sparse_attention as sparse_attention_oracle
+from .streams import beside
 
 # ------------------------------------------------------------------ fp8_linear
 
@@ -146,9 +148,7 @@ def moe_with_shared(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tenso
 
     def shared():
         return fp8_linear(swiglu_rows(fp8_linear(x, w13, s13), inter, up, limit), w2, s2)
-    from . import moe_experts
     if x.is_cuda and moe_experts.SHARED_BESIDE_ROUTED:
-        from .streams import beside
         return beside(routed, shared, x.device)
     return routed(), shared()
 
