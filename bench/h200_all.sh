@@ -44,7 +44,9 @@ step kernels python bench/kernels.py --json "$RES/kernels-h200.json"
 step wgmma-crossover python bench/wgmma_diag.py crossover
 step gemv-probe python bench/gemv_probe.py --json "$RES/gemv-probe-h200.json"
 step gate-flash4-f32 env OUT="$RES" LAYERS=4 DTYPE=float32 bash bench/artifact_h200.sh
-rm -rf /tmp/flash4 /tmp/art /tmp/ref-*                  # the disk holds one Flash artifact at a time
+# the disk holds one Flash artifact at a time: the Flash-4 gate's goes before the Flash-8 build (only then:
+# a later call reusing a Flash-8 artifact's expert bank needs it kept; session 16's second call lost it here)
+case " $STEPS " in *" gate-flash4-f32 "*) rm -rf /tmp/flash4 /tmp/art /tmp/ref-* ;; esac
 tiny_artifacts() { step tiny-artifacts python -m pytest -q -rA -m gpu tests/test_artifact_gpu.py; }
 if [ -n "${OVERLAP:-}" ]; then
   # the tiny artifact tests (mostly CPU compile) run beside the Flash-8 synth and build; its timing waits for them
