@@ -1,7 +1,7 @@
 """Row kernels of the decode step on the GPU (csrc/rows.cu), one launch each, written so that the FP8 GEMV
 after them starts streaming its weights while they run: RMSNorm of rows (`rms_norm_rows`; oracle
 `plugins.oracle.rms_norm`) and the clamped SwiGLU of a stacked gate | up product (`swiglu_rows`; oracle
-`plugins.oracle.swiglu`, cast to the product's dtype).
+`plugins.oracle.swiglu_stacked`).
 """
 from __future__ import annotations
 

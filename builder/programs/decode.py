@@ -233,7 +233,7 @@ class DecodeLayer(torch.nn.Module):
         c = self.cfg
         args = (q, rows, w["attn.attn_sink"], idx, softmax_scale(c.head_dim))
         if q.size(0) * q.size(1) <= COMPRESSOR_OP_ROWS:                      # the inverse RoPE in its launches
-            o = torch.ops.dsv4.sparse_attention_rope(*args, rot.expand(*q.shape[:2], *rot.shape[2:]))
+            o = torch.ops.dsv4.sparse_attention_rope(*args, rot)          # rot [B, S, rd/2, 2], as q's rows
         else:
             o = with_rope(torch.ops.dsv4.sparse_attention(*args), rot, c.qk_rope_head_dim, inverse=True)
         o = o.view(*o.shape[:2], c.o_groups, -1)
