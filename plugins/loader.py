@@ -129,7 +129,7 @@ def kernels() -> KernelImage:
     return KernelImage()
 
 
-PTR, INT, FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+PTR, INT, FLOAT, U64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_ulonglong
 
 
 def balanced_grid(items: int, resident: int) -> int:
