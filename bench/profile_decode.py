@@ -23,7 +23,7 @@ import torch
 from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from plugins import l2_prefetch, moe_experts  # noqa: E402
+from plugins import moe_experts  # noqa: E402
 from runtime.artifact import ArtifactModel  # noqa: E402
 from runtime.bench import bytes_per_token, copy_bandwidth  # noqa: E402
 
@@ -102,11 +102,6 @@ def step_ms(model: ArtifactModel, steps: int, pos: int) -> float:
     return 1e3 * (time.perf_counter() - t0) / steps
 
 
-def switch_module(name: str):
-    """The module holding a run-time switch of the decode ops."""
-    return moe_experts if name == "SHARED_BESIDE_ROUTED" else l2_prefetch
-
-
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -125,21 +120,13 @@ def main() -> None:
     report["bytes_per_token"] = per_token = bytes_per_token(graphed)
     report["floor_step_ms"] = 1e3 * per_token / bandwidth
     del graphed
-    # the same step with the switches read at run time flipped (one artifact, each way): the shared expert
-    # on a second stream beside the routed ones (dsv4::moe_with_shared), weights prefetched into L2
-    # (dsv4::l2_prefetch), both
-    switches = {"shared_beside_routed": {"SHARED_BESIDE_ROUTED": True}, "l2_prefetch": {"ENABLED": True},
-                "shared_beside_routed_and_l2_prefetch": {"SHARED_BESIDE_ROUTED": True, "ENABLED": True}}
-    for name, flips in switches.items():
-        saved = {k: getattr(switch_module(k), k) for k in flips}
-        for k, v in flips.items():
-            setattr(switch_module(k), k, v)
-        variant = ArtifactModel(args.artifact, "cuda", graphs=True)
-        variant.forward(torch.arange(args.context)[None] % 1000 + 2)
-        report[f"graph_step_ms_{name}"] = step_ms(variant, args.steps, args.context)
-        for k, v in saved.items():
-            setattr(switch_module(k), k, v)
-        del variant
+    # the same step with the shared expert on a second stream beside the routed ones (dsv4::moe_with_shared)
+    moe_experts.SHARED_BESIDE_ROUTED = True
+    beside = ArtifactModel(args.artifact, "cuda", graphs=True)
+    beside.forward(torch.arange(args.context)[None] % 1000 + 2)
+    report["graph_step_ms_shared_beside_routed"] = step_ms(beside, args.steps, args.context)
+    moe_experts.SHARED_BESIDE_ROUTED = False
+    del beside
     plain = ArtifactModel(args.artifact, "cuda", graphs=False)
     plain.forward(torch.arange(args.context)[None] % 1000 + 2)
     report["plain_step_ms"] = step_ms(plain, args.steps, args.context)
@@ -150,8 +137,7 @@ def main() -> None:
     report["kernel_ms_per_step"] = total = sum(us.values()) / 1e3
     report["plain_host_us_per_step_by_op"] = host_times(lambda i: plain.step(token, torch.tensor([pos + i])),
                                                         args.steps)
-    for name in switches:
-        print(f"step with {name.replace('_', ' ')}: {report[f'graph_step_ms_{name}']:.3f} ms")
+    print(f"step with the shared expert beside the routed ones: {report['graph_step_ms_shared_beside_routed']:.3f} ms")
     print(f"step: graph {report['graph_step_ms']:.3f} ms, plain {report['plain_step_ms']:.3f} ms, kernels "
           f"{total:.3f} ms, floor {report['floor_step_ms']:.3f} ms ({per_token / 1e9:.2f} GB at "
           f"{bandwidth / 1e9:.0f} GB/s); fraction of bandwidth {report['floor_step_ms'] / report['graph_step_ms']:.2f}")

@@ -129,7 +129,7 @@ def kernels() -> KernelImage:
     return KernelImage()
 
 
-PTR, INT, FLOAT, U64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_ulonglong
+PTR, INT, FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
 
 def balanced_grid(items: int, resident: int) -> int:

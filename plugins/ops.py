@@ -20,7 +20,6 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::q_heads(q, rot, eps, rope_dim)                    the attention's query heads: norm, RoPE
     dsv4::rms_norm_rows(x, weight, eps)                     RMSNorm of decode rows
     dsv4::swiglu_rows(y, size, up, limit)                   the clamped SwiGLU of a stacked gate | up product
-    dsv4::l2_prefetch(after, weights)                       weights pulled into L2 (a hint, no result)
 """
 from __future__ import annotations
 
@@ -462,24 +461,3 @@ def grouped_fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
 @grouped_fp8_linear.register_fake
 def _(x, weight, scale):
     return x.new_empty(*x.shape[:-1], weight.size(0) // x.size(-2))
-
-
-# ------------------------------------------------------------------ l2_prefetch
-
-
-@torch.library.custom_op("dsv4::l2_prefetch", mutates_args=())
-def l2_prefetch(after: torch.Tensor, weights: list[torch.Tensor]) -> None:
-    """A hint with no result: once `after` is computed, pull `weights` (contiguous) into L2 on a GPU, in
-    order, up to a share of L2 (plugins/l2_prefetch.py; when l2_prefetch.ENABLED). The decode programs place
-    it before a run of short kernels, for the GEMVs after them."""
-    from . import l2_prefetch as prefetch
-    if after.is_cuda and prefetch.ENABLED:
-        prefetch.prefetch_in_order(weights)
-
-
-@l2_prefetch.register_fake
-def _(after, weights):
-    return None
-
-
-torch.fx.node.has_side_effect(torch.ops.dsv4.l2_prefetch.default)   # no result: kept by export and Inductor

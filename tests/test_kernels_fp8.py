@@ -57,40 +57,6 @@ def test_fp8_linear_decode_captures_in_a_cuda_graph(m, n, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("lines", [False, True], ids=["bulk", "lines"])
-def test_l2_prefetch_between_kernels_changes_no_result_and_captures(monkeypatch, lines):
-    """A norm, the prefetch of the next GEMV's weights (sizes not multiples of the prefetch unit), the GEMV
-    on the norm's output: captured and replayed on new input, the same bits as without the prefetch (the
-    prefetch kernel keeps the early-launch chain: the GEMV still waits for the norm)."""
-    import plugins.ops  # noqa: F401
-    from plugins import l2_prefetch
-    from plugins.fp8_linear import fp8_linear_decode
-    from plugins.rows import rms_norm_rows
-    monkeypatch.setattr(l2_prefetch, "ENABLED", True)
-    w, s = (t.cuda() for t in _weights(4096 + 128, 1024))
-    x, norm = torch.randn(1, 1024, device="cuda").to(torch.bfloat16), torch.rand(1024, device="cuda") + 0.5
-    odd = torch.empty(1000 * 1000 + 3, dtype=torch.uint8, device="cuda")
-
-    def step():
-        y = rms_norm_rows(x, norm, 1e-6)
-        if lines:
-            l2_prefetch.l2_prefetch(w, lines=True)
-            l2_prefetch.l2_prefetch(odd, lines=True)
-        else:
-            torch.ops.dsv4.l2_prefetch(y, [w, s, odd])
-        return fp8_linear_decode(y, w, s)
-    step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-    for seed in range(3):
-        x.copy_(torch.randn(1, 1024, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).cuda())
-        graph.replay()
-        expect = fp8_linear_decode(rms_norm_rows(x, norm, 1e-6), w, s)
-        assert torch.equal(out, expect)
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("rows, v, d", [(1, 129280, 4096), (3, 1000, 256), (4, 4099, 512)],
                          ids=["flash-1row", "tiny-3rows", "odd-vocab-4rows"])
 def test_bf16_head_kernel_matches_the_float32_head(rows, v, d):

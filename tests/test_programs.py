@@ -96,24 +96,6 @@ def test_decode_program_exports_with_its_cache_writes(setup):
     assert caches["kv"].abs().sum() > 0
 
 
-def test_decode_program_prefetches_the_next_weights_into_l2(setup):
-    """Three hints per decode layer, each after the kernels that must finish first: wq_a_wkv and wq_b before
-    hc_pre, wo_a and wo_b after the queries, the shared expert and the gate after the attention; none in
-    the ONNX form (no such op there)."""
-    from builder.backends.export_math import onnx_friendly
-    ckpt, _ = setup
-    program, args, caches, weights, keep = _program_and_args(ckpt, 2)
-
-    def prefetches():
-        graph = torch.export.export(program, (*args, {k: v.clone() for k, v in caches.items()}, weights)).graph
-        return [[getattr(w, "name", w) for w in node.args[1]] for node in graph.nodes
-                if node.target == torch.ops.dsv4.l2_prefetch.default]
-    hints = prefetches()
-    assert len(hints) == 3 and [len(h) for h in hints] == [2, 2, 3], hints
-    with onnx_friendly():
-        assert prefetches() == []
-
-
 @pytest.mark.slow
 def test_decode_program_runs_from_an_aoti_package(setup, tmp_path):
     ckpt, _ = setup

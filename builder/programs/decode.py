@@ -74,14 +74,6 @@ INDEXER_OP_ROWS = INDEXER_KERNEL_ROWS  # decode batches' indexer queries and pic
 COMPRESSOR_OP_ROWS = COMPRESSOR_KERNEL_ROWS  # decode batches' compressor steps, window rows, query heads, the
                                              # query latent's norm and the shared SwiGLU take the one-launch ops
                                              # (ONNX: 0)
-L2_PREFETCH_OP = True                # decode batches pull the next GEMVs' weights into L2 (ONNX: False)
-
-
-def prefetch_l2(after: torch.Tensor, rows: int, *weights: torch.Tensor) -> None:
-    """For `rows` decode rows: once `after` is computed, pull `weights` into L2 (`dsv4::l2_prefetch`, a hint)
-    while the short kernels after it run, for the GEMVs that follow them."""
-    if L2_PREFETCH_OP and rows <= COMPRESSOR_OP_ROWS:
-        torch.ops.dsv4.l2_prefetch(after, list(weights))
 
 
 def wide_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -257,8 +249,6 @@ class DecodeLayer(torch.nn.Module):
         win, r = c.sliding_window, self.ratio
         rot = self.rot[pos][:, None]                                             # [B, 1, rd/2]
         qr, q, kv = self.project(x, rot, w)
-        if "attn.wo_a.weight" in w:              # the window row, compressors, indexer and attention: wo_a, wo_b
-            prefetch_l2(q, x.size(0), w["attn.wo_a.weight"], w["attn.wo_b.weight"])
         ring = torch.arange(win, device=x.device)
         idx = torch.where(ring[None] <= pos[:, None], ring[None], -1)           # window slots holding a token
         write = torch.ops.dsv4.kv_row if x.size(0) <= COMPRESSOR_OP_ROWS else kv_row   # the new window row
@@ -327,12 +317,8 @@ class DecodeLayer(torch.nn.Module):
         """h [B, S, hc, d] -> (h' [B, S, hc, d], routed experts [B, S, k]): the attention sub-layer
         (`attention`: normed x [B, S, d] -> [B, S, d]) and the MoE, each inside hyper-connections."""
         hc = {k: [w[f"hc_{k}_{part}"] for part in ("fn", "scale", "base")] for k in ("attn", "ffn")}
-        rows = h.size(0) * h.size(1)
-        prefetch_l2(h, rows, w["attn.wq_a_wkv.weight"], w["attn.wq_b.weight"])          # during hc_pre
         x, post, comb = hc_pre_normed(h, *hc["attn"], w["attn_norm.weight"], self.cfg)
         h = hc_post(attention(x), h, post, comb)
-        prefetch_l2(h, rows, w["ffn.shared_experts.w13.weight"], w["ffn.shared_experts.w2.weight"],
-                    w["ffn.gate.weight"])                                        # during hc_pre and routing
         x, post, comb = hc_pre_normed(h, *hc["ffn"], w["ffn_norm.weight"], self.cfg)
         ffn, experts = self.moe(x.flatten(0, 1), ids.flatten(), table, w)
         return hc_post(ffn.view(x.shape), h, post, comb), experts.view(*x.shape[:2], -1)
