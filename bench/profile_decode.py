@@ -54,6 +54,28 @@ def kernel_times(run, reps: int) -> tuple[dict[str, float], dict[str, int]]:
     return dict(us), {k: v // reps for k, v in count.items()}
 
 
+def kernel_sources(run, reps: int) -> dict[str, int]:
+    """Launches per call of `run(i)` of each kernel that is neither ours nor Inductor's ("other:" families:
+    torch's elementwise and reduction kernels, copies), keyed by the host ops that launched it, innermost
+    first: what Python inside the ops or the runtime still launches on its own."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for i in range(reps):
+            run(i)
+        torch.cuda.synchronize()
+    found: dict[str, int] = defaultdict(int)
+    for e in prof.events():
+        for k in e.kernels:
+            if not family(k.name).startswith("other:"):
+                continue
+            chain, parent = [e.name], e.cpu_parent
+            while parent is not None and len(chain) < 5:
+                chain.append(parent.name)
+                parent = parent.cpu_parent
+            found[f"{family(k.name)} <- {' <- '.join(chain)}"] += 1
+    return {k: v // reps for k, v in sorted(found.items(), key=lambda kv: -kv[1])}
+
+
 def host_times(run, reps: int, top: int = 15) -> dict[str, float]:
     """Microseconds of host (CPU) time per call of `run(i)` spent in each op itself, the `top` largest: where a
     step without the graph goes besides its kernels."""
@@ -139,6 +161,7 @@ def main() -> None:
     report["kernel_us_per_step"] = dict(sorted(us.items(), key=lambda kv: -kv[1]))
     report["launches_per_step"] = launches
     report["kernel_ms_per_step"] = total = sum(us.values()) / 1e3
+    report["other_kernel_sources"] = kernel_sources(lambda i: plain.step(token, torch.tensor([pos + i])), args.steps)
     report["plain_host_us_per_step_by_op"] = host_times(lambda i: plain.step(token, torch.tensor([pos + i])),
                                                         args.steps)
     print(f"step with the shared expert beside the routed ones: {report['graph_step_ms_shared_beside_routed']:.3f} ms")
@@ -146,6 +169,8 @@ def main() -> None:
           f"{total:.3f} ms, floor {report['floor_step_ms']:.3f} ms ({per_token / 1e9:.2f} GB at "
           f"{bandwidth / 1e9:.0f} GB/s); fraction of bandwidth {report['floor_step_ms'] / report['graph_step_ms']:.2f}")
     print_families(us, launches)
+    for source, n in report["other_kernel_sources"].items():
+        print(f"  x{n:<3d} {source}")
     if args.prefill:
         if plain.prefill_runs is None:
             print("this artifact has no prefill programs: its prompts run as decode steps")
