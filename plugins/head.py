@@ -20,22 +20,26 @@ def kernel_fits(rows: int, hidden: int, device: torch.device) -> bool:
 
 
 def head_logits(y: torch.Tensor, weight: torch.Tensor, split: int | None = None) -> torch.Tensor:
-    """y [B, D] float32 (or float64), weight [V, D] bf16 (kernel; see `kernel_fits`) or y's dtype -> [B, V].
-    `split`: warps per weight row (tests; by default `k_split`'s)."""
-    if weight.dtype == y.dtype:
+    """y [B, D] float32 (or float64), weight [V, D] bf16 (kernel; see `kernel_fits`) or y's dtype -> [B, V];
+    or y bf16 with a bf16 weight: the same float32 product, y widened (exactly) by the kernel as it loads
+    the rows. `split`: warps per weight row (tests; by default `k_split`'s)."""
+    if weight.dtype == y.dtype and y.dtype != torch.bfloat16:
         return torch.nn.functional.linear(y, weight)
     b, d = y.shape
-    assert weight.dtype == torch.bfloat16 and y.dtype == torch.float32 and kernel_fits(b, d, y.device)
-    assert weight.is_contiguous() and weight.size(1) == d
+    assert weight.dtype == torch.bfloat16 and y.dtype in (torch.float32, torch.bfloat16)
+    assert kernel_fits(b, d, y.device) and weight.is_contiguous() and weight.size(1) == d
     y = y.contiguous()
+    if y.data_ptr() % 16:                        # the kernels load rows 8 and 16 bytes at a time
+        y = y.clone()
     v = weight.size(0)
     out = torch.empty(b, v, dtype=torch.float32, device=y.device)
     lib, shared = kernels(), b * d * 4
-    resident = lib.resident("dsv4_head_gemv", 256, shared)
+    name = "dsv4_head_gemv" if y.dtype == torch.float32 else "dsv4_head_gemv_bf16_rows"
+    resident = lib.resident(name, 256, shared)
     split = k_split(v, d // 256, resident * 8) if split is None else split
     assert split in (1, 2, 4, 8) and (d // 256) % split == 0
     grid = min(-(-v * split // 8), resident)
-    lib.launch("dsv4_head_gemv", grid, 256,
+    lib.launch(name, grid, 256,
                [(y, PTR), (weight, PTR), (out, PTR), (b, INT), (v, INT), (d, INT), (split, INT)], shared)
     return out
 

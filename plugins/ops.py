@@ -10,6 +10,7 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters)   hyper-connection pre (mixes, Sinkhorn, sum)
     dsv4::hc_pre_norm(x, fn, scale, base, weight, ...)      the same, then the RMSNorm after it
     dsv4::wide_linear(x, weight)                            float32 product with a weight kept in bf16
+                                                            (bf16 x widened first)
     dsv4::grouped_fp8_linear(x, weight, scale)              per-group FP8 weights, bf16 activations (wo_a)
     dsv4::route_topk(logits, bias, k, scoring_func, scale)  a score-routed gate's experts and weights
     dsv4::index_query(q, rot, rope_dim)                     the indexer's queries: RoPE, Hadamard, FP4
@@ -241,20 +242,23 @@ def _(x, fn, scale, base, weight, norm_eps, hc_eps, iters):
 
 @torch.library.custom_op("dsv4::wide_linear", mutates_args=())
 def wide_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., K] in working precision @ weight [N, K]^T -> [..., N] in x's dtype, for the official model's
-    float32 parameters loaded from bf16 (the compressors' projections, the router's gate), kept here in
-    their bf16: on a GPU the head's kernel reads them as such (half the bytes of the float32 copy, the same
-    products, another float32 summation order); elsewhere they are widened for the product."""
+    """x [..., K] in working precision (float32 or float64; or bf16 activations, widened to float32 first,
+    exactly) @ weight [N, K]^T -> [..., N] in that precision, for the official model's float32 parameters
+    loaded from bf16 (the compressors' projections, the router's gate), kept here in their bf16: on a GPU
+    the head's kernel reads them as such (half the bytes of the float32 copy, the same products, another
+    float32 summation order), and widens bf16 rows itself as it loads them (no widening launch before it);
+    elsewhere they are widened for the product."""
     rows = x.reshape(-1, x.size(-1))
-    if (weight.dtype == torch.bfloat16 and x.dtype == torch.float32 and weight.is_contiguous()
+    if (weight.dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
             and kernel_fits(rows.size(0), x.size(-1), x.device)):
         return head_logits(rows, weight).view(*x.shape[:-1], weight.size(0))
+    x = x.float() if x.dtype == torch.bfloat16 else x
     return x @ weight.to(x.dtype).T
 
 
 @wide_linear.register_fake
 def _(x, weight):
-    return x.new_empty(*x.shape[:-1], weight.size(0))
+    return x.new_empty(*x.shape[:-1], weight.size(0), dtype=torch.float32 if x.dtype == torch.bfloat16 else x.dtype)
 
 
 # ------------------------------------------------------------------ route_topk

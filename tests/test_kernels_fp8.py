@@ -110,6 +110,12 @@ def test_wide_linear_op_runs_the_head_kernel_for_bf16_weights(rows, n):
     assert torch.allclose(got.double(), expect, rtol=1e-5, atol=1e-5 * expect.abs().max().item())
     from plugins.head import head_logits
     assert torch.equal(got, head_logits(x, w))                        # the kernel ran, not a widened copy
+    # bf16 activations go in as they are: the kernel widens them as it loads, the same bits as widened first
+    xb = x.to(torch.bfloat16)
+    assert torch.equal(torch.ops.dsv4.wide_linear(xb, w), torch.ops.dsv4.wide_linear(xb.float(), w))
+    odd = torch.empty(rows * 4096 + 4, dtype=torch.bfloat16, device="cuda")[4:].view(rows, 4096)  # 8-byte offset
+    odd.copy_(xb)
+    assert torch.equal(head_logits(odd, w), head_logits(xb.float(), w))
 
 
 @pytest.mark.gpu

@@ -46,6 +46,9 @@ def test_wide_linear_op_widens_a_bf16_weight_on_the_cpu():
         y = torch.ops.dsv4.wide_linear(x, w)
         assert y.shape == (2, 3, 96) and y.dtype == dtype
         assert torch.equal(y, x @ w.to(dtype).T)
+    x = torch.randn(2, 3, 256).to(torch.bfloat16)                 # activations: widened to float32 first
+    y = torch.ops.dsv4.wide_linear(x, w)
+    assert y.dtype == torch.float32 and torch.equal(y, x.float() @ w.float().T)
 
 
 def test_grouped_fp8_linear_op_is_the_bf16_grouped_einsum():

@@ -77,13 +77,15 @@ COMPRESSOR_OP_ROWS = COMPRESSOR_KERNEL_ROWS  # decode batches' compressor steps,
 
 
 def wide_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., K] in working precision @ weight [N, K]^T, for a weight the official model holds in float32
-    after loading it from bf16: through `dsv4::wide_linear`, which reads it as stored (on a GPU these
-    products were cuBLAS float32 GEMMs over widened copies: with wo_a's and the indexer's, 43 launches and
-    16% of a Flash-8 decode step, bench/results/profile-decode-flash8-h200.json); written out for ONNX (a
-    Cast and a MatMul)."""
+    """x [..., K] in activation precision, widened to working precision, @ weight [N, K]^T, for a weight the
+    official model holds in float32 after loading it from bf16: through `dsv4::wide_linear`, which reads it
+    as stored (on a GPU these products were cuBLAS float32 GEMMs over widened copies: with wo_a's and the
+    indexer's, 43 launches and 16% of a Flash-8 decode step, bench/results/profile-decode-flash8-h200.json)
+    and takes bf16 activations as they are (its kernel widens them: no widening launch before it); written
+    out for ONNX (a Cast and a MatMul)."""
     if WIDE_LINEAR_OP:
-        return torch.ops.dsv4.wide_linear(x, weight)
+        return torch.ops.dsv4.wide_linear(x if x.dtype == torch.bfloat16 else wide(x), weight)
+    x = wide(x)
     return x @ weight.to(x.dtype).T
 
 
@@ -184,7 +186,7 @@ class Compressor(torch.nn.Module):
 
     def products(self, x, w):
         """x [..., dm] -> the stacked wkv | wgate products [..., 2*coff*dim] in working precision."""
-        return wide_product(wide(x), w[f"{self.prefix}.wkv_wgate.weight"])
+        return wide_product(x, w[f"{self.prefix}.wkv_wgate.weight"])
 
     def forward(self, x, pos, rot, kv_state, score_state, cache, first_row, w):
         """x [B, dm]: feed one token per sequence, write the rows completed at `pos` into
@@ -278,7 +280,7 @@ class DecodeLayer(torch.nn.Module):
         q = query(q, rot, c.qk_rope_head_dim)
         # a bf16 product as the reference's `linear` (float32 sums, rounded once), through the narrow GEMV
         # kernel on a GPU (`wide_product`), where cuBLAS ran a split-K GEMV and a reduction launch
-        weights = (wide_product(wide(x), w["attn.indexer.weights_proj.weight"]).to(x.dtype)
+        weights = (wide_product(x, w["attn.indexer.weights_proj.weight"]).to(x.dtype)
                    * (softmax_scale(c.index_head_dim) * c.index_n_heads ** -0.5))
         return q, weights
 
@@ -294,7 +296,7 @@ class DecodeLayer(torch.nn.Module):
         """x [N, d], ids [N] -> (y [N, d], the routed experts [N, k] int32)."""
         c = self.cfg
         if "ffn.gate.bias" in w and "ffn.gate.tid2eid" not in w and x.size(0) <= ROUTE_OP_ROWS:
-            logits = wide_product(wide(x), w["ffn.gate.weight"])
+            logits = wide_product(x, w["ffn.gate.weight"])
             weights, experts = torch.ops.dsv4.route_topk(logits, w["ffn.gate.bias"], c.num_experts_per_tok,
                                                          c.scoring_func, c.routed_scaling_factor)
         else:

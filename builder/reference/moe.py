@@ -19,10 +19,14 @@ def route(cfg: ModelConfig, x: torch.Tensor, gate_w: torch.Tensor, bias: torch.T
     """x [n, d], ids [n] -> (weights [n, k] float32, experts [n, k]).
 
     Scores in float32; the bias only chooses experts; hash layers take experts from the token id.
-    `product(x, gate_w)` computes the scores' logits (layer programs pass their op; same values).
+    `product(x, gate_w)` computes the scores' logits from x as it is, widened (layer programs pass their op;
+    same values).
     """
-    xf = wide(x)
-    logits = product(xf, gate_w) if product is not None else xf @ gate_w.to(xf.dtype).T
+    if product is not None:
+        logits = product(x, gate_w)
+    else:
+        xf = wide(x)
+        logits = xf @ gate_w.to(xf.dtype).T
     if tid2eid is None:
         return route_from_logits(logits, bias, cfg.num_experts_per_tok, cfg.scoring_func, cfg.routed_scaling_factor)
     experts = tid2eid[ids]

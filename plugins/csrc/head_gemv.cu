@@ -1,4 +1,5 @@
-// The vocabulary head for decode: logits [B, V] fp32 = y [B, D] fp32 . W[V, D]^T, W stored in bf16.
+// The vocabulary head for decode: logits [B, V] fp32 = y [B, D] fp32 . W[V, D]^T, W stored in bf16 (and the
+// same for bf16 rows y, widened as they are loaded: `dsv4::wide_linear` of decode activations).
 //
 // DeepSeek keeps the head as an fp32 parameter loaded from bf16 weights, so bf16 holds every value exactly:
 // reading it as bf16 halves the largest single read of a decode step (1.06 GB instead of 2.1 GB at Flash
@@ -11,10 +12,30 @@ constexpr int MAX_B = 4;        // decode rows held in shared memory (B x D floa
 constexpr int UNROLL = 4;       // 16-byte loads in flight per lane
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(256) dsv4_head_gemv(const float* __restrict__ y,
-                                                                const __nv_bfloat16* __restrict__ w,
-                                                                float* __restrict__ out, int B, int V, int D,
-                                                                int split) {
+namespace dsv4_head {
+
+// The kernel for y of type Y: float32 rows (the head), or bf16 rows widened as they are loaded (the narrow
+// products of decode activations, exact: a bf16 value is a float32 one), which spares a widening launch.
+template <typename Y>
+__device__ __forceinline__ void load_rows(const Y* __restrict__ y, float* ys, int n);
+template <>
+__device__ __forceinline__ void load_rows<float>(const float* __restrict__ y, float* ys, int n) {
+  for (int i = threadIdx.x * 4; i < n; i += blockDim.x * 4)
+    *reinterpret_cast<float4*>(ys + i) = *reinterpret_cast<const float4*>(y + i);
+}
+template <>
+__device__ __forceinline__ void load_rows<__nv_bfloat16>(const __nv_bfloat16* __restrict__ y, float* ys, int n) {
+  for (int i = threadIdx.x * 4; i < n; i += blockDim.x * 4) {   // 8-byte loads: the host checks the alignment
+    const uint2 raw = *reinterpret_cast<const uint2*>(y + i);
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+    *reinterpret_cast<float4*>(ys + i) = make_float4(a.x, a.y, b.x, b.y);
+  }
+}
+
+template <typename Y>
+__device__ __forceinline__ void head_gemv(const Y* __restrict__ y, const __nv_bfloat16* __restrict__ w,
+                                          float* __restrict__ out, int B, int V, int D, int split) {
   extern __shared__ float ys[];                 // [B][D]
   __shared__ float partial[8][MAX_B];           // split > 1: each warp's sums, added by the row's first warp
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -27,8 +48,7 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_head_gemv(const float* __
   if (v < V) dsv4::load_row_chunks(row_of(v), c_begin, c_end, lane, raw);
   dsv4::pdl_wait();                             // y comes from the previous kernels
   dsv4::pdl_launch_dependents();
-  for (int i = threadIdx.x * 4; i < B * D; i += blockDim.x * 4)
-    *reinterpret_cast<float4*>(ys + i) = *reinterpret_cast<const float4*>(y + i);
+  load_rows(y, ys, B * D);
   __syncthreads();
   for (int first = int(blockIdx.x) * rows_per_cta; first < V; first += stride, v += stride) {  // CTA-uniform
     const bool live = v < V;
@@ -83,4 +103,20 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_head_gemv(const float* __
     }
     __syncthreads();                            // partial is refilled by the next row
   }
+}
+
+}  // namespace dsv4_head
+
+extern "C" __global__ void __launch_bounds__(256) dsv4_head_gemv(const float* __restrict__ y,
+                                                                const __nv_bfloat16* __restrict__ w,
+                                                                float* __restrict__ out, int B, int V, int D,
+                                                                int split) {
+  dsv4_head::head_gemv(y, w, out, B, V, D, split);
+}
+
+extern "C" __global__ void __launch_bounds__(256) dsv4_head_gemv_bf16_rows(const __nv_bfloat16* __restrict__ y,
+                                                                          const __nv_bfloat16* __restrict__ w,
+                                                                          float* __restrict__ out, int B, int V,
+                                                                          int D, int split) {
+  dsv4_head::head_gemv(y, w, out, B, V, D, split);
 }
