@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from plugins.formats import fp8_weight_dequant  # noqa: E402
-from plugins.fp8_linear import fp8_linear_decode, make_workspace  # noqa: E402
+from plugins.fp8_linear import (fp8_linear_decode, fp8_linear_decode_normed, fp8_linear_decode_swiglu,  # noqa: E402
+                                 make_workspace)
 from plugins.grouped_linear import grouped_fp8_gemv  # noqa: E402
 from plugins.moe_experts import expert_nbytes, moe_experts_decode, moe_experts_prefill  # noqa: E402
 from plugins.moe_experts import moe_experts_prefill_wgmma, wgmma_fits  # noqa: E402
@@ -301,8 +302,9 @@ def bench_route() -> dict:
 def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, wgmma: bool = False,
                        beside: bool = False) -> dict:
     """One Flash decode layer's weight-bound kernels back to back for 1 token, captured in one CUDA graph:
-    wq_a with wkv (one stacked FP8 GEMV, as the programs run them), wq_b, wo_a (grouped, FP8 codes with bf16
-    activations), wo_b, the shared expert (w1 with w3 stacked, SwiGLU, w2) and 6 routed experts. `copies`
+    wq_a with wkv (one stacked FP8 GEMV, as the programs run them), wq_b (the query latent's norm in its
+    launch), wo_a (grouped, FP8 codes with bf16 activations), wo_b, the shared expert (w1 with w3 stacked,
+    then w2 with the SwiGLU in its launch) and 6 routed experts. `copies`
     layers alternate so no layer finds its weights in L2. Figure: the layer's weight bytes / time, over the
     copy bandwidth. `wgmma`: the routed experts on the warpgroup-MMA decode kernels (sm_90). `beside`: the
     shared expert on a second stream beside the routed experts (plugins/streams.py, as
@@ -321,17 +323,17 @@ def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, w
     ids = ids.view(copies, 1, k).to(torch.int32).cuda()
     route = torch.full((1, k), 0.25, device="cuda")
     x = torch.randn(1, d, device="cuda").to(torch.bfloat16)
+    q_norm = torch.rand(1024, device="cuda") + 0.5
     moe_out, moe_ws = torch.empty(1, d, device="cuda"), moe_make_workspace(1, k, d, f, "cuda")
 
     def layer_step(i):
         w = layers[i]
-        qr = fp8_linear_decode(x, *w["wq_a_wkv"])[:, :1024].contiguous()
-        q = fp8_linear_decode(qr, *w["wq_b"])
+        qr = fp8_linear_decode(x, *w["wq_a_wkv"])[:, :1024]        # wq_b normalises its rows as it loads them
+        q = fp8_linear_decode_normed(qr, q_norm, 1e-6, *w["wq_b"])
         o = grouped_fp8_gemv(q.view(1, 1, 8, 4096), *w["wo_a"]).reshape(1, 8192)
         fp8_linear_decode(o, *w["wo_b"])
-        def shared():
-            g, u = fp8_linear_decode(x, *w["w13"]).split(f, dim=-1)
-            return fp8_linear_decode((torch.nn.functional.silu(g.float()) * u.float()).to(torch.bfloat16), *w["w2"])
+        def shared():                                               # w2 applies the SwiGLU as it loads
+            return fp8_linear_decode_swiglu(fp8_linear_decode(x, *w["w13"]), f, f, 10.0, *w["w2"])
 
         def routed():
             return moe_experts_decode(x, ids[i], route, table, f, 10.0, moe_out, moe_ws, wgmma=wgmma)

@@ -11,8 +11,9 @@ from functools import lru_cache
 import torch
 
 from .formats import e8m0_to_float, fp8_weight_dequant
-from .loader import INT, PTR, balanced_grid, kernels
+from .loader import FLOAT, INT, PTR, balanced_grid, kernels
 from .oracle import quantised_matmul
+from .rows import rms_norm_rows, swiglu_rows
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +43,23 @@ def ring_stages(shared_memory: tuple[int, int], fixed: int) -> int:
 
 
 @lru_cache(maxsize=64)                    # called on every launch: plain decode pays Python per call
-def gemv_plan(m: int, k: int, shared_memory: tuple[int, int]) -> tuple[bool, int, int]:
+def gemv_plan(m: int, k: int, shared_memory: tuple[int, int], staged: bool = False) -> tuple[bool, int, int] | None:
     """(fused, ring depth, dynamic shared bytes) of a GEMV over m rows of width k. Fused: each CTA quantises
     the rows into shared memory itself, while m * k / 128 is small and they leave room for a ring of 2
-    steps; else one act_quant launch writes the codes for all CTAs (e.g. 4 rows of 4096 on sm_120)."""
+    steps; else one act_quant launch writes the codes for all CTAs (e.g. 4 rows of 4096 on sm_120).
+    `staged`: the fused form with a prologue (its bf16 rows staged in shared memory too), or None where it
+    does not fit."""
     static = (8 if m > 8 else 4) * 1024                         # csrc/fp8_linear.cu partial sums
     if m * (k // 128) <= FUSE_LIMIT_BLOCKS:
         act = 2 * m * (k + ROW_PAD) + m * (k // 128) * 4          # room for f16 codes (csrc/fp8_linear.cu)
+        act += (2 * m * k + 16) if staged else 0                  # the prologue's rows, 16-byte aligned
         try:
             stages = ring_stages(shared_memory, act + static)
             return True, stages, stages * STAGE_BYTES + act
         except RuntimeError:
             pass
+    if staged:
+        return None
     stages = ring_stages(shared_memory, static)
     return False, stages, stages * STAGE_BYTES
 
@@ -72,11 +78,7 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
     unfused path (many rows x long K) uses it.
     """
     m, k = x.shape
-    n = w.size(0)
-    assert x.dtype == torch.bfloat16 and w.dtype == torch.float8_e4m3fn and m <= MAX_ROWS
-    assert k % 128 == 0 and w.size(1) == k and x.is_contiguous() and w.is_contiguous()
-    assert w_scale.shape == ((n + 127) // 128, k // 128)
-    out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device) if out is None else out
+    assert x.is_contiguous()
     lib = kernels()
     fused, stages, shared = gemv_plan(m, k, lib.shared_memory())
     if fused:
@@ -85,6 +87,52 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
         codes, scales = make_workspace(m, k, x.device) if workspace is None else workspace
         act_quant(x, codes, scales)
     name = f"dsv4_fp8_gemv{'_fused' if fused else ''}_m{8 if m <= 8 else 16}"
+    return _gemv(name, x, codes, scales, w, w_scale, out, m, k, stages, shared)
+
+
+# Prologues of the fused GEMV (csrc/fp8_linear.cu Prologue): its input rows go through the transform first,
+# in the same launch, where the GEMV is the transform's only reader.
+PROLOGUE_ROWS = 8                         # the m8 builds
+NORM_PROLOGUE_K = 2048                    # csrc/fp8_linear.cu NORM_PER_THREAD x 256
+
+
+def fp8_linear_decode_normed(x: torch.Tensor, norm: torch.Tensor, eps: float, w: torch.Tensor,
+                             w_scale: torch.Tensor) -> torch.Tensor:
+    """fp8_linear_decode(rms_norm_rows(x, norm, eps), w, w_scale) in one launch where it fits (x [M, K] bf16
+    rows with unit stride along K, e.g. a stacked product's slice; norm [K] float32 contiguous); the same bits."""
+    m, k = x.shape
+    plan = gemv_plan(m, k, kernels().shared_memory(), staged=True) if m <= PROLOGUE_ROWS and k <= NORM_PROLOGUE_K \
+        else None
+    if plan is None or x.stride(-1) != 1:
+        return fp8_linear_decode(rms_norm_rows(x, norm, eps), w, w_scale)
+    _, stages, shared = plan
+    return _gemv("dsv4_fp8_gemv_fused_norm_m8", x, x, x, w, w_scale, None, m, k, stages, shared,
+                 (norm, x.stride(0), 0, eps))
+
+
+def fp8_linear_decode_swiglu(y: torch.Tensor, size: int, up: int, limit: float, w: torch.Tensor,
+                             w_scale: torch.Tensor) -> torch.Tensor:
+    """fp8_linear_decode(swiglu_rows(y, size, up, limit), w, w_scale) in one launch where it fits (y [M, W]
+    bf16 rows with unit stride holding gate [0, size) and up [up, up + size)); the same bits."""
+    m = y.size(0)
+    plan = gemv_plan(m, size, kernels().shared_memory(), staged=True) if m <= PROLOGUE_ROWS else None
+    if plan is None or y.stride(-1) != 1:
+        return fp8_linear_decode(swiglu_rows(y, size, up, limit), w, w_scale)
+    _, stages, shared = plan
+    return _gemv("dsv4_fp8_gemv_fused_swiglu_m8", y, y, y, w, w_scale, None, m, size, stages, shared,
+                 (None, y.stride(0), up, limit))
+
+
+def _gemv(name: str, x, codes, scales, w, w_scale, out, m: int, k: int, stages: int, shared: int,
+          prologue: tuple = (None, 0, 0, 0.0)) -> torch.Tensor:
+    """Launch GEMV kernel `name` (csrc/fp8_linear.cu) over m rows of width k; `prologue` = (its float32
+    weight, the rows' stride, up, eps or limit), for the prologue builds."""
+    n = w.size(0)
+    assert x.dtype == torch.bfloat16 and w.dtype == torch.float8_e4m3fn and m <= MAX_ROWS
+    assert k % 128 == 0 and w.size(1) == k and w.is_contiguous()
+    assert w_scale.shape == ((n + 127) // 128, k // 128)
+    out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device) if out is None else out
+    lib = kernels()
     resident = lib.resident(name, 256, shared)
     groups = (n + 15) // 16                   # row groups of 16 (csrc/fp8_linear.cu)
     # Warps sharing a row group meet at a CTA barrier after every group; with enough row groups to fill
@@ -92,9 +140,11 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
     wpr = 1 if groups // 8 >= resident else warps_per_row(k)
     items = -(-groups // (8 // wpr))
     grid = balanced_grid(items, resident)
+    pro_w, ld, up, param = prologue
     lib.launch(name, grid, 256,
                [(x, PTR), (codes, PTR), (scales, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT), (n, INT),
-                (k, INT), (wpr, INT), (items, INT), (stages, INT)], shared)
+                (k, INT), (wpr, INT), (items, INT), (stages, INT), (pro_w if pro_w is not None else 0, PTR),
+                (ld, INT), (up, INT), (param, FLOAT)], shared)
     return out
 
 

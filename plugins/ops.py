@@ -3,6 +3,7 @@ implementation (CPU, and the oracle), the CUDA kernel where one exists, and a fa
 torch.export and AOTInductor can trace layer programs through them.
 
     dsv4::fp8_linear(x, weight, scale)                      FP8 block-scaled linear (act_quant + GEMM)
+    dsv4::fp8_linear_normed(x, norm, eps, weight, scale)    the same of x's RMSNorm (one launch for decode)
     dsv4::moe_routed(x, experts, weights, table, inter, limit)   routed MXFP4 experts via a pointer table
     dsv4::moe_with_shared(x, experts, weights, table, ...)  the routed experts and the shared expert
     dsv4::sparse_attention(q, kv, sink, idx, scale)        attention over picked rows with a sink
@@ -67,6 +68,26 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
 
 @fp8_linear.register_fake
 def _(x, weight, scale):
+    return x.new_empty(*x.shape[:-1], weight.size(0))
+
+
+@torch.library.custom_op("dsv4::fp8_linear_normed", mutates_args=())
+def fp8_linear_normed(x: torch.Tensor, norm: torch.Tensor, eps: float, weight: torch.Tensor,
+                      scale: torch.Tensor) -> torch.Tensor:
+    """`fp8_linear(rms_norm_rows(x, norm, eps), weight, scale)`: on a GPU, for up to 8 decode rows, one launch
+    (the GEMV normalises the rows as it loads them, the same bits), where the norm is the GEMV's only reader
+    (the query latent before wq_b and the indexer's wq_b)."""
+    rows = x.reshape(-1, x.size(-1))
+    from . import rows as row_kernels
+    if row_kernels.supports_norm(x, norm) and rows.size(0) <= 16:
+        from .fp8_linear import fp8_linear_decode_normed
+        return fp8_linear_decode_normed(rows, norm.float().contiguous(), eps, weight,
+                                        scale.view(torch.float8_e8m0fnu)).view(*x.shape[:-1], weight.size(0))
+    return fp8_linear(rms_norm_rows(x, norm, eps), weight, scale)
+
+
+@fp8_linear_normed.register_fake
+def _(x, norm, eps, weight, scale):
     return x.new_empty(*x.shape[:-1], weight.size(0))
 
 
@@ -148,10 +169,23 @@ def moe_with_shared(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tenso
         return moe_routed(x, experts, weights, table, inter, limit)
 
     def shared():
-        return fp8_linear(swiglu_rows(fp8_linear(x, w13, s13), inter, up, limit), w2, s2)
+        return fp8_linear_after_swiglu(fp8_linear(x, w13, s13), inter, up, limit, w2, s2)
     if x.is_cuda and moe_experts.SHARED_BESIDE_ROUTED:
         return beside(routed, shared, x.device)
     return routed(), shared()
+
+
+def fp8_linear_after_swiglu(y: torch.Tensor, size: int, up: int, limit: float, weight: torch.Tensor,
+                            scale: torch.Tensor) -> torch.Tensor:
+    """`fp8_linear(swiglu_rows(y, size, up, limit), weight, scale)`: on a GPU, for up to 8 decode rows, one
+    launch (the GEMV applies the SwiGLU to the rows as it loads them, the same bits)."""
+    from . import rows as row_kernels
+    rows = y.reshape(-1, y.size(-1))
+    if row_kernels.supports_swiglu(y, size, up) and rows.size(0) <= 16:
+        from .fp8_linear import fp8_linear_decode_swiglu
+        return fp8_linear_decode_swiglu(rows, size, up, limit, weight, scale.view(torch.float8_e8m0fnu)).view(
+            *y.shape[:-1], weight.size(0))
+    return fp8_linear(swiglu_rows(y, size, up, limit), weight, scale)
 
 
 @moe_with_shared.register_fake

@@ -63,3 +63,51 @@ def test_row_kernels_capture_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert torch.equal(normed, torch.ops.dsv4.rms_norm_rows(y[..., :1024], weight, 1e-6))
     assert torch.equal(h, torch.ops.dsv4.swiglu_rows(y, 2048, 2048, 10.0))
+
+
+def _fp8_weight(n, k, device, seed=0):
+    from plugins.formats import fp8_weight_quant
+    w, s = fp8_weight_quant(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k ** 0.5)
+    return w.to(device), s.to(device)
+
+
+def test_gemvs_after_a_row_transform_are_the_transform_then_the_linear_on_the_cpu():
+    from plugins.ops import fp8_linear_after_swiglu
+    y, weight = _stacked(3, 512, "cpu"), torch.rand(256) + 0.5
+    w, s = _fp8_weight(64, 256, "cpu")
+    assert torch.equal(torch.ops.dsv4.fp8_linear_normed(y[..., :256], weight, 1e-6, w, s),
+                       torch.ops.dsv4.fp8_linear(torch.ops.dsv4.rms_norm_rows(y[..., :256], weight, 1e-6), w, s))
+    assert torch.equal(fp8_linear_after_swiglu(y, 128, 256, 10.0, w[:, :128].contiguous(), s[:, :1].contiguous()),
+                       torch.ops.dsv4.fp8_linear(torch.ops.dsv4.swiglu_rows(y, 128, 256, 10.0),
+                                                 w[:, :128].contiguous(), s[:, :1].contiguous()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 3, 8, 12], ids=lambda r: f"{r}rows")   # 12: past the prologue builds
+def test_gemv_prologues_give_the_bits_of_the_row_kernel_then_the_gemv(rows):
+    """The query latent's norm before wq_b (a slice of the stacked wq_a | wkv product, rows a stride apart) and
+    the shared expert's SwiGLU before w2, each inside the GEMV's launch: the same bits as the row kernel's
+    output fed to the GEMV (one source for the transform, rows.cuh), eager and replayed from a graph."""
+    from plugins.ops import fp8_linear_after_swiglu
+    latent, norm = _stacked(rows, 1536, "cuda", seed=rows), (torch.rand(1024) + 0.5).cuda()
+    wq, sq = _fp8_weight(32768, 1024, "cuda", seed=1)
+    stacked = _stacked(rows, 4096, "cuda", seed=rows + 5)
+    w2, s2 = _fp8_weight(4096, 2048, "cuda", seed=2)
+
+    def fused():
+        return (torch.ops.dsv4.fp8_linear_normed(latent[..., :1024], norm, 1e-6, wq, sq),
+                fp8_linear_after_swiglu(stacked, 2048, 2048, 10.0, w2, s2))
+
+    def apart():
+        return (torch.ops.dsv4.fp8_linear(torch.ops.dsv4.rms_norm_rows(latent[..., :1024], norm, 1e-6), wq, sq),
+                torch.ops.dsv4.fp8_linear(torch.ops.dsv4.swiglu_rows(stacked, 2048, 2048, 10.0), w2, s2))
+    for got, expect in zip(fused(), apart()):
+        assert torch.equal(got, expect)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = fused()
+    latent.copy_(_stacked(rows, 1536, "cuda", seed=rows + 20))
+    stacked.copy_(_stacked(rows, 4096, "cuda", seed=rows + 21))
+    graph.replay()
+    for got, expect in zip(outs, apart()):
+        assert torch.equal(got, expect)

@@ -213,15 +213,23 @@ class DecodeLayer(torch.nn.Module):
             self.idx_compressor = self.compressor_type(cfg, "attn.indexer.compressor", 4, cfg.index_head_dim, True)
 
     def project(self, x, rot, w):
-        """x [B, S, d] with rot [B, S, rd/2] -> qr [B, S, q_lora], q [B, S, heads, hd] (per-head norm, RoPE),
-        kv [B, S, hd] before its norm (`kv_rows`)."""
+        """x [B, S, d] with rot [B, S, rd/2] -> qr [B, S, q_lora] before its norm (`from_latent`), q [B, S, heads,
+        hd] (per-head norm, RoPE), kv [B, S, hd] before its norm (`kv_rows`)."""
         c = self.cfg
         qr, kv = linear_fp8_parts(x, w, "attn.wq_a_wkv", (c.q_lora_rank, c.head_dim))
-        norm = torch.ops.dsv4.rms_norm_rows if x.size(0) * x.size(1) <= COMPRESSOR_OP_ROWS else rms_norm   # wq_b early
-        qr = norm(qr, w["attn.q_norm.weight"], c.rms_norm_eps)
-        q = linear_fp8(qr, w, "attn.wq_b").unflatten(-1, (c.num_attention_heads, c.head_dim))
+        q = self.from_latent(qr, w, "attn.wq_b").unflatten(-1, (c.num_attention_heads, c.head_dim))
         heads = torch.ops.dsv4.q_heads if q.size(0) * q.size(1) <= COMPRESSOR_OP_ROWS else q_heads   # one launch
         return qr, heads(q, rot, c.rms_norm_eps, c.qk_rope_head_dim), kv
+
+    def from_latent(self, qr, w, name):
+        """The FP8 linear `name` (wq_b, the indexer's wq_b) of the query latent qr [B, S, q_lora] through its
+        RMSNorm, the GEMV's only reader of the normed rows: one launch for decode rows on a GPU
+        (`dsv4::fp8_linear_normed`), the norm written out for prefill chunks."""
+        c = self.cfg
+        if qr.size(0) * qr.size(1) <= COMPRESSOR_OP_ROWS:
+            return torch.ops.dsv4.fp8_linear_normed(qr, w["attn.q_norm.weight"], c.rms_norm_eps,
+                                                    w[f"{name}.weight"], w[f"{name}.scale"])
+        return linear_fp8(rms_norm(qr, w["attn.q_norm.weight"], c.rms_norm_eps), w, name)
 
     def kv_rows(self, kv, rot, w):
         """kv [B, S, hd] from `project` -> cache rows: norm, RoPE, FP8 round-trip of the non-rope channels."""
@@ -272,9 +280,9 @@ class DecodeLayer(torch.nn.Module):
 
     def index_query(self, x, qr, rot, w):
         """The indexer's queries [B, S, iheads, idim] (RoPE, Hadamard, FP4 round-trip) and per-head
-        weights [B, S, iheads] of tokens x [B, S, d] with query latents qr."""
+        weights [B, S, iheads] of tokens x [B, S, d] with query latents qr (before their norm)."""
         c = self.cfg
-        q = linear_fp8(qr, w, "attn.indexer.wq_b").unflatten(-1, (c.index_n_heads, c.index_head_dim))
+        q = self.from_latent(qr, w, "attn.indexer.wq_b").unflatten(-1, (c.index_n_heads, c.index_head_dim))
         # one launch for decode rows on a GPU where Inductor made a RoPE, a cuBLAS product and the FP4 kernels
         query = torch.ops.dsv4.index_query if q.size(0) * q.size(1) <= INDEXER_OP_ROWS else index_query
         q = query(q, rot, c.qk_rope_head_dim)

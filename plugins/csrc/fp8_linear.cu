@@ -13,6 +13,7 @@
 // act_quant kernel writes the codes once instead (dsv4_fp8_gemv_m*), read through L1 by every CTA.
 // Launch paths never allocate or synchronise, so they can be captured in CUDA graphs.
 #include "common.cuh"
+#include "rows.cuh"
 
 using dsv4::e8m0;
 using dsv4::mma_e4m3;
@@ -47,6 +48,12 @@ constexpr int ROW_PAD = 64;     // values after each shared activation row
 constexpr int U = 2;            // 128-K blocks per step
 constexpr int CHUNKS = 4 * U;   // 16-byte weight loads per lane per step: [block][half][row g, g + 8]
 constexpr int WARPS = 8;
+// What the fused form does to its input rows before quantising them (rows.cuh), where that GEMV is the
+// transform's only reader: the query latent's RMSNorm before wq_b and the indexer's wq_b, the shared
+// expert's SwiGLU before w2. One launch fewer each; the rows go through shared memory in bf16, as the
+// transform's own kernel would have written them.
+enum Prologue { kPlain = 0, kNorm = 1, kSwiglu = 2 };
+constexpr int NORM_PER_THREAD = 8;  // kNorm: K <= 2048 (the query latent: 1024)
 
 // y[m, n] for m < rows on tensor cores. A warp owns 16 weight rows (a row group: the MMA's A operand, rows
 // g and g + 8 for lane (g, t)) and a slice of K; the tokens are the B operand's columns (token g for lane
@@ -68,16 +75,22 @@ constexpr int WARPS = 8;
 // emulated (sm_90: the compiler converts both operands to f16 for every MMA), the fused form keeps the
 // activation's f16 values in shared memory, converts each weight byte once and runs m16n8k16 f16 MMAs,
 // four per 64 bytes of K: the same exact products, summed in fp32.
-template <int M, bool FUSED>
+//
+// PRO (fused form only): the rows x [rows][ld] go through a prologue first (Prologue above): kNorm with the
+// float32 weight `pro_w` and eps `pro_param`; kSwiglu with gate at column 0, up at column `pro_up`, limit
+// `pro_param`, K values each. kPlain: x is [rows][K] (ld unused).
+template <int M, bool FUSED, int PRO = kPlain>
 __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ xq,
                                          const float* __restrict__ xs, const uint8_t* __restrict__ w,
                                          const uint8_t* __restrict__ w_scale, __nv_bfloat16* __restrict__ y,
-                                         int rows, int N, int K, int wpr, int items, int stages) {
+                                         int rows, int N, int K, int wpr, int items, int stages,
+                                         const float* __restrict__ pro_w, int ld, int pro_up, float pro_param) {
   constexpr int NACC = M > 8 ? 8 : 4;           // c[0..3]: tokens 2t, 2t+1 of rows g, g + 8; c[4..7]: tokens + 8
   constexpr bool f16_path = FUSED && dsv4::kEmulatedFp8Mma;
   // dynamic shared memory: the weight ring [WARPS][stages][CHUNKS][32 lanes] (16 B each), the scale ring
   // [WARPS][stages][U] (4 B each); then, FUSED, the activation codes [rows][K + ROW_PAD] (room for 2 bytes
-  // each: f16 values on the f16 path, else e4m3 bytes) and their scales [rows][K/128]
+  // each: f16 values on the f16 path, else e4m3 bytes) and their scales [rows][K/128]; then, with a
+  // prologue, its bf16 rows [rows][K] from the next 16-byte boundary
   extern __shared__ uint4 smem[];
   __shared__ float partial[WARPS][NACC][32];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -144,7 +157,22 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
   dsv4::pdl_wait();                              // x (or its codes) come from the previous kernels
   dsv4::pdl_launch_dependents();
   if (FUSED) {
-    dsv4::quantise_to_smem<false, f16_path>(x, rows * K, K, ROW_PAD, act, const_cast<float*>(scales));
+    const __nv_bfloat16* src = x;
+    if (PRO != kPlain) {
+      __shared__ float norm_scratch[WARPS];
+      const uintptr_t end = reinterpret_cast<uintptr_t>(scales + rows * kblocks);
+      __nv_bfloat16* staged = reinterpret_cast<__nv_bfloat16*>((end + 15) & ~uintptr_t(15));
+      for (int r = 0; r < rows; ++r) {
+        if (PRO == kNorm)
+          dsv4_rows::rms_norm_row<NORM_PER_THREAD>(x + size_t(r) * ld, pro_w, staged + r * K, K, pro_param,
+                                                   norm_scratch);
+        else
+          dsv4_rows::swiglu_row(x + size_t(r) * ld, pro_up, K, pro_param, staged + r * K);
+        __syncthreads();                         // norm_scratch is reused by the next row
+      }
+      src = staged;
+    }
+    dsv4::quantise_to_smem<false, f16_path>(src, rows * K, K, ROW_PAD, act, const_cast<float*>(scales));
     __syncthreads();
   }
   auto x_scale = [&](int tok, int kb) { return tok < rows ? scales[tok * kblocks + kb] : 0.f; };
@@ -240,14 +268,17 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
 
 }  // namespace
 
-#define DSV4_FP8_GEMV(NAME, M, FUSED)                                                                        \
+#define DSV4_FP8_GEMV(NAME, M, FUSED, PRO)                                                                   \
   extern "C" __global__ void __launch_bounds__(256, 2) NAME(                                                 \
       const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ xq, const float* __restrict__ xs,     \
       const uint8_t* __restrict__ w, const uint8_t* __restrict__ ws, __nv_bfloat16* __restrict__ y, int rows, \
-      int N, int K, int wpr, int items, int stages) {                                                        \
-    fp8_gemv<M, FUSED>(x, xq, xs, w, ws, y, rows, N, K, wpr, items, stages);                                 \
+      int N, int K, int wpr, int items, int stages, const float* __restrict__ pro_w, int ld, int pro_up,     \
+      float pro_param) {                                                                                     \
+    fp8_gemv<M, FUSED, PRO>(x, xq, xs, w, ws, y, rows, N, K, wpr, items, stages, pro_w, ld, pro_up, pro_param); \
   }
-DSV4_FP8_GEMV(dsv4_fp8_gemv_m8, 8, false)
-DSV4_FP8_GEMV(dsv4_fp8_gemv_m16, 16, false)
-DSV4_FP8_GEMV(dsv4_fp8_gemv_fused_m8, 8, true)
-DSV4_FP8_GEMV(dsv4_fp8_gemv_fused_m16, 16, true)
+DSV4_FP8_GEMV(dsv4_fp8_gemv_m8, 8, false, kPlain)
+DSV4_FP8_GEMV(dsv4_fp8_gemv_m16, 16, false, kPlain)
+DSV4_FP8_GEMV(dsv4_fp8_gemv_fused_m8, 8, true, kPlain)
+DSV4_FP8_GEMV(dsv4_fp8_gemv_fused_m16, 16, true, kPlain)
+DSV4_FP8_GEMV(dsv4_fp8_gemv_fused_norm_m8, 8, true, kNorm)
+DSV4_FP8_GEMV(dsv4_fp8_gemv_fused_swiglu_m8, 8, true, kSwiglu)
