@@ -13,7 +13,8 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::wide_linear(x, weight)                            float32 product with a weight kept in bf16
                                                             (bf16 x widened first)
     dsv4::grouped_fp8_linear(x, weight, scale)              per-group FP8 weights, bf16 activations (wo_a)
-    dsv4::route_topk(logits, bias, k, scoring_func, scale)  a score-routed gate's experts and weights
+    dsv4::route_topk(logits, bias, k, scoring, scale, experts)   a score-routed gate's weights (experts
+                                                            written in place)
     dsv4::index_query(q, rot, rope_dim)                     the indexer's queries: RoPE, Hadamard, FP4
     dsv4::indexer_picks(q, weights, keys, count, k)        the indexer's top-k compressed blocks
     dsv4::compressor_step(proj, ape, pos, states, cache, ...)   a compressor fed one token (mutates)
@@ -298,21 +299,22 @@ def _(x, weight):
 # ------------------------------------------------------------------ route_topk
 
 
-@torch.library.custom_op("dsv4::route_topk", mutates_args=())
-def route_topk(logits: torch.Tensor, bias: torch.Tensor, k: int, scoring_func: str,
-               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A score-routed gate from its logits [n, E] float32 -> (weights [n, k] float32, experts [n, k] int32):
-    one kernel launch for decode rows on a GPU (V4's scores), the oracle elsewhere."""
-    if route_gpu.kernel_fits(logits, k, scoring_func):
-        return route_gpu.route_topk(logits, bias, k, scale)
-    weights, experts = route_from_logits(logits, bias, k, scoring_func, scale)
-    return weights, experts.to(torch.int32)
+@torch.library.custom_op("dsv4::route_topk", mutates_args=("experts",))
+def route_topk(logits: torch.Tensor, bias: torch.Tensor, k: int, scoring_func: str, scale: float,
+               experts: torch.Tensor) -> torch.Tensor:
+    """A score-routed gate from its logits [n, E] float32 -> weights [n, k] float32, its experts written into
+    `experts` [n, k] int32 (a decode program's cache of the experts it routed to, which the runtime's pager
+    reads: no copy after): one kernel launch for decode rows on a GPU (V4's scores), the oracle elsewhere."""
+    if route_gpu.kernel_fits(logits, k, scoring_func) and experts.is_contiguous():
+        return route_gpu.route_topk(logits, bias, k, scale, experts)[0]
+    weights, picked = route_from_logits(logits, bias, k, scoring_func, scale)
+    experts.copy_(picked)
+    return weights
 
 
 @route_topk.register_fake
-def _(logits, bias, k, scoring_func, scale):
-    return (logits.new_empty(logits.size(0), k, dtype=torch.float32),
-            logits.new_empty(logits.size(0), k, dtype=torch.int32))
+def _(logits, bias, k, scoring_func, scale, experts):
+    return logits.new_empty(logits.size(0), k, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------ index_query

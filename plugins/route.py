@@ -18,12 +18,16 @@ def kernel_fits(logits: torch.Tensor, k: int, scoring_func: str) -> bool:
             and logits.size(1) <= MAX_EXPERTS)
 
 
-def route_topk(logits: torch.Tensor, bias: torch.Tensor, k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [N, E] float32, bias [E] float32 -> (weights [N, k] float32, experts [N, k] int32)."""
+def route_topk(logits: torch.Tensor, bias: torch.Tensor, k: int, scale: float,
+               experts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, E] float32, bias [E] float32 -> (weights [N, k] float32, experts [N, k] int32: `experts`
+    if given, contiguous)."""
     n, e = logits.shape
     logits, bias = logits.contiguous(), bias.float().contiguous()
     weights = torch.empty(n, k, dtype=torch.float32, device=logits.device)
-    experts = torch.empty(n, k, dtype=torch.int32, device=logits.device)
+    if experts is None:
+        experts = torch.empty(n, k, dtype=torch.int32, device=logits.device)
+    assert experts.shape == (n, k) and experts.dtype == torch.int32 and experts.is_contiguous()
     slots = next(s for s in SLOTS if 32 * s >= e)           # the smallest build that holds the row
     kernels().launch(f"dsv4_route_topk_s{slots}", n, 32, [(logits, PTR), (bias, PTR), (weights, PTR),
                                                           (experts, PTR), (e, INT), (k, INT), (scale, FLOAT)])

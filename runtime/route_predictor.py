@@ -56,8 +56,8 @@ class RoutePredictor:
                                             c.hc_sinkhorn_iters)[0][:, 0])
         logits = torch.ops.dsv4.wide_linear(x, w["ffn.gate.weight"])
         # the weights (and so the scale) do not matter here, only the experts
-        self.picks[i].copy_(torch.ops.dsv4.route_topk(logits, w["ffn.gate.bias"], c.num_experts_per_tok,
-                                                      c.scoring_func, 1.0)[1])
+        torch.ops.dsv4.route_topk(logits, w["ffn.gate.bias"], c.num_experts_per_tok, c.scoring_func, 1.0,
+                                  self.picks[i])                   # the experts written into picks[i] itself
         self.host_picks[i].copy_(self.picks[i], non_blocking=True)
         self.host_ready[i:i + 1].copy_(self.one, non_blocking=True)     # after the picks: same stream
 

@@ -15,7 +15,8 @@ def _case(rows, experts, seed=0):
 
 def test_route_op_is_the_oracle_on_the_cpu():
     logits, bias = _case(3, 256)
-    weights, experts = torch.ops.dsv4.route_topk(logits, bias, 6, "sqrtsoftplus", 1.5)
+    experts = torch.full((3, 6), -1, dtype=torch.int32)
+    weights = torch.ops.dsv4.route_topk(logits, bias, 6, "sqrtsoftplus", 1.5, experts)   # experts written in place
     expect_w, expect_e = route_from_logits(logits, bias, 6, "sqrtsoftplus", 1.5)
     assert experts.dtype == torch.int32 and torch.equal(experts.long(), expect_e) and torch.equal(weights, expect_w)
 
@@ -41,11 +42,12 @@ def test_route_kernel_captures_in_a_cuda_graph():
     from plugins.route import route_topk
     logits, bias = (t.cuda() for t in _case(1, 256))
     route_topk(logits, bias, 6, 1.5)                              # loads the kernel before capture
+    picked = torch.full((1, 6), -1, dtype=torch.int32, device="cuda")      # a program's cache of its experts
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        got = torch.ops.dsv4.route_topk(logits, bias, 6, "sqrtsoftplus", 1.5)
+        got = torch.ops.dsv4.route_topk(logits, bias, 6, "sqrtsoftplus", 1.5, picked)
     fresh, _ = _case(1, 256, seed=1)
     logits.copy_(fresh.cuda())
     graph.replay()
     expect = route_topk(logits, bias, 6, 1.5)
-    assert torch.equal(got[1], expect[1]) and torch.equal(got[0], expect[0])
+    assert torch.equal(picked, expect[1]) and torch.equal(got, expect[0])

@@ -108,6 +108,8 @@ def test_decode_program_runs_from_an_aoti_package(setup, tmp_path):
     got = package(*args, caches, weights)
     assert torch.nn.functional.cosine_similarity(got.flatten(), expect.flatten(), dim=0) > 0.99999
     assert torch.equal(caches["kv"], eager_caches["kv"])
+    # the gate writes its experts into the cache itself (dsv4::route_topk): the package's input, not a copy
+    assert torch.equal(caches["routed"], eager_caches["routed"]) and caches["routed"].max() > 0
 
 
 def test_decode_mtp_program_equals_reference_draft(setup):

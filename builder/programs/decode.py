@@ -300,17 +300,28 @@ class DecodeLayer(torch.nn.Module):
             return torch.ops.dsv4.indexer_picks(q, weights, keys, count, k)
         return indexer_picks(q, weights, keys, count, k)
 
-    def moe(self, x, ids, table, w):
-        """x [N, d], ids [N] -> (y [N, d], the routed experts [N, k] int32)."""
+    def moe(self, x, ids, table, w, routed=None):
+        """x [N, d], ids [N] -> (y [N, d], the routed experts [N, k] int32, or None where the gate wrote them
+        into `routed` [N, k] itself: the decode step's cache of them, which the pager reads)."""
         c = self.cfg
+        k = c.num_experts_per_tok
         if "ffn.gate.bias" in w and "ffn.gate.tid2eid" not in w and x.size(0) <= ROUTE_OP_ROWS:
             logits = wide_product(x, w["ffn.gate.weight"])
-            weights, experts = torch.ops.dsv4.route_topk(logits, w["ffn.gate.bias"], c.num_experts_per_tok,
-                                                         c.scoring_func, c.routed_scaling_factor)
+            into = routed if routed is not None and routed.shape == (x.size(0), k) else None
+            experts = into if into is not None else x.new_empty(x.size(0), k, dtype=torch.int32)
+            weights = torch.ops.dsv4.route_topk(logits, w["ffn.gate.bias"], k, c.scoring_func,
+                                                c.routed_scaling_factor, experts)
+            if into is not None:
+                return self.experts_ffn(x, experts, weights, table, w), None
         else:
             weights, experts = route(c, x, w["ffn.gate.weight"], w.get("ffn.gate.bias"), w.get("ffn.gate.tid2eid"),
                                      ids, product=wide_product)
             experts = experts.to(torch.int32)
+        return self.experts_ffn(x, experts, weights, table, w), experts
+
+    def experts_ffn(self, x, experts, weights, table, w):
+        """The routed experts [N, k] with their weights and the shared expert of x [N, d] -> [N, d]."""
+        c = self.cfg
         f = c.moe_intermediate_size
         if x.size(0) <= COMPRESSOR_OP_ROWS:      # one op: the two may run side by side (dsv4::moe_with_shared)
             y, shared = torch.ops.dsv4.moe_with_shared(
@@ -321,22 +332,24 @@ class DecodeLayer(torch.nn.Module):
             y = torch.ops.dsv4.moe_routed(x, experts, weights, table, f, c.swiglu_limit)
             h = swiglu_stacked(linear_fp8(x, w, "ffn.shared_experts.w13"), f, stacked_width(f), c.swiglu_limit)
             shared = linear_fp8(h, w, "ffn.shared_experts.w2")
-        return (y + shared.to(y.dtype)).to(x.dtype), experts
+        return (y + shared.to(y.dtype)).to(x.dtype)
 
-    def block(self, h, attention, ids, table, w):
-        """h [B, S, hc, d] -> (h' [B, S, hc, d], routed experts [B, S, k]): the attention sub-layer
-        (`attention`: normed x [B, S, d] -> [B, S, d]) and the MoE, each inside hyper-connections."""
+    def block(self, h, attention, ids, table, w, routed=None):
+        """h [B, S, hc, d] -> (h' [B, S, hc, d], routed experts [B, S, k], or None where the gate wrote them
+        into `routed` (`moe`)): the attention sub-layer (`attention`: normed x [B, S, d] -> [B, S, d]) and the
+        MoE, each inside hyper-connections."""
         hc = {k: [w[f"hc_{k}_{part}"] for part in ("fn", "scale", "base")] for k in ("attn", "ffn")}
         x, post, comb = hc_pre_normed(h, *hc["attn"], w["attn_norm.weight"], self.cfg)
         h = hc_post(attention(x), h, post, comb)
         x, post, comb = hc_pre_normed(h, *hc["ffn"], w["ffn_norm.weight"], self.cfg)
-        ffn, experts = self.moe(x.flatten(0, 1), ids.flatten(), table, w)
-        return hc_post(ffn.view(x.shape), h, post, comb), experts.view(*x.shape[:2], -1)
+        ffn, experts = self.moe(x.flatten(0, 1), ids.flatten(), table, w, routed)
+        return hc_post(ffn.view(x.shape), h, post, comb), None if experts is None else experts.view(*x.shape[:2], -1)
 
     def forward(self, h, pos, ids, table, caches: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]):
         h, experts = self.block(h[:, None], lambda x: self.attention(x, pos, caches, weights), ids[:, None],
-                                table, weights)
-        caches["routed"].copy_(experts[:, 0])
+                                table, weights, caches["routed"])
+        if experts is not None:                 # else the gate wrote them there itself
+            caches["routed"].copy_(experts[:, 0])
         return h[:, 0]
 
 
