@@ -48,11 +48,43 @@ def hc_pre_decode(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: 
         out = (x.new_empty(*lead, d), torch.empty(*lead, HC, dtype=torch.float32, device=x.device),
                torch.empty(*lead, HC, HC, dtype=torch.float32, device=x.device))
     y, post, comb = out
-    lib = kernels()
-    slices = HC * d // SLICE
-    lib.launch("dsv4_hc_pre_mix", slices, 256, [(x, PTR), (fn, PTR), (part, PTR), (rows, INT), (HC * d, INT)])
-    lib.launch("dsv4_hc_pre_finish", -(-d // 1024) if norm is None else 1, 256,
-               [(x, PTR), (part, PTR), (scale, PTR), (base, PTR), (0 if norm is None else norm, PTR), (y, PTR),
-                (post, PTR), (comb, PTR), (rows, INT), (d, INT), (slices, INT), (norm_eps, FLOAT), (hc_eps, FLOAT),
-                (iters, INT)])
+    _finish(x, _mix("dsv4_hc_pre_mix", x, fn, part, rows, []), scale, base, norm, y, post, comb, norm_eps, hc_eps,
+            iters)
     return y, post, comb
+
+
+def hc_post_pre_decode(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, fn: torch.Tensor,
+                       scale: torch.Tensor, base: torch.Tensor, norm: torch.Tensor, norm_eps: float, hc_eps: float,
+                       iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention's hyper-connection post (f [..., d] bf16, res [..., 4, d] bf16, post [..., 4], comb
+    [..., 4, 4] float32: `plugins.oracle.hc_post`), then the FFN's hc_pre with its norm, as `hc_pre_decode`
+    (norm given) -> (the new streams [..., 4, d], y, post, comb): the post inside the mix launch, two
+    launches where three ran. All contiguous."""
+    assert supports_norm(res, fn) and res.is_contiguous() and fn.is_contiguous() and f.is_contiguous()
+    assert f.shape == res.shape[:-2] + res.shape[-1:] and f.dtype == torch.bfloat16
+    assert post.dtype == comb.dtype == torch.float32 and post.is_contiguous() and comb.is_contiguous()
+    lead, d = res.shape[:-2], res.size(-1)
+    rows = res.numel() // (HC * d)
+    x = torch.empty_like(res)
+    y, post_out, comb_out = (res.new_empty(*lead, d), torch.empty(*lead, HC, dtype=torch.float32, device=res.device),
+                             torch.empty(*lead, HC, HC, dtype=torch.float32, device=res.device))
+    part = make_workspace(rows, d, res.device)
+    _mix("dsv4_hc_post_pre_mix", x, fn, part, rows, [(f, PTR), (res, PTR), (post, PTR), (comb, PTR)])
+    _finish(x, part, scale, base, norm, y, post_out, comb_out, norm_eps, hc_eps, iters)
+    return x, y, post_out, comb_out
+
+
+def _mix(name: str, x: torch.Tensor, fn: torch.Tensor, part: torch.Tensor, rows: int, extra: list) -> torch.Tensor:
+    """The mix launch over x's slices (csrc/hc_pre.cu); `extra`: the post's inputs (dsv4_hc_post_pre_mix)."""
+    d = x.size(-1)
+    kernels().launch(name, HC * d // SLICE, 256, [(x, PTR), (fn, PTR), (part, PTR), (rows, INT), (HC * d, INT)] + extra)
+    return part
+
+
+def _finish(x, part, scale, base, norm, y, post, comb, norm_eps: float, hc_eps: float, iters: int) -> None:
+    d = x.size(-1)
+    rows = x.numel() // (HC * d)
+    kernels().launch("dsv4_hc_pre_finish", -(-d // 1024) if norm is None else 1, 256,
+                     [(x, PTR), (part, PTR), (scale, PTR), (base, PTR), (0 if norm is None else norm, PTR), (y, PTR),
+                      (post, PTR), (comb, PTR), (rows, INT), (d, INT), (HC * d // SLICE, INT), (norm_eps, FLOAT),
+                      (hc_eps, FLOAT), (iters, INT)])

@@ -10,6 +10,7 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::sparse_attention_rope(q, kv, sink, idx, scale, rot)  the same, then the output's inverse RoPE
     dsv4::hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters)   hyper-connection pre (mixes, Sinkhorn, sum)
     dsv4::hc_pre_norm(x, fn, scale, base, weight, ...)      the same, then the RMSNorm after it
+    dsv4::hc_post_pre_norm(f, res, post, comb, fn, ...)     the attention's hc_post, then the FFN's hc_pre_norm
     dsv4::wide_linear(x, weight)                            float32 product with a weight kept in bf16
                                                             (bf16 x widened first)
     dsv4::grouped_fp8_linear(x, weight, scale)              per-group FP8 weights, bf16 activations (wo_a)
@@ -37,7 +38,7 @@ from .formats import fp8_weight_dequant, mxfp4_dequant
 from .head import head_logits, kernel_fits
 from .moe_experts import (expert_nbytes, moe_experts_decode, moe_experts_prefill, moe_experts_prefill_wgmma,
                           unpack_expert, wgmma_pays)
-from .oracle import (einsum, hc_pre_parts, quantised_matmul, rms_norm, route_from_logits, swiglu, swiglu_stacked,
+from .oracle import (einsum, hc_post, hc_pre_parts, quantised_matmul, rms_norm, route_from_logits, swiglu, swiglu_stacked,
                      wide_dtype, with_rope)
 from .oracle import compressor_chunk as compressor_chunk_oracle
 from .oracle import compressor_step as compressor_step_oracle
@@ -270,6 +271,28 @@ def hc_pre_norm(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: to
 @hc_pre_norm.register_fake
 def _(x, fn, scale, base, weight, norm_eps, hc_eps, iters):
     return _hc_pre_fake(x, fn, scale, base, norm_eps, hc_eps, iters)
+
+
+@torch.library.custom_op("dsv4::hc_post_pre_norm", mutates_args=())
+def hc_post_pre_norm(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, fn: torch.Tensor,
+                     scale: torch.Tensor, base: torch.Tensor, weight: torch.Tensor, norm_eps: float, hc_eps: float,
+                     iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention's hyper-connection post (`plugins.oracle.hc_post` of f [b, s, d] over the streams res
+    [b, s, hc, d] with post and comb), then `hc_pre_norm` of the new streams (the FFN's) -> (the new streams,
+    x, post, comb): on a GPU the post inside hc_pre's first launch, where it was a launch of its own."""
+    from .hc_pre import hc_post_pre_decode, supports_norm
+    if supports_norm(res, fn) and f.is_cuda and f.dtype == torch.bfloat16:
+        return hc_post_pre_decode(f.contiguous(), res.contiguous(), post.float().contiguous(),
+                                  comb.float().contiguous(), fn.contiguous(), scale, base,
+                                  weight.float().contiguous(), norm_eps, hc_eps, iters)
+    h = hc_post(f, res, post, comb)
+    return (h, *hc_pre_norm(h, fn, scale, base, weight, norm_eps, hc_eps, iters))
+
+
+@hc_post_pre_norm.register_fake
+def _(f, res, post, comb, fn, scale, base, weight, norm_eps, hc_eps, iters):
+    return (torch.empty_like(res, memory_format=torch.contiguous_format),
+            *_hc_pre_fake(res, fn, scale, base, norm_eps, hc_eps, iters))
 
 
 # ------------------------------------------------------------------ wide_linear

@@ -75,3 +75,54 @@ def test_hc_pre_norm_op_is_the_oracle_on_the_cpu():
     got = torch.ops.dsv4.hc_pre_norm(x, fn, scale, base, weight, 1e-6, 1e-6, 20)
     y, post, comb = hc_pre_parts(x, fn, scale, base, 1e-6, 1e-6, 20)
     assert all(torch.equal(a, b) for a, b in zip(got, (rms_norm(y, weight, 1e-6), post, comb)))
+
+
+def _post_inputs(rows, d, device, seed=3):
+    """The attention's output f [rows, 1, d] bf16 and an hc_pre's post [rows, 1, 4] and comb [rows, 1, 4, 4]."""
+    x, fn, scale, base = _case(rows, d, seed=seed, device="cpu")
+    _, post, comb = hc_pre_parts(x, fn, scale, base, 1e-6, 1e-6, 20)
+    f = torch.randn(rows, 1, d, generator=torch.Generator().manual_seed(seed + 1)).to(torch.bfloat16)
+    return f.to(device), post.to(device), comb.to(device)
+
+
+def test_hc_post_pre_norm_op_is_the_post_then_the_pre_on_the_cpu():
+    import plugins.ops  # noqa: F401
+    from plugins.oracle import hc_post
+    res, fn, scale, base = _case(2, 64, device="cpu")
+    f, post, comb = _post_inputs(2, 64, "cpu")
+    weight = torch.rand(64) + 0.5
+    got = torch.ops.dsv4.hc_post_pre_norm(f, res, post, comb, fn, scale, base, weight, 1e-6, 1e-6, 20)
+    h = hc_post(f, res, post, comb)
+    expect = (h, *torch.ops.dsv4.hc_pre_norm(h, fn, scale, base, weight, 1e-6, 1e-6, 20))
+    assert all(torch.equal(a, b) for a, b in zip(got, expect))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, d", [pytest.param(1, 4096, id="flash-1row"), pytest.param(3, 256, id="tiny-3rows"),
+                                     pytest.param(16, 4096, id="flash-16rows")])
+def test_hc_post_inside_the_mix_launch_matches_the_oracle_and_captures(rows, d):
+    """The new streams as the oracle's hc_post (products and sums rounded one by one: at most one bf16 step
+    apart, almost all equal), and the FFN's hc_pre of them the same bits as `hc_pre_norm` of those streams;
+    then from a replayed graph on new inputs."""
+    import plugins.ops  # noqa: F401
+    from plugins.oracle import hc_post
+    res, fn, scale, base = _case(rows, d)
+    f, post, comb = _post_inputs(rows, d, "cuda")
+    weight = (torch.rand(d) + 0.5).cuda()
+
+    def check(got):
+        h = got[0]
+        expect = hc_post(f, res, post, comb)
+        step = (expect.float().abs() * 2 ** -7).clamp(min=1e-30)
+        assert ((h.float() - expect.float()).abs() <= step).all() and (h == expect).float().mean() > 0.99
+        pre = torch.ops.dsv4.hc_pre_norm(h, fn, scale, base, weight, 1e-6, 1e-6, 20)
+        assert all(torch.equal(a, b) for a, b in zip(got[1:], pre))
+
+    check(torch.ops.dsv4.hc_post_pre_norm(f, res, post, comb, fn, scale, base, weight, 1e-6, 1e-6, 20))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = torch.ops.dsv4.hc_post_pre_norm(f, res, post, comb, fn, scale, base, weight, 1e-6, 1e-6, 20)
+    res.copy_(_case(rows, d, seed=7)[0])
+    f.copy_(_post_inputs(rows, d, "cuda", seed=8)[0])
+    graph.replay()
+    check(got)

@@ -339,9 +339,15 @@ class DecodeLayer(torch.nn.Module):
         into `routed` (`moe`)): the attention sub-layer (`attention`: normed x [B, S, d] -> [B, S, d]) and the
         MoE, each inside hyper-connections."""
         hc = {k: [w[f"hc_{k}_{part}"] for part in ("fn", "scale", "base")] for k in ("attn", "ffn")}
-        x, post, comb = hc_pre_normed(h, *hc["attn"], w["attn_norm.weight"], self.cfg)
-        h = hc_post(attention(x), h, post, comb)
-        x, post, comb = hc_pre_normed(h, *hc["ffn"], w["ffn_norm.weight"], self.cfg)
+        c = self.cfg
+        x, post, comb = hc_pre_normed(h, *hc["attn"], w["attn_norm.weight"], c)
+        if h.size(0) * h.size(1) <= HC_PRE_OP_ROWS:     # the attention's hc_post inside the FFN's hc_pre launches
+            h, x, post, comb = torch.ops.dsv4.hc_post_pre_norm(attention(x), h, post, comb, *hc["ffn"],
+                                                               w["ffn_norm.weight"], c.rms_norm_eps, c.hc_eps,
+                                                               c.hc_sinkhorn_iters)
+        else:
+            h = hc_post(attention(x), h, post, comb)
+            x, post, comb = hc_pre_normed(h, *hc["ffn"], w["ffn_norm.weight"], c)
         ffn, experts = self.moe(x.flatten(0, 1), ids.flatten(), table, w, routed)
         return hc_post(ffn.view(x.shape), h, post, comb), None if experts is None else experts.view(*x.shape[:2], -1)
 

@@ -65,10 +65,19 @@ __device__ __forceinline__ void sinkhorn(const float (*mix)[M + 1], const float*
 
 }  // namespace
 
-// grid (HC*D / SLICE), block 256 (8 warps; warp w: mixes w, w+8, w+16). part [slices][N][M+1].
-extern "C" __global__ void __launch_bounds__(256) dsv4_hc_pre_mix(const __nv_bfloat16* __restrict__ x,
-                                                                  const float* __restrict__ fn,
-                                                                  float* __restrict__ part, int N, int K) {
+namespace {
+
+// The mixes' partials of one slice (see dsv4_hc_pre_mix). POST: the streams are first made from the
+// sub-layer's output, as the hyper-connection post that ends the attention (plugins.oracle.hc_post):
+//   x[k] = bf16( post[k] * f + sum_j comb[j][k] * res[j] ),  products and sums rounded one by one (the
+// oracle's separate ops, no fused multiply-adds), j in order; warp 0 writes them to x_out (the layer's new
+// streams, which the FFN's hc_post reads), every warp uses them. Else x holds the streams.
+template <bool POST>
+__device__ __forceinline__ void mix_slice(const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ x_out,
+                                          const float* __restrict__ fn, float* __restrict__ part, int N, int K,
+                                          const __nv_bfloat16* __restrict__ f,
+                                          const __nv_bfloat16* __restrict__ res, const float* __restrict__ post,
+                                          const float* __restrict__ comb) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, slice = blockIdx.x;
   const int k = slice * SLICE + lane * 8;
   float w[M / 8][8];                              // this lane's 8 elements of its warp's three fn rows
@@ -79,16 +88,43 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_hc_pre_mix(const __nv_bfl
     w[i][0] = a.x, w[i][1] = a.y, w[i][2] = a.z, w[i][3] = a.w;
     w[i][4] = b.x, w[i][5] = b.y, w[i][6] = b.z, w[i][7] = b.w;
   }
-  dsv4::pdl_wait();                               // x comes from the kernels before
+  dsv4::pdl_wait();                               // x (POST: f, res, post, comb) come from the kernels before
   dsv4::pdl_launch_dependents();
-  for (int n = 0; n < N; ++n) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(x + size_t(n) * K + k);
+  auto load8 = [](const __nv_bfloat16* p, float (&v)[8]) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
     const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-    float v[8];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const float2 f = __bfloat1622float2(h[j]);
-      v[2 * j] = f.x, v[2 * j + 1] = f.y;
+      const float2 t = __bfloat1622float2(h[j]);
+      v[2 * j] = t.x, v[2 * j + 1] = t.y;
+    }
+  };
+  const int D = K / HC, stream = k / D, col = k % D;   // a slice lies in one stream (D % SLICE == 0)
+  for (int n = 0; n < N; ++n) {
+    float v[8];
+    if (POST) {
+      float fv[8], r[8];
+      load8(f + size_t(n) * D + col, fv);
+      const float p = post[n * HC + stream];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = __fmul_rn(p, fv[e]);
+      float mixed[8];
+#pragma unroll
+      for (int j = 0; j < HC; ++j) {
+        load8(res + (size_t(n) * HC + j) * D + col, r);
+        const float c = comb[(n * HC + j) * HC + stream];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) mixed[e] = j ? __fadd_rn(mixed[e], __fmul_rn(c, r[e])) : __fmul_rn(c, r[e]);
+      }
+      __nv_bfloat16 out[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        out[e] = __float2bfloat16(__fadd_rn(v[e], mixed[e]));
+        v[e] = __bfloat162float(out[e]);
+      }
+      if (warp == 0) *reinterpret_cast<uint4*>(x_out + size_t(n) * K + k) = *reinterpret_cast<uint4*>(out);
+    } else {
+      load8(x + size_t(n) * K + k, v);
     }
     float dot[M / 8 + 1] = {};                    // three dots, then the sum of squares
 #pragma unroll
@@ -108,6 +144,24 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_hc_pre_mix(const __nv_bfl
       if (warp == 0) out[M] = dot[M / 8];
     }
   }
+}
+
+}  // namespace
+
+// grid (HC*D / SLICE), block 256 (8 warps; warp w: mixes w, w+8, w+16). part [slices][N][M+1].
+extern "C" __global__ void __launch_bounds__(256) dsv4_hc_pre_mix(const __nv_bfloat16* __restrict__ x,
+                                                                  const float* __restrict__ fn,
+                                                                  float* __restrict__ part, int N, int K) {
+  mix_slice<false>(x, nullptr, fn, part, N, K, nullptr, nullptr, nullptr, nullptr);
+}
+
+// The same, the streams x [N, HC, D] first written as the attention's hyper-connection post of f [N, D],
+// res [N, HC, D] (bf16), post [N, HC], comb [N, HC, HC] (float32): one launch where two ran.
+extern "C" __global__ void __launch_bounds__(256) dsv4_hc_post_pre_mix(
+    __nv_bfloat16* __restrict__ x, const float* __restrict__ fn, float* __restrict__ part, int N, int K,
+    const __nv_bfloat16* __restrict__ f, const __nv_bfloat16* __restrict__ res, const float* __restrict__ post,
+    const float* __restrict__ comb) {
+  mix_slice<true>(nullptr, x, fn, part, N, K, f, res, post, comb);
 }
 
 // grid (ceil(D / 1024)), block 256. y [N, D] bf16; post [N, HC], comb [N, HC, HC] float32 (CTA 0 writes them).
