@@ -38,8 +38,8 @@ from .formats import fp8_weight_dequant, mxfp4_dequant
 from .head import head_logits, kernel_fits
 from .moe_experts import (expert_nbytes, moe_experts_decode, moe_experts_prefill, moe_experts_prefill_wgmma,
                           unpack_expert, wgmma_pays)
-from .oracle import (einsum, hc_post, hc_pre_parts, quantised_matmul, rms_norm, route_from_logits, swiglu, swiglu_stacked,
-                     wide_dtype, with_rope)
+from .oracle import (einsum, hc_post, hc_pre_parts, quantised_matmul, rms_norm, route_from_logits, swiglu,
+                     swiglu_stacked, wide_dtype, with_rope)
 from .oracle import compressor_chunk as compressor_chunk_oracle
 from .oracle import compressor_step as compressor_step_oracle
 from .oracle import index_query as index_query_oracle
