@@ -365,11 +365,11 @@ def bench_indexer(bandwidth: float, blocks: int, capacity: int = 16384, k: int =
     from plugins.indexer import indexer_picks
     from plugins.oracle import indexer_picks as oracle
     q = torch.randn(1, 1, 64, 128, device="cuda").to(torch.bfloat16)
-    weights = (torch.randn(1, 1, 64, device="cuda") * 0.1).to(torch.bfloat16)
+    weights, scale = torch.randn(1, 1, 64, device="cuda") * 10, 128 ** -0.5 * 64 ** -0.5   # raw, as the programs
     keys = torch.randn(1, capacity, 128, device="cuda").to(torch.bfloat16)
-    count = torch.full((1, 1), blocks, dtype=torch.int64, device="cuda")
-    ms = graph_time_ms(lambda: indexer_picks(q, weights, keys, count, k), 8)
-    ms_oracle = graph_time_ms(lambda: oracle(q, weights, keys, count, k), 8)
+    pos = torch.full((1, 1), 4 * blocks - 1, dtype=torch.int64, device="cuda")     # `blocks` visible at ratio 4
+    ms = graph_time_ms(lambda: indexer_picks(q, weights, keys, pos, k, 4, scale), 8)
+    ms_oracle = graph_time_ms(lambda: oracle(q, weights, keys, pos, k, 4, scale), 8)
     nbytes = (blocks + 64) * 128 * 2
     return {"kernel": "indexer_picks", "weight": f"{blocks} of {capacity} blocks x 128, 64 heads, top {k}",
             "rows": 1, "weight_mb": nbytes / 1e6, "time_us": ms * 1e3, "achieved_gbps": nbytes / (ms * 1e-3) / 1e9,

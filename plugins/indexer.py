@@ -15,17 +15,18 @@ MAX_BLOCKS = 1 << 16                                    # a pick is sorted as 16
 
 
 def supports(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, k: int) -> bool:
-    """q [B, S, 64, 128] and weights bf16 on a GPU over keys [B, T, 128], at most 16 query rows, T <= 65536,
-    k <= 2048."""
-    return (q.is_cuda and q.dtype == weights.dtype == keys.dtype == torch.bfloat16 and q.dim() == 4
-            and q.shape[2:] == (HEADS, DIM) and keys.size(-1) == DIM and 1 <= q.size(0) * q.size(1) <= MAX_ROWS
-            and keys.size(1) <= MAX_BLOCKS and 1 <= k <= MAX_K)
+    """q [B, S, 64, 128] bf16 with the raw head weights [B, S, 64] float32 on a GPU over bf16 keys [B, T, 128], at
+    most 16 query rows, T <= 65536, k <= 2048."""
+    return (q.is_cuda and q.dtype == keys.dtype == torch.bfloat16 and weights.dtype == torch.float32
+            and q.dim() == 4 and q.shape[2:] == (HEADS, DIM) and keys.size(-1) == DIM
+            and 1 <= q.size(0) * q.size(1) <= MAX_ROWS and keys.size(1) <= MAX_BLOCKS and 1 <= k <= MAX_K)
 
 
-def indexer_picks(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, count: torch.Tensor,
-                  k: int) -> torch.Tensor:
-    """q [B, S, 64, 128], weights [B, S, 64], keys [B, T, 128] bf16, count [B, S] int64 -> picks [B, S, k]
-    int64 (-1 = none). All contiguous."""
+def indexer_picks(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, k: int,
+                  ratio: int, weight_scale: float) -> torch.Tensor:
+    """q [B, S, 64, 128] bf16, the raw head weights [B, S, 64] float32 (the kernel rounds them to bf16 and scales
+    them by weight_scale, as the program did), keys [B, T, 128] bf16, the queries' positions pos [B, S] int64
+    (blocks t < (pos + 1) // ratio visible) -> picks [B, S, k] int64 (-1 = none). All contiguous."""
     assert supports(q, weights, keys, k) and q.is_contiguous() and keys.is_contiguous() and weights.is_contiguous()
     b, s = q.shape[:2]
     t = keys.size(1)
@@ -33,8 +34,10 @@ def indexer_picks(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, co
     picks = torch.empty(b, s, k, dtype=torch.int64, device=q.device)
     lib = kernels()
     lib.launch("dsv4_indexer_scores", (-(-t // KEYS_PER_CTA), b * s), 256,
-               [(q, PTR), (weights, PTR), (keys, PTR), (count, PTR), (scores, PTR), (t, INT), (s, INT)])
-    lib.launch("dsv4_indexer_topk", b * s, 512, [(scores, PTR), (count, PTR), (picks, PTR), (t, INT), (k, INT)])
+               [(q, PTR), (weights, PTR), (weight_scale, FLOAT), (keys, PTR), (pos, PTR), (ratio, INT), (scores, PTR),
+                (t, INT), (s, INT)])
+    lib.launch("dsv4_indexer_topk", b * s, 512, [(scores, PTR), (pos, PTR), (ratio, INT), (picks, PTR), (t, INT),
+                                                (k, INT)])
     return picks
 
 

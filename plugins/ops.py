@@ -17,7 +17,7 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::route_topk(logits, bias, k, scoring, scale, experts)   a score-routed gate's weights (experts
                                                             written in place)
     dsv4::index_query(q, rot, rope_dim)                     the indexer's queries: RoPE, Hadamard, FP4
-    dsv4::indexer_picks(q, weights, keys, count, k)        the indexer's top-k compressed blocks
+    dsv4::indexer_picks(q, weights, keys, pos, k, ...)     the indexer's top-k compressed blocks
     dsv4::compressor_step(proj, ape, pos, states, cache, ...)   a compressor fed one token (mutates)
     dsv4::compressor_chunk(proj, ape, start, n, states, cache, ...)   a compressor fed a chunk (mutates)
     dsv4::kv_row(kv, norm, rot, pos, cache, window, ...)    a new token's window row (mutates)
@@ -362,20 +362,21 @@ def _(q, rot, rope_dim):
 
 
 @torch.library.custom_op("dsv4::indexer_picks", mutates_args=())
-def indexer_picks(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, count: torch.Tensor,
-                  k: int) -> torch.Tensor:
-    """The indexer's top k compressed blocks [B, S, k] int64 (-1 = none) of queries q [B, S, heads, dim] with
-    head weights [B, S, heads] over keys [B, T, dim], blocks t < count [B, S] visible: two launches for decode
-    rows in bf16 on a GPU, the oracle elsewhere."""
+def indexer_picks(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, k: int, ratio: int,
+                  weight_scale: float) -> torch.Tensor:
+    """The indexer's top k compressed blocks [B, S, k] int64 (-1 = none) of queries q [B, S, heads, dim] at
+    positions pos [B, S] over keys [B, T, dim], blocks t < (pos + 1) // ratio visible, with the raw head
+    weights [B, S, heads] (see `plugins.oracle.indexer_picks`): two launches for decode rows in bf16 on a GPU
+    (the weights' rounding and scale and the visible count inside them), the oracle elsewhere."""
     from . import indexer as kernel
     if kernel.supports(q, weights, keys, k):
-        return kernel.indexer_picks(q.contiguous(), weights.contiguous(), keys.contiguous(),
-                                    count.long().contiguous(), k)
-    return indexer_picks_oracle(q, weights, keys, count, k)
+        return kernel.indexer_picks(q.contiguous(), weights.contiguous(), keys.contiguous(), pos.long().contiguous(),
+                                    k, ratio, weight_scale)
+    return indexer_picks_oracle(q, weights, keys, pos, k, ratio, weight_scale)
 
 
 @indexer_picks.register_fake
-def _(q, weights, keys, count, k):
+def _(q, weights, keys, pos, k, ratio, weight_scale):
     return q.new_empty(*q.shape[:2], k, dtype=torch.int64)
 
 

@@ -71,11 +71,15 @@ def index_query(q: torch.Tensor, rot: torch.Tensor, rope_dim: int) -> torch.Tens
     return fp4_roundtrip(hadamard(with_rope(q, rot, rope_dim)))
 
 
-def indexer_picks(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, count: torch.Tensor,
-                  k: int) -> torch.Tensor:
+def indexer_picks(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, k: int,
+                  ratio: int, weight_scale: float) -> torch.Tensor:
     """The compressed blocks each query attends to [B, S, k] int64 (-1 = none): the top k of
-    sum_h w_h * relu(q_h . key_t) over the blocks t < count [B, S] visible to it. q [B, S, heads, dim],
-    weights [B, S, heads], keys [B, T, dim]; a bf16 einsum, its product with the weights rounded likewise."""
+    sum_h w_h * relu(q_h . key_t) over the blocks t < (pos + 1) // ratio visible to the query at position pos
+    [B, S]. q [B, S, heads, dim], keys [B, T, dim]; the head weights w = weights [B, S, heads] (the raw
+    weights_proj product) in q's dtype times weight_scale; a bf16 einsum, its product with w rounded
+    likewise."""
+    weights = weights.to(q.dtype) * weight_scale
+    count = (pos + 1) // ratio
     score = einsum("bshd,btd->bsht", q, keys)
     score = wide(score.relu() * weights[..., None]).sum(dim=2).to(q.dtype)          # [B, S, T]
     visible = torch.arange(keys.size(1), device=keys.device) < count[..., None]

@@ -5,29 +5,35 @@ import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
 from plugins.oracle import indexer_picks as indexer_picks_oracle
 
 
+RATIO = 4
+SCALE = 128 ** -0.5 * 64 ** -0.5                 # the indexer's head-weight scale (Flash and Pro)
+
+
 def _case(b, s, t, counts, exact, seed=0, heads=64, dim=128):
-    """q [b, s, heads, dim], weights [b, s, heads], keys [b, t, dim] (bf16), count [b, s]. `exact`: small
-    integers and power-of-two weights, so every sum is exact in any order and ties are many (the kernel must
-    then give the oracle's picks bit for bit); else normal values."""
+    """q [b, s, heads, dim], keys [b, t, dim] (bf16), the raw head weights [b, s, heads] (float32) and their
+    scale, and positions pos [b, s] with counts[i] blocks visible ((pos + 1) // RATIO). `exact`: small integers
+    and power-of-two weights at scale 1, so every sum is exact in any order and ties are many (the kernel must
+    then give the oracle's picks bit for bit); else normal values at the indexer's scale."""
     g = torch.Generator().manual_seed(seed)
     if exact:
         q = torch.randint(-2, 3, (b, s, heads, dim), generator=g).float()
         keys = torch.randint(-2, 3, (b, t, dim), generator=g).float()
         weights = 2.0 ** torch.randint(-3, 2, (b, s, heads), generator=g).float()
         weights *= torch.where(torch.rand(b, s, heads, generator=g) < 0.2, -1.0, 1.0)
+        scale = 1.0
     else:
         q, keys = torch.randn(b, s, heads, dim, generator=g), torch.randn(b, t, dim, generator=g)
-        weights = torch.randn(b, s, heads, generator=g) * 0.1
-    count = torch.tensor(counts, dtype=torch.int64).view(b, s)
-    return [x.to(torch.bfloat16).cuda() for x in (q, weights, keys)] + [count.cuda()]
+        weights, scale = torch.randn(b, s, heads, generator=g) * 10, SCALE
+    pos = torch.tensor(counts, dtype=torch.int64).view(b, s) * RATIO - 1 + torch.randint(0, RATIO, (b, s), generator=g)
+    return [x.to(torch.bfloat16).cuda() for x in (q, keys)] + [weights.cuda(), scale, pos.cuda()]
 
 
 def test_indexer_op_is_the_oracle_on_the_cpu():
     g = torch.Generator().manual_seed(0)
     q, keys = torch.randn(2, 1, 4, 8, generator=g), torch.randn(2, 20, 8, generator=g)
-    weights, count = torch.randn(2, 1, 4, generator=g), torch.tensor([[5], [20]])
-    got = torch.ops.dsv4.indexer_picks(q, weights, keys, count, 8)
-    assert torch.equal(got, indexer_picks_oracle(q, weights, keys, count, 8))
+    weights, pos = torch.randn(2, 1, 4, generator=g), torch.tensor([[5 * RATIO - 1], [20 * RATIO + 2]])
+    got = torch.ops.dsv4.indexer_picks(q, weights, keys, pos, 8, RATIO, SCALE)
+    assert torch.equal(got, indexer_picks_oracle(q, weights, keys, pos, 8, RATIO, SCALE))
     assert (got[0, 0, 5:] == -1).all() and (got[0, 0, :5] >= 0).all() and (got[0, 0, :5] < 5).all()
 
 
@@ -43,18 +49,20 @@ def test_indexer_op_is_the_oracle_on_the_cpu():
 @pytest.mark.parametrize("exact", [pytest.param(True, id="exact-ties"), pytest.param(False, id="normal")])
 def test_indexer_kernel_matches_oracle(b, s, t, counts, k, exact):
     from plugins.indexer import indexer_picks, supports
-    q, weights, keys, count = _case(b, s, t, counts, exact)
+    q, keys, weights, scale, pos = _case(b, s, t, counts, exact)
     assert supports(q, weights, keys, k)
-    got = indexer_picks(q, weights, keys, count, k)
-    expect = indexer_picks_oracle(q, weights, keys, count, k)        # torch on the GPU
+    got = indexer_picks(q, weights, keys, pos, k, RATIO, scale)
+    expect = indexer_picks_oracle(q, weights, keys, pos, k, RATIO, scale)     # torch on the GPU
     assert got.shape == expect.shape == (b, s, k) and got.dtype == torch.int64
     assert torch.equal(got < 0, expect < 0)                          # as many picks, then -1
+    assert ((got >= 0).sum(-1).cpu() == torch.tensor(counts).view(b, s).clamp(max=k)).all()
     if exact:                                                        # every sum exact: the same picks, in order
         assert torch.equal(got, expect)
         return
     # Float32 sums in another order may move a score by one bf16 ulp: where the picks differ, the scores at
     # them (the oracle's) must be within an ulp of each other, and the kernel's must still descend.
-    score = torch.einsum("bshd,btd->bsht", q.float(), keys.float()).bfloat16().relu() * weights[..., None]
+    w = weights.to(torch.bfloat16) * scale
+    score = torch.einsum("bshd,btd->bsht", q.float(), keys.float()).bfloat16().relu() * w[..., None]
     score = score.float().sum(2)
     for i in range(b):
         for j in range(s):
@@ -71,16 +79,16 @@ def test_indexer_kernel_matches_oracle(b, s, t, counts, k, exact):
 @pytest.mark.gpu
 def test_indexer_kernel_captures_in_a_cuda_graph():
     from plugins.indexer import indexer_picks
-    q, weights, keys, count = _case(1, 1, 1024, [300], exact=True)
-    indexer_picks(q, weights, keys, count, 512)                      # loads the kernels before capture
+    q, keys, weights, scale, pos = _case(1, 1, 1024, [300], exact=True)
+    indexer_picks(q, weights, keys, pos, 512, RATIO, scale)          # loads the kernels before capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        got = torch.ops.dsv4.indexer_picks(q, weights, keys, count, 512)
+        got = torch.ops.dsv4.indexer_picks(q, weights, keys, pos, 512, RATIO, scale)
     fresh = _case(1, 1, 1024, [301], exact=True, seed=1)
-    for buf, new in zip((q, weights, keys, count), fresh):
+    for buf, new in zip((q, keys, weights, pos), (fresh[0], fresh[1], fresh[2], fresh[4])):
         buf.copy_(new)
     graph.replay()
-    assert torch.equal(got, indexer_picks_oracle(q, weights, keys, count, 512))
+    assert torch.equal(got, indexer_picks_oracle(q, weights, keys, pos, 512, RATIO, scale))
 
 
 def _queries(b, s, heads, device, seed=0):

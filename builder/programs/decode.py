@@ -266,39 +266,40 @@ class DecodeLayer(torch.nn.Module):
               c.qk_rope_head_dim, KV_FP8_BLOCK)
         if r:
             self.compressor(x[:, 0], pos, self.rot, caches["comp_kv"], caches["comp_score"], caches["kv"], win, w)
-            blocks = torch.arange(caches["kv"].size(1) - win, device=x.device)
-            count = (pos + 1) // r                                               # complete blocks [B]
             if r == 4:
                 q_idx, weights = self.index_query(x, qr, rot, w)
                 self.idx_compressor(x[:, 0], pos, self.rot, caches["idx_kv"], caches["idx_score"],
                                     caches["idx_keys"], 0, w)
-                picked = self.pick_blocks(q_idx, weights, caches["idx_keys"], count[:, None])[:, 0]
-            else:
-                picked = torch.where(blocks[None] < count[:, None], blocks[None], -1)
+                picked = self.pick_blocks(q_idx, weights, caches["idx_keys"], pos[:, None])[:, 0]
+            else:                                       # every complete block: (pos + 1) // r of them
+                blocks = torch.arange(caches["kv"].size(1) - win, device=x.device)
+                picked = torch.where(blocks[None] < ((pos + 1) // r)[:, None], blocks[None], -1)
             idx = torch.cat([idx, torch.where(picked >= 0, picked + win, -1)], dim=-1)
         return self.attend(q, caches["kv"], idx[:, None], rot, w)
 
     def index_query(self, x, qr, rot, w):
-        """The indexer's queries [B, S, iheads, idim] (RoPE, Hadamard, FP4 round-trip) and per-head
-        weights [B, S, iheads] of tokens x [B, S, d] with query latents qr (before their norm)."""
+        """The indexer's queries [B, S, iheads, idim] (RoPE, Hadamard, FP4 round-trip) and raw per-head
+        weights [B, S, iheads] (`pick_blocks` rounds and scales them) of tokens x [B, S, d] with query latents
+        qr (before their norm)."""
         c = self.cfg
         q = self.from_latent(qr, w, "attn.indexer.wq_b").unflatten(-1, (c.index_n_heads, c.index_head_dim))
         # one launch for decode rows on a GPU where Inductor made a RoPE, a cuBLAS product and the FP4 kernels
         query = torch.ops.dsv4.index_query if q.size(0) * q.size(1) <= INDEXER_OP_ROWS else index_query
         q = query(q, rot, c.qk_rope_head_dim)
-        # a bf16 product as the reference's `linear` (float32 sums, rounded once), through the narrow GEMV
-        # kernel on a GPU (`wide_product`), where cuBLAS ran a split-K GEMV and a reduction launch
-        weights = (wide_product(x, w["attn.indexer.weights_proj.weight"]).to(x.dtype)
-                   * (softmax_scale(c.index_head_dim) * c.index_n_heads ** -0.5))
-        return q, weights
+        # a bf16 product as the reference's `linear` (float32 sums, rounded once by `pick_blocks`), through the
+        # narrow GEMV kernel on a GPU (`wide_product`), where cuBLAS ran a split-K GEMV and a reduction launch
+        return q, wide_product(x, w["attn.indexer.weights_proj.weight"])
 
-    def pick_blocks(self, q, weights, keys, count):
-        """The compressed blocks each query q [B, S, iheads, idim] attends to [B, S, topk] (-1 = none): the
-        top-k of sum_h w_h * relu(q_h . key_t) over the blocks t < count [B, S] visible to it."""
-        k = min(self.cfg.index_topk, keys.size(1))
+    def pick_blocks(self, q, weights, keys, pos):
+        """The compressed blocks each query q [B, S, iheads, idim] at position pos [B, S] attends to [B, S, topk]
+        (-1 = none): the top-k of sum_h w_h * relu(q_h . key_t) over the blocks t < (pos + 1) // ratio visible to
+        it, w_h the raw weights [B, S, iheads] in q's dtype times the indexer's scale (inside the kernels'
+        launches for decode rows, where they were two launches of their own)."""
+        c = self.cfg
+        k, scale = min(c.index_topk, keys.size(1)), softmax_scale(c.index_head_dim) * c.index_n_heads ** -0.5
         if q.size(0) * q.size(1) <= INDEXER_OP_ROWS:
-            return torch.ops.dsv4.indexer_picks(q, weights, keys, count, k)
-        return indexer_picks(q, weights, keys, count, k)
+            return torch.ops.dsv4.indexer_picks(q, weights, keys, pos, k, self.ratio, scale)
+        return indexer_picks(q, weights, keys, pos, k, self.ratio, scale)
 
     def moe(self, x, ids, table, w, routed=None):
         """x [N, d], ids [N] -> (y [N, d], the routed experts [N, k] int32, or None where the gate wrote them

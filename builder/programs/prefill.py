@@ -66,15 +66,14 @@ class PrefillLayer(DecodeLayer):
         idx = torch.where(seen < 0, -1, idx)
         if r:
             self.compressor(x, start, n, self.rot, caches["comp_kv"], caches["comp_score"], cache, win, w)
-            blocks = torch.arange(cache.size(1) - win, device=dev)
-            count = (pos + 1) // r                                                 # [B, C] complete blocks
             if r == 4:
                 q_idx, weights = self.index_query(x, qr, rot, w)
                 self.idx_compressor(x, start, n, self.rot, caches["idx_kv"], caches["idx_score"],
                                     caches["idx_keys"], 0, w)
-                picked = self.pick_blocks(q_idx, weights, caches["idx_keys"], count)
-            else:
-                picked = torch.where(blocks < count[..., None], blocks, -1)
+                picked = self.pick_blocks(q_idx, weights, caches["idx_keys"], pos)
+            else:                                       # every complete block: (pos + 1) // r of them
+                blocks = torch.arange(cache.size(1) - win, device=dev)
+                picked = torch.where(blocks < ((pos + 1) // r)[..., None], blocks, -1)
             idx = torch.cat([idx, torch.where(picked >= 0, picked + win, -1)], dim=-1)
         rows = torch.cat([cache, kv], dim=1)
         cache[:, :win] = ring_update(cache[:, :win], kv, start, n)

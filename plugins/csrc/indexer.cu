@@ -1,6 +1,8 @@
 // The indexer's block picks for decode rows (ratio-4 layers), two launches where torch makes about eight
 // (a bf16 GEMM, relu, the weighting, the sum over heads, the mask, a full stable sort of the cache):
 //   score[t] = bf16( sum_h bf16( relu(bf16(q_h . key_t)) * w_h ) )   for the visible blocks t < count
+// with the head weights w_h = bf16( bf16(raw_h) * w_scale ) of the raw weights_proj product and
+// count = (pos + 1) / ratio of the query's position: the program's glue, here where it made two launches.
 //   picks    = the first k of those blocks in descending score, ties to the lower block, -1 past them
 // which is the oracle's math (the program's pick_blocks: a bf16 einsum accumulated in float32, the product
 // with the bf16 weights rounded to bf16, the sum over heads in float32, oracle.top_k's stable sort). The
@@ -21,12 +23,13 @@ __device__ __forceinline__ uint32_t ordered(uint16_t bits) {
 }
 }  // namespace indexer
 
-// Grid (ceil(T / 64), rows), 256 threads. q [rows, 64, 128] bf16, w [rows, 64] bf16, keys [rows / queries, T,
-// 128] bf16 -> scores [rows, T] as bf16 bits (only t < count[row] written). Query row r reads the keys of
-// sequence r / queries (queries: rows per sequence, 1 in decode).
+// Grid (ceil(T / 64), rows), 256 threads. q [rows, 64, 128] bf16, raw [rows, 64] float32, keys [rows / queries,
+// T, 128] bf16, pos [rows] -> scores [rows, T] as bf16 bits (only t < count written). Query row r reads the keys
+// of sequence r / queries (queries: rows per sequence, 1 in decode).
 extern "C" __global__ void __launch_bounds__(256) dsv4_indexer_scores(
-    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ w, const __nv_bfloat16* __restrict__ keys,
-    const long long* __restrict__ count, uint16_t* __restrict__ scores, int T, int queries) {
+    const __nv_bfloat16* __restrict__ q, const float* __restrict__ raw, float w_scale,
+    const __nv_bfloat16* __restrict__ keys, const long long* __restrict__ pos, int ratio,
+    uint16_t* __restrict__ scores, int T, int queries) {
   using namespace indexer;
   __shared__ __align__(16) __nv_bfloat16 qs[HEADS * QROW];
   __shared__ float ws[HEADS];
@@ -34,14 +37,15 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_indexer_scores(
   const int t0 = blockIdx.x * KEYS_PER_CTA + warp * 8;
   dsv4::pdl_wait();                          // q, w and the new key come from this step's kernels
   dsv4::pdl_launch_dependents();
-  const long long visible = min((long long)T, count[row]);
+  const long long visible = min((long long)T, (pos[row] + 1) / ratio);
   if (blockIdx.x * KEYS_PER_CTA >= visible) return;
   for (int i = threadIdx.x; i < HEADS * DIM / 8; i += blockDim.x) {   // 16 bytes at a time
     const int h = i / (DIM / 8), c = i % (DIM / 8);
     *reinterpret_cast<uint4*>(&qs[h * QROW + c * 8]) =
         reinterpret_cast<const uint4*>(q + (size_t(row) * HEADS + h) * DIM)[c];
   }
-  if (threadIdx.x < HEADS) ws[threadIdx.x] = __bfloat162float(w[size_t(row) * HEADS + threadIdx.x]);
+  if (threadIdx.x < HEADS)   // the program's bf16 weights: the product rounded, then scaled and rounded again
+    ws[threadIdx.x] = dsv4::bf16_round(dsv4::bf16_round(raw[size_t(row) * HEADS + threadIdx.x]) * w_scale);
   __syncthreads();
   // Lane l owns heads l and l + 32; the warp's 8 keys are read whole by every lane (one broadcast each).
   const __nv_bfloat16* kbase = keys + size_t(row / queries) * T * DIM;
@@ -90,9 +94,9 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_indexer_scores(
 // number's complement), so the picks are exactly the k largest keys: a radix select finds the k-th one a
 // byte at a time, the picks are gathered, and each pick's place is the number of picks above it.
 extern "C" __global__ void __launch_bounds__(indexer::PICK_THREADS) dsv4_indexer_topk(const uint16_t* __restrict__ scores,
-                                                                            const long long* __restrict__ count,
-                                                                            long long* __restrict__ picks, int T,
-                                                                            int k) {
+                                                                            const long long* __restrict__ pos,
+                                                                            int ratio, long long* __restrict__ picks,
+                                                                            int T, int k) {
   using namespace indexer;
   __shared__ int hist[256];
   __shared__ uint32_t picked[MAX_SORT];
@@ -101,7 +105,7 @@ extern "C" __global__ void __launch_bounds__(indexer::PICK_THREADS) dsv4_indexer
   const int row = blockIdx.x, tid = threadIdx.x, lane = tid % 32;
   dsv4::pdl_wait();
   dsv4::pdl_launch_dependents();
-  const int n = int(min((long long)T, max(0LL, count[row])));
+  const int n = int(min((long long)T, max(0LL, (pos[row] + 1) / ratio)));
   const int want = min(k, n);
   const uint16_t* s = scores + size_t(row) * T;
   auto key_of = [&](int i) { return (ordered(s[i]) << 16) | (0xFFFFu - uint32_t(i)); };
