@@ -100,27 +100,30 @@ def fp8_linear_decode_normed(x: torch.Tensor, norm: torch.Tensor, eps: float, w:
                              w_scale: torch.Tensor) -> torch.Tensor:
     """fp8_linear_decode(rms_norm_rows(x, norm, eps), w, w_scale) in one launch where it fits (x [M, K] bf16
     rows with unit stride along K, e.g. a stacked product's slice; norm [K] float32 contiguous); the same bits."""
-    m, k = x.shape
-    plan = gemv_plan(m, k, kernels().shared_memory(), staged=True) if m <= PROLOGUE_ROWS and k <= NORM_PROLOGUE_K \
-        else None
-    if plan is None or x.stride(-1) != 1:
-        return fp8_linear_decode(rms_norm_rows(x, norm, eps), w, w_scale)
-    _, stages, shared = plan
-    return _gemv("dsv4_fp8_gemv_fused_norm_m8", x, x, x, w, w_scale, None, m, k, stages, shared,
-                 (norm, x.stride(0), 0, eps))
+    return _after_prologue("norm", x, x.size(1), (norm, x.stride(0), 0, eps), x.size(1) <= NORM_PROLOGUE_K,
+                           lambda: rms_norm_rows(x, norm, eps), w, w_scale)
 
 
 def fp8_linear_decode_swiglu(y: torch.Tensor, size: int, up: int, limit: float, w: torch.Tensor,
                              w_scale: torch.Tensor) -> torch.Tensor:
     """fp8_linear_decode(swiglu_rows(y, size, up, limit), w, w_scale) in one launch where it fits (y [M, W]
     bf16 rows with unit stride holding gate [0, size) and up [up, up + size)); the same bits."""
-    m = y.size(0)
-    plan = gemv_plan(m, size, kernels().shared_memory(), staged=True) if m <= PROLOGUE_ROWS else None
-    if plan is None or y.stride(-1) != 1:
-        return fp8_linear_decode(swiglu_rows(y, size, up, limit), w, w_scale)
+    return _after_prologue("swiglu", y, size, (None, y.stride(0), up, limit), True,
+                           lambda: swiglu_rows(y, size, up, limit), w, w_scale)
+
+
+def _after_prologue(kind: str, rows: torch.Tensor, k: int, prologue: tuple, fits: bool, apart, w: torch.Tensor,
+                    w_scale: torch.Tensor) -> torch.Tensor:
+    """The GEMV over the rows after prologue `kind` (csrc/fp8_linear.cu Prologue) in its launch where the fused
+    form has room for it, else `apart()` (the transform's own kernel) and then the GEMV."""
+    m = rows.size(0)
+    plan = gemv_plan(m, k, kernels().shared_memory(), staged=True) \
+        if fits and m <= PROLOGUE_ROWS and rows.stride(-1) == 1 else None
+    if plan is None:
+        return fp8_linear_decode(apart(), w, w_scale)
     _, stages, shared = plan
-    return _gemv("dsv4_fp8_gemv_fused_swiglu_m8", y, y, y, w, w_scale, None, m, size, stages, shared,
-                 (None, y.stride(0), up, limit))
+    return _gemv(f"dsv4_fp8_gemv_fused_{kind}_m8", rows, rows, rows, w, w_scale, None, m, k, stages, shared,
+                 prologue)
 
 
 def _gemv(name: str, x, codes, scales, w, w_scale, out, m: int, k: int, stages: int, shared: int,

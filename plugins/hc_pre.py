@@ -41,13 +41,10 @@ def hc_pre_decode(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: 
     that weight and `norm_eps` (one CTA finishes: d <= 8192)."""
     assert (supports_norm if norm is not None else supports)(x, fn) and x.is_contiguous() and fn.is_contiguous()
     assert fn.dtype == torch.float32 and (norm is None or (norm.dtype == torch.float32 and norm.is_contiguous()))
-    lead, d = x.shape[:-2], x.size(-1)
+    d = x.size(-1)
     rows = x.numel() // (HC * d)
     part = make_workspace(rows, d, x.device) if workspace is None else workspace
-    if out is None:
-        out = (x.new_empty(*lead, d), torch.empty(*lead, HC, dtype=torch.float32, device=x.device),
-               torch.empty(*lead, HC, HC, dtype=torch.float32, device=x.device))
-    y, post, comb = out
+    y, post, comb = _outputs(x) if out is None else out
     _finish(x, _mix("dsv4_hc_pre_mix", x, fn, part, rows, []), scale, base, norm, y, post, comb, norm_eps, hc_eps,
             iters)
     return y, post, comb
@@ -63,15 +60,21 @@ def hc_post_pre_decode(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, c
     assert supports_norm(res, fn) and res.is_contiguous() and fn.is_contiguous() and f.is_contiguous()
     assert f.shape == res.shape[:-2] + res.shape[-1:] and f.dtype == torch.bfloat16
     assert post.dtype == comb.dtype == torch.float32 and post.is_contiguous() and comb.is_contiguous()
-    lead, d = res.shape[:-2], res.size(-1)
+    d = res.size(-1)
     rows = res.numel() // (HC * d)
     x = torch.empty_like(res)
-    y, post_out, comb_out = (res.new_empty(*lead, d), torch.empty(*lead, HC, dtype=torch.float32, device=res.device),
-                             torch.empty(*lead, HC, HC, dtype=torch.float32, device=res.device))
+    y, post_out, comb_out = _outputs(res)
     part = make_workspace(rows, d, res.device)
     _mix("dsv4_hc_post_pre_mix", x, fn, part, rows, [(f, PTR), (res, PTR), (post, PTR), (comb, PTR)])
     _finish(x, part, scale, base, norm, y, post_out, comb_out, norm_eps, hc_eps, iters)
     return x, y, post_out, comb_out
+
+
+def _outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """New y [..., d] (x's dtype), post [..., 4] and comb [..., 4, 4] (float32) for streams x [..., 4, d]."""
+    lead = x.shape[:-2]
+    return (x.new_empty(*lead, x.size(-1)), torch.empty(*lead, HC, dtype=torch.float32, device=x.device),
+            torch.empty(*lead, HC, HC, dtype=torch.float32, device=x.device))
 
 
 def _mix(name: str, x: torch.Tensor, fn: torch.Tensor, part: torch.Tensor, rows: int, extra: list) -> torch.Tensor:
