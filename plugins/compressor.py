@@ -85,17 +85,22 @@ def kv_row(kv: torch.Tensor, norm: torch.Tensor, rot: torch.Tensor, pos: torch.T
                       (cache.size(1), INT), (window, INT), (eps, FLOAT)])
 
 
-def supports_q_heads(q: torch.Tensor, rot: torch.Tensor, rope_dim: int) -> bool:
+def supports_q_heads(q: torch.Tensor, rot: torch.Tensor, rope_dim: int, pos: torch.Tensor | None = None) -> bool:
     """q [B, S, heads, hd] bf16 on a GPU with hd a multiple of 32 up to 512, rot [B, S, 32, 2] at the rows'
-    positions, RoPE 64."""
+    positions (with pos [B, S]: the layer's table [max_len, 32, 2]), RoPE 64."""
+    rows_ok = (rot.dim() == 3 and rot.shape[1:] == (ROPE // 2, 2) and pos.shape == q.shape[:2] if pos is not None
+               else rot.shape == (*q.shape[:2], ROPE // 2, 2))
     return (q.is_cuda and q.dtype == torch.bfloat16 and q.dim() == 4 and q.size(-1) % 32 == 0
-            and ROPE <= q.size(-1) <= DIMS[-1] and rope_dim == ROPE and rot.shape == (*q.shape[:2], ROPE // 2, 2))
+            and ROPE <= q.size(-1) <= DIMS[-1] and rope_dim == ROPE and rows_ok)
 
 
-def q_heads(q: torch.Tensor, rot: torch.Tensor, eps: float) -> torch.Tensor:
-    """As the oracle (RoPE 64); q contiguous bf16, rot contiguous float32 -> a new [B, S, heads, hd] bf16."""
+def q_heads(q: torch.Tensor, rot: torch.Tensor, eps: float, pos: torch.Tensor | None = None) -> torch.Tensor:
+    """As the oracle (RoPE 64); q contiguous bf16, rot contiguous float32 (with pos [B, S] int64 contiguous,
+    the whole table, read at each row's position) -> a new [B, S, heads, hd] bf16."""
     assert q.is_contiguous() and rot.is_contiguous() and rot.dtype == torch.float32
+    assert pos is None or (pos.is_contiguous() and pos.dtype == torch.int64)
     out = torch.empty_like(q)
     kernels().launch("dsv4_q_heads", (q.size(0) * q.size(1), q.size(2)), q.size(3),
-                     [(q, PTR), (rot, PTR), (out, PTR), (q.size(2), INT), (q.size(3), INT), (eps, FLOAT)])
+                     [(q, PTR), (rot, PTR), (out, PTR), (q.size(2), INT), (q.size(3), INT), (eps, FLOAT),
+                      (0 if pos is None else pos, PTR)])
     return out

@@ -41,18 +41,23 @@ def indexer_picks(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, po
     return picks
 
 
-def supports_query(q: torch.Tensor, rot: torch.Tensor, rope_dim: int) -> bool:
-    """q [B, S, heads, 128] bf16 on a GPU, rot [B, S, 32, 2] at the queries' positions, RoPE 64, at most 16
-    query rows."""
+def supports_query(q: torch.Tensor, rot: torch.Tensor, rope_dim: int, pos: torch.Tensor | None = None) -> bool:
+    """q [B, S, heads, 128] bf16 on a GPU, rot [B, S, 32, 2] at the queries' positions (with pos [B, S]: the
+    layer's table [max_len, 32, 2]), RoPE 64, at most 16 query rows."""
+    rows_ok = (rot.dim() == 3 and rot.shape[1:] == (rope_dim // 2, 2) and pos.shape == q.shape[:2]
+               if pos is not None else rot.shape == (*q.shape[:2], rope_dim // 2, 2))
     return (q.is_cuda and q.dtype == torch.bfloat16 and q.dim() == 4 and q.size(-1) == DIM and rope_dim == 64
-            and rot.shape == (*q.shape[:2], rope_dim // 2, 2) and 1 <= q.size(0) * q.size(1) <= MAX_ROWS)
+            and rows_ok and 1 <= q.size(0) * q.size(1) <= MAX_ROWS)
 
 
-def index_query(q: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """q [B, S, heads, 128] bf16 contiguous, rot [B, S, 32, 2] float32 contiguous -> the queries [B, S, heads,
-    128] bf16 after RoPE, Hadamard and the FP4 round-trip."""
+def index_query(q: torch.Tensor, rot: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, S, heads, 128] bf16 contiguous, rot [B, S, 32, 2] float32 contiguous (with pos [B, S] int64
+    contiguous, the whole table, read at each query's position) -> the queries [B, S, heads, 128] bf16 after
+    RoPE, Hadamard and the FP4 round-trip."""
     assert q.is_contiguous() and rot.is_contiguous() and rot.dtype == torch.float32
+    assert pos is None or (pos.is_contiguous() and pos.dtype == torch.int64)
     out = torch.empty_like(q)
     kernels().launch("dsv4_index_query", (q.size(0) * q.size(1), q.size(2)), DIM,
-                     [(q, PTR), (rot, PTR), (out, PTR), (q.size(2), INT), (DIM ** -0.5, FLOAT)])
+                     [(q, PTR), (rot, PTR), (out, PTR), (q.size(2), INT), (DIM ** -0.5, FLOAT),
+                      (0 if pos is None else pos, PTR)])
     return out

@@ -7,7 +7,8 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::moe_routed(x, experts, weights, table, inter, limit)   routed MXFP4 experts via a pointer table
     dsv4::moe_with_shared(x, experts, weights, table, ...)  the routed experts and the shared expert
     dsv4::sparse_attention(q, kv, sink, idx, scale)        attention over picked rows with a sink
-    dsv4::sparse_attention_rope(q, kv, sink, idx, scale, rot)  the same, then the output's inverse RoPE
+    dsv4::decode_attention(q, kv, sink, picked, pos, ...)  a decode step's attention over its window and
+                                                            compressed rows, then the output's inverse RoPE
     dsv4::hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters)   hyper-connection pre (mixes, Sinkhorn, sum)
     dsv4::hc_pre_norm(x, fn, scale, base, weight, ...)      the same, then the RMSNorm after it
     dsv4::hc_post_pre_norm(f, res, post, comb, fn, ...)     the attention's hc_post, then the FFN's hc_pre_norm
@@ -16,12 +17,12 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::grouped_fp8_linear(x, weight, scale)              per-group FP8 weights, bf16 activations (wo_a)
     dsv4::route_topk(logits, bias, k, scoring, scale, experts)   a score-routed gate's weights (experts
                                                             written in place)
-    dsv4::index_query(q, rot, rope_dim)                     the indexer's queries: RoPE, Hadamard, FP4
+    dsv4::index_query(q, rot, pos, rope_dim)                the indexer's queries: RoPE, Hadamard, FP4
     dsv4::indexer_picks(q, weights, keys, pos, k, ...)     the indexer's top-k compressed blocks
     dsv4::compressor_step(proj, ape, pos, states, cache, ...)   a compressor fed one token (mutates)
     dsv4::compressor_chunk(proj, ape, start, n, states, cache, ...)   a compressor fed a chunk (mutates)
     dsv4::kv_row(kv, norm, rot, pos, cache, window, ...)    a new token's window row (mutates)
-    dsv4::q_heads(q, rot, eps, rope_dim)                    the attention's query heads: norm, RoPE
+    dsv4::q_heads(q, rot, pos, eps, rope_dim)               the attention's query heads: norm, RoPE
     dsv4::rms_norm_rows(x, weight, eps)                     RMSNorm of decode rows
     dsv4::swiglu_rows(y, size, up, limit)                   the clamped SwiGLU of a stacked gate | up product
 """
@@ -38,8 +39,8 @@ from .formats import fp8_weight_dequant, mxfp4_dequant
 from .head import head_logits, kernel_fits
 from .moe_experts import (expert_nbytes, moe_experts_decode, moe_experts_prefill, moe_experts_prefill_wgmma,
                           unpack_expert, wgmma_pays)
-from .oracle import (einsum, hc_post, hc_pre_parts, quantised_matmul, rms_norm, route_from_logits, swiglu,
-                     swiglu_stacked, wide_dtype, with_rope)
+from .oracle import (decode_rows, einsum, hc_post, hc_pre_parts, quantised_matmul, rms_norm, route_from_logits,
+                     swiglu, swiglu_stacked, wide_dtype, with_rope)
 from .oracle import compressor_chunk as compressor_chunk_oracle
 from .oracle import compressor_step as compressor_step_oracle
 from .oracle import index_query as index_query_oracle
@@ -215,22 +216,28 @@ def _(q, kv, sink, idx, scale):
     return torch.empty_like(q)
 
 
-@torch.library.custom_op("dsv4::sparse_attention_rope", mutates_args=())
-def sparse_attention_rope(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
-                          rot: torch.Tensor) -> torch.Tensor:
-    """`sparse_attention`, then the inverse RoPE of the output's last r channels at each query's position
-    (rot [b, s, r/2, 2]): one launch pair for decode rows on a GPU (the combine launch rotates), else the
-    oracle's two steps."""
+@torch.library.custom_op("dsv4::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, picked: torch.Tensor | None,
+                     pos: torch.Tensor, window: int, ratio: int, scale: float, rot: torch.Tensor) -> torch.Tensor:
+    """A decode step's attention: q [b, s, h, d] at positions pos [b, s] over the rows of kv [b, T, d] that
+    `plugins.oracle.decode_rows` names (the window ring's written slots, then ratio 4: the picked blocks [b, s,
+    k], ratio 128: every complete block), then the inverse RoPE of the output's last r channels at each
+    query's position (rot: the layer's table [max_len, r/2, 2]). One launch pair for decode rows on a GPU,
+    which build the row list and read the table themselves (two launches of glue before them otherwise);
+    else the oracle's steps."""
     from . import sparse_attention as kernel
-    if kernel.supports(q, kv, idx.size(-1)):
+    picks = picked.size(-1) if ratio == 4 else 0
+    if kernel.supports(q, kv, kernel.decode_row_count(kv.size(1), window, ratio, picks)):
         return kernel.sparse_attention_decode(q.contiguous(), kv.contiguous(), sink.float().contiguous(),
-                                              idx.long().contiguous(), scale, rot=rot.float().contiguous())
-    o = sparse_attention(q, kv, sink, idx, scale)
-    return with_rope(o, rot, 2 * rot.size(-2), inverse=True)
+                                              picked.long().contiguous() if ratio == 4 else None, scale,
+                                              rot=rot.float().contiguous(), pos=pos.long().contiguous(),
+                                              window=window, ratio=ratio)
+    o = sparse_attention(q, kv, sink, decode_rows(pos, picked, window, ratio, kv.size(1)), scale)
+    return with_rope(o, rot[pos], 2 * rot.size(-2), inverse=True)
 
 
-@sparse_attention_rope.register_fake
-def _(q, kv, sink, idx, scale, rot):
+@decode_attention.register_fake
+def _(q, kv, sink, picked, pos, window, ratio, scale, rot):
     return torch.empty_like(q)
 
 
@@ -344,17 +351,18 @@ def _(logits, bias, k, scoring_func, scale, experts):
 
 
 @torch.library.custom_op("dsv4::index_query", mutates_args=())
-def index_query(q: torch.Tensor, rot: torch.Tensor, rope_dim: int) -> torch.Tensor:
-    """The indexer's queries after RoPE, Hadamard and FP4 round-trip (see `plugins.oracle.index_query`): one
-    launch for decode rows on a GPU, the oracle elsewhere."""
+def index_query(q: torch.Tensor, rot: torch.Tensor, pos: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """The indexer's queries q [B, S, heads, dim] at positions pos [B, S] after RoPE (rot: the layer's table
+    [max_len, rope_dim/2, 2]), Hadamard and FP4 round-trip (see `plugins.oracle.index_query`): one launch for
+    decode rows on a GPU, which reads the table at each position itself, the oracle elsewhere."""
     from . import indexer as kernel
-    if kernel.supports_query(q, rot, rope_dim):
-        return kernel.index_query(q.contiguous(), rot.float().contiguous())
-    return index_query_oracle(q, rot, rope_dim).contiguous()
+    if kernel.supports_query(q, rot, rope_dim, pos):
+        return kernel.index_query(q.contiguous(), rot.float().contiguous(), pos.long().contiguous())
+    return index_query_oracle(q, rot[pos], rope_dim).contiguous()
 
 
 @index_query.register_fake
-def _(q, rot, rope_dim):
+def _(q, rot, pos, rope_dim):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -457,17 +465,18 @@ def _(kv, norm, rot, pos, cache, window, eps, rope_dim, fp8_block):
 
 
 @torch.library.custom_op("dsv4::q_heads", mutates_args=())
-def q_heads(q: torch.Tensor, rot: torch.Tensor, eps: float, rope_dim: int) -> torch.Tensor:
-    """The attention's query heads through their norm and RoPE (see `plugins.oracle.q_heads`): one launch on a
-    GPU, the oracle elsewhere."""
+def q_heads(q: torch.Tensor, rot: torch.Tensor, pos: torch.Tensor, eps: float, rope_dim: int) -> torch.Tensor:
+    """The attention's query heads q [B, S, heads, hd] at positions pos [B, S] through their norm and RoPE (rot:
+    the layer's table [max_len, rope_dim/2, 2]; see `plugins.oracle.q_heads`): one launch on a GPU, which reads
+    the table at each position itself, the oracle elsewhere."""
     from . import compressor as kernel
-    if kernel.supports_q_heads(q, rot, rope_dim):
-        return kernel.q_heads(q.contiguous(), rot.float().contiguous(), eps)
-    return q_heads_oracle(q, rot, eps, rope_dim).contiguous()
+    if kernel.supports_q_heads(q, rot, rope_dim, pos):
+        return kernel.q_heads(q.contiguous(), rot.float().contiguous(), eps, pos.long().contiguous())
+    return q_heads_oracle(q, rot[pos], eps, rope_dim).contiguous()
 
 
 @q_heads.register_fake
-def _(q, rot, eps, rope_dim):
+def _(q, rot, pos, eps, rope_dim):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

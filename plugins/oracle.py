@@ -315,6 +315,26 @@ def kv_row(kv: torch.Tensor, norm: torch.Tensor, rot: torch.Tensor, pos: torch.T
 
 
 # ------------------------------------------------------------------ attention core
+def decode_rows(pos: torch.Tensor, picked: torch.Tensor | None, window: int, ratio: int, rows: int) -> torch.Tensor:
+    """The cache rows [B, S, K] (-1 = none) that decode queries at positions pos [B, S] attend to, in a cache
+    of `rows` rows (the window ring, then the compressed rows): the ring's slots already written (slot j <=
+    pos), then the compressed rows (`block_rows`). The decode attention kernel builds the same list itself
+    (csrc/sparse_attention.cu)."""
+    ring = torch.arange(window, device=pos.device)
+    idx = torch.where(ring <= pos[..., None], ring, -1)
+    return torch.cat([idx, block_rows(pos, picked, window, ratio, rows)], dim=-1) if ratio else idx
+
+
+def block_rows(pos: torch.Tensor, picked: torch.Tensor | None, window: int, ratio: int, rows: int) -> torch.Tensor:
+    """The compressed rows [B, S, K] (-1 = none) that queries at positions pos [B, S] attend to, in a cache of
+    `rows` rows whose compressed block j is row window + j: ratio 4, the picked blocks [B, S, K] (-1 = none);
+    ratio 128, every complete block ((pos + 1) // ratio of them)."""
+    if ratio != 4:
+        blocks = torch.arange(rows - window, device=pos.device)
+        picked = torch.where(blocks < ((pos + 1) // ratio)[..., None], blocks, -1)
+    return torch.where(picked >= 0, picked + window, -1)
+
+
 def sparse_attention(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """Attention of q [b, s, h, d] over rows kv[b, idx[b, s, k]] (-1 = no row), one shared K=V row

@@ -40,29 +40,49 @@ def make_workspace(queries: int, heads: int, d: int, k: int, device) -> dict[str
             "ml": torch.empty(queries * splits * heads * 2, dtype=torch.float32, device=device)}
 
 
-def sparse_attention_decode(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
-                            out: torch.Tensor | None = None, workspace: dict[str, torch.Tensor] | None = None,
-                            rot: torch.Tensor | None = None) -> torch.Tensor:
+def decode_row_count(t: int, window: int, ratio: int, picks: int) -> int:
+    """How many rows a decode step's query attends to in a cache of t rows (`plugins.oracle.decode_rows`)."""
+    return window + (picks if ratio == 4 else t - window if ratio else 0)
+
+
+def sparse_attention_decode(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor | None,
+                            scale: float, out: torch.Tensor | None = None,
+                            workspace: dict[str, torch.Tensor] | None = None, rot: torch.Tensor | None = None,
+                            pos: torch.Tensor | None = None, window: int = 0, ratio: int = 0) -> torch.Tensor:
     """q [b, s, h, d] bf16 over rows kv[b, idx[b, s, k]] (kv [b, T, d] bf16; idx int64, -1 = none) with a
     per-head sink [h] float32 -> [b, s, h, d] bf16. All contiguous. With `rot` [b, s, r/2, 2] float32 (cos,
-    sin), the output's last r channels are rotated back (the inverse RoPE) in the combine launch."""
+    sin), the output's last r channels are rotated back (the inverse RoPE) in the combine launch.
+    With `pos` [b, s] int64 (the queries' positions), the split launch takes the decode step's rows itself
+    (`plugins.oracle.decode_rows` of `window` and `ratio`; idx: ratio 4's picked blocks [b, s, picks], else
+    unused) and `rot` is the layer's whole table [max_len, r/2, 2], read at each query's position."""
     b, s, h, d = q.shape
-    k, t = idx.size(-1), kv.size(1)
-    assert fits(q, kv, k) and idx.shape == (b, s, k) and idx.dtype == torch.int64 and sink.numel() == h
-    assert q.is_contiguous() and kv.is_contiguous() and idx.is_contiguous() and sink.dtype == torch.float32
+    t = kv.size(1)
+    if pos is None:
+        assert idx is not None and idx.shape[:2] == (b, s) and idx.dtype == torch.int64 and idx.is_contiguous()
+        k = idx.size(-1)
+    else:
+        assert pos.shape == (b, s) and pos.dtype == torch.int64 and pos.is_contiguous()
+        picks = idx.size(-1) if ratio == 4 else 0
+        assert ratio != 4 or (idx.shape == (b, s, picks) and idx.dtype == torch.int64 and idx.is_contiguous())
+        k = decode_row_count(t, window, ratio, picks)
+    assert fits(q, kv, k) and sink.numel() == h
+    assert q.is_contiguous() and kv.is_contiguous() and sink.dtype == torch.float32
     ws = make_workspace(b * s, h, d, k, q.device) if workspace is None else workspace
     acc, ml = ws["acc"], ws["ml"]
     out = torch.empty_like(q) if out is None else out
     splits, warps = -(-k // ROWS), -(-h // 16)
     lib = kernels()
     lib.launch(f"dsv4_sparse_attention_split_d{d // 128}", (splits, b * s), 32 * warps,
-               [(q, PTR), (kv, PTR), (idx, PTR), (acc, PTR), (ml, PTR), (s, INT), (h, INT), (t, INT), (k, INT),
-                (scale, FLOAT)], ROWS * (d + ROW_PAD) * 2)
+               [(q, PTR), (kv, PTR), (0 if idx is None else idx, PTR), (acc, PTR), (ml, PTR), (s, INT), (h, INT),
+                (t, INT), (k, INT), (scale, FLOAT), (0 if pos is None else pos, PTR), (window, INT), (ratio, INT)],
+               ROWS * (d + ROW_PAD) * 2)
     if rot is not None:
-        assert rot.dtype == torch.float32 and rot.is_contiguous() and rot.numel() == b * s * rot.size(-2) * 2
+        assert rot.dtype == torch.float32 and rot.is_contiguous()
+        assert pos is not None or rot.numel() == b * s * rot.size(-2) * 2
     lib.launch("dsv4_sparse_attention_combine", (h, b * s), 128,             # 4 elements a thread: d <= 512
                [(acc, PTR), (ml, PTR), (sink, PTR), (out, PTR), (h, INT), (d, INT), (splits, INT),
-                (0 if rot is None else rot, PTR), (0 if rot is None else 2 * rot.size(-2), INT)])
+                (0 if rot is None else rot, PTR), (0 if rot is None else 2 * rot.size(-2), INT),
+                (0 if pos is None else pos, PTR)])
     return out
 
 

@@ -75,24 +75,53 @@ def test_sparse_attention_op_runs_the_kernel_for_bf16_decode():
                        sparse_attention_decode(q, kv, sink, idx, 0.1))
 
 
+def _table(rows, rope, seed=5):
+    """A RoPE table [rows, rope/2, 2] (cos, sin) at random angles, on the GPU."""
+    angles = torch.rand(rows, rope // 2, generator=torch.Generator().manual_seed(seed)) * 6.3
+    return torch.stack([angles.cos(), angles.sin()], -1).cuda()
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("b, s, h, d, t, k, valid", [
-    pytest.param(1, 1, 64, 512, 2176, 640, 600, id="flash-ratio4"),
-    pytest.param(3, 1, 4, 128, 60, 77, 50, id="tiny-3seq"),
-    pytest.param(2, 2, 16, 256, 300, 129, 100, id="d256-2tok"),
+@pytest.mark.parametrize("b, h, d, window, ratio, t, picks, positions", [
+    pytest.param(1, 64, 512, 128, 4, 2176, 512, [1500], id="flash-ratio4"),
+    pytest.param(1, 64, 512, 128, 128, 160, 0, [3000], id="flash-ratio128"),
+    pytest.param(1, 64, 512, 128, 0, 128, 0, [700], id="flash-ratio0"),
+    pytest.param(1, 64, 512, 128, 4, 2176, 512, [5], id="window-not-full-ratio4"),
+    pytest.param(3, 4, 128, 8, 128, 40, 0, [0, 255, 4000], id="tiny-3seq-ratio128"),
+    pytest.param(2, 16, 256, 16, 4, 100, 21, [3, 300], id="d256-2seq-ratio4-odd-picks"),
 ])
-def test_sparse_attention_rope_is_the_kernel_then_the_oracles_inverse_rope(b, s, h, d, t, k, valid):
-    """dsv4::sparse_attention_rope: the combine launch's inverse RoPE on its own bf16 outputs is the oracle's
-    (with_rope), bit for bit; the channels before the last 64 are the plain kernel's."""
+def test_decode_attention_op_is_the_kernel_over_the_rows_it_names_then_the_inverse_rope(b, h, d, window, ratio, t,
+                                                                                       picks, positions):
+    """dsv4::decode_attention builds the decode step's rows itself (oracle `decode_rows`: ring slots up to
+    pos, the picked or complete blocks) and reads the RoPE table at each position: the same bits as the
+    kernel over the oracle's row list, then the oracle's inverse RoPE at the gathered rows; and, graph
+    captured, the same again after pos and picks change."""
     import plugins.ops  # noqa: F401  (registers the ops)
-    from plugins.oracle import with_rope
+    from plugins.oracle import decode_rows, with_rope
     from plugins.sparse_attention import sparse_attention_decode
-    q, kv, sink, idx = _case(b, s, h, d, t, k, valid, seed=6)
-    rot = _rotations(b, s, 64)
-    got = torch.ops.dsv4.sparse_attention_rope(q, kv, sink, idx, d ** -0.5, rot)
-    plain = sparse_attention_decode(q, kv, sink, idx, d ** -0.5)
-    assert torch.equal(got, with_rope(plain, rot, 64, inverse=True))
-    assert not torch.equal(got[..., -64:], plain[..., -64:])
+    q, kv, sink, _ = _case(b, 1, h, d, t, 1, 1, seed=6)
+    g = torch.Generator().manual_seed(7)
+    pos = torch.tensor(positions, dtype=torch.int64)[:, None].cuda()
+    picked = None
+    if ratio == 4:
+        picked = torch.randint(-1, max(1, (t - window)), (b, 1, picks), generator=g).cuda()
+    table = _table(4096, 64)
+
+    def expect():
+        idx = decode_rows(pos, picked, window, ratio, t)
+        plain = sparse_attention_decode(q, kv, sink, idx, d ** -0.5)
+        return with_rope(plain, table[pos], 64, inverse=True)
+    got = torch.ops.dsv4.decode_attention(q, kv, sink, picked, pos, window, ratio, d ** -0.5, table)
+    assert torch.equal(got, expect())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.dsv4.decode_attention(q, kv, sink, picked, pos, window, ratio, d ** -0.5, table)
+    pos.add_(1)
+    if picked is not None:
+        picked.copy_(torch.randint(-1, max(1, (t - window)), (b, 1, picks), generator=g).cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expect())
 
 
 @pytest.mark.gpu

@@ -234,31 +234,37 @@ def test_kv_row_op_is_the_oracle_on_the_cpu():
 
 
 def _query_heads(b, heads, dim, device, seed=0):
-    """The wq_b product's query heads [b, 1, heads, dim] (bf16, a spread of magnitudes per head) and rot
-    [b, 1, 32, 2] at random angles."""
+    """The wq_b product's query heads [b, 1, heads, dim] (bf16, a spread of magnitudes per head), a RoPE table
+    [64, 32, 2] at random angles and the rows' positions [b, 1] in it."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, 1, heads, dim, generator=g) * torch.rand(b, 1, heads, 1, generator=g) * 4
-    angles = torch.rand(b, 1, 32, generator=g) * 6.3
-    return q.to(torch.bfloat16).to(device), torch.stack([angles.cos(), angles.sin()], -1).to(device)
+    angles = torch.rand(64, 32, generator=g) * 6.3
+    pos = torch.randint(0, 64, (b, 1), generator=g)
+    return (q.to(torch.bfloat16).to(device), torch.stack([angles.cos(), angles.sin()], -1).to(device),
+            pos.to(device))
 
 
 def test_q_heads_op_is_the_oracle_on_the_cpu():
     from plugins.oracle import q_heads
-    q, rot = _query_heads(2, 4, 128, "cpu")
-    assert torch.equal(torch.ops.dsv4.q_heads(q, rot, 1e-6, 64), q_heads(q, rot, 1e-6, 64))
+    q, table, pos = _query_heads(2, 4, 128, "cpu")
+    assert torch.equal(torch.ops.dsv4.q_heads(q, table, pos, 1e-6, 64), q_heads(q, table[pos], 1e-6, 64))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("b, heads, dim", [pytest.param(1, 64, 512, id="flash"), pytest.param(3, 64, 512, id="flash-3seq"),
                                            pytest.param(2, 4, 128, id="tiny")])
 def test_q_heads_kernel_matches_oracle(b, heads, dim):
-    """Norm and RoPE in one launch against the oracle's bf16 ops: a float32 sum in another order can move a
-    head's bf16 mean by one step, so each head within cosine 0.9999 and two bf16 steps of relative error."""
+    """Norm and RoPE (the table read at each position) in one launch against the oracle's bf16 ops: a float32
+    sum in another order can move a head's bf16 mean by one step, so each head within cosine 0.9999 and two
+    bf16 steps of relative error; the same bits as the kernel given the gathered rows."""
+    from plugins.compressor import q_heads as kernel
     from plugins.compressor import supports_q_heads
     from plugins.oracle import q_heads
-    q, rot = _query_heads(b, heads, dim, "cuda", seed=b)
-    assert supports_q_heads(q, rot, 64)
-    got, expect = torch.ops.dsv4.q_heads(q, rot, 1e-6, 64).float(), q_heads(q, rot, 1e-6, 64).float()
+    q, table, pos = _query_heads(b, heads, dim, "cuda", seed=b)
+    assert supports_q_heads(q, table, 64, pos)
+    got = torch.ops.dsv4.q_heads(q, table, pos, 1e-6, 64)
+    assert torch.equal(got, kernel(q, table[pos].contiguous(), 1e-6))
+    got, expect = got.float(), q_heads(q, table[pos], 1e-6, 64).float()
     cos = torch.nn.functional.cosine_similarity(got.flatten(0, 2), expect.flatten(0, 2), dim=-1)
     assert cos.min() >= 0.9999, cos.min()
     assert torch.allclose(got, expect, rtol=2 ** -6, atol=1e-3)

@@ -92,17 +92,19 @@ def test_indexer_kernel_captures_in_a_cuda_graph():
 
 
 def _queries(b, s, heads, device, seed=0):
-    """The wq_b product's queries [b, s, heads, 128] (bf16) and rot [b, s, 32, 2] at random angles."""
+    """The wq_b product's queries [b, s, heads, 128] (bf16), a RoPE table [64, 32, 2] at random angles and
+    the queries' positions [b, s] in it."""
     g = torch.Generator().manual_seed(seed)
     q = (torch.randn(b, s, heads, 128, generator=g) * 3).to(torch.bfloat16)
-    angles = torch.rand(b, s, 32, generator=g) * 6.3
-    return q.to(device), torch.stack([angles.cos(), angles.sin()], -1).to(device)
+    angles = torch.rand(64, 32, generator=g) * 6.3
+    pos = torch.randint(0, 64, (b, s), generator=g)
+    return q.to(device), torch.stack([angles.cos(), angles.sin()], -1).to(device), pos.to(device)
 
 
 def test_index_query_op_is_the_oracle_on_the_cpu():
     from plugins.oracle import index_query
-    q, rot = _queries(2, 1, 4, "cpu")
-    assert torch.equal(torch.ops.dsv4.index_query(q, rot, 64), index_query(q, rot, 64))
+    q, table, pos = _queries(2, 1, 4, "cpu")
+    assert torch.equal(torch.ops.dsv4.index_query(q, table, pos, 64), index_query(q, table[pos], 64))
 
 
 @pytest.mark.gpu
@@ -110,13 +112,17 @@ def test_index_query_op_is_the_oracle_on_the_cpu():
                                          pytest.param(3, 1, 64, id="flash-3seq"),
                                          pytest.param(2, 1, 16, id="tiny-16-heads")])
 def test_index_query_kernel_matches_oracle(b, s, heads):
-    """RoPE, Hadamard and FP4 round-trip in one launch against the oracle: within the FP4 step a float32
-    summation order can flip (the Hadamard's sums), most elements equal."""
+    """RoPE (the table read at each position), Hadamard and FP4 round-trip in one launch against the oracle:
+    within the FP4 step a float32 summation order can flip (the Hadamard's sums), most elements equal; the
+    same bits as the kernel given the gathered rows."""
+    from plugins.indexer import index_query as kernel
     from plugins.indexer import supports_query
     from plugins.oracle import index_query
-    q, rot = _queries(b, s, heads, "cuda", seed=b)
-    assert supports_query(q, rot, 64)
-    got, expect = torch.ops.dsv4.index_query(q, rot, 64).float(), index_query(q, rot, 64).float()
+    q, table, pos = _queries(b, s, heads, "cuda", seed=b)
+    assert supports_query(q, table, 64, pos)
+    got, expect = torch.ops.dsv4.index_query(q, table, pos, 64), index_query(q, table[pos], 64)
+    assert torch.equal(got, kernel(q, table[pos].contiguous()))
+    got, expect = got.float(), expect.float()
     cos = torch.nn.functional.cosine_similarity(got.flatten(0, 2), expect.flatten(0, 2), dim=-1)
     assert cos.min() >= 0.999, cos.min()
     assert (got == expect).float().mean() >= 0.97
@@ -124,14 +130,14 @@ def test_index_query_kernel_matches_oracle(b, s, heads):
 
 @pytest.mark.gpu
 def test_index_query_kernel_captures_in_a_cuda_graph():
-    q, rot = _queries(1, 1, 64, "cuda")
-    torch.ops.dsv4.index_query(q, rot, 64)                                   # loads the kernel before capture
+    q, table, pos = _queries(1, 1, 64, "cuda")
+    torch.ops.dsv4.index_query(q, table, pos, 64)                           # loads the kernel before capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = torch.ops.dsv4.index_query(q, rot, 64)
-    fresh, fresh_rot = _queries(1, 1, 64, "cuda", seed=5)
+        out = torch.ops.dsv4.index_query(q, table, pos, 64)
+    fresh, _, fresh_pos = _queries(1, 1, 64, "cuda", seed=5)
     q.copy_(fresh)
-    rot.copy_(fresh_rot)
+    pos.copy_(fresh_pos)
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(out, torch.ops.dsv4.index_query(fresh, fresh_rot, 64))
+    assert torch.equal(out, torch.ops.dsv4.index_query(fresh, table, fresh_pos, 64))

@@ -126,15 +126,30 @@ def test_layer_through_custom_ops_runs_from_an_aoti_package(tmp_path):
     assert torch.equal(torch._inductor.aoti_load_package(path)(*args), model(*args))
 
 
-def test_sparse_attention_rope_op_is_the_oracles_two_steps_on_the_cpu():
-    from plugins.oracle import with_rope
+def test_decode_rows_are_the_written_ring_slots_then_the_picked_or_complete_blocks():
+    from plugins.oracle import decode_rows
+    pos = torch.tensor([[2], [9]])
+    assert decode_rows(pos, None, 4, 0, 4).tolist() == [[[0, 1, 2, -1]], [[0, 1, 2, 3]]]
+    # ratio 128 in a cache of 4 ring rows and 3 compressed rows: (pos + 1) // 128 complete blocks
+    pos = torch.tensor([[126], [127], [300]])
+    assert decode_rows(pos, None, 4, 128, 7)[:, 0, 4:].tolist() == [[-1, -1, -1], [4, -1, -1], [4, 5, -1]]
+    picked = torch.tensor([[[2, -1, 0]]])
+    assert decode_rows(torch.tensor([[1]]), picked, 4, 4, 9).tolist() == [[[0, 1, -1, -1, 6, -1, 4]]]
+
+
+@pytest.mark.parametrize("ratio", [0, 4, 128])
+def test_decode_attention_op_is_the_oracles_steps_on_the_cpu(ratio):
+    from plugins.oracle import decode_rows, with_rope
     g = torch.Generator().manual_seed(3)
-    q, kv = torch.randn(2, 1, 4, 128, generator=g), torch.randn(2, 20, 128, generator=g)
-    sink, idx = torch.randn(4, generator=g), torch.randint(-1, 20, (2, 1, 9), generator=g)
-    angles = torch.rand(2, 1, 32, generator=g)
-    rot = torch.stack([angles.cos(), angles.sin()], -1)
-    got = torch.ops.dsv4.sparse_attention_rope(q, kv, sink, idx, 0.1, rot)
-    assert torch.equal(got, with_rope(sparse_attention(q, kv, sink, idx, 0.1), rot, 64, inverse=True))
+    window, t = 8, 20
+    q, kv = torch.randn(2, 1, 4, 128, generator=g), torch.randn(2, t, 128, generator=g)
+    sink, pos = torch.randn(4, generator=g), torch.tensor([[5], [600]])
+    picked = torch.randint(-1, t - window, (2, 1, 5), generator=g) if ratio == 4 else None
+    angles = torch.rand(700, 32, generator=g)
+    table = torch.stack([angles.cos(), angles.sin()], -1)
+    got = torch.ops.dsv4.decode_attention(q, kv, sink, picked, pos, window, ratio, 0.1, table)
+    idx = decode_rows(pos, picked, window, ratio, t)
+    assert torch.equal(got, with_rope(sparse_attention(q, kv, sink, idx, 0.1), table[pos], 64, inverse=True))
 
 
 def test_moe_with_shared_op_is_the_routed_op_and_the_shared_experts_ops_on_the_cpu():

@@ -21,7 +21,7 @@ import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
 from plugins.compressor import MAX_ROWS as COMPRESSOR_KERNEL_ROWS
 from plugins.hc_pre import MAX_ROWS as HC_PRE_KERNEL_ROWS
 from plugins.indexer import MAX_ROWS as INDEXER_KERNEL_ROWS
-from plugins.oracle import (compressor_step, einsum, finish_rows, hc_head, hc_post, hc_pre, index_query, indexer_picks,
+from plugins.oracle import (compressor_step, decode_rows, einsum, finish_rows, hc_head, hc_post, hc_pre, index_query, indexer_picks,
                             kv_row, q_heads, rms_norm, softmax_scale, swiglu_stacked, wide, wide_dtype, with_rope)
 from plugins.route import MAX_ROWS as ROUTE_KERNEL_ROWS
 
@@ -212,14 +212,15 @@ class DecodeLayer(torch.nn.Module):
         if self.ratio == 4:
             self.idx_compressor = self.compressor_type(cfg, "attn.indexer.compressor", 4, cfg.index_head_dim, True)
 
-    def project(self, x, rot, w):
-        """x [B, S, d] with rot [B, S, rd/2] -> qr [B, S, q_lora] before its norm (`from_latent`), q [B, S, heads,
-        hd] (per-head norm, RoPE), kv [B, S, hd] before its norm (`kv_rows`)."""
+    def project(self, x, pos, w):
+        """x [B, S, d] at positions pos [B, S] (inside the RoPE table) -> qr [B, S, q_lora] before its norm
+        (`from_latent`), q [B, S, heads, hd] (per-head norm, RoPE), kv [B, S, hd] before its norm (`kv_rows`)."""
         c = self.cfg
         qr, kv = linear_fp8_parts(x, w, "attn.wq_a_wkv", (c.q_lora_rank, c.head_dim))
         q = self.from_latent(qr, w, "attn.wq_b").unflatten(-1, (c.num_attention_heads, c.head_dim))
-        heads = torch.ops.dsv4.q_heads if q.size(0) * q.size(1) <= COMPRESSOR_OP_ROWS else q_heads   # one launch
-        return qr, heads(q, rot, c.rms_norm_eps, c.qk_rope_head_dim), kv
+        if q.size(0) * q.size(1) <= COMPRESSOR_OP_ROWS:       # one launch, reading the table at pos itself
+            return qr, torch.ops.dsv4.q_heads(q, self.rot, pos, c.rms_norm_eps, c.qk_rope_head_dim), kv
+        return qr, q_heads(q, self.rot[pos], c.rms_norm_eps, c.qk_rope_head_dim), kv
 
     def from_latent(self, qr, w, name):
         """The FP8 linear `name` (wq_b, the indexer's wq_b) of the query latent qr [B, S, q_lora] through its
@@ -239,13 +240,15 @@ class DecodeLayer(torch.nn.Module):
 
     def attend(self, q, rows, idx, rot, w):
         """Sparse attention of q [B, S, heads, hd] over rows[b, idx[b, s]] (-1 = none), then the output
-        projection (inverse RoPE, grouped wo_a, wo_b) -> [B, S, d]."""
+        projection (inverse RoPE at rot [B, S, rd/2, 2], grouped wo_a, wo_b) -> [B, S, d]."""
         c = self.cfg
-        args = (q, rows, w["attn.attn_sink"], idx, softmax_scale(c.head_dim))
-        if q.size(0) * q.size(1) <= COMPRESSOR_OP_ROWS:                      # the inverse RoPE in its launches
-            o = torch.ops.dsv4.sparse_attention_rope(*args, rot)          # rot [B, S, rd/2, 2], as q's rows
-        else:
-            o = with_rope(torch.ops.dsv4.sparse_attention(*args), rot, c.qk_rope_head_dim, inverse=True)
+        o = torch.ops.dsv4.sparse_attention(q, rows, w["attn.attn_sink"], idx, softmax_scale(c.head_dim))
+        return self.output(with_rope(o, rot, c.qk_rope_head_dim, inverse=True), w)
+
+    def output(self, o, w):
+        """The attention's output o [B, S, heads, hd] after its inverse RoPE through grouped wo_a and wo_b ->
+        [B, S, d]."""
+        c = self.cfg
         o = o.view(*o.shape[:2], c.o_groups, -1)
         if "attn.wo_a" in w:                    # the bf16 form (ONNX/TensorRT: no grouped FP8 plugin)
             o = einsum("bsgd,grd->bsgr", o, w["attn.wo_a"].view(c.o_groups, -1, o.size(-1)))
@@ -256,36 +259,35 @@ class DecodeLayer(torch.nn.Module):
     def attention(self, x, pos, caches, w):
         """x [B, 1, d]: one token per sequence at `pos` [B]."""
         c = self.cfg
-        win, r = c.sliding_window, self.ratio
-        rot = self.rot[pos][:, None]                                             # [B, 1, rd/2]
-        qr, q, kv = self.project(x, rot, w)
-        ring = torch.arange(win, device=x.device)
-        idx = torch.where(ring[None] <= pos[:, None], ring[None], -1)           # window slots holding a token
+        win, r, at = c.sliding_window, self.ratio, pos[:, None]
+        qr, q, kv = self.project(x, at, w)
         write = torch.ops.dsv4.kv_row if x.size(0) <= COMPRESSOR_OP_ROWS else kv_row   # the new window row
         write(kv[:, 0], w["attn.kv_norm.weight"], self.rot, pos, caches["kv"], win, c.rms_norm_eps,
               c.qk_rope_head_dim, KV_FP8_BLOCK)
+        picked = None
         if r:
             self.compressor(x[:, 0], pos, self.rot, caches["comp_kv"], caches["comp_score"], caches["kv"], win, w)
             if r == 4:
-                q_idx, weights = self.index_query(x, qr, rot, w)
+                q_idx, weights = self.index_query(x, qr, at, w)
                 self.idx_compressor(x[:, 0], pos, self.rot, caches["idx_kv"], caches["idx_score"],
                                     caches["idx_keys"], 0, w)
-                picked = self.pick_blocks(q_idx, weights, caches["idx_keys"], pos[:, None])[:, 0]
-            else:                                       # every complete block: (pos + 1) // r of them
-                blocks = torch.arange(caches["kv"].size(1) - win, device=x.device)
-                picked = torch.where(blocks[None] < ((pos + 1) // r)[:, None], blocks[None], -1)
-            idx = torch.cat([idx, torch.where(picked >= 0, picked + win, -1)], dim=-1)
-        return self.attend(q, caches["kv"], idx[:, None], rot, w)
+                picked = self.pick_blocks(q_idx, weights, caches["idx_keys"], at)             # [B, 1, topk]
+        args, scale = (q, caches["kv"], w["attn.attn_sink"]), softmax_scale(c.head_dim)
+        if x.size(0) <= COMPRESSOR_OP_ROWS:     # the rows (`decode_rows`) and the inverse RoPE in its launches
+            return self.output(torch.ops.dsv4.decode_attention(*args, picked, at, win, r, scale, self.rot), w)
+        return self.attend(q, caches["kv"], decode_rows(at, picked, win, r, caches["kv"].size(1)), self.rot[at], w)
 
-    def index_query(self, x, qr, rot, w):
+    def index_query(self, x, qr, pos, w):
         """The indexer's queries [B, S, iheads, idim] (RoPE, Hadamard, FP4 round-trip) and raw per-head
-        weights [B, S, iheads] (`pick_blocks` rounds and scales them) of tokens x [B, S, d] with query latents
-        qr (before their norm)."""
+        weights [B, S, iheads] (`pick_blocks` rounds and scales them) of tokens x [B, S, d] at positions pos
+        [B, S] (inside the RoPE table) with query latents qr (before their norm)."""
         c = self.cfg
         q = self.from_latent(qr, w, "attn.indexer.wq_b").unflatten(-1, (c.index_n_heads, c.index_head_dim))
         # one launch for decode rows on a GPU where Inductor made a RoPE, a cuBLAS product and the FP4 kernels
-        query = torch.ops.dsv4.index_query if q.size(0) * q.size(1) <= INDEXER_OP_ROWS else index_query
-        q = query(q, rot, c.qk_rope_head_dim)
+        if q.size(0) * q.size(1) <= INDEXER_OP_ROWS:
+            q = torch.ops.dsv4.index_query(q, self.rot, pos, c.qk_rope_head_dim)
+        else:
+            q = index_query(q, self.rot[pos], c.qk_rope_head_dim)
         # a bf16 product as the reference's `linear` (float32 sums, rounded once by `pick_blocks`), through the
         # narrow GEMV kernel on a GPU (`wide_product`), where cuBLAS ran a split-K GEMV and a reduction launch
         return q, wide_product(x, w["attn.indexer.weights_proj.weight"])

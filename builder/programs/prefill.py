@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from plugins.oracle import compressor_chunk, ring_update
+from plugins.oracle import block_rows, compressor_chunk, ring_update
 
 from ..config import KV_FP8_BLOCK, ModelConfig
 from . import decode
@@ -55,8 +55,9 @@ class PrefillLayer(DecodeLayer):
         win, r = c.sliding_window, self.ratio
         dev, cache = x.device, caches["kv"]
         pos = start[:, None] + torch.arange(x.size(1), device=dev)                # [B, C]
-        rot = self.rot[pos.clamp(max=self.max_len - 1)]                            # padding may run past the table
-        qr, q, kv = self.project(x, rot, w)
+        at = pos.clamp(max=self.max_len - 1)                                       # padding may run past the table
+        rot = self.rot[at]
+        qr, q, kv = self.project(x, at, w)
         kv = self.kv_rows(kv, rot, w)
         # Attention reads [cache | chunk kv]: window positions before the chunk from the ring (still
         # unwritten), the chunk's own from behind the cache.
@@ -66,15 +67,13 @@ class PrefillLayer(DecodeLayer):
         idx = torch.where(seen < 0, -1, idx)
         if r:
             self.compressor(x, start, n, self.rot, caches["comp_kv"], caches["comp_score"], cache, win, w)
+            picked = None                               # ratio 128: every complete block (`block_rows`)
             if r == 4:
-                q_idx, weights = self.index_query(x, qr, rot, w)
+                q_idx, weights = self.index_query(x, qr, at, w)
                 self.idx_compressor(x, start, n, self.rot, caches["idx_kv"], caches["idx_score"],
                                     caches["idx_keys"], 0, w)
                 picked = self.pick_blocks(q_idx, weights, caches["idx_keys"], pos)
-            else:                                       # every complete block: (pos + 1) // r of them
-                blocks = torch.arange(cache.size(1) - win, device=dev)
-                picked = torch.where(blocks < ((pos + 1) // r)[..., None], blocks, -1)
-            idx = torch.cat([idx, torch.where(picked >= 0, picked + win, -1)], dim=-1)
+            idx = torch.cat([idx, block_rows(pos, picked, win, r, cache.size(1))], dim=-1)
         rows = torch.cat([cache, kv], dim=1)
         cache[:, :win] = ring_update(cache[:, :win], kv, start, n)
         return self.attend(q, rows, idx, rot, w)

@@ -38,6 +38,24 @@ __device__ __forceinline__ uint32_t bf16x2(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// The cache row index k of `query` attends to (-1 = none, as a row past T). Without `pos`, idx [queries, K]
+// lists them. With `pos` (each query's position), the decode step's rows (plugins.oracle.decode_rows): the
+// window ring's slots already written (slot k <= pos, k < window), then ratio 4: the picked compressed blocks
+// idx [queries, K - window] (-1 = none), ratio 128: every complete block ((pos + 1) / ratio of them), where
+// a separate launch built the list.
+__device__ __forceinline__ int64_t attended_row(const int64_t* __restrict__ idx, const int64_t* __restrict__ pos,
+                                                int query, int k, int K, int window, int ratio) {
+  if (pos == nullptr) return idx[size_t(query) * K + k];
+  const int64_t p = pos[query];
+  if (k < window) return k <= p ? k : -1;
+  const int block = k - window;
+  if (ratio == 4) {
+    const int64_t picked = idx[size_t(query) * (K - window) + block];
+    return picked >= 0 ? picked + window : -1;
+  }
+  return block < (p + 1) / ratio ? k : -1;
+}
+
 // grid (splits, queries), block 32 * ceil(heads / 16). Writes per (query, split, head) the split's maximum
 // score and normaliser (ml) and its unnormalised output row (acc). Lane (g, t) of warp w holds heads
 // 16w + g and 16w + g + 8 (clamped to a valid head past `heads`, never written) and, per 8 rows or dims of
@@ -46,7 +64,7 @@ template <int D>
 __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
                                              const int64_t* __restrict__ idx, float* __restrict__ acc,
                                              float* __restrict__ ml, int s_per_b, int heads, int T, int K,
-                                             float scale) {
+                                             float scale, const int64_t* __restrict__ pos, int window, int ratio) {
   constexpr int LD = D + KV_ROW_PAD;                // shared row stride in bf16 values
   extern __shared__ uint4 smem[];                // the split's rows [ROWS][LD]
   __nv_bfloat16* rows = reinterpret_cast<__nv_bfloat16*>(smem);
@@ -72,7 +90,7 @@ __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q
   // gather the split's rows: their indices first (one load each), then every 16-byte piece at once with
   // cp.async (one memory round trip); missing rows (index -1, or past K) zero-filled
   for (int r = threadIdx.x; r < ROWS; r += blockDim.x) {
-    const int64_t row = r < n ? idx[size_t(query) * K + k0 + r] : -1;
+    const int64_t row = r < n ? attended_row(idx, pos, query, k0 + r, K, window, ratio) : -1;
     at[r] = row >= 0 && row < T ? row : -1;
   }
   __syncthreads();
@@ -168,8 +186,8 @@ __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q
   extern "C" __global__ void __launch_bounds__(256) dsv4_sparse_attention_split_d##CHUNKS(                  \
       const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,                             \
       const int64_t* __restrict__ idx, float* __restrict__ acc, float* __restrict__ ml, int s_per_b,         \
-      int heads, int T, int K, float scale) {                                                                \
-    attend_split<CHUNKS * 128>(q, kv, idx, acc, ml, s_per_b, heads, T, K, scale);                            \
+      int heads, int T, int K, float scale, const int64_t* __restrict__ pos, int window, int ratio) {       \
+    attend_split<CHUNKS * 128>(q, kv, idx, acc, ml, s_per_b, heads, T, K, scale, pos, window, ratio);        \
   }
 DSV4_SPARSE_ATTENTION(1)
 DSV4_SPARSE_ATTENTION(2)
@@ -195,11 +213,13 @@ __device__ __forceinline__ float block_reduce(float v, bool is_max, float* scrat
 }
 
 // grid (heads, queries), block 128 (4 elements a thread: D <= 512). With `rot` ([queries, rope / 2, 2] (cos,
-// sin) at each query's position), the output's last `rope` channels also get the inverse RoPE, where the
-// decode step ran it as a launch of its own between this one and wo_a's (plugins.oracle.with_rope).
+// sin) at each query's position; with `pos`, the whole table, row pos[query]), the output's last `rope`
+// channels also get the inverse RoPE, where the decode step ran it as a launch of its own between this one
+// and wo_a's (plugins.oracle.with_rope), and the rows' gather from the table as another.
 extern "C" __global__ void __launch_bounds__(128) dsv4_sparse_attention_combine(
     const float* __restrict__ acc, const float* __restrict__ ml, const float* __restrict__ sink,
-    __nv_bfloat16* __restrict__ out, int heads, int D, int splits, const float* __restrict__ rot, int rope) {
+    __nv_bfloat16* __restrict__ out, int heads, int D, int splits, const float* __restrict__ rot, int rope,
+    const int64_t* __restrict__ pos) {
   dsv4::pdl_wait();
   dsv4::pdl_launch_dependents();
   __shared__ float w[MAX_SPLITS], scratch[4];    // each split's weight
@@ -250,7 +270,8 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_sparse_attention_combine(
 #pragma unroll
     for (int p = 0; p < 2; ++p) {                // pairs (e, e+1), (e+2, e+3), of the bf16 outputs
       const float a = dsv4::bf16_round(v[2 * p]), b = dsv4::bf16_round(v[2 * p + 1]);
-      const float* cs = rot + (size_t(query) * (rope / 2) + (e + 2 * p - (D - rope)) / 2) * 2;
+      const size_t at = pos == nullptr ? size_t(query) : size_t(pos[query]);
+      const float* cs = rot + (at * (rope / 2) + (e + 2 * p - (D - rope)) / 2) * 2;
       // the oracle's (a * cos - b * -sin, a * -sin + b * cos), products rounded apart
       v[2 * p] = __fadd_rn(__fmul_rn(a, cs[0]), __fmul_rn(b, cs[1]));
       v[2 * p + 1] = __fsub_rn(__fmul_rn(b, cs[0]), __fmul_rn(a, cs[1]));
