@@ -32,6 +32,16 @@ def supports_norm(x: torch.Tensor, fn: torch.Tensor) -> bool:
     return supports(x, fn) and x.size(-1) <= NORM_D and x.size(-1) % 4 == 0
 
 
+def head_as_hc_pre(fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor) -> list[torch.Tensor]:
+    """The model's hc_head weights (fn [hc, hc*d], scale [1], base [hc]) in hc_pre's form (fn [24, hc*d],
+    scale [3], base [24]): hc_head is hc_pre's `pre` half (sigmoid(mix * scale + base) + eps, then the weighted
+    sum of the streams), so with zero rows after its own the hc_pre kernels' y is hc_head's (their post and
+    comb are to be ignored; no Sinkhorn iterations are needed)."""
+    hc = fn.size(0)
+    return [torch.cat([fn, fn.new_zeros(MIXES - hc, fn.size(1))]).contiguous(), torch.cat([scale, scale.new_zeros(2)]),
+            torch.cat([base, base.new_zeros(MIXES - hc)])]
+
+
 def hc_pre_decode(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float,
                   hc_eps: float, iters: int, out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                   workspace: torch.Tensor | None = None,

@@ -79,8 +79,10 @@ class WgmmaPaths:
 
 WGMMA = WgmmaPaths()
 # Whether `dsv4::moe_with_shared` runs the shared expert on a second stream beside the routed experts
-# (plugins/streams.py); written in session 16, not yet measured on a GPU, so off. A switch for benchmarks.
-SHARED_BESIDE_ROUTED = False
+# (plugins/streams.py). Written in session 16; on since session 18, whose Flash-8 profile took the step from
+# 1.710 to 1.685 ms with it (medians of 5 runs of 50 steps; bench/results/profile-decode-flash8-h200.json);
+# the same bits (tests/test_kernels_moe.py). A switch for benchmarks.
+SHARED_BESIDE_ROUTED = True
 DECODE_WGMMA_MAX_TOPK = 8         # csrc/moe_decode_wgmma.cu: a token's pairs are the B tile's 8 columns
 
 

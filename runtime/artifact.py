@@ -95,6 +95,7 @@ class ArtifactModel:
         self.head = head if bf16_head else head.to(self.work)
         self.norm = dense["norm.weight"].to(self.work)
         self.head_hc = [dense[f"hc_head_{n}"].to(self.work) for n in ("fn", "scale", "base")]
+        self.head_hc_pre = self._head_as_hc_pre(bf16_head)
         main = [e for e in m["layers"] if e["prefix"].startswith("layers.")]
         bank = ExpertBank(self.root / "experts", list(json.loads((self.root / "bank.json").read_text()).values()))
         ids = [e["layer"] for e in main]
@@ -192,9 +193,24 @@ class ArtifactModel:
             h = run(h, self.positions, self.tokens, table, caches, weights)
         return self._logits(h)
 
+    def _head_as_hc_pre(self, bf16_head: bool) -> list[torch.Tensor] | None:
+        """hc_head's weights in `dsv4::hc_pre_norm`'s form (`plugins.hc_pre.head_as_hc_pre`) for decode steps on
+        a GPU, where the kernels make the head's input in two launches (torch ran about twenty: the step's
+        largest group of small kernels, bench/results/profile-decode-flash8-h200.json); None where they do not
+        serve (CPU, float32, or batches past hc_pre's rows)."""
+        from plugins.hc_pre import head_as_hc_pre, supports_norm
+        padded = head_as_hc_pre(*self.head_hc)
+        hc = self.config.hc_mult
+        probe = torch.empty(self.batch, hc, padded[0].size(1) // hc, dtype=self.act, device=self.device)
+        return padded if bf16_head and supports_norm(probe, padded[0]) else None
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """hc streams h [B, hc, d] -> logits [B, vocab] in the working dtype."""
-        y = rms_norm(hc_head(h[:, None], *self.head_hc, self.config)[:, 0], self.norm, self.config.rms_norm_eps)
+        eps = self.config.rms_norm_eps
+        if self.head_hc_pre is not None and h.size(0) == self.batch:       # no Sinkhorn iterations: comb unused
+            y = torch.ops.dsv4.hc_pre_norm(h[:, None], *self.head_hc_pre, self.norm, eps, self.config.hc_eps, 0)[0]
+            return head_logits(y[:, 0], self.head)
+        y = rms_norm(hc_head(h[:, None], *self.head_hc, self.config)[:, 0], self.norm, eps)
         return head_logits(wide(y), self.head)
 
     def _prefill_chunk(self, ids: torch.Tensor, start: int) -> torch.Tensor:

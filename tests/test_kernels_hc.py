@@ -126,3 +126,47 @@ def test_hc_post_inside_the_mix_launch_matches_the_oracle_and_captures(rows, d):
     f.copy_(_post_inputs(rows, d, "cuda", seed=8)[0])
     graph.replay()
     check(got)
+
+
+def _head_case(rows, d, device, seed=7):
+    """Streams [rows, 1, 4, d] bf16 and the model's hc_head weights (fn [4, 4d], scale [1], base [4])."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 1, 4, d, generator=g).to(torch.bfloat16)
+    fn, scale = torch.randn(4, 4 * d, generator=g) * 1e-2, torch.rand(1, generator=g) + 0.25
+    base = torch.randn(4, generator=g)
+    return x.to(device), fn.to(device), scale.to(device), base.to(device)
+
+
+def _head_oracle(x, fn, scale, base, weight):
+    from types import SimpleNamespace
+
+    from plugins.oracle import hc_head, rms_norm
+    return rms_norm(hc_head(x, fn, scale, base, SimpleNamespace(rms_norm_eps=1e-6, hc_eps=1e-6)), weight, 1e-6)
+
+
+def test_the_head_in_hc_pre_form_is_hc_head_then_the_norm_on_the_cpu():
+    """runtime.artifact's decode head input: hc_pre_norm over head_as_hc_pre's padded weights (the zero rows
+    change no mix; no Sinkhorn iterations) gives the model's rms_norm(hc_head(x))."""
+    import plugins.ops  # noqa: F401
+    from plugins.hc_pre import head_as_hc_pre
+    x, fn, scale, base = _head_case(2, 64, "cpu")
+    weight = torch.rand(64) + 0.5
+    got = torch.ops.dsv4.hc_pre_norm(x, *head_as_hc_pre(fn, scale, base), weight, 1e-6, 1e-6, 0)[0]
+    expect = _head_oracle(x, fn, scale, base, weight)
+    assert torch.allclose(got.float(), expect.float(), rtol=2 ** -7, atol=1e-6)
+    assert (got == expect).float().mean() >= 0.99
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, d", [pytest.param(1, 4096, id="flash-1row"), pytest.param(3, 256, id="tiny-3rows")])
+def test_the_head_in_hc_pre_form_runs_on_the_kernels(rows, d):
+    """The same on the hc_pre kernels (the decode step's head input on a GPU), against the oracle's steps."""
+    import plugins.ops  # noqa: F401
+    from plugins.hc_pre import head_as_hc_pre
+    x, fn, scale, base = _head_case(rows, d, "cuda")
+    weight = 1 + 0.1 * torch.randn(d, generator=torch.Generator().manual_seed(2)).cuda()
+    got = torch.ops.dsv4.hc_pre_norm(x, *head_as_hc_pre(fn, scale, base), weight, 1e-6, 1e-6, 0)[0]
+    expect = _head_oracle(x, fn, scale, base, weight)
+    cos = torch.nn.functional.cosine_similarity(got.double().flatten(0, 1), expect.double().flatten(0, 1), dim=-1)
+    assert cos.min() >= 0.9999, cos.min()
+    assert torch.allclose(got.float(), expect.float(), rtol=0.02, atol=0.02 * expect.abs().max().item())

@@ -21,8 +21,9 @@ import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
 from plugins.compressor import MAX_ROWS as COMPRESSOR_KERNEL_ROWS
 from plugins.hc_pre import MAX_ROWS as HC_PRE_KERNEL_ROWS
 from plugins.indexer import MAX_ROWS as INDEXER_KERNEL_ROWS
-from plugins.oracle import (compressor_step, decode_rows, einsum, finish_rows, hc_head, hc_post, hc_pre, index_query, indexer_picks,
-                            kv_row, q_heads, rms_norm, softmax_scale, swiglu_stacked, wide, wide_dtype, with_rope)
+from plugins.oracle import (compressor_step, decode_rows, einsum, finish_rows, hc_head, hc_post, hc_pre, index_query,
+                            indexer_picks, kv_row, q_heads, rms_norm, softmax_scale, swiglu_stacked, wide, wide_dtype,
+                            with_rope)
 from plugins.route import MAX_ROWS as ROUTE_KERNEL_ROWS
 
 from ..config import KV_FP8_BLOCK, ModelConfig
