@@ -104,9 +104,12 @@ def decode_wgmma_fits(x: torch.Tensor, topk: int, d: int, f: int) -> bool:
 
 def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Tensor, table: torch.Tensor,
                        f: int, limit: float, out: torch.Tensor | None = None,
-                       workspace: dict[str, torch.Tensor] | None = None, wgmma: bool | None = None) -> torch.Tensor:
+                       workspace: dict[str, torch.Tensor] | None = None, wgmma: bool | None = None,
+                       summed: bool = True):
     """x [T, D] bf16, experts [T, k] int32, route_w [T, k] float32, table [E] int64 -> y [T, D] float32.
-    `wgmma`: the warpgroup-MMA kernels (sm_90) or the mma.sync ones; by default as WGMMA.decode, where they fit."""
+    `wgmma`: the warpgroup-MMA kernels (sm_90) or the mma.sync ones; by default as WGMMA.decode, where they fit.
+    `summed` False: (the pairs' outputs [T * k, D] and k, or y and 0 where the kernels sum them themselves),
+    for a launch that adds them with more (`sum_pairs_post`)."""
     t, d = x.shape
     k = experts.size(1)
     assert x.dtype == torch.bfloat16 and experts.dtype == torch.int32 and route_w.dtype == torch.float32
@@ -120,7 +123,7 @@ def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Te
     out = torch.empty(t, d, dtype=torch.float32, device=x.device) if out is None else out
     lib = kernels()
     if use_wgmma:
-        return _decode_wgmma(lib, x, experts, route_w, table, f, limit, out, ws)
+        return _decode_wgmma(lib, x, experts, route_w, table, f, limit, out if summed else None, ws)
     # The grids' y is the token; x is a persistent grid over that token's items, sized to fill the GPU.
     shared_up = RING_BYTES + d + d // 128 * 4
     items_up = k * (f // 16)
@@ -134,12 +137,13 @@ def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Te
     lib.launch("dsv4_moe_down", (max(1, -(-grid_down // t)), t), 256,
                [(ws["h"], PTR), (experts, PTR), (table, PTR), (out, PTR), (k, INT), (d, INT), (f, INT)],
                shared_down)
-    return out
+    return out if summed else (out, 0)
 
 
-def _decode_wgmma(lib, x, experts, route_w, table, f, limit, out, ws) -> torch.Tensor:
+def _decode_wgmma(lib, x, experts, route_w, table, f, limit, out, ws):
     """`moe_experts_decode` on csrc/moe_decode_wgmma.cu: gate_up (a warpgroup per expert and 32 rows of F),
-    down (a warpgroup per pair and 64 rows of D, into ws["ypart"]), then the sum over each token's pairs."""
+    down (a warpgroup per pair and 64 rows of D, into ws["ypart"]), then the sum over each token's pairs (out
+    None: no sum; (ypart, k))."""
     t, d = x.shape
     k = experts.size(1)
     shared_up = RING_BYTES // 2 + d // 32 * 256 + d // 128 * 4
@@ -152,7 +156,7 @@ def _decode_wgmma(lib, x, experts, route_w, table, f, limit, out, ws) -> torch.T
     lib.launch("dsv4_moe_down_decode_wgmma", (max(1, -(-grid_down // t)), t), 128,
                [(ws["h"], PTR), (experts, PTR), (table, PTR), (ws["ypart"], PTR), (k, INT), (d, INT), (f, INT)],
                shared_down)
-    return sum_pairs(ws["ypart"], experts, out)
+    return sum_pairs(ws["ypart"], experts, out) if out is not None else (ws["ypart"], k)
 
 
 # ------------------------------------------------------------------ prefill: tokens grouped by expert
@@ -226,6 +230,24 @@ def sum_pairs(ypart: torch.Tensor, experts: torch.Tensor, out: torch.Tensor | No
     kernels().launch("dsv4_moe_sum_pairs", (t, -(-d // 1024)), 256,
                      [(ypart, PTR), (experts.contiguous(), PTR), (y, PTR), (k, INT), (d, INT)])
     return y
+
+
+def sum_pairs_post(parts: torch.Tensor, experts: torch.Tensor, k: int, shared: torch.Tensor, res: torch.Tensor,
+                   post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """The decode MoE's end in one launch (csrc/moe_experts.cu dsv4_moe_sum_pairs_post): each token's routed
+    sum (`moe_experts_decode(..., summed=False)`'s parts and k) plus the shared expert's output shared [T, D]
+    bf16, rounded to bf16, then the hyper-connection post over the streams res [T, 4, D] bf16 with post
+    [T, 4] and comb [T, 4, 4] float32 -> the new streams [T, 4, D] bf16. Contiguous inputs."""
+    t, d = shared.shape
+    assert res.shape == (t, 4, d) and res.dtype == shared.dtype == torch.bfloat16 and d % 4 == 0
+    assert post.shape == (t, 4) and comb.shape == (t, 4, 4) and post.dtype == comb.dtype == torch.float32
+    assert all(a.is_contiguous() for a in (parts, shared, res, post, comb)) and parts.dtype == torch.float32
+    assert k == 0 or (experts.dtype == torch.int32 and experts.shape == (t, k) and k <= MAX_TOPK)
+    out = torch.empty_like(res)
+    kernels().launch("dsv4_moe_sum_pairs_post", (t, -(-d // 1024)), 256,
+                     [(parts, PTR), (experts.contiguous(), PTR), (shared, PTR), (res, PTR), (post, PTR), (comb, PTR),
+                      (out, PTR), (k, INT), (d, INT)])
+    return out
 
 
 # ------------------------------------------------------------------ prefill on wgmma (sm_90a)

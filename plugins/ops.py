@@ -6,6 +6,7 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::fp8_linear_normed(x, norm, eps, weight, scale)    the same of x's RMSNorm (one launch for decode)
     dsv4::moe_routed(x, experts, weights, table, inter, limit)   routed MXFP4 experts via a pointer table
     dsv4::moe_with_shared(x, experts, weights, table, ...)  the routed experts and the shared expert
+    dsv4::moe_hc_post(x, experts, ..., res, post, comb)    the same, summed, inside the layer's last hc_post
     dsv4::sparse_attention(q, kv, sink, idx, scale)        attention over picked rows with a sink
     dsv4::decode_attention(q, kv, sink, picked, pos, ...)  a decode step's attention over its window and
                                                             compressed rows, then the output's inverse RoPE
@@ -194,6 +195,36 @@ def fp8_linear_after_swiglu(y: torch.Tensor, size: int, up: int, limit: float, w
 @moe_with_shared.register_fake
 def _(x, experts, weights, table, inter, limit, w13, s13, w2, s2, up):
     return x.new_empty(x.shape, dtype=wide_dtype(x.dtype)), x.new_empty(x.shape)
+
+
+@torch.library.custom_op("dsv4::moe_hc_post", mutates_args=())
+def moe_hc_post(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, inter: int,
+                limit: float, w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, up: int,
+                res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """The decode MoE inside the hyper-connection post that ends the layer: `moe_with_shared`'s two outputs
+    added and rounded to x's dtype (the FFN's output f [T, D]), then `plugins.oracle.hc_post` of f over the
+    streams res [T, hc, D] with post [T, hc] and comb [T, hc, hc] -> the layer's new streams [T, hc, D]. On a
+    GPU (bf16, decode rows, 4 streams) one launch adds each token's expert pairs and the shared output and
+    applies the post, where the sum over pairs and a kernel of the program's own ran."""
+    def routed():
+        return moe_experts_decode(x.contiguous(), experts.contiguous(), weights.contiguous(), table, inter, limit,
+                                  summed=False)
+
+    def shared():
+        return fp8_linear_after_swiglu(fp8_linear(x, w13, s13), inter, up, limit, w2, s2)
+    if x.is_cuda and x.dtype == torch.bfloat16 and 1 <= x.size(0) <= 16 and res.size(1) == 4 and x.size(1) % 4 == 0:
+        (parts, k), y_shared = beside(routed, shared, x.device) if moe_experts.SHARED_BESIDE_ROUTED else (
+            routed(), shared())
+        return moe_experts.sum_pairs_post(parts, experts, k, y_shared.contiguous(), res.contiguous(),
+                                          post.float().contiguous(), comb.float().contiguous())
+    y, y_shared = moe_with_shared(x, experts, weights, table, inter, limit, w13, s13, w2, s2, up)
+    f = (y + y_shared.to(y.dtype)).to(x.dtype)
+    return hc_post(f[:, None], res[:, None], post[:, None], comb[:, None])[:, 0]
+
+
+@moe_hc_post.register_fake
+def _(x, experts, weights, table, inter, limit, w13, s13, w2, s2, up, res, post, comb):
+    return torch.empty_like(res)
 
 
 # ------------------------------------------------------------------ sparse_attention

@@ -127,3 +127,51 @@ def test_shared_expert_beside_the_routed_ones_gives_the_same_bits_and_captures(m
     torch.cuda.synchronize()
     monkeypatch.setattr(moe_experts, "SHARED_BESIDE_ROUTED", False)
     assert all(torch.equal(a, b) for a, b in zip(out, torch.ops.dsv4.moe_with_shared(*args)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("wgmma", [False, True], ids=["mma-sync", "wgmma"])
+def test_moe_hc_post_sums_and_posts_in_one_launch_as_the_ops_in_turn(monkeypatch, wgmma):
+    """dsv4::moe_hc_post on the kernels (the pairs, the shared output and the layer's last hc_post in one
+    launch) against moe_with_shared then the oracle's hc_post: the FFN output the same bits, the post's
+    products and sums rounded one by one (at most one bf16 step apart, almost all equal); then from a
+    replayed graph with the shared expert beside the routed ones."""
+    import plugins.ops  # noqa: F401  (registers the ops)
+    from plugins import moe_experts
+    from plugins.formats import fp8_weight_quant
+    from plugins.moe_experts import pack_expert
+    from plugins.oracle import hc_post
+    if wgmma and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma decode kernels are sm_90 only")
+    monkeypatch.setattr(moe_experts.WGMMA, "decode", wgmma)
+    d, f, tokens = 1024, 512, 3
+    stores = [pack_expert(*e).cuda() for e in random_experts(10, d, f)]
+    table = torch.tensor([s.data_ptr() for s in stores], dtype=torch.int64, device="cuda")
+    g = torch.Generator().manual_seed(4)
+    w13, s13 = (t.cuda() for t in fp8_weight_quant(torch.randn(2 * f, d, generator=g) / d ** 0.5))
+    w2, s2 = (t.cuda() for t in fp8_weight_quant(torch.randn(d, f, generator=g) / f ** 0.5))
+    x = torch.randn(tokens, d, generator=g).to(torch.bfloat16).cuda()
+    experts = torch.tensor([[0, 1, 2, 3, 4, 5], [9, 8, 7, 6, 5, 4], [3, 3, 3, 3, 3, 3]], dtype=torch.int32,
+                           device="cuda")
+    weights = torch.rand(tokens, 6, generator=g).cuda()
+    res = torch.randn(tokens, 4, d, generator=g).to(torch.bfloat16).cuda()
+    post, comb = (torch.rand(tokens, 4, generator=g) * 2).cuda(), torch.rand(tokens, 4, 4, generator=g).cuda()
+    args = (x, experts, weights, table, f, 10.0, w13, s13, w2, s2, f, res, post, comb)
+
+    def check(got):
+        routed, shared = torch.ops.dsv4.moe_with_shared(*args[:11])
+        ffn = (routed + shared.float()).to(torch.bfloat16)
+        expect = hc_post(ffn[:, None], res[:, None], post[:, None], comb[:, None])[:, 0]
+        step = (expect.float().abs() * 2 ** -7).clamp(min=1e-30)
+        assert ((got.float() - expect.float()).abs() <= step).all() and (got == expect).float().mean() > 0.99
+
+    check(torch.ops.dsv4.moe_hc_post(*args))
+    monkeypatch.setattr(moe_experts, "SHARED_BESIDE_ROUTED", True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.dsv4.moe_hc_post(*args)
+    x.copy_(torch.randn(tokens, d, device="cuda").to(torch.bfloat16))
+    res.copy_(torch.randn(tokens, 4, d, device="cuda").to(torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    check(out)

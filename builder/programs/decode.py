@@ -304,9 +304,10 @@ class DecodeLayer(torch.nn.Module):
             return torch.ops.dsv4.indexer_picks(q, weights, keys, pos, k, self.ratio, scale)
         return indexer_picks(q, weights, keys, pos, k, self.ratio, scale)
 
-    def moe(self, x, ids, table, w, routed=None):
+    def moe(self, x, ids, table, w, routed=None, post_of=None):
         """x [N, d], ids [N] -> (y [N, d], the routed experts [N, k] int32, or None where the gate wrote them
-        into `routed` [N, k] itself: the decode step's cache of them, which the pager reads)."""
+        into `routed` [N, k] itself: the decode step's cache of them, which the pager reads). With `post_of`
+        (res [N, hc, d], post, comb) for decode rows: y is the new streams [N, hc, d] (`experts_ffn`)."""
         c = self.cfg
         k = c.num_experts_per_tok
         if "ffn.gate.bias" in w and "ffn.gate.tid2eid" not in w and x.size(0) <= ROUTE_OP_ROWS:
@@ -316,22 +317,25 @@ class DecodeLayer(torch.nn.Module):
             weights = torch.ops.dsv4.route_topk(logits, w["ffn.gate.bias"], k, c.scoring_func,
                                                 c.routed_scaling_factor, experts)
             if into is not None:
-                return self.experts_ffn(x, experts, weights, table, w), None
+                return self.experts_ffn(x, experts, weights, table, w, post_of), None
         else:
             weights, experts = route(c, x, w["ffn.gate.weight"], w.get("ffn.gate.bias"), w.get("ffn.gate.tid2eid"),
                                      ids, product=wide_product)
             experts = experts.to(torch.int32)
-        return self.experts_ffn(x, experts, weights, table, w), experts
+        return self.experts_ffn(x, experts, weights, table, w, post_of), experts
 
-    def experts_ffn(self, x, experts, weights, table, w):
-        """The routed experts [N, k] with their weights and the shared expert of x [N, d] -> [N, d]."""
+    def experts_ffn(self, x, experts, weights, table, w, post_of=None):
+        """The routed experts [N, k] with their weights and the shared expert of x [N, d] -> [N, d]; with
+        `post_of` (decode rows only) that output inside the layer's last hyper-connection post -> the new
+        streams [N, hc, d] (dsv4::moe_hc_post: one launch for the sum and the post on a GPU)."""
         c = self.cfg
         f = c.moe_intermediate_size
+        shared = (w["ffn.shared_experts.w13.weight"], w["ffn.shared_experts.w13.scale"],
+                  w["ffn.shared_experts.w2.weight"], w["ffn.shared_experts.w2.scale"], stacked_width(f))
+        if post_of is not None:
+            return torch.ops.dsv4.moe_hc_post(x, experts, weights, table, f, c.swiglu_limit, *shared, *post_of)
         if x.size(0) <= COMPRESSOR_OP_ROWS:      # one op: the two may run side by side (dsv4::moe_with_shared)
-            y, shared = torch.ops.dsv4.moe_with_shared(
-                x, experts, weights, table, f, c.swiglu_limit, w["ffn.shared_experts.w13.weight"],
-                w["ffn.shared_experts.w13.scale"], w["ffn.shared_experts.w2.weight"],
-                w["ffn.shared_experts.w2.scale"], stacked_width(f))
+            y, shared = torch.ops.dsv4.moe_with_shared(x, experts, weights, table, f, c.swiglu_limit, *shared)
         else:
             y = torch.ops.dsv4.moe_routed(x, experts, weights, table, f, c.swiglu_limit)
             h = swiglu_stacked(linear_fp8(x, w, "ffn.shared_experts.w13"), f, stacked_width(f), c.swiglu_limit)
@@ -352,8 +356,14 @@ class DecodeLayer(torch.nn.Module):
         else:
             h = hc_post(attention(x), h, post, comb)
             x, post, comb = hc_pre_normed(h, *hc["ffn"], w["ffn_norm.weight"], c)
-        ffn, experts = self.moe(x.flatten(0, 1), ids.flatten(), table, w, routed)
-        return hc_post(ffn.view(x.shape), h, post, comb), None if experts is None else experts.view(*x.shape[:2], -1)
+        if h.size(0) * h.size(1) <= COMPRESSOR_OP_ROWS:     # the MoE's end inside the layer's last hc_post
+            post_of = (h.flatten(0, 1), post.flatten(0, 1), comb.flatten(0, 1))
+            out, experts = self.moe(x.flatten(0, 1), ids.flatten(), table, w, routed, post_of)
+            out = out.view(h.shape)
+        else:
+            ffn, experts = self.moe(x.flatten(0, 1), ids.flatten(), table, w, routed)
+            out = hc_post(ffn.view(x.shape), h, post, comb)
+        return out, None if experts is None else experts.view(*x.shape[:2], -1)
 
     def forward(self, h, pos, ids, table, caches: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]):
         h, experts = self.block(h[:, None], lambda x: self.attention(x, pos, caches, weights), ids[:, None],

@@ -8,6 +8,7 @@
 // some warps while the others write its share of y (and, CTA 0, post and comb). Launches never allocate or
 // synchronise.
 #include "common.cuh"
+#include "rows.cuh"
 
 namespace {
 
@@ -103,23 +104,18 @@ __device__ __forceinline__ void mix_slice(const __nv_bfloat16* __restrict__ x, _
   for (int n = 0; n < N; ++n) {
     float v[8];
     if (POST) {
-      float fv[8], r[8];
+      float fv[8], r[HC][8];
       load8(f + size_t(n) * D + col, fv);
+#pragma unroll
+      for (int j = 0; j < HC; ++j) load8(res + (size_t(n) * HC + j) * D + col, r[j]);
       const float p = post[n * HC + stream];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) v[e] = __fmul_rn(p, fv[e]);
-      float mixed[8];
-#pragma unroll
-      for (int j = 0; j < HC; ++j) {
-        load8(res + (size_t(n) * HC + j) * D + col, r);
-        const float c = comb[(n * HC + j) * HC + stream];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) mixed[e] = j ? __fadd_rn(mixed[e], __fmul_rn(c, r[e])) : __fmul_rn(c, r[e]);
-      }
       __nv_bfloat16 out[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        out[e] = __float2bfloat16(__fadd_rn(v[e], mixed[e]));
+        float rj[HC];
+#pragma unroll
+        for (int j = 0; j < HC; ++j) rj[j] = r[j][e];
+        out[e] = dsv4_rows::hc_post_value<HC>(p, fv[e], comb + size_t(n) * HC * HC, stream, rj);
         v[e] = __bfloat162float(out[e]);
       }
       if (warp == 0) *reinterpret_cast<uint4*>(x_out + size_t(n) * K + k) = *reinterpret_cast<uint4*>(out);

@@ -20,6 +20,7 @@
 // ahead of its MMAs, and the grid is the resident CTAs, each running items b, b + grid, ...
 #include "common.cuh"
 #include "fp4_ring.cuh"
+#include "rows.cuh"
 
 using dsv4::smem_addr;
 
@@ -405,16 +406,14 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_down_grouped(
   walk_groups(w, reinterpret_cast<uint8_t*>(smem), partial, job, epilogue);
 }
 
-// Grid: (T, ceil(D / 1024)), 256 threads, 4 columns each. ypart [T * topk, D] float32, pair-indexed (token *
-// topk + slot) -> y [T, D] float32: each token's pairs added in ascending expert id order, in float32 from
-// zero, as the decode kernel adds its experts (so grouped prefill stays the decode kernels' bits). One
-// launch where torch took a gather and an add per slot.
-extern "C" __global__ void __launch_bounds__(256) dsv4_moe_sum_pairs(const float* __restrict__ ypart,
-                                                                     const int* __restrict__ experts,
-                                                                     float* __restrict__ y, int topk, int D) {
-  dsv4::pdl_wait();                             // ypart comes from the down launch
-  dsv4::pdl_launch_dependents();
-  const int t = blockIdx.x, col = (blockIdx.y * blockDim.x + threadIdx.x) * 4;
+namespace moe_sum {
+
+// Token t's pairs at 4 columns from col: ypart [T * topk, D] float32, pair-indexed (token * topk + slot), added
+// in ascending expert id order, in float32 from zero, as the decode kernel adds its experts (so grouped
+// prefill stays the decode kernels' bits). topk 0: ypart is the sum itself, [T, D].
+__device__ __forceinline__ float4 pair_sum(const float* __restrict__ ypart, const int* __restrict__ experts,
+                                           int t, int col, int topk, int D) {
+  if (topk == 0) return *reinterpret_cast<const float4*>(ypart + size_t(t) * D + col);
   int id[MAX_TOPK], slot[MAX_TOPK];
   for (int a = 0; a < topk; ++a) {              // insertion sort of the token's (expert, slot) by expert id
     const int e = experts[size_t(t) * topk + a];
@@ -426,7 +425,6 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_moe_sum_pairs(const float
     id[b] = e;
     slot[b] = a;
   }
-  if (col >= D) return;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int a = 0; a < topk; ++a) {
     const float4 p = *reinterpret_cast<const float4*>(ypart + (size_t(t) * topk + slot[a]) * D + col);
@@ -435,5 +433,61 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_moe_sum_pairs(const float
     acc.z += p.z;
     acc.w += p.w;
   }
-  *reinterpret_cast<float4*>(y + size_t(t) * D + col) = acc;
+  return acc;
+}
+
+}  // namespace moe_sum
+
+// Grid: (T, ceil(D / 1024)), 256 threads, 4 columns each: y [T, D] float32 = each token's pairs' sum
+// (moe_sum::pair_sum). One launch where torch took a gather and an add per slot.
+extern "C" __global__ void __launch_bounds__(256) dsv4_moe_sum_pairs(const float* __restrict__ ypart,
+                                                                     const int* __restrict__ experts,
+                                                                     float* __restrict__ y, int topk, int D) {
+  dsv4::pdl_wait();                             // ypart comes from the down launch
+  dsv4::pdl_launch_dependents();
+  const int t = blockIdx.x, col = (blockIdx.y * blockDim.x + threadIdx.x) * 4;
+  if (col >= D) return;
+  *reinterpret_cast<float4*>(y + size_t(t) * D + col) = moe_sum::pair_sum(ypart, experts, t, col, topk, D);
+}
+
+// The decode MoE's end inside its hyper-connection post, one launch where the program ran the sum over pairs
+// and a kernel of its own for the rest (the layer's last): per token t and column,
+//   f = bf16( pair_sum + shared )   (plugins' moe_hc_post: the routed sum, float32, plus the shared expert's
+//                                    bf16 output, rounded to the activation dtype)
+//   out[t, k] = hc_post of f over the streams res [T, HC, D] bf16 with post [T, HC], comb [T, HC, HC] float32
+// Grid (T, ceil(D / 1024)), 256 threads, 4 columns each. out [T, HC, D] bf16.
+extern "C" __global__ void __launch_bounds__(256) dsv4_moe_sum_pairs_post(
+    const float* __restrict__ ypart, const int* __restrict__ experts, const __nv_bfloat16* __restrict__ shared,
+    const __nv_bfloat16* __restrict__ res, const float* __restrict__ post, const float* __restrict__ comb,
+    __nv_bfloat16* __restrict__ out, int topk, int D) {
+  constexpr int HC = 4;
+  dsv4::pdl_wait();                             // ypart and the shared output come from the kernels before
+  dsv4::pdl_launch_dependents();
+  const int t = blockIdx.x, col = (blockIdx.y * blockDim.x + threadIdx.x) * 4;
+  if (col >= D) return;
+  const float4 acc = moe_sum::pair_sum(ypart, experts, t, col, topk, D);
+  const float sum[4] = {acc.x, acc.y, acc.z, acc.w};
+  float f[4], r[HC][4];
+  const uint2 sh = *reinterpret_cast<const uint2*>(shared + size_t(t) * D + col);
+  const __nv_bfloat16* shv = reinterpret_cast<const __nv_bfloat16*>(&sh);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) f[e] = dsv4::bf16_round(sum[e] + __bfloat162float(shv[e]));
+#pragma unroll
+  for (int j = 0; j < HC; ++j) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(res + (size_t(t) * HC + j) * D + col);
+    const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&raw);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) r[j][e] = __bfloat162float(v[e]);
+  }
+  const float* comb_t = comb + size_t(t) * HC * HC;
+#pragma unroll
+  for (int k = 0; k < HC; ++k) {
+    __nv_bfloat16 o[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float rj[HC] = {r[0][e], r[1][e], r[2][e], r[3][e]};
+      o[e] = dsv4_rows::hc_post_value<HC>(post[t * HC + k], f[e], comb_t, k, rj);
+    }
+    *reinterpret_cast<uint2*>(out + (size_t(t) * HC + k) * D + col) = *reinterpret_cast<uint2*>(o);
+  }
 }

@@ -4,6 +4,8 @@
 //   rms_norm_row: y = weight * (x * rsqrt(mean(x^2) + eps)) in float32, bf16 out (plugins.oracle.rms_norm)
 //   swiglu_row:   y = silu(min(gate, limit)) * clamp(up, -limit, limit) in float32, bf16 out
 //                 (plugins.oracle.swiglu, then the program's cast)
+//   hc_post_value: one element of the hyper-connection post (plugins.oracle.hc_post), for the kernels that end
+//                 a sub-layer with it (hc_pre.cu after the attention, moe_experts.cu after the MoE)
 #pragma once
 #include "common.cuh"
 
@@ -48,6 +50,18 @@ __device__ __forceinline__ __nv_bfloat16 swiglu_value(const __nv_bfloat16* __res
 __device__ __forceinline__ void swiglu_row(const __nv_bfloat16* __restrict__ y, int up, int F, float limit,
                                            __nv_bfloat16* __restrict__ out) {
   for (int f = threadIdx.x; f < F; f += blockDim.x) out[f] = swiglu_value(y, up, f, limit);
+}
+
+// Output stream k of one element of the hyper-connection post (plugins.oracle.hc_post), HC streams:
+//   bf16( post_k * f + sum_j comb[j][k] * res_j ),  comb the row's [HC][HC] (row j: input stream),
+// products and sums rounded one by one, j in order (the oracle's separate ops, no fused multiply-adds).
+template <int HC>
+__device__ __forceinline__ __nv_bfloat16 hc_post_value(float post_k, float f, const float* __restrict__ comb, int k,
+                                                       const float (&res)[HC]) {
+  float mixed = __fmul_rn(comb[k], res[0]);
+#pragma unroll
+  for (int j = 1; j < HC; ++j) mixed = __fadd_rn(mixed, __fmul_rn(comb[j * HC + k], res[j]));
+  return __float2bfloat16(__fadd_rn(__fmul_rn(post_k, f), mixed));
 }
 
 }  // namespace dsv4_rows
