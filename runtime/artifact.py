@@ -186,7 +186,8 @@ class ArtifactModel:
 
     def _step(self) -> torch.Tensor:
         """One decode step over the static buffers: logits [B, vocab] in the working dtype."""
-        h = self.embed[self.tokens][:, None].repeat(1, self.config.hc_mult, 1)
+        # every stream starts as the token's embedding: one gather over the ids expanded (a view), no repeat
+        h = self.embed[self.tokens[:, None].expand(-1, self.config.hc_mult)]
         for i, (run, table, weights, caches) in enumerate(self.layers):
             if self.pager is not None:
                 self.pager.before_layer(i, h)
@@ -219,7 +220,7 @@ class ArtifactModel:
         n = ids.size(1)
         padded = torch.zeros(1, self.chunk, dtype=torch.int64, device=self.device)    # padding: token 0
         padded[:, :n] = ids
-        h = self.embed[padded][:, :, None].repeat(1, 1, self.config.hc_mult, 1)     # [1, C, hc, d]
+        h = self.embed[padded[:, :, None].expand(-1, -1, self.config.hc_mult)]      # [1, C, hc, d]
         start_t = torch.tensor([start], device=self.device)
         n_t = torch.tensor([n], device=self.device)
         for (_, table, weights, caches), run in zip(self.layers, self.prefill_runs):
