@@ -100,19 +100,17 @@ def layer_weights(cfg: ModelConfig, get, layer: int, act: torch.dtype) -> dict[s
     names_work = ["attn_norm.weight", "ffn_norm.weight", "attn.q_norm.weight", "attn.kv_norm.weight",
                   "attn.attn_sink"]
     names_kept = ["ffn.gate.weight"]                   # float32 in the official model, taken by `wide_product`
-    names_raw = [f"{n}.{k}" for n in ("attn.wq_b", "attn.wo_a", "attn.wo_b", "ffn.shared_experts.w2")
-                 for k in ("weight", "scale")]
+    names_raw = [f"{n}.{k}" for n in ("attn.wo_a", "attn.wo_b", "ffn.shared_experts.w2") for k in ("weight", "scale")]
     names_work += [f"hc_{k}_{part}" for k in ("attn", "ffn") for part in ("fn", "scale", "base")]
     names_act = []
     compressors = (["attn.compressor"] if ratio else []) + (["attn.indexer.compressor"] if ratio == 4 else [])
     names_work += [f"{c}.{n}" for c in compressors for n in ("ape", "norm.weight")]
     if ratio == 4:
-        names_raw += ["attn.indexer.wq_b.weight", "attn.indexer.wq_b.scale"]
         names_act += ["attn.indexer.weights_proj.weight"]
     names_work += [] if cfg.is_hash_layer(layer) else ["ffn.gate.bias"]
     w = {n: get(p + n).to(work) for n in names_work}
     w |= {n: get(p + n) for n in names_raw}
-    for name, parts in FUSED_FP8.items():
+    for name, parts in (FUSED_FP8 | query_fp8(ratio)).items():
         w[f"{name}.weight"], w[f"{name}.scale"] = stack_fp8([(get(f"{p}{n}.weight"), get(f"{p}{n}.scale"))
                                                              for n in parts])
     w |= {n: get(p + n).to(act) for n in names_act}
@@ -151,6 +149,12 @@ FUSED_FP8 = {"attn.wq_a_wkv": ("attn.wq_a", "attn.wkv"),
              "ffn.shared_experts.w13": ("ffn.shared_experts.w1", "ffn.shared_experts.w3")}
 
 
+def query_fp8(ratio: int) -> dict[str, tuple[str, ...]]:
+    """The FP8 linears of the normed query latent, stacked as `FUSED_FP8`: wq_b, and on ratio-4 layers the
+    indexer's wq_b after it (one launch and one longer weight stream where an 8 MB GEMV of its own ran)."""
+    return {"attn.wq_b_idx": ("attn.wq_b", "attn.indexer.wq_b")} if ratio == 4 else {"attn.wq_b": ("attn.wq_b",)}
+
+
 def stack_fp8(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 weights [n_i, K] with their 128x128 block scales stacked by rows into one, each part's rows padded
     to a multiple of 128 (zero rows, scale 1) so that every block keeps its own scale."""
@@ -169,7 +173,12 @@ def stacked_width(n: int) -> int:
 
 def linear_fp8_parts(x: torch.Tensor, w: dict[str, torch.Tensor], name: str, sizes: tuple[int, ...]):
     """The outputs of a stacked linear (`FUSED_FP8`), one per part of `sizes` output features."""
-    y, at, out = linear_fp8(x, w, name), 0, []
+    return stacked_parts(linear_fp8(x, w, name), sizes)
+
+
+def stacked_parts(y: torch.Tensor, sizes: tuple[int, ...]) -> list[torch.Tensor]:
+    """A stacked linear's output y [..., N] cut into its parts of `sizes` output features (views)."""
+    at, out = 0, []
     for n in sizes:
         out.append(y[..., at:at + n])
         at += stacked_width(n)
@@ -214,19 +223,25 @@ class DecodeLayer(torch.nn.Module):
             self.idx_compressor = self.compressor_type(cfg, "attn.indexer.compressor", 4, cfg.index_head_dim, True)
 
     def project(self, x, pos, w):
-        """x [B, S, d] at positions pos [B, S] (inside the RoPE table) -> qr [B, S, q_lora] before its norm
-        (`from_latent`), q [B, S, heads, hd] (per-head norm, RoPE), kv [B, S, hd] before its norm (`kv_rows`)."""
+        """x [B, S, d] at positions pos [B, S] (inside the RoPE table) -> q [B, S, heads, hd] (per-head norm,
+        RoPE), kv [B, S, hd] before its norm (`kv_rows`) and, on ratio-4 layers, the indexer's wq_b product
+        [B, S, iheads * idim] (`index_query`), else None."""
         c = self.cfg
         qr, kv = linear_fp8_parts(x, w, "attn.wq_a_wkv", (c.q_lora_rank, c.head_dim))
-        q = self.from_latent(qr, w, "attn.wq_b").unflatten(-1, (c.num_attention_heads, c.head_dim))
+        (name, parts), = query_fp8(self.ratio).items()
+        sizes = (c.num_attention_heads * c.head_dim, c.index_n_heads * c.index_head_dim)[:len(parts)]
+        q, *q_idx = stacked_parts(self.from_latent(qr, w, name), sizes)
+        q = q.unflatten(-1, (c.num_attention_heads, c.head_dim))
         if q.size(0) * q.size(1) <= COMPRESSOR_OP_ROWS:       # one launch, reading the table at pos itself
-            return qr, torch.ops.dsv4.q_heads(q, self.rot, pos, c.rms_norm_eps, c.qk_rope_head_dim), kv
-        return qr, q_heads(q, self.rot[pos], c.rms_norm_eps, c.qk_rope_head_dim), kv
+            q = torch.ops.dsv4.q_heads(q, self.rot, pos, c.rms_norm_eps, c.qk_rope_head_dim)
+        else:
+            q = q_heads(q, self.rot[pos], c.rms_norm_eps, c.qk_rope_head_dim)
+        return q, kv, (q_idx or [None])[0]
 
     def from_latent(self, qr, w, name):
-        """The FP8 linear `name` (wq_b, the indexer's wq_b) of the query latent qr [B, S, q_lora] through its
-        RMSNorm, the GEMV's only reader of the normed rows: one launch for decode rows on a GPU
-        (`dsv4::fp8_linear_normed`), the norm written out for prefill chunks."""
+        """The FP8 linear `name` (`query_fp8`) of the query latent qr [B, S, q_lora] through its RMSNorm, the
+        GEMV's only reader of the normed rows: one launch for decode rows on a GPU (`dsv4::fp8_linear_normed`),
+        the norm written out for prefill chunks."""
         c = self.cfg
         if qr.size(0) * qr.size(1) <= COMPRESSOR_OP_ROWS:
             return torch.ops.dsv4.fp8_linear_normed(qr, w["attn.q_norm.weight"], c.rms_norm_eps,
@@ -261,7 +276,7 @@ class DecodeLayer(torch.nn.Module):
         """x [B, 1, d]: one token per sequence at `pos` [B]."""
         c = self.cfg
         win, r, at = c.sliding_window, self.ratio, pos[:, None]
-        qr, q, kv = self.project(x, at, w)
+        q, kv, q_idx = self.project(x, at, w)
         write = torch.ops.dsv4.kv_row if x.size(0) <= COMPRESSOR_OP_ROWS else kv_row   # the new window row
         write(kv[:, 0], w["attn.kv_norm.weight"], self.rot, pos, caches["kv"], win, c.rms_norm_eps,
               c.qk_rope_head_dim, KV_FP8_BLOCK)
@@ -269,7 +284,7 @@ class DecodeLayer(torch.nn.Module):
         if r:
             self.compressor(x[:, 0], pos, self.rot, caches["comp_kv"], caches["comp_score"], caches["kv"], win, w)
             if r == 4:
-                q_idx, weights = self.index_query(x, qr, at, w)
+                q_idx, weights = self.index_query(x, q_idx, at, w)
                 self.idx_compressor(x[:, 0], pos, self.rot, caches["idx_kv"], caches["idx_score"],
                                     caches["idx_keys"], 0, w)
                 picked = self.pick_blocks(q_idx, weights, caches["idx_keys"], at)             # [B, 1, topk]
@@ -278,12 +293,12 @@ class DecodeLayer(torch.nn.Module):
             return self.output(torch.ops.dsv4.decode_attention(*args, picked, at, win, r, scale, self.rot), w)
         return self.attend(q, caches["kv"], decode_rows(at, picked, win, r, caches["kv"].size(1)), self.rot[at], w)
 
-    def index_query(self, x, qr, pos, w):
+    def index_query(self, x, q, pos, w):
         """The indexer's queries [B, S, iheads, idim] (RoPE, Hadamard, FP4 round-trip) and raw per-head
         weights [B, S, iheads] (`pick_blocks` rounds and scales them) of tokens x [B, S, d] at positions pos
-        [B, S] (inside the RoPE table) with query latents qr (before their norm)."""
+        [B, S] (inside the RoPE table) with their wq_b product q [B, S, iheads * idim] (`project`)."""
         c = self.cfg
-        q = self.from_latent(qr, w, "attn.indexer.wq_b").unflatten(-1, (c.index_n_heads, c.index_head_dim))
+        q = q.unflatten(-1, (c.index_n_heads, c.index_head_dim))
         # one launch for decode rows on a GPU where Inductor made a RoPE, a cuBLAS product and the FP4 kernels
         if q.size(0) * q.size(1) <= INDEXER_OP_ROWS:
             q = torch.ops.dsv4.index_query(q, self.rot, pos, c.qk_rope_head_dim)

@@ -57,7 +57,7 @@ class PrefillLayer(DecodeLayer):
         pos = start[:, None] + torch.arange(x.size(1), device=dev)                # [B, C]
         at = pos.clamp(max=self.max_len - 1)                                       # padding may run past the table
         rot = self.rot[at]
-        qr, q, kv = self.project(x, at, w)
+        q, kv, q_idx = self.project(x, at, w)
         kv = self.kv_rows(kv, rot, w)
         # Attention reads [cache | chunk kv]: window positions before the chunk from the ring (still
         # unwritten), the chunk's own from behind the cache.
@@ -69,7 +69,7 @@ class PrefillLayer(DecodeLayer):
             self.compressor(x, start, n, self.rot, caches["comp_kv"], caches["comp_score"], cache, win, w)
             picked = None                               # ratio 128: every complete block (`block_rows`)
             if r == 4:
-                q_idx, weights = self.index_query(x, qr, at, w)
+                q_idx, weights = self.index_query(x, q_idx, at, w)
                 self.idx_compressor(x, start, n, self.rot, caches["idx_kv"], caches["idx_score"],
                                     caches["idx_keys"], 0, w)
                 picked = self.pick_blocks(q_idx, weights, caches["idx_keys"], pos)
