@@ -105,8 +105,6 @@ def layer_weights(cfg: ModelConfig, get, layer: int, act: torch.dtype) -> dict[s
     names_act = []
     compressors = (["attn.compressor"] if ratio else []) + (["attn.indexer.compressor"] if ratio == 4 else [])
     names_work += [f"{c}.{n}" for c in compressors for n in ("ape", "norm.weight")]
-    if ratio == 4:
-        names_act += ["attn.indexer.weights_proj.weight"]
     names_work += [] if cfg.is_hash_layer(layer) else ["ffn.gate.bias"]
     w = {n: get(p + n).to(work) for n in names_work}
     w |= {n: get(p + n) for n in names_raw}
@@ -114,9 +112,11 @@ def layer_weights(cfg: ModelConfig, get, layer: int, act: torch.dtype) -> dict[s
         w[f"{name}.weight"], w[f"{name}.scale"] = stack_fp8([(get(f"{p}{n}.weight"), get(f"{p}{n}.scale"))
                                                              for n in parts])
     w |= {n: get(p + n).to(act) for n in names_act}
-    # each compressor's two products of one input, stacked by rows: one launch (`Compressor.project`)
-    stacked = {f"{c}.wkv_wgate.weight": torch.cat([get(f"{p}{c}.wkv.weight"), get(f"{p}{c}.wgate.weight")])
-               for c in compressors}
+    # the attention input's bf16-weight products stacked by rows: one launch (`DecodeLayer.products_of_x`)
+    parts = {f"{c}.wkv_wgate": [get(f"{p}{c}.wkv.weight"), get(f"{p}{c}.wgate.weight")] for c in compressors}
+    parts["attn.indexer.weights_proj"] = [get(p + "attn.indexer.weights_proj.weight")] if ratio == 4 else []
+    stacked = {f"{name}.weight": torch.cat([t for n in members for t in parts[n]])
+               for name, members in x_products(ratio).items()}
     # kept in bf16 for a bf16 model (as the checkpoint stores them); widened for a float32 one (an exact gate)
     w |= {n: t if t.dtype == act == torch.bfloat16 else t.to(work)
           for n, t in [(n, get(p + n)) for n in names_kept] + list(stacked.items())}
@@ -147,6 +147,16 @@ def linear_fp8(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.
 # were four GEMVs of 2-8 MB at 0.14-0.52 of the copy bandwidth (bench/results/kernels-h200.json).
 FUSED_FP8 = {"attn.wq_a_wkv": ("attn.wq_a", "attn.wkv"),
              "ffn.shared_experts.w13": ("ffn.shared_experts.w1", "ffn.shared_experts.w3")}
+
+
+def x_products(ratio: int) -> dict[str, tuple[str, ...]]:
+    """The products of the attention's normed input with bf16-stored weights (`wide_product`), stacked by
+    rows into one weight each: the compressor's wkv | wgate and, on ratio-4 layers, the indexer compressor's
+    and the indexer's head weights (weights_proj) after it: one launch where three ran."""
+    if ratio == 4:
+        return {"attn.x_products": ("attn.compressor.wkv_wgate", "attn.indexer.compressor.wkv_wgate",
+                                    "attn.indexer.weights_proj")}
+    return {"attn.compressor.wkv_wgate": ("attn.compressor.wkv_wgate",)} if ratio else {}
 
 
 def query_fp8(ratio: int) -> dict[str, tuple[str, ...]]:
@@ -193,17 +203,15 @@ class Compressor(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, prefix: str, ratio: int, dim: int, rotate: bool):
         super().__init__()
         self.cfg, self.prefix, self.ratio, self.dim, self.rotate = cfg, prefix, ratio, dim, rotate
+        self.width = 2 * (2 if ratio == 4 else 1) * dim       # its wkv | wgate products: 2 * coff * dim
 
-    def products(self, x, w):
-        """x [..., dm] -> the stacked wkv | wgate products [..., 2*coff*dim] in working precision."""
-        return wide_product(x, w[f"{self.prefix}.wkv_wgate.weight"])
-
-    def forward(self, x, pos, rot, kv_state, score_state, cache, first_row, w):
-        """x [B, dm]: feed one token per sequence, write the rows completed at `pos` into
-        cache[b, first_row + block] (one launch for decode batches on a GPU: `dsv4::compressor_step`)."""
+    def forward(self, proj, pos, rot, kv_state, score_state, cache, first_row, w):
+        """proj [B, 2*coff*dim]: the wkv | wgate products of one token per sequence (`products_of_x`); write the
+        rows completed at `pos` into cache[b, first_row + block] (one launch for decode batches on a GPU:
+        `dsv4::compressor_step`)."""
         p, c = self.prefix, self.cfg
-        step = torch.ops.dsv4.compressor_step if x.size(0) <= COMPRESSOR_OP_ROWS else compressor_step
-        step(self.products(x, w), w[f"{p}.ape"], pos, kv_state, score_state, cache, first_row, w[f"{p}.norm.weight"],
+        step = torch.ops.dsv4.compressor_step if proj.size(0) <= COMPRESSOR_OP_ROWS else compressor_step
+        step(proj, w[f"{p}.ape"], pos, kv_state, score_state, cache, first_row, w[f"{p}.norm.weight"],
              rot, self.ratio, self.rotate, c.rms_norm_eps, c.qk_rope_head_dim, KV_FP8_BLOCK)
 
 
@@ -272,6 +280,16 @@ class DecodeLayer(torch.nn.Module):
             o = torch.ops.dsv4.grouped_fp8_linear(o, w["attn.wo_a.weight"], w["attn.wo_a.scale"])
         return linear_fp8(o.flatten(2), w, "attn.wo_b")
 
+    def products_of_x(self, x, w):
+        """The attention input x [..., d]'s products in working precision (`x_products`, one launch): the
+        compressor's wkv | wgate, and on ratio-4 layers the indexer compressor's and the indexer's raw head
+        weights [..., iheads]; None for those a layer lacks."""
+        (name, _), = x_products(self.ratio).items()
+        y = wide_product(x, w[f"{name}.weight"])
+        if self.ratio != 4:
+            return y, None, None
+        return torch.split(y, (self.compressor.width, self.idx_compressor.width, self.cfg.index_n_heads), dim=-1)
+
     def attention(self, x, pos, caches, w):
         """x [B, 1, d]: one token per sequence at `pos` [B]."""
         c = self.cfg
@@ -282,21 +300,21 @@ class DecodeLayer(torch.nn.Module):
               c.qk_rope_head_dim, KV_FP8_BLOCK)
         picked = None
         if r:
-            self.compressor(x[:, 0], pos, self.rot, caches["comp_kv"], caches["comp_score"], caches["kv"], win, w)
+            comp, idx_comp, weights = self.products_of_x(x[:, 0], w)
+            self.compressor(comp, pos, self.rot, caches["comp_kv"], caches["comp_score"], caches["kv"], win, w)
             if r == 4:
-                q_idx, weights = self.index_query(x, q_idx, at, w)
-                self.idx_compressor(x[:, 0], pos, self.rot, caches["idx_kv"], caches["idx_score"],
+                self.idx_compressor(idx_comp, pos, self.rot, caches["idx_kv"], caches["idx_score"],
                                     caches["idx_keys"], 0, w)
-                picked = self.pick_blocks(q_idx, weights, caches["idx_keys"], at)             # [B, 1, topk]
+                picked = self.pick_blocks(self.index_query(q_idx, at), weights[:, None], caches["idx_keys"],
+                                          at)                                                 # [B, 1, topk]
         args, scale = (q, caches["kv"], w["attn.attn_sink"]), softmax_scale(c.head_dim)
         if x.size(0) <= COMPRESSOR_OP_ROWS:     # the rows (`decode_rows`) and the inverse RoPE in its launches
             return self.output(torch.ops.dsv4.decode_attention(*args, picked, at, win, r, scale, self.rot), w)
         return self.attend(q, caches["kv"], decode_rows(at, picked, win, r, caches["kv"].size(1)), self.rot[at], w)
 
-    def index_query(self, x, q, pos, w):
-        """The indexer's queries [B, S, iheads, idim] (RoPE, Hadamard, FP4 round-trip) and raw per-head
-        weights [B, S, iheads] (`pick_blocks` rounds and scales them) of tokens x [B, S, d] at positions pos
-        [B, S] (inside the RoPE table) with their wq_b product q [B, S, iheads * idim] (`project`)."""
+    def index_query(self, q, pos):
+        """The indexer's queries [B, S, iheads, idim] (RoPE, Hadamard, FP4 round-trip) of tokens at positions
+        pos [B, S] (inside the RoPE table) from their wq_b product q [B, S, iheads * idim] (`project`)."""
         c = self.cfg
         q = q.unflatten(-1, (c.index_n_heads, c.index_head_dim))
         # one launch for decode rows on a GPU where Inductor made a RoPE, a cuBLAS product and the FP4 kernels
@@ -304,9 +322,7 @@ class DecodeLayer(torch.nn.Module):
             q = torch.ops.dsv4.index_query(q, self.rot, pos, c.qk_rope_head_dim)
         else:
             q = index_query(q, self.rot[pos], c.qk_rope_head_dim)
-        # a bf16 product as the reference's `linear` (float32 sums, rounded once by `pick_blocks`), through the
-        # narrow GEMV kernel on a GPU (`wide_product`), where cuBLAS ran a split-K GEMV and a reduction launch
-        return q, wide_product(x, w["attn.indexer.weights_proj.weight"])
+        return q
 
     def pick_blocks(self, q, weights, keys, pos):
         """The compressed blocks each query q [B, S, iheads, idim] at position pos [B, S] attends to [B, S, topk]

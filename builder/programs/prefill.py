@@ -32,13 +32,13 @@ from .decode import Compressor, DecodeLayer, is_mtp, mtp_input, mtp_logits
 class ChunkCompressor(Compressor):
     """The compressor fed a chunk of tokens per sequence (the row math is the decode compressor's)."""
 
-    def forward(self, x, start, n, rot, kv_state, score_state, cache, first_row, w):
-        """x [B, C, dm]: feed tokens i < n at positions start + i; write the rows of blocks completed in the
-        chunk into cache[b, first_row + block]; leave the states as the decode step would (two launches on a
-        GPU: `dsv4::compressor_chunk`)."""
+    def forward(self, proj, start, n, rot, kv_state, score_state, cache, first_row, w):
+        """proj [B, C, 2*coff*dim]: the wkv | wgate products of the chunk's tokens (`products_of_x`); feed tokens
+        i < n at positions start + i; write the rows of blocks completed in the chunk into cache[b, first_row +
+        block]; leave the states as the decode step would (two launches on a GPU: `dsv4::compressor_chunk`)."""
         p, c = self.prefix, self.cfg
-        feed = torch.ops.dsv4.compressor_chunk if x.size(0) <= decode.COMPRESSOR_OP_ROWS else compressor_chunk
-        feed(self.products(x, w), w[f"{p}.ape"], start, n, kv_state, score_state, cache, first_row,
+        feed = torch.ops.dsv4.compressor_chunk if proj.size(0) <= decode.COMPRESSOR_OP_ROWS else compressor_chunk
+        feed(proj, w[f"{p}.ape"], start, n, kv_state, score_state, cache, first_row,
              w[f"{p}.norm.weight"], rot, self.ratio, self.rotate, c.rms_norm_eps, c.qk_rope_head_dim, KV_FP8_BLOCK)
 
 
@@ -66,13 +66,13 @@ class PrefillLayer(DecodeLayer):
         idx = torch.where(seen >= behind, cache.size(1) + seen - behind, seen % win)
         idx = torch.where(seen < 0, -1, idx)
         if r:
-            self.compressor(x, start, n, self.rot, caches["comp_kv"], caches["comp_score"], cache, win, w)
+            comp, idx_comp, weights = self.products_of_x(x, w)
+            self.compressor(comp, start, n, self.rot, caches["comp_kv"], caches["comp_score"], cache, win, w)
             picked = None                               # ratio 128: every complete block (`block_rows`)
             if r == 4:
-                q_idx, weights = self.index_query(x, q_idx, at, w)
-                self.idx_compressor(x, start, n, self.rot, caches["idx_kv"], caches["idx_score"],
+                self.idx_compressor(idx_comp, start, n, self.rot, caches["idx_kv"], caches["idx_score"],
                                     caches["idx_keys"], 0, w)
-                picked = self.pick_blocks(q_idx, weights, caches["idx_keys"], pos)
+                picked = self.pick_blocks(self.index_query(q_idx, at), weights, caches["idx_keys"], pos)
             idx = torch.cat([idx, block_rows(pos, picked, win, r, cache.size(1))], dim=-1)
         rows = torch.cat([cache, kv], dim=1)
         cache[:, :win] = ring_update(cache[:, :win], kv, start, n)
