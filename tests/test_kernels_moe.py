@@ -96,24 +96,31 @@ def test_moe_prefill_groups_equal_the_decode_kernels(tokens, d, f, k, hot):
     assert cos.min() >= 0.9999, cos
 
 
+def _moe_with_shared_case(g: torch.Generator, experts: list[list[int]], device: str, d: int = 1024, f: int = 512):
+    """`dsv4::moe_with_shared`'s arguments for one token per row of `experts` (ids below 10) over a bank of 10
+    random experts (d x f) and a random FP8 shared expert, on `device`; and the bank's tensors to keep alive."""
+    from plugins.formats import fp8_weight_quant
+    from plugins.moe_experts import pack_expert
+    stores = [pack_expert(*e).to(device) for e in random_experts(10, d, f)]
+    table = torch.tensor([s.data_ptr() for s in stores], dtype=torch.int64, device=device)
+    w13, s13 = (t.to(device) for t in fp8_weight_quant(torch.randn(2 * f, d, generator=g) / d ** 0.5))
+    w2, s2 = (t.to(device) for t in fp8_weight_quant(torch.randn(d, f, generator=g) / f ** 0.5))
+    x = torch.randn(len(experts), d, generator=g).to(torch.bfloat16).to(device)
+    ids = torch.tensor(experts, dtype=torch.int32, device=device)
+    weights = torch.rand(*ids.shape, generator=g).to(device)
+    return (x, ids, weights, table, f, 10.0, w13, s13, w2, s2, f), stores
+
+
 @pytest.mark.gpu
 def test_shared_expert_beside_the_routed_ones_gives_the_same_bits_and_captures(monkeypatch):
     """dsv4::moe_with_shared with the shared expert on a second stream (plugins/streams.py): the same two
     outputs as in turn, eagerly and replayed from a CUDA graph holding the fork and the join."""
     import plugins.ops  # noqa: F401  (registers the ops)
     from plugins import moe_experts
-    from plugins.formats import fp8_weight_quant
-    from plugins.moe_experts import pack_expert
-    d, f, k, tokens = 1024, 512, 6, 2
-    stores = [pack_expert(*e).cuda() for e in random_experts(10, d, f)]
-    table = torch.tensor([s.data_ptr() for s in stores], dtype=torch.int64, device="cuda")
     g = torch.Generator().manual_seed(4)
-    w13, s13 = (t.cuda() for t in fp8_weight_quant(torch.randn(2 * f, d, generator=g) / d ** 0.5))
-    w2, s2 = (t.cuda() for t in fp8_weight_quant(torch.randn(d, f, generator=g) / f ** 0.5))
-    x = torch.randn(tokens, d, generator=g).to(torch.bfloat16).cuda()
-    experts = torch.tensor([[0, 1, 2, 3, 4, 5], [9, 8, 7, 6, 5, 4]], dtype=torch.int32, device="cuda")
-    weights = torch.rand(tokens, k, generator=g).cuda()
-    args = (x, experts, weights, table, f, 10.0, w13, s13, w2, s2, f)
+    experts = [[0, 1, 2, 3, 4, 5], [9, 8, 7, 6, 5, 4]]
+    args, _stores = _moe_with_shared_case(g, experts, "cuda")
+    x, tokens, d = args[0], *args[0].shape
     monkeypatch.setattr(moe_experts, "SHARED_BESIDE_ROUTED", False)
     in_turn = torch.ops.dsv4.moe_with_shared(*args)
     monkeypatch.setattr(moe_experts, "SHARED_BESIDE_ROUTED", True)
@@ -138,25 +145,16 @@ def test_moe_hc_post_sums_and_posts_in_one_launch_as_the_ops_in_turn(monkeypatch
     replayed graph with the shared expert beside the routed ones."""
     import plugins.ops  # noqa: F401  (registers the ops)
     from plugins import moe_experts
-    from plugins.formats import fp8_weight_quant
-    from plugins.moe_experts import pack_expert
     from plugins.oracle import hc_post
     if wgmma and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma decode kernels are sm_90 only")
     monkeypatch.setattr(moe_experts.WGMMA, "decode", wgmma)
-    d, f, tokens = 1024, 512, 3
-    stores = [pack_expert(*e).cuda() for e in random_experts(10, d, f)]
-    table = torch.tensor([s.data_ptr() for s in stores], dtype=torch.int64, device="cuda")
     g = torch.Generator().manual_seed(4)
-    w13, s13 = (t.cuda() for t in fp8_weight_quant(torch.randn(2 * f, d, generator=g) / d ** 0.5))
-    w2, s2 = (t.cuda() for t in fp8_weight_quant(torch.randn(d, f, generator=g) / f ** 0.5))
-    x = torch.randn(tokens, d, generator=g).to(torch.bfloat16).cuda()
-    experts = torch.tensor([[0, 1, 2, 3, 4, 5], [9, 8, 7, 6, 5, 4], [3, 3, 3, 3, 3, 3]], dtype=torch.int32,
-                           device="cuda")
-    weights = torch.rand(tokens, 6, generator=g).cuda()
+    moe_args, _stores = _moe_with_shared_case(g, [[0, 1, 2, 3, 4, 5], [9, 8, 7, 6, 5, 4], [3] * 6], "cuda")
+    x, tokens, d = moe_args[0], *moe_args[0].shape
     res = torch.randn(tokens, 4, d, generator=g).to(torch.bfloat16).cuda()
     post, comb = (torch.rand(tokens, 4, generator=g) * 2).cuda(), torch.rand(tokens, 4, 4, generator=g).cuda()
-    args = (x, experts, weights, table, f, 10.0, w13, s13, w2, s2, f, res, post, comb)
+    args = (*moe_args, res, post, comb)
 
     def check(got):
         routed, shared = torch.ops.dsv4.moe_with_shared(*args[:11])
