@@ -38,8 +38,8 @@ def head_as_hc_pre(fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor) ->
     sum of the streams), so with zero rows after its own the hc_pre kernels' y is hc_head's (their post and
     comb are to be ignored; no Sinkhorn iterations are needed)."""
     hc = fn.size(0)
-    return [torch.cat([fn, fn.new_zeros(MIXES - hc, fn.size(1))]).contiguous(), torch.cat([scale, scale.new_zeros(2)]),
-            torch.cat([base, base.new_zeros(MIXES - hc)])]
+    return [torch.cat([fn, fn.new_zeros(MIXES - hc, fn.size(1))]).contiguous(),
+            torch.cat([scale, scale.new_zeros(2)]), torch.cat([base, base.new_zeros(MIXES - hc)])]
 
 
 def hc_pre_decode(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float,

@@ -356,21 +356,18 @@ class DecodeLayer(torch.nn.Module):
         return self.experts_ffn(x, experts, weights, table, w, post_of), experts
 
     def experts_ffn(self, x, experts, weights, table, w, post_of=None):
-        """The routed experts [N, k] with their weights and the shared expert of x [N, d] -> [N, d]; with
-        `post_of` (decode rows only) that output inside the layer's last hyper-connection post -> the new
-        streams [N, hc, d] (dsv4::moe_hc_post: one launch for the sum and the post on a GPU)."""
+        """The routed experts [N, k] with their weights and the shared expert of x [N, d] -> [N, d] (prefill
+        chunks); with `post_of` (decode rows, `block`) that output inside the layer's last hyper-connection
+        post -> the new streams [N, hc, d] (dsv4::moe_hc_post: one launch for the sum and the post on a GPU)."""
         c = self.cfg
         f = c.moe_intermediate_size
-        shared = (w["ffn.shared_experts.w13.weight"], w["ffn.shared_experts.w13.scale"],
-                  w["ffn.shared_experts.w2.weight"], w["ffn.shared_experts.w2.scale"], stacked_width(f))
-        if post_of is not None:
+        if post_of is not None:                  # the shared expert may run beside the routed ones (moe_with_shared)
+            shared = (w["ffn.shared_experts.w13.weight"], w["ffn.shared_experts.w13.scale"],
+                      w["ffn.shared_experts.w2.weight"], w["ffn.shared_experts.w2.scale"], stacked_width(f))
             return torch.ops.dsv4.moe_hc_post(x, experts, weights, table, f, c.swiglu_limit, *shared, *post_of)
-        if x.size(0) <= COMPRESSOR_OP_ROWS:      # one op: the two may run side by side (dsv4::moe_with_shared)
-            y, shared = torch.ops.dsv4.moe_with_shared(x, experts, weights, table, f, c.swiglu_limit, *shared)
-        else:
-            y = torch.ops.dsv4.moe_routed(x, experts, weights, table, f, c.swiglu_limit)
-            h = swiglu_stacked(linear_fp8(x, w, "ffn.shared_experts.w13"), f, stacked_width(f), c.swiglu_limit)
-            shared = linear_fp8(h, w, "ffn.shared_experts.w2")
+        y = torch.ops.dsv4.moe_routed(x, experts, weights, table, f, c.swiglu_limit)
+        h = swiglu_stacked(linear_fp8(x, w, "ffn.shared_experts.w13"), f, stacked_width(f), c.swiglu_limit)
+        shared = linear_fp8(h, w, "ffn.shared_experts.w2")
         return (y + shared.to(y.dtype)).to(x.dtype)
 
     def block(self, h, attention, ids, table, w, routed=None):
