@@ -85,13 +85,18 @@ def kv_row(kv: torch.Tensor, norm: torch.Tensor, rot: torch.Tensor, pos: torch.T
                       (cache.size(1), INT), (window, INT), (eps, FLOAT)])
 
 
+def rot_fits(q: torch.Tensor, rot: torch.Tensor, rope_dim: int, pos: torch.Tensor | None) -> bool:
+    """Whether rot serves the query rows q [B, S, ...] as the kernels read it: rot [B, S, rope_dim/2, 2] at the
+    rows' positions, or with pos [B, S] the layer's table [max_len, rope_dim/2, 2] (`rot_row` in common.cuh)."""
+    if pos is not None:
+        return rot.dim() == 3 and rot.shape[1:] == (rope_dim // 2, 2) and pos.shape == q.shape[:2]
+    return rot.shape == (*q.shape[:2], rope_dim // 2, 2)
+
+
 def supports_q_heads(q: torch.Tensor, rot: torch.Tensor, rope_dim: int, pos: torch.Tensor | None = None) -> bool:
-    """q [B, S, heads, hd] bf16 on a GPU with hd a multiple of 32 up to 512, rot [B, S, 32, 2] at the rows'
-    positions (with pos [B, S]: the layer's table [max_len, 32, 2]), RoPE 64."""
-    rows_ok = (rot.dim() == 3 and rot.shape[1:] == (ROPE // 2, 2) and pos.shape == q.shape[:2] if pos is not None
-               else rot.shape == (*q.shape[:2], ROPE // 2, 2))
+    """q [B, S, heads, hd] bf16 on a GPU with hd a multiple of 32 up to 512, rot as `rot_fits`, RoPE 64."""
     return (q.is_cuda and q.dtype == torch.bfloat16 and q.dim() == 4 and q.size(-1) % 32 == 0
-            and ROPE <= q.size(-1) <= DIMS[-1] and rope_dim == ROPE and rows_ok)
+            and ROPE <= q.size(-1) <= DIMS[-1] and rope_dim == ROPE and rot_fits(q, rot, rope_dim, pos))
 
 
 def q_heads(q: torch.Tensor, rot: torch.Tensor, eps: float, pos: torch.Tensor | None = None) -> torch.Tensor:

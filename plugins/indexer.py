@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .compressor import rot_fits
 from .loader import FLOAT, INT, PTR, kernels
 
 HEADS, DIM, KEYS_PER_CTA, MAX_K = 64, 128, 64, 2048     # csrc/indexer.cu
@@ -42,12 +43,10 @@ def indexer_picks(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, po
 
 
 def supports_query(q: torch.Tensor, rot: torch.Tensor, rope_dim: int, pos: torch.Tensor | None = None) -> bool:
-    """q [B, S, heads, 128] bf16 on a GPU, rot [B, S, 32, 2] at the queries' positions (with pos [B, S]: the
-    layer's table [max_len, 32, 2]), RoPE 64, at most 16 query rows."""
-    rows_ok = (rot.dim() == 3 and rot.shape[1:] == (rope_dim // 2, 2) and pos.shape == q.shape[:2]
-               if pos is not None else rot.shape == (*q.shape[:2], rope_dim // 2, 2))
+    """q [B, S, heads, 128] bf16 on a GPU, rot as `plugins.compressor.rot_fits`, RoPE 64, at most 16 query
+    rows."""
     return (q.is_cuda and q.dtype == torch.bfloat16 and q.dim() == 4 and q.size(-1) == DIM and rope_dim == 64
-            and rows_ok and 1 <= q.size(0) * q.size(1) <= MAX_ROWS)
+            and rot_fits(q, rot, rope_dim, pos) and 1 <= q.size(0) * q.size(1) <= MAX_ROWS)
 
 
 def index_query(q: torch.Tensor, rot: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:

@@ -102,7 +102,6 @@ def layer_weights(cfg: ModelConfig, get, layer: int, act: torch.dtype) -> dict[s
     names_kept = ["ffn.gate.weight"]                   # float32 in the official model, taken by `wide_product`
     names_raw = [f"{n}.{k}" for n in ("attn.wo_a", "attn.wo_b", "ffn.shared_experts.w2") for k in ("weight", "scale")]
     names_work += [f"hc_{k}_{part}" for k in ("attn", "ffn") for part in ("fn", "scale", "base")]
-    names_act = []
     compressors = (["attn.compressor"] if ratio else []) + (["attn.indexer.compressor"] if ratio == 4 else [])
     names_work += [f"{c}.{n}" for c in compressors for n in ("ape", "norm.weight")]
     names_work += [] if cfg.is_hash_layer(layer) else ["ffn.gate.bias"]
@@ -111,10 +110,10 @@ def layer_weights(cfg: ModelConfig, get, layer: int, act: torch.dtype) -> dict[s
     for name, parts in (FUSED_FP8 | query_fp8(ratio)).items():
         w[f"{name}.weight"], w[f"{name}.scale"] = stack_fp8([(get(f"{p}{n}.weight"), get(f"{p}{n}.scale"))
                                                              for n in parts])
-    w |= {n: get(p + n).to(act) for n in names_act}
     # the attention input's bf16-weight products stacked by rows: one launch (`DecodeLayer.products_of_x`)
     parts = {f"{c}.wkv_wgate": [get(f"{p}{c}.wkv.weight"), get(f"{p}{c}.wgate.weight")] for c in compressors}
-    parts["attn.indexer.weights_proj"] = [get(p + "attn.indexer.weights_proj.weight")] if ratio == 4 else []
+    if ratio == 4:
+        parts["attn.indexer.weights_proj"] = [get(p + "attn.indexer.weights_proj.weight")]
     stacked = {f"{name}.weight": torch.cat([t for n in members for t in parts[n]])
                for name, members in x_products(ratio).items()}
     # kept in bf16 for a bf16 model (as the checkpoint stores them); widened for a float32 one (an exact gate)

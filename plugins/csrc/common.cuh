@@ -51,6 +51,12 @@ __device__ __forceinline__ float block_sum(float v, int c, int dim, float* scrat
 // x rounded to bf16 and back: the rounding a bf16 tensor between two torch ops applies.
 __device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16(x)); }
 
+// The RoPE table row of query row r: rot gathered per row ([rows, rope/2, 2]: row r), or with `pos` the layer's
+// whole table ([max_len, rope/2, 2]) read at pos[r] (the decode step's, where the gather was a launch of its own).
+__device__ __forceinline__ long long rot_row(const int64_t* __restrict__ pos, int r) {
+  return pos == nullptr ? r : pos[r];
+}
+
 // A shared-memory pointer as the 32-bit address PTX takes.
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

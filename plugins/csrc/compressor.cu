@@ -274,16 +274,8 @@ extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_compresso
   }
 }
 
-// The row of `rot` at query row r's position: rot gathered per row [rows, 32, 2], or with `pos` the layer's
-// whole table [max_len, 32, 2] at pos[r] (the decode step's, where the gather was a launch of its own).
-namespace compressor {
-__device__ __forceinline__ long long rot_row(const int64_t* __restrict__ pos, int r) {
-  return pos == nullptr ? r : pos[r];
-}
-}  // namespace compressor
-
 // Grid (rows, heads), 128 threads: head h of the indexer's query row r ([rows, heads, 128] bf16) through RoPE
-// at that row's position (rot_row), the Hadamard and the FP4 round-trip, as the keys without their norm.
+// at that row's position (dsv4::rot_row), the Hadamard and the FP4 round-trip, as the keys without their norm.
 // plugins.oracle.index_query.
 extern "C" __global__ void __launch_bounds__(128) dsv4_index_query(const __nv_bfloat16* __restrict__ q,
                                                                    const float* __restrict__ rot,
@@ -297,15 +289,15 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_index_query(const __nv_bf
   const size_t at = (size_t(r) * heads + blockIdx.y) * 128 + c;
   dsv4::pdl_wait();                          // q comes from the projection just before
   dsv4::pdl_launch_dependents();
-  const float y = finish_row(__bfloat162float(q[at]), c, 128, nullptr, rot, rot_row(pos, r), true, hadamard_scale,
-                             0.f, vals, scratch);
+  const float y = finish_row(__bfloat162float(q[at]), c, 128, nullptr, rot, dsv4::rot_row(pos, r), true,
+                             hadamard_scale, 0.f, vals, scratch);
   out[at] = __float2bfloat16(y);
 }
 
 // Grid (rows, heads), dim threads (512): head h of the attention's query row r ([rows, heads, dim] bf16, the
 // wq_b product) through the per-head norm without weight, rounded as the bf16 ops of
 // plugins.oracle.q_heads (the square, the mean, + eps, rsqrt and the product each rounded to bf16), then
-// RoPE at that row's position (rot_row).
+// RoPE at that row's position (dsv4::rot_row).
 extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_q_heads(const __nv_bfloat16* __restrict__ q,
                                                                              const float* __restrict__ rot,
                                                                              __nv_bfloat16* __restrict__ out,
@@ -320,5 +312,5 @@ extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_q_heads(c
   const float x = __bfloat162float(q[at]);
   const float mean = dsv4::bf16_round(dsv4::block_sum(dsv4::bf16_round(x * x), c, dim, scratch) / float(dim));
   const float inv = dsv4::bf16_round(rsqrtf(dsv4::bf16_round(mean + eps)));
-  out[at] = __float2bfloat16(rope_channel(dsv4::bf16_round(x * inv), c, dim, rot, rot_row(pos, r)));
+  out[at] = __float2bfloat16(rope_channel(dsv4::bf16_round(x * inv), c, dim, rot, dsv4::rot_row(pos, r)));
 }

@@ -270,8 +270,7 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_sparse_attention_combine(
 #pragma unroll
     for (int p = 0; p < 2; ++p) {                // pairs (e, e+1), (e+2, e+3), of the bf16 outputs
       const float a = dsv4::bf16_round(v[2 * p]), b = dsv4::bf16_round(v[2 * p + 1]);
-      const size_t at = pos == nullptr ? size_t(query) : size_t(pos[query]);
-      const float* cs = rot + (at * (rope / 2) + (e + 2 * p - (D - rope)) / 2) * 2;
+      const float* cs = rot + (size_t(dsv4::rot_row(pos, query)) * (rope / 2) + (e + 2 * p - (D - rope)) / 2) * 2;
       // the oracle's (a * cos - b * -sin, a * -sin + b * cos), products rounded apart
       v[2 * p] = __fadd_rn(__fmul_rn(a, cs[0]), __fmul_rn(b, cs[1]));
       v[2 * p + 1] = __fsub_rn(__fmul_rn(b, cs[0]), __fmul_rn(a, cs[1]));
