@@ -87,7 +87,7 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
         codes, scales = make_workspace(m, k, x.device) if workspace is None else workspace
         act_quant(x, codes, scales)
     name = f"dsv4_fp8_gemv{'_fused' if fused else ''}_m{8 if m <= 8 else 16}"
-    return _gemv(name, x, codes, scales, w, w_scale, out, m, k, stages, shared)
+    return gemv_launch(name, x, codes, scales, w, w_scale, out, m, k, stages, shared)
 
 
 # Prologues of the fused GEMV (csrc/fp8_linear.cu Prologue): its input rows go through the transform first,
@@ -122,32 +122,43 @@ def _after_prologue(kind: str, rows: torch.Tensor, k: int, prologue: tuple, fits
     if plan is None:
         return fp8_linear_decode(apart(), w, w_scale)
     _, stages, shared = plan
-    return _gemv(f"dsv4_fp8_gemv_fused_{kind}_m8", rows, rows, rows, w, w_scale, None, m, k, stages, shared,
-                 prologue)
+    return gemv_launch(f"dsv4_fp8_gemv_fused_{kind}_m8", rows, rows, rows, w, w_scale, None, m, k, stages,
+                       shared, prologue)
 
 
-def _gemv(name: str, x, codes, scales, w, w_scale, out, m: int, k: int, stages: int, shared: int,
-          prologue: tuple = (None, 0, 0, 0.0)) -> torch.Tensor:
+def gemv_split(n: int, k: int, name: str, shared: int) -> tuple[int, int, int]:
+    """(warps sharing a row group's K, items, resident CTAs) of GEMV kernel `name` over n x k weights: an
+    item is a CTA's 8 / wpr row groups of 16 over all of K (csrc/fp8_linear.cu)."""
+    resident = kernels().resident(name, 256, shared)
+    groups = (n + 15) // 16                   # row groups of 16 (csrc/fp8_linear.cu)
+    # Warps sharing a row group meet at a CTA barrier after every group; with enough row groups to fill
+    # the grid, each warp takes whole rows instead and streams without barriers.
+    wpr = 1 if groups // 8 >= resident else warps_per_row(k)
+    return wpr, -(-groups // (8 // wpr)), resident
+
+
+def item_rows(n: int, k: int, name: str, shared: int) -> int:
+    """The weight rows of one item of `gemv_split`."""
+    return 16 * (8 // gemv_split(n, k, name, shared)[0])
+
+
+def gemv_launch(name: str, x, codes, scales, w, w_scale, out, m: int, k: int, stages: int, shared: int,
+                prologue: tuple = (None, 0, 0, 0.0), max_ctas: int | None = None) -> torch.Tensor:
     """Launch GEMV kernel `name` (csrc/fp8_linear.cu) over m rows of width k; `prologue` = (its float32
-    weight, the rows' stride, up, eps or limit), for the prologue builds."""
+    weight, the rows' stride, up (kGrouped: rows per group), eps or limit), for the prologue builds;
+    `max_ctas` caps the grid (tests)."""
     n = w.size(0)
     assert x.dtype == torch.bfloat16 and w.dtype == torch.float8_e4m3fn and m <= MAX_ROWS
     assert k % 128 == 0 and w.size(1) == k and w.is_contiguous()
     assert w_scale.shape == ((n + 127) // 128, k // 128)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device) if out is None else out
-    lib = kernels()
-    resident = lib.resident(name, 256, shared)
-    groups = (n + 15) // 16                   # row groups of 16 (csrc/fp8_linear.cu)
-    # Warps sharing a row group meet at a CTA barrier after every group; with enough row groups to fill
-    # the grid, each warp takes whole rows instead and streams without barriers.
-    wpr = 1 if groups // 8 >= resident else warps_per_row(k)
-    items = -(-groups // (8 // wpr))
-    grid = balanced_grid(items, resident)
+    wpr, items, resident = gemv_split(n, k, name, shared)
+    grid = balanced_grid(items, min(resident, max_ctas or resident))
     pro_w, ld, up, param = prologue
-    lib.launch(name, grid, 256,
-               [(x, PTR), (codes, PTR), (scales, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT), (n, INT),
-                (k, INT), (wpr, INT), (items, INT), (stages, INT), (pro_w if pro_w is not None else 0, PTR),
-                (ld, INT), (up, INT), (param, FLOAT)], shared)
+    kernels().launch(name, grid, 256,
+                     [(x, PTR), (codes, PTR), (scales, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT),
+                      (n, INT), (k, INT), (wpr, INT), (items, INT), (stages, INT),
+                      (pro_w if pro_w is not None else 0, PTR), (ld, INT), (up, INT), (param, FLOAT)], shared)
     return out
 
 

@@ -1,6 +1,7 @@
-"""DeepSeek's wo_a for decode on the GPU (csrc/grouped_gemv.cu): per-group FP8 weights times bf16
-activations with no activation quantisation, reading the FP8 codes (half the bytes of the bf16 weight that
-DeepSeek's convert.py makes; the same products).
+"""DeepSeek's wo_a for decode on the GPU: per-group FP8 weights times bf16 activations with no activation
+quantisation, reading the FP8 codes (half the bytes of the bf16 weight that DeepSeek's convert.py makes;
+the same products). It runs on the FP8 GEMV's kernel (csrc/fp8_linear.cu, its kGrouped form): the weight
+ring, f16 MMAs over the bf16 activation held exactly as f16 times a power of two per 128 values.
 
 Oracle: the bf16 grouped einsum over `fp8_weight_dequant(weight, scale)` (plugins/ops.py grouped_fp8_linear).
 """
@@ -9,34 +10,40 @@ from __future__ import annotations
 import torch
 
 from .formats import fp8_weight_dequant
-from .loader import INT, PTR, kernels
+from .fp8_linear import gemv_launch, gemv_plan, item_rows
+from .loader import kernels
 
-MAX_ROWS = 4                      # csrc/grouped_gemv.cu MAX_M
+MAX_ROWS = 4                      # decode rows: 4 x 4096 fill the GEMV's activation room (gemv_plan)
+KERNEL = "dsv4_fp8_gemv_fused_grouped_m8"
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """x [..., G, D] bf16 on a GPU, at most 4 rows of G groups, D in 512-column chunks, 128-row blocks."""
+    """x [..., G, D] bf16 on a GPU, at most 4 rows of G groups whose activations fit the GEMV's shared
+    memory, D and each group's rows in 128-blocks."""
     rows = x.numel() // (x.size(-1) * x.size(-2)) if x.dim() >= 2 else 0
+    g, d = (x.size(-2), x.size(-1)) if x.dim() >= 2 else (1, 0)
     return (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.float8_e4m3fn
-            and 1 <= rows <= MAX_ROWS and x.size(-1) % 512 == 0 and weight.size(1) == x.size(-1)
-            and weight.size(0) % (128 * x.size(-2)) == 0)
+            and 1 <= rows <= MAX_ROWS and d % 128 == 0 and weight.size(1) == d
+            and weight.size(0) % (128 * g) == 0
+            and gemv_plan(rows, d, kernels().shared_memory())[0])
 
 
 def grouped_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, max_ctas: int | None = None) -> torch.Tensor:
     """x [..., G, D] bf16, weight [G*R, D] float8_e4m3fn, scale [G*R/128, D/128] E8M0 (or its bytes)
-    -> [..., G, R] bf16. Contiguous inputs; launches never allocate when given `out`."""
+    -> [..., G, R] bf16. Contiguous inputs; launches never allocate when given `out`. `max_ctas` caps the
+    grid below what the GPU holds (tests: CTAs whose items cross from one group into the next)."""
     assert supports(x, weight) and x.is_contiguous() and weight.is_contiguous() and scale.is_contiguous()
     g, d = x.shape[-2:]
     n = weight.size(0)
     rows = x.numel() // (g * d)
     assert scale.shape == (n // 128, d // 128)
     out = x.new_empty(*x.shape[:-1], n // g) if out is None else out
-    lib = kernels()
-    grid = min(-(-n // 8), lib.resident("dsv4_grouped_fp8_gemv", 256))
-    lib.launch("dsv4_grouped_fp8_gemv", grid, 256,
-               [(x, PTR), (weight, PTR), (scale.view(torch.uint8), PTR), (out, PTR), (rows, INT), (g, INT),
-                (n // g, INT), (d, INT)])
+    _, stages, shared = gemv_plan(rows, d, kernels().shared_memory())
+    # an item (a CTA's row groups over all of K) must lie inside one group: its rows share one activation
+    assert (n // g) % item_rows(n, d, KERNEL, shared) == 0
+    gemv_launch(KERNEL, x, x, x, weight, scale.view(torch.uint8), out, rows, d, stages, shared,
+                (None, g * d, n // g, 0.0), max_ctas)
     return out
 
 

@@ -52,8 +52,50 @@ constexpr int WARPS = 8;
 // transform's only reader: the query latent's RMSNorm before wq_b and the indexer's wq_b, the shared
 // expert's SwiGLU before w2. One launch fewer each; the rows go through shared memory in bf16, as the
 // transform's own kernel would have written them.
-enum Prologue { kPlain = 0, kNorm = 1, kSwiglu = 2 };
+// kGrouped: DeepSeek's wo_a, each row group of the weight applied to its own group's activation (below).
+enum Prologue { kPlain = 0, kNorm = 1, kSwiglu = 2, kGrouped = 3 };
 constexpr int NORM_PER_THREAD = 8;  // kNorm: K <= 2048 (the query latent: 1024)
+
+// kGrouped's activation: `rows` bf16 rows of K values (row stride ld) into shared memory as f16 values at
+// dst + 2 * (r * (K + pad) + k), each 128-block times 2^-e with 2^e in scales[r * K / 128 + block]: e puts the
+// block's largest magnitude in [2^15, 2^16), where every bf16 value is an f16 value (8 significant bits of
+// 11; bf16's largest mantissa times 2^15 is 65280, under f16's 65504). So the f16 MMAs multiply the bf16
+// activation itself, as DeepSeek's bf16 einsum does, but for values 2^29 times smaller than their block's
+// largest, which land in f16's subnormals (an error under 2^-39 of that largest). 16 threads own a block.
+__device__ __forceinline__ void widen_to_smem(const __nv_bfloat16* __restrict__ x, int rows, int K, size_t ld,
+                                              int pad, uint8_t* dst, float* scales) {
+  const int sub = threadIdx.x & 15, kblocks = K / 128, blocks = rows * kblocks;
+  // both half-warps of a warp run the loop as long as either has a block (the shuffles take the whole warp)
+  for (int b = threadIdx.x >> 4; (b & ~1) < blocks; b += blockDim.x >> 4) {
+    const bool live = b < blocks;
+    const int r = live ? b / kblocks : 0, k = (live ? b % kblocks : 0) * 128 + sub * 8;
+    const uint4 raw = *reinterpret_cast<const uint4*>(x + r * ld + k);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+    float v[8], amax = 0.f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __bfloat1622float2(h[j]);
+      v[2 * j] = f.x, v[2 * j + 1] = f.y;
+      amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
+    }
+#pragma unroll
+    for (int off = 8; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    // e = exponent(amax) - 15, kept where 2^e and 2^-e are normal floats (a block of zeros: any e)
+    const int e = min(max(int((__float_as_uint(amax) >> 23) & 0xFF) - 127 - 15, -100), 100);
+    const float scale = __uint_as_float(uint32_t(e + 127) << 23), inv = dsv4::pow2_inverse(scale);
+    uint4 out;
+    uint32_t* words = reinterpret_cast<uint32_t*>(&out);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const __half2 pair = __floats2half2_rn(v[2 * j] * inv, v[2 * j + 1] * inv);
+      words[j] = *reinterpret_cast<const uint32_t*>(&pair);
+    }
+    if (live) {
+      *reinterpret_cast<uint4*>(dst + 2 * (size_t(r) * (K + pad) + k)) = out;
+      if (sub == 0) scales[b] = scale;
+    }
+  }
+}
 
 // y[m, n] for m < rows on tensor cores. A warp owns 16 weight rows (a row group: the MMA's A operand, rows
 // g and g + 8 for lane (g, t)) and a slice of K; the tokens are the B operand's columns (token g for lane
@@ -78,7 +120,11 @@ constexpr int NORM_PER_THREAD = 8;  // kNorm: K <= 2048 (the query latent: 1024)
 //
 // PRO (fused form only): the rows x [rows][ld] go through a prologue first (Prologue above): kNorm with the
 // float32 weight `pro_w` and eps `pro_param`; kSwiglu with gate at column 0, up at column `pro_up`, limit
-// `pro_param`, K values each. kPlain: x is [rows][K] (ld unused).
+// `pro_param`, K values each. kPlain: x is [rows][K] (ld unused). kGrouped: x is [rows][ld] holding G groups
+// of K values, and weight rows g * pro_up .. (g + 1) * pro_up - 1 take group g: the activation goes in as
+// bf16 (widen_to_smem; no FP8 round trip, DeepSeek's wo_a), on the f16 MMAs on every GPU. A CTA holds one
+// group's rows at a time, so it walks consecutive items (the host keeps an item inside one group, and a CTA's
+// items mostly in one) and stages the next group only where its items cross into it.
 template <int M, bool FUSED, int PRO = kPlain>
 __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ xq,
                                          const float* __restrict__ xs, const uint8_t* __restrict__ w,
@@ -86,7 +132,7 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
                                          int rows, int N, int K, int wpr, int items, int stages,
                                          const float* __restrict__ pro_w, int ld, int pro_up, float pro_param) {
   constexpr int NACC = M > 8 ? 8 : 4;           // c[0..3]: tokens 2t, 2t+1 of rows g, g + 8; c[4..7]: tokens + 8
-  constexpr bool f16_path = FUSED && dsv4::kEmulatedFp8Mma;
+  constexpr bool f16_path = FUSED && (dsv4::kEmulatedFp8Mma || PRO == kGrouped);
   // dynamic shared memory: the weight ring [WARPS][stages][CHUNKS][32 lanes] (16 B each), the scale ring
   // [WARPS][stages][U] (4 B each); then, FUSED, the activation codes [rows][K + ROW_PAD] (room for 2 bytes
   // each: f16 values on the f16 path, else e4m3 bytes) and their scales [rows][K/128]; then, with a
@@ -96,7 +142,10 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int kblocks = K / 128, nkb = kblocks / wpr, part = warp % wpr, kb_begin = part * nkb;
   const int kb_end = kb_begin + nkb, steps = (nkb + U - 1) / U;
-  const int my_items = (items - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x);
+  // CTA b's items: b, b + grid, ...; kGrouped: per consecutive ones from b * per
+  const int per = (items + int(gridDim.x) - 1) / int(gridDim.x);
+  const int my_items = PRO == kGrouped ? max(0, min(per, items - int(blockIdx.x) * per))
+                                       : (items - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x);
   const int total = my_items * steps;
   const int scale_bytes = ((N + 127) / 128) * kblocks;
 
@@ -111,7 +160,10 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
   const int tok0 = min(g, rows - 1), tok1 = min(g + 8, rows - 1);
 
   const int groups_per_item = WARPS / wpr, my_group = warp / wpr;
-  auto first_row = [&](int item) { return ((int(blockIdx.x) + item * int(gridDim.x)) * groups_per_item + my_group) * 16; };
+  auto item_index = [&](int item) { return PRO == kGrouped ? int(blockIdx.x) * per + item : int(blockIdx.x) + item * int(gridDim.x); };
+  auto first_row = [&](int item) { return (item_index(item) * groups_per_item + my_group) * 16; };
+  // kGrouped: the activation group of the CTA's item (the same for all its warps)
+  auto group_of = [&](int item) { return item_index(item) * groups_per_item * 16 / pro_up; };
 
   // The copy cursor: the next step to fetch, its ring slot and addresses (advanced by increments).
   struct Cursor {
@@ -156,7 +208,12 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
   for (int p = 0; p < stages - 1; ++p) issue();  // in flight while the activations are quantised
   dsv4::pdl_wait();                              // x (or its codes) come from the previous kernels
   dsv4::pdl_launch_dependents();
-  if (FUSED) {
+  // kGrouped: group g's rows into the activation's place
+  auto stage_group = [&](int g) { widen_to_smem(x + size_t(g) * K, rows, K, ld, ROW_PAD, act, const_cast<float*>(scales)); };
+  if constexpr (PRO == kGrouped) {
+    if (my_items > 0) stage_group(group_of(0));
+    __syncthreads();
+  } else if (FUSED) {
     const __nv_bfloat16* src = x;
     if (PRO != kPlain) {
       __shared__ float norm_scratch[WARPS];
@@ -260,6 +317,13 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
       for (int i = 0; i < NACC; ++i) total_c[i] = 0.f;
       step = 0, ++item;
       n0 = first_row(item), scale0 = (n0 / 128) * kblocks + kb_begin;
+      if constexpr (PRO == kGrouped) {
+        if (item < my_items && group_of(item) != group_of(item - 1)) {
+          __syncthreads();                       // every warp is done with the previous group's rows
+          stage_group(group_of(item));
+          __syncthreads();
+        }
+      }
     } else {
       ++step;
     }
@@ -282,3 +346,4 @@ DSV4_FP8_GEMV(dsv4_fp8_gemv_fused_m8, 8, true, kPlain)
 DSV4_FP8_GEMV(dsv4_fp8_gemv_fused_m16, 16, true, kPlain)
 DSV4_FP8_GEMV(dsv4_fp8_gemv_fused_norm_m8, 8, true, kNorm)
 DSV4_FP8_GEMV(dsv4_fp8_gemv_fused_swiglu_m8, 8, true, kSwiglu)
+DSV4_FP8_GEMV(dsv4_fp8_gemv_fused_grouped_m8, 8, true, kGrouped)
