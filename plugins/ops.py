@@ -18,6 +18,8 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::grouped_fp8_linear(x, weight, scale)              per-group FP8 weights, bf16 activations (wo_a)
     dsv4::route_topk(logits, bias, k, scoring, scale, experts)   a score-routed gate's weights (experts
                                                             written in place)
+    dsv4::route_hash(logits, tid2eid, ids, k, scoring, scale, experts)   a hash layer's gate's weights
+                                                            (experts tid2eid[ids] written in place)
     dsv4::index_query(q, rot, pos, rope_dim)                the indexer's queries: RoPE, Hadamard, FP4
     dsv4::indexer_picks(q, weights, keys, pos, k, ...)     the indexer's top-k compressed blocks
     dsv4::compressor_step(proj, ape, pos, states, cache, ...)   a compressor fed one token (mutates)
@@ -41,7 +43,7 @@ from .head import head_logits, kernel_fits
 from .moe_experts import (expert_nbytes, moe_experts_decode, moe_experts_prefill, moe_experts_prefill_wgmma,
                           unpack_expert, wgmma_pays)
 from .oracle import (decode_rows, einsum, hc_post, hc_pre_parts, quantised_matmul, rms_norm, route_from_logits,
-                     swiglu, swiglu_stacked, wide_dtype, with_rope)
+                     route_weights, router_scores, swiglu, swiglu_stacked, wide_dtype, with_rope)
 from .oracle import compressor_chunk as compressor_chunk_oracle
 from .oracle import compressor_step as compressor_step_oracle
 from .oracle import index_query as index_query_oracle
@@ -357,7 +359,7 @@ def _(x, weight):
     return x.new_empty(*x.shape[:-1], weight.size(0), dtype=torch.float32 if x.dtype == torch.bfloat16 else x.dtype)
 
 
-# ------------------------------------------------------------------ route_topk
+# ------------------------------------------------------------------ route_topk, route_hash
 
 
 @torch.library.custom_op("dsv4::route_topk", mutates_args=("experts",))
@@ -375,6 +377,25 @@ def route_topk(logits: torch.Tensor, bias: torch.Tensor, k: int, scoring_func: s
 
 @route_topk.register_fake
 def _(logits, bias, k, scoring_func, scale, experts):
+    return logits.new_empty(logits.size(0), k, dtype=torch.float32)
+
+
+@torch.library.custom_op("dsv4::route_hash", mutates_args=("experts",))
+def route_hash(logits: torch.Tensor, tid2eid: torch.Tensor, ids: torch.Tensor, k: int, scoring_func: str,
+               scale: float, experts: torch.Tensor) -> torch.Tensor:
+    """A hash layer's gate from its logits [n, E] float32 and token ids [n] int64 -> weights [n, k] float32 (the
+    scores at experts tid2eid[ids] ([V, k] int32 table), normalised), the experts written into `experts` [n, k]
+    int32 as `route_topk` does: the same kernel launch on a GPU, the oracle elsewhere."""
+    if (route_gpu.kernel_fits(logits, k, scoring_func) and experts.is_contiguous() and tid2eid.dtype == torch.int32
+            and ids.dtype == torch.int64):
+        return route_gpu.route_hash(logits, tid2eid, ids, k, scale, experts)[0]
+    picked = tid2eid[ids]
+    experts.copy_(picked)
+    return route_weights(router_scores(logits, scoring_func), picked, scoring_func, scale)
+
+
+@route_hash.register_fake
+def _(logits, tid2eid, ids, k, scoring_func, scale, experts):
     return logits.new_empty(logits.size(0), k, dtype=torch.float32)
 
 

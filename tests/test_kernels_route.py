@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
-from plugins.oracle import route_from_logits
+from plugins.oracle import route_from_logits, route_weights, router_scores
 
 
 def _case(rows, experts, seed=0):
@@ -50,4 +50,69 @@ def test_route_kernel_captures_in_a_cuda_graph():
     logits.copy_(fresh.cuda())
     graph.replay()
     expect = route_topk(logits, bias, 6, 1.5)
+    assert torch.equal(picked, expect[1]) and torch.equal(got, expect[0])
+
+
+def _hash_case(rows, experts, k, vocab=64, seed=0):
+    """A hash layer's gate: logits as `_case`, a table tid2eid [vocab, k] int32 of distinct experts per token
+    (not sorted: the weights follow the table's order) and token ids [rows] int64."""
+    logits, _ = _case(rows, experts, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    tid2eid = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(vocab)]).int()
+    return logits, tid2eid, torch.randint(0, vocab, (rows,), generator=g)
+
+
+def _hash_oracle(logits, tid2eid, ids, k, scale):
+    experts = tid2eid[ids]
+    return route_weights(router_scores(logits, "sqrtsoftplus"), experts, "sqrtsoftplus", scale), experts
+
+
+def test_route_hash_op_is_the_oracle_on_the_cpu():
+    logits, tid2eid, ids = _hash_case(3, 256, 6)
+    experts = torch.full((3, 6), -1, dtype=torch.int32)
+    weights = torch.ops.dsv4.route_hash(logits, tid2eid, ids, 6, "sqrtsoftplus", 1.5, experts)   # written in place
+    expect_w, expect_e = _hash_oracle(logits, tid2eid, ids, 6, 1.5)
+    assert experts.dtype == torch.int32 and torch.equal(experts, expect_e) and torch.equal(weights, expect_w)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, experts, k", [pytest.param(1, 256, 6, id="flash-1row"),
+                                              pytest.param(16, 256, 6, id="flash-16rows"),
+                                              pytest.param(2, 384, 6, id="pro-2rows"),
+                                              pytest.param(5, 72, 3, id="odd-72-k3"),
+                                              pytest.param(1, 1024, 16, id="widest")])
+def test_route_hash_kernel_matches_oracle(rows, experts, k):
+    from plugins.route import kernel_fits, route_hash
+    logits, tid2eid, ids = (t.cuda() for t in _hash_case(rows, experts, k))
+    assert kernel_fits(logits, k, "sqrtsoftplus")
+    weights, picked = route_hash(logits, tid2eid, ids, k, 1.5)
+    expect_w, expect_e = _hash_oracle(logits, tid2eid, ids, k, 1.5)    # torch on the GPU
+    assert torch.equal(picked, expect_e)                          # the table's experts, in its order
+    assert torch.allclose(weights, expect_w, rtol=1e-6, atol=0)   # the normalising sum's order may differ
+
+
+@pytest.mark.gpu
+def test_route_hash_op_writes_the_experts_in_place():
+    logits, tid2eid, ids = (t.cuda() for t in _hash_case(4, 256, 6))
+    experts = torch.full((4, 6), -1, dtype=torch.int32, device="cuda")   # a program's cache of its experts
+    weights = torch.ops.dsv4.route_hash(logits, tid2eid, ids, 6, "sqrtsoftplus", 1.5, experts)
+    expect_w, expect_e = _hash_oracle(logits, tid2eid, ids, 6, 1.5)
+    assert torch.equal(experts, expect_e) and torch.allclose(weights, expect_w, rtol=1e-6, atol=0)
+
+
+@pytest.mark.gpu
+def test_route_hash_kernel_captures_in_a_cuda_graph():
+    from plugins.route import route_hash
+    logits, tid2eid, ids = (t.cuda() for t in _hash_case(2, 256, 6))
+    route_hash(logits, tid2eid, ids, 6, 1.5)                      # loads the kernel before capture
+    picked = torch.full((2, 6), -1, dtype=torch.int32, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = torch.ops.dsv4.route_hash(logits, tid2eid, ids, 6, "sqrtsoftplus", 1.5, picked)
+    fresh_logits, _, fresh_ids = _hash_case(2, 256, 6, seed=5)    # the next step: other tokens, other logits
+    assert not torch.equal(fresh_ids, ids.cpu())
+    logits.copy_(fresh_logits.cuda())
+    ids.copy_(fresh_ids.cuda())
+    graph.replay()
+    expect = route_hash(logits, tid2eid, ids, 6, 1.5)
     assert torch.equal(picked, expect[1]) and torch.equal(got, expect[0])

@@ -5,8 +5,8 @@ TensorRT import (the onnxruntime check runs the stand-ins, so any difference wou
   - pow2_ceil: exponent bits (bitcast, shifts) -> log2/floor/pow plus one correction each way
     (TensorRT has no BitCast and no BitShift, and no uint32);
   - round_to_e2m1: the code's sign bit and nibble masks as arithmetic (no bitwise ops);
-  - dsv4::hc_pre, dsv4::route_topk, dsv4::indexer_picks and dsv4::compressor_step (decode programs): their
-    math written out, as prefill programs have it (no plugin);
+  - dsv4::hc_pre, dsv4::route_topk, dsv4::route_hash, dsv4::indexer_picks and dsv4::compressor_step (decode
+    programs): their math written out, as prefill programs have it (no plugin);
   - top_k (the indexer's picks): torch.topk, since aten.sort has no ONNX export; ONNX TopK breaks ties
     by the lower index (its spec), as oracle.top_k's stable sort does;
   - sinkhorn_split: the same iterations with a fusion barrier (a BitCast round trip, two dsv4 plugin

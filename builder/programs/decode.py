@@ -70,7 +70,7 @@ def layer_prefix(cfg: ModelConfig, layer: int) -> str:
 SHARED_WEIGHTS = ("embed.weight", "head.weight")
 HC_PRE_OP_ROWS = HC_PRE_KERNEL_ROWS  # decode batches take the fused op (ONNX export sets 0)
 WIDE_LINEAR_OP = True                # products with bf16-stored float32 weights through the op (not in ONNX)
-ROUTE_OP_ROWS = ROUTE_KERNEL_ROWS    # decode batches' score-routed gates take the one-launch op (ONNX: 0)
+ROUTE_OP_ROWS = ROUTE_KERNEL_ROWS    # decode batches' gates (score or hash) take the one-launch ops (ONNX: 0)
 INDEXER_OP_ROWS = INDEXER_KERNEL_ROWS  # decode batches' indexer queries and picks take the ops (ONNX: 0)
 COMPRESSOR_OP_ROWS = COMPRESSOR_KERNEL_ROWS  # decode batches' compressor steps, window rows, query heads, the
                                              # query latent's norm and the shared SwiGLU take the one-launch ops
@@ -340,12 +340,16 @@ class DecodeLayer(torch.nn.Module):
         (res [N, hc, d], post, comb) for decode rows: y is the new streams [N, hc, d] (`experts_ffn`)."""
         c = self.cfg
         k = c.num_experts_per_tok
-        if "ffn.gate.bias" in w and "ffn.gate.tid2eid" not in w and x.size(0) <= ROUTE_OP_ROWS:
+        if x.size(0) <= ROUTE_OP_ROWS:
             logits = wide_product(x, w["ffn.gate.weight"])
             into = routed if routed is not None and routed.shape == (x.size(0), k) else None
             experts = into if into is not None else x.new_empty(x.size(0), k, dtype=torch.int32)
-            weights = torch.ops.dsv4.route_topk(logits, w["ffn.gate.bias"], k, c.scoring_func,
-                                                c.routed_scaling_factor, experts)
+            if "ffn.gate.tid2eid" in w:            # hash layer: the experts from the token ids, by the same launch
+                weights = torch.ops.dsv4.route_hash(logits, w["ffn.gate.tid2eid"], ids, k, c.scoring_func,
+                                                    c.routed_scaling_factor, experts)
+            else:
+                weights = torch.ops.dsv4.route_topk(logits, w["ffn.gate.bias"], k, c.scoring_func,
+                                                    c.routed_scaling_factor, experts)
             if into is not None:
                 return self.experts_ffn(x, experts, weights, table, w, post_of), None
         else:
