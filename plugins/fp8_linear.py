@@ -64,12 +64,6 @@ def gemv_plan(m: int, k: int, shared_memory: tuple[int, int], staged: bool = Fal
     return False, stages, stages * STAGE_BYTES
 
 
-def warps_per_row(k: int) -> int:
-    """Warps sharing one group of 16 output rows: split K so each warp still has 4 blocks (two steps)."""
-    blocks = k // 128
-    return next(p for p in (8, 4, 2, 1) if blocks % p == 0 and blocks // p >= 4 or p == 1)
-
-
 def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out: torch.Tensor | None = None,
                       workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [M, K] bf16 (M <= 16), w [N, K] float8_e4m3fn, w_scale [ceil(N/128), K/128] E8M0 -> [M, N] bf16.
@@ -126,14 +120,36 @@ def _after_prologue(kind: str, rows: torch.Tensor, k: int, prologue: tuple, fits
                        shared, prologue)
 
 
-def gemv_split(n: int, k: int, name: str, shared: int) -> tuple[int, int, int]:
-    """(warps sharing a row group's K, items, resident CTAs) of GEMV kernel `name` over n x k weights: an
-    item is a CTA's 8 / wpr row groups of 16 over all of K (csrc/fp8_linear.cu)."""
-    resident = kernels().resident(name, 256, shared)
+# An item's fixed cost (its CTA barrier, sums and epilogue, its warps' pipeline refilling), in weight bytes
+# streamed by one SM in that time: fitted to the H200's sweep of the split (bench/gemv_split_sweep.py,
+# bench/results/gemv-split-sweep-h200.json), where it ranks every Flash shape's splits as measured.
+ITEM_COST_BYTES = 48 << 10
+WARP_K_BLOCKS = 8                         # the tie-break: 128-K blocks per warp and item
+
+
+@lru_cache(maxsize=256)                   # called on every launch
+def gemv_split(n: int, k: int, name: str, shared: int, device: int | None = None) -> tuple[int, int, int]:
+    """(wpr, items, resident CTAs) of GEMV kernel `name` over n x k weights: `wpr` warps of a CTA share a
+    row group's K, and an item is the CTA's 8 / wpr row groups of 16 over all of K (csrc/fp8_linear.cu).
+    The split streams the fewest bytes through the busiest SM, items' fixed costs counted: one item per CTA
+    where the row groups fill the GPU (wq_b: 0.80 of the copy bandwidth against 0.75 with K halved), K
+    split where they do not (the shared expert's w1 | w3: 0.56 with 4 warps per row group, 0.48 with 8).
+    Ties go to the split whose warps each stream about 1024 of K (4 ring steps: wo_a 0.76 so, 0.66 with
+    twice that), then to fewer warps per row group."""
+    lib = kernels()
+    resident = lib.resident(name, 256, shared)
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device)
     groups = (n + 15) // 16                   # row groups of 16 (csrc/fp8_linear.cu)
-    # Warps sharing a row group meet at a CTA barrier after every group; with enough row groups to fill
-    # the grid, each warp takes whole rows instead and streams without barriers.
-    wpr = 1 if groups // 8 >= resident else warps_per_row(k)
+
+    def busiest_sm_bytes(wpr: int) -> int:
+        items = -(-groups // (8 // wpr))
+        grid = balanced_grid(items, resident)
+        per_cta = -(-items // grid)
+        ctas = -(-grid // sms.multi_processor_count)          # CTAs on the busiest SM
+        return ctas * per_cta * (16 * (8 // wpr) * k) + per_cta * ITEM_COST_BYTES
+    blocks = k // 128
+    wpr = min((p for p in (1, 2, 4, 8) if blocks % p == 0),
+              key=lambda p: (busiest_sm_bytes(p), abs(blocks // p - WARP_K_BLOCKS), p))
     return wpr, -(-groups // (8 // wpr)), resident
 
 
@@ -152,7 +168,7 @@ def gemv_launch(name: str, x, codes, scales, w, w_scale, out, m: int, k: int, st
     assert k % 128 == 0 and w.size(1) == k and w.is_contiguous()
     assert w_scale.shape == ((n + 127) // 128, k // 128)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device) if out is None else out
-    wpr, items, resident = gemv_split(n, k, name, shared)
+    wpr, items, resident = gemv_split(n, k, name, shared, x.device.index)
     grid = balanced_grid(items, min(resident, max_ctas or resident))
     pro_w, ld, up, param = prologue
     kernels().launch(name, grid, 256,
