@@ -127,30 +127,35 @@ ITEM_COST_BYTES = 48 << 10
 WARP_K_BLOCKS = 8                         # the tie-break: 128-K blocks per warp and item
 
 
-@lru_cache(maxsize=256)                   # called on every launch
-def gemv_split(n: int, k: int, name: str, shared: int, device: int | None = None) -> tuple[int, int, int]:
-    """(wpr, items, resident CTAs) of GEMV kernel `name` over n x k weights: `wpr` warps of a CTA share a
-    row group's K, and an item is the CTA's 8 / wpr row groups of 16 over all of K (csrc/fp8_linear.cu).
-    The split streams the fewest bytes through the busiest SM, items' fixed costs counted: one item per CTA
-    where the row groups fill the GPU (wq_b: 0.80 of the copy bandwidth against 0.75 with K halved), K
-    split where they do not (the shared expert's w1 | w3: 0.56 with 4 warps per row group, 0.48 with 8).
-    Ties go to the split whose warps each stream about 1024 of K (4 ring steps: wo_a 0.76 so, 0.66 with
-    twice that), then to fewer warps per row group."""
-    lib = kernels()
-    resident = lib.resident(name, 256, shared)
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device)
+def split_for(n: int, k: int, resident: int, sms: int) -> tuple[int, int]:
+    """(wpr, items) of a GEMV over n x k weights on a GPU holding `resident` CTAs over `sms` SMs: `wpr` warps
+    of a CTA share a row group's K, and an item is the CTA's 8 / wpr row groups of 16 over all of K
+    (csrc/fp8_linear.cu). The split streams the fewest bytes through the busiest SM, items' fixed costs
+    counted: one item per CTA where the row groups fill the GPU (wq_b: 0.80 of the copy bandwidth against
+    0.75 with K halved), K split where they do not (the shared expert's w1 | w3: 0.56 with 4 warps per
+    row group, 0.48 with 8). Ties go to the split whose warps each stream about 1024 of K (4 ring steps:
+    wo_a 0.76 so, 0.66 with twice that), then to fewer warps per row group."""
     groups = (n + 15) // 16                   # row groups of 16 (csrc/fp8_linear.cu)
+    blocks = k // 128
 
     def busiest_sm_bytes(wpr: int) -> int:
         items = -(-groups // (8 // wpr))
         grid = balanced_grid(items, resident)
         per_cta = -(-items // grid)
-        ctas = -(-grid // sms.multi_processor_count)          # CTAs on the busiest SM
+        ctas = -(-grid // sms)                # CTAs on the busiest SM
         return ctas * per_cta * (16 * (8 // wpr) * k) + per_cta * ITEM_COST_BYTES
-    blocks = k // 128
     wpr = min((p for p in (1, 2, 4, 8) if blocks % p == 0),
               key=lambda p: (busiest_sm_bytes(p), abs(blocks // p - WARP_K_BLOCKS), p))
-    return wpr, -(-groups // (8 // wpr)), resident
+    return wpr, -(-groups // (8 // wpr))
+
+
+@lru_cache(maxsize=256)                   # called on every launch
+def gemv_split(n: int, k: int, name: str, shared: int, device: int | None = None) -> tuple[int, int, int]:
+    """`split_for` of GEMV kernel `name` (with `shared` bytes of dynamic shared memory) on the current GPU,
+    and its resident CTAs."""
+    resident = kernels().resident(name, 256, shared)
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device)
+    return (*split_for(n, k, resident, sms.multi_processor_count), resident)
 
 
 def item_rows(n: int, k: int, name: str, shared: int) -> int:

@@ -219,6 +219,24 @@ def test_gemv_plan_falls_back_to_one_act_quant_where_shared_memory_is_short(m, k
     assert shared >= stages * STAGE_BYTES and shared + 8 * 1024 <= shared_memory[1]
 
 
+def test_gemv_split_rule_picks_the_measured_fastest_split():
+    """The GEMV's split of K across warps (plugins.fp8_linear.split_for) against the H200 sweep of every
+    split (bench/gemv_split_sweep.py): on each decode shape it picks a split within 3% of the fastest
+    measured (an H200: 132 SMs, two CTAs of the 1-row GEMV each)."""
+    import json
+    from pathlib import Path
+    from plugins.fp8_linear import split_for
+    sweep = json.loads((Path(__file__).parents[1] / "bench/results/gemv-split-sweep-h200.json").read_text())
+    times: dict[tuple[str, int, int], dict[int, float]] = {}
+    for r in sweep["results"]:
+        if r["rows"] == 1 and isinstance(r["wpr"], int):
+            times.setdefault((r["weight"], r["N"], r["K"]), {})[r["wpr"]] = r["time_us"]
+    assert len(times) >= 6
+    for (name, n, k), by_split in times.items():
+        chosen = split_for(n, k, resident=264, sms=132)[0]
+        assert by_split[chosen] <= 1.03 * min(by_split.values()), (name, chosen, by_split)
+
+
 def test_k_split_leaves_the_head_whole_and_splits_narrow_weights():
     from plugins.head import UNROLL, k_split
     warps = 132 * 8 * 8                                   # an H200's resident warps at 8 CTAs of 8 per SM
