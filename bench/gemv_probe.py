@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.kernels import L2_DEFEAT_BYTES, graph_time_ms, random_fp8  # noqa: E402
+from bench.kernels import L2_DEFEAT_BYTES, graph_time_ms, random_fp8, write_report  # noqa: E402
 from plugins.fp8_linear import act_quant, fp8_linear_decode, make_workspace  # noqa: E402
 from plugins.loader import kernels  # noqa: E402
 from runtime.bench import copy_bandwidth  # noqa: E402
@@ -75,11 +74,7 @@ def main() -> None:
                      "time_us": us, "fraction_of_copy_bw": n * k / (us * 1e-6) / bw})
     for row in rows:
         print(json.dumps(row))
-    report = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-              "copy_bandwidth_gbps": bw / 1e9, "results": rows}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+    write_report(args.json, bw, rows)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import plugins.fp8_linear as fp8_linear  # noqa: E402
 from bench.gemv_probe import SHAPES, gemv_us  # noqa: E402
+from bench.kernels import write_report  # noqa: E402
 from runtime.bench import copy_bandwidth  # noqa: E402
 
 
@@ -38,11 +38,7 @@ def main() -> None:
                 print(json.dumps(rows[-1]))
     fp8_linear.ring_stages, fp8_linear.FUSE_LIMIT_BLOCKS = chosen, fuse_limit
     fp8_linear.gemv_plan.cache_clear()
-    report = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "cuda": torch.version.cuda, "copy_bandwidth_gbps": bw / 1e9,
-              "results": rows}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+    write_report(args.json, bw, rows)
 
 
 if __name__ == "__main__":

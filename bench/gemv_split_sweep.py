@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import plugins.fp8_linear as fp8_linear  # noqa: E402
 from bench.gemv_probe import gemv_us  # noqa: E402
-from bench.kernels import bench_wo_a  # noqa: E402
+from bench.kernels import bench_wo_a, write_report  # noqa: E402
 from runtime.bench import copy_bandwidth  # noqa: E402
 
 # (name, N, K): the decode step's FP8 GEMVs at Flash size (stacked where the programs stack them)
@@ -51,11 +49,7 @@ def main() -> None:
                              "time_us": us, "fraction_of_copy_bw": n * k / (us * 1e-6) / bw})
                 print(json.dumps(rows[-1]))
     fp8_linear.gemv_split = default
-    report = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-              "copy_bandwidth_gbps": bw / 1e9, "results": rows}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+    write_report(args.json, bw, rows)
 
 
 if __name__ == "__main__":

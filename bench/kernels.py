@@ -431,6 +431,16 @@ def bench_compressor_chunk(ratio: int, dim: int, rotate: bool, chunk: int = 256)
             "rows": chunk, "time_us": ms * 1e3, "speedup_vs_eager_oracle": ms_oracle / ms}
 
 
+def write_report(path: Path, bandwidth: float, rows: list[dict]) -> None:
+    """A kernel benchmark's JSON: the command, GPU and versions, the copy bandwidth measured in the same run
+    (bytes/s) and the result rows."""
+    report = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+              "copy_bandwidth_gbps": bandwidth / 1e9, "results": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "kernels-h200.json")
@@ -488,11 +498,7 @@ def main() -> None:
     for wgmma, beside in ((False, False), (True, False), (True, True)) if on_sm90 else ((False, False), (False, True)):
         rows.append(bench_decode_layer(bw, wgmma=wgmma, beside=beside))
         print(json.dumps(rows[-1]))
-    report = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-              "copy_bandwidth_gbps": bw / 1e9, "results": rows}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+    write_report(args.json, bw, rows)
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s; wrote {args.json}")
 
 

@@ -5,6 +5,12 @@ import plugins.ops  # noqa: F401  (registers torch.ops.dsv4)
 from plugins.oracle import route_from_logits, route_weights, router_scores
 
 
+# (rows, experts, k) of the kernel tests: Flash's gate at 1 and 16 rows, Pro's, odd sizes, the widest build
+GATE_SHAPES = [pytest.param(1, 256, 6, id="flash-1row"), pytest.param(16, 256, 6, id="flash-16rows"),
+               pytest.param(2, 384, 6, id="pro-2rows"), pytest.param(5, 72, 3, id="odd-72-k3"),
+               pytest.param(1, 1024, 16, id="widest")]
+
+
 def _case(rows, experts, seed=0):
     """Gate logits [rows, E] float32 of a trained gate's spread, and a bias of DeepSeek's size (~1e-2)."""
     g = torch.Generator().manual_seed(seed)
@@ -22,11 +28,7 @@ def test_route_op_is_the_oracle_on_the_cpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows, experts, k", [pytest.param(1, 256, 6, id="flash-1row"),
-                                              pytest.param(16, 256, 6, id="flash-16rows"),
-                                              pytest.param(2, 384, 6, id="pro-2rows"),
-                                              pytest.param(5, 72, 3, id="odd-72-k3"),
-                                              pytest.param(1, 1024, 16, id="widest")])
+@pytest.mark.parametrize("rows, experts, k", GATE_SHAPES)
 def test_route_kernel_matches_oracle(rows, experts, k):
     from plugins.route import kernel_fits, route_topk
     logits, bias = (t.cuda() for t in _case(rows, experts))
@@ -76,11 +78,7 @@ def test_route_hash_op_is_the_oracle_on_the_cpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows, experts, k", [pytest.param(1, 256, 6, id="flash-1row"),
-                                              pytest.param(16, 256, 6, id="flash-16rows"),
-                                              pytest.param(2, 384, 6, id="pro-2rows"),
-                                              pytest.param(5, 72, 3, id="odd-72-k3"),
-                                              pytest.param(1, 1024, 16, id="widest")])
+@pytest.mark.parametrize("rows, experts, k", GATE_SHAPES)
 def test_route_hash_kernel_matches_oracle(rows, experts, k):
     from plugins.route import kernel_fits, route_hash
     logits, tid2eid, ids = (t.cuda() for t in _hash_case(rows, experts, k))
