@@ -8,10 +8,12 @@
 // Decode is bound by the weight read, so the GEMV is built to keep HBM busy: a persistent grid sized to the
 // resident CTAs, each warp streaming 16-byte weight loads one step (4 KB per warp) ahead of its MMAs, across
 // row groups without a bubble; and, since the H200 showed it bound by instructions rather than DRAM, with
-// few instructions per weight byte (the weights are the MMA's 16-row operand, the tokens its 8 columns). The fused form quantises the activation rows itself (each CTA, into shared
-// memory, while its first weight loads are in flight): one launch. For many rows x long K the separate
-// act_quant kernel writes the codes once instead (dsv4_fp8_gemv_m*), read through L1 by every CTA.
-// Launch paths never allocate or synchronise, so they can be captured in CUDA graphs.
+// few instructions per weight byte (the weights are the MMA's 16-row operand, the tokens its 8 columns). The
+// fused form quantises the activation rows itself (each CTA, into shared memory, while its first weight loads
+// are in flight): one launch. For many rows x long K the separate act_quant kernel writes the codes once
+// instead (dsv4_fp8_gemv_m*), read through L1 by every CTA. The same kernel serves DeepSeek's grouped wo_a
+// with its bf16 activation (kGrouped, below). Launch paths never allocate or synchronise, so they can be
+// captured in CUDA graphs.
 #include "common.cuh"
 #include "rows.cuh"
 
@@ -160,7 +162,9 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
   const int tok0 = min(g, rows - 1), tok1 = min(g + 8, rows - 1);
 
   const int groups_per_item = WARPS / wpr, my_group = warp / wpr;
-  auto item_index = [&](int item) { return PRO == kGrouped ? int(blockIdx.x) * per + item : int(blockIdx.x) + item * int(gridDim.x); };
+  auto item_index = [&](int item) {
+    return PRO == kGrouped ? int(blockIdx.x) * per + item : int(blockIdx.x) + item * int(gridDim.x);
+  };
   auto first_row = [&](int item) { return (item_index(item) * groups_per_item + my_group) * 16; };
   // kGrouped: the activation group of the CTA's item (the same for all its warps)
   auto group_of = [&](int item) { return item_index(item) * groups_per_item * 16 / pro_up; };
@@ -209,7 +213,9 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
   dsv4::pdl_wait();                              // x (or its codes) come from the previous kernels
   dsv4::pdl_launch_dependents();
   // kGrouped: group g's rows into the activation's place
-  auto stage_group = [&](int g) { widen_to_smem(x + size_t(g) * K, rows, K, ld, ROW_PAD, act, const_cast<float*>(scales)); };
+  auto stage_group = [&](int g) {
+    widen_to_smem(x + size_t(g) * K, rows, K, ld, ROW_PAD, act, const_cast<float*>(scales));
+  };
   if constexpr (PRO == kGrouped) {
     if (my_items > 0) stage_group(group_of(0));
     __syncthreads();
