@@ -340,7 +340,7 @@ class DecodeLayer(torch.nn.Module):
         (res [N, hc, d], post, comb) for decode rows: y is the new streams [N, hc, d] (`experts_ffn`)."""
         c = self.cfg
         k = c.num_experts_per_tok
-        if x.size(0) <= ROUTE_OP_ROWS:
+        if x.size(0) <= ROUTE_OP_ROWS and ("ffn.gate.tid2eid" in w or "ffn.gate.bias" in w):
             logits = wide_product(x, w["ffn.gate.weight"])
             into = routed if routed is not None and routed.shape == (x.size(0), k) else None
             experts = into if into is not None else x.new_empty(x.size(0), k, dtype=torch.int32)
