@@ -9,7 +9,7 @@
 #   for i in $(seq 115); do [ -f /root/res/DONE ] && break; sleep 5; done; cat /root/res/steps.log   # repeat
 #   tar czf $OUT/h200.tgz -C /root res                                      # one file back (the tool's cap is 8)
 # A failing step is logged ($RES/NAME.log, rc in steps.log) and the next one runs. STEPS names the steps to
-# run (default: all but wgmma-crossover): plugins patch kernel-tests kernels wgmma-crossover gemv-probe
+# run (default: all but wgmma-crossover): plugins patch kernel-tests kernels wgmma-crossover gemv-probe gemv-split moe-grid
 # gate-flash4-f32 flash8 tiny-artifacts wgmma-gate pager-sweep (the last two on the Flash-8 artifact: each
 # wgmma MoE path switched on, bench/wgmma_gate.py; the pager's settings, bench/pager_sweep.py). OVERLAP=1 runs the tiny artifact tests beside the Flash-8 build (the
 # device time of a session is short); TESTS overrides the kernel test files; TRY_PATCH names a patch (git diff) that the patch step builds, tests (PATCH_TESTS) and
@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6 PYTHONUNBUFFERED=1
 RES=${RES:-/tmp/res}
 mkdir -p "$RES"
-STEPS=${STEPS:-plugins patch kernel-tests kernels gemv-probe gate-flash4-f32 flash8 tiny-artifacts wgmma-gate pager-sweep}
+STEPS=${STEPS:-plugins patch kernel-tests kernels gemv-probe gemv-split moe-grid gate-flash4-f32 flash8 tiny-artifacts wgmma-gate pager-sweep}
 step() {
   local name=$1
   shift
@@ -43,6 +43,8 @@ step kernel-tests python -m pytest -q -rA -m gpu ${TESTS:-tests/test_kernels_fp8
 step kernels python bench/kernels.py --json "$RES/kernels-h200.json"
 step wgmma-crossover python bench/wgmma_diag.py crossover
 step gemv-probe python bench/gemv_probe.py --json "$RES/gemv-probe-h200.json"
+step gemv-split python bench/gemv_split_sweep.py --json "$RES/gemv-split-sweep-h200.json"
+step moe-grid python bench/moe_grid_sweep.py --json "$RES/moe-grid-sweep-h200.json"
 step gate-flash4-f32 env OUT="$RES" LAYERS=4 DTYPE=float32 bash bench/artifact_h200.sh
 # the disk holds one Flash artifact at a time: the Flash-4 gate's goes before the Flash-8 build (only then:
 # a later call reusing a Flash-8 artifact's expert bank needs it kept; session 16's second call lost it here)
