@@ -158,11 +158,6 @@ def gemv_split(n: int, k: int, name: str, shared: int, device: int | None = None
     return (*split_for(n, k, resident, sms.multi_processor_count), resident)
 
 
-def item_rows(n: int, k: int, name: str, shared: int) -> int:
-    """The weight rows of one item of `gemv_split`."""
-    return 16 * (8 // gemv_split(n, k, name, shared)[0])
-
-
 def gemv_launch(name: str, x, codes, scales, w, w_scale, out, m: int, k: int, stages: int, shared: int,
                 prologue: tuple = (None, 0, 0, 0.0), max_ctas: int | None = None) -> torch.Tensor:
     """Launch GEMV kernel `name` (csrc/fp8_linear.cu) over m rows of width k; `prologue` = (its float32
