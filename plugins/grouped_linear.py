@@ -20,11 +20,12 @@ KERNEL = "dsv4_fp8_gemv_fused_grouped_m8"
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """x [..., G, D] bf16 on a GPU, at most 4 rows of G groups whose activations fit the GEMV's shared
     memory, D and each group's rows in 128-blocks."""
-    rows = x.numel() // (x.size(-1) * x.size(-2)) if x.dim() >= 2 else 0
-    g, d = (x.size(-2), x.size(-1)) if x.dim() >= 2 else (1, 0)
+    if x.dim() < 2 or x.numel() == 0:
+        return False
+    g, d = x.shape[-2:]
+    rows = x.numel() // (g * d)
     return (x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.float8_e4m3fn
-            and 1 <= rows <= MAX_ROWS and d % 128 == 0 and weight.size(1) == d
-            and weight.size(0) % (128 * g) == 0
+            and rows <= MAX_ROWS and d % 128 == 0 and weight.size(1) == d and weight.size(0) % (128 * g) == 0
             and gemv_plan(rows, d, kernels().shared_memory())[0])
 
 
