@@ -154,8 +154,8 @@ def gemv_split(n: int, k: int, name: str, shared: int, device: int | None = None
     """`split_for` of GEMV kernel `name` (with `shared` bytes of dynamic shared memory) on the current GPU,
     and its resident CTAs."""
     resident = kernels().resident(name, 256, shared)
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device)
-    return (*split_for(n, k, resident, sms.multi_processor_count), resident)
+    props = torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device)
+    return (*split_for(n, k, resident, props.multi_processor_count), resident)
 
 
 def gemv_launch(name: str, x, codes, scales, w, w_scale, out, m: int, k: int, stages: int, shared: int,
