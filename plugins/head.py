@@ -1,4 +1,4 @@
-"""The vocabulary head of a decode step: float32 logits from float32 hidden rows.
+"""The vocabulary head of a decode step: float32 logits from float32 hidden rows, and the greedy pick of them.
 
 DeepSeek's head is a float32 parameter loaded from bf16 weights. On a GPU the runtime keeps it in bf16
 (exact) and `csrc/head_gemv.cu` accumulates in float32: half the bytes of the step's largest read, the
@@ -51,3 +51,29 @@ def k_split(rows: int, chunks: int, resident_warps: int) -> int:
     while split < 8 and rows * split < resident_warps and chunks % (2 * split) == 0 and chunks // (2 * split) >= UNROLL:
         split *= 2
     return split
+
+
+PICK_THREADS, PICK_PER_THREAD = 256, 4   # csrc/head_gemv.cu dsv4_argmax_rows: values per thread in one pass
+
+
+class GreedyPick:
+    """argmax over the last axis of logits [B, V] -> int64 [B], as torch.argmax (the first of equal maxima; NaN
+    above every number); for float32 logits on a GPU one launch of csrc/head_gemv.cu's dsv4_argmax_rows, whose
+    partial maxima and arrival counters are allocated here once, so calls never allocate (graph capture)
+    and the counters, which the kernel sets back to zero, start at zero."""
+
+    def __init__(self, rows: int, vocab: int, device: torch.device):
+        self.rows, self.vocab, self.device = rows, vocab, torch.device(device)
+        self.ctas = max(1, min(1024, -(-vocab // (PICK_THREADS * PICK_PER_THREAD))))
+        if self.device.type == "cuda":
+            self.partial = torch.empty(rows, self.ctas, dtype=torch.int64, device=self.device)
+            self.counter = torch.zeros(rows, dtype=torch.int32, device=self.device)
+
+    def __call__(self, logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if logits.device.type != "cuda" or logits.dtype != torch.float32:
+            return logits.argmax(-1)
+        assert logits.shape == (self.rows, self.vocab) and logits.is_contiguous()
+        out = torch.empty(self.rows, dtype=torch.int64, device=logits.device) if out is None else out
+        kernels().launch("dsv4_argmax_rows", (self.ctas, self.rows), PICK_THREADS,
+                         [(logits, PTR), (self.vocab, INT), (self.partial, PTR), (self.counter, PTR), (out, PTR)])
+        return out

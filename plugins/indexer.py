@@ -10,7 +10,8 @@ import torch
 from .compressor import rot_fits
 from .loader import FLOAT, INT, PTR, kernels
 
-HEADS, DIM, KEYS_PER_CTA, MAX_K = 64, 128, 64, 2048     # csrc/indexer.cu
+HEADS, DIM, SCORE_WARPS, MAX_K = 64, 128, 8, 2048     # csrc/indexer.cu
+SCORE_CTAS = 256        # dsv4_indexer_scores' most CTAs: one batch of 8 keys per warp covers 16384 blocks
 MAX_ROWS = 16                                           # decode batches
 MAX_BLOCKS = 1 << 16                                    # a pick is sorted as 16 bits of score, 16 of block
 
@@ -34,7 +35,7 @@ def indexer_picks(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, po
     scores = torch.empty(b * s, t, dtype=torch.int16, device=q.device)     # bf16 bits
     picks = torch.empty(b, s, k, dtype=torch.int64, device=q.device)
     lib = kernels()
-    lib.launch("dsv4_indexer_scores", (-(-t // KEYS_PER_CTA), b * s), 256,
+    lib.launch("dsv4_indexer_scores", (min(-(-t // SCORE_WARPS), SCORE_CTAS), b * s), 32 * SCORE_WARPS,
                [(q, PTR), (weights, PTR), (weight_scale, FLOAT), (keys, PTR), (pos, PTR), (ratio, INT), (scores, PTR),
                 (t, INT), (s, INT)])
     lib.launch("dsv4_indexer_topk", b * s, 512, [(scores, PTR), (pos, PTR), (ratio, INT), (picks, PTR), (t, INT),

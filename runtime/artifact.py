@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 import plugins.ops  # noqa: F401  (the packages call torch.ops.dsv4)
-from plugins.head import head_logits, kernel_fits
+from plugins.head import GreedyPick, head_logits, kernel_fits
 from plugins.oracle import hc_head, rms_norm, wide, wide_dtype
 
 from .errors import UserError
@@ -146,6 +146,7 @@ class ArtifactModel:
         self.tokens = torch.zeros(batch, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(batch, dtype=torch.int64, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.pick = GreedyPick(batch, self.head.size(0), self.device)    # the greedy token, on the device
         if self.device.type == "cuda":
             self._check_budget(m["recipe"].get("memory_budget_gib"))
         # Only the kernels' path is captured: eager modules and float32/float64 programs run the ops' oracles,
@@ -243,7 +244,7 @@ class ArtifactModel:
         try:
             with torch.cuda.graph(self.graph):
                 self._out = self._step()
-                self._next = self._out.argmax(-1)      # the greedy pick, on the device (decode_greedy)
+                self._next = self.pick(self._out)      # the greedy pick, on the device (decode_greedy)
         finally:
             gc.enable()
 
@@ -286,7 +287,7 @@ class ArtifactModel:
             if self.graph is not None:
                 self.graph.replay()
             else:
-                self._next = self._step().argmax(-1)
+                self._next = self.pick(self._step())
             self.tokens.copy_(self._next)                # the next step's input, never through the host
             self.positions.add_(1)
             picked[i].copy_(self._next[0], non_blocking=cuda)

@@ -120,3 +120,62 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_head_gemv_bf16_rows(const
                                                                           int D, int split) {
   dsv4_head::head_gemv(y, w, out, B, V, D, split);
 }
+
+// The greedy pick after the head: out[b] = argmax_v logits[b, v] (int64; the first of equal maxima, a NaN above
+// every number, as torch.argmax), one launch where torch's reduction over a 129280-wide row ran on few SMs
+// (37.7 us of a Flash-8 decode step on the H200: bench/results/graph-timeline-flash8-h200.json). Each value is
+// keyed by 64 bits, its order-preserving float bits then its index's complement, so the largest key is the
+// pick. Grid (ctas, B), 256 threads: each CTA writes its largest key to partial[b][cta]; the CTA that arrives
+// last at counter[b] reduces the row's partials, writes the pick and sets the counter back to zero for the next
+// launch (no reset launch, so a CUDA graph replays it as it is).
+namespace dsv4_head {
+__device__ __forceinline__ unsigned long long pick_key(float v, int i) {
+  uint32_t bits = v == 0.f ? 0u : __float_as_uint(v);     // -0 and +0 are equal, as in torch
+  bits = isnan(v) ? 0xFFFFFFFFu : (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  return (static_cast<unsigned long long>(bits) << 32) | (0xFFFFFFFFu - uint32_t(i));
+}
+
+__device__ __forceinline__ unsigned long long block_max_key(unsigned long long key, unsigned long long* scratch) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) key = max(key, __shfl_xor_sync(0xffffffffu, key, off));
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = key;
+  __syncthreads();
+  key = scratch[0];
+  for (int w = 1; w < int(blockDim.x) / 32; ++w) key = max(key, scratch[w]);
+  return key;
+}
+}  // namespace dsv4_head
+
+extern "C" __global__ void __launch_bounds__(256) dsv4_argmax_rows(const float* __restrict__ logits, int V,
+                                                                  unsigned long long* __restrict__ partial,
+                                                                  unsigned int* __restrict__ counter,
+                                                                  long long* __restrict__ out) {
+  __shared__ unsigned long long scratch[8];
+  __shared__ bool last;
+  dsv4::pdl_wait();                             // the logits come from the head
+  dsv4::pdl_launch_dependents();
+  const int b = blockIdx.y, ctas = gridDim.x;
+  const float* row = logits + size_t(b) * V;
+  unsigned long long key = 0;
+#pragma unroll 4
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < V; i += ctas * blockDim.x)
+    key = max(key, dsv4_head::pick_key(row[i], i));
+  key = dsv4_head::block_max_key(key, scratch);
+  if (threadIdx.x == 0) {
+    partial[size_t(b) * ctas + blockIdx.x] = key;
+    __threadfence();                            // the partial is visible before the count says so
+    last = atomicAdd(counter + b, 1u) == unsigned(ctas - 1);
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();                              // every other CTA's partial is visible to this one
+  key = 0;
+  for (int c = threadIdx.x; c < ctas; c += blockDim.x)
+    key = max(key, reinterpret_cast<volatile unsigned long long*>(partial)[size_t(b) * ctas + c]);
+  __syncthreads();                              // scratch is reused
+  key = dsv4_head::block_max_key(key, scratch);
+  if (threadIdx.x == 0) {
+    out[b] = (long long)(0xFFFFFFFFu - uint32_t(key & 0xFFFFFFFFu));
+    counter[b] = 0;
+  }
+}

@@ -11,7 +11,8 @@
 
 namespace indexer {
 constexpr int HEADS = 64, DIM = 128;      // V4's index_n_heads and index_head_dim (Flash and Pro)
-constexpr int KEYS_PER_CTA = 64;          // 8 warps x 8 keys
+constexpr int SCORE_WARPS = 8;            // dsv4_indexer_scores: 256 threads
+constexpr int BATCH = 8;                  // keys a warp copies into shared memory at a time
 constexpr int QROW = DIM + 8;             // a query row in shared memory, padded: 16-byte reads of two
                                           // lanes' rows start 272 B apart, in different banks
 constexpr int PICK_THREADS = 512;
@@ -23,69 +24,82 @@ __device__ __forceinline__ uint32_t ordered(uint16_t bits) {
 }
 }  // namespace indexer
 
-// Grid (ceil(T / 64), rows), 256 threads. q [rows, 64, 128] bf16, raw [rows, 64] float32, keys [rows / queries,
-// T, 128] bf16, pos [rows] -> scores [rows, T] as bf16 bits (only t < count written). Query row r reads the keys
-// of sequence r / queries (queries: rows per sequence, 1 in decode).
+// Grid (ctas, rows), 256 threads. q [rows, 64, 128] bf16, raw [rows, 64] float32, keys [rows / queries, T, 128]
+// bf16, pos [rows] -> scores [rows, T] as bf16 bits (only t < count written). Query row r reads the keys of
+// sequence r / queries (queries: rows per sequence, 1 in decode).
+// Warp w of CTA c is warp g = 8c + w of the grid's W and scores the visible keys g, g + W, g + 2W, ...: a short
+// context's few keys spread one per warp over as many CTAs as they fill, a long one's over the whole grid.
+// The CTA copies the queries, and each warp a batch of up to 8 of its keys, into shared memory with every
+// copy in flight at once (cp.async), then multiplies from there: the H200 showed the kernel that loaded the
+// keys 16 bytes per lane per dependent step take 11 us for 128 keys
+// (bench/results/graph-timeline-flash8-h200.json), most of it waiting on those loads one after another.
 extern "C" __global__ void __launch_bounds__(256) dsv4_indexer_scores(
     const __nv_bfloat16* __restrict__ q, const float* __restrict__ raw, float w_scale,
     const __nv_bfloat16* __restrict__ keys, const long long* __restrict__ pos, int ratio,
     uint16_t* __restrict__ scores, int T, int queries) {
   using namespace indexer;
   __shared__ __align__(16) __nv_bfloat16 qs[HEADS * QROW];
+  __shared__ __align__(16) __nv_bfloat16 ks[SCORE_WARPS][BATCH][DIM];
   __shared__ float ws[HEADS];
   const int row = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int t0 = blockIdx.x * KEYS_PER_CTA + warp * 8;
+  const int W = int(gridDim.x) * SCORE_WARPS, first = int(blockIdx.x) * SCORE_WARPS + warp;
   dsv4::pdl_wait();                          // q, w and the new key come from this step's kernels
   dsv4::pdl_launch_dependents();
-  const long long visible = min((long long)T, (pos[row] + 1) / ratio);
-  if (blockIdx.x * KEYS_PER_CTA >= visible) return;
+  const int visible = int(min((long long)T, (pos[row] + 1) / ratio));
+  if (int(blockIdx.x) * SCORE_WARPS >= visible) return;   // CTA-uniform: no key of this CTA is visible
   for (int i = threadIdx.x; i < HEADS * DIM / 8; i += blockDim.x) {   // 16 bytes at a time
     const int h = i / (DIM / 8), c = i % (DIM / 8);
-    *reinterpret_cast<uint4*>(&qs[h * QROW + c * 8]) =
-        reinterpret_cast<const uint4*>(q + (size_t(row) * HEADS + h) * DIM)[c];
+    dsv4::cp_async16(&qs[h * QROW + c * 8], q + (size_t(row) * HEADS + h) * DIM + c * 8, 16);
   }
+  const __nv_bfloat16* kbase = keys + size_t(row / queries) * T * DIM;
+  // the warp's keys in batches; lane l copies 16-byte pieces l, l + 32, ... of the batch's rows
+  auto copy_batch = [&](int t0) {
+    for (int p = lane; p < BATCH * DIM / 8; p += 32) {
+      const int kk = p / (DIM / 8), t = t0 + kk * W;
+      dsv4::cp_async16(&ks[warp][kk][(p % (DIM / 8)) * 8], kbase + size_t(min(t, visible - 1)) * DIM + (p % (DIM / 8)) * 8,
+                       t < visible ? 16 : 0);
+    }
+  };
+  if (first < visible) copy_batch(first);
+  dsv4::cp_async_commit();
   if (threadIdx.x < HEADS)   // the program's bf16 weights: the product rounded, then scaled and rounded again
     ws[threadIdx.x] = dsv4::bf16_round(dsv4::bf16_round(raw[size_t(row) * HEADS + threadIdx.x]) * w_scale);
-  __syncthreads();
-  // Lane l owns heads l and l + 32; the warp's 8 keys are read whole by every lane (one broadcast each).
-  const __nv_bfloat16* kbase = keys + size_t(row / queries) * T * DIM;
-  float acc[2][8] = {};
-#pragma unroll 2
-  for (int c = 0; c < DIM / 8; ++c) {
-    float qa[2][8];
-#pragma unroll
-    for (int g = 0; g < 2; ++g) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(&qs[(lane + 32 * g) * QROW + c * 8]);
-      const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 f = __bfloat1622float2(p[j]);
-        qa[g][2 * j] = f.x, qa[g][2 * j + 1] = f.y;
-      }
+  dsv4::cp_async_wait_all();
+  __syncthreads();                           // the queries and weights (every warp's copies) have landed
+  // Lane l owns heads l and l + 32; each key is read whole by every lane (one broadcast per 16 bytes).
+  for (int t0 = first; t0 < visible; t0 += BATCH * W) {
+    const int n = min(BATCH, (visible - t0 + W - 1) / W);    // the batch's visible keys
+    if (t0 != first) {
+      __syncwarp();                          // every lane is done with the previous batch
+      copy_batch(t0);
+      dsv4::cp_async_commit();
+      dsv4::cp_async_wait_all();
+      __syncwarp();
     }
+    for (int kk = 0; kk < n; ++kk) {
+      float acc[2] = {0.f, 0.f};
+#pragma unroll 4
+      for (int c = 0; c < DIM / 8; ++c) {
+        const uint4 kraw = *reinterpret_cast<const uint4*>(&ks[warp][kk][c * 8]);
+        const __nv_bfloat162* kp = reinterpret_cast<const __nv_bfloat162*>(&kraw);
 #pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      const int t = min(t0 + kk, T - 1);     // keys past T: any valid row, never written out
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(kbase + size_t(t) * DIM) + c);
-      const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&raw);
+        for (int g = 0; g < 2; ++g) {
+          const uint4 qraw = *reinterpret_cast<const uint4*>(&qs[(lane + 32 * g) * QROW + c * 8]);
+          const __nv_bfloat162* qp = reinterpret_cast<const __nv_bfloat162*>(&qraw);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 f = __bfloat1622float2(p[j]);
-#pragma unroll
-        for (int g = 0; g < 2; ++g) acc[g][kk] = fmaf(qa[g][2 * j + 1], f.y, fmaf(qa[g][2 * j], f.x, acc[g][kk]));
+          for (int j = 0; j < 4; ++j) {
+            const float2 qf = __bfloat1622float2(qp[j]), kf = __bfloat1622float2(kp[j]);
+            acc[g] = fmaf(qf.y, kf.y, fmaf(qf.x, kf.x, acc[g]));
+          }
+        }
       }
+      float s = 0.f;
+#pragma unroll
+      for (int g = 0; g < 2; ++g) s += dsv4::bf16_round(fmaxf(dsv4::bf16_round(acc[g]), 0.f) * ws[lane + 32 * g]);
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+      if (lane == 0) scores[size_t(row) * T + t0 + kk * W] = __bfloat16_as_ushort(__float2bfloat16(s));
     }
-  }
-#pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    float s = 0.f;
-#pragma unroll
-    for (int g = 0; g < 2; ++g)
-      s += dsv4::bf16_round(fmaxf(dsv4::bf16_round(acc[g][kk]), 0.f) * ws[lane + 32 * g]);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    const int t = t0 + kk;
-    if (lane == 0 && t < visible) scores[size_t(row) * T + t] = __bfloat16_as_ushort(__float2bfloat16(s));
   }
 }
 
