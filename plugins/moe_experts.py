@@ -83,6 +83,10 @@ WGMMA = WgmmaPaths()
 # 1.710 to 1.685 ms with it (medians of 5 runs of 50 steps; bench/results/profile-decode-flash8-h200.json);
 # the same bits (tests/test_kernels_moe.py). A switch for benchmarks.
 SHARED_BESIDE_ROUTED = True
+# Whether `dsv4::moe_gate_hc_post` starts the shared expert on the second stream before the gate's product
+# (session 21), so that it overlaps the gate and the router too; off: after them, as `moe_hc_post`. A switch
+# for benchmarks.
+SHARED_BEFORE_GATE = True
 DECODE_WGMMA_MAX_TOPK = 8         # csrc/moe_decode_wgmma.cu: a token's pairs are the B tile's 8 columns
 
 

@@ -7,6 +7,7 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::moe_routed(x, experts, weights, table, inter, limit)   routed MXFP4 experts via a pointer table
     dsv4::moe_with_shared(x, experts, weights, table, ...)  the routed experts and the shared expert
     dsv4::moe_hc_post(x, experts, ..., res, post, comb)    the same, summed, inside the layer's last hc_post
+    dsv4::moe_gate_hc_post(x, gate, ..., res, post, comb)  the same from the gate's product and routing on
     dsv4::sparse_attention(q, kv, sink, idx, scale)        attention over picked rows with a sink
     dsv4::decode_attention(q, kv, sink, picked, pos, ...)  a decode step's attention over its window and
                                                             compressed rows, then the output's inverse RoPE
@@ -175,7 +176,7 @@ def moe_with_shared(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tenso
         return moe_routed(x, experts, weights, table, inter, limit)
 
     def shared():
-        return fp8_linear_after_swiglu(fp8_linear(x, w13, s13), inter, up, limit, w2, s2)
+        return _shared_expert(x, inter, up, limit, w13, s13, w2, s2)
     if x.is_cuda and moe_experts.SHARED_BESIDE_ROUTED:
         return beside(routed, shared, x.device)
     return routed(), shared()
@@ -213,19 +214,67 @@ def moe_hc_post(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, t
                                   summed=False)
 
     def shared():
-        return fp8_linear_after_swiglu(fp8_linear(x, w13, s13), inter, up, limit, w2, s2)
-    if x.is_cuda and x.dtype == torch.bfloat16 and 1 <= x.size(0) <= 16 and res.size(1) == 4 and x.size(1) % 4 == 0:
+        return _shared_expert(x, inter, up, limit, w13, s13, w2, s2)
+    if _moe_post_fits(x, res):
         (parts, k), y_shared = beside(routed, shared, x.device) if moe_experts.SHARED_BESIDE_ROUTED else (
             routed(), shared())
-        return moe_experts.sum_pairs_post(parts, experts, k, y_shared.contiguous(), res.contiguous(),
-                                          post.float().contiguous(), comb.float().contiguous())
+        return _sum_pairs_post(parts, experts, k, y_shared, res, post, comb)
     y, y_shared = moe_with_shared(x, experts, weights, table, inter, limit, w13, s13, w2, s2, up)
     f = (y + y_shared.to(y.dtype)).to(x.dtype)
     return hc_post(f[:, None], res[:, None], post[:, None], comb[:, None])[:, 0]
 
 
+def _moe_post_fits(x: torch.Tensor, res: torch.Tensor) -> bool:
+    """Whether the decode MoE's kernels and its one-launch sum and post (`sum_pairs_post`) serve: a GPU, bf16,
+    1-16 rows, 4 streams."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and 1 <= x.size(0) <= 16 and res.size(1) == 4 and x.size(1) % 4 == 0
+
+
+def _shared_expert(x, inter: int, up: int, limit: float, w13, s13, w2, s2) -> torch.Tensor:
+    """The shared expert of x: the stacked w1 | w3 FP8 linear, the clamped SwiGLU inside w2's launch."""
+    return fp8_linear_after_swiglu(fp8_linear(x, w13, s13), inter, up, limit, w2, s2)
+
+
+def _sum_pairs_post(parts, experts, k: int, y_shared, res, post, comb) -> torch.Tensor:
+    return moe_experts.sum_pairs_post(parts, experts, k, y_shared.contiguous(), res.contiguous(),
+                                      post.float().contiguous(), comb.float().contiguous())
+
+
 @moe_hc_post.register_fake
 def _(x, experts, weights, table, inter, limit, w13, s13, w2, s2, up, res, post, comb):
+    return torch.empty_like(res)
+
+
+@torch.library.custom_op("dsv4::moe_gate_hc_post", mutates_args=("experts",))
+def moe_gate_hc_post(x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | None, tid2eid: torch.Tensor | None,
+                     ids: torch.Tensor, k: int, scoring_func: str, scale: float, experts: torch.Tensor,
+                     table: torch.Tensor, inter: int, limit: float, w13: torch.Tensor, s13: torch.Tensor,
+                     w2: torch.Tensor, s2: torch.Tensor, up: int, res: torch.Tensor, post: torch.Tensor,
+                     comb: torch.Tensor) -> torch.Tensor:
+    """The decode MoE from its gate on: the gate's product of x [T, D] (`wide_linear`; bf16 x as it is, else
+    widened), the routing (`route_hash` over ids [T] where tid2eid is given, else `route_topk` with bias;
+    the experts written into `experts` [T, k]), then `moe_hc_post`. On a GPU with
+    moe_experts.SHARED_BEFORE_GATE the shared expert starts on the second stream before the gate's
+    product, so that its weights stream while the gate and the router run (two short launches bound by
+    latency, not bandwidth), where it started after them; the same bits."""
+    def weights():
+        logits = wide_linear(x if x.dtype == torch.bfloat16 else x.to(wide_dtype(x.dtype)), gate)
+        if tid2eid is not None:
+            return route_hash(logits, tid2eid, ids, k, scoring_func, scale, experts)
+        return route_topk(logits, bias, k, scoring_func, scale, experts)
+    if moe_experts.SHARED_BEFORE_GATE and _moe_post_fits(x, res):
+        def routed():
+            return moe_experts_decode(x.contiguous(), experts, weights().contiguous(), table, inter, limit,
+                                      summed=False)
+        (parts, kk), y_shared = beside(routed, lambda: _shared_expert(x, inter, up, limit, w13, s13, w2, s2),
+                                       x.device)
+        return _sum_pairs_post(parts, experts, kk, y_shared, res, post, comb)
+    return moe_hc_post(x, experts, weights(), table, inter, limit, w13, s13, w2, s2, up, res, post, comb)
+
+
+@moe_gate_hc_post.register_fake
+def _(x, gate, bias, tid2eid, ids, k, scoring_func, scale, experts, table, inter, limit, w13, s13, w2, s2, up, res,
+      post, comb):
     return torch.empty_like(res)
 
 

@@ -173,3 +173,43 @@ def test_moe_hc_post_sums_and_posts_in_one_launch_as_the_ops_in_turn(monkeypatch
     graph.replay()
     torch.cuda.synchronize()
     check(out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hashed", [False, True], ids=["score-routed", "hash-routed"])
+def test_shared_expert_before_the_gate_gives_the_same_bits_and_captures(monkeypatch, hashed):
+    """dsv4::moe_gate_hc_post with the shared expert started before the gate's product (a second stream) and
+    after the routing: the same experts and streams, eagerly and replayed from a CUDA graph."""
+    import plugins.ops  # noqa: F401  (registers the ops)
+    from plugins import moe_experts
+    g = torch.Generator().manual_seed(5)
+    moe_args, _stores = _moe_with_shared_case(g, [[0, 1, 2, 3, 4, 5], [9, 8, 7, 6, 5, 4]], "cuda")
+    x, _, _, table, *rest = moe_args
+    tokens, d = x.shape
+    gate = (torch.randn(10, d, generator=g) / d ** 0.5).to(torch.bfloat16).cuda()
+    bias, tid2eid = (torch.randn(10, generator=g) * 0.1).cuda(), None
+    if hashed:
+        bias, tid2eid = None, torch.stack([torch.randperm(10, generator=g)[:6] for _ in range(20)]).to(torch.int32).cuda()
+    ids = torch.tensor([3, 11], device="cuda")
+    res = torch.randn(tokens, 4, d, generator=g).to(torch.bfloat16).cuda()
+    post, comb = (torch.rand(tokens, 4, generator=g) * 2).cuda(), torch.rand(tokens, 4, 4, generator=g).cuda()
+    experts = torch.zeros(tokens, 6, dtype=torch.int32, device="cuda")
+
+    def run():
+        return torch.ops.dsv4.moe_gate_hc_post(x, gate, bias, tid2eid, ids, 6, "sqrtsoftplus", 1.5, experts, table,
+                                               *rest, res, post, comb)
+    monkeypatch.setattr(moe_experts, "SHARED_BEFORE_GATE", False)
+    after, after_experts = run(), experts.clone()
+    monkeypatch.setattr(moe_experts, "SHARED_BEFORE_GATE", True)
+    experts.zero_()
+    assert torch.equal(run(), after) and torch.equal(experts, after_experts)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    x.copy_(torch.randn(tokens, d, device="cuda").to(torch.bfloat16))
+    experts.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed, replayed_experts = out.clone(), experts.clone()
+    monkeypatch.setattr(moe_experts, "SHARED_BEFORE_GATE", False)
+    assert torch.equal(replayed, run()) and torch.equal(replayed_experts, experts)

@@ -186,3 +186,34 @@ def test_moe_hc_post_op_is_the_moe_then_the_hc_post_on_the_cpu():
     routed, shared = torch.ops.dsv4.moe_with_shared(*args)
     f = (routed + shared.float()).to(torch.bfloat16)
     assert torch.equal(got, hc_post(f[:, None], res[:, None], post[:, None], comb[:, None])[:, 0])
+
+
+def _gate_case(g: torch.Generator, hashed: bool):
+    """A gate over the bank's E experts for `_moe_with_shared_case`'s tokens, top 2: (gate weight, bias or
+    None, tid2eid or None, token ids)."""
+    gate = (torch.randn(E, D, generator=g) / D ** 0.5).to(torch.bfloat16)
+    if hashed:
+        tid2eid = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(50)]).to(torch.int32)
+        return gate, None, tid2eid, torch.tensor([3, 17, 3])
+    return gate, torch.randn(E, generator=g) * 0.1, None, torch.tensor([3, 17, 3])
+
+
+@pytest.mark.parametrize("hashed", [False, True], ids=["score-routed", "hash-routed"])
+def test_moe_gate_hc_post_op_is_the_gate_the_route_then_moe_hc_post_on_the_cpu(hashed):
+    g = torch.Generator().manual_seed(7)
+    args, _keep = _moe_with_shared_case(g)
+    x, _, _, table, *rest = args
+    gate, bias, tid2eid, ids = _gate_case(g, hashed)
+    res = torch.randn(3, 4, D, generator=g).to(torch.bfloat16)
+    post, comb = torch.rand(3, 4, generator=g) * 2, torch.rand(3, 4, 4, generator=g)
+    experts = torch.zeros(3, 2, dtype=torch.int32)
+    got = torch.ops.dsv4.moe_gate_hc_post(x, gate, bias, tid2eid, ids, 2, "sqrtsoftplus", 1.5, experts, table,
+                                          *rest, res, post, comb)
+    logits = torch.ops.dsv4.wide_linear(x, gate)
+    expect_experts = torch.zeros(3, 2, dtype=torch.int32)
+    if hashed:
+        weights = torch.ops.dsv4.route_hash(logits, tid2eid, ids, 2, "sqrtsoftplus", 1.5, expect_experts)
+    else:
+        weights = torch.ops.dsv4.route_topk(logits, bias, 2, "sqrtsoftplus", 1.5, expect_experts)
+    assert torch.equal(experts, expect_experts)
+    assert torch.equal(got, torch.ops.dsv4.moe_hc_post(x, expect_experts, weights, table, *rest, res, post, comb))

@@ -341,8 +341,13 @@ class DecodeLayer(torch.nn.Module):
         c = self.cfg
         k = c.num_experts_per_tok
         if x.size(0) <= ROUTE_OP_ROWS and ("ffn.gate.tid2eid" in w or "ffn.gate.bias" in w):
-            logits = wide_product(x, w["ffn.gate.weight"])
             into = routed if routed is not None and routed.shape == (x.size(0), k) else None
+            if into is not None and post_of is not None and WIDE_LINEAR_OP:    # decode rows: gate to post, one op
+                return torch.ops.dsv4.moe_gate_hc_post(
+                    x, w["ffn.gate.weight"], w.get("ffn.gate.bias"), w.get("ffn.gate.tid2eid"), ids, k,
+                    c.scoring_func, c.routed_scaling_factor, into, table, c.moe_intermediate_size, c.swiglu_limit,
+                    *self.shared_expert(w), *post_of), None
+            logits = wide_product(x, w["ffn.gate.weight"])
             experts = into if into is not None else x.new_empty(x.size(0), k, dtype=torch.int32)
             if "ffn.gate.tid2eid" in w:            # hash layer: the experts from the token ids, by the same launch
                 weights = torch.ops.dsv4.route_hash(logits, w["ffn.gate.tid2eid"], ids, k, c.scoring_func,
@@ -365,13 +370,19 @@ class DecodeLayer(torch.nn.Module):
         c = self.cfg
         f = c.moe_intermediate_size
         if post_of is not None:                  # the shared expert may run beside the routed ones (moe_with_shared)
-            shared = (w["ffn.shared_experts.w13.weight"], w["ffn.shared_experts.w13.scale"],
-                      w["ffn.shared_experts.w2.weight"], w["ffn.shared_experts.w2.scale"], stacked_width(f))
-            return torch.ops.dsv4.moe_hc_post(x, experts, weights, table, f, c.swiglu_limit, *shared, *post_of)
+            return torch.ops.dsv4.moe_hc_post(x, experts, weights, table, f, c.swiglu_limit, *self.shared_expert(w),
+                                              *post_of)
         y = torch.ops.dsv4.moe_routed(x, experts, weights, table, f, c.swiglu_limit)
         h = swiglu_stacked(linear_fp8(x, w, "ffn.shared_experts.w13"), f, stacked_width(f), c.swiglu_limit)
         shared = linear_fp8(h, w, "ffn.shared_experts.w2")
         return (y + shared.to(y.dtype)).to(x.dtype)
+
+    def shared_expert(self, w) -> tuple:
+        """The shared expert's arguments of the decode MoE ops: w1 | w3 stacked and w2, FP8 with their scales,
+        and where w3's rows start."""
+        return (w["ffn.shared_experts.w13.weight"], w["ffn.shared_experts.w13.scale"],
+                w["ffn.shared_experts.w2.weight"], w["ffn.shared_experts.w2.scale"],
+                stacked_width(self.cfg.moe_intermediate_size))
 
     def block(self, h, attention, ids, table, w, routed=None):
         """h [B, S, hc, d] -> (h' [B, S, hc, d], routed experts [B, S, k], or None where the gate wrote them
