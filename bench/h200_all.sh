@@ -39,7 +39,8 @@ try_patch() (   # a draft's patch, tried in its own copy of the tree so a fault 
 [ -n "${TRY_PATCH:-}" ] && step patch try_patch
 step kernel-tests python -m pytest -q -rA -m gpu ${TESTS:-tests/test_kernels_fp8.py tests/test_kernels_moe.py \
     tests/test_kernels_attention.py tests/test_kernels_hc.py tests/test_kernels_route.py tests/test_trt_executor.py \
-    tests/test_kernels_moe_wgmma.py tests/test_kernels_indexer.py tests/test_kernels_compressor.py tests/test_kernels_rows.py}
+    tests/test_kernels_moe_wgmma.py tests/test_kernels_indexer.py tests/test_kernels_compressor.py tests/test_kernels_rows.py \
+    tests/test_kernels_head.py}
 step kernels python bench/kernels.py --json "$RES/kernels-h200.json"
 step wgmma-crossover python bench/wgmma_diag.py crossover
 step gemv-probe python bench/gemv_probe.py --json "$RES/gemv-probe-h200.json"
