@@ -167,8 +167,8 @@ def main() -> None:
     report["other_kernel_sources"] = kernel_sources(lambda i: plain.step(token, torch.tensor([pos + i])), args.steps)
     report["plain_host_us_per_step_by_op"] = host_times(lambda i: plain.step(token, torch.tensor([pos + i])),
                                                         args.steps)
-    print("step with the shared expert " + ", ".join(f"{name.replace('_', ' ')}: {report['graph_step_ms_shared_' + name]:.3f} ms"
-                                                    for name in variants))
+    placements = (f"{name.replace('_', ' ')}: {report['graph_step_ms_shared_' + name]:.3f} ms" for name in variants)
+    print("step with the shared expert " + ", ".join(placements))
     print(f"step: graph {report['graph_step_ms']:.3f} ms, plain {report['plain_step_ms']:.3f} ms, kernels "
           f"{total:.3f} ms, floor {report['floor_step_ms']:.3f} ms ({per_token / 1e9:.2f} GB at "
           f"{bandwidth / 1e9:.0f} GB/s); fraction of bandwidth {report['floor_step_ms'] / report['graph_step_ms']:.2f}")

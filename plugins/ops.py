@@ -236,6 +236,7 @@ def _shared_expert(x, inter: int, up: int, limit: float, w13, s13, w2, s2) -> to
 
 
 def _sum_pairs_post(parts, experts, k: int, y_shared, res, post, comb) -> torch.Tensor:
+    """The routed pairs' outputs summed with the shared expert's, inside the layer's last hc_post: one launch."""
     return moe_experts.sum_pairs_post(parts, experts, k, y_shared.contiguous(), res.contiguous(),
                                       post.float().contiguous(), comb.float().contiguous())
 

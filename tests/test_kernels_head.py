@@ -15,7 +15,8 @@ def _logits(rows: int, vocab: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows, vocab", [pytest.param(1, 129280, id="flash-vocab"), pytest.param(4, 1001, id="4rows-odd"),
+@pytest.mark.parametrize("rows, vocab", [pytest.param(1, 129280, id="flash-vocab"),
+                                         pytest.param(4, 1001, id="4rows-odd"),
                                          pytest.param(2, 3, id="narrower-than-a-warp")])
 def test_greedy_pick_kernel_is_torch_argmax(rows, vocab):
     pick = GreedyPick(rows, vocab, torch.device("cuda"))

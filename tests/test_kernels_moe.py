@@ -189,7 +189,8 @@ def test_shared_expert_before_the_gate_gives_the_same_bits_and_captures(monkeypa
     gate = (torch.randn(10, d, generator=g) / d ** 0.5).to(torch.bfloat16).cuda()
     bias, tid2eid = (torch.randn(10, generator=g) * 0.1).cuda(), None
     if hashed:
-        bias, tid2eid = None, torch.stack([torch.randperm(10, generator=g)[:6] for _ in range(20)]).to(torch.int32).cuda()
+        tid2eid = torch.stack([torch.randperm(10, generator=g)[:6] for _ in range(20)]).to(torch.int32).cuda()
+        bias = None
     ids = torch.tensor([3, 11], device="cuda")
     res = torch.randn(tokens, 4, d, generator=g).to(torch.bfloat16).cuda()
     post, comb = (torch.rand(tokens, 4, generator=g) * 2).cuda(), torch.rand(tokens, 4, 4, generator=g).cuda()

@@ -123,9 +123,9 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_head_gemv_bf16_rows(const
 
 // The greedy pick after the head: out[b] = argmax_v logits[b, v] (int64; the first of equal maxima, a NaN above
 // every number, as torch.argmax), one launch where torch's reduction over a 129280-wide row ran on few SMs
-// (37.7 us of a Flash-8 decode step on the H200: bench/results/graph-timeline-flash8-h200.json). Each value is
-// keyed by 64 bits, its order-preserving float bits then its index's complement, so the largest key is the
-// pick. Grid (ctas, B), 256 threads: each CTA writes its largest key to partial[b][cta]; the CTA that arrives
+// (37.7 us of a Flash-8 decode step on the H200: bench/results/graph-timeline-flash8-before-s21-h200.json).
+// Each value is keyed by 64 bits, its order-preserving float bits then its index's complement, so the largest
+// key is the pick. Grid (ctas, B), 256 threads: each CTA writes its largest key to partial[b][cta]; the CTA that arrives
 // last at counter[b] reduces the row's partials, writes the pick and sets the counter back to zero for the next
 // launch (no reset launch, so a CUDA graph replays it as it is).
 namespace dsv4_head {

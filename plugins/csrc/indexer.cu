@@ -32,7 +32,7 @@ __device__ __forceinline__ uint32_t ordered(uint16_t bits) {
 // The CTA copies the queries, and each warp a batch of up to 8 of its keys, into shared memory with every
 // copy in flight at once (cp.async), then multiplies from there: the H200 showed the kernel that loaded the
 // keys 16 bytes per lane per dependent step take 11 us for 128 keys
-// (bench/results/graph-timeline-flash8-h200.json), most of it waiting on those loads one after another.
+// (bench/results/graph-timeline-flash8-before-s21-h200.json), most of it waiting on those loads one after another.
 extern "C" __global__ void __launch_bounds__(256) dsv4_indexer_scores(
     const __nv_bfloat16* __restrict__ q, const float* __restrict__ raw, float w_scale,
     const __nv_bfloat16* __restrict__ keys, const long long* __restrict__ pos, int ratio,
@@ -56,8 +56,8 @@ extern "C" __global__ void __launch_bounds__(256) dsv4_indexer_scores(
   auto copy_batch = [&](int t0) {
     for (int p = lane; p < BATCH * DIM / 8; p += 32) {
       const int kk = p / (DIM / 8), t = t0 + kk * W;
-      dsv4::cp_async16(&ks[warp][kk][(p % (DIM / 8)) * 8], kbase + size_t(min(t, visible - 1)) * DIM + (p % (DIM / 8)) * 8,
-                       t < visible ? 16 : 0);
+      const int c = (p % (DIM / 8)) * 8;
+      dsv4::cp_async16(&ks[warp][kk][c], kbase + size_t(min(t, visible - 1)) * DIM + c, t < visible ? 16 : 0);
     }
   };
   if (first < visible) copy_batch(first);
