@@ -299,6 +299,19 @@ def bench_route() -> dict:
             "speedup_vs_eager_oracle": ms_oracle / ms}
 
 
+def bench_greedy_pick() -> dict:
+    """The decode step's greedy pick over the Flash vocabulary (1 row): `plugins.head.GreedyPick` (one launch)
+    against torch.argmax, both replayed from a graph."""
+    from plugins.head import GreedyPick
+    logits = torch.randn(1, 129280, device="cuda")
+    pick, out = GreedyPick(1, 129280, torch.device("cuda")), torch.empty(1, dtype=torch.int64, device="cuda")
+    ms = graph_time_ms(lambda: pick(logits, out), 8)
+    ms_torch = graph_time_ms(lambda: logits.argmax(-1), 8)
+    assert torch.equal(out, logits.argmax(-1))
+    return {"kernel": "greedy_pick", "weight": "logits 1 x 129280 float32", "rows": 1, "time_us": ms * 1e3,
+            "speedup_vs_torch_argmax": ms_torch / ms}
+
+
 def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, wgmma: bool = False,
                        beside: bool = False) -> dict:
     """One Flash decode layer's weight-bound kernels back to back for 1 token, captured in one CUDA graph:
@@ -484,6 +497,8 @@ def main() -> None:
     rows.append(bench_hc_pre(bw))
     print(json.dumps(rows[-1]))
     rows.append(bench_route())
+    print(json.dumps(rows[-1]))
+    rows.append(bench_greedy_pick())
     print(json.dumps(rows[-1]))
     for ratio, dim, rotate in ((4, 512, False), (128, 512, False), (4, 128, True)):
         rows.append(bench_compressor(ratio, dim, rotate))
