@@ -209,16 +209,9 @@ def moe_hc_post(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, t
     streams res [T, hc, D] with post [T, hc] and comb [T, hc, hc] -> the layer's new streams [T, hc, D]. On a
     GPU (bf16, decode rows, 4 streams) one launch adds each token's expert pairs and the shared output and
     applies the post, where the sum over pairs and a kernel of the program's own ran."""
-    def routed():
-        return moe_experts_decode(x.contiguous(), experts.contiguous(), weights.contiguous(), table, inter, limit,
-                                  summed=False)
-
-    def shared():
-        return _shared_expert(x, inter, up, limit, w13, s13, w2, s2)
     if _moe_post_fits(x, res):
-        (parts, k), y_shared = beside(routed, shared, x.device) if moe_experts.SHARED_BESIDE_ROUTED else (
-            routed(), shared())
-        return _sum_pairs_post(parts, experts, k, y_shared, res, post, comb)
+        return _experts_post(x, experts, lambda: weights, table, inter, limit, (w13, s13, w2, s2, up), res, post,
+                             comb, moe_experts.SHARED_BESIDE_ROUTED)
     y, y_shared = moe_with_shared(x, experts, weights, table, inter, limit, w13, s13, w2, s2, up)
     f = (y + y_shared.to(y.dtype)).to(x.dtype)
     return hc_post(f[:, None], res[:, None], post[:, None], comb[:, None])[:, 0]
@@ -235,8 +228,21 @@ def _shared_expert(x, inter: int, up: int, limit: float, w13, s13, w2, s2) -> to
     return fp8_linear_after_swiglu(fp8_linear(x, w13, s13), inter, up, limit, w2, s2)
 
 
-def _sum_pairs_post(parts, experts, k: int, y_shared, res, post, comb) -> torch.Tensor:
-    """The routed pairs' outputs summed with the shared expert's, inside the layer's last hc_post: one launch."""
+def _experts_post(x, experts, weights_of: Callable[[], torch.Tensor], table, inter: int, limit: float,
+                  shared_args: tuple, res, post, comb, beside_routed: bool) -> torch.Tensor:
+    """The decode MoE's kernels (`_moe_post_fits`): the routed pairs with the weights weights_of() gives (made
+    on the routed branch: the router's launches where it runs there), the shared expert on a second stream
+    beside that branch or after it, then one launch adding the pairs and the shared output inside the
+    layer's last hc_post."""
+    w13, s13, w2, s2, up = shared_args
+
+    def routed():
+        return moe_experts_decode(x.contiguous(), experts.contiguous(), weights_of().contiguous(), table, inter,
+                                  limit, summed=False)
+
+    def shared():
+        return _shared_expert(x, inter, up, limit, w13, s13, w2, s2)
+    (parts, k), y_shared = beside(routed, shared, x.device) if beside_routed else (routed(), shared())
     return moe_experts.sum_pairs_post(parts, experts, k, y_shared.contiguous(), res.contiguous(),
                                       post.float().contiguous(), comb.float().contiguous())
 
@@ -264,12 +270,7 @@ def moe_gate_hc_post(x: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor | N
             return route_hash(logits, tid2eid, ids, k, scoring_func, scale, experts)
         return route_topk(logits, bias, k, scoring_func, scale, experts)
     if moe_experts.SHARED_BEFORE_GATE and _moe_post_fits(x, res):
-        def routed():
-            return moe_experts_decode(x.contiguous(), experts, weights().contiguous(), table, inter, limit,
-                                      summed=False)
-        (parts, kk), y_shared = beside(routed, lambda: _shared_expert(x, inter, up, limit, w13, s13, w2, s2),
-                                       x.device)
-        return _sum_pairs_post(parts, experts, kk, y_shared, res, post, comb)
+        return _experts_post(x, experts, weights, table, inter, limit, (w13, s13, w2, s2, up), res, post, comb, True)
     return moe_hc_post(x, experts, weights(), table, inter, limit, w13, s13, w2, s2, up, res, post, comb)
 
 
