@@ -84,10 +84,10 @@ WGMMA = WgmmaPaths()
 # the same bits (tests/test_kernels_moe.py). A switch for benchmarks.
 SHARED_BESIDE_ROUTED = True
 # Whether `dsv4::moe_gate_hc_post` starts the shared expert on the second stream before the gate's product
-# (session 21), so that it overlaps the gate and the router too; off: after them, as `moe_hc_post`. Off until
-# timed: its GPU tests passed on the H200 (the same bits, graph capture, the tiny artifacts), but the
-# session's Flash-8 run was lost with the machine before it finished (bench/profile_decode.py times both).
-SHARED_BEFORE_GATE = False
+# (session 21), so that it overlaps the gate and the router too; off: after them, as `moe_hc_post`. On since
+# session 22: a Flash-8 decode step of 1.424 ms against 1.446 with it after the gate and 1.493 in line
+# (bench/results/profile-decode-flash8-shared-placement-h200.json); the same bits (tests/test_kernels_moe.py).
+SHARED_BEFORE_GATE = True
 DECODE_WGMMA_MAX_TOPK = 8         # csrc/moe_decode_wgmma.cu: a token's pairs are the B tile's 8 columns
 
 
