@@ -140,22 +140,26 @@ def main() -> None:
     bandwidth = copy_bandwidth("cuda")
     report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "python": platform.python_version(), "copy_bandwidth_gb_s": bandwidth / 1e9}
-    # the step with the shared expert on a second stream from before the gate (dsv4::moe_gate_hc_post), beside
-    # the routed experts only (after the routing) and in line after them; graph_step_ms is the default's
-    # (moe_experts.SHARED_BEFORE_GATE, SHARED_BESIDE_ROUTED)
-    default = (moe_experts.SHARED_BEFORE_GATE, moe_experts.SHARED_BESIDE_ROUTED)
-    variants = {"before_gate": (True, True), "beside_routed": (False, True), "in_line": (False, False)}
-    for name, (before, beside) in variants.items():
-        moe_experts.SHARED_BEFORE_GATE, moe_experts.SHARED_BESIDE_ROUTED = before, beside
+    # the step with the defaults, and with one switch turned the other way each: the shared expert after the
+    # gate (beside the routed experts only: moe_experts.SHARED_BEFORE_GATE) and in line after them
+    # (SHARED_BESIDE_ROUTED too)
+    switches = {"shared_after_gate": [(moe_experts, "SHARED_BEFORE_GATE", False)],
+                "shared_in_line": [(moe_experts, "SHARED_BEFORE_GATE", False),
+                                   (moe_experts, "SHARED_BESIDE_ROUTED", False)]}
+    for name, turned in {"default": [], **switches}.items():
+        kept = [(module, attr, getattr(module, attr)) for module, attr, _ in turned]
+        for module, attr, value in turned:
+            setattr(module, attr, value)
         graphed = ArtifactModel(args.artifact, "cuda", graphs=True)
         graphed.forward(torch.arange(args.context)[None] % 1000 + 2)
-        report["graph_step_ms_shared_" + name] = step_ms(graphed, args.steps, args.context)
-        if (before, beside) == default:
-            report["graph_step_ms"] = report["graph_step_ms_shared_" + name]
+        report["graph_step_ms" + ("" if name == "default" else "_" + name)] = step_ms(graphed, args.steps,
+                                                                                       args.context)
+        if name == "default":
             report["bytes_per_token"] = per_token = bytes_per_token(graphed)
             report["floor_step_ms"] = 1e3 * per_token / bandwidth
         del graphed
-    moe_experts.SHARED_BEFORE_GATE, moe_experts.SHARED_BESIDE_ROUTED = default
+        for module, attr, value in kept:
+            setattr(module, attr, value)
     plain = ArtifactModel(args.artifact, "cuda", graphs=False)
     plain.forward(torch.arange(args.context)[None] % 1000 + 2)
     report["plain_step_ms"] = step_ms(plain, args.steps, args.context)
@@ -167,8 +171,8 @@ def main() -> None:
     report["other_kernel_sources"] = kernel_sources(lambda i: plain.step(token, torch.tensor([pos + i])), args.steps)
     report["plain_host_us_per_step_by_op"] = host_times(lambda i: plain.step(token, torch.tensor([pos + i])),
                                                         args.steps)
-    placements = (f"{name.replace('_', ' ')}: {report['graph_step_ms_shared_' + name]:.3f} ms" for name in variants)
-    print("step with the shared expert " + ", ".join(placements))
+    turned = (f"{name.replace('_', ' ')} {report['graph_step_ms_' + name]:.3f} ms" for name in switches)
+    print("step with one switch turned: " + ", ".join(turned))
     print(f"step: graph {report['graph_step_ms']:.3f} ms, plain {report['plain_step_ms']:.3f} ms, kernels "
           f"{total:.3f} ms, floor {report['floor_step_ms']:.3f} ms ({per_token / 1e9:.2f} GB at "
           f"{bandwidth / 1e9:.0f} GB/s); fraction of bandwidth {report['floor_step_ms'] / report['graph_step_ms']:.2f}")

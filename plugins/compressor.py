@@ -1,9 +1,8 @@
 """KV cache rows on the GPU (csrc/compressor.cu): the compressor's decode step in one launch (the token into
 the partial-block states and, where it completes a block, the block's cache row; oracle
 `plugins.oracle.compressor_step`), the compressor fed a prefill chunk in two (`compressor_chunk`; oracle
-`plugins.oracle.compressor_chunk`), a decode step's window row in one (`kv_row`; oracle
-`plugins.oracle.kv_row`), and the attention's query heads (norm and RoPE) in one (`q_heads`; oracle
-`plugins.oracle.q_heads`).
+`plugins.oracle.compressor_chunk`), and the attention's query heads (norm and RoPE; oracle `plugins.oracle.q_heads`) in one, with a decode
+step's window row in the same launch (`q_heads_kv_row`; oracle `plugins.oracle.kv_row`).
 """
 from __future__ import annotations
 
@@ -65,26 +64,6 @@ def compressor_chunk(proj: torch.Tensor, ape: torch.Tensor, start: torch.Tensor,
     kernels().launch("dsv4_compressor_chunk_state", (b, ratio), dim, common + [(dim, INT), (ratio, INT)])
 
 
-def supports_kv_row(kv: torch.Tensor, cache: torch.Tensor, rope_dim: int, fp8_block: int) -> bool:
-    """kv [B, dim] bf16 rows (unit stride along dim) on a GPU for a bf16 cache of 128 or 512 channels, the
-    kernel's RoPE and FP8 block, at most 16 sequences."""
-    return (kv.is_cuda and kv.dtype == cache.dtype == torch.bfloat16 and kv.dim() == 2 and kv.stride(1) == 1
-            and kv.size(1) == cache.size(-1) in DIMS and rope_dim == ROPE and fp8_block == FP8_BLOCK
-            and 1 <= kv.size(0) <= MAX_ROWS)
-
-
-def kv_row(kv: torch.Tensor, norm: torch.Tensor, rot: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor,
-           window: int, eps: float) -> None:
-    """As the oracle (RoPE 64, FP8 block 64); norm and rot float32, pos int64, cache contiguous; kv's rows
-    may be a stacked product's slices (any row stride). Mutates cache."""
-    assert norm.is_contiguous() and rot.is_contiguous() and pos.is_contiguous() and cache.is_contiguous()
-    assert pos.dtype == torch.int64 and norm.dtype == rot.dtype == torch.float32
-    dim = cache.size(-1)
-    kernels().launch("dsv4_kv_row", kv.size(0), dim,
-                     [(kv, PTR), (kv.stride(0), INT), (norm, PTR), (rot, PTR), (pos, PTR), (cache, PTR), (dim, INT),
-                      (cache.size(1), INT), (window, INT), (eps, FLOAT)])
-
-
 def rot_fits(q: torch.Tensor, rot: torch.Tensor, rope_dim: int, pos: torch.Tensor | None) -> bool:
     """Whether rot serves the query rows q [B, S, ...] as the kernels read it: rot [B, S, rope_dim/2, 2] at the
     rows' positions, or with pos [B, S] the layer's table [max_len, rope_dim/2, 2] (`rot_row` in common.cuh)."""
@@ -99,13 +78,37 @@ def supports_q_heads(q: torch.Tensor, rot: torch.Tensor, rope_dim: int, pos: tor
             and ROPE <= q.size(-1) <= DIMS[-1] and rope_dim == ROPE and rot_fits(q, rot, rope_dim, pos))
 
 
+def supports_kv_row(q: torch.Tensor, kv: torch.Tensor, cache: torch.Tensor, fp8_block: int) -> bool:
+    """Whether `q_heads_kv_row` can write the window row too: one token per sequence (q [B, 1, heads, hd]), kv
+    [B, hd] bf16 rows (unit stride along hd) for a contiguous bf16 cache [B, rows, hd], the kernel's FP8 block."""
+    return (kv.is_cuda and kv.dtype == cache.dtype == torch.bfloat16 and kv.dim() == 2 and kv.stride(1) == 1
+            and q.size(1) == 1 and kv.size(0) == q.size(0) <= MAX_ROWS and kv.size(1) == cache.size(-1) == q.size(-1)
+            and cache.is_contiguous() and fp8_block == FP8_BLOCK)
+
+
 def q_heads(q: torch.Tensor, rot: torch.Tensor, eps: float, pos: torch.Tensor | None = None) -> torch.Tensor:
     """As the oracle (RoPE 64); q contiguous bf16, rot contiguous float32 (with pos [B, S] int64 contiguous,
     the whole table, read at each row's position) -> a new [B, S, heads, hd] bf16."""
+    return _q_heads(q, rot, eps, pos)
+
+
+def q_heads_kv_row(q: torch.Tensor, kv: torch.Tensor, norm: torch.Tensor, rot: torch.Tensor, pos: torch.Tensor,
+                   cache: torch.Tensor, window: int, eps: float) -> torch.Tensor:
+    """`q_heads` of q [B, 1, heads, hd] at pos [B] and, in the same launch, each sequence's new window row from
+    kv [B, hd] (any row stride: a stacked product's slice) as `plugins.oracle.kv_row` (RMSNorm with the float32
+    `norm`, RoPE, FP8 round-trip; mutates cache) -> the new query heads."""
+    assert norm.is_contiguous() and norm.dtype == torch.float32
+    return _q_heads(q, rot, eps, pos, (kv, norm, cache, window))
+
+
+def _q_heads(q, rot, eps, pos, row=None) -> torch.Tensor:
     assert q.is_contiguous() and rot.is_contiguous() and rot.dtype == torch.float32
     assert pos is None or (pos.is_contiguous() and pos.dtype == torch.int64)
     out = torch.empty_like(q)
-    kernels().launch("dsv4_q_heads", (q.size(0) * q.size(1), q.size(2)), q.size(3),
+    kv, norm, cache, window = row or (0, 0, None, 0)
+    kernels().launch("dsv4_q_heads", (q.size(0) * q.size(1), q.size(2) + (row is not None)), q.size(3),
                      [(q, PTR), (rot, PTR), (out, PTR), (q.size(2), INT), (q.size(3), INT), (eps, FLOAT),
-                      (0 if pos is None else pos, PTR)])
+                      (0 if pos is None else pos, PTR), (kv, PTR), (0 if row is None else kv.stride(0), INT),
+                      (norm, PTR), (0 if cache is None else cache, PTR), (0 if cache is None else cache.size(1), INT),
+                      (window, INT)])
     return out

@@ -25,8 +25,8 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::indexer_picks(q, weights, keys, pos, k, ...)     the indexer's top-k compressed blocks
     dsv4::compressor_step(proj, ape, pos, states, cache, ...)   a compressor fed one token (mutates)
     dsv4::compressor_chunk(proj, ape, start, n, states, cache, ...)   a compressor fed a chunk (mutates)
-    dsv4::kv_row(kv, norm, rot, pos, cache, window, ...)    a new token's window row (mutates)
-    dsv4::q_heads(q, rot, pos, eps, rope_dim)               the attention's query heads: norm, RoPE
+    dsv4::q_heads_kv_row(q, kv, norm, rot, pos, cache, ...)  a decode step's query heads (norm, RoPE) and
+                                                            its window row (mutates)
     dsv4::rms_norm_rows(x, weight, eps)                     RMSNorm of decode rows
     dsv4::swiglu_rows(y, size, up, limit)                   the clamped SwiGLU of a stacked gate | up product
 """
@@ -543,43 +543,26 @@ def _(proj, ape, start, n, kv_state, score_state, cache, first_row, norm, rot, r
     return None
 
 
-# ------------------------------------------------------------------ kv_row
+# ------------------------------------------------------------------ q_heads_kv_row
 
 
-@torch.library.custom_op("dsv4::kv_row", mutates_args=("cache",))
-def kv_row(kv: torch.Tensor, norm: torch.Tensor, rot: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor,
-           window: int, eps: float, rope_dim: int, fp8_block: int) -> None:
-    """Each sequence's new window row (see `plugins.oracle.kv_row`): one launch for decode batches on a GPU,
-    the oracle elsewhere. Mutates the cache."""
+@torch.library.custom_op("dsv4::q_heads_kv_row", mutates_args=("cache",))
+def q_heads_kv_row(q: torch.Tensor, kv: torch.Tensor, norm: torch.Tensor, rot: torch.Tensor, pos: torch.Tensor,
+                   cache: torch.Tensor, window: int, eps: float, rope_dim: int, fp8_block: int) -> torch.Tensor:
+    """A decode step's query heads q [B, 1, heads, hd] through their norm and RoPE (`plugins.oracle.q_heads`),
+    returned, and each sequence's new window row from kv [B, hd] (`plugins.oracle.kv_row`, with the kv norm's
+    weight `norm`; mutates the cache), both at positions pos [B] (rot: the layer's table [max_len, rope_dim/2,
+    2]): one launch on a GPU, which reads the table at each position itself; the oracles elsewhere."""
     from . import compressor as kernel
-    if kernel.supports_kv_row(kv, cache, rope_dim, fp8_block) and cache.is_contiguous():
-        kernel.kv_row(kv, norm.float().contiguous(), rot.float().contiguous(), pos.long().contiguous(), cache, window,
-                      eps)
-        return
+    if kernel.supports_q_heads(q, rot, rope_dim, pos[:, None]) and kernel.supports_kv_row(q, kv, cache, fp8_block):
+        return kernel.q_heads_kv_row(q.contiguous(), kv, norm.float().contiguous(), rot.float().contiguous(),
+                                     pos.long().contiguous(), cache, window, eps)
     kv_row_oracle(kv, norm, rot, pos, cache, window, eps, rope_dim, fp8_block)
+    return q_heads_oracle(q, rot[pos[:, None]], eps, rope_dim).contiguous()
 
 
-@kv_row.register_fake
-def _(kv, norm, rot, pos, cache, window, eps, rope_dim, fp8_block):
-    return None
-
-
-# ------------------------------------------------------------------ q_heads
-
-
-@torch.library.custom_op("dsv4::q_heads", mutates_args=())
-def q_heads(q: torch.Tensor, rot: torch.Tensor, pos: torch.Tensor, eps: float, rope_dim: int) -> torch.Tensor:
-    """The attention's query heads q [B, S, heads, hd] at positions pos [B, S] through their norm and RoPE (rot:
-    the layer's table [max_len, rope_dim/2, 2]; see `plugins.oracle.q_heads`): one launch on a GPU, which reads
-    the table at each position itself, the oracle elsewhere."""
-    from . import compressor as kernel
-    if kernel.supports_q_heads(q, rot, rope_dim, pos):
-        return kernel.q_heads(q.contiguous(), rot.float().contiguous(), eps, pos.long().contiguous())
-    return q_heads_oracle(q, rot[pos], eps, rope_dim).contiguous()
-
-
-@q_heads.register_fake
-def _(q, rot, pos, eps, rope_dim):
+@q_heads_kv_row.register_fake
+def _(q, kv, norm, rot, pos, cache, window, eps, rope_dim, fp8_block):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

@@ -201,18 +201,21 @@ def test_compressor_chunk_equals_steps_one_token_at_a_time():
 @pytest.mark.parametrize("b, dim, stride", [pytest.param(1, 512, 1536, id="flash-stacked-slice"),
                                             pytest.param(3, 512, 512, id="flash-3seq"),
                                             pytest.param(2, 128, 384, id="tiny-128")])
-def test_kv_row_kernel_matches_oracle(b, dim, stride):
-    """Each sequence's new window row from a slice of the stacked wq_a | wkv product (row stride `stride`):
-    the oracle's row to the FP8 step a float32 summation order can flip; every other row untouched."""
-    from plugins.compressor import kv_row, supports_kv_row
+def test_window_row_in_the_query_heads_launch_matches_oracle(b, dim, stride):
+    """Each sequence's new window row, written by the query heads' launch (`dsv4::q_heads_kv_row`) from a slice
+    of the stacked wq_a | wkv product (row stride `stride`): the oracle's row to the FP8 step a float32
+    summation order can flip; every other row untouched; the heads the same bits as a launch without the row."""
+    from plugins.compressor import q_heads, supports_kv_row, supports_q_heads
     from plugins.oracle import kv_row as kv_row_oracle
     layer, g = _layer(b, dim, 4, 200, 128)
     stacked = torch.randn(b, stride, generator=g).to(torch.bfloat16).cuda()
     kv = stacked[:, stride - dim:]
+    q = (torch.randn(b, 1, 4, dim, generator=g) * 3).to(torch.bfloat16).cuda()
     pos = torch.tensor([5, 127, 300][:b], device="cuda")
-    assert supports_kv_row(kv, layer["cache"], 64, 64)
+    assert supports_kv_row(q, kv, layer["cache"], 64) and supports_q_heads(q, layer["rot"], 64, pos[:, None])
     mine, theirs = layer["cache"].clone(), layer["cache"].clone()
-    kv_row(kv, layer["norm"], layer["rot"], pos, mine, 128, 1e-6)
+    heads = torch.ops.dsv4.q_heads_kv_row(q, kv, layer["norm"], layer["rot"], pos, mine, 128, 1e-6, 64, 64)
+    assert torch.equal(heads, q_heads(q, layer["rot"], 1e-6, pos[:, None]))
     kv_row_oracle(kv, layer["norm"], layer["rot"], pos, theirs, 128, 1e-6, 64, 64)
     rows = torch.zeros(b, 200, dtype=torch.bool, device="cuda")
     rows[torch.arange(b, device="cuda"), pos % 128] = True
@@ -222,15 +225,18 @@ def test_kv_row_kernel_matches_oracle(b, dim, stride):
     assert (got == expect).float().mean() >= 0.97
 
 
-def test_kv_row_op_is_the_oracle_on_the_cpu():
+def test_q_heads_kv_row_op_is_the_oracles_on_the_cpu():
     from plugins.oracle import kv_row as kv_row_oracle
+    from plugins.oracle import q_heads
     layer, g = _layer(2, 128, 4, 40, 16, max_len=64, device="cpu")
     kv = torch.randn(2, 384, generator=g)[:, 256:]
+    q = torch.randn(2, 1, 4, 128, generator=g).to(torch.bfloat16)
     pos = torch.tensor([3, 20])
     mine, theirs = layer["cache"].clone(), layer["cache"].clone()
-    torch.ops.dsv4.kv_row(kv, layer["norm"], layer["rot"], pos, mine, 16, 1e-6, 64, 64)
+    heads = torch.ops.dsv4.q_heads_kv_row(q, kv, layer["norm"], layer["rot"], pos, mine, 16, 1e-6, 64, 64)
     kv_row_oracle(kv, layer["norm"], layer["rot"], pos, theirs, 16, 1e-6, 64, 64)
     assert torch.equal(mine, theirs) and not torch.equal(mine, layer["cache"])
+    assert torch.equal(heads, q_heads(q, layer["rot"][pos[:, None]], 1e-6, 64))
 
 
 def _query_heads(b, heads, dim, device, seed=0):
@@ -242,12 +248,6 @@ def _query_heads(b, heads, dim, device, seed=0):
     pos = torch.randint(0, 64, (b, 1), generator=g)
     return (q.to(torch.bfloat16).to(device), torch.stack([angles.cos(), angles.sin()], -1).to(device),
             pos.to(device))
-
-
-def test_q_heads_op_is_the_oracle_on_the_cpu():
-    from plugins.oracle import q_heads
-    q, table, pos = _query_heads(2, 4, 128, "cpu")
-    assert torch.equal(torch.ops.dsv4.q_heads(q, table, pos, 1e-6, 64), q_heads(q, table[pos], 1e-6, 64))
 
 
 @pytest.mark.gpu
@@ -262,7 +262,7 @@ def test_q_heads_kernel_matches_oracle(b, heads, dim):
     from plugins.oracle import q_heads
     q, table, pos = _query_heads(b, heads, dim, "cuda", seed=b)
     assert supports_q_heads(q, table, 64, pos)
-    got = torch.ops.dsv4.q_heads(q, table, pos, 1e-6, 64)
+    got = kernel(q, table, 1e-6, pos)
     assert torch.equal(got, kernel(q, table[pos].contiguous(), 1e-6))
     got, expect = got.float(), q_heads(q, table[pos], 1e-6, 64).float()
     cos = torch.nn.functional.cosine_similarity(got.flatten(0, 2), expect.flatten(0, 2), dim=-1)

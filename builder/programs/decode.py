@@ -229,21 +229,22 @@ class DecodeLayer(torch.nn.Module):
         if self.ratio == 4:
             self.idx_compressor = self.compressor_type(cfg, "attn.indexer.compressor", 4, cfg.index_head_dim, True)
 
-    def project(self, x, pos, w):
-        """x [B, S, d] at positions pos [B, S] (inside the RoPE table) -> q [B, S, heads, hd] (per-head norm,
-        RoPE), kv [B, S, hd] before its norm (`kv_rows`) and, on ratio-4 layers, the indexer's wq_b product
-        [B, S, iheads * idim] (`index_query`), else None."""
+    def project(self, x, w):
+        """x [B, S, d] -> q [B, S, heads, hd] before its heads' norm and RoPE (`query_heads`), kv [B, S, hd]
+        before its norm (`kv_rows`) and, on ratio-4 layers, the indexer's wq_b product [B, S, iheads * idim]
+        (`index_query`), else None."""
         c = self.cfg
         qr, kv = linear_fp8_parts(x, w, "attn.wq_a_wkv", (c.q_lora_rank, c.head_dim))
         (name, parts), = query_fp8(self.ratio).items()
         sizes = (c.num_attention_heads * c.head_dim, c.index_n_heads * c.index_head_dim)[:len(parts)]
         q, *q_idx = stacked_parts(self.from_latent(qr, w, name), sizes)
-        q = q.unflatten(-1, (c.num_attention_heads, c.head_dim))
-        if q.size(0) * q.size(1) <= COMPRESSOR_OP_ROWS:       # one launch, reading the table at pos itself
-            q = torch.ops.dsv4.q_heads(q, self.rot, pos, c.rms_norm_eps, c.qk_rope_head_dim)
-        else:
-            q = q_heads(q, self.rot[pos], c.rms_norm_eps, c.qk_rope_head_dim)
-        return q, kv, (q_idx or [None])[0]
+        return q.unflatten(-1, (c.num_attention_heads, c.head_dim)), kv, (q_idx or [None])[0]
+
+    def query_heads(self, q, pos):
+        """The query heads q [B, S, heads, hd] (`project`) at positions pos [B, S] through their norm and RoPE
+        (decode rows: inside `dsv4::q_heads_kv_row`, with the window row)."""
+        c = self.cfg
+        return q_heads(q, self.rot[pos], c.rms_norm_eps, c.qk_rope_head_dim)
 
     def from_latent(self, qr, w, name):
         """The FP8 linear `name` (`query_fp8`) of the query latent qr [B, S, q_lora] through its RMSNorm, the
@@ -293,10 +294,14 @@ class DecodeLayer(torch.nn.Module):
         """x [B, 1, d]: one token per sequence at `pos` [B]."""
         c = self.cfg
         win, r, at = c.sliding_window, self.ratio, pos[:, None]
-        q, kv, q_idx = self.project(x, at, w)
-        write = torch.ops.dsv4.kv_row if x.size(0) <= COMPRESSOR_OP_ROWS else kv_row   # the new window row
-        write(kv[:, 0], w["attn.kv_norm.weight"], self.rot, pos, caches["kv"], win, c.rms_norm_eps,
-              c.qk_rope_head_dim, KV_FP8_BLOCK)
+        q, kv, q_idx = self.project(x, w)
+        row = (kv[:, 0], w["attn.kv_norm.weight"], self.rot, pos, caches["kv"], win, c.rms_norm_eps,
+               c.qk_rope_head_dim, KV_FP8_BLOCK)                    # the new window row
+        if x.size(0) <= COMPRESSOR_OP_ROWS:     # the query heads and that row in one launch
+            q = torch.ops.dsv4.q_heads_kv_row(q, *row)
+        else:
+            q = self.query_heads(q, at)
+            kv_row(*row)
         picked = None
         if r:
             comp, idx_comp, weights = self.products_of_x(x[:, 0], w)

@@ -57,7 +57,8 @@ class PrefillLayer(DecodeLayer):
         pos = start[:, None] + torch.arange(x.size(1), device=dev)                # [B, C]
         at = pos.clamp(max=self.max_len - 1)                                       # padding may run past the table
         rot = self.rot[at]
-        q, kv, q_idx = self.project(x, at, w)
+        q, kv, q_idx = self.project(x, w)
+        q = self.query_heads(q, at)
         kv = self.kv_rows(kv, rot, w)
         # Attention reads [cache | chunk kv]: window positions before the chunk from the ring (still
         # unwritten), the chunk's own from behind the cache.

@@ -8,7 +8,7 @@
 //   with overlap, a completed block moves to the previous-block rows
 // Float32 sums run in another order than torch's, so a cache row may differ from the oracle's by a bf16 ulp.
 // For prefill, the same pooling and row over a chunk of tokens (dsv4_compressor_chunk_rows, then
-// dsv4_compressor_chunk_state), and the window row of a decode step (dsv4_kv_row), share these pieces.
+// dsv4_compressor_chunk_state), and the window row of a decode step (in dsv4_q_heads), share these pieces.
 #include "common.cuh"
 
 namespace compressor {
@@ -162,25 +162,6 @@ extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_compresso
   cache[(size_t(b) * cache_rows + first_row + pos / ratio) * dim + c] = __float2bfloat16(y);
 }
 
-// Grid B, dim threads (128 or 512): the window row of each sequence's new token, its kv [B, ld] (bf16, the
-// first dim of a row used) through RMSNorm, RoPE at its position and the FP8 round-trip of the channels
-// before the RoPE ones, written to cache[b, pos % window] ([B, cache_rows, dim] bf16). plugins.oracle.kv_row.
-extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_kv_row(
-    const __nv_bfloat16* __restrict__ kv, int ld, const float* __restrict__ norm, const float* __restrict__ rot,
-    const long long* __restrict__ pos_of, __nv_bfloat16* __restrict__ cache, int dim, int cache_rows, int window,
-    float eps) {
-  using namespace compressor;
-  __shared__ float vals[MAX_DIM];
-  __shared__ float scratch[MAX_DIM / 32];
-  const int b = blockIdx.x, c = threadIdx.x;
-  dsv4::pdl_wait();                          // kv comes from the projection just before
-  dsv4::pdl_launch_dependents();
-  const long long pos = pos_of[b];
-  const float y = finish_row(__bfloat162float(kv[size_t(b) * ld + c]), c, dim, norm, rot, pos, false, 0.f, eps,
-                             vals, scratch);
-  cache[(size_t(b) * cache_rows + pos % window) * dim + c] = __float2bfloat16(y);
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // The compressor fed a chunk of T tokens per sequence (prefill), in two launches: every block the chunk's
 // real tokens complete, pooled and finished into its cache row; then the states as the decode step leaves
@@ -294,21 +275,32 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_index_query(const __nv_bf
   out[at] = __float2bfloat16(y);
 }
 
-// Grid (rows, heads), dim threads (512): head h of the attention's query row r ([rows, heads, dim] bf16, the
-// wq_b product) through the per-head norm without weight, rounded as the bf16 ops of
-// plugins.oracle.q_heads (the square, the mean, + eps, rsqrt and the product each rounded to bf16), then
-// RoPE at that row's position (dsv4::rot_row).
-extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_q_heads(const __nv_bfloat16* __restrict__ q,
-                                                                             const float* __restrict__ rot,
-                                                                             __nv_bfloat16* __restrict__ out,
-                                                                             int heads, int dim, float eps,
-                                                                             const int64_t* __restrict__ pos) {
+// Grid (rows, heads + 1 with kv, else heads), dim threads (512): head h of the attention's query row r
+// ([rows, heads, dim] bf16, the wq_b product) through the per-head norm without weight, rounded as the bf16
+// ops of plugins.oracle.q_heads (the square, the mean, + eps, rsqrt and the product each rounded to bf16),
+// then RoPE at that row's position (dsv4::rot_row). With kv (a decode step: row r is sequence r's token, at
+// pos[r]), CTA (r, heads) writes that token's window row as plugins.oracle.kv_row: kv [rows, kv_ld] (bf16,
+// the first dim of a row used) through RMSNorm with kv_norm, RoPE and the FP8 round-trip of the channels
+// before the RoPE ones, into cache[r, pos % window] ([rows, cache_rows, dim] bf16). The row was a launch of
+// its own, a link in the decode step's chain of dependent kernels (3.8 us on the H200; session 21's timeline).
+extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_q_heads(
+    const __nv_bfloat16* __restrict__ q, const float* __restrict__ rot, __nv_bfloat16* __restrict__ out, int heads,
+    int dim, float eps, const int64_t* __restrict__ pos, const __nv_bfloat16* __restrict__ kv, int kv_ld,
+    const float* __restrict__ kv_norm, __nv_bfloat16* __restrict__ cache, int cache_rows, int window) {
   using namespace compressor;
+  __shared__ float vals[MAX_DIM];
   __shared__ float scratch[MAX_DIM / 32];
   const int r = blockIdx.x, c = threadIdx.x;
-  const size_t at = (size_t(r) * heads + blockIdx.y) * dim + c;
-  dsv4::pdl_wait();                          // q comes from the projection just before
+  dsv4::pdl_wait();                          // q and kv come from the projections just before
   dsv4::pdl_launch_dependents();
+  if (int(blockIdx.y) == heads) {            // the window row (kv given)
+    const int64_t p = pos[r];
+    const float y = finish_row(__bfloat162float(kv[size_t(r) * kv_ld + c]), c, dim, kv_norm, rot, p, false, 0.f,
+                               eps, vals, scratch);
+    cache[(size_t(r) * cache_rows + p % window) * dim + c] = __float2bfloat16(y);
+    return;
+  }
+  const size_t at = (size_t(r) * heads + blockIdx.y) * dim + c;
   const float x = __bfloat162float(q[at]);
   const float mean = dsv4::bf16_round(dsv4::block_sum(dsv4::bf16_round(x * x), c, dim, scratch) / float(dim));
   const float inv = dsv4::bf16_round(rsqrtf(dsv4::bf16_round(mean + eps)));
