@@ -1,8 +1,9 @@
 """KV cache rows on the GPU (csrc/compressor.cu): the compressor's decode step in one launch (the token into
 the partial-block states and, where it completes a block, the block's cache row; oracle
 `plugins.oracle.compressor_step`), the compressor fed a prefill chunk in two (`compressor_chunk`; oracle
-`plugins.oracle.compressor_chunk`), and the attention's query heads (norm and RoPE; oracle `plugins.oracle.q_heads`) in one, with a decode
-step's window row in the same launch (`q_heads_kv_row`; oracle `plugins.oracle.kv_row`).
+`plugins.oracle.compressor_chunk`), and the attention's query heads (norm and RoPE; oracle
+`plugins.oracle.q_heads`) in one, with a decode step's window row in the same launch (`q_heads_kv_row`;
+oracle `plugins.oracle.kv_row`).
 """
 from __future__ import annotations
 
@@ -80,10 +81,11 @@ def supports_q_heads(q: torch.Tensor, rot: torch.Tensor, rope_dim: int, pos: tor
 
 def supports_kv_row(q: torch.Tensor, kv: torch.Tensor, cache: torch.Tensor, fp8_block: int) -> bool:
     """Whether `q_heads_kv_row` can write the window row too: one token per sequence (q [B, 1, heads, hd]), kv
-    [B, hd] bf16 rows (unit stride along hd) for a contiguous bf16 cache [B, rows, hd], the kernel's FP8 block."""
+    [B, hd] bf16 rows (unit stride along hd) for a contiguous bf16 cache [B, rows, hd] of 128 or 512 channels,
+    the kernel's FP8 block."""
     return (kv.is_cuda and kv.dtype == cache.dtype == torch.bfloat16 and kv.dim() == 2 and kv.stride(1) == 1
             and q.size(1) == 1 and kv.size(0) == q.size(0) <= MAX_ROWS and kv.size(1) == cache.size(-1) == q.size(-1)
-            and cache.is_contiguous() and fp8_block == FP8_BLOCK)
+            and kv.size(1) in DIMS and cache.is_contiguous() and fp8_block == FP8_BLOCK)
 
 
 def q_heads(q: torch.Tensor, rot: torch.Tensor, eps: float, pos: torch.Tensor | None = None) -> torch.Tensor:

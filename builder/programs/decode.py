@@ -240,11 +240,11 @@ class DecodeLayer(torch.nn.Module):
         q, *q_idx = stacked_parts(self.from_latent(qr, w, name), sizes)
         return q.unflatten(-1, (c.num_attention_heads, c.head_dim)), kv, (q_idx or [None])[0]
 
-    def query_heads(self, q, pos):
-        """The query heads q [B, S, heads, hd] (`project`) at positions pos [B, S] through their norm and RoPE
-        (decode rows: inside `dsv4::q_heads_kv_row`, with the window row)."""
+    def query_heads(self, q, rot):
+        """The query heads q [B, S, heads, hd] (`project`) through their norm and RoPE at their positions' rows
+        rot [B, S, rd/2, 2] of the table (decode rows: inside `dsv4::q_heads_kv_row`, with the window row)."""
         c = self.cfg
-        return q_heads(q, self.rot[pos], c.rms_norm_eps, c.qk_rope_head_dim)
+        return q_heads(q, rot, c.rms_norm_eps, c.qk_rope_head_dim)
 
     def from_latent(self, qr, w, name):
         """The FP8 linear `name` (`query_fp8`) of the query latent qr [B, S, q_lora] through its RMSNorm, the
@@ -300,7 +300,7 @@ class DecodeLayer(torch.nn.Module):
         if x.size(0) <= COMPRESSOR_OP_ROWS:     # the query heads and that row in one launch
             q = torch.ops.dsv4.q_heads_kv_row(q, *row)
         else:
-            q = self.query_heads(q, at)
+            q = self.query_heads(q, self.rot[at])
             kv_row(*row)
         picked = None
         if r:

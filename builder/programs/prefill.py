@@ -58,7 +58,7 @@ class PrefillLayer(DecodeLayer):
         at = pos.clamp(max=self.max_len - 1)                                       # padding may run past the table
         rot = self.rot[at]
         q, kv, q_idx = self.project(x, w)
-        q = self.query_heads(q, at)
+        q = self.query_heads(q, rot)
         kv = self.kv_rows(kv, rot, w)
         # Attention reads [cache | chunk kv]: window positions before the chunk from the ring (still
         # unwritten), the chunk's own from behind the cache.

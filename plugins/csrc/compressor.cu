@@ -282,7 +282,8 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_index_query(const __nv_bf
 // pos[r]), CTA (r, heads) writes that token's window row as plugins.oracle.kv_row: kv [rows, kv_ld] (bf16,
 // the first dim of a row used) through RMSNorm with kv_norm, RoPE and the FP8 round-trip of the channels
 // before the RoPE ones, into cache[r, pos % window] ([rows, cache_rows, dim] bf16). The row was a launch of
-// its own, a link in the decode step's chain of dependent kernels (3.8 us on the H200; session 21's timeline).
+// its own, a link in the decode step's chain of dependent kernels (3.1-3.8 us exposed on the H200:
+// bench/results/graph-timeline-flash8-before-s22-h200.json).
 extern "C" __global__ void __launch_bounds__(compressor::MAX_DIM) dsv4_q_heads(
     const __nv_bfloat16* __restrict__ q, const float* __restrict__ rot, __nv_bfloat16* __restrict__ out, int heads,
     int dim, float eps, const int64_t* __restrict__ pos, const __nv_bfloat16* __restrict__ kv, int kv_ld,
