@@ -88,22 +88,11 @@ def supports_kv_row(q: torch.Tensor, kv: torch.Tensor, cache: torch.Tensor, fp8_
             and kv.size(1) in DIMS and cache.is_contiguous() and fp8_block == FP8_BLOCK)
 
 
-def q_heads(q: torch.Tensor, rot: torch.Tensor, eps: float, pos: torch.Tensor | None = None) -> torch.Tensor:
+def q_heads(q: torch.Tensor, rot: torch.Tensor, eps: float, pos: torch.Tensor | None = None,
+            row: tuple | None = None) -> torch.Tensor:
     """As the oracle (RoPE 64); q contiguous bf16, rot contiguous float32 (with pos [B, S] int64 contiguous,
-    the whole table, read at each row's position) -> a new [B, S, heads, hd] bf16."""
-    return _q_heads(q, rot, eps, pos)
-
-
-def q_heads_kv_row(q: torch.Tensor, kv: torch.Tensor, norm: torch.Tensor, rot: torch.Tensor, pos: torch.Tensor,
-                   cache: torch.Tensor, window: int, eps: float) -> torch.Tensor:
-    """`q_heads` of q [B, 1, heads, hd] at pos [B] and, in the same launch, each sequence's new window row from
-    kv [B, hd] (any row stride: a stacked product's slice) as `plugins.oracle.kv_row` (RMSNorm with the float32
-    `norm`, RoPE, FP8 round-trip; mutates cache) -> the new query heads."""
-    assert norm.is_contiguous() and norm.dtype == torch.float32
-    return _q_heads(q, rot, eps, pos, (kv, norm, cache, window))
-
-
-def _q_heads(q, rot, eps, pos, row=None) -> torch.Tensor:
+    the whole table, read at each row's position) -> a new [B, S, heads, hd] bf16. With `row` (kv, norm, cache,
+    window: `q_heads_kv_row`) the same launch writes each sequence's window row."""
     assert q.is_contiguous() and rot.is_contiguous() and rot.dtype == torch.float32
     assert pos is None or (pos.is_contiguous() and pos.dtype == torch.int64)
     out = torch.empty_like(q)
@@ -114,3 +103,12 @@ def _q_heads(q, rot, eps, pos, row=None) -> torch.Tensor:
                       (norm, PTR), (0 if cache is None else cache, PTR), (0 if cache is None else cache.size(1), INT),
                       (window, INT)])
     return out
+
+
+def q_heads_kv_row(q: torch.Tensor, kv: torch.Tensor, norm: torch.Tensor, rot: torch.Tensor, pos: torch.Tensor,
+                   cache: torch.Tensor, window: int, eps: float) -> torch.Tensor:
+    """`q_heads` of q [B, 1, heads, hd] at pos [B] and, in the same launch, each sequence's new window row from
+    kv [B, hd] (any row stride: a stacked product's slice) as `plugins.oracle.kv_row` (RMSNorm with the float32
+    `norm`, RoPE, FP8 round-trip; mutates cache) -> the new query heads."""
+    assert norm.is_contiguous() and norm.dtype == torch.float32
+    return q_heads(q, rot, eps, pos, (kv, norm, cache, window))
