@@ -14,8 +14,9 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters)   hyper-connection pre (mixes, Sinkhorn, sum)
     dsv4::hc_pre_norm(x, fn, scale, base, weight, ...)      the same, then the RMSNorm after it
     dsv4::hc_post_pre_norm(f, res, post, comb, fn, ...)     the attention's hc_post, then the FFN's hc_pre_norm
-    dsv4::wide_linear(x, weight)                            float32 product with a weight kept in bf16
+    dsv4::wide_linear(x, weight, branch)                    float32 product with a weight kept in bf16
                                                             (bf16 x widened first)
+    dsv4::fork_side(x), dsv4::join_side(branch, keep, written)   a side branch on a second stream
     dsv4::grouped_fp8_linear(x, weight, scale)              per-group FP8 weights, bf16 activations (wo_a)
     dsv4::route_topk(logits, bias, k, scoring, scale, experts)   a score-routed gate's weights (experts
                                                             written in place)
@@ -23,7 +24,7 @@ torch.export and AOTInductor can trace layer programs through them.
                                                             (experts tid2eid[ids] written in place)
     dsv4::index_query(q, rot, pos, rope_dim)                the indexer's queries: RoPE, Hadamard, FP4
     dsv4::indexer_picks(q, weights, keys, pos, k, ...)     the indexer's top-k compressed blocks
-    dsv4::compressor_step(proj, ape, pos, states, cache, ...)   a compressor fed one token (mutates)
+    dsv4::compressor_step(proj, ape, pos, states, cache, ..., branch)   a compressor fed one token (mutates)
     dsv4::compressor_chunk(proj, ape, start, n, states, cache, ...)   a compressor fed a chunk (mutates)
     dsv4::q_heads_kv_row(q, kv, norm, rot, pos, cache, ...)  a decode step's query heads (norm, RoPE) and
                                                             its window row (mutates)
@@ -32,12 +33,13 @@ torch.export and AOTInductor can trace layer programs through them.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from typing import Callable
 
 import torch
 
-from . import moe_experts
+from . import moe_experts, streams
 from . import route as route_gpu
 from .formats import fp8_weight_dequant, mxfp4_dequant
 from .head import head_logits, kernel_fits
@@ -390,24 +392,64 @@ def _(f, res, post, comb, fn, scale, base, weight, norm_eps, hc_eps, iters):
 
 
 @torch.library.custom_op("dsv4::wide_linear", mutates_args=())
-def wide_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def wide_linear(x: torch.Tensor, weight: torch.Tensor, branch: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] in working precision (float32 or float64; or bf16 activations, widened to float32 first,
     exactly) @ weight [N, K]^T -> [..., N] in that precision, for the official model's float32 parameters
     loaded from bf16 (the compressors' projections, the router's gate), kept here in their bf16: on a GPU
     the head's kernel reads them as such (half the bytes of the float32 copy, the same products, another
     float32 summation order), and widens bf16 rows itself as it loads them (no widening launch before it);
-    elsewhere they are widened for the product."""
+    elsewhere they are widened for the product. With `branch` (`fork_side`'s token), on the side branch."""
     rows = x.reshape(-1, x.size(-1))
-    if (weight.dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
-            and kernel_fits(rows.size(0), x.size(-1), x.device)):
-        return head_logits(rows, weight).view(*x.shape[:-1], weight.size(0))
-    x = x.float() if x.dtype == torch.bfloat16 else x
-    return x @ weight.to(x.dtype).T
+    with _on_branch(branch):
+        if (weight.dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()
+                and kernel_fits(rows.size(0), x.size(-1), x.device)):
+            return head_logits(rows, weight).view(*x.shape[:-1], weight.size(0))
+        x = x.float() if x.dtype == torch.bfloat16 else x
+        return x @ weight.to(x.dtype).T
 
 
 @wide_linear.register_fake
-def _(x, weight):
+def _(x, weight, branch=None):
     return x.new_empty(*x.shape[:-1], weight.size(0), dtype=torch.float32 if x.dtype == torch.bfloat16 else x.dtype)
+
+
+# ------------------------------------------------------------------ fork_side, join_side
+
+
+@torch.library.custom_op("dsv4::fork_side", mutates_args=())
+def fork_side(x: torch.Tensor) -> torch.Tensor:
+    """Starts a side branch of x's device (plugins/streams.py, on a GPU with streams.SIDE_BRANCHES): its
+    second stream waits for everything queued so far. Returns the branch's token (an empty tensor): the
+    ops given it (`wide_linear`, `compressor_step`) launch on that stream, beside what the program queues
+    on its own until `join_side`."""
+    if x.is_cuda and streams.SIDE_BRANCHES:
+        streams.fork(x.device)
+    return x.new_empty(0)
+
+
+@fork_side.register_fake
+def _(x):
+    return x.new_empty(0)
+
+
+@torch.library.custom_op("dsv4::join_side", mutates_args=("written",))
+def join_side(branch: torch.Tensor, keep: list[torch.Tensor], written: list[torch.Tensor]) -> None:
+    """Ends the side branch of `branch` (`fork_side`'s token): the current stream waits for it. `keep`: the
+    tensors the branch reads that the program made (not its inputs), held allocated until here; `written`:
+    what the branch wrote (declared written here, so that every later reader is ordered after the join)."""
+    if branch.is_cuda and streams.SIDE_BRANCHES:
+        streams.join(branch.device)
+
+
+@join_side.register_fake
+def _(branch, keep, written):
+    return None
+
+
+def _on_branch(branch: torch.Tensor | None):
+    """Where an op given `fork_side`'s token launches: the side stream, if that fork started one."""
+    return streams.on_side(branch.device, branch.is_cuda and streams.SIDE_BRANCHES) if branch is not None \
+        else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------ route_topk, route_hash
@@ -497,22 +539,26 @@ def _(q, weights, keys, pos, k, ratio, weight_scale):
 @torch.library.custom_op("dsv4::compressor_step", mutates_args=("kv_state", "score_state", "cache"))
 def compressor_step(proj: torch.Tensor, ape: torch.Tensor, pos: torch.Tensor, kv_state: torch.Tensor,
                     score_state: torch.Tensor, cache: torch.Tensor, first_row: int, norm: torch.Tensor,
-                    rot: torch.Tensor, ratio: int, rotate: bool, eps: float, rope_dim: int, fp8_block: int) -> None:
+                    rot: torch.Tensor, ratio: int, rotate: bool, eps: float, rope_dim: int, fp8_block: int,
+                    branch: torch.Tensor | None = None) -> None:
     """A compressor fed one token per sequence (see `plugins.oracle.compressor_step`): one launch for decode
-    batches on a GPU, the oracle elsewhere. Mutates the partial-block states and the cache."""
+    batches on a GPU, the oracle elsewhere. Mutates the partial-block states and the cache. With `branch`
+    (`fork_side`'s token), on the side branch."""
     from . import compressor as kernel
-    if kernel.supports(proj, cache, ratio, rope_dim, fp8_block) and all(
-            t.is_contiguous() for t in (kv_state, score_state, cache)):
-        kernel.compressor_step(proj.contiguous(), ape.float().contiguous(), pos.long().contiguous(), kv_state,
-                               score_state, cache, first_row, norm.float().contiguous(), rot.float().contiguous(),
-                               ratio, rotate, eps)
-        return
-    compressor_step_oracle(proj, ape, pos, kv_state, score_state, cache, first_row, norm, rot, ratio, rotate, eps,
-                           rope_dim, fp8_block)
+    with _on_branch(branch):
+        if kernel.supports(proj, cache, ratio, rope_dim, fp8_block) and all(
+                t.is_contiguous() for t in (kv_state, score_state, cache)):
+            kernel.compressor_step(proj.contiguous(), ape.float().contiguous(), pos.long().contiguous(), kv_state,
+                                   score_state, cache, first_row, norm.float().contiguous(), rot.float().contiguous(),
+                                   ratio, rotate, eps)
+            return
+        compressor_step_oracle(proj, ape, pos, kv_state, score_state, cache, first_row, norm, rot, ratio, rotate, eps,
+                               rope_dim, fp8_block)
 
 
 @compressor_step.register_fake
-def _(proj, ape, pos, kv_state, score_state, cache, first_row, norm, rot, ratio, rotate, eps, rope_dim, fp8_block):
+def _(proj, ape, pos, kv_state, score_state, cache, first_row, norm, rot, ratio, rotate, eps, rope_dim, fp8_block,
+      branch=None):
     return None
 
 

@@ -1,10 +1,18 @@
 """Two branches of work on two CUDA streams: a fork and a join, which a CUDA graph captures as two parallel
 branches. Decode kernels each stream a weight that takes a few microseconds to read, and each spends part
-of that ramping up and draining: two independent ones side by side can fill each other's ramps (the shared
-expert beside the routed experts: `dsv4::moe_with_shared`).
+of that ramping up and draining, and a decode step is a chain of such launches, each waiting for the one
+before it: independent work run side by side fills those gaps (the shared expert beside the routed
+experts: `dsv4::moe_with_shared`; the compressors beside the query path: `dsv4::fork_side`).
+
+Memory rules: what the second stream allocates may be handed back to the current one without
+record_stream (which graph capture forbids): the second stream's next work, and so any reuse of those
+blocks, waits for everything the current stream has queued by then (the next fork). What the second
+stream reads must stay allocated until the join: `beside` holds its callables' inputs itself; a program
+that forks (`dsv4::fork_side`) passes them to `dsv4::join_side`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable, TypeVar
 
@@ -13,23 +21,45 @@ import torch
 A = TypeVar("A")
 B = TypeVar("B")
 
+# Whether `dsv4::fork_side` starts a second branch: off, the ops given its token run in line on the current
+# stream (the same bits). A switch for benchmarks (bench/profile_decode.py).
+SIDE_BRANCHES = True
+
 
 @functools.cache
 def _side_stream(index: int) -> torch.cuda.Stream:
     return torch.cuda.Stream(index)
 
 
+def _streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.current_stream(index), _side_stream(index)
+
+
+def fork(device: torch.device) -> None:
+    """The second stream of `device` waits for everything queued on the current one so far."""
+    current, other = _streams(device)
+    other.wait_stream(current)
+
+
+def join(device: torch.device) -> None:
+    """The current stream of `device` waits for everything queued on the second one so far."""
+    current, other = _streams(device)
+    current.wait_stream(other)
+
+
+def on_side(device: torch.device, enabled: bool = True):
+    """A context in which torch's launches and allocations go to the second stream of `device` (after a
+    `fork`); a no-op where not enabled."""
+    return torch.cuda.stream(_streams(device)[1]) if enabled else contextlib.nullcontext()
+
+
 def beside(main: Callable[[], A], side: Callable[[], B], device: torch.device) -> tuple[A, B]:
     """main() on the current stream and side() on a second stream of `device`, started after everything
-    queued so far; returns both results once the current stream has waited for the second. What side()
-    allocates belongs to the second stream, and may be handed back to the current one without
-    record_stream (which graph capture forbids): the second stream's next work, and so any reuse of those
-    blocks, waits for everything the current stream has queued by then."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    current, other = torch.cuda.current_stream(index), _side_stream(index)
-    other.wait_stream(current)
-    with torch.cuda.stream(other):
+    queued so far; returns both results once the current stream has waited for the second."""
+    fork(device)
+    with on_side(device):
         b = side()
     a = main()
-    current.wait_stream(other)
+    join(device)
     return a, b

@@ -89,6 +89,17 @@ def test_graph_replay_equals_plain_launches_and_eager(artifact, tiny_dir):
     assert _cosines(graphed, eager).min() >= 0.99
 
 
+def test_the_compressors_side_branch_changes_no_bit(artifact, monkeypatch):
+    """The compressors on a second stream beside the query path (`dsv4::fork_side`, plugins/streams.py): the
+    same logits as in line, from the captured graph and from plain launches."""
+    from plugins import streams
+    monkeypatch.setattr(streams, "SIDE_BRANCHES", False)
+    in_line = forced_logits(ArtifactModel(artifact, "cuda", graphs=True), PROMPT, FORCED)
+    monkeypatch.setattr(streams, "SIDE_BRANCHES", True)
+    assert torch.equal(forced_logits(ArtifactModel(artifact, "cuda", graphs=True), PROMPT, FORCED), in_line)
+    assert torch.equal(forced_logits(ArtifactModel(artifact, "cuda", graphs=False), PROMPT, FORCED), in_line)
+
+
 def test_greedy_decode_ahead_of_the_host_equals_step_by_step_on_the_graph(artifact):
     """The captured step picks each token on the GPU and the next replay is queued before the host reads
     it: the same tokens as replaying one step at a time with each argmax read back."""

@@ -99,6 +99,28 @@ def test_decode_program_exports_with_its_cache_writes(setup):
     assert caches["kv"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("layer", [3, 4], ids=["ratio128", "ratio4-indexer"])
+def test_decode_program_runs_its_compressors_on_a_side_branch(setup, layer):
+    """The compressors' products and steps are ops of one side branch (`dsv4::fork_side`'s token), forked
+    before the query path's first GEMV and joined after its last launch, before anything reads what the
+    branch wrote (the indexer's picks, the attention), with the branch's inputs held until the join."""
+    ckpt, _ = setup
+    program, args, caches, weights, keep = _program_and_args(ckpt, layer)
+    nodes = [n for n in torch.export.export(program, (*args, caches, weights)).graph.nodes if n.op == "call_function"]
+    ops = [str(n.target).removeprefix("dsv4.").removesuffix(".default") for n in nodes]
+    first = {op: ops.index(op) for op in set(ops)}
+    fork, join = nodes[first["fork_side"]], nodes[first["join_side"]]
+    steps = ["compressor_step"] * (2 if layer == 4 else 1)
+    assert [op for n, op in zip(nodes, ops) if fork in n.args] == ["wide_linear", *steps, "join_side"]
+    assert first["fork_side"] < first["wide_linear"] < first["fp8_linear"] < first["q_heads_kv_row"] \
+        < first["join_side"] < first["decode_attention"]
+    if layer == 4:
+        assert first["join_side"] < first["indexer_picks"]
+    x = join.args[1][0]                                             # x itself, or a view of it
+    assert torch.ops.dsv4.hc_pre_norm.default in (x.target, getattr(x.args[0], "target", None))
+    assert len(join.args[2]) == (3 if layer == 3 else 6)
+
+
 @pytest.mark.slow
 def test_decode_program_runs_from_an_aoti_package(setup, tmp_path):
     ckpt, _ = setup

@@ -52,6 +52,11 @@ def new_caches(cfg: ModelConfig, layer: int, batch: int, max_len: int, act: torc
     return {k: c[k] for k in sorted(c)}        # sorted, as `layer_weights` (the key order is traced)
 
 
+# the caches a layer's compressors write, by compression ratio (`DecodeLayer.compressors`)
+COMPRESSOR_CACHES = {128: ("kv", "comp_kv", "comp_score"),
+                     4: ("kv", "comp_kv", "comp_score", "idx_kv", "idx_score", "idx_keys")}
+
+
 def is_mtp(cfg: ModelConfig, layer: int) -> bool:
     return layer >= cfg.num_hidden_layers
 
@@ -77,15 +82,15 @@ COMPRESSOR_OP_ROWS = COMPRESSOR_KERNEL_ROWS  # decode batches' compressor steps,
                                              # (ONNX: 0)
 
 
-def wide_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def wide_product(x: torch.Tensor, weight: torch.Tensor, branch: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] in activation precision, widened to working precision, @ weight [N, K]^T, for a weight the
     official model holds in float32 after loading it from bf16: through `dsv4::wide_linear`, which reads it
     as stored (on a GPU these products were cuBLAS float32 GEMMs over widened copies: with wo_a's and the
     indexer's, 43 launches and 16% of a Flash-8 decode step, bench/results/profile-decode-flash8-h200.json)
     and takes bf16 activations as they are (its kernel widens them: no widening launch before it); written
-    out for ONNX (a Cast and a MatMul)."""
+    out for ONNX (a Cast and a MatMul). With `branch` (`dsv4::fork_side`'s token), on that side branch."""
     if WIDE_LINEAR_OP:
-        return torch.ops.dsv4.wide_linear(x if x.dtype == torch.bfloat16 else wide(x), weight)
+        return torch.ops.dsv4.wide_linear(x if x.dtype == torch.bfloat16 else wide(x), weight, branch)
     x = wide(x)
     return x @ weight.to(x.dtype).T
 
@@ -204,14 +209,17 @@ class Compressor(torch.nn.Module):
         self.cfg, self.prefix, self.ratio, self.dim, self.rotate = cfg, prefix, ratio, dim, rotate
         self.width = 2 * (2 if ratio == 4 else 1) * dim       # its wkv | wgate products: 2 * coff * dim
 
-    def forward(self, proj, pos, rot, kv_state, score_state, cache, first_row, w):
+    def forward(self, proj, pos, rot, kv_state, score_state, cache, first_row, w, branch=None):
         """proj [B, 2*coff*dim]: the wkv | wgate products of one token per sequence (`products_of_x`); write the
         rows completed at `pos` into cache[b, first_row + block] (one launch for decode batches on a GPU:
-        `dsv4::compressor_step`)."""
+        `dsv4::compressor_step`, on the side branch `branch` where one is given)."""
         p, c = self.prefix, self.cfg
-        step = torch.ops.dsv4.compressor_step if proj.size(0) <= COMPRESSOR_OP_ROWS else compressor_step
-        step(proj, w[f"{p}.ape"], pos, kv_state, score_state, cache, first_row, w[f"{p}.norm.weight"],
-             rot, self.ratio, self.rotate, c.rms_norm_eps, c.qk_rope_head_dim, KV_FP8_BLOCK)
+        args = (proj, w[f"{p}.ape"], pos, kv_state, score_state, cache, first_row, w[f"{p}.norm.weight"], rot,
+                self.ratio, self.rotate, c.rms_norm_eps, c.qk_rope_head_dim, KV_FP8_BLOCK)
+        if proj.size(0) <= COMPRESSOR_OP_ROWS:
+            torch.ops.dsv4.compressor_step(*args, branch)
+        else:
+            compressor_step(*args)
 
 
 class DecodeLayer(torch.nn.Module):
@@ -280,12 +288,12 @@ class DecodeLayer(torch.nn.Module):
             o = torch.ops.dsv4.grouped_fp8_linear(o, w["attn.wo_a.weight"], w["attn.wo_a.scale"])
         return linear_fp8(o.flatten(2), w, "attn.wo_b")
 
-    def products_of_x(self, x, w):
-        """The attention input x [..., d]'s products in working precision (`x_products`, one launch): the
-        compressor's wkv | wgate, and on ratio-4 layers the indexer compressor's and the indexer's raw head
-        weights [..., iheads]; None for those a layer lacks."""
+    def products_of_x(self, x, w, branch=None):
+        """The attention input x [..., d]'s products in working precision (`x_products`, one launch, on the side
+        branch `branch` where one is given): the compressor's wkv | wgate, and on ratio-4 layers the indexer
+        compressor's and the indexer's raw head weights [..., iheads]; None for those a layer lacks."""
         (name, _), = x_products(self.ratio).items()
-        y = wide_product(x, w[f"{name}.weight"])
+        y = wide_product(x, w[f"{name}.weight"], branch)
         if self.ratio != 4:
             return y, None, None
         return torch.split(y, (self.compressor.width, self.idx_compressor.width, self.cfg.index_n_heads), dim=-1)
@@ -294,27 +302,41 @@ class DecodeLayer(torch.nn.Module):
         """x [B, 1, d]: one token per sequence at `pos` [B]."""
         c = self.cfg
         win, r, at = c.sliding_window, self.ratio, pos[:, None]
+        ops = x.size(0) <= COMPRESSOR_OP_ROWS
+        # decode rows: the compressors' branch (their products of x, then their steps) on a second stream
+        # beside the query path, up to the join below (`compressors`)
+        branch = torch.ops.dsv4.fork_side(x) if r and ops and WIDE_LINEAR_OP else None
+        weights, side = self.compressors(x[:, 0], pos, caches, w, branch) if r else (None, [])
         q, kv, q_idx = self.project(x, w)
         row = (kv[:, 0], w["attn.kv_norm.weight"], self.rot, pos, caches["kv"], win, c.rms_norm_eps,
                c.qk_rope_head_dim, KV_FP8_BLOCK)                    # the new window row
-        if x.size(0) <= COMPRESSOR_OP_ROWS:     # the query heads and that row in one launch
+        if ops:                                 # the query heads and that row in one launch
             q = torch.ops.dsv4.q_heads_kv_row(q, *row)
         else:
             q = self.query_heads(q, self.rot[at])
             kv_row(*row)
-        picked = None
-        if r:
-            comp, idx_comp, weights = self.products_of_x(x[:, 0], w)
-            self.compressor(comp, pos, self.rot, caches["comp_kv"], caches["comp_score"], caches["kv"], win, w)
-            if r == 4:
-                self.idx_compressor(idx_comp, pos, self.rot, caches["idx_kv"], caches["idx_score"],
-                                    caches["idx_keys"], 0, w)
-                picked = self.pick_blocks(self.index_query(q_idx, at), weights[:, None], caches["idx_keys"],
-                                          at)                                                 # [B, 1, topk]
+        if r == 4:
+            q_idx = self.index_query(q_idx, at)
+        if branch is not None:
+            torch.ops.dsv4.join_side(branch, [x, *side], [caches[k] for k in COMPRESSOR_CACHES[r]])
+        picked = self.pick_blocks(q_idx, weights[:, None], caches["idx_keys"], at) if r == 4 else None  # [B, 1, topk]
         args, scale = (q, caches["kv"], w["attn.attn_sink"]), softmax_scale(c.head_dim)
-        if x.size(0) <= COMPRESSOR_OP_ROWS:     # the rows (`decode_rows`) and the inverse RoPE in its launches
+        if ops:                                 # the rows (`decode_rows`) and the inverse RoPE in its launches
             return self.output(torch.ops.dsv4.decode_attention(*args, picked, at, win, r, scale, self.rot), w)
         return self.attend(q, caches["kv"], decode_rows(at, picked, win, r, caches["kv"].size(1)), self.rot[at], w)
+
+    def compressors(self, x, pos, caches, w, branch=None):
+        """The compressors of one token per sequence x [B, d] at `pos` [B] (their products of x, then their steps,
+        mutating the caches of `COMPRESSOR_CACHES`), on the side branch `branch` where one is given -> (the
+        indexer's raw head weights [B, iheads] on ratio-4 layers, else None; the products, which the branch
+        reads)."""
+        win = self.cfg.sliding_window
+        comp, idx_comp, weights = self.products_of_x(x, w, branch)
+        self.compressor(comp, pos, self.rot, caches["comp_kv"], caches["comp_score"], caches["kv"], win, w, branch)
+        if self.ratio == 4:
+            self.idx_compressor(idx_comp, pos, self.rot, caches["idx_kv"], caches["idx_score"], caches["idx_keys"],
+                                0, w, branch)
+        return weights, [t for t in (comp, idx_comp, weights) if t is not None]
 
     def index_query(self, q, pos):
         """The indexer's queries [B, S, iheads, idim] (RoPE, Hadamard, FP4 round-trip) of tokens at positions
