@@ -304,7 +304,9 @@ class DecodeLayer(torch.nn.Module):
         win, r, at = c.sliding_window, self.ratio, pos[:, None]
         ops = x.size(0) <= COMPRESSOR_OP_ROWS
         # decode rows: the compressors' branch (their products of x, then their steps) on a second stream
-        # beside the query path, up to the join below (`compressors`)
+        # beside the query path, up to the join below (`compressors`); only where the products go through
+        # `dsv4::wide_linear` too, since a product written out would run on this stream, unordered with the
+        # steps that read it on the other
         branch = torch.ops.dsv4.fork_side(x) if r and ops and WIDE_LINEAR_OP else None
         weights, side = self.compressors(x[:, 0], pos, caches, w, branch) if r else (None, [])
         q, kv, q_idx = self.project(x, w)
