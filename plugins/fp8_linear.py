@@ -213,12 +213,14 @@ def fp8_linear_prefill(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) 
     return quantised_matmul(x, fp8_weight_dequant(w, w_scale, dtype=torch.bfloat16))
 
 
-def act_quant(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
-    """DeepSeek's FP8 act_quant of x [M, K] bf16 into e4m3 codes [M, K] (uint8) and scales [M, K/128]."""
+def act_quant(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, mma_slots: bool = False) -> None:
+    """DeepSeek's FP8 act_quant of x [M, K] bf16 into e4m3 codes [M, K] (uint8) and scales [M, K/128];
+    `mma_slots`: each 128-K block's 4-byte words in the order the prefill MoE kernels read them
+    (csrc/moe_wgmma.cu)."""
     m, k = x.shape
     warps = m * (k // 128)
     kernels().launch("dsv4_act_quant_fp8", (warps * 32 + 255) // 256, 256,
-                     [(x, PTR), (codes, PTR), (scales, PTR), (m, INT), (k, INT)])
+                     [(x, PTR), (codes, PTR), (scales, PTR), (m, INT), (k, INT), (int(mma_slots), INT)])
 
 
 def make_workspace(m: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -182,16 +182,19 @@ def group_size(shared_memory: tuple[int, int], d: int, f: int) -> int:
 
 def group_pairs(experts: torch.Tensor, n_experts: int, max_group: int) -> tuple[torch.Tensor, ...]:
     """A chunk's (token, slot) pairs (pair id token * topk + slot) sorted by expert, and cut into groups of
-    at most `max_group` pairs of one expert: (pairs, group expert, group start in pairs, group size), int32.
-    Synchronises once (the number of groups), so it is for prefill, never inside a captured graph."""
+    at most `max_group` pairs of one expert, an expert's groups within one pair of each other in size (130
+    pairs in groups of 128: 65 and 65, not 128 and 2): (pairs, group expert, group start in pairs, group
+    size), int32. Synchronises once (the number of groups), so it is for prefill, never inside a captured graph."""
     flat = experts.flatten().long()
     pairs = torch.argsort(flat, stable=True).to(torch.int32)
     counts = torch.bincount(flat, minlength=n_experts)
     per_expert = (counts + max_group - 1) // max_group
     g_expert = torch.repeat_interleave(torch.arange(n_experts, device=flat.device), per_expert)
     nth = torch.arange(g_expert.numel(), device=flat.device) - (torch.cumsum(per_expert, 0) - per_expert)[g_expert]
-    g_start = (torch.cumsum(counts, 0) - counts)[g_expert] + nth * max_group
-    g_count = torch.clamp(counts[g_expert] - nth * max_group, max=max_group)
+    count, cut = counts[g_expert], per_expert[g_expert]
+    first = nth * count // cut                           # the group's first pair within its expert's run
+    g_start = (torch.cumsum(counts, 0) - counts)[g_expert] + first
+    g_count = (nth + 1) * count // cut - first
     return pairs, g_expert.to(torch.int32), g_start.to(torch.int32), g_count.to(torch.int32)
 
 
@@ -256,8 +259,9 @@ def sum_pairs_post(parts: torch.Tensor, experts: torch.Tensor, k: int, shared: t
 
 
 # ------------------------------------------------------------------ prefill on wgmma (sm_90a)
-WGMMA_GROUP = 64                    # csrc/moe_wgmma.cu TILE_M: a group's pairs are the MMA's 64 rows
-WGMMA_SHARED_BYTES = 2 * (64 + 128) * 128 + 1024   # two stages of A and B tiles, 1 KiB to align them
+WGMMA_GROUP = 128                   # csrc/moe_wgmma.cu MAX_N: a group's pairs are the MMA's columns
+WGMMA_THREADS = 256                 # two warpgroups, 128 weight rows
+WGMMA_SHARED_BYTES = 6 * (128 * 128 + 128 * 64 + 128 * 4 + 128 * 4) + 1024   # six ring stages, 1 KiB to align
 
 
 def wgmma_fits(x: torch.Tensor, d: int, f: int) -> bool:
@@ -275,16 +279,16 @@ def wgmma_pays(x: torch.Tensor, experts: torch.Tensor, n_experts: int, f: int) -
 
 def moe_experts_prefill_wgmma(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Tensor, table: torch.Tensor,
                               f: int, limit: float) -> torch.Tensor:
-    """`moe_experts_prefill` on Hopper's warpgroup MMAs: groups of up to 64 pairs per expert, the weights
-    converted to e4m3 once per (group, 128-column tile). Close to the decode kernels, not bit for bit
-    (another summation, and scales applied per 128 K). Allocates and synchronises."""
+    """`moe_experts_prefill` on Hopper's warpgroup MMAs: groups of up to 128 pairs per expert, the weights
+    converted to e4m3 once per group. Close to the decode kernels, not bit for bit (another summation, and
+    scales applied per 128 K). Allocates and synchronises."""
     t, d = x.shape
     groups = group_pairs(experts, table.numel(), WGMMA_GROUP)
     h = wgmma_gate_up(x, experts, route_w, table, f, limit, groups)
     h_codes, h_scales = act_workspace(t * experts.size(1), f, x.device)
-    act_quant(h, h_codes, h_scales)
+    act_quant(h, h_codes, h_scales, mma_slots=True)
     ypart = torch.empty(t * experts.size(1), d, dtype=torch.float32, device=x.device)
-    kernels().launch("dsv4_moe_down_wgmma", groups[1].numel() * (d // 128), 128,
+    kernels().launch("dsv4_moe_down_wgmma", groups[1].numel() * (d // 128), WGMMA_THREADS,
                      [(h_codes, PTR), (h_scales, PTR)] + [(g, PTR) for g in groups]
                      + [(table, PTR), (ypart, PTR), (d, INT), (f, INT)], WGMMA_SHARED_BYTES)
     return sum_pairs(ypart, experts)
@@ -298,9 +302,9 @@ def wgmma_gate_up(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Tensor,
     k = experts.size(1)
     assert wgmma_fits(x, d, f) and x.dtype == torch.bfloat16 and route_w.dtype == torch.float32
     codes, scales = act_workspace(t, d, x.device)
-    act_quant(x.contiguous(), codes, scales)
+    act_quant(x.contiguous(), codes, scales, mma_slots=True)
     h = torch.empty(t * k, f, dtype=torch.bfloat16, device=x.device)
-    kernels().launch("dsv4_moe_gate_up_wgmma", groups[1].numel() * (f // 64), 128,
+    kernels().launch("dsv4_moe_gate_up_wgmma", groups[1].numel() * (f // 64), WGMMA_THREADS,
                      [(codes, PTR), (scales, PTR)] + [(g, PTR) for g in groups]
                      + [(route_w.contiguous(), PTR), (table, PTR), (h, PTR), (k, INT), (d, INT), (f, INT),
                         (limit, FLOAT)], WGMMA_SHARED_BYTES)

@@ -74,6 +74,9 @@ def test_group_pairs_cuts_each_experts_run_into_groups():
     for e, s, c in zip(g_expert.tolist(), g_start.tolist(), g_count.tolist()):
         assert set(flat[pairs[s:s + c].long()].tolist()) == {e}
     assert (g_start[1:] == g_start[:-1] + g_count[:-1]).all()   # the groups tile the sorted pairs
+    for e in range(10):                                   # an expert's groups within one pair of each other
+        sizes = g_count[g_expert == e]
+        assert sizes.max() - sizes.min() <= 1 and len(sizes) == -(-int((flat == e).sum()) // 8)
 
 
 @pytest.mark.gpu

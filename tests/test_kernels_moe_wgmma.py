@@ -48,3 +48,18 @@ def test_moe_prefill_wgmma_matches_oracle_and_the_grouped_kernels(tokens, d, f, 
         per_token = torch.nn.functional.cosine_similarity(got.double(), other.double(), dim=-1)
         assert whole >= 0.9999 and per_token.min() >= 0.9995, (whole, per_token.min())
         assert torch.allclose(got, other, rtol=0.02, atol=0.02 * other.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_act_quant_in_mma_slot_order_moves_each_blocks_words():
+    """act_quant's `mma_slots` (the prefill MoE kernels' B order, csrc/moe_wgmma.cu): word w of each 128-K
+    block holds the plain codes' word 8 (w % 4) + 2 (w / 8) + (w / 4) % 2; the scales are unchanged."""
+    from plugins.fp8_linear import act_quant, make_workspace
+    x = torch.randn(5, 512, device="cuda").to(torch.bfloat16)
+    plain, slots = make_workspace(5, 512, "cuda"), make_workspace(5, 512, "cuda")
+    act_quant(x, *plain)
+    act_quant(x, *slots, mma_slots=True)
+    w = torch.arange(32, device="cuda")
+    source = 8 * (w % 4) + 2 * (w // 8) + (w // 4) % 2
+    assert torch.equal(slots[1], plain[1])
+    assert torch.equal(slots[0].view(5, 4, 32, 4), plain[0].view(5, 4, 32, 4)[:, :, source])

@@ -20,9 +20,11 @@
 using dsv4::e8m0;
 using dsv4::mma_e4m3;
 
-// One warp per (row, 128-block): 32 lanes x 4 elements. Writes the e4m3 codes and the block's scale.
+// One warp per (row, 128-block): 32 lanes x 4 elements. Writes the e4m3 codes and the block's scale. With
+// `mma_slots`, lane l's word goes to word 8 ((l / 2) % 4) + 4 (l % 2) + l / 8 of the block: the order in which
+// the prefill MoE kernels take them (csrc/moe_wgmma.cu).
 extern "C" __global__ void dsv4_act_quant_fp8(const __nv_bfloat16* __restrict__ x, uint8_t* __restrict__ codes,
-                                              float* __restrict__ scales, int rows, int K) {
+                                              float* __restrict__ scales, int rows, int K, int mma_slots) {
   dsv4::pdl_wait();
   dsv4::pdl_launch_dependents();
   const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -40,7 +42,9 @@ extern "C" __global__ void dsv4_act_quant_fp8(const __nv_bfloat16* __restrict__ 
   for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
   const float scale = dsv4::pow2_ceil_scale(fmaxf(amax, 1e-4f), 1.0f / 448.0f);
   const float inv = dsv4::pow2_inverse(scale);
-  *reinterpret_cast<uint32_t*>(codes + base) = dsv4::fp8x4(v[0] * inv, v[1] * inv, v[2] * inv, v[3] * inv);
+  const int word = mma_slots ? 8 * ((lane >> 1) & 3) + 4 * (lane & 1) + (lane >> 3) : lane;
+  *reinterpret_cast<uint32_t*>(codes + base + 4 * (word - lane)) =
+      dsv4::fp8x4(v[0] * inv, v[1] * inv, v[2] * inv, v[3] * inv);
   if (lane == 0) scales[warp] = scale;
 }
 

@@ -1,40 +1,53 @@
-// MXFP4 routed experts for prefill on Hopper's warpgroup MMA (sm_90a only; elsewhere the grouped
-// mma.sync kernels of moe_experts.cu serve, and also below 12 pairs per expert, where they are faster).
+// MXFP4 routed experts for prefill on Hopper's warpgroup MMA (sm_90a only; elsewhere the grouped mma.sync
+// kernels of moe_experts.cu serve, and also below 12 pairs per expert, where they are faster).
 //
-// The host sorts a chunk's (token, slot) pairs by expert and cuts each expert's run into groups of at most
-// 64 pairs (plugins/moe_experts.py group_pairs); the activations are quantised once per row by the
-// act_quant kernel (e4m3 codes, one float scale per 128 K). A CTA (one warpgroup, 128 threads) computes
-// one (group, 128-column tile) of one GEMM, 128 K at a time:
-//   - A: the group's 64 rows of codes, copied into shared memory in the 128-byte swizzle wgmma reads;
-//   - B: 128 weight rows x 128 K: each thread converts one row's 64 MXFP4 bytes to e4m3 into the same
-//     swizzle. Of the row's four 32-K scales, the largest becomes the row's scale for these 128 K and the
-//     others are folded into the codes: an E2M1 value times 2^t (t <= 0) is exactly an e4m3 value for
-//     t >= -8 (the smallest, 0.5 * 2^-8, is e4m3's smallest subnormal); beyond, it is rounded to nearest
-//     (LUT below). So each 128-K step is four wgmma m64n128k32 into fresh accumulators, then
-//     acc += step * a_scale[row] * b_scale[col] in float32 (DeepSeek's promotion every 128 K).
+// The host sorts a chunk's (token, slot) pairs by expert and cuts each expert's run into balanced groups of
+// at most 128 pairs (plugins/moe_experts.py group_pairs); the act_quant kernel quantises the activations
+// once per row (e4m3 codes, one float scale per 128 K), writing each 128-K block's 4-byte words in the MMA's
+// slot order (below). A CTA (two warpgroups) computes 128 weight rows x one group's pairs, 128 K per step, as
+// the transposed product: the weights are the MMA's A operand (64 rows per warpgroup), the pairs its columns
+// (N = the group's size rounded up to 32). So each weight value is turned into e4m3 once per group of up to
+// 128 pairs, in registers, and one copy of the pairs' codes in shared memory serves 128 weight rows.
+// (Session 10's first form had the pairs as the 64 rows of A and converted 128 weight rows into shared
+// memory for every 64 pairs: ncu found it bound by issue, ~700 instructions per warp per 128-K step.)
+//   - A from registers: lane (g, q) of a warp takes its rows g and g + 8, bytes 16q .. 16q + 15 of the
+//     step's 64 bytes of codes: the 32 values of 32-K scale block q. Of a row's four scales in the step the
+//     largest becomes the row's scale; the others fold into the codes: an E2M1 value times 2^t (t <= 0) is
+//     an e4m3 value exactly for t >= -8 (0.5 * 2^-8 is e4m3's smallest subnormal), beyond it is rounded to
+//     nearest (the LUT). Word c of the lane's 16 bytes (values 32q + 8c .. + 7) feeds MMA c of the step:
+//     values + 0..3 as slots 4q .. 4q + 3, values + 4..7 as slots 16 + 4q .. 16 + 4q + 3.
+//   - B in shared memory: the group's code rows, 128-byte swizzle; within each 128-K block word w of the
+//     row (slots 4(w % 8) .. of MMA w / 8) holds values 4 (8 (w % 4) + 2 (w / 8) + (w / 4) % 2) .. + 3, the
+//     order that matches A's (act_quant with `mma_slots`).
+//   - Per step four wgmma m64nNk32 into fresh accumulators, then acc += step * a_scale[row] * b_scale[col]
+//     in float32 (DeepSeek's promotion every 128 K). A ring of STAGES stages (cp.async) carries both
+//     operands' bytes; a warpgroup converts step k + 1's A while the tensor cores multiply step k.
 // Numerics: the FP8 MMA adds within 128 K in less than float32, so a gate or up value can differ from the
 // decode kernels' by a bf16 unit; h's e4m3 requantisation before down can turn that into one code step of
 // one element. Measured: h within cosine 0.999996 of the oracle per pair, outputs >= 0.9999 per token at
 // Flash size, one token in 64 at 0.99990 in a small case (bench/results/wgmma-diag-h200.txt).
-// Measured on the H200 (ncu, bench/results/ncu-gate-up-wgmma-h200.txt): issue-bound, ~700 instructions
-// per warp per 128-K step (the E2M1 -> e4m3 conversion and the per-column scales) against 256 cycles of
-// tensor work, 42% of issue slots busy with 2 CTAs per SM (241 registers then, 237 now); a producer/
-// consumer split with fewer registers for the converting warps would be the next step.
-// gate_up: the tile's columns are 64 rows of w1 and the same 64 rows of w3; the CTA forms
-//   h = bf16(route_w * silu(min(bf16(g), L)) * clamp(bf16(u), -L, L)) for them. down: 128 rows of w2,
+// gate_up: a CTA's 128 rows are 64 rows of w1 and the same 64 rows of w3 (each warp's fragment rows g and
+//   g + 8: w1 and w3 row f), so a lane holds gate and up of its f and forms
+//   h = bf16(route_w * silu(min(bf16(g), L)) * clamp(bf16(u), -L, L)). down: 128 rows of w2,
 //   ypart = float(bf16(y)) per pair; the host adds a token's pairs in ascending expert id order.
 // Bank layout per expert as in moe_experts.cu: [w1 F x D/2 | w3 | w2 D x F/2 | s1 F x D/32 | s3 | s2].
 #include "common.cuh"
 #include "wgmma.cuh"
 
-using dsv4::smem_addr;
+namespace moe_prefill {
 
-namespace {
-
-constexpr int TILE_M = 64, TILE_N = 128, TILE_K = 128, SHIFTS = 17;   // folded shifts 0 .. -16
-constexpr int WG_A_BYTES = TILE_M * TILE_K, WG_STAGE_BYTES = WG_A_BYTES + TILE_N * TILE_K;
+constexpr int WARPGROUPS = 2, THREADS = 128 * WARPGROUPS, ROWS = 64 * WARPGROUPS;  // weight rows per CTA
+constexpr int MAX_N = 128, STEP_K = 128, STAGES = 6, SHIFTS = 17;                  // folded shifts 0 .. -16
+// A ring stage: B (MAX_N rows x 128 codes, swizzled; 1024-byte aligned as the swizzle pattern is), A's packed
+// codes (ROWS x 64 bytes), B's scales (MAX_N floats), A's E8M0 scale bytes (ROWS x 4).
+constexpr int W_OFF = MAX_N * STEP_K, TS_OFF = W_OFF + ROWS * STEP_K / 2, WS_OFF = TS_OFF + MAX_N * 4;
+constexpr int STAGE_BYTES = WS_OFF + ROWS * 4;
+static_assert(STAGE_BYTES % 1024 == 0, "stages start where the swizzle pattern starts");
+constexpr int SHARED_BYTES = STAGES * STAGE_BYTES + 1024;   // plugins/moe_experts.py WGMMA_SHARED_BYTES
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+using dsv4::smem_addr;
+
 // A shared-memory matrix of 8-row, 128-byte swizzled atoms (K-major): start address, leading byte offset
 // (unused for this layout), stride between 8-row atoms (1024 bytes), swizzle mode 1 (128 B).
 __device__ __forceinline__ uint64_t smem_desc(const void* p) {
@@ -42,12 +55,36 @@ __device__ __forceinline__ uint64_t smem_desc(const void* p) {
          (uint64_t(1) << 62);
 }
 
-__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+// d (+)= A (64 x 32 e4m3, registers) . B (32 x N e4m3, descriptor); acc 0: d is only written.
+template <int N>
+__device__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc, int acc);
+template <> __device__ __forceinline__ void wgmma_rs<32>(float (&d)[16], const uint32_t (&a)[4], uint64_t desc, int acc) {
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1;\n}\n"
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(acc));
+}
+template <> __device__ __forceinline__ void wgmma_rs<64>(float (&d)[32], const uint32_t (&a)[4], uint64_t desc, int acc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(acc));
+}
+template <> __device__ __forceinline__ void wgmma_rs<96>(float (&d)[48], const uint32_t (&a)[4], uint64_t desc, int acc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %53, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n96k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47}, {%48,%49,%50,%51}, %52, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(acc));
+}
+template <> __device__ __forceinline__ void wgmma_rs<128>(float (&d)[64], const uint32_t (&a)[4], uint64_t desc, int acc) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(acc));
 }
 
 // Byte (row, 16-byte chunk) of a 128-byte swizzled tile.
@@ -56,208 +93,239 @@ __device__ __forceinline__ int swizzled(int row, int chunk) { return row * 128 +
 // Eight E2M1 codes (nibble i = element i) -> eight e4m3 bytes (byte i = element i; .x: 0-3, .y: 4-7), each
 // value times 2^t, from the e4m3 bytes of the eight magnitudes times 2^t (lut_lo: 0 .. 1.5, lut_hi: 2 .. 6).
 // The sign of element i is bit 7 of byte i / 2 of w << 4 (i even) or of w (i odd): one byte_perm gathers
-// four of them. Nine operations for eight codes (session 10's first version took about thirteen); checked
-// equal to it bit for bit by emulation (every code in every position, 400k random words).
+// four of them. Checked equal bit for bit to a plain conversion by emulation (every code in every position).
 __device__ __forceinline__ uint2 e2m1x8_to_e4m3(uint32_t w, uint32_t lut_lo, uint32_t lut_hi) {
   const uint32_t mags = w & 0x77777777u, w4 = w << 4;      // byte_perm reads a selector's low 16 bits
   return make_uint2(__byte_perm(lut_lo, lut_hi, mags) | (__byte_perm(w, w4, 0x1504u) & 0x80808080u),
                     __byte_perm(lut_lo, lut_hi, mags >> 16) | (__byte_perm(w, w4, 0x3726u) & 0x80808080u));
 }
 
-// One (group, 128-column tile) of a grouped GEMM by one warpgroup into acc (64 per thread: for its
-// 8-column block j, rows r and r + 8 of its warp's 16, columns 2q and 2q + 1). Two stages in dynamic shared
-// memory, WG_STAGE_BYTES each: while the tensor cores multiply one, the threads fill the other (A by cp.async,
-// B converted from registers loaded one more step ahead). b_row(n, w, s): B row n's codes and scales (K/2
-// and K/32 bytes). (Two warpgroups over 128 rows, sharing each B tile, measured slower at every chunk size
-// in bench/results/wgmma-two-warpgroups-h200.txt: one CTA per SM instead of two.)
-template <class BRow>
-__device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, const float* __restrict__ code_scales,
-                                          const int* a_rows, int count, int K, BRow b_row, float (&acc)[64]) {
-  constexpr int THREADS = 128;
-  // the stages start on 1024-byte boundaries, where the swizzle pattern starts (the launch adds 1 KiB)
-  extern __shared__ uint8_t dynamic_smem[];
-  uint8_t* stages = dynamic_smem + ((1024 - (smem_addr(dynamic_smem) & 1023)) & 1023);
-  __shared__ float a_scale[2][TILE_M], b_scale[2][TILE_N];
-  __shared__ uint32_t lut[SHIFTS][2];
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31, r = lane >> 2, q = lane & 3;
-  for (int at = tid; at < SHIFTS * 8; at += THREADS) {   // e4m3 of each magnitude times 2^-shift, rounded
+// A weight row of the CTA: its packed codes and its E8M0 scales, from K = 0.
+struct WeightRow {
+  const uint8_t* codes;
+  const uint8_t* scales;
+};
+
+// What a CTA shares: the group's pairs and activation rows (MAX_N each, past the count the last repeated),
+// and the folding LUT: the e4m3 bytes of each E2M1 magnitude times 2^-shift.
+struct GroupShared {
+  int pair_of[MAX_N], rows[MAX_N];
+  uint32_t lut[SHIFTS][2];
+};
+
+__device__ __forceinline__ void load_group(const int* pairs, int start, int count, int per_row, GroupShared& s) {
+  if (threadIdx.x < MAX_N) {
+    const int p = pairs[start + min(int(threadIdx.x), count - 1)];
+    s.pair_of[threadIdx.x] = p;
+    s.rows[threadIdx.x] = p / per_row;
+  }
+  for (int at = threadIdx.x; at < SHIFTS * 8; at += THREADS) {
     const int shift = at / 8, m = at % 8;      // magnitude m: 0, 0.5, then (1 + (m & 1) / 2) 2^(m / 2 - 1)
     const float mag = m < 2 ? 0.5f * m : ldexpf(1.f + 0.5f * (m & 1), (m >> 1) - 1);
-    const auto byte = __nv_cvt_float_to_fp8(ldexpf(mag, -shift), __NV_SATFINITE, __NV_E4M3);
-    reinterpret_cast<uint8_t*>(lut)[at] = uint8_t(byte);
-  }
-  const uint8_t *w_row, *s_row;                // this thread's B row
-  b_row(tid, w_row, s_row);
-  const int nk = K / TILE_K;
-  uint4 raw[4];
-  uint32_t sc = 0;
-  auto fetch = [&](int kb) {                   // registers, one step ahead of their conversion
-    const uint4* wq = reinterpret_cast<const uint4*>(w_row + kb * (TILE_K / 2));
-#pragma unroll
-    for (int j = 0; j < 4; ++j) raw[j] = __ldg(wq + j);
-    sc = __ldg(reinterpret_cast<const uint32_t*>(s_row + kb * (TILE_K / 32)));
-  };
-  auto fill = [&](int kb, int stage) {
-    uint8_t* a_tile = stages + stage * WG_STAGE_BYTES;
-    uint8_t* b_tile = a_tile + WG_A_BYTES;
-#pragma unroll
-    for (int i = 0; i < WG_A_BYTES / 16 / THREADS; ++i) {   // A: TILE_M rows x 8 chunks; past the count, zeros
-      const int c = tid + THREADS * i, row = c >> 3, chunk = c & 7;
-      const bool live = row < count;
-      const uint8_t* src = codes + size_t(a_rows[live ? row : 0]) * K + kb * TILE_K + chunk * 16;
-      dsv4::cp_async16(a_tile + swizzled(row, chunk), src, live ? 16u : 0u);
-    }
-    if (tid < TILE_M) {
-      const bool live = tid < count;
-      dsv4::cp_async4(&a_scale[stage][tid], code_scales + size_t(a_rows[live ? tid : 0]) * nk + kb, live ? 4u : 0u);
-    }
-    dsv4::cp_async_commit();
-    // B: of the row's four 32-K scales the largest is the row's for these 128 K; the others fold into codes
-    const uint32_t top = max(max(sc & 0xFFu, (sc >> 8) & 0xFFu), max((sc >> 16) & 0xFFu, sc >> 24));
-    b_scale[stage][tid] = dsv4::e8m0(top);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {               // 32-K block j: 16 bytes of codes -> 32 bytes of e4m3
-      const int shift = min(int(top - ((sc >> (8 * j)) & 0xFFu)), SHIFTS - 1);
-      const uint32_t lo = lut[shift][0], hi = lut[shift][1];
-      const uint2 e0 = e2m1x8_to_e4m3(raw[j].x, lo, hi), e1 = e2m1x8_to_e4m3(raw[j].y, lo, hi);
-      const uint2 e2 = e2m1x8_to_e4m3(raw[j].z, lo, hi), e3 = e2m1x8_to_e4m3(raw[j].w, lo, hi);
-      *reinterpret_cast<uint4*>(b_tile + swizzled(tid, 2 * j)) = make_uint4(e0.x, e0.y, e1.x, e1.y);
-      *reinterpret_cast<uint4*>(b_tile + swizzled(tid, 2 * j + 1)) = make_uint4(e2.x, e2.y, e3.x, e3.y);
-    }
-  };
-  float step[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-  fetch(0);
-  __syncthreads();                              // the LUT
-  fill(0, 0);
-  if (nk > 1) fetch(1);
-  for (int kb = 0; kb < nk; ++kb) {
-    const int stage = kb & 1;
-    uint8_t* a_tile = stages + stage * WG_STAGE_BYTES;
-    uint8_t* b_tile = a_tile + WG_A_BYTES;
-    dsv4::cp_async_wait_all();
-    fence_async_shared();
-    __syncthreads();                            // stage `stage` complete; the other one free (step kb - 1 done)
-    wgmma_fence();
-#pragma unroll
-    for (int k = 0; k < TILE_K / 32; ++k)
-      wgmma_m64n128k32_e4m3(step, smem_desc(a_tile + 32 * k), smem_desc(b_tile + 32 * k), k);
-    wgmma_commit();
-    if (kb + 1 < nk) {                          // the next stage, while the tensor cores work on this one
-      fill(kb + 1, stage ^ 1);
-      if (kb + 2 < nk) fetch(kb + 2);
-    }
-    wgmma_wait_all();
-    const float a0 = a_scale[stage][16 * warp + r], a1 = a_scale[stage][16 * warp + r + 8];
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const float2 b = *reinterpret_cast<const float2*>(&b_scale[stage][8 * j + 2 * q]);
-      acc[4 * j] = fmaf(step[4 * j], a0 * b.x, acc[4 * j]);
-      acc[4 * j + 1] = fmaf(step[4 * j + 1], a0 * b.y, acc[4 * j + 1]);
-      acc[4 * j + 2] = fmaf(step[4 * j + 2], a1 * b.x, acc[4 * j + 2]);
-      acc[4 * j + 3] = fmaf(step[4 * j + 3], a1 * b.y, acc[4 * j + 3]);
-    }
-  }
-}
-
-// The group's rows: each pair's id, and its row of the activations (its token's for gate_up).
-__device__ __forceinline__ void group_rows(const int* pairs, int start, int count, int per_row, int* pair_of,
-                                           int* rows) {
-  if (threadIdx.x < TILE_M) {
-    const int p = pairs[start + min(int(threadIdx.x), count - 1)];
-    pair_of[threadIdx.x] = p;
-    rows[threadIdx.x] = p / per_row;
+    reinterpret_cast<uint8_t*>(s.lut)[at] = uint8_t(__nv_cvt_float_to_fp8(ldexpf(mag, -shift), __NV_SATFINITE, __NV_E4M3));
   }
   __syncthreads();
 }
 
-// Tile row of accumulators 4 j + 2 h and 4 j + 2 h + 1 of thread `tid` (its warp's 16 rows, then r).
-__device__ __forceinline__ int acc_row(int tid, int h) { return 16 * (tid / 32) + (tid & 31) / 4 + 8 * h; }
-#endif
-
-}  // namespace
-
-// gate_up. Grid: groups x (F / 64). x_codes [T, D] e4m3 and x_scales [T, D / 128] (act_quant of x); h
-// [T * topk, F] bf16, pair-indexed.
-__device__ __forceinline__ void gate_up_wgmma(const uint8_t* __restrict__ x_codes, const float* __restrict__ x_scales,
-                                              const int* __restrict__ pairs, const int* __restrict__ g_expert,
-                                              const int* __restrict__ g_start, const int* __restrict__ g_count,
-                                              const float* __restrict__ route_w, const uint64_t* __restrict__ table,
-                                              __nv_bfloat16* __restrict__ h, int topk, int D, int F, float limit) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  dsv4::pdl_wait();                             // the codes come from the act_quant launch before
-  dsv4::pdl_launch_dependents();
-  const int tiles = F / 64, g = blockIdx.x / tiles, tile = blockIdx.x % tiles, count = g_count[g];
-  __shared__ int pair_of[TILE_M], rows[TILE_M];
-  group_rows(pairs, g_start[g], count, topk, pair_of, rows);
-  const uint8_t* e = reinterpret_cast<const uint8_t*>(table[g_expert[g]]);
-  const size_t wbytes = size_t(F) * D / 2;
-  auto b_row = [&](int n, const uint8_t*& w, const uint8_t*& s) {   // columns 0-63: w1, 64-127: w3
-    const int which = n / 64, row = tile * 64 + n % 64;
-    w = e + which * wbytes + size_t(row) * (D / 2);
-    s = e + 3 * wbytes + which * size_t(F) * (D / 32) + size_t(row) * (D / 32);
-  };
-  float acc[64];
-  tile_gemm(x_codes, x_scales, rows, count, D, b_row, acc);
-  const int q = threadIdx.x & 3;
+// The CTA's product over K: acc (N / 2 per thread: for its 8-column block j, its warp's fragment rows g and
+// g + 8, columns 2q and 2q + 1) = sum over 128-K steps of the step's e4m3 product times both scales.
+// codes [rows, K] in slot order and scales [rows, K / 128]: the activations; weight_row(n) -> WeightRow of
+// the CTA's row n (n = 64 warpgroup + 16 warp + fragment row).
+template <int N, class RowOf>
+__device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, const float* __restrict__ code_scales,
+                                          int K, int count, const GroupShared& grp, RowOf weight_row,
+                                          float (&acc)[N / 2]) {
+  extern __shared__ uint8_t dynamic_smem[];
+  uint8_t* ring = dynamic_smem + ((1024 - (smem_addr(dynamic_smem) & 1023)) & 1023);
+  const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, q = lane & 3;
+  const int nk = K / STEP_K;
+  // this thread's copies: 16 bytes of weight rows tid / 4 and 64 + tid / 4, the scale word of row tid
+  const WeightRow c0 = weight_row(tid >> 2), c1 = weight_row(64 + (tid >> 2)), cs = weight_row(tid & (ROWS - 1));
+  const int chunk = tid & 3;
+  auto issue = [&](int kb) {
+    uint8_t* st = ring + (kb % STAGES) * STAGE_BYTES;
+    if (kb < nk) {
 #pragma unroll
-  for (int i = 0; i < 32; ++i) {                // gate column c (i < 32) and its up column c + 64 (i + 32)
-    const int row = acc_row(threadIdx.x, (i >> 1) & 1), col = 8 * (i >> 2) + 2 * q + (i & 1);
-    if (row >= count) continue;
-    float gate = __bfloat162float(__float2bfloat16(acc[i]));
-    float up = __bfloat162float(__float2bfloat16(acc[i + 32]));
+      for (int i = 0; i < N * 8 / THREADS; ++i) {   // B: N rows x 8 chunks; past the count, zeros
+        const int c = tid + THREADS * i, row = c >> 3;
+        dsv4::cp_async16(st + swizzled(row, c & 7), codes + size_t(grp.rows[row]) * K + kb * STEP_K + (c & 7) * 16,
+                         row < count ? 16u : 0u);
+      }
+      if (tid < N)
+        dsv4::cp_async4(st + TS_OFF + 4 * tid, code_scales + size_t(grp.rows[tid]) * nk + kb, tid < count ? 4u : 0u);
+      dsv4::cp_async16(st + W_OFF + (tid >> 2) * 64 + chunk * 16, c0.codes + kb * 64 + chunk * 16, 16u);
+      dsv4::cp_async16(st + W_OFF + (64 + (tid >> 2)) * 64 + chunk * 16, c1.codes + kb * 64 + chunk * 16, 16u);
+      if (tid < ROWS) dsv4::cp_async4(st + WS_OFF + 4 * tid, cs.scales + kb * 4, 4u);
+    }
+    dsv4::cp_async_commit();                     // empty past the end: the wait counts stay uniform
+  };
+  // Step kb's A fragments (a[c]: MMA c) and the scales of the lane's rows, from the step's stage.
+  const int n_lo = 64 * (tid >> 7) + 16 * ((tid >> 5) & 3) + g;
+  auto convert = [&](int kb, uint32_t (&a)[4][4], float (&ws)[2]) {
+    const uint8_t* st = ring + (kb % STAGES) * STAGE_BYTES;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int n = n_lo + 8 * h;
+      const uint4 raw = *reinterpret_cast<const uint4*>(st + W_OFF + n * 64 + 16 * q);
+      const uint32_t sc = *reinterpret_cast<const uint32_t*>(st + WS_OFF + 4 * n);
+      const uint32_t top = max(max(sc & 0xFFu, (sc >> 8) & 0xFFu), max((sc >> 16) & 0xFFu, sc >> 24));
+      ws[h] = dsv4::e8m0(top);
+      const int shift = min(int(top - ((sc >> (8 * q)) & 0xFFu)), SHIFTS - 1);
+      const uint32_t lo = grp.lut[shift][0], hi = grp.lut[shift][1];
+      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const uint2 e = e2m1x8_to_e4m3(words[c], lo, hi);
+        a[c][h] = e.x;
+        a[c][2 + h] = e.y;
+      }
+    }
+  };
+#pragma unroll
+  for (int kb = 0; kb < STAGES - 1; ++kb) issue(kb);
+  uint32_t a[4][4], a_next[4][4];
+  float ws[2], ws_next[2], step[N / 2];
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) acc[i] = 0.f;
+  dsv4::cp_async_wait_pending(STAGES - 3);
+  __syncthreads();
+  convert(0, a, ws);
+  for (int kb = 0; kb < nk; ++kb) {
+    dsv4::cp_async_wait_pending(STAGES - 3);    // this thread's copies of steps kb and kb + 1 landed
+    fence_async_shared();
+    __syncthreads();                            // everyone's; stage kb - 1 read by all (its MMAs waited)
+    issue(kb + STAGES - 1);
+    const uint8_t* st = ring + (kb % STAGES) * STAGE_BYTES;
+    wgmma_fence();
+#pragma unroll
+    for (int c = 0; c < 4; ++c) wgmma_rs<N>(step, a[c], smem_desc(st + 32 * c), c);
+    wgmma_commit();
+    if (kb + 1 < nk) convert(kb + 1, a_next, ws_next);
+    wgmma_wait_all();
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) wgmma_pin(step[i]);
+#pragma unroll
+    for (int c = 0; c < 4; ++c)                 // read by the MMAs until the wait: not reused before it
+#pragma unroll
+      for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[c][i])::"memory");
+    const float* ts = reinterpret_cast<const float*>(st + TS_OFF);
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j) {
+      const float2 t = *reinterpret_cast<const float2*>(ts + 8 * j + 2 * q);
+      acc[4 * j] = fmaf(step[4 * j], ws[0] * t.x, acc[4 * j]);
+      acc[4 * j + 1] = fmaf(step[4 * j + 1], ws[0] * t.y, acc[4 * j + 1]);
+      acc[4 * j + 2] = fmaf(step[4 * j + 2], ws[1] * t.x, acc[4 * j + 2]);
+      acc[4 * j + 3] = fmaf(step[4 * j + 3], ws[1] * t.y, acc[4 * j + 3]);
+    }
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[c][i] = a_next[c][i];
+    ws[0] = ws_next[0];
+    ws[1] = ws_next[1];
+  }
+}
+
+// The lane's first fragment row in the CTA (its warp's g; g + 8 is the other).
+__device__ __forceinline__ int fragment_row() { return 64 * (threadIdx.x >> 7) + 16 * ((threadIdx.x >> 5) & 3) + ((threadIdx.x & 31) >> 2); }
+
+template <int N>
+__device__ __forceinline__ void gate_up_group(const uint8_t* x_codes, const float* x_scales, int count,
+                                              const GroupShared& grp, const uint8_t* e, const float* route_w,
+                                              __nv_bfloat16* h, int tile, int D, int F, float limit) {
+  // CTA row n = 16 m + r (m = 4 warpgroup + warp): F row 64 tile + 8 m + r % 8 of w1 (r < 8) or of w3
+  const size_t wbytes = size_t(F) * D / 2;
+  auto weight_row = [&](int n) {
+    const int which = (n >> 3) & 1, f = tile * 64 + 8 * (n >> 4) + (n & 7);
+    return WeightRow{e + which * wbytes + size_t(f) * (D / 2),
+                     e + 3 * wbytes + which * size_t(F) * (D / 32) + size_t(f) * (D / 32)};
+  };
+  float acc[N / 2];
+  tile_gemm<N>(x_codes, x_scales, D, count, grp, weight_row, acc);
+  const int n = fragment_row(), f = tile * 64 + 8 * (n >> 4) + (n & 7), q = threadIdx.x & 3;
+#pragma unroll
+  for (int i = 0; i < N / 4; ++i) {             // gate: fragment row g (acc 4j + e), up: g + 8 (4j + 2 + e)
+    const int j = i >> 1, col = 8 * j + 2 * q + (i & 1);
+    if (col >= count) continue;
+    float gate = __bfloat162float(__float2bfloat16(acc[4 * j + (i & 1)]));
+    float up = __bfloat162float(__float2bfloat16(acc[4 * j + 2 + (i & 1)]));
     if (limit > 0.f) {
       up = fminf(fmaxf(up, -limit), limit);
       gate = fminf(gate, limit);
     }
-    const int pair = pair_of[row];
-    h[size_t(pair) * F + tile * 64 + col] = __float2bfloat16(route_w[pair] * (gate / (1.f + __expf(-gate)) * up));
+    const int pair = grp.pair_of[col];
+    h[size_t(pair) * F + f] = __float2bfloat16(route_w[pair] * (gate / (1.f + __expf(-gate)) * up));
   }
-#endif
 }
 
-// down. Grid: groups x (D / 128). h_codes [T * topk, F] e4m3 and h_scales [T * topk, F / 128] (act_quant of
-// h); ypart [T * topk, D] float32, each pair's output rounded to bf16 as the decode kernel rounds each expert's.
-__device__ __forceinline__ void down_wgmma(const uint8_t* __restrict__ h_codes, const float* __restrict__ h_scales,
-                                           const int* __restrict__ pairs, const int* __restrict__ g_expert,
-                                           const int* __restrict__ g_start, const int* __restrict__ g_count,
-                                           const uint64_t* __restrict__ table, float* __restrict__ ypart, int D, int F) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  dsv4::pdl_wait();                             // the codes come from the act_quant launch before
-  dsv4::pdl_launch_dependents();
-  const int tiles = D / TILE_N, g = blockIdx.x / tiles, tile = blockIdx.x % tiles, count = g_count[g];
-  __shared__ int pair_of[TILE_M], rows[TILE_M];
-  group_rows(pairs, g_start[g], count, 1, pair_of, rows);
-  const uint8_t* e = reinterpret_cast<const uint8_t*>(table[g_expert[g]]);
+template <int N>
+__device__ __forceinline__ void down_group(const uint8_t* h_codes, const float* h_scales, int count,
+                                           const GroupShared& grp, const uint8_t* e, float* ypart, int tile, int D,
+                                           int F) {
   const size_t wbytes = size_t(F) * D / 2;
-  auto b_row = [&](int n, const uint8_t*& w, const uint8_t*& s) {
-    const int row = tile * TILE_N + n;
-    w = e + 2 * wbytes + size_t(row) * (F / 2);
-    s = e + 3 * wbytes + 2 * size_t(F) * (D / 32) + size_t(row) * (F / 32);
+  auto weight_row = [&](int n) {
+    const int row = tile * ROWS + n;
+    return WeightRow{e + 2 * wbytes + size_t(row) * (F / 2),
+                     e + 3 * wbytes + 2 * size_t(F) * (D / 32) + size_t(row) * (F / 32)};
   };
-  float acc[64];
-  tile_gemm(h_codes, h_scales, rows, count, F, b_row, acc);
-  const int q = threadIdx.x & 3;
+  float acc[N / 2];
+  tile_gemm<N>(h_codes, h_scales, F, count, grp, weight_row, acc);
+  const int row = tile * ROWS + fragment_row(), q = threadIdx.x & 3;
 #pragma unroll
-  for (int i = 0; i < 64; ++i) {
-    const int row = acc_row(threadIdx.x, (i >> 1) & 1), col = 8 * (i >> 2) + 2 * q + (i & 1);
-    if (row < count) ypart[size_t(pair_of[row]) * D + tile * TILE_N + col] = __bfloat162float(__float2bfloat16(acc[i]));
+  for (int i = 0; i < N / 4; ++i) {
+    const int j = i >> 1, col = 8 * j + 2 * q + (i & 1);
+    if (col >= count) continue;
+    float* out = ypart + size_t(grp.pair_of[col]) * D + row;
+    out[0] = __bfloat162float(__float2bfloat16(acc[4 * j + (i & 1)]));
+    out[8] = __bfloat162float(__float2bfloat16(acc[4 * j + 2 + (i & 1)]));
   }
-#endif
 }
+#endif
 
-// The launches: one warpgroup, dynamic shared memory 2 * WG_STAGE_BYTES + 1024 (plugins/moe_experts.py
-// WGMMA_SHARED_BYTES).
-extern "C" __global__ void __launch_bounds__(128) dsv4_moe_gate_up_wgmma(
+}  // namespace moe_prefill
+
+// gate_up. Grid: groups x (F / 64), 256 threads, dynamic shared memory moe_prefill::SHARED_BYTES. x_codes
+// [T, D] e4m3 in slot order and x_scales [T, D / 128] (act_quant of x); h [T * topk, F] bf16, pair-indexed.
+extern "C" __global__ void __launch_bounds__(moe_prefill::THREADS, 1) dsv4_moe_gate_up_wgmma(
     const uint8_t* x_codes, const float* x_scales, const int* pairs, const int* g_expert, const int* g_start,
     const int* g_count, const float* route_w, const uint64_t* table, __nv_bfloat16* h, int topk, int D, int F,
     float limit) {
-  gate_up_wgmma(x_codes, x_scales, pairs, g_expert, g_start, g_count, route_w, table, h, topk, D, F, limit);
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace moe_prefill;
+  dsv4::pdl_wait();                             // the codes come from the act_quant launch before
+  dsv4::pdl_launch_dependents();
+  const int tiles = F / 64, grp_id = blockIdx.x / tiles, tile = blockIdx.x % tiles, count = g_count[grp_id];
+  __shared__ GroupShared grp;
+  load_group(pairs, g_start[grp_id], count, topk, grp);
+  const uint8_t* e = reinterpret_cast<const uint8_t*>(table[g_expert[grp_id]]);
+  switch ((count + 31) / 32) {
+    case 1: gate_up_group<32>(x_codes, x_scales, count, grp, e, route_w, h, tile, D, F, limit); break;
+    case 2: gate_up_group<64>(x_codes, x_scales, count, grp, e, route_w, h, tile, D, F, limit); break;
+    case 3: gate_up_group<96>(x_codes, x_scales, count, grp, e, route_w, h, tile, D, F, limit); break;
+    default: gate_up_group<128>(x_codes, x_scales, count, grp, e, route_w, h, tile, D, F, limit);
+  }
+#endif
 }
 
-extern "C" __global__ void __launch_bounds__(128) dsv4_moe_down_wgmma(
+// down. Grid: groups x (D / 128), as gate_up. h_codes [T * topk, F] e4m3 in slot order and h_scales
+// [T * topk, F / 128] (act_quant of h); ypart [T * topk, D] float32, each pair's output rounded to bf16 as
+// the decode kernel rounds each expert's.
+extern "C" __global__ void __launch_bounds__(moe_prefill::THREADS, 1) dsv4_moe_down_wgmma(
     const uint8_t* h_codes, const float* h_scales, const int* pairs, const int* g_expert, const int* g_start,
     const int* g_count, const uint64_t* table, float* ypart, int D, int F) {
-  down_wgmma(h_codes, h_scales, pairs, g_expert, g_start, g_count, table, ypart, D, F);
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace moe_prefill;
+  dsv4::pdl_wait();
+  dsv4::pdl_launch_dependents();
+  const int tiles = D / ROWS, grp_id = blockIdx.x / tiles, tile = blockIdx.x % tiles, count = g_count[grp_id];
+  __shared__ GroupShared grp;
+  load_group(pairs, g_start[grp_id], count, 1, grp);
+  const uint8_t* e = reinterpret_cast<const uint8_t*>(table[g_expert[grp_id]]);
+  switch ((count + 31) / 32) {
+    case 1: down_group<32>(h_codes, h_scales, count, grp, e, ypart, tile, D, F); break;
+    case 2: down_group<64>(h_codes, h_scales, count, grp, e, ypart, tile, D, F); break;
+    case 3: down_group<96>(h_codes, h_scales, count, grp, e, ypart, tile, D, F); break;
+    default: down_group<128>(h_codes, h_scales, count, grp, e, ypart, tile, D, F);
+  }
+#endif
 }
