@@ -457,8 +457,16 @@ def write_report(path: Path, bandwidth: float, rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "kernels-h200.json")
+    ap.add_argument("--only", choices=["moe_prefill"], help="just the prefill MoE rows (with the bf16 matmul)")
     args = ap.parse_args()
     bw = copy_bandwidth()
+    if args.only == "moe_prefill":
+        rows = [{"kernel": "bf16_matmul", "weight": "8192 x 8192 x 8192", "tflops": bf16_matmul_tflops()}]
+        rows += [bench_moe_prefill(rows[0]["tflops"], tokens) for tokens in (256, 1024, 4096)]
+        for row in rows:
+            print(json.dumps(row))
+        write_report(args.json, bw, rows)
+        return
     # wq_a + wkv and the shared w1 + w3 run stacked in the programs (builder/programs/decode.py FUSED_FP8);
     # their parts are kept for comparison with earlier results
     shapes = [("wq_a", 1024, 4096), ("wq_b", 32768, 1024), ("wkv", 512, 4096), ("wq_a_wkv", 1536, 4096),

@@ -64,8 +64,9 @@ def make_workspace(tokens: int, topk: int, d: int, f: int, device, wgmma: bool =
 class WgmmaPaths:
     """Whether `dsv4::moe_routed` takes the sm_90 warpgroup-MMA kernels where they fit: for decode
     (csrc/moe_decode_wgmma.cu, faster than the mma.sync kernels, whose FP8 MMA Hopper emulates) and for prefill
-    chunks with at least 12 pairs per expert (csrc/moe_wgmma.cu; from 512 Flash tokens faster than the
-    grouped kernels). Their FP8 MMAs add in less than float32, so they are not the mma.sync kernels' bits:
+    chunks with at least 6 pairs per expert (csrc/moe_wgmma.cu; since session 24's form faster than the
+    grouped kernels from 256 Flash tokens, 6 pairs per expert: bench/results/wgmma-crossover-s24-h200.txt).
+    Their FP8 MMAs add in less than float32, so they are not the mma.sync kernels' bits:
     each is on only once it passed both model-level checks on the H200, the tiny bf16 artifact against the
     reference (tests/test_artifact_gpu.py) and the Flash-8 artifact against the default kernels, within
     their own prefill-vs-decode noise (bench/wgmma_gate.py). Decode passed both in session 12. Prefill
@@ -74,7 +75,7 @@ class WgmmaPaths:
     16. A switch for tests and benchmarks."""
     decode: bool = True
     prefill: bool = True
-    prefill_min_pairs_per_expert: int = 12    # where wgmma beats the grouped kernels (0: any chunk it fits)
+    prefill_min_pairs_per_expert: int = 6     # where wgmma beats the grouped kernels (0: any chunk it fits)
 
 
 WGMMA = WgmmaPaths()
@@ -180,21 +181,35 @@ def group_size(shared_memory: tuple[int, int], d: int, f: int) -> int:
     return group
 
 
-def group_pairs(experts: torch.Tensor, n_experts: int, max_group: int) -> tuple[torch.Tensor, ...]:
+def group_pairs(experts: torch.Tensor, n_experts: int, max_group: int,
+                padded: bool = False) -> tuple[torch.Tensor, ...]:
     """A chunk's (token, slot) pairs (pair id token * topk + slot) sorted by expert, and cut into groups of
     at most `max_group` pairs of one expert, an expert's groups within one pair of each other in size (130
     pairs in groups of 128: 65 and 65, not 128 and 2): (pairs, group expert, group start in pairs, group
-    size), int32. Synchronises once (the number of groups), so it is for prefill, never inside a captured graph."""
-    flat = experts.flatten().long()
+    size), int32. Synchronises once (the number of groups), so it is for prefill, never inside a captured
+    graph; `padded`: never, the group tensors sized for the most groups the chunk could have, those past its
+    own of size 0 (expert n_experts - 1, start at the end of the pairs); on a GPU then from one kernel
+    (csrc/moe_groups.cu; this torch form is its oracle)."""
+    flat = experts.flatten()
     pairs = torch.argsort(flat, stable=True).to(torch.int32)
-    counts = torch.bincount(flat, minlength=n_experts)
+    most = min(flat.numel(), (flat.numel() + n_experts * (max_group - 1)) // max_group)
+    if padded and flat.is_cuda:
+        assert flat.dtype == torch.int32 and n_experts <= 1024
+        table = torch.empty(3, most, dtype=torch.int32, device=flat.device)
+        kernels().launch("dsv4_moe_group_table", 1, 1024, [(flat.contiguous(), PTR), (flat.numel(), INT),
+                         (n_experts, INT), (max_group, INT), (most, INT)] + [(t, PTR) for t in table])
+        return (pairs, *table)
+    flat = flat.long()
+    counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
     per_expert = (counts + max_group - 1) // max_group
-    g_expert = torch.repeat_interleave(torch.arange(n_experts, device=flat.device), per_expert)
-    nth = torch.arange(g_expert.numel(), device=flat.device) - (torch.cumsum(per_expert, 0) - per_expert)[g_expert]
-    count, cut = counts[g_expert], per_expert[g_expert]
-    first = nth * count // cut                           # the group's first pair within its expert's run
+    ends = torch.cumsum(per_expert, 0)
+    slot = torch.arange(most if padded else int(ends[-1]), device=flat.device)
+    g_expert = torch.searchsorted(ends, slot, right=True).clamp_(max=n_experts - 1)
+    nth = slot - (ends - per_expert)[g_expert]
+    count, cut = counts[g_expert], per_expert[g_expert].clamp(min=1)
+    first = torch.minimum(nth * count // cut, count)     # the group's first pair within its expert's run
     g_start = (torch.cumsum(counts, 0) - counts)[g_expert] + first
-    g_count = (nth + 1) * count // cut - first
+    g_count = (torch.minimum((nth + 1) * count // cut, count) - first).clamp_(min=0)
     return pairs, g_expert.to(torch.int32), g_start.to(torch.int32), g_count.to(torch.int32)
 
 
@@ -260,8 +275,8 @@ def sum_pairs_post(parts: torch.Tensor, experts: torch.Tensor, k: int, shared: t
 
 # ------------------------------------------------------------------ prefill on wgmma (sm_90a)
 WGMMA_GROUP = 128                   # csrc/moe_wgmma.cu MAX_N: a group's pairs are the MMA's columns
-WGMMA_THREADS = 256                 # two warpgroups, 128 weight rows
-WGMMA_SHARED_BYTES = 6 * (128 * 128 + 128 * 64 + 128 * 4 + 128 * 4) + 1024   # six ring stages, 1 KiB to align
+WGMMA_THREADS = 256                 # two warpgroups of 64 weight rows each
+WGMMA_SHARED_BYTES = 8 * (128 * 128 + 128 * 64 + 128 * 4 + 128 * 4) + 1024   # eight ring stages, 1 KiB to align
 
 
 def wgmma_fits(x: torch.Tensor, d: int, f: int) -> bool:
@@ -283,7 +298,7 @@ def moe_experts_prefill_wgmma(x: torch.Tensor, experts: torch.Tensor, route_w: t
     converted to e4m3 once per group. Close to the decode kernels, not bit for bit (another summation, and
     scales applied per 128 K). Allocates and synchronises."""
     t, d = x.shape
-    groups = group_pairs(experts, table.numel(), WGMMA_GROUP)
+    groups = group_pairs(experts, table.numel(), WGMMA_GROUP, padded=True)
     h = wgmma_gate_up(x, experts, route_w, table, f, limit, groups)
     h_codes, h_scales = act_workspace(t * experts.size(1), f, x.device)
     act_quant(h, h_codes, h_scales, mma_slots=True)

@@ -77,6 +77,11 @@ def test_group_pairs_cuts_each_experts_run_into_groups():
     for e in range(10):                                   # an expert's groups within one pair of each other
         sizes = g_count[g_expert == e]
         assert sizes.max() - sizes.min() <= 1 and len(sizes) == -(-int((flat == e).sum()) // 8)
+    padded = group_pairs(experts, 10, 8, padded=True)    # sized without a sync: the same groups, then empty ones
+    real = g_expert.numel()
+    assert torch.equal(padded[0], pairs) and padded[1].numel() == (37 * 6 + 10 * 7) // 8 > real
+    assert all(torch.equal(a[:real], b) for a, b in zip(padded[1:], (g_expert, g_start, g_count)))
+    assert (padded[3][real:] == 0).all() and padded[1].max() < 10 and padded[2].max() <= 37 * 6
 
 
 @pytest.mark.gpu

@@ -63,3 +63,18 @@ def test_act_quant_in_mma_slot_order_moves_each_blocks_words():
     source = 8 * (w % 4) + 2 * (w // 8) + (w // 4) % 2
     assert torch.equal(slots[1], plain[1])
     assert torch.equal(slots[0].view(5, 4, 32, 4), plain[0].view(5, 4, 32, 4)[:, :, source])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens, n_exp, k, max_group", [(300, 12, 6, 128), (4096, 256, 6, 128), (37, 10, 6, 8)],
+                         ids=["300tok-hot", "flash-4096tok", "small-groups"])
+def test_group_table_kernel_equals_its_torch_form(tokens, n_exp, k, max_group):
+    """csrc/moe_groups.cu against group_pairs' torch form (its oracle), padding slots included."""
+    from plugins.moe_experts import group_pairs
+    g = torch.Generator().manual_seed(7)
+    experts = torch.stack([torch.randperm(n_exp, generator=g)[:k] for _ in range(tokens)]).to(torch.int32)
+    experts[: tokens // 2, 0] = 3                        # a hot expert: several groups
+    expect = group_pairs(experts, n_exp, max_group, padded=True)
+    got = group_pairs(experts.cuda(), n_exp, max_group, padded=True)
+    for a, b in zip(got, expect):
+        assert torch.equal(a.cpu(), b)

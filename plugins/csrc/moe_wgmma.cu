@@ -36,8 +36,8 @@
 
 namespace moe_prefill {
 
-constexpr int WARPGROUPS = 2, THREADS = 128 * WARPGROUPS, ROWS = 64 * WARPGROUPS;  // weight rows per CTA
-constexpr int MAX_N = 128, STEP_K = 128, STAGES = 6, SHIFTS = 17;                  // folded shifts 0 .. -16
+constexpr int THREADS = 256, ROWS = 128;        // two warpgroups of 64 weight rows
+constexpr int MAX_N = 128, STEP_K = 128, STAGES = 8, SHIFTS = 17;                  // folded shifts 0 .. -16
 // A ring stage: B (MAX_N rows x 128 codes, swizzled; 1024-byte aligned as the swizzle pattern is), A's packed
 // codes (ROWS x 64 bytes), B's scales (MAX_N floats), A's E8M0 scale bytes (ROWS x 4).
 constexpr int W_OFF = MAX_N * STEP_K, TS_OFF = W_OFF + ROWS * STEP_K / 2, WS_OFF = TS_OFF + MAX_N * 4;
@@ -106,11 +106,30 @@ struct WeightRow {
   const uint8_t* scales;
 };
 
+// The ring's mbarriers: full[s] completes when every thread's copies into stage s have landed (each
+// thread's cp.async arrive), empty[s] when the eight warps are done reading it.
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_on_copies(uint64_t* bar) {   // when this thread's cp.asyncs land
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
+}
+
 // What a CTA shares: the group's pairs and activation rows (MAX_N each, past the count the last repeated),
 // and the folding LUT: the e4m3 bytes of each E2M1 magnitude times 2^-shift.
 struct GroupShared {
   int pair_of[MAX_N], rows[MAX_N];
   uint32_t lut[SHIFTS][2];
+  uint64_t full[STAGES], empty[STAGES];
 };
 
 __device__ __forceinline__ void load_group(const int* pairs, int start, int count, int per_row, GroupShared& s) {
@@ -124,50 +143,67 @@ __device__ __forceinline__ void load_group(const int* pairs, int start, int coun
     const float mag = m < 2 ? 0.5f * m : ldexpf(1.f + 0.5f * (m & 1), (m >> 1) - 1);
     reinterpret_cast<uint8_t*>(s.lut)[at] = uint8_t(__nv_cvt_float_to_fp8(ldexpf(mag, -shift), __NV_SATFINITE, __NV_E4M3));
   }
+  if (threadIdx.x < STAGES) {
+    mbar_init(&s.full[threadIdx.x], THREADS);    // every thread's copies
+    mbar_init(&s.empty[threadIdx.x], THREADS / 32);   // every warp done
+  }
   __syncthreads();
 }
 
 // The CTA's product over K: acc (N / 2 per thread: for its 8-column block j, its warp's fragment rows g and
 // g + 8, columns 2q and 2q + 1) = sum over 128-K steps of the step's e4m3 product times both scales.
 // codes [rows, K] in slot order and scales [rows, K / 128]: the activations; weight_row(n) -> WeightRow of
-// the CTA's row n (n = 64 warpgroup + 16 warp + fragment row).
+// the CTA's row n (n = 64 warpgroup + 16 warp + fragment row). Every thread copies its share of a step
+// STAGES - 2 steps ahead, once the stage's last readers (step kb - 2) are done with it; a warpgroup takes
+// a step once its stage is full. So the warpgroups are held together only within two steps: one adds a
+// step's products while the other's MMAs run (a barrier per step, in the first form, held them in step:
+// 0.30 of a bf16 matmul at 4096 tokens). (A producer warp of its own would leave the consumers 168
+// registers, nine warps sharing four schedulers' register files; they need about 190.)
 template <int N, class RowOf>
 __device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, const float* __restrict__ code_scales,
-                                          int K, int count, const GroupShared& grp, RowOf weight_row,
-                                          float (&acc)[N / 2]) {
+                                          int K, int count, GroupShared& grp, RowOf weight_row, float (&acc)[N / 2]) {
   extern __shared__ uint8_t dynamic_smem[];
   uint8_t* ring = dynamic_smem + ((1024 - (smem_addr(dynamic_smem) & 1023)) & 1023);
-  const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, q = lane & 3;
-  const int nk = K / STEP_K;
+  const int tid = threadIdx.x, lane = tid & 31, nk = K / STEP_K;
   // this thread's copies: 16 bytes of weight rows tid / 4 and 64 + tid / 4, the scale word of row tid
   const WeightRow c0 = weight_row(tid >> 2), c1 = weight_row(64 + (tid >> 2)), cs = weight_row(tid & (ROWS - 1));
   const int chunk = tid & 3;
   auto issue = [&](int kb) {
-    uint8_t* st = ring + (kb % STAGES) * STAGE_BYTES;
-    if (kb < nk) {
+    if (kb >= nk) return;
+    const int s = kb % STAGES;
+    if (kb >= STAGES) mbar_wait(&grp.empty[s], (kb / STAGES - 1) & 1);
+    uint8_t* st = ring + s * STAGE_BYTES;
+    int src[N * 8 / THREADS];                    // read before the copies (each copy's asm orders memory)
 #pragma unroll
-      for (int i = 0; i < N * 8 / THREADS; ++i) {   // B: N rows x 8 chunks; past the count, zeros
-        const int c = tid + THREADS * i, row = c >> 3;
-        dsv4::cp_async16(st + swizzled(row, c & 7), codes + size_t(grp.rows[row]) * K + kb * STEP_K + (c & 7) * 16,
-                         row < count ? 16u : 0u);
-      }
-      if (tid < N)
-        dsv4::cp_async4(st + TS_OFF + 4 * tid, code_scales + size_t(grp.rows[tid]) * nk + kb, tid < count ? 4u : 0u);
-      dsv4::cp_async16(st + W_OFF + (tid >> 2) * 64 + chunk * 16, c0.codes + kb * 64 + chunk * 16, 16u);
-      dsv4::cp_async16(st + W_OFF + (64 + (tid >> 2)) * 64 + chunk * 16, c1.codes + kb * 64 + chunk * 16, 16u);
-      if (tid < ROWS) dsv4::cp_async4(st + WS_OFF + 4 * tid, cs.scales + kb * 4, 4u);
+    for (int i = 0; i < N * 8 / THREADS; ++i) src[i] = grp.rows[(tid + THREADS * i) >> 3];
+    const int ts_src = grp.rows[tid & (MAX_N - 1)];
+#pragma unroll
+    for (int i = 0; i < N * 8 / THREADS; ++i) {   // B: N rows x 8 chunks; past the count, zeros
+      const int c = tid + THREADS * i, row = c >> 3;
+      dsv4::cp_async16(st + swizzled(row, c & 7), codes + size_t(src[i]) * K + kb * STEP_K + (c & 7) * 16,
+                       row < count ? 16u : 0u);
     }
-    dsv4::cp_async_commit();                     // empty past the end: the wait counts stay uniform
+    if (tid < N)
+      dsv4::cp_async4(st + TS_OFF + 4 * tid, code_scales + size_t(ts_src) * nk + kb, tid < count ? 4u : 0u);
+    dsv4::cp_async16(st + W_OFF + (tid >> 2) * 64 + chunk * 16, c0.codes + kb * 64 + chunk * 16, 16u);
+    dsv4::cp_async16(st + W_OFF + (64 + (tid >> 2)) * 64 + chunk * 16, c1.codes + kb * 64 + chunk * 16, 16u);
+    if (tid < ROWS) dsv4::cp_async4(st + WS_OFF + 4 * tid, cs.scales + kb * 4, 4u);
+    mbar_arrive_on_copies(&grp.full[s]);
   };
-  // Step kb's A fragments (a[c]: MMA c) and the scales of the lane's rows, from the step's stage.
-  const int n_lo = 64 * (tid >> 7) + 16 * ((tid >> 5) & 3) + g;
+#pragma unroll
+  for (int kb = 0; kb < STAGES - 2; ++kb) issue(kb);
+  const int q = lane & 3;
+  // Step kb's A fragments (a[c]: MMA c) and the scales of the lane's rows, from the step's stage. The
+  // lane's offsets in a stage, kept (the compiler would otherwise read threadIdx.x again every step).
+  const int n_lo = 64 * (tid >> 7) + 16 * ((tid >> 5) & 3) + (lane >> 2);
+  const uint8_t* w_at = ring + W_OFF + n_lo * 64 + 16 * q;
+  const uint8_t* s_at = ring + WS_OFF + 4 * n_lo;
   auto convert = [&](int kb, uint32_t (&a)[4][4], float (&ws)[2]) {
-    const uint8_t* st = ring + (kb % STAGES) * STAGE_BYTES;
+    const int at = (kb % STAGES) * STAGE_BYTES;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int n = n_lo + 8 * h;
-      const uint4 raw = *reinterpret_cast<const uint4*>(st + W_OFF + n * 64 + 16 * q);
-      const uint32_t sc = *reinterpret_cast<const uint32_t*>(st + WS_OFF + 4 * n);
+      const uint4 raw = *reinterpret_cast<const uint4*>(w_at + at + 8 * 64 * h);
+      const uint32_t sc = *reinterpret_cast<const uint32_t*>(s_at + at + 4 * 8 * h);
       const uint32_t top = max(max(sc & 0xFFu, (sc >> 8) & 0xFFu), max((sc >> 16) & 0xFFu, sc >> 24));
       ws[h] = dsv4::e8m0(top);
       const int shift = min(int(top - ((sc >> (8 * q)) & 0xFFu)), SHIFTS - 1);
@@ -181,26 +217,26 @@ __device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, con
       }
     }
   };
-#pragma unroll
-  for (int kb = 0; kb < STAGES - 1; ++kb) issue(kb);
   uint32_t a[4][4], a_next[4][4];
   float ws[2], ws_next[2], step[N / 2];
 #pragma unroll
   for (int i = 0; i < N / 2; ++i) acc[i] = 0.f;
-  dsv4::cp_async_wait_pending(STAGES - 3);
-  __syncthreads();
+  mbar_wait(&grp.full[0], 0);
   convert(0, a, ws);
   for (int kb = 0; kb < nk; ++kb) {
-    dsv4::cp_async_wait_pending(STAGES - 3);    // this thread's copies of steps kb and kb + 1 landed
-    fence_async_shared();
-    __syncthreads();                            // everyone's; stage kb - 1 read by all (its MMAs waited)
-    issue(kb + STAGES - 1);
-    const uint8_t* st = ring + (kb % STAGES) * STAGE_BYTES;
+    const int s = kb % STAGES;
+    const uint8_t* st = ring + s * STAGE_BYTES;
+    // No proxy fence between the copies (seen landed through the mbarrier) and the MMAs' reads: as CUTLASS's
+    // cp.async-fed warpgroup-MMA mainloops do. Here a fence would also wait for this thread's own copies of
+    // the steps ahead, still in flight (ncu: the fence and the MMAs' arrive, the most stalled instructions).
     wgmma_fence();
 #pragma unroll
     for (int c = 0; c < 4; ++c) wgmma_rs<N>(step, a[c], smem_desc(st + 32 * c), c);
     wgmma_commit();
-    if (kb + 1 < nk) convert(kb + 1, a_next, ws_next);
+    if (kb + 1 < nk) {
+      mbar_wait(&grp.full[(kb + 1) % STAGES], ((kb + 1) / STAGES) & 1);
+      convert(kb + 1, a_next, ws_next);
+    }
     wgmma_wait_all();
 #pragma unroll
     for (int i = 0; i < N / 2; ++i) wgmma_pin(step[i]);
@@ -217,6 +253,9 @@ __device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, con
       acc[4 * j + 2] = fmaf(step[4 * j + 2], ws[1] * t.x, acc[4 * j + 2]);
       acc[4 * j + 3] = fmaf(step[4 * j + 3], ws[1] * t.y, acc[4 * j + 3]);
     }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&grp.empty[s]);   // this warp is done with the stage
+    issue(kb + STAGES - 2);
 #pragma unroll
     for (int c = 0; c < 4; ++c)
 #pragma unroll
@@ -231,7 +270,7 @@ __device__ __forceinline__ int fragment_row() { return 64 * (threadIdx.x >> 7) +
 
 template <int N>
 __device__ __forceinline__ void gate_up_group(const uint8_t* x_codes, const float* x_scales, int count,
-                                              const GroupShared& grp, const uint8_t* e, const float* route_w,
+                                              GroupShared& grp, const uint8_t* e, const float* route_w,
                                               __nv_bfloat16* h, int tile, int D, int F, float limit) {
   // CTA row n = 16 m + r (m = 4 warpgroup + warp): F row 64 tile + 8 m + r % 8 of w1 (r < 8) or of w3
   const size_t wbytes = size_t(F) * D / 2;
@@ -260,7 +299,7 @@ __device__ __forceinline__ void gate_up_group(const uint8_t* x_codes, const floa
 
 template <int N>
 __device__ __forceinline__ void down_group(const uint8_t* h_codes, const float* h_scales, int count,
-                                           const GroupShared& grp, const uint8_t* e, float* ypart, int tile, int D,
+                                           GroupShared& grp, const uint8_t* e, float* ypart, int tile, int D,
                                            int F) {
   const size_t wbytes = size_t(F) * D / 2;
   auto weight_row = [&](int n) {
@@ -295,6 +334,7 @@ extern "C" __global__ void __launch_bounds__(moe_prefill::THREADS, 1) dsv4_moe_g
   dsv4::pdl_wait();                             // the codes come from the act_quant launch before
   dsv4::pdl_launch_dependents();
   const int tiles = F / 64, grp_id = blockIdx.x / tiles, tile = blockIdx.x % tiles, count = g_count[grp_id];
+  if (count == 0) return;                       // past the chunk's groups (group_pairs pads)
   __shared__ GroupShared grp;
   load_group(pairs, g_start[grp_id], count, topk, grp);
   const uint8_t* e = reinterpret_cast<const uint8_t*>(table[g_expert[grp_id]]);
@@ -318,6 +358,7 @@ extern "C" __global__ void __launch_bounds__(moe_prefill::THREADS, 1) dsv4_moe_d
   dsv4::pdl_wait();
   dsv4::pdl_launch_dependents();
   const int tiles = D / ROWS, grp_id = blockIdx.x / tiles, tile = blockIdx.x % tiles, count = g_count[grp_id];
+  if (count == 0) return;                       // past the chunk's groups (group_pairs pads)
   __shared__ GroupShared grp;
   load_group(pairs, g_start[grp_id], count, 1, grp);
   const uint8_t* e = reinterpret_cast<const uint8_t*>(table[g_expert[grp_id]]);
