@@ -11,6 +11,7 @@ namespace {
 // Exclusive prefix sum over the block of one int per thread (blockDim.x <= 1024); *total gets the sum.
 __device__ __forceinline__ int block_exclusive_scan(int v, int* warp_sums, int* total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  __syncthreads();                              // a scan before may still be reading warp_sums
   int inclusive = v;
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
