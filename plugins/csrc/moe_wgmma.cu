@@ -1,5 +1,5 @@
 // MXFP4 routed experts for prefill on Hopper's warpgroup MMA (sm_90a only; elsewhere the grouped mma.sync
-// kernels of moe_experts.cu serve, and also below 12 pairs per expert, where they are faster).
+// kernels of moe_experts.cu serve, and also below 6 pairs per expert; plugins/moe_experts.py WgmmaPaths).
 //
 // The host sorts a chunk's (token, slot) pairs by expert and cuts each expert's run into balanced groups of
 // at most 128 pairs (plugins/moe_experts.py group_pairs); the act_quant kernel quantises the activations
@@ -24,8 +24,8 @@
 //     operands' bytes; a warpgroup converts step k + 1's A while the tensor cores multiply step k.
 // Numerics: the FP8 MMA adds within 128 K in less than float32, so a gate or up value can differ from the
 // decode kernels' by a bf16 unit; h's e4m3 requantisation before down can turn that into one code step of
-// one element. Measured: h within cosine 0.999996 of the oracle per pair, outputs >= 0.9999 per token at
-// Flash size, one token in 64 at 0.99990 in a small case (bench/results/wgmma-diag-h200.txt).
+// one element. Measured (session 24, bench/wgmma_diag.py cases): outputs >= 0.9999 per token at Flash size
+// (worst 0.999913), one token in 64 at 0.999903 in a small case; session 10's form: 0.999963 and 0.999896.
 // gate_up: a CTA's 128 rows are 64 rows of w1 and the same 64 rows of w3 (each warp's fragment rows g and
 //   g + 8: w1 and w3 row f), so a lane holds gate and up of its f and forms
 //   h = bf16(route_w * silu(min(bf16(g), L)) * clamp(bf16(u), -L, L)). down: 128 rows of w2,
@@ -125,7 +125,7 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
 }
 
 // What a CTA shares: the group's pairs and activation rows (MAX_N each, past the count the last repeated),
-// and the folding LUT: the e4m3 bytes of each E2M1 magnitude times 2^-shift.
+// the folding LUT (the e4m3 bytes of each E2M1 magnitude times 2^-shift) and the ring's mbarriers.
 struct GroupShared {
   int pair_of[MAX_N], rows[MAX_N];
   uint32_t lut[SHIFTS][2];
