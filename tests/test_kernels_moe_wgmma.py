@@ -78,3 +78,62 @@ def test_group_table_kernel_equals_its_torch_form(tokens, n_exp, k, max_group):
     got = group_pairs(experts.cuda(), n_exp, max_group, padded=True)
     for a, b in zip(got, expect):
         assert torch.equal(a.cpu(), b)
+
+
+def tiny_prefill_moe_inputs(tiny_dir, device: str, chunk: int = 64):
+    """Every prefill MoE call of the tiny bf16 reference on tests/test_artifact_gpu.py's prompt, cut into the
+    artifact's prefill chunks (those over 16 tokens, which dsv4::moe_routed sends to a prefill path): a list
+    of (x, experts int32, route weights float32, expert_weights, table, limit), the table [experts] int64
+    pointing into `stores` (the layer's packed experts on `device`), and the model's intermediate size."""
+    import builder.reference.moe as reference_moe
+    from builder.checkpoint import Checkpoint
+    from builder.expert_bank import _expert_tensors
+    from builder.reference.model import ReferenceModel
+    from plugins.moe_experts import pack_expert
+    from test_artifact_gpu import PROMPT
+    calls, real = [], reference_moe.moe_routed_oracle
+
+    def spy(x, experts, weights, expert_weights, limit):
+        calls.append((x, experts, weights, expert_weights, limit))
+        return real(x, experts, weights, expert_weights, limit)
+
+    reference_moe.moe_routed_oracle = spy
+    try:
+        ckpt = Checkpoint(tiny_dir)
+        ref = ReferenceModel(ckpt, device=device, act=torch.bfloat16, max_len=200)
+        ref.reset(1)
+        ref.forward(torch.tensor([PROMPT]), 0)
+    finally:
+        reference_moe.moe_routed_oracle = real
+    out, stores = [], []
+    for x, experts, weights, expert_weights, limit in calls:
+        moe = expert_weights.__self__
+        layer = [pack_expert(*_expert_tensors(ckpt, f"{moe.prefix}experts.{e}.")).to(device)
+                 for e in range(ckpt.config.n_routed_experts)]
+        stores += layer
+        table = torch.tensor([s.data_ptr() for s in layer], dtype=torch.int64, device=device)
+        for c in range(0, x.size(0), chunk):
+            if x[c:c + chunk].size(0) > 16:
+                out.append((x[c:c + chunk], experts[c:c + chunk].to(torch.int32).contiguous(),
+                            weights[c:c + chunk].float().contiguous(), expert_weights, table, limit))
+    return out, stores, ckpt.config.moe_intermediate_size
+
+
+@pytest.mark.gpu
+def test_moe_prefill_wgmma_on_the_tiny_models_own_inputs(tiny_dir):
+    """The model-level check without the model's amplification: the wgmma prefill MoE on the inputs the tiny
+    bf16 model gives it (every layer, the artifact test's prompt in 64-token chunks) against the oracle, with
+    the kernel tests' bounds. tests/test_artifact_gpu.py cannot judge this kernel on that model: bf16-unit
+    noise in the prefill MoE's output alone flips its routing (bench/tiny_moe_noise.py); a fault would show
+    here."""
+    from plugins.moe_experts import moe_experts_prefill_wgmma, wgmma_fits
+    if not wgmma_fits(torch.empty(1, device="cuda"), 256, 128):
+        pytest.skip("wgmma kernels are built for sm_90a only")
+    calls, _stores, f = tiny_prefill_moe_inputs(tiny_dir, "cuda")
+    assert len(calls) == 10                      # 5 MoE layers x 2 chunks of 64 (the MTP block not run)
+    for x, experts, weights, expert_weights, table, limit in calls:
+        got = moe_experts_prefill_wgmma(x.contiguous(), experts, weights, table, f, limit)
+        expect = moe_routed_oracle(x, experts, weights, expert_weights, limit)
+        whole = torch.nn.functional.cosine_similarity(got.double().flatten(), expect.double().flatten(), dim=0)
+        per_token = torch.nn.functional.cosine_similarity(got.double(), expect.double(), dim=-1)
+        assert whole >= 0.9999 and per_token.min() >= 0.9995, (whole, per_token.min())
