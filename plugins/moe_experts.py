@@ -75,8 +75,9 @@ class WgmmaPaths:
     MMA's register operand) passed every kernel test but failed the tiny artifact's cosine line in its one
     run (0.9709 against 0.99; the reference's own decode against prefill 0.9938 there, 0.969 on CPU), a size
     that bf16-unit noise in the prefill MoE's output alone reaches on that model (bench/tiny_moe_noise.py: 1
-    run in 12 on the test's prompt, 1-3 in 4 on each of three random ones): off until both checks pass. A
-    switch for tests and benchmarks."""
+    run in 12 on the test's prompt, 1-3 in 4 on each of three random ones), so that line cannot judge it: off
+    until the kernel passes on the tiny model's own MoE inputs (tests/test_kernels_moe_wgmma.py) and the
+    Flash-8 gate. A switch for tests and benchmarks."""
     decode: bool = True
     prefill: bool = False
     prefill_min_pairs_per_expert: int = 6     # where wgmma beats the grouped kernels (0: any chunk it fits)
