@@ -29,7 +29,8 @@ from builder.presets import preset_json  # noqa: E402
 from builder.reference.model import ReferenceModel  # noqa: E402
 from builder.synth import write_synthetic  # noqa: E402
 
-TEST_PROMPT, FORCED = [5, 17, 99, 300, 12] * 28, [3, 4, 5, 6, 7, 8]   # tests/test_artifact_gpu.py's
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import TINY_FORCED as FORCED, TINY_PROMPT as TEST_PROMPT  # noqa: E402  (the test's own)
 
 
 def random_prompt(seed: int, length: int = 140) -> list[int]:

@@ -3,6 +3,10 @@ import torch
 
 from plugins.formats import mxfp4_quant
 
+# The tiny CUDA artifact tests' prompt and forced tokens (tests/test_artifact_gpu.py; also
+# test_kernels_moe_wgmma.py and bench/tiny_moe_noise.py): 140 tokens, so a ratio-128 block completes.
+TINY_PROMPT, TINY_FORCED = [5, 17, 99, 300, 12] * 28, [3, 4, 5, 6, 7, 8]
+
 
 def random_experts(n: int, d: int, f: int, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
     """n routed experts as checkpoint tensors (w1, s1, w3, s3, w2, s2), realistically scaled."""

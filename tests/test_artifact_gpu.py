@@ -17,10 +17,9 @@ from builder.recipe import load_recipe
 from builder.reference.model import ReferenceModel
 from runtime.artifact import ArtifactModel
 
-from helpers import greedy_both_ways
+from helpers import TINY_FORCED as FORCED, TINY_PROMPT as PROMPT, greedy_both_ways
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-h200.toml"
-PROMPT, FORCED = [5, 17, 99, 300, 12] * 28, [3, 4, 5, 6, 7, 8]        # 140 tokens: a ratio-128 block completes
 
 pytestmark = pytest.mark.gpu
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import random_experts, routed_chunk
+from helpers import TINY_PROMPT, random_experts, routed_chunk
 from plugins.formats import mxfp4_dequant, mxfp4_quant
 from plugins.ops import moe_routed_oracle
 
@@ -90,7 +90,6 @@ def tiny_prefill_moe_inputs(tiny_dir, device: str, chunk: int = 64):
     from builder.expert_bank import _expert_tensors
     from builder.reference.model import ReferenceModel
     from plugins.moe_experts import pack_expert
-    from test_artifact_gpu import PROMPT
     calls, real = [], reference_moe.moe_routed_oracle
 
     def spy(x, experts, weights, expert_weights, limit):
@@ -102,7 +101,7 @@ def tiny_prefill_moe_inputs(tiny_dir, device: str, chunk: int = 64):
         ckpt = Checkpoint(tiny_dir)
         ref = ReferenceModel(ckpt, device=device, act=torch.bfloat16, max_len=200)
         ref.reset(1)
-        ref.forward(torch.tensor([PROMPT]), 0)
+        ref.forward(torch.tensor([TINY_PROMPT]), 0)
     finally:
         reference_moe.moe_routed_oracle = real
     out, stores = [], []

@@ -34,6 +34,8 @@
 #include "common.cuh"
 #include "wgmma.cuh"
 
+#include <type_traits>
+
 namespace moe_prefill {
 
 constexpr int THREADS = 256, ROWS = 128;        // two warpgroups of 64 weight rows
@@ -150,6 +152,9 @@ __device__ __forceinline__ void load_group(const int* pairs, int start, int coun
   __syncthreads();
 }
 
+// Thread tid's first fragment row in the CTA (its warp's g; g + 8 is the other).
+__device__ __forceinline__ int fragment_row(int tid) { return 64 * (tid >> 7) + 16 * ((tid >> 5) & 3) + ((tid & 31) >> 2); }
+
 // The CTA's product over K: acc (N / 2 per thread: for its 8-column block j, its warp's fragment rows g and
 // g + 8, columns 2q and 2q + 1) = sum over 128-K steps of the step's e4m3 product times both scales.
 // codes [rows, K] in slot order and scales [rows, K / 128]: the activations; weight_row(n) -> WeightRow of
@@ -195,7 +200,7 @@ __device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, con
   const int q = lane & 3;
   // Step kb's A fragments (a[c]: MMA c) and the scales of the lane's rows, from the step's stage. The
   // lane's offsets in a stage, kept (the compiler would otherwise read threadIdx.x again every step).
-  const int n_lo = 64 * (tid >> 7) + 16 * ((tid >> 5) & 3) + (lane >> 2);
+  const int n_lo = fragment_row(tid);
   const uint8_t* w_at = ring + W_OFF + n_lo * 64 + 16 * q;
   const uint8_t* s_at = ring + WS_OFF + 4 * n_lo;
   auto convert = [&](int kb, uint32_t (&a)[4][4], float (&ws)[2]) {
@@ -265,9 +270,6 @@ __device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, con
   }
 }
 
-// The lane's first fragment row in the CTA (its warp's g; g + 8 is the other).
-__device__ __forceinline__ int fragment_row() { return 64 * (threadIdx.x >> 7) + 16 * ((threadIdx.x >> 5) & 3) + ((threadIdx.x & 31) >> 2); }
-
 template <int N>
 __device__ __forceinline__ void gate_up_group(const uint8_t* x_codes, const float* x_scales, int count,
                                               GroupShared& grp, const uint8_t* e, const float* route_w,
@@ -281,7 +283,7 @@ __device__ __forceinline__ void gate_up_group(const uint8_t* x_codes, const floa
   };
   float acc[N / 2];
   tile_gemm<N>(x_codes, x_scales, D, count, grp, weight_row, acc);
-  const int n = fragment_row(), f = tile * 64 + 8 * (n >> 4) + (n & 7), q = threadIdx.x & 3;
+  const int n = fragment_row(threadIdx.x), f = tile * 64 + 8 * (n >> 4) + (n & 7), q = threadIdx.x & 3;
 #pragma unroll
   for (int i = 0; i < N / 4; ++i) {             // gate: fragment row g (acc 4j + e), up: g + 8 (4j + 2 + e)
     const int j = i >> 1, col = 8 * j + 2 * q + (i & 1);
@@ -309,7 +311,7 @@ __device__ __forceinline__ void down_group(const uint8_t* h_codes, const float* 
   };
   float acc[N / 2];
   tile_gemm<N>(h_codes, h_scales, F, count, grp, weight_row, acc);
-  const int row = tile * ROWS + fragment_row(), q = threadIdx.x & 3;
+  const int row = tile * ROWS + fragment_row(threadIdx.x), q = threadIdx.x & 3;
 #pragma unroll
   for (int i = 0; i < N / 4; ++i) {
     const int j = i >> 1, col = 8 * j + 2 * q + (i & 1);
@@ -317,6 +319,16 @@ __device__ __forceinline__ void down_group(const uint8_t* h_codes, const float* 
     float* out = ypart + size_t(grp.pair_of[col]) * D + row;
     out[0] = __bfloat162float(__float2bfloat16(acc[4 * j + (i & 1)]));
     out[8] = __bfloat162float(__float2bfloat16(acc[4 * j + 2 + (i & 1)]));
+  }
+}
+// fn(std::integral_constant<int, N>) with the MMA's N for a group of `count` pairs: count rounded up to 32.
+template <class Fn>
+__device__ __forceinline__ void with_columns(int count, Fn fn) {
+  switch ((count + 31) / 32) {
+    case 1: fn(std::integral_constant<int, 32>()); break;
+    case 2: fn(std::integral_constant<int, 64>()); break;
+    case 3: fn(std::integral_constant<int, 96>()); break;
+    default: fn(std::integral_constant<int, 128>());
   }
 }
 #endif
@@ -338,12 +350,9 @@ extern "C" __global__ void __launch_bounds__(moe_prefill::THREADS, 1) dsv4_moe_g
   __shared__ GroupShared grp;
   load_group(pairs, g_start[grp_id], count, topk, grp);
   const uint8_t* e = reinterpret_cast<const uint8_t*>(table[g_expert[grp_id]]);
-  switch ((count + 31) / 32) {
-    case 1: gate_up_group<32>(x_codes, x_scales, count, grp, e, route_w, h, tile, D, F, limit); break;
-    case 2: gate_up_group<64>(x_codes, x_scales, count, grp, e, route_w, h, tile, D, F, limit); break;
-    case 3: gate_up_group<96>(x_codes, x_scales, count, grp, e, route_w, h, tile, D, F, limit); break;
-    default: gate_up_group<128>(x_codes, x_scales, count, grp, e, route_w, h, tile, D, F, limit);
-  }
+  with_columns(count, [&](auto n) {
+    gate_up_group<decltype(n)::value>(x_codes, x_scales, count, grp, e, route_w, h, tile, D, F, limit);
+  });
 #endif
 }
 
@@ -362,11 +371,6 @@ extern "C" __global__ void __launch_bounds__(moe_prefill::THREADS, 1) dsv4_moe_d
   __shared__ GroupShared grp;
   load_group(pairs, g_start[grp_id], count, 1, grp);
   const uint8_t* e = reinterpret_cast<const uint8_t*>(table[g_expert[grp_id]]);
-  switch ((count + 31) / 32) {
-    case 1: down_group<32>(h_codes, h_scales, count, grp, e, ypart, tile, D, F); break;
-    case 2: down_group<64>(h_codes, h_scales, count, grp, e, ypart, tile, D, F); break;
-    case 3: down_group<96>(h_codes, h_scales, count, grp, e, ypart, tile, D, F); break;
-    default: down_group<128>(h_codes, h_scales, count, grp, e, ypart, tile, D, F);
-  }
+  with_columns(count, [&](auto n) { down_group<decltype(n)::value>(h_codes, h_scales, count, grp, e, ypart, tile, D, F); });
 #endif
 }
