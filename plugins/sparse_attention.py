@@ -12,9 +12,10 @@ import torch
 from .loader import FLOAT, INT, PTR, kernels
 
 ROWS, MAX_SPLITS, ROW_PAD = 32, 2048, 8     # csrc/sparse_attention.cu: indices per split, splits, row padding
+PREFILL_ROWS = 64                            # indices per split in a prefill chunk (the `_r64` kernels: faster there)
 MAX_QUERIES = 16                             # decode sizes: one launch pair
-# queries per launch pair for a prefill chunk: bounds the workspace (32 x splits x heads x d floats, 84 MB at
-# Flash size with 640 rows)
+# queries per launch pair for a prefill chunk: bounds the workspace (32 x splits x heads x d floats, 42 MB at
+# Flash size with 640 rows, PREFILL_ROWS to a split)
 PREFILL_QUERIES = 32
 CHUNKS = (1, 2, 4)                           # head_dim / 128 the kernel is built for
 MAX_HEADS = 128                              # a warp per 16 heads, 8 warps
@@ -33,9 +34,10 @@ def supports(q: torch.Tensor, kv: torch.Tensor, k: int) -> bool:
     return fits(q, kv, k) and q.size(0) * q.size(1) <= MAX_QUERIES
 
 
-def make_workspace(queries: int, heads: int, d: int, k: int, device) -> dict[str, torch.Tensor]:
-    """Per (query, split, head): the split's unnormalised output row (acc) and its maximum and normaliser."""
-    splits = -(-k // ROWS)
+def make_workspace(queries: int, heads: int, d: int, k: int, device, rows: int = ROWS) -> dict[str, torch.Tensor]:
+    """Per (query, split, head): the split's unnormalised output row (acc) and its maximum and normaliser;
+    `rows` indices per split."""
+    splits = -(-k // rows)
     return {"acc": torch.empty(queries * splits * heads * d, dtype=torch.float32, device=device),
             "ml": torch.empty(queries * splits * heads * 2, dtype=torch.float32, device=device)}
 
@@ -48,13 +50,15 @@ def decode_row_count(t: int, window: int, ratio: int, picks: int) -> int:
 def sparse_attention_decode(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor | None,
                             scale: float, out: torch.Tensor | None = None,
                             workspace: dict[str, torch.Tensor] | None = None, rot: torch.Tensor | None = None,
-                            pos: torch.Tensor | None = None, window: int = 0, ratio: int = 0) -> torch.Tensor:
+                            pos: torch.Tensor | None = None, window: int = 0, ratio: int = 0,
+                            rows: int = ROWS) -> torch.Tensor:
     """q [b, s, h, d] bf16 over rows kv[b, idx[b, s, k]] (kv [b, T, d] bf16; idx int64, -1 = none) with a
     per-head sink [h] float32 -> [b, s, h, d] bf16. All contiguous. With `rot` [b, s, r/2, 2] float32 (cos,
     sin), the output's last r channels are rotated back (the inverse RoPE) in the combine launch.
     With `pos` [b, s] int64 (the queries' positions), the split launch takes the decode step's rows itself
     (`plugins.oracle.decode_rows` of `window` and `ratio`; idx: ratio 4's picked blocks [b, s, picks], else
-    unused) and `rot` is the layer's whole table [max_len, r/2, 2], read at each query's position."""
+    unused) and `rot` is the layer's whole table [max_len, r/2, 2], read at each query's position. `rows`:
+    indices per split, ROWS or PREFILL_ROWS (the workspace's splits must be made for the same)."""
     b, s, h, d = q.shape
     t = kv.size(1)
     if pos is None:
@@ -67,15 +71,17 @@ def sparse_attention_decode(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
         k = decode_row_count(t, window, ratio, picks)
     assert fits(q, kv, k) and sink.numel() == h
     assert q.is_contiguous() and kv.is_contiguous() and sink.dtype == torch.float32
-    ws = make_workspace(b * s, h, d, k, q.device) if workspace is None else workspace
+    assert rows in (ROWS, PREFILL_ROWS)
+    ws = make_workspace(b * s, h, d, k, q.device, rows) if workspace is None else workspace
     acc, ml = ws["acc"], ws["ml"]
     out = torch.empty_like(q) if out is None else out
-    splits, warps = -(-k // ROWS), -(-h // 16)
+    splits, warps = -(-k // rows), -(-h // 16)
     lib = kernels()
-    lib.launch(f"dsv4_sparse_attention_split_d{d // 128}", (splits, b * s), 32 * warps,
+    suffix = "" if rows == ROWS else f"_r{rows}"
+    lib.launch(f"dsv4_sparse_attention_split_d{d // 128}{suffix}", (splits, b * s), 32 * warps,
                [(q, PTR), (kv, PTR), (0 if idx is None else idx, PTR), (acc, PTR), (ml, PTR), (s, INT), (h, INT),
                 (t, INT), (k, INT), (scale, FLOAT), (0 if pos is None else pos, PTR), (window, INT), (ratio, INT)],
-               ROWS * (d + ROW_PAD) * 2)
+               rows * (d + ROW_PAD) * 2)
     if rot is not None:
         assert rot.dtype == torch.float32 and rot.is_contiguous()
         assert pos is not None or rot.numel() == b * s * rot.size(-2) * 2
@@ -94,7 +100,8 @@ def sparse_attention_chunked(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tens
     b, s, h, d = q.shape
     if s <= PREFILL_QUERIES:                     # decode: one launch pair, nothing to join
         return sparse_attention_decode(q, kv, sink, idx, scale)
-    ws = make_workspace(b * PREFILL_QUERIES, h, d, idx.size(-1), q.device)
+    ws = make_workspace(b * PREFILL_QUERIES, h, d, idx.size(-1), q.device, PREFILL_ROWS)
     return torch.cat([sparse_attention_decode(q[:, i:i + PREFILL_QUERIES].contiguous(), kv, sink,
-                                              idx[:, i:i + PREFILL_QUERIES].contiguous(), scale, workspace=ws)
+                                              idx[:, i:i + PREFILL_QUERIES].contiguous(), scale, workspace=ws,
+                                              rows=PREFILL_ROWS)
                       for i in range(0, s, PREFILL_QUERIES)], dim=1)

@@ -9,13 +9,16 @@
 // against their split's maximum instead of the global one, a difference at bf16 rounding level.
 // (Session 6's scalar kernel took 27 us at Flash size, 640 rows: one warp per head, a serial chain of
 // shuffles per row.)
+// ROWS (indices per split) is 32 for decode and 64 for prefill chunks (the `_r64` kernels). Session 25 on the
+// H200, Flash ratio 4 (640 rows, 64 heads x 512; bench/results/attention-split-rows-s25-h200.txt): decode
+// 13.3 us at 32 rows, 15.4 at 64, 13.1 at 16 (one query's splits must fill the GPU); a 256-query chunk's
+// split kernels 352-353 us of GPU time at 32 rows, 308-309 at 64, and half the splits for the combine to read.
 // Launches never allocate or synchronise (the workspace is passed in), so they can be captured in graphs.
 #include "common.cuh"
 
 namespace {
 
-constexpr int ROWS = 32;          // indices per split
-constexpr int MAX_SPLITS = 2048;  // indices <= 64K (sparse_attention.py checks)
+constexpr int MAX_SPLITS = 2048;  // indices <= 2048 ROWS (sparse_attention.py checks)
 constexpr int KV_ROW_PAD = 8;        // bf16 values after each shared row: rows 4 banks apart, ldmatrix conflict-free
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&d)[4], const void* p, bool trans) {
@@ -60,7 +63,7 @@ __device__ __forceinline__ int64_t attended_row(const int64_t* __restrict__ idx,
 // score and normaliser (ml) and its unnormalised output row (acc). Lane (g, t) of warp w holds heads
 // 16w + g and 16w + g + 8 (clamped to a valid head past `heads`, never written) and, per 8 rows or dims of
 // an MMA tile, columns 2t and 2t + 1.
-template <int D>
+template <int D, int ROWS>
 __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
                                              const int64_t* __restrict__ idx, float* __restrict__ acc,
                                              float* __restrict__ ml, int s_per_b, int heads, int T, int K,
@@ -182,16 +185,19 @@ __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q
 
 }  // namespace
 
-#define DSV4_SPARSE_ATTENTION(CHUNKS)                                                                       \
-  extern "C" __global__ void __launch_bounds__(256) dsv4_sparse_attention_split_d##CHUNKS(                  \
+#define DSV4_SPARSE_ATTENTION(CHUNKS, ROWS, SUFFIX)                                                         \
+  extern "C" __global__ void __launch_bounds__(256) dsv4_sparse_attention_split_d##CHUNKS##SUFFIX(          \
       const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,                             \
       const int64_t* __restrict__ idx, float* __restrict__ acc, float* __restrict__ ml, int s_per_b,         \
       int heads, int T, int K, float scale, const int64_t* __restrict__ pos, int window, int ratio) {       \
-    attend_split<CHUNKS * 128>(q, kv, idx, acc, ml, s_per_b, heads, T, K, scale, pos, window, ratio);        \
+    attend_split<CHUNKS * 128, ROWS>(q, kv, idx, acc, ml, s_per_b, heads, T, K, scale, pos, window, ratio);  \
   }
-DSV4_SPARSE_ATTENTION(1)
-DSV4_SPARSE_ATTENTION(2)
-DSV4_SPARSE_ATTENTION(4)
+DSV4_SPARSE_ATTENTION(1, 32, )
+DSV4_SPARSE_ATTENTION(2, 32, )
+DSV4_SPARSE_ATTENTION(4, 32, )
+DSV4_SPARSE_ATTENTION(1, 64, _r64)
+DSV4_SPARSE_ATTENTION(2, 64, _r64)
+DSV4_SPARSE_ATTENTION(4, 64, _r64)
 
 // grid (heads, queries), block D / 4: o = sum_i acc_i * w_i / (sum_i l_i * w_i + exp(sink - M)),
 // w_i = exp(m_i - M), M = max_i m_i (splits without a row weigh nothing). Each thread owns 4 elements of
