@@ -76,8 +76,10 @@ class WgmmaPaths:
     run (0.9709 against 0.99; the reference's own decode against prefill 0.9938 there, 0.969 on CPU), a size
     that bf16-unit noise in the prefill MoE's output alone reaches on that model (bench/tiny_moe_noise.py: 1
     run in 12 on the test's prompt, 1-3 in 4 on each of three random ones), so that line cannot judge it: off
-    until the kernel passes on the tiny model's own MoE inputs (tests/test_kernels_moe_wgmma.py) and the
-    Flash-8 gate. A switch for tests and benchmarks."""
+    until the kernel passes on the tiny model's own MoE inputs (tests/test_kernels_moe_wgmma.py; passed in
+    session 25) and the Flash-8 gate (session 25: failed the old worst-step rule by 0.0022 at the step where
+    the default's own noise was worst; the gate's three-prompt rule decides next). A switch for tests and
+    benchmarks."""
     decode: bool = True
     prefill: bool = False
     prefill_min_pairs_per_expert: int = 6     # where wgmma beats the grouped kernels (0: any chunk it fits)
