@@ -8,7 +8,8 @@
 #   cp -r . /root/snap && cd /root/snap && (RES=/root/res setsid nohup bash bench/h200_all.sh > /dev/null 2>&1 &)
 #   for i in $(seq 115); do [ -f /root/res/DONE ] && break; sleep 5; done; cat /root/res/steps.log   # repeat
 #   tar czf $OUT/h200.tgz -C /root res                                      # one file back (the tool's cap is 8)
-# A failing step is logged ($RES/NAME.log, rc in steps.log) and the next one runs. STEPS names the steps to
+# A failing step is logged ($RES/NAME.log, rc in steps.log) and the next one runs; the kernel tests and benchmarks
+# are bounded (timeout: a kernel that hangs, as a new one may, ends its step, rc 124). STEPS names the steps to
 # run (default: all but wgmma-crossover): plugins patch kernel-tests kernels wgmma-crossover gemv-probe gemv-split moe-grid
 # gate-flash4-f32 flash8 tiny-artifacts wgmma-gate pager-sweep (the last two on the Flash-8 artifact: each
 # wgmma MoE path switched on, bench/wgmma_gate.py; the pager's settings, bench/pager_sweep.py). OVERLAP=1 runs the tiny artifact tests beside the Flash-8 build (the
@@ -37,11 +38,11 @@ try_patch() (   # a draft's patch, tried in its own copy of the tree so a fault 
     && timeout 300 python bench/kernels.py --json "$RES/kernels-patch-h200.json"   # a draft may hang: bounded
 )
 [ -n "${TRY_PATCH:-}" ] && step patch try_patch
-step kernel-tests python -m pytest -q -rA -m gpu ${TESTS:-tests/test_kernels_fp8.py tests/test_kernels_moe.py \
+step kernel-tests timeout 900 python -m pytest -q -rA -m gpu ${TESTS:-tests/test_kernels_fp8.py tests/test_kernels_moe.py \
     tests/test_kernels_attention.py tests/test_kernels_hc.py tests/test_kernels_route.py tests/test_trt_executor.py \
     tests/test_kernels_moe_wgmma.py tests/test_kernels_indexer.py tests/test_kernels_compressor.py tests/test_kernels_rows.py \
     tests/test_kernels_head.py}
-step kernels python bench/kernels.py --json "$RES/kernels-h200.json"
+step kernels timeout 600 python bench/kernels.py --json "$RES/kernels-h200.json"
 step wgmma-crossover python bench/wgmma_diag.py crossover
 step gemv-probe python bench/gemv_probe.py --json "$RES/gemv-probe-h200.json"
 step gemv-split python bench/gemv_split_sweep.py --json "$RES/gemv-split-sweep-h200.json"
