@@ -11,7 +11,7 @@ its median and 10th-percentile cosines and its argmax agreement against the defa
 default's own prompt-as-prefill against prompt-as-decode over the same steps. The worst step is reported,
 not gated: up to session 24 the rule was one prompt's worst cosine, an extreme of 17 steps, and in session
 25 the wgmma prefill failed it by 0.0022 at the very step where the default's own noise was worst too
-(0.9424 against 0.9446; its median 0.994 against 0.990, argmax agreement 0.76 against 0.53). Each path's
+(0.9424 against 0.9446; its median 0.994 against 0.991, argmax agreement 0.76 against 0.53). Each path's
 prefill and decode speed (the first prompt, then 32 greedy tokens, on the same loaded artifact, the second
 of two runs) is recorded beside the default's.
 """
