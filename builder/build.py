@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -79,7 +79,7 @@ def _bank_code_digest() -> str:
     h = hashlib.sha256()
     for path in (Path(__file__).with_name("expert_bank.py"), Path(__file__).with_name("checkpoint.py")):
         h.update(path.read_bytes())
-    for fn in (moe_experts.expert_nbytes, moe_experts._parts, moe_experts.pack_expert):
+    for fn in (moe_experts.expert_nbytes, moe_experts.bank_parts, moe_experts.pack_expert):
         h.update(inspect.getsource(fn).encode())
     return h.hexdigest()
 
@@ -236,12 +236,21 @@ def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
         summary.made.append(rel)
         return result
 
-    def timed(name: str, items: list, one: Callable) -> None:
+    def timed(name: str, items: list, one: Callable, threads: int = 1) -> None:
+        """Run `one` over `items` (up to `threads` at once, for stages whose work releases the GIL), with
+        progress as each completes and the stage's time; the first failure cancels what has not started."""
         t0 = time.time()
-        for n, item in enumerate(items):
-            one(item)
-            if progress:
-                progress(name, n + 1, len(items))
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            futures = [pool.submit(one, item) for item in items]
+            try:
+                for n, done in enumerate(as_completed(futures)):
+                    done.result()
+                    if progress:
+                        progress(name, n + 1, len(items))
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
         summary.stage_seconds[name] = time.time() - t0
 
     old_bank = json.loads((out / "bank.json").read_text()) if (out / "bank.json").is_file() else {}
@@ -253,7 +262,9 @@ def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
                       lambda p: write_layer_bank(ckpt, layer, p, prefix=decode.layer_prefix(cfg, layer)),
                       base=bank_base, prefix=decode.layer_prefix(cfg, layer), **source)
         bank[str(layer)] = entry if entry is not None else old_bank[str(layer)]
-    timed("experts", layers, experts)
+    # layers side by side: reading, hashing and writing release the GIL (builder/expert_bank.py)
+    timed("experts", layers, experts, threads=min(len(layers), os.cpu_count() or 1, 8))
+    bank = {str(layer): bank[str(layer)] for layer in layers}   # in layer order, whatever order they finished
 
     def weights_file(layer: int) -> str:
         return f"weights/layer-{layer:03d}.safetensors"

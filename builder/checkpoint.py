@@ -8,7 +8,9 @@ hold all the bytes its header promises. Errors name the tensor and the shard at 
 from __future__ import annotations
 
 import json
+import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +117,8 @@ class Checkpoint:
         self.specs = {s.name: s for s in checkpoint_specs(self.config)}
         self._check_against(self.specs)
         self._handles: dict[str, object] = {}
+        self._fds: dict[str, int] = {}              # read_bytes' descriptors, one per shard, kept open
+        self._fd_lock = threading.Lock()
 
     def _check_against(self, specs: dict[str, TensorSpec]) -> None:
         missing = [n for n in specs if n not in self.entries]
@@ -134,8 +138,26 @@ class Checkpoint:
                 raise CheckpointError(f"tensor '{name}' in shard {e.shard} has shape {list(e.shape)}, "
                                       f"expected {list(spec.shape)}")
 
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+
     def __contains__(self, name: str) -> bool:
         return name in self.entries
+
+    def read_bytes(self, name: str) -> bytes:
+        """One tensor's stored bytes, read with pread (no memory map, no copy into a tensor; safe from several
+        threads at once, and they run while the GIL is released): how the expert bank is packed."""
+        entry = self.entries[name]
+        with self._fd_lock:
+            fd = self._fds.get(entry.shard)
+            if fd is None:
+                fd = self._fds[entry.shard] = os.open(self.folder / entry.shard, os.O_RDONLY)
+        data = os.pread(fd, entry.end - entry.start, entry.start)
+        if len(data) != entry.end - entry.start:
+            raise CheckpointError(f"shard {entry.shard} is truncated: tensor '{name}' reads {len(data)} of "
+                                  f"{entry.end - entry.start} bytes")
+        return data
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read from its shard's memory map (the checkpoint is never loaded whole)."""

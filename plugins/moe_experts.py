@@ -21,7 +21,7 @@ def expert_nbytes(d: int, f: int) -> int:
     return 3 * f * d // 2 + 3 * f * d // 32
 
 
-def _parts(d: int, f: int) -> list[tuple[str, tuple[int, int], torch.dtype]]:
+def bank_parts(d: int, f: int) -> list[tuple[str, tuple[int, int], torch.dtype]]:
     """The bank layout of one expert, in order: name, shape, dtype."""
     return [("w1", (f, d // 2), torch.int8), ("w3", (f, d // 2), torch.int8), ("w2", (d, f // 2), torch.int8),
             ("s1", (f, d // 32), torch.float8_e8m0fnu), ("s3", (f, d // 32), torch.float8_e8m0fnu),
@@ -32,13 +32,13 @@ def pack_expert(w1, s1, w3, s3, w2, s2) -> torch.Tensor:
     """Checkpoint tensors of one expert (int8 packed MXFP4, E8M0 scales) -> its bank bytes (uint8)."""
     named = {"w1": w1, "w3": w3, "w2": w2, "s1": s1, "s3": s3, "s2": s2}
     d, f = w1.size(1) * 2, w1.size(0)
-    return torch.cat([named[name].contiguous().view(torch.uint8).flatten() for name, _, _ in _parts(d, f)])
+    return torch.cat([named[name].contiguous().view(torch.uint8).flatten() for name, _, _ in bank_parts(d, f)])
 
 
 def unpack_expert(blob: torch.Tensor, d: int, f: int) -> tuple[torch.Tensor, ...]:
     """Bank bytes of one expert -> views (w1, s1, w3, s3, w2, s2), `pack_expert`'s inverse."""
     views, at = {}, 0
-    for name, shape, dtype in _parts(d, f):
+    for name, shape, dtype in bank_parts(d, f):
         n = shape[0] * shape[1]
         views[name] = blob[at:at + n].view(dtype).view(shape)
         at += n

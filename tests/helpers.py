@@ -46,3 +46,8 @@ def greedy_both_ways(model, prompt: list[int], new: int) -> tuple[list[int], lis
     early = [next(stopped) for _ in range(4)]
     stopped.close()
     return stepped, early, [first_token(), *model.decode_greedy(stepped[0], len(prompt), new)]
+
+
+def expert_tensors(ckpt, prefix: str) -> tuple:
+    """w1, s1, w3, s3, w2, s2 of one routed expert of a checkpoint, in `pack_expert`'s argument order."""
+    return tuple(ckpt.get(f"{prefix}{w}.{k}") for w in ("w1", "w3", "w2") for k in ("weight", "scale"))

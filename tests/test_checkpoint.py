@@ -43,6 +43,24 @@ def test_truncated_shard_is_named(damaged):
         Checkpoint(damaged)
 
 
+def test_read_bytes_are_the_stored_tensor_from_any_thread_and_a_shard_cut_later_is_named(damaged):
+    from concurrent.futures import ThreadPoolExecutor
+    ck = Checkpoint(damaged)
+    names = ["layers.3.ffn.experts.5.w2.weight", "layers.3.ffn.experts.5.w2.scale", "layers.2.attn.wq_b.weight",
+             "embed.weight"]
+    expect = [ck.get(n).contiguous().view(torch.uint8).numpy().tobytes() for n in names]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(ck.read_bytes, names * 8))
+    assert got == expect * 8
+    shard = _shard_of(damaged, "layers.1.attn.wq_a.weight")   # cut after opening: the read names it
+    last = max((e for e in ck.entries.values() if e.shard == shard.name), key=lambda e: e.end)
+    name = next(n for n, e in ck.entries.items() if e is last)
+    with shard.open("r+b") as f:
+        f.truncate(last.end - 10)
+    with pytest.raises(CheckpointError, match=f"shard {shard.name} is truncated: tensor '{name}'"):
+        ck.read_bytes(name)
+
+
 def _rewrite(shard, change):
     tensors = load_file(str(shard))
     change(tensors)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from builder.checkpoint import Checkpoint
+from helpers import expert_tensors
 from builder.expert_bank import ALIGN, write_layer_bank
 from plugins.moe_experts import pack_expert
 from runtime.errors import UserError
@@ -25,7 +26,7 @@ def test_bank_holds_each_expert_contiguous_and_aligned(bank):
     entry = entries[1]
     assert entry["stride"] % ALIGN == 0 and entry["stride"] >= entry["expert_bytes"]
     p = "layers.3.ffn.experts.7."
-    expect = pack_expert(*(ckpt.get(f"{p}{w}.{k}") for w in ("w1", "w3", "w2") for k in ("weight", "scale")))
+    expect = pack_expert(*expert_tensors(ckpt, p))
     assert torch.equal(reader.expert(3, 7), expect)
     assert not list(out.glob("*.partial"))
     reader.verify()

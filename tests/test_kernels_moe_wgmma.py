@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import TINY_PROMPT, random_experts, routed_chunk
+from helpers import TINY_PROMPT, expert_tensors, random_experts, routed_chunk
 from plugins.formats import mxfp4_dequant, mxfp4_quant
 from plugins.ops import moe_routed_oracle
 
@@ -88,7 +88,6 @@ def tiny_prefill_moe_inputs(tiny_dir, device: str, chunk: int = 64):
     pointing into `stores` (the layer's packed experts on `device`), and the model's intermediate size."""
     import builder.reference.moe as reference_moe
     from builder.checkpoint import Checkpoint
-    from builder.expert_bank import _expert_tensors
     from builder.reference.model import ReferenceModel
     from plugins.moe_experts import pack_expert
     calls, real = [], reference_moe.moe_routed_oracle
@@ -108,7 +107,7 @@ def tiny_prefill_moe_inputs(tiny_dir, device: str, chunk: int = 64):
     out, stores = [], []
     for x, experts, weights, expert_weights, limit in calls:
         moe = expert_weights.__self__
-        layer = [pack_expert(*_expert_tensors(ckpt, f"{moe.prefix}experts.{e}.")).to(device)
+        layer = [pack_expert(*expert_tensors(ckpt, f"{moe.prefix}experts.{e}.")).to(device)
                  for e in range(ckpt.config.n_routed_experts)]
         stores += layer
         table = torch.tensor([s.data_ptr() for s in layer], dtype=torch.int64, device=device)
