@@ -4,9 +4,10 @@ layout (`plugins.moe_experts.pack_expert`: each expert contiguous), every expert
 
 Streamed one expert at a time (never a whole layer in memory), each of its six tensors read from the
 checkpoint with pread and hashed and written as read: the same bytes as `pack_expert`'s, without its
-memory-map page faults and copies. Reading, hashing and writing release the GIL, so layers are packed side
-by side in threads (`builder.build`; timings: bench/expert_bank_pack.py, README "Artifacts"). Each file is written under a temporary name and renamed when complete, so an
-interrupted build leaves no half-written bank.
+memory-map page faults and copies. Reading, hashing and writing release the GIL, so layers are packed
+side by side in threads (`builder.build`; timings: bench/expert_bank_pack.py, README "Artifacts"). Each
+file is written under a temporary name and renamed when complete, so an interrupted build leaves no
+half-written bank.
 """
 from __future__ import annotations
 
