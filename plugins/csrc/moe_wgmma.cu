@@ -196,6 +196,43 @@ __device__ __forceinline__ void load_group(const int* pairs, int start, int coun
   __syncthreads();
 }
 
+// Step kb's copies (of nk) of the group's activations into stage `st` by COPIERS threads (thread `tid` of
+// them): B, N rows x 8 chunks of 16 bytes (rows past the count zero-filled), and the rows' scales.
+template <int N, int COPIERS>
+__device__ __forceinline__ void copy_group_step(uint8_t* st, int tid, const uint8_t* __restrict__ codes,
+                                                const float* __restrict__ code_scales, int K, int nk, int kb,
+                                                int count, const GroupShared& grp) {
+  constexpr int B_COPIES = N * 8 / COPIERS;
+  int src[B_COPIES];                             // read before the copies (each copy's asm orders memory)
+#pragma unroll
+  for (int i = 0; i < B_COPIES; ++i) src[i] = grp.rows[(tid + COPIERS * i) >> 3];
+  const int ts_src = grp.rows[tid & (MAX_N - 1)];
+#pragma unroll
+  for (int i = 0; i < B_COPIES; ++i) {
+    const int c = tid + COPIERS * i, row = c >> 3;
+    dsv4::cp_async16(st + swizzled(row, c & 7), codes + size_t(src[i]) * K + kb * STEP_K + (c & 7) * 16,
+                     row < count ? 16u : 0u);
+  }
+  if (tid < N)
+    dsv4::cp_async4(st + TS_OFF + 4 * tid, code_scales + size_t(ts_src) * nk + kb, tid < count ? 4u : 0u);
+}
+
+// acc += a step's products (step, this lane's fragment rows g and g + 8, columns 8 j + 2 q + 0/1) times the
+// rows' step scales (w0, w8) and the columns' activation scales from stage `st`: DeepSeek's promotion.
+template <int N>
+__device__ __forceinline__ void promote(float (&acc)[N / 2], const float (&step)[N / 2], const uint8_t* st,
+                                        float w0, float w8, int q) {
+  const float* ts = reinterpret_cast<const float*>(st + TS_OFF);
+#pragma unroll
+  for (int j = 0; j < N / 8; ++j) {
+    const float2 t = *reinterpret_cast<const float2*>(ts + 8 * j + 2 * q);
+    acc[4 * j] = fmaf(step[4 * j], w0 * t.x, acc[4 * j]);
+    acc[4 * j + 1] = fmaf(step[4 * j + 1], w0 * t.y, acc[4 * j + 1]);
+    acc[4 * j + 2] = fmaf(step[4 * j + 2], w8 * t.x, acc[4 * j + 2]);
+    acc[4 * j + 3] = fmaf(step[4 * j + 3], w8 * t.y, acc[4 * j + 3]);
+  }
+}
+
 // Thread tid's first fragment row in the CTA (its warp's g; g + 8 is the other).
 __device__ __forceinline__ int fragment_row(int tid) { return 64 * (tid >> 7) + 16 * ((tid >> 5) & 3) + ((tid & 31) >> 2); }
 
@@ -222,18 +259,7 @@ __device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, con
     const int s = kb % STAGES;
     if (kb >= STAGES) mbar_wait(&grp.empty[s], (kb / STAGES - 1) & 1);
     uint8_t* st = ring + s * STAGE_BYTES;
-    int src[N * 8 / THREADS];                    // read before the copies (each copy's asm orders memory)
-#pragma unroll
-    for (int i = 0; i < N * 8 / THREADS; ++i) src[i] = grp.rows[(tid + THREADS * i) >> 3];
-    const int ts_src = grp.rows[tid & (MAX_N - 1)];
-#pragma unroll
-    for (int i = 0; i < N * 8 / THREADS; ++i) {   // B: N rows x 8 chunks; past the count, zeros
-      const int c = tid + THREADS * i, row = c >> 3;
-      dsv4::cp_async16(st + swizzled(row, c & 7), codes + size_t(src[i]) * K + kb * STEP_K + (c & 7) * 16,
-                       row < count ? 16u : 0u);
-    }
-    if (tid < N)
-      dsv4::cp_async4(st + TS_OFF + 4 * tid, code_scales + size_t(ts_src) * nk + kb, tid < count ? 4u : 0u);
+    copy_group_step<N, THREADS>(st, tid, codes, code_scales, K, nk, kb, count, grp);
     dsv4::cp_async16(st + W_OFF + (tid >> 2) * 64 + chunk * 16, c0.codes + kb * 64 + chunk * 16, 16u);
     dsv4::cp_async16(st + W_OFF + (64 + (tid >> 2)) * 64 + chunk * 16, c1.codes + kb * 64 + chunk * 16, 16u);
     if (tid < ROWS) dsv4::cp_async4(st + WS_OFF + 4 * tid, cs.scales + kb * 4, 4u);
@@ -293,15 +319,7 @@ __device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, con
     for (int c = 0; c < 4; ++c)                 // read by the MMAs until the wait: not reused before it
 #pragma unroll
       for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[c][i])::"memory");
-    const float* ts = reinterpret_cast<const float*>(st + TS_OFF);
-#pragma unroll
-    for (int j = 0; j < N / 8; ++j) {
-      const float2 t = *reinterpret_cast<const float2*>(ts + 8 * j + 2 * q);
-      acc[4 * j] = fmaf(step[4 * j], ws[0] * t.x, acc[4 * j]);
-      acc[4 * j + 1] = fmaf(step[4 * j + 1], ws[0] * t.y, acc[4 * j + 1]);
-      acc[4 * j + 2] = fmaf(step[4 * j + 2], ws[1] * t.x, acc[4 * j + 2]);
-      acc[4 * j + 3] = fmaf(step[4 * j + 3], ws[1] * t.y, acc[4 * j + 3]);
-    }
+    promote<N>(acc, step, st, ws[0], ws[1], q);
     __syncwarp();
     if (lane == 0) mbar_arrive(&grp.empty[s]);   // this warp is done with the stage
     issue(kb + STAGES - 2);
@@ -371,19 +389,7 @@ __device__ __forceinline__ bool tile_gemm_ss(const uint8_t* __restrict__ codes, 
       const int s = kb % RSTAGES;
       if (kb >= RSTAGES) mbar_wait(&bar.raw_empty[s], (kb / RSTAGES - 1) & 1);
       uint8_t* st = raw + s * STAGE_BYTES;
-      constexpr int B_COPIES = N * 8 / 128;
-      int src[B_COPIES];                         // read before the copies (each copy's asm orders memory)
-#pragma unroll
-      for (int i = 0; i < B_COPIES; ++i) src[i] = grp.rows[(tid + 128 * i) >> 3];
-      const int ts_src = grp.rows[tid & (MAX_N - 1)];
-#pragma unroll
-      for (int i = 0; i < B_COPIES; ++i) {       // B: N rows x 8 chunks; past the count, zeros
-        const int c = tid + 128 * i, row = c >> 3;
-        dsv4::cp_async16(st + swizzled(row, c & 7), codes + size_t(src[i]) * K + kb * STEP_K + (c & 7) * 16,
-                         row < count ? 16u : 0u);
-      }
-      if (tid < N)
-        dsv4::cp_async4(st + TS_OFF + 4 * tid, code_scales + size_t(ts_src) * nk + kb, tid < count ? 4u : 0u);
+      copy_group_step<N, 128>(st, tid, codes, code_scales, K, nk, kb, count, grp);
 #pragma unroll
       for (int i = 0; i < 4; ++i)
         dsv4::cp_async16(st + W_OFF + code_chunk((tid >> 2) + 32 * i, chunk), copy_rows[i].codes + kb * 64 + chunk * 16, 16u);
@@ -442,15 +448,7 @@ __device__ __forceinline__ bool tile_gemm_ss(const uint8_t* __restrict__ codes, 
     for (int i = 0; i < N / 2; ++i) wgmma_pin(step[i]);
     __syncwarp();
     if (lane == 0) mbar_arrive(&bar.a_empty[as]);     // this warp's MMAs are done with the converted codes
-    const float* ts = reinterpret_cast<const float*>(st + TS_OFF);
-#pragma unroll
-    for (int j = 0; j < N / 8; ++j) {
-      const float2 t = *reinterpret_cast<const float2*>(ts + 8 * j + 2 * q);
-      acc[4 * j] = fmaf(step[4 * j], ws0 * t.x, acc[4 * j]);
-      acc[4 * j + 1] = fmaf(step[4 * j + 1], ws0 * t.y, acc[4 * j + 1]);
-      acc[4 * j + 2] = fmaf(step[4 * j + 2], ws8 * t.x, acc[4 * j + 2]);
-      acc[4 * j + 3] = fmaf(step[4 * j + 3], ws8 * t.y, acc[4 * j + 3]);
-    }
+    promote<N>(acc, step, st, ws0, ws8, q);
     __syncwarp();
     if (lane == 0) mbar_arrive(&bar.raw_empty[s]);    // and with B and its scales
   }
