@@ -54,7 +54,8 @@ def _sync(model) -> None:
         torch.cuda.synchronize(model.device)
 
 
-def _prefill_s(model, prompt: list[int]) -> tuple[float, torch.Tensor]:
+def prefill_seconds(model, prompt: list[int]) -> tuple[float, torch.Tensor]:
+    """Seconds to prefill `prompt` into a fresh cache (synchronised before and after), and its logits."""
     model.reset(1)
     _sync(model)
     t0 = time.perf_counter()
@@ -68,10 +69,10 @@ def measure(model, prompt: list[int], new_tokens: int) -> dict:
     request: CUDA modules loaded on first use, library handles made) is reported as the cold time to first
     token; the second, after emptying the caches, gives the time to first token and prefill speed. Pager
     counters start after the first."""
-    cold, _ = _prefill_s(model, prompt)
+    cold, _ = prefill_seconds(model, prompt)
     if getattr(model, "pager", None) is not None:
         model.pager.reset_stats()
-    ttft, logits = _prefill_s(model, prompt)
+    ttft, logits = prefill_seconds(model, prompt)
     tokens = [int(logits[0].argmax())]
     t1 = time.perf_counter()
     tokens += model.decode_greedy(tokens[0], len(prompt), new_tokens - 1)   # each token read on the host, as in use

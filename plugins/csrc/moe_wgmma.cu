@@ -36,12 +36,6 @@
 
 #include <type_traits>
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define DSV4_SM90A(...) __VA_ARGS__
-#else
-#define DSV4_SM90A(...)
-#endif
-
 namespace moe_prefill {
 
 constexpr int THREADS = 256, ROWS = 128;        // two warpgroups of 64 weight rows
@@ -51,13 +45,7 @@ constexpr int MAX_N = 128, STEP_K = 128, STAGES = 8, SHIFTS = 17;               
 constexpr int W_OFF = MAX_N * STEP_K, TS_OFF = W_OFF + ROWS * STEP_K / 2, WS_OFF = TS_OFF + MAX_N * 4;
 constexpr int STAGE_BYTES = WS_OFF + ROWS * 4;
 static_assert(STAGE_BYTES % 1024 == 0, "stages start where the swizzle pattern starts");
-constexpr int SHARED_BYTES = STAGES * STAGE_BYTES + 1024;   // plugins/moe_experts.py WGMMA_FORMS
-// The SS form (below): 384 threads, a ring of RSTAGES copy stages and one of ASTAGES converted stages (128 rows
-// x 128 K e4m3, then the rows' step scales); copies LOOKAHEAD steps ahead.
-constexpr int SS_THREADS = 384, RSTAGES = 6, ASTAGES = 3, LOOKAHEAD = 4;
-constexpr int A_WS_OFF = ROWS * STEP_K, A_STAGE_BYTES = (A_WS_OFF + ROWS * 4 + 1023) / 1024 * 1024;
-constexpr int SS_SHARED_BYTES = RSTAGES * STAGE_BYTES + ASTAGES * A_STAGE_BYTES + 1024;   // WGMMA_FORMS too
-static_assert(LOOKAHEAD < RSTAGES, "a stage is refilled only after its step");
+constexpr int SHARED_BYTES = STAGES * STAGE_BYTES + 1024;   // plugins/moe_experts.py WGMMA_SHARED_BYTES
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 using dsv4::smem_addr;
@@ -99,38 +87,6 @@ template <> __device__ __forceinline__ void wgmma_rs<128>(float (&d)[64], const 
       "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(acc));
-}
-
-// d (+)= A (64 x 32 e4m3, descriptor) . B (32 x N e4m3, descriptor): the SS form's MMA (below).
-template <int N>
-__device__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int acc);
-template <> __device__ __forceinline__ void wgmma_ss<32>(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int acc) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "l"(desc_a), "l"(desc_b), "r"(acc));
-}
-template <> __device__ __forceinline__ void wgmma_ss<64>(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int acc) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "r"(acc));
-}
-template <> __device__ __forceinline__ void wgmma_ss<96>(float (&d)[48], uint64_t desc_a, uint64_t desc_b, int acc) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %50, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n96k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47}, %48, %49, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
-      : "l"(desc_a), "l"(desc_b), "r"(acc));
-}
-template <> __device__ __forceinline__ void wgmma_ss<128>(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int acc) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(acc));
 }
 
 // Byte (row, 16-byte chunk) of a 128-byte swizzled tile.
@@ -196,43 +152,6 @@ __device__ __forceinline__ void load_group(const int* pairs, int start, int coun
   __syncthreads();
 }
 
-// Step kb's copies (of nk) of the group's activations into stage `st` by COPIERS threads (thread `tid` of
-// them): B, N rows x 8 chunks of 16 bytes (rows past the count zero-filled), and the rows' scales.
-template <int N, int COPIERS>
-__device__ __forceinline__ void copy_group_step(uint8_t* st, int tid, const uint8_t* __restrict__ codes,
-                                                const float* __restrict__ code_scales, int K, int nk, int kb,
-                                                int count, const GroupShared& grp) {
-  constexpr int B_COPIES = N * 8 / COPIERS;
-  int src[B_COPIES];                             // read before the copies (each copy's asm orders memory)
-#pragma unroll
-  for (int i = 0; i < B_COPIES; ++i) src[i] = grp.rows[(tid + COPIERS * i) >> 3];
-  const int ts_src = grp.rows[tid & (MAX_N - 1)];
-#pragma unroll
-  for (int i = 0; i < B_COPIES; ++i) {
-    const int c = tid + COPIERS * i, row = c >> 3;
-    dsv4::cp_async16(st + swizzled(row, c & 7), codes + size_t(src[i]) * K + kb * STEP_K + (c & 7) * 16,
-                     row < count ? 16u : 0u);
-  }
-  if (tid < N)
-    dsv4::cp_async4(st + TS_OFF + 4 * tid, code_scales + size_t(ts_src) * nk + kb, tid < count ? 4u : 0u);
-}
-
-// acc += a step's products (step, this lane's fragment rows g and g + 8, columns 8 j + 2 q + 0/1) times the
-// rows' step scales (w0, w8) and the columns' activation scales from stage `st`: DeepSeek's promotion.
-template <int N>
-__device__ __forceinline__ void promote(float (&acc)[N / 2], const float (&step)[N / 2], const uint8_t* st,
-                                        float w0, float w8, int q) {
-  const float* ts = reinterpret_cast<const float*>(st + TS_OFF);
-#pragma unroll
-  for (int j = 0; j < N / 8; ++j) {
-    const float2 t = *reinterpret_cast<const float2*>(ts + 8 * j + 2 * q);
-    acc[4 * j] = fmaf(step[4 * j], w0 * t.x, acc[4 * j]);
-    acc[4 * j + 1] = fmaf(step[4 * j + 1], w0 * t.y, acc[4 * j + 1]);
-    acc[4 * j + 2] = fmaf(step[4 * j + 2], w8 * t.x, acc[4 * j + 2]);
-    acc[4 * j + 3] = fmaf(step[4 * j + 3], w8 * t.y, acc[4 * j + 3]);
-  }
-}
-
 // Thread tid's first fragment row in the CTA (its warp's g; g + 8 is the other).
 __device__ __forceinline__ int fragment_row(int tid) { return 64 * (tid >> 7) + 16 * ((tid >> 5) & 3) + ((tid & 31) >> 2); }
 
@@ -259,7 +178,18 @@ __device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, con
     const int s = kb % STAGES;
     if (kb >= STAGES) mbar_wait(&grp.empty[s], (kb / STAGES - 1) & 1);
     uint8_t* st = ring + s * STAGE_BYTES;
-    copy_group_step<N, THREADS>(st, tid, codes, code_scales, K, nk, kb, count, grp);
+    int src[N * 8 / THREADS];                    // read before the copies (each copy's asm orders memory)
+#pragma unroll
+    for (int i = 0; i < N * 8 / THREADS; ++i) src[i] = grp.rows[(tid + THREADS * i) >> 3];
+    const int ts_src = grp.rows[tid & (MAX_N - 1)];
+#pragma unroll
+    for (int i = 0; i < N * 8 / THREADS; ++i) {   // B: N rows x 8 chunks; past the count, zeros
+      const int c = tid + THREADS * i, row = c >> 3;
+      dsv4::cp_async16(st + swizzled(row, c & 7), codes + size_t(src[i]) * K + kb * STEP_K + (c & 7) * 16,
+                       row < count ? 16u : 0u);
+    }
+    if (tid < N)
+      dsv4::cp_async4(st + TS_OFF + 4 * tid, code_scales + size_t(ts_src) * nk + kb, tid < count ? 4u : 0u);
     dsv4::cp_async16(st + W_OFF + (tid >> 2) * 64 + chunk * 16, c0.codes + kb * 64 + chunk * 16, 16u);
     dsv4::cp_async16(st + W_OFF + (64 + (tid >> 2)) * 64 + chunk * 16, c1.codes + kb * 64 + chunk * 16, 16u);
     if (tid < ROWS) dsv4::cp_async4(st + WS_OFF + 4 * tid, cs.scales + kb * 4, 4u);
@@ -319,7 +249,15 @@ __device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, con
     for (int c = 0; c < 4; ++c)                 // read by the MMAs until the wait: not reused before it
 #pragma unroll
       for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[c][i])::"memory");
-    promote<N>(acc, step, st, ws[0], ws[1], q);
+    const float* ts = reinterpret_cast<const float*>(st + TS_OFF);
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j) {
+      const float2 t = *reinterpret_cast<const float2*>(ts + 8 * j + 2 * q);
+      acc[4 * j] = fmaf(step[4 * j], ws[0] * t.x, acc[4 * j]);
+      acc[4 * j + 1] = fmaf(step[4 * j + 1], ws[0] * t.y, acc[4 * j + 1]);
+      acc[4 * j + 2] = fmaf(step[4 * j + 2], ws[1] * t.x, acc[4 * j + 2]);
+      acc[4 * j + 3] = fmaf(step[4 * j + 3], ws[1] * t.y, acc[4 * j + 3]);
+    }
     __syncwarp();
     if (lane == 0) mbar_arrive(&grp.empty[s]);   // this warp is done with the stage
     issue(kb + STAGES - 2);
@@ -332,150 +270,10 @@ __device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, con
   }
 }
 
-// ---- The SS form (session 25, not yet run on a GPU): a third warpgroup converts, the MMAs read both
-// operands from shared memory. Nsight Compute put the register form above at 4.8 cycles per issued
-// instruction with two warps per scheduler, its conversions, promotions and copies in one chain per warp,
-// and more warps did not fit its registers (the A fragments twice, the step's and the sum's accumulators).
-// Here warpgroup 0 issues every copy and turns each step's weight codes into e4m3 in shared memory (128 rows
-// x 128 K, 128-byte swizzle, K in plain order, so act_quant writes the activations in plain order too),
-// with each row's step scale beside them; warpgroups 1 and 2 (64 weight rows each) run wgmma with A and B
-// from shared memory and add each step's products with both scales. No A fragments: about 150 registers
-// where 384 threads allow 168. Two rings: the copies' (RSTAGES stages as STAGE_BYTES above, B and both
-// scales as there, the weight codes swizzled by row pairs so the converter's 16-byte reads of eight rows
-// hit distinct banks) and the converted codes' (ASTAGES stages). mbarriers: raw_full (every converter
-// thread's copies landed), raw_empty (its 4 warps done with the codes and 8 MMA warps with B), a_full
-// (the 128 converters' stores fenced for the async proxy), a_empty (the 8 MMA warps' MMAs done).
-
-struct SsBarriers {
-  uint64_t raw_full[RSTAGES], raw_empty[RSTAGES], a_full[ASTAGES], a_empty[ASTAGES];
-  __device__ __forceinline__ void init() {
-    if (threadIdx.x < RSTAGES) {
-      mbar_init(&raw_full[threadIdx.x], 128);   // the converter warpgroup's copies
-      mbar_init(&raw_empty[threadIdx.x], 12);   // its 4 warps and the 8 MMA warps
-    }
-    if (threadIdx.x < ASTAGES) {
-      mbar_init(&a_full[threadIdx.x], 128);     // each converter thread's stores
-      mbar_init(&a_empty[threadIdx.x], 8);      // the MMA warps
-    }
-  }
-};
-
-// Byte offset of weight row r's 16-byte chunk c in a stage's codes: chunks turned by row pairs.
-__device__ __forceinline__ int code_chunk(int r, int c) { return r * 64 + ((c ^ ((r >> 1) & 3)) << 4); }
-
-// Thread tid's first fragment row (an MMA warpgroup's thread; g + 8 is the other).
-__device__ __forceinline__ int fragment_row_ss(int tid) {
-  return 64 * ((tid >> 7) - 1) + 16 * ((tid >> 5) & 3) + ((tid & 31) >> 2);
-}
-
-// tile_gemm's product in the SS form. Returns false on the converter warpgroup (its acc is not written).
-template <int N, class RowOf>
-__device__ __forceinline__ bool tile_gemm_ss(const uint8_t* __restrict__ codes, const float* __restrict__ code_scales,
-                                             int K, int count, GroupShared& grp, SsBarriers& bar, RowOf weight_row,
-                                             float (&acc)[N / 2]) {
-  extern __shared__ uint8_t dynamic_smem[];
-  uint8_t* raw = dynamic_smem + ((1024 - (smem_addr(dynamic_smem) & 1023)) & 1023);
-  uint8_t* conv = raw + RSTAGES * STAGE_BYTES;
-  const int tid = threadIdx.x, lane = tid & 31, nk = K / STEP_K;
-  if (tid < 128) {
-    // copies: 16 bytes of weight rows tid / 4 + 32 i (coalesced), row tid's scale word; conversion: row tid
-    WeightRow copy_rows[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) copy_rows[i] = weight_row((tid >> 2) + 32 * i);
-    const WeightRow mine = weight_row(tid);
-    const int chunk = tid & 3;
-    auto issue = [&](int kb) {
-      if (kb >= nk) return;
-      const int s = kb % RSTAGES;
-      if (kb >= RSTAGES) mbar_wait(&bar.raw_empty[s], (kb / RSTAGES - 1) & 1);
-      uint8_t* st = raw + s * STAGE_BYTES;
-      copy_group_step<N, 128>(st, tid, codes, code_scales, K, nk, kb, count, grp);
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        dsv4::cp_async16(st + W_OFF + code_chunk((tid >> 2) + 32 * i, chunk), copy_rows[i].codes + kb * 64 + chunk * 16, 16u);
-      dsv4::cp_async4(st + WS_OFF + 4 * tid, mine.scales + kb * 4, 4u);
-      mbar_arrive_on_copies(&bar.raw_full[s]);
-    };
-#pragma unroll
-    for (int kb = 0; kb < LOOKAHEAD; ++kb) issue(kb);
-    for (int kb = 0; kb < nk; ++kb) {
-      const int s = kb % RSTAGES, as = kb % ASTAGES;
-      mbar_wait(&bar.raw_full[s], (kb / RSTAGES) & 1);
-      if (kb >= ASTAGES) mbar_wait(&bar.a_empty[as], (kb / ASTAGES - 1) & 1);
-      const uint8_t* st = raw + s * STAGE_BYTES;
-      uint8_t* at = conv + as * A_STAGE_BYTES;
-      // row tid's four 32-K blocks: the largest scale is the row's step scale, the others fold into the codes
-      const uint32_t sc = *reinterpret_cast<const uint32_t*>(st + WS_OFF + 4 * tid);
-      const uint32_t top = max(max(sc & 0xFFu, (sc >> 8) & 0xFFu), max((sc >> 16) & 0xFFu, sc >> 24));
-      reinterpret_cast<float*>(at + A_WS_OFF)[tid] = dsv4::e8m0(top);
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const uint4 w = *reinterpret_cast<const uint4*>(st + W_OFF + code_chunk(tid, c));
-        const int shift = min(int(top - ((sc >> (8 * c)) & 0xFFu)), SHIFTS - 1);
-        const uint32_t lo = grp.lut[shift][0], hi = grp.lut[shift][1];
-        const uint2 e0 = e2m1x8_to_e4m3(w.x, lo, hi), e1 = e2m1x8_to_e4m3(w.y, lo, hi);
-        const uint2 e2 = e2m1x8_to_e4m3(w.z, lo, hi), e3 = e2m1x8_to_e4m3(w.w, lo, hi);
-        *reinterpret_cast<uint4*>(at + swizzled(tid, 2 * c)) = make_uint4(e0.x, e0.y, e1.x, e1.y);
-        *reinterpret_cast<uint4*>(at + swizzled(tid, 2 * c + 1)) = make_uint4(e2.x, e2.y, e3.x, e3.y);
-      }
-      fence_async_shared();                      // the stores, visible to the MMAs' reads (async proxy)
-      mbar_arrive(&bar.a_full[as]);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&bar.raw_empty[s]);   // this warp is done with the stage's codes and scales
-      issue(kb + LOOKAHEAD);
-    }
-    return false;
-  }
-  const int wg = (tid >> 7) - 1, q = lane & 3, n_lo = fragment_row_ss(tid);
-  float step[N / 2];
-#pragma unroll
-  for (int i = 0; i < N / 2; ++i) acc[i] = 0.f;
-  for (int kb = 0; kb < nk; ++kb) {
-    const int s = kb % RSTAGES, as = kb % ASTAGES;
-    mbar_wait(&bar.raw_full[s], (kb / RSTAGES) & 1);   // B (the converter saw it too)
-    mbar_wait(&bar.a_full[as], (kb / ASTAGES) & 1);
-    const uint8_t* st = raw + s * STAGE_BYTES;
-    const uint8_t* at = conv + as * A_STAGE_BYTES;
-    wgmma_fence();
-#pragma unroll
-    for (int c = 0; c < 4; ++c)
-      wgmma_ss<N>(step, smem_desc(at + 64 * wg * STEP_K + 32 * c), smem_desc(st + 32 * c), c);
-    wgmma_commit();
-    const float ws0 = reinterpret_cast<const float*>(at + A_WS_OFF)[n_lo];
-    const float ws8 = reinterpret_cast<const float*>(at + A_WS_OFF)[n_lo + 8];
-    wgmma_wait_all();
-#pragma unroll
-    for (int i = 0; i < N / 2; ++i) wgmma_pin(step[i]);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&bar.a_empty[as]);     // this warp's MMAs are done with the converted codes
-    promote<N>(acc, step, st, ws0, ws8, q);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&bar.raw_empty[s]);    // and with B and its scales
-  }
-  return true;
-}
-
-// The group's product by the register form (tile_gemm) or the SS form (tile_gemm_ss, with its barriers):
-// false on the SS form's converter warpgroup, which has no outputs; n: the thread's first fragment row.
-template <int N, bool SS, class RowOf>
-__device__ __forceinline__ bool group_gemm(const uint8_t* codes, const float* scales, int K, int count,
-                                           GroupShared& grp, SsBarriers* bar, RowOf weight_row,
-                                           float (&acc)[N / 2], int& n) {
-  if constexpr (SS) {
-    if (!tile_gemm_ss<N>(codes, scales, K, count, grp, *bar, weight_row, acc)) return false;
-    n = fragment_row_ss(threadIdx.x);
-  } else {
-    tile_gemm<N>(codes, scales, K, count, grp, weight_row, acc);
-    n = fragment_row(threadIdx.x);
-  }
-  return true;
-}
-
-template <int N, bool SS>
+template <int N>
 __device__ __forceinline__ void gate_up_group(const uint8_t* x_codes, const float* x_scales, int count,
-                                              GroupShared& grp, SsBarriers* bar, const uint8_t* e,
-                                              const float* route_w, __nv_bfloat16* h, int tile, int D, int F,
-                                              float limit) {
+                                              GroupShared& grp, const uint8_t* e, const float* route_w,
+                                              __nv_bfloat16* h, int tile, int D, int F, float limit) {
   // CTA row n = 16 m + r (m = 4 warpgroup + warp): F row 64 tile + 8 m + r % 8 of w1 (r < 8) or of w3
   const size_t wbytes = size_t(F) * D / 2;
   auto weight_row = [&](int n) {
@@ -484,9 +282,8 @@ __device__ __forceinline__ void gate_up_group(const uint8_t* x_codes, const floa
                      e + 3 * wbytes + which * size_t(F) * (D / 32) + size_t(f) * (D / 32)};
   };
   float acc[N / 2];
-  int n;
-  if (!group_gemm<N, SS>(x_codes, x_scales, D, count, grp, bar, weight_row, acc, n)) return;
-  const int f = tile * 64 + 8 * (n >> 4) + (n & 7), q = threadIdx.x & 3;
+  tile_gemm<N>(x_codes, x_scales, D, count, grp, weight_row, acc);
+  const int n = fragment_row(threadIdx.x), f = tile * 64 + 8 * (n >> 4) + (n & 7), q = threadIdx.x & 3;
 #pragma unroll
   for (int i = 0; i < N / 4; ++i) {             // gate: fragment row g (acc 4j + e), up: g + 8 (4j + 2 + e)
     const int j = i >> 1, col = 8 * j + 2 * q + (i & 1);
@@ -502,10 +299,10 @@ __device__ __forceinline__ void gate_up_group(const uint8_t* x_codes, const floa
   }
 }
 
-template <int N, bool SS>
+template <int N>
 __device__ __forceinline__ void down_group(const uint8_t* h_codes, const float* h_scales, int count,
-                                           GroupShared& grp, SsBarriers* bar, const uint8_t* e, float* ypart,
-                                           int tile, int D, int F) {
+                                           GroupShared& grp, const uint8_t* e, float* ypart, int tile, int D,
+                                           int F) {
   const size_t wbytes = size_t(F) * D / 2;
   auto weight_row = [&](int n) {
     const int row = tile * ROWS + n;
@@ -513,9 +310,8 @@ __device__ __forceinline__ void down_group(const uint8_t* h_codes, const float* 
                      e + 3 * wbytes + 2 * size_t(F) * (D / 32) + size_t(row) * (F / 32)};
   };
   float acc[N / 2];
-  int n;
-  if (!group_gemm<N, SS>(h_codes, h_scales, F, count, grp, bar, weight_row, acc, n)) return;
-  const int row = tile * ROWS + n, q = threadIdx.x & 3;
+  tile_gemm<N>(h_codes, h_scales, F, count, grp, weight_row, acc);
+  const int row = tile * ROWS + fragment_row(threadIdx.x), q = threadIdx.x & 3;
 #pragma unroll
   for (int i = 0; i < N / 4; ++i) {
     const int j = i >> 1, col = 8 * j + 2 * q + (i & 1);
@@ -539,70 +335,42 @@ __device__ __forceinline__ void with_columns(int count, Fn fn) {
 
 }  // namespace moe_prefill
 
-namespace moe_prefill {
+// gate_up. Grid: groups x (F / 64), 256 threads, dynamic shared memory moe_prefill::SHARED_BYTES. x_codes
+// [T, D] e4m3 in slot order and x_scales [T, D / 128] (act_quant of x); h [T * topk, F] bf16, pair-indexed.
+extern "C" __global__ void __launch_bounds__(moe_prefill::THREADS, 1) dsv4_moe_gate_up_wgmma(
+    const uint8_t* x_codes, const float* x_scales, const int* pairs, const int* g_expert, const int* g_start,
+    const int* g_count, const float* route_w, const uint64_t* table, __nv_bfloat16* h, int topk, int D, int F,
+    float limit) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-template <bool SS>
-__device__ __forceinline__ void gate_up_kernel(const uint8_t* x_codes, const float* x_scales, const int* pairs,
-                                               const int* g_expert, const int* g_start, const int* g_count,
-                                               const float* route_w, const uint64_t* table, __nv_bfloat16* h,
-                                               int topk, int D, int F, float limit) {
+  using namespace moe_prefill;
   dsv4::pdl_wait();                             // the codes come from the act_quant launch before
   dsv4::pdl_launch_dependents();
   const int tiles = F / 64, grp_id = blockIdx.x / tiles, tile = blockIdx.x % tiles, count = g_count[grp_id];
   if (count == 0) return;                       // past the chunk's groups (group_pairs pads)
   __shared__ GroupShared grp;
-  __shared__ SsBarriers bar;
-  if (SS) bar.init();
-  load_group(pairs, g_start[grp_id], count, topk, grp);   // its barrier publishes bar too
+  load_group(pairs, g_start[grp_id], count, topk, grp);
   const uint8_t* e = reinterpret_cast<const uint8_t*>(table[g_expert[grp_id]]);
   with_columns(count, [&](auto n) {
-    gate_up_group<decltype(n)::value, SS>(x_codes, x_scales, count, grp, &bar, e, route_w, h, tile, D, F, limit);
+    gate_up_group<decltype(n)::value>(x_codes, x_scales, count, grp, e, route_w, h, tile, D, F, limit);
   });
+#endif
 }
 
-template <bool SS>
-__device__ __forceinline__ void down_kernel(const uint8_t* h_codes, const float* h_scales, const int* pairs,
-                                            const int* g_expert, const int* g_start, const int* g_count,
-                                            const uint64_t* table, float* ypart, int D, int F) {
+// down. Grid: groups x (D / 128), as gate_up. h_codes [T * topk, F] e4m3 in slot order and h_scales
+// [T * topk, F / 128] (act_quant of h); ypart [T * topk, D] float32, each pair's output rounded to bf16 as
+// the decode kernel rounds each expert's.
+extern "C" __global__ void __launch_bounds__(moe_prefill::THREADS, 1) dsv4_moe_down_wgmma(
+    const uint8_t* h_codes, const float* h_scales, const int* pairs, const int* g_expert, const int* g_start,
+    const int* g_count, const uint64_t* table, float* ypart, int D, int F) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace moe_prefill;
   dsv4::pdl_wait();
   dsv4::pdl_launch_dependents();
   const int tiles = D / ROWS, grp_id = blockIdx.x / tiles, tile = blockIdx.x % tiles, count = g_count[grp_id];
   if (count == 0) return;                       // past the chunk's groups (group_pairs pads)
   __shared__ GroupShared grp;
-  __shared__ SsBarriers bar;
-  if (SS) bar.init();
   load_group(pairs, g_start[grp_id], count, 1, grp);
   const uint8_t* e = reinterpret_cast<const uint8_t*>(table[g_expert[grp_id]]);
-  with_columns(count, [&](auto n) {
-    down_group<decltype(n)::value, SS>(h_codes, h_scales, count, grp, &bar, e, ypart, tile, D, F);
-  });
-}
+  with_columns(count, [&](auto n) { down_group<decltype(n)::value>(h_codes, h_scales, count, grp, e, ypart, tile, D, F); });
 #endif
-}  // namespace moe_prefill
-
-// gate_up. Grid: groups x (F / 64), 256 threads, dynamic shared memory moe_prefill::SHARED_BYTES. x_codes
-// [T, D] e4m3 in slot order and x_scales [T, D / 128] (act_quant of x); h [T * topk, F] bf16, pair-indexed.
-// The _ss form: 384 threads, SS_SHARED_BYTES, x_codes in plain order.
-#define DSV4_MOE_GATE_UP_WGMMA(NAME, SS, THREADS_)                                                          \
-  extern "C" __global__ void __launch_bounds__(THREADS_, 1) NAME(                                          \
-      const uint8_t* x_codes, const float* x_scales, const int* pairs, const int* g_expert,                \
-      const int* g_start, const int* g_count, const float* route_w, const uint64_t* table,                 \
-      __nv_bfloat16* h, int topk, int D, int F, float limit) {                                             \
-    DSV4_SM90A(moe_prefill::gate_up_kernel<SS>(x_codes, x_scales, pairs, g_expert, g_start, g_count,       \
-                                                route_w, table, h, topk, D, F, limit));                      \
-  }
-DSV4_MOE_GATE_UP_WGMMA(dsv4_moe_gate_up_wgmma, false, moe_prefill::THREADS)
-DSV4_MOE_GATE_UP_WGMMA(dsv4_moe_gate_up_wgmma_ss, true, moe_prefill::SS_THREADS)
-
-// down. Grid: groups x (D / 128), as gate_up. h_codes [T * topk, F] e4m3 in slot order (_ss: plain order)
-// and h_scales [T * topk, F / 128] (act_quant of h); ypart [T * topk, D] float32, each pair's output rounded
-// to bf16 as the decode kernel rounds each expert's.
-#define DSV4_MOE_DOWN_WGMMA(NAME, SS, THREADS_)                                                             \
-  extern "C" __global__ void __launch_bounds__(THREADS_, 1) NAME(                                          \
-      const uint8_t* h_codes, const float* h_scales, const int* pairs, const int* g_expert,                \
-      const int* g_start, const int* g_count, const uint64_t* table, float* ypart, int D, int F) {         \
-    DSV4_SM90A(moe_prefill::down_kernel<SS>(h_codes, h_scales, pairs, g_expert, g_start, g_count, table,   \
-                                             ypart, D, F));                                                 \
-  }
-DSV4_MOE_DOWN_WGMMA(dsv4_moe_down_wgmma, false, moe_prefill::THREADS)
-DSV4_MOE_DOWN_WGMMA(dsv4_moe_down_wgmma_ss, true, moe_prefill::SS_THREADS)
+}

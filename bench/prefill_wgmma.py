@@ -1,0 +1,57 @@
+"""Prefill time of a built bf16 CUDA artifact with the wgmma prefill MoE kernels (csrc/moe_wgmma.cu) against
+the grouped mma.sync kernels, over prompt lengths, on one loaded model (the switch is read per chunk, outside
+the decode graph): where the wgmma path starts to pay end to end (plugins.moe_experts.WgmmaPaths).
+
+    python bench/prefill_wgmma.py /tmp/art/f8 --json bench/results/prefill-wgmma-flash8-h200.json
+
+Each length and kernel choice runs its prompt twice (the first warms) and records the second, interleaved,
+in --reps rounds; every chunk takes the chosen kernels (prefill_min_pairs_per_expert 0).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from plugins import moe_experts  # noqa: E402
+from runtime.artifact import ArtifactModel  # noqa: E402
+from runtime.bench import prefill_seconds  # noqa: E402
+
+
+@torch.inference_mode()          # as runtime.bench.measure (outside it, session 26 saw 10-25 ms more per prompt)
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("artifact", type=Path)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 384, 512, 768, 1024])
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    model = ArtifactModel(args.artifact, "cuda", graphs=True)
+    default, rows = moe_experts.WGMMA, []
+    try:
+        for rep in range(args.reps):
+            for n in args.lengths:
+                prompt = [(7 * i + 3) % 1000 + 2 for i in range(n)]
+                for on in (False, True):
+                    moe_experts.WGMMA = dataclasses.replace(default, prefill=on, prefill_min_pairs_per_expert=0)
+                    prefill_seconds(model, prompt)
+                    rows.append({"tokens": n, "wgmma_prefill": on, "rep": rep,
+                                 "ms": prefill_seconds(model, prompt)[0] * 1e3})
+                    print(json.dumps(rows[-1]), flush=True)
+    finally:
+        moe_experts.WGMMA = default
+    if args.json:
+        report = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
+                  "torch": torch.__version__, "python": platform.python_version(), "rows": rows}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
