@@ -1,6 +1,6 @@
 """Sparse attention with a sink on the GPU (csrc/sparse_attention.cu): a split launch that gathers each
 split's rows once for every head and runs both products on tensor cores, and a combine launch. Decode takes
-one launch pair; a prefill chunk takes one per group of PREFILL_QUERIES queries (`sparse_attention_chunked`).
+one launch pair; a prefill chunk takes one per group of `prefill_group` queries (`sparse_attention_chunked`).
 
 Oracle: `plugins.oracle.sparse_attention`. Pass `workspace` (from `make_workspace`) to launch without
 allocating.
@@ -14,9 +14,13 @@ from .loader import FLOAT, INT, PTR, kernels
 ROWS, MAX_SPLITS, ROW_PAD = 32, 2048, 8     # csrc/sparse_attention.cu: indices per split, splits, row padding
 PREFILL_ROWS = 64                            # indices per split in a prefill chunk (the `_r64` kernels: faster there)
 MAX_QUERIES = 16                             # decode sizes: one launch pair
-# queries per launch pair for a prefill chunk: bounds the workspace (32 x splits x heads x d floats, 42 MB at
-# Flash size with 640 rows, PREFILL_ROWS to a split)
-PREFILL_QUERIES = 32
+PREFILL_QUERIES = 32                         # more queries than this: a prefill chunk, in launch pairs
+# A prefill chunk's launch pairs take as many queries as this workspace holds (splits x heads x d floats
+# each): 76 at Flash's 640 rows, 5 at 8320 (a ratio-128 layer at 1M tokens, where 32 queries took 545 MB).
+# Session 26, H200, a 256-query Flash chunk: 32 or 33 queries a pair kept the GPU waiting on the host's
+# launches (0.57 ms of host time, 0.58 in all), 76 hardly (0.28 and 0.42 ms), 153 0.16 and 0.38 ms
+# (bench/results/attention-prefill-groups-s26-h200.txt).
+PREFILL_WORKSPACE_BYTES = 96 << 20
 CHUNKS = (1, 2, 4)                           # head_dim / 128 the kernel is built for
 MAX_HEADS = 128                              # a warp per 16 heads, 8 warps
 
@@ -40,6 +44,13 @@ def make_workspace(queries: int, heads: int, d: int, k: int, device, rows: int =
     splits = -(-k // rows)
     return {"acc": torch.empty(queries * splits * heads * d, dtype=torch.float32, device=device),
             "ml": torch.empty(queries * splits * heads * 2, dtype=torch.float32, device=device)}
+
+
+def prefill_group(batch: int, queries: int, heads: int, d: int, k: int) -> int:
+    """Queries of each sequence per launch pair of a prefill chunk (`batch` sequences of `queries` queries
+    over k indices): as many as PREFILL_WORKSPACE_BYTES holds (`make_workspace`'s floats), at least one."""
+    per_query = -(-k // PREFILL_ROWS) * heads * (d + 2) * 4
+    return max(1, min(queries, PREFILL_WORKSPACE_BYTES // (batch * per_query)))
 
 
 def decode_row_count(t: int, window: int, ratio: int, picks: int) -> int:
@@ -95,13 +106,14 @@ def sparse_attention_decode(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
 def sparse_attention_chunked(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
                              scale: float) -> torch.Tensor:
     """`sparse_attention_decode` over any number of queries: one launch pair up to PREFILL_QUERIES (decode),
-    else PREFILL_QUERIES at a time through one workspace (prefill chunks), with no gathered copy of each
-    query's rows as the oracle makes. Allocates without a workspace (prefill runs outside CUDA graphs)."""
+    else `prefill_group` queries at a time through one workspace (prefill chunks), with no gathered copy of
+    each query's rows as the oracle makes. Allocates without a workspace (prefill runs outside CUDA graphs)."""
     b, s, h, d = q.shape
     if s <= PREFILL_QUERIES:                     # decode: one launch pair, nothing to join
         return sparse_attention_decode(q, kv, sink, idx, scale)
-    ws = make_workspace(b * PREFILL_QUERIES, h, d, idx.size(-1), q.device, PREFILL_ROWS)
-    return torch.cat([sparse_attention_decode(q[:, i:i + PREFILL_QUERIES].contiguous(), kv, sink,
-                                              idx[:, i:i + PREFILL_QUERIES].contiguous(), scale, workspace=ws,
+    group = prefill_group(b, s, h, d, idx.size(-1))
+    ws = make_workspace(b * group, h, d, idx.size(-1), q.device, PREFILL_ROWS)
+    return torch.cat([sparse_attention_decode(q[:, i:i + group].contiguous(), kv, sink,
+                                              idx[:, i:i + group].contiguous(), scale, workspace=ws,
                                               rows=PREFILL_ROWS)
-                      for i in range(0, s, PREFILL_QUERIES)], dim=1)
+                      for i in range(0, s, group)], dim=1)

@@ -124,17 +124,41 @@ def test_decode_attention_op_is_the_kernel_over_the_rows_it_names_then_the_inver
     assert torch.equal(out, expect())
 
 
+@pytest.mark.parametrize("b, k, least, most", [
+    pytest.param(1, 640, 64, 256, id="flash-640-rows"),           # 64 a pair kept the H200 busy (session 26)
+    pytest.param(1, 128 + (1 << 20) // 128, 1, 8, id="flash-ratio128-at-1M"),
+    pytest.param(4, 640, 16, 64, id="4-sequences"),
+    pytest.param(1, 1 << 24, 1, 1, id="one-query-past-the-budget"),
+])
+def test_prefill_group_keeps_the_workspace_in_its_budget(b, k, least, most):
+    """A prefill chunk of 256 Flash queries (64 heads x 512) over k indices: its launch pairs take between
+    `least` and `most` queries a sequence, and their workspace stays within PREFILL_WORKSPACE_BYTES unless a
+    single query needs more."""
+    from plugins import sparse_attention as kernel
+    group = kernel.prefill_group(b, 256, 64, 512, k)
+    assert least <= group <= most
+    ws = kernel.make_workspace(b * group, 64, 512, k, "meta", kernel.PREFILL_ROWS)
+    used = sum(t.numel() * t.element_size() for t in ws.values())
+    assert used <= kernel.PREFILL_WORKSPACE_BYTES or group == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("b, s, h, d, t, k, valid", [
     pytest.param(1, 40, 64, 512, 2176, 640, 600, id="flash-ratio4-40-queries"),
     pytest.param(2, 33, 16, 256, 300, 129, 100, id="d256-2seq-33-queries"),
     pytest.param(1, 64, 4, 128, 60, 77, 3, id="tiny-64-queries-few-rows"),
 ])
-def test_sparse_attention_prefill_chunk_matches_oracle(b, s, h, d, t, k, valid):
-    """A prefill chunk through the decode kernels, PREFILL_QUERIES queries per launch pair (groups cut
-    mid-chunk, a short last group): the oracle's bounds; the op takes that path."""
+@pytest.mark.parametrize("group", [None, 14], ids=["group-by-workspace", "groups-of-14"])
+def test_sparse_attention_prefill_chunk_matches_oracle(b, s, h, d, t, k, valid, group, monkeypatch):
+    """A prefill chunk through the decode kernels, `prefill_group` queries per launch pair (its default
+    workspace, or one that holds 14 queries a sequence: groups cut mid-chunk, a short last group): the
+    oracle's bounds; the op takes that path."""
     import plugins.ops  # noqa: F401  (registers the ops)
     from plugins import sparse_attention as kernel
+    if group is not None:
+        per_query = b * -(-k // kernel.PREFILL_ROWS) * h * (d + 2) * 4   # workspace bytes, a query per sequence
+        monkeypatch.setattr(kernel, "PREFILL_WORKSPACE_BYTES", group * per_query)
+        assert kernel.prefill_group(b, s, h, d, k) == group
     q, kv, sink, idx = _case(b, s, h, d, t, k, valid, seed=4)
     scale = d ** -0.5
     got = kernel.sparse_attention_chunked(q, kv, sink, idx, scale)
