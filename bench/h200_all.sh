@@ -11,8 +11,9 @@
 # A failing step is logged ($RES/NAME.log, rc in steps.log) and the next one runs; the kernel tests and benchmarks
 # are bounded (timeout: a kernel that hangs, as a new one may, ends its step, rc 124). STEPS names the steps to
 # run (default: all but wgmma-crossover): plugins patch kernel-tests kernels wgmma-crossover gemv-probe gemv-split moe-grid
-# gate-flash4-f32 flash8 tiny-artifacts wgmma-gate pager-sweep (the last two on the Flash-8 artifact: each
-# wgmma MoE path switched on, bench/wgmma_gate.py; the pager's settings, bench/pager_sweep.py). OVERLAP=1 runs the tiny artifact tests beside the Flash-8 build (the
+# gate-flash4-f32 flash8 tiny-artifacts wgmma-gate prefill-wgmma pager-sweep (the last three on the Flash-8 artifact:
+# each wgmma MoE path switched on, bench/wgmma_gate.py; prefill times with and without the wgmma prefill MoE,
+# bench/prefill_wgmma.py; the pager's settings, bench/pager_sweep.py). OVERLAP=1 runs the tiny artifact tests beside the Flash-8 build (the
 # device time of a session is short); TESTS overrides the kernel test files; TRY_PATCH names a patch (git diff) that the patch step builds, tests (PATCH_TESTS) and
 # benchmarks in its own copy of the tree, first (session 10 tried the wgmma prefill MoE so).
 set -u
@@ -20,7 +21,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6 PYTHONUNBUFFERED=1
 RES=${RES:-/tmp/res}
 mkdir -p "$RES"
-STEPS=${STEPS:-plugins patch kernel-tests kernels gemv-probe gemv-split moe-grid gate-flash4-f32 flash8 tiny-artifacts wgmma-gate pager-sweep}
+STEPS=${STEPS:-plugins patch kernel-tests kernels gemv-probe gemv-split moe-grid gate-flash4-f32 flash8 tiny-artifacts wgmma-gate prefill-wgmma pager-sweep}
 step() {
   local name=$1
   shift
@@ -62,5 +63,6 @@ else
   tiny_artifacts
 fi
 step wgmma-gate python bench/wgmma_gate.py /tmp/art/flash8-bfloat16 --json "$RES/wgmma-gate-flash8-h200.json"
+step prefill-wgmma python bench/prefill_wgmma.py /tmp/art/flash8-bfloat16 --json "$RES/prefill-wgmma-flash8-h200.json"
 step pager-sweep python bench/pager_sweep.py /tmp/art/flash8-bfloat16 --slots 1536 --json "$RES/pager-sweep-flash8-h200.json"
 touch "$RES/DONE"
