@@ -1,8 +1,9 @@
 """The model-level check of the sm_90 warpgroup-MMA MoE paths on a built bf16 CUDA artifact (Flash-8 in
-bench/h200_all.sh): forced-token logits with each path switched on (plugins.moe_experts.WGMMA), against the
-same artifact on its default kernels, next to that default's own noise: the same prompts fed token by token
-through the decode step instead of through the prefill programs (one-ulp summation differences flip FP8
-roundings in bf16; the reference model disagrees with itself the same way, README).
+bench/h200_all.sh): forced-token logits with each path switched on alone (plugins.moe_experts.WGMMA), against
+the same artifact on the mma.sync kernels (both paths off: "the default" below, whatever WGMMA's defaults),
+next to that default's own noise: the same prompts fed token by token through the decode step instead of
+through the prefill programs (one-ulp summation differences flip FP8 roundings in bf16; the reference model
+disagrees with itself the same way, README). Both paths passed in session 26 and are on by default.
 
     python bench/wgmma_gate.py /tmp/art/flash8-bfloat16 --json bench/results/wgmma-gate-flash8-h200.json
 
