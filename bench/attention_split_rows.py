@@ -10,7 +10,6 @@ bench/results/attention-split-rows-s25-h200.txt); `--rows` came after, not yet r
 """
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results_json import run_header, write_json  # noqa: E402
 from plugins import sparse_attention as sa  # noqa: E402
 
 
@@ -57,10 +57,7 @@ def main() -> None:
         chunk = kernel_us(lambda: sa.sparse_attention_chunked(q, kv, sink, idx, d ** -0.5))
         rows.append({"rows_per_split": r, "decode_kernels_us": decode, "chunk_256_kernels_us": chunk})
         print(json.dumps(rows[-1]))
-    report = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "python": platform.python_version(), "results": rows}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+    write_json(args.json, run_header() | {"results": rows})
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results_json import run_header, write_json  # noqa: E402
 from plugins.formats import fp8_weight_dequant  # noqa: E402
 from plugins.fp8_linear import (fp8_linear_decode, fp8_linear_decode_normed, fp8_linear_decode_swiglu,  # noqa: E402
                                  make_workspace)
@@ -447,11 +447,7 @@ def bench_compressor_chunk(ratio: int, dim: int, rotate: bool, chunk: int = 256)
 def write_report(path: Path, bandwidth: float, rows: list[dict]) -> None:
     """A kernel benchmark's JSON: the command, GPU and versions, the copy bandwidth measured in the same run
     (bytes/s) and the result rows."""
-    report = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-              "copy_bandwidth_gbps": bandwidth / 1e9, "results": rows}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
+    write_json(path, run_header() | {"copy_bandwidth_gbps": bandwidth / 1e9, "results": rows})
 
 
 def main() -> None:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results_json import run_header, write_json  # noqa: E402
 from plugins import moe_experts  # noqa: E402
 from runtime.artifact import ArtifactModel  # noqa: E402
 from runtime.bench import prefill_seconds  # noqa: E402
@@ -47,10 +47,7 @@ def main() -> None:
     finally:
         moe_experts.WGMMA = default
     if args.json:
-        report = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
-                  "torch": torch.__version__, "python": platform.python_version(), "rows": rows}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+        write_json(args.json, run_header() | {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results_json import run_header, write_json  # noqa: E402
 from builder.forced import TokenByToken, forced_logits  # noqa: E402
 from plugins import moe_experts  # noqa: E402
 from runtime.artifact import ArtifactModel  # noqa: E402
@@ -94,10 +93,8 @@ def main() -> None:
     base_speed: dict = {}
     base = logits_with(args.artifact, prompts, forced, speed=base_speed)
     noise = agreement(logits_with(args.artifact, prompts, forced, token_by_token=True), base)
-    report = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "python": platform.python_version(), "prompts": len(prompts),
-              "prompt_tokens": args.prompt_len, "forced_steps": args.forced,
-              "default_prefill_vs_token_by_token": noise, "default_speed": base_speed, "paths": {}}
+    report = run_header() | {"prompts": len(prompts), "prompt_tokens": args.prompt_len, "forced_steps": args.forced,
+                             "default_prefill_vs_token_by_token": noise, "default_speed": base_speed, "paths": {}}
 
     def line(d: dict) -> str:
         return (f"cosine median {d['median_cosine']:.6f}, 10th percentile {d['p10_cosine']:.6f}, worst "
@@ -115,8 +112,7 @@ def main() -> None:
               f"decode {speed['decode_tok_s']:.1f} tok/s (x{got['decode_speedup']:.3f}), prefill "
               f"{speed['prefill_tok_s']:.1f} tok/s (x{got['prefill_speedup']:.3f})")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":
