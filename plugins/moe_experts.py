@@ -68,8 +68,9 @@ class WgmmaPaths:
     grouped kernels from 256 Flash tokens, 6 pairs per expert: bench/results/wgmma-crossover-s24-h200.txt).
     Their FP8 MMAs add in less than float32, so they are not the mma.sync kernels' bits: each is on only once
     it passed both model-level checks on the H200, the tiny bf16 artifact against the reference
-    (tests/test_artifact_gpu.py) and the Flash-8 artifact against the default kernels, within their own
-    prefill-vs-decode noise (bench/wgmma_gate.py). Decode passed both in session 12. Prefill: session 10's
+    (tests/test_artifact_gpu.py; for session 24's prefill kernel, the kernel on that model's own MoE inputs,
+    below) and the Flash-8 artifact against the mma.sync kernels, within their own prefill-vs-decode noise
+    (bench/wgmma_gate.py). Decode passed both in session 12. Prefill: session 10's
     kernel failed the tiny artifact's argmax line in sessions 11 and 12, passed it in sessions 14 to 23 and
     the Flash-8 gate in sessions 12 and 16 (on from session 16 to 23). Session 24's kernel (the weights as the
     MMA's register operand) passed every kernel test but failed the tiny artifact's cosine line in its one
