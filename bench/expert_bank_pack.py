@@ -10,7 +10,6 @@ checkpoint, not the banks). Figures: seconds, and GB of bank written per second.
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -18,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results_json import run_header, write_json  # noqa: E402
 from builder.checkpoint import Checkpoint  # noqa: E402
 from builder.expert_bank import write_layer_bank  # noqa: E402
 
@@ -53,10 +53,8 @@ def main() -> None:
                              "gb_per_s": nbytes / seconds / 1e9})
                 print(json.dumps(rows[-1]), flush=True)
     if args.json:
-        report = {"command": "python " + " ".join(sys.argv), "python": platform.python_version(),
-                  "cpus": os.cpu_count(), "checkpoint_layers": ckpt.config.num_hidden_layers, "results": rows}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+        write_json(args.json, run_header() | {"cpus": os.cpu_count(),
+                                              "checkpoint_layers": ckpt.config.num_hidden_layers, "results": rows})
 
 
 if __name__ == "__main__":

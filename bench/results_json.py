@@ -1,4 +1,4 @@
-"""What every GPU benchmark's JSON under bench/results/ starts with, and how it is written."""
+"""What every benchmark's JSON under bench/results/ starts with, and how it is written."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,9 @@ import torch
 
 
 def run_header() -> dict:
-    """The exact command, the GPU and the versions of this run."""
-    return {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
+    """The exact command, the GPU ("cpu" without one) and the versions of this run."""
+    return {"command": "python " + " ".join(sys.argv),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
 
 

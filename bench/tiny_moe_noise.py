@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import builder.reference.moe as reference_moe  # noqa: E402
+from bench.results_json import run_header, write_json  # noqa: E402
 from builder.checkpoint import Checkpoint  # noqa: E402
 from builder.forced import TokenByToken, forced_logits  # noqa: E402
 from builder.presets import preset_json  # noqa: E402
@@ -84,11 +84,7 @@ def main() -> None:
         for seed in range(args.search):
             rows.append({"prompt": f"random_prompt({seed})", **examine(ref, random_prompt(seed), args.seeds)})
             print(json.dumps({k: v for k, v in rows[-1].items() if not k.startswith("noise")}))
-    report = {"command": "python " + " ".join(sys.argv), "device": "cpu", "torch": torch.__version__,
-              "python": platform.python_version(), "threshold_in_test": 0.99, "runs_per_noise": args.seeds,
-              "results": rows}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+    write_json(args.json, run_header() | {"threshold_in_test": 0.99, "runs_per_noise": args.seeds, "results": rows})
     print(f"wrote {args.json}")
 
 

@@ -46,11 +46,16 @@ def make_workspace(queries: int, heads: int, d: int, k: int, device, rows: int =
             "ml": torch.empty(queries * splits * heads * 2, dtype=torch.float32, device=device)}
 
 
+def workspace_bytes(queries: int, heads: int, d: int, k: int, rows: int = ROWS) -> int:
+    """The size of `make_workspace`'s tensors: float32 acc (d) and ml (2) per (query, split, head)."""
+    return queries * -(-k // rows) * heads * (d + 2) * 4
+
+
 def prefill_group(batch: int, queries: int, heads: int, d: int, k: int) -> int:
     """Queries of each sequence per launch pair of a prefill chunk (`batch` sequences of `queries` queries
-    over k indices): as many as PREFILL_WORKSPACE_BYTES holds (`make_workspace`'s floats), at least one."""
-    per_query = -(-k // PREFILL_ROWS) * heads * (d + 2) * 4
-    return max(1, min(queries, PREFILL_WORKSPACE_BYTES // (batch * per_query)))
+    over k indices): as many as PREFILL_WORKSPACE_BYTES holds, at least one."""
+    per_query = workspace_bytes(batch, heads, d, k, PREFILL_ROWS)
+    return max(1, min(queries, PREFILL_WORKSPACE_BYTES // per_query))
 
 
 def decode_row_count(t: int, window: int, ratio: int, picks: int) -> int:

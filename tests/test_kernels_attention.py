@@ -156,7 +156,7 @@ def test_sparse_attention_prefill_chunk_matches_oracle(b, s, h, d, t, k, valid, 
     import plugins.ops  # noqa: F401  (registers the ops)
     from plugins import sparse_attention as kernel
     if group is not None:
-        per_query = b * -(-k // kernel.PREFILL_ROWS) * h * (d + 2) * 4   # workspace bytes, a query per sequence
+        per_query = kernel.workspace_bytes(b, h, d, k, kernel.PREFILL_ROWS)   # a query per sequence
         monkeypatch.setattr(kernel, "PREFILL_WORKSPACE_BYTES", group * per_query)
         assert kernel.prefill_group(b, s, h, d, k) == group
     q, kv, sink, idx = _case(b, s, h, d, t, k, valid, seed=4)
