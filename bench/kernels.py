@@ -170,11 +170,10 @@ def bench_moe_prefill(matmul_tflops: float, tokens: int = 4096, n_experts: int =
            "time_us": ms * 1e3, "tflops": tflops, "fraction_of_bf16_matmul": tflops / matmul_tflops,
            "speedup_vs_decode_kernels": ms_decode / ms}
     if wgmma_fits(x, d, f):                                   # csrc/moe_wgmma.cu, sm_90 only
-        for form, key in (("rs", "wgmma"), ("ws", "wgmma_ws")):   # its two forms (WGMMA_FORMS)
-            ms_w = time_ms(lambda: moe_experts_prefill_wgmma(x, experts, w, table, f, 10.0, form=form), iters=10)
-            tflops_w = tokens * k * 3 * 2 * d * f / (ms_w * 1e-3) / 1e12
-            row |= {f"{key}_time_us": ms_w * 1e3, f"{key}_tflops": tflops_w,
-                    f"{key}_fraction_of_bf16_matmul": tflops_w / matmul_tflops}
+        ms_w = time_ms(lambda: moe_experts_prefill_wgmma(x, experts, w, table, f, 10.0), iters=10)
+        tflops_w = tokens * k * 3 * 2 * d * f / (ms_w * 1e-3) / 1e12
+        row |= {"wgmma_time_us": ms_w * 1e3, "wgmma_tflops": tflops_w,
+                "wgmma_fraction_of_bf16_matmul": tflops_w / matmul_tflops}
     return row
 
 

@@ -3,9 +3,8 @@ bench/ncu_target.py ...` profiles the third launch (results: bench/results/ncu-*
     python bench/ncu_target.py fp8 N K      FP8 GEMV of an N x K projection, one row
     python bench/ncu_target.py moe [wgmma]  MXFP4 routed experts of one token (6 of 64 Flash-size experts),
                                             on the mma.sync kernels or the warpgroup-MMA ones (sm_90)
-    python bench/ncu_target.py moe_prefill T [FORM]  the prefill MoE on warpgroup MMA (sm_90) over T Flash
-                                            tokens (256 experts, 6 per token, random routing), in
-                                            WGMMA_FORMS' FORM (default: the default form)
+    python bench/ncu_target.py moe_prefill T  the prefill MoE on warpgroup MMA (sm_90) over T Flash tokens
+                                            (256 experts, 6 per token, random routing)
 """
 import sys
 from pathlib import Path
@@ -28,18 +27,18 @@ def moe_launch(wgmma: bool):
     return lambda bank=bank: moe_experts_decode(x, ids, w, table, f, 10.0, None, ws, wgmma=wgmma)  # keeps bank alive
 
 
-def moe_prefill_launch(tokens: int, form: str | None = None):
+def moe_prefill_launch(tokens: int):
     """bench/kernels.py's prefill MoE setup (bench_moe_prefill), the warpgroup-MMA kernels."""
     d, f, k, n = 4096, 2048, 6, 256
     bank, table = random_flash_bank(n, d, f)
     x, experts, w = random_routing(tokens, n, d, k)
-    return lambda bank=bank: moe_experts_prefill_wgmma(x, experts, w, table, f, 10.0, form=form)
+    return lambda bank=bank: moe_experts_prefill_wgmma(x, experts, w, table, f, 10.0)
 
 
 if sys.argv[1] == "moe":
     launch = moe_launch(sys.argv[2:3] == ["wgmma"])
 elif sys.argv[1] == "moe_prefill":
-    launch = moe_prefill_launch(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
+    launch = moe_prefill_launch(int(sys.argv[2]))
 else:
     n, k = (int(a) for a in sys.argv[2:4])
     w, s = random_fp8(n, k)

@@ -85,9 +85,6 @@ class WgmmaPaths:
     decode: bool = True
     prefill: bool = True
     prefill_min_pairs_per_expert: int = 6     # where wgmma beats the grouped kernels (0: any chunk it fits)
-    # which form of csrc/moe_wgmma.cu: "rs" (the weights as the MMA's register operand, measured) or "ws"
-    # (warp-specialised: two warpgroups convert, two multiply, both operands from shared memory)
-    prefill_form: str = "rs"
 
 
 WGMMA = WgmmaPaths()
@@ -287,12 +284,8 @@ def sum_pairs_post(parts: torch.Tensor, experts: torch.Tensor, k: int, shared: t
 
 # ------------------------------------------------------------------ prefill on wgmma (sm_90a)
 WGMMA_GROUP = 128                   # csrc/moe_wgmma.cu MAX_N: a group's pairs are the MMA's columns
-_STAGE = 128 * 128 + 128 * 64 + 128 * 4 + 128 * 4   # a copy stage of the rs form: B, the weight codes, both scales
-_WS_RINGS = 5 * 17 * 1024 + 3 * 17 * 1024 + 8 * (128 * 64 + 128 * 4)   # the ws form's B, converted and weight rings
-# per form (csrc/moe_wgmma.cu): kernel name suffix, threads, dynamic shared memory (1 KiB to align), act_quant's
-# slot order
-WGMMA_FORMS = {"rs": ("", 256, 8 * _STAGE + 1024, True),
-               "ws": ("_ws", 512, _WS_RINGS + 1024, False)}
+WGMMA_THREADS = 256                 # two warpgroups of 64 weight rows each
+WGMMA_SHARED_BYTES = 8 * (128 * 128 + 128 * 64 + 128 * 4 + 128 * 4) + 1024   # eight ring stages, 1 KiB to align
 
 
 def wgmma_fits(x: torch.Tensor, d: int, f: int) -> bool:
@@ -308,38 +301,34 @@ def wgmma_pays(x: torch.Tensor, experts: torch.Tensor, n_experts: int, f: int) -
 
 
 def moe_experts_prefill_wgmma(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Tensor, table: torch.Tensor,
-                              f: int, limit: float, form: str | None = None) -> torch.Tensor:
+                              f: int, limit: float) -> torch.Tensor:
     """`moe_experts_prefill` on Hopper's warpgroup MMAs: groups of up to 128 pairs per expert, the weights
     converted to e4m3 once per group. Close to the decode kernels, not bit for bit (another summation, and
-    scales applied per 128 K). `form`: a WGMMA_FORMS key (default WGMMA.prefill_form). Allocates and
-    synchronises."""
+    scales applied per 128 K). Allocates and synchronises."""
     t, d = x.shape
-    form = WGMMA.prefill_form if form is None else form
-    suffix, threads, shared, slots = WGMMA_FORMS[form]
     groups = group_pairs(experts, table.numel(), WGMMA_GROUP, padded=True)
-    h = wgmma_gate_up(x, experts, route_w, table, f, limit, groups, form)
+    h = wgmma_gate_up(x, experts, route_w, table, f, limit, groups)
     h_codes, h_scales = act_workspace(t * experts.size(1), f, x.device)
-    act_quant(h, h_codes, h_scales, mma_slots=slots)
+    act_quant(h, h_codes, h_scales, mma_slots=True)
     ypart = torch.empty(t * experts.size(1), d, dtype=torch.float32, device=x.device)
-    kernels().launch(f"dsv4_moe_down_wgmma{suffix}", groups[1].numel() * (d // 128), threads,
+    kernels().launch("dsv4_moe_down_wgmma", groups[1].numel() * (d // 128), WGMMA_THREADS,
                      [(h_codes, PTR), (h_scales, PTR)] + [(g, PTR) for g in groups]
-                     + [(table, PTR), (ypart, PTR), (d, INT), (f, INT)], shared)
+                     + [(table, PTR), (ypart, PTR), (d, INT), (f, INT)], WGMMA_SHARED_BYTES)
     return sum_pairs(ypart, experts)
 
 
 def wgmma_gate_up(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Tensor, table: torch.Tensor, f: int,
-                  limit: float, groups: tuple[torch.Tensor, ...], form: str = "rs") -> torch.Tensor:
+                  limit: float, groups: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The first half of `moe_experts_prefill_wgmma`: h [T * k, F] bf16 (pair-indexed), each pair's
-    route_w * silu(gate) * up; `groups` from group_pairs(experts, E, WGMMA_GROUP); `form` a WGMMA_FORMS key."""
+    route_w * silu(gate) * up; `groups` from group_pairs(experts, E, WGMMA_GROUP)."""
     t, d = x.shape
     k = experts.size(1)
     assert wgmma_fits(x, d, f) and x.dtype == torch.bfloat16 and route_w.dtype == torch.float32
-    suffix, threads, shared, slots = WGMMA_FORMS[form]
     codes, scales = act_workspace(t, d, x.device)
-    act_quant(x.contiguous(), codes, scales, mma_slots=slots)
+    act_quant(x.contiguous(), codes, scales, mma_slots=True)
     h = torch.empty(t * k, f, dtype=torch.bfloat16, device=x.device)
-    kernels().launch(f"dsv4_moe_gate_up_wgmma{suffix}", groups[1].numel() * (f // 64), threads,
+    kernels().launch("dsv4_moe_gate_up_wgmma", groups[1].numel() * (f // 64), WGMMA_THREADS,
                      [(codes, PTR), (scales, PTR)] + [(g, PTR) for g in groups]
                      + [(route_w.contiguous(), PTR), (table, PTR), (h, PTR), (k, INT), (d, INT), (f, INT),
-                        (limit, FLOAT)], shared)
+                        (limit, FLOAT)], WGMMA_SHARED_BYTES)
     return h

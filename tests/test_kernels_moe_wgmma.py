@@ -26,8 +26,7 @@ def _bank(n_exp, d, f, tiny_block):
                           (50, 256, 128, 6, False, False)],
                          ids=["40tok", "flash-300tok-hot", "odd-sizes-k3", "scale-spread-beyond-8",
                               "tiny-model-one-k-step"])
-@pytest.mark.parametrize("form", ["rs", "ws"])
-def test_moe_prefill_wgmma_matches_oracle_and_the_grouped_kernels(tokens, d, f, k, hot, tiny_block, form):
+def test_moe_prefill_wgmma_matches_oracle_and_the_grouped_kernels(tokens, d, f, k, hot, tiny_block):
     from plugins.moe_experts import moe_experts_prefill, moe_experts_prefill_wgmma, pack_expert, wgmma_fits
     if not wgmma_fits(torch.empty(1, device="cuda"), d, f):
         pytest.skip("wgmma kernels are built for sm_90a only")
@@ -38,7 +37,7 @@ def test_moe_prefill_wgmma_matches_oracle_and_the_grouped_kernels(tokens, d, f, 
     table = torch.tensor([s.data_ptr() for s in stores], dtype=torch.int64, device="cuda")
     # every token on expert 4, or on expert 0 whose tiny block is then read by every group
     x, experts, weights = routed_chunk(tokens, d, n_exp, k, hot_expert=4 if hot else 0 if tiny_block else None)
-    got = moe_experts_prefill_wgmma(x, experts, weights, table, f, limit=10.0, form=form)
+    got = moe_experts_prefill_wgmma(x, experts, weights, table, f, limit=10.0)
     dequantised = [tuple(mxfp4_dequant(*e[i:i + 2]) for i in (0, 2, 4)) for e in bank]
     expect = moe_routed_oracle(x, experts, weights, dequantised.__getitem__, 10.0)
     # The FP8 MMA adds in less than float32 within 128 K: a gate or up value may land a bf16 unit away from
@@ -119,8 +118,7 @@ def tiny_prefill_moe_inputs(tiny_dir, device: str, chunk: int = 64):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("form", ["rs", "ws"])
-def test_moe_prefill_wgmma_on_the_tiny_models_own_inputs(tiny_dir, form):
+def test_moe_prefill_wgmma_on_the_tiny_models_own_inputs(tiny_dir):
     """The model-level check without the model's amplification: the wgmma prefill MoE on the inputs the tiny
     bf16 model gives it (every layer, the artifact test's prompt in 64-token chunks) against the oracle, with
     the kernel tests' bounds. tests/test_artifact_gpu.py cannot judge this kernel on that model: bf16-unit
@@ -132,7 +130,7 @@ def test_moe_prefill_wgmma_on_the_tiny_models_own_inputs(tiny_dir, form):
     calls, _stores, f = tiny_prefill_moe_inputs(tiny_dir, "cuda")
     assert len(calls) == 10                      # 5 MoE layers x 2 chunks of 64 (the MTP block not run)
     for x, experts, weights, expert_weights, table, limit in calls:
-        got = moe_experts_prefill_wgmma(x.contiguous(), experts, weights, table, f, limit, form=form)
+        got = moe_experts_prefill_wgmma(x.contiguous(), experts, weights, table, f, limit)
         expect = moe_routed_oracle(x, experts, weights, expert_weights, limit)
         whole = torch.nn.functional.cosine_similarity(got.double().flatten(), expect.double().flatten(), dim=0)
         per_token = torch.nn.functional.cosine_similarity(got.double(), expect.double(), dim=-1)

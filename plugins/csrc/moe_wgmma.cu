@@ -36,12 +36,6 @@
 
 #include <type_traits>
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define DSV4_SM90A(...) __VA_ARGS__
-#else
-#define DSV4_SM90A(...)
-#endif
-
 namespace moe_prefill {
 
 constexpr int THREADS = 256, ROWS = 128;        // two warpgroups of 64 weight rows
@@ -51,14 +45,7 @@ constexpr int MAX_N = 128, STEP_K = 128, STAGES = 8, SHIFTS = 17;               
 constexpr int W_OFF = MAX_N * STEP_K, TS_OFF = W_OFF + ROWS * STEP_K / 2, WS_OFF = TS_OFF + MAX_N * 4;
 constexpr int STAGE_BYTES = WS_OFF + ROWS * 4;
 static_assert(STAGE_BYTES % 1024 == 0, "stages start where the swizzle pattern starts");
-constexpr int SHARED_BYTES = STAGES * STAGE_BYTES + 1024;   // plugins/moe_experts.py WGMMA_FORMS
-// The warp-specialised form (below): 512 threads; three rings: the weight codes' (W_STAGES), the activations'
-// (B_STAGES) and the converted codes' (A_STAGES), each stage 1024-byte aligned where wgmma reads it.
-constexpr int WS_THREADS = 512, W_STAGES = 8, B_STAGES = 5, A_STAGES = 3;
-constexpr int W_SCALE_OFF = ROWS * STEP_K / 2, W_STAGE_BYTES = W_SCALE_OFF + ROWS * 4;
-constexpr int B_SCALE_OFF = MAX_N * STEP_K, B_STAGE_BYTES = (B_SCALE_OFF + MAX_N * 4 + 1023) / 1024 * 1024;
-constexpr int A_SCALE_OFF = ROWS * STEP_K, A_STAGE_BYTES = (A_SCALE_OFF + ROWS * 4 + 1023) / 1024 * 1024;
-constexpr int WS_SHARED_BYTES = B_STAGES * B_STAGE_BYTES + A_STAGES * A_STAGE_BYTES + W_STAGES * W_STAGE_BYTES + 1024;
+constexpr int SHARED_BYTES = STAGES * STAGE_BYTES + 1024;   // plugins/moe_experts.py WGMMA_SHARED_BYTES
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 using dsv4::smem_addr;
@@ -100,38 +87,6 @@ template <> __device__ __forceinline__ void wgmma_rs<128>(float (&d)[64], const 
       "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(acc));
-}
-
-// d (+)= A (64 x 32 e4m3, descriptor) . B (32 x N e4m3, descriptor): the WS form's MMA (below).
-template <int N>
-__device__ void wgmma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int acc);
-template <> __device__ __forceinline__ void wgmma_ss<32>(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int acc) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "l"(desc_a), "l"(desc_b), "r"(acc));
-}
-template <> __device__ __forceinline__ void wgmma_ss<64>(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int acc) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "r"(acc));
-}
-template <> __device__ __forceinline__ void wgmma_ss<96>(float (&d)[48], uint64_t desc_a, uint64_t desc_b, int acc) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %50, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n96k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47}, %48, %49, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
-      : "l"(desc_a), "l"(desc_b), "r"(acc));
-}
-template <> __device__ __forceinline__ void wgmma_ss<128>(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int acc) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(acc));
 }
 
 // Byte (row, 16-byte chunk) of a 128-byte swizzled tile.
@@ -197,44 +152,6 @@ __device__ __forceinline__ void load_group(const int* pairs, int start, int coun
   __syncthreads();
 }
 
-// Step kb's copies (of nk) of the group's activations by COPIERS threads (thread `tid` of them): B into `st`,
-// N rows x 8 chunks of 16 bytes (rows past the count zero-filled), and the rows' scales into `ts`.
-template <int N, int COPIERS>
-__device__ __forceinline__ void copy_group_step(uint8_t* st, uint8_t* ts, int tid, const uint8_t* __restrict__ codes,
-                                                const float* __restrict__ code_scales, int K, int nk, int kb,
-                                                int count, const GroupShared& grp) {
-  constexpr int B_COPIES = N * 8 / COPIERS;
-  int src[B_COPIES];                             // read before the copies (each copy's asm orders memory)
-#pragma unroll
-  for (int i = 0; i < B_COPIES; ++i) src[i] = grp.rows[(tid + COPIERS * i) >> 3];
-  const int ts_src = grp.rows[tid & (MAX_N - 1)];
-#pragma unroll
-  for (int i = 0; i < B_COPIES; ++i) {
-    const int c = tid + COPIERS * i, row = c >> 3;
-    dsv4::cp_async16(st + swizzled(row, c & 7), codes + size_t(src[i]) * K + kb * STEP_K + (c & 7) * 16,
-                     row < count ? 16u : 0u);
-  }
-  if (tid < N)
-    dsv4::cp_async4(ts + 4 * tid, code_scales + size_t(ts_src) * nk + kb, tid < count ? 4u : 0u);
-}
-
-// acc += a step's products (step, this lane's fragment rows g and g + 8, columns 8 j + 2 q + 0/1) times the
-// rows' step scales (w0, w8) and the columns' activation scales `ts`: DeepSeek's promotion. The product
-// may cover only COLS of the N columns, from column FROM (a multiple of 8).
-template <int N, int COLS = N, int FROM = 0>
-__device__ __forceinline__ void promote(float (&acc)[N / 2], const float (&step)[COLS / 2], const float* ts,
-                                        float w0, float w8, int q) {
-#pragma unroll
-  for (int j = 0; j < COLS / 8; ++j) {
-    const float2 t = *reinterpret_cast<const float2*>(ts + FROM + 8 * j + 2 * q);
-    float* a = acc + FROM / 2 + 4 * j;
-    a[0] = fmaf(step[4 * j], w0 * t.x, a[0]);
-    a[1] = fmaf(step[4 * j + 1], w0 * t.y, a[1]);
-    a[2] = fmaf(step[4 * j + 2], w8 * t.x, a[2]);
-    a[3] = fmaf(step[4 * j + 3], w8 * t.y, a[3]);
-  }
-}
-
 // Thread tid's first fragment row in the CTA (its warp's g; g + 8 is the other).
 __device__ __forceinline__ int fragment_row(int tid) { return 64 * (tid >> 7) + 16 * ((tid >> 5) & 3) + ((tid & 31) >> 2); }
 
@@ -261,7 +178,18 @@ __device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, con
     const int s = kb % STAGES;
     if (kb >= STAGES) mbar_wait(&grp.empty[s], (kb / STAGES - 1) & 1);
     uint8_t* st = ring + s * STAGE_BYTES;
-    copy_group_step<N, THREADS>(st, st + TS_OFF, tid, codes, code_scales, K, nk, kb, count, grp);
+    int src[N * 8 / THREADS];                    // read before the copies (each copy's asm orders memory)
+#pragma unroll
+    for (int i = 0; i < N * 8 / THREADS; ++i) src[i] = grp.rows[(tid + THREADS * i) >> 3];
+    const int ts_src = grp.rows[tid & (MAX_N - 1)];
+#pragma unroll
+    for (int i = 0; i < N * 8 / THREADS; ++i) {   // B: N rows x 8 chunks; past the count, zeros
+      const int c = tid + THREADS * i, row = c >> 3;
+      dsv4::cp_async16(st + swizzled(row, c & 7), codes + size_t(src[i]) * K + kb * STEP_K + (c & 7) * 16,
+                       row < count ? 16u : 0u);
+    }
+    if (tid < N)
+      dsv4::cp_async4(st + TS_OFF + 4 * tid, code_scales + size_t(ts_src) * nk + kb, tid < count ? 4u : 0u);
     dsv4::cp_async16(st + W_OFF + (tid >> 2) * 64 + chunk * 16, c0.codes + kb * 64 + chunk * 16, 16u);
     dsv4::cp_async16(st + W_OFF + (64 + (tid >> 2)) * 64 + chunk * 16, c1.codes + kb * 64 + chunk * 16, 16u);
     if (tid < ROWS) dsv4::cp_async4(st + WS_OFF + 4 * tid, cs.scales + kb * 4, 4u);
@@ -321,7 +249,15 @@ __device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, con
     for (int c = 0; c < 4; ++c)                 // read by the MMAs until the wait: not reused before it
 #pragma unroll
       for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[c][i])::"memory");
-    promote<N>(acc, step, reinterpret_cast<const float*>(st + TS_OFF), ws[0], ws[1], q);
+    const float* ts = reinterpret_cast<const float*>(st + TS_OFF);
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j) {
+      const float2 t = *reinterpret_cast<const float2*>(ts + 8 * j + 2 * q);
+      acc[4 * j] = fmaf(step[4 * j], ws[0] * t.x, acc[4 * j]);
+      acc[4 * j + 1] = fmaf(step[4 * j + 1], ws[0] * t.y, acc[4 * j + 1]);
+      acc[4 * j + 2] = fmaf(step[4 * j + 2], ws[1] * t.x, acc[4 * j + 2]);
+      acc[4 * j + 3] = fmaf(step[4 * j + 3], ws[1] * t.y, acc[4 * j + 3]);
+    }
     __syncwarp();
     if (lane == 0) mbar_arrive(&grp.empty[s]);   // this warp is done with the stage
     issue(kb + STAGES - 2);
@@ -334,169 +270,10 @@ __device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, con
   }
 }
 
-// ---- The warp-specialised form (WS). Nsight Compute put the register form above at 4.8 cycles per issued
-// instruction with two warps per scheduler, its conversions, promotions and copies in one chain per warp;
-// more warps did not fit its registers, and session 25's SS form (one warpgroup converting for two MMA
-// warpgroups) had half its conversion throughput (bench/results/kernels-moe-prefill-forms-s26-h200.json).
-// Here four warpgroups, two of each role, each role with the registers it needs (setmaxnreg):
-//   - warpgroups 0-1 (the converters, WS_CONVERT_REGS registers): copy the weight codes and their scale bytes
-//     (the W ring, W_STAGES - 1 steps ahead) and turn each step's codes into e4m3 in shared memory (the A
-//     ring: 128 rows x 128 K, 128-byte swizzle, K in plain order, each row's step scale beside them); two
-//     threads a row, two 32-K blocks each. W's codes are turned by row pairs so that eight rows' 16-byte
-//     reads hit distinct banks.
-//   - warpgroups 2-3 (the MMA warpgroups, WS_MMA_REGS registers, 64 weight rows each): copy the group's
-//     activations (the B ring, B_STAGES - 1 steps ahead; act_quant in plain order), run wgmma with A and B
-//     from shared memory and promote each step's products with both scales, as the register form does.
-// mbarriers: w_full (the converters' copies landed), w_empty (the 8 converter warps done with a stage),
-// a_full (the 256 converters' stores, fenced for the async proxy), a_empty (the 8 MMA warps' MMAs done),
-// b_full (the MMA warpgroups' copies landed), b_empty (the 8 MMA warps done with B and its scales).
-struct WsBarriers {
-  uint64_t w_full[W_STAGES], w_empty[W_STAGES], a_full[A_STAGES], a_empty[A_STAGES], b_full[B_STAGES],
-      b_empty[B_STAGES];
-  __device__ __forceinline__ void init() {
-    const int i = threadIdx.x;
-    if (i < W_STAGES) mbar_init(&w_full[i], 256), mbar_init(&w_empty[i], 8);
-    if (i < A_STAGES) mbar_init(&a_full[i], 256), mbar_init(&a_empty[i], 8);
-    if (i < B_STAGES) mbar_init(&b_full[i], 256), mbar_init(&b_empty[i], 8);
-  }
-};
-
-// Byte offset of weight row r's 16-byte chunk c in a W stage: chunks turned by row pairs.
-__device__ __forceinline__ int code_chunk(int r, int c) { return r * 64 + ((c ^ ((r >> 1) & 3)) << 4); }
-
-// tile_gemm's product in the WS form. Returns false on the converter warpgroups (their acc is not written);
-// n: an MMA thread's first fragment row.
-template <int N, class RowOf>
-__device__ __forceinline__ bool tile_gemm_ws(const uint8_t* __restrict__ codes, const float* __restrict__ code_scales,
-                                             int K, int count, GroupShared& grp, WsBarriers& bar, RowOf weight_row,
-                                             float (&acc)[N / 2], int& n) {
-  extern __shared__ uint8_t dynamic_smem[];
-  uint8_t* b_ring = dynamic_smem + ((1024 - (smem_addr(dynamic_smem) & 1023)) & 1023);
-  uint8_t* a_ring = b_ring + B_STAGES * B_STAGE_BYTES;
-  uint8_t* w_ring = a_ring + A_STAGES * A_STAGE_BYTES;
-  const int tid = threadIdx.x, lane = tid & 31, nk = K / STEP_K;
-  if (tid < 256) {
-    // copies: 16 bytes (chunk tid % 4) of weight rows tid / 4 and 64 + tid / 4, the scale word of row tid;
-    // conversion: 32-K blocks 2 (tid % 2) and 2 (tid % 2) + 1 of row tid / 2
-    const WeightRow c0 = weight_row(tid >> 2), c1 = weight_row(64 + (tid >> 2)), cs = weight_row(tid & (ROWS - 1));
-    const int chunk = tid & 3, row = tid >> 1, first = 2 * (tid & 1);
-    auto issue = [&](int kb) {
-      if (kb >= nk) return;
-      const int s = kb % W_STAGES;
-      if (kb >= W_STAGES) mbar_wait(&bar.w_empty[s], (kb / W_STAGES - 1) & 1);
-      uint8_t* st = w_ring + s * W_STAGE_BYTES;
-      dsv4::cp_async16(st + code_chunk(tid >> 2, chunk), c0.codes + kb * 64 + chunk * 16, 16u);
-      dsv4::cp_async16(st + code_chunk(64 + (tid >> 2), chunk), c1.codes + kb * 64 + chunk * 16, 16u);
-      if (tid < ROWS) dsv4::cp_async4(st + W_SCALE_OFF + 4 * tid, cs.scales + kb * 4, 4u);
-      mbar_arrive_on_copies(&bar.w_full[s]);
-    };
-#pragma unroll
-    for (int kb = 0; kb < W_STAGES - 1; ++kb) issue(kb);
-    for (int kb = 0; kb < nk; ++kb) {
-      const int s = kb % W_STAGES, as = kb % A_STAGES;
-      mbar_wait(&bar.w_full[s], (kb / W_STAGES) & 1);
-      if (kb >= A_STAGES) mbar_wait(&bar.a_empty[as], (kb / A_STAGES - 1) & 1);
-      const uint8_t* st = w_ring + s * W_STAGE_BYTES;
-      uint8_t* at = a_ring + as * A_STAGE_BYTES;
-      // the row's four 32-K blocks: the largest scale is the row's step scale, the others fold into the codes
-      const uint32_t sc = *reinterpret_cast<const uint32_t*>(st + W_SCALE_OFF + 4 * row);
-      const uint32_t top = max(max(sc & 0xFFu, (sc >> 8) & 0xFFu), max((sc >> 16) & 0xFFu, sc >> 24));
-      if (first == 0) reinterpret_cast<float*>(at + A_SCALE_OFF)[row] = dsv4::e8m0(top);
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int c = first + i;
-        const uint4 w = *reinterpret_cast<const uint4*>(st + code_chunk(row, c));
-        const int shift = min(int(top - ((sc >> (8 * c)) & 0xFFu)), SHIFTS - 1);
-        const uint32_t lo = grp.lut[shift][0], hi = grp.lut[shift][1];
-        const uint2 e0 = e2m1x8_to_e4m3(w.x, lo, hi), e1 = e2m1x8_to_e4m3(w.y, lo, hi);
-        const uint2 e2 = e2m1x8_to_e4m3(w.z, lo, hi), e3 = e2m1x8_to_e4m3(w.w, lo, hi);
-        *reinterpret_cast<uint4*>(at + swizzled(row, 2 * c)) = make_uint4(e0.x, e0.y, e1.x, e1.y);
-        *reinterpret_cast<uint4*>(at + swizzled(row, 2 * c + 1)) = make_uint4(e2.x, e2.y, e3.x, e3.y);
-      }
-      fence_async_shared();                      // the stores, visible to the MMAs' reads (async proxy)
-      mbar_arrive(&bar.a_full[as]);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&bar.w_empty[s]);   // this warp is done with the stage
-      issue(kb + W_STAGES - 1);
-    }
-    return false;
-  }
-  const int mt = tid - 256, wg = mt >> 7, q = lane & 3;
-  n = fragment_row(mt);
-  auto issue = [&](int kb) {
-    if (kb >= nk) return;
-    const int s = kb % B_STAGES;
-    if (kb >= B_STAGES) mbar_wait(&bar.b_empty[s], (kb / B_STAGES - 1) & 1);
-    uint8_t* st = b_ring + s * B_STAGE_BYTES;
-    copy_group_step<N, 256>(st, st + B_SCALE_OFF, mt, codes, code_scales, K, nk, kb, count, grp);
-    mbar_arrive_on_copies(&bar.b_full[s]);
-  };
-#pragma unroll
-  for (int kb = 0; kb < B_STAGES - 1; ++kb) issue(kb);
-  // The product in passes of at most 64 columns (the registers: 128 a thread at 512 threads; ptxas compiles
-  // every warp for the launch's count, whatever setmaxnreg would hand a warpgroup later).
-  constexpr int P0 = N > 64 ? 64 : N, P1 = N - P0;
-  float step[P0 / 2];
-#pragma unroll
-  for (int i = 0; i < N / 2; ++i) acc[i] = 0.f;
-  for (int kb = 0; kb < nk; ++kb) {
-    const int s = kb % B_STAGES, as = kb % A_STAGES;
-    mbar_wait(&bar.b_full[s], (kb / B_STAGES) & 1);
-    mbar_wait(&bar.a_full[as], (kb / A_STAGES) & 1);
-    const uint8_t* st = b_ring + s * B_STAGE_BYTES;
-    const uint8_t* at = a_ring + as * A_STAGE_BYTES + 64 * wg * STEP_K;
-    const float* ts = reinterpret_cast<const float*>(st + B_SCALE_OFF);
-    wgmma_fence();
-#pragma unroll
-    for (int c = 0; c < 4; ++c) wgmma_ss<P0>(step, smem_desc(at + 32 * c), smem_desc(st + 32 * c), c);
-    wgmma_commit();
-    const float ws0 = reinterpret_cast<const float*>(a_ring + as * A_STAGE_BYTES + A_SCALE_OFF)[n];
-    const float ws8 = reinterpret_cast<const float*>(a_ring + as * A_STAGE_BYTES + A_SCALE_OFF)[n + 8];
-    wgmma_wait_all();
-#pragma unroll
-    for (int i = 0; i < P0 / 2; ++i) wgmma_pin(step[i]);
-    promote<N, P0>(acc, step, ts, ws0, ws8, q);
-    if constexpr (P1 > 0) {                     // columns 64 .. N - 1: B's rows from 64 on
-      float(&rest)[P1 / 2] = *reinterpret_cast<float(*)[P1 / 2]>(step);
-      wgmma_fence();
-#pragma unroll
-      for (int c = 0; c < 4; ++c) wgmma_ss<P1>(rest, smem_desc(at + 32 * c), smem_desc(st + 64 * STEP_K + 32 * c), c);
-      wgmma_commit();
-      wgmma_wait_all();
-#pragma unroll
-      for (int i = 0; i < P1 / 2; ++i) wgmma_pin(rest[i]);
-      promote<N, P1, 64>(acc, rest, ts, ws0, ws8, q);
-    }
-    __syncwarp();
-    if (lane == 0) {
-      mbar_arrive(&bar.a_empty[as]);             // this warp's MMAs are done with the converted codes
-      mbar_arrive(&bar.b_empty[s]);              // and it is done with B and its scales
-    }
-    issue(kb + B_STAGES - 1);
-  }
-  return true;
-}
-
-// The group's product by the register form (tile_gemm) or the WS form (tile_gemm_ws, with its barriers):
-// false on the WS form's converter warpgroups, which have no outputs; n: the thread's first fragment row.
-template <int N, bool WS, class RowOf>
-__device__ __forceinline__ bool group_gemm(const uint8_t* codes, const float* scales, int K, int count,
-                                           GroupShared& grp, WsBarriers* bar, RowOf weight_row,
-                                           float (&acc)[N / 2], int& n) {
-  if constexpr (WS) {
-    return tile_gemm_ws<N>(codes, scales, K, count, grp, *bar, weight_row, acc, n);
-  } else {
-    tile_gemm<N>(codes, scales, K, count, grp, weight_row, acc);
-    n = fragment_row(threadIdx.x);
-    return true;
-  }
-}
-
-template <int N, bool WS>
+template <int N>
 __device__ __forceinline__ void gate_up_group(const uint8_t* x_codes, const float* x_scales, int count,
-                                              GroupShared& grp, WsBarriers* bar, const uint8_t* e,
-                                              const float* route_w, __nv_bfloat16* h, int tile, int D, int F,
-                                              float limit) {
+                                              GroupShared& grp, const uint8_t* e, const float* route_w,
+                                              __nv_bfloat16* h, int tile, int D, int F, float limit) {
   // CTA row n = 16 m + r (m = 4 warpgroup + warp): F row 64 tile + 8 m + r % 8 of w1 (r < 8) or of w3
   const size_t wbytes = size_t(F) * D / 2;
   auto weight_row = [&](int n) {
@@ -505,9 +282,8 @@ __device__ __forceinline__ void gate_up_group(const uint8_t* x_codes, const floa
                      e + 3 * wbytes + which * size_t(F) * (D / 32) + size_t(f) * (D / 32)};
   };
   float acc[N / 2];
-  int n;
-  if (!group_gemm<N, WS>(x_codes, x_scales, D, count, grp, bar, weight_row, acc, n)) return;
-  const int f = tile * 64 + 8 * (n >> 4) + (n & 7), q = threadIdx.x & 3;
+  tile_gemm<N>(x_codes, x_scales, D, count, grp, weight_row, acc);
+  const int n = fragment_row(threadIdx.x), f = tile * 64 + 8 * (n >> 4) + (n & 7), q = threadIdx.x & 3;
 #pragma unroll
   for (int i = 0; i < N / 4; ++i) {             // gate: fragment row g (acc 4j + e), up: g + 8 (4j + 2 + e)
     const int j = i >> 1, col = 8 * j + 2 * q + (i & 1);
@@ -523,10 +299,10 @@ __device__ __forceinline__ void gate_up_group(const uint8_t* x_codes, const floa
   }
 }
 
-template <int N, bool WS>
+template <int N>
 __device__ __forceinline__ void down_group(const uint8_t* h_codes, const float* h_scales, int count,
-                                           GroupShared& grp, WsBarriers* bar, const uint8_t* e, float* ypart,
-                                           int tile, int D, int F) {
+                                           GroupShared& grp, const uint8_t* e, float* ypart, int tile, int D,
+                                           int F) {
   const size_t wbytes = size_t(F) * D / 2;
   auto weight_row = [&](int n) {
     const int row = tile * ROWS + n;
@@ -534,9 +310,8 @@ __device__ __forceinline__ void down_group(const uint8_t* h_codes, const float* 
                      e + 3 * wbytes + 2 * size_t(F) * (D / 32) + size_t(row) * (F / 32)};
   };
   float acc[N / 2];
-  int n;
-  if (!group_gemm<N, WS>(h_codes, h_scales, F, count, grp, bar, weight_row, acc, n)) return;
-  const int row = tile * ROWS + n, q = threadIdx.x & 3;
+  tile_gemm<N>(h_codes, h_scales, F, count, grp, weight_row, acc);
+  const int row = tile * ROWS + fragment_row(threadIdx.x), q = threadIdx.x & 3;
 #pragma unroll
   for (int i = 0; i < N / 4; ++i) {
     const int j = i >> 1, col = 8 * j + 2 * q + (i & 1);
@@ -560,70 +335,42 @@ __device__ __forceinline__ void with_columns(int count, Fn fn) {
 
 }  // namespace moe_prefill
 
-namespace moe_prefill {
+// gate_up. Grid: groups x (F / 64), 256 threads, dynamic shared memory moe_prefill::SHARED_BYTES. x_codes
+// [T, D] e4m3 in slot order and x_scales [T, D / 128] (act_quant of x); h [T * topk, F] bf16, pair-indexed.
+extern "C" __global__ void __launch_bounds__(moe_prefill::THREADS, 1) dsv4_moe_gate_up_wgmma(
+    const uint8_t* x_codes, const float* x_scales, const int* pairs, const int* g_expert, const int* g_start,
+    const int* g_count, const float* route_w, const uint64_t* table, __nv_bfloat16* h, int topk, int D, int F,
+    float limit) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-template <bool WS>
-__device__ __forceinline__ void gate_up_kernel(const uint8_t* x_codes, const float* x_scales, const int* pairs,
-                                               const int* g_expert, const int* g_start, const int* g_count,
-                                               const float* route_w, const uint64_t* table, __nv_bfloat16* h,
-                                               int topk, int D, int F, float limit) {
+  using namespace moe_prefill;
   dsv4::pdl_wait();                             // the codes come from the act_quant launch before
   dsv4::pdl_launch_dependents();
   const int tiles = F / 64, grp_id = blockIdx.x / tiles, tile = blockIdx.x % tiles, count = g_count[grp_id];
   if (count == 0) return;                       // past the chunk's groups (group_pairs pads)
   __shared__ GroupShared grp;
-  __shared__ WsBarriers bar;
-  if (WS) bar.init();
-  load_group(pairs, g_start[grp_id], count, topk, grp);   // its barrier publishes bar too
+  load_group(pairs, g_start[grp_id], count, topk, grp);
   const uint8_t* e = reinterpret_cast<const uint8_t*>(table[g_expert[grp_id]]);
   with_columns(count, [&](auto n) {
-    gate_up_group<decltype(n)::value, WS>(x_codes, x_scales, count, grp, &bar, e, route_w, h, tile, D, F, limit);
+    gate_up_group<decltype(n)::value>(x_codes, x_scales, count, grp, e, route_w, h, tile, D, F, limit);
   });
+#endif
 }
 
-template <bool WS>
-__device__ __forceinline__ void down_kernel(const uint8_t* h_codes, const float* h_scales, const int* pairs,
-                                            const int* g_expert, const int* g_start, const int* g_count,
-                                            const uint64_t* table, float* ypart, int D, int F) {
+// down. Grid: groups x (D / 128), as gate_up. h_codes [T * topk, F] e4m3 in slot order and h_scales
+// [T * topk, F / 128] (act_quant of h); ypart [T * topk, D] float32, each pair's output rounded to bf16 as
+// the decode kernel rounds each expert's.
+extern "C" __global__ void __launch_bounds__(moe_prefill::THREADS, 1) dsv4_moe_down_wgmma(
+    const uint8_t* h_codes, const float* h_scales, const int* pairs, const int* g_expert, const int* g_start,
+    const int* g_count, const uint64_t* table, float* ypart, int D, int F) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using namespace moe_prefill;
   dsv4::pdl_wait();
   dsv4::pdl_launch_dependents();
   const int tiles = D / ROWS, grp_id = blockIdx.x / tiles, tile = blockIdx.x % tiles, count = g_count[grp_id];
   if (count == 0) return;                       // past the chunk's groups (group_pairs pads)
   __shared__ GroupShared grp;
-  __shared__ WsBarriers bar;
-  if (WS) bar.init();
   load_group(pairs, g_start[grp_id], count, 1, grp);
   const uint8_t* e = reinterpret_cast<const uint8_t*>(table[g_expert[grp_id]]);
-  with_columns(count, [&](auto n) {
-    down_group<decltype(n)::value, WS>(h_codes, h_scales, count, grp, &bar, e, ypart, tile, D, F);
-  });
-}
+  with_columns(count, [&](auto n) { down_group<decltype(n)::value>(h_codes, h_scales, count, grp, e, ypart, tile, D, F); });
 #endif
-}  // namespace moe_prefill
-
-// gate_up. Grid: groups x (F / 64), 256 threads, dynamic shared memory moe_prefill::SHARED_BYTES. x_codes
-// [T, D] e4m3 in slot order and x_scales [T, D / 128] (act_quant of x); h [T * topk, F] bf16, pair-indexed.
-// The _ws form: 512 threads, WS_SHARED_BYTES, x_codes in plain order.
-#define DSV4_MOE_GATE_UP_WGMMA(NAME, WS, THREADS_)                                                          \
-  extern "C" __global__ void __launch_bounds__(THREADS_, 1) NAME(                                          \
-      const uint8_t* x_codes, const float* x_scales, const int* pairs, const int* g_expert,                \
-      const int* g_start, const int* g_count, const float* route_w, const uint64_t* table,                 \
-      __nv_bfloat16* h, int topk, int D, int F, float limit) {                                             \
-    DSV4_SM90A(moe_prefill::gate_up_kernel<WS>(x_codes, x_scales, pairs, g_expert, g_start, g_count,       \
-                                                route_w, table, h, topk, D, F, limit));                      \
-  }
-DSV4_MOE_GATE_UP_WGMMA(dsv4_moe_gate_up_wgmma, false, moe_prefill::THREADS)
-DSV4_MOE_GATE_UP_WGMMA(dsv4_moe_gate_up_wgmma_ws, true, moe_prefill::WS_THREADS)
-
-// down. Grid: groups x (D / 128), as gate_up. h_codes [T * topk, F] e4m3 in slot order (_ws: plain order)
-// and h_scales [T * topk, F / 128] (act_quant of h); ypart [T * topk, D] float32, each pair's output rounded
-// to bf16 as the decode kernel rounds each expert's.
-#define DSV4_MOE_DOWN_WGMMA(NAME, WS, THREADS_)                                                             \
-  extern "C" __global__ void __launch_bounds__(THREADS_, 1) NAME(                                          \
-      const uint8_t* h_codes, const float* h_scales, const int* pairs, const int* g_expert,                \
-      const int* g_start, const int* g_count, const uint64_t* table, float* ypart, int D, int F) {         \
-    DSV4_SM90A(moe_prefill::down_kernel<WS>(h_codes, h_scales, pairs, g_expert, g_start, g_count, table,   \
-                                             ypart, D, F));                                                 \
-  }
-DSV4_MOE_DOWN_WGMMA(dsv4_moe_down_wgmma, false, moe_prefill::THREADS)
-DSV4_MOE_DOWN_WGMMA(dsv4_moe_down_wgmma_ws, true, moe_prefill::WS_THREADS)
+}
