@@ -4,7 +4,8 @@
 // DeepSeek keeps the head as an fp32 parameter loaded from bf16 weights, so bf16 holds every value exactly:
 // reading it as bf16 halves the largest single read of a decode step (1.06 GB instead of 2.1 GB at Flash
 // size) and changes nothing but the fp32 summation order. A warp per row at a time (rows gw, gw + warps,
-// ...), each lane streaming 16-byte loads (8 weights) four at a time against y held in shared memory.
+// ...), each lane streaming 16-byte loads (8 weights) four at a time against y held in shared memory, the
+// next four in flight while it multiplies.
 #include "common.cuh"
 
 namespace {
@@ -44,7 +45,7 @@ __device__ __forceinline__ void head_gemv(const Y* __restrict__ y, const __nv_bf
   const int c_begin = part * per, c_end = c_begin + per;
   auto row_of = [&](int v) { return reinterpret_cast<const uint4*>(w + size_t(v) * D); };
   int v = int(blockIdx.x) * rows_per_cta + warp / split;
-  uint4 raw[UNROLL];
+  uint4 raw[UNROLL], next[UNROLL];
   if (v < V) dsv4::load_row_chunks(row_of(v), c_begin, c_end, lane, raw);
   dsv4::pdl_wait();                             // y comes from the previous kernels
   dsv4::pdl_launch_dependents();
@@ -54,7 +55,13 @@ __device__ __forceinline__ void head_gemv(const Y* __restrict__ y, const __nv_bf
     const bool live = v < V;
     float acc[MAX_B] = {0.f, 0.f, 0.f, 0.f};
     for (int c0 = c_begin; live && c0 < c_end; c0 += UNROLL) {
-      if (c0 != c_begin || first != int(blockIdx.x) * rows_per_cta) dsv4::load_row_chunks(row_of(v), c0, c_end, lane, raw);
+      // the next loads in flight while this step's are multiplied: the row's next chunks, or at its end the
+      // first of the warp's next row (one step of loads a lane at a time held the head at 0.88 of the copy
+      // bandwidth)
+      if (c0 + UNROLL < c_end)
+        dsv4::load_row_chunks(row_of(v), c0 + UNROLL, c_end, lane, next);
+      else if (v + stride < V)
+        dsv4::load_row_chunks(row_of(v + stride), c_begin, c_end, lane, next);
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
         if (c0 + u >= c_end) break;
@@ -82,6 +89,8 @@ __device__ __forceinline__ void head_gemv(const Y* __restrict__ y, const __nv_bf
           acc[b] = fmaf(wf[7], y1.w, acc[b]);
         }
       }
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) raw[u] = next[u];
     }
 #pragma unroll
     for (int b = 0; b < MAX_B; ++b) acc[b] = dsv4::warp_sum(acc[b]);
