@@ -11,7 +11,7 @@ import torch
 from .loader import INT, PTR, kernels
 
 MAX_ROWS = 4                      # csrc/head_gemv.cu MAX_B
-UNROLL = 4                        # csrc/head_gemv.cu: 16-byte loads in flight per lane
+UNROLL = 4                        # csrc/head_gemv.cu: 16-byte loads per lane a round (the next in flight)
 
 
 def kernel_fits(rows: int, hidden: int, device: torch.device) -> bool:

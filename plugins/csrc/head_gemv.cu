@@ -56,8 +56,7 @@ __device__ __forceinline__ void head_gemv(const Y* __restrict__ y, const __nv_bf
     float acc[MAX_B] = {0.f, 0.f, 0.f, 0.f};
     for (int c0 = c_begin; live && c0 < c_end; c0 += UNROLL) {
       // the next loads in flight while this step's are multiplied: the row's next chunks, or at its end the
-      // first of the warp's next row (one step of loads a lane at a time held the head at 0.88 of the copy
-      // bandwidth)
+      // first of the warp's next row (session 27: head 249 against 250-252 us, one round at a time)
       if (c0 + UNROLL < c_end)
         dsv4::load_row_chunks(row_of(v), c0 + UNROLL, c_end, lane, next);
       else if (v + stride < V)
