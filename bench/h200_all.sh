@@ -10,7 +10,7 @@
 #   tar czf $OUT/h200.tgz -C /root res                                      # one file back (the tool's cap is 8)
 # A failing step is logged ($RES/NAME.log, rc in steps.log) and the next one runs; the kernel tests and benchmarks
 # are bounded (timeout: a kernel that hangs, as a new one may, ends its step, rc 124). STEPS names the steps to
-# run (default: all but wgmma-crossover): plugins patch kernel-tests kernels wgmma-crossover gemv-probe gemv-split moe-grid
+# run (default: all but wgmma-crossover): plugins patch kernel-tests kernels chain-links wgmma-crossover gemv-probe gemv-split moe-grid
 # gate-flash4-f32 flash8 tiny-artifacts wgmma-gate prefill-wgmma pager-sweep (the last three on the Flash-8 artifact:
 # each wgmma MoE path switched on, bench/wgmma_gate.py; prefill times with and without the wgmma prefill MoE,
 # bench/prefill_wgmma.py; the pager's settings, bench/pager_sweep.py). OVERLAP=1 runs the tiny artifact tests beside the Flash-8 build (the
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6 PYTHONUNBUFFERED=1
 RES=${RES:-/tmp/res}
 mkdir -p "$RES"
-STEPS=${STEPS:-plugins patch kernel-tests kernels gemv-probe gemv-split moe-grid gate-flash4-f32 flash8 tiny-artifacts wgmma-gate prefill-wgmma pager-sweep}
+STEPS=${STEPS:-plugins patch kernel-tests kernels chain-links gemv-probe gemv-split moe-grid gate-flash4-f32 flash8 tiny-artifacts wgmma-gate prefill-wgmma pager-sweep}
 step() {
   local name=$1
   shift
@@ -44,6 +44,7 @@ step kernel-tests timeout 900 python -m pytest -q -rA -m gpu ${TESTS:-tests/test
     tests/test_kernels_moe_wgmma.py tests/test_kernels_indexer.py tests/test_kernels_compressor.py tests/test_kernels_rows.py \
     tests/test_kernels_head.py}
 step kernels timeout 600 python bench/kernels.py --json "$RES/kernels-h200.json"
+step chain-links timeout 120 python bench/chain_links.py --json "$RES/chain-links-h200.json"
 step wgmma-crossover python bench/wgmma_diag.py crossover
 step gemv-probe python bench/gemv_probe.py --json "$RES/gemv-probe-h200.json"
 step gemv-split python bench/gemv_split_sweep.py --json "$RES/gemv-split-sweep-h200.json"
