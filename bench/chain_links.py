@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.kernels import time_ms  # noqa: E402
+from bench.kernels import graph_time_ms  # noqa: E402
 from bench.results_json import run_header, write_json  # noqa: E402
 from plugins.fp8_linear import act_quant  # noqa: E402
 from plugins.hc_pre import hc_pre_decode, make_workspace  # noqa: E402
@@ -27,15 +27,9 @@ from plugins.rows import rms_norm_rows  # noqa: E402
 LINKS = 40
 
 
-def us_per_link(step, links: int = LINKS, replays: int = 30) -> float:
+def us_per_link(step, links: int = LINKS) -> float:
     """Microseconds per call of `step` with `links` calls, each after the last, in one CUDA graph."""
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(links):
-            step()
-    return time_ms(graph.replay, iters=replays) / links * 1e3
+    return graph_time_ms(step, links, replays=30) * 1e3
 
 
 def measure(d: int = 4096, hc: int = 4) -> dict[str, float]:

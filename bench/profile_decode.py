@@ -23,7 +23,7 @@ import torch
 from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from plugins import moe_experts, streams  # noqa: E402
+from plugins import hc_pre, moe_experts, streams  # noqa: E402
 from runtime.artifact import ArtifactModel  # noqa: E402
 from runtime.bench import bytes_per_token, copy_bandwidth  # noqa: E402
 
@@ -143,11 +143,13 @@ def main() -> None:
     # the step with the defaults, and with one switch turned the other way each: the shared expert after the
     # gate (beside the routed experts only: moe_experts.SHARED_BEFORE_GATE) and in line after them
     # (SHARED_BESIDE_ROUTED too); the compressors in line after the query path, not beside it
-    # (streams.SIDE_BRANCHES)
+    # (streams.SIDE_BRANCHES); comb's Sinkhorn iterations beside the chain (hc_pre.SINKHORN_BESIDE turned on:
+    # off by default until measured; artifacts built from session 27 on allow it)
     switches = {"shared_after_gate": [(moe_experts, "SHARED_BEFORE_GATE", False)],
                 "shared_in_line": [(moe_experts, "SHARED_BEFORE_GATE", False),
                                    (moe_experts, "SHARED_BESIDE_ROUTED", False)],
-                "compressors_in_line": [(streams, "SIDE_BRANCHES", False)]}
+                "compressors_in_line": [(streams, "SIDE_BRANCHES", False)],
+                "sinkhorn_beside": [(hc_pre, "SINKHORN_BESIDE", True)]}
     for name, turned in {"default": [], **switches}.items():
         kept = [(module, attr, getattr(module, attr)) for module, attr, _ in turned]
         for module, attr, value in turned:

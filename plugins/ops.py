@@ -216,6 +216,7 @@ def moe_hc_post(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, t
                              comb, moe_experts.SHARED_BESIDE_ROUTED)
     y, y_shared = moe_with_shared(x, experts, weights, table, inter, limit, w13, s13, w2, s2, up)
     f = (y + y_shared.to(y.dtype)).to(x.dtype)
+    streams.join_pending(x.device)               # comb, where an hc_pre finished it beside
     return hc_post(f[:, None], res[:, None], post[:, None], comb[:, None])[:, 0]
 
 
@@ -245,6 +246,7 @@ def _experts_post(x, experts, weights_of: Callable[[], torch.Tensor], table, int
     def shared():
         return _shared_expert(x, inter, up, limit, w13, s13, w2, s2)
     (parts, k), y_shared = beside(routed, shared, x.device) if beside_routed else (routed(), shared())
+    streams.join_pending(x.device)               # comb, where an hc_pre finished it beside
     return moe_experts.sum_pairs_post(parts, experts, k, y_shared.contiguous(), res.contiguous(),
                                       post.float().contiguous(), comb.float().contiguous())
 
@@ -350,40 +352,47 @@ def _hc_pre_fake(x, fn, scale, base, norm_eps, hc_eps, iters):
 
 @torch.library.custom_op("dsv4::hc_pre_norm", mutates_args=())
 def hc_pre_norm(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, weight: torch.Tensor,
-                norm_eps: float, hc_eps: float, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                norm_eps: float, hc_eps: float, iters: int,
+                comb_beside: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hc_pre, its y then through RMSNorm (`weight`, norm_eps: the model's one rms_norm_eps serves both) ->
-    (x [b, s, d] like x, post, comb): the layer's attn_norm / ffn_norm inside the same two launches on a GPU."""
+    (x [b, s, d] like x, post, comb): the layer's attn_norm / ffn_norm inside the same two launches on a GPU.
+    `comb_beside` (the decode program, where comb's reader is `hc_post_pre_norm` or the MoE's post, which join
+    the second stream first): on a GPU comb's Sinkhorn iterations may run there (plugins/hc_pre.py
+    SINKHORN_BESIDE)."""
     from .hc_pre import hc_pre_decode, supports_norm
     if supports_norm(x, fn):
         return hc_pre_decode(x.contiguous(), fn.contiguous(), scale, base, norm_eps, hc_eps, iters,
-                             norm=weight.float().contiguous())
+                             norm=weight.float().contiguous(), comb_beside=comb_beside)
     y, post, comb = hc_pre_parts(x, fn, scale, base, norm_eps, hc_eps, iters)
     return rms_norm(y, weight, norm_eps), post, comb
 
 
 @hc_pre_norm.register_fake
-def _(x, fn, scale, base, weight, norm_eps, hc_eps, iters):
+def _(x, fn, scale, base, weight, norm_eps, hc_eps, iters, comb_beside=False):
     return _hc_pre_fake(x, fn, scale, base, norm_eps, hc_eps, iters)
 
 
 @torch.library.custom_op("dsv4::hc_post_pre_norm", mutates_args=())
 def hc_post_pre_norm(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, fn: torch.Tensor,
                      scale: torch.Tensor, base: torch.Tensor, weight: torch.Tensor, norm_eps: float, hc_eps: float,
-                     iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     iters: int, comb_beside: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor]:
     """The attention's hyper-connection post (`plugins.oracle.hc_post` of f [b, s, d] over the streams res
     [b, s, hc, d] with post and comb), then `hc_pre_norm` of the new streams (the FFN's) -> (the new streams,
-    x, post, comb): on a GPU the post inside hc_pre's first launch, where it was a launch of its own."""
+    x, post, comb): on a GPU the post inside hc_pre's first launch, where it was a launch of its own. comb may
+    come from an `hc_pre_norm` with comb_beside (joined before it is read); `comb_beside` is the new comb's."""
     from .hc_pre import hc_post_pre_decode, supports_norm
     if supports_norm(res, fn) and f.is_cuda and f.dtype == torch.bfloat16:
         return hc_post_pre_decode(f.contiguous(), res.contiguous(), post.float().contiguous(),
                                   comb.float().contiguous(), fn.contiguous(), scale, base,
-                                  weight.float().contiguous(), norm_eps, hc_eps, iters)
+                                  weight.float().contiguous(), norm_eps, hc_eps, iters, comb_beside)
+    streams.join_pending(f.device)
     h = hc_post(f, res, post, comb)
-    return (h, *hc_pre_norm(h, fn, scale, base, weight, norm_eps, hc_eps, iters))
+    return (h, *hc_pre_norm(h, fn, scale, base, weight, norm_eps, hc_eps, iters, comb_beside))
 
 
 @hc_post_pre_norm.register_fake
-def _(f, res, post, comb, fn, scale, base, weight, norm_eps, hc_eps, iters):
+def _(f, res, post, comb, fn, scale, base, weight, norm_eps, hc_eps, iters, comb_beside=False):
     return (torch.empty_like(res, memory_format=torch.contiguous_format),
             *_hc_pre_fake(res, fn, scale, base, norm_eps, hc_eps, iters))
 

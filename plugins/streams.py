@@ -31,8 +31,12 @@ def _side_stream(index: int) -> torch.cuda.Stream:
     return torch.cuda.Stream(index)
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _index(device)
     return torch.cuda.current_stream(index), _side_stream(index)
 
 
@@ -46,6 +50,29 @@ def join(device: torch.device) -> None:
     """The current stream of `device` waits for everything queued on the second one so far."""
     current, other = _streams(device)
     current.wait_stream(other)
+
+
+# Devices whose second stream holds work an op forked for a later op to join (fork_for_later, join_pending):
+# where the program has no token to pass between the two (comb's Sinkhorn iterations, plugins/hc_pre.py).
+_PENDING: set[int] = set()
+
+
+def fork_for_later(device: torch.device) -> bool:
+    """`fork` for work whose reader is a later op that calls `join_pending` first; False (no fork) where
+    side branches are off, so that the caller runs that work in line."""
+    if not SIDE_BRANCHES:
+        return False
+    fork(device)
+    _PENDING.add(_index(device))
+    return True
+
+
+def join_pending(device: torch.device) -> None:
+    """`join`, where work forked by `fork_for_later` has not been joined yet (else nothing: a join on a stream
+    this capture never forked would not be captured)."""
+    if device.type == "cuda" and _index(device) in _PENDING:
+        join(device)
+        _PENDING.discard(_index(device))
 
 
 def on_side(device: torch.device, enabled: bool = True):

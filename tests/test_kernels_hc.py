@@ -170,3 +170,39 @@ def test_the_head_in_hc_pre_form_runs_on_the_kernels(rows, d):
     cos = torch.nn.functional.cosine_similarity(got.double().flatten(0, 1), expect.double().flatten(0, 1), dim=-1)
     assert cos.min() >= 0.9999, cos.min()
     assert torch.allclose(got.float(), expect.float(), rtol=0.02, atol=0.02 * expect.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, d", [pytest.param(1, 4096, id="flash-1row"), pytest.param(3, 256, id="tiny-3rows"),
+                                     pytest.param(16, 4096, id="flash-16rows")])
+def test_comb_finished_beside_gives_the_same_bits_and_captures(rows, d, monkeypatch):
+    """plugins.hc_pre.SINKHORN_BESIDE: the finish writes comb's logits and a launch on the second stream
+    runs the Sinkhorn iterations, joined by comb's reader (here hc_post_pre_norm, then join_pending for the
+    FFN's comb): the same bits as the finish's own iterations, from plain launches and from a replayed graph
+    (a fork the capture joins), with the side stream's work joined at the end."""
+    import plugins.ops  # noqa: F401
+    from plugins import hc_pre, streams
+    x, fn, scale, base = _case(rows, d, seed=3)
+    f, _, _ = _post_inputs(rows, d, "cuda")
+    weight = (torch.rand(d) + 0.5).cuda()
+
+    def layer(beside: bool):
+        x_, post, comb = torch.ops.dsv4.hc_pre_norm(x, fn, scale, base, weight, 1e-6, 1e-6, 20, comb_beside=beside)
+        out = torch.ops.dsv4.hc_post_pre_norm(f, x, post, comb, fn, scale, base, weight, 1e-6, 1e-6, 20,
+                                              comb_beside=beside)
+        streams.join_pending(x.device)
+        return (x_, post, comb, *out)
+
+    expect = layer(False)
+    monkeypatch.setattr(hc_pre, "SINKHORN_BESIDE", True)
+    got = layer(True)
+    assert not streams._PENDING
+    assert all(torch.equal(a, b) for a, b in zip(got, expect))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = layer(True)
+    for t in captured:
+        t.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(captured, expect))

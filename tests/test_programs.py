@@ -181,3 +181,22 @@ def test_stacked_fp8_linear_gives_each_part_exactly(act):
     assert w["all.weight"].shape == (128 + 256 + 128, 256) and w["all.scale"].shape == (1 + 2 + 1, 2)
     for i, got in enumerate(linear_fp8_parts(x, w, "all", (100, 256, 40))):
         assert torch.equal(got, linear_fp8(x, w, f"p{i}"))
+
+
+def test_decode_program_lets_comb_be_finished_beside_its_readers(setup):
+    """The decode program's hc_pre ops carry comb_beside (their comb's readers, hc_post_pre_norm and the MoE's
+    post, join the side stream first: plugins/hc_pre.py SINKHORN_BESIDE), and the exported program gives the
+    eager program's output."""
+    ckpt, _ = setup
+    program, args, caches, weights, keep = _program_and_args(ckpt, 3)
+    eager_caches = {k: v.clone() for k, v in caches.items()}
+    expect = program(*args, eager_caches, weights)
+    exported = torch.export.export(program, (*args, {k: v.clone() for k, v in caches.items()}, weights))
+    flagged = {}
+    for n in exported.graph.nodes:                   # the flag by its name in the op's schema
+        if str(n.target) in ("dsv4.hc_pre_norm.default", "dsv4.hc_post_pre_norm.default"):
+            names = [a.name for a in n.target._schema.arguments]
+            flagged[str(n.target)] = dict(zip(names, n.args)) | n.kwargs
+    assert {k: v.get("comb_beside") for k, v in flagged.items()} == {"dsv4.hc_pre_norm.default": True,
+                                                                      "dsv4.hc_post_pre_norm.default": True}
+    assert torch.equal(exported.module()(*args, caches, weights), expect)

@@ -419,15 +419,21 @@ class DecodeLayer(torch.nn.Module):
         MoE, each inside hyper-connections."""
         hc = {k: [w[f"hc_{k}_{part}"] for part in ("fn", "scale", "base")] for k in ("attn", "ffn")}
         c = self.cfg
-        x, post, comb = hc_pre_normed(h, *hc["attn"], w["attn_norm.weight"], c)
-        if h.size(0) * h.size(1) <= HC_PRE_OP_ROWS:     # the attention's hc_post inside the FFN's hc_pre launches
+        rows = h.size(0) * h.size(1)
+        # comb may be finished beside the chain where its reader is an op that joins the side stream first (the
+        # attention's: hc_post_pre_norm; the FFN's: the MoE's post); plugins/hc_pre.py SINKHORN_BESIDE decides
+        beside = {"comb_beside": True} if WIDE_LINEAR_OP else {}
+        attn_beside = beside if rows <= HC_PRE_OP_ROWS else {}
+        ffn_beside = beside if rows <= COMPRESSOR_OP_ROWS else {}
+        x, post, comb = hc_pre_normed(h, *hc["attn"], w["attn_norm.weight"], c, **attn_beside)
+        if rows <= HC_PRE_OP_ROWS:     # the attention's hc_post inside the FFN's hc_pre launches
             h, x, post, comb = torch.ops.dsv4.hc_post_pre_norm(attention(x), h, post, comb, *hc["ffn"],
                                                                w["ffn_norm.weight"], c.rms_norm_eps, c.hc_eps,
-                                                               c.hc_sinkhorn_iters)
+                                                               c.hc_sinkhorn_iters, **ffn_beside)
         else:
             h = hc_post(attention(x), h, post, comb)
             x, post, comb = hc_pre_normed(h, *hc["ffn"], w["ffn_norm.weight"], c)
-        if h.size(0) * h.size(1) <= COMPRESSOR_OP_ROWS:     # the MoE's end inside the layer's last hc_post
+        if rows <= COMPRESSOR_OP_ROWS:     # the MoE's end inside the layer's last hc_post
             post_of = (h.flatten(0, 1), post.flatten(0, 1), comb.flatten(0, 1))
             out, experts = self.moe(x.flatten(0, 1), ids.flatten(), table, w, routed, post_of)
             out = out.view(h.shape)
@@ -444,14 +450,15 @@ class DecodeLayer(torch.nn.Module):
         return h[:, 0]
 
 
-def hc_pre_normed(h, fn, scale, base, norm, cfg: ModelConfig):
+def hc_pre_normed(h, fn, scale, base, norm, cfg: ModelConfig, **op_options):
     """hc_pre of h [B, S, hc, d], its y through the RMSNorm with weight `norm` -> (x [B, S, d], post, comb):
     through the dsv4 op for decode-sized inputs (two fused launches on a GPU, the norm in the second, where a
     compiler makes dozens of kernels), written out for prefill chunks (which Inductor fuses well). The choice
-    is made from static shapes while tracing; both compute the same values on the CPU."""
+    is made from static shapes while tracing; both compute the same values on the CPU. `op_options`: the
+    op's (comb_beside)."""
     if h.size(0) * h.size(1) <= HC_PRE_OP_ROWS:
         return torch.ops.dsv4.hc_pre_norm(h, fn, scale, base, norm, cfg.rms_norm_eps, cfg.hc_eps,
-                                          cfg.hc_sinkhorn_iters)
+                                          cfg.hc_sinkhorn_iters, **op_options)
     y, post, comb = hc_pre(h, fn, scale, base, cfg)
     return rms_norm(y, norm, cfg.rms_norm_eps), post, comb
 
