@@ -109,16 +109,17 @@ def _mix(name: str, x: torch.Tensor, fn: torch.Tensor, part: torch.Tensor, rows:
 
 def _finish(x, part, scale, base, norm, y, post, comb, norm_eps: float, hc_eps: float, iters: int,
             comb_beside: bool = False) -> None:
-    """The finish launch (csrc/hc_pre.cu); with `comb_beside` (and iterations to run) it writes comb's logits
-    and dsv4_hc_pre_sinkhorn finishes comb on the second stream, forked here for comb's reader to join."""
+    """The finish launch (csrc/hc_pre.cu); with `comb_beside` (and iterations to run) its _beside form writes
+    comb's logits and dsv4_hc_pre_sinkhorn finishes comb on the second stream, forked here for comb's reader
+    to join."""
     d = x.size(-1)
     rows = x.numel() // (HC * d)
     later = comb_beside and SINKHORN_BESIDE and iters > 0 and streams.SIDE_BRANCHES
     lib = kernels()
-    lib.launch("dsv4_hc_pre_finish", -(-d // 1024) if norm is None else 1, 256,
-               [(x, PTR), (part, PTR), (scale, PTR), (base, PTR), (0 if norm is None else norm, PTR), (y, PTR),
-                (post, PTR), (comb, PTR), (rows, INT), (d, INT), (HC * d // SLICE, INT), (norm_eps, FLOAT),
-                (hc_eps, FLOAT), (iters, INT), (int(later), INT)])
+    lib.launch("dsv4_hc_pre_finish_beside" if later else "dsv4_hc_pre_finish", -(-d // 1024) if norm is None else 1,
+               256, [(x, PTR), (part, PTR), (scale, PTR), (base, PTR), (0 if norm is None else norm, PTR), (y, PTR),
+                     (post, PTR), (comb, PTR), (rows, INT), (d, INT), (HC * d // SLICE, INT), (norm_eps, FLOAT),
+                     (hc_eps, FLOAT), (iters, INT)])
     if later and streams.fork_for_later(x.device):
         with streams.on_side(x.device):
             lib.launch("dsv4_hc_pre_sinkhorn", 1, 256, [(comb, PTR), (rows, INT), (hc_eps, FLOAT), (iters, INT)])

@@ -375,8 +375,8 @@ __device__ __forceinline__ void finish(const __nv_bfloat16* __restrict__ x, cons
 DSV4_HC_PRE_FINISH(dsv4_hc_pre_finish, false)
 DSV4_HC_PRE_FINISH(dsv4_hc_pre_finish_beside, true)
 
-// grid 1, block 256: comb [N, HC, HC] float32 (N <= 16) from its logits in place (dsv4_hc_pre_finish with
-// comb_later): the softmax and the Sinkhorn iterations, the same operations as the finish's own.
+// grid 1, block 256: comb [N, HC, HC] float32 (N <= 16) in place from the logits dsv4_hc_pre_finish_beside
+// wrote there: the softmax and the Sinkhorn iterations, the same operations as the finish's own.
 extern "C" __global__ void __launch_bounds__(256) dsv4_hc_pre_sinkhorn(float* __restrict__ comb, int N,
                                                                        float hc_eps, int iters) {
   dsv4::pdl_wait();                               // the logits come from the finish before
