@@ -382,11 +382,11 @@ def hc_post_pre_norm(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, com
     x, post, comb): on a GPU the post inside hc_pre's first launch, where it was a launch of its own. comb may
     come from an `hc_pre_norm` with comb_beside (joined before it is read); `comb_beside` is the new comb's."""
     from .hc_pre import hc_post_pre_decode, supports_norm
+    streams.join_pending(f.device)               # comb, before anything reads it
     if supports_norm(res, fn) and f.is_cuda and f.dtype == torch.bfloat16:
         return hc_post_pre_decode(f.contiguous(), res.contiguous(), post.float().contiguous(),
                                   comb.float().contiguous(), fn.contiguous(), scale, base,
                                   weight.float().contiguous(), norm_eps, hc_eps, iters, comb_beside)
-    streams.join_pending(f.device)
     h = hc_post(f, res, post, comb)
     return (h, *hc_pre_norm(h, fn, scale, base, weight, norm_eps, hc_eps, iters, comb_beside))
 
