@@ -77,8 +77,8 @@ def hc_post_pre_decode(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, c
     """The attention's hyper-connection post (f [..., d] bf16, res [..., 4, d] bf16, post [..., 4], comb
     [..., 4, 4] float32: `plugins.oracle.hc_post`), then the FFN's hc_pre with its norm, as `hc_pre_decode`
     (norm given) -> (the new streams [..., 4, d], y, post, comb): the post inside the mix launch, two
-    launches where three ran. All contiguous. `comb_beside` as in `hc_pre_decode` (the new comb's; the comb
-    read here may come from such an hc_pre: joined first)."""
+    launches where three ran. All contiguous. `comb_beside` as in `hc_pre_decode` (the new comb's; a comb read
+    here that an hc_pre finished beside is joined by the caller, dsv4::hc_post_pre_norm)."""
     assert supports_norm(res, fn) and res.is_contiguous() and fn.is_contiguous() and f.is_contiguous()
     assert f.shape == res.shape[:-2] + res.shape[-1:] and f.dtype == torch.bfloat16
     assert post.dtype == comb.dtype == torch.float32 and post.is_contiguous() and comb.is_contiguous()
@@ -87,7 +87,6 @@ def hc_post_pre_decode(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, c
     x = torch.empty_like(res)
     y, post_out, comb_out = _outputs(res)
     part = make_workspace(rows, d, res.device)
-    streams.join_pending(res.device)             # comb, where an hc_pre finished it beside
     _mix("dsv4_hc_post_pre_mix", x, fn, part, rows, [(f, PTR), (res, PTR), (post, PTR), (comb, PTR)])
     _finish(x, part, scale, base, norm, y, post_out, comb_out, norm_eps, hc_eps, iters, comb_beside)
     return x, y, post_out, comb_out
@@ -120,6 +119,7 @@ def _finish(x, part, scale, base, norm, y, post, comb, norm_eps: float, hc_eps: 
                256, [(x, PTR), (part, PTR), (scale, PTR), (base, PTR), (0 if norm is None else norm, PTR), (y, PTR),
                      (post, PTR), (comb, PTR), (rows, INT), (d, INT), (HC * d // SLICE, INT), (norm_eps, FLOAT),
                      (hc_eps, FLOAT), (iters, INT)])
-    if later and streams.fork_for_later(x.device):
+    if later:
+        streams.fork_for_later(x.device)
         with streams.on_side(x.device):
             lib.launch("dsv4_hc_pre_sinkhorn", 1, 256, [(comb, PTR), (rows, INT), (hc_eps, FLOAT), (iters, INT)])

@@ -57,14 +57,10 @@ def join(device: torch.device) -> None:
 _PENDING: set[int] = set()
 
 
-def fork_for_later(device: torch.device) -> bool:
-    """`fork` for work whose reader is a later op that calls `join_pending` first; False (no fork) where
-    side branches are off, so that the caller runs that work in line."""
-    if not SIDE_BRANCHES:
-        return False
+def fork_for_later(device: torch.device) -> None:
+    """`fork` for work whose reader is a later op that calls `join_pending` first."""
     fork(device)
     _PENDING.add(_index(device))
-    return True
 
 
 def join_pending(device: torch.device) -> None:

@@ -172,22 +172,6 @@ namespace {
 // beside the slices' partials after it: one round trip after the wait instead of three in turn (session 27,
 // bench/results/decode-chain-links-s27-h200.json: 4.5 against 5.8 us for the mix and finish pair). Without
 // LATER, the code of sessions 16-26.
-// Which warps do what, known before the wait: the Sinkhorn warps (16 lanes per row) and the warps that sum
-// the streams (y) run side by side where both fit: the iterations are a chain of ~40 dependent shuffles and
-// divisions per row that the stream sums need not wait for (a Flash-8 decode step's 16 launches took 132 us
-// in the H200 profile with every warp doing both in turn, 104 us so; session 16). Otherwise (many rows, or a
-// norm row too long for the y warps' registers) every warp does both in turn.
-struct FinishRoles {
-  int warp, sink_warps, y_first, y_threads;
-  bool split;
-  __device__ __forceinline__ FinishRoles(int N, int D, bool normed) {
-    warp = threadIdx.x / 32, sink_warps = (N * HC * HC + 31) / 32;
-    const int y_warps_split = int(blockDim.x) / 32 - sink_warps;
-    split = y_warps_split > 0 && (!normed || D <= NORM_STEPS * 4 * 32 * y_warps_split);
-    y_first = split ? sink_warps * 32 : 0, y_threads = int(blockDim.x) - y_first;
-  }
-};
-
 template <bool LATER>
 __device__ __forceinline__ void finish(const __nv_bfloat16* __restrict__ x, const float* __restrict__ part,
                                        const float* __restrict__ scale, const float* __restrict__ base,
@@ -196,35 +180,40 @@ __device__ __forceinline__ void finish(const __nv_bfloat16* __restrict__ x, cons
                                        int slices, float norm_eps, float hc_eps, int iters) {
   __shared__ float mix[MAX_ROWS][M + 1];
   __shared__ float pre[MAX_ROWS][HC];
+  // Which warps do what: the Sinkhorn warps (16 lanes per row) and the warps that sum the streams (y) run side
+  // by side where both fit: the iterations are a chain of ~40 dependent shuffles and divisions per row that
+  // the stream sums need not wait for (a Flash-8 decode step's 16 launches took 132 us in the H200 profile
+  // with every warp doing both in turn, 104 us so; session 16). Otherwise (many rows, or a norm row too long
+  // for the y warps' registers) every warp does both in turn. `ahead`: this thread loads row 0 early (LATER).
+  const int warp = threadIdx.x / 32, sink_warps = (N * HC * HC + 31) / 32;
+  const int y_warps_split = int(blockDim.x) / 32 - sink_warps;
+  const bool split = y_warps_split > 0 && (norm == nullptr || D <= NORM_STEPS * 4 * 32 * y_warps_split);
+  const int y_first = split ? sink_warps * 32 : 0, y_threads = int(blockDim.x) - y_first;
+  const bool sums_y = !split || warp >= sink_warps, ahead = LATER && norm != nullptr && sums_y;
+  const int yt = threadIdx.x - y_first;           // this thread's index among the y threads
   float pre_scale = 0.f, post_scale = 0.f, pre_base = 0.f, post_base = 0.f;
   float4 norm_w[NORM_STEPS];
   uint2 row0[NORM_STEPS][HC];                     // LATER: 4 values of each stream of row 0 per step
   if constexpr (LATER) {                          // the weights before the wait
-    const FinishRoles early(N, D, norm != nullptr);
-    const int yt = threadIdx.x - early.y_first;
     pre_scale = scale[0], post_scale = scale[1];
     pre_base = base[threadIdx.x % HC], post_base = base[HC + threadIdx.x % HC];
-    if (norm != nullptr && (!early.split || early.warp >= early.sink_warps)) {
+  }
+  if (ahead) {
 #pragma unroll
-      for (int i = 0; i < NORM_STEPS; ++i) {
-        const int at = (i * early.y_threads + yt) * 4;
-        norm_w[i] = at < D ? *reinterpret_cast<const float4*>(norm + at) : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
+    for (int i = 0; i < NORM_STEPS; ++i) {
+      const int at = (i * y_threads + yt) * 4;
+      norm_w[i] = at < D ? *reinterpret_cast<const float4*>(norm + at) : make_float4(0.f, 0.f, 0.f, 0.f);
     }
   }
   dsv4::pdl_wait();
   dsv4::pdl_launch_dependents();
-  if constexpr (LATER) {                          // row 0 of the streams beside the slices' partials
-    const FinishRoles early(N, D, norm != nullptr);
-    const int yt = threadIdx.x - early.y_first;
-    if (norm != nullptr && (!early.split || early.warp >= early.sink_warps)) {
+  if (ahead) {                                    // row 0 of the streams beside the slices' partials
 #pragma unroll
-      for (int i = 0; i < NORM_STEPS; ++i) {
-        const int at = (i * early.y_threads + yt) * 4;
+    for (int i = 0; i < NORM_STEPS; ++i) {
+      const int at = (i * y_threads + yt) * 4;
 #pragma unroll
-        for (int j = 0; j < HC; ++j)
-          row0[i][j] = at < D ? *reinterpret_cast<const uint2*>(x + size_t(j) * D + at) : make_uint2(0u, 0u);
-      }
+      for (int j = 0; j < HC; ++j)
+        row0[i][j] = at < D ? *reinterpret_cast<const uint2*>(x + size_t(j) * D + at) : make_uint2(0u, 0u);
     }
   }
   // the slices' partials of each value v = n*(M+1) + m, summed by a group of lanes with several loads in
@@ -255,10 +244,7 @@ __device__ __forceinline__ void finish(const __nv_bfloat16* __restrict__ x, cons
     }
   }
   __syncthreads();
-  const FinishRoles roles(N, D, norm != nullptr);
-  const int warp = roles.warp, sink_warps = roles.sink_warps, y_first = roles.y_first, y_threads = roles.y_threads;
-  const bool split = roles.split;
-  if (!split || warp < sink_warps) {
+  if (!sums_y || !split) {
     const int n = threadIdx.x / (HC * HC);
     const float c = comb_logit(mix, scale, base, n < N ? n : 0, D, norm_eps);
     if constexpr (LATER) {
@@ -267,19 +253,19 @@ __device__ __forceinline__ void finish(const __nv_bfloat16* __restrict__ x, cons
       sinkhorn(c, comb_out, N, hc_eps, iters, blockIdx.x == 0);
     }
   }
-  if (split && warp < sink_warps) return;
-  const int yt = threadIdx.x - y_first;           // this thread's index among the y threads
+  if (!sums_y) return;
   // y: 4 consecutive elements per thread per row, rounded to bf16 (LATER, the norm path's row 0: from the
   // values loaded ahead, raw = row0[i])
+  auto add_stream = [&](int n, int j, const uint2& raw, float (&acc)[4]) {   // acc += pre_j * stream j
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+    const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+    const float p = pre[n][j];
+    acc[0] += p * a.x, acc[1] += p * a.y, acc[2] += p * b.x, acc[3] += p * b.y;
+  };
   auto add_streams = [&](int n, const uint2* raw, float (&acc)[4]) {
     acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
 #pragma unroll
-    for (int j = 0; j < HC; ++j) {
-      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(raw + j);
-      const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
-      const float p = pre[n][j];
-      acc[0] += p * a.x, acc[1] += p * a.y, acc[2] += p * b.x, acc[3] += p * b.y;
-    }
+    for (int j = 0; j < HC; ++j) add_stream(n, j, raw[j], acc);
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[i] = dsv4::bf16_round(acc[i]);
   };
@@ -288,10 +274,7 @@ __device__ __forceinline__ void finish(const __nv_bfloat16* __restrict__ x, cons
 #pragma unroll
     for (int j = 0; j < HC; ++j) {
       const uint2 raw = *reinterpret_cast<const uint2*>(x + (size_t(n) * HC + j) * D + e);
-      const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-      const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
-      const float p = pre[n][j];
-      acc[0] += p * a.x, acc[1] += p * a.y, acc[2] += p * b.x, acc[3] += p * b.y;
+      add_stream(n, j, raw, acc);
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[i] = dsv4::bf16_round(acc[i]);
@@ -323,7 +306,7 @@ __device__ __forceinline__ void finish(const __nv_bfloat16* __restrict__ x, cons
     for (int i = 0; i < NORM_STEPS; ++i) {
       const int e = (i * y_threads + yt) * 4;
       if (e < D) {
-        if (LATER && n == 0)
+        if (ahead && n == 0)
           add_streams(0, row0[i], v[i]);
         else
           sum_streams(n, e, v[i]);
