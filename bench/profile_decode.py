@@ -143,13 +143,13 @@ def main() -> None:
     # the step with the defaults, and with one switch turned the other way each: the shared expert after the
     # gate (beside the routed experts only: moe_experts.SHARED_BEFORE_GATE) and in line after them
     # (SHARED_BESIDE_ROUTED too); the compressors in line after the query path, not beside it
-    # (streams.SIDE_BRANCHES); comb's Sinkhorn iterations beside the chain (hc_pre.SINKHORN_BESIDE turned on:
-    # off by default until measured; artifacts built from session 27 on allow it)
+    # (streams.SIDE_BRANCHES, which also keeps comb's Sinkhorn iterations in line); comb's Sinkhorn iterations
+    # in line (hc_pre.SINKHORN_BESIDE; artifacts built from session 27 on run them beside the chain)
     switches = {"shared_after_gate": [(moe_experts, "SHARED_BEFORE_GATE", False)],
                 "shared_in_line": [(moe_experts, "SHARED_BEFORE_GATE", False),
                                    (moe_experts, "SHARED_BESIDE_ROUTED", False)],
                 "compressors_in_line": [(streams, "SIDE_BRANCHES", False)],
-                "sinkhorn_beside": [(hc_pre, "SINKHORN_BESIDE", True)]}
+                "sinkhorn_in_line": [(hc_pre, "SINKHORN_BESIDE", False)]}
     for name, turned in {"default": [], **switches}.items():
         kept = [(module, attr, getattr(module, attr)) for module, attr, _ in turned]
         for module, attr, value in turned:

@@ -19,9 +19,10 @@ HC, MIXES, SLICE, MAX_ROWS = 4, 24, 256, 16          # csrc/hc_pre.cu
 NORM_D = 8 * 256 * 4                                 # csrc/hc_pre.cu NORM_STEPS x 256 threads x 4
 # Whether comb's Sinkhorn iterations run beside the chain where the caller allows it (`comb_beside`): about
 # 1.4 us of dependent shuffles and divisions were the finish launch's critical path, 17 times a Flash-8 step
-# (bench/results/decode-chain-links-s27-h200.json). Written in session 27 and not yet run on a GPU: off
-# until its GPU tests and a Flash-8 profile have run. A runtime switch (bench/profile_decode.py can turn it).
-SINKHORN_BESIDE = False
+# (bench/results/decode-chain-links-s27-h200.json). Written in session 27; on since session 28, whose
+# Flash-8 profile took the step from 1.387 to 1.316 ms (bench/results/profile-decode-flash8-s28-h200.json)
+# and whose GPU tests gave the same bits as in line. A runtime switch (bench/profile_decode.py turns it).
+SINKHORN_BESIDE = True
 
 
 def supports(x: torch.Tensor, fn: torch.Tensor) -> bool:

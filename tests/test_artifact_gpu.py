@@ -95,13 +95,17 @@ def test_graph_replay_equals_plain_launches_and_eager(artifact, tiny_dir):
     assert _cosines(graphed, eager).min() >= 0.99
 
 
-def test_the_compressors_side_branch_changes_no_bit(artifact, monkeypatch):
-    """The compressors on a second stream beside the query path (`dsv4::fork_side`, plugins/streams.py): the
-    same logits as in line, from the captured graph and from plain launches."""
-    from plugins import streams
+@pytest.mark.parametrize("sinkhorn_beside", [pytest.param(False, id="compressors"),
+                                             pytest.param(True, id="compressors-and-sinkhorn")])
+def test_the_side_branches_change_no_bit(artifact, monkeypatch, sinkhorn_beside):
+    """The compressors on a second stream beside the query path (`dsv4::fork_side`, plugins/streams.py), and
+    comb's Sinkhorn iterations beside the chain (plugins.hc_pre.SINKHORN_BESIDE): the same logits as in
+    line, from the captured graph and from plain launches."""
+    from plugins import hc_pre, streams
     monkeypatch.setattr(streams, "SIDE_BRANCHES", False)
     in_line = forced_logits(ArtifactModel(artifact, "cuda", graphs=True), PROMPT, FORCED)
     monkeypatch.setattr(streams, "SIDE_BRANCHES", True)
+    monkeypatch.setattr(hc_pre, "SINKHORN_BESIDE", sinkhorn_beside)
     assert torch.equal(forced_logits(ArtifactModel(artifact, "cuda", graphs=True), PROMPT, FORCED), in_line)
     assert torch.equal(forced_logits(ArtifactModel(artifact, "cuda", graphs=False), PROMPT, FORCED), in_line)
 
