@@ -14,6 +14,20 @@ def test_fat_binary_builds(tmp_path):
     assert out.stat().st_size > 10_000
 
 
+def test_the_kernel_image_comes_from_the_fat_binary_named_at_first_use(tmp_path, monkeypatch):
+    """bench/fatbin_ab.py points a process at another build of the kernels by setting loader.FATBIN before
+    the first launch."""
+    from plugins import loader
+    other = tmp_path / "other.fatbin"
+    monkeypatch.setattr(loader, "KernelImage", lambda path: path)     # no GPU here: the path it would load
+    monkeypatch.setattr(loader, "FATBIN", other)
+    loader.kernels.cache_clear()
+    try:
+        assert loader.kernels() == other
+    finally:
+        loader.kernels.cache_clear()
+
+
 def _weights(n, k, seed=0):
     g = torch.Generator().manual_seed(seed)
     return fp8_weight_quant(torch.randn(n, k, generator=g) / k ** 0.5)
