@@ -29,7 +29,7 @@ def _check(result):
 
 
 class KernelImage:
-    def __init__(self, path: Path = FATBIN):
+    def __init__(self, path: Path):
         try:
             from cuda.bindings import driver
         except ImportError:
