@@ -23,7 +23,7 @@ import torch
 from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from plugins import hc_pre, moe_experts, streams  # noqa: E402
+from plugins import fp8_linear, hc_pre, moe_experts, streams  # noqa: E402
 from runtime.artifact import ArtifactModel  # noqa: E402
 from runtime.bench import bytes_per_token, copy_bandwidth  # noqa: E402
 
@@ -144,16 +144,19 @@ def main() -> None:
     # gate (beside the routed experts only: moe_experts.SHARED_BEFORE_GATE) and in line after them
     # (SHARED_BESIDE_ROUTED too); the compressors in line after the query path, not beside it
     # (streams.SIDE_BRANCHES, which also keeps comb's Sinkhorn iterations in line); comb's Sinkhorn iterations
-    # in line (hc_pre.SINKHORN_BESIDE; artifacts built from session 27 on run them beside the chain)
+    # in line (hc_pre.SINKHORN_BESIDE; artifacts built from session 27 on run them beside the chain); the FP8
+    # GEMVs planned as before session 29 (fp8_linear.SHARED_STATIC_BYTES: wo_b with two ring stages, not three)
     switches = {"shared_after_gate": [(moe_experts, "SHARED_BEFORE_GATE", False)],
                 "shared_in_line": [(moe_experts, "SHARED_BEFORE_GATE", False),
                                    (moe_experts, "SHARED_BESIDE_ROUTED", False)],
                 "compressors_in_line": [(streams, "SIDE_BRANCHES", False)],
-                "sinkhorn_in_line": [(hc_pre, "SINKHORN_BESIDE", False)]}
+                "sinkhorn_in_line": [(hc_pre, "SINKHORN_BESIDE", False)],
+                "wo_b_two_stages": [(fp8_linear, "SHARED_STATIC_BYTES", 4096)]}
     for name, turned in {"default": [], **switches}.items():
         kept = [(module, attr, getattr(module, attr)) for module, attr, _ in turned]
         for module, attr, value in turned:
             setattr(module, attr, value)
+        fp8_linear.gemv_plan.cache_clear()             # plans are cached per shape
         graphed = ArtifactModel(args.artifact, "cuda", graphs=True)
         graphed.forward(torch.arange(args.context)[None] % 1000 + 2)
         report["graph_step_ms" + ("" if name == "default" else "_" + name)] = step_ms(graphed, args.steps,

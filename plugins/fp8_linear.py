@@ -25,14 +25,18 @@ ROW_PAD = 64                      # csrc/fp8_linear.cu ROW_PAD
 # The weight ring: per step 8 warps x 4 KiB of weights plus two 4-byte scale words each (csrc/fp8_linear.cu)
 STAGE_BYTES = 8 * (4096 + 8)
 MAX_STAGES = 6
+# The GEMV's static shared memory (csrc/fp8_linear.cu: the norm prologue's scratch). Until session 29 the K
+# slices' sums took 4 KB (8 KB at 16 rows) there, which left wo_b two ring stages where it now gets three;
+# a benchmark may set 4096 to plan as then (bench/profile_decode.py).
+SHARED_STATIC_BYTES = 32
 
 
 def ring_stages(shared_memory: tuple[int, int], fixed: int) -> int:
     """Depth of the GEMV's weight ring (csrc/fp8_linear.cu): as deep as two CTAs per SM allow (at least 2
     steps), else as one CTA per SM allows (GPUs with little shared memory, e.g. sm_120). Two CTAs win on
     the H200 even when that leaves one step in flight (`bench/results/gemv-ring-sweep-h200.json`: wo_b,
-    whose 8192-wide activation takes 17 KB, 11.8 us at 2 CTAs x 2 steps, 12.1-13.1 us at one CTA x 3-6).
-    `fixed`: the CTA's other shared bytes."""
+    whose 8192-wide activation takes 17 KB, 11.8 us at 2 CTAs x 2 steps, 12.1-13.1 us at one CTA x 3-6; since
+    session 29 it gets 3 steps at 2 CTAs). `fixed`: the CTA's other shared bytes."""
     per_sm, per_block = shared_memory
     for ctas, least in ((2, 2), (1, 2)):
         room = min(per_sm // ctas - 1024, per_block) - fixed   # the driver keeps 1 KiB per CTA
@@ -49,7 +53,7 @@ def gemv_plan(m: int, k: int, shared_memory: tuple[int, int], staged: bool = Fal
     steps; else one act_quant launch writes the codes for all CTAs (e.g. 4 rows of 4096 on sm_120).
     `staged`: the fused form with a prologue (its bf16 rows staged in shared memory too), or None where it
     does not fit."""
-    static = (8 if m > 8 else 4) * 1024                         # csrc/fp8_linear.cu partial sums
+    static = SHARED_STATIC_BYTES
     if m * (k // 128) <= FUSE_LIMIT_BLOCKS:
         act = 2 * m * (k + ROW_PAD) + m * (k // 128) * 4          # room for f16 codes (csrc/fp8_linear.cu)
         act += (2 * m * k + 16) if staged else 0                  # the prologue's rows, 16-byte aligned

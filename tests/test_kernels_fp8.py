@@ -201,7 +201,8 @@ def test_fp8_linear_op_on_prefill_rows_is_a_bf16_gemm_matching_the_float32_oracl
 
 @pytest.mark.parametrize("shared_memory, fixed, stages", [
     pytest.param((233472, 232448), 12 * 1024, 3, id="h200-two-ctas"),
-    pytest.param((233472, 232448), 20864, 2, id="h200-wo_b-two-ctas-two-steps"),
+    pytest.param((233472, 232448), 20864, 2, id="h200-20k-fixed-two-ctas-two-steps"),
+    pytest.param((233472, 232448), 16768 + 32, 3, id="h200-wo_b-two-ctas-three-steps"),
     pytest.param((233472, 232448), 60 * 1024, 5, id="h200-big-act-one-cta"),
     pytest.param((102400, 101376), 12 * 1024, 2, id="sm120-one-cta"),
 ])
@@ -222,7 +223,8 @@ def test_gemv_ring_refuses_a_gpu_without_room():
 @pytest.mark.parametrize("m, k, shared_memory, fused", [
     pytest.param(1, 8192, (233472, 232448), True, id="h200-wo_b-fused"),
     pytest.param(16, 1024, (233472, 232448), True, id="h200-16rows-fused"),
-    pytest.param(4, 4096, (102400, 101376), False, id="sm120-4rows-no-room-unfused"),
+    pytest.param(4, 4096, (102400, 101376), True, id="sm120-4rows-fused"),
+    pytest.param(4, 4096, (81920, 80896), False, id="80k-smem-4rows-no-room-unfused"),
     pytest.param(1, 4096, (102400, 101376), True, id="sm120-1row-fused"),
     pytest.param(16, 4096, (233472, 232448), False, id="many-blocks-unfused"),
 ])
@@ -230,7 +232,16 @@ def test_gemv_plan_falls_back_to_one_act_quant_where_shared_memory_is_short(m, k
     from plugins.fp8_linear import STAGE_BYTES, gemv_plan
     got_fused, stages, shared = gemv_plan(m, k, shared_memory)
     assert got_fused == fused and stages >= 2
-    assert shared >= stages * STAGE_BYTES and shared + 8 * 1024 <= shared_memory[1]
+    assert shared >= stages * STAGE_BYTES and shared + 32 <= shared_memory[1]   # + the norm prologue's scratch
+
+
+def test_wo_b_gets_a_third_ring_stage_at_two_ctas_an_sm():
+    """wo_b's 8192-wide activation (16.8 KB of f16 values) left room for two ring stages beside a static 4 KB
+    of K-slice sums; with those sums in the ring (session 29) a third fits at two CTAs an SM on an H200."""
+    from plugins.fp8_linear import STAGE_BYTES, gemv_plan
+    fused, stages, shared = gemv_plan(1, 8192, (233472, 232448))
+    assert fused and stages == 3
+    assert 2 * (shared + 32 + 1024) <= 233472
 
 
 def test_gemv_split_rule_picks_the_measured_fastest_split():

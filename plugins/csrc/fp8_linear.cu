@@ -54,6 +54,7 @@ constexpr int ROW_PAD = 64;     // values after each shared activation row
 constexpr int U = 2;            // 128-K blocks per step
 constexpr int CHUNKS = 4 * U;   // 16-byte weight loads per lane per step: [block][half][row g, g + 8]
 constexpr int WARPS = 8;
+static_assert(8 * 32 * 4 <= CHUNKS * 32 * 16, "an item's K-slice sums (up to 8 per lane) fit a warp's ring slot");
 // What the fused form does to its input rows before quantising them (rows.cuh), where that GEMV is the
 // transform's only reader: the query latent's RMSNorm before wq_b and the indexer's wq_b, the shared
 // expert's SwiGLU before w2. One launch fewer each; the rows go through shared memory in bf16, as the
@@ -144,7 +145,6 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
   // each: f16 values on the f16 path, else e4m3 bytes) and their scales [rows][K/128]; then, with a
   // prologue, its bf16 rows [rows][K] from the next 16-byte boundary
   extern __shared__ uint4 smem[];
-  __shared__ float partial[WARPS][NACC][32];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int kblocks = K / 128, nkb = kblocks / wpr, part = warp % wpr, kb_begin = part * nkb;
   const int kb_end = kb_begin + nkb, steps = (nkb + U - 1) / U;
@@ -306,18 +306,23 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
       for (int i = 0; i < NACC; ++i)             // c[.][i]: token 2t + (i & 1) (+ 8 for i >= 4)
         total_c[i] = fmaf(c[0][i] + c[1][i], sw * x_scale(2 * t + (i & 1) + (i >= 4 ? 8 : 0), kb), total_c[i]);
     }
+    const int used = slot;
     if (++slot == stages) slot = 0;
     if (step == steps - 1) {                     // the item's last step: add the K slices, write y
+      // The K slices' sums meet in the ring slot each warp has just multiplied: no copy is in flight into it
+      // until the next iteration's issue(), after the barrier below (a static array of them took 4-8 KB that
+      // wo_b's third ring stage needs beside its 8192-wide activation at two CTAs an SM).
+      auto sums_of = [&](int w) { return reinterpret_cast<float*>(smem + (size_t(w) * stages + used) * CHUNKS * 32); };
       if (wpr > 1) {
 #pragma unroll
-        for (int i = 0; i < NACC; ++i) partial[warp][i][lane] = total_c[i];
+        for (int i = 0; i < NACC; ++i) sums_of(warp)[i * 32 + lane] = total_c[i];
         __syncthreads();
       }
       if (part == 0 && n0 < N) {
 #pragma unroll
         for (int i = 0; i < NACC; ++i) {
           float v = total_c[i];
-          for (int p = 1; p < wpr; ++p) v += partial[warp + p][i][lane];
+          for (int p = 1; p < wpr; ++p) v += sums_of(warp + p)[i * 32 + lane];
           const int m = 2 * t + (i & 1) + (i >= 4 ? 8 : 0), n = n0 + g + (i & 2 ? 8 : 0);
           if (m < rows && n < N) y[size_t(m) * N + n] = __float2bfloat16(v);
         }

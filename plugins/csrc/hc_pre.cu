@@ -217,14 +217,21 @@ __device__ __forceinline__ void finish(const __nv_bfloat16* __restrict__ x, cons
     }
   }
   // the slices' partials of each value v = n*(M+1) + m, summed by a group of lanes with several loads in
-  // flight each
+  // flight each: all of Flash's 64 slices in one round trip (8 a lane; unrolled by 4 until session 29, two
+  // round trips on the chain), added in the same order
   const int values = N * (M + 1), g = threadIdx.x % GROUP;
   for (int first = 0; first < values; first += blockDim.x / GROUP) {   // uniform: the shuffles see every lane
     const int v = first + threadIdx.x / GROUP;
     float s = 0.f;
     if (v < values) {
-#pragma unroll 4
-      for (int i = g; i < slices; i += GROUP) s += part[size_t(i) * values + v];
+      for (int i0 = g; i0 < slices; i0 += 8 * GROUP) {
+        float p[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) p[u] = i0 + u * GROUP < slices ? part[size_t(i0 + u * GROUP) * values + v] : 0.f;
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+          if (i0 + u * GROUP < slices) s += p[u];
+      }
     }
 #pragma unroll
     for (int off = GROUP / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
