@@ -128,3 +128,17 @@ def test_cli_reports_one_line_and_fails(damaged, damage):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_hash_table_naming_an_expert_the_layer_lacks_is_refused_at_build(damaged):
+    """tid2eid's ids reach the MoE's expert table unchecked on the GPU (an out-of-range one faults the decode
+    step with an illegal address), so the build refuses them, naming the tensor."""
+    from builder.programs.decode import layer_weights
+    name = "layers.1.ffn.gate.tid2eid"
+    ck = Checkpoint(damaged)
+    experts = ck.config.n_routed_experts
+    assert layer_weights(ck.config, ck.get, 1, torch.float32)["ffn.gate.tid2eid"].dtype == torch.int32
+    _rewrite(_shard_of(damaged, name), lambda t: t[name].__setitem__((5, 2), experts))
+    ck = Checkpoint(damaged)
+    with pytest.raises(CheckpointError, match=f"{name} names expert {experts}, outside 0..{experts - 1}"):
+        layer_weights(ck.config, ck.get, 1, torch.float32)

@@ -114,3 +114,21 @@ def test_route_hash_kernel_captures_in_a_cuda_graph():
     graph.replay()
     expect = route_hash(logits, tid2eid, ids, 6, 1.5)
     assert torch.equal(picked, expect[1]) and torch.equal(got, expect[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("finite", [0, 2, 256], ids=["all-nan", "two-finite", "no-nan"])
+def test_route_kernel_names_only_experts_in_range_whatever_the_logits(finite):
+    """NaN logits (a layer that overflowed) must not make the router name an expert past the table: the MoE
+    would read the expert table out of bounds and fault the step (seen when a benchmark fed the gate
+    uninitialised memory, session 29). Where finite scores remain, they are picked as the oracle picks them."""
+    from plugins.route import route_topk
+    logits, bias = (t.cuda() for t in _case(1, 256))
+    logits[0, finite:] = float("nan")
+    weights, picked = route_topk(logits, bias, 6, 1.5)
+    assert ((picked >= 0) & (picked < 256)).all(), picked
+    if finite >= 6:
+        expect_w, expect_e = route_from_logits(logits, bias, 6, "sqrtsoftplus", 1.5)
+        assert torch.equal(picked.long(), expect_e)
+    else:
+        assert set(picked[0, :finite].tolist()) == set(range(finite))    # the finite ones first

@@ -26,6 +26,7 @@ from plugins.oracle import (compressor_step, decode_rows, einsum, finish_rows, h
                             with_rope)
 from plugins.route import MAX_ROWS as ROUTE_KERNEL_ROWS
 
+from ..checkpoint import CheckpointError
 from ..config import KV_FP8_BLOCK, ModelConfig
 from ..reference.moe import route
 from ..reference.rope import rope_table
@@ -125,7 +126,7 @@ def layer_weights(cfg: ModelConfig, get, layer: int, act: torch.dtype) -> dict[s
     w |= {n: t if t.dtype == act == torch.bfloat16 else t.to(work)
           for n, t in [(n, get(p + n)) for n in names_kept] + list(stacked.items())}
     if cfg.is_hash_layer(layer):
-        w["ffn.gate.tid2eid"] = get(p + "ffn.gate.tid2eid").to(torch.int32)
+        w["ffn.gate.tid2eid"] = hash_routes(cfg, get(p + "ffn.gate.tid2eid"), p + "ffn.gate.tid2eid")
     if is_mtp(cfg, layer):
         w |= {n: get(p + n) for n in ("e_proj.weight", "e_proj.scale", "h_proj.weight", "h_proj.scale")}
         w |= {n: get(p + n).to(work) for n in ("enorm.weight", "hnorm.weight", "norm.weight",
@@ -135,6 +136,17 @@ def layer_weights(cfg: ModelConfig, get, layer: int, act: torch.dtype) -> dict[s
     # sorted: a compiled program takes its dict inputs flattened in the traced key order, and the
     # runtime passes what it loads sorted (safetensors files are sorted anyway)
     return {k: (w[k].view(torch.uint8) if w[k].dtype == torch.float8_e8m0fnu else w[k]).contiguous() for k in sorted(w)}
+
+
+def hash_routes(cfg: ModelConfig, tid2eid: torch.Tensor, name: str) -> torch.Tensor:
+    """A hash layer's table of experts per token id, as int32 (DeepSeek's dtype for it), refused where it names
+    an expert the layer does not have: the router kernel would hand that id to the MoE, whose expert table
+    read out of bounds faults the GPU in the middle of a decode step."""
+    bad = (tid2eid < 0) | (tid2eid >= cfg.n_routed_experts)
+    if bad.any():
+        raise CheckpointError(f"{name} names expert {int(tid2eid[bad][0])}, outside 0..{cfg.n_routed_experts - 1}: "
+                              "the checkpoint is corrupt")
+    return tid2eid.to(torch.int32)
 
 
 def shared_weights(get, act: torch.dtype) -> dict[str, torch.Tensor]:

@@ -46,6 +46,9 @@ __device__ __forceinline__ void topk_picks(const float* __restrict__ logits, con
       const int o = __shfl_xor_sync(0xffffffffu, id, off);
       if (b > best || (b == best && o < id)) best = b, id = o;
     }
+    // No finite score left (NaN logits, e.g. from a layer that overflowed): an id in range anyway, whose NaN
+    // weight shows in the output, not one past the expert table, whose read would fault the whole step.
+    if (id == 0x7FFFFFFF) id = j;
     float s = 0.f;
 #pragma unroll
     for (int i = 0; i < SLOTS; ++i)
