@@ -24,11 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.profile_decode import step_ms  # noqa: E402
 from bench.results_json import run_header, write_json  # noqa: E402
-from plugins import loader  # noqa: E402
+from plugins import loader, route  # noqa: E402
 from runtime.artifact import ArtifactModel  # noqa: E402
 from runtime.bench import bytes_per_token, copy_bandwidth  # noqa: E402
 
-ROUTER = {"dsv4_route_topk_s8", "dsv4_route_topk_s16", "dsv4_route_topk_s32"}
+ROUTER = {f"dsv4_route_topk_s{slots}" for slots in route.SLOTS}      # its builds (csrc/route.cu)
 WEIGHT_KERNELS = {"dsv4_fp8_gemv_fused_m8", "dsv4_fp8_gemv_fused_m16", "dsv4_fp8_gemv_m8", "dsv4_fp8_gemv_m16",
                   "dsv4_fp8_gemv_fused_norm_m8", "dsv4_fp8_gemv_fused_swiglu_m8", "dsv4_fp8_gemv_fused_grouped_m8",
                   "dsv4_moe_gate_up_decode_wgmma", "dsv4_moe_down_decode_wgmma", "dsv4_moe_gate_up",
