@@ -1,0 +1,125 @@
+"""What the plainest read of a kernel's bytes reaches in bench/kernels.py's harness: the ceiling of each line.
+
+The kernels issue asks each decode kernel for a share of the copy bandwidth (0.8; 0.7 for a layer's kernels
+back to back). A kernel that reads its weights once can be no faster than a kernel that does nothing but
+read the same bytes, launched the same way (a CUDA graph of launches over buffers rotating past L2, each
+launch waiting for the one before, as every decode kernel waits for its input). This script times that plain
+read (`dsv4_stream_read`, plugins/csrc/stream_read.cu) for each line's launches, in the kernels' order, and
+the kernels themselves, all in one run against one copy bandwidth:
+
+    python bench/read_ceiling.py [--json bench/results/read-ceiling-h200.json]
+
+Per line: the kernel's fraction of the copy bandwidth, the plain read's, and the kernel's time over the
+read's. A line whose plain read falls short of its target cannot be met by any kernel that reads its bytes
+in that many dependent launches; one whose read clears it shows how much the kernel leaves.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.kernels import (bench_decode_layer, bench_fp8_gemv, bench_moe_decode, bench_wo_a,  # noqa: E402
+                           graph_time_ms)
+from bench.results_json import run_header, write_json  # noqa: E402
+from plugins.loader import PTR, kernels  # noqa: E402
+from plugins.moe_experts import expert_nbytes  # noqa: E402
+from runtime.bench import copy_bandwidth  # noqa: E402
+
+POOL_BYTES = 1 << 30                   # rotated through: 20x the H200's L2
+THREADS = 256
+D, F, TOPK = 4096, 2048, 6             # Flash's routed experts
+
+
+def fp8_bytes(n: int, k: int) -> int:
+    """An FP8 weight [n, k] with its E8M0 scales per 128 x 128 block."""
+    return n * k + -(-n // 128) * (k // 128)
+
+
+def lines() -> dict[str, list[int]]:
+    """Each acceptance line's launches, as the bytes each must read, in the order the kernels run."""
+    gate_up = TOPK * (F * D + F * D // 16)               # w1 | w3 codes and their scales
+    down = TOPK * expert_nbytes(D, F) - gate_up
+    wq_b, wo_a, wo_b = fp8_bytes(32768, 1024), fp8_bytes(8192, 4096), fp8_bytes(4096, 8192)
+    w13, w2 = fp8_bytes(4096, 4096), fp8_bytes(4096, 2048)
+    return {"wq_b": [wq_b], "wo_a": [wo_a], "wo_b": [wo_b], "shared_w13": [w13], "shared_w2": [w2],
+            "shared_expert": [w13, w2], "moe_decode": [gate_up, down],
+            "decode_layer": [fp8_bytes(1536, 4096), wq_b, wo_a, wo_b, w13, w2, gate_up, down]}
+
+
+def read_once(ptr: int, nbytes: int, sink: torch.Tensor, grid: int) -> None:
+    """One plain read of the nbytes // 16 words at device address ptr (16-byte aligned) over `grid` CTAs;
+    CTA b writes the XOR of the words it read to sink[b] (sink: int32, at least `grid` long)."""
+    kernels().launch("dsv4_stream_read", grid, THREADS, [(ptr, PTR), (nbytes // 16, ctypes.c_longlong), (sink, PTR)])
+
+
+class PlainRead:
+    """Launches of the plain read over one pool, each at the next offset, so no launch finds its bytes in L2."""
+
+    def __init__(self):
+        self.pool = torch.empty(POOL_BYTES, dtype=torch.uint8, device="cuda")
+        self.grid = kernels().resident("dsv4_stream_read", THREADS)
+        self.sink = torch.zeros(self.grid, dtype=torch.int32, device="cuda")
+        self.at = 0
+
+    def launch(self, nbytes: int) -> None:
+        if self.at + nbytes > POOL_BYTES:
+            self.at = 0
+        read_once(self.pool.data_ptr() + self.at, nbytes, self.sink, self.grid)
+        self.at += (nbytes + 4095) // 4096 * 4096
+
+    def time_us(self, launches: list[int]) -> float:
+        """One pass over `launches` (bytes each, back to back), replayed from a graph of enough passes to
+        sweep the pool: microseconds per pass."""
+        def one_pass():
+            for n in launches:
+                self.launch(n)
+        return graph_time_ms(one_pass, max(4, 2 * POOL_BYTES // sum(launches))) * 1e3
+
+
+def kernel_us(line: str, bandwidth: float) -> float:
+    """The line's kernels in bench/kernels.py's harness (the shared expert: its two GEMVs, each timed there)."""
+    fp8 = {"wq_b": (32768, 1024), "wo_b": (4096, 8192), "shared_w13": (4096, 4096), "shared_w2": (4096, 2048)}
+    if line in fp8:
+        return bench_fp8_gemv(line, *fp8[line], 1, bandwidth)["time_us"]
+    if line == "shared_expert":
+        return kernel_us("shared_w13", bandwidth) + kernel_us("shared_w2", bandwidth)
+    if line == "wo_a":
+        return bench_wo_a(bandwidth, 1)["time_us"]
+    if line == "moe_decode":
+        return bench_moe_decode(bandwidth, 1, wgmma=True)["time_us"]
+    return bench_decode_layer(bandwidth, wgmma=True, beside=True)["time_us"]
+
+
+@torch.inference_mode()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "read-ceiling-h200.json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: bench/read_ceiling.py needs a CUDA GPU")
+    bandwidth = copy_bandwidth()
+    reader = PlainRead()
+    report = {**run_header(), "copy_bandwidth_gb_s": bandwidth / 1e9, "read_grid": reader.grid,
+              "single_reads": [], "lines": []}
+    for mib in (4, 8, 16, 32, 64, 128, 256):
+        us = reader.time_us([mib << 20])
+        report["single_reads"].append({"mib": mib, "time_us": us, "fraction_of_copy_bw": (mib << 20) / (us * 1e-6) / bandwidth})
+        print(json.dumps(report["single_reads"][-1]), flush=True)
+    for line, launches in lines().items():
+        read, kern = reader.time_us(launches), kernel_us(line, bandwidth)
+        frac = lambda us: sum(launches) / (us * 1e-6) / bandwidth       # noqa: E731
+        report["lines"].append({"line": line, "launches_mb": [n / 1e6 for n in launches], "read_us": read,
+                                "read_fraction": frac(read), "kernel_us": kern, "kernel_fraction": frac(kern),
+                                "kernel_over_read": kern / read})
+        print(json.dumps(report["lines"][-1]), flush=True)
+        write_json(args.json, report)
+
+
+if __name__ == "__main__":
+    main()

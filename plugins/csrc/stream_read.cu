@@ -1,0 +1,52 @@
+// Calibration, not a model kernel: the plainest fast read of a buffer in one launch, so that a benchmark can
+// say what any kernel reading those bytes once could reach in the same harness (bench/read_ceiling.py). Each
+// thread issues its first eight 16-byte loads (bypassing L1) before waiting for the kernel before it, as the
+// decode kernels issue their first weight copies before waiting for their input (programmatic dependent
+// launch), then reads on, eight loads in flight, grid-stride over the resident CTAs. CTA b writes the XOR of
+// the words it read to sink[b] (a plain store: one atomic per warp on one word serialised into microseconds),
+// so the loads cannot be dropped and a test can check that every word was read once.
+#include "common.cuh"
+
+namespace {
+
+constexpr int READ_UNROLL = 8;  // loads in flight per thread (one translation unit: names unique)
+
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+}  // namespace
+
+// Grid: any (the resident CTAs for speed), 256 threads. sink [gridDim.x] uint32.
+extern "C" __global__ void __launch_bounds__(256) dsv4_stream_read(const uint4* __restrict__ src, long long n16,
+                                                                 unsigned* __restrict__ sink) {
+  __shared__ unsigned warp_xor[8];
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  unsigned acc = 0u;
+  uint4 v[READ_UNROLL];
+#pragma unroll
+  for (int u = 0; u < READ_UNROLL; ++u) v[u] = i + u * stride < n16 ? load_stream(src + i + u * stride) : make_uint4(0, 0, 0, 0);
+  dsv4::pdl_wait();
+  dsv4::pdl_launch_dependents();
+  for (;;) {
+#pragma unroll
+    for (int u = 0; u < READ_UNROLL; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+    i += READ_UNROLL * stride;
+    if (i >= n16) break;
+#pragma unroll
+    for (int u = 0; u < READ_UNROLL; ++u) v[u] = i + u * stride < n16 ? load_stream(src + i + u * stride) : make_uint4(0, 0, 0, 0);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, off);
+  if ((threadIdx.x & 31) == 0) warp_xor[threadIdx.x >> 5] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned all = 0u;
+    for (int w = 0; w < int(blockDim.x >> 5); ++w) all ^= warp_xor[w];
+    sink[blockIdx.x] = all;
+  }
+}

@@ -1,0 +1,31 @@
+"""The read-ceiling calibration kernel (plugins/csrc/stream_read.cu) reads every word it is given once."""
+import numpy as np
+import pytest
+import torch
+
+from bench.read_ceiling import THREADS, read_once
+from plugins.loader import kernels
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("words", [pytest.param(1, id="one-word"), pytest.param(1027, id="odd-tail"),
+                                   pytest.param(3 << 18, id="12MiB")])
+def test_plain_read_sees_every_word_once(words):
+    data = torch.randint(-2**31, 2**31 - 1, (4 * words,), dtype=torch.int32, generator=torch.Generator().manual_seed(words))
+    grid = kernels().resident("dsv4_stream_read", THREADS)
+    sink = torch.zeros(grid, dtype=torch.int32, device="cuda")
+    on_gpu = data.cuda()
+    read_once(on_gpu.data_ptr(), 16 * words, sink, grid)
+    assert int(np.bitwise_xor.reduce(sink.cpu().numpy())) == int(np.bitwise_xor.reduce(data.numpy()))
+
+
+def test_read_ceiling_lines_read_the_kernels_bytes():
+    """Each line reads what its kernels must: the MoE the 6 experts' whole bank bytes, the layer the 212.3 MB
+    bench/kernels.py's decode layer counts, and the shared expert's pair is its two GEMVs in order."""
+    from bench.read_ceiling import lines
+    from plugins.moe_experts import expert_nbytes
+    got = lines()
+    assert sum(got["moe_decode"]) == 6 * expert_nbytes(4096, 2048)
+    assert sum(got["decode_layer"]) == 212_344_704
+    assert got["shared_expert"] == got["shared_w13"] + got["shared_w2"]
+    assert got["wq_b"] == got["wo_b"] == [32768 * 1024 + 256 * 8]
