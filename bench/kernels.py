@@ -57,6 +57,11 @@ def graph_time_ms(fn, launches: int, replays: int = 20) -> float:
     return time_ms(graph.replay, iters=replays) / launches
 
 
+def fp8_bytes(n: int, k: int) -> int:
+    """An FP8 weight [n, k] with its E8M0 scales per 128 x 128 block."""
+    return n * k + -(-n // 128) * (k // 128)
+
+
 def random_fp8(n: int, k: int, device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor]:
     """A random FP8 weight [n, k] (e4m3 codes) with E8M0 block scales [ceil(n/128), k/128] near 2^-7."""
     return (torch.randint(-100, 100, (n, k), device=device, dtype=torch.int8).view(torch.float8_e4m3fn),
@@ -362,7 +367,7 @@ def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, w
         layer_step(state["i"])
 
     ms = graph_time_ms(step, copies * 4)
-    layer_bytes = sum(n * kk + ((n + 127) // 128) * (kk // 128) for n, kk in fp8_shapes.values())
+    layer_bytes = sum(fp8_bytes(n, kk) for n, kk in fp8_shapes.values())
     layer_bytes += 8 * 1024 * 4096 + 64 * 32 + k * nbytes                  # wo_a: FP8 codes and scales
     achieved = layer_bytes / (ms * 1e-3)
     return {"kernel": "decode_layer" + ("_wgmma_moe" if wgmma else "") + ("_shared_beside" if beside else ""),

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.kernels import (bench_decode_layer, bench_fp8_gemv, bench_moe_decode, bench_wo_a,  # noqa: E402
-                           graph_time_ms)
+                           fp8_bytes, graph_time_ms)
 from bench.results_json import run_header, write_json  # noqa: E402
 from plugins.loader import PTR, kernels  # noqa: E402
 from plugins.moe_experts import expert_nbytes  # noqa: E402
@@ -34,11 +34,6 @@ from runtime.bench import copy_bandwidth  # noqa: E402
 POOL_BYTES = 1 << 30                   # rotated through: 20x the H200's L2
 THREADS = 256
 D, F, TOPK = 4096, 2048, 6             # Flash's routed experts
-
-
-def fp8_bytes(n: int, k: int) -> int:
-    """An FP8 weight [n, k] with its E8M0 scales per 128 x 128 block."""
-    return n * k + -(-n // 128) * (k // 128)
 
 
 def lines() -> dict[str, list[int]]:
