@@ -29,6 +29,11 @@ from plugins.oracle import quantised_matmul  # noqa: E402
 from runtime.bench import copy_bandwidth  # noqa: E402
 
 L2_DEFEAT_BYTES = 512 << 20   # 10x the H200's L2
+# The Flash FP8 projections the decode GEMV serves, (N, K). wq_a + wkv and the shared w1 + w3 run stacked in the
+# programs (builder/programs/decode.py FUSED_FP8); their parts are kept for comparison with earlier results.
+FLASH_FP8_SHAPES = {"wq_a": (1024, 4096), "wq_b": (32768, 1024), "wkv": (512, 4096), "wq_a_wkv": (1536, 4096),
+                    "wo_b": (4096, 8192), "shared_w1": (2048, 4096), "shared_w13": (4096, 4096),
+                    "shared_w2": (4096, 2048), "indexer_wq_b": (8192, 1024)}
 
 
 def time_ms(fn, iters: int = 50) -> float:
@@ -468,16 +473,11 @@ def main() -> None:
             print(json.dumps(row))
         write_report(args.json, bw, rows)
         return
-    # wq_a + wkv and the shared w1 + w3 run stacked in the programs (builder/programs/decode.py FUSED_FP8);
-    # their parts are kept for comparison with earlier results
-    shapes = [("wq_a", 1024, 4096), ("wq_b", 32768, 1024), ("wkv", 512, 4096), ("wq_a_wkv", 1536, 4096),
-              ("wo_b", 4096, 8192), ("shared_w1", 2048, 4096), ("shared_w13", 4096, 4096), ("shared_w2", 4096, 2048),
-              ("indexer_wq_b", 8192, 1024)]
     rows = [bench_copy_in_harness(n << 20, bw) for n in (8, 32, 80)]
     for row in rows:
         print(json.dumps(row))
     for m in (1, 4, 16):
-        for name, n, k in shapes:
+        for name, (n, k) in FLASH_FP8_SHAPES.items():
             rows.append(bench_fp8_gemv(name, n, k, m, bw))
             print(json.dumps(rows[-1]))
     on_sm90 = torch.cuda.get_device_capability() == (9, 0)

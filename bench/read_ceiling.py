@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.kernels import (bench_decode_layer, bench_fp8_gemv, bench_moe_decode, bench_wo_a,  # noqa: E402
-                           fp8_bytes, graph_time_ms)
+from bench.kernels import (FLASH_FP8_SHAPES, bench_decode_layer, bench_fp8_gemv, bench_moe_decode,  # noqa: E402
+                           bench_wo_a, fp8_bytes, graph_time_ms)
 from bench.results_json import run_header, write_json  # noqa: E402
 from plugins.loader import PTR, kernels  # noqa: E402
 from plugins.moe_experts import expert_nbytes  # noqa: E402
@@ -34,17 +34,18 @@ from runtime.bench import copy_bandwidth  # noqa: E402
 POOL_BYTES = 1 << 30                   # rotated through: 20x the H200's L2
 THREADS = 256
 D, F, TOPK = 4096, 2048, 6             # Flash's routed experts
+FP8_LINES = ("wq_a_wkv", "wq_b", "wo_b", "shared_w13", "shared_w2")   # the FP8 GEMVs of a decode layer
 
 
 def lines() -> dict[str, list[int]]:
     """Each acceptance line's launches, as the bytes each must read, in the order the kernels run."""
     gate_up = TOPK * (F * D + F * D // 16)               # w1 | w3 codes and their scales
     down = TOPK * expert_nbytes(D, F) - gate_up
-    wq_b, wo_a, wo_b = fp8_bytes(32768, 1024), fp8_bytes(8192, 4096), fp8_bytes(4096, 8192)
-    w13, w2 = fp8_bytes(4096, 4096), fp8_bytes(4096, 2048)
+    wq_a_wkv, wq_b, wo_b, w13, w2 = (fp8_bytes(*FLASH_FP8_SHAPES[name]) for name in FP8_LINES)
+    wo_a = fp8_bytes(8 * 1024, 4096)                     # 8 groups of 1024 rows
     return {"wq_b": [wq_b], "wo_a": [wo_a], "wo_b": [wo_b], "shared_w13": [w13], "shared_w2": [w2],
             "shared_expert": [w13, w2], "moe_decode": [gate_up, down],
-            "decode_layer": [fp8_bytes(1536, 4096), wq_b, wo_a, wo_b, w13, w2, gate_up, down]}
+            "decode_layer": [wq_a_wkv, wq_b, wo_a, wo_b, w13, w2, gate_up, down]}
 
 
 def read_once(ptr: int, nbytes: int, sink: torch.Tensor, grid: int) -> None:
@@ -79,9 +80,8 @@ class PlainRead:
 
 def kernel_us(line: str, bandwidth: float) -> float:
     """The line's kernels in bench/kernels.py's harness (the shared expert: its two GEMVs, each timed there)."""
-    fp8 = {"wq_b": (32768, 1024), "wo_b": (4096, 8192), "shared_w13": (4096, 4096), "shared_w2": (4096, 2048)}
-    if line in fp8:
-        return bench_fp8_gemv(line, *fp8[line], 1, bandwidth)["time_us"]
+    if line in FP8_LINES:
+        return bench_fp8_gemv(line, *FLASH_FP8_SHAPES[line], 1, bandwidth)["time_us"]
     if line == "shared_expert":
         return kernel_us("shared_w13", bandwidth) + kernel_us("shared_w2", bandwidth)
     if line == "wo_a":
