@@ -334,8 +334,8 @@ def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, w
     `dsv4::moe_with_shared` with moe_experts.SHARED_BESIDE_ROUTED)."""
     from plugins.streams import beside as run_beside
     d, f, k = 4096, 2048, 6
-    fp8_shapes = {"wq_a_wkv": (1536, 4096), "wq_b": (32768, 1024), "wo_b": (4096, 8192), "w13": (4096, 4096),
-                  "w2": (4096, 2048)}
+    fp8_shapes = {name: FLASH_FP8_SHAPES[name] for name in ("wq_a_wkv", "wq_b", "wo_b")}
+    fp8_shapes |= {"w13": FLASH_FP8_SHAPES["shared_w13"], "w2": FLASH_FP8_SHAPES["shared_w2"]}
 
     layers = [{name: random_fp8(*shape) for name, shape in fp8_shapes.items()} for _ in range(copies)]
     for layer in layers:
