@@ -124,7 +124,9 @@ def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Te
     """x [T, D] bf16, experts [T, k] int32, route_w [T, k] float32, table [E] int64 -> y [T, D] float32.
     `wgmma`: the warpgroup-MMA kernels (sm_90) or the mma.sync ones; by default as WGMMA.decode, where they fit.
     `summed` False: (the pairs' outputs [T * k, D] and k, or y and 0 where the kernels sum them themselves),
-    for a launch that adds them with more (`sum_pairs_post`)."""
+    for a launch that adds them with more (`sum_pairs_post`). On the wgmma kernels x is read before the wait
+    for the launch before (programmatic dependent launch), so it must not come from the launch right before
+    this call; in the model the router, which reads x, always runs in between."""
     t, d = x.shape
     k = experts.size(1)
     assert x.dtype == torch.bfloat16 and experts.dtype == torch.int32 and route_w.dtype == torch.float32
@@ -165,7 +167,7 @@ def _decode_wgmma(lib, x, experts, route_w, table, f, limit, out, ws):
     grid_up = balanced_grid(k * (f // 32) * t, lib.resident("dsv4_moe_gate_up_decode_wgmma", 128, shared_up))
     lib.launch("dsv4_moe_gate_up_decode_wgmma", (max(1, -(-grid_up // t)), t), 128,
                [(x, PTR), (experts, PTR), (route_w, PTR), (table, PTR), (ws["h"], PTR), (k, INT), (d, INT),
-                (f, INT), (limit, FLOAT)], shared_up)
+                (f, INT), (limit, FLOAT), (table.numel(), INT)], shared_up)
     shared_down = RING_BYTES // 2 + f // 32 * 256 + k * (f // 128) * 4
     grid_down = balanced_grid(k * (d // 64) * t, lib.resident("dsv4_moe_down_decode_wgmma", 128, shared_down))
     lib.launch("dsv4_moe_down_decode_wgmma", (max(1, -(-grid_down // t)), t), 128,

@@ -142,10 +142,11 @@ __device__ __forceinline__ void clear_tile(uint8_t* tile, int bytes) {
 }  // namespace
 
 // Grid (slots, tokens), 128 threads. Dynamic shared memory: RING_BYTES / 2 (four warps), the B tile (D / 32 *
-// 256 bytes), the token's scales (D / 128 floats). h [T * topk, F] bf16.
+// 256 bytes), the token's scales (D / 128 floats). h [T * topk, F] bf16. table: n_table entries.
 extern "C" __global__ void __launch_bounds__(128) dsv4_moe_gate_up_decode_wgmma(
     const __nv_bfloat16* __restrict__ x, const int* __restrict__ experts, const float* __restrict__ route_w,
-    const uint64_t* __restrict__ table, __nv_bfloat16* __restrict__ h, int topk, int D, int F, float limit) {
+    const uint64_t* __restrict__ table, __nv_bfloat16* __restrict__ h, int topk, int D, int F, float limit,
+    int n_table) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ uint4 smem[];
   __shared__ const uint8_t* base[MAX_TOPK];
@@ -155,8 +156,17 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_gate_up_decode_wgmma(
   const int t = blockIdx.y, warp = threadIdx.x >> 5, r = (threadIdx.x & 31) >> 2, q = threadIdx.x & 3;
   const int which = warp / 2, half = warp % 2;  // w1 or w3; the warp's 16 of the item's 32 rows
   const int groups = F / 32, nb = D / 32;
+  // Before the wait, while the router runs: the expert table into L2 (its lines, by a few CTAs: a hint, the
+  // entries are read after the wait), and x quantised into the B tile. The router reads x, so x comes from
+  // a launch before the router's and is complete once this kernel starts. After the wait, every CTA's read
+  // of the same x queued behind the weight copies just issued: behind a 4.9 us router stand-in on the H200,
+  // router and gate_up took 26.6 us that way, 24.1 us this way (bench/results/moe-gate-up-probe-s31-h200.txt).
+  if (blockIdx.x < 4 && threadIdx.x * 16 < n_table)
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(table + threadIdx.x * 16));
   clear_tile(tile, D / 32 * 256);
-  dsv4::pdl_wait();                             // the routing (experts, weights) and x come from before
+  __syncthreads();
+  dsv4::quantise_to_smem<true, false, true>(x + size_t(t) * D, D, D, 0, tile, scales);
+  dsv4::pdl_wait();                             // the routing (experts, weights) comes from the launch before
   dsv4::pdl_launch_dependents();
   if (threadIdx.x < topk) base[threadIdx.x] = reinterpret_cast<const uint8_t*>(table[experts[t * topk + threadIdx.x]]);
   __syncthreads();
@@ -165,7 +175,7 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_gate_up_decode_wgmma(
     const int row0 = c.rg * 32 + half * 16, blk = c.s * UB;
     return bank_job(base[min(c.j, topk - 1)], which, row0, blk, c.it < mine ? min(UB, nb - c.s * UB) : 0, D, F);
   };
-  auto quantise = [&] { dsv4::quantise_to_smem<true, false, true>(x + size_t(t) * D, D, D, 0, tile, scales); };
+  auto quantise = [] {};                        // done above
   auto col = [](const GateUpCursor&) { return 0; };
   auto epilogue = [&](const GateUpCursor& c, const float (&acc)[2]) {
     if (q == 0) {
