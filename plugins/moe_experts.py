@@ -107,8 +107,12 @@ def _sm90(index: int) -> bool:
     return torch.cuda.get_device_capability(index) == (9, 0)
 
 
+def _index(x: torch.Tensor) -> int:
+    return x.device.index if x.device.index is not None else torch.cuda.current_device()
+
+
 def on_sm90(x: torch.Tensor) -> bool:
-    return x.is_cuda and _sm90(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return x.is_cuda and _sm90(_index(x))
 
 
 def decode_wgmma_fits(x: torch.Tensor, topk: int, d: int, f: int) -> bool:
@@ -157,6 +161,23 @@ def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Te
     return out if summed else (out, 0)
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def spread_shared(shared: int, ctas: int, sms: int, shared_memory: tuple[int, int]) -> int:
+    """Dynamic shared memory for a one-wave grid of `ctas` CTAs of `shared` bytes each, raised (where one CTA
+    may have that much) until no SM takes more than its even share, ceil(ctas / sms). The wgmma down kernel's
+    CTAs start as gate_up's leave: at 93 registers (session 31) four fitted an SM, the SMs freed first took
+    four, and router, gate_up and down in a PDL chain took 34.9 us on the H200 against 33.1 at three an SM
+    (bench/results/moe-gate-up-probe-s31-h200.txt). shared_memory: (bytes per SM, the most one CTA may have)."""
+    per_sm, per_block = shared_memory
+    share = -(-ctas // sms)
+    overflow = per_sm // (share + 1) - 1024 + 1   # share + 1 CTAs this big (the driver adds 1 KiB each) do not fit
+    return shared if overflow > per_block else max(shared, overflow)
+
+
 def _decode_wgmma(lib, x, experts, route_w, table, f, limit, out, ws):
     """`moe_experts_decode` on csrc/moe_decode_wgmma.cu: gate_up (a warpgroup per expert and 32 rows of F),
     down (a warpgroup per pair and 64 rows of D, into ws["ypart"]), then the sum over each token's pairs (out
@@ -168,8 +189,10 @@ def _decode_wgmma(lib, x, experts, route_w, table, f, limit, out, ws):
     lib.launch("dsv4_moe_gate_up_decode_wgmma", (max(1, -(-grid_up // t)), t), 128,
                [(x, PTR), (experts, PTR), (route_w, PTR), (table, PTR), (ws["h"], PTR), (k, INT), (d, INT),
                 (f, INT), (limit, FLOAT), (table.numel(), INT)], shared_up)
-    shared_down = RING_BYTES // 2 + f // 32 * 256 + k * (f // 128) * 4
-    grid_down = balanced_grid(k * (d // 64) * t, lib.resident("dsv4_moe_down_decode_wgmma", 128, shared_down))
+    items_down = k * (d // 64) * t
+    shared_down = spread_shared(RING_BYTES // 2 + f // 32 * 256 + k * (f // 128) * 4, items_down,
+                                _sm_count(_index(x)), lib.shared_memory())
+    grid_down = balanced_grid(items_down, lib.resident("dsv4_moe_down_decode_wgmma", 128, shared_down))
     lib.launch("dsv4_moe_down_decode_wgmma", (max(1, -(-grid_down // t)), t), 128,
                [(ws["h"], PTR), (experts, PTR), (table, PTR), (ws["ypart"], PTR), (k, INT), (d, INT), (f, INT)],
                shared_down)

@@ -222,3 +222,24 @@ def test_shared_expert_before_the_gate_gives_the_same_bits_and_captures(monkeypa
     replayed, replayed_experts = out.clone(), experts.clone()
     monkeypatch.setattr(moe_experts, "SHARED_BEFORE_GATE", False)
     assert torch.equal(replayed, run()) and torch.equal(replayed_experts, experts)
+
+
+
+H200_SHARED = (233_472, 232_448)     # bytes of shared memory per SM, the most one CTA may have
+
+
+@pytest.mark.parametrize("ctas, most", [
+    pytest.param(384, 3, id="flash-1tok-384-ctas"),
+    pytest.param(100, 1, id="fewer-ctas-than-sms"),
+])
+def test_spread_shared_lets_no_sm_take_more_than_its_even_share(ctas, most):
+    """The wgmma down kernel's 51 KB (four fitted an H200 SM) raised so that an SM holds ceil(ctas / 132)."""
+    from plugins.moe_experts import spread_shared
+    padded = spread_shared(51_328, ctas, 132, H200_SHARED)
+    assert H200_SHARED[0] // (padded + 1024 + 128) == most      # + the driver's 1 KiB, the kernel's static bytes
+
+
+def test_spread_shared_leaves_a_grid_that_cannot_crowd_an_sm():
+    from plugins.moe_experts import spread_shared
+    assert spread_shared(51_328, 768, 132, H200_SHARED) == 51_328   # six an SM would not fit anyway
+    assert spread_shared(200_000, 384, 132, H200_SHARED) == 200_000

@@ -95,29 +95,86 @@ __device__ __forceinline__ void wgmma_step(const uint8_t* stage, const Fp4Job& j
   }
 }
 
+// A lane's copies in every step of a walk (issue_step's, fp4_ring.cuh, with their offsets found once): weight
+// chunk i is row lane / 8 + 4i, column lane % 8 of the step's 16 rows x UB blocks; its scale word is row
+// lane / 2, half lane % 2. Offsets from the stage (dst) and from the step's first weight / scale byte (src).
+struct LaneCopies {
+  uint32_t dst[4], src[4], sdst, ssrc;
+  int col, half;
+};
+__device__ __forceinline__ LaneCopies lane_copies(int ld, int sld, int lane) {
+  LaneCopies lc;
+  lc.col = lane & 7, lc.half = lane & 1;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = (lane >> 3) + 4 * i;
+    lc.dst[i] = row * 128 + ((lc.col ^ (row & 7)) << 4);
+    lc.src[i] = row * ld + lc.col * 16;
+  }
+  lc.sdst = STAGE_W + (lane >> 1) * UB + lc.half * 4;
+  lc.ssrc = (lane >> 1) * sld + lc.half * 4;
+  return lc;
+}
+// issue_step's copies of step j into the stage at shared address `stage`, as one group (maybe empty).
+__device__ __forceinline__ void issue_copies(const Fp4Job& j, const LaneCopies& lc, uint32_t stage, bool async_scales) {
+  if (j.blocks > 0) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (lc.col < j.blocks)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(stage + lc.dst[i]), "l"(j.w + lc.src[i]));
+    if (async_scales && lc.half * 4 < j.blocks)
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(stage + lc.sdst), "l"(j.s + lc.ssrc));
+  }
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+
 // What both kernels share: the warpgroup walks its CTA's items (expert slot or pair j, row block rg; item
 // = j * groups + rg) in `steps` steps each, streaming each warp's rows (job(cursor) -> Fp4Job) through its
 // ring; the activation is quantised into the B tile (by quantise(), while the first steps stream); after
 // an item's last step, epilogue(cursor, acc) gets the warp's sums for rows r, r + 8. col(cursor): the
 // item's B column; act_s(cursor): that column's scales.
+//
+// The copies' addresses move by increments inside an item (a step is UB blocks further along the same rows)
+// and come from job() only where an item starts: the kernels stream at about the copy bandwidth only with
+// all their warps at once, so a warp's instructions per step set how fast the last CTAs finish (session 31,
+// README). Finding every step's addresses afresh took about 85 of a step's 430 instructions.
 template <class Job, class Quantise, class Col, class Epilogue>
 __device__ __forceinline__ void walk_items(uint8_t* ring_base, const uint8_t* tile, const float* scales, int items,
                                            int groups, int nb, Job job, Quantise quantise, Col col, Epilogue epilogue) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int steps = (nb + UB - 1) / UB, total = my_items(items) * steps;
+  const int steps = (nb + UB - 1) / UB, mine = my_items(items), total = mine * steps;
   uint8_t* ring = ring_base + warp * STAGES * STAGE_BYTES;
+  const uint32_t ring_s = smem_addr(ring);
   const bool async_scales = nb % 4 == 0;
   GateUpCursor now(groups), ahead(groups);      // the step being multiplied, the step being loaded
-  const auto advance = [&](GateUpCursor& c) { c.advance(steps, groups); };
-  prime_ring(ring, job, ahead, advance, lane, async_scales);
+  Fp4Job next = job(ahead);                     // the step `ahead` is at
+  const LaneCopies lc = lane_copies(next.ld, next.sld, lane);
+  const auto issue = [&](int slot) {            // `next` into ring slot `slot`; then ahead and next one step on
+    issue_copies(next, lc, ring_s + slot * STAGE_BYTES, async_scales);
+    ahead.advance(steps, groups);
+    if (ahead.s == 0) {
+      next = job(ahead);
+    } else {
+      next.w += UB * 16, next.s += UB;
+      next.blocks = ahead.it < mine ? min(UB, nb - ahead.s * UB) : 0;
+    }
+  };
+#pragma unroll
+  for (int g = 0; g < STAGES - 1; ++g) issue(g);
   quantise();
   fence_async_shared();                         // the tile's stores, visible to wgmma's reads
   __syncthreads();
   const uint64_t desc0 = b_tile_desc(tile);
   float acc[2] = {0.f, 0.f};
   for (int g = 0; g < total; ++g) {
-    const uint8_t* stage = next_stage(ring, g, job, ahead, advance, lane, async_scales);
-    const Fp4Job jb = job(now);
+    issue((g + STAGES - 1) % STAGES);
+    wait_stage();
+    const uint8_t* stage = ring + (g % STAGES) * STAGE_BYTES;
+    Fp4Job jb{};                                // the scales' addresses only where they skip the ring
+    if (async_scales)
+      jb.blocks = min(UB, nb - now.s * UB);     // every step of the walk is one of the CTA's items'
+    else
+      jb = job(now);
     const int c = col(now), blk = now.s * UB;
     const float* act_s = scales + c * (nb / 4) + blk / 4;
     if (jb.blocks == UB)
@@ -129,7 +186,7 @@ __device__ __forceinline__ void walk_items(uint8_t* ring_base, const uint8_t* ti
       epilogue(now, acc);
       acc[0] = acc[1] = 0.f;
     }
-    advance(now);
+    now.advance(steps, groups);
   }
 }
 
