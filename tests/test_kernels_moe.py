@@ -224,7 +224,6 @@ def test_shared_expert_before_the_gate_gives_the_same_bits_and_captures(monkeypa
     assert torch.equal(replayed, run()) and torch.equal(replayed_experts, experts)
 
 
-
 H200_SHARED = (233_472, 232_448)     # bytes of shared memory per SM, the most one CTA may have
 
 

@@ -216,8 +216,9 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_gate_up_decode_wgmma(
   // Before the wait, while the router runs: the expert table into L2 (its lines, by a few CTAs: a hint, the
   // entries are read after the wait), and x quantised into the B tile. The router reads x, so x comes from
   // a launch before the router's and is complete once this kernel starts. After the wait, every CTA's read
-  // of the same x queued behind the weight copies just issued: behind a 4.9 us router stand-in on the H200,
-  // router and gate_up took 26.6 us that way, 24.1 us this way (bench/results/moe-gate-up-probe-s31-h200.txt).
+  // and quantisation of the same x lay on its path to its first products: behind a 4.9 us router stand-in on
+  // the H200, router and gate_up took 26.6 us that way, 24.1 us this way
+  // (bench/results/moe-gate-up-probe-s31-h200.txt).
   if (blockIdx.x < 4 && threadIdx.x * 16 < n_table)
     asm volatile("prefetch.global.L2 [%0];\n" ::"l"(table + threadIdx.x * 16));
   clear_tile(tile, D / 32 * 256);
