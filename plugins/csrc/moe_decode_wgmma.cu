@@ -95,39 +95,6 @@ __device__ __forceinline__ void wgmma_step(const uint8_t* stage, const Fp4Job& j
   }
 }
 
-// A lane's copies in every step of a walk (issue_step's, fp4_ring.cuh, with their offsets found once): weight
-// chunk i is row lane / 8 + 4i, column lane % 8 of the step's 16 rows x UB blocks; its scale word is row
-// lane / 2, half lane % 2. Offsets from the stage (dst) and from the step's first weight / scale byte (src).
-struct LaneCopies {
-  uint32_t dst[4], src[4], sdst, ssrc;
-  int col, half;
-};
-__device__ __forceinline__ LaneCopies lane_copies(int ld, int sld, int lane) {
-  LaneCopies lc;
-  lc.col = lane & 7, lc.half = lane & 1;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int row = (lane >> 3) + 4 * i;
-    lc.dst[i] = row * 128 + ((lc.col ^ (row & 7)) << 4);
-    lc.src[i] = row * ld + lc.col * 16;
-  }
-  lc.sdst = STAGE_W + (lane >> 1) * UB + lc.half * 4;
-  lc.ssrc = (lane >> 1) * sld + lc.half * 4;
-  return lc;
-}
-// issue_step's copies of step j into the stage at shared address `stage`, as one group (maybe empty).
-__device__ __forceinline__ void issue_copies(const Fp4Job& j, const LaneCopies& lc, uint32_t stage, bool async_scales) {
-  if (j.blocks > 0) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      if (lc.col < j.blocks)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(stage + lc.dst[i]), "l"(j.w + lc.src[i]));
-    if (async_scales && lc.half * 4 < j.blocks)
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(stage + lc.sdst), "l"(j.s + lc.ssrc));
-  }
-  asm volatile("cp.async.commit_group;\n" ::);
-}
-
 // What both kernels share: the warpgroup walks its CTA's items (expert slot or pair j, row block rg; item
 // = j * groups + rg) in `steps` steps each, streaming each warp's rows (job(cursor) -> Fp4Job) through its
 // ring; the activation is quantised into the B tile (by quantise(), while the first steps stream); after
