@@ -373,7 +373,7 @@ def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, w
 
     ms = graph_time_ms(step, copies * 4)
     layer_bytes = sum(fp8_bytes(n, kk) for n, kk in fp8_shapes.values())
-    layer_bytes += 8 * 1024 * 4096 + 64 * 32 + k * nbytes                  # wo_a: FP8 codes and scales
+    layer_bytes += fp8_bytes(8 * 1024, 4096) + k * nbytes                   # wo_a: 8 groups of 1024 rows
     achieved = layer_bytes / (ms * 1e-3)
     return {"kernel": "decode_layer" + ("_wgmma_moe" if wgmma else "") + ("_shared_beside" if beside else ""),
             "weight": "wq_a+wkv wq_b wo_a(fp8) wo_b shared(w1+w3, w2) routed(6)", "rows": 1,

@@ -28,7 +28,7 @@ from bench.kernels import (FLASH_FP8_SHAPES, bench_decode_layer, bench_fp8_gemv,
                            bench_wo_a, fp8_bytes, graph_time_ms)
 from bench.results_json import run_header, write_json  # noqa: E402
 from plugins.loader import PTR, kernels  # noqa: E402
-from plugins.moe_experts import expert_nbytes  # noqa: E402
+from plugins.moe_experts import bank_parts, expert_nbytes  # noqa: E402
 from runtime.bench import copy_bandwidth  # noqa: E402
 
 POOL_BYTES = 1 << 30                   # rotated through: 20x the H200's L2
@@ -39,7 +39,7 @@ FP8_LINES = ("wq_a_wkv", "wq_b", "wo_b", "shared_w13", "shared_w2")   # the FP8 
 
 def lines() -> dict[str, list[int]]:
     """Each acceptance line's launches, as the bytes each must read, in the order the kernels run."""
-    gate_up = TOPK * (F * D + F * D // 16)               # w1 | w3 codes and their scales
+    gate_up = TOPK * sum(rows * cols for name, (rows, cols), _ in bank_parts(D, F) if name[1] in "13")  # w1 | w3, s1 | s3
     down = TOPK * expert_nbytes(D, F) - gate_up
     wq_a_wkv, wq_b, wo_b, w13, w2 = (fp8_bytes(*FLASH_FP8_SHAPES[name]) for name in FP8_LINES)
     wo_a = fp8_bytes(8 * 1024, 4096)                     # 8 groups of 1024 rows
