@@ -98,7 +98,7 @@ SHARED_BESIDE_ROUTED = True
 # session 22: a Flash-8 decode step of 1.424 ms against 1.446 with it after the gate and 1.493 in line
 # (bench/results/profile-decode-flash8-shared-placement-h200.json); the same bits (tests/test_kernels_moe.py).
 SHARED_BEFORE_GATE = True
-DECODE_WGMMA_MAX_TOPK = 8         # csrc/moe_decode_wgmma.cu: a token's pairs are the B tile's 8 columns
+DECODE_WGMMA_MAX_TOPK = 16        # csrc/moe_decode_wgmma.cu (fp4_ring.cuh MAX_TOPK): a token's experts' table
 
 
 @functools.cache
@@ -116,7 +116,7 @@ def on_sm90(x: torch.Tensor) -> bool:
 
 
 def decode_wgmma_fits(x: torch.Tensor, topk: int, d: int, f: int) -> bool:
-    """Whether csrc/moe_decode_wgmma.cu can serve this decode call: an sm_90 GPU, at most 8 experts per
+    """Whether csrc/moe_decode_wgmma.cu can serve this decode call: an sm_90 GPU, at most 16 experts per
     token, rows in whole items (32 rows of F, 64 of D)."""
     return on_sm90(x) and topk <= DECODE_WGMMA_MAX_TOPK and d % 64 == 0 and f % 64 == 0
 
@@ -139,7 +139,7 @@ def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Te
     use_wgmma = False
     if WGMMA.decode if wgmma is None else wgmma:   # (asked for explicitly, they must fit)
         use_wgmma = decode_wgmma_fits(x, k, d, f)
-        assert use_wgmma or wgmma is None, "the wgmma decode kernels need sm_90, topk <= 8, whole items"
+        assert use_wgmma or wgmma is None, "the wgmma decode kernels need sm_90, topk <= 16, whole items"
     ws = make_workspace(t, k, d, f, x.device, use_wgmma) if workspace is None else workspace
     out = torch.empty(t, d, dtype=torch.float32, device=x.device) if out is None else out
     lib = kernels()
@@ -178,6 +178,23 @@ def spread_shared(shared: int, ctas: int, sms: int, shared_memory: tuple[int, in
     return shared if overflow > per_block else max(shared, overflow)
 
 
+TILE_REGIONS = 2                  # csrc/moe_decode_wgmma.cu: the down kernel's B tile regions, at most
+
+
+def _down_launch(lib, items: int, t: int, f: int, sms: int) -> tuple[int, int]:
+    """(CTAs per token, dynamic shared memory) of the wgmma down kernel for `items` items per token: each item
+    in a CTA's hand has its pair's h in a region of its own (the B tile and its scales), up to TILE_REGIONS; the
+    shared memory is that of the regions a CTA of the grid that fits uses (one item a CTA at Flash size and one
+    token, two from two tokens on)."""
+    for regions in range(1, TILE_REGIONS + 1):
+        shared = spread_shared(RING_BYTES // 2 + regions * (f // 32 * 256 + f // 128 * 4), items * t, sms,
+                               lib.shared_memory())
+        grid = -(-balanced_grid(items * t, lib.resident("dsv4_moe_down_decode_wgmma", 128, shared)) // t)
+        if -(-items // grid) <= regions:
+            break
+    return grid, shared
+
+
 def _decode_wgmma(lib, x, experts, route_w, table, f, limit, out, ws):
     """`moe_experts_decode` on csrc/moe_decode_wgmma.cu: gate_up (a warpgroup per expert and 32 rows of F),
     down (a warpgroup per pair and 64 rows of D, into ws["ypart"]), then the sum over each token's pairs (out
@@ -189,11 +206,8 @@ def _decode_wgmma(lib, x, experts, route_w, table, f, limit, out, ws):
     lib.launch("dsv4_moe_gate_up_decode_wgmma", (max(1, -(-grid_up // t)), t), 128,
                [(x, PTR), (experts, PTR), (route_w, PTR), (table, PTR), (ws["h"], PTR), (k, INT), (d, INT),
                 (f, INT), (limit, FLOAT), (table.numel(), INT)], shared_up)
-    items_down = k * (d // 64) * t
-    shared_down = spread_shared(RING_BYTES // 2 + f // 32 * 256 + k * (f // 128) * 4, items_down,
-                                _sm_count(_index(x)), lib.shared_memory())
-    grid_down = balanced_grid(items_down, lib.resident("dsv4_moe_down_decode_wgmma", 128, shared_down))
-    lib.launch("dsv4_moe_down_decode_wgmma", (max(1, -(-grid_down // t)), t), 128,
+    grid_down, shared_down = _down_launch(lib, k * (d // 64), t, f, _sm_count(_index(x)))
+    lib.launch("dsv4_moe_down_decode_wgmma", (grid_down, t), 128,
                [(ws["h"], PTR), (experts, PTR), (table, PTR), (ws["ypart"], PTR), (k, INT), (d, INT), (f, INT)],
                shared_down)
     return sum_pairs(ws["ypart"], experts, out) if out is not None else (ws["ypart"], k)

@@ -9,8 +9,10 @@ from plugins.ops import moe_routed_oracle
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens, d, f, k, same", [(1, 4096, 2048, 6, False), (3, 256, 128, 6, False),
                                                 (4, 512, 256, 6, True), (16, 1024, 384, 6, False),
-                                                (5, 768, 640, 3, False), (1, 256, 128, 1, False)],
-                         ids=["flash-1tok", "tiny-3tok", "all-on-one-expert", "16tok", "odd-sizes-k3", "k1"])
+                                                (5, 768, 640, 3, False), (1, 256, 128, 1, False),
+                                                (2, 512, 256, 10, False), (8, 4096, 2048, 6, False)],
+                         ids=["flash-1tok", "tiny-3tok", "all-on-one-expert", "16tok", "odd-sizes-k3", "k1", "k10",
+                              "flash-8tok"])
 @pytest.mark.parametrize("wgmma", [False, True], ids=["mma", "wgmma"])
 def test_moe_decode_matches_oracle_with_host_experts(tokens, d, f, k, same, wgmma):
     from plugins.moe_experts import decode_wgmma_fits, moe_experts_decode, pack_expert
@@ -242,3 +244,27 @@ def test_spread_shared_leaves_a_grid_that_cannot_crowd_an_sm():
     from plugins.moe_experts import spread_shared
     assert spread_shared(51_328, 768, 132, H200_SHARED) == 51_328   # six an SM would not fit anyway
     assert spread_shared(200_000, 384, 132, H200_SHARED) == 200_000
+
+
+class _H200Occupancy:
+    """The two questions `_down_launch` asks of the kernel image, answered as an H200 would for the wgmma down
+    kernel (128 threads of 71 registers: shared memory alone limits it)."""
+    def shared_memory(self):
+        return H200_SHARED
+
+    def resident(self, name, block, shared):
+        return min(H200_SHARED[0] // (shared + 1024 + 128), 7) * 132
+
+
+@pytest.mark.parametrize("tokens, most_items, regions", [(1, 1, 1), (2, 2, 2), (16, 16, 2)],
+                         ids=["1tok", "2tok", "16tok"])
+def test_down_launch_gives_the_items_in_a_ctas_hand_a_tile_region_each(tokens, most_items, regions):
+    """The down kernel's shared memory holds a B tile region for each item in a CTA's hand (two at most), and
+    the grid is one wave at that size (Flash: 6 experts x 64 items of 64 rows of D per token, F 2048)."""
+    from plugins.moe_experts import RING_BYTES, _down_launch
+    items, per_region = 6 * 64, 2048 // 32 * 256 + 2048 // 128 * 4
+    lib = _H200Occupancy()
+    grid, shared = _down_launch(lib, items, tokens, 2048, 132)
+    assert -(-items // grid) == most_items
+    assert shared >= RING_BYTES // 2 + regions * per_region
+    assert grid * tokens <= lib.resident("", 128, shared)           # one wave: every CTA resident at once

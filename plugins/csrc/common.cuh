@@ -91,11 +91,6 @@ __device__ __forceinline__ float pow2_inverse(float s) { return __uint_as_float(
 
 // An E8M0 scale byte as a float: 2^(b - 127).
 __device__ __forceinline__ float e8m0(uint32_t b) { return __uint_as_float((b & 0xFFu) << 23); }
-// Byte k of a word of E8M0 scales as a float: one shift and one mask where k is known at compile time.
-__device__ __forceinline__ float e8m0_byte(uint32_t w, int k) {
-  return __uint_as_float((k == 3 ? w >> 1 : w << (23 - 8 * k)) & 0x7F800000u);
-}
-
 // A warp streaming one weight row: chunk c is 16 bytes per lane at row[c * 32 + lane]. Loads chunks c0 ..
 // c0 + N - 1 (zeros past `chunks`) so that all N are in flight at once.
 template <int N>
@@ -155,8 +150,10 @@ __device__ __forceinline__ uint32_t fp8x4(float a, float b, float c, float d) {
 // SLOTS: store each thread's 8 codes as (v0 v2 v4 v6 | v1 v3 v5 v7), the order the MXFP4 kernels' MMA
 // fragments take (see moe_experts.cu); otherwise in natural order. F16 (natural order only): store each
 // code's exact f16 value instead (2 bytes each, at byte 2 * i; `pad` counts values), for f16 MMAs. B_TILE (with
-// SLOTS, `pad` 0, at most 8 rows): store row r as column r of wgmma's B operand, K-major 8-row x 16-byte core
-// matrices without swizzle, two per 32 K (32-K block k at k * 256: its slots 0-15 of the 8 columns, then 16-31).
+// SLOTS, `pad` 0, one row): store 32-K block k as column k % 8 of wgmma's B operand (the other columns left
+// as they are), K-major 8-row x 16-byte core matrices without swizzle, two per 32 K (block k at k * 256: its
+// slots 0-15 of the 8 columns, then 16-31); eight MMAs over consecutive blocks, accumulating, then leave each
+// block's product in a column of its own.
 template <bool SLOTS, bool F16 = false, bool B_TILE = false>
 __device__ __forceinline__ void quantise_to_smem(const __nv_bfloat16* __restrict__ x, int n, int row, int pad,
                                                  uint8_t* codes, float* scales) {
@@ -200,10 +197,10 @@ __device__ __forceinline__ void quantise_to_smem(const __nv_bfloat16* __restrict
       if (b < blocks) {
         const int at = b * 128 + sub * 8;
         int r = 0;                                 // at / row without a division (decode: a few rows at most)
-        if (pad || B_TILE)
+        if (pad)
           for (int end = row; end <= at; end += row) ++r;
         if (B_TILE) {                              // slots 8q .. 8q + 3 are k-slots 4q .., 8q + 4 .. are 16 + 4q ..
-          uint8_t* dst = codes + ((at - r * row) >> 5) * 256 + r * 16 + ((at & 31) >> 1);
+          uint8_t* dst = codes + (at >> 5) * 256 + ((at >> 5) & 7) * 16 + ((at & 31) >> 1);
           *reinterpret_cast<uint32_t*>(dst) = out.x;
           *reinterpret_cast<uint32_t*>(dst + 128) = out.y;
         } else if (F16) {

@@ -51,29 +51,10 @@ constexpr int STAGE_W = 16 * UB * 16;               // weights: 16 rows x UB blo
 constexpr int STAGE_BYTES = STAGE_W + 16 * UB;      // + the scale bytes [16 rows][UB]
 constexpr int RING_BYTES = 8 * STAGES * STAGE_BYTES;  // 8 warps
 
-// Scales go through the ring too when every step's scale bytes are 4-byte aligned (`async_scales`, true at
-// Flash sizes); otherwise mma_step reads them from global memory itself.
-__device__ __forceinline__ void issue_step(const Fp4Job& j, uint8_t* stage, int lane, bool async_scales) {
-  if (j.blocks > 0) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int c = lane + 32 * i, row = c >> 3, col = c & 7;
-      if (col < j.blocks)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(stage + row * 128 + ((col ^ (row & 7)) << 4))),
-                     "l"(j.w + size_t(row) * j.ld + col * 16));
-    }
-    const int row = lane >> 1, half = lane & 1;
-    if (async_scales && half * 4 < j.blocks)
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(stage + STAGE_W + row * UB + half * 4)),
-                   "l"(j.s + size_t(row) * j.sld + half * 4));
-  }
-  asm volatile("cp.async.commit_group;\n" ::);
-}
-
-// issue_step's copies with each lane's offsets found once per walk (the wgmma decode kernels' walk, whose
-// addresses then move by increments; the mma.sync kernels still call issue_step, not yet run on this form):
-// weight chunk i is row lane / 8 + 4i, column lane % 8 of the step's 16 rows x UB blocks; its scale word is
-// row lane / 2, half lane % 2. Offsets from the stage (dst) and from the step's first weight / scale byte (src).
+// A step's copies: lane l copies weight chunks i = 0..3 (row l / 8 + 4i, column l % 8 of the step's 16 rows x
+// UB blocks) and the scale word of row l / 2, half l % 2. A walk finds each lane's offsets once (LaneCopies:
+// from the stage (dst) and from the step's first weight / scale byte (src)); the wgmma decode kernels' walk
+// then moves the addresses by increments, the mma.sync kernels' ring finds them per step (issue_step).
 struct LaneCopies {
   uint32_t dst[4], src[4], sdst, ssrc;
   int col, half;
@@ -91,7 +72,16 @@ __device__ __forceinline__ LaneCopies lane_copies(int ld, int sld, int lane) {
   lc.ssrc = (lane >> 1) * sld + lc.half * 4;
   return lc;
 }
-// issue_step's copies of step j into the stage at shared address `stage`, as one group (maybe empty).
+// Makes the offsets opaque where a walk's loop uses them, so that they stay in registers: ptxas recomputed
+// them from the thread index in every step (about 30 instructions) rather than hold them.
+__device__ __forceinline__ void keep_in_registers(LaneCopies& lc) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(lc.dst[i]), "+r"(lc.src[i]));
+  asm volatile("" : "+r"(lc.sdst), "+r"(lc.ssrc), "+r"(lc.col), "+r"(lc.half));
+}
+// Step j's copies into the stage at shared address `stage`, as one group (maybe empty). Scales go through the
+// ring too when every step's scale bytes are 4-byte aligned (`async_scales`, true at Flash sizes); otherwise
+// the step's MMAs read them from global memory themselves.
 __device__ __forceinline__ void issue_copies(const Fp4Job& j, const LaneCopies& lc, uint32_t stage, bool async_scales) {
   if (j.blocks > 0) {
 #pragma unroll
@@ -102,6 +92,11 @@ __device__ __forceinline__ void issue_copies(const Fp4Job& j, const LaneCopies& 
       asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(stage + lc.sdst), "l"(j.s + lc.ssrc));
   }
   asm volatile("cp.async.commit_group;\n" ::);
+}
+
+// The same, with the lane's offsets found anew (the mma.sync kernels' ring).
+__device__ __forceinline__ void issue_step(const Fp4Job& j, uint8_t* stage, int lane, bool async_scales) {
+  issue_copies(j, lane_copies(j.ld, j.sld, lane), smem_addr(stage), async_scales);
 }
 
 __device__ __forceinline__ void wait_stage() {
@@ -178,5 +173,12 @@ struct GateUpCursor {
     while (rg >= groups) rg -= groups, ++j;
   }
 };
+
+// The blocks of the step a walk's cursor is at (c.it: which of the CTA's items, c.s: which step of it): none
+// past the CTA's `mine` items, fewer than UB in the last step of a K that is not a whole number of steps.
+template <class Cursor>
+__device__ __forceinline__ int step_blocks(const Cursor& c, int mine, int nb) {
+  return c.it < mine ? min(UB, nb - c.s * UB) : 0;
+}
 
 }  // namespace

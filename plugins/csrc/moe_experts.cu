@@ -116,7 +116,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_gate_up(
   __syncthreads();
   auto job = [&](const GateUpCursor& c) {
     const int row0 = c.rg * 16, blk = part * nb + c.s * UB;
-    return bank_job(base[min(c.j, topk - 1)], which, row0, blk, c.it < mine ? min(UB, nb - c.s * UB) : 0, D, F);
+    return bank_job(base[min(c.j, topk - 1)], which, row0, blk, step_blocks(c, mine, nb), D, F);
   };
   uint8_t* ring = reinterpret_cast<uint8_t*>(smem) + warp * STAGES * STAGE_BYTES;
   const bool async_scales = nb % 4 == 0;
@@ -190,7 +190,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_down(
   auto job = [&](const DownCursor& c) {
     const int item = int(blockIdx.x) + c.it * int(gridDim.x), jobid = warp + 8 * c.slot;
     const int j = min(jobid / PARTS, topk - 1), blk = (jobid % PARTS) * nb + c.s * UB;
-    return bank_job(base[j], 2, item * 16, blk, c.it < mine && jobid < jobs ? min(UB, nb - c.s * UB) : 0, D, F);
+    return bank_job(base[j], 2, item * 16, blk, jobid < jobs ? step_blocks(c, mine, nb) : 0, D, F);
   };
   uint8_t* ring = reinterpret_cast<uint8_t*>(smem) + warp * STAGES * STAGE_BYTES;
   const bool async_scales = nb % 4 == 0;
@@ -312,7 +312,7 @@ __device__ __forceinline__ void walk_groups(const GroupedWalk& w, uint8_t* smem_
   ahead.start(range.x, w.blocks, w.groups, w.g_expert, w.table);
   auto job_at = [&](const GroupCursor& c) {
     Fp4Job jb = job(c);
-    jb.blocks = c.it < mine ? min(UB, w.nb - c.s * UB) : 0;
+    jb.blocks = step_blocks(c, mine, w.nb);
     return jb;
   };
   const auto advance = [&](GroupCursor& c) { c.advance(steps, w.blocks, w.groups, mine, w.g_expert, w.table); };
