@@ -25,6 +25,13 @@ ROW_PAD = 64                      # csrc/fp8_linear.cu ROW_PAD
 # The weight ring: per step 8 warps x 4 KiB of weights plus two 4-byte scale words each (csrc/fp8_linear.cu)
 STAGE_BYTES = 8 * (4096 + 8)
 MAX_STAGES = 6
+# Whether plain decode GEMVs on sm_90 run csrc/fp8_gemv_wgmma.cu (the weights as warpgroup-MMA's B straight
+# from shared memory, no per-byte work). Written in session 32 after its device time ran out and not yet run
+# on a GPU: off until its GPU tests (tests/test_kernels_fp8.py, the wgmma cases) pass, bench/read_ceiling.py
+# times it, and `dsv4 forced` on Flash-8 judges its FP8 accumulation.
+WGMMA_GEMV = False
+GW_RING_BYTES = 4 * 16 * 4 * 128  # csrc/fp8_gemv_wgmma.cu: GW_STAGES x GW_STAGE
+GW_PAD = 16                       # csrc/fp8_gemv_wgmma.cu GW_PAD: bytes after each activation row
 # The GEMV's static shared memory (csrc/fp8_linear.cu: the norm prologue's scratch). Until session 29 the K
 # slices' sums took 4 KB (8 KB at 16 rows) there, which left wo_b two ring stages where it now gets three;
 # a benchmark may set 4096 to plan as then (bench/profile_decode.py).
@@ -77,6 +84,8 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
     """
     m, k = x.shape
     assert x.is_contiguous()
+    if WGMMA_GEMV and _on_sm90(x):
+        return fp8_linear_decode_wgmma(x, w, w_scale, out)
     lib = kernels()
     fused, stages, shared = gemv_plan(m, k, lib.shared_memory())
     if fused:
@@ -86,6 +95,32 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
         act_quant(x, codes, scales)
     name = f"dsv4_fp8_gemv{'_fused' if fused else ''}_m{8 if m <= 8 else 16}"
     return gemv_launch(name, x, codes, scales, w, w_scale, out, m, k, stages, shared)
+
+
+@lru_cache(maxsize=None)
+def _sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def _on_sm90(x: torch.Tensor) -> bool:
+    return x.is_cuda and _sm90(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+def fp8_linear_decode_wgmma(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp8_linear_decode on csrc/fp8_gemv_wgmma.cu (sm_90 only): x [M, K] bf16 contiguous, M <= 16; a persistent
+    grid over items of 16 weight rows. Not yet run on a GPU (WGMMA_GEMV)."""
+    m, k = x.shape
+    n = w.size(0)
+    assert x.dtype == torch.bfloat16 and w.dtype == torch.float8_e4m3fn and m <= MAX_ROWS and x.is_contiguous()
+    assert k % 128 == 0 and w.size(1) == k and w.is_contiguous() and w_scale.shape == ((n + 127) // 128, k // 128)
+    out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device) if out is None else out
+    shared = GW_RING_BYTES + m * (k + GW_PAD) + m * (k // 128) * 4
+    lib = kernels()
+    grid = balanced_grid(-(-n // 16), lib.resident("dsv4_fp8_gemv_wgmma", 128, shared))
+    lib.launch("dsv4_fp8_gemv_wgmma", grid, 128,
+               [(x, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT), (n, INT), (k, INT)], shared)
+    return out
 
 
 # Prologues of the fused GEMV (csrc/fp8_linear.cu Prologue): its input rows go through the transform first,

@@ -53,6 +53,36 @@ def test_fp8_linear_decode_matches_oracle(m, n, k):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 3, 8, 16], ids=lambda m: f"{m}rows")
+@pytest.mark.parametrize("n, k", [(1024, 4096), (32768, 1024), (4096, 8192), (1000, 256), (24, 384), (40, 640)],
+                         ids=["wq_a", "wq_b", "wo_b", "odd-n", "short-step", "two-steps"])
+def test_fp8_gemv_wgmma_matches_oracle(m, n, k):
+    """csrc/fp8_gemv_wgmma.cu (session 32, written without a GPU; off by default until this passes) against
+    the oracle with the FP8 GEMV's bounds. Its FP8 MMA adds within 128 K in less than float32 (as DeepSeek's
+    fp8_gemm on Hopper), where the other GEMV adds exact products: this asks whether the bounds still hold."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma GEMV is sm_90 only")
+    from plugins.fp8_linear import fp8_linear_decode_wgmma
+    w, s = _weights(n, k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    x[0, :128] *= 1e-6                                   # a block below the amax floor
+    x, w, s = x.cuda(), w.cuda(), s.cuda()
+    expect = quantised_matmul(x, fp8_weight_dequant(w, s))
+    got = fp8_linear_decode_wgmma(x, w, s)
+    cos = torch.nn.functional.cosine_similarity(got.double(), expect.double(), dim=-1)
+    assert cos.min() > 0.99999
+    assert (got != expect).float().mean() < 0.05
+    assert torch.allclose(got.float(), expect.float(), rtol=2 ** -7, atol=1e-3 * expect.float().abs().max())
+    out = torch.empty_like(got)                          # the same bits again, and inside a CUDA graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fp8_linear_decode_wgmma(x, w, s, out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, got)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("m, n, k", [(2, 4096, 1024), (12, 1024, 4096)], ids=["fused", "act-quant-kernel"])
 def test_fp8_linear_decode_captures_in_a_cuda_graph(m, n, k):
     from plugins.fp8_linear import fp8_linear_decode, make_workspace
