@@ -7,7 +7,10 @@ launch waiting for the one before, as every decode kernel waits for its input). 
 read (`dsv4_stream_read`, plugins/csrc/stream_read.cu) for each line's launches, in the kernels' order, and
 the kernels themselves, all in one run against one copy bandwidth:
 
-    python bench/read_ceiling.py [--json bench/results/read-ceiling-h200.json]
+    python bench/read_ceiling.py [--json bench/results/read-ceiling-h200.json] [--wgmma-gemv]
+
+--wgmma-gemv times the plain FP8 GEMVs (wq_b, wo_b and the layer's plain ones) on csrc/fp8_gemv_wgmma.cu,
+not yet the default (plugins.fp8_linear.WGMMA_GEMV).
 
 Per line: the kernel's fraction of the copy bandwidth, the plain read's, and the kernel's time over the
 read's. A line whose plain read falls short of its target cannot be met by any kernel that reads its bytes
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.kernels import (FLASH_FP8_SHAPES, bench_decode_layer, bench_fp8_gemv, bench_moe_decode,  # noqa: E402
                            bench_wo_a, fp8_bytes, graph_time_ms)
 from bench.results_json import run_header, write_json  # noqa: E402
+from plugins import fp8_linear  # noqa: E402
 from plugins.loader import PTR, kernels  # noqa: E402
 from plugins.moe_experts import bank_parts, expert_nbytes  # noqa: E402
 from runtime.bench import copy_bandwidth  # noqa: E402
@@ -95,13 +99,15 @@ def kernel_us(line: str, bandwidth: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "read-ceiling-h200.json")
+    ap.add_argument("--wgmma-gemv", action="store_true", help="the plain FP8 GEMVs on csrc/fp8_gemv_wgmma.cu")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: bench/read_ceiling.py needs a CUDA GPU")
+    fp8_linear.WGMMA_GEMV = args.wgmma_gemv
     bandwidth = copy_bandwidth()
     reader = PlainRead()
     report = {**run_header(), "copy_bandwidth_gb_s": bandwidth / 1e9, "read_grid": reader.grid,
-              "single_reads": [], "lines": []}
+              "wgmma_gemv": args.wgmma_gemv, "single_reads": [], "lines": []}
     for mib in (4, 8, 16, 32, 64, 128, 256):
         us = reader.time_us([mib << 20])
         report["single_reads"].append({"mib": mib, "time_us": us, "fraction_of_copy_bw": (mib << 20) / (us * 1e-6) / bandwidth})

@@ -117,8 +117,9 @@ def fp8_linear_decode_wgmma(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Ten
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device) if out is None else out
     shared = GW_RING_BYTES + m * (k + GW_PAD) + m * (k // 128) * 4
     lib = kernels()
-    grid = balanced_grid(-(-n // 16), lib.resident("dsv4_fp8_gemv_wgmma", 128, shared))
-    lib.launch("dsv4_fp8_gemv_wgmma", grid, 128,
+    name = f"dsv4_fp8_gemv_wgmma_m{8 if m <= 8 else 16}"
+    grid = balanced_grid(-(-n // 16), lib.resident(name, 128, shared))
+    lib.launch(name, grid, 128,
                [(x, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT), (n, INT), (k, INT)], shared)
     return out
 

@@ -62,11 +62,15 @@ __device__ __forceinline__ void wgmma_m64n16k32_rs(float (&d)[8], const uint32_t
 
 }  // namespace
 
+namespace {
+
 // Grid: a persistent grid over the ceil(N / 16) items; 128 threads. Dynamic shared memory: the ring
 // (GW_STAGES x 8 KB), then the activation's e4m3 codes [rows][K + 16], then its scales [rows][K / 128].
-extern "C" __global__ void __launch_bounds__(128) dsv4_fp8_gemv_wgmma(
-    const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w, const uint8_t* __restrict__ w_scale,
-    __nv_bfloat16* __restrict__ y, int rows, int N, int K) {
+// WIDE: rows 9-16 (A's rows g + 8 in warp 0); otherwise at most 8 rows, and those registers hold zeros.
+template <bool WIDE>
+__device__ __forceinline__ void fp8_gemv_wgmma(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w,
+                                               const uint8_t* __restrict__ w_scale, __nv_bfloat16* __restrict__ y,
+                                               int rows, int N, int K) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ uint4 smem[];
   uint8_t* ring = reinterpret_cast<uint8_t*>(smem);
@@ -133,9 +137,9 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_fp8_gemv_wgmma(
       const int k = (kb0 + m / 4) * 128 + (m % 4) * 32 + 4 * t;
       const bool live = warp == 0 && m / 4 < blocks;
       a[m][0] = live ? *reinterpret_cast<const uint32_t*>(act + tok0 * ldx + k) : 0u;
-      a[m][1] = live ? *reinterpret_cast<const uint32_t*>(act + tok1 * ldx + k) : 0u;
+      a[m][1] = WIDE && live ? *reinterpret_cast<const uint32_t*>(act + tok1 * ldx + k) : 0u;
       a[m][2] = live ? *reinterpret_cast<const uint32_t*>(act + tok0 * ldx + k + 16) : 0u;
-      a[m][3] = live ? *reinterpret_cast<const uint32_t*>(act + tok1 * ldx + k + 16) : 0u;
+      a[m][3] = WIDE && live ? *reinterpret_cast<const uint32_t*>(act + tok1 * ldx + k + 16) : 0u;
     }
 #pragma unroll
     for (int m = 0; m < GW_MMAS; ++m)            // loaded before the fence (the compiler would sink them)
@@ -179,4 +183,17 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_fp8_gemv_wgmma(
     }
   }
 #endif
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(128) dsv4_fp8_gemv_wgmma_m8(
+    const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w, const uint8_t* __restrict__ w_scale,
+    __nv_bfloat16* __restrict__ y, int rows, int N, int K) {
+  fp8_gemv_wgmma<false>(x, w, w_scale, y, rows, N, K);
+}
+extern "C" __global__ void __launch_bounds__(128) dsv4_fp8_gemv_wgmma_m16(
+    const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w, const uint8_t* __restrict__ w_scale,
+    __nv_bfloat16* __restrict__ y, int rows, int N, int K) {
+  fp8_gemv_wgmma<true>(x, w, w_scale, y, rows, N, K);
 }
