@@ -11,7 +11,7 @@ from functools import lru_cache
 import torch
 
 from .formats import e8m0_to_float, fp8_weight_dequant
-from .loader import FLOAT, INT, PTR, balanced_grid, kernels
+from .loader import FLOAT, INT, PTR, balanced_grid, kernels, on_sm90
 from .oracle import quantised_matmul
 from .rows import rms_norm_rows, swiglu_rows
 
@@ -84,7 +84,7 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
     """
     m, k = x.shape
     assert x.is_contiguous()
-    if WGMMA_GEMV and _on_sm90(x):
+    if WGMMA_GEMV and on_sm90(x):
         return fp8_linear_decode_wgmma(x, w, w_scale, out)
     lib = kernels()
     fused, stages, shared = gemv_plan(m, k, lib.shared_memory())
@@ -97,23 +97,14 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
     return gemv_launch(name, x, codes, scales, w, w_scale, out, m, k, stages, shared)
 
 
-@lru_cache(maxsize=None)
-def _sm90(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) == (9, 0)
-
-
-def _on_sm90(x: torch.Tensor) -> bool:
-    return x.is_cuda and _sm90(x.device.index if x.device.index is not None else torch.cuda.current_device())
-
-
 def fp8_linear_decode_wgmma(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                             out: torch.Tensor | None = None) -> torch.Tensor:
     """fp8_linear_decode on csrc/fp8_gemv_wgmma.cu (sm_90 only): x [M, K] bf16 contiguous, M <= 16; a persistent
     grid over items of 16 weight rows. Not yet run on a GPU (WGMMA_GEMV)."""
     m, k = x.shape
     n = w.size(0)
-    assert x.dtype == torch.bfloat16 and w.dtype == torch.float8_e4m3fn and m <= MAX_ROWS and x.is_contiguous()
-    assert k % 128 == 0 and w.size(1) == k and w.is_contiguous() and w_scale.shape == ((n + 127) // 128, k // 128)
+    assert x.is_contiguous()
+    _check_gemv(x, w, w_scale, m, k)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device) if out is None else out
     shared = GW_RING_BYTES + m * (k + GW_PAD) + m * (k // 128) * 4
     lib = kernels()
@@ -198,15 +189,21 @@ def gemv_split(n: int, k: int, name: str, shared: int, device: int | None = None
     return (*split_for(n, k, resident, props.multi_processor_count), resident)
 
 
+def _check_gemv(x, w, w_scale, m: int, k: int) -> None:
+    """The decode GEMVs' contract on their inputs (internal: the programs build them)."""
+    n = w.size(0)
+    assert x.dtype == torch.bfloat16 and w.dtype == torch.float8_e4m3fn and m <= MAX_ROWS
+    assert k % 128 == 0 and w.size(1) == k and w.is_contiguous()
+    assert w_scale.shape == ((n + 127) // 128, k // 128)
+
+
 def gemv_launch(name: str, x, codes, scales, w, w_scale, out, m: int, k: int, stages: int, shared: int,
                 prologue: tuple = (None, 0, 0, 0.0), max_ctas: int | None = None) -> torch.Tensor:
     """Launch GEMV kernel `name` (csrc/fp8_linear.cu) over m rows of width k; `prologue` = (its float32
     weight, the rows' stride, up (kGrouped: rows per group), eps or limit), for the prologue builds;
     `max_ctas` caps the grid (tests)."""
     n = w.size(0)
-    assert x.dtype == torch.bfloat16 and w.dtype == torch.float8_e4m3fn and m <= MAX_ROWS
-    assert k % 128 == 0 and w.size(1) == k and w.is_contiguous()
-    assert w_scale.shape == ((n + 127) // 128, k // 128)
+    _check_gemv(x, w, w_scale, m, k)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device) if out is None else out
     wpr, items, resident = gemv_split(n, k, name, shared, x.device.index)
     grid = balanced_grid(items, min(resident, max_ctas or resident))

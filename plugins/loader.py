@@ -134,6 +134,27 @@ def kernels() -> KernelImage:
 PTR, INT, FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
 
+def device_index(device: torch.device) -> int:
+    """The CUDA ordinal of `device` (the current one where it names none)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@lru_cache(maxsize=None)
+def _sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
+def on_sm90(x: torch.Tensor) -> bool:
+    """Whether x lives on an sm_90 GPU, where the warpgroup-MMA kernels run (asked once per device: the check
+    sits on decode calls' paths)."""
+    return x.is_cuda and _sm90(device_index(x.device))
+
+
+@lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def balanced_grid(items: int, resident: int) -> int:
     """CTAs for `items` equal work items on a persistent grid: as many rounds as needed, then as few CTAs as
     keep that number of rounds, so that no CTA has more items than another by more than one."""

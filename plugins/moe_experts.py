@@ -8,13 +8,12 @@ device memory or to pinned host memory, so experts move without rebuilding anyth
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 
 from .fp8_linear import act_quant
 from .fp8_linear import make_workspace as act_workspace
-from .loader import FLOAT, INT, PTR, balanced_grid, kernels
+from .loader import FLOAT, INT, PTR, balanced_grid, device_index, kernels, on_sm90, sm_count
 
 
 def expert_nbytes(d: int, f: int) -> int:
@@ -101,20 +100,6 @@ SHARED_BEFORE_GATE = True
 DECODE_WGMMA_MAX_TOPK = 16        # csrc/moe_decode_wgmma.cu (fp4_ring.cuh MAX_TOPK): a token's experts' table
 
 
-@functools.cache
-def _sm90(index: int) -> bool:
-    """Whether CUDA device `index` is sm_90 (asked once: the check sits on every decode call's path)."""
-    return torch.cuda.get_device_capability(index) == (9, 0)
-
-
-def _index(x: torch.Tensor) -> int:
-    return x.device.index if x.device.index is not None else torch.cuda.current_device()
-
-
-def on_sm90(x: torch.Tensor) -> bool:
-    return x.is_cuda and _sm90(_index(x))
-
-
 def decode_wgmma_fits(x: torch.Tensor, topk: int, d: int, f: int) -> bool:
     """Whether csrc/moe_decode_wgmma.cu can serve this decode call: an sm_90 GPU, at most 16 experts per
     token, rows in whole items (32 rows of F, 64 of D)."""
@@ -161,11 +146,6 @@ def moe_experts_decode(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Te
     return out if summed else (out, 0)
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def spread_shared(shared: int, ctas: int, sms: int, shared_memory: tuple[int, int]) -> int:
     """Dynamic shared memory for a one-wave grid of `ctas` CTAs of `shared` bytes each, raised (where one CTA
     may have that much) until no SM takes more than its even share, ceil(ctas / sms). The wgmma down kernel's
@@ -206,7 +186,7 @@ def _decode_wgmma(lib, x, experts, route_w, table, f, limit, out, ws):
     lib.launch("dsv4_moe_gate_up_decode_wgmma", (max(1, -(-grid_up // t)), t), 128,
                [(x, PTR), (experts, PTR), (route_w, PTR), (table, PTR), (ws["h"], PTR), (k, INT), (d, INT),
                 (f, INT), (limit, FLOAT), (table.numel(), INT)], shared_up)
-    grid_down, shared_down = _down_launch(lib, k * (d // 64), t, f, _sm_count(_index(x)))
+    grid_down, shared_down = _down_launch(lib, k * (d // 64), t, f, sm_count(device_index(x.device)))
     lib.launch("dsv4_moe_down_decode_wgmma", (grid_down, t), 128,
                [(ws["h"], PTR), (experts, PTR), (table, PTR), (ws["ypart"], PTR), (k, INT), (d, INT), (f, INT)],
                shared_down)

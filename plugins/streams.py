@@ -18,6 +18,8 @@ from typing import Callable, TypeVar
 
 import torch
 
+from .loader import device_index
+
 A = TypeVar("A")
 B = TypeVar("B")
 
@@ -31,12 +33,8 @@ def _side_stream(index: int) -> torch.cuda.Stream:
     return torch.cuda.Stream(index)
 
 
-def _index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
 def _streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
-    index = _index(device)
+    index = device_index(device)
     return torch.cuda.current_stream(index), _side_stream(index)
 
 
@@ -60,15 +58,15 @@ _PENDING: set[int] = set()
 def fork_for_later(device: torch.device) -> None:
     """`fork` for work whose reader is a later op that calls `join_pending` first."""
     fork(device)
-    _PENDING.add(_index(device))
+    _PENDING.add(device_index(device))
 
 
 def join_pending(device: torch.device) -> None:
     """`join`, where work forked by `fork_for_later` has not been joined yet (else nothing: a join on a stream
     this capture never forked would not be captured)."""
-    if device.type == "cuda" and _index(device) in _PENDING:
+    if device.type == "cuda" and device_index(device) in _PENDING:
         join(device)
-        _PENDING.discard(_index(device))
+        _PENDING.discard(device_index(device))
 
 
 def on_side(device: torch.device, enabled: bool = True):

@@ -41,23 +41,6 @@ __device__ __forceinline__ uint32_t gw_chunk_offset(int n, int kc) {
   return (kc >> 1) * 512 + (n >> 3) * 256 + (kc & 1) * 128 + (n & 7) * 16;
 }
 
-// d (+)= A (64 x 32 e4m3 from registers) . B (32 x 16 from the descriptor); without ACCUMULATE d is only
-// written (so it needs no zeros first).
-#define DSV4_GW_MMA(OUT, SCALE_D)                                                                             \
-  asm volatile(                                                                                               \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE_D ", 0;\n"                                                   \
-      "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12, " \
-      "p, 1, 1;\n}\n"                                                                                        \
-      : OUT(d[0]), OUT(d[1]), OUT(d[2]), OUT(d[3]), OUT(d[4]), OUT(d[5]), OUT(d[6]), OUT(d[7])                 \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
-template <bool ACCUMULATE>
-__device__ __forceinline__ void wgmma_m64n16k32_rs(float (&d)[8], const uint32_t (&a)[4], uint64_t desc_b) {
-  if constexpr (ACCUMULATE)
-    DSV4_GW_MMA("+f", "1");
-  else
-    DSV4_GW_MMA("=f", "0");
-}
-#undef DSV4_GW_MMA
 #endif
 
 }  // namespace
@@ -100,9 +83,8 @@ __device__ __forceinline__ void fp8_gemv_wgmma(const __nv_bfloat16* __restrict__
       const int blocks = min(GW_BLOCKS, kblocks - kb0);
       const uint8_t* base = w + size_t(n0) * K + kb0 * 128;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int kc = (lane >> 3) + 4 * ((warp >> 1) + 2 * i);
-        const bool live = kc / 8 < blocks && n0 + n < N;   // zeros past K's blocks and past the last row
+      for (int i = 0; i < 4; ++i) {              // chunk i lies in the stage's 128-K block i
+        const bool live = i < blocks && n0 + n < N;         // zeros past K's blocks and past the last row
         dsv4::cp_async16(ring + slot * GW_STAGE + dst[i], live ? base + src[i] : w, live ? 16 : 0);
       }
       if (++next_s == steps) next_s = 0, ++next_it;

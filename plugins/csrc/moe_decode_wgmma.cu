@@ -37,17 +37,6 @@ __device__ __forceinline__ uint64_t b_tile_desc(const uint8_t* tile) {
   return uint64_t((smem_addr(tile) & 0x3FFFF) >> 4) | (uint64_t(128 >> 4) << 16) | (uint64_t(128 >> 4) << 32);
 }
 
-// d = A (64 x 32, e4m3 from registers: the warp's 16 rows) . B (32 x 8 from the descriptor), + d where
-// ACCUMULATE (else d is only written).
-template <bool ACCUMULATE>
-__device__ __forceinline__ void wgmma_m64n8k32_rs(float (&d)[4], const uint32_t (&a)[4], uint64_t desc_b) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %9, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0,%1,%2,%3}, {%4,%5,%6,%7}, %8, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(int(ACCUMULATE)));
-}
-
 // The E8M0 scales of lane (r, q)'s accumulator entries in a step: rows r, r + 8 (h) of the step's blocks 2q,
 // 2q + 1 (i). From the ring, or from global memory where the scales were not copied (`async_scales`).
 __device__ __forceinline__ void lane_scales(const uint8_t* stage, const Fp4Job& j, bool async_scales, int r, int q,
