@@ -11,7 +11,7 @@ from functools import lru_cache
 import torch
 
 from .formats import e8m0_to_float, fp8_weight_dequant
-from .loader import FLOAT, INT, PTR, balanced_grid, kernels, on_sm90
+from .loader import FLOAT, INT, PTR, balanced_grid, device_index, kernels, on_sm90, sm_count
 from .oracle import quantised_matmul
 from .rows import rms_norm_rows, swiglu_rows
 
@@ -25,13 +25,16 @@ ROW_PAD = 64                      # csrc/fp8_linear.cu ROW_PAD
 # The weight ring: per step 8 warps x 4 KiB of weights plus two 4-byte scale words each (csrc/fp8_linear.cu)
 STAGE_BYTES = 8 * (4096 + 8)
 MAX_STAGES = 6
-# Whether plain decode GEMVs on sm_90 run csrc/fp8_gemv_wgmma.cu (the weights as warpgroup-MMA's B straight
-# from shared memory, no per-byte work). Written in session 32 after its device time ran out and not yet run
-# on a GPU: off until its GPU tests (tests/test_kernels_fp8.py, the wgmma cases) pass, bench/read_ceiling.py
-# times it, and `dsv4 forced` on Flash-8 judges its FP8 accumulation.
+# Whether plain decode GEMVs on sm_90 run csrc/fp8_gemv_wgmma.cu (the weights as warpgroup-MMA's A straight
+# from shared memory, no per-byte work). Correct on the H200 but slower than the f16 GEMV (session 33,
+# bench/results/gemv-wgmma-s33-h200.txt): off until bench/read_ceiling.py --wgmma-gemv shows it faster and
+# `dsv4 forced` on Flash-8 judges its FP8 accumulation.
 WGMMA_GEMV = False
-GW_RING_BYTES = 4 * 16 * 4 * 128  # csrc/fp8_gemv_wgmma.cu: GW_STAGES x GW_STAGE
-GW_PAD = 16                       # csrc/fp8_gemv_wgmma.cu GW_PAD: bytes after each activation row
+GW_ROWS = 64                              # csrc/fp8_gemv_wgmma.cu: weight rows per item
+GW_RING_BYTES = 8 * 8832                   # csrc/fp8_gemv_wgmma.cu: GW_STAGES x GW_STAGE
+# The K split: the fewest cluster ranks per item that give the GPU about two CTAs per SM (so each SM streams
+# through two rings), where K's blocks divide among them; up to 8, the portable cluster size.
+GW_CTAS_PER_SM = 1.9
 # The GEMV's static shared memory (csrc/fp8_linear.cu: the norm prologue's scratch). Until session 29 the K
 # slices' sums took 4 KB (8 KB at 16 rows) there, which left wo_b two ring stages where it now gets three;
 # a benchmark may set 4096 to plan as then (bench/profile_decode.py).
@@ -97,21 +100,28 @@ def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, o
     return gemv_launch(name, x, codes, scales, w, w_scale, out, m, k, stages, shared)
 
 
+def wgmma_gemv_parts(n: int, k: int, sms: int) -> int:
+    """Cluster ranks sharing each item's K in csrc/fp8_gemv_wgmma.cu (GW_CTAS_PER_SM)."""
+    items, blocks = -(-n // GW_ROWS), k // 128
+    fits = [p for p in (1, 2, 4, 8) if blocks % p == 0]
+    return next((p for p in fits if items * p >= GW_CTAS_PER_SM * sms), fits[-1])
+
+
 def fp8_linear_decode_wgmma(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                             out: torch.Tensor | None = None) -> torch.Tensor:
-    """fp8_linear_decode on csrc/fp8_gemv_wgmma.cu (sm_90 only): x [M, K] bf16 contiguous, M <= 16; a persistent
-    grid over items of 16 weight rows. Not yet run on a GPU (WGMMA_GEMV)."""
+    """fp8_linear_decode on csrc/fp8_gemv_wgmma.cu (sm_90 only): x [M, K] bf16 contiguous, M <= 16; a cluster
+    of CTAs per 64 weight rows, splitting K."""
     m, k = x.shape
     n = w.size(0)
     assert x.is_contiguous()
     _check_gemv(x, w, w_scale, m, k)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device) if out is None else out
-    shared = GW_RING_BYTES + m * (k + GW_PAD) + m * (k // 128) * 4
-    lib = kernels()
-    name = f"dsv4_fp8_gemv_wgmma_m{8 if m <= 8 else 16}"
-    grid = balanced_grid(-(-n // 16), lib.resident(name, 128, shared))
-    lib.launch(name, grid, 128,
-               [(x, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT), (n, INT), (k, INT)], shared)
+    parts = wgmma_gemv_parts(n, k, sm_count(device_index(x.device)))
+    tokens = 8 if m <= 8 else 16
+    shared = GW_RING_BYTES + tokens * (k // parts) + (m + 1) * (k // parts // 128) * 4
+    kernels().launch(f"dsv4_fp8_gemv_wgmma_m{tokens}", -(-n // GW_ROWS) * parts, 128,
+                     [(x, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT), (n, INT), (k, INT)], shared,
+                     cluster=parts)
     return out
 
 

@@ -88,39 +88,50 @@ class KernelImage:
         return self._shared_memory[ordinal]
 
     def launch(self, name: str, grid: int | tuple[int, int], block: int, args: list[tuple[object, type]],
-               shared: int = 0) -> None:
+               shared: int = 0, cluster: int = 1) -> None:
         """Launch `name` on the current torch stream; args are (value, ctypes type) pairs; `shared` bytes of
-        dynamic shared memory."""
+        dynamic shared memory; CTAs in clusters of `cluster` along x (sm_90 and later)."""
         values = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a, _ in args)
         types = tuple(t for _, t in args)
         gx, gy = grid if isinstance(grid, tuple) else (grid, 1)
         self._allow_shared(name, shared)
         stream = self.driver.CUstream(torch.cuda.current_stream().cuda_stream)
-        if self._pdl:
+        if self._pdl or cluster > 1:
             try:
-                _check(self.driver.cuLaunchKernelEx(self._pdl_config(gx, gy, block, shared, stream),
+                _check(self.driver.cuLaunchKernelEx(self._config(gx, gy, block, shared, stream, cluster),
                                                     self.function(name), (values, types), 0))
                 return
             except (AttributeError, TypeError, RuntimeError) as e:   # older driver or bindings: plain launches
+                if cluster > 1 or not self._pdl:
+                    raise
                 log.warning("programmatic dependent launch unavailable (%s); launching plainly", e)
                 self._pdl = False
         _check(self.driver.cuLaunchKernel(self.function(name), gx, gy, 1, block, 1, 1, shared, stream,
                                           (values, types), 0))
 
-    def _pdl_config(self, gx: int, gy: int, block: int, shared: int, stream):
-        """A launch that may start while the previous kernel in the stream finishes (the kernels call
-        griddepcontrol.wait before touching its outputs; see csrc/common.cuh)."""
+    def _config(self, gx: int, gy: int, block: int, shared: int, stream, cluster: int):
+        """An extended launch: where PDL works, one that may start while the previous kernel in the stream
+        finishes (the kernels call griddepcontrol.wait before touching its outputs; see csrc/common.cuh);
+        with `cluster` > 1, CTAs in clusters of that many along x."""
         d = self.driver
         cfg = d.CUlaunchConfig()
         cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = gx, gy, 1
         cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block, 1, 1
         cfg.sharedMemBytes = shared
         cfg.hStream = stream
-        attr = d.CUlaunchAttribute()
-        attr.id = d.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-        attr.value.programmaticStreamSerializationAllowed = 1
-        cfg.attrs = [attr]
-        cfg.numAttrs = 1
+        attrs = []
+        if self._pdl:
+            attr = d.CUlaunchAttribute()
+            attr.id = d.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            attr.value.programmaticStreamSerializationAllowed = 1
+            attrs.append(attr)
+        if cluster > 1:
+            attr = d.CUlaunchAttribute()
+            attr.id = d.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+            attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cluster, 1, 1
+            attrs.append(attr)
+        cfg.attrs = attrs
+        cfg.numAttrs = len(attrs)
         return cfg
 
 

@@ -28,6 +28,12 @@ def test_the_kernel_image_comes_from_the_fat_binary_named_at_first_use(tmp_path,
         loader.kernels.cache_clear()
 
 
+# The wgmma GEMV's share of outputs that round differently from the exact oracle (the other GEMV: 0.05). The
+# H200 gave 0.03-0.075 over these cases, and 0.083 (2 of 24) on the smallest; each a one-ulp flip of a bf16
+# output (the largest error about 0.004 of the largest output).
+WGMMA_MISMATCH = 0.1
+
+
 def _weights(n, k, seed=0):
     g = torch.Generator().manual_seed(seed)
     return fp8_weight_quant(torch.randn(n, k, generator=g) / k ** 0.5)
@@ -53,13 +59,15 @@ def test_fp8_linear_decode_matches_oracle(m, n, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 3, 8, 16], ids=lambda m: f"{m}rows")
-@pytest.mark.parametrize("n, k", [(1024, 4096), (32768, 1024), (4096, 8192), (1000, 256), (24, 384), (40, 640)],
-                         ids=["wq_a", "wq_b", "wo_b", "odd-n", "short-step", "two-steps"])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 16], ids=lambda m: f"{m}rows")
+@pytest.mark.parametrize("n, k", [(1024, 4096), (32768, 1024), (4096, 8192), (4096, 2048), (1000, 256), (24, 384),
+                                   (40, 640)],
+                         ids=["wq_a-8ranks", "wq_b", "wo_b-4ranks", "w2-4ranks", "odd-n-2ranks", "k3blocks",
+                              "k5blocks"])
 def test_fp8_gemv_wgmma_matches_oracle(m, n, k):
-    """csrc/fp8_gemv_wgmma.cu (session 32, written without a GPU; off by default until this passes) against
-    the oracle with the FP8 GEMV's bounds. Its FP8 MMA adds within 128 K in less than float32 (as DeepSeek's
-    fp8_gemm on Hopper), where the other GEMV adds exact products: this asks whether the bounds still hold."""
+    """csrc/fp8_gemv_wgmma.cu against the oracle. Its FP8 MMA adds within a 128-K block in less than float32 (as
+    DeepSeek's fp8_gemm on Hopper), where the other GEMV adds exact products: more outputs round differently
+    (WGMMA_MISMATCH), each by little."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma GEMV is sm_90 only")
     from plugins.fp8_linear import fp8_linear_decode_wgmma
@@ -71,7 +79,7 @@ def test_fp8_gemv_wgmma_matches_oracle(m, n, k):
     got = fp8_linear_decode_wgmma(x, w, s)
     cos = torch.nn.functional.cosine_similarity(got.double(), expect.double(), dim=-1)
     assert cos.min() > 0.99999
-    assert (got != expect).float().mean() < 0.05
+    assert (got != expect).float().mean() < WGMMA_MISMATCH
     assert torch.allclose(got.float(), expect.float(), rtol=2 ** -7, atol=1e-3 * expect.float().abs().max())
     out = torch.empty_like(got)                          # the same bits again, and inside a CUDA graph
     graph = torch.cuda.CUDAGraph()
@@ -80,6 +88,17 @@ def test_fp8_gemv_wgmma_matches_oracle(m, n, k):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, got)
+
+
+def test_wgmma_gemv_splits_k_where_row_blocks_do_not_fill_the_gpu():
+    """plugins.fp8_linear.wgmma_gemv_parts on an H200 (132 SMs): about two CTAs an SM, K's blocks divided."""
+    from plugins.fp8_linear import wgmma_gemv_parts
+    assert wgmma_gemv_parts(32768, 1024, 132) == 1       # wq_b: 512 row blocks
+    assert wgmma_gemv_parts(4096, 8192, 132) == 4        # wo_b: 64 row blocks
+    assert wgmma_gemv_parts(4096, 2048, 132) == 4        # the shared expert's w2
+    assert wgmma_gemv_parts(1024, 4096, 132) == 8        # wq_a: 16 row blocks, the most ranks a cluster takes
+    assert wgmma_gemv_parts(24, 384, 132) == 1           # 3 blocks: no split divides them
+    assert wgmma_gemv_parts(1000, 256, 132) == 2
 
 
 @pytest.mark.gpu

@@ -153,8 +153,10 @@ __device__ __forceinline__ uint32_t fp8x4(float a, float b, float c, float d) {
 // SLOTS, `pad` 0, one row): store 32-K block k as column k % 8 of wgmma's B operand (the other columns left
 // as they are), K-major 8-row x 16-byte core matrices without swizzle, two per 32 K (block k at k * 256: its
 // slots 0-15 of the 8 columns, then 16-31); eight MMAs over consecutive blocks, accumulating, then leave each
-// block's product in a column of its own.
-template <bool SLOTS, bool F16 = false, bool B_TILE = false>
+// block's product in a column of its own. CORE (natural order, `pad` 0, one row): byte i at (i / 16) * 128 +
+// i % 16, the row as one token of a K-major wgmma operand without swizzle (16-byte rows of 8-row core matrices,
+// 128 bytes apart along K; the caller offsets `codes` to the token's row of its core matrices).
+template <bool SLOTS, bool F16 = false, bool B_TILE = false, bool CORE = false>
 __device__ __forceinline__ void quantise_to_smem(const __nv_bfloat16* __restrict__ x, int n, int row, int pad,
                                                  uint8_t* codes, float* scales) {
   constexpr int BATCH = 4;                       // 128-blocks per thread group in flight at once
@@ -203,6 +205,8 @@ __device__ __forceinline__ void quantise_to_smem(const __nv_bfloat16* __restrict
           uint8_t* dst = codes + (at >> 5) * 256 + ((at >> 5) & 7) * 16 + ((at & 31) >> 1);
           *reinterpret_cast<uint32_t*>(dst) = out.x;
           *reinterpret_cast<uint32_t*>(dst + 128) = out.y;
+        } else if (CORE) {
+          *reinterpret_cast<uint2*>(codes + (at >> 4) * 128 + (at & 15)) = out;
         } else if (F16) {
           const uint4 wide = make_uint4(e4m3x2_to_f16x2(out.x), e4m3x2_to_f16x2(out.x >> 16),
                                         e4m3x2_to_f16x2(out.y), e4m3x2_to_f16x2(out.y >> 16));

@@ -1,167 +1,174 @@
 // FP8 block-scaled GEMV for decode on Hopper's warpgroup MMA (sm_90a only): y [M, N] bf16 = act_quant(x) .
-// W^T, W e4m3 [N, K] with E8M0 scales per 128 x 128 block, M <= 16 rows. Written in session 32 after the
-// device time ran out: NOT YET RUN on a GPU, so off by default (plugins.fp8_linear.WGMMA_GEMV); its GPU tests
-// are tests/test_kernels_fp8.py's wgmma cases.
+// W^T, W e4m3 [N, K] with E8M0 scales per 128 x 128 block, M <= 16 rows.
 //
 // Why: on sm_90 the GEMV of fp8_linear.cu runs f16 mma.sync (Hopper has no FP8 mma.sync) and turns every
 // weight byte into f16 first; its loop issues about 290 warp instructions per 4 KB (session 7's Nsight
 // Compute count), and the GEMVs stay at 0.70-0.81 of the copy bandwidth where a plain read of their bytes
-// reaches 0.90 (bench/read_ceiling.py). wgmma multiplies e4m3 as it is and reads its B operand from shared
-// memory itself: here the weights are B, straight from the cp.async ring, and the activation rows (the
-// tokens) are A from registers. Per 128-K block of an item's 16 weight rows that is four MMAs and a few
-// copies, with nothing done per weight byte by any thread.
+// reaches 0.89 (bench/read_ceiling.py). Here no thread touches a weight byte: the weights are wgmma's A
+// operand (64 rows, the MMA's M), copied by cp.async straight into the 8-row x 16-byte core matrices the
+// MMA reads from shared memory, and the tokens are its B operand (N = 8 or 16 columns), quantised once per
+// CTA into the same layout. A 128-K block of 64 rows (8 KB) is four m64nNk32 MMAs and about a hundred SASS
+// instructions per warp. (Session 32's first form had the tokens as A from registers and 16 weight rows per
+// MMA: it loaded A for every MMA and ran at half the f16 kernel's speed.)
 //
-// A CTA is one warpgroup; an item is 16 weight rows (the MMA's N) over all of K, so no CTA splits K and no
-// partial sums meet; CTA b walks items b, b + grid, ... The MMA's 64 A rows are the tokens: warp 0's lanes
-// hold tokens 0-15, the other warps multiply zeros (the tensor cores have room to spare; their results are
-// never read). Numerics: per 128-K block four m64n16k32 MMAs into fresh registers, then scaled by the
-// weight block's scale times the token's in float32 and added, as DeepSeek's fp8_gemm does on Hopper. Where
-// fp8_linear.cu adds exact f16 products in float32, the FP8 MMA adds within 128 K in less than float32.
+// Measured (H200, session 33): correct (tests/test_kernels_fp8.py), but no faster than the first form and
+// slower than the f16 GEMV (wq_b 17.8 us against 10.1), so off by default (plugins.fp8_linear.WGMMA_GEMV).
+// It is bound by latency, not by the tensor cores or its instructions: its CTAs live one item each and start
+// cold (their first loads wait behind every CTA's prefetch), the second wave leaves a tail, the clusters'
+// reduction costs 1.5 us, and while streaming two CTAs an SM draw 2.5-2.9 TB/s
+// (bench/results/gemv-wgmma-s33-h200.txt). A persistent grid streaming across items, as the f16 GEMV's, is
+// what is left to try.
+//
+// An item is 64 weight rows; a cluster of P CTAs (P = 1, 2, 4 or 8, the launch's cluster size) shares one,
+// CTA rank r taking the r-th of P equal slices of K, so that shapes with few row blocks (wo_b: 64) still fill
+// the GPU. Each CTA is one warpgroup and quantises only its slice of the tokens. At the end the ranks' sums
+// meet in rank 0's registers through distributed shared memory, in rank order (deterministic), and rank 0
+// writes the item. Numerics: per 128-K block four MMAs into fresh registers, then scaled by the weight
+// block's scale times the token's in float32 and added, as DeepSeek's fp8_gemm does on Hopper: within a
+// block the FP8 MMA adds in less than float32, where fp8_linear.cu adds exact f16 products in float32.
+#include <cooperative_groups.h>
+
 #include "common.cuh"
 #include "wgmma.cuh"
 
 namespace {
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-constexpr int GW_ROWS = 16;                          // weight rows per item: the MMA's N
-constexpr int GW_BLOCKS = 4;                         // 128-K blocks per ring stage
-constexpr int GW_MMAS = GW_BLOCKS * 4;               // k32 MMAs per stage
-constexpr int GW_STAGE = GW_ROWS * GW_BLOCKS * 128;  // 8 KB of weights per stage
-constexpr int GW_STAGES = 4;
-constexpr int GW_PAD = 16;                           // bytes after each activation row (distinct banks per token)
+constexpr int GW_ROWS = 64;                  // weight rows per item: the MMA's M
+// A 128-K block of an item's rows (8 KB, four k32 MMAs) in shared memory: MMA j's 64 x 32 bytes at
+// j * GW_REGION, as 8-row x 16-byte core matrices, the second K half GW_LBO bytes on from the first, row group
+// rg at rg * GW_SBO. The 16-byte gaps put a row's eight chunks of the block in distinct banks (below).
+constexpr int GW_LBO = 144, GW_SBO = 272;
+constexpr int GW_REGION = 8 * GW_SBO + 32;
+constexpr int GW_STAGE = 4 * GW_REGION;      // 8832 bytes
+constexpr int GW_STAGES = 8;                 // ring slots (a power of two); all but two in flight
 
-// B of one k32 MMA: 16 rows x 32 bytes as four 8-row x 16-byte core matrices, (row group ng, K half kh) at
-// ng * 256 + kh * 128. The descriptor's leading offset is the next core matrix along K (128 bytes), its stride
-// offset the next along N (256), no swizzle. MMA m of a stage is at m * 512.
-__device__ __forceinline__ uint64_t gw_desc(uint32_t addr) {
-  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(128 >> 4) << 16) | (uint64_t(256 >> 4) << 32);
+// A K-major operand of 8-row x 16-byte core matrices, no swizzle: the next core matrix along K `lead` bytes
+// on, the next along M or N `stride` bytes on.
+__device__ __forceinline__ uint64_t gw_desc(uint32_t addr, uint32_t lead, uint32_t stride) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(lead >> 4) << 16) | (uint64_t(stride >> 4) << 32);
 }
-// A weight chunk's place in its stage: row n, 16-byte chunk kc along the stage's 512 bytes of K.
-__device__ __forceinline__ uint32_t gw_chunk_offset(int n, int kc) {
-  return (kc >> 1) * 512 + (n >> 3) * 256 + (kc & 1) * 128 + (n & 7) * 16;
-}
-
 #endif
 
-}  // namespace
-
-namespace {
-
-// Grid: a persistent grid over the ceil(N / 16) items; 128 threads. Dynamic shared memory: the ring
-// (GW_STAGES x 8 KB), then the activation's e4m3 codes [rows][K + 16], then its scales [rows][K / 128].
-// WIDE: rows 9-16 (A's rows g + 8 in warp 0); otherwise at most 8 rows, and those registers hold zeros.
-template <bool WIDE>
+// Grid: ceil(N / 64) items x P CTAs in clusters of P; 128 threads. Dynamic shared memory: the ring
+// (GW_STAGES x GW_STAGE), then the slice's token codes [NT / 8][K / P / 16][8 tokens][16 bytes], then their scales
+// [rows][K / P / 128] and the weight blocks' [K / P / 128], in float32.
+template <int NT>
 __device__ __forceinline__ void fp8_gemv_wgmma(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w,
                                                const uint8_t* __restrict__ w_scale, __nv_bfloat16* __restrict__ y,
                                                int rows, int N, int K) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  namespace cg = cooperative_groups;
   extern __shared__ uint4 smem[];
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int parts = int(cluster.num_blocks()), part = int(cluster.block_rank());
+  const int kblocks = K / 128, kbp = kblocks / parts, kb0 = part * kbp, kp = kbp * 128;
+  const int n0 = int(blockIdx.x) / parts * GW_ROWS;
   uint8_t* ring = reinterpret_cast<uint8_t*>(smem);
   uint8_t* act = ring + GW_STAGES * GW_STAGE;
-  const int ldx = K + GW_PAD, kblocks = K / 128;
-  float* act_s = reinterpret_cast<float*>(act + rows * ldx);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int steps = (kblocks + GW_BLOCKS - 1) / GW_BLOCKS, items = (N + GW_ROWS - 1) / GW_ROWS;
-  const int mine = (items - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x), total = mine * steps;
+  float* act_s = reinterpret_cast<float*>(act + NT * kp);
+  float* w_s = act_s + rows * kbp;                     // the weight blocks' scales
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
 
-  // The copies: thread (warp, lane) copies chunk i = 0..3 of each stage, row n = lane % 8 + 8 (warp % 2),
-  // chunk kc = lane / 8 + 4 (warp / 2 + 2i): a warp's lanes read 64 contiguous bytes of 8 rows, and write 8
-  // distinct bank groups of shared memory.
-  const int n = (lane & 7) + 8 * (warp & 1);
-  uint32_t dst[4], src[4];
+  // The copies: a block is 512 16-byte chunks; thread chunk i (0..3) is row 16 warp + 4i + lane / 8, chunk
+  // lane % 8 along the block's 128 bytes. A 16-byte copy is coalesced over 8 lanes at a time: those read one
+  // row's whole 128-byte line (with 8 rows' 16 bytes, or 4 rows' 32, a copy ran at half the plain read's
+  // rate: session 33), and write its 8 chunks to distinct banks: chunk kc = 2j + h lands at
+  // j * GW_REGION + h * GW_LBO, i.e. 32 j + 16 h mod 128.
+  uint32_t dst[4];
+  const uint8_t* src[4];
+  uint32_t bytes[4];
+  const int kc = lane & 7;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const int kc = (lane >> 3) + 4 * ((warp >> 1) + 2 * i);
-    dst[i] = gw_chunk_offset(n, kc);
-    src[i] = uint32_t(n) * K + kc * 16;
+    const int r = 16 * warp + 4 * i + (lane >> 3);
+    dst[i] = (kc >> 1) * GW_REGION + (kc & 1) * GW_LBO + (r >> 3) * GW_SBO + (r & 7) * 16;
+    bytes[i] = n0 + r < N ? 16u : 0u;                  // rows past N: zeros, read from row n0
+    src[i] = w + size_t(n0 + (bytes[i] ? r : 0)) * K + kb0 * 128 + kc * 16;
   }
-  const uint32_t ring_s = dsv4::smem_addr(ring);
-  int next_it = 0, next_s = 0;                   // the step the copies are at
-  const auto issue = [&](int slot) {             // its copies into ring slot `slot`, as one group
-    if (next_it < mine) {
-      const int n0 = (int(blockIdx.x) + next_it * int(gridDim.x)) * GW_ROWS, kb0 = next_s * GW_BLOCKS;
-      const int blocks = min(GW_BLOCKS, kblocks - kb0);
-      const uint8_t* base = w + size_t(n0) * K + kb0 * 128;
+  const auto issue = [&](int q) {                      // block q of the slice into its slot, as one group
+    if (q < kbp) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {              // chunk i lies in the stage's 128-K block i
-        const bool live = i < blocks && n0 + n < N;         // zeros past K's blocks and past the last row
-        dsv4::cp_async16(ring + slot * GW_STAGE + dst[i], live ? base + src[i] : w, live ? 16 : 0);
-      }
-      if (++next_s == steps) next_s = 0, ++next_it;
+      for (int i = 0; i < 4; ++i) dsv4::cp_async16(ring + (q & (GW_STAGES - 1)) * GW_STAGE + dst[i], src[i] + q * 128, bytes[i]);
     }
     dsv4::cp_async_commit();
   };
-#pragma unroll
-  for (int p = 0; p < GW_STAGES - 1; ++p) issue(p);   // the weights do not wait for the kernel before
+  // The loads the CTA waits on (the scales, then x) go out ahead of most of the weight copies: behind all of
+  // them, every CTA's, they waited microseconds (session 33's timestamps: 4 us for the scales, 2 for x).
+  if (tid < kbp) w_s[tid] = dsv4::e8m0(w_scale[size_t(n0 / 128) * kblocks + kb0 + tid]);   // 64 rows: one scale row
+  issue(0);                                            // the weights do not wait for the kernel before
+  issue(1);
   dsv4::pdl_wait();                                    // x comes from it
   dsv4::pdl_launch_dependents();
-  dsv4::quantise_to_smem<false>(x, rows * K, K, GW_PAD, act, act_s);
-  __syncthreads();
+  for (int r = 0; r < rows; ++r)                       // token r at its row of core-matrix row group r / 8
+    dsv4::quantise_to_smem<false, false, false, true>(x + size_t(r) * K + kb0 * 128, kp, kp, 0,
+                                                      act + (r >> 3) * (kp * 8) + (r & 7) * 16, act_s + r * kbp);
+#pragma unroll
+  for (int q = 2; q < GW_STAGES - 2; ++q) issue(q);
 
-  const int tok0 = min(g, rows - 1), tok1 = min(g + 8, rows - 1);   // past `rows`: a real row, never written
-  float sum[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int it = 0, s = 0;                             // the step being multiplied
-  for (int gs = 0; gs < total; ++gs) {
-    dsv4::cp_async_wait_pending(GW_STAGES - 2);  // this thread's copies of step gs have landed
-    __syncthreads();                             // everyone's have; everyone is through step gs - 1's MMAs
-    issue((gs + GW_STAGES - 1) % GW_STAGES);     // into the slot step gs - 1 used
-    const int n0 = (int(blockIdx.x) + it * int(gridDim.x)) * GW_ROWS, kb0 = s * GW_BLOCKS;
-    const int blocks = min(GW_BLOCKS, kblocks - kb0);
-    uint32_t sw[GW_BLOCKS];                      // the weight blocks' scale bytes, read while the MMAs run
+  int tok[NT / 2];                                     // accumulator i's token: column 2t + i % 2 (+ 8 from i = 4)
 #pragma unroll
-    for (int b = 0; b < GW_BLOCKS; ++b)
-      sw[b] = warp == 0 && b < blocks ? __ldg(w_scale + size_t(n0 / 128) * kblocks + kb0 + b) : 0u;
-    // A: warp 0's lane (g, t) holds tokens g and g + 8 at k-slots 4t .. 4t + 3 and 16 + 4t .. (the PTX
-    // fragment); the other warps' rows are zeros. Past a short step's blocks, zeros times block 0's B.
-    uint32_t a[GW_MMAS][4];
+  for (int i = 0; i < NT / 2; ++i) tok[i] = min(2 * t + (i & 1) + (i >> 2) * 8, rows - 1);   // past rows: unread
+  const uint32_t ring_s = dsv4::smem_addr(ring), act_sa = dsv4::smem_addr(act);
+  float sum[NT / 2];
 #pragma unroll
-    for (int m = 0; m < GW_MMAS; ++m) {
-      const int k = (kb0 + m / 4) * 128 + (m % 4) * 32 + 4 * t;
-      const bool live = warp == 0 && m / 4 < blocks;
-      a[m][0] = live ? *reinterpret_cast<const uint32_t*>(act + tok0 * ldx + k) : 0u;
-      a[m][1] = WIDE && live ? *reinterpret_cast<const uint32_t*>(act + tok1 * ldx + k) : 0u;
-      a[m][2] = live ? *reinterpret_cast<const uint32_t*>(act + tok0 * ldx + k + 16) : 0u;
-      a[m][3] = WIDE && live ? *reinterpret_cast<const uint32_t*>(act + tok1 * ldx + k + 16) : 0u;
+  for (int i = 0; i < NT / 2; ++i) sum[i] = 0.f;
+  // Two blocks a round: their eight MMAs into two sets of accumulators, one wait, then both scaled. (A wait
+  // for one block while the next block's MMAs run would have ptxas serialise the MMAs: it does not let
+  // other instructions read an MMA's accumulators while any group is in flight.)
+  const auto scale = [&](float (&c)[NT / 2], int q) {   // block q's products into the sums
+#pragma unroll
+    for (int i = 0; i < NT / 2; ++i) {
+      wgmma_pin(c[i]);
+      sum[i] = fmaf(c[i], w_s[q] * act_s[tok[i] * kbp + q], sum[i]);
     }
+  };
+  const auto multiply = [&](float (&c)[NT / 2], int q) {   // block q's four MMAs
+    const uint32_t a = ring_s + (q & (GW_STAGES - 1)) * GW_STAGE, b = act_sa + q * 1024;
+    wgmma_e4m3_ss<NT, false>(c, gw_desc(a, GW_LBO, GW_SBO), gw_desc(b, 128, kp * 8));
 #pragma unroll
-    for (int m = 0; m < GW_MMAS; ++m)            // loaded before the fence (the compiler would sink them)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[m][i])::"memory");
-    const uint32_t stage = ring_s + (gs % GW_STAGES) * GW_STAGE;
-    float c[GW_BLOCKS][8];
+    for (int j = 1; j < 4; ++j)
+      wgmma_e4m3_ss<NT, true>(c, gw_desc(a + j * GW_REGION, GW_LBO, GW_SBO), gw_desc(b + j * 256, 128, kp * 8));
+  };
+  for (int q = 0; q < kbp; q += 2) {
+    dsv4::cp_async_wait_pending(GW_STAGES - 4);       // this thread's copies of blocks q and q + 1 have landed
+    fence_async_shared();                              // visible to the MMAs
+    __syncthreads();                                   // everyone's; every warp is through the last round's MMAs
+    issue(q + GW_STAGES - 2);                          // into the last round's slots
+    issue(q + GW_STAGES - 1);
+    float c0[NT / 2], c1[NT / 2];
+    const bool pair = q + 1 < kbp;
     wgmma_fence();
-#pragma unroll
-    for (int b = 0; b < GW_BLOCKS; ++b) {
-      const uint32_t at = stage + (b < blocks ? b : 0) * 4 * 512;
-      wgmma_m64n16k32_rs<false>(c[b], a[4 * b], gw_desc(at));
-#pragma unroll
-      for (int m = 1; m < 4; ++m) wgmma_m64n16k32_rs<true>(c[b], a[4 * b + m], gw_desc(at + m * 512));
-    }
+    multiply(c0, q);
+    multiply(c1, pair ? q + 1 : q);                    // (an odd last block: block q again, unread)
     wgmma_commit();
     wgmma_wait_all();
-    if (warp == 0) {
+    scale(c0, q);
+    if (pair) scale(c1, q + 1);
+  }
+
+  if (parts > 1) {                                     // rank 0 adds the other ranks' sums, in rank order
+    float* partial = reinterpret_cast<float*>(ring);   // [NT / 2][128 threads]
+    __syncthreads();                                   // every warp's MMAs are through the ring
+    if (part != 0) {
 #pragma unroll
-      for (int b = 0; b < GW_BLOCKS; ++b) {
+      for (int i = 0; i < NT / 2; ++i) partial[i * 128 + tid] = sum[i];
+    }
+    cluster.sync();
+    if (part == 0) {
+      for (int r = 1; r < parts; ++r) {
+        const float* theirs = cluster.map_shared_rank(partial, r);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) wgmma_pin(c[b][i]);
-        if (b < blocks) {
-          const float w_s = dsv4::e8m0(sw[b]);
-          const float s0 = w_s * act_s[tok0 * kblocks + kb0 + b], s1 = w_s * act_s[tok1 * kblocks + kb0 + b];
-#pragma unroll
-          for (int i = 0; i < 8; ++i) sum[i] = fmaf(c[b][i], i & 2 ? s1 : s0, sum[i]);
-        }
+        for (int i = 0; i < NT / 2; ++i) sum[i] += theirs[i * 128 + tid];
       }
     }
-    if (++s == steps) {                          // the item's last step: warp 0 writes its 16 columns
-      if (warp == 0) {
+    cluster.sync();                                    // no rank leaves while rank 0 reads its shared memory
+  }
+  if (part == 0) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {            // entry i: token g (+ 8 where i & 2), column 2t + (i & 1) (+ 8 where i & 4)
-          const int tok = g + (i & 2 ? 8 : 0), col = n0 + 2 * t + (i & 1) + (i & 4 ? 8 : 0);
-          if (tok < rows && col < N) y[size_t(tok) * N + col] = __float2bfloat16(sum[i]);
-          sum[i] = 0.f;
-        }
-      }
-      s = 0, ++it;
+    for (int i = 0; i < NT / 2; ++i) {               // accumulator i: row g (+ 8 where i & 2) of the warp's 16
+      const int token = 2 * t + (i & 1) + (i >> 2) * 8, row = n0 + 16 * warp + g + ((i & 2) ? 8 : 0);
+      if (token < rows && row < N) y[size_t(token) * N + row] = __float2bfloat16(sum[i]);
     }
   }
 #endif
@@ -172,10 +179,10 @@ __device__ __forceinline__ void fp8_gemv_wgmma(const __nv_bfloat16* __restrict__
 extern "C" __global__ void __launch_bounds__(128) dsv4_fp8_gemv_wgmma_m8(
     const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w, const uint8_t* __restrict__ w_scale,
     __nv_bfloat16* __restrict__ y, int rows, int N, int K) {
-  fp8_gemv_wgmma<false>(x, w, w_scale, y, rows, N, K);
+  fp8_gemv_wgmma<8>(x, w, w_scale, y, rows, N, K);
 }
 extern "C" __global__ void __launch_bounds__(128) dsv4_fp8_gemv_wgmma_m16(
     const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ w, const uint8_t* __restrict__ w_scale,
     __nv_bfloat16* __restrict__ y, int rows, int N, int K) {
-  fp8_gemv_wgmma<true>(x, w, w_scale, y, rows, N, K);
+  fp8_gemv_wgmma<16>(x, w, w_scale, y, rows, N, K);
 }

@@ -1,7 +1,7 @@
 // Hopper's warpgroup MMA (sm_90a): the fences and waits around wgmma.mma_async, shared by the prefill
-// (moe_wgmma.cu) and decode (moe_decode_wgmma.cu) expert kernels and the decode GEMV (fp8_gemv_wgmma.cu), and
-// the e4m3 MMAs with A from registers that the decode kernels take (N = 8: the experts', 16: the GEMV's; the
-// prefill kernel writes its own, N from 32 to 128). Only where the architecture has it.
+// (moe_wgmma.cu) and decode (moe_decode_wgmma.cu) expert kernels and the decode GEMV (fp8_gemv_wgmma.cu); the
+// e4m3 MMA with A from registers that the decode experts take (N = 8; the prefill kernel writes its own, N from
+// 32 to 128), and the GEMV's with both operands from shared memory. Only where the architecture has it.
 #pragma once
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -28,23 +28,30 @@ __device__ __forceinline__ void wgmma_m64n8k32_rs(float (&d)[4], const uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(int(ACCUMULATE)));
 }
 
-// d (+)= A (64 x 32 e4m3 from registers) . B (32 x 16 from the descriptor); without ACCUMULATE d is only
-// written (so it needs no zeros first).
-#define DSV4_GW_MMA(OUT, SCALE_D)                                                                             \
-  asm volatile(                                                                                               \
-      "{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE_D ", 0;\n"                                                   \
-      "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 {%0,%1,%2,%3,%4,%5,%6,%7}, {%8,%9,%10,%11}, %12, " \
-      "p, 1, 1;\n}\n"                                                                                        \
-      : OUT(d[0]), OUT(d[1]), OUT(d[2]), OUT(d[3]), OUT(d[4]), OUT(d[5]), OUT(d[6]), OUT(d[7])                 \
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
-template <bool ACCUMULATE>
-__device__ __forceinline__ void wgmma_m64n16k32_rs(float (&d)[8], const uint32_t (&a)[4], uint64_t desc_b) {
-  if constexpr (ACCUMULATE)
-    DSV4_GW_MMA("+f", "1");
+// d (+)= A (64 x 32 e4m3) . B (32 x NT e4m3), both from descriptors, NT = 8 or 16; without ACCUMULATE d is
+// only written (so it needs no zeros first).
+#define DSV4_SS_MMA(SHAPE, SCALE_D, OPERANDS)                                        \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE_D ", 0;\nwgmma.mma_async.sync.aligned." SHAPE \
+  ".f32.e4m3.e4m3 " OPERANDS ", p, 1, 1;\n}\n"
+template <int NT, bool ACCUMULATE>
+__device__ __forceinline__ void wgmma_e4m3_ss(float (&d)[NT / 2], uint64_t desc_a, uint64_t desc_b) {
+  static_assert(NT == 8 || NT == 16, "the decode GEMV's token counts");
+  if constexpr (NT == 8 && ACCUMULATE)
+    asm volatile(DSV4_SS_MMA("m64n8k32", "1", "{%0,%1,%2,%3}, %4, %5")
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "l"(desc_a), "l"(desc_b) : "memory");
+  else if constexpr (NT == 8)
+    asm volatile(DSV4_SS_MMA("m64n8k32", "0", "{%0,%1,%2,%3}, %4, %5")
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]) : "l"(desc_a), "l"(desc_b) : "memory");
+  else if constexpr (ACCUMULATE)
+    asm volatile(DSV4_SS_MMA("m64n16k32", "1", "{%0,%1,%2,%3,%4,%5,%6,%7}, %8, %9")
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+                 : "l"(desc_a), "l"(desc_b) : "memory");
   else
-    DSV4_GW_MMA("=f", "0");
+    asm volatile(DSV4_SS_MMA("m64n16k32", "0", "{%0,%1,%2,%3,%4,%5,%6,%7}, %8, %9")
+                 : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7])
+                 : "l"(desc_a), "l"(desc_b) : "memory");
 }
-#undef DSV4_GW_MMA
+#undef DSV4_SS_MMA
 
 }  // namespace
 #endif
