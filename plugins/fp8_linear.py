@@ -195,8 +195,8 @@ def gemv_split(n: int, k: int, name: str, shared: int, device: int | None = None
     """`split_for` of GEMV kernel `name` (with `shared` bytes of dynamic shared memory) on the current GPU,
     and its resident CTAs."""
     resident = kernels().resident(name, 256, shared)
-    props = torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device)
-    return (*split_for(n, k, resident, props.multi_processor_count), resident)
+    sms = sm_count(torch.cuda.current_device() if device is None else device)
+    return (*split_for(n, k, resident, sms), resident)
 
 
 def _check_gemv(x, w, w_scale, m: int, k: int) -> None:

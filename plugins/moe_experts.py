@@ -8,6 +8,7 @@ device memory or to pinned host memory, so experts move without rebuilding anyth
 from __future__ import annotations
 
 import dataclasses
+from functools import lru_cache
 
 import torch
 
@@ -161,6 +162,7 @@ def spread_shared(shared: int, ctas: int, sms: int, shared_memory: tuple[int, in
 TILE_REGIONS = 2                  # csrc/moe_decode_wgmma.cu: the down kernel's B tile regions, at most
 
 
+@lru_cache(maxsize=64)                   # asked on every eager decode call
 def _down_launch(lib, items: int, t: int, f: int, sms: int) -> tuple[int, int]:
     """(CTAs per token, dynamic shared memory) of the wgmma down kernel for `items` items per token: each item
     in a CTA's hand has its pair's h in a region of its own (the B tile and its scales), up to TILE_REGIONS; the

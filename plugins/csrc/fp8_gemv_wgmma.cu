@@ -43,11 +43,6 @@ constexpr int GW_REGION = 8 * GW_SBO + 32;
 constexpr int GW_STAGE = 4 * GW_REGION;      // 8832 bytes
 constexpr int GW_STAGES = 8;                 // ring slots (a power of two); all but two in flight
 
-// A K-major operand of 8-row x 16-byte core matrices, no swizzle: the next core matrix along K `lead` bytes
-// on, the next along M or N `stride` bytes on.
-__device__ __forceinline__ uint64_t gw_desc(uint32_t addr, uint32_t lead, uint32_t stride) {
-  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(lead >> 4) << 16) | (uint64_t(stride >> 4) << 32);
-}
 #endif
 
 // Grid: ceil(N / 64) items x P CTAs in clusters of P; 128 threads. Dynamic shared memory: the ring
@@ -125,10 +120,10 @@ __device__ __forceinline__ void fp8_gemv_wgmma(const __nv_bfloat16* __restrict__
   };
   const auto multiply = [&](float (&c)[NT / 2], int q) {   // block q's four MMAs
     const uint32_t a = ring_s + (q & (GW_STAGES - 1)) * GW_STAGE, b = act_sa + q * 1024;
-    wgmma_e4m3_ss<NT, false>(c, gw_desc(a, GW_LBO, GW_SBO), gw_desc(b, 128, kp * 8));
+    wgmma_e4m3_ss<NT, false>(c, kmajor_desc(a, GW_LBO, GW_SBO), kmajor_desc(b, 128, kp * 8));
 #pragma unroll
     for (int j = 1; j < 4; ++j)
-      wgmma_e4m3_ss<NT, true>(c, gw_desc(a + j * GW_REGION, GW_LBO, GW_SBO), gw_desc(b + j * 256, 128, kp * 8));
+      wgmma_e4m3_ss<NT, true>(c, kmajor_desc(a + j * GW_REGION, GW_LBO, GW_SBO), kmajor_desc(b + j * 256, 128, kp * 8));
   };
   for (int q = 0; q < kbp; q += 2) {
     dsv4::cp_async_wait_pending(GW_STAGES - 4);       // this thread's copies of blocks q and q + 1 have landed

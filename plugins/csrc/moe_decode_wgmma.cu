@@ -33,9 +33,7 @@ namespace {
 // The B tile's descriptor: core matrices without swizzle, the next along K 128 bytes on (as leading and as
 // stride offset: with 8 columns there is no next core matrix along N, so either reading of the two fields
 // finds it). Block b's is this plus 16 * b (256 bytes).
-__device__ __forceinline__ uint64_t b_tile_desc(const uint8_t* tile) {
-  return uint64_t((smem_addr(tile) & 0x3FFFF) >> 4) | (uint64_t(128 >> 4) << 16) | (uint64_t(128 >> 4) << 32);
-}
+__device__ __forceinline__ uint64_t b_tile_desc(const uint8_t* tile) { return kmajor_desc(smem_addr(tile), 128, 128); }
 
 // The E8M0 scales of lane (r, q)'s accumulator entries in a step: rows r, r + 8 (h) of the step's blocks 2q,
 // 2q + 1 (i). From the ring, or from global memory where the scales were not copied (`async_scales`).
@@ -51,8 +49,8 @@ __device__ __forceinline__ void lane_scales(const uint8_t* stage, const Fp4Job& 
       for (int i = 0; i < 2; ++i)
         if (2 * q + i < j.blocks) v |= uint32_t(__ldg(j.s + size_t(r + 8 * h) * j.sld + 2 * q + i)) << (8 * i);
     }
-    s[h][0] = __uint_as_float((v << 23) & 0x7F800000u);
-    s[h][1] = __uint_as_float((v << 15) & 0x7F800000u);
+    s[h][0] = dsv4::e8m0(v);
+    s[h][1] = dsv4::e8m0(v >> 8);
   }
 }
 

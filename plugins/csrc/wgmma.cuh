@@ -13,6 +13,12 @@ __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_grou
 // shared-memory writes by ordinary stores and cp.async, made visible to the async proxy wgmma reads through
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// A shared-memory descriptor of a K-major operand in 8-row x 16-byte core matrices, no swizzle: the next core
+// matrix along K `lead` bytes on, the next along M or N `stride` bytes on.
+__device__ __forceinline__ uint64_t kmajor_desc(uint32_t addr, uint32_t lead, uint32_t stride) {
+  return uint64_t((addr & 0x3FFFF) >> 4) | (uint64_t(lead >> 4) << 16) | (uint64_t(stride >> 4) << 32);
+}
+
 // Pins a register's reads and writes on one side of an asynchronous wgmma that writes it (the compiler
 // does not know the MMA writes it later than its issue).
 __device__ __forceinline__ void wgmma_pin(float& v) { asm volatile("" : "+f"(v)::"memory"); }
