@@ -87,18 +87,19 @@ class KernelImage:
                 _check(d.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev)))
         return self._shared_memory[ordinal]
 
-    def launch(self, name: str, grid: int | tuple[int, int], block: int, args: list[tuple[object, type]],
+    def launch(self, name: str, grid: int | tuple[int, ...], block: int, args: list[tuple[object, type]],
                shared: int = 0, cluster: int = 1) -> None:
-        """Launch `name` on the current torch stream; args are (value, ctypes type) pairs; `shared` bytes of
-        dynamic shared memory; CTAs in clusters of `cluster` along x (sm_90 and later)."""
+        """Launch `name` on the current torch stream over `grid` (x, or (x, y) or (x, y, z)); args are (value,
+        ctypes type) pairs; `shared` bytes of dynamic shared memory; CTAs in clusters of `cluster` along x
+        (sm_90 and later)."""
         values = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a, _ in args)
         types = tuple(t for _, t in args)
-        gx, gy = grid if isinstance(grid, tuple) else (grid, 1)
+        gx, gy, gz = (*grid, 1, 1)[:3] if isinstance(grid, tuple) else (grid, 1, 1)
         self._allow_shared(name, shared)
         stream = self.driver.CUstream(torch.cuda.current_stream().cuda_stream)
         if self._pdl or cluster > 1:
             try:
-                _check(self.driver.cuLaunchKernelEx(self._config(gx, gy, block, shared, stream, cluster),
+                _check(self.driver.cuLaunchKernelEx(self._config((gx, gy, gz), block, shared, stream, cluster),
                                                     self.function(name), (values, types), 0))
                 return
             except (AttributeError, TypeError, RuntimeError) as e:   # older driver or bindings: plain launches
@@ -106,16 +107,16 @@ class KernelImage:
                     raise
                 log.warning("programmatic dependent launch unavailable (%s); launching plainly", e)
                 self._pdl = False
-        _check(self.driver.cuLaunchKernel(self.function(name), gx, gy, 1, block, 1, 1, shared, stream,
+        _check(self.driver.cuLaunchKernel(self.function(name), gx, gy, gz, block, 1, 1, shared, stream,
                                           (values, types), 0))
 
-    def _config(self, gx: int, gy: int, block: int, shared: int, stream, cluster: int):
+    def _config(self, grid: tuple[int, int, int], block: int, shared: int, stream, cluster: int):
         """An extended launch: where PDL works, one that may start while the previous kernel in the stream
         finishes (the kernels call griddepcontrol.wait before touching its outputs; see csrc/common.cuh);
         with `cluster` > 1, CTAs in clusters of that many along x."""
         d = self.driver
         cfg = d.CUlaunchConfig()
-        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = gx, gy, 1
+        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid
         cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block, 1, 1
         cfg.sharedMemBytes = shared
         cfg.hStream = stream

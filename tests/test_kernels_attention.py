@@ -35,6 +35,8 @@ def _rotations(b, s, rope, seed=5):
     pytest.param(2, 2, 16, 256, 300, 129, 100, id="d256-2tok"),
     pytest.param(1, 1, 128, 512, 4000, 640, 640, id="pro-128heads-all-valid"),
     pytest.param(1, 2, 20, 128, 90, 33, 33, id="20heads-split-of-one"),
+    pytest.param(1, 1, 48, 512, 2176, 640, 600, id="48heads-over-two-ctas-a-split"),
+    pytest.param(1, 1, 64, 512, 4000, 2176, 2000, id="flash-2176-rows-one-cta-a-split"),
 ])
 def test_sparse_attention_decode_matches_oracle(b, s, h, d, t, k, valid):
     from plugins.sparse_attention import sparse_attention_decode
@@ -122,6 +124,23 @@ def test_decode_attention_op_is_the_kernel_over_the_rows_it_names_then_the_inver
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, expect())
+
+
+@pytest.mark.parametrize("rows, splits, queries, warps, sms, expect", [
+    pytest.param(32, 20, 1, 4, 132, 2, id="flash-640-rows"),
+    pytest.param(32, 4, 1, 4, 132, 2, id="flash-window"),
+    pytest.param(32, 68, 1, 4, 132, 4, id="flash-2176-rows-past-one-wave"),
+    pytest.param(32, 20, 16, 4, 132, 4, id="16-queries-past-one-wave"),
+    pytest.param(32, 20, 1, 8, 132, 2, id="pro-128-heads"),
+    pytest.param(32, 3, 2, 1, 132, 1, id="one-warp"),
+    pytest.param(64, 10, 76, 4, 132, 4, id="prefill-chunk"),
+])
+def test_decode_splits_spread_their_heads_over_ctas_within_one_wave(rows, splits, queries, warps, sms, expect):
+    """The split launch's warps per CTA: DECODE_WARPS_PER_CTA where the CTAs then fit one wave of the GPU,
+    else all of a split's warps in one CTA (and always for prefill chunks' 64-row splits)."""
+    from plugins import sparse_attention as kernel
+    assert kernel.DECODE_WARPS_PER_CTA == 2
+    assert kernel.warps_per_cta(rows, splits, queries, warps, sms) == expect
 
 
 @pytest.mark.parametrize("b, k, least, most", [

@@ -37,7 +37,7 @@ class FakeDriver:
         return (0,)
 
     def cuLaunchKernel(self, function, gx, gy, gz, bx, by, bz, shared, stream, args, extra):
-        self.launches.append(("plain", (gx, gy, bx, shared)))
+        self.launches.append(("plain", (gx, gy, gz, bx, shared)))
         return (0,)
 
 
@@ -57,17 +57,25 @@ def test_extended_launches_carry_pdl_and_cluster_attributes(monkeypatch, pdl, cl
     _image(monkeypatch, pdl, driver).launch("k", 8, 128, [(3, loader.INT)], cluster=cluster)
     (kind, cfg), = driver.launches
     assert kind == "ex" and [a.id for a in cfg.attrs] == attrs and cfg.numAttrs == len(attrs)
-    assert (cfg.gridDimX, cfg.blockDimX, cfg.hStream) == (8, 128, 7)
+    assert (cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ, cfg.blockDimX, cfg.hStream) == (8, 1, 1, 128, 7)
     if cluster > 1:
         assert vars(cfg.attrs[-1].value.clusterDim) == {"x": cluster, "y": 1, "z": 1}
+
+
+def test_an_extended_launch_takes_a_three_dimensional_grid(monkeypatch):
+    driver = FakeDriver()
+    _image(monkeypatch, True, driver).launch("k", (20, 1, 2), 64, [])
+    (kind, cfg), = driver.launches
+    assert (cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ, cfg.blockDimX) == (20, 1, 2, 64)
 
 
 def test_without_pdl_a_plain_launch_and_a_failed_cluster_launch_raises(monkeypatch):
     driver = FakeDriver()
     _image(monkeypatch, False, driver).launch("k", (4, 2), 256, [], shared=64)
-    assert driver.launches == [("plain", (4, 2, 256, 64))]
+    _image(monkeypatch, False, driver).launch("k", (4, 2, 3), 256, [])
+    assert driver.launches == [("plain", (4, 2, 1, 256, 64)), ("plain", (4, 2, 3, 256, 0))]
     image = _image(monkeypatch, True, FakeDriver(ex_fails=True))
     with pytest.raises(RuntimeError):
         image.launch("k", 8, 128, [], cluster=2)           # a cluster cannot fall back to a plain launch
     image.launch("k", 8, 128, [])                          # PDL can: plain from then on
-    assert image._pdl is False and image.driver.launches == [("plain", (8, 1, 128, 0))]
+    assert image._pdl is False and image.driver.launches == [("plain", (8, 1, 1, 128, 0))]

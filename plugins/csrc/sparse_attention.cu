@@ -1,12 +1,14 @@
 // Sparse attention with a sink, for decode (few queries), DeepSeek's numerics (plugins/oracle.py):
 //   s_k = scale * q_h . kv[idx_k]   (float32; idx_k = -1: no row)
 //   o_h = sum_k bf16(exp(s_k - m)) * kv[idx_k] / (sum_k exp(s_k - m) + exp(sink_h - m)),   m = max_k s_k
-// One shared K = V row per index (MQA over the latent): a CTA takes a split of ROWS indices for every head
-// (a warp per 16 heads), gathers those rows into shared memory once, and runs both products on bf16 tensor
-// cores (mma m16n8k16, fp32 sums): scores S = Q . K^T with the heads as the 16-row A operand, then the
-// split's softmax in registers, then P . V with S's accumulators reused as P's A fragments (bf16). A second
-// launch combines the splits (rescaling each by exp(m_split - m)); the probabilities are rounded to bf16
-// against their split's maximum instead of the global one, a difference at bf16 rounding level.
+// One shared K = V row per index (MQA over the latent): a CTA takes a split of ROWS indices for its heads (a
+// warp per 16 heads: every head, or in decode a share of them, since writing its float32 partial rows is
+// what a CTA spends longest on: plugins.sparse_attention.warps_per_cta), gathers those rows into shared
+// memory, and runs both products on bf16 tensor cores (mma m16n8k16, fp32 sums): scores S = Q . K^T with
+// the heads as the 16-row A operand, then the split's softmax in registers, then P . V with S's accumulators
+// reused as P's A fragments (bf16). A second launch combines the splits (rescaling each by exp(m_split - m));
+// the probabilities are rounded to bf16 against their split's maximum instead of the global one, a difference
+// at bf16 rounding level.
 // (Session 6's scalar kernel took 27 us at Flash size, 640 rows: one warp per head, a serial chain of
 // shuffles per row.)
 // ROWS (indices per split) is 32 for decode and 64 for prefill chunks (the `_r64` kernels). Session 25 on the
@@ -59,10 +61,10 @@ __device__ __forceinline__ int64_t attended_row(const int64_t* __restrict__ idx,
   return block < (p + 1) / ratio ? k : -1;
 }
 
-// grid (splits, queries), block 32 * ceil(heads / 16). Writes per (query, split, head) the split's maximum
-// score and normaliser (ml) and its unnormalised output row (acc). Lane (g, t) of warp w holds heads
-// 16w + g and 16w + g + 8 (clamped to a valid head past `heads`, never written) and, per 8 rows or dims of
-// an MMA tile, columns 2t and 2t + 1.
+// grid (splits, queries, ceil(heads / 16) / W), block 32 * W: W warps a CTA. Writes per (query, split, head)
+// the split's maximum score and normaliser (ml) and its unnormalised output row (acc). Lane (g, t) of the
+// CTA's warp w holds heads 16w + g and 16w + g + 8 (w counted from CTA z's first, z * W; clamped to a valid
+// head past `heads`, never written) and, per 8 rows or dims of an MMA tile, columns 2t and 2t + 1.
 template <int D, int ROWS>
 __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
                                              const int64_t* __restrict__ idx, float* __restrict__ acc,
@@ -72,7 +74,9 @@ __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q
   extern __shared__ uint4 smem[];                // the split's rows [ROWS][LD]
   __nv_bfloat16* rows = reinterpret_cast<__nv_bfloat16*>(smem);
   __shared__ int64_t at[ROWS];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  // the warp's 16 heads: CTA z of a (split, query) takes heads from 16 * z * (its warps) on
+  const int warp = int(blockIdx.z * (blockDim.x >> 5) + (threadIdx.x >> 5)), lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
   const int split = blockIdx.x, splits = gridDim.x, query = blockIdx.y, b = query / s_per_b;
   const int k0 = split * ROWS, n = min(ROWS, K - k0);
 
@@ -161,8 +165,8 @@ __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q
   }
   // O = P . V over 128 dims at a time (16 tiles of 8 dims); ldmatrix.trans hands V's B fragments for two
   // tiles (16 rows) at once
-  float* out0 = acc + (part + head0) * D + 2 * t;
-  float* out8 = acc + (part + head8) * D + 2 * t;
+  float* out0 = acc + (part + head0) * D;
+  float* out8 = acc + (part + head8) * D;
 #pragma unroll 1
   for (int d0 = 0; d0 < D; d0 += 128) {
     float o[16][4] = {};
@@ -175,11 +179,23 @@ __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q
         dsv4::mma_bf16(o[dt], p[kk][0], p[kk][1], p[kk][2], p[kk][3], bfr[0], bfr[1]);
         dsv4::mma_bf16(o[dt + 1], p[kk][0], p[kk][1], p[kk][2], p[kk][3], bfr[2], bfr[3]);
       }
+    // Each pair of tiles leaves the 4 lanes of a head 16 dims, two each a tile; lanes t and t ^ 1 swap a pair
+    // so that each holds 4 consecutive dims (t even: tile dt's 2t..2t+3; t odd: tile dt + 1's 2t-2..2t+1) and
+    // the 4 lanes store the head's 64 bytes in 16-byte pieces: half the store instructions, each touching
+    // 8 rows where 8-byte pieces did too.
 #pragma unroll
-    for (int dt = 0; dt < 16; ++dt) {
-      if (head0 < heads) *reinterpret_cast<float2*>(out0 + d0 + dt * 8) = make_float2(o[dt][0], o[dt][1]);
-      if (head8 < heads) *reinterpret_cast<float2*>(out8 + d0 + dt * 8) = make_float2(o[dt][2], o[dt][3]);
-    }
+    for (int dt = 0; dt < 16; dt += 2)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const bool odd = t & 1;
+        const float s0 = odd ? o[dt][2 * hh] : o[dt + 1][2 * hh];
+        const float s1 = odd ? o[dt][2 * hh + 1] : o[dt + 1][2 * hh + 1];
+        const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1), r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
+        const float4 v = odd ? make_float4(r0, r1, o[dt + 1][2 * hh], o[dt + 1][2 * hh + 1])
+                             : make_float4(o[dt][2 * hh], o[dt][2 * hh + 1], r0, r1);
+        const int dim = d0 + (dt + (odd ? 1 : 0)) * 8 + 2 * (t & 2);
+        if ((hh ? head8 : head0) < heads) *reinterpret_cast<float4*>((hh ? out8 : out0) + dim) = v;
+      }
   }
 }
 
