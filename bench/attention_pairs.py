@@ -3,9 +3,10 @@
 Flash sizes (64 heads x 512, one query) over 128, 640 and 2176 rows of a 4096-row cache: a graph of 20 pairs
 back to back, replayed 20 times per timing, 7 timings, the median per pair. Each case runs in a process of
 its own (a process loads one kernel image), in turn, for `--rounds` rounds; each reports a hash of its
-output, which must agree across cases that change no math. A case is FATBIN or FATBIN:W, W the split
-launch's warps per CTA (plugins.sparse_attention.DECODE_WARPS_PER_CTA; the rule of `warps_per_cta` still
-falls back to all warps past one wave, as at 2176 rows).
+output, which must agree across cases that change no math. A case is FATBIN[:W[:R]]: W the split launch's
+warps per CTA (plugins.sparse_attention.DECODE_WARPS_PER_CTA; `warps_per_cta` still puts every warp in one
+CTA past one wave, as at 2176 rows), R the rows per split (32, the default, or 64: another rounding of the
+probabilities, so another hash).
 
     python bench/attention_pairs.py plugins/dsv4_kernels.fatbin:4 plugins/dsv4_kernels.fatbin:2 \\
         --json bench/results/attention-pairs-h200.json
@@ -26,15 +27,16 @@ ROWS = (128, 640, 2176)
 
 
 def one_case(spec: str) -> dict:
-    """This process's figures for case `spec` (FATBIN[:W])."""
+    """This process's figures for case `spec` (FATBIN[:W[:R]])."""
     import torch
 
     from plugins import loader
-    fatbin, _, warps = spec.partition(":")
+    fatbin, warps, rows = (spec.split(":") + ["", ""])[:3]
     loader.FATBIN = Path(fatbin).resolve()      # before anything loads the kernels
     from plugins import sparse_attention as sa
     if warps:
         sa.DECODE_WARPS_PER_CTA = int(warps)
+    split_rows = int(rows) if rows else sa.ROWS
     h, d, t = 64, 512, 4096
     figures = {}
     for k in ROWS:
@@ -43,10 +45,10 @@ def one_case(spec: str) -> dict:
         kv = torch.randn(1, t, d, device="cuda").to(torch.bfloat16)
         sink = torch.randn(h, device="cuda")
         idx = torch.randperm(t, device="cuda")[:k].view(1, 1, k).contiguous()
-        ws, out = sa.make_workspace(1, h, d, k, "cuda"), torch.empty_like(q)
+        ws, out = sa.make_workspace(1, h, d, k, "cuda", split_rows), torch.empty_like(q)
 
         def pair():
-            sa.sparse_attention_decode(q, kv, sink, idx, d ** -0.5, out=out, workspace=ws)
+            sa.sparse_attention_decode(q, kv, sink, idx, d ** -0.5, out=out, workspace=ws, rows=split_rows)
 
         side = torch.cuda.Stream()
         with torch.cuda.stream(side):
@@ -73,7 +75,7 @@ def one_case(spec: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("cases", nargs="+", help="FATBIN or FATBIN:WARPS_PER_CTA; the first is the baseline")
+    ap.add_argument("cases", nargs="+", help="FATBIN[:WARPS_PER_CTA[:ROWS_PER_SPLIT]]; the first is the baseline")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)   # a child: one case, JSON out
     ap.add_argument("--json", type=Path)

@@ -23,10 +23,10 @@ PREFILL_QUERIES = 32                         # more queries than this: a prefill
 PREFILL_WORKSPACE_BYTES = 96 << 20
 CHUNKS = (1, 2, 4)                           # head_dim / 128 the kernel is built for
 MAX_HEADS = 128                              # a warp per 16 heads, 8 warps
-# Warps (16 heads each) per CTA of a decode split launch where its CTAs fit the GPU at once: each CTA writes
-# its heads' float32 partial rows (2 KB a head), and an SM writes them far slower than it reads: one CTA for
-# all 64 Flash heads wrote 128 KB, and halving that took 1.1-1.3 us off the launch pair at 128 and 640 rows
-# (H200, bench/results/attention-warps-per-cta-s34-h200.txt; one warp a CTA gained nothing on two).
+# Warps (16 heads each) per CTA of a split launch whose CTAs fit the GPU at once (decode): each CTA writes its
+# heads' float32 partial rows (2 KB a head), and an SM writes them far slower than it reads: one CTA for all
+# 64 Flash heads wrote 128 KB, and halving that took 1.0-1.3 us off the launch pair at 128 and 640 rows, the
+# same bits (H200, bench/results/attention-pairs-s34-h200.json; one warp a CTA gained nothing on two).
 DECODE_WARPS_PER_CTA = 2
 
 
@@ -63,13 +63,12 @@ def prefill_group(batch: int, queries: int, heads: int, d: int, k: int) -> int:
     return max(1, min(queries, PREFILL_WORKSPACE_BYTES // per_query))
 
 
-def warps_per_cta(rows: int, splits: int, queries: int, warps: int, sms: int) -> int:
-    """Warps per CTA of the split launch (CTAs along z share a split's heads): DECODE_WARPS_PER_CTA for decode
-    splits where all their CTAs fit one wave of `sms` SMs (more CTAs each gather the same rows again; at
-    2176 rows, 136 CTAs on 132 SMs, the pair took 0.9 us longer), else every warp in one CTA (prefill chunks)."""
+def warps_per_cta(splits: int, queries: int, warps: int, sms: int) -> int:
+    """Warps per CTA of the split launch (CTAs along z share a split's heads): DECODE_WARPS_PER_CTA where all
+    the launch's CTAs then fit one wave of `sms` SMs (more CTAs each gather the same rows again; at 2176 rows,
+    136 CTAs on 132 SMs, the pair took 0.9 us longer), else every warp in one CTA (and so prefill chunks)."""
     per_cta = min(warps, DECODE_WARPS_PER_CTA)
-    fits_one_wave = splits * queries * -(-warps // per_cta) <= sms
-    return per_cta if rows == ROWS and fits_one_wave else warps
+    return per_cta if splits * queries * -(-warps // per_cta) <= sms else warps
 
 
 def decode_row_count(t: int, window: int, ratio: int, picks: int) -> int:
@@ -106,7 +105,7 @@ def sparse_attention_decode(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
     acc, ml = ws["acc"], ws["ml"]
     out = torch.empty_like(q) if out is None else out
     splits, warps = -(-k // rows), -(-h // 16)
-    per_cta = warps_per_cta(rows, splits, b * s, warps, sm_count(device_index(q.device)))
+    per_cta = warps_per_cta(splits, b * s, warps, sm_count(device_index(q.device)))
     lib = kernels()
     suffix = "" if rows == ROWS else f"_r{rows}"
     lib.launch(f"dsv4_sparse_attention_split_d{d // 128}{suffix}", (splits, b * s, -(-warps // per_cta)), 32 * per_cta,

@@ -126,21 +126,21 @@ def test_decode_attention_op_is_the_kernel_over_the_rows_it_names_then_the_inver
     assert torch.equal(out, expect())
 
 
-@pytest.mark.parametrize("rows, splits, queries, warps, sms, expect", [
-    pytest.param(32, 20, 1, 4, 132, 2, id="flash-640-rows"),
-    pytest.param(32, 4, 1, 4, 132, 2, id="flash-window"),
-    pytest.param(32, 68, 1, 4, 132, 4, id="flash-2176-rows-past-one-wave"),
-    pytest.param(32, 20, 16, 4, 132, 4, id="16-queries-past-one-wave"),
-    pytest.param(32, 20, 1, 8, 132, 2, id="pro-128-heads"),
-    pytest.param(32, 3, 2, 1, 132, 1, id="one-warp"),
-    pytest.param(64, 10, 76, 4, 132, 4, id="prefill-chunk"),
+@pytest.mark.parametrize("splits, queries, warps, sms, expect", [
+    pytest.param(20, 1, 4, 132, 2, id="flash-640-rows"),
+    pytest.param(4, 1, 4, 132, 2, id="flash-window"),
+    pytest.param(68, 1, 4, 132, 4, id="flash-2176-rows-past-one-wave"),
+    pytest.param(20, 16, 4, 132, 4, id="16-queries-past-one-wave"),
+    pytest.param(20, 1, 8, 132, 2, id="pro-128-heads"),
+    pytest.param(3, 2, 1, 132, 1, id="one-warp"),
+    pytest.param(10, 76, 4, 132, 4, id="prefill-chunk"),
 ])
-def test_decode_splits_spread_their_heads_over_ctas_within_one_wave(rows, splits, queries, warps, sms, expect):
+def test_split_launches_spread_their_heads_over_ctas_within_one_wave(splits, queries, warps, sms, expect):
     """The split launch's warps per CTA: DECODE_WARPS_PER_CTA where the CTAs then fit one wave of the GPU,
-    else all of a split's warps in one CTA (and always for prefill chunks' 64-row splits)."""
+    else all of a split's warps in one CTA (prefill chunks: many queries)."""
     from plugins import sparse_attention as kernel
     assert kernel.DECODE_WARPS_PER_CTA == 2
-    assert kernel.warps_per_cta(rows, splits, queries, warps, sms) == expect
+    assert kernel.warps_per_cta(splits, queries, warps, sms) == expect
 
 
 @pytest.mark.parametrize("b, k, least, most", [
