@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.in_turn import runs_in_turn  # noqa: E402
 from bench.results_json import run_header, write_json  # noqa: E402
 
 ROWS = (128, 640, 2176)
@@ -86,17 +86,8 @@ def main() -> None:
     missing = [c for c in args.cases if not Path(c.partition(":")[0]).is_file()]
     if missing:
         raise SystemExit(f"error: no fat binary for {', '.join(missing)}")
-    runs = []
-    for r in range(args.rounds):
-        for case in args.cases:
-            child = subprocess.run([sys.executable, __file__, case, "--one"], capture_output=True, text=True)
-            if child.returncode != 0:
-                sys.stderr.write(child.stderr)
-                raise SystemExit(f"error: the case {case} failed (exit {child.returncode})")
-            run = json.loads(child.stdout.strip().splitlines()[-1])
-            runs.append({"round": r, **run})
-            print(f"round {r} {case}: " + ", ".join(f"{k} rows {v['us_per_pair']:.2f} us"
-                                                    for k, v in run["figures"].items()), flush=True)
+    runs = runs_in_turn(args.cases, args.rounds, lambda case: [__file__, case, "--one"],
+                        lambda run: ", ".join(f"{k} rows {v['us_per_pair']:.2f} us" for k, v in run["figures"].items()))
     if args.json:
         write_json(args.json, run_header() | {"rows": list(ROWS), "runs": runs})
 

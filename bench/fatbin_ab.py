@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.in_turn import runs_in_turn  # noqa: E402
 from bench.results_json import run_header, write_json  # noqa: E402
 
 PROMPT = [(7 * i + 3) % 1000 + 2 for i in range(40)]
@@ -66,18 +66,11 @@ def main() -> None:
     missing = [str(f) for f in args.fatbins if not f.is_file()]
     if missing:
         raise SystemExit(f"error: no fat binary at {', '.join(missing)}")
-    runs = []
-    for r in range(args.rounds):
-        for f in args.fatbins:
-            child = subprocess.run([sys.executable, __file__, str(args.artifact), str(f), "--one", "--steps",
-                                    str(args.steps), "--new", str(args.new)], capture_output=True, text=True)
-            if child.returncode != 0:
-                sys.stderr.write(child.stderr)
-                raise SystemExit(f"error: the run with {f} failed (exit {child.returncode})")
-            run = json.loads(child.stdout.strip().splitlines()[-1])
-            runs.append({"round": r, **run})
-            print(f"round {r} {f}: step {' / '.join(f'{t:.3f}' for t in run['graph_step_ms'])} ms, "
-                  f"{max(run['fraction_of_copy_bandwidth']):.3f} of copy bandwidth")
+    runs = runs_in_turn([str(f) for f in args.fatbins], args.rounds,
+                        lambda f: [__file__, str(args.artifact), f, "--one", "--steps", str(args.steps),
+                                   "--new", str(args.new)],
+                        lambda run: f"step {' / '.join(f'{t:.3f}' for t in run['graph_step_ms'])} ms, "
+                                    f"{max(run['fraction_of_copy_bandwidth']):.3f} of copy bandwidth")
     base = runs[0]["greedy_tokens"]
     report = {**run_header(), "artifact": str(args.artifact), "runs": runs,
               "greedy_tokens_agree": all(r["greedy_tokens"] == base for r in runs), "mean_step_ms": {}}
