@@ -5,15 +5,21 @@ rounds, so that drift of the machine falls on every build alike. Each process re
 step (two medians of 5 runs of `--steps` steps, as bench/profile_decode.py times them), that step's fraction
 of the copy bandwidth it measured, and the greedy tokens of a fixed prompt, which must agree across builds
 (a build that changes the math changes them). Build the other fat binary with `python -m plugins.build --out
-FILE` from the other tree (or with other nvcc flags); the first one named is the baseline.
+FILE` from the other tree (or with other nvcc flags); the first one named is the baseline. A case may also
+turn runtime switches, as FATBIN@MODULE.NAME=VALUE[,...] (VALUE a Python literal), set in its process before
+the model loads: one fat binary with a switch turned each way.
 
     python bench/fatbin_ab.py /tmp/art/flash8-bfloat16 plugins/dsv4_kernels.fatbin /tmp/new.fatbin \\
         [--rounds 2] --json bench/results/fatbin-ab-h200.json
+    python bench/fatbin_ab.py /tmp/art/flash8-bfloat16 plugins/dsv4_kernels.fatbin \\
+        plugins/dsv4_kernels.fatbin@plugins.moe_experts.ROUTE_IN_GATE_UP=False
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -25,8 +31,24 @@ from bench.results_json import run_header, write_json  # noqa: E402
 PROMPT = [(7 * i + 3) % 1000 + 2 for i in range(40)]
 
 
-def one_build(artifact: Path, fatbin: Path, steps: int, new: int) -> dict:
-    """This process's figures with `fatbin` as its kernel image."""
+def parse_case(case: str) -> tuple[Path, list[tuple[str, str, object]]]:
+    """FATBIN[@MODULE.NAME=VALUE,...] -> (the fat binary, [(module, name, value)])."""
+    fatbin, _, turned = case.partition("@")
+    switches = []
+    for item in filter(None, turned.split(",")):
+        target, eq, value = item.partition("=")
+        module, _, name = target.rpartition(".")
+        if not (eq and module and name):
+            raise SystemExit(f"error: {item!r} is not MODULE.NAME=VALUE")
+        try:
+            switches.append((module, name, ast.literal_eval(value)))
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"error: {value!r} in {item!r} is not a Python literal") from None
+    return Path(fatbin), switches
+
+
+def one_build(artifact: Path, case: str, steps: int, new: int) -> dict:
+    """This process's figures with the case's fat binary as its kernel image and its switches turned."""
     import torch
 
     from bench.profile_decode import step_ms
@@ -34,7 +56,14 @@ def one_build(artifact: Path, fatbin: Path, steps: int, new: int) -> dict:
     from runtime.artifact import ArtifactModel
     from runtime.bench import bytes_per_token, copy_bandwidth
 
+    fatbin, switches = parse_case(case)
+    fatbin = fatbin.resolve()
     loader.FATBIN = fatbin                      # before anything loads the kernels
+    for module, name, value in switches:
+        target = importlib.import_module(module)
+        if not hasattr(target, name):
+            raise SystemExit(f"error: {module} has no {name}")
+        setattr(target, name, value)
     with torch.inference_mode():
         bandwidth = copy_bandwidth("cuda")
         model = ArtifactModel(artifact, "cuda", graphs=True)
@@ -45,7 +74,7 @@ def one_build(artifact: Path, fatbin: Path, steps: int, new: int) -> dict:
         tokens = [int(model.forward(torch.tensor([PROMPT]), 0)[0].argmax())]
         for i in range(new - 1):
             tokens.append(int(model.step(torch.tensor(tokens[-1:]), torch.tensor([len(PROMPT) + i]))[0].argmax()))
-    return {"fatbin": str(fatbin), "sha256": hashlib.sha256(fatbin.read_bytes()).hexdigest(),
+    return {"case": case, "fatbin": str(fatbin), "sha256": hashlib.sha256(fatbin.read_bytes()).hexdigest(),
             "graph_step_ms": times, "copy_bandwidth_gb_s": bandwidth / 1e9,
             "fraction_of_copy_bandwidth": [floor_ms / t for t in times], "greedy_tokens": tokens}
 
@@ -53,7 +82,8 @@ def one_build(artifact: Path, fatbin: Path, steps: int, new: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact", type=Path)
-    ap.add_argument("fatbins", type=Path, nargs="+", help="the fat binaries; the first is the baseline")
+    ap.add_argument("cases", nargs="+", help="the fat binaries (FATBIN[@MODULE.NAME=VALUE,...]); the first is "
+                                             "the baseline")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=50, help="decode steps per timed run (5 runs, the median)")
     ap.add_argument("--new", type=int, default=32, help="greedy tokens compared across builds")
@@ -61,23 +91,23 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one_build(args.artifact, args.fatbins[0].resolve(), args.steps, args.new)))
+        print(json.dumps(one_build(args.artifact, args.cases[0], args.steps, args.new)))
         return
-    missing = [str(f) for f in args.fatbins if not f.is_file()]
+    missing = sorted({str(f) for f, _ in map(parse_case, args.cases) if not f.is_file()})
     if missing:
         raise SystemExit(f"error: no fat binary at {', '.join(missing)}")
-    runs = runs_in_turn([str(f) for f in args.fatbins], args.rounds,
-                        lambda f: [__file__, str(args.artifact), f, "--one", "--steps", str(args.steps),
-                                   "--new", str(args.new)],
+    runs = runs_in_turn(args.cases, args.rounds,
+                        lambda case: [__file__, str(args.artifact), case, "--one", "--steps", str(args.steps),
+                                      "--new", str(args.new)],
                         lambda run: f"step {' / '.join(f'{t:.3f}' for t in run['graph_step_ms'])} ms, "
                                     f"{max(run['fraction_of_copy_bandwidth']):.3f} of copy bandwidth")
     base = runs[0]["greedy_tokens"]
     report = {**run_header(), "artifact": str(args.artifact), "runs": runs,
               "greedy_tokens_agree": all(r["greedy_tokens"] == base for r in runs), "mean_step_ms": {}}
-    for f in args.fatbins:
-        times = [t for r in runs if r["fatbin"] == str(f.resolve()) for t in r["graph_step_ms"]]
-        report["mean_step_ms"][str(f)] = sum(times) / len(times)
-    first = report["mean_step_ms"][str(args.fatbins[0])]
+    for case in args.cases:
+        times = [t for r in runs if r["case"] == case for t in r["graph_step_ms"]]
+        report["mean_step_ms"][case] = sum(times) / len(times)
+    first = report["mean_step_ms"][args.cases[0]]
     report["step_over_baseline"] = {f: t / first for f, t in report["mean_step_ms"].items()}
     print("mean step: " + ", ".join(f"{f} {t:.3f} ms ({report['step_over_baseline'][f]:.3f}x)"
                                     for f, t in report["mean_step_ms"].items())

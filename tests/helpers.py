@@ -51,3 +51,17 @@ def greedy_both_ways(model, prompt: list[int], new: int) -> tuple[list[int], lis
 def expert_tensors(ckpt, prefix: str) -> tuple:
     """w1, s1, w3, s3, w2, s2 of one routed expert of a checkpoint, in `pack_expert`'s argument order."""
     return tuple(ckpt.get(f"{prefix}{w}.{k}") for w in ("w1", "w3", "w2") for k in ("weight", "scale"))
+
+
+def kernel_params(name: str) -> list[str]:
+    """The parameters of the extern "C" kernel `name` as declared under plugins/csrc (one string each): what a
+    launch must pass, since the driver takes any number of arguments without a word."""
+    import re
+    from pathlib import Path
+    for source in sorted((Path(__file__).parents[1] / "plugins" / "csrc").glob("*.cu")):
+        text = source.read_text()
+        found = re.search(r'extern "C" __global__ void(?:\s+__launch_bounds__\([^)]*\))?\s+' + re.escape(name)
+                          + r"\(([^)]*)\)", text)
+        if found:
+            return [p.strip() for p in found.group(1).split(",")]
+    raise LookupError(f"no kernel {name} under plugins/csrc")

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from bench.in_turn import runs_in_turn
@@ -17,3 +19,14 @@ def test_a_failing_case_ends_the_run_naming_it():
     with pytest.raises(SystemExit, match="the run with b failed"):
         runs_in_turn(["a", "b"], 1, lambda case: ["-c", f"import sys; print('{{}}'); sys.exit('{case}' == 'b')"],
                      lambda run: "")
+
+
+def test_a_fatbin_ab_case_names_its_fat_binary_and_the_switches_it_turns():
+    from bench.fatbin_ab import parse_case
+    assert parse_case("k.fatbin") == (Path("k.fatbin"), [])
+    fatbin, switches = parse_case("/tmp/k.fatbin@plugins.moe_experts.ROUTE_IN_GATE_UP=False,plugins.hc_pre.X=3")
+    assert fatbin == Path("/tmp/k.fatbin")
+    assert switches == [("plugins.moe_experts", "ROUTE_IN_GATE_UP", False), ("plugins.hc_pre", "X", 3)]
+    for bad in ("k.fatbin@ROUTE_IN_GATE_UP=False", "k.fatbin@plugins.x.Y", "k.fatbin@plugins.x.Y=not python"):
+        with pytest.raises(SystemExit):
+            parse_case(bad)

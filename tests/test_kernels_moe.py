@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from helpers import random_experts, routed_chunk
+from helpers import kernel_params, random_experts, routed_chunk
 from plugins.formats import mxfp4_dequant
 from plugins.ops import moe_routed_oracle
 
@@ -268,3 +268,39 @@ def test_down_launch_gives_the_items_in_a_ctas_hand_a_tile_region_each(tokens, m
     assert -(-items // grid) == most_items
     assert shared >= RING_BYTES // 2 + regions * per_region
     assert grid * tokens <= lib.resident("", 128, shared)           # one wave: every CTA resident at once
+
+
+class _FakeKernels:
+    """A kernel image that records launches (name, grid, args) and fits three 128-thread CTAs an H200 SM."""
+
+    def __init__(self):
+        self.launches = []
+
+    def resident(self, name, block, shared=0):
+        return 3 * 132
+
+    def shared_memory(self):
+        return H200_SHARED
+
+    def launch(self, name, grid, block, args, shared=0):
+        self.launches.append((name, grid, args))
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_wgmma_decode_launches_pass_each_kernel_its_declared_arguments(monkeypatch, tokens):
+    """The wgmma decode kernels' launches pass as many arguments as the kernels declare (plugins/csrc), the
+    experts where they stand: a launch with too few or too many is not refused by the driver, it reads garbage."""
+    from plugins import moe_experts
+    monkeypatch.setattr(moe_experts, "sm_count", lambda index: 132)
+    monkeypatch.setattr(moe_experts, "device_index", lambda device: 0)
+    k, d, f = 6, 4096, 2048
+    x, experts, route_w = torch.zeros(tokens, d), torch.zeros(tokens, k, dtype=torch.int32), torch.zeros(tokens, k)
+    lib = _FakeKernels()
+    ws = {"h": torch.zeros(tokens * k, f), "ypart": torch.zeros(tokens * k, d)}
+    moe_experts._decode_wgmma(lib, x, experts, route_w, torch.zeros(256, dtype=torch.int64), f, 10.0, None, ws)
+    assert [name for name, _, _ in lib.launches] == ["dsv4_moe_gate_up_decode_wgmma", "dsv4_moe_down_decode_wgmma"]
+    for name, grid, args in lib.launches:
+        params = kernel_params(name)
+        assert len(args) == len(params), (name, len(args), params)
+        given = dict(zip((p.split()[-1] for p in params), (a for a, _ in args)))
+        assert given["experts"] is experts and given["topk"] == k and grid[1] == tokens
