@@ -12,7 +12,7 @@ the model loads: one fat binary with a switch turned each way.
     python bench/fatbin_ab.py /tmp/art/flash8-bfloat16 plugins/dsv4_kernels.fatbin /tmp/new.fatbin \\
         [--rounds 2] --json bench/results/fatbin-ab-h200.json
     python bench/fatbin_ab.py /tmp/art/flash8-bfloat16 plugins/dsv4_kernels.fatbin \\
-        plugins/dsv4_kernels.fatbin@plugins.moe_experts.ROUTE_IN_GATE_UP=False
+        plugins/dsv4_kernels.fatbin@plugins.hc_pre.SINKHORN_BESIDE=False
 """
 from __future__ import annotations
 
