@@ -1,4 +1,7 @@
 """Helpers shared by tests."""
+import re
+from pathlib import Path
+
 import torch
 
 from plugins.formats import mxfp4_quant
@@ -56,8 +59,6 @@ def expert_tensors(ckpt, prefix: str) -> tuple:
 def kernel_params(name: str) -> list[str]:
     """The parameters of the extern "C" kernel `name` as declared under plugins/csrc (one string each): what a
     launch must pass, since the driver takes any number of arguments without a word."""
-    import re
-    from pathlib import Path
     for source in sorted((Path(__file__).parents[1] / "plugins" / "csrc").glob("*.cu")):
         text = source.read_text()
         found = re.search(r'extern "C" __global__ void(?:\s+__launch_bounds__\([^)]*\))?\s+' + re.escape(name)

@@ -270,17 +270,10 @@ def test_down_launch_gives_the_items_in_a_ctas_hand_a_tile_region_each(tokens, m
     assert grid * tokens <= lib.resident("", 128, shared)           # one wave: every CTA resident at once
 
 
-class _FakeKernels:
-    """A kernel image that records launches (name, grid, args) and fits three 128-thread CTAs an H200 SM."""
-
+class _RecordedLaunches(_H200Occupancy):
+    """`_H200Occupancy` that also records the launches made through it: (name, grid, args)."""
     def __init__(self):
         self.launches = []
-
-    def resident(self, name, block, shared=0):
-        return 3 * 132
-
-    def shared_memory(self):
-        return H200_SHARED
 
     def launch(self, name, grid, block, args, shared=0):
         self.launches.append((name, grid, args))
@@ -295,7 +288,7 @@ def test_wgmma_decode_launches_pass_each_kernel_its_declared_arguments(monkeypat
     monkeypatch.setattr(moe_experts, "device_index", lambda device: 0)
     k, d, f = 6, 4096, 2048
     x, experts, route_w = torch.zeros(tokens, d), torch.zeros(tokens, k, dtype=torch.int32), torch.zeros(tokens, k)
-    lib = _FakeKernels()
+    lib = _RecordedLaunches()
     ws = {"h": torch.zeros(tokens * k, f), "ypart": torch.zeros(tokens * k, d)}
     moe_experts._decode_wgmma(lib, x, experts, route_w, torch.zeros(256, dtype=torch.int64), f, 10.0, None, ws)
     assert [name for name, _, _ in lib.launches] == ["dsv4_moe_gate_up_decode_wgmma", "dsv4_moe_down_decode_wgmma"]
