@@ -1,4 +1,4 @@
-"""Sparse attention's decode launch pair (split + combine) in a CUDA graph, per fat binary and warps per CTA.
+"""Sparse attention's decode launches (one, or the split + combine pair) in a CUDA graph, per fat binary and warps per CTA.
 
 Flash sizes (64 heads x 512, one query) over 128, 640 and 2176 rows of a 4096-row cache: a graph of 20 pairs
 back to back, replayed 20 times per timing, 7 timings, the median per pair. Each case runs in a process of
@@ -6,7 +6,8 @@ its own (a process loads one kernel image), in turn, for `--rounds` rounds; each
 output, which must agree across cases that change no math. A case is FATBIN[:W[:R]]: W the split launch's
 warps per CTA (plugins.sparse_attention.DECODE_WARPS_PER_CTA; `warps_per_cta` still puts every warp in one
 CTA past one wave, as at 2176 rows), R the rows per split (32, the default, or 64: another rounding of the
-probabilities, so another hash).
+probabilities, so another hash); `@MODULE.NAME=VALUE` after it turns switches (bench/in_turn.py), e.g.
+`@plugins.sparse_attention.FUSED_DECODE=False` times the launch pair where decode takes one launch.
 
     python bench/attention_pairs.py plugins/dsv4_kernels.fatbin:4 plugins/dsv4_kernels.fatbin:2 \\
         --json bench/results/attention-pairs-h200.json
@@ -20,19 +21,21 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.in_turn import runs_in_turn  # noqa: E402
+from bench.in_turn import parse_case, runs_in_turn, turn_switches  # noqa: E402
 from bench.results_json import run_header, write_json  # noqa: E402
 
 ROWS = (128, 640, 2176)
 
 
 def one_case(spec: str) -> dict:
-    """This process's figures for case `spec` (FATBIN[:W[:R]])."""
+    """This process's figures for case `spec` (FATBIN[:W[:R]][@switches])."""
     import torch
 
     from plugins import loader
-    fatbin, warps, rows = (spec.split(":") + ["", ""])[:3]
+    head, switches = parse_case(spec)
+    fatbin, warps, rows = (head.split(":") + ["", ""])[:3]
     loader.FATBIN = Path(fatbin).resolve()      # before anything loads the kernels
+    turn_switches(switches)
     from plugins import sparse_attention as sa
     if warps:
         sa.DECODE_WARPS_PER_CTA = int(warps)
@@ -75,7 +78,8 @@ def one_case(spec: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("cases", nargs="+", help="FATBIN[:WARPS_PER_CTA[:ROWS_PER_SPLIT]]; the first is the baseline")
+    ap.add_argument("cases", nargs="+", help="FATBIN[:WARPS_PER_CTA[:ROWS_PER_SPLIT]][@MODULE.NAME=VALUE,...]; the "
+                                             "first is the baseline")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)   # a child: one case, JSON out
     ap.add_argument("--json", type=Path)
@@ -83,7 +87,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(one_case(args.cases[0])))
         return
-    missing = [c for c in args.cases if not Path(c.partition(":")[0]).is_file()]
+    missing = [c for c in args.cases if not Path(parse_case(c)[0].partition(":")[0]).is_file()]
     if missing:
         raise SystemExit(f"error: no fat binary for {', '.join(missing)}")
     runs = runs_in_turn(args.cases, args.rounds, lambda case: [__file__, case, "--one"],

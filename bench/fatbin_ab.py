@@ -17,34 +17,16 @@ the model loads: one fat binary with a switch turned each way.
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
-import importlib
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.in_turn import runs_in_turn  # noqa: E402
+from bench.in_turn import parse_case, runs_in_turn, turn_switches  # noqa: E402
 from bench.results_json import run_header, write_json  # noqa: E402
 
 PROMPT = [(7 * i + 3) % 1000 + 2 for i in range(40)]
-
-
-def parse_case(case: str) -> tuple[Path, list[tuple[str, str, object]]]:
-    """FATBIN[@MODULE.NAME=VALUE,...] -> (the fat binary, [(module, name, value)])."""
-    fatbin, _, turned = case.partition("@")
-    switches = []
-    for item in filter(None, turned.split(",")):
-        target, eq, value = item.partition("=")
-        module, _, name = target.rpartition(".")
-        if not (eq and module and name):
-            raise SystemExit(f"error: {item!r} is not MODULE.NAME=VALUE")
-        try:
-            switches.append((module, name, ast.literal_eval(value)))
-        except (ValueError, SyntaxError):
-            raise SystemExit(f"error: {value!r} in {item!r} is not a Python literal") from None
-    return Path(fatbin), switches
 
 
 def one_build(artifact: Path, case: str, steps: int, new: int) -> dict:
@@ -56,14 +38,10 @@ def one_build(artifact: Path, case: str, steps: int, new: int) -> dict:
     from runtime.artifact import ArtifactModel
     from runtime.bench import bytes_per_token, copy_bandwidth
 
-    fatbin, switches = parse_case(case)
-    fatbin = fatbin.resolve()
+    head, switches = parse_case(case)
+    fatbin = Path(head).resolve()
     loader.FATBIN = fatbin                      # before anything loads the kernels
-    for module, name, value in switches:
-        target = importlib.import_module(module)
-        if not hasattr(target, name):
-            raise SystemExit(f"error: {module} has no {name}")
-        setattr(target, name, value)
+    turn_switches(switches)
     with torch.inference_mode():
         bandwidth = copy_bandwidth("cuda")
         model = ArtifactModel(artifact, "cuda", graphs=True)
@@ -93,7 +71,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(one_build(args.artifact, args.cases[0], args.steps, args.new)))
         return
-    missing = sorted({str(f) for f, _ in map(parse_case, args.cases) if not f.is_file()})
+    missing = sorted({f for f, _ in map(parse_case, args.cases) if not Path(f).is_file()})
     if missing:
         raise SystemExit(f"error: no fat binary at {', '.join(missing)}")
     runs = runs_in_turn(args.cases, args.rounds,

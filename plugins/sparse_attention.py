@@ -1,6 +1,8 @@
 """Sparse attention with a sink on the GPU (csrc/sparse_attention.cu): a split launch that gathers each
 split's rows once for every head and runs both products on tensor cores, and a combine launch. Decode takes
-one launch pair; a prefill chunk takes one per group of `prefill_group` queries (`sparse_attention_chunked`).
+one launch where its splits fit one thread-block cluster's warps (`fused_shape`: the split and the combine in
+one kernel, the partial rows in shared memory), else one launch pair; a prefill chunk takes one pair per group
+of `prefill_group` queries (`sparse_attention_chunked`).
 
 Oracle: `plugins.oracle.sparse_attention`. Pass `workspace` (from `make_workspace`) to launch without
 allocating.
@@ -28,6 +30,18 @@ MAX_HEADS = 128                              # a warp per 16 heads, 8 warps
 # 64 Flash heads wrote 128 KB, and halving that took 1.0-1.3 us off the launch pair at 128 and 640 rows, the
 # same bits (H200, bench/results/attention-pairs-s34-h200.json; one warp a CTA gained nothing on two).
 DECODE_WARPS_PER_CTA = 2
+# The one-launch decode kernel (`dsv4_sparse_attention_decode_d*`): CTAs of FUSED_MAX_WARPS warps, in clusters
+# of up to FUSED_MAX_CLUSTER (the portable size), a warp per split (the rest only combine); each warp with a
+# split takes ROWS x (d + ROW_PAD) bf16 of shared memory for its rows, beside FUSED_STATIC bytes of the kernel's.
+# FUSED_DECODE switches it on (bench/attention_pairs.py and bench/fatbin_ab.py turn it). Off by default:
+# session 36's first form (the combine in 16 threads, then in the CTA's one to three warps, each split's loads
+# after the last one's) was correct (its GPU tests passed) and slower than the pair on the H200: 16.6 / 18.8 us
+# at 128 / 640 rows against 10.3 / 11.8, the Flash-8 step 1.366 against 1.275 ms
+# (bench/results/attention-one-launch-s36-h200.json, fatbin-ab-attention-one-launch-s36-h200.json). This form
+# (every thread of the CTA combines, eight splits' loads in flight, the pair's arithmetic bit for bit) was
+# written after the session's device time ran out and has not run.
+FUSED_DECODE = False
+FUSED_MAX_WARPS, FUSED_MAX_CLUSTER, FUSED_STATIC = 4, 8, 4096
 
 
 def fits(q: torch.Tensor, kv: torch.Tensor, k: int) -> bool:
@@ -71,6 +85,18 @@ def warps_per_cta(splits: int, queries: int, warps: int, sms: int) -> int:
     return per_cta if splits * queries * -(-warps // per_cta) <= sms else warps
 
 
+def fused_shape(splits: int, d: int, shared_optin: int) -> tuple[int, int] | None:
+    """(CTAs a cluster, warps with a split a CTA) of the one-launch decode kernel for `splits` splits of ROWS rows of width
+    d, where a CTA may opt in to `shared_optin` bytes of shared memory; None where they do not fit one cluster
+    (then the launch pair). The splits spread over as many CTAs as the cluster takes, so that a warp has one."""
+    if not FUSED_DECODE:
+        return None
+    cluster = min(FUSED_MAX_CLUSTER, splits)
+    warps = -(-splits // cluster)
+    fits = warps <= FUSED_MAX_WARPS and FUSED_STATIC + warps * ROWS * (d + ROW_PAD) * 2 <= shared_optin
+    return (cluster, warps) if fits else None
+
+
 def decode_row_count(t: int, window: int, ratio: int, picks: int) -> int:
     """How many rows a decode step's query attends to in a cache of t rows (`plugins.oracle.decode_rows`)."""
     return window + (picks if ratio == 4 else t - window if ratio else 0)
@@ -83,7 +109,7 @@ def sparse_attention_decode(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
                             rows: int = ROWS) -> torch.Tensor:
     """q [b, s, h, d] bf16 over rows kv[b, idx[b, s, k]] (kv [b, T, d] bf16; idx int64, -1 = none) with a
     per-head sink [h] float32 -> [b, s, h, d] bf16. All contiguous. With `rot` [b, s, r/2, 2] float32 (cos,
-    sin), the output's last r channels are rotated back (the inverse RoPE) in the combine launch.
+    sin), the output's last r channels are rotated back (the inverse RoPE) as they are combined.
     With `pos` [b, s] int64 (the queries' positions), the split launch takes the decode step's rows itself
     (`plugins.oracle.decode_rows` of `window` and `ratio`; idx: ratio 4's picked blocks [b, s, picks], else
     unused) and `rot` is the layer's whole table [max_len, r/2, 2], read at each query's position. `rows`:
@@ -101,23 +127,31 @@ def sparse_attention_decode(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
     assert fits(q, kv, k) and sink.numel() == h
     assert q.is_contiguous() and kv.is_contiguous() and sink.dtype == torch.float32
     assert rows in (ROWS, PREFILL_ROWS)
+    if rot is not None:
+        assert rot.dtype == torch.float32 and rot.is_contiguous()
+        assert pos is not None or rot.numel() == b * s * rot.size(-2) * 2
+    out = torch.empty_like(q) if out is None else out
+    lib = kernels()
+    splits, warps = -(-k // rows), -(-h // 16)
+    rot_args = [(0 if rot is None else rot, PTR), (0 if rot is None else 2 * rot.size(-2), INT)]
+    shape = fused_shape(splits, d, lib.shared_memory()[1]) if rows == ROWS else None
+    if shape is not None:
+        cluster, per_cta = shape
+        lib.launch(f"dsv4_sparse_attention_decode_d{d // 128}", (cluster, b * s, warps), 32 * FUSED_MAX_WARPS,
+                   [(q, PTR), (kv, PTR), (0 if idx is None else idx, PTR), (sink, PTR), (out, PTR), (s, INT),
+                    (h, INT), (t, INT), (k, INT), (scale, FLOAT), (0 if pos is None else pos, PTR), (window, INT),
+                    (ratio, INT), *rot_args], per_cta * rows * (d + ROW_PAD) * 2, cluster=cluster)
+        return out
     ws = make_workspace(b * s, h, d, k, q.device, rows) if workspace is None else workspace
     acc, ml = ws["acc"], ws["ml"]
-    out = torch.empty_like(q) if out is None else out
-    splits, warps = -(-k // rows), -(-h // 16)
     per_cta = warps_per_cta(splits, b * s, warps, sm_count(device_index(q.device)))
-    lib = kernels()
     suffix = "" if rows == ROWS else f"_r{rows}"
     lib.launch(f"dsv4_sparse_attention_split_d{d // 128}{suffix}", (splits, b * s, -(-warps // per_cta)), 32 * per_cta,
                [(q, PTR), (kv, PTR), (0 if idx is None else idx, PTR), (acc, PTR), (ml, PTR), (s, INT), (h, INT),
                 (t, INT), (k, INT), (scale, FLOAT), (0 if pos is None else pos, PTR), (window, INT), (ratio, INT)],
                rows * (d + ROW_PAD) * 2)
-    if rot is not None:
-        assert rot.dtype == torch.float32 and rot.is_contiguous()
-        assert pos is not None or rot.numel() == b * s * rot.size(-2) * 2
     lib.launch("dsv4_sparse_attention_combine", (h, b * s), 128,             # 4 elements a thread: d <= 512
-               [(acc, PTR), (ml, PTR), (sink, PTR), (out, PTR), (h, INT), (d, INT), (splits, INT),
-                (0 if rot is None else rot, PTR), (0 if rot is None else 2 * rot.size(-2), INT),
+               [(acc, PTR), (ml, PTR), (sink, PTR), (out, PTR), (h, INT), (d, INT), (splits, INT), *rot_args,
                 (0 if pos is None else pos, PTR)])
     return out
 

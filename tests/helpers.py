@@ -1,6 +1,7 @@
 """Helpers shared by tests."""
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -58,11 +59,45 @@ def expert_tensors(ckpt, prefix: str) -> tuple:
 
 def kernel_params(name: str) -> list[str]:
     """The parameters of the extern "C" kernel `name` as declared under plugins/csrc (one string each): what a
-    launch must pass, since the driver takes any number of arguments without a word."""
+    launch must pass, since the driver takes any number of arguments without a word. A name ending in digits
+    may be declared by a macro that pastes them in (`..._d##CHUNKS`, maybe then `##SUFFIX`)."""
+    stem, digits = re.fullmatch(r"(.*?)(\d*)", name).groups()
+    named = re.escape(stem) + (f"(?:{digits}|##\\w+)(?:##\\w+)?" if digits else "")
     for source in sorted((Path(__file__).parents[1] / "plugins" / "csrc").glob("*.cu")):
         text = source.read_text()
-        found = re.search(r'extern "C" __global__ void(?:\s+__launch_bounds__\([^)]*\))?\s+' + re.escape(name)
+        found = re.search(r'extern "C" __global__ void(?:\s+__launch_bounds__\([^)]*\))?\s+' + named
                           + r"\(([^)]*)\)", text)
         if found:
-            return [p.strip() for p in found.group(1).split(",")]
+            return [p.strip(" \\\n") for p in found.group(1).split(",")]
     raise LookupError(f"no kernel {name} under plugins/csrc")
+
+
+H200_SHARED = (233_472, 232_448)     # bytes of shared memory per SM, the most one CTA may have
+
+
+class Launch(NamedTuple):
+    name: str
+    grid: tuple
+    block: int
+    args: list
+    shared: int
+    cluster: int
+
+    def given(self) -> dict:
+        """The launch's argument values by the kernel's parameter names (`kernel_params`); checks the count."""
+        params = kernel_params(self.name)
+        assert len(self.args) == len(params), (self.name, len(self.args), params)
+        return dict(zip((p.split()[-1] for p in params), (a for a, _ in self.args)))
+
+
+class RecordedLaunches:
+    """A stand-in for the kernel image (plugins.loader.KernelImage) that records the launches made through it,
+    on an H200's shared memory."""
+    def __init__(self):
+        self.launches: list[Launch] = []
+
+    def shared_memory(self):
+        return H200_SHARED
+
+    def launch(self, name, grid, block, args, shared=0, cluster=1):
+        self.launches.append(Launch(name, grid, block, args, shared, cluster))

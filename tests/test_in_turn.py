@@ -1,4 +1,3 @@
-from pathlib import Path
 
 import pytest
 
@@ -21,11 +20,11 @@ def test_a_failing_case_ends_the_run_naming_it():
                      lambda run: "")
 
 
-def test_a_fatbin_ab_case_names_its_fat_binary_and_the_switches_it_turns():
-    from bench.fatbin_ab import parse_case
-    assert parse_case("k.fatbin") == (Path("k.fatbin"), [])
-    fatbin, switches = parse_case("/tmp/k.fatbin@plugins.moe_experts.ROUTE_IN_GATE_UP=False,plugins.hc_pre.X=3")
-    assert fatbin == Path("/tmp/k.fatbin")
+def test_a_case_names_its_build_and_the_switches_it_turns():
+    from bench.in_turn import parse_case
+    assert parse_case("k.fatbin") == ("k.fatbin", [])
+    fatbin, switches = parse_case("/tmp/k.fatbin:2@plugins.moe_experts.ROUTE_IN_GATE_UP=False,plugins.hc_pre.X=3")
+    assert fatbin == "/tmp/k.fatbin:2"
     assert switches == [("plugins.moe_experts", "ROUTE_IN_GATE_UP", False), ("plugins.hc_pre", "X", 3)]
     for bad in ("k.fatbin@ROUTE_IN_GATE_UP=False", "k.fatbin@plugins.x.Y", "k.fatbin@plugins.x.Y=not python"):
         with pytest.raises(SystemExit):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from helpers import kernel_params, random_experts, routed_chunk
+from helpers import H200_SHARED, RecordedLaunches, random_experts, routed_chunk
 from plugins.formats import mxfp4_dequant
 from plugins.ops import moe_routed_oracle
 
@@ -226,7 +226,6 @@ def test_shared_expert_before_the_gate_gives_the_same_bits_and_captures(monkeypa
     assert torch.equal(replayed, run()) and torch.equal(replayed_experts, experts)
 
 
-H200_SHARED = (233_472, 232_448)     # bytes of shared memory per SM, the most one CTA may have
 
 
 @pytest.mark.parametrize("ctas, most", [
@@ -270,13 +269,8 @@ def test_down_launch_gives_the_items_in_a_ctas_hand_a_tile_region_each(tokens, m
     assert grid * tokens <= lib.resident("", 128, shared)           # one wave: every CTA resident at once
 
 
-class _RecordedLaunches(_H200Occupancy):
-    """`_H200Occupancy` that also records the launches made through it: (name, grid, args)."""
-    def __init__(self):
-        self.launches = []
-
-    def launch(self, name, grid, block, args, shared=0):
-        self.launches.append((name, grid, args))
+class _RecordedLaunches(RecordedLaunches, _H200Occupancy):
+    """`_H200Occupancy` that also records the launches made through it."""
 
 
 @pytest.mark.parametrize("tokens", [1, 2])
@@ -291,9 +285,7 @@ def test_wgmma_decode_launches_pass_each_kernel_its_declared_arguments(monkeypat
     lib = _RecordedLaunches()
     ws = {"h": torch.zeros(tokens * k, f), "ypart": torch.zeros(tokens * k, d)}
     moe_experts._decode_wgmma(lib, x, experts, route_w, torch.zeros(256, dtype=torch.int64), f, 10.0, None, ws)
-    assert [name for name, _, _ in lib.launches] == ["dsv4_moe_gate_up_decode_wgmma", "dsv4_moe_down_decode_wgmma"]
-    for name, grid, args in lib.launches:
-        params = kernel_params(name)
-        assert len(args) == len(params), (name, len(args), params)
-        given = dict(zip((p.split()[-1] for p in params), (a for a, _ in args)))
-        assert given["experts"] is experts and given["topk"] == k and grid[1] == tokens
+    assert [launch.name for launch in lib.launches] == ["dsv4_moe_gate_up_decode_wgmma", "dsv4_moe_down_decode_wgmma"]
+    for launch in lib.launches:
+        given = launch.given()
+        assert given["experts"] is experts and given["topk"] == k and launch.grid[1] == tokens

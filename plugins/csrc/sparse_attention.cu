@@ -16,6 +16,8 @@
 // 13.3 us at 32 rows, 15.4 at 64, 13.1 at 16 (one query's splits must fill the GPU); a 256-query chunk's
 // split kernels 352-353 us of GPU time at 32 rows, 308-309 at 64, and half the splits for the combine to read.
 // Launches never allocate or synchronise (the workspace is passed in), so they can be captured in graphs.
+#include <cooperative_groups.h>
+
 #include "common.cuh"
 
 namespace {
@@ -61,59 +63,62 @@ __device__ __forceinline__ int64_t attended_row(const int64_t* __restrict__ idx,
   return block < (p + 1) / ratio ? k : -1;
 }
 
-// grid (splits, queries, ceil(heads / 16) / W), block 32 * W: W warps a CTA. Writes per (query, split, head)
-// the split's maximum score and normaliser (ml) and its unnormalised output row (acc). Lane (g, t) of the
-// CTA's warp w holds heads 16w + g and 16w + g + 8 (w counted from CTA z's first, z * W; clamped to a valid
-// head past `heads`, never written) and, per 8 rows or dims of an MMA tile, columns 2t and 2t + 1.
-template <int D, int ROWS>
-__device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
-                                             const int64_t* __restrict__ idx, float* __restrict__ acc,
-                                             float* __restrict__ ml, int s_per_b, int heads, int T, int K,
-                                             float scale, const int64_t* __restrict__ pos, int window, int ratio) {
-  constexpr int LD = D + KV_ROW_PAD;                // shared row stride in bf16 values
-  extern __shared__ uint4 smem[];                // the split's rows [ROWS][LD]
-  __nv_bfloat16* rows = reinterpret_cast<__nv_bfloat16*>(smem);
-  __shared__ int64_t at[ROWS];
-  // the warp's 16 heads: CTA z of a (split, query) takes heads from 16 * z * (its warps) on
-  const int warp = int(blockIdx.z * (blockDim.x >> 5) + (threadIdx.x >> 5)), lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
-  const int split = blockIdx.x, splits = gridDim.x, query = blockIdx.y, b = query / s_per_b;
-  const int k0 = split * ROWS, n = min(ROWS, K - k0);
+// The pieces of a split: lane (g, t) of a warp holds heads 16 * hg + g and 16 * hg + g + 8 of head group hg
+// (clamped to a valid head past `heads`, never written) and, per 8 rows or dims of an MMA tile, columns 2t
+// and 2t + 1.
 
-  dsv4::pdl_wait();                              // q, kv and idx come from the kernels before
-  dsv4::pdl_launch_dependents();
-  // this warp's Q as A fragments, all of them in registers, loaded with the indices and in flight while the
-  // rows land: one round trip (plain loads are not moved past the barrier below; read-only loads were sunk
-  // next to their use in the MMA loop, a round trip each)
-  const int h0 = min(16 * warp + g, heads - 1), h8 = min(16 * warp + g + 8, heads - 1);
+// The head group's Q as A fragments, all of them in registers, loaded before the rows land: one round trip
+// (plain loads are not moved past the barrier after the gather; read-only loads were sunk next to their use in
+// the MMA loop, a round trip each).
+template <int D>
+__device__ __forceinline__ void load_q(uint32_t (&qa)[D / 16][4], const __nv_bfloat16* __restrict__ q, int query,
+                                       int hg, int heads, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const int h0 = min(16 * hg + g, heads - 1), h8 = min(16 * hg + g + 8, heads - 1);
   const uint32_t* q0 = reinterpret_cast<const uint32_t*>(q + (size_t(query) * heads + h0) * D) + t;
   const uint32_t* q8 = reinterpret_cast<const uint32_t*>(q + (size_t(query) * heads + h8) * D) + t;
-  uint32_t qa[D / 16][4];
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     qa[kk][0] = ld_weak(q0 + kk * 8), qa[kk][1] = ld_weak(q8 + kk * 8);
     qa[kk][2] = ld_weak(q0 + kk * 8 + 4), qa[kk][3] = ld_weak(q8 + kk * 8 + 4);
   }
-  // gather the split's rows: their indices first (one load each), then every 16-byte piece at once with
-  // cp.async (one memory round trip); missing rows (index -1, or past K) zero-filled
-  for (int r = threadIdx.x; r < ROWS; r += blockDim.x) {
+}
+
+// Gathers the ROWS rows from index k0 on into `rows` ([ROWS][D + KV_ROW_PAD]) and their cache rows into `at`
+// (-1: none): the indices first (one load each), then every 16-byte piece at once with cp.async (one memory
+// round trip); missing rows (index -1, or past K) zero-filled. Done by the CTA's threads (then its barrier)
+// or, WARP, by one warp's lanes (then the warp's).
+template <int D, int ROWS, bool WARP>
+__device__ __forceinline__ void gather_rows(__nv_bfloat16* rows, int64_t* at, const __nv_bfloat16* __restrict__ kv,
+                                            const int64_t* __restrict__ idx, const int64_t* __restrict__ pos,
+                                            int query, int b, int k0, int T, int K, int window, int ratio) {
+  constexpr int LD = D + KV_ROW_PAD, PIECES = D / 8;
+  const int first = WARP ? int(threadIdx.x & 31) : int(threadIdx.x), step = WARP ? 32 : int(blockDim.x);
+  const int n = min(ROWS, K - k0);
+  for (int r = first; r < ROWS; r += step) {
     const int64_t row = r < n ? attended_row(idx, pos, query, k0 + r, K, window, ratio) : -1;
     at[r] = row >= 0 && row < T ? row : -1;
   }
-  __syncthreads();
-  constexpr int PIECES = D / 8;
-  for (int i = threadIdx.x; i < ROWS * PIECES; i += blockDim.x) {
+  if (WARP) __syncwarp(); else __syncthreads();
+  for (int i = first; i < ROWS * PIECES; i += step) {
     const int r = i / PIECES, p = i % PIECES;
     const int64_t row = at[r];
     dsv4::cp_async16(rows + r * LD + p * 8, kv + (size_t(b) * T + (row >= 0 ? row : 0)) * D + p * 8, row >= 0 ? 16 : 0);
   }
   dsv4::cp_async_wait_all();
-  __syncthreads();
+  if (WARP) __syncwarp(); else __syncthreads();
+}
 
-  // S = Q . K^T: 4 tiles of 8 rows; ldmatrix x4 hands two tiles' B fragments (16 dims) at once
-  constexpr int NT = ROWS / 8;
+// S = Q . K^T over the gathered rows, then their softmax per head: m (maximum score), l (normaliser) of heads
+// g (index 0) and g + 8 (1), shared by the 4 lanes of a head, and P's A fragments (16 rows each, bf16 against
+// m), -INFINITY / 0 / zeros where no row is valid.
+template <int D, int ROWS>
+__device__ __forceinline__ void scores_softmax(const uint32_t (&qa)[D / 16][4], const __nv_bfloat16* rows,
+                                               const int64_t* at, float scale, int lane, float (&m)[2],
+                                               float (&l)[2], uint32_t (&p)[ROWS / 16][4]) {
+  constexpr int LD = D + KV_ROW_PAD, NT = ROWS / 8;   // 4 tiles of 8 rows; ldmatrix x4 hands two tiles' B
+  const int t = lane & 3, mi = lane >> 3, mr = lane & 7;   // the matrix and row this lane addresses in an ldmatrix
   float s[NT][4] = {};
-  const int mi = lane >> 3, mr = lane & 7;      // the matrix and row this lane addresses in an ldmatrix
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
@@ -124,8 +129,8 @@ __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q
       dsv4::mma_bf16(s[nt + 1], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], bfr[2], bfr[3]);
     }
   }
-  // the split's softmax per head (rows g: s[.][0..1], g + 8: s[.][2..3]); the 4 lanes of a head share it
-  float m[2] = {-INFINITY, -INFINITY};
+  // rows g: s[.][0..1], g + 8: s[.][2..3]
+  m[0] = m[1] = -INFINITY;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -134,13 +139,12 @@ __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q
       s[nt][i] = at[r] >= 0 ? s[nt][i] * scale : -INFINITY;
       m[i >> 1] = fmaxf(m[i >> 1], s[nt][i]);
     }
-  float l[2] = {0.f, 0.f};
+  l[0] = l[1] = 0.f;
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     m[j] = fmaxf(m[j], __shfl_xor_sync(0xffffffffu, m[j], 1));
     m[j] = fmaxf(m[j], __shfl_xor_sync(0xffffffffu, m[j], 2));
   }
-  uint32_t p[NT / 2][4];                         // P's A fragments, 16 rows each, in bf16
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     float e[4];
@@ -157,28 +161,63 @@ __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q
     l[j] += __shfl_xor_sync(0xffffffffu, l[j], 1);
     l[j] += __shfl_xor_sync(0xffffffffu, l[j], 2);
   }
+}
+
+// O = P . V over the 128 dims from d0 (16 tiles of 8 dims): o[dt] holds heads g (0..1) and g + 8 (2..3) at
+// dims d0 + 8 dt + 2t, + 1. ldmatrix.trans hands V's B fragments for two tiles (16 rows) at once.
+template <int D, int ROWS>
+__device__ __forceinline__ void values_pass(const uint32_t (&p)[ROWS / 16][4], const __nv_bfloat16* rows, int d0,
+                                            int lane, float (&o)[16][4]) {
+  constexpr int LD = D + KV_ROW_PAD;
+  const int mi = lane >> 3, mr = lane & 7;
+#pragma unroll
+  for (int dt = 0; dt < 16; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < ROWS / 16; ++kk)
+#pragma unroll
+    for (int dt = 0; dt < 16; dt += 2) {
+      uint32_t bfr[4];                           // matrices: (rows lo, tile dt), (hi, dt), (lo, dt + 1), (hi, dt + 1)
+      ldmatrix_x4(bfr, rows + (kk * 16 + (mi & 1) * 8 + mr) * LD + d0 + (dt + (mi >> 1)) * 8, true);
+      dsv4::mma_bf16(o[dt], p[kk][0], p[kk][1], p[kk][2], p[kk][3], bfr[0], bfr[1]);
+      dsv4::mma_bf16(o[dt + 1], p[kk][0], p[kk][1], p[kk][2], p[kk][3], bfr[2], bfr[3]);
+    }
+}
+
+// grid (splits, queries, ceil(heads / 16) / W), block 32 * W: W warps a CTA. Writes per (query, split, head)
+// the split's maximum score and normaliser (ml) and its unnormalised output row (acc). Warp w of CTA z takes
+// head group z * W + w.
+template <int D, int ROWS>
+__device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
+                                             const int64_t* __restrict__ idx, float* __restrict__ acc,
+                                             float* __restrict__ ml, int s_per_b, int heads, int T, int K,
+                                             float scale, const int64_t* __restrict__ pos, int window, int ratio) {
+  extern __shared__ uint4 smem[];                // the split's rows [ROWS][D + KV_ROW_PAD]
+  __nv_bfloat16* rows = reinterpret_cast<__nv_bfloat16*>(smem);
+  __shared__ int64_t at[ROWS];
+  const int warp = int(blockIdx.z * (blockDim.x >> 5) + (threadIdx.x >> 5)), lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int split = blockIdx.x, splits = gridDim.x, query = blockIdx.y, b = query / s_per_b;
+
+  dsv4::pdl_wait();                              // q, kv and idx come from the kernels before
+  dsv4::pdl_launch_dependents();
+  uint32_t qa[D / 16][4];
+  load_q<D>(qa, q, query, warp, heads, lane);
+  gather_rows<D, ROWS, false>(rows, at, kv, idx, pos, query, b, split * ROWS, T, K, window, ratio);
+  float m[2], l[2];
+  uint32_t p[ROWS / 16][4];
+  scores_softmax<D, ROWS>(qa, rows, at, scale, lane, m, l, p);
   const size_t part = (size_t(query) * splits + split) * heads;
   const int head0 = 16 * warp + g, head8 = head0 + 8;
   if (t == 0) {
     if (head0 < heads) ml[(part + head0) * 2] = m[0], ml[(part + head0) * 2 + 1] = l[0];
     if (head8 < heads) ml[(part + head8) * 2] = m[1], ml[(part + head8) * 2 + 1] = l[1];
   }
-  // O = P . V over 128 dims at a time (16 tiles of 8 dims); ldmatrix.trans hands V's B fragments for two
-  // tiles (16 rows) at once
   float* out0 = acc + (part + head0) * D;
   float* out8 = acc + (part + head8) * D;
 #pragma unroll 1
   for (int d0 = 0; d0 < D; d0 += 128) {
-    float o[16][4] = {};
-#pragma unroll
-    for (int kk = 0; kk < NT / 2; ++kk)
-#pragma unroll
-      for (int dt = 0; dt < 16; dt += 2) {
-        uint32_t bfr[4];                         // matrices: (rows lo, tile dt), (hi, dt), (lo, dt + 1), (hi, dt + 1)
-        ldmatrix_x4(bfr, rows + (kk * 16 + (mi & 1) * 8 + mr) * LD + d0 + (dt + (mi >> 1)) * 8, true);
-        dsv4::mma_bf16(o[dt], p[kk][0], p[kk][1], p[kk][2], p[kk][3], bfr[0], bfr[1]);
-        dsv4::mma_bf16(o[dt + 1], p[kk][0], p[kk][1], p[kk][2], p[kk][3], bfr[2], bfr[3]);
-      }
+    float o[16][4];
+    values_pass<D, ROWS>(p, rows, d0, lane, o);
     // Each pair of tiles leaves the 4 lanes of a head 16 dims, two each a tile; lanes t and t ^ 1 swap a pair
     // so that each holds 4 consecutive dims (t even: tile dt's 2t..2t+3; t odd: tile dt + 1's 2t-2..2t+1) and
     // the 4 lanes store the head's 64 bytes in 16-byte pieces: half the store instructions, each touching
@@ -199,6 +238,130 @@ __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q
   }
 }
 
+// o (4 consecutive output channels from e, already normalised) with the inverse RoPE where e falls in the last
+// `rope` channels (rot: see dsv4_sparse_attention_combine), then stored as bf16 at dst.
+__device__ __forceinline__ void store_output(float (&v)[4], __nv_bfloat16* dst, int e, int D, const float* __restrict__ rot,
+                                             int rope, const int64_t* __restrict__ pos, int query) {
+  if (rot != nullptr && e >= D - rope) {
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {                // pairs (e, e+1), (e+2, e+3), of the bf16 outputs
+      const float a = dsv4::bf16_round(v[2 * p]), b = dsv4::bf16_round(v[2 * p + 1]);
+      const float* cs = rot + (size_t(dsv4::rot_row(pos, query)) * (rope / 2) + (e + 2 * p - (D - rope)) / 2) * 2;
+      // the oracle's (a * cos - b * -sin, a * -sin + b * cos), products rounded apart
+      v[2 * p] = __fadd_rn(__fmul_rn(a, cs[0]), __fmul_rn(b, cs[1]));
+      v[2 * p + 1] = __fsub_rn(__fmul_rn(b, cs[0]), __fmul_rn(a, cs[1]));
+    }
+  }
+  *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v[0], v[1]);
+  *reinterpret_cast<__nv_bfloat162*>(dst + 2) = __floats2bfloat162_rn(v[2], v[3]);
+}
+
+// Decode in one launch: split and combine in a thread-block cluster, the partial rows in shared memory.
+// grid (C, queries, ceil(heads / 16)), clusters of C along x, block 32 * FUSED_MAX_WARPS, shared memory for W
+// warps' rows. Split c (ROWS = 32 indices from 32c) is warp c / C of CTA rank c % C (C * W >= splits, <= 32);
+// each warp gathers its rows into its own shared buffer, and as each 128-dim pass of P . V is done, writes that pass's unnormalised output rows over the
+// dims of the rows it no longer reads (rows 2h and 2h + 1 of the buffer hold head h's 128 floats of the pass,
+// at the pass's byte offset). After the cluster's barrier each CTA combines, across every split's buffer
+// through distributed shared memory, 4 channels at a time of every C-th block of its heads' outputs, with every
+// thread of the CTA (a warp without a split too), in the combine launch's order and arithmetic (the same bits);
+// a second barrier keeps every CTA's buffers until all have read them.
+// This drops the combine launch, and the partial rows' round trip through L2 (2 KB a head and split).
+constexpr int FUSED_MAX_WARPS = 4, FUSED_MAX_SPLITS = 8 * FUSED_MAX_WARPS;
+
+template <int D>
+__device__ __forceinline__ float* partial_at(__nv_bfloat16* buffer, int head, int dim) {
+  constexpr int LD = D + KV_ROW_PAD;
+  return reinterpret_cast<float*>(buffer + (2 * head + ((dim & 127) >> 6)) * LD + (dim & ~127)) + (dim & 63);
+}
+
+template <int D>
+__device__ __forceinline__ void attend_fused(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
+                                             const int64_t* __restrict__ idx, const float* __restrict__ sink,
+                                             __nv_bfloat16* __restrict__ out, int s_per_b, int heads, int T, int K,
+                                             float scale, const int64_t* __restrict__ pos, int window, int ratio,
+                                             const float* __restrict__ rot, int rope) {
+  constexpr int ROWS = 32, LD = D + KV_ROW_PAD, GROUPS = 16 * D / 4;   // float4 groups of a head group's outputs
+  extern __shared__ uint4 smem[];                // each warp's rows [ROWS][LD], then its partial rows
+  __shared__ int64_t at[FUSED_MAX_WARPS][ROWS];
+  __shared__ float2 ml[FUSED_MAX_WARPS][16];     // each warp's split: (m, l) per head of the group
+  __shared__ float weight[16][FUSED_MAX_SPLITS], inv[16];
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int C = int(cluster.num_blocks()), rank = int(cluster.block_rank());
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int query = blockIdx.y, b = query / s_per_b, hg = blockIdx.z;
+  const int splits = (K + ROWS - 1) / ROWS, split = rank + C * warp;
+  __nv_bfloat16* rows = reinterpret_cast<__nv_bfloat16*>(smem) + warp * ROWS * LD;
+
+  dsv4::pdl_wait();                              // q, kv and idx come from the kernels before
+  dsv4::pdl_launch_dependents();
+  if (split < splits) {
+    uint32_t qa[D / 16][4];
+    load_q<D>(qa, q, query, hg, heads, lane);
+    gather_rows<D, ROWS, true>(rows, at[warp], kv, idx, pos, query, b, split * ROWS, T, K, window, ratio);
+    float m[2], l[2];
+    uint32_t p[ROWS / 16][4];
+    scores_softmax<D, ROWS>(qa, rows, at[warp], scale, lane, m, l, p);
+    if (t == 0) ml[warp][g] = make_float2(m[0], l[0]), ml[warp][g + 8] = make_float2(m[1], l[1]);
+#pragma unroll 1
+    for (int d0 = 0; d0 < D; d0 += 128) {
+      float o[16][4];
+      values_pass<D, ROWS>(p, rows, d0, lane, o);
+      __syncwarp();                              // every lane's reads of these dims are done
+#pragma unroll
+      for (int dt = 0; dt < 16; ++dt) {
+        const int dim = d0 + dt * 8 + 2 * t;
+        *reinterpret_cast<float2*>(partial_at<D>(rows, g, dim)) = make_float2(o[dt][0], o[dt][1]);
+        *reinterpret_cast<float2*>(partial_at<D>(rows, g + 8, dim)) = make_float2(o[dt][2], o[dt][3]);
+      }
+    }
+  }
+  cluster.sync();
+  // Each head's split weights exp(m_i - M) and 1 / (sum_i l_i w_i + exp(sink - M)) as the combine launch
+  // computes them, bit for bit: lane i takes split i (splits <= 32), the same shuffle tree sums the terms.
+  for (int h = warp; h < 16; h += FUSED_MAX_WARPS) {
+    const float2 v = lane < splits ? *cluster.map_shared_rank(&ml[lane / C][h], lane % C)
+                                   : make_float2(-INFINITY, 0.f);
+    float M = v.x;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+    const float sink_h = sink[min(16 * hg + h, heads - 1)];
+    if (M == -INFINITY) M = sink_h;              // no row at all: the output is 0
+    const float wi = v.x == -INFINITY ? 0.f : expf(v.x - M);
+    if (lane < splits) weight[h][lane] = wi;
+    float den = wi == 0.f ? 0.f : v.y * wi;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) den += __shfl_xor_sync(0xffffffffu, den, off);
+    if (lane == 0) inv[h] = 1.f / (den + expf(sink_h - M));
+  }
+  __syncthreads();
+  // the outputs, 4 channels a thread, the splits' partial rows read 8 at a time (the combine's order)
+  constexpr int UNROLL = 8;
+  for (int i = rank * int(blockDim.x) + int(threadIdx.x); i < GROUPS; i += C * int(blockDim.x)) {
+    const int h = i / (D / 4), e = (i % (D / 4)) * 4, head = 16 * hg + h;
+    if (head >= heads) continue;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s0 = 0; s0 < splits; s0 += UNROLL) {
+      float4 v[UNROLL];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const int s = s0 + u;
+        v[u] = s < splits ? *reinterpret_cast<const float4*>(partial_at<D>(
+                                cluster.map_shared_rank(reinterpret_cast<__nv_bfloat16*>(smem), s % C) + (s / C) * ROWS * LD, h, e))
+                          : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const float w = s0 + u < splits ? weight[h][s0 + u] : 0.f;
+        o.x = fmaf(v[u].x, w, o.x), o.y = fmaf(v[u].y, w, o.y), o.z = fmaf(v[u].z, w, o.z), o.w = fmaf(v[u].w, w, o.w);
+      }
+    }
+    float v[4] = {o.x * inv[h], o.y * inv[h], o.z * inv[h], o.w * inv[h]};
+    store_output(v, out + (size_t(query) * heads + head) * D + e, e, D, rot, rope, pos, query);
+  }
+  cluster.sync();                                // the others may still read this CTA's buffers
+}
+
 }  // namespace
 
 #define DSV4_SPARSE_ATTENTION(CHUNKS, ROWS, SUFFIX)                                                         \
@@ -214,6 +377,18 @@ DSV4_SPARSE_ATTENTION(4, 32, )
 DSV4_SPARSE_ATTENTION(1, 64, _r64)
 DSV4_SPARSE_ATTENTION(2, 64, _r64)
 DSV4_SPARSE_ATTENTION(4, 64, _r64)
+
+#define DSV4_SPARSE_ATTENTION_FUSED(CHUNKS)                                                                  \
+  extern "C" __global__ void __launch_bounds__(32 * FUSED_MAX_WARPS) dsv4_sparse_attention_decode_d##CHUNKS( \
+      const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,                             \
+      const int64_t* __restrict__ idx, const float* __restrict__ sink, __nv_bfloat16* __restrict__ out,       \
+      int s_per_b, int heads, int T, int K, float scale, const int64_t* __restrict__ pos, int window,        \
+      int ratio, const float* __restrict__ rot, int rope) {                                                  \
+    attend_fused<CHUNKS * 128>(q, kv, idx, sink, out, s_per_b, heads, T, K, scale, pos, window, ratio, rot, rope); \
+  }
+DSV4_SPARSE_ATTENTION_FUSED(1)
+DSV4_SPARSE_ATTENTION_FUSED(2)
+DSV4_SPARSE_ATTENTION_FUSED(4)
 
 // grid (heads, queries), block D / 4: o = sum_i acc_i * w_i / (sum_i l_i * w_i + exp(sink - M)),
 // w_i = exp(m_i - M), M = max_i m_i (splits without a row weigh nothing). Each thread owns 4 elements of
@@ -288,17 +463,5 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_sparse_attention_combine(
     }
   }
   float v[4] = {o.x * inv, o.y * inv, o.z * inv, o.w * inv};
-  if (rot != nullptr && e >= D - rope) {         // the inverse RoPE of the output's last `rope` channels
-#pragma unroll
-    for (int p = 0; p < 2; ++p) {                // pairs (e, e+1), (e+2, e+3), of the bf16 outputs
-      const float a = dsv4::bf16_round(v[2 * p]), b = dsv4::bf16_round(v[2 * p + 1]);
-      const float* cs = rot + (size_t(dsv4::rot_row(pos, query)) * (rope / 2) + (e + 2 * p - (D - rope)) / 2) * 2;
-      // the oracle's (a * cos - b * -sin, a * -sin + b * cos), products rounded apart
-      v[2 * p] = __fadd_rn(__fmul_rn(a, cs[0]), __fmul_rn(b, cs[1]));
-      v[2 * p + 1] = __fsub_rn(__fmul_rn(b, cs[0]), __fmul_rn(a, cs[1]));
-    }
-  }
-  __nv_bfloat16* dst = out + (size_t(query) * heads + head) * D + e;
-  *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v[0], v[1]);
-  *reinterpret_cast<__nv_bfloat162*>(dst + 2) = __floats2bfloat162_rn(v[2], v[3]);
+  store_output(v, out + (size_t(query) * heads + head) * D + e, e, D, rot, rope, pos, query);
 }
