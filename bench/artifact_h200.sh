@@ -11,7 +11,8 @@
 # PREFILL_CHUNK overrides the recipe's prefill chunk (256; the user recipe dsv4-flash-h200 takes 2048, where the
 # wgmma prefill MoE pays: bench/wgmma_gate.py then measures it on the artifact). A rebuild into the same folder
 # relinks the expert bank. SKIP_FORCED=1 skips the reference comparison; COMPARE=none leaves eager out of the benchmark; SKIP_PROFILE=1 the
-# decode profile; SKIP_PAGED=1 the paged bench; PROMPT_LEN sets the benchmark's prompt (default 32 tokens). CKPT=/dev/shm/flash8 keeps a large checkpoint in memory when
+# decode profile; SKIP_PAGED=1 the paged bench; BUILD_ONLY=1 stops after the build (then, e.g., bench/fatbin_ab.py on
+# /tmp/art/flash$LAYERS-$DTYPE); PROMPT_LEN sets the benchmark's prompt (default 32 tokens). CKPT=/dev/shm/flash8 keeps a large checkpoint in memory when
 # checkpoint + artifact would not fit the disk (8 layers: about 30 + 36 GB against 64 GB). AOTInductor packages on the H200 image need libstdc++
 # preloaded (see docs/design.md).
 set -euo pipefail
@@ -26,6 +27,7 @@ dsv4() { python -m dsv4.cli "$@"; }
 [ -f $CKPT/config.json ] || { time dsv4 synth --model flash --layers $LAYERS --device cuda --routing-skew $SKEW \
     --out $CKPT; } 2>&1 | tail -3
 { time dsv4 build $RECIPE --checkpoint $CKPT --out $ART; } 2>&1 | tail -12 | tee $OUT/build-flash$LAYERS-$DTYPE.txt
+[ -z "${BUILD_ONLY:-}" ] || exit 0
 if [ -z "${SKIP_FORCED:-}" ]; then
   PROMPT=$(python -c "print(','.join(str((7 * i + 3) % 1000 + 2) for i in range(136)))")
   dsv4 forced --checkpoint $CKPT --device cuda --dtype $DTYPE --prompt-ids $PROMPT --forced-ids 11,12,13,14,15,16,17,18 \
