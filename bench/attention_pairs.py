@@ -1,4 +1,4 @@
-"""Sparse attention's decode launches (one, or the split + combine pair) in a CUDA graph, per fat binary and warps per CTA.
+"""Sparse attention's decode launches (one, or the split + combine pair) in a CUDA graph, per fat binary and case.
 
 Flash sizes (64 heads x 512, one query) over 128, 640 and 2176 rows of a 4096-row cache: a graph of 20 pairs
 back to back, replayed 20 times per timing, 7 timings, the median per pair. Each case runs in a process of

@@ -1,8 +1,8 @@
 """Sparse attention with a sink on the GPU (csrc/sparse_attention.cu): a split launch that gathers each
 split's rows once for every head and runs both products on tensor cores, and a combine launch. Decode takes
-one launch where its splits fit one thread-block cluster's warps (`fused_shape`: the split and the combine in
-one kernel, the partial rows in shared memory), else one launch pair; a prefill chunk takes one pair per group
-of `prefill_group` queries (`sparse_attention_chunked`).
+one launch pair, or with FUSED_DECODE on one launch where its splits fit one thread-block cluster's warps
+(`fused_shape`: the split and the combine in one kernel, the partial rows in shared memory); a prefill chunk
+takes one pair per group of `prefill_group` queries (`sparse_attention_chunked`).
 
 Oracle: `plugins.oracle.sparse_attention`. Pass `workspace` (from `make_workspace`) to launch without
 allocating.
@@ -86,9 +86,10 @@ def warps_per_cta(splits: int, queries: int, warps: int, sms: int) -> int:
 
 
 def fused_shape(splits: int, d: int, shared_optin: int) -> tuple[int, int] | None:
-    """(CTAs a cluster, warps with a split a CTA) of the one-launch decode kernel for `splits` splits of ROWS rows of width
-    d, where a CTA may opt in to `shared_optin` bytes of shared memory; None where they do not fit one cluster
-    (then the launch pair). The splits spread over as many CTAs as the cluster takes, so that a warp has one."""
+    """(CTAs a cluster, warps with a split a CTA) of the one-launch decode kernel for `splits` splits of ROWS
+    rows of width d, where a CTA may opt in to `shared_optin` bytes of shared memory; None where it is off or
+    they do not fit one cluster (then the launch pair). The splits spread over as many CTAs as the cluster
+    takes, so that a warp has one."""
     if not FUSED_DECODE:
         return None
     cluster = min(FUSED_MAX_CLUSTER, splits)

@@ -240,8 +240,9 @@ __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q
 
 // o (4 consecutive output channels from e, already normalised) with the inverse RoPE where e falls in the last
 // `rope` channels (rot: see dsv4_sparse_attention_combine), then stored as bf16 at dst.
-__device__ __forceinline__ void store_output(float (&v)[4], __nv_bfloat16* dst, int e, int D, const float* __restrict__ rot,
-                                             int rope, const int64_t* __restrict__ pos, int query) {
+__device__ __forceinline__ void store_output(float (&v)[4], __nv_bfloat16* dst, int e, int D,
+                                             const float* __restrict__ rot, int rope, const int64_t* __restrict__ pos,
+                                             int query) {
   if (rot != nullptr && e >= D - rope) {
 #pragma unroll
     for (int p = 0; p < 2; ++p) {                // pairs (e, e+1), (e+2, e+3), of the bf16 outputs
@@ -258,14 +259,14 @@ __device__ __forceinline__ void store_output(float (&v)[4], __nv_bfloat16* dst, 
 
 // Decode in one launch: split and combine in a thread-block cluster, the partial rows in shared memory.
 // grid (C, queries, ceil(heads / 16)), clusters of C along x, block 32 * FUSED_MAX_WARPS, shared memory for W
-// warps' rows. Split c (ROWS = 32 indices from 32c) is warp c / C of CTA rank c % C (C * W >= splits, <= 32);
-// each warp gathers its rows into its own shared buffer, and as each 128-dim pass of P . V is done, writes that pass's unnormalised output rows over the
-// dims of the rows it no longer reads (rows 2h and 2h + 1 of the buffer hold head h's 128 floats of the pass,
-// at the pass's byte offset). After the cluster's barrier each CTA combines, across every split's buffer
-// through distributed shared memory, 4 channels at a time of every C-th block of its heads' outputs, with every
-// thread of the CTA (a warp without a split too), in the combine launch's order and arithmetic (the same bits);
-// a second barrier keeps every CTA's buffers until all have read them.
-// This drops the combine launch, and the partial rows' round trip through L2 (2 KB a head and split).
+// warps' rows. Split c (ROWS = 32 indices from 32c) is warp c / C of CTA rank c % C (C * W >= splits, <= 32).
+// Each warp gathers its rows into its own shared buffer and, as each 128-dim pass of P . V is done, writes the
+// pass's unnormalised output rows over the dims of the rows it no longer reads (rows 2h and 2h + 1 of the
+// buffer hold head h's 128 floats of the pass, at the pass's byte offset). After the cluster's barrier each CTA
+// combines, across every split's buffer through distributed shared memory, 4 channels at a time of every C-th
+// block of its heads' outputs, with every thread of the CTA (a warp without a split too), in the combine
+// launch's order and arithmetic (the same bits); a second barrier keeps every CTA's buffers until all have
+// read them. This drops the combine launch, and the partial rows' round trip through L2 (2 KB a head and split).
 constexpr int FUSED_MAX_WARPS = 4, FUSED_MAX_SPLITS = 8 * FUSED_MAX_WARPS;
 
 template <int D>
@@ -345,9 +346,9 @@ __device__ __forceinline__ void attend_fused(const __nv_bfloat16* __restrict__ q
       float4 v[UNROLL];
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
-        const int s = s0 + u;
-        v[u] = s < splits ? *reinterpret_cast<const float4*>(partial_at<D>(
-                                cluster.map_shared_rank(reinterpret_cast<__nv_bfloat16*>(smem), s % C) + (s / C) * ROWS * LD, h, e))
+        const int s = s0 + u;                    // warp s / C of rank s % C
+        __nv_bfloat16* theirs = cluster.map_shared_rank(reinterpret_cast<__nv_bfloat16*>(smem), s % C);
+        v[u] = s < splits ? *reinterpret_cast<const float4*>(partial_at<D>(theirs + (s / C) * ROWS * LD, h, e))
                           : make_float4(0.f, 0.f, 0.f, 0.f);
       }
 #pragma unroll
