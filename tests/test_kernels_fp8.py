@@ -287,7 +287,7 @@ def test_gemv_plan_falls_back_to_one_act_quant_where_shared_memory_is_short(m, k
 def test_wo_b_gets_a_third_ring_stage_at_two_ctas_an_sm():
     """wo_b's 8192-wide activation (16.8 KB of f16 values) left room for two ring stages beside a static 4 KB
     of K-slice sums; with those sums in the ring (session 29) a third fits at two CTAs an SM on an H200."""
-    from plugins.fp8_linear import STAGE_BYTES, gemv_plan
+    from plugins.fp8_linear import gemv_plan
     fused, stages, shared = gemv_plan(1, 8192, (233472, 232448))
     assert fused and stages == 3
     assert 2 * (shared + 32 + 1024) <= 233472
