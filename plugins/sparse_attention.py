@@ -41,7 +41,7 @@ DECODE_WARPS_PER_CTA = 2
 # (every thread of the CTA combines, eight splits' loads in flight, the pair's arithmetic bit for bit) was
 # written after the session's device time ran out and has not run.
 FUSED_DECODE = False
-FUSED_MAX_WARPS, FUSED_MAX_CLUSTER, FUSED_STATIC = 4, 8, 4096
+FUSED_MAX_WARPS, FUSED_MAX_CLUSTER, FUSED_STATIC = 4, 8, 4096   # csrc: 4 warps; 3648 static bytes, rounded up
 
 
 def fits(q: torch.Tensor, kv: torch.Tensor, k: int) -> bool:

@@ -245,12 +245,9 @@ def test_spread_shared_leaves_a_grid_that_cannot_crowd_an_sm():
     assert spread_shared(200_000, 384, 132, H200_SHARED) == 200_000
 
 
-class _H200Occupancy:
+class _H200Occupancy(RecordedLaunches):
     """The two questions `_down_launch` asks of the kernel image, answered as an H200 would for the wgmma down
-    kernel (128 threads of 71 registers: shared memory alone limits it)."""
-    def shared_memory(self):
-        return H200_SHARED
-
+    kernel (128 threads of 71 registers: shared memory alone limits it); launches are recorded."""
     def resident(self, name, block, shared):
         return min(H200_SHARED[0] // (shared + 1024 + 128), 7) * 132
 
@@ -269,10 +266,6 @@ def test_down_launch_gives_the_items_in_a_ctas_hand_a_tile_region_each(tokens, m
     assert grid * tokens <= lib.resident("", 128, shared)           # one wave: every CTA resident at once
 
 
-class _RecordedLaunches(RecordedLaunches, _H200Occupancy):
-    """`_H200Occupancy` that also records the launches made through it."""
-
-
 @pytest.mark.parametrize("tokens", [1, 2])
 def test_wgmma_decode_launches_pass_each_kernel_its_declared_arguments(monkeypatch, tokens):
     """The wgmma decode kernels' launches pass as many arguments as the kernels declare (plugins/csrc), the
@@ -282,7 +275,7 @@ def test_wgmma_decode_launches_pass_each_kernel_its_declared_arguments(monkeypat
     monkeypatch.setattr(moe_experts, "device_index", lambda device: 0)
     k, d, f = 6, 4096, 2048
     x, experts, route_w = torch.zeros(tokens, d), torch.zeros(tokens, k, dtype=torch.int32), torch.zeros(tokens, k)
-    lib = _RecordedLaunches()
+    lib = _H200Occupancy()
     ws = {"h": torch.zeros(tokens * k, f), "ypart": torch.zeros(tokens * k, d)}
     moe_experts._decode_wgmma(lib, x, experts, route_w, torch.zeros(256, dtype=torch.int64), f, 10.0, None, ws)
     assert [launch.name for launch in lib.launches] == ["dsv4_moe_gate_up_decode_wgmma", "dsv4_moe_down_decode_wgmma"]
