@@ -1,4 +1,4 @@
-"""Sparse attention's decode launches (one, or the split + combine pair) in a CUDA graph, per fat binary and case.
+"""Sparse attention's decode launch pair (split + combine) in a CUDA graph, per fat binary and case.
 
 Flash sizes (64 heads x 512, one query) over 128, 640 and 2176 rows of a 4096-row cache: a graph of 20 pairs
 back to back, replayed 20 times per timing, 7 timings, the median per pair. Each case runs in a process of
@@ -6,8 +6,8 @@ its own (a process loads one kernel image), in turn, for `--rounds` rounds; each
 output, which must agree across cases that change no math. A case is FATBIN[:W[:R]]: W the split launch's
 warps per CTA (plugins.sparse_attention.DECODE_WARPS_PER_CTA; `warps_per_cta` still puts every warp in one
 CTA past one wave, as at 2176 rows), R the rows per split (32, the default, or 64: another rounding of the
-probabilities, so another hash); `@MODULE.NAME=VALUE` after it turns switches (bench/in_turn.py), e.g.
-`@plugins.sparse_attention.FUSED_DECODE=False` times the launch pair where decode takes one launch.
+probabilities, so another hash); `@MODULE.NAME=VALUE[,...]` after it turns other switches in its process
+(bench/in_turn.py).
 
     python bench/attention_pairs.py plugins/dsv4_kernels.fatbin:4 plugins/dsv4_kernels.fatbin:2 \\
         --json bench/results/attention-pairs-h200.json

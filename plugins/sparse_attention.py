@@ -1,8 +1,9 @@
 """Sparse attention with a sink on the GPU (csrc/sparse_attention.cu): a split launch that gathers each
 split's rows once for every head and runs both products on tensor cores, and a combine launch. Decode takes
-one launch pair, or with FUSED_DECODE on one launch where its splits fit one thread-block cluster's warps
-(`fused_shape`: the split and the combine in one kernel, the partial rows in shared memory); a prefill chunk
-takes one pair per group of `prefill_group` queries (`sparse_attention_chunked`).
+one launch pair; a prefill chunk takes one pair per group of `prefill_group` queries
+(`sparse_attention_chunked`). Decode in one launch (split and combine in a thread-block cluster, the partial
+rows in shared memory) was correct and slower in two forms on the H200 (sessions 36 and 37; README, patch in
+bench/results/attention-one-launch-s37.patch).
 
 Oracle: `plugins.oracle.sparse_attention`. Pass `workspace` (from `make_workspace`) to launch without
 allocating.
@@ -30,18 +31,6 @@ MAX_HEADS = 128                              # a warp per 16 heads, 8 warps
 # 64 Flash heads wrote 128 KB, and halving that took 1.0-1.3 us off the launch pair at 128 and 640 rows, the
 # same bits (H200, bench/results/attention-pairs-s34-h200.json; one warp a CTA gained nothing on two).
 DECODE_WARPS_PER_CTA = 2
-# The one-launch decode kernel (`dsv4_sparse_attention_decode_d*`): CTAs of FUSED_MAX_WARPS warps, in clusters
-# of up to FUSED_MAX_CLUSTER (the portable size), a warp per split (the rest only combine); each warp with a
-# split takes ROWS x (d + ROW_PAD) bf16 of shared memory for its rows, beside FUSED_STATIC bytes of the kernel's.
-# FUSED_DECODE switches it on (bench/attention_pairs.py and bench/fatbin_ab.py turn it). Off by default:
-# session 36's first form (the combine in 16 threads, then in the CTA's one to three warps, each split's loads
-# after the last one's) was correct (its GPU tests passed) and slower than the pair on the H200: 16.6 / 18.8 us
-# at 128 / 640 rows against 10.3 / 11.8, the Flash-8 step 1.366 against 1.275 ms
-# (bench/results/attention-one-launch-s36-h200.json, fatbin-ab-attention-one-launch-s36-h200.json). This form
-# (every thread of the CTA combines, eight splits' loads in flight, the pair's arithmetic bit for bit) was
-# written after the session's device time ran out and has not run.
-FUSED_DECODE = False
-FUSED_MAX_WARPS, FUSED_MAX_CLUSTER, FUSED_STATIC = 4, 8, 4096   # csrc: 4 warps; 3648 static bytes, rounded up
 
 
 def fits(q: torch.Tensor, kv: torch.Tensor, k: int) -> bool:
@@ -85,19 +74,6 @@ def warps_per_cta(splits: int, queries: int, warps: int, sms: int) -> int:
     return per_cta if splits * queries * -(-warps // per_cta) <= sms else warps
 
 
-def fused_shape(splits: int, d: int, shared_optin: int) -> tuple[int, int] | None:
-    """(CTAs a cluster, warps with a split a CTA) of the one-launch decode kernel for `splits` splits of ROWS
-    rows of width d, where a CTA may opt in to `shared_optin` bytes of shared memory; None where it is off or
-    they do not fit one cluster (then the launch pair). The splits spread over as many CTAs as the cluster
-    takes, so that a warp has one."""
-    if not FUSED_DECODE:
-        return None
-    cluster = min(FUSED_MAX_CLUSTER, splits)
-    warps = -(-splits // cluster)
-    fits = warps <= FUSED_MAX_WARPS and FUSED_STATIC + warps * ROWS * (d + ROW_PAD) * 2 <= shared_optin
-    return (cluster, warps) if fits else None
-
-
 def decode_row_count(t: int, window: int, ratio: int, picks: int) -> int:
     """How many rows a decode step's query attends to in a cache of t rows (`plugins.oracle.decode_rows`)."""
     return window + (picks if ratio == 4 else t - window if ratio else 0)
@@ -135,14 +111,6 @@ def sparse_attention_decode(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
     lib = kernels()
     splits, warps = -(-k // rows), -(-h // 16)
     rot_args = [(0 if rot is None else rot, PTR), (0 if rot is None else 2 * rot.size(-2), INT)]
-    shape = fused_shape(splits, d, lib.shared_memory()[1]) if rows == ROWS else None
-    if shape is not None:
-        cluster, per_cta = shape
-        lib.launch(f"dsv4_sparse_attention_decode_d{d // 128}", (cluster, b * s, warps), 32 * FUSED_MAX_WARPS,
-                   [(q, PTR), (kv, PTR), (0 if idx is None else idx, PTR), (sink, PTR), (out, PTR), (s, INT),
-                    (h, INT), (t, INT), (k, INT), (scale, FLOAT), (0 if pos is None else pos, PTR), (window, INT),
-                    (ratio, INT), *rot_args], per_cta * rows * (d + ROW_PAD) * 2, cluster=cluster)
-        return out
     ws = make_workspace(b * s, h, d, k, q.device, rows) if workspace is None else workspace
     acc, ml = ws["acc"], ws["ml"]
     per_cta = warps_per_cta(splits, b * s, warps, sm_count(device_index(q.device)))

@@ -26,17 +26,7 @@ def _rotations(b, s, rope, seed=5):
     return torch.stack([angles.cos(), angles.sin()], -1).cuda()
 
 
-# Decode tests run both ways (the `fused` parameter, indirect): the one-launch kernel where its splits fit a
-# cluster, and the launch pair.
-@pytest.fixture
-def fused(request, monkeypatch):
-    from plugins import sparse_attention
-    monkeypatch.setattr(sparse_attention, "FUSED_DECODE", request.param)
-    return request.param
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [True, False], ids=["one-launch", "pair"], indirect=True)
 @pytest.mark.parametrize("b, s, h, d, t, k, valid", [
     pytest.param(1, 1, 64, 512, 2176, 640, 600, id="flash-ratio4"),
     pytest.param(1, 1, 64, 512, 160, 160, 131, id="flash-ratio128"),
@@ -49,7 +39,7 @@ def fused(request, monkeypatch):
     pytest.param(1, 1, 48, 512, 2176, 640, 600, id="48heads-over-two-ctas-a-split"),
     pytest.param(1, 1, 64, 512, 4000, 2176, 2000, id="flash-2176-rows-one-cta-a-split"),
 ])
-def test_sparse_attention_decode_matches_oracle(b, s, h, d, t, k, valid, fused):
+def test_sparse_attention_decode_matches_oracle(b, s, h, d, t, k, valid):
     from plugins.sparse_attention import sparse_attention_decode
     q, kv, sink, idx = _case(b, s, h, d, t, k, valid)
     scale = d ** -0.5
@@ -62,9 +52,8 @@ def test_sparse_attention_decode_matches_oracle(b, s, h, d, t, k, valid, fused):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [True, False], ids=["one-launch", "pair"], indirect=True)
 @pytest.mark.parametrize("b, rotate", [(1, False), (2, True)], ids=["plain", "inverse-rope"])
-def test_sparse_attention_decode_captures_in_a_cuda_graph(b, rotate, fused):
+def test_sparse_attention_decode_captures_in_a_cuda_graph(b, rotate):
     from plugins.sparse_attention import make_workspace, sparse_attention_decode
     q, kv, sink, idx = _case(b, 1, 64, 512, 2176, 640, 300)
     rot = _rotations(b, 1, 64) if rotate else None
@@ -96,7 +85,6 @@ def _table(rows, rope, seed=5):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [True, False], ids=["one-launch", "pair"], indirect=True)
 @pytest.mark.parametrize("b, h, d, window, ratio, t, picks, positions", [
     pytest.param(1, 64, 512, 128, 4, 2176, 512, [1500], id="flash-ratio4"),
     pytest.param(1, 64, 512, 128, 128, 160, 0, [3000], id="flash-ratio128"),
@@ -106,7 +94,7 @@ def _table(rows, rope, seed=5):
     pytest.param(2, 16, 256, 16, 4, 100, 21, [3, 300], id="d256-2seq-ratio4-odd-picks"),
 ])
 def test_decode_attention_op_is_the_kernel_over_the_rows_it_names_then_the_inverse_rope(b, h, d, window, ratio, t,
-                                                                                       picks, positions, fused):
+                                                                                       picks, positions):
     """dsv4::decode_attention builds the decode step's rows itself (oracle `decode_rows`: ring slots up to
     pos, the picked or complete blocks) and reads the RoPE table at each position: the same bits as the
     kernel over the oracle's row list, then the oracle's inverse RoPE at the gathered rows; and, graph
@@ -139,50 +127,11 @@ def test_decode_attention_op_is_the_kernel_over_the_rows_it_names_then_the_inver
     assert torch.equal(out, expect())
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("b, s, h, d, t, k, valid", [
-    pytest.param(1, 1, 64, 512, 2176, 640, 600, id="flash-ratio4"),
-    pytest.param(1, 1, 64, 512, 160, 160, 131, id="flash-ratio128"),
-    pytest.param(1, 1, 64, 512, 2176, 1024, 1000, id="most-rows-of-one-cluster"),
-    pytest.param(2, 3, 20, 256, 300, 97, 90, id="d256-2seq-3tok-20heads"),
-])
-def test_one_launch_decode_is_the_launch_pair_bit_for_bit(monkeypatch, b, s, h, d, t, k, valid):
-    """The one-launch kernel computes the same splits' partial rows and combines them in the same order and
-    arithmetic as the combine launch (its normaliser through the same shuffle tree): the same bits."""
-    from plugins import sparse_attention
-    monkeypatch.setattr(sparse_attention, "FUSED_DECODE", True)
-    q, kv, sink, idx = _case(b, s, h, d, t, k, valid, seed=3)
-    assert sparse_attention.fused_shape(-(-k // 32), d, sparse_attention.kernels().shared_memory()[1]) is not None
-    one = sparse_attention.sparse_attention_decode(q, kv, sink, idx, d ** -0.5)
-    monkeypatch.setattr(sparse_attention, "FUSED_DECODE", False)
-    pair = sparse_attention.sparse_attention_decode(q, kv, sink, idx, d ** -0.5)
-    assert torch.equal(one, pair)
-
-
-@pytest.mark.parametrize("splits, d, optin, expect", [
-    pytest.param(20, 512, 232_448, (8, 3), id="flash-640-rows-h200"),
-    pytest.param(4, 512, 232_448, (4, 1), id="flash-window"),
-    pytest.param(5, 512, 232_448, (5, 1), id="flash-ratio128-160-rows"),
-    pytest.param(32, 512, 232_448, (8, 4), id="1024-rows"),
-    pytest.param(33, 512, 232_448, None, id="past-one-cluster"),
-    pytest.param(20, 512, 101_376, None, id="flash-640-rows-sm120-shared-memory"),
-    pytest.param(16, 512, 101_376, (8, 2), id="512-rows-sm120"),
-    pytest.param(1, 128, 232_448, (1, 1), id="one-split"),
-])
-def test_one_launch_decode_takes_the_splits_that_fit_one_cluster(monkeypatch, splits, d, optin, expect):
-    from plugins import sparse_attention
-    monkeypatch.setattr(sparse_attention, "FUSED_DECODE", True)
-    assert sparse_attention.fused_shape(splits, d, optin) == expect
-    monkeypatch.setattr(sparse_attention, "FUSED_DECODE", False)
-    assert sparse_attention.fused_shape(splits, d, optin) is None
-
-
-@pytest.mark.parametrize("fused", [True, False], ids=["one-launch", "pair"], indirect=True)
 @pytest.mark.parametrize("ratio, t, rows", [(4, 2176, 640), (128, 160, 160), (0, 128, 128)],
                          ids=["flash-ratio4", "flash-ratio128", "flash-ratio0"])
-def test_decode_launches_pass_each_kernel_its_declared_arguments(monkeypatch, fused, ratio, t, rows):
-    """Decode's launches (one, or the pair) pass as many arguments as the kernels declare (plugins/csrc), each
-    where the kernel reads it, the one-launch kernel in clusters of CTAs that hold every split."""
+def test_decode_launches_pass_each_kernel_its_declared_arguments(monkeypatch, ratio, t, rows):
+    """Decode's launch pair passes as many arguments as the kernels declare (plugins/csrc), each where the
+    kernel reads it."""
     from plugins import sparse_attention
     lib = RecordedLaunches()
     monkeypatch.setattr(sparse_attention, "kernels", lambda: lib)
@@ -195,19 +144,11 @@ def test_decode_launches_pass_each_kernel_its_declared_arguments(monkeypatch, fu
     sparse_attention.sparse_attention_decode(q, kv, sink, picked, 0.05, out=out, rot=table, pos=pos, window=128,
                                              ratio=ratio)
     splits = rows // 32
-    if fused:
-        [launch] = lib.launches
-        given = launch.given()
-        assert launch.name == "dsv4_sparse_attention_decode_d4" and launch.grid == (min(8, splits), 1, 4)
-        assert launch.cluster == launch.grid[0] and launch.block == 128
-        assert launch.shared >= -(-splits // launch.cluster) * 32 * 520 * 2    # rows for each warp with a split
-        assert given["sink"] is sink and given["out"] is out and given["rot"] is table and given["rope"] == 64
-    else:
-        split, combine = lib.launches
-        assert split.name == "dsv4_sparse_attention_split_d4" and combine.name == "dsv4_sparse_attention_combine"
-        given = split.given()
-        assert split.grid[0] == splits
-        assert combine.given()["splits"] == splits and combine.given()["rot"] is table
+    split, combine = lib.launches
+    assert split.name == "dsv4_sparse_attention_split_d4" and combine.name == "dsv4_sparse_attention_combine"
+    given = split.given()
+    assert split.grid[0] == splits
+    assert combine.given()["splits"] == splits and combine.given()["rot"] is table
     assert given["pos"] is pos and given["K"] == rows and given["ratio"] == ratio
 
 

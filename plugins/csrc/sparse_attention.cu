@@ -16,8 +16,6 @@
 // 13.3 us at 32 rows, 15.4 at 64, 13.1 at 16 (one query's splits must fill the GPU); a 256-query chunk's
 // split kernels 352-353 us of GPU time at 32 rows, 308-309 at 64, and half the splits for the combine to read.
 // Launches never allocate or synchronise (the workspace is passed in), so they can be captured in graphs.
-#include <cooperative_groups.h>
-
 #include "common.cuh"
 
 namespace {
@@ -86,27 +84,25 @@ __device__ __forceinline__ void load_q(uint32_t (&qa)[D / 16][4], const __nv_bfl
 
 // Gathers the ROWS rows from index k0 on into `rows` ([ROWS][D + KV_ROW_PAD]) and their cache rows into `at`
 // (-1: none): the indices first (one load each), then every 16-byte piece at once with cp.async (one memory
-// round trip); missing rows (index -1, or past K) zero-filled. Done by the CTA's threads (then its barrier)
-// or, WARP, by one warp's lanes (then the warp's).
-template <int D, int ROWS, bool WARP>
+// round trip); missing rows (index -1, or past K) zero-filled. Done by the CTA's threads (then its barrier).
+template <int D, int ROWS>
 __device__ __forceinline__ void gather_rows(__nv_bfloat16* rows, int64_t* at, const __nv_bfloat16* __restrict__ kv,
                                             const int64_t* __restrict__ idx, const int64_t* __restrict__ pos,
                                             int query, int b, int k0, int T, int K, int window, int ratio) {
   constexpr int LD = D + KV_ROW_PAD, PIECES = D / 8;
-  const int first = WARP ? int(threadIdx.x & 31) : int(threadIdx.x), step = WARP ? 32 : int(blockDim.x);
   const int n = min(ROWS, K - k0);
-  for (int r = first; r < ROWS; r += step) {
+  for (int r = threadIdx.x; r < ROWS; r += blockDim.x) {
     const int64_t row = r < n ? attended_row(idx, pos, query, k0 + r, K, window, ratio) : -1;
     at[r] = row >= 0 && row < T ? row : -1;
   }
-  if (WARP) __syncwarp(); else __syncthreads();
-  for (int i = first; i < ROWS * PIECES; i += step) {
+  __syncthreads();
+  for (int i = threadIdx.x; i < ROWS * PIECES; i += blockDim.x) {
     const int r = i / PIECES, p = i % PIECES;
     const int64_t row = at[r];
     dsv4::cp_async16(rows + r * LD + p * 8, kv + (size_t(b) * T + (row >= 0 ? row : 0)) * D + p * 8, row >= 0 ? 16 : 0);
   }
   dsv4::cp_async_wait_all();
-  if (WARP) __syncwarp(); else __syncthreads();
+  __syncthreads();
 }
 
 // S = Q . K^T over the gathered rows, then their softmax per head: m (maximum score), l (normaliser) of heads
@@ -202,7 +198,7 @@ __device__ __forceinline__ void attend_split(const __nv_bfloat16* __restrict__ q
   dsv4::pdl_launch_dependents();
   uint32_t qa[D / 16][4];
   load_q<D>(qa, q, query, warp, heads, lane);
-  gather_rows<D, ROWS, false>(rows, at, kv, idx, pos, query, b, split * ROWS, T, K, window, ratio);
+  gather_rows<D, ROWS>(rows, at, kv, idx, pos, query, b, split * ROWS, T, K, window, ratio);
   float m[2], l[2];
   uint32_t p[ROWS / 16][4];
   scores_softmax<D, ROWS>(qa, rows, at, scale, lane, m, l, p);
@@ -257,112 +253,6 @@ __device__ __forceinline__ void store_output(float (&v)[4], __nv_bfloat16* dst, 
   *reinterpret_cast<__nv_bfloat162*>(dst + 2) = __floats2bfloat162_rn(v[2], v[3]);
 }
 
-// Decode in one launch: split and combine in a thread-block cluster, the partial rows in shared memory.
-// grid (C, queries, ceil(heads / 16)), clusters of C along x, block 32 * FUSED_MAX_WARPS, shared memory for W
-// warps' rows. Split c (ROWS = 32 indices from 32c) is warp c / C of CTA rank c % C (C * W >= splits, <= 32).
-// Each warp gathers its rows into its own shared buffer and, as each 128-dim pass of P . V is done, writes the
-// pass's unnormalised output rows over the dims of the rows it no longer reads (rows 2h and 2h + 1 of the
-// buffer hold head h's 128 floats of the pass, at the pass's byte offset). After the cluster's barrier each CTA
-// combines, across every split's buffer through distributed shared memory, 4 channels at a time of every C-th
-// block of its heads' outputs, with every thread of the CTA (a warp without a split too), in the combine
-// launch's order and arithmetic (the same bits); a second barrier keeps every CTA's buffers until all have
-// read them. This drops the combine launch, and the partial rows' round trip through L2 (2 KB a head and split).
-constexpr int FUSED_MAX_WARPS = 4, FUSED_MAX_SPLITS = 8 * FUSED_MAX_WARPS;
-
-template <int D>
-__device__ __forceinline__ float* partial_at(__nv_bfloat16* buffer, int head, int dim) {
-  constexpr int LD = D + KV_ROW_PAD;
-  return reinterpret_cast<float*>(buffer + (2 * head + ((dim & 127) >> 6)) * LD + (dim & ~127)) + (dim & 63);
-}
-
-template <int D>
-__device__ __forceinline__ void attend_fused(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,
-                                             const int64_t* __restrict__ idx, const float* __restrict__ sink,
-                                             __nv_bfloat16* __restrict__ out, int s_per_b, int heads, int T, int K,
-                                             float scale, const int64_t* __restrict__ pos, int window, int ratio,
-                                             const float* __restrict__ rot, int rope) {
-  constexpr int ROWS = 32, LD = D + KV_ROW_PAD, GROUPS = 16 * D / 4;   // float4 groups of a head group's outputs
-  extern __shared__ uint4 smem[];                // each warp's rows [ROWS][LD], then its partial rows
-  __shared__ int64_t at[FUSED_MAX_WARPS][ROWS];
-  __shared__ float2 ml[FUSED_MAX_WARPS][16];     // each warp's split: (m, l) per head of the group
-  __shared__ float weight[16][FUSED_MAX_SPLITS], inv[16];
-  namespace cg = cooperative_groups;
-  const cg::cluster_group cluster = cg::this_cluster();
-  const int C = int(cluster.num_blocks()), rank = int(cluster.block_rank());
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int query = blockIdx.y, b = query / s_per_b, hg = blockIdx.z;
-  const int splits = (K + ROWS - 1) / ROWS, split = rank + C * warp;
-  __nv_bfloat16* rows = reinterpret_cast<__nv_bfloat16*>(smem) + warp * ROWS * LD;
-
-  dsv4::pdl_wait();                              // q, kv and idx come from the kernels before
-  dsv4::pdl_launch_dependents();
-  if (split < splits) {
-    uint32_t qa[D / 16][4];
-    load_q<D>(qa, q, query, hg, heads, lane);
-    gather_rows<D, ROWS, true>(rows, at[warp], kv, idx, pos, query, b, split * ROWS, T, K, window, ratio);
-    float m[2], l[2];
-    uint32_t p[ROWS / 16][4];
-    scores_softmax<D, ROWS>(qa, rows, at[warp], scale, lane, m, l, p);
-    if (t == 0) ml[warp][g] = make_float2(m[0], l[0]), ml[warp][g + 8] = make_float2(m[1], l[1]);
-#pragma unroll 1
-    for (int d0 = 0; d0 < D; d0 += 128) {
-      float o[16][4];
-      values_pass<D, ROWS>(p, rows, d0, lane, o);
-      __syncwarp();                              // every lane's reads of these dims are done
-#pragma unroll
-      for (int dt = 0; dt < 16; ++dt) {
-        const int dim = d0 + dt * 8 + 2 * t;
-        *reinterpret_cast<float2*>(partial_at<D>(rows, g, dim)) = make_float2(o[dt][0], o[dt][1]);
-        *reinterpret_cast<float2*>(partial_at<D>(rows, g + 8, dim)) = make_float2(o[dt][2], o[dt][3]);
-      }
-    }
-  }
-  cluster.sync();
-  // Each head's split weights exp(m_i - M) and 1 / (sum_i l_i w_i + exp(sink - M)) as the combine launch
-  // computes them, bit for bit: lane i takes split i (splits <= 32), the same shuffle tree sums the terms.
-  for (int h = warp; h < 16; h += FUSED_MAX_WARPS) {
-    const float2 v = lane < splits ? *cluster.map_shared_rank(&ml[lane / C][h], lane % C)
-                                   : make_float2(-INFINITY, 0.f);
-    float M = v.x;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
-    const float sink_h = sink[min(16 * hg + h, heads - 1)];
-    if (M == -INFINITY) M = sink_h;              // no row at all: the output is 0
-    const float wi = v.x == -INFINITY ? 0.f : expf(v.x - M);
-    if (lane < splits) weight[h][lane] = wi;
-    float den = wi == 0.f ? 0.f : v.y * wi;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) den += __shfl_xor_sync(0xffffffffu, den, off);
-    if (lane == 0) inv[h] = 1.f / (den + expf(sink_h - M));
-  }
-  __syncthreads();
-  // the outputs, 4 channels a thread, the splits' partial rows read 8 at a time (the combine's order)
-  constexpr int UNROLL = 8;
-  for (int i = rank * int(blockDim.x) + int(threadIdx.x); i < GROUPS; i += C * int(blockDim.x)) {
-    const int h = i / (D / 4), e = (i % (D / 4)) * 4, head = 16 * hg + h;
-    if (head >= heads) continue;
-    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int s0 = 0; s0 < splits; s0 += UNROLL) {
-      float4 v[UNROLL];
-#pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        const int s = s0 + u;                    // warp s / C of rank s % C
-        __nv_bfloat16* theirs = cluster.map_shared_rank(reinterpret_cast<__nv_bfloat16*>(smem), s % C);
-        v[u] = s < splits ? *reinterpret_cast<const float4*>(partial_at<D>(theirs + (s / C) * ROWS * LD, h, e))
-                          : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-#pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        const float w = s0 + u < splits ? weight[h][s0 + u] : 0.f;
-        o.x = fmaf(v[u].x, w, o.x), o.y = fmaf(v[u].y, w, o.y), o.z = fmaf(v[u].z, w, o.z), o.w = fmaf(v[u].w, w, o.w);
-      }
-    }
-    float v[4] = {o.x * inv[h], o.y * inv[h], o.z * inv[h], o.w * inv[h]};
-    store_output(v, out + (size_t(query) * heads + head) * D + e, e, D, rot, rope, pos, query);
-  }
-  cluster.sync();                                // the others may still read this CTA's buffers
-}
-
 }  // namespace
 
 #define DSV4_SPARSE_ATTENTION(CHUNKS, ROWS, SUFFIX)                                                         \
@@ -378,18 +268,6 @@ DSV4_SPARSE_ATTENTION(4, 32, )
 DSV4_SPARSE_ATTENTION(1, 64, _r64)
 DSV4_SPARSE_ATTENTION(2, 64, _r64)
 DSV4_SPARSE_ATTENTION(4, 64, _r64)
-
-#define DSV4_SPARSE_ATTENTION_FUSED(CHUNKS)                                                                  \
-  extern "C" __global__ void __launch_bounds__(32 * FUSED_MAX_WARPS) dsv4_sparse_attention_decode_d##CHUNKS( \
-      const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kv,                             \
-      const int64_t* __restrict__ idx, const float* __restrict__ sink, __nv_bfloat16* __restrict__ out,       \
-      int s_per_b, int heads, int T, int K, float scale, const int64_t* __restrict__ pos, int window,        \
-      int ratio, const float* __restrict__ rot, int rope) {                                                  \
-    attend_fused<CHUNKS * 128>(q, kv, idx, sink, out, s_per_b, heads, T, K, scale, pos, window, ratio, rot, rope); \
-  }
-DSV4_SPARSE_ATTENTION_FUSED(1)
-DSV4_SPARSE_ATTENTION_FUSED(2)
-DSV4_SPARSE_ATTENTION_FUSED(4)
 
 // grid (heads, queries), block D / 4: o = sum_i acc_i * w_i / (sum_i l_i * w_i + exp(sink - M)),
 // w_i = exp(m_i - M), M = max_i m_i (splits without a row weigh nothing). Each thread owns 4 elements of
