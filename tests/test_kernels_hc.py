@@ -206,3 +206,92 @@ def test_comb_finished_beside_gives_the_same_bits_and_captures(rows, d, monkeypa
     graph.replay()
     torch.cuda.synchronize()
     assert all(torch.equal(a, b) for a, b in zip(captured, expect))
+
+
+def _first_product(n, d, seed=11, device="cuda"):
+    """An FP8 weight [n, d] with its E8M0 scales (the attention's wq_a | wkv at Flash size: 1536 x 4096)."""
+    from plugins.formats import fp8_weight_quant
+    w, s = fp8_weight_quant(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)) / d ** 0.5)
+    return w.to(device), s.to(device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, d, n", [pytest.param(1, 4096, 1536, id="flash-1row"),
+                                        pytest.param(3, 256, 384, id="tiny-3rows"),
+                                        pytest.param(4, 4096, 1536, id="flash-4rows"),
+                                        pytest.param(12, 4096, 1536, id="flash-12rows-launches-apart")])
+def test_hc_finish_inside_the_first_gemv_gives_the_launches_apart_bit_for_bit(rows, d, n, monkeypatch):
+    """plugins.hc_pre.FINISH_IN_GEMV: every CTA of the GEMV finishes hc_pre itself (CTA 0 writing x, post and
+    comb's logits, finished beside): its product, x, post and comb are those of the finish's own launch and the
+    GEMV after it, bit for bit, from plain launches and from a replayed graph."""
+    import plugins.ops  # noqa: F401
+    from plugins import hc_pre, streams
+    x, fn, scale, base = _case(rows, d, seed=4)
+    weight = (torch.rand(d) + 0.5).cuda()
+    w, s = _first_product(n, d)
+
+    def run(inside: bool):
+        monkeypatch.setattr(hc_pre, "FINISH_IN_GEMV", inside)
+        out = torch.ops.dsv4.hc_pre_norm_linear(x, fn, scale, base, weight, 1e-6, 1e-6, 20, w, s)
+        streams.join_pending(x.device)
+        return out
+
+    expect, got = run(False), run(True)
+    assert got[0].shape == (rows, 1, n) and got[1].shape == (rows, 1, d)
+    assert all(torch.equal(a, b) for a, b in zip(got, expect))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run(True)
+    for t in captured:
+        t.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(captured, expect))
+
+
+def test_hc_pre_norm_linear_op_is_hc_pre_norm_then_fp8_linear_on_the_cpu():
+    import plugins.ops  # noqa: F401
+    x, fn, scale, base = _case(2, 256, seed=5, device="cpu")
+    weight = torch.rand(256) + 0.5
+    w, s = _first_product(384, 256, device="cpu")
+    got = torch.ops.dsv4.hc_pre_norm_linear(x, fn, scale, base, weight, 1e-6, 1e-6, 20, w, s)
+    y, post, comb = torch.ops.dsv4.hc_pre_norm(x, fn, scale, base, weight, 1e-6, 1e-6, 20)
+    expect = (torch.ops.dsv4.fp8_linear(y, w, s), y, post, comb)
+    assert got[0].shape == (2, 1, 384) and all(torch.equal(a, b) for a, b in zip(got, expect))
+
+
+@pytest.mark.parametrize("rows, inside", [(1, True), (4, True), (5, False)],
+                         ids=["1row", "4rows", "5rows-apart"])
+def test_hc_finish_inside_the_gemv_passes_the_kernel_its_declared_arguments(monkeypatch, rows, inside):
+    """The mix launch, then the GEMV with the finish inside (each argument where csrc/fp8_linear.cu declares
+    it), then the Sinkhorn iterations on the second stream; past the rows whose FP8 codes each CTA makes itself
+    (plugins.fp8_linear.FUSE_LIMIT_BLOCKS: 4 of Flash's 4096), the launches apart."""
+    from helpers import RecordedLaunches
+    from plugins import fp8_linear, hc_pre, streams
+    lib, forks = RecordedLaunches(), []
+    for module in (hc_pre, fp8_linear):
+        monkeypatch.setattr(module, "kernels", lambda: lib)
+    monkeypatch.setattr(fp8_linear, "gemv_split", lambda n, k, name, shared, device: (2, 48, 264))
+    monkeypatch.setattr(hc_pre, "supports_norm", lambda x, fn: True)        # on the CPU: no GPU here
+    monkeypatch.setattr(streams, "fork_for_later", forks.append)
+    monkeypatch.setattr(streams, "on_side", lambda device: __import__("contextlib").nullcontext())
+    d, n = 4096, 1536
+    x = torch.zeros(rows, 1, 4, d, dtype=torch.bfloat16)
+    fn, scale, base, norm = torch.zeros(24, 4 * d), torch.zeros(3), torch.zeros(24), torch.zeros(d)
+    w, s = torch.zeros(n, d, dtype=torch.float8_e4m3fn), torch.zeros(n // 128, d // 128, dtype=torch.uint8)
+    if not inside:                                 # the launches apart: hc_pre's, then the GEMV's
+        monkeypatch.setattr(hc_pre, "fp8_linear_decode", lambda y, w, s: torch.zeros(y.size(0), n))
+    proj, y, post, comb = hc_pre.hc_pre_norm_linear(x, fn, scale, base, norm, 1e-6, 1e-6, 20, w, s)
+    names = [launch.name for launch in lib.launches]
+    assert proj.shape == (rows, 1, n) and y.shape == (rows, 1, d) and len(forks) == 1
+    if not inside:
+        assert names == ["dsv4_hc_pre_mix", "dsv4_hc_pre_finish_beside", "dsv4_hc_pre_sinkhorn"]
+        return
+    assert names == ["dsv4_hc_pre_mix", "dsv4_fp8_gemv_fused_hc_m8", "dsv4_hc_pre_sinkhorn"]
+    part = lib.launches[0].given()["part"]
+    given = lib.launches[1].given()
+    assert given["x"] is x and given["part"] is part and given["pro_w"] is norm and given["rows"] == rows
+    assert given["N"] == n and given["K"] == d and given["slices"] == 4 * d // 256 and given["pro_param"] == 1e-6
+    assert given["y_out"] is y and given["post_out"] is post and given["comb_out"] is comb
+    assert given["hc_scale"] is scale and given["hc_base"] is base and given["y"].data_ptr() == proj.data_ptr()
+    assert lib.launches[2].given()["comb"] is comb
