@@ -31,7 +31,7 @@ from runtime.bench import bytes_per_token, copy_bandwidth  # noqa: E402
 ROUTER = {f"dsv4_route_topk_s{slots}" for slots in route.SLOTS}      # its builds (csrc/route.cu)
 WEIGHT_KERNELS = {"dsv4_fp8_gemv_fused_m8", "dsv4_fp8_gemv_fused_m16", "dsv4_fp8_gemv_m8", "dsv4_fp8_gemv_m16",
                   "dsv4_fp8_gemv_fused_norm_m8", "dsv4_fp8_gemv_fused_swiglu_m8", "dsv4_fp8_gemv_fused_grouped_m8",
-                  "dsv4_fp8_gemv_fused_hc_m8", "dsv4_moe_gate_up_decode_wgmma", "dsv4_moe_down_decode_wgmma", "dsv4_moe_gate_up",
+                  "dsv4_moe_gate_up_decode_wgmma", "dsv4_moe_down_decode_wgmma", "dsv4_moe_gate_up",
                   "dsv4_moe_down", "dsv4_head_gemv_bf16_rows", "dsv4_head_gemv"}
 FAMILIES = {
     "hc_pre_mix": {"dsv4_hc_pre_mix"},
@@ -49,7 +49,6 @@ FAMILIES = {
     "bf16_gemvs": {"dsv4_head_gemv_bf16_rows", "dsv4_head_gemv"},
     "fp8_gemv_plain": {"dsv4_fp8_gemv_fused_m8"},
     "fp8_gemv_norm": {"dsv4_fp8_gemv_fused_norm_m8"},
-    "fp8_gemv_hc": {"dsv4_fp8_gemv_fused_hc_m8"},
     "fp8_gemv_swiglu": {"dsv4_fp8_gemv_fused_swiglu_m8"},
     "wo_a": {"dsv4_fp8_gemv_fused_grouped_m8"},
     "moe_gate_up": {"dsv4_moe_gate_up_decode_wgmma", "dsv4_moe_gate_up"},

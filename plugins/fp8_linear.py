@@ -208,10 +208,10 @@ def _check_gemv(x, w, w_scale, m: int, k: int) -> None:
 
 
 def gemv_launch(name: str, x, codes, scales, w, w_scale, out, m: int, k: int, stages: int, shared: int,
-                prologue: tuple = (None, 0, 0, 0.0), extra: tuple = (), max_ctas: int | None = None) -> torch.Tensor:
+                prologue: tuple = (None, 0, 0, 0.0), max_ctas: int | None = None) -> torch.Tensor:
     """Launch GEMV kernel `name` (csrc/fp8_linear.cu) over m rows of width k; `prologue` = (its float32
-    weight, the rows' stride, up (kGrouped: rows per group), eps or limit), for the prologue builds; `extra`:
-    the (value, ctypes type) arguments after those (kHc's HcFinish); `max_ctas` caps the grid (tests)."""
+    weight, the rows' stride, up (kGrouped: rows per group), eps or limit), for the prologue builds;
+    `max_ctas` caps the grid (tests)."""
     n = w.size(0)
     _check_gemv(x, w, w_scale, m, k)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device) if out is None else out
@@ -221,7 +221,7 @@ def gemv_launch(name: str, x, codes, scales, w, w_scale, out, m: int, k: int, st
     kernels().launch(name, grid, 256,
                      [(x, PTR), (codes, PTR), (scales, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT),
                       (n, INT), (k, INT), (wpr, INT), (items, INT), (stages, INT),
-                      (pro_w if pro_w is not None else 0, PTR), (ld, INT), (up, INT), (param, FLOAT), *extra], shared)
+                      (pro_w if pro_w is not None else 0, PTR), (ld, INT), (up, INT), (param, FLOAT)], shared)
     return out
 
 

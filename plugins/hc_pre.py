@@ -3,8 +3,7 @@ streams, then Sinkhorn and the weighted sum of streams (optionally through the R
 the layer); two launches. Where the caller allows it (`comb_beside`: comb's reader joins the second stream
 of plugins/streams.py first, as the decode program's readers do) and SINKHORN_BESIDE is on, the Sinkhorn
 iterations run on that stream instead (a third launch, off the decode step's chain: comb is read only by
-the sub-layer's hyper-connection post). `hc_pre_norm_linear`: the attention's hc_pre with its norm and then its
-first product, where FINISH_IN_GEMV puts the finish inside that GEMV's launch (a launch fewer).
+the sub-layer's hyper-connection post).
 
 Oracle: `plugins.oracle.hc_pre_parts` (then `plugins.oracle.rms_norm`). Pass `out` and `workspace` to launch
 without allocating.
@@ -14,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from . import streams
-from .fp8_linear import PROLOGUE_ROWS, fp8_linear_decode, gemv_launch, gemv_plan
 from .loader import FLOAT, INT, PTR, kernels
 
 HC, MIXES, SLICE, MAX_ROWS = 4, 24, 256, 16          # csrc/hc_pre.cu
@@ -25,11 +23,6 @@ NORM_D = 8 * 256 * 4                                 # csrc/hc_pre.cu NORM_STEPS
 # Flash-8 profile took the step from 1.387 to 1.316 ms (bench/results/profile-decode-flash8-s28-h200.json)
 # and whose GPU tests gave the same bits as in line. A runtime switch (bench/profile_decode.py turns it).
 SINKHORN_BESIDE = True
-# Whether `hc_pre_norm_linear` runs the finish in every CTA of the GEMV after it (csrc/fp8_linear.cu kHc), where
-# comb's iterations run beside and the GEMV's prologue fits: the finish's own launch, a link of the decode
-# chain (about 4 us each on the H200, bench/results/chain-links-s28-h200.json), gone from the attention's side.
-# A runtime switch (bench/fatbin_ab.py turns it).
-FINISH_IN_GEMV = True
 
 
 def supports(x: torch.Tensor, fn: torch.Tensor) -> bool:
@@ -78,31 +71,6 @@ def hc_pre_decode(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: 
     return y, post, comb
 
 
-def hc_pre_norm_linear(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm: torch.Tensor,
-                       norm_eps: float, hc_eps: float, iters: int, w: torch.Tensor,
-                       w_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`hc_pre_decode` of x [..., 4, d] with `norm` and comb_beside, then `fp8_linear_decode` of its y by w [N, d]
-    (e4m3, w_scale E8M0) -> (that product [..., N] bf16, y, post, comb). With FINISH_IN_GEMV, where comb's
-    iterations run beside and the GEMV's prologue fits (up to PROLOGUE_ROWS rows), two launches where three
-    ran: the mix, then the GEMV, each of whose CTAs finishes hc_pre itself (CTA 0 writes y, post and comb's
-    logits); the same bits."""
-    d = x.size(-1)
-    rows = x.numel() // (HC * d)
-    plan = gemv_plan(rows, d, kernels().shared_memory(), staged=True) if rows <= PROLOGUE_ROWS else None
-    if not (FINISH_IN_GEMV and _beside(True, iters) and plan is not None):
-        y, post, comb = hc_pre_decode(x, fn, scale, base, norm_eps, hc_eps, iters, norm=norm, comb_beside=True)
-        return fp8_linear_decode(y.view(rows, d), w, w_scale).view(*y.shape[:-1], w.size(0)), y, post, comb
-    assert supports_norm(x, fn) and x.is_contiguous() and fn.is_contiguous() and norm.dtype == torch.float32
-    y, post, comb = _outputs(x)
-    part = _mix("dsv4_hc_pre_mix", x, fn, make_workspace(rows, d, x.device), rows, [])
-    _, stages, shared = plan
-    out = gemv_launch("dsv4_fp8_gemv_fused_hc_m8", x, x, x, w, w_scale, None, rows, d, stages, shared,
-                      (norm, 0, 0, norm_eps), [(part, PTR), (scale, PTR), (base, PTR), (y, PTR), (post, PTR),
-                                               (comb, PTR), (HC * d // SLICE, INT), (hc_eps, FLOAT)])
-    _sinkhorn_beside(comb, rows, hc_eps, iters, x.device)
-    return out.view(*y.shape[:-1], w.size(0)), y, post, comb
-
-
 def hc_post_pre_decode(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, fn: torch.Tensor,
                        scale: torch.Tensor, base: torch.Tensor, norm: torch.Tensor, norm_eps: float, hc_eps: float,
                        iters: int, comb_beside: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -139,29 +107,20 @@ def _mix(name: str, x: torch.Tensor, fn: torch.Tensor, part: torch.Tensor, rows:
     return part
 
 
-def _beside(comb_beside: bool, iters: int) -> bool:
-    """Whether comb's Sinkhorn iterations run on the second stream (SINKHORN_BESIDE, where the caller allows it)."""
-    return comb_beside and SINKHORN_BESIDE and iters > 0 and streams.SIDE_BRANCHES
-
-
-def _sinkhorn_beside(comb: torch.Tensor, rows: int, hc_eps: float, iters: int, device) -> None:
-    """dsv4_hc_pre_sinkhorn over comb's logits on the second stream, forked here for comb's reader to join."""
-    streams.fork_for_later(device)
-    with streams.on_side(device):
-        kernels().launch("dsv4_hc_pre_sinkhorn", 1, 256, [(comb, PTR), (rows, INT), (hc_eps, FLOAT), (iters, INT)])
-
-
 def _finish(x, part, scale, base, norm, y, post, comb, norm_eps: float, hc_eps: float, iters: int,
             comb_beside: bool = False) -> None:
     """The finish launch (csrc/hc_pre.cu); with `comb_beside` (and iterations to run) its _beside form writes
-    comb's logits and dsv4_hc_pre_sinkhorn finishes comb on the second stream."""
+    comb's logits and dsv4_hc_pre_sinkhorn finishes comb on the second stream, forked here for comb's reader
+    to join."""
     d = x.size(-1)
     rows = x.numel() // (HC * d)
-    later = _beside(comb_beside, iters)
-    kernels().launch("dsv4_hc_pre_finish_beside" if later else "dsv4_hc_pre_finish",
-                     -(-d // 1024) if norm is None else 1, 256,
-                     [(x, PTR), (part, PTR), (scale, PTR), (base, PTR), (0 if norm is None else norm, PTR), (y, PTR),
-                      (post, PTR), (comb, PTR), (rows, INT), (d, INT), (HC * d // SLICE, INT), (norm_eps, FLOAT),
-                      (hc_eps, FLOAT), (iters, INT)])
+    later = comb_beside and SINKHORN_BESIDE and iters > 0 and streams.SIDE_BRANCHES
+    lib = kernels()
+    lib.launch("dsv4_hc_pre_finish_beside" if later else "dsv4_hc_pre_finish", -(-d // 1024) if norm is None else 1,
+               256, [(x, PTR), (part, PTR), (scale, PTR), (base, PTR), (0 if norm is None else norm, PTR), (y, PTR),
+                     (post, PTR), (comb, PTR), (rows, INT), (d, INT), (HC * d // SLICE, INT), (norm_eps, FLOAT),
+                     (hc_eps, FLOAT), (iters, INT)])
     if later:
-        _sinkhorn_beside(comb, rows, hc_eps, iters, x.device)
+        streams.fork_for_later(x.device)
+        with streams.on_side(x.device):
+            lib.launch("dsv4_hc_pre_sinkhorn", 1, 256, [(comb, PTR), (rows, INT), (hc_eps, FLOAT), (iters, INT)])

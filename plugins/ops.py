@@ -14,8 +14,6 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::hc_pre(x, fn, scale, base, norm_eps, hc_eps, iters)   hyper-connection pre (mixes, Sinkhorn, sum)
     dsv4::hc_pre_norm(x, fn, scale, base, weight, ...)      the same, then the RMSNorm after it
     dsv4::hc_post_pre_norm(f, res, post, comb, fn, ...)     the attention's hc_post, then the FFN's hc_pre_norm
-    dsv4::hc_pre_norm_linear(x, fn, ..., weight, scale)     hc_pre_norm, then an fp8_linear of its x (the
-                                                            attention's first product; one launch fewer)
     dsv4::wide_linear(x, weight, branch)                    float32 product with a weight kept in bf16
                                                             (bf16 x widened first)
     dsv4::fork_side(x), dsv4::join_side(branch, keep, written)   a side branch on a second stream
@@ -397,28 +395,6 @@ def hc_post_pre_norm(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, com
 def _(f, res, post, comb, fn, scale, base, weight, norm_eps, hc_eps, iters, comb_beside=False):
     return (torch.empty_like(res, memory_format=torch.contiguous_format),
             *_hc_pre_fake(res, fn, scale, base, norm_eps, hc_eps, iters))
-
-
-@torch.library.custom_op("dsv4::hc_pre_norm_linear", mutates_args=())
-def hc_pre_norm_linear(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
-                       norm: torch.Tensor, norm_eps: float, hc_eps: float, iters: int, weight: torch.Tensor,
-                       w_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`hc_pre_norm` of the streams x [b, s, hc, d] with comb_beside, then `fp8_linear` of its x by weight [N, d]
-    (scales w_scale) -> (that product [b, s, N], x, post, comb): the decode program's attention input and its
-    first product. On a GPU for decode rows the finish may run inside the GEMV's launch (plugins/hc_pre.py
-    FINISH_IN_GEMV): the same bits, a launch fewer."""
-    from .hc_pre import hc_pre_norm_linear as on_gpu
-    from .hc_pre import supports_norm
-    if supports_norm(x, fn):
-        return on_gpu(x.contiguous(), fn.contiguous(), scale, base, norm.float().contiguous(), norm_eps, hc_eps,
-                      iters, weight, w_scale.view(torch.float8_e8m0fnu))
-    y, post, comb = hc_pre_norm(x, fn, scale, base, norm, norm_eps, hc_eps, iters, comb_beside=True)
-    return fp8_linear(y, weight, w_scale), y, post, comb
-
-
-@hc_pre_norm_linear.register_fake
-def _(x, fn, scale, base, norm, norm_eps, hc_eps, iters, weight, w_scale):
-    return (x.new_empty(*x.shape[:-2], weight.size(0)), *_hc_pre_fake(x, fn, scale, base, norm_eps, hc_eps, iters))
 
 
 # ------------------------------------------------------------------ wide_linear

@@ -1,9 +1,7 @@
 from bench.chain_ablation import FAMILIES, ROUTER, WEIGHT_KERNELS, variants
 
-# what a Flash decode step launches (bench/results/chain-ablation-flash4-s29-h200.json, decode and prefill; since
-# session 37 the attention's first GEMV with the hc_pre finish inside, dsv4_fp8_gemv_fused_hc_m8)
+# what a Flash decode step launches (bench/results/chain-ablation-flash4-s29-h200.json, decode and prefill)
 LAUNCHED = {"dsv4_argmax_rows", "dsv4_compressor_step", "dsv4_fp8_gemv_fused_grouped_m8", "dsv4_fp8_gemv_fused_m8",
-            "dsv4_fp8_gemv_fused_hc_m8",
             "dsv4_fp8_gemv_fused_norm_m8", "dsv4_fp8_gemv_fused_swiglu_m8", "dsv4_hc_post_pre_mix",
             "dsv4_hc_pre_finish", "dsv4_hc_pre_finish_beside", "dsv4_hc_pre_mix", "dsv4_hc_pre_sinkhorn",
             "dsv4_head_gemv_bf16_rows", "dsv4_index_query", "dsv4_indexer_scores", "dsv4_indexer_topk",

@@ -102,9 +102,8 @@ def test_decode_program_exports_with_its_cache_writes(setup):
 @pytest.mark.parametrize("layer", [3, 4], ids=["ratio128", "ratio4-indexer"])
 def test_decode_program_runs_its_compressors_on_a_side_branch(setup, layer):
     """The compressors' products and steps are ops of one side branch (`dsv4::fork_side`'s token), forked
-    after the op that makes x with the query path's first product (`dsv4::hc_pre_norm_linear`) and before its
-    next GEMV, joined after its last launch, before anything reads what the branch wrote (the indexer's picks,
-    the attention), with the branch's inputs held until the join."""
+    before the query path's first GEMV and joined after its last launch, before anything reads what the
+    branch wrote (the indexer's picks, the attention), with the branch's inputs held until the join."""
     ckpt, _ = setup
     program, args, caches, weights, keep = _program_and_args(ckpt, layer)
     nodes = [n for n in torch.export.export(program, (*args, caches, weights)).graph.nodes if n.op == "call_function"]
@@ -113,12 +112,12 @@ def test_decode_program_runs_its_compressors_on_a_side_branch(setup, layer):
     fork, join = nodes[first["fork_side"]], nodes[first["join_side"]]
     steps = ["compressor_step"] * (2 if layer == 4 else 1)
     assert [op for n, op in zip(nodes, ops) if fork in n.args] == ["wide_linear", *steps, "join_side"]
-    assert first["hc_pre_norm_linear"] < first["fork_side"] < first["wide_linear"] < first["fp8_linear_normed"] \
-        < first["q_heads_kv_row"] < first["join_side"] < first["decode_attention"]
+    assert first["fork_side"] < first["wide_linear"] < first["fp8_linear"] < first["q_heads_kv_row"] \
+        < first["join_side"] < first["decode_attention"]
     if layer == 4:
         assert first["join_side"] < first["indexer_picks"]
     x = join.args[1][0]                                             # x itself, or a view of it
-    assert torch.ops.dsv4.hc_pre_norm_linear.default in (x.target, getattr(x.args[0], "target", None))
+    assert torch.ops.dsv4.hc_pre_norm.default in (x.target, getattr(x.args[0], "target", None))
     assert len(join.args[2]) == (3 if layer == 3 else 6)
 
 
@@ -185,9 +184,8 @@ def test_stacked_fp8_linear_gives_each_part_exactly(act):
 
 
 def test_decode_program_lets_comb_be_finished_beside_its_readers(setup):
-    """The decode program's hc_pre ops let comb be finished beside (their comb's readers, hc_post_pre_norm and
-    the MoE's post, join the side stream first: plugins/hc_pre.py SINKHORN_BESIDE): the FFN's through its
-    comb_beside flag, the attention's always (`dsv4::hc_pre_norm_linear`); and the exported program gives the
+    """The decode program's hc_pre ops carry comb_beside (their comb's readers, hc_post_pre_norm and the MoE's
+    post, join the side stream first: plugins/hc_pre.py SINKHORN_BESIDE), and the exported program gives the
     eager program's output."""
     ckpt, _ = setup
     program, args, caches, weights, keep = _program_and_args(ckpt, 3)
@@ -196,10 +194,9 @@ def test_decode_program_lets_comb_be_finished_beside_its_readers(setup):
     exported = torch.export.export(program, (*args, {k: v.clone() for k, v in caches.items()}, weights))
     flagged = {}
     for n in exported.graph.nodes:                   # the flag by its name in the op's schema
-        if str(n.target) in ("dsv4.hc_pre_norm.default", "dsv4.hc_post_pre_norm.default",
-                             "dsv4.hc_pre_norm_linear.default"):
+        if str(n.target) in ("dsv4.hc_pre_norm.default", "dsv4.hc_post_pre_norm.default"):
             names = [a.name for a in n.target._schema.arguments]
             flagged[str(n.target)] = dict(zip(names, n.args)) | n.kwargs
-    assert {k: v.get("comb_beside") for k, v in flagged.items()} == {"dsv4.hc_pre_norm_linear.default": None,
+    assert {k: v.get("comb_beside") for k, v in flagged.items()} == {"dsv4.hc_pre_norm.default": True,
                                                                       "dsv4.hc_post_pre_norm.default": True}
     assert torch.equal(exported.module()(*args, caches, weights), expect)

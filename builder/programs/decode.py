@@ -249,13 +249,12 @@ class DecodeLayer(torch.nn.Module):
         if self.ratio == 4:
             self.idx_compressor = self.compressor_type(cfg, "attn.indexer.compressor", 4, cfg.index_head_dim, True)
 
-    def project(self, x, w, first=None):
+    def project(self, x, w):
         """x [B, S, d] -> q [B, S, heads, hd] before its heads' norm and RoPE (`query_heads`), kv [B, S, hd]
         before its norm (`kv_rows`) and, on ratio-4 layers, the indexer's wq_b product [B, S, iheads * idim]
-        (`index_query`), else None. `first`: x's wq_a | wkv product where it was made with x (`block`)."""
+        (`index_query`), else None."""
         c = self.cfg
-        sizes = (c.q_lora_rank, c.head_dim)
-        qr, kv = linear_fp8_parts(x, w, "attn.wq_a_wkv", sizes) if first is None else stacked_parts(first, sizes)
+        qr, kv = linear_fp8_parts(x, w, "attn.wq_a_wkv", (c.q_lora_rank, c.head_dim))
         (name, parts), = query_fp8(self.ratio).items()
         sizes = (c.num_attention_heads * c.head_dim, c.index_n_heads * c.index_head_dim)[:len(parts)]
         q, *q_idx = stacked_parts(self.from_latent(qr, w, name), sizes)
@@ -311,8 +310,8 @@ class DecodeLayer(torch.nn.Module):
             return y, None, None
         return torch.split(y, (self.compressor.width, self.idx_compressor.width, self.cfg.index_n_heads), dim=-1)
 
-    def attention(self, x, pos, caches, w, first=None):
-        """x [B, 1, d]: one token per sequence at `pos` [B]; `first`: x's first product, as `project`'s."""
+    def attention(self, x, pos, caches, w):
+        """x [B, 1, d]: one token per sequence at `pos` [B]."""
         c = self.cfg
         win, r, at = c.sliding_window, self.ratio, pos[:, None]
         ops = x.size(0) <= COMPRESSOR_OP_ROWS
@@ -322,7 +321,7 @@ class DecodeLayer(torch.nn.Module):
         # steps that read it on the other
         branch = torch.ops.dsv4.fork_side(x) if r and ops and WIDE_LINEAR_OP else None
         weights, side = self.compressors(x[:, 0], pos, caches, w, branch) if r else (None, [])
-        q, kv, q_idx = self.project(x, w, first)
+        q, kv, q_idx = self.project(x, w)
         row = (kv[:, 0], w["attn.kv_norm.weight"], self.rot, pos, caches["kv"], win, c.rms_norm_eps,
                c.qk_rope_head_dim, KV_FP8_BLOCK)                    # the new window row
         if ops:                                 # the query heads and that row in one launch
@@ -428,8 +427,8 @@ class DecodeLayer(torch.nn.Module):
 
     def block(self, h, attention, ids, table, w, routed=None):
         """h [B, S, hc, d] -> (h' [B, S, hc, d], routed experts [B, S, k], or None where the gate wrote them
-        into `routed` (`moe`)): the attention sub-layer (`attention`: normed x [B, S, d], and its wq_a | wkv
-        product or None -> [B, S, d]) and the MoE, each inside hyper-connections."""
+        into `routed` (`moe`)): the attention sub-layer (`attention`: normed x [B, S, d] -> [B, S, d]) and the
+        MoE, each inside hyper-connections."""
         hc = {k: [w[f"hc_{k}_{part}"] for part in ("fn", "scale", "base")] for k in ("attn", "ffn")}
         c = self.cfg
         rows = h.size(0) * h.size(1)
@@ -438,19 +437,13 @@ class DecodeLayer(torch.nn.Module):
         beside = {"comb_beside": True} if WIDE_LINEAR_OP else {}
         attn_beside = beside if rows <= HC_PRE_OP_ROWS else {}
         ffn_beside = beside if rows <= COMPRESSOR_OP_ROWS else {}
-        first = None
-        if attn_beside:                # x's first product with it: on a GPU the finish inside that GEMV's launch
-            first, x, post, comb = torch.ops.dsv4.hc_pre_norm_linear(
-                h, *hc["attn"], w["attn_norm.weight"], c.rms_norm_eps, c.hc_eps, c.hc_sinkhorn_iters,
-                w["attn.wq_a_wkv.weight"], w["attn.wq_a_wkv.scale"])
-        else:
-            x, post, comb = hc_pre_normed(h, *hc["attn"], w["attn_norm.weight"], c)
+        x, post, comb = hc_pre_normed(h, *hc["attn"], w["attn_norm.weight"], c, **attn_beside)
         if rows <= HC_PRE_OP_ROWS:     # the attention's hc_post inside the FFN's hc_pre launches
-            h, x, post, comb = torch.ops.dsv4.hc_post_pre_norm(attention(x, first), h, post, comb, *hc["ffn"],
+            h, x, post, comb = torch.ops.dsv4.hc_post_pre_norm(attention(x), h, post, comb, *hc["ffn"],
                                                                w["ffn_norm.weight"], c.rms_norm_eps, c.hc_eps,
                                                                c.hc_sinkhorn_iters, **ffn_beside)
         else:
-            h = hc_post(attention(x, first), h, post, comb)
+            h = hc_post(attention(x), h, post, comb)
             x, post, comb = hc_pre_normed(h, *hc["ffn"], w["ffn_norm.weight"], c)
         if rows <= COMPRESSOR_OP_ROWS:     # the MoE's end inside the layer's last hc_post
             post_of = (h.flatten(0, 1), post.flatten(0, 1), comb.flatten(0, 1))
@@ -462,8 +455,8 @@ class DecodeLayer(torch.nn.Module):
         return out, None if experts is None else experts.view(*x.shape[:2], -1)
 
     def forward(self, h, pos, ids, table, caches: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]):
-        h, experts = self.block(h[:, None], lambda x, first: self.attention(x, pos, caches, weights, first),
-                                ids[:, None], table, weights, caches["routed"])
+        h, experts = self.block(h[:, None], lambda x: self.attention(x, pos, caches, weights), ids[:, None],
+                                table, weights, caches["routed"])
         if experts is not None:                 # else the gate wrote them there itself
             caches["routed"].copy_(experts[:, 0])
         return h[:, 0]

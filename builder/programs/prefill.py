@@ -49,15 +49,15 @@ class PrefillLayer(DecodeLayer):
         super().__init__(cfg, layer, act, max_len)
         self.chunk = chunk
 
-    def attention(self, x, start, n, caches, w, first=None):
-        """x [B, C, d]: the chunk's tokens at positions start + i; `first`: x's first product, as `project`'s."""
+    def attention(self, x, start, n, caches, w):
+        """x [B, C, d]: the chunk's tokens at positions start + i."""
         c = self.cfg
         win, r = c.sliding_window, self.ratio
         dev, cache = x.device, caches["kv"]
         pos = start[:, None] + torch.arange(x.size(1), device=dev)                # [B, C]
         at = pos.clamp(max=self.max_len - 1)                                       # padding may run past the table
         rot = self.rot[at]
-        q, kv, q_idx = self.project(x, w, first)
+        q, kv, q_idx = self.project(x, w)
         q = self.query_heads(q, rot)
         kv = self.kv_rows(kv, rot, w)
         # Attention reads [cache | chunk kv]: window positions before the chunk from the ring (still
@@ -80,8 +80,7 @@ class PrefillLayer(DecodeLayer):
         return self.attend(q, rows, idx, rot, w)
 
     def forward(self, h, start, n, ids, table, caches: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]):
-        h, experts = self.block(h, lambda x, first: self.attention(x, start, n, caches, weights, first), ids, table,
-                                weights)
+        h, experts = self.block(h, lambda x: self.attention(x, start, n, caches, weights), ids, table, weights)
         batch = torch.arange(h.size(0), device=h.device)
         caches["routed"].copy_(experts[batch, (n - 1).clamp(min=0)])
         return h

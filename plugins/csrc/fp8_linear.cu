@@ -15,7 +15,6 @@
 // with its bf16 activation (kGrouped, below). Launch paths never allocate or synchronise, so they can be
 // captured in CUDA graphs.
 #include "common.cuh"
-#include "hc_finish.cuh"
 #include "rows.cuh"
 
 using dsv4::e8m0;
@@ -61,25 +60,8 @@ static_assert(8 * 32 * 4 <= CHUNKS * 32 * 16, "an item's K-slice sums (up to 8 p
 // expert's SwiGLU before w2. One launch fewer each; the rows go through shared memory in bf16, as the
 // transform's own kernel would have written them.
 // kGrouped: DeepSeek's wo_a, each row group of the weight applied to its own group's activation (below).
-// kHc: hyper-connection pre's finish with the layer's norm (csrc/hc_finish.cuh) in every CTA, in place of the
-// finish's own launch, before the attention's first product (HcFinish).
-enum Prologue { kPlain = 0, kNorm = 1, kSwiglu = 2, kGrouped = 3, kHc = 4 };
+enum Prologue { kPlain = 0, kNorm = 1, kSwiglu = 2, kGrouped = 3 };
 constexpr int NORM_PER_THREAD = 8;  // kNorm: K <= 2048 (the query latent: 1024)
-
-// kHc's inputs and outputs beside the GEMV's (x: the streams [rows][4][K]; pro_w, pro_param: the norm's
-// weight and eps): the mix launch's slice partials, hc scale and base, and where CTA 0 writes the finish's
-// outputs for the layer's other readers: y (the normed rows), post and comb's logits (comb's Sinkhorn
-// iterations run beside, csrc/hc_pre.cu dsv4_hc_pre_sinkhorn).
-struct HcFinish {
-  const float* part = nullptr;
-  const float* scale = nullptr;
-  const float* base = nullptr;
-  __nv_bfloat16* y = nullptr;
-  float* post = nullptr;
-  float* comb = nullptr;
-  int slices = 0;
-  float hc_eps = 0.f;
-};
 
 // kGrouped's activation: `rows` bf16 rows of K values (row stride ld) into shared memory as f16 values at
 // dst + 2 * (r * (K + pad) + k), each 128-block times 2^-e with 2^e in scales[r * K / 128 + block]: e puts the
@@ -149,15 +131,13 @@ __device__ __forceinline__ void widen_to_smem(const __nv_bfloat16* __restrict__ 
 // of K values, and weight rows g * pro_up .. (g + 1) * pro_up - 1 take group g: the activation goes in as
 // bf16 (widen_to_smem; no FP8 round trip, DeepSeek's wo_a), on the f16 MMAs on every GPU. A CTA holds one
 // group's rows at a time, so it walks consecutive items (the host keeps an item inside one group, and a CTA's
-// items mostly in one) and stages the next group only where its items cross into it. kHc: x is the streams
-// [rows][4][K], whose finish (`hc`, norm weight `pro_w`, eps `pro_param`) stages the rows.
+// items mostly in one) and stages the next group only where its items cross into it.
 template <int M, bool FUSED, int PRO = kPlain>
 __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ xq,
                                          const float* __restrict__ xs, const uint8_t* __restrict__ w,
                                          const uint8_t* __restrict__ w_scale, __nv_bfloat16* __restrict__ y,
                                          int rows, int N, int K, int wpr, int items, int stages,
-                                         const float* __restrict__ pro_w, int ld, int pro_up, float pro_param,
-                                         const HcFinish& hc = HcFinish()) {
+                                         const float* __restrict__ pro_w, int ld, int pro_up, float pro_param) {
   constexpr int NACC = M > 8 ? 8 : 4;           // c[0..3]: tokens 2t, 2t+1 of rows g, g + 8; c[4..7]: tokens + 8
   constexpr bool f16_path = FUSED && (dsv4::kEmulatedFp8Mma || PRO == kGrouped);
   // dynamic shared memory: the weight ring [WARPS][stages][CHUNKS][32 lanes] (16 B each), the scale ring
@@ -249,13 +229,7 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
       __shared__ float norm_scratch[WARPS];
       const uintptr_t end = reinterpret_cast<uintptr_t>(scales + rows * kblocks);
       __nv_bfloat16* staged = reinterpret_cast<__nv_bfloat16*>((end + 15) & ~uintptr_t(15));
-      if constexpr (PRO == kHc) {                // its scratch in the codes' place, quantised over after it
-        dsv4_hc::finish<true, false>(x, hc.part, hc.scale, hc.base, pro_w, staged, blockIdx.x == 0 ? hc.y : nullptr,
-                                     hc.post, hc.comb, rows, K, hc.slices, pro_param, hc.hc_eps, 0,
-                                     dsv4_hc::scratch_at(act));
-        __syncthreads();                         // the rows are staged; the scratch is free
-      }
-      for (int r = 0; PRO != kHc && r < rows; ++r) {
+      for (int r = 0; r < rows; ++r) {
         if (PRO == kNorm)
           dsv4_rows::rms_norm_row<NORM_PER_THREAD>(x + size_t(r) * ld, pro_w, staged + r * K, K, pro_param,
                                                    norm_scratch);
@@ -388,15 +362,3 @@ DSV4_FP8_GEMV(dsv4_fp8_gemv_fused_m16, 16, true, kPlain)
 DSV4_FP8_GEMV(dsv4_fp8_gemv_fused_norm_m8, 8, true, kNorm)
 DSV4_FP8_GEMV(dsv4_fp8_gemv_fused_swiglu_m8, 8, true, kSwiglu)
 DSV4_FP8_GEMV(dsv4_fp8_gemv_fused_grouped_m8, 8, true, kGrouped)
-
-// kHc: the GEMV after hyper-connection pre's finish (HcFinish's fields as parameters).
-extern "C" __global__ void __launch_bounds__(256, 2) dsv4_fp8_gemv_fused_hc_m8(
-    const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ xq, const float* __restrict__ xs,
-    const uint8_t* __restrict__ w, const uint8_t* __restrict__ ws, __nv_bfloat16* __restrict__ y, int rows, int N,
-    int K, int wpr, int items, int stages, const float* __restrict__ pro_w, int ld, int pro_up, float pro_param,
-    const float* __restrict__ part, const float* __restrict__ hc_scale, const float* __restrict__ hc_base,
-    __nv_bfloat16* __restrict__ y_out, float* __restrict__ post_out, float* __restrict__ comb_out, int slices,
-    float hc_eps) {
-  const HcFinish hc{part, hc_scale, hc_base, y_out, post_out, comb_out, slices, hc_eps};
-  fp8_gemv<8, true, kHc>(x, xq, xs, w, ws, y, rows, N, K, wpr, items, stages, pro_w, ld, pro_up, pro_param, hc);
-}
