@@ -37,10 +37,12 @@ if [ -z "${SKIP_FORCED:-}" ]; then
         --compare /tmp/ref-flash$LAYERS-$DTYPE.safetensors --min-cosine 0.999999 2>&1 | tee $OUT/forced-flash$LAYERS-$DTYPE.txt
     exit 0
   fi
-  # bfloat16 on random weights: the reference's own decode-vs-prefill gap reaches cosine 0.977 at this size
-  # (bench/results/reference_consistency-flash4-h200.json), so this comparison is reported, not gated
+  # bfloat16 on random weights: the reference's own decode-vs-prefill gap reaches cosine 0.977 at 4 layers
+  # (bench/results/reference_consistency-flash4-h200.json) and 0.945 at 8 (session 26's gate, README), so this
+  # comparison is reported, not gated: the line only catches what lies far outside that noise
+  MIN_COSINE=$([ $LAYERS -ge 8 ] && echo 0.93 || echo 0.97)
   dsv4 forced --artifact $ART --prompt-ids $PROMPT --forced-ids 11,12,13,14,15,16,17,18 \
-      --compare /tmp/ref-flash$LAYERS-$DTYPE.safetensors --min-cosine 0.97 2>&1 | tee $OUT/forced-flash$LAYERS-$DTYPE.txt
+      --compare /tmp/ref-flash$LAYERS-$DTYPE.safetensors --min-cosine $MIN_COSINE 2>&1 | tee $OUT/forced-flash$LAYERS-$DTYPE.txt
 fi
 # another job sharing the machine (WAIT_FOR=pid, e.g. GPU tests run during this build) ends before timing
 while [ -n "${WAIT_FOR:-}" ] && kill -0 "$WAIT_FOR" 2>/dev/null; do sleep 2; done
