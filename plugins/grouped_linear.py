@@ -44,7 +44,7 @@ def grouped_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     # an item (a CTA's 16-128 rows over all of K) lies inside one group, whose rows are whole 128-blocks
     # (supports): its rows share one activation
     gemv_launch(KERNEL, x, x, x, weight, scale.view(torch.uint8), out, rows, d, stages, shared,
-                (None, g * d, n // g, 0.0), max_ctas)
+                (None, g * d, n // g, 0.0), max_ctas=max_ctas)
     return out
 
 
