@@ -110,7 +110,6 @@ def sparse_attention_decode(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
     out = torch.empty_like(q) if out is None else out
     lib = kernels()
     splits, warps = -(-k // rows), -(-h // 16)
-    rot_args = [(0 if rot is None else rot, PTR), (0 if rot is None else 2 * rot.size(-2), INT)]
     ws = make_workspace(b * s, h, d, k, q.device, rows) if workspace is None else workspace
     acc, ml = ws["acc"], ws["ml"]
     per_cta = warps_per_cta(splits, b * s, warps, sm_count(device_index(q.device)))
@@ -120,7 +119,8 @@ def sparse_attention_decode(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tenso
                 (t, INT), (k, INT), (scale, FLOAT), (0 if pos is None else pos, PTR), (window, INT), (ratio, INT)],
                rows * (d + ROW_PAD) * 2)
     lib.launch("dsv4_sparse_attention_combine", (h, b * s), 128,             # 4 elements a thread: d <= 512
-               [(acc, PTR), (ml, PTR), (sink, PTR), (out, PTR), (h, INT), (d, INT), (splits, INT), *rot_args,
+               [(acc, PTR), (ml, PTR), (sink, PTR), (out, PTR), (h, INT), (d, INT), (splits, INT),
+                (0 if rot is None else rot, PTR), (0 if rot is None else 2 * rot.size(-2), INT),
                 (0 if pos is None else pos, PTR)])
     return out
 

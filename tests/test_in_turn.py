@@ -1,4 +1,3 @@
-
 import pytest
 
 from bench.in_turn import runs_in_turn
