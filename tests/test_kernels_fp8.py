@@ -14,6 +14,14 @@ def test_fat_binary_builds(tmp_path):
     assert out.stat().st_size > 10_000
 
 
+def test_a_second_build_passes_its_macros_to_nvcc(tmp_path):
+    """`python -m plugins.build -D NAME=VALUE` (a build to time against the default one) reaches nvcc as -D."""
+    from plugins.build import nvcc_command
+    cmd = nvcc_command([tmp_path / "a.cu"], tmp_path / "k.fatbin", ("DSV4_X=(32<<10)", "DSV4_Y"))
+    assert "-DDSV4_X=(32<<10)" in cmd and "-DDSV4_Y" in cmd
+    assert not any(c.startswith("-D") for c in nvcc_command([tmp_path / "a.cu"], tmp_path / "k.fatbin"))
+
+
 def test_the_kernel_image_comes_from_the_fat_binary_named_at_first_use(tmp_path, monkeypatch):
     """bench/fatbin_ab.py points a process at another build of the kernels by setting loader.FATBIN before
     the first launch."""
