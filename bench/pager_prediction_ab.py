@@ -36,11 +36,16 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "pager-prediction-ab-h200.json")
     args = ap.parse_args()
     modes = args.modes.split(",")
+    if unknown := [m for m in modes if m not in PREFETCH]:
+        raise SystemExit(f"error: no prefetch mode {unknown[0]!r}; the modes are {', '.join(PREFETCH)}")
     prompt = [(7 * i + 3) % 1000 + 2 for i in range(args.prompt_len)]
     report = run_header() | {"artifact": str(args.artifact), "expert_slots": args.expert_slots, "runs": []}
     for r in range(args.rounds):
         for mode in modes:
             model = _open_artifact(args.artifact, expert_slots=args.expert_slots, prefetch=mode)
+            if model.pager is None:
+                raise SystemExit(f"error: with --expert-slots {args.expert_slots} every routed expert is resident: "
+                                 "nothing is paged")
             figures = measure(model, prompt, args.new)
             run = {"round": r, "mode": mode, "decode_tok_s": figures["decode_tok_s"], "pager": model.pager.report(),
                    "tokens": figures["tokens"]}

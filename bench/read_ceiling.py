@@ -105,6 +105,11 @@ def main() -> None:
     ap.add_argument("--lines", default=None, help="comma-separated lines to time (default: all, and single reads)")
     args = ap.parse_args()
     loader.FATBIN = args.fatbin.resolve()
+    every = lines()
+    asked = list(every) if args.lines is None else args.lines.split(",")
+    if unknown := [k for k in asked if k not in every]:
+        raise SystemExit(f"error: no line {unknown[0]!r}; the lines are {', '.join(every)}")
+    chosen = {k: every[k] for k in asked}
     if not torch.cuda.is_available():
         raise SystemExit("error: bench/read_ceiling.py needs a CUDA GPU")
     fp8_linear.WGMMA_GEMV = args.wgmma_gemv
@@ -112,7 +117,6 @@ def main() -> None:
     reader = PlainRead()
     report = {**run_header(), "copy_bandwidth_gb_s": bandwidth / 1e9, "read_grid": reader.grid,
               "wgmma_gemv": args.wgmma_gemv, "fatbin": str(loader.FATBIN), "single_reads": [], "lines": []}
-    chosen = lines() if args.lines is None else {k: lines()[k] for k in args.lines.split(",")}
     for mib in (4, 8, 16, 32, 64, 128, 256) if args.lines is None else ():
         us = reader.time_us([mib << 20])
         report["single_reads"].append({"mib": mib, "time_us": us, "fraction_of_copy_bw": (mib << 20) / (us * 1e-6) / bandwidth})

@@ -3,7 +3,8 @@ plus compute_90 PTX that newer GPUs JIT. Needs only nvcc (no GPU):
 
     python -m plugins.build [--out plugins/dsv4_kernels.fatbin] [-D NAME=VALUE ...]
 
--D sets a macro of the sources (e.g. -D DSV4_L2_AHEAD=0), for a second build to time against the first.
+-D sets a macro of the sources, for a second build to time against the first (a probe's switch, as in
+bench/results/moe-decode-dependencies-probe-s38.patch).
 
 At run time the CUDA driver picks the image matching the GPU (see plugins/loader.py).
 """
