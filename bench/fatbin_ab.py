@@ -25,8 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.in_turn import parse_case, runs_in_turn, turn_switches  # noqa: E402
 from bench.results_json import run_header, write_json  # noqa: E402
+from runtime.bench import synthetic_prompt  # noqa: E402
 
-PROMPT = [(7 * i + 3) % 1000 + 2 for i in range(40)]
+PROMPT = synthetic_prompt(40)
 
 
 def one_build(artifact: Path, case: str, steps: int, new: int) -> dict:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results_json import run_header, write_json  # noqa: E402
 from dsv4.cli import _open_artifact  # noqa: E402
 from runtime.artifact import PREFETCH  # noqa: E402
-from runtime.bench import measure  # noqa: E402
+from runtime.bench import measure, synthetic_prompt  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     modes = args.modes.split(",")
     if unknown := [m for m in modes if m not in PREFETCH]:
         raise SystemExit(f"error: no prefetch mode {unknown[0]!r}; the modes are {', '.join(PREFETCH)}")
-    prompt = [(7 * i + 3) % 1000 + 2 for i in range(args.prompt_len)]
+    prompt = synthetic_prompt(args.prompt_len)
     report = run_header() | {"artifact": str(args.artifact), "expert_slots": args.expert_slots, "runs": []}
     for r in range(args.rounds):
         for mode in modes:

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime.artifact import ArtifactModel  # noqa: E402
-from runtime.bench import measure  # noqa: E402
+from runtime.bench import measure, synthetic_prompt  # noqa: E402
 
 # (name, prefetch, waited, predicted copies per layer, waited layers spared by predicted copies). Session 14
 # settled the eviction rule (evicting the waited layers' experts made 122 re-copies and 62 ms of waits, twice)
@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run (no timing worth reading)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    prompt = [(7 * i + 3) % 1000 + 2 for i in range(args.prompt_len)]
+    prompt = synthetic_prompt(args.prompt_len)
     gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
     report = {"command": "python " + " ".join(sys.argv), "gpu": gpu,
               "torch": torch.__version__, "python": platform.python_version(), "slots": args.slots,

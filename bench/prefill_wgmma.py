@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results_json import run_header, write_json  # noqa: E402
 from plugins import moe_experts  # noqa: E402
 from runtime.artifact import ArtifactModel  # noqa: E402
-from runtime.bench import prefill_seconds  # noqa: E402
+from runtime.bench import prefill_seconds, synthetic_prompt  # noqa: E402
 
 
 @torch.inference_mode()          # as runtime.bench.measure (outside it, session 26 saw 10-25 ms more per prompt)
@@ -37,7 +37,7 @@ def main() -> None:
     try:
         for rep in range(args.reps):
             for n in args.lengths:
-                prompt = [(7 * i + 3) % 1000 + 2 for i in range(n)]
+                prompt = synthetic_prompt(n)
                 for on in (False, True):
                     moe_experts.WGMMA = dataclasses.replace(default, prefill=on, prefill_min_pairs_per_expert=0)
                     prefill_seconds(model, prompt)

@@ -375,8 +375,8 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
 
     import torch
 
-    from runtime.bench import bytes_per_token, copy_bandwidth, measure, routed_expert_bytes
-    prompt = [(7 * i + 3) % 1000 + 2 for i in range(prompt_len)]
+    from runtime.bench import bytes_per_token, copy_bandwidth, measure, routed_expert_bytes, synthetic_prompt
+    prompt = synthetic_prompt(prompt_len)
     # (name, eager, graphs, pager prefetch, expert slots); the list grows once the device is known
     modes = [("compiled", False, True, "predict", expert_slots)]
     modes += [("eager", True, False, "predict", expert_slots)] if compare_with == "eager" else []
