@@ -15,7 +15,10 @@ not yet the default (plugins.fp8_linear.WGMMA_GEMV).
 
 Per line: the kernel's fraction of the copy bandwidth, the plain read's, and the kernel's time over the
 read's. A line whose plain read falls short of its target cannot be met by any kernel that reads its bytes
-in that many dependent launches; one whose read clears it shows how much the kernel leaves.
+in that many dependent launches; one whose read clears it shows how much the kernel leaves. The lines with
+the routed experts also time a routed read: the gate_up launch's read starting only after its wait and two
+dependent reads (an expert id, then its table entry), as the kernel must start, since the router before it
+chooses the experts; the plain read starts its loads before the wait, which no routed kernel can.
 """
 from __future__ import annotations
 
@@ -53,10 +56,17 @@ def lines() -> dict[str, list[int]]:
             "decode_layer": [wq_a_wkv, wq_b, wo_a, wo_b, w13, w2, gate_up, down]}
 
 
-def read_once(ptr: int, nbytes: int, sink: torch.Tensor, grid: int) -> None:
+# The routed experts' gate_up launch in each line that has one: it learns its experts after its wait.
+ROUTED_LAUNCH = {"moe_decode": 0, "decode_layer": 6}
+
+
+def read_once(ptr: int, nbytes: int, sink: torch.Tensor, grid: int, route: tuple | None = None) -> None:
     """One plain read of the nbytes // 16 words at device address ptr (16-byte aligned) over `grid` CTAs;
-    CTA b writes the XOR of the words it read to sink[b] (sink: int32, at least `grid` long)."""
-    kernels().launch("dsv4_stream_read", grid, THREADS, [(ptr, PTR), (nbytes // 16, ctypes.c_longlong), (sink, PTR)])
+    CTA b writes the XOR of the words it read to sink[b] (sink: int32, at least `grid` long). route: (ids,
+    table) device tensors (int32, uint64): the routed read, of the words at table[ids[0]] + ptr."""
+    ids, table = route if route is not None else (0, 0)
+    kernels().launch("dsv4_stream_read", grid, THREADS, [(ptr, PTR), (nbytes // 16, ctypes.c_longlong), (sink, PTR),
+                                                         (ids, PTR), (table, PTR)])
 
 
 class PlainRead:
@@ -66,20 +76,26 @@ class PlainRead:
         self.pool = torch.empty(POOL_BYTES, dtype=torch.uint8, device="cuda")
         self.grid = kernels().resident("dsv4_stream_read", THREADS)
         self.sink = torch.zeros(self.grid, dtype=torch.int32, device="cuda")
+        # the routed read's id and table: expert 0, based at the pool (offsets are the launch's own)
+        self.route = (torch.zeros(1, dtype=torch.int32, device="cuda"),
+                      torch.tensor([self.pool.data_ptr()], dtype=torch.uint64, device="cuda"))
         self.at = 0
 
-    def launch(self, nbytes: int) -> None:
+    def launch(self, nbytes: int, routed: bool = False) -> None:
         if self.at + nbytes > POOL_BYTES:
             self.at = 0
-        read_once(self.pool.data_ptr() + self.at, nbytes, self.sink, self.grid)
+        if routed:
+            read_once(self.at, nbytes, self.sink, self.grid, self.route)
+        else:
+            read_once(self.pool.data_ptr() + self.at, nbytes, self.sink, self.grid)
         self.at += (nbytes + 4095) // 4096 * 4096
 
-    def time_us(self, launches: list[int]) -> float:
-        """One pass over `launches` (bytes each, back to back), replayed from a graph of enough passes to
-        sweep the pool: microseconds per pass."""
+    def time_us(self, launches: list[int], routed: int | None = None) -> float:
+        """One pass over `launches` (bytes each, back to back; launch `routed` the routed read), replayed from
+        a graph of enough passes to sweep the pool: microseconds per pass."""
         def one_pass():
-            for n in launches:
-                self.launch(n)
+            for i, n in enumerate(launches):
+                self.launch(n, routed=i == routed)
         return graph_time_ms(one_pass, max(4, 2 * POOL_BYTES // sum(launches))) * 1e3
 
 
@@ -127,6 +143,10 @@ def main() -> None:
         report["lines"].append({"line": line, "launches_mb": [n / 1e6 for n in launches], "read_us": read,
                                 "read_fraction": frac(read), "kernel_us": kern, "kernel_fraction": frac(kern),
                                 "kernel_over_read": kern / read})
+        if line in ROUTED_LAUNCH:
+            routed = reader.time_us(launches, ROUTED_LAUNCH[line])
+            report["lines"][-1] |= {"routed_read_us": routed, "routed_read_fraction": frac(routed),
+                                    "kernel_over_routed_read": kern / routed}
         print(json.dumps(report["lines"][-1]), flush=True)
         write_json(args.json, report)
 

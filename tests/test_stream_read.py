@@ -10,12 +10,17 @@ from plugins.loader import kernels
 @pytest.mark.gpu
 @pytest.mark.parametrize("words", [pytest.param(1, id="one-word"), pytest.param(1027, id="odd-tail"),
                                    pytest.param(3 << 18, id="12MiB")])
-def test_plain_read_sees_every_word_once(words):
+@pytest.mark.parametrize("routed", [pytest.param(False, id="plain"), pytest.param(True, id="routed")])
+def test_plain_read_sees_every_word_once(words, routed):
     data = torch.randint(-2**31, 2**31 - 1, (4 * words,), dtype=torch.int32, generator=torch.Generator().manual_seed(words))
     grid = kernels().resident("dsv4_stream_read", THREADS)
     sink = torch.zeros(grid, dtype=torch.int32, device="cuda")
     on_gpu = data.cuda()
-    read_once(on_gpu.data_ptr(), 16 * words, sink, grid)
+    if routed:   # the words at table[ids[0]] + 0: expert 1 of a table whose other entry points elsewhere
+        table = torch.tensor([on_gpu.data_ptr() + 4096, on_gpu.data_ptr()], dtype=torch.uint64, device="cuda")
+        read_once(0, 16 * words, sink, grid, (torch.ones(1, dtype=torch.int32, device="cuda"), table))
+    else:
+        read_once(on_gpu.data_ptr(), 16 * words, sink, grid)
     assert int(np.bitwise_xor.reduce(sink.cpu().numpy())) == int(np.bitwise_xor.reduce(data.numpy()))
 
 

@@ -5,11 +5,19 @@
 // launch), then reads on, eight loads in flight, grid-stride over the resident CTAs. CTA b writes the XOR of
 // the words it read to sink[b] (a plain store: one atomic per warp on one word serialised into microseconds),
 // so the loads cannot be dropped and a test can check that every word was read once.
+// Routed (ids given): the read starts only after the wait and after finding its bytes through two dependent
+// reads, an expert id and then its table entry (src is then an offset from that entry), as the decode MoE's
+// gate_up must: the ceiling of a kernel that learns what to read from the kernel before it.
 #include "common.cuh"
 
 namespace {
 
-constexpr int READ_UNROLL = 8;  // loads in flight per thread (one translation unit: names unique)
+#ifndef READ_UNROLL
+#define READ_UNROLL 8  // loads in flight per thread
+#endif
+#ifndef READ_MIN_CTAS
+#define READ_MIN_CTAS 1  // __launch_bounds__'s CTAs per SM
+#endif
 
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   uint4 v;
@@ -20,18 +28,31 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
 
 }  // namespace
 
-// Grid: any (the resident CTAs for speed), 256 threads. sink [gridDim.x] uint32.
-extern "C" __global__ void __launch_bounds__(256) dsv4_stream_read(const uint4* __restrict__ src, long long n16,
-                                                                 unsigned* __restrict__ sink) {
+// Grid: any (the resident CTAs for speed), 256 threads. sink [gridDim.x] uint32. ids, table: null, or the
+// routed read's id (ids[0]) and table of base addresses.
+extern "C" __global__ void __launch_bounds__(256, READ_MIN_CTAS) dsv4_stream_read(const uint4* __restrict__ src, long long n16,
+                                                                 unsigned* __restrict__ sink,
+                                                                 const int* __restrict__ ids,
+                                                                 const unsigned long long* __restrict__ table) {
   __shared__ unsigned warp_xor[8];
+  __shared__ const uint4* routed_src;
   const long long stride = (long long)gridDim.x * blockDim.x;
   long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   unsigned acc = 0u;
   uint4 v[READ_UNROLL];
+  if (ids != nullptr) {
+    dsv4::pdl_wait();
+    dsv4::pdl_launch_dependents();
+    if (threadIdx.x == 0) routed_src = reinterpret_cast<const uint4*>(table[ids[0]] + reinterpret_cast<uintptr_t>(src));
+    __syncthreads();
+    src = routed_src;
+  }
 #pragma unroll
   for (int u = 0; u < READ_UNROLL; ++u) v[u] = i + u * stride < n16 ? load_stream(src + i + u * stride) : make_uint4(0, 0, 0, 0);
-  dsv4::pdl_wait();
-  dsv4::pdl_launch_dependents();
+  if (ids == nullptr) {
+    dsv4::pdl_wait();
+    dsv4::pdl_launch_dependents();
+  }
   for (;;) {
 #pragma unroll
     for (int u = 0; u < READ_UNROLL; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
