@@ -58,6 +58,18 @@ def opcode(instruction: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0].split(".")[0]
 
 
+GLOBAL_READS = ("LDG", "LDGSTS", "UBLKCP", "UTMALDG")
+
+
+def reads_before_wait(code: list[tuple[int, str]]) -> bool | None:
+    """Whether the kernel's first global read comes before its first wait for the kernel before it (ACQBULK,
+    PTX griddepcontrol.wait) in code order; None where it has no wait or no global read."""
+    ops = [opcode(ins) for _, ins in code]
+    wait = next((k for k, op in enumerate(ops) if op == "ACQBULK"), None)
+    read = next((k for k, op in enumerate(ops) if op in GLOBAL_READS), None)
+    return None if wait is None or read is None else read < wait
+
+
 def innermost_mma_loop(code: list[tuple[int, str]]) -> list[tuple[int, str]] | None:
     """The instructions of the smallest backward-branch range that holds the kernel's first MMA."""
     mmas = [a for a, ins in code if MMA.search(ins)]

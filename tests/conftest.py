@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 
@@ -18,3 +20,12 @@ def pytest_collection_modifyitems(config, items):
 def tiny_dir(tmp_path_factory):
     """The embedded tiny model, synthesised once per test session."""
     return write_synthetic(preset_json("tiny"), tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def fat_binary(tmp_path_factory):
+    """The kernels' fat binary, built once per test session (nvcc only: no GPU needed)."""
+    if shutil.which("nvcc") is None:
+        pytest.skip("needs nvcc")
+    from plugins.build import build
+    return build(tmp_path_factory.mktemp("fatbin") / "k.fatbin")

@@ -40,18 +40,19 @@ extern "C" __global__ void __launch_bounds__(256, READ_MIN_CTAS) dsv4_stream_rea
   long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   unsigned acc = 0u;
   uint4 v[READ_UNROLL];
-  if (ids != nullptr) {
-    dsv4::pdl_wait();
-    dsv4::pdl_launch_dependents();
+  auto first_loads = [&] {
+#pragma unroll
+    for (int u = 0; u < READ_UNROLL; ++u) v[u] = i + u * stride < n16 ? load_stream(src + i + u * stride) : make_uint4(0, 0, 0, 0);
+  };
+  const bool routed = ids != nullptr;
+  if (!routed) first_loads();
+  dsv4::pdl_wait();
+  dsv4::pdl_launch_dependents();
+  if (routed) {
     if (threadIdx.x == 0) routed_src = reinterpret_cast<const uint4*>(table[ids[0]] + reinterpret_cast<uintptr_t>(src));
     __syncthreads();
     src = routed_src;
-  }
-#pragma unroll
-  for (int u = 0; u < READ_UNROLL; ++u) v[u] = i + u * stride < n16 ? load_stream(src + i + u * stride) : make_uint4(0, 0, 0, 0);
-  if (ids == nullptr) {
-    dsv4::pdl_wait();
-    dsv4::pdl_launch_dependents();
+    first_loads();
   }
   for (;;) {
 #pragma unroll
