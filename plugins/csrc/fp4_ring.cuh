@@ -46,7 +46,10 @@ __device__ __forceinline__ Fp4Job bank_job(const uint8_t* e, int m, int row0, in
 // global reads, STAGES - 1 steps in flight without holding registers); ldmatrix then hands lane (r, q)
 // word q of each 16-byte block row, the MMA fragment. Block slots are XOR-swizzled by row so the eight
 // rows an ldmatrix phase reads sit in distinct banks.
-constexpr int STAGES = 4;
+#ifndef DSV4_FP4_STAGES
+#define DSV4_FP4_STAGES 4  // a build macro for A/B timing (plugins.moe_experts sizes shared memory for 4)
+#endif
+constexpr int STAGES = DSV4_FP4_STAGES;
 constexpr int STAGE_W = 16 * UB * 16;               // weights: 16 rows x UB blocks x 16 bytes
 constexpr int STAGE_BYTES = STAGE_W + 16 * UB;      // + the scale bytes [16 rows][UB]
 constexpr int RING_BYTES = 8 * STAGES * STAGE_BYTES;  // 8 warps
