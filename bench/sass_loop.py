@@ -7,7 +7,9 @@ on a GPU gives the executed counts (bench/ncu_sass_summary.py).
 
 Needs cuobjdump and nvdisasm: CUDA's own, or NVIDIA's wheels (`pip install -e '.[sass]'`, found through the
 `nvidia` package). Session 12 used it to find that a wgmma decode step spent about 155 of its 390
-instructions on issuing the next step's copies (README, kernel status).
+instructions on issuing the next step's copies (README, kernel status). Each kernel's line also says whether
+its first global read comes before its wait for the kernel before it (programmatic dependent launch; the
+check tests/test_pdl_prefetch_sass.py makes of the weight kernels).
 """
 from __future__ import annotations
 
@@ -115,7 +117,9 @@ def main() -> None:
         if not re.search(args.kernel, name):
             continue
         loop = innermost_mma_loop(code)
-        head = f"{name}: {len(code)} instructions, {regs.get(name, '?')} registers"
+        early = reads_before_wait(code)
+        order = "" if early is None else ", reads before its wait" if early else ", waits before its first read"
+        head = f"{name}: {len(code)} instructions, {regs.get(name, '?')} registers{order}"
         if loop is None:
             print(head + "; no tensor-core loop")
             continue
