@@ -119,8 +119,6 @@ def main() -> None:
     ap.add_argument("--wgmma-gemv", action="store_true", help="the plain FP8 GEMVs on csrc/fp8_gemv_wgmma.cu")
     ap.add_argument("--fatbin", type=Path, default=loader.FATBIN, help="the kernels' fat binary to time")
     ap.add_argument("--lines", default=None, help="comma-separated lines to time (default: all, and single reads)")
-    ap.add_argument("--gemv-stages", type=int, default=None,
-                    help="cap the FP8 GEMV's weight ring at this many stages (plugins.fp8_linear.MAX_STAGES)")
     args = ap.parse_args()
     loader.FATBIN = args.fatbin.resolve()
     every = lines()
@@ -131,14 +129,10 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("error: bench/read_ceiling.py needs a CUDA GPU")
     fp8_linear.WGMMA_GEMV = args.wgmma_gemv
-    if args.gemv_stages is not None:
-        if not 2 <= args.gemv_stages <= 8:
-            raise SystemExit(f"error: --gemv-stages {args.gemv_stages}: the ring takes 2 to 8 stages")
-        fp8_linear.MAX_STAGES = args.gemv_stages
     bandwidth = copy_bandwidth()
     reader = PlainRead()
     report = {**run_header(), "copy_bandwidth_gb_s": bandwidth / 1e9, "read_grid": reader.grid,
-              "wgmma_gemv": args.wgmma_gemv, "gemv_max_stages": fp8_linear.MAX_STAGES, "fatbin": str(loader.FATBIN), "single_reads": [], "lines": []}
+              "wgmma_gemv": args.wgmma_gemv, "fatbin": str(loader.FATBIN), "single_reads": [], "lines": []}
     for mib in (4, 8, 16, 32, 64, 128, 256) if args.lines is None else ():
         us = reader.time_us([mib << 20])
         report["single_reads"].append({"mib": mib, "time_us": us, "fraction_of_copy_bw": (mib << 20) / (us * 1e-6) / bandwidth})

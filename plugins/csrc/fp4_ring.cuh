@@ -50,6 +50,7 @@ __device__ __forceinline__ Fp4Job bank_job(const uint8_t* e, int m, int row0, in
 #define DSV4_FP4_STAGES 4  // a build macro for A/B timing (plugins.moe_experts sizes shared memory for 4)
 #endif
 constexpr int STAGES = DSV4_FP4_STAGES;
+static_assert(STAGES >= 2 && STAGES <= 4, "plugins.moe_experts gives the rings shared memory for 4 stages");
 constexpr int STAGE_W = 16 * UB * 16;               // weights: 16 rows x UB blocks x 16 bytes
 constexpr int STAGE_BYTES = STAGE_W + 16 * UB;      // + the scale bytes [16 rows][UB]
 constexpr int RING_BYTES = 8 * STAGES * STAGE_BYTES;  // 8 warps

@@ -30,10 +30,9 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
 
 // Grid: any (the resident CTAs for speed), 256 threads. sink [gridDim.x] uint32. ids, table: null, or the
 // routed read's id (ids[0]) and table of base addresses.
-extern "C" __global__ void __launch_bounds__(256, READ_MIN_CTAS) dsv4_stream_read(const uint4* __restrict__ src, long long n16,
-                                                                 unsigned* __restrict__ sink,
-                                                                 const int* __restrict__ ids,
-                                                                 const unsigned long long* __restrict__ table) {
+extern "C" __global__ void __launch_bounds__(256, READ_MIN_CTAS)
+    dsv4_stream_read(const uint4* __restrict__ src, long long n16, unsigned* __restrict__ sink,
+                     const int* __restrict__ ids, const unsigned long long* __restrict__ table) {
   __shared__ unsigned warp_xor[8];
   __shared__ const uint4* routed_src;
   const long long stride = (long long)gridDim.x * blockDim.x;
