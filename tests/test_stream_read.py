@@ -34,3 +34,12 @@ def test_read_ceiling_lines_read_the_kernels_bytes():
     assert sum(got["decode_layer"]) == 212_344_704
     assert got["shared_expert"] == got["shared_w13"] + got["shared_w2"]
     assert got["wq_b"] == got["wo_b"] == [32768 * 1024 + 256 * 8]
+
+
+def test_the_routed_read_is_gate_ups_launch():
+    """The routed read (reads only after its wait and an id and table lookup) stands in for the MoE's gate_up
+    launch, 6 experts' w1 | w3 with their scales, in each line that has the routed experts."""
+    from bench.read_ceiling import ROUTED_LAUNCH, lines
+    got = lines()
+    gate_up = 6 * 2 * (2048 * 4096 // 2 + 2048 * 4096 // 32)
+    assert ROUTED_LAUNCH and all(got[line][i] == gate_up for line, i in ROUTED_LAUNCH.items())
