@@ -14,6 +14,7 @@ def synthetic_prompt(n: int) -> list[int]:
     """The benchmarks' fixed prompt of n token ids (the same for every run, so runs compare)."""
     return [(7 * i + 3) % 1000 + 2 for i in range(n)]
 
+
 def copy_bandwidth(device: torch.device | str = "cuda", nbytes: int = 2 << 30, iters: int = 20) -> float:
     """Device-to-device copy: (read + written bytes) / time, bytes/s; the median of `iters` copies. The
     one yardstick of every decode figure (kernels and end to end)."""

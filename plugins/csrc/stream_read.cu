@@ -39,27 +39,29 @@ extern "C" __global__ void __launch_bounds__(256, READ_MIN_CTAS)
   long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   unsigned acc = 0u;
   uint4 v[READ_UNROLL];
-  auto first_loads = [&] {
+  auto load_round = [&] {                      // the next READ_UNROLL loads of this thread, from i
 #pragma unroll
-    for (int u = 0; u < READ_UNROLL; ++u) v[u] = i + u * stride < n16 ? load_stream(src + i + u * stride) : make_uint4(0, 0, 0, 0);
+    for (int u = 0; u < READ_UNROLL; ++u)
+      v[u] = i + u * stride < n16 ? load_stream(src + i + u * stride) : make_uint4(0, 0, 0, 0);
   };
+  // The plain read's first round before the wait: ptxas may move these read-only loads below the wait, as it
+  // did until session 39 (tests/test_pdl_prefetch_sass.py checks the order in the SASS).
   const bool routed = ids != nullptr;
-  if (!routed) first_loads();
+  if (!routed) load_round();
   dsv4::pdl_wait();
   dsv4::pdl_launch_dependents();
   if (routed) {
     if (threadIdx.x == 0) routed_src = reinterpret_cast<const uint4*>(table[ids[0]] + reinterpret_cast<uintptr_t>(src));
     __syncthreads();
     src = routed_src;
-    first_loads();
+    load_round();
   }
   for (;;) {
 #pragma unroll
     for (int u = 0; u < READ_UNROLL; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
     i += READ_UNROLL * stride;
     if (i >= n16) break;
-#pragma unroll
-    for (int u = 0; u < READ_UNROLL; ++u) v[u] = i + u * stride < n16 ? load_stream(src + i + u * stride) : make_uint4(0, 0, 0, 0);
+    load_round();
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, off);
