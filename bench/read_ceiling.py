@@ -8,7 +8,7 @@ read (`dsv4_stream_read`, plugins/csrc/stream_read.cu) for each line's launches,
 the kernels themselves, all in one run against one copy bandwidth:
 
     python bench/read_ceiling.py [--json bench/results/read-ceiling-h200.json] [--wgmma-gemv]
-        [--fatbin FILE] [--lines wq_b,moe_decode,...]
+        [--fatbin FILE[@MODULE.NAME=VALUE,...]] [--lines wq_b,moe_decode,...]
 
 --wgmma-gemv times the plain FP8 GEMVs (wq_b, wo_b and the layer's plain ones) on csrc/fp8_gemv_wgmma.cu,
 not yet the default (plugins.fp8_linear.WGMMA_GEMV).
@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.kernels import (FLASH_FP8_SHAPES, bench_decode_layer, bench_fp8_gemv, bench_moe_decode,  # noqa: E402
                            bench_wo_a, fp8_bytes, graph_time_ms)
+from bench.in_turn import parse_case, turn_switches  # noqa: E402
 from bench.results_json import run_header, write_json  # noqa: E402
 from plugins import fp8_linear, loader  # noqa: E402
 from plugins.loader import PTR, kernels  # noqa: E402
@@ -117,10 +118,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "read-ceiling-h200.json")
     ap.add_argument("--wgmma-gemv", action="store_true", help="the plain FP8 GEMVs on csrc/fp8_gemv_wgmma.cu")
-    ap.add_argument("--fatbin", type=Path, default=loader.FATBIN, help="the kernels' fat binary to time")
+    ap.add_argument("--fatbin", default=str(loader.FATBIN),
+                    help="the kernels' fat binary to time, FATBIN[@MODULE.NAME=VALUE,...] with switches to turn "
+                         "(as bench/fatbin_ab.py's cases)")
     ap.add_argument("--lines", default=None, help="comma-separated lines to time (default: all, and single reads)")
     args = ap.parse_args()
-    loader.FATBIN = args.fatbin.resolve()
+    head, switches = parse_case(args.fatbin)
+    loader.FATBIN = Path(head).resolve()
+    turn_switches(switches)
     every = lines()
     asked = list(every) if args.lines is None else args.lines.split(",")
     if unknown := [k for k in asked if k not in every]:
@@ -132,7 +137,7 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     reader = PlainRead()
     report = {**run_header(), "copy_bandwidth_gb_s": bandwidth / 1e9, "read_grid": reader.grid,
-              "wgmma_gemv": args.wgmma_gemv, "fatbin": str(loader.FATBIN), "single_reads": [], "lines": []}
+              "wgmma_gemv": args.wgmma_gemv, "fatbin": args.fatbin, "single_reads": [], "lines": []}
     for mib in (4, 8, 16, 32, 64, 128, 256) if args.lines is None else ():
         us = reader.time_us([mib << 20])
         report["single_reads"].append({"mib": mib, "time_us": us, "fraction_of_copy_bw": (mib << 20) / (us * 1e-6) / bandwidth})
