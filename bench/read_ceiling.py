@@ -133,11 +133,13 @@ def main() -> None:
     chosen = {k: every[k] for k in asked}
     if not torch.cuda.is_available():
         raise SystemExit("error: bench/read_ceiling.py needs a CUDA GPU")
-    fp8_linear.WGMMA_GEMV = args.wgmma_gemv
+    if args.wgmma_gemv:                          # else as the module (or a --fatbin switch) has it
+        fp8_linear.WGMMA_GEMV = True
     bandwidth = copy_bandwidth()
     reader = PlainRead()
     report = {**run_header(), "copy_bandwidth_gb_s": bandwidth / 1e9, "read_grid": reader.grid,
-              "wgmma_gemv": args.wgmma_gemv, "fatbin": args.fatbin, "single_reads": [], "lines": []}
+              "wgmma_gemv": fp8_linear.WGMMA_GEMV, "fatbin": str(loader.FATBIN),
+              "switches": [f"{m}.{n}={v!r}" for m, n, v in switches], "single_reads": [], "lines": []}
     for mib in (4, 8, 16, 32, 64, 128, 256) if args.lines is None else ():
         us = reader.time_us([mib << 20])
         report["single_reads"].append({"mib": mib, "time_us": us, "fraction_of_copy_bw": (mib << 20) / (us * 1e-6) / bandwidth})
