@@ -70,12 +70,38 @@ def read_once(ptr: int, nbytes: int, sink: torch.Tensor, grid: int, route: tuple
                                                          (ids, PTR), (table, PTR)])
 
 
-class PlainRead:
-    """Launches of the plain read over one pool, each at the next offset, so no launch finds its bytes in L2."""
+def parse_read_form(form: str) -> tuple[int, int, int, int] | None:
+    """--read-form: "ldg" (None: the plain read's register loads) or "ring:CHUNKS:STAGES:WARPS:CTAS" (the ring
+    read's 16-byte pieces per lane and step, ring slots, warps a CTA and CTAs an SM)."""
+    if form == "ldg":
+        return None
+    kind, *fields = form.split(":")
+    try:
+        chunks, stages, warps, ctas = (int(f) for f in fields)
+    except ValueError:
+        raise SystemExit(f"error: --read-form {form!r} is not ldg or ring:CHUNKS:STAGES:WARPS:CTAS") from None
+    if kind != "ring" or not (1 <= chunks <= 16 and 2 <= stages <= 8 and 1 <= warps <= 8 and ctas >= 1):
+        raise SystemExit(f"error: --read-form {form!r}: ring:CHUNKS(1-16):STAGES(2-8):WARPS(1-8):CTAS")
+    return chunks, stages, warps, ctas
 
-    def __init__(self):
+
+class PlainRead:
+    """Launches of the plain read over one pool, each at the next offset, so no launch finds its bytes in L2.
+    ring: parse_read_form's fields, to read through cp.async rings (dsv4_stream_read_ring) instead."""
+
+    def __init__(self, ring: tuple[int, int, int, int] | None = None):
         self.pool = torch.empty(POOL_BYTES, dtype=torch.uint8, device="cuda")
-        self.grid = kernels().resident("dsv4_stream_read", THREADS)
+        self.ring = ring
+        if ring is None:
+            self.grid = kernels().resident("dsv4_stream_read", THREADS)
+        else:                                   # shared memory sized so that `ctas` fit an SM
+            chunks, stages, warps, ctas = ring
+            per_sm, per_block = kernels().shared_memory()
+            need = warps * stages * chunks * 512
+            self.shared = max(need, min(per_block, per_sm // (ctas + 1) - 1024 + 16) // 16 * 16)
+            if need > per_block:
+                raise SystemExit(f"error: the ring read needs {need} bytes of shared memory a CTA")
+            self.grid = kernels().resident("dsv4_stream_read_ring", 32 * warps, self.shared)
         self.sink = torch.zeros(self.grid, dtype=torch.int32, device="cuda")
         # the routed read's id and table: expert 0, based at the pool (offsets are the launch's own)
         self.route = (torch.zeros(1, dtype=torch.int32, device="cuda"),
@@ -85,7 +111,12 @@ class PlainRead:
     def launch(self, nbytes: int, routed: bool = False) -> None:
         if self.at + nbytes > POOL_BYTES:
             self.at = 0
-        if routed:
+        if self.ring is not None:
+            chunks, stages, warps, _ = self.ring
+            kernels().launch("dsv4_stream_read_ring", self.grid, 32 * warps,
+                             [(self.pool.data_ptr() + self.at, PTR), (nbytes // 16, ctypes.c_longlong),
+                              (self.sink, PTR), (chunks, ctypes.c_int), (stages, ctypes.c_int)], self.shared)
+        elif routed:
             read_once(self.at, nbytes, self.sink, self.grid, self.route)
         else:
             read_once(self.pool.data_ptr() + self.at, nbytes, self.sink, self.grid)
@@ -122,6 +153,10 @@ def main() -> None:
                     help="the kernels' fat binary to time, FATBIN[@MODULE.NAME=VALUE,...] with switches to turn "
                          "(as bench/fatbin_ab.py's cases)")
     ap.add_argument("--lines", default=None, help="comma-separated lines to time (default: all, and single reads)")
+    ap.add_argument("--read-form", default="ldg",
+                    help="the read: ldg (register loads, the default) or ring:CHUNKS:STAGES:WARPS:CTAS (cp.async "
+                         "rings as the decode kernels stream; no routed read)")
+    ap.add_argument("--no-kernels", action="store_true", help="time the reads only")
     args = ap.parse_args()
     head, switches = parse_case(args.fatbin)
     loader.FATBIN = Path(head).resolve()
@@ -136,8 +171,9 @@ def main() -> None:
     if args.wgmma_gemv:                          # else as the module (or a --fatbin switch) has it
         fp8_linear.WGMMA_GEMV = True
     bandwidth = copy_bandwidth()
-    reader = PlainRead()
+    reader = PlainRead(parse_read_form(args.read_form))
     report = {**run_header(), "copy_bandwidth_gb_s": bandwidth / 1e9, "read_grid": reader.grid,
+              "read_form": args.read_form,
               "wgmma_gemv": fp8_linear.WGMMA_GEMV, "fatbin": str(loader.FATBIN),
               "switches": [f"{m}.{n}={v!r}" for m, n, v in switches], "single_reads": [], "lines": []}
     for mib in (4, 8, 16, 32, 64, 128, 256) if args.lines is None else ():
@@ -145,15 +181,18 @@ def main() -> None:
         report["single_reads"].append({"mib": mib, "time_us": us, "fraction_of_copy_bw": (mib << 20) / (us * 1e-6) / bandwidth})
         print(json.dumps(report["single_reads"][-1]), flush=True)
     for line, launches in chosen.items():
-        read, kern = reader.time_us(launches), kernel_us(line, bandwidth)
+        read = reader.time_us(launches)
         frac = lambda us: sum(launches) / (us * 1e-6) / bandwidth       # noqa: E731
         report["lines"].append({"line": line, "launches_mb": [n / 1e6 for n in launches], "read_us": read,
-                                "read_fraction": frac(read), "kernel_us": kern, "kernel_fraction": frac(kern),
-                                "kernel_over_read": kern / read})
-        if line in ROUTED_LAUNCH:
+                                "read_fraction": frac(read)})
+        if not args.no_kernels:
+            kern = kernel_us(line, bandwidth)
+            report["lines"][-1] |= {"kernel_us": kern, "kernel_fraction": frac(kern), "kernel_over_read": kern / read}
+        if line in ROUTED_LAUNCH and reader.ring is None:
             routed = reader.time_us(launches, ROUTED_LAUNCH[line])
-            report["lines"][-1] |= {"routed_read_us": routed, "routed_read_fraction": frac(routed),
-                                    "kernel_over_routed_read": kern / routed}
+            report["lines"][-1] |= {"routed_read_us": routed, "routed_read_fraction": frac(routed)}
+            if not args.no_kernels:
+                report["lines"][-1]["kernel_over_routed_read"] = kern / routed
         print(json.dumps(report["lines"][-1]), flush=True)
         write_json(args.json, report)
 

@@ -43,3 +43,26 @@ def test_the_routed_read_is_gate_ups_launch():
     got = lines()
     gate_up = 6 * 2 * (2048 * 4096 // 2 + 2048 * 4096 // 32)
     assert ROUTED_LAUNCH and all(got[line][i] == gate_up for line, i in ROUTED_LAUNCH.items())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("words", [pytest.param(1, id="one-word"), pytest.param(1027, id="odd-tail"),
+                                   pytest.param(3 << 18, id="12MiB")])
+@pytest.mark.parametrize("form", ["ring:8:3:8:2", "ring:4:4:4:3", "ring:3:2:1:1"])
+def test_ring_read_sees_every_word_once(words, form):
+    """The cp.async ring form of the read (--read-form ring:...) reads every word once too, whatever its steps."""
+    from bench.read_ceiling import PlainRead, parse_read_form
+    data = torch.randint(-2**31, 2**31 - 1, (4 * words,), dtype=torch.int32, generator=torch.Generator().manual_seed(words))
+    reader = PlainRead(parse_read_form(form))
+    on_gpu = data.cuda()
+    reader.pool = on_gpu                         # read the data where the pool would be
+    reader.launch(16 * words)
+    assert int(np.bitwise_xor.reduce(reader.sink.cpu().numpy())) == int(np.bitwise_xor.reduce(data.numpy()))
+
+
+def test_read_form_parses_and_refuses():
+    from bench.read_ceiling import parse_read_form
+    assert parse_read_form("ldg") is None and parse_read_form("ring:8:3:8:2") == (8, 3, 8, 2)
+    for bad in ("ring:8:3:8", "ring:0:3:8:2", "ring:8:9:8:2", "rng:8:3:8:2"):
+        with pytest.raises(SystemExit):
+            parse_read_form(bad)

@@ -73,3 +73,63 @@ extern "C" __global__ void __launch_bounds__(256, READ_MIN_CTAS)
     sink[blockIdx.x] = all;
   }
 }
+
+// The same read through the decode kernels' kind of pipeline: each warp copies steps of `chunks` 16-byte pieces
+// per lane (chunks x 512 bytes a warp) into a ring of `stages` slots of its own in shared memory with cp.async,
+// the first stages - 1 before the wait, then one step ahead of each step it reads back (each lane its own
+// pieces, as the FP8 GEMV's ring: no barrier). Steps go to the grid's warps in turn. Against the plain read, it
+// says what such a ring can stream in the same launches, apart from any arithmetic (bench/read_ceiling.py
+// --read-form). Dynamic shared memory: warps x stages x chunks x 512 bytes (or more, to set CTAs an SM).
+extern "C" __global__ void __launch_bounds__(256)
+    dsv4_stream_read_ring(const uint4* __restrict__ src, long long n16, unsigned* __restrict__ sink, int chunks,
+                          int stages) {
+  extern __shared__ uint4 ring[];
+  __shared__ unsigned warp_xor[8];
+  constexpr int MAX_CHUNKS = 16;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  const long long grid_warps = (long long)gridDim.x * warps, step16 = (long long)chunks * 32;
+  uint4* mine = ring + (size_t)warp * stages * step16 + lane;
+  long long next = (long long)blockIdx.x * warps + warp;   // the warp's next step to copy, in grid order
+  const long long steps = ((n16 + step16 - 1) / step16 - next + grid_warps - 1) / grid_warps;
+  int slot = 0;
+  auto issue = [&] {                           // the next step into `slot`, one group (empty past the end)
+    const long long base = next * step16;
+    if (base < n16) {
+#pragma unroll
+      for (int c = 0; c < MAX_CHUNKS; ++c) {
+        if (c >= chunks) break;
+        const long long i = base + c * 32 + lane;
+        dsv4::cp_async16(mine + (slot * chunks + c) * 32, src + (i < n16 ? i : 0), i < n16 ? 16u : 0u);
+      }
+    }
+    dsv4::cp_async_commit();
+    next += grid_warps;
+    if (++slot == stages) slot = 0;
+  };
+  for (int p = 0; p < stages - 1; ++p) issue();
+  dsv4::pdl_wait();
+  dsv4::pdl_launch_dependents();
+  unsigned acc = 0u;
+  int read = 0;
+  for (long long g = 0; g < steps; ++g) {
+    issue();
+    dsv4::cp_async_wait_pending(stages - 1);
+#pragma unroll
+    for (int c = 0; c < MAX_CHUNKS; ++c) {
+      if (c >= chunks) break;
+      const uint4 v = mine[(read * chunks + c) * 32];
+      acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (++read == stages) read = 0;
+  }
+  dsv4::cp_async_wait_all();
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc ^= __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) warp_xor[warp] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned all = 0u;
+    for (int w = 0; w < warps; ++w) all ^= warp_xor[w];
+    sink[blockIdx.x] = all;
+  }
+}
