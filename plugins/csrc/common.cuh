@@ -121,11 +121,17 @@ DSV4_MMA_16X8(mma_f16, "m16n8k16.row.col.f32.f16.f16.f32")      // K 16, f16
 DSV4_MMA_16X8(mma_bf16, "m16n8k16.row.col.f32.bf16.bf16.f32")   // K 16, bf16
 #undef DSV4_MMA_16X8
 
-// Two e4m3 codes (the low 16 bits; the lower byte first) as their exact f16 values (f16x2), in one
-// conversion (sm_89+): cuda_fp8.h's wrapper returns two halves that the compiler then repacks.
+// Two e4m3 codes (the low 16 bits of `codes`, or with HIGH its high 16 bits; the lower byte first) as their
+// exact f16 values (f16x2), in one conversion (sm_89+): cuda_fp8.h's wrapper returns two halves that the
+// compiler then repacks. The halves are split by a mov, so that ptxas reads the high one in place (the
+// conversion's .H1 operand); handed `codes >> 16` it spent a shift on every high pair.
+template <bool HIGH = false>
 __device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint32_t codes) {
   uint32_t out;
-  asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(out) : "h"(static_cast<uint16_t>(codes)));
+  if constexpr (HIGH)
+    asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %1;\ncvt.rn.f16x2.e4m3x2 %0, hi;\n}\n" : "=r"(out) : "r"(codes));
+  else
+    asm("{\n.reg .b16 lo, hi;\nmov.b32 {lo, hi}, %1;\ncvt.rn.f16x2.e4m3x2 %0, lo;\n}\n" : "=r"(out) : "r"(codes));
   return out;
 }
 
@@ -208,8 +214,8 @@ __device__ __forceinline__ void quantise_to_smem(const __nv_bfloat16* __restrict
         } else if (CORE) {
           *reinterpret_cast<uint2*>(codes + (at >> 4) * 128 + (at & 15)) = out;
         } else if (F16) {
-          const uint4 wide = make_uint4(e4m3x2_to_f16x2(out.x), e4m3x2_to_f16x2(out.x >> 16),
-                                        e4m3x2_to_f16x2(out.y), e4m3x2_to_f16x2(out.y >> 16));
+          const uint4 wide = make_uint4(e4m3x2_to_f16x2(out.x), e4m3x2_to_f16x2<true>(out.x),
+                                        e4m3x2_to_f16x2(out.y), e4m3x2_to_f16x2<true>(out.y));
           *reinterpret_cast<uint4*>(codes + 2 * (at + r * pad)) = wide;
         } else {
           *reinterpret_cast<uint2*>(codes + at + r * pad) = out;

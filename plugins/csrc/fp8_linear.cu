@@ -132,12 +132,13 @@ __device__ __forceinline__ void widen_to_smem(const __nv_bfloat16* __restrict__ 
 // bf16 (widen_to_smem; no FP8 round trip, DeepSeek's wo_a), on the f16 MMAs on every GPU. A CTA holds one
 // group's rows at a time, so it walks consecutive items (the host keeps an item inside one group, and a CTA's
 // items mostly in one) and stages the next group only where its items cross into it.
-template <int M, bool FUSED, int PRO = kPlain>
+template <int M, bool FUSED, int PRO = kPlain, int STAGES = 0>
 __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ xq,
                                          const float* __restrict__ xs, const uint8_t* __restrict__ w,
                                          const uint8_t* __restrict__ w_scale, __nv_bfloat16* __restrict__ y,
                                          int rows, int N, int K, int wpr, int items, int stages,
                                          const float* __restrict__ pro_w, int ld, int pro_up, float pro_param) {
+  if (STAGES > 0) stages = STAGES;              // a depth known at compile time: no jump table to wait on it
   constexpr int NACC = M > 8 ? 8 : 4;           // c[0..3]: tokens 2t, 2t+1 of rows g, g + 8; c[4..7]: tokens + 8
   constexpr bool f16_path = FUSED && (dsv4::kEmulatedFp8Mma || PRO == kGrouped);
   // dynamic shared memory: the weight ring [WARPS][stages][CHUNKS][32 lanes] (16 B each), the scale ring
@@ -285,7 +286,7 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const uint32_t a0 = dsv4::e4m3x2_to_f16x2(a[0][i]), a1 = dsv4::e4m3x2_to_f16x2(a[1][i]);
-            const uint32_t a2 = dsv4::e4m3x2_to_f16x2(a[0][i] >> 16), a3 = dsv4::e4m3x2_to_f16x2(a[1][i] >> 16);
+            const uint32_t a2 = dsv4::e4m3x2_to_f16x2<true>(a[0][i]), a3 = dsv4::e4m3x2_to_f16x2<true>(a[1][i]);
             dsv4::mma_f16(c0, a0, a1, a2, a3, f0[2 * i], f0[2 * i + 1]);
             if (M > 8) dsv4::mma_f16(c1, a0, a1, a2, a3, f1[2 * i], f1[2 * i + 1]);
           }
@@ -353,7 +354,10 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
       const uint8_t* __restrict__ w, const uint8_t* __restrict__ ws, __nv_bfloat16* __restrict__ y, int rows, \
       int N, int K, int wpr, int items, int stages, const float* __restrict__ pro_w, int ld, int pro_up,     \
       float pro_param) {                                                                                     \
-    fp8_gemv<M, FUSED, PRO>(x, xq, xs, w, ws, y, rows, N, K, wpr, items, stages, pro_w, ld, pro_up, pro_param); \
+    if (stages == 3) /* every Flash GEMV's ring on the H200 (plugins/fp8_linear.py ring_stages) */           \
+      fp8_gemv<M, FUSED, PRO, 3>(x, xq, xs, w, ws, y, rows, N, K, wpr, items, stages, pro_w, ld, pro_up, pro_param); \
+    else                                                                                                     \
+      fp8_gemv<M, FUSED, PRO>(x, xq, xs, w, ws, y, rows, N, K, wpr, items, stages, pro_w, ld, pro_up, pro_param); \
   }
 DSV4_FP8_GEMV(dsv4_fp8_gemv_m8, 8, false, kPlain)
 DSV4_FP8_GEMV(dsv4_fp8_gemv_m16, 16, false, kPlain)
