@@ -3,15 +3,14 @@
 Fixed random experts and inputs, 1 and 2 tokens; one build's outputs saved, then another's, then compared.
 On an sm_90 GPU the default decode path is the warpgroup-MMA kernels; elsewhere the mma.sync ones.
 
-    python bench/moe_outputs.py save OUT.pt      (in each tree, with that tree's fat binary)
-    python bench/moe_outputs.py cmp A.pt B.pt    (how many of h and y differ, 1 and 2 tokens)
+    python bench/moe_outputs.py save OUT.pt [--fatbin FATBIN]   (each build's fat binary)
+    python bench/moe_outputs.py cmp A.pt B.pt                    (how many of h and y differ, 1 and 2 tokens)
 
 Session 32 ran it (as probe/moe_out.py, the same code) to compare each step of its MoE change with a126741:
 bench/results/moe-decode-ab-s32-h200.txt.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -47,33 +46,23 @@ def save(path: Path) -> None:
     torch.save(out, path)
 
 
-def compare(a: Path, b: Path) -> None:
+def compare(a: Path, b: Path) -> int:
+    """Prints each output's differences; returns how many outputs differ anywhere."""
     first, second = torch.load(a), torch.load(b)
+    differing = 0
     for tokens in first:
         for name in ("h", "y"):
             x, y = first[tokens][name].float(), second[tokens][name].float()
             differ = x != y
+            differing += bool(differ.any())
             rel = ((x - y).abs() / x.abs().clamp_min(1e-30))[differ]
             print(f"tokens {tokens} {name}: {int(differ.sum())} of {x.numel()} differ; max rel "
                   f"{rel.max().item() if rel.numel() else 0:.3g}; cos vs oracle "
                   f"{first[tokens]['cos'].min().item():.7f} (A) {second[tokens]['cos'].min().item():.7f} (B)")
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="what", required=True)
-    sub.add_parser("save").add_argument("out", type=Path)
-    both = sub.add_parser("cmp")
-    both.add_argument("a", type=Path)
-    both.add_argument("b", type=Path)
-    args = ap.parse_args()
-    if args.what == "save":
-        if not torch.cuda.is_available():
-            raise SystemExit("error: bench/moe_outputs.py save needs a CUDA GPU")
-        save(args.out)
-    else:
-        compare(args.a, args.b)
+    return differing
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(ROOT))
+    from bench.outputs_ab import main
+    main(__doc__, save, compare)

@@ -61,6 +61,28 @@ __device__ __forceinline__ long long rot_row(const int64_t* __restrict__ pos, in
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+// Loads from shared memory at a 32-bit shared address (smem_addr). Where a loop keeps such addresses in
+// registers (pinned with keep_in_register), ptxas does not rebuild them from the shared window's base in every
+// iteration, as it did for generic pointers into shared memory in the FP8 GEMV's step.
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
+  return v;
+}
+template <class T>
+__device__ __forceinline__ void keep_in_register(T& v) {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "a 32- or 64-bit value");
+  if constexpr (sizeof(T) == 4)
+    asm volatile("" : "+r"(v));
+  else
+    asm volatile("" : "+l"(v));
+}
+
 // 16 bytes global -> shared without registers (cp.async); `bytes` < 16 zero-fills the rest (0: all zeros,
 // `src` still a valid address). cp_async_wait_all() waits for this thread's copies.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, uint32_t bytes) {

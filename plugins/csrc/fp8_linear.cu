@@ -14,6 +14,8 @@
 // instead (dsv4_fp8_gemv_m*), read through L1 by every CTA. The same kernel serves DeepSeek's grouped wo_a
 // with its bf16 activation (kGrouped, below). Launch paths never allocate or synchronise, so they can be
 // captured in CUDA graphs.
+#include <type_traits>
+
 #include "common.cuh"
 #include "rows.cuh"
 
@@ -49,6 +51,23 @@ extern "C" __global__ void dsv4_act_quant_fp8(const __nv_bfloat16* __restrict__ 
 }
 
 namespace {
+
+// The activation's codes and scales a GEMV step reads: in shared memory (the fused forms) at 32-bit shared
+// addresses, which a loop keeps in registers (common.cuh lds128), or an act_quant launch's in global memory.
+template <bool SHARED>
+using act_addr = std::conditional_t<SHARED, uint32_t, uintptr_t>;
+template <bool SHARED>
+__device__ __forceinline__ act_addr<SHARED> act_at(const void* p) {
+  if constexpr (SHARED) return dsv4::smem_addr(p); else return reinterpret_cast<uintptr_t>(p);
+}
+template <bool SHARED>
+__device__ __forceinline__ uint4 act_load128(act_addr<SHARED> a) {
+  if constexpr (SHARED) return dsv4::lds128(a); else return *reinterpret_cast<const uint4*>(a);
+}
+template <bool SHARED>
+__device__ __forceinline__ float act_load_f32(act_addr<SHARED> a) {
+  if constexpr (SHARED) return __uint_as_float(dsv4::lds32(a)); else return *reinterpret_cast<const float*>(a);
+}
 
 constexpr int ROW_PAD = 64;     // values after each shared activation row
 constexpr int U = 2;            // 128-K blocks per step
@@ -243,7 +262,20 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
     dsv4::quantise_to_smem<false, f16_path>(src, rows * K, K, ROW_PAD, act, const_cast<float*>(scales));
     __syncthreads();
   }
-  auto x_scale = [&](int tok, int kb) { return tok < rows ? scales[tok * kblocks + kb] : 0.f; };
+  // Where this lane's B fragments start in the activation rows (at the warp's first block; bytes per value
+  // `vb`), and where its tokens' scales do: found once, not in every block (the step is bound by its
+  // instructions). A step's are these plus its offset along K.
+  // As 32-bit shared addresses, kept in registers (common.cuh lds128), with the lane's ring and scale words.
+  constexpr int vb = f16_path ? 2 : 1;
+  act_addr<FUSED> b_row0 = act_at<FUSED>(codes + vb * (size_t(tok0) * ldx + kb_begin * 128 + t * 16));
+  act_addr<FUSED> b_row1 = act_at<FUSED>(codes + vb * (size_t(tok1) * ldx + kb_begin * 128 + t * 16));
+  act_addr<FUSED> xs_row[NACC / 2];              // tokens 2t, 2t + 1 (+ 8)'s scales from kb_begin; 0 past `rows`
+#pragma unroll                                   // (fused: the ring comes first, so no scale is at address 0)
+  for (int j = 0; j < NACC / 2; ++j) {
+    const int tok = 2 * t + (j & 1) + (j >= 2 ? 8 : 0);
+    xs_row[j] = tok < rows ? act_at<FUSED>(scales + tok * kblocks + kb_begin) : 0;
+  }
+  uint32_t ring_at = dsv4::smem_addr(ring), scale_at = dsv4::smem_addr(scale_ring);
   float total_c[NACC];
 #pragma unroll
   for (int i = 0; i < NACC; ++i) total_c[i] = 0.f;
@@ -254,8 +286,13 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
     issue();
     dsv4::cp_async_wait_pending(stages - 1);     // this step's group has landed
     __syncwarp();                                // lanes 0..U-1's scale words are visible to the warp
-    const uint4* src = ring + slot * CHUNKS * 32;
+    dsv4::keep_in_register(b_row0), dsv4::keep_in_register(b_row1);
+    dsv4::keep_in_register(ring_at), dsv4::keep_in_register(scale_at);
+#pragma unroll
+    for (int j = 0; j < NACC / 2; ++j) dsv4::keep_in_register(xs_row[j]);
+    const uint32_t src = ring_at + slot * CHUNKS * 32 * 16;
     const int kb0 = kb_begin + step * U;
+    const act_addr<FUSED> b_step0 = b_row0 + vb * step * U * 128, b_step1 = b_row1 + vb * step * U * 128;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int kb = kb0 + u;
@@ -265,21 +302,19 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
       for (int h = 0; h < 2; ++h) {
 #pragma unroll
         for (int i = 0; i < NACC; ++i) c[h][i] = 0.f;
-        const int k = kb * 128 + h * 64 + t * 16;
-        const uint4 w0 = src[(4 * u + 2 * h) * 32], w8 = src[(4 * u + 2 * h + 1) * 32];
+        const int k = u * 128 + h * 64;          // from the step's first block, past the lane's t * 16
+        const uint4 w0 = dsv4::lds128(src + (4 * u + 2 * h) * 512), w8 = dsv4::lds128(src + (4 * u + 2 * h + 1) * 512);
         float(&c0)[4] = *reinterpret_cast<float(*)[4]>(c[h]);
         float(&c1)[4] = *reinterpret_cast<float(*)[4]>(c[h] + 4);
         if (f16_path) {
           // f16 MMA i (of 4) takes bytes 4i .. 4i+3 of the 16: k-slots 2t, 2t+1 <- bytes 4i, 4i+1 and 2t+8,
           // 2t+9 <- 4i+2, 4i+3; the activation's f16 words 2i, 2i+1 hold the same positions
           const uint32_t a[2][4] = {{w0.x, w0.y, w0.z, w0.w}, {w8.x, w8.y, w8.z, w8.w}};
-          const uint4* b0p = reinterpret_cast<const uint4*>(codes + 2 * (size_t(tok0) * ldx + k));
-          const uint4 b0lo = b0p[0], b0hi = b0p[1];
+          const uint4 b0lo = act_load128<FUSED>(b_step0 + 2 * k), b0hi = act_load128<FUSED>(b_step0 + 2 * k + 16);
           const uint32_t f0[8] = {b0lo.x, b0lo.y, b0lo.z, b0lo.w, b0hi.x, b0hi.y, b0hi.z, b0hi.w};
           uint32_t f1[8] = {};
           if (M > 8) {
-            const uint4* b1p = reinterpret_cast<const uint4*>(codes + 2 * (size_t(tok1) * ldx + k));
-            const uint4 b1lo = b1p[0], b1hi = b1p[1];
+            const uint4 b1lo = act_load128<FUSED>(b_step1 + 2 * k), b1hi = act_load128<FUSED>(b_step1 + 2 * k + 16);
             f1[0] = b1lo.x, f1[1] = b1lo.y, f1[2] = b1lo.z, f1[3] = b1lo.w;
             f1[4] = b1hi.x, f1[5] = b1hi.y, f1[6] = b1hi.z, f1[7] = b1hi.w;
           }
@@ -291,21 +326,25 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
             if (M > 8) dsv4::mma_f16(c1, a0, a1, a2, a3, f1[2 * i], f1[2 * i + 1]);
           }
         } else {
-          const uint4 b0 = *reinterpret_cast<const uint4*>(codes + size_t(tok0) * ldx + k);
+          const uint4 b0 = act_load128<FUSED>(b_step0 + k);
           mma_e4m3(c0, w0.x, w8.x, w0.y, w8.y, b0.x, b0.y);
           mma_e4m3(c0, w0.z, w8.z, w0.w, w8.w, b0.z, b0.w);
           if (M > 8) {
-            const uint4 b1 = *reinterpret_cast<const uint4*>(codes + size_t(tok1) * ldx + k);
+            const uint4 b1 = act_load128<FUSED>(b_step1 + k);
             mma_e4m3(c1, w0.x, w8.x, w0.y, w8.y, b1.x, b1.y);
             mma_e4m3(c1, w0.z, w8.z, w0.w, w8.w, b1.z, b1.w);
           }
         }
       }
       const int at = scale0 + step * U + u;
-      const float sw = e8m0(scale_ring[slot * U + u] >> (8 * (at & 3)));
+      const float sw = e8m0(dsv4::lds32(scale_at + (slot * U + u) * 4) >> (8 * (at & 3)));
+      float sws[NACC / 2];                       // sw times tokens 2t, 2t + 1 (+ 8)'s scales, each loaded once
+#pragma unroll
+      for (int j = 0; j < NACC / 2; ++j)
+        sws[j] = xs_row[j] ? sw * act_load_f32<FUSED>(xs_row[j] + (step * U + u) * 4) : 0.f;
 #pragma unroll
       for (int i = 0; i < NACC; ++i)             // c[.][i]: token 2t + (i & 1) (+ 8 for i >= 4)
-        total_c[i] = fmaf(c[0][i] + c[1][i], sw * x_scale(2 * t + (i & 1) + (i >= 4 ? 8 : 0), kb), total_c[i]);
+        total_c[i] = fmaf(c[0][i] + c[1][i], sws[(i & 1) + (i >= 4 ? 2 : 0)], total_c[i]);
     }
     const int used = slot;
     if (++slot == stages) slot = 0;
