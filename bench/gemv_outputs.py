@@ -3,6 +3,7 @@
 Every decode GEMV form a Flash layer runs (plain, with the query latent's norm, with the shared expert's SwiGLU,
 DeepSeek's grouped wo_a) over fixed random weights and rows, at 1, 2 and 16 rows where the form takes them;
 one build's outputs saved, then another's, then compared (bench/moe_outputs.py does the same for the MoE).
+The weights are bench/kernels.py's (finite codes), their block scales spread over 2^-10 .. 2^-4.
 
     python bench/gemv_outputs.py save OUT.pt [--fatbin FATBIN]   (each build's fat binary)
     python bench/gemv_outputs.py cmp A.pt B.pt                    (how many outputs differ, per case)
@@ -19,28 +20,21 @@ ROOT = Path(__file__).resolve().parents[1]
 PLAIN = (("wq_a_wkv", 1536, 4096), ("wo_b", 4096, 8192), ("shared_w13", 4096, 4096))
 
 
-def random_fp8(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Finite e4m3 weights [n, k] (bench/kernels.py's random codes include NaN's, which compare unequal to
-    themselves) and E8M0 block scales near 2^-7, varying by block."""
-    w = (torch.randn(n, k, device="cuda") * 8).to(torch.float8_e4m3fn)
-    s = torch.randint(117, 124, ((n + 127) // 128, k // 128), device="cuda", dtype=torch.uint8)
-    return w, s.view(torch.float8_e8m0fnu)
-
-
 def cases() -> dict[str, torch.Tensor]:
     """Each form's output per case name, on fixed random inputs."""
     sys.path.insert(0, str(ROOT))
+    from bench.kernels import random_fp8
     from plugins.fp8_linear import fp8_linear_decode, fp8_linear_decode_normed, fp8_linear_decode_swiglu
     from plugins.grouped_linear import grouped_fp8_gemv
     torch.manual_seed(7)
     out = {}
     for name, n, k in PLAIN:
-        w = random_fp8(n, k)
+        w = random_fp8(n, k, spread=3)
         for m in (1, 2, 16):
             out[f"{name} m{m}"] = fp8_linear_decode(torch.randn(m, k, device="cuda").to(torch.bfloat16), *w)
-    wq_b, norm = random_fp8(32768, 1024), torch.rand(1024, device="cuda") + 0.5
-    w2 = random_fp8(4096, 2048)
-    wo_a = random_fp8(8 * 1024, 4096)
+    wq_b, norm = random_fp8(32768, 1024, spread=3), torch.rand(1024, device="cuda") + 0.5
+    w2 = random_fp8(4096, 2048, spread=3)
+    wo_a = random_fp8(8 * 1024, 4096, spread=3)
     for m in (1, 2):
         qr = torch.randn(m, 1536, device="cuda").to(torch.bfloat16)[:, :1024]
         out[f"wq_b normed m{m}"] = fp8_linear_decode_normed(qr, norm, 1e-6, *wq_b)

@@ -67,10 +67,13 @@ def fp8_bytes(n: int, k: int) -> int:
     return n * k + -(-n // 128) * (k // 128)
 
 
-def random_fp8(n: int, k: int, device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor]:
-    """A random FP8 weight [n, k] (e4m3 codes) with E8M0 block scales [ceil(n/128), k/128] near 2^-7."""
-    return (torch.randint(-100, 100, (n, k), device=device, dtype=torch.int8).view(torch.float8_e4m3fn),
-            torch.full(((n + 127) // 128, k // 128), 120, device=device, dtype=torch.uint8).view(torch.float8_e8m0fnu))
+def random_fp8(n: int, k: int, device: str = "cuda", spread: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random FP8 weight [n, k] (finite e4m3 codes: byte 0xFF, a NaN, is redrawn as 0xFE) with E8M0 block
+    scales [ceil(n/128), k/128] of 2^-7, or within 2^+-spread of it block by block."""
+    codes = torch.randint(-100, 100, (n, k), device=device, dtype=torch.int8)
+    codes[codes == -1] = -2
+    scales = torch.randint(120 - spread, 121 + spread, ((n + 127) // 128, k // 128), device=device, dtype=torch.uint8)
+    return codes.view(torch.float8_e4m3fn), scales.view(torch.float8_e8m0fnu)
 
 
 def bench_fp8_gemv(name: str, n: int, k: int, m: int, bandwidth: float) -> dict:

@@ -80,8 +80,9 @@ __device__ __forceinline__ LaneCopies lane_copies(int ld, int sld, int lane) {
 // them from the thread index in every step (about 30 instructions) rather than hold them.
 __device__ __forceinline__ void keep_in_registers(LaneCopies& lc) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(lc.dst[i]), "+r"(lc.src[i]));
-  asm volatile("" : "+r"(lc.sdst), "+r"(lc.ssrc), "+r"(lc.col), "+r"(lc.half));
+  for (int i = 0; i < 4; ++i) dsv4::keep_in_register(lc.dst[i]), dsv4::keep_in_register(lc.src[i]);
+  dsv4::keep_in_register(lc.sdst), dsv4::keep_in_register(lc.ssrc);
+  dsv4::keep_in_register(lc.col), dsv4::keep_in_register(lc.half);
 }
 // Step j's copies into the stage at shared address `stage`, as one group (maybe empty). Scales go through the
 // ring too when every step's scale bytes are 4-byte aligned (`async_scales`, true at Flash sizes); otherwise

@@ -263,9 +263,9 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
     __syncthreads();
   }
   // Where this lane's B fragments start in the activation rows (at the warp's first block; bytes per value
-  // `vb`), and where its tokens' scales do: found once, not in every block (the step is bound by its
-  // instructions). A step's are these plus its offset along K.
-  // As 32-bit shared addresses, kept in registers (common.cuh lds128), with the lane's ring and scale words.
+  // `vb`), where its tokens' scales do, and its ring and scale words: found once and kept in registers
+  // (act_addr), not rebuilt in every block (the step is bound by its instructions). A step's are these plus
+  // its offset along K.
   constexpr int vb = f16_path ? 2 : 1;
   act_addr<FUSED> b_row0 = act_at<FUSED>(codes + vb * (size_t(tok0) * ldx + kb_begin * 128 + t * 16));
   act_addr<FUSED> b_row1 = act_at<FUSED>(codes + vb * (size_t(tok1) * ldx + kb_begin * 128 + t * 16));

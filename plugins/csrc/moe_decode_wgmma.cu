@@ -139,7 +139,7 @@ __device__ __forceinline__ void walk_items(uint8_t* ring_base, const uint8_t* ti
   LaneCopies lc = lane_copies(next.ld, next.sld, lane);
   const auto issue = [&](int slot) {            // `next` into ring slot `slot`; then ahead and next one step on
     keep_in_registers(lc);
-    asm volatile("" : "+r"(ring_s));            // the same for the ring's address (ptxas rebuilt it too)
+    dsv4::keep_in_register(ring_s);             // the same for the ring's address (ptxas rebuilt it too)
     issue_copies(next, lc, ring_s + slot * STAGE_BYTES, async_scales);
     ahead.advance(steps, groups);
     if (ahead.s == 0) {
