@@ -184,12 +184,18 @@ __device__ __forceinline__ uint32_t fp8x4(float a, float b, float c, float d) {
 // block's product in a column of its own. CORE (natural order, `pad` 0, one row): byte i at (i / 16) * 128 +
 // i % 16, the row as one token of a K-major wgmma operand without swizzle (16-byte rows of 8-row core matrices,
 // 128 bytes apart along K; the caller offsets `codes` to the token's row of its core matrices).
-template <bool SLOTS, bool F16 = false, bool B_TILE = false, bool CORE = false>
+// after_loads(): run once by every thread, right after its first loads of x are issued (or at the end where it
+// has none), for work that should queue behind those loads (the FP8 GEMV's early ring step).
+struct NothingAfterLoads {
+  __device__ __forceinline__ void operator()() const {}
+};
+template <bool SLOTS, bool F16 = false, bool B_TILE = false, bool CORE = false, class AfterLoads = NothingAfterLoads>
 __device__ __forceinline__ void quantise_to_smem(const __nv_bfloat16* __restrict__ x, int n, int row, int pad,
-                                                 uint8_t* codes, float* scales) {
+                                                 uint8_t* codes, float* scales, AfterLoads after_loads = {}) {
   constexpr int BATCH = 4;                       // 128-blocks per thread group in flight at once
   const int sub = threadIdx.x & 15, groups = blockDim.x >> 4;
   const int blocks = n / 128;
+  bool loads_first = true;                       // after_loads() not yet run
   // The loop bound is warp-uniform (both half-warps test the first one's block) for the shuffles below.
   for (int b0 = threadIdx.x >> 4; (b0 & ~1) < blocks; b0 += groups * BATCH) {
     uint4 raw[BATCH];
@@ -198,6 +204,7 @@ __device__ __forceinline__ void quantise_to_smem(const __nv_bfloat16* __restrict
       const int b = b0 + i * groups;
       raw[i] = b < blocks ? *reinterpret_cast<const uint4*>(x + size_t(b) * 128 + sub * 8) : make_uint4(0, 0, 0, 0);
     }
+    if (loads_first) after_loads(), loads_first = false;
 #pragma unroll
     for (int i = 0; i < BATCH; ++i) {
       const int b = b0 + i * groups;
@@ -246,6 +253,7 @@ __device__ __forceinline__ void quantise_to_smem(const __nv_bfloat16* __restrict
       }
     }
   }
+  if (loads_first) after_loads();
 }
 
 }  // namespace dsv4

@@ -73,6 +73,11 @@ constexpr int ROW_PAD = 64;     // values after each shared activation row
 constexpr int U = 2;            // 128-K blocks per step
 constexpr int CHUNKS = 4 * U;   // 16-byte weight loads per lane per step: [block][half][row g, g + 8]
 constexpr int WARPS = 8;
+// The plain fused form issues its first loop step's copies early (between its activation's loads and their
+// quantise) from this K on: on the H200 wo_b (K 8192) went from 10.6-10.8 to 10.3 us so, the same bits; the
+// shared expert's w1 | w3 (4096) gained 0.4-0.5 us alone but cost the decode layer 1.1-1.3 us beside the
+// routed experts (bench/results/gemv-early-step-s44-h200.txt).
+constexpr int EARLY_STEP_K = 8192;
 static_assert(8 * 32 * 4 <= CHUNKS * 32 * 16, "an item's K-slice sums (up to 8 per lane) fit a warp's ring slot");
 // What the fused form does to its input rows before quantising them (rows.cuh), where that GEMV is the
 // transform's only reader: the query latent's RMSNorm before wq_b and the indexer's wq_b, the shared
@@ -234,6 +239,7 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
   };
 
   for (int p = 0; p < stages - 1; ++p) issue();  // in flight while the activations are quantised
+  bool early = false;                           // the first loop step's copies issued (early_step)
   dsv4::pdl_wait();                              // x (or its codes) come from the previous kernels
   dsv4::pdl_launch_dependents();
   // kGrouped: group g's rows into the activation's place
@@ -259,7 +265,15 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
       }
       src = staged;
     }
-    dsv4::quantise_to_smem<false, f16_path>(src, rows * K, K, ROW_PAD, act, const_cast<float*>(scales));
+    // A long plain row (wo_b's): the first loop step's copies issued as soon as the row's loads are, so that a
+    // step more streams during the quantise (issued before those loads, they delayed them: session 41).
+    const auto early_step = [&] {
+      if (PRO == kPlain && K >= EARLY_STEP_K) {
+        issue();
+        early = true;
+      }
+    };
+    dsv4::quantise_to_smem<false, f16_path>(src, rows * K, K, ROW_PAD, act, const_cast<float*>(scales), early_step);
     __syncthreads();
   }
   // Where this lane's B fragments start in the activation rows (at the warp's first block; bytes per value
@@ -283,7 +297,7 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
   int n0 = first_row(0), scale0 = (n0 / 128) * kblocks + kb_begin;
   for (int gstep = 0; gstep < total; ++gstep) {
     __syncwarp();                                // the warp has read the scale words the next copy replaces
-    issue();
+    if (gstep > 0 || !early) issue();
     dsv4::cp_async_wait_pending(stages - 1);     // this step's group has landed
     __syncwarp();                                // lanes 0..U-1's scale words are visible to the warp
     dsv4::keep_in_register(b_row0), dsv4::keep_in_register(b_row1);
