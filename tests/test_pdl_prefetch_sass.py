@@ -38,3 +38,22 @@ def test_the_check_tells_a_wait_before_the_reads():
     assert sass_loop.reads_before_wait([(0, "LDG.E.128 R4, desc[UR4][R2.64]"), (16, "ACQBULK")])
     assert not sass_loop.reads_before_wait([(0, "ACQBULK"), (16, "@!P0 LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64]")])
     assert sass_loop.reads_before_wait([(0, "LDG.E.128 R4, desc[UR4][R2.64]")]) is None
+
+
+def first_after_wait(code: list[tuple[int, str]], op: str) -> int | None:
+    """Index of the first instruction of opcode `op` after the kernel's wait (ACQBULK)."""
+    ops = [sass_loop.opcode(text) for _, text in code]
+    wait = ops.index("ACQBULK")
+    return next((i for i in range(wait + 1, len(ops)) if ops[i] == op), None)
+
+
+@pytest.mark.parametrize("arch", ["sm_90a", "sm_100a", "sm_120a", "sm_121a"])
+def test_plain_fused_gemv_issues_its_early_step_between_the_rows_loads_and_their_quantise(fat_binary, cuobjdump,
+                                                                                         arch):
+    """wo_b's early ring step (csrc/fp8_linear.cu EARLY_STEP_K) pays only where its copies (LDGSTS) follow the
+    activation row's loads (LDG) and precede the quantise's shuffles (SHFL): issued before the loads they
+    delayed the row and cost 1-1.5 us a GEMV (session 41); after the quantise they are the plain loop's."""
+    code = sass_loop.functions(sass_loop.run([cuobjdump, "-sass", "-arch", arch, str(fat_binary)]))
+    for name in ("dsv4_fp8_gemv_fused_m8", "dsv4_fp8_gemv_fused_m16"):
+        load, copy, shuffle = (first_after_wait(code[name], op) for op in ("LDG", "LDGSTS", "SHFL"))
+        assert None not in (load, copy, shuffle) and load < copy < shuffle, f"{arch} {name}: {load, copy, shuffle}"
