@@ -2,6 +2,8 @@
 launch: their weights do not depend on it) still do so in the machine code of every target. ptxas may put
 the wait (griddepcontrol.wait, SASS ACQBULK) above loads it is free to move: it did in the read-ceiling kernel
 until session 39, which for that reason never read ahead of its wait, and no test could tell."""
+from functools import lru_cache
+
 import pytest
 
 from bench import sass_loop
@@ -25,9 +27,15 @@ def cuobjdump():
         pytest.skip("needs cuobjdump (`pip install -e '.[test]'` brings NVIDIA's)")
 
 
+@lru_cache(maxsize=None)
+def sass(cuobjdump: str, fat_binary, arch: str) -> dict[str, list[tuple[int, str]]]:
+    """Each kernel's SASS for `arch`, disassembled once for all the tests below."""
+    return sass_loop.functions(sass_loop.run([cuobjdump, "-sass", "-arch", arch, str(fat_binary)]))
+
+
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_100a", "sm_120a", "sm_121a"])
 def test_weight_kernels_read_before_their_wait(fat_binary, cuobjdump, arch):
-    code = sass_loop.functions(sass_loop.run([cuobjdump, "-sass", "-arch", arch, str(fat_binary)]))
+    code = sass(cuobjdump, fat_binary, arch)
     expected = PREFETCHING + (PREFETCHING_SM90 if arch == "sm_90a" else ())
     assert set(expected) <= set(code), f"kernels missing from {arch}: {sorted(set(expected) - set(code))}"
     late = [name for name in expected if not sass_loop.reads_before_wait(code[name])]
@@ -53,7 +61,7 @@ def test_plain_fused_gemv_issues_its_early_step_between_the_rows_loads_and_their
     """wo_b's early ring step (csrc/fp8_linear.cu EARLY_STEP_K) pays only where its copies (LDGSTS) follow the
     activation row's loads (LDG) and precede the quantise's shuffles (SHFL): issued before the loads they
     delayed the row and cost 1-1.5 us a GEMV (session 41); after the quantise they are the plain loop's."""
-    code = sass_loop.functions(sass_loop.run([cuobjdump, "-sass", "-arch", arch, str(fat_binary)]))
+    code = sass(cuobjdump, fat_binary, arch)
     for name in ("dsv4_fp8_gemv_fused_m8", "dsv4_fp8_gemv_fused_m16"):
         load, copy, shuffle = (first_after_wait(code[name], op) for op in ("LDG", "LDGSTS", "SHFL"))
         assert None not in (load, copy, shuffle) and load < copy < shuffle, f"{arch} {name}: {load, copy, shuffle}"
