@@ -23,7 +23,7 @@ from plugins.fp8_linear import (fp8_linear_decode, fp8_linear_decode_normed, fp8
                                  make_workspace)
 from plugins.grouped_linear import grouped_fp8_gemv  # noqa: E402
 from plugins.moe_experts import expert_nbytes, moe_experts_decode, moe_experts_prefill  # noqa: E402
-from plugins.moe_experts import moe_experts_prefill_wgmma, wgmma_fits  # noqa: E402
+from plugins.moe_experts import moe_experts_prefill_wgmma, wgmma_fits, wgmma_group  # noqa: E402
 from plugins.moe_experts import make_workspace as moe_make_workspace  # noqa: E402
 from plugins.oracle import quantised_matmul  # noqa: E402
 from runtime.bench import copy_bandwidth  # noqa: E402
@@ -183,10 +183,19 @@ def bench_moe_prefill(matmul_tflops: float, tokens: int = 4096, n_experts: int =
            "time_us": ms * 1e3, "tflops": tflops, "fraction_of_bf16_matmul": tflops / matmul_tflops,
            "speedup_vs_decode_kernels": ms_decode / ms}
     if wgmma_fits(x, d, f):                                   # csrc/moe_wgmma.cu, sm_90 only
-        ms_w = time_ms(lambda: moe_experts_prefill_wgmma(x, experts, w, table, f, 10.0), iters=10)
+        # both kernel sizes, in turn twice (groups of at most 128 pairs at one CTA an SM, 64 at two); the
+        # wgmma figures are the size wgmma_group picks for this chunk
+        by_group = {128: [], 64: []}
+        for _ in range(2):
+            for group, times in by_group.items():
+                times.append(time_ms(lambda: moe_experts_prefill_wgmma(x, experts, w, table, f, 10.0, group),
+                                     iters=10))
+        group = wgmma_group(experts, n_experts)
+        ms_w = min(by_group[group])
         tflops_w = tokens * k * 3 * 2 * d * f / (ms_w * 1e-3) / 1e12
-        row |= {"wgmma_time_us": ms_w * 1e3, "wgmma_tflops": tflops_w,
-                "wgmma_fraction_of_bf16_matmul": tflops_w / matmul_tflops}
+        row |= {"wgmma_group": group, "wgmma_time_us": ms_w * 1e3, "wgmma_tflops": tflops_w,
+                "wgmma_fraction_of_bf16_matmul": tflops_w / matmul_tflops,
+                "wgmma_time_us_by_group": {str(g): [1e3 * t for t in ts] for g, ts in by_group.items()}}
     return row
 
 
@@ -467,11 +476,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "kernels-h200.json")
     ap.add_argument("--only", choices=["moe_prefill"], help="just the prefill MoE rows (with the bf16 matmul)")
+    ap.add_argument("--prefill-tokens", type=int, nargs="+", default=[256, 1024, 2048, 4096],
+                    help="--only moe_prefill: the chunk sizes timed")
     args = ap.parse_args()
     bw = copy_bandwidth()
     if args.only == "moe_prefill":
         rows = [{"kernel": "bf16_matmul", "weight": "8192 x 8192 x 8192", "tflops": bf16_matmul_tflops()}]
-        rows += [bench_moe_prefill(rows[0]["tflops"], tokens) for tokens in (256, 1024, 4096)]
+        rows += [bench_moe_prefill(rows[0]["tflops"], tokens) for tokens in args.prefill_tokens]
         for row in rows:
             print(json.dumps(row))
         write_report(args.json, bw, rows)

@@ -67,7 +67,7 @@ def profile(tokens=4096, n_experts=256, d=4096, f=2048, k=6):
 
 def h_check(tokens=64, d=1024, f=512, k=6):
     """gate_up alone: the wgmma kernel's h against the oracle's, pair by pair (where the cosine gap starts)."""
-    from plugins.moe_experts import WGMMA_GROUP, group_pairs, wgmma_gate_up
+    from plugins.moe_experts import group_pairs, wgmma_gate_up
     from plugins.oracle import quantised_matmul, swiglu
     n_exp = 12
     bank = random_experts(n_exp, d, f)
@@ -77,7 +77,7 @@ def h_check(tokens=64, d=1024, f=512, k=6):
     x = torch.randn(tokens, d, generator=g).to(torch.bfloat16).cuda()
     experts = torch.stack([torch.randperm(n_exp, generator=g)[:k] for _ in range(tokens)]).to(torch.int32).cuda()
     weights = (torch.rand(tokens, k, generator=g) + 0.1).cuda()
-    h = wgmma_gate_up(x, experts, weights, table, f, 10.0, group_pairs(experts, n_exp, WGMMA_GROUP))
+    h = wgmma_gate_up(x, experts, weights, table, f, 10.0, group_pairs(experts, n_exp, 128))
     dq = [tuple(mxfp4_dequant(*e[i:i + 2]).cuda() for i in (0, 2, 4)) for e in bank]
     worst = []
     for p in range(tokens * k):

@@ -85,6 +85,12 @@ class WgmmaPaths:
     decode: bool = True
     prefill: bool = True
     prefill_min_pairs_per_expert: int = 6     # where wgmma beats the grouped kernels (0: any chunk it fits)
+    # Up to this many pairs per expert on average, the prefill kernels of groups of at most 64 pairs at two
+    # CTAs an SM (`wgmma_group`); above it, of at most 128 at one. Session 45 on the H200 at Flash size
+    # (bench/results/kernels-moe-prefill-groups-s45-h200.json): 64-pair groups 20% faster up to 2560 tokens
+    # (60 pairs an expert: 2.96-2.99 ms against 3.30-3.43), 128-pair ones from 3072 (72: 3.69-3.82 against
+    # 4.05-4.14; 4096: 4.26-4.36 against 4.58-4.63).
+    prefill_small_groups_up_to: float = 64.0
 
 
 WGMMA = WgmmaPaths()
@@ -304,9 +310,21 @@ def sum_pairs_post(parts: torch.Tensor, experts: torch.Tensor, k: int, shared: t
 
 
 # ------------------------------------------------------------------ prefill on wgmma (sm_90a)
-WGMMA_GROUP = 128                   # csrc/moe_wgmma.cu MAX_N: a group's pairs are the MMA's columns
+WGMMA_GROUPS = {128: "", 64: "_g64"}  # csrc/moe_wgmma.cu Shape: most pairs a group (the MMA's columns) -> suffix
 WGMMA_THREADS = 256                 # two warpgroups of 64 weight rows each
-WGMMA_SHARED_BYTES = 8 * (128 * 128 + 128 * 64 + 128 * 4 + 128 * 4) + 1024   # eight ring stages, 1 KiB to align
+
+
+def wgmma_shared_bytes(group: int) -> int:
+    """csrc/moe_wgmma.cu Shape<group>::SHARED_BYTES: the ring's stages (B's group rows of 128 codes, 128 weight
+    rows of 64 bytes, both operands' scales; each padded to 1 KiB), and 1 KiB to align the first."""
+    stages = 8 if group == 128 else 6
+    return stages * (-(-(group * 128 + 128 * 64 + group * 4 + 128 * 4) // 1024) * 1024) + 1024
+
+
+def wgmma_group(experts: torch.Tensor, n_experts: int) -> int:
+    """The prefill kernels' group size for a chunk routed as `experts`: 64 where its experts have at most
+    WGMMA.prefill_small_groups_up_to pairs each on average, else 128."""
+    return 64 if experts.numel() <= WGMMA.prefill_small_groups_up_to * n_experts else 128
 
 
 def wgmma_fits(x: torch.Tensor, d: int, f: int) -> bool:
@@ -322,34 +340,36 @@ def wgmma_pays(x: torch.Tensor, experts: torch.Tensor, n_experts: int, f: int) -
 
 
 def moe_experts_prefill_wgmma(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Tensor, table: torch.Tensor,
-                              f: int, limit: float) -> torch.Tensor:
-    """`moe_experts_prefill` on Hopper's warpgroup MMAs: groups of up to 128 pairs per expert, the weights
-    converted to e4m3 once per group. Close to the decode kernels, not bit for bit (another summation, and
-    scales applied per 128 K). Allocates and synchronises."""
+                              f: int, limit: float, group: int | None = None) -> torch.Tensor:
+    """`moe_experts_prefill` on Hopper's warpgroup MMAs: groups of up to `group` (128 or 64; by default
+    `wgmma_group`'s) pairs per expert, the weights converted to e4m3 once per group. Close to the decode
+    kernels, not bit for bit (another summation, and scales applied per 128 K); the same bits at either group
+    size (a pair's products do not depend on its group's other columns). Allocates and synchronises."""
     t, d = x.shape
-    groups = group_pairs(experts, table.numel(), WGMMA_GROUP, padded=True)
-    h = wgmma_gate_up(x, experts, route_w, table, f, limit, groups)
+    group = group or wgmma_group(experts, table.numel())
+    groups = group_pairs(experts, table.numel(), group, padded=True)
+    h = wgmma_gate_up(x, experts, route_w, table, f, limit, groups, group)
     h_codes, h_scales = act_workspace(t * experts.size(1), f, x.device)
     act_quant(h, h_codes, h_scales, mma_slots=True)
     ypart = torch.empty(t * experts.size(1), d, dtype=torch.float32, device=x.device)
-    kernels().launch("dsv4_moe_down_wgmma", groups[1].numel() * (d // 128), WGMMA_THREADS,
+    kernels().launch("dsv4_moe_down_wgmma" + WGMMA_GROUPS[group], groups[1].numel() * (d // 128), WGMMA_THREADS,
                      [(h_codes, PTR), (h_scales, PTR)] + [(g, PTR) for g in groups]
-                     + [(table, PTR), (ypart, PTR), (d, INT), (f, INT)], WGMMA_SHARED_BYTES)
+                     + [(table, PTR), (ypart, PTR), (d, INT), (f, INT)], wgmma_shared_bytes(group))
     return sum_pairs(ypart, experts)
 
 
 def wgmma_gate_up(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Tensor, table: torch.Tensor, f: int,
-                  limit: float, groups: tuple[torch.Tensor, ...]) -> torch.Tensor:
+                  limit: float, groups: tuple[torch.Tensor, ...], group: int = 128) -> torch.Tensor:
     """The first half of `moe_experts_prefill_wgmma`: h [T * k, F] bf16 (pair-indexed), each pair's
-    route_w * silu(gate) * up; `groups` from group_pairs(experts, E, WGMMA_GROUP)."""
+    route_w * silu(gate) * up; `groups` from group_pairs(experts, E, group)."""
     t, d = x.shape
     k = experts.size(1)
     assert wgmma_fits(x, d, f) and x.dtype == torch.bfloat16 and route_w.dtype == torch.float32
     codes, scales = act_workspace(t, d, x.device)
     act_quant(x.contiguous(), codes, scales, mma_slots=True)
     h = torch.empty(t * k, f, dtype=torch.bfloat16, device=x.device)
-    kernels().launch("dsv4_moe_gate_up_wgmma", groups[1].numel() * (f // 64), WGMMA_THREADS,
+    kernels().launch("dsv4_moe_gate_up_wgmma" + WGMMA_GROUPS[group], groups[1].numel() * (f // 64), WGMMA_THREADS,
                      [(codes, PTR), (scales, PTR)] + [(g, PTR) for g in groups]
                      + [(route_w.contiguous(), PTR), (table, PTR), (h, PTR), (k, INT), (d, INT), (f, INT),
-                        (limit, FLOAT)], WGMMA_SHARED_BYTES)
+                        (limit, FLOAT)], wgmma_shared_bytes(group))
     return h

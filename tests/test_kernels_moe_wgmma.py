@@ -19,6 +19,14 @@ def _bank(n_exp, d, f, tiny_block):
     return bank
 
 
+def _table(bank):
+    """The experts' device table, odd experts in pinned host memory, read over PCIe through the same table (a
+    paged prefill); and the stores it points into (kept alive by the caller)."""
+    from plugins.moe_experts import pack_expert
+    stores = [pack_expert(*e).cuda() if i % 2 == 0 else pack_expert(*e).pin_memory() for i, e in enumerate(bank)]
+    return torch.tensor([s.data_ptr() for s in stores], dtype=torch.int64, device="cuda"), stores
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens, d, f, k, hot, tiny_block",
                          [(40, 512, 256, 6, False, False), (300, 4096, 2048, 6, True, False),
@@ -26,18 +34,17 @@ def _bank(n_exp, d, f, tiny_block):
                           (50, 256, 128, 6, False, False)],
                          ids=["40tok", "flash-300tok-hot", "odd-sizes-k3", "scale-spread-beyond-8",
                               "tiny-model-one-k-step"])
-def test_moe_prefill_wgmma_matches_oracle_and_the_grouped_kernels(tokens, d, f, k, hot, tiny_block):
-    from plugins.moe_experts import moe_experts_prefill, moe_experts_prefill_wgmma, pack_expert, wgmma_fits
+@pytest.mark.parametrize("group", [128, 64])
+def test_moe_prefill_wgmma_matches_oracle_and_the_grouped_kernels(tokens, d, f, k, hot, tiny_block, group):
+    from plugins.moe_experts import moe_experts_prefill, moe_experts_prefill_wgmma, wgmma_fits
     if not wgmma_fits(torch.empty(1, device="cuda"), d, f):
         pytest.skip("wgmma kernels are built for sm_90a only")
     n_exp = 12
     bank = _bank(n_exp, d, f, tiny_block)
-    # odd experts in pinned host memory, read over PCIe through the same table (a paged prefill)
-    stores = [pack_expert(*e).cuda() if i % 2 == 0 else pack_expert(*e).pin_memory() for i, e in enumerate(bank)]
-    table = torch.tensor([s.data_ptr() for s in stores], dtype=torch.int64, device="cuda")
+    table, _stores = _table(bank)
     # every token on expert 4, or on expert 0 whose tiny block is then read by every group
     x, experts, weights = routed_chunk(tokens, d, n_exp, k, hot_expert=4 if hot else 0 if tiny_block else None)
-    got = moe_experts_prefill_wgmma(x, experts, weights, table, f, limit=10.0)
+    got = moe_experts_prefill_wgmma(x, experts, weights, table, f, limit=10.0, group=group)
     dequantised = [tuple(mxfp4_dequant(*e[i:i + 2]) for i in (0, 2, 4)) for e in bank]
     expect = moe_routed_oracle(x, experts, weights, dequantised.__getitem__, 10.0)
     # The FP8 MMA adds in less than float32 within 128 K: a gate or up value may land a bf16 unit away from
@@ -48,6 +55,27 @@ def test_moe_prefill_wgmma_matches_oracle_and_the_grouped_kernels(tokens, d, f, 
         per_token = torch.nn.functional.cosine_similarity(got.double(), other.double(), dim=-1)
         assert whole >= 0.9999 and per_token.min() >= 0.9995, (whole, per_token.min())
         assert torch.allclose(got, other, rtol=0.02, atol=0.02 * other.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens, hot", [(300, True), (700, False)], ids=["flash-300tok-hot", "flash-700tok"])
+def test_moe_prefill_wgmma_groups_of_64_give_the_bits_of_groups_of_128(tokens, hot):
+    """The two kernel sizes (csrc/moe_wgmma.cu Shape) cut an expert's pairs into other groups, and a pair's
+    products do not depend on its group's other columns: the same output bits. The 64-pair kernels run two
+    CTAs an SM, the reason they exist."""
+    from plugins.loader import kernels
+    from plugins.moe_experts import WGMMA_THREADS, moe_experts_prefill_wgmma, wgmma_fits, wgmma_shared_bytes
+    d, f, n_exp = 4096, 2048, 12
+    if not wgmma_fits(torch.empty(1, device="cuda"), d, f):
+        pytest.skip("wgmma kernels are built for sm_90a only")
+    table, _stores = _table(_bank(n_exp, d, f, False))
+    x, experts, weights = routed_chunk(tokens, d, n_exp, 6, hot_expert=4 if hot else None)
+    big = moe_experts_prefill_wgmma(x, experts, weights, table, f, limit=10.0, group=128)
+    small = moe_experts_prefill_wgmma(x, experts, weights, table, f, limit=10.0, group=64)
+    assert torch.equal(big, small)
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    for name in ("dsv4_moe_gate_up_wgmma_g64", "dsv4_moe_down_wgmma_g64"):   # CTAs resident on the whole GPU
+        assert kernels().resident(name, WGMMA_THREADS, wgmma_shared_bytes(64)) == 2 * sms, name
 
 
 @pytest.mark.gpu
@@ -135,3 +163,18 @@ def test_moe_prefill_wgmma_on_the_tiny_models_own_inputs(tiny_dir):
         whole = torch.nn.functional.cosine_similarity(got.double().flatten(), expect.double().flatten(), dim=0)
         per_token = torch.nn.functional.cosine_similarity(got.double(), expect.double(), dim=-1)
         assert whole >= 0.9999 and per_token.min() >= 0.9995, (whole, per_token.min())
+
+
+def test_prefill_kernel_size_follows_the_chunks_pairs_per_expert_and_two_small_ctas_fit_an_sm():
+    """wgmma_group: groups of 64 pairs up to WGMMA.prefill_small_groups_up_to pairs per expert on average
+    (Flash: 2048 tokens x 6 of 256 experts = 48), of 128 above (4096 tokens: 96); and the 64-pair kernels'
+    shared memory lets two CTAs share an H200 SM (228 KiB, 1 KiB of it reserved per CTA, plus their static
+    shared memory), the 128-pair ones' as csrc/moe_wgmma.cu's eight-stage ring had it."""
+    from plugins.moe_experts import WGMMA, wgmma_group, wgmma_shared_bytes
+    assert WGMMA.prefill_small_groups_up_to == 64.0
+    assert wgmma_group(torch.zeros(2048, 6, dtype=torch.int32), 256) == 64
+    assert wgmma_group(torch.zeros(2730, 6, dtype=torch.int32), 256) == 64
+    assert wgmma_group(torch.zeros(2731, 6, dtype=torch.int32), 256) == 128
+    assert wgmma_group(torch.zeros(4096, 6, dtype=torch.int32), 256) == 128
+    assert wgmma_shared_bytes(128) == 8 * (128 * 128 + 128 * 64 + 128 * 4 + 128 * 4) + 1024
+    assert 2 * (wgmma_shared_bytes(64) + 1024 + 1024) <= 228 * 1024 < 2 * (wgmma_shared_bytes(128) + 1024)

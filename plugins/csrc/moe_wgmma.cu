@@ -39,13 +39,21 @@
 namespace moe_prefill {
 
 constexpr int THREADS = 256, ROWS = 128;        // two warpgroups of 64 weight rows
-constexpr int MAX_N = 128, STEP_K = 128, STAGES = 8, SHIFTS = 17;                  // folded shifts 0 .. -16
+constexpr int STEP_K = 128, SHIFTS = 17;        // folded shifts 0 .. -16
+
+// The kernels' two sizes, by the most pairs a group may have (the MMA's columns): 128 at one CTA an SM (an
+// 8-stage ring, about 195 registers a thread), or 64 at two CTAs an SM (6 stages, 128 registers: twice the
+// warps per scheduler, for chunks whose experts have few pairs each; plugins/moe_experts.py wgmma_group).
 // A ring stage: B (MAX_N rows x 128 codes, swizzled; 1024-byte aligned as the swizzle pattern is), A's packed
-// codes (ROWS x 64 bytes), B's scales (MAX_N floats), A's E8M0 scale bytes (ROWS x 4).
-constexpr int W_OFF = MAX_N * STEP_K, TS_OFF = W_OFF + ROWS * STEP_K / 2, WS_OFF = TS_OFF + MAX_N * 4;
-constexpr int STAGE_BYTES = WS_OFF + ROWS * 4;
-static_assert(STAGE_BYTES % 1024 == 0, "stages start where the swizzle pattern starts");
-constexpr int SHARED_BYTES = STAGES * STAGE_BYTES + 1024;   // plugins/moe_experts.py WGMMA_SHARED_BYTES
+// codes (ROWS x 64 bytes), B's scales (MAX_N floats), A's E8M0 scale bytes (ROWS x 4), padded to 1 KiB.
+template <int MAX_N_>
+struct Shape {
+  static constexpr int MAX_N = MAX_N_, STAGES = MAX_N == 128 ? 8 : 6, CTAS_PER_SM = MAX_N == 128 ? 1 : 2;
+  static constexpr int W_OFF = MAX_N * STEP_K, TS_OFF = W_OFF + ROWS * STEP_K / 2, WS_OFF = TS_OFF + MAX_N * 4;
+  static constexpr int STAGE_BYTES = (WS_OFF + ROWS * 4 + 1023) / 1024 * 1024;
+  static constexpr int SHARED_BYTES = STAGES * STAGE_BYTES + 1024;   // plugins/moe_experts.py wgmma_shared_bytes
+  static_assert(MAX_N == 128 || MAX_N == 64, "the two sizes built");
+};
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 using dsv4::smem_addr;
@@ -128,14 +136,16 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, int parity) {
 
 // What a CTA shares: the group's pairs and activation rows (MAX_N each, past the count the last repeated),
 // the folding LUT (the e4m3 bytes of each E2M1 magnitude times 2^-shift) and the ring's mbarriers.
+template <class S>
 struct GroupShared {
-  int pair_of[MAX_N], rows[MAX_N];
+  int pair_of[S::MAX_N], rows[S::MAX_N];
   uint32_t lut[SHIFTS][2];
-  uint64_t full[STAGES], empty[STAGES];
+  uint64_t full[S::STAGES], empty[S::STAGES];
 };
 
-__device__ __forceinline__ void load_group(const int* pairs, int start, int count, int per_row, GroupShared& s) {
-  if (threadIdx.x < MAX_N) {
+template <class S>
+__device__ __forceinline__ void load_group(const int* pairs, int start, int count, int per_row, GroupShared<S>& s) {
+  if (threadIdx.x < S::MAX_N) {
     const int p = pairs[start + min(int(threadIdx.x), count - 1)];
     s.pair_of[threadIdx.x] = p;
     s.rows[threadIdx.x] = p / per_row;
@@ -145,7 +155,7 @@ __device__ __forceinline__ void load_group(const int* pairs, int start, int coun
     const float mag = m < 2 ? 0.5f * m : ldexpf(1.f + 0.5f * (m & 1), (m >> 1) - 1);
     reinterpret_cast<uint8_t*>(s.lut)[at] = uint8_t(__nv_cvt_float_to_fp8(ldexpf(mag, -shift), __NV_SATFINITE, __NV_E4M3));
   }
-  if (threadIdx.x < STAGES) {
+  if (threadIdx.x < S::STAGES) {
     mbar_init(&s.full[threadIdx.x], THREADS);    // every thread's copies
     mbar_init(&s.empty[threadIdx.x], THREADS / 32);   // every warp done
   }
@@ -164,9 +174,12 @@ __device__ __forceinline__ int fragment_row(int tid) { return 64 * (tid >> 7) + 
 // step's products while the other's MMAs run (a barrier per step, in the first form, held them in step:
 // 0.30 of a bf16 matmul at 4096 tokens). (A producer warp of its own would leave the consumers 168
 // registers, nine warps sharing four schedulers' register files; they need about 190.)
-template <int N, class RowOf>
+template <int N, class S, class RowOf>
 __device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, const float* __restrict__ code_scales,
-                                          int K, int count, GroupShared& grp, RowOf weight_row, float (&acc)[N / 2]) {
+                                          int K, int count, GroupShared<S>& grp, RowOf weight_row, float (&acc)[N / 2]) {
+  constexpr int MAX_N = S::MAX_N, STAGES = S::STAGES, STAGE_BYTES = S::STAGE_BYTES;
+  constexpr int W_OFF = S::W_OFF, TS_OFF = S::TS_OFF, WS_OFF = S::WS_OFF;
+  static_assert(N <= MAX_N, "a group's columns fit the ring's B");
   extern __shared__ uint8_t dynamic_smem[];
   uint8_t* ring = dynamic_smem + ((1024 - (smem_addr(dynamic_smem) & 1023)) & 1023);
   const int tid = threadIdx.x, lane = tid & 31, nk = K / STEP_K;
@@ -270,9 +283,9 @@ __device__ __forceinline__ void tile_gemm(const uint8_t* __restrict__ codes, con
   }
 }
 
-template <int N>
+template <int N, class S>
 __device__ __forceinline__ void gate_up_group(const uint8_t* x_codes, const float* x_scales, int count,
-                                              GroupShared& grp, const uint8_t* e, const float* route_w,
+                                              GroupShared<S>& grp, const uint8_t* e, const float* route_w,
                                               __nv_bfloat16* h, int tile, int D, int F, float limit) {
   // CTA row n = 16 m + r (m = 4 warpgroup + warp): F row 64 tile + 8 m + r % 8 of w1 (r < 8) or of w3
   const size_t wbytes = size_t(F) * D / 2;
@@ -282,7 +295,7 @@ __device__ __forceinline__ void gate_up_group(const uint8_t* x_codes, const floa
                      e + 3 * wbytes + which * size_t(F) * (D / 32) + size_t(f) * (D / 32)};
   };
   float acc[N / 2];
-  tile_gemm<N>(x_codes, x_scales, D, count, grp, weight_row, acc);
+  tile_gemm<N, S>(x_codes, x_scales, D, count, grp, weight_row, acc);
   const int n = fragment_row(threadIdx.x), f = tile * 64 + 8 * (n >> 4) + (n & 7), q = threadIdx.x & 3;
 #pragma unroll
   for (int i = 0; i < N / 4; ++i) {             // gate: fragment row g (acc 4j + e), up: g + 8 (4j + 2 + e)
@@ -299,9 +312,9 @@ __device__ __forceinline__ void gate_up_group(const uint8_t* x_codes, const floa
   }
 }
 
-template <int N>
+template <int N, class S>
 __device__ __forceinline__ void down_group(const uint8_t* h_codes, const float* h_scales, int count,
-                                           GroupShared& grp, const uint8_t* e, float* ypart, int tile, int D,
+                                           GroupShared<S>& grp, const uint8_t* e, float* ypart, int tile, int D,
                                            int F) {
   const size_t wbytes = size_t(F) * D / 2;
   auto weight_row = [&](int n) {
@@ -310,7 +323,7 @@ __device__ __forceinline__ void down_group(const uint8_t* h_codes, const float* 
                      e + 3 * wbytes + 2 * size_t(F) * (D / 32) + size_t(row) * (F / 32)};
   };
   float acc[N / 2];
-  tile_gemm<N>(h_codes, h_scales, F, count, grp, weight_row, acc);
+  tile_gemm<N, S>(h_codes, h_scales, F, count, grp, weight_row, acc);
   const int row = tile * ROWS + fragment_row(threadIdx.x), q = threadIdx.x & 3;
 #pragma unroll
   for (int i = 0; i < N / 4; ++i) {
@@ -321,56 +334,85 @@ __device__ __forceinline__ void down_group(const uint8_t* h_codes, const float* 
     out[8] = __bfloat162float(__float2bfloat16(acc[4 * j + 2 + (i & 1)]));
   }
 }
-// fn(std::integral_constant<int, N>) with the MMA's N for a group of `count` pairs: count rounded up to 32.
-template <class Fn>
+// fn(std::integral_constant<int, N>) with the MMA's N for a group of `count` pairs: count rounded up to 32
+// (the host never makes a group of more than MAX_N).
+template <int MAX_N, class Fn>
 __device__ __forceinline__ void with_columns(int count, Fn fn) {
-  switch ((count + 31) / 32) {
-    case 1: fn(std::integral_constant<int, 32>()); break;
-    case 2: fn(std::integral_constant<int, 64>()); break;
-    case 3: fn(std::integral_constant<int, 96>()); break;
-    default: fn(std::integral_constant<int, 128>());
+  if constexpr (MAX_N == 64) {
+    if (count <= 32) fn(std::integral_constant<int, 32>()); else fn(std::integral_constant<int, 64>());
+  } else {
+    switch ((count + 31) / 32) {
+      case 1: fn(std::integral_constant<int, 32>()); break;
+      case 2: fn(std::integral_constant<int, 64>()); break;
+      case 3: fn(std::integral_constant<int, 96>()); break;
+      default: fn(std::integral_constant<int, 128>());
+    }
   }
+}
+
+// The kernels' bodies, for either Shape S.
+template <class S>
+__device__ __forceinline__ void gate_up_kernel(const uint8_t* x_codes, const float* x_scales, const int* pairs,
+                                               const int* g_expert, const int* g_start, const int* g_count,
+                                               const float* route_w, const uint64_t* table, __nv_bfloat16* h,
+                                               int topk, int D, int F, float limit) {
+  dsv4::pdl_wait();                             // the codes come from the act_quant launch before
+  dsv4::pdl_launch_dependents();
+  const int tiles = F / 64, grp_id = blockIdx.x / tiles, tile = blockIdx.x % tiles, count = g_count[grp_id];
+  if (count == 0) return;                       // past the chunk's groups (group_pairs pads)
+  __shared__ GroupShared<S> grp;
+  load_group(pairs, g_start[grp_id], count, topk, grp);
+  const uint8_t* e = reinterpret_cast<const uint8_t*>(table[g_expert[grp_id]]);
+  with_columns<S::MAX_N>(count, [&](auto n) {
+    gate_up_group<decltype(n)::value, S>(x_codes, x_scales, count, grp, e, route_w, h, tile, D, F, limit);
+  });
+}
+
+template <class S>
+__device__ __forceinline__ void down_kernel(const uint8_t* h_codes, const float* h_scales, const int* pairs,
+                                            const int* g_expert, const int* g_start, const int* g_count,
+                                            const uint64_t* table, float* ypart, int D, int F) {
+  dsv4::pdl_wait();
+  dsv4::pdl_launch_dependents();
+  const int tiles = D / ROWS, grp_id = blockIdx.x / tiles, tile = blockIdx.x % tiles, count = g_count[grp_id];
+  if (count == 0) return;                       // past the chunk's groups (group_pairs pads)
+  __shared__ GroupShared<S> grp;
+  load_group(pairs, g_start[grp_id], count, 1, grp);
+  const uint8_t* e = reinterpret_cast<const uint8_t*>(table[g_expert[grp_id]]);
+  with_columns<S::MAX_N>(count, [&](auto n) {
+    down_group<decltype(n)::value, S>(h_codes, h_scales, count, grp, e, ypart, tile, D, F);
+  });
 }
 #endif
 
 }  // namespace moe_prefill
 
-// gate_up. Grid: groups x (F / 64), 256 threads, dynamic shared memory moe_prefill::SHARED_BYTES. x_codes
-// [T, D] e4m3 in slot order and x_scales [T, D / 128] (act_quant of x); h [T * topk, F] bf16, pair-indexed.
-extern "C" __global__ void __launch_bounds__(moe_prefill::THREADS, 1) dsv4_moe_gate_up_wgmma(
-    const uint8_t* x_codes, const float* x_scales, const int* pairs, const int* g_expert, const int* g_start,
-    const int* g_count, const float* route_w, const uint64_t* table, __nv_bfloat16* h, int topk, int D, int F,
-    float limit) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using namespace moe_prefill;
-  dsv4::pdl_wait();                             // the codes come from the act_quant launch before
-  dsv4::pdl_launch_dependents();
-  const int tiles = F / 64, grp_id = blockIdx.x / tiles, tile = blockIdx.x % tiles, count = g_count[grp_id];
-  if (count == 0) return;                       // past the chunk's groups (group_pairs pads)
-  __shared__ GroupShared grp;
-  load_group(pairs, g_start[grp_id], count, topk, grp);
-  const uint8_t* e = reinterpret_cast<const uint8_t*>(table[g_expert[grp_id]]);
-  with_columns(count, [&](auto n) {
-    gate_up_group<decltype(n)::value>(x_codes, x_scales, count, grp, e, route_w, h, tile, D, F, limit);
-  });
-#endif
-}
-
+// gate_up. Grid: groups x (F / 64), 256 threads, dynamic shared memory Shape<G>::SHARED_BYTES, G the kernel's
+// group size (its name's suffix: none for 128, _g64 for 64). x_codes [T, D] e4m3 in slot order and x_scales
+// [T, D / 128] (act_quant of x); h [T * topk, F] bf16, pair-indexed.
 // down. Grid: groups x (D / 128), as gate_up. h_codes [T * topk, F] e4m3 in slot order and h_scales
 // [T * topk, F / 128] (act_quant of h); ypart [T * topk, D] float32, each pair's output rounded to bf16 as
 // the decode kernel rounds each expert's.
-extern "C" __global__ void __launch_bounds__(moe_prefill::THREADS, 1) dsv4_moe_down_wgmma(
-    const uint8_t* h_codes, const float* h_scales, const int* pairs, const int* g_expert, const int* g_start,
-    const int* g_count, const uint64_t* table, float* ypart, int D, int F) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using namespace moe_prefill;
-  dsv4::pdl_wait();
-  dsv4::pdl_launch_dependents();
-  const int tiles = D / ROWS, grp_id = blockIdx.x / tiles, tile = blockIdx.x % tiles, count = g_count[grp_id];
-  if (count == 0) return;                       // past the chunk's groups (group_pairs pads)
-  __shared__ GroupShared grp;
-  load_group(pairs, g_start[grp_id], count, 1, grp);
-  const uint8_t* e = reinterpret_cast<const uint8_t*>(table[g_expert[grp_id]]);
-  with_columns(count, [&](auto n) { down_group<decltype(n)::value>(h_codes, h_scales, count, grp, e, ypart, tile, D, F); });
+#define DSV4_MOE_PREFILL_BODY(CALL) CALL
+#else
+#define DSV4_MOE_PREFILL_BODY(CALL)
 #endif
-}
+#define DSV4_MOE_PREFILL_WGMMA(G, SUFFIX)                                                                      \
+  extern "C" __global__ void __launch_bounds__(moe_prefill::THREADS, moe_prefill::Shape<G>::CTAS_PER_SM)       \
+      dsv4_moe_gate_up_wgmma##SUFFIX(const uint8_t* x_codes, const float* x_scales, const int* pairs,          \
+                                     const int* g_expert, const int* g_start, const int* g_count,              \
+                                     const float* route_w, const uint64_t* table, __nv_bfloat16* h, int topk,  \
+                                     int D, int F, float limit) {                                               \
+    DSV4_MOE_PREFILL_BODY((moe_prefill::gate_up_kernel<moe_prefill::Shape<G>>(                                 \
+        x_codes, x_scales, pairs, g_expert, g_start, g_count, route_w, table, h, topk, D, F, limit)));         \
+  }                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(moe_prefill::THREADS, moe_prefill::Shape<G>::CTAS_PER_SM)       \
+      dsv4_moe_down_wgmma##SUFFIX(const uint8_t* h_codes, const float* h_scales, const int* pairs,             \
+                                  const int* g_expert, const int* g_start, const int* g_count,                 \
+                                  const uint64_t* table, float* ypart, int D, int F) {                         \
+    DSV4_MOE_PREFILL_BODY((moe_prefill::down_kernel<moe_prefill::Shape<G>>(                                    \
+        h_codes, h_scales, pairs, g_expert, g_start, g_count, table, ypart, D, F)));                            \
+  }
+DSV4_MOE_PREFILL_WGMMA(128, )
+DSV4_MOE_PREFILL_WGMMA(64, _g64)
