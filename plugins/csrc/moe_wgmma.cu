@@ -2,7 +2,8 @@
 // kernels of moe_experts.cu serve, and also below 6 pairs per expert; plugins/moe_experts.py WgmmaPaths).
 //
 // The host sorts a chunk's (token, slot) pairs by expert and cuts each expert's run into balanced groups of
-// at most 128 pairs (plugins/moe_experts.py group_pairs); the act_quant kernel quantises the activations
+// at most 128 pairs, or 64 for the kernels of the second size (Shape below; plugins/moe_experts.py
+// group_pairs and wgmma_group); the act_quant kernel quantises the activations
 // once per row (e4m3 codes, one float scale per 128 K), writing each 128-K block's 4-byte words in the MMA's
 // slot order (below). A CTA (two warpgroups) computes 128 weight rows x one group's pairs, 128 K per step, as
 // the transposed product: the weights are the MMA's A operand (64 rows per warpgroup), the pairs its columns
