@@ -24,6 +24,15 @@ def random_experts(n: int, d: int, f: int, seed: int = 0) -> list[tuple[torch.Te
     return out
 
 
+def split_table(bank: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The experts of `bank` packed, even ones on the GPU and odd ones in pinned host memory (read over the bus
+    through the same table, as a paged model reads them): their device table [n] int64 and the stores it
+    points into (the caller keeps them alive)."""
+    from plugins.moe_experts import pack_expert
+    stores = [pack_expert(*e).cuda() if i % 2 == 0 else pack_expert(*e).pin_memory() for i, e in enumerate(bank)]
+    return torch.tensor([s.data_ptr() for s in stores], dtype=torch.int64, device="cuda"), stores
+
+
 def routed_chunk(tokens: int, d: int, n_exp: int, k: int, hot_expert: int | None = None):
     """A prefill chunk on the GPU: x [tokens, d] bf16, each token's k distinct experts [tokens, k] int32
     (with `hot_expert`, every token routed to it) and route weights [tokens, k] float32."""

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from helpers import H200_SHARED, RecordedLaunches, random_experts, routed_chunk
+from helpers import H200_SHARED, RecordedLaunches, random_experts, routed_chunk, split_table
 from plugins.formats import mxfp4_dequant
 from plugins.ops import moe_routed_oracle
 
@@ -15,15 +15,12 @@ from plugins.ops import moe_routed_oracle
                               "flash-8tok"])
 @pytest.mark.parametrize("wgmma", [False, True], ids=["mma", "wgmma"])
 def test_moe_decode_matches_oracle_with_host_experts(tokens, d, f, k, same, wgmma):
-    from plugins.moe_experts import decode_wgmma_fits, moe_experts_decode, pack_expert
+    from plugins.moe_experts import decode_wgmma_fits, moe_experts_decode
     if wgmma and not decode_wgmma_fits(torch.empty(0, device="cuda"), k, d, f):
         pytest.skip("the wgmma decode kernels need an sm_90 GPU")
     n_exp = 12
     bank = random_experts(n_exp, d, f)
-    packed = [pack_expert(*e) for e in bank]
-    # even experts on the device, odd ones in pinned host memory (read over the bus)
-    stores = [p.cuda() if i % 2 == 0 else p.pin_memory() for i, p in enumerate(packed)]
-    table = torch.tensor([s.data_ptr() for s in stores], dtype=torch.int64, device="cuda")
+    table, _stores = split_table(bank)           # even experts on the device, odd ones in pinned host memory
     g = torch.Generator().manual_seed(1)
     x = torch.randn(tokens, d, generator=g).to(torch.bfloat16).cuda()
     if same:
@@ -92,11 +89,10 @@ def test_group_pairs_cuts_each_experts_run_into_groups():
                          ids=["40tok", "flash-64tok-hot", "odd-sizes-k3"])
 def test_moe_prefill_groups_equal_the_decode_kernels(tokens, d, f, k, hot):
     """Tokens grouped by expert give the mma.sync decode kernels' bits, and both the oracle's values."""
-    from plugins.moe_experts import moe_experts_decode, moe_experts_prefill, pack_expert
+    from plugins.moe_experts import moe_experts_decode, moe_experts_prefill
     n_exp = 12
     bank = random_experts(n_exp, d, f)
-    stores = [pack_expert(*e).cuda() if i % 2 == 0 else pack_expert(*e).pin_memory() for i, e in enumerate(bank)]
-    table = torch.tensor([s.data_ptr() for s in stores], dtype=torch.int64, device="cuda")
+    table, _stores = split_table(bank)
     x, experts, weights = routed_chunk(tokens, d, n_exp, k, hot_expert=4 if hot else None)
     got = moe_experts_prefill(x, experts, weights, table, f, limit=10.0)
     assert torch.equal(got, moe_experts_decode(x, experts, weights, table, f, limit=10.0, wgmma=False))

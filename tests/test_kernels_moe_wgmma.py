@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import TINY_PROMPT, expert_tensors, random_experts, routed_chunk
+from helpers import TINY_PROMPT, expert_tensors, random_experts, routed_chunk, split_table
 from plugins.formats import mxfp4_dequant, mxfp4_quant
 from plugins.ops import moe_routed_oracle
 
@@ -19,14 +19,6 @@ def _bank(n_exp, d, f, tiny_block):
     return bank
 
 
-def _table(bank):
-    """The experts' device table, odd experts in pinned host memory, read over PCIe through the same table (a
-    paged prefill); and the stores it points into (kept alive by the caller)."""
-    from plugins.moe_experts import pack_expert
-    stores = [pack_expert(*e).cuda() if i % 2 == 0 else pack_expert(*e).pin_memory() for i, e in enumerate(bank)]
-    return torch.tensor([s.data_ptr() for s in stores], dtype=torch.int64, device="cuda"), stores
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens, d, f, k, hot, tiny_block",
                          [(40, 512, 256, 6, False, False), (300, 4096, 2048, 6, True, False),
@@ -41,7 +33,7 @@ def test_moe_prefill_wgmma_matches_oracle_and_the_grouped_kernels(tokens, d, f, 
         pytest.skip("wgmma kernels are built for sm_90a only")
     n_exp = 12
     bank = _bank(n_exp, d, f, tiny_block)
-    table, _stores = _table(bank)
+    table, _stores = split_table(bank)
     # every token on expert 4, or on expert 0 whose tiny block is then read by every group
     x, experts, weights = routed_chunk(tokens, d, n_exp, k, hot_expert=4 if hot else 0 if tiny_block else None)
     got = moe_experts_prefill_wgmma(x, experts, weights, table, f, limit=10.0, group=group)
@@ -68,7 +60,7 @@ def test_moe_prefill_wgmma_groups_of_64_give_the_bits_of_groups_of_128(tokens, h
     d, f, n_exp = 4096, 2048, 12
     if not wgmma_fits(torch.empty(1, device="cuda"), d, f):
         pytest.skip("wgmma kernels are built for sm_90a only")
-    table, _stores = _table(_bank(n_exp, d, f, False))
+    table, _stores = split_table(_bank(n_exp, d, f, False))
     x, experts, weights = routed_chunk(tokens, d, n_exp, 6, hot_expert=4 if hot else None)
     big = moe_experts_prefill_wgmma(x, experts, weights, table, f, limit=10.0, group=128)
     small = moe_experts_prefill_wgmma(x, experts, weights, table, f, limit=10.0, group=64)
