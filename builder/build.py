@@ -5,7 +5,8 @@
     dense     embedding, final norm, hc head, vocabulary head -> dense.safetensors
     programs  one decode program per layer kind and batch bucket -> programs/KIND-bB.pt2 (AOTInductor),
               and one prefill program per main-layer kind for chunks of `prefill_chunk` tokens of one
-              sequence -> programs/KIND-prefill-cC.pt2; programs hold no weights (bound at load time),
+              sequence -> programs/KIND-prefill-cC.pt2, and one for each smaller size in `prefill_buckets`
+              (a prompt's last chunk); programs hold no weights (bound at load time),
               so every layer of a kind shares one.
               TensorRT backends: programs/KIND.onnx and engines/KIND.engine, one profile per bucket
     manifest  manifest.json: config, recipe, versions, layer table, every file's sha256
@@ -300,20 +301,21 @@ def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
             config=cfg.digest(), kind=kind, batch=batch)
     chunk = recipe.prefill_chunk
 
-    def prefill_file(kind: str) -> str:
-        return f"programs/{kind}-prefill-c{chunk}.pt2"
+    def prefill_file(kind: str, size: int = chunk) -> str:
+        return f"programs/{kind}-prefill-c{size}.pt2"
 
-    def prefill_program(kind: str) -> None:
-        stage(prefill_file(kind), lambda p: compiles.append(
-            (str(ckpt.folder), kinds[kind], recipe.dtype, max_len, 1, recipe.device, str(p), chunk)),
-            config=cfg.digest(), kind=kind, chunk=chunk)
+    def prefill_program(kind: str, size: int) -> None:
+        stage(prefill_file(kind, size), lambda p: compiles.append(
+            (str(ckpt.folder), kinds[kind], recipe.dtype, max_len, 1, recipe.device, str(p), size)),
+            config=cfg.digest(), kind=kind, chunk=size)
     if recipe.backend == "aoti":
         for item in [(k, b) for k in kinds for b in buckets]:
             program(item)
         # prefill for one sequence at a time, main layers only (generation never runs the MTP block)
         for kind, layer in kinds.items():
             if not decode.is_mtp(cfg, layer):
-                prefill_program(kind)
+                for size in (chunk, *recipe.prefill_buckets):
+                    prefill_program(kind, size)
         t0 = time.time()
         _compile_all(compiles, progress)
         summary.stage_seconds["programs"] = time.time() - t0
@@ -334,7 +336,9 @@ def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
     layer_table = [{
         "layer": layer, "prefix": decode.layer_prefix(cfg, layer), "kind": decode.program_kind(cfg, layer),
         "programs": _programs(recipe.backend, decode.program_kind(cfg, layer), buckets, program_file),
-        **({"prefill": {"chunk": chunk, "program": prefill_file(decode.program_kind(cfg, layer))}}
+        **({"prefill": {"chunk": chunk, "program": prefill_file(decode.program_kind(cfg, layer)),
+                        "buckets": [{"chunk": size, "program": prefill_file(decode.program_kind(cfg, layer), size)}
+                                    for size in recipe.prefill_buckets]}}
            if recipe.backend == "aoti" and not decode.is_mtp(cfg, layer) else {}),
         **_engine_entry(recipe.backend, decode.program_kind(cfg, layer), buckets, partial),
         "weights": weights_file(layer),

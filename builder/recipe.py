@@ -3,7 +3,8 @@
     [model]    source = "tiny" (the embedded synthetic model) or a checkpoint folder
     [build]    backend = "eager" | "aoti" | "tensorrt" | "tensorrt-rtx"; device = "cpu" | "cuda";
                gpu_archs = ["sm_90a", ...]; dtype = "bfloat16" (default) | "float32"
-    [runtime]  decode_batch_buckets, prefill_chunk, max_context, memory_budget_gib, expert_slots
+    [runtime]  decode_batch_buckets, prefill_chunk, prefill_buckets, max_context, memory_budget_gib,
+               expert_slots
 
 Unknown keys and bad values are errors that name the key.
 """
@@ -38,6 +39,9 @@ class Recipe:
     dtype: str                        # activation dtype: bfloat16 (DeepSeek's numerics) or float32
     decode_batch_buckets: tuple[int, ...]
     prefill_chunk: int
+    # smaller prefill programs for a prompt's last (or only) chunk: a short prompt goes through the
+    # smallest that holds it instead of being padded to a whole `prefill_chunk`
+    prefill_buckets: tuple[int, ...]
     max_context: int
     memory_budget_gib: float
     expert_slots: int                 # routed experts kept on the device; 0 = every expert resident
@@ -60,11 +64,11 @@ class Recipe:
 _SCHEMA: dict[str, dict[str, type]] = {
     "model": {"source": str},
     "build": {"backend": str, "device": str, "gpu_archs": list, "dtype": str},
-    "runtime": {"decode_batch_buckets": list, "prefill_chunk": int, "max_context": int,
+    "runtime": {"decode_batch_buckets": list, "prefill_chunk": int, "prefill_buckets": list, "max_context": int,
                 "memory_budget_gib": float, "expert_slots": int},
 }
 _DEFAULTS: dict[str, Any] = {"gpu_archs": [], "dtype": "bfloat16", "decode_batch_buckets": [1], "prefill_chunk": 256,
-                             "expert_slots": 0}
+                             "prefill_buckets": [], "expert_slots": 0}
 
 
 def parse_recipe(raw: dict[str, Any], name: str) -> Recipe:
@@ -114,12 +118,17 @@ def parse_recipe(raw: dict[str, Any], name: str) -> Recipe:
     for key in ("prefill_chunk", "max_context"):
         if values[key] < 1:
             raise bad(f"runtime.{key}", "must be positive")
+    sizes = values["prefill_buckets"]
+    if any(not isinstance(b, int) or isinstance(b, bool) or not 1 <= b < values["prefill_chunk"] for b in sizes):
+        raise bad("runtime.prefill_buckets", f"each must be an integer from 1 to prefill_chunk - 1 "
+                                             f"({values['prefill_chunk'] - 1})")
     if values["memory_budget_gib"] <= 0:
         raise bad("runtime.memory_budget_gib", "must be positive")
     if values["expert_slots"] < 0:
         raise bad("runtime.expert_slots", "must be >= 0 (0 keeps every expert resident)")
     values["gpu_archs"] = tuple(values["gpu_archs"])
     values["decode_batch_buckets"] = tuple(sorted(set(buckets)))
+    values["prefill_buckets"] = tuple(sorted(set(sizes)))
     return Recipe(name=name, **values)
 
 

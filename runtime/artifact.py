@@ -6,7 +6,8 @@ forced-token harness and the generation loop drive both. One decode step is the 
 every layer, head) over static buffers (`tokens`, `positions`, caches); on CUDA it is captured once
 as a CUDA graph and replayed per token. A prompt goes through the prefill programs in chunks of the
 recipe's `prefill_chunk` tokens (plain launches, the same caches), where the artifact has them (aoti,
-decode batch 1); otherwise through the one-token step.
+decode batch 1), the last (or only) chunk through the smallest of the recipe's `prefill_buckets` that
+holds it, so a short prompt is not padded to a whole chunk; otherwise through the one-token step.
 
 TensorRT engines (runtime/trt_executor.py) take the compiled programs' place with the same contract.
 AOTInductor packages are loaded with `run_single_threaded=True`: the default model container waits on
@@ -143,6 +144,11 @@ class ArtifactModel:
             self.pager.predict_with(RoutePredictor(self.config, predicted, batch, self.device))
         self.chunk = m["recipe"].get("prefill_chunk", 0)
         self.prefill_runs = self._prefill_programs(main, programs, prefill, engines is not None)
+        # smaller prefill programs by chunk size, for a prompt's last chunk (the recipe's prefill_buckets);
+        # `use_buckets` off pads every chunk to `chunk` tokens (benchmarks compare the two)
+        compiled = self.prefill_runs is not None and programs is None
+        self.prefill_buckets = self._prefill_bucket_programs(main) if compiled else {}
+        self.use_buckets = True
         self.tokens = torch.zeros(batch, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(batch, dtype=torch.int64, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -168,6 +174,17 @@ class ArtifactModel:
             if path not in loaded:
                 loaded[path] = torch._inductor.aoti_load_package(str(self.root / path))
         return [loaded[e["prefill"]["program"]] for e in main]
+
+    def _prefill_bucket_programs(self, main: list[dict]) -> dict[int, list]:
+        """{size: one prefill program per main layer} for each of the artifact's smaller prefill sizes."""
+        by_size: dict[int, list] = {}
+        loaded: dict[str, object] = {}
+        for e in main:
+            for b in e["prefill"].get("buckets", []):
+                if b["program"] not in loaded:
+                    loaded[b["program"]] = torch._inductor.aoti_load_package(str(self.root / b["program"]))
+                by_size.setdefault(b["chunk"], []).append(loaded[b["program"]])
+        return {size: runs for size, runs in sorted(by_size.items()) if len(runs) == len(main)}
 
     def _check_budget(self, budget_gib: float | None) -> None:
         """Weights, expert slots and caches are all allocated by now: refuse if they exceed the recipe's
@@ -219,12 +236,15 @@ class ArtifactModel:
         """Feed ids [1, n] (n <= chunk) at positions start.. through the prefill programs; float32 logits
         [1, vocab] of the last."""
         n = ids.size(1)
-        padded = torch.zeros(1, self.chunk, dtype=torch.int64, device=self.device)    # padding: token 0
+        size, runs = self.chunk, self.prefill_runs
+        if self.use_buckets:                             # the smallest program that holds the n tokens
+            size, runs = next(((c, r) for c, r in self.prefill_buckets.items() if c >= n), (size, runs))
+        padded = torch.zeros(1, size, dtype=torch.int64, device=self.device)          # padding: token 0
         padded[:, :n] = ids
         h = self.embed[padded[:, :, None].expand(-1, -1, self.config.hc_mult)]      # [1, C, hc, d]
         start_t = torch.tensor([start], device=self.device)
         n_t = torch.tensor([n], device=self.device)
-        for (_, table, weights, caches), run in zip(self.layers, self.prefill_runs):
+        for (_, table, weights, caches), run in zip(self.layers, runs):
             h = run(h, start_t, n_t, padded, table, caches, weights)
         return self._logits(h[:, n - 1]).float()
 

@@ -37,7 +37,7 @@ def test_artifact_matches_the_reference(built, tiny_dir):
     # layer kind; weights bound from their own files
     kinds = ["layer-ratio0-hash", "layer-ratio128", "layer-ratio4", "layer-ratio4-hash"]
     assert sorted(p.name for p in (out / "programs").iterdir()) == sorted(
-        [f"{k}-b1.pt2" for k in kinds + ["mtp-ratio0"]] + [f"{k}-prefill-c64.pt2" for k in kinds])
+        [f"{k}-b1.pt2" for k in kinds + ["mtp-ratio0"]] + [f"{k}-prefill-c{c}.pt2" for k in kinds for c in (8, 64)])
     assert len(list((out / "weights").iterdir())) == 6
     prompt, forced = [5, 17, 99, 300, 12] * 30, [3, 4, 5, 6, 7, 8]     # 150 tokens: a ratio-128 block completes
     model = ArtifactModel(out)
@@ -49,6 +49,29 @@ def test_artifact_matches_the_reference(built, tiny_dir):
     for got in (art, by_token):
         cos = torch.nn.functional.cosine_similarity(got.double(), ref.double(), dim=-1)
         assert torch.equal(got.argmax(-1), ref.argmax(-1)) and cos.min() >= 0.999999, (got - ref).abs().max()
+
+
+@pytest.mark.slow
+def test_short_prompt_goes_through_the_smallest_prefill_program_that_holds_it(built, tiny_dir):
+    """The recipe's prefill_buckets (8): a 5-token prompt, and a 70-token one's last 6 tokens, through the
+    8-token programs rather than padded to 64: the logits of the reference, as when padded."""
+    model = ArtifactModel(built[0])
+    assert list(model.prefill_buckets) == [8]
+    ran = []
+    model.prefill_buckets = {8: [lambda *a, run=run: ran.append(1) or run(*a) for run in model.prefill_buckets[8]]}
+    ref_model = ReferenceModel(Checkpoint(tiny_dir), act=torch.float32, max_len=200)
+    forced = [3, 4, 5]
+    for prompt in ([5, 17, 99, 300, 12], [5, 17, 99, 300, 12, 7, 8] * 10):
+        ran.clear()
+        small = forced_logits(model, prompt, forced)
+        assert len(ran) == len(model.layers)                 # one chunk through the small programs
+        model.use_buckets = False
+        padded = forced_logits(model, prompt, forced)
+        model.use_buckets = True
+        ref = forced_logits(ref_model, prompt, forced)
+        for got in (small, padded):
+            cos = torch.nn.functional.cosine_similarity(got.double(), ref.double(), dim=-1)
+            assert torch.equal(got.argmax(-1), ref.argmax(-1)) and cos.min() >= 0.999999, (got - ref).abs().max()
 
 
 @pytest.mark.slow

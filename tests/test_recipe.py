@@ -33,13 +33,21 @@ GOOD = {"model": {"source": "tiny"}, "build": {"backend": "aoti", "device": "cpu
     ({"runtime": {"memory_budget_gib": 1}}, "runtime.max_context"),
     ({"runtime": {"max_context": 64, "memory_budget_gib": 1, "decode_batch_buckets": [0]}},
      "runtime.decode_batch_buckets"),
+    ({"runtime": {"max_context": 64, "memory_budget_gib": 1, "prefill_buckets": [256]}},
+     "runtime.prefill_buckets"),                                      # not below prefill_chunk (256)
     ({"build": {"backend": "tensorrt", "device": "cpu"}}, "build.device"),
     ({"build": {"backend": "aoti", "device": "cuda"}}, "build.gpu_archs"),
     ({"extras": {}}, "[extras]"),
-], ids=["backend", "unknown-key", "type", "missing", "buckets", "trt-on-cpu", "no-arch", "section"])
+], ids=["backend", "unknown-key", "type", "missing", "buckets", "prefill-buckets", "trt-on-cpu", "no-arch",
+        "section"])
 def test_bad_recipes_name_the_key(change, key):
     with pytest.raises(RecipeError, match=key.replace("[", r"\[").replace("]", r"\]")):
         parse_recipe({**GOOD, **change}, "t")
+
+
+def test_prefill_buckets_are_sorted_once():
+    r = parse_recipe({**GOOD, "runtime": {**GOOD["runtime"], "prefill_buckets": [128, 16, 128]}}, "r")
+    assert r.prefill_buckets == (16, 128) and parse_recipe(GOOD, "r").prefill_buckets == ()
 
 
 def test_budget_too_small_is_refused():
