@@ -9,7 +9,8 @@
 # DTYPE=float32 builds the exact gate instead: the artifact runs the ops' oracles and must equal the float32
 # reference (argmax identical, cosine >= 0.999999); no benchmark (oracles are not the fast path).
 # PREFILL_CHUNK overrides the recipe's prefill chunk (256; the user recipe dsv4-flash-h200 takes 2048, where the
-# wgmma prefill MoE pays: bench/wgmma_gate.py then measures it on the artifact). A rebuild into the same folder
+# wgmma prefill MoE pays: bench/wgmma_gate.py then measures it on the artifact); PREFILL_BUCKETS=16,256 adds smaller
+# prefill programs for a prompt's last chunk (bench/prefill_buckets.py times them). A rebuild into the same folder
 # relinks the expert bank. SKIP_FORCED=1 skips the reference comparison; COMPARE=none leaves eager out of the benchmark; SKIP_PROFILE=1 the
 # decode profile; SKIP_PAGED=1 the paged bench; BUILD_ONLY=1 stops after the build (then, e.g., bench/fatbin_ab.py on
 # /tmp/art/flash$LAYERS-$DTYPE); PROMPT_LEN sets the benchmark's prompt (default 32 tokens). CKPT=/dev/shm/flash8 keeps a large checkpoint in memory when
@@ -21,7 +22,7 @@ export PYTHONPATH=$PWD LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6
 LAYERS=${LAYERS:-4} DTYPE=${DTYPE:-bfloat16} SKEW=${SKEW:-0.1}
 CKPT=${CKPT:-/tmp/flash$LAYERS} ART=/tmp/art/flash$LAYERS-$DTYPE RECIPE=/tmp/bench-flash-$DTYPE.toml
 sed -e "s/^dtype = .*/dtype = \"$DTYPE\"/" ${PREFILL_CHUNK:+-e "s/^prefill_chunk = .*/prefill_chunk = $PREFILL_CHUNK/"} \
-    recipes/bench-flash-h200.toml > $RECIPE
+    ${PREFILL_BUCKETS:+-e "/^prefill_chunk = /a prefill_buckets = [$PREFILL_BUCKETS]"} recipes/bench-flash-h200.toml > $RECIPE
 dsv4() { python -m dsv4.cli "$@"; }
 [ -f plugins/dsv4_kernels.fatbin ] || python -m plugins.build
 [ -f $CKPT/config.json ] || { time dsv4 synth --model flash --layers $LAYERS --device cuda --routing-skew $SKEW \

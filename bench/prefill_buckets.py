@@ -1,0 +1,56 @@
+"""Time to first token of a built CUDA artifact over prompt lengths, with its smaller prefill programs (the
+recipe's `prefill_buckets`: a prompt's last chunk through the smallest that holds it) and without (every
+chunk padded to the whole `prefill_chunk`), on one loaded model, the two interleaved; also whether the first
+token agrees.
+
+    python bench/prefill_buckets.py /tmp/art/flash8-bfloat16 [--lengths 5 16 32 ...] \
+        --json bench/results/prefill-buckets-flash8-h200.json
+
+Each length and mode runs its prompt twice (the first warms) and records the second, in --reps rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results_json import run_header, write_json  # noqa: E402
+from runtime.artifact import ArtifactModel  # noqa: E402
+from runtime.bench import prefill_seconds, synthetic_prompt  # noqa: E402
+
+
+@torch.inference_mode()          # as runtime.bench.measure
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("artifact", type=Path)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[5, 16, 32, 100, 256, 1000, 2048, 2100])
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    model = ArtifactModel(args.artifact, "cuda", graphs=True)
+    if not model.prefill_buckets:
+        raise SystemExit(f"error: {args.artifact} has no prefill buckets (the recipe's prefill_buckets)")
+    rows = []
+    for rep in range(args.reps):
+        for n in args.lengths:
+            prompt, first = synthetic_prompt(n), {}
+            for buckets in (True, False):
+                model.use_buckets = buckets
+                prefill_seconds(model, prompt)
+                seconds, logits = prefill_seconds(model, prompt)
+                first[buckets] = int(logits[0].argmax())
+                rows.append({"tokens": n, "buckets": buckets, "rep": rep, "ms": seconds * 1e3})
+                print(json.dumps(rows[-1]), flush=True)
+            rows[-1]["same_first_token"] = rows[-2]["same_first_token"] = first[True] == first[False]
+    model.use_buckets = True
+    if args.json:
+        write_json(args.json, run_header() | {"artifact": str(args.artifact), "prefill_chunk": model.chunk,
+                                              "prefill_buckets": list(model.prefill_buckets), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
