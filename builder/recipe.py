@@ -40,7 +40,8 @@ class Recipe:
     decode_batch_buckets: tuple[int, ...]
     prefill_chunk: int
     # smaller prefill programs for a prompt's last (or only) chunk: a short prompt goes through the
-    # smallest that holds it instead of being padded to a whole `prefill_chunk`
+    # smallest that holds it instead of being padded to a whole `prefill_chunk` (aoti builds: the only
+    # backend with prefill programs)
     prefill_buckets: tuple[int, ...]
     max_context: int
     memory_budget_gib: float
