@@ -1,7 +1,7 @@
 """Time to first token of a built CUDA artifact over prompt lengths, with its smaller prefill programs (the
-recipe's `prefill_buckets`: a prompt's last chunk through the smallest that holds it) and without (every
-chunk padded to the whole `prefill_chunk`), on one loaded model, the two interleaved; also whether the first
-token agrees.
+recipe's `prefill_buckets`: a prompt's last chunk through the smallest that holds it; those of up to 16 tokens
+replayed as CUDA graphs, and again run plainly) and without (every chunk padded to the whole
+`prefill_chunk`), on one loaded model, the modes interleaved; also whether the first token agrees.
 
     python bench/prefill_buckets.py /tmp/art/flash8-bfloat16 [--lengths 5 16 32 ...] \
         --json bench/results/prefill-buckets-flash8-h200.json
@@ -34,22 +34,25 @@ def main() -> None:
     model = ArtifactModel(args.artifact, "cuda", graphs=True)
     if not model.prefill_buckets:
         raise SystemExit(f"error: {args.artifact} has no prefill buckets (the recipe's prefill_buckets)")
-    rows = []
+    rows, graphs = [], model.prefill_graphs
+    modes = {"buckets": (True, graphs), "buckets_no_graphs": (True, {}), "padded": (False, {})}
     for rep in range(args.reps):
         for n in args.lengths:
             prompt, first = synthetic_prompt(n), {}
-            for buckets in (True, False):
-                model.use_buckets = buckets
+            for mode, (buckets, graphed) in modes.items():
+                model.use_buckets, model.prefill_graphs = buckets, graphed
                 prefill_seconds(model, prompt)
                 seconds, logits = prefill_seconds(model, prompt)
-                first[buckets] = int(logits[0].argmax())
-                rows.append({"tokens": n, "buckets": buckets, "rep": rep, "ms": seconds * 1e3})
+                first[mode] = int(logits[0].argmax())
+                rows.append({"tokens": n, "mode": mode, "rep": rep, "ms": seconds * 1e3, "first_token": first[mode]})
                 print(json.dumps(rows[-1]), flush=True)
-            rows[-1]["same_first_token"] = rows[-2]["same_first_token"] = first[True] == first[False]
-    model.use_buckets = True
+            for row in rows[-len(modes):]:
+                row["same_first_token"] = len(set(first.values())) == 1
+    model.use_buckets, model.prefill_graphs = True, graphs
     if args.json:
         write_json(args.json, run_header() | {"artifact": str(args.artifact), "prefill_chunk": model.chunk,
-                                              "prefill_buckets": list(model.prefill_buckets), "rows": rows})
+                                              "prefill_buckets": list(model.prefill_buckets),
+                                              "graphed_buckets": list(graphs), "rows": rows})
 
 
 if __name__ == "__main__":

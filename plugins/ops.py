@@ -59,6 +59,12 @@ from .streams import beside
 # ------------------------------------------------------------------ fp8_linear
 
 
+# Up to this many rows the ops run their decode kernels, which launch without synchronising or allocating
+# (CUDA graphs capture them: the runtime graphs prefill chunks this small); past it, prefill kernels, some of
+# which synchronise (the MoE's grouping).
+DECODE_ROWS = 16
+
+
 @torch.library.custom_op("dsv4::fp8_linear", mutates_args=())
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., K] -> [..., N]; weight [N, K] float8_e4m3fn with E8M0 scales [ceil(N/128), K/128], as
@@ -66,7 +72,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
     scale = scale.view(torch.float8_e8m0fnu)
     rows = x.reshape(-1, x.size(-1))
     if x.is_cuda and x.dtype == torch.bfloat16:
-        if rows.size(0) <= 16:
+        if rows.size(0) <= DECODE_ROWS:
             from .fp8_linear import fp8_linear_decode
             return fp8_linear_decode(rows.contiguous(), weight, scale).view(*x.shape[:-1], weight.size(0))
         # prefill: FP8 tensor cores (or bf16 ones), where the generic path below runs a float32 GEMM
@@ -146,7 +152,7 @@ def moe_routed(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, ta
     """x [T, D], experts [T, k] int32, weights [T, k] float32, table [E] int64 expert addresses -> [T, D]
     float32 (float64 for a float32/float64 model): the routed experts' sum, shared expert excluded."""
     if x.is_cuda and x.dtype == torch.bfloat16:
-        if x.size(0) > 16 and not torch.cuda.is_current_stream_capturing():
+        if x.size(0) > DECODE_ROWS and not torch.cuda.is_current_stream_capturing():
             # prefill: each expert read once per group of its tokens, not once per token (through warpgroup
             # MMAs only where switched on: moe_experts.WgmmaPaths)
             args = (x.contiguous(), experts.contiguous(), weights.contiguous(), table, inter, limit)

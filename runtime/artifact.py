@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import gc
 import json
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file
 
-import plugins.ops  # noqa: F401  (the packages call torch.ops.dsv4)
+from plugins.ops import DECODE_ROWS     # (importing plugins.ops registers torch.ops.dsv4, which the packages call)
 from plugins.head import GreedyPick, head_logits, kernel_fits
 from plugins.oracle import hc_head, rms_norm, wide, wide_dtype
 
@@ -158,8 +159,10 @@ class ArtifactModel:
         # Only the kernels' path is captured: eager modules and float32/float64 programs run the ops' oracles,
         # which copy host constants (forbidden while capturing); float32 is the exact gate, not the fast path.
         self.capturable = programs is None and self.act == torch.bfloat16
+        self.prefill_graphs: dict[int, tuple] = {}       # small prefill buckets as CUDA graphs (_capture_prefill)
         if graphs and self.capturable:
             self._capture()
+            self._capture_prefill()
 
     def _prefill_programs(self, main: list[dict], programs, prefill, engines: bool) -> list | None:
         """One prefill program per main layer (modules from `prefill`, or the artifact's packages), or None
@@ -181,8 +184,9 @@ class ArtifactModel:
         loaded: dict[str, object] = {}
         for e in main:
             for b in e["prefill"].get("buckets", []):
-                if b["program"] not in loaded:
-                    loaded[b["program"]] = torch._inductor.aoti_load_package(str(self.root / b["program"]))
+                if b["program"] not in loaded:              # single-threaded runner: capturable (above)
+                    loaded[b["program"]] = torch._inductor.aoti_load_package(
+                        str(self.root / b["program"]), run_single_threaded=self.device.type == "cuda")
                 by_size.setdefault(b["chunk"], []).append(loaded[b["program"]])
         return {size: runs for size, runs in sorted(by_size.items()) if len(runs) == len(main)}
 
@@ -239,34 +243,77 @@ class ArtifactModel:
         size, runs = self.chunk, self.prefill_runs
         if self.use_buckets:                             # the smallest program that holds the n tokens
             size, runs = next(((c, r) for c, r in self.prefill_buckets.items() if c >= n), (size, runs))
+        graphed = self.prefill_graphs.get(size) if self.use_buckets else None
+        if graphed is not None:                          # its static inputs refilled, then one replay
+            graph, padded, start_t, n_t, logits = graphed
+            padded.zero_()
+            padded[:, :n] = ids
+            start_t.fill_(start)
+            n_t.fill_(n)
+            graph.replay()
+            return logits.float()
         padded = torch.zeros(1, size, dtype=torch.int64, device=self.device)          # padding: token 0
         padded[:, :n] = ids
-        h = self.embed[padded[:, :, None].expand(-1, -1, self.config.hc_mult)]      # [1, C, hc, d]
         start_t = torch.tensor([start], device=self.device)
         n_t = torch.tensor([n], device=self.device)
+        return self._prefill_through(runs, padded, start_t, n_t).float()
+
+    def _prefill_through(self, runs: list, padded: torch.Tensor, start_t: torch.Tensor,
+                         n_t: torch.Tensor) -> torch.Tensor:
+        """The prefill programs `runs` over ids padded [1, C] at positions start_t.., n_t of them real: logits
+        [1, vocab] of the last real one, in the working dtype (no host value: a CUDA graph can capture it)."""
+        h = self.embed[padded[:, :, None].expand(-1, -1, self.config.hc_mult)]      # [1, C, hc, d]
         for (_, table, weights, caches), run in zip(self.layers, runs):
             h = run(h, start_t, n_t, padded, table, caches, weights)
-        return self._logits(h[:, n - 1]).float()
+        return self._logits(h.index_select(1, n_t - 1)[:, 0])
 
-    def _capture(self) -> None:
+    def _captured(self, fn) -> tuple[torch.cuda.CUDAGraph, object]:
+        """fn() captured as a CUDA graph, after two warm-up runs on a side stream (module loads, first-run
+        setup, allocator pools) whose cache writes are then emptied; the graph and fn's outputs, which each
+        replay rewrites. Each graph keeps its own memory pool: a shared one could hand one graph's output to
+        another's intermediates."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):                    # warm-up: module loads, first-run setup, allocator pools
+        with torch.cuda.stream(side):
             for _ in range(2):
-                self._step()
+                fn()
         torch.cuda.current_stream().wait_stream(side)
         self.reset(self.batch)                           # the warm-up wrote the caches
-        self.graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         # No garbage collection while capturing: collecting an old model would free its AOTInductor
         # constants with cudaFree, which a capturing stream forbids (measured on the H200).
         gc.collect()
         gc.disable()
         try:
-            with torch.cuda.graph(self.graph):
-                self._out = self._step()
-                self._next = self.pick(self._out)      # the greedy pick, on the device (decode_greedy)
+            with torch.cuda.graph(graph):
+                out = fn()
         finally:
             gc.enable()
+        return graph, out
+
+    def _capture(self) -> None:
+        def step():
+            out = self._step()
+            return out, self.pick(out)                   # the greedy pick, on the device (decode_greedy)
+        self.graph, (self._out, self._next) = self._captured(step)
+
+    def _capture_prefill(self) -> None:
+        """Each prefill bucket of at most DECODE_ROWS tokens as a CUDA graph of its own over static inputs: its
+        ops take their decode kernels, which launch without synchronising, and a short prompt's prefill is
+        then one replay instead of the programs' launches from the host. A bucket that does not capture runs
+        its programs plainly, with a warning."""
+        for size, runs in self.prefill_buckets.items():
+            if size > DECODE_ROWS:
+                continue
+            padded = torch.zeros(1, size, dtype=torch.int64, device=self.device)
+            start_t = torch.zeros(1, dtype=torch.int64, device=self.device)
+            n_t = torch.full((1,), size, dtype=torch.int64, device=self.device)
+            try:
+                graph, logits = self._captured(lambda: self._prefill_through(runs, padded, start_t, n_t))
+            except RuntimeError as e:
+                warnings.warn(f"the {size}-token prefill programs run without a CUDA graph: {e}")
+                continue
+            self.prefill_graphs[size] = (graph, padded, start_t, n_t, logits)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Decode tokens [B] at positions [B]; float32 logits [B, vocab] on the model's device."""
