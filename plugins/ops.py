@@ -94,7 +94,7 @@ def fp8_linear_normed(x: torch.Tensor, norm: torch.Tensor, eps: float, weight: t
     (the query latent before wq_b and the indexer's wq_b)."""
     rows = x.reshape(-1, x.size(-1))
     from . import rows as row_kernels
-    if row_kernels.supports_norm(x, norm) and rows.size(0) <= 16:
+    if row_kernels.supports_norm(x, norm) and rows.size(0) <= DECODE_ROWS:
         from .fp8_linear import fp8_linear_decode_normed
         return fp8_linear_decode_normed(rows, norm.float().contiguous(), eps, weight,
                                         scale.view(torch.float8_e8m0fnu)).view(*x.shape[:-1], weight.size(0))
@@ -196,7 +196,7 @@ def fp8_linear_after_swiglu(y: torch.Tensor, size: int, up: int, limit: float, w
     launch (the GEMV applies the SwiGLU to the rows as it loads them, the same bits)."""
     from . import rows as row_kernels
     rows = y.reshape(-1, y.size(-1))
-    if row_kernels.supports_swiglu(y, size, up) and rows.size(0) <= 16:
+    if row_kernels.supports_swiglu(y, size, up) and rows.size(0) <= DECODE_ROWS:
         from .fp8_linear import fp8_linear_decode_swiglu
         return fp8_linear_decode_swiglu(rows, size, up, limit, weight, scale.view(torch.float8_e8m0fnu)).view(
             *y.shape[:-1], weight.size(0))
@@ -228,8 +228,8 @@ def moe_hc_post(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, t
 
 def _moe_post_fits(x: torch.Tensor, res: torch.Tensor) -> bool:
     """Whether the decode MoE's kernels and its one-launch sum and post (`sum_pairs_post`) serve: a GPU, bf16,
-    1-16 rows, 4 streams."""
-    return x.is_cuda and x.dtype == torch.bfloat16 and 1 <= x.size(0) <= 16 and res.size(1) == 4 and x.size(1) % 4 == 0
+    1 to DECODE_ROWS rows, 4 streams."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and 1 <= x.size(0) <= DECODE_ROWS and res.size(1) == 4 and x.size(1) % 4 == 0
 
 
 def _shared_expert(x, inter: int, up: int, limit: float, w13, s13, w2, s2) -> torch.Tensor:
