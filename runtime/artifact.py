@@ -7,7 +7,8 @@ every layer, head) over static buffers (`tokens`, `positions`, caches); on CUDA 
 as a CUDA graph and replayed per token. A prompt goes through the prefill programs in chunks of the
 recipe's `prefill_chunk` tokens (plain launches, the same caches), where the artifact has them (aoti,
 decode batch 1), the last (or only) chunk through the smallest of the recipe's `prefill_buckets` that
-holds it, so a short prompt is not padded to a whole chunk; otherwise through the one-token step.
+holds it, so a short prompt is not padded to a whole chunk (on a GPU a bucket of at most DECODE_ROWS
+tokens is one CUDA graph replay); otherwise through the one-token step.
 
 TensorRT engines (runtime/trt_executor.py) take the compiled programs' place with the same contract.
 AOTInductor packages are loaded with `run_single_threaded=True`: the default model container waits on
@@ -311,6 +312,7 @@ class ArtifactModel:
             try:
                 graph, logits = self._captured(lambda: self._prefill_through(runs, padded, start_t, n_t))
             except RuntimeError as e:
+                self.reset(self.batch)                   # a warm-up may have written the caches
                 warnings.warn(f"the {size}-token prefill programs run without a CUDA graph: {e}")
                 continue
             self.prefill_graphs[size] = (graph, padded, start_t, n_t, logits)
