@@ -113,14 +113,17 @@ def parse_recipe(raw: dict[str, Any], name: str) -> Recipe:
         raise bad("build.device", "TensorRT backends build for cuda")
     if values["device"] == "cuda" and not values["gpu_archs"]:
         raise bad("build.gpu_archs", "a cuda build needs at least one target architecture")
+    def ints_in(xs: list, low: int, high: float) -> bool:       # TOML booleans are not sizes
+        return all(isinstance(x, int) and not isinstance(x, bool) and low <= x <= high for x in xs)
+
     buckets = values["decode_batch_buckets"]
-    if not buckets or any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in buckets):
+    if not buckets or not ints_in(buckets, 1, float("inf")):
         raise bad("runtime.decode_batch_buckets", "must be a non-empty list of positive integers")
     for key in ("prefill_chunk", "max_context"):
         if values[key] < 1:
             raise bad(f"runtime.{key}", "must be positive")
     sizes = values["prefill_buckets"]
-    if any(not isinstance(b, int) or isinstance(b, bool) or not 1 <= b < values["prefill_chunk"] for b in sizes):
+    if not ints_in(sizes, 1, values["prefill_chunk"] - 1):
         raise bad("runtime.prefill_buckets", f"each must be an integer from 1 to prefill_chunk - 1 "
                                              f"({values['prefill_chunk'] - 1})")
     if values["memory_budget_gib"] <= 0:

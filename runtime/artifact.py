@@ -115,7 +115,7 @@ class ArtifactModel:
             self.experts = DeviceExperts(bank, ids, self.device)
         else:
             self.experts = HostExperts(bank, ids)
-        loaded: dict[str, object] = {}
+        self._packages: dict[str, object] = {}          # AOTInductor packages by path, each loaded once
         engines = None
         if programs is None and m["backend"] in ("tensorrt", "tensorrt-rtx"):
             from .trt_executor import EngineLoader      # TensorRT stays an optional import
@@ -128,11 +128,7 @@ class ArtifactModel:
             elif engines is not None:
                 run = engines.layer(e, batch)           # called exactly like a compiled program
             else:
-                path = e["programs"][str(batch)]
-                if path not in loaded:
-                    loaded[path] = torch._inductor.aoti_load_package(
-                        str(self.root / path), run_single_threaded=self.device.type == "cuda")
-                run = loaded[path]
+                run = self._package(e["programs"][str(batch)])
             # dict inputs in sorted key order: the order the programs were traced with
             weights = dict(sorted(load_file(str(self.root / e["weights"]), device=dev).items()))
             caches = {name: torch.full([batch, *shape[1:]], float(fill), dtype=getattr(torch, dtype), device=dev)
@@ -172,24 +168,24 @@ class ArtifactModel:
             return [prefill(e["layer"]).to(self.device) for e in main] if prefill is not None else None
         if engines or self.batch != 1 or not all("prefill" in e for e in main):
             return None
-        loaded: dict[str, object] = {}
-        for e in main:
-            path = e["prefill"]["program"]
-            if path not in loaded:
-                loaded[path] = torch._inductor.aoti_load_package(str(self.root / path))
-        return [loaded[e["prefill"]["program"]] for e in main]
+        return [self._package(e["prefill"]["program"], capturable=False) for e in main]
 
     def _prefill_bucket_programs(self, main: list[dict]) -> dict[int, list]:
-        """{size: one prefill program per main layer} for each of the artifact's smaller prefill sizes."""
+        """{size: one prefill program per main layer} for each of the artifact's smaller prefill sizes (their
+        runners capturable: the smallest become CUDA graphs, `_capture_prefill`)."""
         by_size: dict[int, list] = {}
-        loaded: dict[str, object] = {}
         for e in main:
             for b in e["prefill"].get("buckets", []):
-                if b["program"] not in loaded:              # single-threaded runner: capturable (above)
-                    loaded[b["program"]] = torch._inductor.aoti_load_package(
-                        str(self.root / b["program"]), run_single_threaded=self.device.type == "cuda")
-                by_size.setdefault(b["chunk"], []).append(loaded[b["program"]])
+                by_size.setdefault(b["chunk"], []).append(self._package(b["program"]))
         return {size: runs for size, runs in sorted(by_size.items()) if len(runs) == len(main)}
+
+    def _package(self, path: str, capturable: bool = True):
+        """The artifact's AOTInductor package at `path`, loaded once; `capturable`: on a GPU with the
+        single-threaded runner, which a capturing stream allows (module docstring)."""
+        if path not in self._packages:
+            self._packages[path] = torch._inductor.aoti_load_package(
+                str(self.root / path), run_single_threaded=capturable and self.device.type == "cuda")
+        return self._packages[path]
 
     def _check_budget(self, budget_gib: float | None) -> None:
         """Weights, expert slots and caches are all allocated by now: refuse if they exceed the recipe's
@@ -244,7 +240,7 @@ class ArtifactModel:
         size, runs = self.chunk, self.prefill_runs
         if self.use_buckets:                             # the smallest program that holds the n tokens
             size, runs = next(((c, r) for c, r in self.prefill_buckets.items() if c >= n), (size, runs))
-        graphed = self.prefill_graphs.get(size) if self.use_buckets else None
+        graphed = self.prefill_graphs.get(size)         # (only buckets are graphed: never the whole chunk)
         if graphed is not None:                          # its static inputs refilled, then one replay
             graph, padded, start_t, n_t, logits = graphed
             padded.zero_()

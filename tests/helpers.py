@@ -61,6 +61,14 @@ def greedy_both_ways(model, prompt: list[int], new: int) -> tuple[list[int], lis
     return stepped, early, [first_token(), *model.decode_greedy(stepped[0], len(prompt), new)]
 
 
+def count_bucket_runs(model, size: int) -> list:
+    """Wrap `model`'s prefill programs of bucket `size` so each call appends to the returned list (which
+    chunks went through them); called plainly, not through a CUDA graph captured before the wrap."""
+    ran: list = []
+    model.prefill_buckets[size] = [lambda *a, run=run: ran.append(1) or run(*a) for run in model.prefill_buckets[size]]
+    return ran
+
+
 def expert_tensors(ckpt, prefix: str) -> tuple:
     """w1, s1, w3, s3, w2, s2 of one routed expert of a checkpoint, in `pack_expert`'s argument order."""
     return tuple(ckpt.get(f"{prefix}{w}.{k}") for w in ("w1", "w3", "w2") for k in ("weight", "scale"))

@@ -17,7 +17,7 @@ from builder.recipe import load_recipe
 from builder.reference.model import ReferenceModel
 from runtime.artifact import ArtifactModel
 
-from helpers import TINY_FORCED as FORCED, TINY_PROMPT as PROMPT, greedy_both_ways
+from helpers import TINY_FORCED as FORCED, TINY_PROMPT as PROMPT, count_bucket_runs, greedy_both_ways
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-h200.toml"
 
@@ -60,8 +60,7 @@ def test_a_short_prompt_goes_through_the_small_prefill_programs(artifact, artifa
     for art, act in ((artifact_fp32, torch.float32), (artifact, torch.bfloat16)):
         model = ArtifactModel(art, "cuda", graphs=False)
         assert list(model.prefill_buckets) == [8]
-        ran = []
-        model.prefill_buckets = {8: [lambda *a, run=run: ran.append(1) or run(*a) for run in model.prefill_buckets[8]]}
+        ran = count_bucket_runs(model, 8)
         got = forced_logits(model, short, FORCED)
         assert len(ran) == len(model.layers)
         ref = ReferenceModel(Checkpoint(tiny_dir), device="cuda", act=act, max_len=200)

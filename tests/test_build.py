@@ -16,7 +16,7 @@ from builder.reference.model import ReferenceModel
 from runtime.artifact import ArtifactModel
 from runtime.manifest import ArtifactError
 
-from helpers import greedy_both_ways
+from helpers import count_bucket_runs, greedy_both_ways
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml"
 
@@ -57,8 +57,7 @@ def test_short_prompt_goes_through_the_smallest_prefill_program_that_holds_it(bu
     8-token programs rather than padded to 64: the logits of the reference, as when padded."""
     model = ArtifactModel(built[0])
     assert list(model.prefill_buckets) == [8]
-    ran = []
-    model.prefill_buckets = {8: [lambda *a, run=run: ran.append(1) or run(*a) for run in model.prefill_buckets[8]]}
+    ran = count_bucket_runs(model, 8)
     ref_model = ReferenceModel(Checkpoint(tiny_dir), act=torch.float32, max_len=200)
     forced = [3, 4, 5]
     for prompt in ([5, 17, 99, 300, 12], [5, 17, 99, 300, 12, 7, 8] * 10):
