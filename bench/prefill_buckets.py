@@ -1,7 +1,8 @@
-"""Time to first token of a built CUDA artifact over prompt lengths, with its smaller prefill programs (the
-recipe's `prefill_buckets`: a prompt's last chunk through the smallest that holds it; those of up to 16 tokens
-replayed as CUDA graphs, and again run plainly) and without (every chunk padded to the whole
-`prefill_chunk`), on one loaded model, the modes interleaved; also whether the first token agrees.
+"""Time to first token of a built CUDA artifact over prompt lengths: with its smaller prefill programs (the
+recipe's `prefill_buckets`: a prompt's last chunk through the smallest that holds it) and without (every chunk
+padded to the whole `prefill_chunk`), each with the prefill sizes replayed as CUDA graphs (those that
+captured at load) and run plainly, on one loaded model, the modes interleaved; whether the first token agrees;
+and the device memory the prefill graphs hold.
 
     python bench/prefill_buckets.py /tmp/art/flash8-bfloat16 [--lengths 5 16 32 ...] \
         --json bench/results/prefill-buckets-flash8-h200.json
@@ -35,7 +36,9 @@ def main() -> None:
     if not model.prefill_buckets:
         raise SystemExit(f"error: {args.artifact} has no prefill buckets (the recipe's prefill_buckets)")
     rows, graphs = [], model.prefill_graphs
-    modes = {"buckets": (True, graphs), "buckets_no_graphs": (True, {}), "padded": (False, {})}
+    whole = {c: g for c, g in graphs.items() if c == model.chunk}
+    modes = {"buckets": (True, graphs), "buckets_no_graphs": (True, {}), "padded_graph": (False, whole),
+             "padded": (False, {})}
     for rep in range(args.reps):
         for n in args.lengths:
             prompt, first = synthetic_prompt(n), {}
@@ -48,11 +51,18 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
             for row in rows[-len(modes):]:
                 row["same_first_token"] = len(set(first.values())) == 1
-    model.use_buckets, model.prefill_graphs = True, graphs
+    graphed_sizes = list(graphs)
+    with_graphs = torch.cuda.memory_reserved()
+    graphs.clear()                                     # the model's own dict: the graphs' pools go back
+    whole.clear()
+    torch.cuda.empty_cache()
+    graph_bytes = with_graphs - torch.cuda.memory_reserved()
+    print(f"prefill graphs {graphed_sizes}: {graph_bytes / 2**20:.0f} MiB of device memory", flush=True)
     if args.json:
         write_json(args.json, run_header() | {"artifact": str(args.artifact), "prefill_chunk": model.chunk,
                                               "prefill_buckets": list(model.prefill_buckets),
-                                              "graphed_buckets": list(graphs), "rows": rows})
+                                              "graphed_sizes": graphed_sizes, "prefill_graph_bytes": graph_bytes,
+                                              "rows": rows})
 
 
 if __name__ == "__main__":

@@ -47,8 +47,9 @@ def pow2_ceil(x: torch.Tensor) -> torch.Tensor:
 
 
 def block_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
-    """Power-of-two scale of a block from its amax: the multiply by fp32(1/qmax) is as in the kernels."""
-    inv = torch.tensor(1.0 / qmax, dtype=torch.float32, device=amax.device)
+    """Power-of-two scale of a block from its amax: the multiply by fp32(1/qmax) is as in the kernels. (The
+    constant is filled on the device, not copied from the host: a CUDA graph can capture it.)"""
+    inv = torch.full((), 1.0 / qmax, dtype=torch.float32, device=amax.device)
     return pow2_ceil(amax.float() * inv)
 
 

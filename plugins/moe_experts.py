@@ -344,7 +344,8 @@ def moe_experts_prefill_wgmma(x: torch.Tensor, experts: torch.Tensor, route_w: t
     """`moe_experts_prefill` on Hopper's warpgroup MMAs: groups of up to `group` (128 or 64; by default
     `wgmma_group`'s) pairs per expert, the weights converted to e4m3 once per group. Close to the decode
     kernels, not bit for bit (another summation, and scales applied per 128 K); the same bits at either group
-    size (a pair's products do not depend on its group's other columns). Allocates and synchronises."""
+    size (a pair's products do not depend on its group's other columns). Allocates, never synchronises (the
+    group table is padded to the most groups the chunk could have), so a CUDA graph can capture it."""
     t, d = x.shape
     group = group or wgmma_group(experts, table.numel())
     groups = group_pairs(experts, table.numel(), group, padded=True)

@@ -60,8 +60,8 @@ from .streams import beside
 
 
 # Up to this many rows the ops run their decode kernels, which launch without synchronising or allocating
-# (CUDA graphs capture them: the runtime graphs prefill chunks this small); past it, prefill kernels, some of
-# which synchronise (the MoE's grouping).
+# (CUDA graphs capture them); past it, prefill kernels, of which only the grouped MoE (GPUs other than sm_90)
+# synchronises, so the runtime graphs prefill chunks on sm_90 whatever their size.
 DECODE_ROWS = 16
 
 
@@ -152,12 +152,15 @@ def moe_routed(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, ta
     """x [T, D], experts [T, k] int32, weights [T, k] float32, table [E] int64 expert addresses -> [T, D]
     float32 (float64 for a float32/float64 model): the routed experts' sum, shared expert excluded."""
     if x.is_cuda and x.dtype == torch.bfloat16:
-        if x.size(0) > DECODE_ROWS and not torch.cuda.is_current_stream_capturing():
+        if x.size(0) > DECODE_ROWS:
             # prefill: each expert read once per group of its tokens, not once per token (through warpgroup
-            # MMAs only where switched on: moe_experts.WgmmaPaths)
+            # MMAs only where switched on: moe_experts.WgmmaPaths). The wgmma path never synchronises (its group
+            # table comes from a kernel), so a CUDA graph can capture it; the grouped one reads the group count.
             args = (x.contiguous(), experts.contiguous(), weights.contiguous(), table, inter, limit)
             if wgmma_pays(x, experts, table.numel(), inter):
                 return moe_experts_prefill_wgmma(*args)
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(f"the grouped MoE for {x.size(0)} rows synchronises: it cannot be captured")
             return moe_experts_prefill(*args)
         return moe_experts_decode(x.contiguous(), experts, weights, table, inter, limit)
     # the oracle (CPU, and float32 models on CUDA, which check compiled programs exactly); it reads the

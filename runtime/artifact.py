@@ -5,10 +5,12 @@ dense weights bound from its weights file, routed experts read through tables of
 forced-token harness and the generation loop drive both. One decode step is the whole chain (embed,
 every layer, head) over static buffers (`tokens`, `positions`, caches); on CUDA it is captured once
 as a CUDA graph and replayed per token. A prompt goes through the prefill programs in chunks of the
-recipe's `prefill_chunk` tokens (plain launches, the same caches), where the artifact has them (aoti,
-decode batch 1), the last (or only) chunk through the smallest of the recipe's `prefill_buckets` that
-holds it, so a short prompt is not padded to a whole chunk (on a GPU a bucket of at most DECODE_ROWS
-tokens is one CUDA graph replay); otherwise through the one-token step.
+recipe's `prefill_chunk` tokens (the same caches), where the artifact has them (aoti, decode batch 1), the
+last (or only) chunk through the smallest of the recipe's `prefill_buckets` that holds it, so a short prompt
+is not padded to a whole chunk; otherwise through the one-token step. On a GPU each prefill size is
+captured as a CUDA graph of its own where its ops allow (all of them on sm_90; elsewhere those of at most
+DECODE_ROWS tokens, past which the grouped MoE synchronises), so a chunk is one replay, not the programs'
+hundreds of launches from the host.
 
 TensorRT engines (runtime/trt_executor.py) take the compiled programs' place with the same contract.
 AOTInductor packages are loaded with `run_single_threaded=True`: the default model container waits on
@@ -26,7 +28,7 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import load_file
 
-from plugins.ops import DECODE_ROWS     # (importing plugins.ops registers torch.ops.dsv4, which the packages call)
+import plugins.ops  # noqa: F401  (registers torch.ops.dsv4, which the packages call)
 from plugins.head import GreedyPick, head_logits, kernel_fits
 from plugins.oracle import hc_head, rms_norm, wide, wide_dtype
 
@@ -151,8 +153,9 @@ class ArtifactModel:
         self.positions = torch.zeros(batch, dtype=torch.int64, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.pick = GreedyPick(batch, self.head.size(0), self.device)    # the greedy token, on the device
+        self.budget_gib = m["recipe"].get("memory_budget_gib")
         if self.device.type == "cuda":
-            self._check_budget(m["recipe"].get("memory_budget_gib"))
+            self._check_budget()
         # Only the kernels' path is captured: eager modules and float32/float64 programs run the ops' oracles,
         # which copy host constants (forbidden while capturing); float32 is the exact gate, not the fast path.
         self.capturable = programs is None and self.act == torch.bfloat16
@@ -168,32 +171,31 @@ class ArtifactModel:
             return [prefill(e["layer"]).to(self.device) for e in main] if prefill is not None else None
         if engines or self.batch != 1 or not all("prefill" in e for e in main):
             return None
-        return [self._package(e["prefill"]["program"], capturable=False) for e in main]
+        return [self._package(e["prefill"]["program"]) for e in main]
 
     def _prefill_bucket_programs(self, main: list[dict]) -> dict[int, list]:
-        """{size: one prefill program per main layer} for each of the artifact's smaller prefill sizes (their
-        runners capturable: the smallest become CUDA graphs, `_capture_prefill`)."""
+        """{size: one prefill program per main layer} for each of the artifact's smaller prefill sizes."""
         by_size: dict[int, list] = {}
         for e in main:
             for b in e["prefill"].get("buckets", []):
                 by_size.setdefault(b["chunk"], []).append(self._package(b["program"]))
         return {size: runs for size, runs in sorted(by_size.items()) if len(runs) == len(main)}
 
-    def _package(self, path: str, capturable: bool = True):
-        """The artifact's AOTInductor package at `path`, loaded once; `capturable`: on a GPU with the
-        single-threaded runner, which a capturing stream allows (module docstring)."""
+    def _package(self, path: str):
+        """The artifact's AOTInductor package at `path`, loaded once; on a GPU with the single-threaded
+        runner, which a capturing stream allows (module docstring)."""
         if path not in self._packages:
             self._packages[path] = torch._inductor.aoti_load_package(
-                str(self.root / path), run_single_threaded=capturable and self.device.type == "cuda")
+                str(self.root / path), run_single_threaded=self.device.type == "cuda")
         return self._packages[path]
 
-    def _check_budget(self, budget_gib: float | None) -> None:
+    def _check_budget(self) -> None:
         """Weights, expert slots and caches are all allocated by now: refuse if they exceed the recipe's
         memory budget, rather than run into it mid-generation."""
         used = torch.cuda.memory_allocated(self.device)
-        if budget_gib is not None and used > budget_gib * 2**30:
+        if self.budget_gib is not None and used > self.budget_gib * 2**30:
             raise UserError(f"loading took {used / 2**30:.1f} GiB of device memory, above the recipe's budget of "
-                            f"{budget_gib:g} GiB: run with fewer --expert-slots")
+                            f"{self.budget_gib:g} GiB: run with fewer --expert-slots")
 
     def reset(self, batch: int = 1) -> None:
         """Empty every cache in place (a captured graph keeps pointing at the same storage)."""
@@ -240,7 +242,7 @@ class ArtifactModel:
         size, runs = self.chunk, self.prefill_runs
         if self.use_buckets:                             # the smallest program that holds the n tokens
             size, runs = next(((c, r) for c, r in self.prefill_buckets.items() if c >= n), (size, runs))
-        graphed = self.prefill_graphs.get(size)         # (only buckets are graphed: never the whole chunk)
+        graphed = self.prefill_graphs.get(size)
         if graphed is not None:                          # its static inputs refilled, then one replay
             graph, padded, start_t, n_t, logits = graphed
             padded.zero_()
@@ -295,13 +297,14 @@ class ArtifactModel:
         self.graph, (self._out, self._next) = self._captured(step)
 
     def _capture_prefill(self) -> None:
-        """Each prefill bucket of at most DECODE_ROWS tokens as a CUDA graph of its own over static inputs: its
-        ops take their decode kernels, which launch without synchronising, and a short prompt's prefill is
-        then one replay instead of the programs' launches from the host. A bucket that does not capture runs
-        its programs plainly, with a warning."""
-        for size, runs in self.prefill_buckets.items():
-            if size > DECODE_ROWS:
-                continue
+        """Each prefill size (the buckets and the whole chunk) as a CUDA graph of its own over static inputs, so
+        a chunk's prefill is one replay instead of the programs' launches from the host. Past DECODE_ROWS tokens
+        only where the prefill MoE does not synchronise (sm_90's warpgroup-MMA kernels: `moe_routed` refuses to
+        be captured otherwise); a size that does not capture runs its programs plainly, with a warning."""
+        sizes = dict(self.prefill_buckets)
+        if self.prefill_runs is not None:
+            sizes[self.chunk] = self.prefill_runs
+        for size, runs in sizes.items():
             padded = torch.zeros(1, size, dtype=torch.int64, device=self.device)
             start_t = torch.zeros(1, dtype=torch.int64, device=self.device)
             n_t = torch.full((1,), size, dtype=torch.int64, device=self.device)
@@ -310,6 +313,14 @@ class ArtifactModel:
             except RuntimeError as e:
                 self.reset(self.batch)                   # a warm-up may have written the caches
                 warnings.warn(f"the {size}-token prefill programs run without a CUDA graph: {e}")
+                continue
+            torch.cuda.empty_cache()                     # the warm-ups' blocks: the graph has a pool of its own
+            reserved = torch.cuda.memory_reserved(self.device)
+            if self.budget_gib is not None and reserved > self.budget_gib * 2**30:
+                del graph, logits                        # its pool goes back; the programs run plainly
+                torch.cuda.empty_cache()
+                warnings.warn(f"the {size}-token prefill programs run without a CUDA graph: its memory would take "
+                              f"the device to {reserved / 2**30:.1f} GiB, past the recipe's {self.budget_gib:g}")
                 continue
             self.prefill_graphs[size] = (graph, padded, start_t, n_t, logits)
 
