@@ -33,10 +33,10 @@ def split_table(bank: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, lis
     return torch.tensor([s.data_ptr() for s in stores], dtype=torch.int64, device="cuda"), stores
 
 
-def routed_chunk(tokens: int, d: int, n_exp: int, k: int, hot_expert: int | None = None):
+def routed_chunk(tokens: int, d: int, n_exp: int, k: int, hot_expert: int | None = None, seed: int = 3):
     """A prefill chunk on the GPU: x [tokens, d] bf16, each token's k distinct experts [tokens, k] int32
     (with `hot_expert`, every token routed to it) and route weights [tokens, k] float32."""
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, d, generator=g).to(torch.bfloat16).cuda()
     experts = torch.stack([torch.randperm(n_exp, generator=g)[:k] for _ in range(tokens)]).to(torch.int32)
     if hot_expert is not None:

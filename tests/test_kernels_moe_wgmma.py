@@ -71,6 +71,37 @@ def test_moe_prefill_wgmma_groups_of_64_give_the_bits_of_groups_of_128(tokens, h
 
 
 @pytest.mark.gpu
+def test_moe_routed_prefill_on_wgmma_captures_in_a_cuda_graph():
+    """`dsv4::moe_routed` past DECODE_ROWS rows on sm_90 takes the wgmma kernels, whose group table comes from
+    a kernel (no host read), so the runtime captures whole prefill chunks: the replay gives the bits of a
+    plain call, and new inputs copied in give their own plain call's bits."""
+    from plugins.moe_experts import wgmma_fits, wgmma_pays
+    d, f, n_exp, tokens = 1024, 512, 12, 200
+    if not wgmma_fits(torch.empty(1, device="cuda"), d, f):
+        pytest.skip("wgmma kernels are built for sm_90a only")
+    table, _stores = split_table(_bank(n_exp, d, f, False))
+    x, experts, weights = routed_chunk(tokens, d, n_exp, 6)
+    assert wgmma_pays(x, experts, n_exp, f)
+    call = lambda: torch.ops.dsv4.moe_routed(x, experts, weights, table, f, 10.0)  # noqa: E731
+    plain = call()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()                                   # warm-up outside the capture (allocator pools)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    graph.replay()
+    assert torch.equal(out, plain)
+    x2, experts2, weights2 = routed_chunk(tokens, d, n_exp, 6, seed=1)
+    want = torch.ops.dsv4.moe_routed(x2, experts2, weights2, table, f, 10.0)
+    x.copy_(x2), experts.copy_(experts2), weights.copy_(weights2)
+    graph.replay()
+    assert torch.equal(out, want) and not torch.equal(want, plain)
+
+
+@pytest.mark.gpu
 def test_act_quant_in_mma_slot_order_moves_each_blocks_words():
     """act_quant's `mma_slots` (the prefill MoE kernels' B order, csrc/moe_wgmma.cu): word w of each 128-K
     block holds the plain codes' word 8 (w % 4) + 2 (w / 8) + (w / 4) % 2; the scales are unchanged."""
