@@ -146,6 +146,17 @@ def moe_routed_oracle(x: torch.Tensor, experts: torch.Tensor, weights: torch.Ten
     return y
 
 
+def moe_routed_captures(rows: int, topk: int, n_experts: int, hidden: int, inter: int, device: torch.device) -> bool:
+    """Whether `dsv4::moe_routed` over `rows` bf16 rows on `device` runs inside a CUDA graph capture, by the rule
+    it follows: its decode kernels up to DECODE_ROWS rows; past them only the wgmma prefill kernels, which do
+    not synchronise (the grouped ones read their group count on the host)."""
+    if rows <= DECODE_ROWS:
+        return True
+    x = torch.empty(1, hidden, dtype=torch.bfloat16, device=device).expand(rows, hidden)     # shapes only
+    experts = torch.empty(1, topk, dtype=torch.int32, device=device).expand(rows, topk)
+    return wgmma_pays(x, experts, n_experts, inter)
+
+
 @torch.library.custom_op("dsv4::moe_routed", mutates_args=())
 def moe_routed(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, inter: int,
                limit: float) -> torch.Tensor:

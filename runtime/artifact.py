@@ -9,8 +9,8 @@ recipe's `prefill_chunk` tokens (the same caches), where the artifact has them (
 last (or only) chunk through the smallest of the recipe's `prefill_buckets` that holds it, so a short prompt
 is not padded to a whole chunk; otherwise through the one-token step. On a GPU each prefill size is
 captured as a CUDA graph of its own where its ops allow (all of them on sm_90; elsewhere those of at most
-DECODE_ROWS tokens, past which the grouped MoE synchronises), so a chunk is one replay, not the programs'
-hundreds of launches from the host.
+16 tokens, past which the grouped MoE synchronises), so a chunk is one replay, not the programs' hundreds of
+launches from the host.
 
 TensorRT engines (runtime/trt_executor.py) take the compiled programs' place with the same contract.
 AOTInductor packages are loaded with `run_single_threaded=True`: the default model container waits on
@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import load_file
 
-import plugins.ops  # noqa: F401  (registers torch.ops.dsv4, which the packages call)
+from plugins.ops import moe_routed_captures    # (importing plugins.ops registers torch.ops.dsv4, which the packages call)
 from plugins.head import GreedyPick, head_logits, kernel_fits
 from plugins.oracle import hc_head, rms_norm, wide, wide_dtype
 
@@ -55,6 +55,7 @@ class _Config:
         self.vocab_size = raw["vocab_size"]
         self.hc_sinkhorn_iters, self.scoring_func = raw["hc_sinkhorn_iters"], raw["scoring_func"]
         self.num_experts_per_tok = raw["num_experts_per_tok"]
+        self.n_routed_experts, self.moe_intermediate_size = raw["n_routed_experts"], raw["moe_intermediate_size"]
 
 
 class ArtifactModel:
@@ -298,13 +299,17 @@ class ArtifactModel:
 
     def _capture_prefill(self) -> None:
         """Each prefill size (the buckets and the whole chunk) as a CUDA graph of its own over static inputs, so
-        a chunk's prefill is one replay instead of the programs' launches from the host. Past DECODE_ROWS tokens
-        only where the prefill MoE does not synchronise (sm_90's warpgroup-MMA kernels: `moe_routed` refuses to
-        be captured otherwise); a size that does not capture runs its programs plainly, with a warning."""
+        a chunk's prefill is one replay instead of the programs' launches from the host. Sizes whose MoE would
+        synchronise (past DECODE_ROWS tokens where the warpgroup-MMA kernels do not serve: `moe_routed_captures`)
+        are not tried and run plainly; a size that fails to capture otherwise runs plainly, with a warning."""
         sizes = dict(self.prefill_buckets)
         if self.prefill_runs is not None:
             sizes[self.chunk] = self.prefill_runs
+        c = self.config
         for size, runs in sizes.items():
+            if not moe_routed_captures(size, c.num_experts_per_tok, c.n_routed_experts, c.hidden_size,
+                                       c.moe_intermediate_size, self.device):
+                continue
             padded = torch.zeros(1, size, dtype=torch.int64, device=self.device)
             start_t = torch.zeros(1, dtype=torch.int64, device=self.device)
             n_t = torch.full((1,), size, dtype=torch.int64, device=self.device)
@@ -312,7 +317,9 @@ class ArtifactModel:
                 graph, logits = self._captured(lambda: self._prefill_through(runs, padded, start_t, n_t))
             except RuntimeError as e:
                 self.reset(self.batch)                   # a warm-up may have written the caches
-                warnings.warn(f"the {size}-token prefill programs run without a CUDA graph: {e}")
+                cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+                warnings.warn(f"the {size}-token prefill programs run without a CUDA graph (they did not capture: "
+                              f"{cause})")
                 continue
             torch.cuda.empty_cache()                     # the warm-ups' blocks: the graph has a pool of its own
             reserved = torch.cuda.memory_reserved(self.device)
