@@ -314,7 +314,8 @@ def build_cmd(recipe: Path, checkpoint: Path | None, out: Path | None) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto = what the artifact was compiled for.")
 @click.option("--eager", is_flag=True, help="Run the layer programs eagerly instead of the compiled ones.")
-@click.option("--no-graphs", is_flag=True, help="On a GPU: launch every step instead of replaying a CUDA graph.")
+@click.option("--no-graphs", is_flag=True, help="On a GPU: launch every decode step and prefill chunk from the host "
+              "instead of replaying CUDA graphs (captured at load).")
 @click.option("--expert-slots", type=click.IntRange(0), default=None,
               help="Routed experts kept in device slots; the rest are paged (default: the recipe's; 0 = all).")
 def run(artifact, prompt, chat, thinking, system, max_new, temperature, top_p, seed, device, eager,
