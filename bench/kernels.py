@@ -168,6 +168,11 @@ def random_routing(tokens: int, n_experts: int, d: int = 4096, k: int = 6):
             torch.full((tokens, k), 0.25, device="cuda"))
 
 
+def moe_prefill_tflops(tokens: int, k: int, d: int, f: int, ms: float) -> float:
+    """TFLOP/s of a prefill MoE chunk's products (w1, w3 and w2 for each of its tokens' k experts) in `ms`."""
+    return tokens * k * 3 * 2 * d * f / (ms * 1e-3) / 1e12
+
+
 def bench_moe_prefill(matmul_tflops: float, tokens: int = 4096, n_experts: int = 256) -> dict:
     """Flash-size routed experts for a prefill chunk (D 4096, F 2048, 6 of 256 experts per token, routed
     uniformly at random): tokens grouped by expert (moe_experts_prefill, grouping included), in TFLOP/s of
@@ -178,7 +183,7 @@ def bench_moe_prefill(matmul_tflops: float, tokens: int = 4096, n_experts: int =
     x, experts, w = random_routing(tokens, n_experts, d, k)
     ms = time_ms(lambda: moe_experts_prefill(x, experts, w, table, f, 10.0), iters=10)
     ms_decode = time_ms(lambda: moe_experts_decode(x, experts, w, table, f, 10.0), iters=3)
-    tflops = tokens * k * 3 * 2 * d * f / (ms * 1e-3) / 1e12
+    tflops = moe_prefill_tflops(tokens, k, d, f, ms)
     row = {"kernel": "moe_experts_prefill", "weight": f"{n_experts} experts, 6 per token", "rows": tokens,
            "time_us": ms * 1e3, "tflops": tflops, "fraction_of_bf16_matmul": tflops / matmul_tflops,
            "speedup_vs_decode_kernels": ms_decode / ms}
@@ -192,7 +197,7 @@ def bench_moe_prefill(matmul_tflops: float, tokens: int = 4096, n_experts: int =
                                      iters=10))
         group = wgmma_group(experts, n_experts)
         ms_w = min(by_group[group])
-        tflops_w = tokens * k * 3 * 2 * d * f / (ms_w * 1e-3) / 1e12
+        tflops_w = moe_prefill_tflops(tokens, k, d, f, ms_w)
         row |= {"wgmma_group": group, "wgmma_time_us": ms_w * 1e3, "wgmma_tflops": tflops_w,
                 "wgmma_fraction_of_bf16_matmul": tflops_w / matmul_tflops,
                 "wgmma_time_us_by_group": {str(g): [1e3 * t for t in ts] for g, ts in by_group.items()}}

@@ -26,7 +26,7 @@ def one_build(fatbin: Path, tokens: list[int], groups: list[int]) -> dict:
     """This process's figures with `fatbin` as its kernel image."""
     import torch
 
-    from bench.kernels import bf16_matmul_tflops, random_flash_bank, random_routing, time_ms
+    from bench.kernels import bf16_matmul_tflops, moe_prefill_tflops, random_flash_bank, random_routing, time_ms
     from plugins import loader
     from plugins.moe_experts import moe_experts_prefill_wgmma
 
@@ -43,7 +43,7 @@ def one_build(fatbin: Path, tokens: list[int], groups: list[int]) -> dict:
                 return moe_experts_prefill_wgmma(x, experts, w, table, f, 10.0, group)
             digest = hashlib.sha256(run().cpu().numpy().tobytes()).hexdigest()[:16]
             ms = time_ms(run, iters=10)
-            tflops = t * k * 3 * 2 * d * f / (ms * 1e-3) / 1e12
+            tflops = moe_prefill_tflops(t, k, d, f, ms)
             rows.append({"tokens": t, "group": group, "ms": ms, "tflops": tflops,
                          "fraction_of_bf16_matmul": tflops / matmul, "output_sha256": digest})
     return {"fatbin": str(fatbin), "bf16_matmul_tflops": matmul, "rows": rows}

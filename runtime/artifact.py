@@ -160,7 +160,7 @@ class ArtifactModel:
         # Only the kernels' path is captured: eager modules and float32/float64 programs run the ops' oracles,
         # which copy host constants (forbidden while capturing); float32 is the exact gate, not the fast path.
         self.capturable = programs is None and self.act == torch.bfloat16
-        self.prefill_graphs: dict[int, tuple] = {}       # small prefill buckets as CUDA graphs (_capture_prefill)
+        self.prefill_graphs: dict[int, tuple] = {}       # prefill sizes captured as CUDA graphs (_capture_prefill)
         if graphs and self.capturable:
             self._capture()
             self._capture_prefill()
