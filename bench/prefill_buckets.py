@@ -4,8 +4,10 @@ padded to the whole `prefill_chunk`), each with the prefill sizes replayed as CU
 captured at load) and run plainly, on one loaded model, the modes interleaved; whether the first token agrees;
 and the device memory the prefill graphs hold.
 
-    python bench/prefill_buckets.py /tmp/art/flash8-bfloat16 [--lengths 5 16 32 ...] \
+    python bench/prefill_buckets.py /tmp/art/flash8-bfloat16 [--lengths 5 16 32 ...] [--grouped-moe] \
         --json bench/results/prefill-buckets-flash8-h200.json
+
+--grouped-moe runs the prefill MoE on the grouped kernels, as every GPU but sm_90 does (a GB10's path).
 
 Each length and mode runs its prompt twice (the first warms) and records the second, in --reps rounds.
 """
@@ -20,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results_json import run_header, write_json  # noqa: E402
+from plugins import moe_experts  # noqa: E402
 from runtime.artifact import ArtifactModel  # noqa: E402
 from runtime.bench import prefill_seconds, synthetic_prompt  # noqa: E402
 
@@ -31,7 +34,11 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[5, 16, 32, 100, 256, 1000, 2048, 2100])
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--grouped-moe", action="store_true",
+                    help="the prefill MoE on the grouped kernels, not sm_90's warpgroup-MMA ones")
     args = ap.parse_args()
+    if args.grouped_moe:
+        moe_experts.WGMMA = moe_experts.WgmmaPaths(prefill=False)
     model = ArtifactModel(args.artifact, "cuda", graphs=True)
     if not model.prefill_buckets:
         raise SystemExit(f"error: {args.artifact} has no prefill buckets (the recipe's prefill_buckets)")
@@ -60,6 +67,7 @@ def main() -> None:
     print(f"prefill graphs {graphed_sizes}: {graph_bytes / 2**20:.0f} MiB of device memory", flush=True)
     if args.json:
         write_json(args.json, run_header() | {"artifact": str(args.artifact), "prefill_chunk": model.chunk,
+                                              "prefill_moe": "grouped" if args.grouped_moe else "default",
                                               "prefill_buckets": list(model.prefill_buckets),
                                               "graphed_sizes": graphed_sizes, "prefill_graph_bytes": graph_bytes,
                                               "rows": rows})

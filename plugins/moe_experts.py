@@ -217,42 +217,45 @@ def group_size(shared_memory: tuple[int, int], d: int, f: int) -> int:
     return group
 
 
-def group_pairs(experts: torch.Tensor, n_experts: int, max_group: int,
-                padded: bool = False) -> tuple[torch.Tensor, ...]:
+def group_pairs(experts: torch.Tensor, n_experts: int, max_group: int) -> tuple[torch.Tensor, ...]:
     """A chunk's (token, slot) pairs (pair id token * topk + slot) sorted by expert, and cut into groups of
     at most `max_group` pairs of one expert, an expert's groups within one pair of each other in size (130
     pairs in groups of 128: 65 and 65, not 128 and 2): (pairs, group expert, group start in pairs, group
-    size), int32. Synchronises once (the number of groups), so it is for prefill, never inside a captured
-    graph; `padded`: never, the group tensors sized for the most groups the chunk could have, those past its
-    own of size 0 (expert n_experts - 1, start at the end of the pairs); on a GPU then from one kernel
-    (csrc/moe_groups.cu; this torch form is its oracle)."""
+    size, the number of groups [1]), int32. Never synchronises: the group tensors are sized for the most
+    groups the chunk could have, those past its own of size 0 (expert n_experts - 1, start at the end of the
+    pairs), and the kernels read the count on the device; on a GPU from one kernel (csrc/moe_groups.cu; this
+    torch form is its oracle)."""
     flat = experts.flatten()
     pairs = torch.argsort(flat, stable=True).to(torch.int32)
     most = min(flat.numel(), (flat.numel() + n_experts * (max_group - 1)) // max_group)
-    if padded and flat.is_cuda:
+    if flat.is_cuda:
         assert flat.dtype == torch.int32 and n_experts <= 1024
-        table = torch.empty(3, most, dtype=torch.int32, device=flat.device)
+        table = torch.empty(3 * most + 1, dtype=torch.int32, device=flat.device)
+        g_expert, g_start, g_count, n_groups = table[:most], table[most:2 * most], table[2 * most:-1], table[-1:]
         kernels().launch("dsv4_moe_group_table", 1, 1024, [(flat.contiguous(), PTR), (flat.numel(), INT),
-                         (n_experts, INT), (max_group, INT), (most, INT)] + [(t, PTR) for t in table])
-        return (pairs, *table)
+                         (n_experts, INT), (max_group, INT), (most, INT)]
+                         + [(t, PTR) for t in (g_expert, g_start, g_count, n_groups)])
+        return pairs, g_expert, g_start, g_count, n_groups
     flat = flat.long()
     counts = torch.zeros(n_experts, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
     per_expert = (counts + max_group - 1) // max_group
     ends = torch.cumsum(per_expert, 0)
-    slot = torch.arange(most if padded else int(ends[-1]), device=flat.device)
+    slot = torch.arange(most, device=flat.device)
     g_expert = torch.searchsorted(ends, slot, right=True).clamp_(max=n_experts - 1)
     nth = slot - (ends - per_expert)[g_expert]
     count, cut = counts[g_expert], per_expert[g_expert].clamp(min=1)
     first = torch.minimum(nth * count // cut, count)     # the group's first pair within its expert's run
     g_start = (torch.cumsum(counts, 0) - counts)[g_expert] + first
     g_count = (torch.minimum((nth + 1) * count // cut, count) - first).clamp_(min=0)
-    return pairs, g_expert.to(torch.int32), g_start.to(torch.int32), g_count.to(torch.int32)
+    return (pairs, g_expert.to(torch.int32), g_start.to(torch.int32), g_count.to(torch.int32),
+            ends[-1:].to(torch.int32))
 
 
 def moe_experts_prefill(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Tensor, table: torch.Tensor,
                         f: int, limit: float) -> torch.Tensor:
     """`moe_experts_decode` for a prefill chunk: each routed expert's weights read once per group of up to 8
-    of its tokens instead of once per token; the same result, bit for bit. Allocates and synchronises."""
+    of its tokens instead of once per token; the same result, bit for bit. Allocates, never synchronises (the
+    kernels take their group count from the group table's kernel), so a CUDA graph can capture it."""
     t, d = x.shape
     k = experts.size(1)
     assert x.dtype == torch.bfloat16 and experts.dtype == torch.int32 and route_w.dtype == torch.float32
@@ -260,20 +263,20 @@ def moe_experts_prefill(x: torch.Tensor, experts: torch.Tensor, route_w: torch.T
     assert x.is_contiguous() and route_w.is_contiguous()
     lib = kernels()
     max_group = group_size(lib.shared_memory(), d, f)
-    pairs, g_expert, g_start, g_count = group_pairs(experts, table.numel(), max_group)
-    groups = g_expert.numel()
+    *table_args, n_groups = group_pairs(experts, table.numel(), max_group)
+    slots = table_args[1].numel()             # the most groups the chunk could have: the grids' bound
     h = torch.empty(t * k, f, dtype=torch.bfloat16, device=x.device)
     ypart = torch.empty(t * k, d, dtype=torch.float32, device=x.device)
-    group_args = [(pairs, PTR), (g_expert, PTR), (g_start, PTR), (g_count, PTR)]
+    group_args = [(g, PTR) for g in table_args]
     shared_up = RING_BYTES + max_group * (d + d // 32)
-    grid_up = min(groups * (f // 16), lib.resident("dsv4_moe_gate_up_grouped", 256, shared_up))
+    grid_up = min(slots * (f // 16), lib.resident("dsv4_moe_gate_up_grouped", 256, shared_up))
     lib.launch("dsv4_moe_gate_up_grouped", grid_up, 256,
-               [(x, PTR)] + group_args + [(route_w, PTR), (table, PTR), (h, PTR), (groups, INT), (k, INT), (d, INT),
-                                          (f, INT), (limit, FLOAT), (max_group, INT)], shared_up)
+               [(x, PTR)] + group_args + [(route_w, PTR), (table, PTR), (h, PTR), (n_groups, PTR), (k, INT),
+                                          (d, INT), (f, INT), (limit, FLOAT), (max_group, INT)], shared_up)
     shared_down = RING_BYTES + max_group * (f + f // 32)
-    grid_down = min(groups * (d // 32), lib.resident("dsv4_moe_down_grouped", 256, shared_down))
+    grid_down = min(slots * (d // 32), lib.resident("dsv4_moe_down_grouped", 256, shared_down))
     lib.launch("dsv4_moe_down_grouped", grid_down, 256,
-               [(h, PTR)] + group_args + [(table, PTR), (ypart, PTR), (groups, INT), (d, INT), (f, INT),
+               [(h, PTR)] + group_args + [(table, PTR), (ypart, PTR), (n_groups, PTR), (d, INT), (f, INT),
                                           (max_group, INT)], shared_down)
     return sum_pairs(ypart, experts)
 
@@ -348,7 +351,7 @@ def moe_experts_prefill_wgmma(x: torch.Tensor, experts: torch.Tensor, route_w: t
     group table is padded to the most groups the chunk could have), so a CUDA graph can capture it."""
     t, d = x.shape
     group = group or wgmma_group(experts, table.numel())
-    groups = group_pairs(experts, table.numel(), group, padded=True)
+    groups = group_pairs(experts, table.numel(), group)[:4]     # the kernels take every slot: no count
     h = wgmma_gate_up(x, experts, route_w, table, f, limit, groups, group)
     h_codes, h_scales = act_workspace(t * experts.size(1), f, x.device)
     act_quant(h, h_codes, h_scales, mma_slots=True)
@@ -362,7 +365,7 @@ def moe_experts_prefill_wgmma(x: torch.Tensor, experts: torch.Tensor, route_w: t
 def wgmma_gate_up(x: torch.Tensor, experts: torch.Tensor, route_w: torch.Tensor, table: torch.Tensor, f: int,
                   limit: float, groups: tuple[torch.Tensor, ...], group: int = 128) -> torch.Tensor:
     """The first half of `moe_experts_prefill_wgmma`: h [T * k, F] bf16 (pair-indexed), each pair's
-    route_w * silu(gate) * up; `groups` from group_pairs(experts, E, group)."""
+    route_w * silu(gate) * up; `groups` the first four of group_pairs(experts, E, group)."""
     t, d = x.shape
     k = experts.size(1)
     assert wgmma_fits(x, d, f) and x.dtype == torch.bfloat16 and route_w.dtype == torch.float32

@@ -59,9 +59,8 @@ from .streams import beside
 # ------------------------------------------------------------------ fp8_linear
 
 
-# Up to this many rows the ops run their decode kernels, which launch without synchronising or allocating
-# (CUDA graphs capture them); past it, prefill kernels, of which only the grouped MoE (GPUs other than sm_90)
-# synchronises, so the runtime graphs prefill chunks on sm_90 whatever their size.
+# Up to this many rows the ops run their decode kernels, which launch without synchronising or allocating;
+# past it, prefill kernels, which allocate but never synchronise either: CUDA graphs capture both.
 DECODE_ROWS = 16
 
 
@@ -146,17 +145,6 @@ def moe_routed_oracle(x: torch.Tensor, experts: torch.Tensor, weights: torch.Ten
     return y
 
 
-def moe_routed_captures(rows: int, topk: int, n_experts: int, hidden: int, inter: int, device: torch.device) -> bool:
-    """Whether `dsv4::moe_routed` over `rows` bf16 rows on `device` runs inside a CUDA graph capture, by the rule
-    it follows: its decode kernels up to DECODE_ROWS rows; past them only the wgmma prefill kernels, which do
-    not synchronise (the grouped ones read their group count on the host)."""
-    if rows <= DECODE_ROWS:
-        return True
-    x = torch.empty(1, hidden, dtype=torch.bfloat16, device=device).expand(rows, hidden)     # shapes only
-    experts = torch.empty(1, topk, dtype=torch.int32, device=device).expand(rows, topk)
-    return wgmma_pays(x, experts, n_experts, inter)
-
-
 @torch.library.custom_op("dsv4::moe_routed", mutates_args=())
 def moe_routed(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, inter: int,
                limit: float) -> torch.Tensor:
@@ -165,13 +153,11 @@ def moe_routed(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, ta
     if x.is_cuda and x.dtype == torch.bfloat16:
         if x.size(0) > DECODE_ROWS:
             # prefill: each expert read once per group of its tokens, not once per token (through warpgroup
-            # MMAs only where switched on: moe_experts.WgmmaPaths). The wgmma path never synchronises (its group
-            # table comes from a kernel), so a CUDA graph can capture it; the grouped one reads the group count.
+            # MMAs only where switched on: moe_experts.WgmmaPaths). Neither path synchronises (their group
+            # table and its count come from a kernel), so a CUDA graph captures a whole prefill chunk.
             args = (x.contiguous(), experts.contiguous(), weights.contiguous(), table, inter, limit)
             if wgmma_pays(x, experts, table.numel(), inter):
                 return moe_experts_prefill_wgmma(*args)
-            if torch.cuda.is_current_stream_capturing():
-                raise RuntimeError(f"the grouped MoE for {x.size(0)} rows synchronises: it cannot be captured")
             return moe_experts_prefill(*args)
         return moe_experts_decode(x.contiguous(), experts, weights, table, inter, limit)
     # the oracle (CPU, and float32 models on CUDA, which check compiled programs exactly); it reads the

@@ -8,9 +8,8 @@ as a CUDA graph and replayed per token. A prompt goes through the prefill progra
 recipe's `prefill_chunk` tokens (the same caches), where the artifact has them (aoti, decode batch 1), the
 last (or only) chunk through the smallest of the recipe's `prefill_buckets` that holds it, so a short prompt
 is not padded to a whole chunk; otherwise through the one-token step. On a GPU each prefill size is
-captured as a CUDA graph of its own where its ops allow (all of them on sm_90; elsewhere those of at most
-16 tokens, past which the grouped MoE synchronises), so a chunk is one replay, not the programs' hundreds of
-launches from the host.
+captured as a CUDA graph of its own (no op synchronises), so a chunk is one replay, not the programs'
+hundreds of launches from the host.
 
 TensorRT engines (runtime/trt_executor.py) take the compiled programs' place with the same contract.
 AOTInductor packages are loaded with `run_single_threaded=True`: the default model container waits on
@@ -28,7 +27,7 @@ from typing import Callable, Iterator
 import torch
 from safetensors.torch import load_file
 
-from plugins.ops import moe_routed_captures    # (importing plugins.ops registers torch.ops.dsv4, which the packages call)
+import plugins.ops  # noqa: F401  (the packages call torch.ops.dsv4)
 from plugins.head import GreedyPick, head_logits, kernel_fits
 from plugins.oracle import hc_head, rms_norm, wide, wide_dtype
 
@@ -299,17 +298,12 @@ class ArtifactModel:
 
     def _capture_prefill(self) -> None:
         """Each prefill size (the buckets and the whole chunk) as a CUDA graph of its own over static inputs, so
-        a chunk's prefill is one replay instead of the programs' launches from the host. Sizes whose MoE would
-        synchronise (past DECODE_ROWS tokens where the warpgroup-MMA kernels do not serve: `moe_routed_captures`)
-        are not tried and run plainly; a size that fails to capture otherwise runs plainly, with a warning."""
+        a chunk's prefill is one replay instead of the programs' launches from the host (no op of theirs
+        synchronises: plugins.ops DECODE_ROWS). A size that fails to capture runs plainly, with a warning."""
         sizes = dict(self.prefill_buckets)
         if self.prefill_runs is not None:
             sizes[self.chunk] = self.prefill_runs
-        c = self.config
         for size, runs in sizes.items():
-            if not moe_routed_captures(size, c.num_experts_per_tok, c.n_routed_experts, c.hidden_size,
-                                       c.moe_intermediate_size, self.device):
-                continue
             padded = torch.zeros(1, size, dtype=torch.int64, device=self.device)
             start_t = torch.zeros(1, dtype=torch.int64, device=self.device)
             n_t = torch.full((1,), size, dtype=torch.int64, device=self.device)

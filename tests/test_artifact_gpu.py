@@ -74,22 +74,21 @@ def test_a_short_prompt_goes_through_the_small_prefill_programs(artifact, artifa
 
 
 def test_prefill_chunks_replayed_as_cuda_graphs_give_the_same_bits(artifact):
-    """Every prefill size is captured as a CUDA graph at load where its ops allow: the 8-token bucket (the
-    ops' decode kernels) on any GPU, the 64-token chunk on sm_90 (the warpgroup-MMA MoE, which does not
-    synchronise). A 5-token prompt and the 140-token one (two whole chunks, then a tail padded to 64) then
-    prefill by replays, to the bits of their plain launches."""
+    """Every prefill size is captured as a CUDA graph at load: the 8-token bucket (the ops' decode kernels)
+    and the 64-token chunk (prefill kernels; on sm_90 the warpgroup-MMA MoE). A 5-token prompt and the
+    140-token one (two whole chunks, then a tail padded to 64) then prefill by replays, to the bits of their
+    plain launches."""
     graphed = ArtifactModel(artifact, "cuda", graphs=True)
-    sm90 = torch.cuda.get_device_capability() == (9, 0)
-    assert list(graphed.prefill_graphs) == ([8, 64] if sm90 else [8])
+    assert list(graphed.prefill_graphs) == [8, 64]
     plain = ArtifactModel(artifact, "cuda", graphs=False)
     for prompt in (PROMPT[:5], PROMPT):
         assert torch.equal(forced_logits(graphed, prompt, FORCED), forced_logits(plain, prompt, FORCED))
 
 
-def test_a_prefill_chunk_whose_moe_synchronises_runs_plainly(artifact, monkeypatch):
-    """With the grouped MoE kernels (the prefill MoE of GPUs other than sm_90, which read their group count on
-    the host) the 64-token chunk is not captured (not even tried: no warning) and runs plainly, to the bits of
-    a model loaded without graphs."""
+def test_a_prefill_chunk_on_the_grouped_moe_kernels_is_captured_too(artifact, monkeypatch):
+    """With the grouped MoE kernels (the prefill MoE of GPUs other than sm_90, which take their group count
+    from the group table's kernel, not the host) the 64-token chunk is captured as well, without a warning,
+    and its replays give the bits of a model loaded without graphs."""
     import warnings
     from plugins import moe_experts
     monkeypatch.setattr(moe_experts, "WGMMA", moe_experts.WgmmaPaths(decode=False, prefill=False))
@@ -97,7 +96,7 @@ def test_a_prefill_chunk_whose_moe_synchronises_runs_plainly(artifact, monkeypat
         warnings.simplefilter("always")
         graphed = ArtifactModel(artifact, "cuda", graphs=True)
     assert not [w for w in caught if "CUDA graph" in str(w.message)]
-    assert list(graphed.prefill_graphs) == [8]
+    assert list(graphed.prefill_graphs) == [8, 64]
     plain = ArtifactModel(artifact, "cuda", graphs=False)
     assert torch.equal(forced_logits(graphed, PROMPT, FORCED), forced_logits(plain, PROMPT, FORCED))
 

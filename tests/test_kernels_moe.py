@@ -65,7 +65,11 @@ def test_group_pairs_cuts_each_experts_run_into_groups():
     g = torch.Generator().manual_seed(2)
     experts = torch.stack([torch.randperm(10, generator=g)[:6] for _ in range(37)]).to(torch.int32)
     experts[:20, 0] = 7                                   # a hot expert: several full groups
-    pairs, g_expert, g_start, g_count = group_pairs(experts, 10, 8)
+    pairs, g_expert, g_start, g_count, n_groups = group_pairs(experts, 10, 8)
+    real = int(n_groups)
+    assert n_groups.shape == (1,) and g_expert.numel() == (37 * 6 + 10 * 7) // 8 > real  # sized without a sync
+    assert (g_count[real:] == 0).all() and g_expert.max() < 10 and g_start.max() <= 37 * 6  # the empty slots
+    g_expert, g_start, g_count = g_expert[:real], g_start[:real], g_count[:real]
     flat = experts.flatten()
     assert sorted(pairs.tolist()) == list(range(37 * 6))
     assert torch.equal(flat[pairs.long()], flat.sort(stable=True).values)
@@ -76,11 +80,6 @@ def test_group_pairs_cuts_each_experts_run_into_groups():
     for e in range(10):                                   # an expert's groups within one pair of each other
         sizes = g_count[g_expert == e]
         assert sizes.max() - sizes.min() <= 1 and len(sizes) == -(-int((flat == e).sum()) // 8)
-    padded = group_pairs(experts, 10, 8, padded=True)    # sized without a sync: the same groups, then empty ones
-    real = g_expert.numel()
-    assert torch.equal(padded[0], pairs) and padded[1].numel() == (37 * 6 + 10 * 7) // 8 > real
-    assert all(torch.equal(a[:real], b) for a, b in zip(padded[1:], (g_expert, g_start, g_count)))
-    assert (padded[3][real:] == 0).all() and padded[1].max() < 10 and padded[2].max() <= 37 * 6
 
 
 @pytest.mark.gpu
@@ -278,3 +277,24 @@ def test_wgmma_decode_launches_pass_each_kernel_its_declared_arguments(monkeypat
     for launch in lib.launches:
         given = launch.given()
         assert given["experts"] is experts and given["topk"] == k and launch.grid[1] == tokens
+
+
+def test_grouped_prefill_launches_pass_each_kernel_its_declared_arguments(monkeypatch):
+    """The grouped prefill kernels' launches (csrc/moe_experts.cu) pass as many arguments as the kernels
+    declare, the group count by its address (the kernels read it on the device: nothing waits for the host),
+    and grids bounded by the most groups the chunk could have."""
+    from plugins import moe_experts
+    lib = _H200Occupancy()
+    monkeypatch.setattr(moe_experts, "kernels", lambda: lib)
+    t, k, d, f, n_exp = 40, 6, 512, 256, 12
+    experts = torch.stack([torch.randperm(n_exp)[:k] for _ in range(t)]).to(torch.int32)
+    moe_experts.moe_experts_prefill(torch.zeros(t, d, dtype=torch.bfloat16), experts, torch.zeros(t, k),
+                                    torch.zeros(n_exp, dtype=torch.int64), f, 10.0)
+    names = [launch.name for launch in lib.launches]
+    assert names == ["dsv4_moe_gate_up_grouped", "dsv4_moe_down_grouped", "dsv4_moe_sum_pairs"]
+    slots = (t * k + n_exp * 7) // 8
+    for launch, blocks in zip(lib.launches, (f // 16, d // 32)):
+        given = launch.given()
+        assert given["n_groups"].shape == (1,) and given["g_count"].numel() == slots
+        assert int(given["n_groups"]) == int((given["g_count"] > 0).sum())
+        assert launch.grid <= slots * blocks

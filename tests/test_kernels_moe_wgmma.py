@@ -71,17 +71,22 @@ def test_moe_prefill_wgmma_groups_of_64_give_the_bits_of_groups_of_128(tokens, h
 
 
 @pytest.mark.gpu
-def test_moe_routed_prefill_on_wgmma_captures_in_a_cuda_graph():
-    """`dsv4::moe_routed` past DECODE_ROWS rows on sm_90 takes the wgmma kernels, whose group table comes from
-    a kernel (no host read), so the runtime captures whole prefill chunks: the replay gives the bits of a
-    plain call, and new inputs copied in give their own plain call's bits."""
+@pytest.mark.parametrize("wgmma", [True, False], ids=["wgmma", "grouped"])
+def test_moe_routed_prefill_captures_in_a_cuda_graph(wgmma, monkeypatch):
+    """`dsv4::moe_routed` past DECODE_ROWS rows takes prefill kernels, the wgmma ones on sm_90 or the grouped
+    ones (every other GPU), whose group table and count come from a kernel (no host read), so the runtime
+    captures whole prefill chunks: the replay gives the bits of a plain call, and new inputs copied in give
+    their own plain call's bits."""
+    from plugins import moe_experts
     from plugins.moe_experts import wgmma_fits, wgmma_pays
     d, f, n_exp, tokens = 1024, 512, 12, 200
-    if not wgmma_fits(torch.empty(1, device="cuda"), d, f):
+    if wgmma and not wgmma_fits(torch.empty(1, device="cuda"), d, f):
         pytest.skip("wgmma kernels are built for sm_90a only")
+    if not wgmma:
+        monkeypatch.setattr(moe_experts, "WGMMA", moe_experts.WgmmaPaths(prefill=False))
     table, _stores = split_table(_bank(n_exp, d, f, False))
     x, experts, weights = routed_chunk(tokens, d, n_exp, 6)
-    assert wgmma_pays(x, experts, n_exp, f)
+    assert wgmma_pays(x, experts, n_exp, f) == wgmma
     call = lambda: torch.ops.dsv4.moe_routed(x, experts, weights, table, f, 10.0)  # noqa: E731
     plain = call()
     side = torch.cuda.Stream()
@@ -94,7 +99,7 @@ def test_moe_routed_prefill_on_wgmma_captures_in_a_cuda_graph():
         out = call()
     graph.replay()
     assert torch.equal(out, plain)
-    x2, experts2, weights2 = routed_chunk(tokens, d, n_exp, 6, seed=1)
+    x2, experts2, weights2 = routed_chunk(tokens, d, n_exp, 6, hot_expert=4, seed=1)   # other groups
     want = torch.ops.dsv4.moe_routed(x2, experts2, weights2, table, f, 10.0)
     x.copy_(x2), experts.copy_(experts2), weights.copy_(weights2)
     graph.replay()
@@ -120,13 +125,14 @@ def test_act_quant_in_mma_slot_order_moves_each_blocks_words():
 @pytest.mark.parametrize("tokens, n_exp, k, max_group", [(300, 12, 6, 128), (4096, 256, 6, 128), (37, 10, 6, 8)],
                          ids=["300tok-hot", "flash-4096tok", "small-groups"])
 def test_group_table_kernel_equals_its_torch_form(tokens, n_exp, k, max_group):
-    """csrc/moe_groups.cu against group_pairs' torch form (its oracle), padding slots included."""
+    """csrc/moe_groups.cu against group_pairs' torch form (its oracle), padding slots and group count included."""
     from plugins.moe_experts import group_pairs
     g = torch.Generator().manual_seed(7)
     experts = torch.stack([torch.randperm(n_exp, generator=g)[:k] for _ in range(tokens)]).to(torch.int32)
     experts[: tokens // 2, 0] = 3                        # a hot expert: several groups
-    expect = group_pairs(experts, n_exp, max_group, padded=True)
-    got = group_pairs(experts.cuda(), n_exp, max_group, padded=True)
+    expect = group_pairs(experts, n_exp, max_group)
+    got = group_pairs(experts.cuda(), n_exp, max_group)
+    assert len(got) == len(expect) == 5
     for a, b in zip(got, expect):
         assert torch.equal(a.cpu(), b)
 

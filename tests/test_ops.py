@@ -98,21 +98,6 @@ class _Tiny(torch.nn.Module):
         return torch.ops.dsv4.sparse_attention(q, kv, sink, idx, 0.1)
 
 
-def test_moe_routed_captures_up_to_the_decode_rows_and_past_them_only_on_sm90(monkeypatch):
-    """The rule the runtime asks before capturing a prefill chunk: the decode kernels (up to DECODE_ROWS rows)
-    capture anywhere; past them only the sm_90 wgmma kernels (never on a CPU, nor with them switched off)."""
-    from plugins import moe_experts
-    from plugins.ops import DECODE_ROWS, moe_routed_captures
-    cpu = torch.device("cpu")
-    assert moe_routed_captures(DECODE_ROWS, 6, 256, 4096, 2048, cpu)
-    assert not moe_routed_captures(DECODE_ROWS + 1, 6, 256, 4096, 2048, cpu)
-    monkeypatch.setattr(moe_experts, "on_sm90", lambda x: True)       # as on an H200
-    assert moe_routed_captures(2048, 6, 256, 4096, 2048, cpu)
-    assert not moe_routed_captures(200, 6, 256, 4096, 2048, cpu)       # 4.7 pairs an expert: the grouped kernels
-    monkeypatch.setattr(moe_experts, "WGMMA", moe_experts.WgmmaPaths(prefill=False))
-    assert not moe_routed_captures(2048, 6, 256, 4096, 2048, cpu)
-
-
 def test_layer_through_custom_ops_exports():
     raw, packed, table = _bank(1)
     args = (torch.randn(4, D).to(torch.bfloat16), torch.randint(0, E, (4, 2), dtype=torch.int32), torch.rand(4, 2),

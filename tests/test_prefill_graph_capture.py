@@ -1,24 +1,19 @@
 """Which prefill sizes `ArtifactModel._capture_prefill` captures as CUDA graphs, on the CPU: the capture itself
-(`_captured`) and the device's memory are stood in for, the rule is the runtime's own. On the GPU the same
-code runs in tests/test_artifact_gpu.py."""
-import types
-
+(`_captured`) and the device's memory are stood in for. On the GPU the same code runs in
+tests/test_artifact_gpu.py."""
 import pytest
 import torch
 
-from runtime import artifact as artifact_module
 from runtime.artifact import ArtifactModel
 
 
 def _model(budget_gib, fails=()):
     """An ArtifactModel with buckets 8 and 16 and a 64-token chunk, whose captures only run the captured
     function once (its width: the size) and are recorded; a size in `fails` raises as a capture that
-    synchronises does."""
+    synchronised would."""
     model = ArtifactModel.__new__(ArtifactModel)
     model.prefill_buckets = {8: ["bucket-8"], 16: ["bucket-16"]}
     model.prefill_runs, model.chunk = ["chunk"], 64
-    model.config = types.SimpleNamespace(num_experts_per_tok=6, n_routed_experts=16, hidden_size=256,
-                                         moe_intermediate_size=128)
     model.device, model.batch, model.budget_gib = torch.device("cpu"), 1, budget_gib
     model.prefill_graphs, model.tried, model.resets = {}, [], []
 
@@ -37,28 +32,26 @@ def _model(budget_gib, fails=()):
 
 @pytest.fixture
 def device_gib(monkeypatch):
-    """The MoE captures up to 16 rows (as on a GPU without the wgmma kernels); the device holds
-    device_gib["reserved"] GiB after each capture."""
+    """The device holds device_gib["reserved"] GiB after each capture."""
     held = {"reserved": 1.0}
-    monkeypatch.setattr(artifact_module, "moe_routed_captures", lambda rows, *_: rows <= 16)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: held["reserved"] * 2**30)
     return held
 
 
-def test_sizes_whose_moe_synchronises_are_not_tried(device_gib):
+def test_every_prefill_size_is_captured(device_gib):
     model = _model(budget_gib=4)
     model._capture_prefill()
-    assert model.tried == [8, 16]                               # the 64-token chunk: not even warmed up
-    assert {s: (g[0], g[4]) for s, g in model.prefill_graphs.items()} == {8: ("graph-8", "logits-8"),
-                                                                         16: ("graph-16", "logits-16")}
+    assert model.tried == [8, 16, 64]                           # the buckets and the whole chunk
+    assert {s: (g[0], g[4]) for s, g in model.prefill_graphs.items()} == {
+        8: ("graph-8", "logits-8"), 16: ("graph-16", "logits-16"), 64: ("graph-64", "logits-64")}
 
 
 def test_a_size_that_fails_to_capture_runs_plainly_with_a_one_line_warning(device_gib):
     model = _model(budget_gib=4, fails=(8,))
     with pytest.warns(UserWarning) as caught:
         model._capture_prefill()
-    assert list(model.prefill_graphs) == [16] and model.resets == [1]    # the warm-ups' cache writes undone
+    assert list(model.prefill_graphs) == [16, 64] and model.resets == [1]    # the warm-ups' cache writes undone
     (warning,) = caught
     message = str(warning.message)
     assert "8-token prefill programs run without a CUDA graph" in message
@@ -70,7 +63,7 @@ def test_a_graph_past_the_memory_budget_is_dropped(device_gib):
     model = _model(budget_gib=4)
     with pytest.warns(UserWarning, match="past the recipe's 4"):
         model._capture_prefill()
-    assert model.tried == [8, 16] and model.prefill_graphs == {}
+    assert model.tried == [8, 16, 64] and model.prefill_graphs == {}
     model = _model(budget_gib=None)                             # no budget: nothing dropped
     model._capture_prefill()
-    assert list(model.prefill_graphs) == [8, 16]
+    assert list(model.prefill_graphs) == [8, 16, 64]

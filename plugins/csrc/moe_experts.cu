@@ -237,8 +237,10 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_down(
 
 // ------------------------------------------------------------------ prefill: tokens grouped by expert
 // The decode kernels read each token's experts anew, so a prefill chunk of T tokens would read T x topk
-// experts. Here the host sorts the chunk's (token, slot) pairs by expert and cuts each expert's run into
-// groups of at most `max_group` (<= 8) pairs (plugins/moe_experts.py group_pairs); a group's tokens are the
+// experts. Here the chunk's (token, slot) pairs are sorted by expert and each expert's run cut into groups
+// of at most `max_group` (<= 8) pairs (plugins/moe_experts.py group_pairs: a kernel writes the group table,
+// padded to the most groups the chunk could have, and its group count, which these kernels read after their
+// wait: the host never waits for it, so a CUDA graph captures a whole prefill chunk); a group's tokens are the
 // MMA's B columns, so each weight byte read serves all of them. Every column's products and sums are the
 // decode kernels' (mma_step<8>, the same parts added in the same order), so the outputs equal theirs bit
 // for bit. A CTA runs a contiguous range of items (group, row block): its group, and the group's quantised
@@ -348,14 +350,14 @@ __device__ __forceinline__ void walk_groups(const GroupedWalk& w, uint8_t* smem_
 extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_gate_up_grouped(
     const __nv_bfloat16* __restrict__ x, const int* __restrict__ pairs, const int* __restrict__ g_expert,
     const int* __restrict__ g_start, const int* __restrict__ g_count, const float* __restrict__ route_w,
-    const uint64_t* __restrict__ table, __nv_bfloat16* __restrict__ h, int groups, int topk, int D, int F,
-    float limit, int max_group) {
+    const uint64_t* __restrict__ table, __nv_bfloat16* __restrict__ h, const int* __restrict__ n_groups, int topk,
+    int D, int F, float limit, int max_group) {
   extern __shared__ uint4 smem[];              // the warps' rings, codes [max_group][D], scales [max_group][D / 128]
   __shared__ float partial[8][16][8];
   const int warp = threadIdx.x >> 5, which = warp / PARTS, part = warp % PARTS, nb = D / 32 / PARTS;
   dsv4::pdl_wait();                             // the routing and x come from the kernels before
   dsv4::pdl_launch_dependents();
-  const GroupedWalk w{x, pairs, g_expert, g_start, g_count, table, groups, topk, D, F / 16, nb, max_group, true};
+  const GroupedWalk w{x, pairs, g_expert, g_start, g_count, table, *n_groups, topk, D, F / 16, nb, max_group, true};
   auto job = [&](const GroupCursor& c) {
     return bank_job(c.e, which, c.rb * 16, part * nb + c.s * UB, 0, D, F);
   };
@@ -385,13 +387,13 @@ extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_gate_up_grouped(
 extern "C" __global__ void __launch_bounds__(256, 2) dsv4_moe_down_grouped(
     const __nv_bfloat16* __restrict__ h, const int* __restrict__ pairs, const int* __restrict__ g_expert,
     const int* __restrict__ g_start, const int* __restrict__ g_count, const uint64_t* __restrict__ table,
-    float* __restrict__ ypart, int groups, int D, int F, int max_group) {
+    float* __restrict__ ypart, const int* __restrict__ n_groups, int D, int F, int max_group) {
   extern __shared__ uint4 smem[];              // the warps' rings, codes [max_group][F], scales [max_group][F / 128]
   __shared__ float partial[8][16][8];
   const int warp = threadIdx.x >> 5, half = warp / PARTS, part = warp % PARTS, nb = F / 32 / PARTS;
   dsv4::pdl_wait();                             // h comes from gate_up
   dsv4::pdl_launch_dependents();
-  const GroupedWalk w{h, pairs, g_expert, g_start, g_count, table, groups, 1, F, D / 32, nb, max_group, false};
+  const GroupedWalk w{h, pairs, g_expert, g_start, g_count, table, *n_groups, 1, F, D / 32, nb, max_group, false};
   auto job = [&](const GroupCursor& c) {
     return bank_job(c.e, 2, c.rb * 32 + half * 16, part * nb + c.s * UB, 0, D, F);
   };

@@ -1,9 +1,11 @@
 // The prefill MoE's group table on the GPU (plugins/moe_experts.py group_pairs, its torch form the oracle):
 // a chunk's (token, slot) pairs counted by expert, each expert's run cut into ceil(count / max_group)
 // groups within one pair of each other in size, in expert order; `slots` entries, those past the chunk's
-// groups empty (expert n_experts - 1, start at the end of the pairs, size 0). One launch instead of some
-// forty small torch ops and no host synchronisation: the host time before the first expert kernel was
-// about a sixth of a 4096-token chunk's MoE on the H200.
+// groups empty (expert n_experts - 1, start at the end of the pairs, size 0), and the number of groups in
+// *n_groups, which the grouped kernels read instead of the host. One launch instead of some forty small torch
+// ops and no host synchronisation: the host time before the first expert kernel was about a sixth of a
+// 4096-token chunk's MoE on the H200, and a launch sequence that never waits for the host is one a CUDA
+// graph can capture.
 #include "common.cuh"
 
 namespace {
@@ -39,7 +41,7 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* warp_sums, int* 
 // One CTA of 1024 threads, n_experts <= 1024. experts [pairs] int32 (a chunk's routing, flattened).
 extern "C" __global__ void __launch_bounds__(1024) dsv4_moe_group_table(
     const int* __restrict__ experts, int pairs, int n_experts, int max_group, int slots, int* __restrict__ g_expert,
-    int* __restrict__ g_start, int* __restrict__ g_count) {
+    int* __restrict__ g_start, int* __restrict__ g_count, int* __restrict__ n_groups) {
   __shared__ int count[1024], warp_sums[32], total_pairs, total_groups;
   dsv4::pdl_wait();                             // the routing comes from the launch before
   dsv4::pdl_launch_dependents();
@@ -51,6 +53,7 @@ extern "C" __global__ void __launch_bounds__(1024) dsv4_moe_group_table(
   const int c = e < n_experts ? count[e] : 0, cut = (c + max_group - 1) / max_group;
   const int first_pair = block_exclusive_scan(c, warp_sums, &total_pairs);
   const int first_group = block_exclusive_scan(cut, warp_sums, &total_groups);
+  if (threadIdx.x == 0) *n_groups = total_groups;
   for (int n = 0; n < cut && first_group + n < slots; ++n) {
     const int slot = first_group + n, first = n * c / cut;
     g_expert[slot] = e;
