@@ -54,7 +54,7 @@ class _Config:
         self.vocab_size = raw["vocab_size"]
         self.hc_sinkhorn_iters, self.scoring_func = raw["hc_sinkhorn_iters"], raw["scoring_func"]
         self.num_experts_per_tok = raw["num_experts_per_tok"]
-        self.n_routed_experts, self.moe_intermediate_size = raw["n_routed_experts"], raw["moe_intermediate_size"]
+        self.n_routed_experts = raw["n_routed_experts"]
 
 
 class ArtifactModel:
@@ -193,9 +193,13 @@ class ArtifactModel:
         """Weights, expert slots and caches are all allocated by now: refuse if they exceed the recipe's
         memory budget, rather than run into it mid-generation."""
         used = torch.cuda.memory_allocated(self.device)
-        if self.budget_gib is not None and used > self.budget_gib * 2**30:
+        if self._past_budget(used):
             raise UserError(f"loading took {used / 2**30:.1f} GiB of device memory, above the recipe's budget of "
                             f"{self.budget_gib:g} GiB: run with fewer --expert-slots")
+
+    def _past_budget(self, nbytes: int) -> bool:
+        """Whether `nbytes` of device memory exceed the recipe's memory budget (none: never)."""
+        return self.budget_gib is not None and nbytes > self.budget_gib * 2**30
 
     def reset(self, batch: int = 1) -> None:
         """Empty every cache in place (a captured graph keeps pointing at the same storage)."""
@@ -317,7 +321,7 @@ class ArtifactModel:
                 continue
             torch.cuda.empty_cache()                     # the warm-ups' blocks: the graph has a pool of its own
             reserved = torch.cuda.memory_reserved(self.device)
-            if self.budget_gib is not None and reserved > self.budget_gib * 2**30:
+            if self._past_budget(reserved):
                 del graph, logits                        # its pool goes back; the programs run plainly
                 torch.cuda.empty_cache()
                 warnings.warn(f"the {size}-token prefill programs run without a CUDA graph: its memory would take "

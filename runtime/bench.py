@@ -35,8 +35,7 @@ def copy_bandwidth(device: torch.device | str = "cuda", nbytes: int = 2 << 30, i
 def bytes_per_token(model) -> int:
     """What one decode step reads at least: every chained layer's dense weights, the routed experts a
     token picks in each layer, one embedding row, the head."""
-    raw = json.loads((model.root / "config.json").read_text())
-    k = raw["num_experts_per_tok"]
+    k = model.config.num_experts_per_tok
     bank = json.loads((model.root / "bank.json").read_text())
     total = model.head.numel() * model.head.element_size() + model.embed[0].numel() * model.embed.element_size()
     for run, table, weights, caches in model.layers:
@@ -48,7 +47,7 @@ def bytes_per_token(model) -> int:
 
 def routed_expert_bytes(model) -> int:
     """All routed experts of the chained layers: what an all-resident run keeps on the device."""
-    n = json.loads((model.root / "config.json").read_text())["n_routed_experts"]
+    n = model.config.n_routed_experts
     bank = json.loads((model.root / "bank.json").read_text())
     return sum(n * bank[str(e["layer"])]["expert_bytes"] for e in model.manifest["layers"]
                if e["prefix"].startswith("layers."))
