@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 import plugins
 from plugins.grouped_linear import wo_a_as_bf16
 from runtime.errors import UserError
-from runtime.manifest import write_manifest
+from runtime.manifest import Machine, arch_targeted, write_manifest
 from runtime.trt_support import load_tensorrt
 
 from .backends import trt_program
@@ -177,6 +177,13 @@ def _check_device(recipe: Recipe) -> dict[str, str]:
     if recipe.device == "cuda" and recipe.backend == "aoti" and not torch.cuda.is_available():
         raise UserError("an aoti build for cuda compiles on the GPU it targets: this machine has no CUDA GPU "
                         "(build on the target box, or use a cpu recipe such as recipes/tiny.toml)")
+    if recipe.device == "cuda" and recipe.backend == "aoti":
+        # AOTInductor compiles its generated kernels for this GPU only: an artifact built here for another
+        # architecture would load there and fail in its first program
+        here = Machine.this().gpu_arch
+        if not arch_targeted(recipe.gpu_archs, here):
+            raise UserError(f"an aoti build compiles for the GPU it runs on: this GPU is {here}, the recipe targets "
+                            f"{', '.join(recipe.gpu_archs)} (build on the target box, or set build.gpu_archs)")
     return {}
 
 

@@ -107,6 +107,11 @@ class Machine:
         return Machine(arch, versions)
 
 
+def arch_targeted(archs, gpu_arch: str | None) -> bool:
+    """Whether a GPU of `gpu_arch` ("sm_90") is one of the build targets `archs` ("sm_90a", ...)."""
+    return any(a.rstrip("a") == gpu_arch for a in archs)
+
+
 def _major_minor(version: str) -> str:
     return ".".join(version.split("+")[0].split(".")[:2])
 
@@ -148,7 +153,7 @@ def check_artifact(root: str | Path, machine: Machine | None = None, hashes: boo
     if manifest.get("device") == "cuda":
         if machine.gpu_arch is None:
             problems.append(f"the artifact is built for {', '.join(archs)}; this machine has no CUDA GPU")
-        elif not any(a.rstrip("a") == machine.gpu_arch for a in archs):
+        elif not arch_targeted(archs, machine.gpu_arch):
             problems.append(f"the artifact is built for {', '.join(archs)}; this GPU is {machine.gpu_arch}")
     for name, needed in manifest.get("versions", {}).items():
         have = machine.versions.get(name)

@@ -1,9 +1,12 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from builder.presets import preset
 from builder.recipe import RecipeError, load_recipe, parse_recipe
+from runtime.errors import UserError
+from runtime.manifest import Machine
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -20,6 +23,25 @@ def test_flash_gb10_keeps_about_a_quarter_of_experts_off_device():
     cfg = preset("flash")
     off = 1 - r.expert_slots / (cfg.num_hidden_layers * cfg.n_routed_experts)
     assert 0.2 < off < 0.4 and r.gpu_archs == ("sm_121a",)
+
+
+def test_the_gb10_recipes_differ_only_in_backend_and_prefill_programs():
+    aoti, trt = (load_recipe(RECIPES / f"dsv4-flash-gb10{s}.toml") for s in ("", "-tensorrt"))
+    assert (aoti.backend, trt.backend) == ("aoti", "tensorrt") and aoti.prefill_buckets and not trt.prefill_buckets
+    same = ("source", "device", "gpu_archs", "dtype", "decode_batch_buckets", "prefill_chunk", "max_context",
+            "memory_budget_gib", "expert_slots")
+    assert [getattr(aoti, k) for k in same] == [getattr(trt, k) for k in same]
+
+
+def test_an_aoti_gpu_build_is_refused_on_a_gpu_its_recipe_does_not_target(monkeypatch):
+    """AOTInductor compiles for the GPU it builds on: an sm_121a recipe built on an H200 would load on a GB10
+    and fail there in its first program."""
+    import builder.build as stages
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(stages.Machine, "this", staticmethod(lambda: Machine("sm_90")))
+    with pytest.raises(UserError, match="this GPU is sm_90, the recipe targets sm_121a"):
+        stages._check_device(load_recipe(RECIPES / "dsv4-flash-gb10.toml"))
+    assert stages._check_device(load_recipe(RECIPES / "dsv4-flash-h200.toml")) == {}
 
 
 GOOD = {"model": {"source": "tiny"}, "build": {"backend": "aoti", "device": "cpu"},
