@@ -25,26 +25,41 @@ def prompt_ids(tok: Tokenizer, prompt: str, chat: bool, thinking: bool = False, 
 
 
 @dataclass(frozen=True)
-class Timing:
-    prompt_tokens: int
+class Generation:
+    prompt_tokens: int                # fed this call: the prompt past the prefix already in the caches
     prefill_s: float
     new_tokens: int
     decode_s: float
+    tokens: tuple[int, ...] = ()      # the generated ids, end of sentence excluded
+    finish: str = "length"            # "stop" (end of sentence), "length" (max_new) or "cancelled"
 
     def line(self, what: str) -> str:
         return (f"prefill {self.prompt_tokens} tokens: {self.prompt_tokens / max(self.prefill_s, 1e-9):.1f} tok/s; "
                 f"decode {self.new_tokens} tokens: {self.new_tokens / max(self.decode_s, 1e-9):.1f} tok/s ({what})")
 
+    def fed(self, ids: list[int]) -> list[int]:
+        """The ids whose state the model's caches hold after this generation from prompt `ids`: the prompt and
+        every generated token but the last one drawn (end of sentence included), which no step has taken."""
+        return list(ids) + list(self.tokens if self.finish == "stop" else self.tokens[:-1])
+
 
 def generate(model, tok: Tokenizer, ids: list[int], max_new: int, emit: Callable[[str], None],
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> Timing:
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, start: int = 0,
+             cancelled: Callable[[], bool] = lambda: False) -> Generation:
     """`model` has `forward(ids [1, s], start) -> logits [1, vocab]` (and, an artifact, `decode_greedy`, which
-    greedy decoding takes); each new token's text goes to `emit`."""
+    greedy decoding takes); the new tokens' text goes to `emit` as it completes (a character split over
+    tokens, e.g. a CJK one in byte-level BPE, once whole). `start`: ids[:start] are already in the model's
+    caches (a conversation's earlier turns), so only the rest is prefilled. `cancelled` is asked before each
+    new token."""
+    if not 0 <= start < len(ids):
+        raise ValueError(f"start {start} must leave at least one of the {len(ids)} prompt tokens to feed")
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
-    logits = model.forward(torch.tensor([ids]), 0)
+    logits = model.forward(torch.tensor([ids[start:]]), start)
     prefill = time.time() - t0
-    produced = 0
+    tokens: list[int] = []
+    finish = "length"
+    text = tok.stream()
     t1 = time.time()
     first = sample(logits[0], temperature, top_p, gen)
     if temperature <= 0 and hasattr(model, "decode_greedy"):    # an artifact: the GPU may run a step ahead
@@ -53,10 +68,16 @@ def generate(model, tok: Tokenizer, ids: list[int], max_new: int, emit: Callable
         picks = sampled(model, first, len(ids), max_new, temperature, top_p, gen)
     for nxt in itertools.islice(picks, max(max_new, 0)):   # max_new 0: none, not even the first
         if nxt == tok.eos_id:
+            finish = "stop"
             break
-        produced += 1
-        emit(tok.decode([nxt]))
-    return Timing(len(ids), prefill, produced, time.time() - t1)
+        tokens.append(nxt)
+        piece = text.step(nxt)
+        if piece:
+            emit(piece)
+        if cancelled():
+            finish = "cancelled"
+            break
+    return Generation(len(ids) - start, prefill, len(tokens), time.time() - t1, tuple(tokens), finish)
 
 
 def sampled(model, token: int, position: int, count: int, temperature: float, top_p: float,

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 from .errors import UserError
 
@@ -43,3 +44,19 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special)
+
+    def stream(self) -> "TextStream":
+        """An incremental decoder for generated ids: whole characters only, as they complete."""
+        return TextStream(self.hf)
+
+
+class TextStream:
+    """Text of ids fed one at a time (tokenizers' DecodeStream): `step(id)` is the text that id completes, or
+    None while it ends inside a character (byte-level BPE splits a CJK character over up to three tokens,
+    which decoded alone print as U+FFFD)."""
+
+    def __init__(self, hf: _HFTokenizer):
+        self.hf, self.decoder = hf, DecodeStream(skip_special_tokens=False)
+
+    def step(self, token: int) -> str | None:
+        return self.decoder.step(self.hf, token)

@@ -36,6 +36,9 @@ class Digits:
     def decode(self, ids: list[int]) -> str:
         return "".join(map(str, ids))
 
+    def stream(self):
+        return type("DigitStream", (), {"step": staticmethod(str)})()
+
 
 def run(model, max_new: int) -> list[str]:
     out = []
@@ -58,3 +61,45 @@ def test_no_step_runs_past_the_last_token_wanted():
     greedy = NextTokenGreedy()
     run(greedy, 2)
     assert greedy.calls == [0, ("greedy", 1)]
+
+
+class Scripted:
+    """A model that draws `script` in order, whatever it is fed; records (ids, start) of each forward."""
+
+    def __init__(self, script: list[int], vocab: int):
+        self.script, self.vocab, self.calls = list(script), vocab, []
+
+    def forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        self.calls.append((ids[0].tolist(), start))
+        logits = torch.zeros(1, self.vocab)
+        logits[0, self.script.pop(0)] = 1.0
+        return logits
+
+
+def test_a_cached_prefix_is_not_fed_again_and_fed_names_what_the_caches_hold():
+    model = Scripted([4, 5, EOS], 10)
+    done = generate(model, Digits(), [1, 2, 3], 10, lambda text: None, start=2)
+    assert model.calls == [([3], 2), ([4], 3), ([5], 4)]            # the prompt past the prefix, then each token
+    assert (done.prompt_tokens, done.tokens, done.finish) == (1, (4, 5), "stop")
+    assert done.fed([1, 2, 3]) == [1, 2, 3, 4, 5]                    # end of sentence drawn, never fed
+    short = generate(Scripted([4, 5], 10), Digits(), [1, 2, 3], 2, lambda text: None)
+    assert (short.finish, short.fed([1, 2, 3])) == ("length", [1, 2, 3, 4])   # the last token drawn is not fed
+
+
+def test_a_cancelled_generation_stops_after_the_token_it_was_asked_at():
+    model = Scripted([4, 5, 6, 7], 10)
+    done = generate(model, Digits(), [1], 10, lambda text: None, cancelled=lambda: len(model.calls) == 2)
+    assert (done.tokens, done.finish, done.fed([1])) == ((4, 5), "cancelled", [1, 4])
+
+
+def test_streamed_text_holds_whole_characters_only(tiny_dir):
+    """Byte-level BPE splits a CJK character over several tokens: each streamed piece is whole text (a token
+    decoded alone printed U+FFFD) and the pieces add up to the text."""
+    from runtime.tokenizer import Tokenizer
+    tok = Tokenizer(tiny_dir)
+    text = "深度求索 says héllo"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)          # the case this guards
+    pieces = []
+    generate(Scripted(ids + [tok.eos_id], tok.vocab_size), tok, [tok.bos_id], 50, pieces.append)
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
