@@ -349,6 +349,38 @@ def _pager_line(pager) -> str:
             f"({pager.waited_again} of them experts a prediction had evicted)")
 
 
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--name", help="The model name clients see and send (default: the artifact's model id).")
+@click.option("--device", default="auto", show_default=True, help="auto = what the artifact was compiled for.")
+@click.option("--eager", is_flag=True, help="Run the layer programs eagerly instead of the compiled ones.")
+@click.option("--no-graphs", is_flag=True, help="On a GPU: launch every step from the host instead of replaying "
+              "CUDA graphs.")
+@click.option("--expert-slots", type=click.IntRange(0), default=None,
+              help="Routed experts kept in device slots; the rest are paged (default: the recipe's; 0 = all).")
+def serve(artifact, host, port, name, device, eager, no_graphs, expert_slots) -> None:
+    """Serve an artifact over HTTP with OpenAI's API: POST /v1/chat/completions and /v1/completions (whole
+    or streamed), GET /v1/models. One request runs at a time; the others wait their turn. A chat's next turn
+    is prefilled from where the last one ended when its prompt extends it. Thinking mode:
+    `chat_template_kwargs: {"thinking": true}`; its thinking comes back as `reasoning_content`. Needs the
+    serve extra: pip install -e '.[serve]'."""
+    try:
+        import uvicorn
+
+        from runtime.server import Engine, make_app
+    except ImportError as e:
+        raise UserError(f"dsv4 serve needs {e.name}: pip install -e '.[serve]'") from None
+    from runtime.tokenizer import Tokenizer
+    model = _open_artifact(artifact, device, eager, graphs=not no_graphs, expert_slots=expert_slots)
+    name = name or model.manifest.get("model_id", artifact.name)
+    engine = Engine(model, Tokenizer(artifact), log=lambda line: click.echo(line, err=True))
+    click.echo(f"serving {artifact} as {name!r} on http://{host}:{port}/v1 ({model.backend} on {model.device}, "
+               f"context {model.max_len} tokens)", err=True)
+    uvicorn.run(make_app(engine, name), host=host, port=port, log_level="warning")
+
+
 @cli.command("bench")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--compare", "compare_with", type=click.Choice(["eager", "none"]), default="eager", show_default=True,

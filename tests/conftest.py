@@ -1,4 +1,6 @@
 import shutil
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,17 @@ def pytest_collection_modifyitems(config, items):
 def tiny_dir(tmp_path_factory):
     """The embedded tiny model, synthesised once per test session."""
     return write_synthetic(preset_json("tiny"), tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def built(tiny_dir, tmp_path_factory):
+    """recipes/tiny.toml built once per test session: (artifact folder, build seconds, build summary)."""
+    from builder.build import build
+    from builder.recipe import load_recipe
+    out = tmp_path_factory.mktemp("art") / "tiny"
+    t0 = time.time()
+    summary = build(load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml"), tiny_dir, out)
+    return out, time.time() - t0, summary
 
 
 @pytest.fixture(scope="session")

@@ -18,15 +18,7 @@ from runtime.manifest import ArtifactError
 
 from helpers import count_bucket_runs, greedy_both_ways
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml"
-
-
-@pytest.fixture(scope="module")
-def built(tiny_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("art") / "tiny"
-    t0 = time.time()
-    summary = build(load_recipe(RECIPE), tiny_dir, out)
-    return out, time.time() - t0, summary
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml"    # what conftest's `built` builds
 
 
 @pytest.mark.slow

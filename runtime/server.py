@@ -1,0 +1,370 @@
+"""An OpenAI-compatible HTTP server over one loaded artifact (`dsv4 serve`).
+
+POST /v1/chat/completions and /v1/completions, whole or streamed as server-sent events; GET /v1/models and
+/health. The model serves one request at a time (decode batch 1) on a worker thread that owns it; the others
+wait their turn in arrival order. A conversation's next turn starts where the last one ended when its prompt
+extends the ids the caches hold (usage.prompt_tokens_details.cached_tokens counts those not fed again), so a
+chat client that resends the whole history pays only for the new turn's prefill.
+
+DeepSeek conventions: `chat_template_kwargs: {"thinking": true}` opens the answer with <think>, and the
+thinking comes back as `reasoning_content` beside `content` (as DeepSeek's API and vLLM give it).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .chat import Message, render
+from .errors import UserError
+from .generate import Generation, generate
+from .tokenizer import END_THINK, Tokenizer
+
+
+class BadRequest(Exception):
+    """A request the server refuses: HTTP 400 with OpenAI's error body naming the parameter."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class EngineError(RuntimeError):
+    """The model failed during a request (its message)."""
+
+
+@dataclass
+class Job:
+    """One request's generation, handed to the worker; its results come back on `out` in the server's loop."""
+    text: str                         # the prompt (a chat rendered)
+    max_new: int
+    temperature: float
+    top_p: float
+    seed: int
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False           # set by the server (client gone, a stop string met), read by the worker
+
+    def put(self, kind: str, value: Any) -> None:
+        """From the worker thread: ("text", piece), ("done", Done) or ("error", message)."""
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
+        except RuntimeError:          # the server's loop is closed: nobody is listening
+            self.cancelled = True
+
+
+@dataclass(frozen=True)
+class Done:
+    generation: Generation
+    prompt_tokens: int                # the prompt's ids as fed: the cached ones, then the rest
+    cached: int                       # of them already in the caches
+
+
+class Engine:
+    """The model and its tokenizer on a worker thread, one job at a time. It keeps the ids its caches hold
+    and their text: a prompt that extends that text (a chat's next turn: the last prompt, the answer as it was
+    streamed, then the new turn) feeds only the rest, after the very ids the model saw. Matching on text
+    rather than on ids spares a re-encoding of the answer, which need not give back the ids generated."""
+
+    def __init__(self, model, tok: Tokenizer, log: Callable[[str], None] = lambda line: None):
+        self.model, self.tok, self.log = model, tok, log
+        self.fed: list[int] = []      # the ids whose state the caches hold, from position 0
+        self.fed_text = ""            # their text
+        self.jobs: queue.Queue[Job] = queue.Queue()
+        threading.Thread(target=self._work, name="dsv4-engine", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job.cancelled:
+                job.put("done", None)
+                continue
+            try:
+                job.put("done", self._run(job))
+            except Exception as e:    # the caches' state is unknown: the next request starts afresh
+                self.fed, self.fed_text = [], ""
+                job.put("error", f"{type(e).__name__}: {e}")
+
+    def _run(self, job: Job) -> Done:
+        if self.fed and len(job.text) > len(self.fed_text) and job.text.startswith(self.fed_text):
+            ids, start = self.fed + self.tok.encode(job.text[len(self.fed_text):]), len(self.fed)
+        else:
+            ids, start = self.tok.encode(job.text), 0
+            self.model.reset(1)
+        room = self.model.max_len - len(ids)
+        if room < 1:
+            raise UserError(f"the prompt ({len(ids)} tokens) exceeds the model's context of {self.model.max_len}")
+        self.fed, self.fed_text = [], ""   # until the generation ends, what the caches hold is not known
+        done = generate(self.model, self.tok, ids, min(job.max_new, room), lambda piece: job.put("text", piece),
+                        job.temperature, job.top_p, job.seed, start=start, cancelled=lambda: job.cancelled)
+        self.fed = done.fed(ids)
+        self.fed_text = job.text + self.tok.decode(self.fed[len(ids):])
+        self.log(done.line(f"{start} prompt tokens cached, {done.finish}"))
+        return Done(done, len(ids), start)
+
+
+class StopStrings:
+    """Cuts streamed text at the first of `stops`: text that may begin a stop string is held back until the
+    next piece settles it."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.held, self.hit = [s for s in stops if s], "", False
+
+    def feed(self, piece: str) -> str:
+        """The part of `piece` (after what was held) that can be shown now; nothing once a stop string is met."""
+        if self.hit:
+            return ""
+        text = self.held + piece
+        at = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if at >= 0:
+            self.hit, self.held = True, ""
+            return text[:at]
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+class Split:
+    """Routes an answer's text to reasoning_content until </think> (thinking mode), then to content, where the
+    stop strings apply."""
+
+    def __init__(self, thinking: bool, stops: list[str]):
+        self.thinking, self.stop = thinking, StopStrings(stops)
+
+    def feed(self, piece: str) -> list[tuple[str, str]]:
+        parts = []
+        if self.thinking:
+            if END_THINK not in piece:
+                return [("reasoning_content", piece)] if piece else []
+            before, piece = piece.split(END_THINK, 1)
+            self.thinking = False
+            parts.append(("reasoning_content", before))
+        parts.append(("content", self.stop.feed(piece)))
+        return [(k, v) for k, v in parts if v]
+
+    def flush(self) -> list[tuple[str, str]]:
+        rest = self.stop.flush()
+        return [("content", rest)] if rest else []
+
+
+# Request bodies: the OpenAI fields this server honours; others clients commonly send are accepted and
+# ignored, and those whose meaning it cannot give (several choices, log-probabilities, tools) are refused.
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    logprobs: bool | int | None = None
+
+    def refuse_unsupported(self) -> None:
+        if self.n != 1:
+            raise BadRequest("only n = 1 is supported", "n")
+        if self.logprobs:
+            raise BadRequest("logprobs are not supported", "logprobs")
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str = ""
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | list[_Part] | None = None
+    reasoning_content: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            if any(p.type != "text" for p in self.content):
+                raise BadRequest("only text content parts are supported", "messages")
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatRequest(_Request):
+    messages: list[_Message]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    chat_template_kwargs: dict[str, Any] = {}
+    tools: list[Any] | None = None
+
+
+class CompletionRequest(_Request):
+    prompt: str
+
+
+def make_app(engine: Engine, model_name: str) -> FastAPI:
+    """The HTTP application over `engine`, which answers to `model_name`."""
+    app = FastAPI(title="dsv4-aot", description="OpenAI-compatible server over one DeepSeek V4 artifact")
+    tok, max_len, created = engine.tok, engine.model.max_len, int(time.time())
+
+    def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"] if p != "body")
+        return error(400, f"{param}: {first['msg']}", param)
+
+    @app.exception_handler(BadRequest)
+    async def refused(request: Request, exc: BadRequest):
+        return error(400, str(exc), exc.param)
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, exc: UserError):
+        return error(400, str(exc))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "dsv4-aot", "max_model_len": max_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest):
+        req.refuse_unsupported()
+        if req.tools:
+            raise BadRequest("tools are not supported", "tools")
+        thinking = bool(req.chat_template_kwargs.get("thinking", False))
+        messages = [Message(m.role, m.text(), m.reasoning_content or "") for m in req.messages]
+        return await answer(req, render(messages, thinking=thinking), req.max_completion_tokens or req.max_tokens,
+                            thinking, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        req.refuse_unsupported()
+        return await answer(req, req.prompt, req.max_tokens, False, chat=False)
+
+    async def answer(req: _Request, text: str, max_new: int | None, thinking: bool, chat: bool):
+        ids = tok.encode(text)        # to check the context here; the worker may feed a prefix's own ids
+        if not ids:
+            raise BadRequest("the prompt encodes to no tokens", "prompt")
+        room = max_len - len(ids)
+        if room < 1 or (max_new is not None and max_new > room):
+            asked = "" if max_new is None else f" + {max_new} new"
+            raise BadRequest(f"the prompt ({len(ids)} tokens){asked} exceeds the model's context of {max_len} "
+                             "tokens", "messages" if chat else "prompt")
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        seed = req.seed if req.seed is not None else secrets.randbits(31)
+        job = Job(text, max_new or room, req.temperature, req.top_p, seed, asyncio.get_running_loop())
+        reply = Reply(chat, model_name, Split(thinking, stops), len(ids))
+        engine.jobs.put(job)
+        if req.stream:
+            usage = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(reply.events(job, usage), media_type="text/event-stream")
+        try:
+            async for _ in reply.parts(job):
+                pass
+        except EngineError as e:      # the model failed: the message, and a fresh start for the next request
+            return error(500, str(e), kind="server_error")
+        finally:
+            job.cancelled = True      # a handler cancelled midway leaves the worker nothing to do
+        return reply.whole()
+
+    return app
+
+
+class Reply:
+    """One request's answer as it arrives from the worker, whole or as OpenAI stream chunks."""
+
+    def __init__(self, chat: bool, model: str, split: Split, prompt_tokens: int):
+        self.chat, self.model, self.split, self.prompt_tokens = chat, model, split, prompt_tokens
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.text: dict[str, str] = {"reasoning_content": "", "content": ""}
+        self.finish, self.done = "stop", None
+
+    async def parts(self, job: Job) -> AsyncIterator[tuple[str, str]]:
+        """(field, text) pieces as the worker makes them; afterwards `finish` and `done` are set."""
+        while True:
+            kind, value = await job.out.get()
+            if kind == "error":
+                raise EngineError(value)
+            if kind == "done":
+                break
+            for part in self.split.feed(value):
+                self.text[part[0]] += part[1]
+                yield part
+            if self.split.stop.hit:
+                job.cancelled = True  # the worker stops at its next token; its text is dropped
+        for part in self.split.flush():
+            self.text[part[0]] += part[1]
+            yield part
+        if value is not None:
+            self.done = value
+            self.finish = "length" if value.generation.finish == "length" and not self.split.stop.hit else "stop"
+
+    def usage(self) -> dict:
+        prompt, new, cached = ((self.done.prompt_tokens, self.done.generation.new_tokens, self.done.cached)
+                               if self.done else (self.prompt_tokens, 0, 0))
+        return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new,
+                "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def _object(self, chunk: bool) -> dict:
+        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def whole(self) -> dict:
+        if self.chat:
+            message = {"role": "assistant", "content": self.text["content"]}
+            if self.text["reasoning_content"]:
+                message["reasoning_content"] = self.text["reasoning_content"]
+            choice = {"index": 0, "message": message, "finish_reason": self.finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": self.text["content"], "finish_reason": self.finish, "logprobs": None}
+        return {**self._object(False), "choices": [choice], "usage": self.usage()}
+
+    def _chunk(self, delta: dict, finish: str | None = None) -> str:
+        choice = {"index": 0, "finish_reason": finish, "logprobs": None}
+        choice |= {"delta": delta} if self.chat else {"text": delta.get("content", "")}
+        return self._event({**self._object(True), "choices": [choice]})
+
+    @staticmethod
+    def _event(body: dict | str) -> str:
+        return f"data: {body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)}\n\n"
+
+    async def events(self, job: Job, usage: bool) -> AsyncIterator[str]:
+        """The answer as server-sent events: a first chunk (the assistant's role), one per piece of text, one
+        with the finish reason, the usage when asked for, then [DONE]. A client gone cancels the job."""
+        try:
+            if self.chat:
+                yield self._chunk({"role": "assistant", "content": ""})
+            try:
+                async for name, text in self.parts(job):
+                    yield self._chunk({name: text})
+            except EngineError as e:
+                yield self._event({"error": {"message": str(e), "type": "server_error", "param": None,
+                                             "code": None}})
+                return
+            yield self._chunk({}, self.finish)
+            if usage:
+                yield self._event({**self._object(True), "choices": [], "usage": self.usage()})
+            yield self._event("[DONE]")
+        finally:
+            job.cancelled = True

@@ -1,0 +1,136 @@
+"""`dsv4 serve`'s application on the tiny CPU artifact, through FastAPI's test client. The artifact is float32,
+where prefill and decode agree bit for bit, so a conversation continued from the caches must answer exactly
+what a fresh prefill of the same prompt answers."""
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from runtime.artifact import ArtifactModel
+from runtime.chat import Message, render
+from runtime.generate import generate
+from runtime.server import Engine, StopStrings, make_app
+from runtime.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def served(built):
+    """(client, expected): the app over one loaded artifact, and a second model answering plainly."""
+    out = built[0]
+    tok = Tokenizer(out)
+    plain = ArtifactModel(out)
+
+    def expected(prompt: str | list[int], max_new: int):
+        """Greedy generation from `prompt` (text or ids) on a fresh cache: (answer, Generation, its ids)."""
+        ids = tok.encode(prompt) if isinstance(prompt, str) else prompt
+        plain.reset(1)
+        pieces = []
+        done = generate(plain, tok, ids, max_new, pieces.append)
+        return "".join(pieces), done, ids
+
+    with TestClient(make_app(Engine(ArtifactModel(out), tok), "tiny")) as client:
+        yield client, expected, tok
+
+
+def chat(client, messages, **body):
+    r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": messages, "temperature": 0, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def events(client, path, body) -> list:
+    with client.stream("POST", path, json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def test_a_chat_completion_is_the_greedy_answer_to_its_rendered_prompt(served):
+    client, expected, tok = served
+    body = chat(client, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+                max_tokens=12)
+    text, done, _ = expected(render([Message("system", "Be brief."), Message("user", "Hello")]), 12)
+    choice = body["choices"][0]
+    assert body["object"] == "chat.completion" and body["model"] == "tiny"
+    assert choice["message"] == {"role": "assistant", "content": text}
+    assert choice["finish_reason"] == ("length" if done.finish == "length" else "stop")
+    assert body["usage"]["completion_tokens"] == done.new_tokens > 0
+
+
+def test_streamed_chunks_add_up_to_the_whole_answer(served):
+    client, _, _ = served
+    messages = [{"role": "user", "content": "Tell me more"}]
+    whole = chat(client, messages, max_tokens=10)
+    chunks = events(client, "/v1/chat/completions", {"messages": messages, "temperature": 0, "max_tokens": 10,
+                                                     "stream": True, "stream_options": {"include_usage": True}})
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finish == [whole["choices"][0]["finish_reason"]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
+
+
+def test_the_next_turn_is_prefilled_from_where_the_last_one_ended(served):
+    """The next turn feeds the ids the model generated (not the answer's text encoded again, which byte-level
+    BPE need not give back), then the rest of the prompt; its answer is that of a fresh prefill of those ids."""
+    client, expected, tok = served
+    first = [{"role": "user", "content": "Hi there"}]
+    answer = chat(client, first, max_tokens=8)["choices"][0]["message"]["content"]
+    turn = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
+    body = chat(client, turn, max_tokens=8)
+    before = render([Message("user", "Hi there")])
+    again, done, ids = expected(before, 8)
+    assert again == answer
+    fed = done.fed(ids)
+    text = render([Message("user", "Hi there"), Message("assistant", answer), Message("user", "And then?")])
+    rest = tok.encode(text[len(before) + len(tok.decode(fed[len(ids):])):])
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == len(fed)
+    assert body["usage"]["prompt_tokens"] == len(fed) + len(rest)
+    assert body["choices"][0]["message"]["content"] == expected(fed + rest, 8)[0]
+    other = chat(client, [{"role": "user", "content": "Something else"}], max_tokens=4)   # not a continuation
+    assert other["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def test_a_completion_streams_text_and_stops_at_a_stop_string(served):
+    client, expected, tok = served
+    text = expected("Once upon", 16)[0]
+    assert len(text) > 4
+    stop = text[2:4]                                   # cut inside the answer
+    body = client.post("/v1/completions", json={"prompt": "Once upon", "temperature": 0, "max_tokens": 16,
+                                                "stop": [stop]}).json()
+    assert body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == text[:text.find(stop)] and body["choices"][0]["finish_reason"] == "stop"
+    chunks = events(client, "/v1/completions", {"prompt": "Once upon", "temperature": 0, "max_tokens": 16,
+                                                "stop": stop, "stream": True})
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text[:text.find(stop)]
+
+
+def test_stop_strings_hold_back_what_may_begin_one():
+    s = StopStrings(["END", "xyz"])
+    assert s.feed("abcE") == "abc" and s.feed("N") == "" and s.feed("ding") == "ENding" and not s.hit
+    assert s.feed("..EN") == ".." and s.feed("D!") == "" and s.hit and s.feed("more") == "" and s.flush() == ""
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, None),
+    ({}, "messages"),
+], ids=["n", "temperature", "context", "tools", "role", "missing"])
+def test_bad_requests_are_refused_with_openai_errors(served, body, param):
+    client, _, _ = served
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"] and error["param"] == param
+
+
+def test_models_lists_the_served_name(served):
+    client, _, _ = served
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny"] and models["data"][0]["max_model_len"] > 0
+    assert client.get("/health").json() == {"status": "ok"}
