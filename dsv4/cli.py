@@ -349,6 +349,67 @@ def _pager_line(pager) -> str:
             f"({pager.waited_again} of them experts a prediction had evicted)")
 
 
+@cli.command("chat")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--system", default="", help="System message.")
+@click.option("--thinking", is_flag=True, help="Thinking mode: each answer opens with <think>.")
+@click.option("--max-new", type=click.IntRange(1), default=1024, show_default=True, help="Most tokens an answer takes.")
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto = what the artifact was compiled for.")
+@click.option("--eager", is_flag=True, help="Run the layer programs eagerly instead of the compiled ones.")
+@click.option("--no-graphs", is_flag=True, help="On a GPU: launch every step from the host instead of replaying "
+              "CUDA graphs.")
+@click.option("--expert-slots", type=click.IntRange(0), default=None,
+              help="Routed experts kept in device slots; the rest are paged (default: the recipe's; 0 = all).")
+def chat_cmd(artifact, system, thinking, max_new, temperature, top_p, seed, device, eager, no_graphs,
+             expert_slots) -> None:
+    """Chat with an artifact in the terminal. Each answer streams as it is generated; the conversation stays in
+    the model's caches, so a turn prefills only itself (thinking mode excepted: the template drops earlier
+    reasoning). /reset starts a new conversation, /bye or Ctrl-D ends, Ctrl-C stops an answer."""
+    from runtime.chat import Message, render
+    from runtime.generate import Conversation
+    from runtime.tokenizer import END_THINK, Tokenizer
+    try:
+        __import__("readline")        # line editing and history for input(), where the platform has it
+    except ImportError:
+        pass
+    model = _open_artifact(artifact, device, eager, graphs=not no_graphs, expert_slots=expert_slots)
+    conversation = Conversation(model, Tokenizer(artifact))
+    opening = [Message("system", system)] if system else []
+    messages = list(opening)
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except EOFError:
+            break
+        if line in ("/bye", "/exit"):
+            break
+        if line == "/reset":
+            messages = list(opening)
+            continue
+        if not line:
+            continue
+        messages.append(Message("user", line))
+        shown: list[str] = []
+
+        def emit(piece: str) -> None:
+            shown.append(piece)
+            click.echo(piece, nl=False)
+        try:
+            done, _, cached = conversation.generate(render(messages, thinking=thinking), max_new, emit, temperature,
+                                                    top_p, seed + len(messages))
+            status = done.line(f"{cached} prompt tokens cached")
+        except KeyboardInterrupt:     # what the caches hold is not known: the next turn is prefilled afresh
+            conversation.forget()
+            status = "stopped"
+        click.echo()
+        click.echo(status, err=True)
+        reasoning, _, content = "".join(shown).rpartition(END_THINK) if thinking else ("", "", "".join(shown))
+        messages.append(Message("assistant", content, reasoning))
+
+
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")

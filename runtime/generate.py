@@ -87,3 +87,42 @@ def sampled(model, token: int, position: int, count: int, temperature: float, to
         yield token
         if i + 1 < count:
             token = sample(model.forward(torch.tensor([[token]]), position + i)[0], temperature, top_p, gen)
+
+
+class Conversation:
+    """A model's caches and the text they hold. Generation from a prompt that extends that text (a chat's next
+    turn: the last prompt, the answer as streamed, then the new turn) feeds only the rest, after the very ids
+    the model saw; any other prompt starts from empty caches. Matching on text rather than on ids spares
+    encoding the answer again, which need not give back the ids generated. `model` also has `reset(batch)`
+    and `max_len` (an artifact)."""
+
+    def __init__(self, model, tok: Tokenizer):
+        self.model, self.tok = model, tok
+        self.fed: list[int] = []      # the ids whose state the caches hold, from position 0
+        self.text = ""                # their text
+
+    def generate(self, text: str, max_new: int, emit: Callable[[str], None], temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, cancelled: Callable[[], bool] = lambda: False
+                 ) -> tuple[Generation, int, int]:
+        """(the generation, the prompt's ids as fed, how many of them the caches already held), up to `max_new`
+        tokens or the context's end."""
+        if self.fed and len(text) > len(self.text) and text.startswith(self.text):
+            ids, start = self.fed + self.tok.encode(text[len(self.text):]), len(self.fed)
+        else:
+            ids, start = self.tok.encode(text), 0
+            self.model.reset(1)
+        if not ids:
+            raise UserError("the prompt encodes to no tokens")
+        room = self.model.max_len - len(ids)
+        if room < 1:
+            raise UserError(f"the prompt ({len(ids)} tokens) exceeds the model's context of {self.model.max_len}")
+        self.forget()                 # until the generation ends, what the caches hold is not known
+        done = generate(self.model, self.tok, ids, min(max_new, room), emit, temperature, top_p, seed,
+                        start=start, cancelled=cancelled)
+        self.fed = done.fed(ids)
+        self.text = text + self.tok.decode(self.fed[len(ids):])
+        return done, len(ids), start
+
+    def forget(self) -> None:
+        """The caches' state is not known (a failed or interrupted generation): the next prompt starts afresh."""
+        self.fed, self.text = [], ""

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .chat import Message, render
 from .errors import UserError
-from .generate import Generation, generate
+from .generate import Conversation, Generation
 from .tokenizer import END_THINK, Tokenizer
 
 
@@ -41,7 +41,11 @@ class BadRequest(Exception):
 
 
 class EngineError(RuntimeError):
-    """The model failed during a request (its message)."""
+    """A request failed in the worker: its HTTP status (400: the request's fault, 500: the model's) and message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -57,7 +61,7 @@ class Job:
     cancelled: bool = False           # set by the server (client gone, a stop string met), read by the worker
 
     def put(self, kind: str, value: Any) -> None:
-        """From the worker thread: ("text", piece), ("done", Done) or ("error", message)."""
+        """From the worker thread: ("text", piece), ("done", Done) or ("error", (HTTP status, message))."""
         try:
             self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
         except RuntimeError:          # the server's loop is closed: nobody is listening
@@ -72,15 +76,11 @@ class Done:
 
 
 class Engine:
-    """The model and its tokenizer on a worker thread, one job at a time. It keeps the ids its caches hold
-    and their text: a prompt that extends that text (a chat's next turn: the last prompt, the answer as it was
-    streamed, then the new turn) feeds only the rest, after the very ids the model saw. Matching on text
-    rather than on ids spares a re-encoding of the answer, which need not give back the ids generated."""
+    """A model's `Conversation` on a worker thread, one job at a time."""
 
     def __init__(self, model, tok: Tokenizer, log: Callable[[str], None] = lambda line: None):
         self.model, self.tok, self.log = model, tok, log
-        self.fed: list[int] = []      # the ids whose state the caches hold, from position 0
-        self.fed_text = ""            # their text
+        self.conversation = Conversation(model, tok)
         self.jobs: queue.Queue[Job] = queue.Queue()
         threading.Thread(target=self._work, name="dsv4-engine", daemon=True).start()
 
@@ -92,26 +92,18 @@ class Engine:
                 continue
             try:
                 job.put("done", self._run(job))
+            except UserError as e:    # the request's own fault (e.g. past the context), found in the worker
+                job.put("error", (400, str(e)))
             except Exception as e:    # the caches' state is unknown: the next request starts afresh
-                self.fed, self.fed_text = [], ""
-                job.put("error", f"{type(e).__name__}: {e}")
+                self.conversation.forget()
+                job.put("error", (500, f"{type(e).__name__}: {e}"))
 
     def _run(self, job: Job) -> Done:
-        if self.fed and len(job.text) > len(self.fed_text) and job.text.startswith(self.fed_text):
-            ids, start = self.fed + self.tok.encode(job.text[len(self.fed_text):]), len(self.fed)
-        else:
-            ids, start = self.tok.encode(job.text), 0
-            self.model.reset(1)
-        room = self.model.max_len - len(ids)
-        if room < 1:
-            raise UserError(f"the prompt ({len(ids)} tokens) exceeds the model's context of {self.model.max_len}")
-        self.fed, self.fed_text = [], ""   # until the generation ends, what the caches hold is not known
-        done = generate(self.model, self.tok, ids, min(job.max_new, room), lambda piece: job.put("text", piece),
-                        job.temperature, job.top_p, job.seed, start=start, cancelled=lambda: job.cancelled)
-        self.fed = done.fed(ids)
-        self.fed_text = job.text + self.tok.decode(self.fed[len(ids):])
-        self.log(done.line(f"{start} prompt tokens cached, {done.finish}"))
-        return Done(done, len(ids), start)
+        done, prompt, cached = self.conversation.generate(
+            job.text, job.max_new, lambda piece: job.put("text", piece), job.temperature, job.top_p, job.seed,
+            cancelled=lambda: job.cancelled)
+        self.log(done.line(f"{cached} prompt tokens cached, {done.finish}"))
+        return Done(done, prompt, cached)
 
 
 class StopStrings:
@@ -281,8 +273,8 @@ def make_app(engine: Engine, model_name: str) -> FastAPI:
         try:
             async for _ in reply.parts(job):
                 pass
-        except EngineError as e:      # the model failed: the message, and a fresh start for the next request
-            return error(500, str(e), kind="server_error")
+        except EngineError as e:
+            return error(e.status, str(e), kind="invalid_request_error" if e.status == 400 else "server_error")
         finally:
             job.cancelled = True      # a handler cancelled midway leaves the worker nothing to do
         return reply.whole()
@@ -305,7 +297,7 @@ class Reply:
         while True:
             kind, value = await job.out.get()
             if kind == "error":
-                raise EngineError(value)
+                raise EngineError(*value)
             if kind == "done":
                 break
             for part in self.split.feed(value):
@@ -359,8 +351,8 @@ class Reply:
                 async for name, text in self.parts(job):
                     yield self._chunk({name: text})
             except EngineError as e:
-                yield self._event({"error": {"message": str(e), "type": "server_error", "param": None,
-                                             "code": None}})
+                kind = "invalid_request_error" if e.status == 400 else "server_error"
+                yield self._event({"error": {"message": str(e), "type": kind, "param": None, "code": None}})
                 return
             yield self._chunk({}, self.finish)
             if usage:
