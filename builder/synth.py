@@ -123,14 +123,14 @@ def write_synthetic(config_json: dict[str, Any], out: str | Path, seed: int = 0,
         g = torch.Generator(device).manual_seed(seed)
         weight_map, total = {}, 0
         n = len(groups)
-        for i, (group, specs) in enumerate(groups.items()):
+        for i, specs in enumerate(groups.values()):
             shard = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             tensors = _tensors(cfg, specs, g, routing_skew)
             save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in tensors.values())
             weight_map.update({name: shard for name in tensors})
             if progress:
-                progress(group, i + 1, n)
+                progress("writing shards", i + 1, n)
         (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                  indent=2))
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2))

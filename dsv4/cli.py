@@ -4,6 +4,7 @@ User mistakes (bad paths, bad flags, damaged files) end with one line on stderr 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -24,6 +25,22 @@ def _device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but this machine has no CUDA GPU")
     return name
+
+
+@contextlib.contextmanager
+def _progress_bar():
+    """A transient bar on stderr for each stage of a long step (synth, build, load, verify); yields the
+    `progress(stage, done, total)` callback they report through (runtime.manifest.Progress)."""
+    from rich.console import Console
+    from rich.progress import Progress
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+        yield progress
 
 
 def _load_reference(checkpoint: Path | None, device: str, dtype: str, max_len: int):
@@ -60,8 +77,10 @@ def _open_artifact(artifact: Path, device: str = "auto", eager: bool = False, gr
         chunk = manifest["recipe"]["prefill_chunk"]
         programs = lambda layer: make_program(cfg, layer, act, max_len)  # noqa: E731
         prefill = lambda layer: make_prefill_program(cfg, layer, act, max_len, chunk)  # noqa: E731
-    return ArtifactModel(artifact, _device(device), programs=programs, graphs=graphs and device.startswith("cuda"),
-                         expert_slots=expert_slots, prefill=prefill, prefetch=prefetch)
+    with _progress_bar() as progress:
+        return ArtifactModel(artifact, _device(device), programs=programs,
+                             graphs=graphs and device.startswith("cuda"), expert_slots=expert_slots, prefill=prefill,
+                             prefetch=prefetch, progress=progress)
 
 
 def ensure_tiny() -> Path:
@@ -104,8 +123,6 @@ def synth(model: str, config_file: Path | None, layers: int | None, seed: int, o
 
     Weights are random but realistically scaled; FP8 and MXFP4 tensors are packed exactly as DeepSeek's.
     """
-    from rich.progress import Progress
-
     from builder.config import ConfigError, parse_config
     from builder.presets import preset_json
     from builder.synth import write_synthetic
@@ -125,10 +142,8 @@ def synth(model: str, config_file: Path | None, layers: int | None, seed: int, o
     except (RuntimeError, ValueError, AssertionError) as e:     # AssertionError: a torch built without CUDA
         raise UserError(f"--device {device}: {str(e).splitlines()[0]}") from None
     t0 = time.time()
-    with Progress(transient=True) as bar:
-        task = bar.add_task("writing shards", total=None)
-        write_synthetic(raw, out, seed=seed, device=device, routing_skew=routing_skew,
-                        progress=lambda group, i, n: bar.update(task, completed=i, total=n, description=group))
+    with _progress_bar() as progress:
+        write_synthetic(raw, out, seed=seed, device=device, routing_skew=routing_skew, progress=progress)
     click.echo(f"wrote {out} in {time.time() - t0:.1f}s")
 
 
@@ -279,21 +294,13 @@ def build_cmd(recipe: Path, checkpoint: Path | None, out: Path | None) -> None:
     Resumable: outputs whose inputs did not change are reused. The new artifact replaces the old one only
     when complete.
     """
-    from rich.progress import Progress
-
     from builder.build import build
     from builder.recipe import load_recipe
     r = load_recipe(recipe)
     source = checkpoint or (ensure_tiny() if r.source == "tiny" else Path(r.source))
     out = out or Path("artifacts") / r.name
     t0 = time.time()
-    with Progress(transient=True) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(stage: str, i: int, n: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=n)
-            bar.update(tasks[stage], completed=i)
+    with _progress_bar() as progress:
         summary = build(r, source, out, progress)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     click.echo(f"built {out} in {time.time() - t0:.1f}s: {len(summary.made)} outputs made, "
@@ -543,7 +550,9 @@ def verify(artifact: Path, no_hashes: bool) -> None:
     whether this machine's GPU, torch and TensorRT can run it. Lists every problem; exit code 1 if any."""
     from runtime.manifest import Machine, check_artifact
     machine = Machine.this()
-    manifest, problems = check_artifact(artifact, machine, hashes=not no_hashes, trust_verified=False)
+    with _progress_bar() as progress:
+        manifest, problems = check_artifact(artifact, machine, hashes=not no_hashes, trust_verified=False,
+                                            progress=progress)
     click.echo(f"artifact {artifact}: model {manifest.get('model_id', '?')}, backend {manifest.get('backend', '?')}, "
                f"{len(manifest.get('files', []))} files")
     click.echo(f"this machine: GPU {machine.gpu_arch or 'none'}, "

@@ -35,7 +35,7 @@ from .errors import UserError
 from .expert_bank import ExpertBank
 from .expert_pager import PagedExperts
 from .expert_store import DeviceExperts, HostExperts
-from .manifest import load_manifest
+from .manifest import Progress, load_manifest
 from .route_predictor import RoutePredictor
 
 # what the expert pager fetches ahead of use (ArtifactModel's `prefetch`)
@@ -60,7 +60,7 @@ class _Config:
 class ArtifactModel:
     def __init__(self, root: str | Path, device: str = "cpu", programs: ProgramFactory | None = None,
                  graphs: bool = False, batch: int = 1, expert_slots: int | None = None,
-                 prefill: ProgramFactory | None = None, prefetch: str = "predict"):
+                 prefill: ProgramFactory | None = None, prefetch: str = "predict", progress: Progress | None = None):
         """`programs` replaces the compiled programs by modules (the eager comparison, or an eager
         artifact); `graphs` captures the decode step as one CUDA graph where it can be (bfloat16 compiled
         programs: `self.capturable`); `expert_slots` > 0 keeps only
@@ -68,9 +68,11 @@ class ArtifactModel:
         recipe says); `prefetch` is what the pager fetches ahead of use: "predict" (the hash-routed layers'
         experts from the token ids, the others' from the route predictor), "hash" (the former only) or
         "none" (it only admits experts it missed: the baseline). `prefill` gives prefill modules to run
-        eagerly alongside `programs`."""
+        eagerly alongside `programs`. `progress(stage, done, total)` follows the long steps of a load (hashing,
+        copying experts, loading layers, capturing graphs: minutes at Flash size)."""
+        report = progress or (lambda stage, done, total: None)
         self.root = Path(root)
-        self.manifest = m = load_manifest(self.root)
+        self.manifest = m = load_manifest(self.root, progress=progress)
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda: this machine has no CUDA GPU")
@@ -112,9 +114,9 @@ class ArtifactModel:
             tid2eid = {e["layer"]: load_file(str(self.root / e["weights"]))["ffn.gate.tid2eid"]
                        for e in main if "hash" in e["kind"]}
             self.experts = self.pager = PagedExperts(bank, ids, self.device, expert_slots, tid2eid,
-                                                     prefetch != "none")
+                                                     prefetch != "none", report)
         elif self.device.type == "cuda":
-            self.experts = DeviceExperts(bank, ids, self.device)
+            self.experts = DeviceExperts(bank, ids, self.device, report)
         else:
             self.experts = HostExperts(bank, ids)
         self._packages: dict[str, object] = {}          # AOTInductor packages by path, each loaded once
@@ -124,7 +126,8 @@ class ArtifactModel:
             engines = EngineLoader(m, self.root, self.device)
         self.layers = []
         self.fills: list[dict[str, float]] = []          # each cache's empty value, from the manifest
-        for e in main:
+        for i, e in enumerate(main):
+            report("loading layers", i, len(main))
             if programs is not None:
                 run = programs(e["layer"]).to(self.device)
             elif engines is not None:
@@ -138,6 +141,7 @@ class ArtifactModel:
             self.fills.append({name: float(fill) for name, (_, _, fill) in e["caches"].items()})
             self.layers.append((run, self.experts.tables[e["layer"]], weights, caches))
         # score-routed layers after the first: predicted as the layer before them starts
+        report("loading layers", len(main), len(main))
         predicted = {i: weights for i, (e, (_, _, weights, _)) in enumerate(zip(main, self.layers))
                      if i > 0 and "hash" not in e["kind"]}
         if self.pager is not None and prefetch == "predict" and predicted:
@@ -162,7 +166,7 @@ class ArtifactModel:
         self.prefill_graphs: dict[int, tuple] = {}       # prefill sizes captured as CUDA graphs (_capture_prefill)
         if graphs and self.capturable:
             self._capture()
-            self._capture_prefill()
+            self._capture_prefill(report)
 
     def _prefill_programs(self, main: list[dict], programs, prefill, engines: bool) -> list | None:
         """One prefill program per main layer (modules from `prefill`, or the artifact's packages), or None
@@ -300,14 +304,15 @@ class ArtifactModel:
             return out, self.pick(out)                   # the greedy pick, on the device (decode_greedy)
         self.graph, (self._out, self._next) = self._captured(step)
 
-    def _capture_prefill(self) -> None:
+    def _capture_prefill(self, report: Progress) -> None:
         """Each prefill size (the buckets and the whole chunk) as a CUDA graph of its own over static inputs, so
         a chunk's prefill is one replay instead of the programs' launches from the host (no op of theirs
         synchronises: plugins.ops DECODE_ROWS). A size that fails to capture runs plainly, with a warning."""
         sizes = dict(self.prefill_buckets)
         if self.prefill_runs is not None:
             sizes[self.chunk] = self.prefill_runs
-        for size, runs in sizes.items():
+        for done, (size, runs) in enumerate(sizes.items()):
+            report("capturing prefill graphs", done, len(sizes))
             padded = torch.zeros(1, size, dtype=torch.int64, device=self.device)
             start_t = torch.zeros(1, dtype=torch.int64, device=self.device)
             n_t = torch.full((1,), size, dtype=torch.int64, device=self.device)
@@ -328,6 +333,7 @@ class ArtifactModel:
                               f"the device to {reserved / 2**30:.1f} GiB, past the recipe's {self.budget_gib:g}")
                 continue
             self.prefill_graphs[size] = (graph, padded, start_t, n_t, logits)
+        report("capturing prefill graphs", len(sizes), len(sizes))
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Decode tokens [B] at positions [B]; float32 logits [B, vocab] on the model's device."""

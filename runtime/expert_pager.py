@@ -31,6 +31,7 @@ import contextlib
 import torch
 
 from .expert_bank import ExpertBank, expert_addresses
+from .manifest import Progress
 from .pager_policy import PagerStats, SlotPool
 from .route_predictor import RoutePredictor
 
@@ -66,7 +67,8 @@ def reads_pageable_memory(device: torch.device) -> bool:
 
 class PagedExperts:
     def __init__(self, bank: ExpertBank, layers: list[int], device: torch.device, slots: int,
-                 tid2eid: dict[int, torch.Tensor] | None = None, prefetch: bool = True):
+                 tid2eid: dict[int, torch.Tensor] | None = None, prefetch: bool = True,
+                 progress: Progress = lambda stage, done, total: None):
         """`layers`: the chained layers in order; `tid2eid[layer]` [vocab, k] for the hash-routed ones
         (exact prefetch); `prefetch` off leaves only admissions on a miss (the baseline)."""
         self.device, self.layers, self.prefetch_enabled = device, layers, prefetch
@@ -84,7 +86,8 @@ class PagedExperts:
         self.cold: dict[int, torch.Tensor] = {}
         self.cold_tables: dict[int, list[int]] = {}
         self.tables: dict[int, torch.Tensor] = {}
-        for layer in layers:
+        for i, layer in enumerate(layers):
+            progress("reading experts", i, len(layers))
             e = bank.entries[layer]
             mapped = bank.layer_bytes(layer)
             if self.mapped_cold:
@@ -96,6 +99,7 @@ class PagedExperts:
             table = expert_addresses(store.data_ptr(), e)
             self.cold_tables[layer] = table.tolist()
             self.tables[layer] = table.to(device)
+        progress("reading experts", len(layers), len(layers))
         self.snapshots = torch.zeros(len(layers), max(t.numel() for t in self.tables.values()), dtype=torch.int64,
                                      device=device)
         self.bank = bank                              # owns the maps the CPU cold store points into

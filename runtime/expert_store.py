@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .expert_bank import ExpertBank, expert_addresses
+from .manifest import Progress
 
 
 class HostExperts:
@@ -21,10 +22,12 @@ class HostExperts:
 
 
 class DeviceExperts:
-    def __init__(self, bank: ExpertBank, layers: list[int], device: torch.device, chunk: int = 256 << 20):
+    def __init__(self, bank: ExpertBank, layers: list[int], device: torch.device,
+                 progress: Progress = lambda stage, done, total: None, chunk: int = 256 << 20):
         self.slabs: dict[int, torch.Tensor] = {}
         self.tables: dict[int, torch.Tensor] = {}
-        for layer in layers:
+        for i, layer in enumerate(layers):
+            progress("copying experts to the GPU", i, len(layers))
             entry = bank.entries[layer]
             n, stride = entry["experts"], entry["stride"]
             slab = torch.empty(n * stride, dtype=torch.uint8, device=device)
@@ -35,3 +38,4 @@ class DeviceExperts:
             bank.release(layer)
             self.slabs[layer] = slab
             self.tables[layer] = expert_addresses(slab.data_ptr(), entry, device)
+        progress("copying experts to the GPU", len(layers), len(layers))

@@ -18,10 +18,11 @@ import json
 import logging
 import os
 import platform
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -38,20 +39,33 @@ class ArtifactError(UserError):
     pass
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+# What long steps report as they go (build, load, verify): progress(stage, done, total), e.g. bytes hashed.
+Progress = Callable[[str, int, int], None]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24, advance: Callable[[int], None] = lambda n: None) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(chunk):
             digest.update(block)
+            advance(len(block))
     return digest.hexdigest()
 
 
-def sha256_files(paths: list[Path]) -> list[str]:
-    """Each file's sha256, in order, hashed side by side (hashlib lets go of the GIL on large blocks)."""
+def sha256_files(paths: list[Path], progress: Progress | None = None) -> list[str]:
+    """Each file's sha256, in order, hashed side by side (hashlib lets go of the GIL on large blocks);
+    `progress("verifying", bytes hashed, bytes in all)` as it goes (a Flash artifact: about 160 GB)."""
     if not paths:
         return []
+    total, done, lock = sum(p.stat().st_size for p in paths), [0], threading.Lock()
+
+    def advance(n: int) -> None:
+        with lock:
+            done[0] += n
+            if progress:
+                progress("verifying", done[0], total)
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1, len(paths))) as pool:
-        return list(pool.map(sha256_file, paths))
+        return list(pool.map(lambda p: sha256_file(p, advance=advance), paths))
 
 
 def _signature(path: Path, sha256: str) -> list:
@@ -117,7 +131,7 @@ def _major_minor(version: str) -> str:
 
 
 def check_artifact(root: str | Path, machine: Machine | None = None, hashes: bool = True,
-                   trust_verified: bool = True) -> tuple[dict, list[str]]:
+                   trust_verified: bool = True, progress: Progress | None = None) -> tuple[dict, list[str]]:
     """Read the manifest and check the artifact against its files and this machine; with `trust_verified`,
     files unchanged since they last hashed clean here (`.verified.json`) are not hashed again.
 
@@ -142,7 +156,7 @@ def check_artifact(root: str | Path, machine: Machine | None = None, hashes: boo
             found[entry["path"]] = f"file {entry['path']} has {f.stat().st_size} bytes, the manifest says {entry['bytes']}"
         elif hashes and verified.get(entry["path"]) != _signature(f, entry["sha256"]):
             to_hash.append(entry)
-    for entry, digest in zip(to_hash, sha256_files([root / e["path"] for e in to_hash])):
+    for entry, digest in zip(to_hash, sha256_files([root / e["path"] for e in to_hash], progress)):
         if digest != entry["sha256"]:
             found[entry["path"]] = f"file {entry['path']} is corrupted (sha256 mismatch)"
     problems = [found[e["path"]] for e in entries if found.get(e["path"])]
@@ -164,9 +178,10 @@ def check_artifact(root: str | Path, machine: Machine | None = None, hashes: boo
     return manifest, problems
 
 
-def load_manifest(root: str | Path, machine: Machine | None = None, hashes: bool = True) -> dict:
+def load_manifest(root: str | Path, machine: Machine | None = None, hashes: bool = True,
+                  progress: Progress | None = None) -> dict:
     """The manifest of an artifact that passes every check; otherwise one error naming the first problem."""
-    manifest, problems = check_artifact(root, machine, hashes)
+    manifest, problems = check_artifact(root, machine, hashes, progress=progress)
     if problems:
         more = f" (and {len(problems) - 1} more problems; run `dsv4 verify {root}`)" if len(problems) > 1 else ""
         raise ArtifactError(f"artifact {root}: {problems[0]}{more}")

@@ -116,6 +116,21 @@ def test_damaged_artifact_is_refused(built, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_load_reports_its_stages_to_the_end(built, tmp_path):
+    """A copied artifact (new inodes: hashed in full) loads with its progress reported stage by stage."""
+    out, _, _ = built
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+    seen: dict[str, list] = {}
+    model = ArtifactModel(copy, progress=lambda stage, done, total: seen.setdefault(stage, []).append((done, total)))
+    assert list(seen) == ["verifying", "loading layers"]
+    files = sum(p.stat().st_size for p in copy.rglob("*") if p.is_file() and not p.name.startswith(("manifest",
+                                                                                                        ".verified")))
+    assert seen["verifying"][-1] == (files, files)
+    assert seen["loading layers"][-1] == (len(model.layers), len(model.layers)) and len(model.layers) > 1
+
+
+@pytest.mark.slow
 def test_run_streams_text_from_the_artifact(built, tmp_path):
     out, _, _ = built
     cli = [sys.executable, "-m", "dsv4.cli", "run"]

@@ -64,7 +64,7 @@ def test_loads_hash_only_what_changed_since_a_clean_check(artifact, monkeypatch)
     import runtime.manifest as manifest_module
     hashed = []
     real = manifest_module.sha256_file
-    monkeypatch.setattr(manifest_module, "sha256_file", lambda p, *a: hashed.append(p.name) or real(p, *a))
+    monkeypatch.setattr(manifest_module, "sha256_file", lambda p, **kw: hashed.append(p.name) or real(p, **kw))
     load_manifest(artifact, GB10)
     assert sorted(hashed) == ["layer-000.experts", "layer-000.pt2"]          # first load: everything
     hashed.clear()
@@ -79,3 +79,13 @@ def test_loads_hash_only_what_changed_since_a_clean_check(artifact, monkeypatch)
     hashed.clear()
     _, problems = check_artifact(artifact, GB10, trust_verified=False)      # `dsv4 verify`: everything
     assert sorted(hashed) == ["layer-000.experts", "layer-000.pt2"] and len(problems) == 1
+
+
+def test_hashing_reports_the_bytes_it_has_read(artifact):
+    """`dsv4 verify` and a first load hash every file (about 160 GB at Flash size): the bar follows the bytes."""
+    seen = []
+    _, problems = check_artifact(artifact, GB10, trust_verified=False,
+                                 progress=lambda stage, done, total: seen.append((stage, done, total)))
+    assert not problems and {s for s, _, _ in seen} == {"verifying"}
+    done = [d for _, d, _ in seen]
+    assert done == sorted(done) and seen[-1][1:] == (6000, 6000)    # both files' bytes, none counted twice
