@@ -85,6 +85,10 @@ class Engine:
         threading.Thread(target=self._work, name="dsv4-engine", daemon=True).start()
 
     def _work(self) -> None:
+        device = getattr(self.model, "device", None)
+        if device is not None and device.type == "cuda":
+            import torch                  # a thread starts on the default GPU: make it the model's
+            torch.cuda.set_device(device)
         while True:
             job = self.jobs.get()
             if job.cancelled:
