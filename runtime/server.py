@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -87,8 +88,7 @@ class Engine:
     def _work(self) -> None:
         device = getattr(self.model, "device", None)
         if device is not None and device.type == "cuda":
-            import torch                  # a thread starts on the default GPU: make it the model's
-            torch.cuda.set_device(device)
+            torch.cuda.set_device(device)     # a thread starts on the default GPU: make it the model's
         while True:
             job = self.jobs.get()
             if job.cancelled:
