@@ -9,7 +9,8 @@ from fastapi.testclient import TestClient
 from runtime.artifact import ArtifactModel
 from runtime.chat import Message, render
 from runtime.generate import generate
-from runtime.server import Engine, StopStrings, make_app
+from runtime.openai_reply import StopStrings
+from runtime.server import Engine, make_app
 from runtime.tokenizer import Tokenizer
 
 
