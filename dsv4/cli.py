@@ -27,6 +27,30 @@ def _device(name: str) -> str:
     return name
 
 
+def _options(*options):
+    """One decorator applying click options in the order listed (the order --help shows them)."""
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return apply
+
+
+# How `dsv4 run`, `chat` and `serve` load an artifact (_open_artifact's arguments)
+_loading_options = _options(
+    click.option("--device", default="auto", show_default=True, help="auto = what the artifact was compiled for."),
+    click.option("--eager", is_flag=True, help="Run the layer programs eagerly instead of the compiled ones."),
+    click.option("--no-graphs", is_flag=True, help="On a GPU: launch every decode step and prefill chunk from the "
+                 "host instead of replaying CUDA graphs (captured at load)."),
+    click.option("--expert-slots", type=click.IntRange(0), default=None,
+                 help="Routed experts kept in device slots; the rest are paged (default: the recipe's; 0 = all)."))
+# How `dsv4 run` and `chat` pick each token
+_sampling_options = _options(
+    click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy."),
+    click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True),
+    click.option("--seed", type=int, default=0, show_default=True))
+
+
 @contextlib.contextmanager
 def _progress_bar():
     """A transient bar on stderr for each stage of a long step (synth, build, load, verify); yields the
@@ -316,15 +340,8 @@ def build_cmd(recipe: Path, checkpoint: Path | None, out: Path | None) -> None:
 @click.option("--thinking", is_flag=True, help="With --chat: thinking mode (opens the answer with <think>).")
 @click.option("--system", default="", help="With --chat: system message.")
 @click.option("--max-new", type=click.IntRange(1, 100000), default=64, show_default=True)
-@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto = what the artifact was compiled for.")
-@click.option("--eager", is_flag=True, help="Run the layer programs eagerly instead of the compiled ones.")
-@click.option("--no-graphs", is_flag=True, help="On a GPU: launch every decode step and prefill chunk from the host "
-              "instead of replaying CUDA graphs (captured at load).")
-@click.option("--expert-slots", type=click.IntRange(0), default=None,
-              help="Routed experts kept in device slots; the rest are paged (default: the recipe's; 0 = all).")
+@_sampling_options
+@_loading_options
 def run(artifact, prompt, chat, thinking, system, max_new, temperature, top_p, seed, device, eager,
         no_graphs, expert_slots) -> None:
     """Generate from a built artifact, streaming text; stops at end of sentence, then reports speeds."""
@@ -361,15 +378,8 @@ def _pager_line(pager) -> str:
 @click.option("--system", default="", help="System message.")
 @click.option("--thinking", is_flag=True, help="Thinking mode: each answer opens with <think>.")
 @click.option("--max-new", type=click.IntRange(1), default=1024, show_default=True, help="Most tokens an answer takes.")
-@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto = what the artifact was compiled for.")
-@click.option("--eager", is_flag=True, help="Run the layer programs eagerly instead of the compiled ones.")
-@click.option("--no-graphs", is_flag=True, help="On a GPU: launch every step from the host instead of replaying "
-              "CUDA graphs.")
-@click.option("--expert-slots", type=click.IntRange(0), default=None,
-              help="Routed experts kept in device slots; the rest are paged (default: the recipe's; 0 = all).")
+@_sampling_options
+@_loading_options
 def chat_cmd(artifact, system, thinking, max_new, temperature, top_p, seed, device, eager, no_graphs,
              expert_slots) -> None:
     """Chat with an artifact in the terminal. Each answer streams as it is generated; the conversation stays in
@@ -422,12 +432,7 @@ def chat_cmd(artifact, system, thinking, max_new, temperature, top_p, seed, devi
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--name", help="The model name clients see and send (default: the artifact's model id).")
-@click.option("--device", default="auto", show_default=True, help="auto = what the artifact was compiled for.")
-@click.option("--eager", is_flag=True, help="Run the layer programs eagerly instead of the compiled ones.")
-@click.option("--no-graphs", is_flag=True, help="On a GPU: launch every step from the host instead of replaying "
-              "CUDA graphs.")
-@click.option("--expert-slots", type=click.IntRange(0), default=None,
-              help="Routed experts kept in device slots; the rest are paged (default: the recipe's; 0 = all).")
+@_loading_options
 def serve(artifact, host, port, name, device, eager, no_graphs, expert_slots) -> None:
     """Serve an artifact over HTTP with OpenAI's API: POST /v1/chat/completions and /v1/completions (whole
     or streamed), GET /v1/models. One request runs at a time; the others wait their turn. A chat's next turn
