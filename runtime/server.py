@@ -191,6 +191,8 @@ def make_app(engine: Engine, model_name: str) -> FastAPI:
         req.refuse_unsupported()
         if req.tools:
             raise BadRequest("tools are not supported", "tools")
+        if not req.messages or req.messages[-1].role != "user":
+            raise BadRequest("the last message must be the user's (the answer follows it)", "messages")
         thinking = bool(req.chat_template_kwargs.get("thinking", False))
         messages = [Message(m.role, m.text(), m.reasoning_content or "") for m in req.messages]
         return await answer(req, render(messages, thinking=thinking), req.max_completion_tokens or req.max_tokens,

@@ -119,9 +119,10 @@ def test_stop_strings_hold_back_what_may_begin_one():
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, None),
+    ({"messages": [{"role": "robot", "content": "x"}, {"role": "user", "content": "x"}]}, None),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, "messages"),
     ({}, "messages"),
-], ids=["n", "temperature", "context", "tools", "role", "missing"])
+], ids=["n", "temperature", "context", "tools", "role", "assistant-last", "missing"])
 def test_bad_requests_are_refused_with_openai_errors(served, body, param):
     client, _, _ = served
     r = client.post("/v1/chat/completions", json=body)
