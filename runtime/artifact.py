@@ -213,6 +213,22 @@ class ArtifactModel:
             for name, t in caches.items():
                 t.fill_(fills[name])
 
+    def save_caches(self) -> list[dict[str, torch.Tensor]]:
+        """A copy of every cache in host memory (pinned on a GPU): a conversation's state, which `load_caches`
+        puts back (at Flash size and 64K context about 0.47 GB)."""
+        pin = self.device.type == "cuda"
+        saved = [{name: torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t, non_blocking=pin)
+                  for name, t in caches.items()} for _, _, _, caches in self.layers]
+        if pin:
+            torch.cuda.synchronize(self.device)
+        return saved
+
+    def load_caches(self, saved: list[dict[str, torch.Tensor]]) -> None:
+        """Every cache as `save_caches` copied it, written in place (captured graphs keep their storage)."""
+        for (_, _, _, caches), state in zip(self.layers, saved):
+            for name, t in caches.items():
+                t.copy_(state[name], non_blocking=self.device.type == "cuda")
+
     def _step(self) -> torch.Tensor:
         """One decode step over the static buffers: logits [B, vocab] in the working dtype."""
         # every stream starts as the token's embedding: one gather over the ids expanded (a view), no repeat

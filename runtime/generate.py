@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -93,24 +94,28 @@ class Conversation:
     """A model's caches and the text they hold. Generation from a prompt that extends that text (a chat's next
     turn: the last prompt, the answer as streamed, then the new turn) feeds only the rest, after the very ids
     the model saw; any other prompt starts from empty caches. Matching on text rather than on ids spares
-    encoding the answer again, which need not give back the ids generated. `model` also has `reset(batch)`
-    and `max_len` (an artifact)."""
+    encoding the answer again, which need not give back the ids generated. With `keep` > 0 the states of that
+    many other conversations are kept in host memory (`model.save_caches`): a prompt that extends one of them
+    (a chat UI asks for a title between two turns of a chat) continues it instead. `model` also has
+    `reset(batch)` and `max_len` (an artifact)."""
 
-    def __init__(self, model, tok: Tokenizer):
-        self.model, self.tok = model, tok
+    def __init__(self, model, tok: Tokenizer, keep: int = 0):
+        self.model, self.tok, self.keep = model, tok, keep
         self.fed: list[int] = []      # the ids whose state the caches hold, from position 0
         self.text = ""                # their text
+        self.kept: OrderedDict[str, tuple[list[int], list]] = OrderedDict()   # text -> (ids, caches), oldest first
 
     def generate(self, text: str, max_new: int, emit: Callable[[str], None], temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, cancelled: Callable[[], bool] = lambda: False
                  ) -> tuple[Generation, int, int]:
         """(the generation, the prompt's ids as fed, how many of them the caches already held), up to `max_new`
         tokens or the context's end."""
-        if self.fed and len(text) > len(self.text) and text.startswith(self.text):
+        if not self._extends(self.text, text):
+            self._switch_to(text)
+        if self.fed:
             ids, start = self.fed + self.tok.encode(text[len(self.text):]), len(self.fed)
         else:
             ids, start = self.tok.encode(text), 0
-            self.model.reset(1)
         if not ids:
             raise UserError("the prompt encodes to no tokens")
         room = self.model.max_len - len(ids)
@@ -122,6 +127,27 @@ class Conversation:
         self.fed = done.fed(ids)
         self.text = text + self.tok.decode(self.fed[len(ids):])
         return done, len(ids), start
+
+    @staticmethod
+    def _extends(held: str, text: str) -> bool:
+        return bool(held) and len(text) > len(held) and text.startswith(held)
+
+    def _switch_to(self, text: str) -> None:
+        """Put the live conversation aside (the `keep` most recent) and take up the kept one that `text` extends
+        furthest, or empty caches."""
+        found = max((held for held in self.kept if self._extends(held, text)), key=len, default=None)
+        taken = self.kept.pop(found) if found is not None else None
+        if self.keep and self.fed:
+            self.kept.pop(self.text, None)
+            self.kept[self.text] = (self.fed, self.model.save_caches())
+            while len(self.kept) > self.keep:
+                self.kept.popitem(last=False)
+        if taken is None:
+            self.forget()
+            self.model.reset(1)
+            return
+        self.model.load_caches(taken[1])
+        self.fed, self.text = taken[0], found
 
     def forget(self) -> None:
         """The caches' state is not known (a failed or interrupted generation): the next prompt starts afresh."""

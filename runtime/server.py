@@ -71,9 +71,9 @@ class Done:
 class Engine:
     """A model's `Conversation` on a worker thread, one job at a time."""
 
-    def __init__(self, model, tok: Tokenizer, log: Callable[[str], None] = lambda line: None):
+    def __init__(self, model, tok: Tokenizer, log: Callable[[str], None] = lambda line: None, keep: int = 0):
         self.model, self.tok, self.log = model, tok, log
-        self.conversation = Conversation(model, tok)
+        self.conversation = Conversation(model, tok, keep)
         self.jobs: queue.Queue[Job] = queue.Queue()
         threading.Thread(target=self._work, name="dsv4-engine", daemon=True).start()
 

@@ -29,7 +29,7 @@ def served(built):
         done = generate(plain, tok, ids, max_new, pieces.append)
         return "".join(pieces), done, ids
 
-    with TestClient(make_app(Engine(ArtifactModel(out), tok), "tiny")) as client:
+    with TestClient(make_app(Engine(ArtifactModel(out), tok, keep=1), "tiny")) as client:
         yield client, expected, tok
 
 
@@ -73,25 +73,46 @@ def test_streamed_chunks_add_up_to_the_whole_answer(served):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
 
 
+def continued(served, first: str, answer: str, then: str, max_new: int) -> tuple[list[int], str]:
+    """(the ids a continued conversation feeds, the answer a fresh prefill of them gives): the ids generated for
+    `answer` to the user turn `first` (not `answer` encoded again, which byte-level BPE need not give back),
+    then the rest of the prompt with the user turn `then` after it."""
+    _, expected, tok = served
+    before = render([Message("user", first)])
+    again, done, ids = expected(before, max_new)
+    assert again == answer
+    fed = done.fed(ids)
+    text = render([Message("user", first), Message("assistant", answer), Message("user", then)])
+    rest = tok.encode(text[len(before) + len(tok.decode(fed[len(ids):])):])
+    return fed + rest, expected(fed + rest, max_new)[0]
+
+
 def test_the_next_turn_is_prefilled_from_where_the_last_one_ended(served):
-    """The next turn feeds the ids the model generated (not the answer's text encoded again, which byte-level
-    BPE need not give back), then the rest of the prompt; its answer is that of a fresh prefill of those ids."""
-    client, expected, tok = served
+    client = served[0]
     first = [{"role": "user", "content": "Hi there"}]
     answer = chat(client, first, max_tokens=8)["choices"][0]["message"]["content"]
     turn = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
     body = chat(client, turn, max_tokens=8)
-    before = render([Message("user", "Hi there")])
-    again, done, ids = expected(before, 8)
-    assert again == answer
-    fed = done.fed(ids)
-    text = render([Message("user", "Hi there"), Message("assistant", answer), Message("user", "And then?")])
-    rest = tok.encode(text[len(before) + len(tok.decode(fed[len(ids):])):])
-    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == len(fed)
-    assert body["usage"]["prompt_tokens"] == len(fed) + len(rest)
-    assert body["choices"][0]["message"]["content"] == expected(fed + rest, 8)[0]
+    ids, again = continued(served, "Hi there", answer, "And then?", 8)
+    assert body["usage"]["prompt_tokens"] == len(ids) and body["choices"][0]["message"]["content"] == again
+    assert 0 < body["usage"]["prompt_tokens_details"]["cached_tokens"] < len(ids)
     other = chat(client, [{"role": "user", "content": "Something else"}], max_tokens=4)   # not a continuation
     assert other["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def test_a_conversation_put_aside_is_taken_up_again(served):
+    """A chat UI asks for a title between two turns: the chat's caches, kept in host memory meanwhile, are put
+    back for its next turn (Engine keep=1 here)."""
+    client = served[0]
+    first = [{"role": "user", "content": "Tell me about ships"}]
+    answer = chat(client, first, max_tokens=6)["choices"][0]["message"]["content"]
+    title = chat(client, [{"role": "user", "content": "A title for this chat"}], max_tokens=3)
+    assert title["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    turn = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "Go on"}]
+    body = chat(client, turn, max_tokens=6)
+    ids, again = continued(served, "Tell me about ships", answer, "Go on", 6)
+    assert body["usage"]["prompt_tokens"] == len(ids) and body["choices"][0]["message"]["content"] == again
+    assert 0 < body["usage"]["prompt_tokens_details"]["cached_tokens"] < len(ids)
 
 
 def test_a_completion_streams_text_and_stops_at_a_stop_string(served):
@@ -136,3 +157,14 @@ def test_models_lists_the_served_name(served):
     models = client.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["tiny"] and models["data"][0]["max_model_len"] > 0
     assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_no_more_conversations_are_kept_than_asked(served):
+    """keep=1: with two chats after it, the first one's caches are gone and its next turn is prefilled afresh."""
+    client = served[0]
+    first = [{"role": "user", "content": "Chat one"}]
+    answer = chat(client, first, max_tokens=4)["choices"][0]["message"]["content"]
+    for other in ("Chat two", "Chat three"):
+        chat(client, [{"role": "user", "content": other}], max_tokens=2)
+    turn = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "More"}]
+    assert chat(client, turn, max_tokens=2)["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
