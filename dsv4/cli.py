@@ -347,6 +347,7 @@ def run(artifact, prompt, chat, thinking, system, max_new, temperature, top_p, s
     """Generate from a built artifact, streaming text; stops at end of sentence, then reports speeds."""
     from runtime.generate import generate as run_generation
     from runtime.generate import prompt_ids
+    from runtime.sampling import Sampling
     from runtime.tokenizer import Tokenizer
     model = _open_artifact(artifact, device, eager, graphs=not no_graphs, expert_slots=expert_slots)
     tok = Tokenizer(artifact)
@@ -355,7 +356,7 @@ def run(artifact, prompt, chat, thinking, system, max_new, temperature, top_p, s
         raise UserError(f"prompt ({len(ids)} tokens) + --max-new {max_new} exceeds the artifact's context "
                         f"of {model.max_len}")
     timing = run_generation(model, tok, ids, max_new, lambda text: click.echo(text, nl=False),
-                            temperature, top_p, seed)
+                            Sampling(temperature, top_p, seed))
     click.echo()
     mode = f"{model.backend} on {model.device}" + (", CUDA graph" if model.graph is not None else "")
     click.echo(timing.line(f"{mode}"), err=True)
@@ -387,6 +388,7 @@ def chat_cmd(artifact, system, thinking, max_new, temperature, top_p, seed, devi
     reasoning). /reset starts a new conversation, /bye or Ctrl-D ends, Ctrl-C stops an answer."""
     from runtime.chat import Message, render
     from runtime.generate import Conversation
+    from runtime.sampling import Sampling
     from runtime.tokenizer import END_THINK, Tokenizer
     try:
         __import__("readline")        # line editing and history for input(), where the platform has it
@@ -415,8 +417,8 @@ def chat_cmd(artifact, system, thinking, max_new, temperature, top_p, seed, devi
             shown.append(piece)
             click.echo(piece, nl=False)
         try:
-            done, _, cached = conversation.generate(render(messages, thinking=thinking), max_new, emit, temperature,
-                                                    top_p, seed + len(messages))
+            done, _, cached = conversation.generate(render(messages, thinking=thinking), max_new, emit,
+                                                    Sampling(temperature, top_p, seed + len(messages)))
             status = done.line(f"{cached} prompt tokens cached")
         except KeyboardInterrupt:     # what the caches hold is not known: the next turn is prefilled afresh
             conversation.forget()

@@ -12,7 +12,7 @@ import torch
 
 from .chat import Message, render
 from .errors import UserError
-from .sampling import sample
+from .sampling import Sampling, sample
 from .tokenizer import Tokenizer
 
 
@@ -45,16 +45,16 @@ class Generation:
 
 
 def generate(model, tok: Tokenizer, ids: list[int], max_new: int, emit: Callable[[str], None],
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, start: int = 0,
+             sampling: Sampling = Sampling(), start: int = 0,
              cancelled: Callable[[], bool] = lambda: False) -> Generation:
     """`model` has `forward(ids [1, s], start) -> logits [1, vocab]` (and, an artifact, `decode_greedy`, which
-    greedy decoding takes); the new tokens' text goes to `emit` as it completes (a character split over
-    tokens, e.g. a CJK one in byte-level BPE, once whole). `start`: ids[:start] are already in the model's
+    greedy decoding without penalties takes); the new tokens' text goes to `emit` as it completes (a character
+    split over tokens, e.g. a CJK one in byte-level BPE, once whole). `start`: ids[:start] are already in the model's
     caches (a conversation's earlier turns), so only the rest is prefilled. `cancelled` is asked before each
     new token."""
     if not 0 <= start < len(ids):
         raise ValueError(f"start {start} must leave at least one of the {len(ids)} prompt tokens to feed")
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(sampling.seed)
     t0 = time.time()
     logits = model.forward(torch.tensor([ids[start:]]), start)
     prefill = time.time() - t0
@@ -62,11 +62,11 @@ def generate(model, tok: Tokenizer, ids: list[int], max_new: int, emit: Callable
     finish = "length"
     text = tok.stream()
     t1 = time.time()
-    first = sample(logits[0], temperature, top_p, gen)
-    if temperature <= 0 and hasattr(model, "decode_greedy"):    # an artifact: the GPU may run a step ahead
-        picks = itertools.chain([first], model.decode_greedy(first, len(ids), max_new - 1))
+    first = sample(logits[0], sampling, gen)
+    if sampling.temperature <= 0 and not sampling.penalised and hasattr(model, "decode_greedy"):
+        picks = itertools.chain([first], model.decode_greedy(first, len(ids), max_new - 1))   # the GPU a step ahead
     else:
-        picks = sampled(model, first, len(ids), max_new, temperature, top_p, gen)
+        picks = sampled(model, first, len(ids), max_new, sampling, gen)
     for nxt in itertools.islice(picks, max(max_new, 0)):   # max_new 0: none, not even the first
         if nxt == tok.eos_id:
             finish = "stop"
@@ -81,13 +81,14 @@ def generate(model, tok: Tokenizer, ids: list[int], max_new: int, emit: Callable
     return Generation(len(ids) - start, prefill, len(tokens), time.time() - t1, tuple(tokens), finish)
 
 
-def sampled(model, token: int, position: int, count: int, temperature: float, top_p: float,
-            gen: torch.Generator) -> Iterator[int]:
+def sampled(model, token: int, position: int, count: int, sampling: Sampling, gen: torch.Generator) -> Iterator[int]:
     """`token`, then each next token sampled from the logits of the one before, up to `count` in all."""
+    history = [token]
     for i in range(count):
         yield token
         if i + 1 < count:
-            token = sample(model.forward(torch.tensor([[token]]), position + i)[0], temperature, top_p, gen)
+            token = sample(model.forward(torch.tensor([[token]]), position + i)[0], sampling, gen, history)
+            history.append(token)
 
 
 class Conversation:
@@ -105,9 +106,8 @@ class Conversation:
         self.text = ""                # their text
         self.kept: OrderedDict[str, tuple[list[int], list]] = OrderedDict()   # text -> (ids, caches), oldest first
 
-    def generate(self, text: str, max_new: int, emit: Callable[[str], None], temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, cancelled: Callable[[], bool] = lambda: False
-                 ) -> tuple[Generation, int, int]:
+    def generate(self, text: str, max_new: int, emit: Callable[[str], None], sampling: Sampling = Sampling(),
+                 cancelled: Callable[[], bool] = lambda: False) -> tuple[Generation, int, int]:
         """(the generation, the prompt's ids as fed, how many of them the caches already held), up to `max_new`
         tokens or the context's end."""
         if not self._extends(self.text, text):
@@ -122,8 +122,8 @@ class Conversation:
         if room < 1:
             raise UserError(f"the prompt ({len(ids)} tokens) exceeds the model's context of {self.model.max_len}")
         self.forget()                 # until the generation ends, what the caches hold is not known
-        done = generate(self.model, self.tok, ids, min(max_new, room), emit, temperature, top_p, seed,
-                        start=start, cancelled=cancelled)
+        done = generate(self.model, self.tok, ids, min(max_new, room), emit, sampling, start=start,
+                        cancelled=cancelled)
         self.fed = done.fed(ids)
         self.text = text + self.tok.decode(self.fed[len(ids):])
         return done, len(ids), start

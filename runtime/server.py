@@ -30,6 +30,7 @@ from .chat import Message, render
 from .errors import UserError
 from .generate import Conversation, Generation
 from .openai_reply import EngineError, Reply, Split
+from .sampling import Sampling
 from .tokenizer import Tokenizer
 
 
@@ -46,9 +47,7 @@ class Job:
     """One request's generation, handed to the worker; its results come back on `out` in the server's loop."""
     text: str                         # the prompt (a chat rendered)
     max_new: int
-    temperature: float
-    top_p: float
-    seed: int
+    sampling: Sampling
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False           # set by the server (client gone, a stop string met), read by the worker
@@ -96,8 +95,7 @@ class Engine:
 
     def _run(self, job: Job) -> Done:
         done, prompt, cached = self.conversation.generate(
-            job.text, job.max_new, lambda piece: job.put("text", piece), job.temperature, job.top_p, job.seed,
-            cancelled=lambda: job.cancelled)
+            job.text, job.max_new, lambda piece: job.put("text", piece), job.sampling, cancelled=lambda: job.cancelled)
         self.log(done.line(f"{cached} prompt tokens cached, {done.finish}"))
         return Done(done, prompt, cached)
 
@@ -110,6 +108,8 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
     seed: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -214,7 +214,8 @@ def make_app(engine: Engine, model_name: str) -> FastAPI:
                              "tokens", "messages" if chat else "prompt")
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         seed = req.seed if req.seed is not None else secrets.randbits(31)
-        job = Job(text, max_new or room, req.temperature, req.top_p, seed, asyncio.get_running_loop())
+        sampling = Sampling(req.temperature, req.top_p, seed, req.presence_penalty, req.frequency_penalty)
+        job = Job(text, max_new or room, sampling, asyncio.get_running_loop())
         reply = Reply(chat, model_name, Split(thinking, stops), len(ids))
         engine.jobs.put(job)
         if req.stream:

@@ -146,12 +146,23 @@ def test_run_streams_text_from_the_artifact(built, tmp_path):
 
 
 def test_top_p_keeps_the_smallest_prefix():
-    from runtime.sampling import sample
+    from runtime.sampling import Sampling, sample
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     g = torch.Generator().manual_seed(0)
-    picks = {sample(logits, 1.0, 0.7, g) for _ in range(200)}
+    picks = {sample(logits, Sampling(1.0, 0.7), g) for _ in range(200)}
     assert picks == {0, 1}
-    assert sample(logits, 0.0, 1.0, None) == 0
+    assert sample(logits, Sampling(), None) == 0
+
+
+def test_penalties_lower_the_logits_of_generated_tokens():
+    """OpenAI's: logit - frequency x count - presence x (count > 0), over the tokens generated so far."""
+    from runtime.sampling import Sampling, sample
+    logits = torch.tensor([3.0, 2.5, 1.0, 0.0])
+    assert sample(logits, Sampling(frequency_penalty=0.3), None, [0]) == 0          # 3.0 - 0.3 > 2.5
+    assert sample(logits, Sampling(frequency_penalty=0.3), None, [0, 0]) == 1       # 3.0 - 0.6 < 2.5
+    assert sample(logits, Sampling(presence_penalty=0.6), None, [0, 0, 0]) == 1     # once, whatever the count
+    assert sample(logits, Sampling(presence_penalty=-1.0), None, [2]) == 0 and \
+        sample(logits, Sampling(presence_penalty=-2.5), None, [2]) == 2             # negative: encouraged
 
 
 @pytest.mark.slow

@@ -103,3 +103,11 @@ def test_streamed_text_holds_whole_characters_only(tiny_dir):
     pieces = []
     generate(Scripted(ids + [tok.eos_id], tok.vocab_size), tok, [tok.bos_id], 50, pieces.append)
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
+def test_penalties_take_the_step_by_step_path():
+    """The device's greedy pick knows no penalties: with them, each step's logits come back to the host."""
+    from runtime.sampling import Sampling
+    model = NextTokenGreedy()
+    generate(model, Digits(), [3], 3, lambda text: None, Sampling(frequency_penalty=0.5))
+    assert model.calls == [0, 1, 2]

@@ -10,6 +10,7 @@ from runtime.artifact import ArtifactModel
 from runtime.chat import Message, render
 from runtime.generate import generate
 from runtime.openai_reply import StopStrings
+from runtime.sampling import Sampling
 from runtime.server import Engine, make_app
 from runtime.tokenizer import Tokenizer
 
@@ -21,12 +22,13 @@ def served(built):
     tok = Tokenizer(out)
     plain = ArtifactModel(out)
 
-    def expected(prompt: str | list[int], max_new: int):
-        """Greedy generation from `prompt` (text or ids) on a fresh cache: (answer, Generation, its ids)."""
+    def expected(prompt: str | list[int], max_new: int, sampling: Sampling = Sampling()):
+        """Generation (greedy by default) from `prompt` (text or ids) on a fresh cache: (answer, Generation, its
+        ids)."""
         ids = tok.encode(prompt) if isinstance(prompt, str) else prompt
         plain.reset(1)
         pieces = []
-        done = generate(plain, tok, ids, max_new, pieces.append)
+        done = generate(plain, tok, ids, max_new, pieces.append, sampling)
         return "".join(pieces), done, ids
 
     with TestClient(make_app(Engine(ArtifactModel(out), tok, keep=1), "tiny")) as client:
@@ -59,6 +61,18 @@ def test_a_chat_completion_is_the_greedy_answer_to_its_rendered_prompt(served):
     assert body["usage"]["completion_tokens"] == done.new_tokens > 0
 
 
+def test_penalties_and_seeds_reach_the_sampler(served):
+    client, expected, _ = served
+    prompt = render([Message("user", "Say it again and again")])
+    body = chat(client, [{"role": "user", "content": "Say it again and again"}], max_tokens=12,
+                frequency_penalty=-2.0, presence_penalty=-0.5)
+    penalised = expected(prompt, 12, Sampling(0.0, 1.0, 0, -0.5, -2.0))[0]   # negative: repeats
+    assert body["choices"][0]["message"]["content"] == penalised != expected(prompt, 12)[0]
+    hot = dict(temperature=1.0, top_p=0.9, seed=7, max_tokens=12)
+    text = chat(client, [{"role": "user", "content": "Surprise me"}], **hot)["choices"][0]["message"]["content"]
+    assert text == expected(render([Message("user", "Surprise me")]), 12, Sampling(1.0, 0.9, 7))[0]
+
+
 def test_streamed_chunks_add_up_to_the_whole_answer(served):
     client, _, _ = served
     messages = [{"role": "user", "content": "Tell me more"}]
@@ -70,7 +84,8 @@ def test_streamed_chunks_add_up_to_the_whole_answer(served):
     assert text == whole["choices"][0]["message"]["content"]
     finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert finish == [whole["choices"][0]["finish_reason"]]
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [] and usage["completion_tokens"] == whole["usage"]["completion_tokens"]
 
 
 def continued(served, first: str, answer: str, then: str, max_new: int) -> tuple[list[int], str]:
