@@ -91,6 +91,7 @@ class Engine:
                 job.put("error", (400, str(e)))
             except Exception as e:    # the caches' state is unknown: the next request starts afresh
                 self.conversation.forget()
+                self.log(f"error: a request failed: {type(e).__name__}: {e}")
                 job.put("error", (500, f"{type(e).__name__}: {e}"))
 
     def _run(self, job: Job) -> Done:
