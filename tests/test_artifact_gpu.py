@@ -187,3 +187,37 @@ def test_an_h200_keeps_cold_experts_pinned():
     (a GB10 or GH200 would keep them in the mapped bank instead: not reachable here)."""
     from runtime.expert_pager import reads_pageable_memory
     assert not reads_pageable_memory(torch.device("cuda"))
+
+
+def test_the_server_replays_the_graphs_from_its_worker_thread(artifact):
+    """`dsv4 serve` generates on a worker thread: on the GPU its replayed graphs (decode and prefill) give the
+    answer the same model gives from this thread, for a conversation's first turn and for its next turn fed
+    from the caches, and a conversation put aside comes back from pinned host memory."""
+    from fastapi.testclient import TestClient
+
+    from runtime.chat import Message, render
+    from runtime.generate import Conversation
+    from runtime.server import Engine, make_app
+    from runtime.tokenizer import Tokenizer
+    tok = Tokenizer(artifact)
+    model = ArtifactModel(artifact, "cuda", graphs=True)
+    assert model.graph is not None and model.prefill_graphs
+    turns = [("Hello there", "Go on"), ("A title, please", None)]
+    here, answers = Conversation(model, tok, keep=1), []
+    for first, _ in turns:                                            # this thread: both first turns
+        pieces = []
+        here.generate(render([Message("user", first)]), 8, pieces.append)
+        answers.append("".join(pieces))
+    follow = [Message("user", "Hello there"), Message("assistant", answers[0]), Message("user", "Go on")]
+    pieces = []
+    _, _, cached_here = here.generate(render(follow), 8, pieces.append)   # back to the first, from host memory
+    assert cached_here > 0
+    with TestClient(make_app(Engine(model, tok, keep=1), "tiny")) as client:
+        def ask(messages):
+            body = client.post("/v1/chat/completions", json={"messages": messages, "temperature": 0,
+                                                               "max_tokens": 8}).json()
+            return body["choices"][0]["message"]["content"], body["usage"]["prompt_tokens_details"]["cached_tokens"]
+        assert ask([{"role": "user", "content": "Hello there"}]) == (answers[0], 0)
+        assert ask([{"role": "user", "content": "A title, please"}]) == (answers[1], 0)
+        got, cached = ask([{"role": m.role, "content": m.content} for m in follow])
+        assert (got, cached) == ("".join(pieces), cached_here)
