@@ -320,7 +320,7 @@ class ArtifactModel:
             return out, self.pick(out)                   # the greedy pick, on the device (decode_greedy)
         self.graph, (self._out, self._next) = self._captured(step)
 
-    def _capture_prefill(self, report: Progress) -> None:
+    def _capture_prefill(self, report: Progress = lambda stage, done, total: None) -> None:
         """Each prefill size (the buckets and the whole chunk) as a CUDA graph of its own over static inputs, so
         a chunk's prefill is one replay instead of the programs' launches from the host (no op of theirs
         synchronises: plugins.ops DECODE_ROWS). A size that fails to capture runs plainly, with a warning."""
