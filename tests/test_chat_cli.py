@@ -2,9 +2,12 @@
 /reset starts afresh."""
 import re
 
+import pytest
 from click.testing import CliRunner
 
 from dsv4.cli import cli
+
+pytestmark = pytest.mark.slow            # the tiny artifact's build (conftest `built`)
 
 
 def test_a_terminal_chat_keeps_its_conversation_in_the_caches(built):

@@ -14,6 +14,8 @@ from runtime.sampling import Sampling
 from runtime.server import Engine, make_app
 from runtime.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.slow            # the tiny artifact's build (conftest `built`)
+
 
 @pytest.fixture(scope="module")
 def served(built):
