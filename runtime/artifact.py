@@ -35,7 +35,7 @@ from .errors import UserError
 from .expert_bank import ExpertBank
 from .expert_pager import PagedExperts
 from .expert_store import DeviceExperts, HostExperts
-from .manifest import Progress, load_manifest
+from .manifest import Progress, load_manifest, no_progress
 from .route_predictor import RoutePredictor
 
 # what the expert pager fetches ahead of use (ArtifactModel's `prefetch`)
@@ -70,7 +70,7 @@ class ArtifactModel:
         "none" (it only admits experts it missed: the baseline). `prefill` gives prefill modules to run
         eagerly alongside `programs`. `progress(stage, done, total)` follows the long steps of a load (hashing,
         copying experts, loading layers, capturing graphs: minutes at Flash size)."""
-        report = progress or (lambda stage, done, total: None)
+        report = progress or no_progress
         self.root = Path(root)
         self.manifest = m = load_manifest(self.root, progress=progress)
         self.device = torch.device(device)
@@ -320,7 +320,7 @@ class ArtifactModel:
             return out, self.pick(out)                   # the greedy pick, on the device (decode_greedy)
         self.graph, (self._out, self._next) = self._captured(step)
 
-    def _capture_prefill(self, report: Progress = lambda stage, done, total: None) -> None:
+    def _capture_prefill(self, report: Progress = no_progress) -> None:
         """Each prefill size (the buckets and the whole chunk) as a CUDA graph of its own over static inputs, so
         a chunk's prefill is one replay instead of the programs' launches from the host (no op of theirs
         synchronises: plugins.ops DECODE_ROWS). A size that fails to capture runs plainly, with a warning."""

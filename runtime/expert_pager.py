@@ -31,7 +31,7 @@ import contextlib
 import torch
 
 from .expert_bank import ExpertBank, expert_addresses
-from .manifest import Progress
+from .manifest import Progress, no_progress
 from .pager_policy import PagerStats, SlotPool
 from .route_predictor import RoutePredictor
 
@@ -68,7 +68,7 @@ def reads_pageable_memory(device: torch.device) -> bool:
 class PagedExperts:
     def __init__(self, bank: ExpertBank, layers: list[int], device: torch.device, slots: int,
                  tid2eid: dict[int, torch.Tensor] | None = None, prefetch: bool = True,
-                 progress: Progress = lambda stage, done, total: None):
+                 progress: Progress = no_progress):
         """`layers`: the chained layers in order; `tid2eid[layer]` [vocab, k] for the hash-routed ones
         (exact prefetch); `prefetch` off leaves only admissions on a miss (the baseline)."""
         self.device, self.layers, self.prefetch_enabled = device, layers, prefetch

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .expert_bank import ExpertBank, expert_addresses
-from .manifest import Progress
+from .manifest import Progress, no_progress
 
 
 class HostExperts:
@@ -23,7 +23,7 @@ class HostExperts:
 
 class DeviceExperts:
     def __init__(self, bank: ExpertBank, layers: list[int], device: torch.device,
-                 progress: Progress = lambda stage, done, total: None, chunk: int = 256 << 20):
+                 progress: Progress = no_progress, chunk: int = 256 << 20):
         self.slabs: dict[int, torch.Tensor] = {}
         self.tables: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(layers):

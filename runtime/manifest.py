@@ -43,6 +43,10 @@ class ArtifactError(UserError):
 Progress = Callable[[str, int, int], None]
 
 
+def no_progress(stage: str, done: int, total: int) -> None:
+    """A Progress that reports to no one."""
+
+
 def sha256_file(path: Path, chunk: int = 1 << 24, advance: Callable[[int], None] = lambda n: None) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
