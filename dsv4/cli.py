@@ -434,12 +434,14 @@ def chat_cmd(artifact, system, thinking, max_new, temperature, top_p, seed, devi
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--name", help="The model name clients see and send (default: the artifact's model id).")
+@click.option("--api-key", help="Answer only requests that carry this key (Authorization: Bearer KEY); set it "
+              "when listening beyond this machine.")
 @click.option("--keep-conversations", type=click.IntRange(0), default=2, show_default=True,
               help="Other conversations whose caches are kept in host memory, so that their next turn is not "
                    "prefilled afresh (a chat UI's title request between two turns); each holds a copy of the "
                    "caches (about 0.47 GB for Flash at 64K context).")
 @_loading_options
-def serve(artifact, host, port, name, keep_conversations, device, eager, no_graphs, expert_slots) -> None:
+def serve(artifact, host, port, name, api_key, keep_conversations, device, eager, no_graphs, expert_slots) -> None:
     """Serve an artifact over HTTP with OpenAI's API: POST /v1/chat/completions and /v1/completions (whole
     or streamed), GET /v1/models. One request runs at a time; the others wait their turn. A chat's next turn
     is prefilled from where the last one ended when its prompt extends it. Thinking mode:
@@ -457,7 +459,10 @@ def serve(artifact, host, port, name, keep_conversations, device, eager, no_grap
     engine = Engine(model, Tokenizer(artifact), log=lambda line: click.echo(line, err=True), keep=keep_conversations)
     click.echo(f"serving {artifact} as {name!r} on http://{host}:{port}/v1 ({model.backend} on {model.device}, "
                f"context {model.max_len} tokens)", err=True)
-    uvicorn.run(make_app(engine, name), host=host, port=port, log_level="warning")
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        click.echo(f"warning: listening on {host} without --api-key: anyone who reaches this port can use it",
+                   err=True)
+    uvicorn.run(make_app(engine, name, api_key), host=host, port=port, log_level="warning")
 
 
 @cli.command("bench")

@@ -156,13 +156,24 @@ class CompletionRequest(_Request):
     prompt: str
 
 
-def make_app(engine: Engine, model_name: str) -> FastAPI:
-    """The HTTP application over `engine`, which answers to `model_name`."""
+def make_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The HTTP application over `engine`, which answers to `model_name`; with `api_key`, the /v1 routes take
+    only requests that carry it (`Authorization: Bearer KEY`, as OpenAI's clients send their key)."""
     app = FastAPI(title="dsv4-aot", description="OpenAI-compatible server over one DeepSeek V4 artifact")
     tok, max_len, created = engine.tok, engine.model.max_len, int(time.time())
 
     def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
         return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+
+    if api_key:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def authorise(request: Request, call_next):
+            given = request.headers.get("authorization", "").encode()
+            if request.url.path.startswith("/v1/") and not secrets.compare_digest(given, expected):
+                return error(401, "a valid API key is needed (Authorization: Bearer KEY)", kind="authentication_error")
+            return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):

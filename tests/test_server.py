@@ -185,3 +185,16 @@ def test_no_more_conversations_are_kept_than_asked(served):
         chat(client, [{"role": "user", "content": other}], max_tokens=2)
     turn = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "More"}]
     assert chat(client, turn, max_tokens=2)["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def test_with_an_api_key_only_requests_that_carry_it_are_answered(built):
+    out = built[0]
+    with TestClient(make_app(Engine(ArtifactModel(out), Tokenizer(out)), "tiny", api_key="s3cret")) as client:
+        body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = client.post("/v1/chat/completions", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+            assert client.get("/v1/models", headers=headers).status_code == 401
+        good = {"Authorization": "Bearer s3cret"}
+        assert client.post("/v1/chat/completions", json=body, headers=good).status_code == 200
+        assert client.get("/health").status_code == 200                  # a load balancer's probe needs no key
