@@ -198,3 +198,36 @@ def test_with_an_api_key_only_requests_that_carry_it_are_answered(built):
         good = {"Authorization": "Bearer s3cret"}
         assert client.post("/v1/chat/completions", json=body, headers=good).status_code == 200
         assert client.get("/health").status_code == 200                  # a load balancer's probe needs no key
+
+
+def test_the_serve_command_answers_over_http(built):
+    """`dsv4 serve` itself: uvicorn on a free port, a streamed chat answer over real HTTP, then a clean stop."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "dsv4.cli", "serve", str(built[0]), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert server.poll() is None, server.stderr.read()
+                time.sleep(0.5)
+        body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3, "temperature": 0,
+                "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert r.status_code == 200 and lines[-1] == "data: [DONE]" and len(lines) >= 3
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+    assert "serving" in err and "0 prompt tokens cached" in err      # its start line, then the request's
