@@ -417,9 +417,9 @@ def chat_cmd(artifact, system, thinking, max_new, temperature, top_p, seed, devi
             shown.append(piece)
             click.echo(piece, nl=False)
         try:
-            done, _, cached = conversation.generate(render(messages, thinking=thinking), max_new, emit,
-                                                    Sampling(temperature, top_p, seed + len(messages)))
-            status = done.line(f"{cached} prompt tokens cached")
+            turn = conversation.generate(render(messages, thinking=thinking), max_new, emit,
+                                         Sampling(temperature, top_p, seed + len(messages)))
+            status = turn.generation.line(f"{turn.cached} prompt tokens cached")
         except KeyboardInterrupt:     # what the caches hold is not known: the next turn is prefilled afresh
             conversation.forget()
             status = "stopped"

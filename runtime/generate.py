@@ -83,12 +83,23 @@ def generate(model, tok: Tokenizer, ids: list[int], max_new: int, emit: Callable
 
 def sampled(model, token: int, position: int, count: int, sampling: Sampling, gen: torch.Generator) -> Iterator[int]:
     """`token`, then each next token sampled from the logits of the one before, up to `count` in all."""
-    history = [token]
+    counts = None                     # the penalties' counts of the tokens so far, once there are logits to size them
     for i in range(count):
         yield token
         if i + 1 < count:
-            token = sample(model.forward(torch.tensor([[token]]), position + i)[0], sampling, gen, history)
-            history.append(token)
+            logits = model.forward(torch.tensor([[token]]), position + i)[0]
+            if sampling.penalised:
+                counts = torch.zeros_like(logits) if counts is None else counts
+                counts[token] += 1
+            token = sample(logits, sampling, gen, counts)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One generation of a `Conversation`."""
+    generation: Generation
+    prompt_tokens: int                # the prompt's ids as fed: the cached ones, then the rest
+    cached: int                       # of them already in the caches
 
 
 class Conversation:
@@ -107,9 +118,8 @@ class Conversation:
         self.kept: OrderedDict[str, tuple[list[int], list]] = OrderedDict()   # text -> (ids, caches), oldest first
 
     def generate(self, text: str, max_new: int, emit: Callable[[str], None], sampling: Sampling = Sampling(),
-                 cancelled: Callable[[], bool] = lambda: False) -> tuple[Generation, int, int]:
-        """(the generation, the prompt's ids as fed, how many of them the caches already held), up to `max_new`
-        tokens or the context's end."""
+                 cancelled: Callable[[], bool] = lambda: False) -> Turn:
+        """Up to `max_new` tokens after `text`, or to the context's end."""
         if not self._extends(self.text, text):
             self._switch_to(text)
         if self.fed:
@@ -126,7 +136,7 @@ class Conversation:
                         cancelled=cancelled)
         self.fed = done.fed(ids)
         self.text = text + self.tok.decode(self.fed[len(ids):])
-        return done, len(ids), start
+        return Turn(done, len(ids), start)
 
     @staticmethod
     def _extends(held: str, text: str) -> bool:

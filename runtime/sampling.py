@@ -21,10 +21,11 @@ class Sampling:
         return self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
-def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None, history: list[int] = ()) -> int:
-    """logits [vocab] (float32) -> a token id; `history`: the tokens generated so far (the penalties')."""
-    if s.penalised and history:
-        counts = torch.bincount(torch.tensor(history), minlength=logits.numel())[:logits.numel()].to(logits.dtype)
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None,
+           counts: torch.Tensor | None = None) -> int:
+    """logits [vocab] (float32) -> a token id; `counts` [vocab]: how often each token has been generated so far
+    (the penalties'; kept up to date by the caller, one increment a token)."""
+    if s.penalised and counts is not None:
         logits = logits - s.frequency_penalty * counts - s.presence_penalty * (counts > 0).to(logits.dtype)
     if s.temperature <= 0:
         return int(logits.argmax())

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .chat import Message, render
 from .errors import UserError
-from .generate import Conversation, Generation
+from .generate import Conversation, Turn
 from .openai_reply import EngineError, Reply, Split
 from .sampling import Sampling
 from .tokenizer import Tokenizer
@@ -53,18 +53,11 @@ class Job:
     cancelled: bool = False           # set by the server (client gone, a stop string met), read by the worker
 
     def put(self, kind: str, value: Any) -> None:
-        """From the worker thread: ("text", piece), ("done", Done) or ("error", (HTTP status, message))."""
+        """From the worker thread: ("text", piece), ("done", Turn) or ("error", (HTTP status, message))."""
         try:
             self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
         except RuntimeError:          # the server's loop is closed: nobody is listening
             self.cancelled = True
-
-
-@dataclass(frozen=True)
-class Done:
-    generation: Generation
-    prompt_tokens: int                # the prompt's ids as fed: the cached ones, then the rest
-    cached: int                       # of them already in the caches
 
 
 class Engine:
@@ -94,11 +87,11 @@ class Engine:
                 self.log(f"error: a request failed: {type(e).__name__}: {e}")
                 job.put("error", (500, f"{type(e).__name__}: {e}"))
 
-    def _run(self, job: Job) -> Done:
-        done, prompt, cached = self.conversation.generate(
-            job.text, job.max_new, lambda piece: job.put("text", piece), job.sampling, cancelled=lambda: job.cancelled)
-        self.log(done.line(f"{cached} prompt tokens cached, {done.finish}"))
-        return Done(done, prompt, cached)
+    def _run(self, job: Job) -> Turn:
+        turn = self.conversation.generate(job.text, job.max_new, lambda piece: job.put("text", piece), job.sampling,
+                                          cancelled=lambda: job.cancelled)
+        self.log(turn.generation.line(f"{turn.cached} prompt tokens cached, {turn.generation.finish}"))
+        return turn
 
 
 # Request bodies: the OpenAI fields this server honours; others clients commonly send are accepted and

@@ -210,7 +210,7 @@ def test_the_server_replays_the_graphs_from_its_worker_thread(artifact):
         answers.append("".join(pieces))
     follow = [Message("user", "Hello there"), Message("assistant", answers[0]), Message("user", "Go on")]
     pieces = []
-    _, _, cached_here = here.generate(render(follow), 8, pieces.append)   # back to the first, from host memory
+    cached_here = here.generate(render(follow), 8, pieces.append).cached   # back to the first, from host memory
     assert cached_here > 0
     with TestClient(make_app(Engine(model, tok, keep=1), "tiny")) as client:
         def ask(messages):

@@ -158,11 +158,14 @@ def test_penalties_lower_the_logits_of_generated_tokens():
     """OpenAI's: logit - frequency x count - presence x (count > 0), over the tokens generated so far."""
     from runtime.sampling import Sampling, sample
     logits = torch.tensor([3.0, 2.5, 1.0, 0.0])
-    assert sample(logits, Sampling(frequency_penalty=0.3), None, [0]) == 0          # 3.0 - 0.3 > 2.5
-    assert sample(logits, Sampling(frequency_penalty=0.3), None, [0, 0]) == 1       # 3.0 - 0.6 < 2.5
-    assert sample(logits, Sampling(presence_penalty=0.6), None, [0, 0, 0]) == 1     # once, whatever the count
-    assert sample(logits, Sampling(presence_penalty=-1.0), None, [2]) == 0 and \
-        sample(logits, Sampling(presence_penalty=-2.5), None, [2]) == 2             # negative: encouraged
+
+    def counts(*tokens):                                                            # sample's running counts
+        return torch.bincount(torch.tensor(tokens), minlength=4).float()
+    assert sample(logits, Sampling(frequency_penalty=0.3), None, counts(0)) == 0          # 3.0 - 0.3 > 2.5
+    assert sample(logits, Sampling(frequency_penalty=0.3), None, counts(0, 0)) == 1       # 3.0 - 0.6 < 2.5
+    assert sample(logits, Sampling(presence_penalty=0.6), None, counts(0, 0, 0)) == 1     # once, whatever the count
+    assert sample(logits, Sampling(presence_penalty=-1.0), None, counts(2)) == 0 and \
+        sample(logits, Sampling(presence_penalty=-2.5), None, counts(2)) == 2             # negative: encouraged
 
 
 @pytest.mark.slow
