@@ -135,6 +135,8 @@ class Conversation:
         done = generate(self.model, self.tok, ids, min(max_new, room), emit, sampling, start=start,
                         cancelled=cancelled)
         self.fed = done.fed(ids)
+        # (an answer cut by max_new whose unfed last token completes a character leaves U+FFFD at the end of
+        # this text: its next turn misses and is prefilled afresh, which costs time, not correctness)
         self.text = text + self.tok.decode(self.fed[len(ids):])
         return Turn(done, len(ids), start)
 
