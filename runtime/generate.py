@@ -33,15 +33,17 @@ class Generation:
     decode_s: float
     tokens: tuple[int, ...] = ()      # the generated ids, end of sentence excluded
     finish: str = "length"            # "stop" (end of sentence), "length" (max_new) or "cancelled"
+    held: tuple[int, ...] = ()        # the drawn ids (end of sentence included) whose state the caches hold
 
     def line(self, what: str) -> str:
         return (f"prefill {self.prompt_tokens} tokens: {self.prompt_tokens / max(self.prefill_s, 1e-9):.1f} tok/s; "
                 f"decode {self.new_tokens} tokens: {self.new_tokens / max(self.decode_s, 1e-9):.1f} tok/s ({what})")
 
     def fed(self, ids: list[int]) -> list[int]:
-        """The ids whose state the model's caches hold after this generation from prompt `ids`: the prompt and
-        every generated token but the last one drawn (end of sentence included), which no step has taken."""
-        return list(ids) + list(self.tokens if self.finish == "stop" else self.tokens[:-1])
+        """The ids whose state the model's caches hold after this generation from prompt `ids`: the prompt, then
+        the drawn tokens that a step has taken (`held`). The next turn is fed from there: feeding a position
+        again is not idempotent (a ratio-4 compressor shifts its state at a block's end)."""
+        return list(ids) + list(self.held)
 
 
 def generate(model, tok: Tokenizer, ids: list[int], max_new: int, emit: Callable[[str], None],
@@ -63,11 +65,14 @@ def generate(model, tok: Tokenizer, ids: list[int], max_new: int, emit: Callable
     text = tok.stream()
     t1 = time.time()
     first = sample(logits[0], sampling, gen)
-    if sampling.temperature <= 0 and not sampling.penalised and hasattr(model, "decode_greedy"):
+    ahead = sampling.temperature <= 0 and not sampling.penalised and hasattr(model, "decode_greedy")
+    if ahead:
         picks = itertools.chain([first], model.decode_greedy(first, len(ids), max_new - 1))   # the GPU a step ahead
     else:
         picks = sampled(model, first, len(ids), max_new, sampling, gen)
+    drawn: list[int] = []
     for nxt in itertools.islice(picks, max(max_new, 0)):   # max_new 0: none, not even the first
+        drawn.append(nxt)
         if nxt == tok.eos_id:
             finish = "stop"
             break
@@ -78,7 +83,12 @@ def generate(model, tok: Tokenizer, ids: list[int], max_new: int, emit: Callable
         if cancelled():
             finish = "cancelled"
             break
-    return Generation(len(ids) - start, prefill, len(tokens), time.time() - t1, tuple(tokens), finish)
+    # the caches took every drawn token but the last, and that one too where a step ran ahead on it: the
+    # device's greedy loop queues the next step before the host reads a token, from the second token on (the
+    # first comes from the prompt's logits) and up to max_new
+    took = len(drawn) if ahead and 1 < len(drawn) < max_new else max(len(drawn) - 1, 0)
+    return Generation(len(ids) - start, prefill, len(tokens), time.time() - t1, tuple(tokens), finish,
+                      tuple(drawn[:took]))
 
 
 def sampled(model, token: int, position: int, count: int, sampling: Sampling, gen: torch.Generator) -> Iterator[int]:
