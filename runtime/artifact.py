@@ -375,7 +375,7 @@ class ArtifactModel:
         is queued before the host reads this one, so the host's work between steps (reading the token,
         copying it in, launching the graph) no longer leaves the GPU idle. The pager needs each token on
         the host before its step (hash-routed prefetch), so it keeps the step-by-step loop. A step queued
-        past an early stop only writes cache rows at a position the next request overwrites."""
+        past an early stop has fed the last token read: `Generation.fed` counts it."""
         if self.pager is not None or self.batch != 1:
             for i in range(count):
                 token = int(self.step(torch.tensor([token]), torch.tensor([position + i]))[0].argmax())
