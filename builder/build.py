@@ -96,6 +96,17 @@ def _layers(cfg) -> list[int]:
     return list(range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers))
 
 
+def _prefill_sizes(recipe, cfg) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The prefill sizes below the whole chunk: the main layers' (the recipe's buckets, and with drafts the
+    verification of a drafted token after the last one: 1 + draft_tokens), and the MTP block's where it drafts
+    (that verification's size, and the sliding window: the block's cache filled over a prompt's last tokens)."""
+    if not (recipe.draft_tokens and cfg.num_nextn_predict_layers):
+        return recipe.prefill_buckets, ()
+    verify = 1 + recipe.draft_tokens
+    main = tuple(sorted({*recipe.prefill_buckets, verify} - {recipe.prefill_chunk}))
+    return main, tuple(sorted({verify, cfg.sliding_window}))
+
+
 def _compile_program(cfg, layer: int, weights: dict, act: torch.dtype, max_len: int, batch: int,
                      device: str, path: Path, chunk: int = 0) -> None:
     """Export and compile the program of `layer`'s kind, traced with `weights` (any layer of the kind): the
@@ -315,14 +326,14 @@ def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
         stage(prefill_file(kind, size), lambda p: compiles.append(
             (str(ckpt.folder), kinds[kind], recipe.dtype, max_len, 1, recipe.device, str(p), size)),
             config=cfg.digest(), kind=kind, chunk=size)
+    main_sizes, mtp_sizes = _prefill_sizes(recipe, cfg)
     if recipe.backend == "aoti":
         for item in [(k, b) for k in kinds for b in buckets]:
             program(item)
-        # prefill for one sequence at a time, main layers only (generation never runs the MTP block)
+        # prefill for one sequence at a time; the MTP block's only where it drafts (speculative decoding)
         for kind, layer in kinds.items():
-            if not decode.is_mtp(cfg, layer):
-                for size in (chunk, *recipe.prefill_buckets):
-                    prefill_program(kind, size)
+            for size in mtp_sizes if decode.is_mtp(cfg, layer) else (chunk, *main_sizes):
+                prefill_program(kind, size)
         t0 = time.time()
         _compile_all(compiles, progress)
         summary.stage_seconds["programs"] = time.time() - t0
@@ -340,13 +351,20 @@ def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
         timed("programs", list(kinds), engine)
 
     t0 = time.time()
+    def prefill_entry(layer: int) -> dict:
+        """The layer's prefill programs in the manifest: the whole chunk's and the smaller sizes' (`buckets`);
+        an MTP block's, where it drafts, as buckets only."""
+        kind = decode.program_kind(cfg, layer)
+        sizes = mtp_sizes if decode.is_mtp(cfg, layer) else main_sizes
+        whole = {} if decode.is_mtp(cfg, layer) else {"chunk": chunk, "program": prefill_file(kind)}
+        if recipe.backend != "aoti" or not (whole or sizes):
+            return {}
+        return {"prefill": {**whole, "buckets": [{"chunk": size, "program": prefill_file(kind, size)}
+                                                 for size in sizes]}}
     layer_table = [{
         "layer": layer, "prefix": decode.layer_prefix(cfg, layer), "kind": decode.program_kind(cfg, layer),
         "programs": _programs(recipe.backend, decode.program_kind(cfg, layer), buckets, program_file),
-        **({"prefill": {"chunk": chunk, "program": prefill_file(decode.program_kind(cfg, layer)),
-                        "buckets": [{"chunk": size, "program": prefill_file(decode.program_kind(cfg, layer), size)}
-                                    for size in recipe.prefill_buckets]}}
-           if recipe.backend == "aoti" and not decode.is_mtp(cfg, layer) else {}),
+        **prefill_entry(layer),
         **_engine_entry(recipe.backend, decode.program_kind(cfg, layer), buckets, partial),
         "weights": weights_file(layer),
         "shared_weights": list(decode.SHARED_WEIGHTS) if decode.is_mtp(cfg, layer) else [],

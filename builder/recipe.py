@@ -4,7 +4,7 @@
     [build]    backend = "eager" | "aoti" | "tensorrt" | "tensorrt-rtx"; device = "cpu" | "cuda";
                gpu_archs = ["sm_90a", ...]; dtype = "bfloat16" (default) | "float32"
     [runtime]  decode_batch_buckets, prefill_chunk, prefill_buckets, max_context, memory_budget_gib,
-               expert_slots
+               expert_slots, draft_tokens
 
 Unknown keys and bad values are errors that name the key.
 """
@@ -46,6 +46,9 @@ class Recipe:
     max_context: int
     memory_budget_gib: float
     expert_slots: int                 # routed experts kept on the device; 0 = every expert resident
+    # tokens the MTP block drafts per decode step for the model to verify (0: none; DeepSeek V4 has one MTP
+    # block, which drafts one): aoti builds then add the programs of speculative decoding (runtime/speculative.py)
+    draft_tokens: int = 1
 
     def check_fits(self, cfg: ModelConfig) -> None:
         """The budget must hold every non-expert weight plus the expert slots."""
@@ -66,10 +69,10 @@ _SCHEMA: dict[str, dict[str, type]] = {
     "model": {"source": str},
     "build": {"backend": str, "device": str, "gpu_archs": list, "dtype": str},
     "runtime": {"decode_batch_buckets": list, "prefill_chunk": int, "prefill_buckets": list, "max_context": int,
-                "memory_budget_gib": float, "expert_slots": int},
+                "memory_budget_gib": float, "expert_slots": int, "draft_tokens": int},
 }
 _DEFAULTS: dict[str, Any] = {"gpu_archs": [], "dtype": "bfloat16", "decode_batch_buckets": [1], "prefill_chunk": 256,
-                             "prefill_buckets": [], "expert_slots": 0}
+                             "prefill_buckets": [], "expert_slots": 0, "draft_tokens": 1}
 
 
 def parse_recipe(raw: dict[str, Any], name: str) -> Recipe:
@@ -130,6 +133,8 @@ def parse_recipe(raw: dict[str, Any], name: str) -> Recipe:
         raise bad("runtime.memory_budget_gib", "must be positive")
     if values["expert_slots"] < 0:
         raise bad("runtime.expert_slots", "must be >= 0 (0 keeps every expert resident)")
+    if values["draft_tokens"] not in (0, 1):
+        raise bad("runtime.draft_tokens", "must be 0 (no drafts) or 1 (the MTP block drafts one token a step)")
     values["gpu_archs"] = tuple(values["gpu_archs"])
     values["decode_batch_buckets"] = tuple(sorted(set(buckets)))
     values["prefill_buckets"] = tuple(sorted(set(sizes)))

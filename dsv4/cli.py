@@ -43,7 +43,9 @@ _loading_options = _options(
     click.option("--no-graphs", is_flag=True, help="On a GPU: launch every decode step and prefill chunk from the "
                  "host instead of replaying CUDA graphs (captured at load)."),
     click.option("--expert-slots", type=click.IntRange(0), default=None,
-                 help="Routed experts kept in device slots; the rest are paged (default: the recipe's; 0 = all)."))
+                 help="Routed experts kept in device slots; the rest are paged (default: the recipe's; 0 = all)."),
+    click.option("--no-draft", is_flag=True, help="Greedy decoding one token a pass, without the MTP block's "
+                 "drafts (speculative decoding: each pass verifies a drafted token; the same tokens)."))
 # How `dsv4 run` and `chat` pick each token
 _sampling_options = _options(
     click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy."),
@@ -78,11 +80,11 @@ def _load_reference(checkpoint: Path | None, device: str, dtype: str, max_len: i
 
 
 def _open_artifact(artifact: Path, device: str = "auto", eager: bool = False, graphs: bool = True,
-                   expert_slots: int | None = None, prefetch: str = "predict"):
+                   expert_slots: int | None = None, prefetch: str = "predict", draft: bool = True):
     """Load a built artifact on `device` ("auto": where its programs were compiled for). `eager` runs the
     layer programs as modules instead of the compiled ones (an eager artifact always does); CUDA graphs
     are captured on a GPU unless `graphs` is off; `prefetch`: what the expert pager fetches ahead of use
-    (runtime.artifact.PREFETCH)."""
+    (runtime.artifact.PREFETCH); `draft`: load the MTP block as drafter where the artifact has its programs."""
     import torch
 
     from runtime.artifact import ArtifactModel
@@ -104,7 +106,7 @@ def _open_artifact(artifact: Path, device: str = "auto", eager: bool = False, gr
     with _progress_bar() as progress:
         return ArtifactModel(artifact, _device(device), programs=programs,
                              graphs=graphs and device.startswith("cuda"), expert_slots=expert_slots, prefill=prefill,
-                             prefetch=prefetch, progress=progress)
+                             prefetch=prefetch, progress=progress, draft=draft)
 
 
 def ensure_tiny() -> Path:
@@ -343,13 +345,14 @@ def build_cmd(recipe: Path, checkpoint: Path | None, out: Path | None) -> None:
 @_sampling_options
 @_loading_options
 def run(artifact, prompt, chat, thinking, system, max_new, temperature, top_p, seed, device, eager,
-        no_graphs, expert_slots) -> None:
+        no_graphs, expert_slots, no_draft) -> None:
     """Generate from a built artifact, streaming text; stops at end of sentence, then reports speeds."""
     from runtime.generate import generate as run_generation
     from runtime.generate import prompt_ids
     from runtime.sampling import Sampling
     from runtime.tokenizer import Tokenizer
-    model = _open_artifact(artifact, device, eager, graphs=not no_graphs, expert_slots=expert_slots)
+    model = _open_artifact(artifact, device, eager, graphs=not no_graphs, expert_slots=expert_slots,
+                           draft=not no_draft)
     tok = Tokenizer(artifact)
     ids = prompt_ids(tok, prompt, chat, thinking, system)
     if len(ids) + max_new > model.max_len:
@@ -382,7 +385,7 @@ def _pager_line(pager) -> str:
 @_sampling_options
 @_loading_options
 def chat_cmd(artifact, system, thinking, max_new, temperature, top_p, seed, device, eager, no_graphs,
-             expert_slots) -> None:
+             expert_slots, no_draft) -> None:
     """Chat with an artifact in the terminal. Each answer streams as it is generated; the conversation stays in
     the model's caches, so a turn prefills only itself (thinking mode excepted: the template drops earlier
     reasoning). /reset starts a new conversation, /bye or Ctrl-D ends, Ctrl-C stops an answer."""
@@ -394,7 +397,8 @@ def chat_cmd(artifact, system, thinking, max_new, temperature, top_p, seed, devi
         __import__("readline")        # line editing and history for input(), where the platform has it
     except ImportError:
         pass
-    model = _open_artifact(artifact, device, eager, graphs=not no_graphs, expert_slots=expert_slots)
+    model = _open_artifact(artifact, device, eager, graphs=not no_graphs, expert_slots=expert_slots,
+                           draft=not no_draft)
     conversation = Conversation(model, Tokenizer(artifact))
     opening = [Message("system", system)] if system else []
     messages = list(opening)
@@ -441,7 +445,8 @@ def chat_cmd(artifact, system, thinking, max_new, temperature, top_p, seed, devi
                    "prefilled afresh (a chat UI's title request between two turns); each holds a copy of the "
                    "caches (about 0.47 GB for Flash at 64K context).")
 @_loading_options
-def serve(artifact, host, port, name, api_key, keep_conversations, device, eager, no_graphs, expert_slots) -> None:
+def serve(artifact, host, port, name, api_key, keep_conversations, device, eager, no_graphs, expert_slots,
+          no_draft) -> None:
     """Serve an artifact over HTTP with OpenAI's API: POST /v1/chat/completions and /v1/completions (whole
     or streamed), GET /v1/models. One request runs at a time; the others wait their turn. A chat's next turn
     is prefilled from where the last one ended when its prompt extends it. Thinking mode:
@@ -454,7 +459,8 @@ def serve(artifact, host, port, name, api_key, keep_conversations, device, eager
     except ImportError as e:
         raise UserError(f"dsv4 serve needs {e.name}: pip install -e '.[serve]'") from None
     from runtime.tokenizer import Tokenizer
-    model = _open_artifact(artifact, device, eager, graphs=not no_graphs, expert_slots=expert_slots)
+    model = _open_artifact(artifact, device, eager, graphs=not no_graphs, expert_slots=expert_slots,
+                           draft=not no_draft)
     name = name or model.manifest.get("model_id", artifact.name)
     engine = Engine(model, Tokenizer(artifact), log=lambda line: click.echo(line, err=True), keep=keep_conversations)
     click.echo(f"serving {artifact} as {name!r} on http://{host}:{port}/v1 ({model.backend} on {model.device}, "
@@ -529,6 +535,11 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
                    f"(cold {figures['cold_time_to_first_token_s'] * 1e3:.1f})  prefill "
                    f"{figures['prefill_tok_s']:8.1f} tok/s  decode {figures['decode_tok_s']:8.1f} tok/s"
                    + (f"  ({figures['fraction_of_copy_bandwidth']:.2f} of copy bandwidth)" if per_token else ""))
+        if "speculative" in figures:
+            spec = figures["speculative"]
+            click.echo(f"{name + ' drafts':18s} decode {spec['decode_tok_s']:8.1f} tok/s, {spec['accepted']} of "
+                       f"{spec['drafted']} drafts accepted, tokens "
+                       + ("as without drafts" if spec["tokens_match_plain"] else "DIFFER from those without drafts"))
         del model
     runs = report["modes"]
     base = runs["compiled"]

@@ -29,8 +29,9 @@ from safetensors.torch import load_file
 
 import plugins.ops  # noqa: F401  (the packages call torch.ops.dsv4)
 from plugins.head import GreedyPick, head_logits, kernel_fits
-from plugins.oracle import hc_head, rms_norm, wide, wide_dtype
+from plugins.oracle import hc_head, ring_update, rms_norm, wide, wide_dtype
 
+from .draft import Head, MTPDraft
 from .errors import UserError
 from .expert_bank import ExpertBank
 from .expert_pager import PagedExperts
@@ -38,6 +39,9 @@ from .expert_store import DeviceExperts, HostExperts
 from .manifest import Progress, load_manifest, no_progress
 from .route_predictor import RoutePredictor
 
+# a ratio-4 layer's compressor states (builder/programs/decode.py `new_caches`), whose first 4 rows hold the
+# previous block (ratio 4 overlaps blocks)
+OVERLAP_STATES = ("comp_kv", "comp_score", "idx_kv", "idx_score")
 # what the expert pager fetches ahead of use (ArtifactModel's `prefetch`)
 PREFETCH = ("predict", "hash", "none")
 # layer -> a module with the layer programs' contract; the eager backend runs these as they are
@@ -55,12 +59,14 @@ class _Config:
         self.hc_sinkhorn_iters, self.scoring_func = raw["hc_sinkhorn_iters"], raw["scoring_func"]
         self.num_experts_per_tok = raw["num_experts_per_tok"]
         self.n_routed_experts = raw["n_routed_experts"]
+        self.compress_ratios, self.sliding_window = raw["compress_ratios"], raw["sliding_window"]
 
 
 class ArtifactModel:
     def __init__(self, root: str | Path, device: str = "cpu", programs: ProgramFactory | None = None,
                  graphs: bool = False, batch: int = 1, expert_slots: int | None = None,
-                 prefill: ProgramFactory | None = None, prefetch: str = "predict", progress: Progress | None = None):
+                 prefill: ProgramFactory | None = None, prefetch: str = "predict", progress: Progress | None = None,
+                 draft: bool = True):
         """`programs` replaces the compiled programs by modules (the eager comparison, or an eager
         artifact); `graphs` captures the decode step as one CUDA graph where it can be (bfloat16 compiled
         programs: `self.capturable`); `expert_slots` > 0 keeps only
@@ -69,7 +75,9 @@ class ArtifactModel:
         experts from the token ids, the others' from the route predictor), "hash" (the former only) or
         "none" (it only admits experts it missed: the baseline). `prefill` gives prefill modules to run
         eagerly alongside `programs`. `progress(stage, done, total)` follows the long steps of a load (hashing,
-        copying experts, loading layers, capturing graphs: minutes at Flash size)."""
+        copying experts, loading layers, capturing graphs: minutes at Flash size). `draft` loads the MTP block
+        as the drafter of speculative decoding (`self.drafter`) where the artifact has its programs (aoti
+        builds with `draft_tokens`, decode batch 1)."""
         report = progress or no_progress
         self.root = Path(root)
         self.manifest = m = load_manifest(self.root, progress=progress)
@@ -100,9 +108,8 @@ class ArtifactModel:
         bf16_head = (head.dtype == torch.bfloat16 and self.work == torch.float32
                      and kernel_fits(batch, self.config.hidden_size, self.device))
         self.head = head if bf16_head else head.to(self.work)
-        self.norm = dense["norm.weight"].to(self.work)
-        self.head_hc = [dense[f"hc_head_{n}"].to(self.work) for n in ("fn", "scale", "base")]
-        self.head_hc_pre = self._head_as_hc_pre(bf16_head)
+        self.main_head = self.head_of([dense[f"hc_head_{n}"].to(self.work) for n in ("fn", "scale", "base")],
+                                      dense["norm.weight"].to(self.work))
         main = [e for e in m["layers"] if e["prefix"].startswith("layers.")]
         bank = ExpertBank(self.root / "experts", list(json.loads((self.root / "bank.json").read_text()).values()))
         ids = [e["layer"] for e in main]
@@ -153,6 +160,19 @@ class ArtifactModel:
         compiled = self.prefill_runs is not None and programs is None
         self.prefill_buckets = self._prefill_bucket_programs(main) if compiled else {}
         self.use_buckets = True
+        # ratio-4 layers' caches: their compressor states shift at a block's end, which `rewind` undoes
+        self.overlapped = [caches for e, (_, _, _, caches) in zip(main, self.layers)
+                           if self.config.compress_ratios[e["layer"]] == 4]
+        self.drafter: MTPDraft | None = None
+        self.recent: torch.Tensor | None = None          # the main model's last streams at the last `window` positions
+        self.verify_runs = self.prefill_buckets.get(2) or (self.prefill_runs if compiled and self.chunk == 2 else None)
+        mtp = [e for e in m["layers"] if e["prefix"].startswith("mtp.") and "prefill" in e]
+        if draft and mtp and self.verify_runs is not None and batch == 1:
+            layer = mtp[0]["layer"]
+            store = DeviceExperts(bank, [layer], self.device) if self.device.type == "cuda" else HostExperts(bank, [layer])
+            self.drafter = MTPDraft(self, mtp[0], store)
+            self.recent = torch.zeros(1, self.config.sliding_window, self.config.hc_mult, self.config.hidden_size,
+                                      dtype=self.act, device=dev)
         self.tokens = torch.zeros(batch, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(batch, dtype=torch.int64, device=dev)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -164,6 +184,8 @@ class ArtifactModel:
         # which copy host constants (forbidden while capturing); float32 is the exact gate, not the fast path.
         self.capturable = programs is None and self.act == torch.bfloat16
         self.prefill_graphs: dict[int, tuple] = {}       # prefill sizes captured as CUDA graphs (_capture_prefill)
+        self.verify_graph: tuple | None = None           # the drafts' verification, likewise
+        self._undo: tuple | None = None                  # what `rewind` puts back (`verify`)
         if graphs and self.capturable:
             self._capture()
             self._capture_prefill(report)
@@ -199,17 +221,24 @@ class ArtifactModel:
         used = torch.cuda.memory_allocated(self.device)
         if self._past_budget(used):
             raise UserError(f"loading took {used / 2**30:.1f} GiB of device memory, above the recipe's budget of "
-                            f"{self.budget_gib:g} GiB: run with fewer --expert-slots")
+                            f"{self.budget_gib:g} GiB: run with fewer --expert-slots (or --no-draft)")
 
     def _past_budget(self, nbytes: int) -> bool:
         """Whether `nbytes` of device memory exceed the recipe's memory budget (none: never)."""
         return self.budget_gib is not None and nbytes > self.budget_gib * 2**30
 
+    def _cache_sets(self) -> list[tuple[dict[str, torch.Tensor], dict[str, float]]]:
+        """Every cache with its empty value: the layers', then the drafter's and the streams it reads."""
+        sets = [(caches, fills) for (_, _, _, caches), fills in zip(self.layers, self.fills)]
+        if self.drafter is not None:
+            sets += [(self.drafter.caches, self.drafter.fills), ({"recent": self.recent}, {"recent": 0.0})]
+        return sets
+
     def reset(self, batch: int = 1) -> None:
         """Empty every cache in place (a captured graph keeps pointing at the same storage)."""
         if batch != self.batch:
             raise ValueError(f"this model runs decode batch {self.batch}")
-        for (_, _, _, caches), fills in zip(self.layers, self.fills):
+        for caches, fills in self._cache_sets():
             for name, t in caches.items():
                 t.fill_(fills[name])
 
@@ -218,14 +247,14 @@ class ArtifactModel:
         puts back (at Flash size and 64K context about 0.47 GB)."""
         pin = self.device.type == "cuda"
         saved = [{name: torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t, non_blocking=pin)
-                  for name, t in caches.items()} for _, _, _, caches in self.layers]
+                  for name, t in caches.items()} for caches, _ in self._cache_sets()]
         if pin:
             torch.cuda.synchronize(self.device)
         return saved
 
     def load_caches(self, saved: list[dict[str, torch.Tensor]]) -> None:
         """Every cache as `save_caches` copied it, written in place (captured graphs keep their storage)."""
-        for (_, _, _, caches), state in zip(self.layers, saved):
+        for (caches, _), state in zip(self._cache_sets(), saved):
             for name, t in caches.items():
                 t.copy_(state[name], non_blocking=self.device.type == "cuda")
 
@@ -237,26 +266,32 @@ class ArtifactModel:
             if self.pager is not None:
                 self.pager.before_layer(i, h)
             h = run(h, self.positions, self.tokens, table, caches, weights)
+        if self.recent is not None:                      # batch 1: the drafter's input at this position
+            self.recent[0].index_copy_(0, self.positions % self.recent.size(1), h)
         return self._logits(h)
 
-    def _head_as_hc_pre(self, bf16_head: bool) -> list[torch.Tensor] | None:
-        """hc_head's weights in `dsv4::hc_pre_norm`'s form (`plugins.hc_pre.head_as_hc_pre`) for decode steps on
-        a GPU, where the kernels make the head's input in two launches (torch ran about twenty: the step's
-        largest group of small kernels, bench/results/profile-decode-flash8-h200.json); None where they do not
-        serve (CPU, float32, or batches past hc_pre's rows)."""
+    def head_of(self, hc: list[torch.Tensor], norm: torch.Tensor) -> Head:
+        """A head's hc_head weights and norm, with hc_head in `dsv4::hc_pre_norm`'s form
+        (`plugins.hc_pre.head_as_hc_pre`) for decode steps on a GPU, where the kernels make the head's input in
+        two launches (torch ran about twenty: the step's largest group of small kernels,
+        bench/results/profile-decode-flash8-h200.json); None where they do not serve (CPU, float32, or batches
+        past hc_pre's rows)."""
         from plugins.hc_pre import head_as_hc_pre, supports_norm
-        padded = head_as_hc_pre(*self.head_hc)
-        hc = self.config.hc_mult
-        probe = torch.empty(self.batch, hc, padded[0].size(1) // hc, dtype=self.act, device=self.device)
-        return padded if bf16_head and supports_norm(probe, padded[0]) else None
+        padded = head_as_hc_pre(*hc)
+        probe = torch.empty(self.batch, self.config.hc_mult, padded[0].size(1) // self.config.hc_mult,
+                            dtype=self.act, device=self.device)
+        fits = self.head.dtype == torch.bfloat16 and supports_norm(probe, padded[0])    # the bf16 head's kernel
+        return Head(hc, norm, padded if fits else None)
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """hc streams h [B, hc, d] -> logits [B, vocab] in the working dtype."""
+    def _logits(self, h: torch.Tensor, head: Head | None = None) -> torch.Tensor:
+        """hc streams h [B, hc, d] -> logits [B, vocab] in the working dtype, through `head` (the MTP block's)
+        or the model's own, and the model's head matrix."""
+        head = head or self.main_head
         eps = self.config.rms_norm_eps
-        if self.head_hc_pre is not None and h.size(0) == self.batch:       # no Sinkhorn iterations: comb unused
-            y = torch.ops.dsv4.hc_pre_norm(h[:, None], *self.head_hc_pre, self.norm, eps, self.config.hc_eps, 0)[0]
+        if head.hc_pre is not None and h.size(0) == self.batch:       # no Sinkhorn iterations: comb unused
+            y = torch.ops.dsv4.hc_pre_norm(h[:, None], *head.hc_pre, head.norm, eps, self.config.hc_eps, 0)[0]
             return head_logits(y[:, 0], self.head)
-        y = rms_norm(hc_head(h[:, None], *self.head_hc, self.config)[:, 0], self.norm, eps)
+        y = rms_norm(hc_head(h[:, None], *head.hc, self.config)[:, 0], head.norm, eps)
         return head_logits(wide(y), self.head)
 
     def _prefill_chunk(self, ids: torch.Tensor, start: int) -> torch.Tensor:
@@ -266,8 +301,14 @@ class ArtifactModel:
         size, runs = self.chunk, self.prefill_runs
         if self.use_buckets:                             # the smallest program that holds the n tokens
             size, runs = next(((c, r) for c, r in self.prefill_buckets.items() if c >= n), (size, runs))
-        graphed = self.prefill_graphs.get(size)
-        if graphed is not None:                          # its static inputs refilled, then one replay
+        return self._prefill_run(ids, start, size, runs, self.prefill_graphs.get(size))
+
+    def _prefill_run(self, ids: torch.Tensor, start: int, size: int, runs: list, graphed: tuple | None,
+                     every: bool = False) -> torch.Tensor:
+        """`_prefill_through` of ids [1, n] padded to `size` at positions start..: by replaying `graphed`
+        (`_capture_size`) with its static inputs refilled, or through `runs`; float32 logits."""
+        n = ids.size(1)
+        if graphed is not None:
             graph, padded, start_t, n_t, logits = graphed
             padded.zero_()
             padded[:, :n] = ids
@@ -279,16 +320,19 @@ class ArtifactModel:
         padded[:, :n] = ids
         start_t = torch.tensor([start], device=self.device)
         n_t = torch.tensor([n], device=self.device)
-        return self._prefill_through(runs, padded, start_t, n_t).float()
+        return self._prefill_through(runs, padded, start_t, n_t, every).float()
 
     def _prefill_through(self, runs: list, padded: torch.Tensor, start_t: torch.Tensor,
-                         n_t: torch.Tensor) -> torch.Tensor:
+                         n_t: torch.Tensor, every: bool = False) -> torch.Tensor:
         """The prefill programs `runs` over ids padded [1, C] at positions start_t.., n_t of them real: logits
-        [1, vocab] of the last real one, in the working dtype (no host value: a CUDA graph can capture it)."""
+        [1, vocab] of the last real one (`every`: [C, vocab] of each), in the working dtype (no host value: a
+        CUDA graph can capture it)."""
         h = self.embed[padded[:, :, None].expand(-1, -1, self.config.hc_mult)]      # [1, C, hc, d]
         for (_, table, weights, caches), run in zip(self.layers, runs):
             h = run(h, start_t, n_t, padded, table, caches, weights)
-        return self._logits(h.index_select(1, n_t - 1)[:, 0])
+        if self.recent is not None:                      # the drafter's input at these positions
+            self.recent.copy_(ring_update(self.recent, h, start_t, n_t))
+        return self._logits(h[0] if every else h.index_select(1, n_t - 1)[:, 0])
 
     def _captured(self, fn) -> tuple[torch.cuda.CUDAGraph, object]:
         """fn() captured as a CUDA graph, after two warm-up runs on a side stream (module loads, first-run
@@ -328,28 +372,36 @@ class ArtifactModel:
         if self.prefill_runs is not None:
             sizes[self.chunk] = self.prefill_runs
         for done, (size, runs) in enumerate(sizes.items()):
-            report("capturing prefill graphs", done, len(sizes))
-            padded = torch.zeros(1, size, dtype=torch.int64, device=self.device)
-            start_t = torch.zeros(1, dtype=torch.int64, device=self.device)
-            n_t = torch.full((1,), size, dtype=torch.int64, device=self.device)
-            try:
-                graph, logits = self._captured(lambda: self._prefill_through(runs, padded, start_t, n_t))
-            except RuntimeError as e:
-                self.reset(self.batch)                   # a warm-up may have written the caches
-                cause = str(e).splitlines()[0] if str(e) else type(e).__name__
-                warnings.warn(f"the {size}-token prefill programs run without a CUDA graph (they did not capture: "
-                              f"{cause})")
-                continue
-            torch.cuda.empty_cache()                     # the warm-ups' blocks: the graph has a pool of its own
-            reserved = torch.cuda.memory_reserved(self.device)
-            if self._past_budget(reserved):
-                del graph, logits                        # its pool goes back; the programs run plainly
-                torch.cuda.empty_cache()
-                warnings.warn(f"the {size}-token prefill programs run without a CUDA graph: its memory would take "
-                              f"the device to {reserved / 2**30:.1f} GiB, past the recipe's {self.budget_gib:g}")
-                continue
-            self.prefill_graphs[size] = (graph, padded, start_t, n_t, logits)
-        report("capturing prefill graphs", len(sizes), len(sizes))
+            report("capturing prefill graphs", done, len(sizes) + 1)
+            graphed = self._capture_size(size, runs, f"the {size}-token prefill programs")
+            if graphed is not None:
+                self.prefill_graphs[size] = graphed
+        if self.drafter is not None:                    # a drafted token's verification: every row's logits
+            self.verify_graph = self._capture_size(2, self.verify_runs, "the verification of drafts", every=True)
+        report("capturing prefill graphs", len(sizes) + 1, len(sizes) + 1)
+
+    def _capture_size(self, size: int, runs: list, what: str, every: bool = False) -> tuple | None:
+        """`_prefill_through` of `size` tokens as a CUDA graph over static inputs: (graph, padded ids, start, n,
+        logits), or None with a warning where it does not capture or its memory would pass the budget."""
+        padded = torch.zeros(1, size, dtype=torch.int64, device=self.device)
+        start_t = torch.zeros(1, dtype=torch.int64, device=self.device)
+        n_t = torch.full((1,), size, dtype=torch.int64, device=self.device)
+        try:
+            graph, logits = self._captured(lambda: self._prefill_through(runs, padded, start_t, n_t, every))
+        except RuntimeError as e:
+            self.reset(self.batch)                   # a warm-up may have written the caches
+            cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+            warnings.warn(f"{what} run without a CUDA graph (they did not capture: {cause})")
+            return None
+        torch.cuda.empty_cache()                     # the warm-ups' blocks: the graph has a pool of its own
+        reserved = torch.cuda.memory_reserved(self.device)
+        if self._past_budget(reserved):
+            del graph, logits                        # its pool goes back; the programs run plainly
+            torch.cuda.empty_cache()
+            warnings.warn(f"{what} run without a CUDA graph: its memory would take the device to "
+                          f"{reserved / 2**30:.1f} GiB, past the recipe's {self.budget_gib:g}")
+            return None
+        return graph, padded, start_t, n_t, logits
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Decode tokens [B] at positions [B]; float32 logits [B, vocab] on the model's device."""
@@ -407,6 +459,35 @@ class ArtifactModel:
                 done.synchronize()
             yield int(picked[i])
             done = ahead
+
+    @torch.inference_mode()
+    def verify(self, tokens: list[int], start: int) -> torch.Tensor:
+        """Feed two tokens, the last one drawn and a draft after it, at positions start and start + 1 (one
+        pass over the weights): float32 logits [2, vocab] on the model's device, each row the next token's.
+        Where the draft ends a ratio-4 block, the compressors' states as they were before it are kept for
+        `rewind`."""
+        if len(tokens) != 2:
+            raise ValueError(f"one draft is verified at a time, not {len(tokens) - 1}")
+        if start + 2 > self.max_len:
+            raise ValueError(f"position {start + 2} exceeds the artifact's context of {self.max_len}")
+        if self.pager is not None:
+            self.pager.begin_step([])       # as a prefill chunk: the last step's misses admitted
+        # ratio 4 overlaps blocks: its state's first rows hold the previous block, replaced as a block ends; the
+        # token at `start` ends none when the draft does (only one of two neighbours ends a block of 4)
+        self._undo = (start + 1, [{k: c[k][:, :4].clone() for k in OVERLAP_STATES} for c in self.overlapped]) \
+            if (start + 2) % 4 == 0 else None
+        return self._prefill_run(torch.tensor([tokens], device=self.device), start, 2, self.verify_runs,
+                                 self.verify_graph, every=True)
+
+    def rewind(self, position: int) -> None:
+        """Forget the token fed at `position`, the last one fed (a rejected draft; `verify`): its rows elsewhere
+        are overwritten when that position is fed again, but a ratio-4 block it ended shifted the compressors'
+        states, which are put back."""
+        undo, self._undo = self._undo, None
+        if undo is not None and undo[0] == position:
+            for caches, kept in zip(self.overlapped, undo[1]):
+                for name, rows in kept.items():
+                    caches[name][:, :4] = rows
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:

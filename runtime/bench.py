@@ -81,7 +81,27 @@ def measure(model, prompt: list[int], new_tokens: int) -> dict:
     t1 = time.perf_counter()
     tokens += model.decode_greedy(tokens[0], len(prompt), new_tokens - 1)   # each token read on the host, as in use
     decode = time.perf_counter() - t1
-    return {"prompt_tokens": len(prompt), "cold_time_to_first_token_s": cold, "time_to_first_token_s": ttft,
-            "prefill_tok_s": len(prompt) / ttft,
-            "decode_tokens": new_tokens - 1, "decode_tok_s": (new_tokens - 1) / decode,
-            "decode_step_ms": 1e3 * decode / max(new_tokens - 1, 1), "tokens": tokens}
+    figures = {"prompt_tokens": len(prompt), "cold_time_to_first_token_s": cold, "time_to_first_token_s": ttft,
+               "prefill_tok_s": len(prompt) / ttft,
+               "decode_tokens": new_tokens - 1, "decode_tok_s": (new_tokens - 1) / decode,
+               "decode_step_ms": 1e3 * decode / max(new_tokens - 1, 1), "tokens": tokens}
+    if getattr(model, "drafter", None) is not None:
+        figures["speculative"] = measure_speculative(model, prompt, new_tokens, tokens)
+    return figures
+
+
+def measure_speculative(model, prompt: list[int], new_tokens: int, plain: list[int]) -> dict:
+    """The same greedy decode with the MTP block's drafts verified two tokens a pass (runtime/speculative.py),
+    from a fresh prefill: decode tok/s (the drafter's fill over the prompt's last window included), drafts
+    made and accepted, and whether the tokens are the plain loop's."""
+    from .speculative import SpeculativeGreedy
+    _, logits = prefill_seconds(model, prompt)
+    speculative = SpeculativeGreedy(model, prompt, int(logits[0].argmax()), new_tokens)
+    picks = iter(speculative)
+    tokens = [next(picks)]
+    t0 = time.perf_counter()
+    tokens += picks                                    # each token read on the host
+    decode = time.perf_counter() - t0
+    return {"decode_tok_s": (new_tokens - 1) / decode, "decode_step_ms": 1e3 * decode / max(new_tokens - 1, 1),
+            "drafted": speculative.stats.drafted, "accepted": speculative.stats.accepted,
+            "tokens_match_plain": tokens == plain}

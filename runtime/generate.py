@@ -13,6 +13,7 @@ import torch
 from .chat import Message, render
 from .errors import UserError
 from .sampling import Sampling, sample
+from .speculative import DraftStats, SpeculativeGreedy
 from .tokenizer import Tokenizer
 
 
@@ -34,10 +35,13 @@ class Generation:
     tokens: tuple[int, ...] = ()      # the generated ids, end of sentence excluded
     finish: str = "length"            # "stop" (end of sentence), "length" (max_new) or "cancelled"
     held: tuple[int, ...] = ()        # the drawn ids (end of sentence included) whose state the caches hold
+    drafts: DraftStats | None = None  # speculative decoding's drafts, where it ran
 
     def line(self, what: str) -> str:
+        drafts = (f"; {self.drafts.accepted} of {self.drafts.drafted} drafts accepted" if self.drafts else "")
         return (f"prefill {self.prompt_tokens} tokens: {self.prompt_tokens / max(self.prefill_s, 1e-9):.1f} tok/s; "
-                f"decode {self.new_tokens} tokens: {self.new_tokens / max(self.decode_s, 1e-9):.1f} tok/s ({what})")
+                f"decode {self.new_tokens} tokens: {self.new_tokens / max(self.decode_s, 1e-9):.1f} tok/s ({what})"
+                + drafts)
 
     def fed(self, ids: list[int]) -> list[int]:
         """The ids whose state the model's caches hold after this generation from prompt `ids`: the prompt, then
@@ -65,8 +69,11 @@ def generate(model, tok: Tokenizer, ids: list[int], max_new: int, emit: Callable
     text = tok.stream()
     t1 = time.time()
     first = sample(logits[0], sampling, gen)
-    ahead = sampling.temperature <= 0 and not sampling.penalised and hasattr(model, "decode_greedy")
-    if ahead:
+    greedy = sampling.temperature <= 0 and not sampling.penalised
+    speculative = None
+    if greedy and getattr(model, "drafter", None) is not None:
+        picks = speculative = SpeculativeGreedy(model, ids, first, max_new)     # drafts verified two tokens a pass
+    elif greedy and hasattr(model, "decode_greedy"):
         picks = itertools.chain([first], model.decode_greedy(first, len(ids), max_new - 1))   # the GPU a step ahead
     else:
         picks = sampled(model, first, len(ids), max_new, sampling, gen)
@@ -85,10 +92,15 @@ def generate(model, tok: Tokenizer, ids: list[int], max_new: int, emit: Callable
             break
     # the caches took every drawn token but the last, and that one too where a step ran ahead on it: the
     # device's greedy loop queues the next step before the host reads a token, from the second token on (the
-    # first comes from the prompt's logits) and up to max_new
-    took = len(drawn) if ahead and 1 < len(drawn) < max_new else max(len(drawn) - 1, 0)
+    # first comes from the prompt's logits) and up to max_new; an accepted draft was fed to verify it
+    if speculative is not None:
+        last_fed = speculative.last_fed
+    else:
+        last_fed = greedy and hasattr(model, "decode_greedy") and 1 < len(drawn) < max_new
+    took = len(drawn) if last_fed else max(len(drawn) - 1, 0)
+    stats = speculative.stats if speculative is not None else None
     return Generation(len(ids) - start, prefill, len(tokens), time.time() - t1, tuple(tokens), finish,
-                      tuple(drawn[:took]))
+                      tuple(drawn[:took]), stats)
 
 
 def sampled(model, token: int, position: int, count: int, sampling: Sampling, gen: torch.Generator) -> Iterator[int]:

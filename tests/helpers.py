@@ -118,3 +118,13 @@ class RecordedLaunches:
 
     def launch(self, name, grid, block, args, shared=0, cluster=1):
         self.launches.append(Launch(name, grid, block, args, shared, cluster))
+
+
+class EndsAt:
+    """A tokenizer with end of sentence moved to `eos`: a random model's answer ends where a test wants."""
+
+    def __init__(self, tok, eos: int):
+        self.tok, self.eos_id = tok, eos
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)

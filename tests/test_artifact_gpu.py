@@ -221,3 +221,16 @@ def test_the_server_replays_the_graphs_from_its_worker_thread(artifact):
         assert ask([{"role": "user", "content": "A title, please"}]) == (answers[1], 0)
         got, cached = ask([{"role": m.role, "content": m.content} for m in follow])
         assert (got, cached) == ("".join(pieces), cached_here)
+
+
+def test_speculative_decoding_replays_its_verification_graph(artifact):
+    """The drafts' two-token verification is captured as a CUDA graph of its own at load: replayed, it gives
+    the tokens its programs give launched plainly (the same kernels), with drafts made and verified."""
+    from runtime.generate import generate
+    from runtime.tokenizer import Tokenizer
+    tok = Tokenizer(artifact)
+    graphed = ArtifactModel(artifact, "cuda", graphs=True)
+    assert graphed.drafter is not None and graphed.verify_graph is not None
+    replayed = generate(graphed, tok, PROMPT[:40], 24, lambda text: None)
+    launched = generate(ArtifactModel(artifact, "cuda", graphs=False), tok, PROMPT[:40], 24, lambda text: None)
+    assert replayed.tokens == launched.tokens and replayed.drafts.drafted > 0

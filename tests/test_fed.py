@@ -11,18 +11,11 @@ from runtime.artifact import ArtifactModel
 from runtime.generate import generate
 from runtime.sampling import Sampling
 from runtime.tokenizer import Tokenizer
+from helpers import EndsAt
 
 pytestmark = pytest.mark.slow            # the tiny artifact's build (conftest `built`)
 
 
-class EndsAt:
-    """The artifact's tokenizer with end of sentence moved to `eos`: a random model's answer ends where wanted."""
-
-    def __init__(self, tok: Tokenizer, eos: int):
-        self.tok, self.eos_id = tok, eos
-
-    def __getattr__(self, name):
-        return getattr(self.tok, name)
 
 
 @pytest.mark.parametrize("how", ["stop", "cancelled"])
@@ -30,7 +23,7 @@ class EndsAt:
 def test_a_turn_fed_after_an_answer_that_ended_early_continues_as_a_fresh_prefill(built, sampling, how):
     out = built[0]
     tok = Tokenizer(out)
-    model = ArtifactModel(out)
+    model = ArtifactModel(out, draft=False)      # greedy: the device's loop a step ahead (speculative: test_speculative)
     ids = tok.encode("Tell me about the sea, the sky and the stars.")
     drawn = generate(model, tok, ids, 24, lambda text: None, sampling).tokens
     # the first token drawn at a ratio-4 block's last position, not drawn before: where the answer ends

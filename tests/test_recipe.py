@@ -60,8 +60,9 @@ GOOD = {"model": {"source": "tiny"}, "build": {"backend": "aoti", "device": "cpu
     ({"build": {"backend": "tensorrt", "device": "cpu"}}, "build.device"),
     ({"build": {"backend": "aoti", "device": "cuda"}}, "build.gpu_archs"),
     ({"extras": {}}, "[extras]"),
+    ({"runtime": {"max_context": 64, "memory_budget_gib": 1, "draft_tokens": 2}}, "runtime.draft_tokens"),
 ], ids=["backend", "unknown-key", "type", "missing", "buckets", "prefill-buckets", "trt-on-cpu", "no-arch",
-        "section"])
+        "section", "draft-tokens"])
 def test_bad_recipes_name_the_key(change, key):
     with pytest.raises(RecipeError, match=key.replace("[", r"\[").replace("]", r"\]")):
         parse_recipe({**GOOD, **change}, "t")
@@ -76,3 +77,15 @@ def test_budget_too_small_is_refused():
     r = parse_recipe({**GOOD, "runtime": {"max_context": 64, "memory_budget_gib": 100, "expert_slots": 11000}}, "t")
     with pytest.raises(RecipeError, match="memory_budget_gib"):
         r.check_fits(preset("flash"))
+
+
+def test_drafts_add_the_verification_and_mtp_prefill_sizes():
+    """draft_tokens 1 (the default): the main layers get a 2-token prefill program (a token and its draft), the
+    MTP block 2-token and window-sized ones; 0: neither."""
+    from builder.build import _prefill_sizes
+    from builder.presets import preset
+    cfg = preset("tiny")
+    r = parse_recipe({**GOOD, "runtime": {**GOOD["runtime"], "prefill_buckets": [8]}}, "r")
+    assert r.draft_tokens == 1 and _prefill_sizes(r, cfg) == ((2, 8), (2, cfg.sliding_window))
+    off = parse_recipe({**GOOD, "runtime": {**GOOD["runtime"], "prefill_buckets": [8], "draft_tokens": 0}}, "r")
+    assert _prefill_sizes(off, cfg) == ((8,), ())

@@ -6,7 +6,7 @@ I/O contract of an exported layer (names are the ONNX graph's, B = decode batch,
     inputs   h [B, hc, d], pos [B] i64, ids [B] i64, table [E] i64,
              cache_<name> (see decode.new_caches), w_<name> (decode.layer_weights, wo_a in bf16; '.' -> '_',
              FP8 weights as float8e4m3fn, E8M0 scales as their bytes typed float8e4m3fn)
-    outputs  out (h' [B, hc, d], or MTP logits [B, vocab]), new_cache_<name> for every cache
+    outputs  out (h' [B, hc, d]), new_cache_<name> for every cache
 The program mutates its caches in place; ONNX has no in-place writes, so each cache comes back as an
 explicit output holding the whole updated cache (the executor binds it to a second buffer set and swaps).
 """

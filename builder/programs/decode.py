@@ -73,7 +73,10 @@ def layer_prefix(cfg: ModelConfig, layer: int) -> str:
 
 
 # weights taken from the model's top level by an MTP block: bound from dense.safetensors, not per layer
-SHARED_WEIGHTS = ("embed.weight", "head.weight")
+SHARED_WEIGHTS = ("embed.weight",)
+# an MTP block's own head (hc_head and norm before the model's shared head): in its weights file, read by the
+# runtime's head, unused by its programs, which end with the block's streams as every layer's do
+MTP_HEAD = ("hc_head_fn", "hc_head_scale", "hc_head_base", "norm.weight")
 HC_PRE_OP_ROWS = HC_PRE_KERNEL_ROWS  # decode batches take the fused op (ONNX export sets 0)
 WIDE_LINEAR_OP = True                # products with bf16-stored float32 weights through the op (not in ONNX)
 ROUTE_OP_ROWS = ROUTE_KERNEL_ROWS    # decode batches' gates (score or hash) take the one-launch ops (ONNX: 0)
@@ -129,8 +132,7 @@ def layer_weights(cfg: ModelConfig, get, layer: int, act: torch.dtype) -> dict[s
         w["ffn.gate.tid2eid"] = hash_routes(cfg, get(p + "ffn.gate.tid2eid"), p + "ffn.gate.tid2eid")
     if is_mtp(cfg, layer):
         w |= {n: get(p + n) for n in ("e_proj.weight", "e_proj.scale", "h_proj.weight", "h_proj.scale")}
-        w |= {n: get(p + n).to(work) for n in ("enorm.weight", "hnorm.weight", "norm.weight",
-                                                  "hc_head_fn", "hc_head_scale", "hc_head_base")}
+        w |= {n: get(p + n).to(work) for n in ("enorm.weight", "hnorm.weight", *MTP_HEAD)}
         w |= shared_weights(get, act)
     # E8M0 scales travel as their bytes: AOTInductor's wrapper has no e8m0 input type (torch 2.11-2.13)
     # sorted: a compiled program takes its dict inputs flattened in the traced key order, and the
@@ -151,7 +153,7 @@ def hash_routes(cfg: ModelConfig, tid2eid: torch.Tensor, name: str) -> torch.Ten
 
 def shared_weights(get, act: torch.dtype) -> dict[str, torch.Tensor]:
     """The top-level tensors an MTP block reads, in its program's form."""
-    return {"embed.weight": get("embed.weight").to(act), "head.weight": get("head.weight").to(wide_dtype(act))}
+    return {"embed.weight": get("embed.weight").to(act)}
 
 
 def linear_fp8(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -483,20 +485,22 @@ def mtp_input(cfg: ModelConfig, h, ids, w):
                                                                   w, "h_proj")
 
 
-def mtp_logits(cfg: ModelConfig, x, w):
-    """The MTP block's draft logits [B, S, vocab] (working precision) from its output streams [B, S, hc, d]."""
+def mtp_logits(cfg: ModelConfig, x, w, head):
+    """The MTP block's draft logits [B, S, vocab] (working precision) from its output streams [B, S, hc, d]:
+    its own hc_head and norm (`MTP_HEAD` in its weights w), then the model's head [vocab, d]."""
     head_hc = [w[f"hc_head_{n}"] for n in ("fn", "scale", "base")]
     y = rms_norm(hc_head(x, *head_hc, cfg), w["norm.weight"], cfg.rms_norm_eps)
-    return torch.nn.functional.linear(wide(y), w["head.weight"])
+    return torch.nn.functional.linear(wide(y), head.to(wide(y).dtype))
 
 
 class DecodeMTP(DecodeLayer):
-    """The MTP block's decode step: embeds the next token and the main model's last streams, runs one
-    more layer and drafts the token after next: forward(h, pos, ids, table, caches, weights) -> logits."""
+    """The MTP block's decode step: h the main model's last streams at pos, ids the tokens after them;
+    forward(h, pos, ids, table, caches, weights) -> its output streams, whose head (`mtp_logits`) drafts the
+    token after ids. The head stays out of the program so that the runtime reads the model's head matrix
+    once, in the form and through the kernel its own head uses."""
 
     def forward(self, h, pos, ids, table, caches: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]):
-        x = super().forward(mtp_input(self.cfg, h, ids, weights), pos, ids, table, caches, weights)
-        return mtp_logits(self.cfg, x[:, None], weights)[:, 0]
+        return super().forward(mtp_input(self.cfg, h, ids, weights), pos, ids, table, caches, weights)
 
 
 def make_program(cfg: ModelConfig, layer: int, act: torch.dtype, max_len: int) -> DecodeLayer:

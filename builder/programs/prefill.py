@@ -26,7 +26,7 @@ from plugins.oracle import block_rows, compressor_chunk, ring_update
 
 from ..config import KV_FP8_BLOCK, ModelConfig
 from . import decode
-from .decode import Compressor, DecodeLayer, is_mtp, mtp_input, mtp_logits
+from .decode import Compressor, DecodeLayer, is_mtp, mtp_input
 
 
 class ChunkCompressor(Compressor):
@@ -87,12 +87,11 @@ class PrefillLayer(DecodeLayer):
 
 
 class PrefillMTP(PrefillLayer):
-    """The MTP block over a chunk: forward(h, start, n, ids, table, caches, weights) -> draft logits
-    [B, C, vocab], with h the main model's last streams and ids the next tokens, as DecodeMTP."""
+    """The MTP block over a chunk: forward(h, start, n, ids, table, caches, weights) -> its output streams
+    [B, C, hc, d], with h the main model's last streams and ids the tokens after them, as DecodeMTP."""
 
     def forward(self, h, start, n, ids, table, caches: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]):
-        x = super().forward(mtp_input(self.cfg, h, ids, weights), start, n, ids, table, caches, weights)
-        return mtp_logits(self.cfg, x, weights)
+        return super().forward(mtp_input(self.cfg, h, ids, weights), start, n, ids, table, caches, weights)
 
 
 def make_prefill_program(cfg: ModelConfig, layer: int, act: torch.dtype, max_len: int, chunk: int) -> PrefillLayer:

@@ -1,0 +1,131 @@
+"""Speculative decoding with the MTP block (runtime/speculative.py) on the tiny CPU artifact, float32: the
+two-token verification computes bit for bit what one-token steps compute, so the tokens must be exactly
+the plain greedy ones, whatever is drafted. The tiny model's weights are random, so its MTP block's drafts
+are nearly all rejected; a drafter that knows the answer (`Knowing`) drives the accepted path too."""
+import itertools
+
+import pytest
+import torch
+
+from builder.checkpoint import Checkpoint
+from builder.reference.model import ReferenceModel
+from runtime.artifact import ArtifactModel
+from runtime.generate import generate
+from runtime.speculative import SpeculativeGreedy
+from runtime.tokenizer import Tokenizer
+from helpers import EndsAt
+
+pytestmark = pytest.mark.slow            # the tiny artifact's build (conftest `built`)
+
+PROMPT = "Tell me about the sea, the sky and the stars, and then about the mountains."
+NEW = 40
+
+
+@pytest.fixture(scope="module")
+def plain(built):
+    """(tokenizer, prompt ids, the plain greedy tokens after them: the artifact without its drafter)."""
+    out = built[0]
+    tok = Tokenizer(out)
+    ids = tok.encode(PROMPT)
+    model = ArtifactModel(out, draft=False)
+    assert model.drafter is None
+    return tok, ids, generate(model, tok, ids, NEW, lambda text: None).tokens
+
+
+class Knowing:
+    """Wraps the MTP drafter (which still runs, keeping its caches) and drafts the right token where `right`
+    says so, given the whole greedy answer `full` (prompt and tokens by position), else a wrong one."""
+
+    def __init__(self, drafter, full: list[int], right, vocab: int):
+        self.drafter, self.full, self.right, self.vocab, self.calls = drafter, full, right, vocab, 0
+
+    def __getattr__(self, name):                       # the drafter's caches
+        return getattr(self.drafter, name)
+
+    def draft(self, ids: list[int], start: int) -> int:
+        self.drafter.draft(ids, start)
+        target = start + len(ids) + 1                  # the position of the token drafted
+        self.calls += 1
+        if target >= len(self.full):
+            return 0
+        return self.full[target] if self.right(self.calls) else (self.full[target] + 1) % self.vocab
+
+
+def test_the_drafter_loads_where_the_artifact_has_its_programs(built):
+    model = ArtifactModel(built[0])
+    assert model.drafter is not None and model.verify_runs is not None
+    assert set(model.drafter.sizes) == {2, model.config.sliding_window}
+
+
+def test_speculative_tokens_are_the_plain_greedy_tokens(built, plain):
+    tok, ids, expect = plain
+    model = ArtifactModel(built[0])
+    done = generate(model, tok, ids, NEW, lambda text: None)
+    assert done.tokens == expect and done.drafts is not None and done.drafts.drafted > 0
+    assert "drafts accepted" in done.line("tiny")
+
+
+@pytest.mark.parametrize("pattern", [lambda i: True, lambda i: i % 3 != 0, lambda i: i % 2 == 0],
+                         ids=["all-right", "two-of-three", "every-other"])
+def test_accepted_and_rejected_drafts_give_the_plain_greedy_tokens(built, plain, pattern):
+    tok, ids, expect = plain
+    model = ArtifactModel(built[0])
+    model.drafter = Knowing(model.drafter, ids + list(expect), pattern, model.config.vocab_size)
+    done = generate(model, tok, ids, NEW, lambda text: None)
+    assert done.tokens == expect
+    assert done.drafts.accepted > 0
+    if pattern(3) is False:                            # rejections too, some at a ratio-4 block's end
+        assert done.drafts.accepted < done.drafts.drafted
+
+
+def test_the_draft_is_the_reference_mtp_blocks_greedy_token(built, tiny_dir, plain):
+    """After a prompt, the drafter (fed the prompt's last window of positions) drafts what the reference MTP
+    block, fed every position, gives at the last one."""
+    tok, ids, expect = plain
+    model = ArtifactModel(built[0])
+    model.reset(1)
+    model.forward(torch.tensor([ids]), 0)
+    nxt = ids[1:] + [expect[0]]
+    start = max(0, len(ids) - model.recent.size(1))
+    got = model.drafter.draft(nxt[start:], start)
+    ref = ReferenceModel(Checkpoint(tiny_dir), act=torch.float32, max_len=model.max_len)
+    h = ref.hidden(torch.tensor([ids]), 0)
+    want = int(ref.mtp[0].draft(h, 0, torch.tensor([nxt])).argmax(-1)[0])
+    assert got == want
+
+
+def _block_end(model, ids: list[int], first: int, fed: bool) -> int:
+    """The index of the first token a speculative run draws at the last position of a ratio-4 block (whose
+    compressor state shifts there) with the caches holding it (`fed`: right after an accepted draft) or not."""
+    model.reset(1)
+    model.forward(torch.tensor([ids]), 0)
+    spec = SpeculativeGreedy(model, ids, first, NEW)
+    return next(i for i, _ in enumerate(spec) if spec.last_fed == fed and (len(ids) + i + 1) % 4 == 0)
+
+
+@pytest.mark.parametrize("how", ["stop", "cancelled"])
+@pytest.mark.parametrize("fed", [True, False], ids=["after-accepted", "after-rejected"])
+def test_a_turn_after_a_speculative_answer_continues_as_a_fresh_prefill(built, plain, how, fed):
+    """An answer that ends at a ratio-4 block's end, with the caches holding its last token (an accepted
+    draft, verified by feeding it) or not (a rejected draft, taken back): `Generation.fed` names what the
+    caches hold, so the next turn feeds no position twice (at a block's end that would shift the state twice)."""
+    tok, ids, expect = plain
+    model = ArtifactModel(built[0])
+    mtp, full = model.drafter, ids + list(expect)
+    model.drafter = Knowing(mtp, full, lambda i: i % 3 != 0, model.config.vocab_size)
+    at = _block_end(model, ids, expect[0], fed)
+    model.drafter = Knowing(mtp, full, lambda i: i % 3 != 0, model.config.vocab_size)
+    model.reset(1)
+    if how == "stop":
+        if expect[at] in expect[:at]:
+            pytest.skip("that token was drawn before")
+        done = generate(model, EndsAt(tok, expect[at]), ids, NEW, lambda text: None)
+    else:
+        asked = itertools.count()                      # once after each token
+        done = generate(model, tok, ids, NEW, lambda text: None, cancelled=lambda: next(asked) == at)
+    assert len(done.held) == at + fed
+    fed_ids = done.fed(ids)
+    more = tok.encode(" And then?")
+    continued = model.forward(torch.tensor([more]), len(fed_ids))
+    fresh = ArtifactModel(built[0], draft=False).forward(torch.tensor([fed_ids + more]), 0)
+    assert torch.equal(continued, fresh)
