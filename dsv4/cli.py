@@ -537,9 +537,10 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
                    + (f"  ({figures['fraction_of_copy_bandwidth']:.2f} of copy bandwidth)" if per_token else ""))
         if "speculative" in figures:
             spec = figures["speculative"]
-            click.echo(f"{name + ' drafts':18s} decode {spec['decode_tok_s']:8.1f} tok/s, {spec['accepted']} of "
-                       f"{spec['drafted']} drafts accepted, tokens "
-                       + ("as without drafts" if spec["tokens_match_plain"] else "DIFFER from those without drafts"))
+            for label, run in ((" drafts", spec), (" right drafts", spec["all_right"])):
+                click.echo(f"{name + label:18s} decode {run['decode_tok_s']:8.1f} tok/s, {run['accepted']} of "
+                           f"{run['drafted']} drafts accepted, tokens "
+                           + ("as without drafts" if run["tokens_match_plain"] else "DIFFER from those without drafts"))
         del model
     runs = report["modes"]
     base = runs["compiled"]

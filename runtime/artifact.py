@@ -378,6 +378,11 @@ class ArtifactModel:
                 self.prefill_graphs[size] = graphed
         if self.drafter is not None:                    # a drafted token's verification: every row's logits
             self.verify_graph = self._capture_size(2, self.verify_runs, "the verification of drafts", every=True)
+            try:
+                self.drafter.capture()
+            except RuntimeError as e:
+                self.drafter.graphs.clear()
+                self._uncaptured("the MTP block's drafts", e)
         report("capturing prefill graphs", len(sizes) + 1, len(sizes) + 1)
 
     def _capture_size(self, size: int, runs: list, what: str, every: bool = False) -> tuple | None:
@@ -389,9 +394,7 @@ class ArtifactModel:
         try:
             graph, logits = self._captured(lambda: self._prefill_through(runs, padded, start_t, n_t, every))
         except RuntimeError as e:
-            self.reset(self.batch)                   # a warm-up may have written the caches
-            cause = str(e).splitlines()[0] if str(e) else type(e).__name__
-            warnings.warn(f"{what} run without a CUDA graph (they did not capture: {cause})")
+            self._uncaptured(what, e)
             return None
         torch.cuda.empty_cache()                     # the warm-ups' blocks: the graph has a pool of its own
         reserved = torch.cuda.memory_reserved(self.device)
@@ -402,6 +405,12 @@ class ArtifactModel:
                           f"{reserved / 2**30:.1f} GiB, past the recipe's {self.budget_gib:g}")
             return None
         return graph, padded, start_t, n_t, logits
+
+    def _uncaptured(self, what: str, error: RuntimeError) -> None:
+        """After `what` failed to capture: empty the caches a warm-up may have written, and say it runs plainly."""
+        self.reset(self.batch)
+        cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+        warnings.warn(f"{what} run without a CUDA graph (they did not capture: {cause})")
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Decode tokens [B] at positions [B]; float32 logits [B, vocab] on the model's device."""

@@ -85,7 +85,8 @@ def measure(model, prompt: list[int], new_tokens: int) -> dict:
                "prefill_tok_s": len(prompt) / ttft,
                "decode_tokens": new_tokens - 1, "decode_tok_s": (new_tokens - 1) / decode,
                "decode_step_ms": 1e3 * decode / max(new_tokens - 1, 1), "tokens": tokens}
-    if getattr(model, "drafter", None) is not None:
+    # drafts where the experts are resident: a paged run's pager counters are its plain decode's
+    if getattr(model, "drafter", None) is not None and getattr(model, "pager", None) is None:
         figures["speculative"] = measure_speculative(model, prompt, new_tokens, tokens)
     return figures
 
@@ -93,10 +94,24 @@ def measure(model, prompt: list[int], new_tokens: int) -> dict:
 def measure_speculative(model, prompt: list[int], new_tokens: int, plain: list[int]) -> dict:
     """The same greedy decode with the MTP block's drafts verified two tokens a pass (runtime/speculative.py),
     from a fresh prefill: decode tok/s (the drafter's fill over the prompt's last window included), drafts
-    made and accepted, and whether the tokens are the plain loop's."""
-    from .speculative import SpeculativeGreedy
+    made and accepted, and whether the tokens are the plain loop's; then again with every draft right (the
+    block still runs: `KnownDrafts`), the bound that real weights' acceptance rate scales between (synthetic
+    weights draft noise)."""
+    from .draft import KnownDrafts
+    figures = _speculative_run(model, prompt, new_tokens, plain)
+    drafter = model.drafter
+    model.drafter = KnownDrafts(drafter, prompt + plain, lambda n: True, model.config.vocab_size)
+    try:
+        figures["all_right"] = _speculative_run(model, prompt, new_tokens, plain)
+    finally:
+        model.drafter = drafter
+    return figures
+
+
+def _speculative_run(model, prompt: list[int], new_tokens: int, plain: list[int]) -> dict:
+    from .speculative import Speculative
     _, logits = prefill_seconds(model, prompt)
-    speculative = SpeculativeGreedy(model, prompt, int(logits[0].argmax()), new_tokens)
+    speculative = Speculative(model, prompt, int(logits[0].argmax()), new_tokens)
     picks = iter(speculative)
     tokens = [next(picks)]
     t0 = time.perf_counter()

@@ -9,6 +9,7 @@ Its head is the main model's head matrix behind its own hc_head and norm (`Artif
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -37,25 +38,69 @@ class MTPDraft:
         self.head = model.head_of([weights[f"hc_head_{n}"] for n in ("fn", "scale", "base")], weights["norm.weight"])
         self.experts, self.table = experts, experts.tables[entry["layer"]]
         self.fills = {name: float(fill) for name, (_, _, fill) in entry["caches"].items()}
+        self.graphs: dict[int, tuple] = {}             # drafts of 1 and 2 positions as CUDA graphs (`capture`)
         self.caches = {name: torch.full(shape, float(fill), dtype=getattr(torch, dtype), device=dev)
                        for name, (shape, dtype, fill) in sorted(entry["caches"].items())}
 
     def draft(self, ids: list[int], start: int) -> int:
         """Feed positions start.. start + len(ids) - 1 (the main model's streams there from `model.recent`, ids
-        the tokens after each) and return the greedy draft after the last: the token after ids[-1]'s."""
-        m = self.model
-        n, dev = len(ids), m.device
-        rows = torch.arange(start, start + n, device=dev) % m.recent.size(1)
-        h = m.recent.index_select(1, rows)                                      # [1, n, hc, d]
-        if n == 1:                                      # the decode program: no padding row through the experts
-            x = self.decode(h[:, 0], torch.tensor([start], device=dev), torch.tensor(ids, device=dev),
-                            self.table, self.caches, self.weights)
+        the tokens after each) and return the greedy draft after the last: the token after ids[-1]'s. One or
+        two positions (each decode step's) replay a CUDA graph where `capture` made one."""
+        m, n = self.model, len(ids)
+        if n in self.graphs:
+            graph, padded, start_t, n_t, out = self.graphs[n]
+            padded.copy_(torch.tensor([ids]), non_blocking=True)
+            start_t.fill_(start)
+            graph.replay()
+            return int(out[0])
+        size = 1 if n == 1 else next(s for s in self.sizes if s >= n)
+        padded = torch.zeros(1, size, dtype=torch.int64)                       # padding: token 0
+        padded[0, :n] = torch.tensor(ids)
+        return int(self._run(padded.to(m.device), torch.tensor([start], device=m.device),
+                             torch.tensor([n], device=m.device))[0])
+
+    def _run(self, padded: torch.Tensor, start: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """The draft after position start + n - 1, as an int64 [1] on the device, from ids padded [1, size] (n
+        real) at positions start..: the decode program for size 1, else the prefill program of that size. No
+        host value, so a CUDA graph captures it."""
+        m, size = self.model, padded.size(1)
+        rows = (start + torch.arange(size, device=m.device)) % m.recent.size(1)
+        h = m.recent.index_select(1, rows)            # [1, size, hc, d]; padding rows' streams are ignored
+        if size == 1:
+            x = self.decode(h[:, 0], start, padded[0], self.table, self.caches, self.weights)
         else:
-            size, run = next((s, r) for s, r in self.sizes.items() if s >= n)
-            padded_h = torch.zeros(1, size, *h.shape[2:], dtype=h.dtype, device=dev)
-            padded_h[:, :n] = h
-            padded = torch.zeros(1, size, dtype=torch.int64, device=dev)       # padding: token 0
-            padded[0, :n] = torch.tensor(ids)
-            x = run(padded_h, torch.tensor([start], device=dev), torch.tensor([n], device=dev), padded,
-                    self.table, self.caches, self.weights)[:, n - 1]
-        return int(m._logits(x, self.head).argmax(-1)[0])
+            x = self.sizes[size](h, start, n, padded, self.table, self.caches, self.weights)
+            x = x.index_select(1, n - 1)[:, 0]
+        return m.pick(m._logits(x, self.head))
+
+    def capture(self) -> None:
+        """The drafts of one and two positions (after a rejected and an accepted draft: every decode step's) as
+        CUDA graphs over static inputs: one replay each instead of the block's launches from the host."""
+        dev = self.model.device
+        for n in (1, 2):
+            padded = torch.zeros(1, n, dtype=torch.int64, device=dev)
+            start_t = torch.zeros(1, dtype=torch.int64, device=dev)
+            n_t = torch.full((1,), n, dtype=torch.int64, device=dev)
+            graph, out = self.model._captured(lambda: self._run(padded, start_t, n_t))
+            self.graphs[n] = graph, padded, start_t, n_t, out
+
+
+class KnownDrafts:
+    """Wraps a drafter, which still runs (its time and caches), and drafts from a known answer `full` (prompt
+    and tokens by position): the right token where `right(n)` holds for the n-th draft, else a wrong one.
+    Speculative decoding's speed at a chosen acceptance, on weights whose own drafts are noise (synthetic
+    checkpoints: `runtime.bench`), and its accepted path in tests."""
+
+    def __init__(self, drafter, full: list[int], right: Callable[[int], bool], vocab: int):
+        self.drafter, self.full, self.right, self.vocab, self.calls = drafter, full, right, vocab, 0
+
+    def __getattr__(self, name):                       # the drafter's caches and graphs
+        return getattr(self.drafter, name)
+
+    def draft(self, ids: list[int], start: int) -> int:
+        self.drafter.draft(ids, start)
+        target = start + len(ids) + 1                  # the position of the token drafted
+        self.calls += 1
+        if target >= len(self.full):
+            return 0
+        return self.full[target] if self.right(self.calls) else (self.full[target] + 1) % self.vocab

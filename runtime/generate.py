@@ -13,7 +13,7 @@ import torch
 from .chat import Message, render
 from .errors import UserError
 from .sampling import Sampling, sample
-from .speculative import DraftStats, SpeculativeGreedy
+from .speculative import DraftStats, Speculative
 from .tokenizer import Tokenizer
 
 
@@ -71,8 +71,8 @@ def generate(model, tok: Tokenizer, ids: list[int], max_new: int, emit: Callable
     first = sample(logits[0], sampling, gen)
     greedy = sampling.temperature <= 0 and not sampling.penalised
     speculative = None
-    if greedy and getattr(model, "drafter", None) is not None:
-        picks = speculative = SpeculativeGreedy(model, ids, first, max_new)     # drafts verified two tokens a pass
+    if not sampling.penalised and getattr(model, "drafter", None) is not None:    # drafts verified two a pass
+        picks = speculative = Speculative(model, ids, first, max_new, sampling, gen)
     elif greedy and hasattr(model, "decode_greedy"):
         picks = itertools.chain([first], model.decode_greedy(first, len(ids), max_new - 1))   # the GPU a step ahead
     else:

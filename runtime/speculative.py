@@ -1,12 +1,13 @@
-"""Greedy speculative decoding with the MTP block as drafter (runtime/draft.py).
+"""Speculative decoding with the MTP block as drafter (runtime/draft.py).
 
 Decode reads every weight once a step for a single token; a drafted token verified in the same step costs
 its experts and little more. Each step feeds the last token drawn and the MTP block's draft of the token
-after it (`ArtifactModel.verify`), whose two rows of logits give the greedy next token and, where that is
-the draft, the one after it as well: two tokens for one pass. A rejected draft is taken back
-(`ArtifactModel.rewind`) and the step still gives one token. The tokens are the model's greedy tokens
-exactly as far as its two-token pass computes what one-token steps compute (bit for bit in float32; in
-bfloat16 its kernels differ, so a near-tie may break the other way).
+after it (`ArtifactModel.verify`), whose two rows of logits give the next token and, where that is the
+draft, the one after it as well: two tokens for one pass. A rejected draft is taken back
+(`ArtifactModel.rewind`) and the step still gives one token. Greedy, the tokens are the model's greedy
+tokens exactly as far as its two-token pass computes what one-token steps compute (bit for bit in float32;
+in bfloat16 its kernels differ, so a near-tie may break the other way); sampling, they follow the model's
+distribution exactly (`runtime.sampling.judge`), though not the same draws as without drafts.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import Iterator
 
 import torch
 
+from .sampling import Sampling, judge, sample
+
 
 @dataclass
 class DraftStats:
@@ -22,14 +25,19 @@ class DraftStats:
     accepted: int = 0
 
 
-class SpeculativeGreedy:
-    """The greedy tokens after prompt `ids` (all fed) from `first` (drawn from the prompt's logits, not fed), up
-    to `count` in all, `first` included. Iterating draws them; `last_fed` says whether the caches already hold
-    the last token drawn (they do right after an accepted draft), which the next turn of a conversation must
-    not feed again; `stats` counts drafts."""
+class Speculative:
+    """The tokens after prompt `ids` (all fed) from `first` (drawn from the prompt's logits, not fed), up to
+    `count` in all, `first` included, drawn as `sampling` says (no penalties: their counts change with each
+    token drawn) with `generator`. Iterating draws them; `last_fed` says whether the caches already hold the
+    last token drawn (they do right after an accepted draft), which the next turn of a conversation must not
+    feed again; `stats` counts drafts."""
 
-    def __init__(self, model, ids: list[int], first: int, count: int):
+    def __init__(self, model, ids: list[int], first: int, count: int, sampling: Sampling = Sampling(),
+                 generator: torch.Generator | None = None):
+        if sampling.penalised:
+            raise ValueError("speculative decoding draws without penalties")
         self.model, self.ids, self.first, self.count = model, ids, first, count
+        self.sampling, self.generator = sampling, generator
         self.last_fed = False
         self.stats = DraftStats()
 
@@ -47,11 +55,13 @@ class SpeculativeGreedy:
         drawn, q = 1, n                                  # q: cur's position, not yet fed
         while drawn < self.count and q + 2 <= m.max_len:
             logits = m.verify([cur, draft], q)
-            nxt = int(logits[0].argmax())
+            if self.sampling.temperature > 0:               # drawn on the host, as `sample` draws; greedy reads
+                logits = logits.cpu()                       # two argmaxes off the device, not 2 x vocab floats
+            nxt, accepted = judge(logits[0], draft, self.sampling, self.generator)
             self.stats.drafted += 1
-            if nxt == draft:
+            if accepted:
                 self.stats.accepted += 1
-                after = int(logits[1].argmax())
+                after = sample(logits[1], self.sampling, self.generator)
                 self.last_fed = True
                 yield nxt
                 drawn += 1
@@ -71,7 +81,7 @@ class SpeculativeGreedy:
                 cur, q = nxt, q + 1
         # a token or two left at the context's end: one-token steps (no room to verify a draft)
         while drawn < self.count:
-            cur = int(m.forward(torch.tensor([[cur]]), q)[0].argmax())
+            cur = sample(m.forward(torch.tensor([[cur]]), q)[0], self.sampling, self.generator)
             self.last_fed = False
             yield cur
             drawn, q = drawn + 1, q + 1

@@ -224,13 +224,23 @@ def test_the_server_replays_the_graphs_from_its_worker_thread(artifact):
 
 
 def test_speculative_decoding_replays_its_verification_graph(artifact):
-    """The drafts' two-token verification is captured as a CUDA graph of its own at load: replayed, it gives
-    the tokens its programs give launched plainly (the same kernels), with drafts made and verified."""
+    """The drafts' two-token verification and the MTP block's drafts of one and two positions are captured as
+    CUDA graphs of their own at load: replayed, they give the tokens their programs give launched plainly (the
+    same kernels), with drafts made and verified, accepted ones among them (`KnownDrafts`)."""
+    from runtime.draft import KnownDrafts
     from runtime.generate import generate
     from runtime.tokenizer import Tokenizer
     tok = Tokenizer(artifact)
     graphed = ArtifactModel(artifact, "cuda", graphs=True)
-    assert graphed.drafter is not None and graphed.verify_graph is not None
+    assert graphed.drafter is not None and graphed.verify_graph is not None and set(graphed.drafter.graphs) == {1, 2}
+    plain = ArtifactModel(artifact, "cuda", graphs=False)
     replayed = generate(graphed, tok, PROMPT[:40], 24, lambda text: None)
-    launched = generate(ArtifactModel(artifact, "cuda", graphs=False), tok, PROMPT[:40], 24, lambda text: None)
+    launched = generate(plain, tok, PROMPT[:40], 24, lambda text: None)
     assert replayed.tokens == launched.tokens and replayed.drafts.drafted > 0
+    answer = PROMPT[:40] + replayed.tokens
+    runs = []
+    for model in (graphed, plain):
+        model.reset(1)
+        model.drafter = KnownDrafts(model.drafter, answer, lambda n: n % 3 != 0, model.config.vocab_size)
+        runs.append(generate(model, tok, PROMPT[:40], 24, lambda text: None))
+    assert runs[0].tokens == runs[1].tokens and runs[0].drafts.accepted == runs[1].drafts.accepted > 0

@@ -111,3 +111,21 @@ def test_penalties_take_the_step_by_step_path():
     model = NextTokenGreedy()
     generate(model, Digits(), [3], 3, lambda text: None, Sampling(frequency_penalty=0.5))
     assert model.calls == [0, 1, 2]
+
+
+def test_a_judged_draft_keeps_the_models_distribution():
+    """Speculative sampling keeps a draft with its probability, else draws from the rest: over many draws the
+    tokens follow the distribution itself (a draft likely, unlikely, or outside the nucleus)."""
+    from runtime.sampling import Sampling, judge, probabilities
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, 1.5, 0.2])
+    s = Sampling(temperature=0.8, top_p=0.9)
+    p = probabilities(logits, s)
+    assert p[5] == 0                                                 # outside the nucleus
+    gen = torch.Generator().manual_seed(1)
+    for draft in (0, 3, 5):
+        draws = [judge(logits, draft, s, gen) for _ in range(20000)]
+        freq = torch.bincount(torch.tensor([t for t, _ in draws]), minlength=8) / len(draws)
+        assert (freq - p).abs().max() < 0.015, (draft, freq, p)
+        kept = sum(ok for _, ok in draws) / len(draws)
+        assert abs(kept - float(p[draft])) < 0.015 and all(ok == (t == draft) for t, ok in draws)
+    assert judge(logits, 6, Sampling(), gen) == (0, False) and judge(logits, 0, Sampling(), gen) == (0, True)

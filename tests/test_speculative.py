@@ -1,7 +1,7 @@
 """Speculative decoding with the MTP block (runtime/speculative.py) on the tiny CPU artifact, float32: the
 two-token verification computes bit for bit what one-token steps compute, so the tokens must be exactly
 the plain greedy ones, whatever is drafted. The tiny model's weights are random, so its MTP block's drafts
-are nearly all rejected; a drafter that knows the answer (`Knowing`) drives the accepted path too."""
+are nearly all rejected; a drafter that knows the answer (`runtime.draft.KnownDrafts`) drives the accepted path too."""
 import itertools
 
 import pytest
@@ -10,8 +10,9 @@ import torch
 from builder.checkpoint import Checkpoint
 from builder.reference.model import ReferenceModel
 from runtime.artifact import ArtifactModel
+from runtime.draft import KnownDrafts
 from runtime.generate import generate
-from runtime.speculative import SpeculativeGreedy
+from runtime.speculative import Speculative
 from runtime.tokenizer import Tokenizer
 from helpers import EndsAt
 
@@ -30,25 +31,6 @@ def plain(built):
     model = ArtifactModel(out, draft=False)
     assert model.drafter is None
     return tok, ids, generate(model, tok, ids, NEW, lambda text: None).tokens
-
-
-class Knowing:
-    """Wraps the MTP drafter (which still runs, keeping its caches) and drafts the right token where `right`
-    says so, given the whole greedy answer `full` (prompt and tokens by position), else a wrong one."""
-
-    def __init__(self, drafter, full: list[int], right, vocab: int):
-        self.drafter, self.full, self.right, self.vocab, self.calls = drafter, full, right, vocab, 0
-
-    def __getattr__(self, name):                       # the drafter's caches
-        return getattr(self.drafter, name)
-
-    def draft(self, ids: list[int], start: int) -> int:
-        self.drafter.draft(ids, start)
-        target = start + len(ids) + 1                  # the position of the token drafted
-        self.calls += 1
-        if target >= len(self.full):
-            return 0
-        return self.full[target] if self.right(self.calls) else (self.full[target] + 1) % self.vocab
 
 
 def test_the_drafter_loads_where_the_artifact_has_its_programs(built):
@@ -70,12 +52,31 @@ def test_speculative_tokens_are_the_plain_greedy_tokens(built, plain):
 def test_accepted_and_rejected_drafts_give_the_plain_greedy_tokens(built, plain, pattern):
     tok, ids, expect = plain
     model = ArtifactModel(built[0])
-    model.drafter = Knowing(model.drafter, ids + list(expect), pattern, model.config.vocab_size)
+    model.drafter = KnownDrafts(model.drafter, ids + list(expect), pattern, model.config.vocab_size)
     done = generate(model, tok, ids, NEW, lambda text: None)
     assert done.tokens == expect
     assert done.drafts.accepted > 0
     if pattern(3) is False:                            # rejections too, some at a ratio-4 block's end
         assert done.drafts.accepted < done.drafts.drafted
+
+
+def test_sampled_drafts_are_judged_by_the_models_distribution(built, plain):
+    """Sampling with drafts (`runtime.sampling.judge`): at a temperature so low that the distribution is the
+    argmax's, accepted and rejected drafts give the greedy tokens; at 0.8 a seed gives the same tokens again.
+    (That judged drafts follow the distribution: tests/test_generate.py.)"""
+    from runtime.sampling import Sampling
+    tok, ids, expect = plain
+    model = ArtifactModel(built[0])
+    mtp = model.drafter
+    model.drafter = KnownDrafts(mtp, ids + list(expect), lambda i: i % 2 == 0, model.config.vocab_size)
+    cold = generate(model, tok, ids, NEW, lambda text: None, Sampling(temperature=1e-4, seed=3))
+    assert cold.tokens == expect and 0 < cold.drafts.accepted < cold.drafts.drafted
+    model.drafter = mtp
+    runs = []
+    for _ in range(2):
+        model.reset(1)
+        runs.append(generate(model, tok, ids, NEW, lambda text: None, Sampling(temperature=0.8, seed=5)))
+    assert runs[0].tokens == runs[1].tokens != expect and runs[0].drafts.drafted > 0
 
 
 def test_the_draft_is_the_reference_mtp_blocks_greedy_token(built, tiny_dir, plain):
@@ -99,7 +100,7 @@ def _block_end(model, ids: list[int], first: int, fed: bool) -> int:
     compressor state shifts there) with the caches holding it (`fed`: right after an accepted draft) or not."""
     model.reset(1)
     model.forward(torch.tensor([ids]), 0)
-    spec = SpeculativeGreedy(model, ids, first, NEW)
+    spec = Speculative(model, ids, first, NEW)
     return next(i for i, _ in enumerate(spec) if spec.last_fed == fed and (len(ids) + i + 1) % 4 == 0)
 
 
@@ -112,9 +113,9 @@ def test_a_turn_after_a_speculative_answer_continues_as_a_fresh_prefill(built, p
     tok, ids, expect = plain
     model = ArtifactModel(built[0])
     mtp, full = model.drafter, ids + list(expect)
-    model.drafter = Knowing(mtp, full, lambda i: i % 3 != 0, model.config.vocab_size)
+    model.drafter = KnownDrafts(mtp, full, lambda i: i % 3 != 0, model.config.vocab_size)
     at = _block_end(model, ids, expect[0], fed)
-    model.drafter = Knowing(mtp, full, lambda i: i % 3 != 0, model.config.vocab_size)
+    model.drafter = KnownDrafts(mtp, full, lambda i: i % 3 != 0, model.config.vocab_size)
     model.reset(1)
     if how == "stop":
         if expect[at] in expect[:at]:
