@@ -6,8 +6,10 @@
     programs  one decode program per layer kind and batch bucket -> programs/KIND-bB.pt2 (AOTInductor),
               and one prefill program per main-layer kind for chunks of `prefill_chunk` tokens of one
               sequence -> programs/KIND-prefill-cC.pt2, and one for each smaller size in `prefill_buckets`
-              (a prompt's last chunk); programs hold no weights (bound at load time),
-              so every layer of a kind shares one.
+              (a prompt's last chunk); with `draft_tokens` (speculative decoding) a 2-token prefill
+              program per main-layer kind (a token and its draft verified in one pass) and the MTP
+              block's own prefill programs of 2 and `sliding_window` tokens; programs hold no weights
+              (bound at load time), so every layer of a kind shares one.
               TensorRT backends: programs/KIND.onnx and engines/KIND.engine, one profile per bucket
     manifest  manifest.json: config, recipe, versions, layer table, every file's sha256
 

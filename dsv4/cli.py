@@ -44,8 +44,9 @@ _loading_options = _options(
                  "host instead of replaying CUDA graphs (captured at load)."),
     click.option("--expert-slots", type=click.IntRange(0), default=None,
                  help="Routed experts kept in device slots; the rest are paged (default: the recipe's; 0 = all)."),
-    click.option("--no-draft", is_flag=True, help="Greedy decoding one token a pass, without the MTP block's "
-                 "drafts (speculative decoding: each pass verifies a drafted token; the same tokens)."))
+    click.option("--no-draft", is_flag=True, help="Decode one token a pass, without the MTP block's drafts "
+                 "(speculative decoding: each pass also verifies a drafted token; greedy, the same tokens; "
+                 "sampling, the same distribution) and with its experts off the device."))
 # How `dsv4 run` and `chat` pick each token
 _sampling_options = _options(
     click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 = greedy."),

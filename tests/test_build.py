@@ -1,5 +1,6 @@
 """`dsv4 build` on the tiny recipe: an aoti artifact that matches the reference, rebuilt in a fraction of
 the time, refused when damaged."""
+import json
 import subprocess
 import sys
 import time
@@ -26,10 +27,13 @@ def test_artifact_matches_the_reference(built, tiny_dir):
     out, _, summary = built
     assert not summary.reused and (out / "manifest.json").is_file()
     # one decode program per layer kind (hash layers 0 and 1 share one) and one prefill program per main
-    # layer kind; weights bound from their own files
+    # layer kind and size (the chunk, the bucket, the drafts' 2-token verification), the MTP block's of 2
+    # tokens and its window; weights bound from their own files
     kinds = ["layer-ratio0-hash", "layer-ratio128", "layer-ratio4", "layer-ratio4-hash"]
+    window = json.loads((out / "config.json").read_text())["sliding_window"]
     assert sorted(p.name for p in (out / "programs").iterdir()) == sorted(
-        [f"{k}-b1.pt2" for k in kinds + ["mtp-ratio0"]] + [f"{k}-prefill-c{c}.pt2" for k in kinds for c in (8, 64)])
+        [f"{k}-b1.pt2" for k in kinds + ["mtp-ratio0"]] + [f"{k}-prefill-c{c}.pt2" for k in kinds for c in (2, 8, 64)]
+        + [f"mtp-ratio0-prefill-c{c}.pt2" for c in (2, window)])
     assert len(list((out / "weights").iterdir())) == 6
     prompt, forced = [5, 17, 99, 300, 12] * 30, [3, 4, 5, 6, 7, 8]     # 150 tokens: a ratio-128 block completes
     model = ArtifactModel(out)

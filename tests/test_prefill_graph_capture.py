@@ -16,6 +16,7 @@ def _model(budget_gib, fails=()):
     model.prefill_runs, model.chunk = ["chunk"], 64
     model.device, model.batch, model.budget_gib = torch.device("cpu"), 1, budget_gib
     model.prefill_graphs, model.tried, model.resets = {}, [], []
+    model.drafter = None
 
     def captured(fn):
         size = fn()
@@ -25,7 +26,7 @@ def _model(budget_gib, fails=()):
         return f"graph-{size}", f"logits-{size}"
 
     model._captured = captured
-    model._prefill_through = lambda runs, padded, start_t, n_t: padded.size(1)
+    model._prefill_through = lambda runs, padded, start_t, n_t, every=False: padded.size(1)
     model.reset = model.resets.append
     return model
 
@@ -67,3 +68,23 @@ def test_a_graph_past_the_memory_budget_is_dropped(device_gib):
     model = _model(budget_gib=None)                             # no budget: nothing dropped
     model._capture_prefill()
     assert list(model.prefill_graphs) == [8, 16, 64]
+
+
+class _Drafter:
+    """Stands in for the MTP drafter: its capture makes one graph, then fails as a capture that synchronised."""
+
+    def __init__(self):
+        self.graphs = {}
+
+    def capture(self):
+        self.graphs[1] = "graph"
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def test_the_drafts_verification_is_captured_and_drafts_that_fail_run_plainly(device_gib):
+    model = _model(budget_gib=4)
+    model.drafter, model.verify_runs = _Drafter(), ["verify-2"]
+    with pytest.warns(UserWarning, match="the MTP block's drafts run without a CUDA graph"):
+        model._capture_prefill()
+    assert model.tried == [8, 16, 64, 2] and model.verify_graph[0] == "graph-2"
+    assert model.drafter.graphs == {} and model.resets == [1]            # none half made; caches emptied
