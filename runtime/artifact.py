@@ -66,7 +66,7 @@ class ArtifactModel:
     def __init__(self, root: str | Path, device: str = "cpu", programs: ProgramFactory | None = None,
                  graphs: bool = False, batch: int = 1, expert_slots: int | None = None,
                  prefill: ProgramFactory | None = None, prefetch: str = "predict", progress: Progress | None = None,
-                 draft: bool = True):
+                 draft: bool = False):
         """`programs` replaces the compiled programs by modules (the eager comparison, or an eager
         artifact); `graphs` captures the decode step as one CUDA graph where it can be (bfloat16 compiled
         programs: `self.capturable`); `expert_slots` > 0 keeps only
@@ -221,7 +221,7 @@ class ArtifactModel:
         used = torch.cuda.memory_allocated(self.device)
         if self._past_budget(used):
             raise UserError(f"loading took {used / 2**30:.1f} GiB of device memory, above the recipe's budget of "
-                            f"{self.budget_gib:g} GiB: run with fewer --expert-slots (or --no-draft)")
+                            f"{self.budget_gib:g} GiB: run with fewer --expert-slots (or without --draft)")
 
     def _past_budget(self, nbytes: int) -> bool:
         """Whether `nbytes` of device memory exceed the recipe's memory budget (none: never)."""

@@ -9,7 +9,6 @@ Its head is the main model's head matrix behind its own hc_head and norm (`Artif
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -84,23 +83,3 @@ class MTPDraft:
             graph, out = self.model._captured(lambda: self._run(padded, start_t, n_t))
             self.graphs[n] = graph, padded, start_t, n_t, out
 
-
-class KnownDrafts:
-    """Wraps a drafter, which still runs (its time and caches), and drafts from a known answer `full` (prompt
-    and tokens by position): the right token where `right(n)` holds for the n-th draft, else a wrong one.
-    Speculative decoding's speed at a chosen acceptance, on weights whose own drafts are noise (synthetic
-    checkpoints: `runtime.bench`), and its accepted path in tests."""
-
-    def __init__(self, drafter, full: list[int], right: Callable[[int], bool], vocab: int):
-        self.drafter, self.full, self.right, self.vocab, self.calls = drafter, full, right, vocab, 0
-
-    def __getattr__(self, name):                       # the drafter's caches and graphs
-        return getattr(self.drafter, name)
-
-    def draft(self, ids: list[int], start: int) -> int:
-        self.drafter.draft(ids, start)
-        target = start + len(ids) + 1                  # the position of the token drafted
-        self.calls += 1
-        if target >= len(self.full):
-            return 0
-        return self.full[target] if self.right(self.calls) else (self.full[target] + 1) % self.vocab

@@ -1,7 +1,7 @@
 """Helpers shared by tests."""
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -128,3 +128,23 @@ class EndsAt:
 
     def __getattr__(self, name):
         return getattr(self.tok, name)
+
+
+class KnownDrafts:
+    """Wraps a drafter, which still runs (its time and caches), and drafts from a known answer `full` (prompt
+    and tokens by position): the right token where `right(n)` holds for the n-th draft, else a wrong one.
+    Speculative decoding's accepted path, on weights whose own drafts are noise."""
+
+    def __init__(self, drafter, full: list[int], right: Callable[[int], bool], vocab: int):
+        self.drafter, self.full, self.right, self.vocab, self.calls = drafter, full, right, vocab, 0
+
+    def __getattr__(self, name):                       # the drafter's caches and graphs
+        return getattr(self.drafter, name)
+
+    def draft(self, ids: list[int], start: int) -> int:
+        self.drafter.draft(ids, start)
+        target = start + len(ids) + 1                  # the position of the token drafted
+        self.calls += 1
+        if target >= len(self.full):
+            return 0
+        return self.full[target] if self.right(self.calls) else (self.full[target] + 1) % self.vocab

@@ -17,7 +17,7 @@ from builder.recipe import load_recipe
 from builder.reference.model import ReferenceModel
 from runtime.artifact import ArtifactModel
 
-from helpers import TINY_FORCED as FORCED, TINY_PROMPT as PROMPT, count_bucket_runs, greedy_both_ways
+from helpers import TINY_FORCED as FORCED, TINY_PROMPT as PROMPT, KnownDrafts, count_bucket_runs, greedy_both_ways
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-h200.toml"
 
@@ -59,7 +59,7 @@ def test_a_short_prompt_goes_through_the_small_prefill_programs(artifact, artifa
     short = PROMPT[:5]
     for art, act in ((artifact_fp32, torch.float32), (artifact, torch.bfloat16)):
         model = ArtifactModel(art, "cuda", graphs=False)
-        assert list(model.prefill_buckets) == [8]
+        assert list(model.prefill_buckets) == [2, 8]      # 2: a draft's verification
         ran = count_bucket_runs(model, 8)
         got = forced_logits(model, short, FORCED)
         assert len(ran) == len(model.layers)
@@ -79,7 +79,7 @@ def test_prefill_chunks_replayed_as_cuda_graphs_give_the_same_bits(artifact):
     140-token one (two whole chunks, then a tail padded to 64) then prefill by replays, to the bits of their
     plain launches."""
     graphed = ArtifactModel(artifact, "cuda", graphs=True)
-    assert list(graphed.prefill_graphs) == [8, 64]
+    assert list(graphed.prefill_graphs) == [2, 8, 64]
     plain = ArtifactModel(artifact, "cuda", graphs=False)
     for prompt in (PROMPT[:5], PROMPT):
         assert torch.equal(forced_logits(graphed, prompt, FORCED), forced_logits(plain, prompt, FORCED))
@@ -96,7 +96,7 @@ def test_a_prefill_chunk_on_the_grouped_moe_kernels_is_captured_too(artifact, mo
         warnings.simplefilter("always")
         graphed = ArtifactModel(artifact, "cuda", graphs=True)
     assert not [w for w in caught if "CUDA graph" in str(w.message)]
-    assert list(graphed.prefill_graphs) == [8, 64]
+    assert list(graphed.prefill_graphs) == [2, 8, 64]
     plain = ArtifactModel(artifact, "cuda", graphs=False)
     assert torch.equal(forced_logits(graphed, PROMPT, FORCED), forced_logits(plain, PROMPT, FORCED))
 
@@ -193,7 +193,7 @@ def test_the_server_replays_the_graphs_from_its_worker_thread(artifact):
     """`dsv4 serve` generates on a worker thread: on the GPU its replayed graphs (decode and prefill) give the
     answer the same model gives from this thread, for a conversation's first turn and for its next turn fed
     from the caches, and a conversation put aside comes back from pinned host memory."""
-    from fastapi.testclient import TestClient
+    TestClient = pytest.importorskip("fastapi.testclient").TestClient      # the serve extra
 
     from runtime.chat import Message, render
     from runtime.generate import Conversation
@@ -227,17 +227,16 @@ def test_speculative_decoding_replays_its_verification_graph(artifact):
     """The drafts' two-token verification and the MTP block's drafts of one and two positions are captured as
     CUDA graphs of their own at load: replayed, they give the tokens their programs give launched plainly (the
     same kernels), with drafts made and verified, accepted ones among them (`KnownDrafts`)."""
-    from runtime.draft import KnownDrafts
     from runtime.generate import generate
     from runtime.tokenizer import Tokenizer
     tok = Tokenizer(artifact)
-    graphed = ArtifactModel(artifact, "cuda", graphs=True)
+    graphed = ArtifactModel(artifact, "cuda", graphs=True, draft=True)
     assert graphed.drafter is not None and graphed.verify_graph is not None and set(graphed.drafter.graphs) == {1, 2}
-    plain = ArtifactModel(artifact, "cuda", graphs=False)
+    plain = ArtifactModel(artifact, "cuda", graphs=False, draft=True)
     replayed = generate(graphed, tok, PROMPT[:40], 24, lambda text: None)
     launched = generate(plain, tok, PROMPT[:40], 24, lambda text: None)
     assert replayed.tokens == launched.tokens and replayed.drafts.drafted > 0
-    answer = PROMPT[:40] + replayed.tokens
+    answer = PROMPT[:40] + list(replayed.tokens)
     runs = []
     for model in (graphed, plain):
         model.reset(1)

@@ -1,7 +1,7 @@
 """Speculative decoding with the MTP block (runtime/speculative.py) on the tiny CPU artifact, float32: the
 two-token verification computes bit for bit what one-token steps compute, so the tokens must be exactly
 the plain greedy ones, whatever is drafted. The tiny model's weights are random, so its MTP block's drafts
-are nearly all rejected; a drafter that knows the answer (`runtime.draft.KnownDrafts`) drives the accepted path too."""
+are nearly all rejected; a drafter that knows the answer (`helpers.KnownDrafts`) drives the accepted path too."""
 import itertools
 
 import pytest
@@ -10,11 +10,10 @@ import torch
 from builder.checkpoint import Checkpoint
 from builder.reference.model import ReferenceModel
 from runtime.artifact import ArtifactModel
-from runtime.draft import KnownDrafts
 from runtime.generate import generate
 from runtime.speculative import Speculative
 from runtime.tokenizer import Tokenizer
-from helpers import EndsAt
+from helpers import EndsAt, KnownDrafts
 
 pytestmark = pytest.mark.slow            # the tiny artifact's build (conftest `built`)
 
@@ -34,14 +33,14 @@ def plain(built):
 
 
 def test_the_drafter_loads_where_the_artifact_has_its_programs(built):
-    model = ArtifactModel(built[0])
+    model = ArtifactModel(built[0], draft=True)
     assert model.drafter is not None and model.verify_runs is not None
     assert set(model.drafter.sizes) == {2, model.config.sliding_window}
 
 
 def test_speculative_tokens_are_the_plain_greedy_tokens(built, plain):
     tok, ids, expect = plain
-    model = ArtifactModel(built[0])
+    model = ArtifactModel(built[0], draft=True)
     done = generate(model, tok, ids, NEW, lambda text: None)
     assert done.tokens == expect and done.drafts is not None and done.drafts.drafted > 0
     assert "drafts accepted" in done.line("tiny")
@@ -51,7 +50,7 @@ def test_speculative_tokens_are_the_plain_greedy_tokens(built, plain):
                          ids=["all-right", "two-of-three", "every-other"])
 def test_accepted_and_rejected_drafts_give_the_plain_greedy_tokens(built, plain, pattern):
     tok, ids, expect = plain
-    model = ArtifactModel(built[0])
+    model = ArtifactModel(built[0], draft=True)
     model.drafter = KnownDrafts(model.drafter, ids + list(expect), pattern, model.config.vocab_size)
     done = generate(model, tok, ids, NEW, lambda text: None)
     assert done.tokens == expect
@@ -66,7 +65,7 @@ def test_sampled_drafts_are_judged_by_the_models_distribution(built, plain):
     (That judged drafts follow the distribution: tests/test_generate.py.)"""
     from runtime.sampling import Sampling
     tok, ids, expect = plain
-    model = ArtifactModel(built[0])
+    model = ArtifactModel(built[0], draft=True)
     mtp = model.drafter
     model.drafter = KnownDrafts(mtp, ids + list(expect), lambda i: i % 2 == 0, model.config.vocab_size)
     cold = generate(model, tok, ids, NEW, lambda text: None, Sampling(temperature=1e-4, seed=3))
@@ -83,7 +82,7 @@ def test_the_draft_is_the_reference_mtp_blocks_greedy_token(built, tiny_dir, pla
     """After a prompt, the drafter (fed the prompt's last window of positions) drafts what the reference MTP
     block, fed every position, gives at the last one."""
     tok, ids, expect = plain
-    model = ArtifactModel(built[0])
+    model = ArtifactModel(built[0], draft=True)
     model.reset(1)
     model.forward(torch.tensor([ids]), 0)
     nxt = ids[1:] + [expect[0]]
@@ -111,7 +110,7 @@ def test_a_turn_after_a_speculative_answer_continues_as_a_fresh_prefill(built, p
     draft, verified by feeding it) or not (a rejected draft, taken back): `Generation.fed` names what the
     caches hold, so the next turn feeds no position twice (at a block's end that would shift the state twice)."""
     tok, ids, expect = plain
-    model = ArtifactModel(built[0])
+    model = ArtifactModel(built[0], draft=True)
     mtp, full = model.drafter, ids + list(expect)
     model.drafter = KnownDrafts(mtp, full, lambda i: i % 3 != 0, model.config.vocab_size)
     at = _block_end(model, ids, expect[0], fed)
