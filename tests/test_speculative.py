@@ -129,3 +129,16 @@ def test_a_turn_after_a_speculative_answer_continues_as_a_fresh_prefill(built, p
     continued = model.forward(torch.tensor([more]), len(fed_ids))
     fresh = ArtifactModel(built[0], draft=False).forward(torch.tensor([fed_ids + more]), 0)
     assert torch.equal(continued, fresh)
+
+
+def test_dsv4_run_drafts_only_when_asked(built):
+    """Drafting is opt-in (`--draft`): the same greedy answer either way, its drafts reported only with it."""
+    from click.testing import CliRunner
+
+    from dsv4.cli import cli
+    runs = {flag: CliRunner().invoke(cli, ["run", str(built[0]), "--prompt", PROMPT, "--max-new", "12", *flag])
+            for flag in ((), ("--draft",))}
+    for result in runs.values():
+        assert result.exit_code == 0, result.output
+    assert runs[()].stdout == runs[("--draft",)].stdout and runs[()].stdout.strip()
+    assert "drafts accepted" in runs[("--draft",)].stderr and "drafts accepted" not in runs[()].stderr
