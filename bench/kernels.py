@@ -367,7 +367,7 @@ def bench_greedy_pick() -> dict:
 
 
 def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, wgmma: bool = False,
-                       beside: bool = False, one_launch_shared: bool = True) -> dict:
+                       beside: bool = False, one_launch_shared: bool | None = None) -> dict:
     """One Flash decode layer's weight-bound kernels back to back for 1 token, captured in one CUDA graph:
     wq_a with wkv (one stacked FP8 GEMV, as the programs run them), wq_b (the query latent's norm in its
     launch), wo_a (grouped, FP8 codes with bf16 activations), wo_b, the shared expert (w1 with w3 stacked,
@@ -376,7 +376,7 @@ def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, w
     copy bandwidth. `wgmma`: the routed experts on the warpgroup-MMA decode kernels (sm_90). `beside`: the
     shared expert on a second stream beside the routed experts (plugins/streams.py, as
     `dsv4::moe_with_shared` with moe_experts.SHARED_BESIDE_ROUTED). `one_launch_shared`: the shared expert in
-    one launch (plugins/shared_expert.py), else in two."""
+    one launch (plugins/shared_expert.py), or in two; by default as plugins.shared_expert.ONE_LAUNCH."""
     from plugins import shared_expert
     from plugins.ops import _shared_expert
     from plugins.streams import beside as run_beside
@@ -418,7 +418,8 @@ def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, w
         state["i"] = (state["i"] + 1) % copies
         layer_step(state["i"])
 
-    saved, shared_expert.ONE_LAUNCH = shared_expert.ONE_LAUNCH, one_launch_shared
+    one_launch = shared_expert.ONE_LAUNCH if one_launch_shared is None else one_launch_shared
+    saved, shared_expert.ONE_LAUNCH = shared_expert.ONE_LAUNCH, one_launch
     try:
         ms = graph_time_ms(step, copies * 4)
     finally:
@@ -427,7 +428,7 @@ def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, w
     layer_bytes += fp8_bytes(8 * 1024, 4096) + k * nbytes                   # wo_a: 8 groups of 1024 rows
     achieved = layer_bytes / (ms * 1e-3)
     return {"kernel": "decode_layer" + ("_wgmma_moe" if wgmma else "") + ("_shared_beside" if beside else "")
-            + ("_shared_one_launch" if one_launch_shared else ""),
+            + ("_shared_one_launch" if one_launch else ""),
             "weight": "wq_a+wkv wq_b wo_a(fp8) wo_b shared(w1+w3, w2) routed(6)", "rows": 1,
             "weight_mb": layer_bytes / 1e6, "time_us": ms * 1e3, "achieved_gbps": achieved / 1e9,
             "fraction_of_copy_bw": achieved / bandwidth}
@@ -578,7 +579,7 @@ def main() -> None:
         rows.append(bench_indexer(bw, blocks))
         print(json.dumps(rows[-1]))
     layer_forms = ((False, False), (True, False), (True, True)) if on_sm90 else ((False, False), (False, True))
-    for (wgmma, beside), one_launch in [(form, True) for form in layer_forms] + [(layer_forms[-1], False)]:
+    for (wgmma, beside), one_launch in [(form, None) for form in layer_forms] + [(layer_forms[-1], True), (layer_forms[-1], False)]:
         rows.append(bench_decode_layer(bw, wgmma=wgmma, beside=beside, one_launch_shared=one_launch))
         print(json.dumps(rows[-1]))
     write_report(args.json, bw, rows)
