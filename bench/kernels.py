@@ -19,7 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results_json import run_header, write_json  # noqa: E402
 from plugins.formats import fp8_weight_dequant  # noqa: E402
-from plugins.fp8_linear import fp8_linear_decode, fp8_linear_decode_normed, make_workspace  # noqa: E402
+from plugins.fp8_linear import (fp8_linear_decode, fp8_linear_decode_normed, fp8_linear_decode_swiglu,  # noqa: E402
+                                 make_workspace)
 from plugins.grouped_linear import grouped_fp8_gemv  # noqa: E402
 from plugins.moe_experts import expert_nbytes, moe_experts_decode, moe_experts_prefill  # noqa: E402
 from plugins.moe_experts import moe_experts_prefill_wgmma, wgmma_fits, wgmma_group  # noqa: E402
@@ -98,34 +99,6 @@ def bench_fp8_gemv(name: str, n: int, k: int, m: int, bandwidth: float) -> dict:
     return {"kernel": "fp8_gemv", "weight": name, "N": n, "K": k, "rows": m, "weight_mb": n * k / 1e6,
             "time_us": ms * 1e3, "achieved_gbps": achieved / 1e9, "fraction_of_copy_bw": achieved / bandwidth,
             "speedup_vs_eager_oracle": ms_oracle / ms}
-
-
-def bench_shared_expert(bandwidth: float, one_launch: bool, rows: int = 1) -> dict:
-    """The Flash shared expert of `rows` decode rows as the decode programs run it (plugins.ops._shared_expert):
-    in one launch (plugins/shared_expert.py) or in two (w1 | w3, then w2 with the SwiGLU in its launch)."""
-    from plugins import shared_expert
-    from plugins.ops import _shared_expert
-    d, f = 4096, 2048
-    shapes = FLASH_FP8_SHAPES["shared_w13"], FLASH_FP8_SHAPES["shared_w2"]
-    nbytes = sum(fp8_bytes(*shape) for shape in shapes)
-    copies = max(2, L2_DEFEAT_BYTES // nbytes)
-    experts = [(*random_fp8(*shapes[0]), *random_fp8(*shapes[1])) for _ in range(copies)]
-    x = torch.randn(rows, d, device="cuda").to(torch.bfloat16)
-    state = {"i": 0}
-
-    def kernel():
-        i = state["i"] = (state["i"] + 1) % copies
-        _shared_expert(x, f, f, 10.0, *experts[i])
-
-    saved, shared_expert.ONE_LAUNCH = shared_expert.ONE_LAUNCH, one_launch
-    try:
-        ms = graph_time_ms(kernel, copies)
-    finally:
-        shared_expert.ONE_LAUNCH = saved
-    achieved = nbytes / (ms * 1e-3)
-    return {"kernel": "shared_expert_" + ("one_launch" if one_launch else "two_launches"),
-            "weight": "shared w1 | w3 (4096 x 4096) + w2 (4096 x 2048)", "rows": rows, "weight_mb": nbytes / 1e6,
-            "time_us": ms * 1e3, "achieved_gbps": achieved / 1e9, "fraction_of_copy_bw": achieved / bandwidth}
 
 
 def bench_copy_in_harness(nbytes: int, bandwidth: float) -> dict:
@@ -367,7 +340,7 @@ def bench_greedy_pick() -> dict:
 
 
 def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, wgmma: bool = False,
-                       beside: bool = False, one_launch_shared: bool | None = None) -> dict:
+                       beside: bool = False) -> dict:
     """One Flash decode layer's weight-bound kernels back to back for 1 token, captured in one CUDA graph:
     wq_a with wkv (one stacked FP8 GEMV, as the programs run them), wq_b (the query latent's norm in its
     launch), wo_a (grouped, FP8 codes with bf16 activations), wo_b, the shared expert (w1 with w3 stacked,
@@ -375,10 +348,7 @@ def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, w
     layers alternate so no layer finds its weights in L2. Figure: the layer's weight bytes / time, over the
     copy bandwidth. `wgmma`: the routed experts on the warpgroup-MMA decode kernels (sm_90). `beside`: the
     shared expert on a second stream beside the routed experts (plugins/streams.py, as
-    `dsv4::moe_with_shared` with moe_experts.SHARED_BESIDE_ROUTED). `one_launch_shared`: the shared expert in
-    one launch (plugins/shared_expert.py), or in two; by default as plugins.shared_expert.ONE_LAUNCH."""
-    from plugins import shared_expert
-    from plugins.ops import _shared_expert
+    `dsv4::moe_with_shared` with moe_experts.SHARED_BESIDE_ROUTED)."""
     from plugins.streams import beside as run_beside
     d, f, k = 4096, 2048, 6
     fp8_shapes = {name: FLASH_FP8_SHAPES[name] for name in ("wq_a_wkv", "wq_b", "wo_b")}
@@ -402,8 +372,8 @@ def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, w
         q = fp8_linear_decode_normed(qr, q_norm, 1e-6, *w["wq_b"])
         o = grouped_fp8_gemv(q.view(1, 1, 8, 4096), *w["wo_a"]).reshape(1, 8192)
         fp8_linear_decode(o, *w["wo_b"])
-        def shared():                                               # as the decode programs run it
-            return _shared_expert(x, f, f, 10.0, *w["w13"], *w["w2"])
+        def shared():                                               # w2 applies the SwiGLU as it loads
+            return fp8_linear_decode_swiglu(fp8_linear_decode(x, *w["w13"]), f, f, 10.0, *w["w2"])
 
         def routed():
             return moe_experts_decode(x, ids[i], route, table, f, 10.0, moe_out, moe_ws, wgmma=wgmma)
@@ -418,17 +388,11 @@ def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, w
         state["i"] = (state["i"] + 1) % copies
         layer_step(state["i"])
 
-    one_launch = shared_expert.ONE_LAUNCH if one_launch_shared is None else one_launch_shared
-    saved, shared_expert.ONE_LAUNCH = shared_expert.ONE_LAUNCH, one_launch
-    try:
-        ms = graph_time_ms(step, copies * 4)
-    finally:
-        shared_expert.ONE_LAUNCH = saved
+    ms = graph_time_ms(step, copies * 4)
     layer_bytes = sum(fp8_bytes(n, kk) for n, kk in fp8_shapes.values())
     layer_bytes += fp8_bytes(8 * 1024, 4096) + k * nbytes                   # wo_a: 8 groups of 1024 rows
     achieved = layer_bytes / (ms * 1e-3)
-    return {"kernel": "decode_layer" + ("_wgmma_moe" if wgmma else "") + ("_shared_beside" if beside else "")
-            + ("_shared_one_launch" if one_launch else ""),
+    return {"kernel": "decode_layer" + ("_wgmma_moe" if wgmma else "") + ("_shared_beside" if beside else ""),
             "weight": "wq_a+wkv wq_b wo_a(fp8) wo_b shared(w1+w3, w2) routed(6)", "rows": 1,
             "weight_mb": layer_bytes / 1e6, "time_us": ms * 1e3, "achieved_gbps": achieved / 1e9,
             "fraction_of_copy_bw": achieved / bandwidth}
@@ -535,10 +499,6 @@ def main() -> None:
         for name, (n, k) in FLASH_FP8_SHAPES.items():
             rows.append(bench_fp8_gemv(name, n, k, m, bw))
             print(json.dumps(rows[-1]))
-    for m in (1, 2):
-        for one_launch in (False, True):
-            rows.append(bench_shared_expert(bw, one_launch, m))
-            print(json.dumps(rows[-1]))
     on_sm90 = torch.cuda.get_device_capability() == (9, 0)
     for tokens in (1, 2):
         for wgmma in (False, True) if on_sm90 else (False,):
@@ -578,9 +538,8 @@ def main() -> None:
     for blocks in (150, 2048, 16384):
         rows.append(bench_indexer(bw, blocks))
         print(json.dumps(rows[-1]))
-    layer_forms = ((False, False), (True, False), (True, True)) if on_sm90 else ((False, False), (False, True))
-    for (wgmma, beside), one_launch in [(form, None) for form in layer_forms] + [(layer_forms[-1], True), (layer_forms[-1], False)]:
-        rows.append(bench_decode_layer(bw, wgmma=wgmma, beside=beside, one_launch_shared=one_launch))
+    for wgmma, beside in ((False, False), (True, False), (True, True)) if on_sm90 else ((False, False), (False, True)):
+        rows.append(bench_decode_layer(bw, wgmma=wgmma, beside=beside))
         print(json.dumps(rows[-1]))
     write_report(args.json, bw, rows)
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s; wrote {args.json}")

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.kernels import (FLASH_FP8_SHAPES, bench_decode_layer, bench_fp8_gemv, bench_moe_decode,  # noqa: E402
-                           bench_shared_expert, bench_wo_a, fp8_bytes, graph_time_ms)
+                           bench_wo_a, fp8_bytes, graph_time_ms)
 from bench.in_turn import parse_case, turn_switches  # noqa: E402
 from bench.results_json import run_header, write_json  # noqa: E402
 from plugins import fp8_linear, loader  # noqa: E402
@@ -53,7 +53,7 @@ def lines() -> dict[str, list[int]]:
     wq_a_wkv, wq_b, wo_b, w13, w2 = (fp8_bytes(*FLASH_FP8_SHAPES[name]) for name in FP8_LINES)
     wo_a = fp8_bytes(8 * 1024, 4096)                     # 8 groups of 1024 rows
     return {"wq_b": [wq_b], "wo_a": [wo_a], "wo_b": [wo_b], "shared_w13": [w13], "shared_w2": [w2],
-            "shared_expert": [w13, w2], "shared_expert_one_launch": [w13 + w2], "moe_decode": [gate_up, down],
+            "shared_expert": [w13, w2], "moe_decode": [gate_up, down],
             "decode_layer": [wq_a_wkv, wq_b, wo_a, wo_b, w13, w2, gate_up, down]}
 
 
@@ -132,12 +132,11 @@ class PlainRead:
 
 
 def kernel_us(line: str, bandwidth: float) -> float:
-    """The line's kernels in bench/kernels.py's harness (the shared expert as the decode programs run it: in two
-    launches, w2's with the SwiGLU in it, or in one)."""
+    """The line's kernels in bench/kernels.py's harness (the shared expert: its two GEMVs, each timed there)."""
     if line in FP8_LINES:
         return bench_fp8_gemv(line, *FLASH_FP8_SHAPES[line], 1, bandwidth)["time_us"]
-    if line.startswith("shared_expert"):
-        return bench_shared_expert(bandwidth, line.endswith("one_launch"))["time_us"]
+    if line == "shared_expert":
+        return kernel_us("shared_w13", bandwidth) + kernel_us("shared_w2", bandwidth)
     if line == "wo_a":
         return bench_wo_a(bandwidth, 1)["time_us"]
     if line == "moe_decode":

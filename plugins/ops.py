@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from . import moe_experts, shared_expert, streams
+from . import moe_experts, streams
 from . import route as route_gpu
 from .formats import fp8_weight_dequant, mxfp4_dequant
 from .head import head_logits, kernel_fits
@@ -233,10 +233,7 @@ def _moe_post_fits(x: torch.Tensor, res: torch.Tensor) -> bool:
 
 
 def _shared_expert(x, inter: int, up: int, limit: float, w13, s13, w2, s2) -> torch.Tensor:
-    """The shared expert of x: in one launch where it fits (plugins/shared_expert.py: 1-2 decode rows on sm_90+),
-    else the stacked w1 | w3 FP8 linear, then the clamped SwiGLU inside w2's launch."""
-    if shared_expert.fits(x, inter, up, w13, w2):
-        return shared_expert.shared_expert_decode(x, inter, up, limit, w13, s13, w2, s2)
+    """The shared expert of x: the stacked w1 | w3 FP8 linear, the clamped SwiGLU inside w2's launch."""
     return fp8_linear_after_swiglu(fp8_linear(x, w13, s13), inter, up, limit, w2, s2)
 
 
