@@ -17,6 +17,19 @@ from runtime.errors import UserError
 
 FATBIN = Path(__file__).parent / "dsv4_kernels.fatbin"
 log = logging.getLogger(__name__)
+# A benchmark's switch: "PREFIX:N|PREFIX:N..." sizes the persistent grids of kernels whose names start with
+# PREFIX to at most N CTAs an SM (the first prefix that matches), so that the rest of each SM is free for the
+# next launch, which programmatic dependent launch starts while this one streams; empty: as many as fit
+# (`bench/read_ceiling.py --fatbin "F@plugins.loader.RESIDENT_CAPS='dsv4_fp8_gemv:1'"`).
+RESIDENT_CAPS = ""
+
+
+def _resident_cap(name: str) -> int | None:
+    for rule in filter(None, RESIDENT_CAPS.split("|")):
+        prefix, _, n = rule.rpartition(":")
+        if name.startswith(prefix):
+            return int(n)
+    return None
 
 
 def _check(result):
@@ -72,6 +85,8 @@ class KernelImage:
             per_sm = _check(self.driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.function(name), block,
                                                                                        shared))
             sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+            if (cap := _resident_cap(name)) is not None:
+                per_sm = min(per_sm, cap)
             self._resident[key] = max(1, per_sm) * sms
         return self._resident[key]
 
