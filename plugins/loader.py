@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 # next launch, which programmatic dependent launch starts while this one streams; empty: as many as fit
 # (`bench/read_ceiling.py --fatbin "F@plugins.loader.RESIDENT_CAPS='dsv4_fp8_gemv:1'"`).
 RESIDENT_CAPS = ""
+# A benchmark's switch: how the GPU places a cluster launch's clusters ("spread": over as many SMs as it can;
+# "load_balancing"; empty: the driver's default, which may put two CTAs of one cluster on one SM).
+CLUSTER_POLICY = ""
 
 
 def _resident_cap(name: str) -> int | None:
@@ -146,6 +149,12 @@ class KernelImage:
             attr.id = d.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
             attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cluster, 1, 1
             attrs.append(attr)
+            if CLUSTER_POLICY:
+                attr = d.CUlaunchAttribute()
+                attr.id = d.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_SCHEDULING_POLICY_PREFERENCE
+                attr.value.clusterSchedulingPolicyPreference = getattr(
+                    d.CUclusterSchedulingPolicy, f"CU_CLUSTER_SCHEDULING_POLICY_{CLUSTER_POLICY.upper()}")
+                attrs.append(attr)
         cfg.attrs = attrs
         cfg.numAttrs = len(attrs)
         return cfg
