@@ -31,11 +31,13 @@ def main() -> None:
     ap.add_argument("--shared", type=int, default=0, help="dynamic shared memory a CTA, bytes")
     ap.add_argument("--cluster", type=int, required=True, help="CTAs a cluster")
     ap.add_argument("--grid", type=int, default=None, help="CTAs of the launch (default: one cluster)")
+    ap.add_argument("--policy", default="", help="the clusters' placement (plugins.loader.CLUSTER_POLICY)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: bench/cluster_occupancy.py needs a CUDA GPU")
     loader.FATBIN = args.fatbin.resolve()
+    loader.CLUSTER_POLICY = args.policy
     lib = kernels()
     lib._allow_shared(args.kernel, args.shared)
     fn = lib.function(args.kernel)
@@ -47,7 +49,7 @@ def main() -> None:
     clusters = _check(driver.cuOccupancyMaxActiveClusters(fn, config))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     report = {**run_header(), "kernel": args.kernel, "block": args.block, "shared_bytes": args.shared,
-              "cluster": args.cluster, "grid": grid, "sms": sms, "ctas_per_sm": per_sm,
+              "cluster": args.cluster, "policy": args.policy, "grid": grid, "sms": sms, "ctas_per_sm": per_sm,
               "max_active_clusters": clusters, "clusters_in_grid": -(-grid // args.cluster),
               "waves": -(-(-(-grid // args.cluster)) // max(1, clusters))}
     print(json.dumps(report))

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Session 52's second device batch, in a copy of the tree with session 51's one-launch shared expert applied
+# (bench/s52-one-launch.patch: that patch plus a 5-slot ring) and its fat binary (plugins/s51_kernels.fatbin,
+# carried): how many of its clusters fit at once by ring depth and placement policy; its GPU tests; and the
+# shared expert and the decode layer in one launch (4, 5 and 12 slots, clusters spread or as the driver
+# places them) against two launches, in turn, two rounds. Results under $RES.
+set -u
+RES=${RES:-$OUT}
+mkdir -p "$RES"
+git apply bench/s52-one-launch.patch || { echo "patch failed" > "$RES/patch.txt"; touch "$RES/DONE"; exit 1; }
+cp plugins/s51_kernels.fatbin plugins/dsv4_kernels.fatbin
+F=plugins/dsv4_kernels.fatbin
+for s in 12:213248 5:98560 4:82176; do
+  for policy in "" spread; do
+    python bench/cluster_occupancy.py --kernel dsv4_shared_expert_s${s%%:*} --block 256 --shared ${s##*:} \
+      --cluster 8 --grid 128 --policy "$policy" --json "$RES/cluster-occupancy-s${s%%:*}-${policy:-default}.json" \
+      >> "$RES/cluster.txt" 2>&1
+  done
+done
+timeout 200 python -m pytest -q -rA -m gpu tests/test_kernels_shared_expert.py > "$RES/gpu-tests.txt" 2>&1
+echo "tests rc=$?" >> "$RES/progress.txt"
+ONE="plugins.shared_expert.ONE_LAUNCH=True"
+declare -A CASE=(
+  [two]="$F"
+  [one4]="$F@$ONE,plugins.shared_expert.STAGE_CHOICES=[4]"
+  [one4s]="$F@$ONE,plugins.shared_expert.STAGE_CHOICES=[4],plugins.loader.CLUSTER_POLICY='spread'"
+  [one5s]="$F@$ONE,plugins.shared_expert.STAGE_CHOICES=[5],plugins.loader.CLUSTER_POLICY='spread'"
+  [one12s]="$F@$ONE,plugins.shared_expert.STAGE_CHOICES=[12],plugins.loader.CLUSTER_POLICY='spread'"
+)
+for round in 1 2; do
+  for name in two one4 one4s one5s one12s; do
+    lines=shared_expert_one_launch,decode_layer
+    [ "$name" = two ] && lines=shared_expert,decode_layer
+    python bench/read_ceiling.py --lines "$lines" --fatbin "${CASE[$name]}" \
+      --json "$RES/read-ceiling-$name-$round.json" > "$RES/read-ceiling-$name-$round.log" 2>&1
+    echo "$name $round rc=$?" >> "$RES/progress.txt"
+  done
+done
+touch "$RES/DONE"
