@@ -18,10 +18,14 @@ class FakeDriver:
         def __init__(self):
             self.id = None
             self.value = SimpleNamespace(programmaticStreamSerializationAllowed=0,
-                                         clusterDim=SimpleNamespace(x=0, y=0, z=0))
+                                         clusterDim=SimpleNamespace(x=0, y=0, z=0),
+                                         clusterSchedulingPolicyPreference=None)
 
     CUlaunchAttributeID = SimpleNamespace(CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION="pdl",
-                                          CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION="cluster")
+                                          CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION="cluster",
+                                          CU_LAUNCH_ATTRIBUTE_CLUSTER_SCHEDULING_POLICY_PREFERENCE="policy")
+    CUclusterSchedulingPolicy = SimpleNamespace(CU_CLUSTER_SCHEDULING_POLICY_SPREAD="spread-value",
+                                                CU_CLUSTER_SCHEDULING_POLICY_LOAD_BALANCING="balance-value")
 
     def __init__(self, ex_fails: bool = False):
         self.ex_fails = ex_fails
@@ -79,3 +83,25 @@ def test_without_pdl_a_plain_launch_and_a_failed_cluster_launch_raises(monkeypat
         image.launch("k", 8, 128, [], cluster=2)           # a cluster cannot fall back to a plain launch
     image.launch("k", 8, 128, [])                          # PDL can: plain from then on
     assert image._pdl is False and image.driver.launches == [("plain", (8, 1, 1, 128, 0))]
+
+
+@pytest.mark.parametrize("policy, attrs", [("", ["pdl", "cluster"]), ("spread", ["pdl", "cluster", "policy"])])
+def test_a_cluster_launch_carries_the_placement_policy_asked_for(monkeypatch, policy, attrs):
+    monkeypatch.setattr(loader, "CLUSTER_POLICY", policy)
+    driver = FakeDriver()
+    _image(monkeypatch, True, driver).launch("k", 16, 256, [], cluster=8)
+    _image(monkeypatch, True, driver).launch("k", 16, 256, [])         # no cluster: no policy
+    (_, cfg), (_, plain_cfg) = driver.launches
+    assert [a.id for a in cfg.attrs] == attrs and [a.id for a in plain_cfg.attrs] == ["pdl"]
+    if policy:
+        assert cfg.attrs[-1].value.clusterSchedulingPolicyPreference == "spread-value"
+
+
+def test_resident_caps_apply_to_the_first_matching_prefix(monkeypatch):
+    monkeypatch.setattr(loader, "RESIDENT_CAPS", "dsv4_fp8_gemv:1|dsv4_moe_:2|dsv4_:3")
+    assert loader._resident_cap("dsv4_fp8_gemv_fused_m8") == 1
+    assert loader._resident_cap("dsv4_moe_down_decode_wgmma") == 2
+    assert loader._resident_cap("dsv4_head_gemv_bf16_rows") == 3
+    assert loader._resident_cap("other") is None
+    monkeypatch.setattr(loader, "RESIDENT_CAPS", "")
+    assert loader._resident_cap("dsv4_fp8_gemv_fused_m8") is None
