@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results_json import run_header, write_json  # noqa: E402
 from plugins import loader  # noqa: E402
-from plugins.loader import _check, kernels  # noqa: E402
+from plugins.loader import _check, kernels, sm_count  # noqa: E402
 
 
 def main() -> None:
@@ -47,11 +47,11 @@ def main() -> None:
     stream = driver.CUstream(torch.cuda.current_stream().cuda_stream)
     config = lib._config((grid, 1, 1), args.block, args.shared, stream, args.cluster)
     clusters = _check(driver.cuOccupancyMaxActiveClusters(fn, config))
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    in_grid = -(-grid // args.cluster)
     report = {**run_header(), "kernel": args.kernel, "block": args.block, "shared_bytes": args.shared,
-              "cluster": args.cluster, "policy": args.policy, "grid": grid, "sms": sms, "ctas_per_sm": per_sm,
-              "max_active_clusters": clusters, "clusters_in_grid": -(-grid // args.cluster),
-              "waves": -(-(-(-grid // args.cluster)) // max(1, clusters))}
+              "cluster": args.cluster, "policy": args.policy, "grid": grid, "sms": sm_count(torch.cuda.current_device()),
+              "ctas_per_sm": per_sm, "max_active_clusters": clusters, "clusters_in_grid": in_grid,
+              "waves": -(-in_grid // max(1, clusters))}
     print(json.dumps(report))
     if args.json:
         write_json(args.json, report)

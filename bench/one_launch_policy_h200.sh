@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Session 52's second device batch, in a copy of the tree with session 51's one-launch shared expert applied
-# (bench/s52-one-launch.patch: that patch plus a 5-slot ring) and its fat binary (plugins/s51_kernels.fatbin,
-# carried): how many of its clusters fit at once by ring depth and placement policy; its GPU tests; and the
+# (bench/results/shared-expert-one-launch-s51.patch, then bench/results/shared-expert-ring5-s52.patch: a 5-slot
+# ring and its test case) and that tree's fat binary (plugins/s51_kernels.fatbin, carried): how many of its clusters fit at once by ring depth and placement policy; its GPU tests; and the
 # shared expert and the decode layer in one launch (4, 5 and 12 slots, clusters spread or as the driver
 # places them) against two launches, in turn, two rounds. Results under $RES.
 set -u
 RES=${RES:-$OUT}
 mkdir -p "$RES"
-git apply bench/s52-one-launch.patch || { echo "patch failed" > "$RES/patch.txt"; touch "$RES/DONE"; exit 1; }
+{ git apply bench/results/shared-expert-one-launch-s51.patch && git apply bench/results/shared-expert-ring5-s52.patch; } || { echo "patch failed" > "$RES/patch.txt"; touch "$RES/DONE"; exit 1; }
 cp plugins/s51_kernels.fatbin plugins/dsv4_kernels.fatbin
 F=plugins/dsv4_kernels.fatbin
 for s in 12:213248 5:98560 4:82176; do
