@@ -16,19 +16,7 @@ if [ -f plugins/s51_kernels.fatbin ]; then
       >> "$RES/cluster.txt" 2>&1
   done
 fi
-LINES=${LINES:-wq_b,wo_a,wo_b,shared_expert,moe_decode,decode_layer}
-declare -A CASE=(
-  [base]="$F"
-  [gemv1]="$F@plugins.loader.RESIDENT_CAPS='dsv4_fp8_gemv:1'"
-  [moe2]="$F@plugins.loader.RESIDENT_CAPS='dsv4_moe_:2'"
-  [both]="$F@plugins.loader.RESIDENT_CAPS='dsv4_fp8_gemv:1|dsv4_moe_:2'"
-)
-for round in ${ROUNDS:-1 2}; do
-  for name in ${CASES:-base gemv1 moe2 both}; do
-    start=$(date +%s)
-    python bench/read_ceiling.py --lines "$LINES" --fatbin "${CASE[$name]}" \
-      --json "$RES/read-ceiling-$name-$round.json" > "$RES/read-ceiling-$name-$round.log" 2>&1
-    echo "$name $round rc=$? $(( $(date +%s) - start ))s" >> "$RES/progress.txt"
-  done
-done
+CAPS=plugins.loader.RESIDENT_CAPS
+bash bench/read_ceiling_in_turn.sh base="$F" gemv1="$F@$CAPS='dsv4_fp8_gemv:1'" moe2="$F@$CAPS='dsv4_moe_:2'" \
+  both="$F@$CAPS='dsv4_fp8_gemv:1|dsv4_moe_:2'"
 touch "$RES/DONE"

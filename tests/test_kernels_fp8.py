@@ -322,3 +322,63 @@ def test_k_split_leaves_the_head_whole_and_splits_narrow_weights():
         split = k_split(rows, 16, warps)
         assert split > 1 and 16 % split == 0 and 16 // split >= UNROLL
     assert k_split(256, 1, warps) == 1                    # a 256-wide row is one chunk: nothing to split
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind, n, k, next_kind, next_n, next_k", [
+    ("plain", 1536, 4096, "norm", 32768, 1024), ("norm", 32768, 1024, "grouped", 8192, 4096),
+    ("grouped", 8192, 4096, "plain", 4096, 8192), ("plain", 4096, 4096, "swiglu", 4096, 2048),
+    ("swiglu", 4096, 2048, "plain", 1536, 4096), ("plain", 24, 384, "plain", 32768, 1024)],
+    ids=["wq_a-wq_b", "wq_b-wo_a", "wo_a-wo_b", "w13-w2", "w2-wq_a", "tiny-then-wide"])
+def test_gemv_naming_the_next_one_gives_the_same_bits(monkeypatch, kind, n, k, next_kind, next_n, next_k):
+    """A decode GEMV that asks L2 for the next GEMV's first ring steps (plugins.fp8_linear.THEN_STEPS) computes
+    what it computes without, and captures in a CUDA graph. The pairs are a decode layer's chain at Flash size
+    and a small GEMV before a wide one (whose CTAs each ask for several of the next launch's)."""
+    from plugins import fp8_linear
+    from plugins.grouped_linear import grouped_fp8_gemv
+    w, s = (t.cuda() for t in _weights(n, k))
+    nxt = fp8_linear.NextGemv(_weights(next_n, next_k, seed=1)[0].cuda(), next_kind, 1, next_k)
+    gen = torch.Generator().manual_seed(3)
+    shape = {"grouped": (1, 1, 8, k), "swiglu": (1, 2 * k)}.get(kind, (1, k))   # swiglu: gate | up
+    x = torch.randn(*shape, generator=gen).to(torch.bfloat16).cuda()
+    norm = (torch.rand(k, generator=gen) + 0.5).cuda()
+
+    def run(out=None):
+        if kind == "norm":
+            return fp8_linear.fp8_linear_decode_normed(x, norm, 1e-6, w, s, then=nxt)
+        if kind == "swiglu":
+            return fp8_linear.fp8_linear_decode_swiglu(x, k, k, 10.0, w, s, then=nxt)
+        if kind == "grouped":
+            return grouped_fp8_gemv(x, w, s, out=out, then=nxt)
+        return fp8_linear.fp8_linear_decode(x, w, s, out, then=nxt)
+
+    expect = run()
+    for steps in (2, 4):
+        monkeypatch.setattr(fp8_linear, "THEN_STEPS", steps)
+        assert torch.equal(run(), expect)
+    if kind in ("plain", "grouped"):               # the forms with an output buffer
+        out = torch.empty_like(expect)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run(out)
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expect)
+
+
+def test_then_args_describe_the_next_launchs_split(monkeypatch):
+    """The Then kernel arguments (csrc/fp8_linear.cu) are the next GEMV's weight, shape and split as its own
+    launch finds them, and zeros while THEN_STEPS is 0 or no GEMV follows."""
+    from plugins import fp8_linear
+    monkeypatch.setattr(fp8_linear, "launch_of", lambda kind, m, k: (f"k_{kind}", 3, 1000))
+    monkeypatch.setattr(fp8_linear, "gemv_split", lambda n, k, name, shared, device: (4, 256, 264))
+    w = torch.zeros(8192, 4096, dtype=torch.uint8)
+    nxt = fp8_linear.NextGemv(w, "grouped", 1, 4096)
+    assert [v for v, _ in fp8_linear.then_args(nxt, None)] == [0] * 7
+    monkeypatch.setattr(fp8_linear, "THEN_STEPS", 2)
+    assert [v for v, _ in fp8_linear.then_args(None, None)] == [0] * 7
+    args = [v for v, _ in fp8_linear.then_args(nxt, None)]
+    assert args[0] is w and args[1:] == [8192, 4096, 4, 1, 256, 2 * 256]      # 256 items on 256 CTAs: 1 each
+    args = [v for v, _ in fp8_linear.then_args(nxt._replace(kind="plain"), None)]
+    assert args[4] == 0                                                       # items b, b + grid, ...

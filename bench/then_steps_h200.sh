@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Session 53's device batch: the FP8 GEMVs asking L2 for the next GEMV's first ring steps once their own copies
+# are issued (plugins.fp8_linear.THEN_STEPS; csrc/fp8_linear.cu Then). The FP8 GPU tests, then the decode lines
+# with it off, at 2 steps and at 4 (the next launch's whole K slice per warp on the Flash GEMVs), in turn, two
+# rounds. Results under $RES (default $OUT).
+set -u
+RES=${RES:-$OUT}
+mkdir -p "$RES"
+F=plugins/dsv4_kernels.fatbin
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv > "$RES/gpu.txt" 2>&1
+timeout 300 python -m pytest -q -rfE -m gpu tests/test_kernels_fp8.py > "$RES/gpu-tests-fp8.txt" 2>&1
+echo "tests rc=$?" >> "$RES/progress.txt"
+T=plugins.fp8_linear.THEN_STEPS
+LINES=${LINES:-wq_b,wo_a,wo_b,shared_expert,decode_layer} \
+  bash bench/read_ceiling_in_turn.sh base="$F" then2="$F@$T=2" then4="$F@$T=4"
+touch "$RES/DONE"
