@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results_json import run_header, write_json  # noqa: E402
 from plugins.formats import fp8_weight_dequant  # noqa: E402
-from plugins.fp8_linear import (NextGemv, fp8_linear_decode, fp8_linear_decode_normed, fp8_linear_decode_swiglu,  # noqa: E402
+from plugins.fp8_linear import (fp8_linear_decode, fp8_linear_decode_normed, fp8_linear_decode_swiglu,  # noqa: E402
                                  make_workspace)
 from plugins.grouped_linear import grouped_fp8_gemv  # noqa: E402
 from plugins.moe_experts import expert_nbytes, moe_experts_decode, moe_experts_prefill  # noqa: E402
@@ -83,9 +83,9 @@ def bench_fp8_gemv(name: str, n: int, k: int, m: int, bandwidth: float) -> dict:
     out, work = torch.empty(m, n, device="cuda", dtype=torch.bfloat16), make_workspace(m, k, "cuda")
     state = {"i": 0}
 
-    def kernel():                         # each launch names the next (plugins.fp8_linear.THEN_STEPS)
+    def kernel():
         i = state["i"] = (state["i"] + 1) % copies
-        fp8_linear_decode(x, ws[i], ss[i], out, work, then=NextGemv(ws[(i + 1) % copies], "plain", m, k))
+        fp8_linear_decode(x, ws[i], ss[i], out, work)
 
     deq = fp8_weight_dequant(ws[0], ss[0])
 
@@ -255,9 +255,9 @@ def bench_wo_a(bandwidth: float, rows: int = 1) -> dict:
     out = torch.empty(rows, 1, g, r, device="cuda", dtype=torch.bfloat16)
     state = {"i": 0}
 
-    def kernel():                         # each launch names the next (plugins.fp8_linear.THEN_STEPS)
+    def kernel():
         i = state["i"] = (state["i"] + 1) % copies
-        grouped_fp8_gemv(x, *ws[i], out=out, then=NextGemv(ws[(i + 1) % copies][0], "grouped", rows, d))
+        grouped_fp8_gemv(x, *ws[i], out=out)
 
     bf16 = [fp8_weight_dequant(*w).to(torch.bfloat16).view(g, r, d) for w in ws[:max(2, copies // 2)]]
 
@@ -367,20 +367,13 @@ def bench_decode_layer(bandwidth: float, copies: int = 2, n_experts: int = 64, w
     moe_out, moe_ws = torch.empty(1, d, device="cuda"), moe_make_workspace(1, k, d, f, "cuda")
 
     def layer_step(i):
-        # each GEMV names the one after it in its stream (plugins.fp8_linear.THEN_STEPS): wo_b the shared
-        # expert's w1 | w3, w2 the next layer's wq_a | wkv
-        w, after = layers[i], layers[(i + 1) % copies]
-        qr = fp8_linear_decode(x, *w["wq_a_wkv"], then=NextGemv(w["wq_b"][0], "norm", 1, 1024))[:, :1024]
-        q = fp8_linear_decode_normed(qr, q_norm, 1e-6, *w["wq_b"],       # wq_b normalises its rows as it loads them
-                                     then=NextGemv(w["wo_a"][0], "grouped", 1, 4096))
-        o = grouped_fp8_gemv(q.view(1, 1, 8, 4096), *w["wo_a"],
-                             then=NextGemv(w["wo_b"][0], "plain", 1, 8192)).reshape(1, 8192)
-        fp8_linear_decode(o, *w["wo_b"], then=NextGemv(w["w13"][0], "plain", 1, d))
-
+        w = layers[i]
+        qr = fp8_linear_decode(x, *w["wq_a_wkv"])[:, :1024]        # wq_b normalises its rows as it loads them
+        q = fp8_linear_decode_normed(qr, q_norm, 1e-6, *w["wq_b"])
+        o = grouped_fp8_gemv(q.view(1, 1, 8, 4096), *w["wo_a"]).reshape(1, 8192)
+        fp8_linear_decode(o, *w["wo_b"])
         def shared():                                               # w2 applies the SwiGLU as it loads
-            h = fp8_linear_decode(x, *w["w13"], then=NextGemv(w["w2"][0], "swiglu", 1, f))
-            return fp8_linear_decode_swiglu(h, f, f, 10.0, *w["w2"],
-                                            then=NextGemv(after["wq_a_wkv"][0], "plain", 1, d))
+            return fp8_linear_decode_swiglu(fp8_linear_decode(x, *w["w13"]), f, f, 10.0, *w["w2"])
 
         def routed():
             return moe_experts_decode(x, ids[i], route, table, f, 10.0, moe_out, moe_ws, wgmma=wgmma)

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Session 53's device batch: the FP8 GEMVs asking L2 for the next GEMV's first ring steps once their own copies
-# are issued (plugins.fp8_linear.THEN_STEPS; csrc/fp8_linear.cu Then). The FP8 GPU tests, then the decode lines
-# with it off, at 2 steps and at 4 (the next launch's whole K slice per warp on the Flash GEMVs), in turn, two
-# rounds. Results under $RES (default $OUT).
+# Session 53's device batch, in a copy of the tree with bench/results/then-steps-s53.patch applied and that
+# tree's fat binary built (python -m plugins.build after applying it, carried): the FP8 GEMVs asking L2 for the
+# next GEMV's first ring steps once their own copies are issued (plugins.fp8_linear.THEN_STEPS; csrc/fp8_linear.cu
+# Then). The FP8 GPU tests, then the decode lines with it off, at 2 steps and at 4 (the next launch's whole K
+# slice per warp on the Flash GEMVs), in turn, two rounds. Results under $RES (default $OUT).
 set -u
 RES=${RES:-$OUT}
 mkdir -p "$RES"
+git apply --check bench/results/then-steps-s53.patch 2>/dev/null && git apply bench/results/then-steps-s53.patch
 F=plugins/dsv4_kernels.fatbin
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv > "$RES/gpu.txt" 2>&1
 timeout 300 python -m pytest -q -rfE -m gpu tests/test_kernels_fp8.py > "$RES/gpu-tests-fp8.txt" 2>&1

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
-from typing import NamedTuple
 
 import torch
 
@@ -40,21 +39,6 @@ GW_CTAS_PER_SM = 1.9
 # slices' sums took 4 KB (8 KB at 16 rows) there, which left wo_b two ring stages where it now gets three;
 # a benchmark may set 4096 to plan as then (bench/profile_decode.py).
 SHARED_STATIC_BYTES = 32
-# Ring steps of the next GEMV in a chain that each GEMV asks L2 for once its own copies are all issued (`then`
-# on the launches; csrc/fp8_linear.cu Then), so that DRAM streams the next weights while this launch's last
-# steps are multiplied and its CTAs exit. 0: off. A benchmark switch until it is measured
-# (bench/read_ceiling.py --fatbin "F@plugins.fp8_linear.THEN_STEPS=2").
-THEN_STEPS = 0
-RING_STEP_ROW_BYTES = 2 * 128             # csrc/fp8_linear.cu: U 128-K blocks of a row per ring step
-
-
-class NextGemv(NamedTuple):
-    """The GEMV launched after this one (`then`): its weight [N, K] FP8, its form ("plain", "norm", "swiglu"
-    or "grouped", csrc/fp8_linear.cu Prologue), rows m and width k (kGrouped: one group's)."""
-    w: torch.Tensor
-    kind: str
-    m: int
-    k: int
 
 
 def ring_stages(shared_memory: tuple[int, int], fixed: int) -> int:
@@ -95,39 +79,25 @@ def gemv_plan(m: int, k: int, shared_memory: tuple[int, int], staged: bool = Fal
 
 
 def fp8_linear_decode(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, out: torch.Tensor | None = None,
-                      workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      then: NextGemv | None = None) -> torch.Tensor:
+                      workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [M, K] bf16 (M <= 16), w [N, K] float8_e4m3fn, w_scale [ceil(N/128), K/128] E8M0 -> [M, N] bf16.
 
     `workspace` = (codes uint8 [M, K], scales float32 [M, K/128]) from `make_workspace`; only the
-    unfused path (many rows x long K) uses it. `then`: the GEMV launched next (THEN_STEPS).
+    unfused path (many rows x long K) uses it.
     """
     m, k = x.shape
     assert x.is_contiguous()
     if WGMMA_GEMV and on_sm90(x):
         return fp8_linear_decode_wgmma(x, w, w_scale, out)
-    name, stages, shared = launch_of("plain", m, k)
-    if "_fused" in name:
+    lib = kernels()
+    fused, stages, shared = gemv_plan(m, k, lib.shared_memory())
+    if fused:
         codes, scales = x, x                                  # unused by the fused kernel
     else:
         codes, scales = make_workspace(m, k, x.device) if workspace is None else workspace
         act_quant(x, codes, scales)
-    return gemv_launch(name, x, codes, scales, w, w_scale, out, m, k, stages, shared, then=then)
-
-
-def launch_of(kind: str, m: int, k: int) -> tuple[str, int, int] | None:
-    """(kernel, ring depth, dynamic shared bytes) of the GEMV launch of form `kind` (NextGemv) over m rows of
-    width k, or None where a prologue form does not fit (its transform then runs apart)."""
-    memory = kernels().shared_memory()
-    if kind == "plain":
-        fused, stages, shared = gemv_plan(m, k, memory)
-        return f"dsv4_fp8_gemv{'_fused' if fused else ''}_m{8 if m <= 8 else 16}", stages, shared
-    if kind == "grouped":
-        _, stages, shared = gemv_plan(m, k, memory)
-        return "dsv4_fp8_gemv_fused_grouped_m8", stages, shared
-    fits = m <= PROLOGUE_ROWS and (kind != "norm" or k <= NORM_PROLOGUE_K)
-    plan = gemv_plan(m, k, memory, staged=True) if fits else None
-    return None if plan is None else (f"dsv4_fp8_gemv_fused_{kind}_m8", plan[1], plan[2])
+    name = f"dsv4_fp8_gemv{'_fused' if fused else ''}_m{8 if m <= 8 else 16}"
+    return gemv_launch(name, x, codes, scales, w, w_scale, out, m, k, stages, shared)
 
 
 def wgmma_gemv_parts(n: int, k: int, sms: int) -> int:
@@ -162,31 +132,33 @@ NORM_PROLOGUE_K = 2048                    # csrc/fp8_linear.cu NORM_PER_THREAD x
 
 
 def fp8_linear_decode_normed(x: torch.Tensor, norm: torch.Tensor, eps: float, w: torch.Tensor,
-                             w_scale: torch.Tensor, then: NextGemv | None = None) -> torch.Tensor:
+                             w_scale: torch.Tensor) -> torch.Tensor:
     """fp8_linear_decode(rms_norm_rows(x, norm, eps), w, w_scale) in one launch where it fits (x [M, K] bf16
     rows with unit stride along K, e.g. a stacked product's slice; norm [K] float32 contiguous); the same bits."""
     return _after_prologue("norm", x, x.size(1), (norm, x.stride(0), 0, eps), x.size(1) <= NORM_PROLOGUE_K,
-                           lambda: rms_norm_rows(x, norm, eps), w, w_scale, then)
+                           lambda: rms_norm_rows(x, norm, eps), w, w_scale)
 
 
 def fp8_linear_decode_swiglu(y: torch.Tensor, size: int, up: int, limit: float, w: torch.Tensor,
-                             w_scale: torch.Tensor, then: NextGemv | None = None) -> torch.Tensor:
+                             w_scale: torch.Tensor) -> torch.Tensor:
     """fp8_linear_decode(swiglu_rows(y, size, up, limit), w, w_scale) in one launch where it fits (y [M, W]
     bf16 rows with unit stride holding gate [0, size) and up [up, up + size)); the same bits."""
     return _after_prologue("swiglu", y, size, (None, y.stride(0), up, limit), True,
-                           lambda: swiglu_rows(y, size, up, limit), w, w_scale, then)
+                           lambda: swiglu_rows(y, size, up, limit), w, w_scale)
 
 
 def _after_prologue(kind: str, rows: torch.Tensor, k: int, prologue: tuple, fits: bool, apart, w: torch.Tensor,
-                    w_scale: torch.Tensor, then: NextGemv | None) -> torch.Tensor:
+                    w_scale: torch.Tensor) -> torch.Tensor:
     """The GEMV over the rows after prologue `kind` (csrc/fp8_linear.cu Prologue) in its launch where the fused
     form has room for it, else `apart()` (the transform's own kernel) and then the GEMV."""
-    plan = launch_of(kind, rows.size(0), k) if fits and rows.stride(-1) == 1 else None
+    m = rows.size(0)
+    plan = gemv_plan(m, k, kernels().shared_memory(), staged=True) \
+        if fits and m <= PROLOGUE_ROWS and rows.stride(-1) == 1 else None
     if plan is None:
-        return fp8_linear_decode(apart(), w, w_scale, then=then)
-    name, stages, shared = plan
-    return gemv_launch(name, rows, rows, rows, w, w_scale, None, rows.size(0), k, stages, shared, prologue,
-                       then=then)
+        return fp8_linear_decode(apart(), w, w_scale)
+    _, stages, shared = plan
+    return gemv_launch(f"dsv4_fp8_gemv_fused_{kind}_m8", rows, rows, rows, w, w_scale, None, m, k, stages,
+                       shared, prologue)
 
 
 # An item's fixed cost (its CTA barrier, sums and epilogue, its warps' pipeline refilling), in weight bytes
@@ -236,12 +208,10 @@ def _check_gemv(x, w, w_scale, m: int, k: int) -> None:
 
 
 def gemv_launch(name: str, x, codes, scales, w, w_scale, out, m: int, k: int, stages: int, shared: int,
-                prologue: tuple = (None, 0, 0, 0.0), max_ctas: int | None = None,
-                then: NextGemv | None = None) -> torch.Tensor:
+                prologue: tuple = (None, 0, 0, 0.0), max_ctas: int | None = None) -> torch.Tensor:
     """Launch GEMV kernel `name` (csrc/fp8_linear.cu) over m rows of width k; `prologue` = (its float32
     weight, the rows' stride, up (kGrouped: rows per group), eps or limit), for the prologue builds;
-    `max_ctas` caps the grid (tests); `then`: the GEMV launched next, whose first THEN_STEPS ring steps
-    this launch asks L2 for."""
+    `max_ctas` caps the grid (tests)."""
     n = w.size(0)
     _check_gemv(x, w, w_scale, m, k)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device) if out is None else out
@@ -251,24 +221,8 @@ def gemv_launch(name: str, x, codes, scales, w, w_scale, out, m: int, k: int, st
     kernels().launch(name, grid, 256,
                      [(x, PTR), (codes, PTR), (scales, PTR), (w, PTR), (w_scale, PTR), (out, PTR), (m, INT),
                       (n, INT), (k, INT), (wpr, INT), (items, INT), (stages, INT),
-                      (pro_w if pro_w is not None else 0, PTR), (ld, INT), (up, INT), (param, FLOAT),
-                      *then_args(then, x.device.index)], shared)
+                      (pro_w if pro_w is not None else 0, PTR), (ld, INT), (up, INT), (param, FLOAT)], shared)
     return out
-
-
-def then_args(then: NextGemv | None, device: int | None) -> list[tuple[object, type]]:
-    """The kernel arguments (csrc/fp8_linear.cu Then) describing the next GEMV's first THEN_STEPS ring steps:
-    its weight, shape and split as its own launch will find them."""
-    launch = launch_of(then.kind, then.m, then.k) if then is not None and THEN_STEPS > 0 else None
-    if launch is None:
-        return [(0, PTR), *((0, INT),) * 6]
-    name, _, shared = launch
-    n, k = then.w.shape
-    wpr, items, resident = gemv_split(n, k, name, shared, device)
-    grid = balanced_grid(items, resident)
-    per = -(-items // grid) if then.kind == "grouped" else 0
-    return [(then.w, PTR), (n, INT), (k, INT), (wpr, INT), (per, INT), (grid, INT),
-            (THEN_STEPS * RING_STEP_ROW_BYTES, INT)]
 
 
 # Whether torch and cuBLAS run block-scaled FP8 GEMMs here (None: not tried yet; CUDA 12.9+ on sm_90+)

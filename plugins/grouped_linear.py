@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 
 from .formats import fp8_weight_dequant
-from .fp8_linear import NextGemv, gemv_launch, gemv_plan, launch_of
+from .fp8_linear import gemv_launch, gemv_plan
 from .loader import kernels
 
 MAX_ROWS = 4                      # decode rows: 4 x 4096 fill the GEMV's activation room (gemv_plan)
+KERNEL = "dsv4_fp8_gemv_fused_grouped_m8"
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -29,23 +30,21 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def grouped_fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                     out: torch.Tensor | None = None, max_ctas: int | None = None,
-                     then: NextGemv | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, max_ctas: int | None = None) -> torch.Tensor:
     """x [..., G, D] bf16, weight [G*R, D] float8_e4m3fn, scale [G*R/128, D/128] E8M0 (or its bytes)
     -> [..., G, R] bf16. Contiguous inputs; launches never allocate when given `out`. `max_ctas` caps the
-    grid below what the GPU holds (tests: CTAs whose items cross from one group into the next); `then`: the
-    GEMV launched next (plugins.fp8_linear.THEN_STEPS)."""
+    grid below what the GPU holds (tests: CTAs whose items cross from one group into the next)."""
     assert supports(x, weight) and x.is_contiguous() and weight.is_contiguous() and scale.is_contiguous()
     g, d = x.shape[-2:]
     n = weight.size(0)
     rows = x.numel() // (g * d)
     assert scale.shape == (n // 128, d // 128)
     out = x.new_empty(*x.shape[:-1], n // g) if out is None else out
-    name, stages, shared = launch_of("grouped", rows, d)
+    _, stages, shared = gemv_plan(rows, d, kernels().shared_memory())
     # an item (a CTA's 16-128 rows over all of K) lies inside one group, whose rows are whole 128-blocks
     # (supports): its rows share one activation
-    gemv_launch(name, x, x, x, weight, scale.view(torch.uint8), out, rows, d, stages, shared,
-                (None, g * d, n // g, 0.0), max_ctas=max_ctas, then=then)
+    gemv_launch(KERNEL, x, x, x, weight, scale.view(torch.uint8), out, rows, d, stages, shared,
+                (None, g * d, n // g, 0.0), max_ctas=max_ctas)
     return out
 
 

@@ -128,37 +128,6 @@ __device__ __forceinline__ void widen_to_smem(const __nv_bfloat16* __restrict__ 
   }
 }
 
-// The launch after this one in the decode chain, whose first ring steps this launch asks L2 for once its own
-// copies are all issued (`Then`): the DRAM otherwise idles between a launch's last copies and the next
-// launch's first, which start only as this launch's CTAs exit. w: the next GEMV's weight [N, K] (null: none);
-// wpr, per, grid: its split (per: items per CTA in turn where it walks consecutive items, kGrouped; 0: CTA
-// b's items b, b + grid, ...); bytes: how much of each of its warps' 16 rows from the warp's first K block.
-struct Then {
-  const uint8_t* w;
-  int N, K, wpr, per, grid, bytes;
-};
-
-__device__ __forceinline__ void prefetch_l2(const uint8_t* p, uint32_t bytes) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
-#else
-  for (uint32_t at = 0; at < bytes; at += 128) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p + at));
-#endif
-}
-
-// Warp `warp` of this CTA asks for the rows that warp `warp` of the next launch's CTAs blockIdx.x,
-// blockIdx.x + gridDim.x, ... copy first (lane l < 16: row l of the warp's row group).
-__device__ __forceinline__ void prefetch_then(const Then& t, int warp, int lane) {
-  if (t.w == nullptr || t.bytes == 0 || lane >= 16) return;
-  const int nkb = t.K / 128 / t.wpr, groups = WARPS / t.wpr;
-  const uint32_t bytes = min(t.bytes, nkb * 128);
-  const size_t col = size_t(warp % t.wpr) * nkb * 128;
-  for (int c = blockIdx.x; c < t.grid; c += gridDim.x) {
-    const int row = ((t.per ? c * t.per : c) * groups + warp / t.wpr) * 16 + lane;
-    if (row < t.N) prefetch_l2(t.w + size_t(row) * t.K + col, bytes);
-  }
-}
-
 // y[m, n] for m < rows on tensor cores. A warp owns 16 weight rows (a row group: the MMA's A operand, rows
 // g and g + 8 for lane (g, t)) and a slice of K; the tokens are the B operand's columns (token g for lane
 // (g, t); a second MMA for tokens 8-15 when M = 16). `wpr` warps of a CTA split K for the same row group
@@ -192,8 +161,7 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
                                          const float* __restrict__ xs, const uint8_t* __restrict__ w,
                                          const uint8_t* __restrict__ w_scale, __nv_bfloat16* __restrict__ y,
                                          int rows, int N, int K, int wpr, int items, int stages,
-                                         const float* __restrict__ pro_w, int ld, int pro_up, float pro_param,
-                                         const Then& then) {
+                                         const float* __restrict__ pro_w, int ld, int pro_up, float pro_param) {
   if (STAGES > 0) stages = STAGES;              // a depth known at compile time: no jump table to wait on it
   constexpr int NACC = M > 8 ? 8 : 4;           // c[0..3]: tokens 2t, 2t+1 of rows g, g + 8; c[4..7]: tokens + 8
   constexpr bool f16_path = FUSED && (dsv4::kEmulatedFp8Mma || PRO == kGrouped);
@@ -271,11 +239,6 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
   };
 
   for (int p = 0; p < stages - 1; ++p) issue();  // in flight while the activations are quantised
-  bool asked = false;                           // the next launch's first steps asked of L2 (Then)
-  const auto ask_then = [&] {
-    if (!asked && nx.item >= my_items) prefetch_then(then, warp, lane), asked = true;
-  };
-  ask_then();
   bool early = false;                           // the first loop step's copies issued (early_step)
   dsv4::pdl_wait();                              // x (or its codes) come from the previous kernels
   dsv4::pdl_launch_dependents();
@@ -335,7 +298,6 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
   for (int gstep = 0; gstep < total; ++gstep) {
     __syncwarp();                                // the warp has read the scale words the next copy replaces
     if (gstep > 0 || !early) issue();
-    ask_then();
     dsv4::cp_async_wait_pending(stages - 1);     // this step's group has landed
     __syncwarp();                                // lanes 0..U-1's scale words are visible to the warp
     dsv4::keep_in_register(b_row0), dsv4::keep_in_register(b_row1);
@@ -444,15 +406,11 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
       const __nv_bfloat16* __restrict__ x, const uint8_t* __restrict__ xq, const float* __restrict__ xs,     \
       const uint8_t* __restrict__ w, const uint8_t* __restrict__ ws, __nv_bfloat16* __restrict__ y, int rows, \
       int N, int K, int wpr, int items, int stages, const float* __restrict__ pro_w, int ld, int pro_up,     \
-      float pro_param, const uint8_t* __restrict__ then_w, int then_N, int then_K, int then_wpr, int then_per, \
-      int then_grid, int then_bytes) {                                                                       \
-    const Then then{then_w, then_N, then_K, then_wpr, then_per, then_grid, then_bytes};                     \
+      float pro_param) {                                                                                     \
     if (stages == 3) /* every Flash GEMV's ring on the H200 (plugins/fp8_linear.py ring_stages) */           \
-      fp8_gemv<M, FUSED, PRO, 3>(x, xq, xs, w, ws, y, rows, N, K, wpr, items, stages, pro_w, ld, pro_up, pro_param, \
-                                 then);                                                                      \
+      fp8_gemv<M, FUSED, PRO, 3>(x, xq, xs, w, ws, y, rows, N, K, wpr, items, stages, pro_w, ld, pro_up, pro_param); \
     else                                                                                                     \
-      fp8_gemv<M, FUSED, PRO>(x, xq, xs, w, ws, y, rows, N, K, wpr, items, stages, pro_w, ld, pro_up, pro_param, \
-                              then);                                                                         \
+      fp8_gemv<M, FUSED, PRO>(x, xq, xs, w, ws, y, rows, N, K, wpr, items, stages, pro_w, ld, pro_up, pro_param); \
   }
 DSV4_FP8_GEMV(dsv4_fp8_gemv_m8, 8, false, kPlain)
 DSV4_FP8_GEMV(dsv4_fp8_gemv_m16, 16, false, kPlain)
