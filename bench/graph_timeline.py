@@ -26,11 +26,17 @@ from runtime.bench import bytes_per_token, copy_bandwidth  # noqa: E402
 
 
 def replay_kernels(model: ArtifactModel, steps: int, pos: int) -> list[list[tuple[str, float, float]]]:
-    """The kernels (name, start us, end us) of `steps` graph replays, one list per replay in start order."""
+    """The kernels (name, start us, end us) of `steps` decode graph replays, one list per replay in start order."""
     token = torch.tensor([5])
+    return recorded_replays(lambda i: model.step(token, torch.tensor([pos + i])), steps)
+
+
+def recorded_replays(replay, steps: int) -> list[list[tuple[str, float, float]]]:
+    """The kernels (name, start us, end us) of `replay(i)` for i < steps (each the same launches, e.g. a CUDA
+    graph's replay), one list per call in start order."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for i in range(steps):
-            model.step(token, torch.tensor([pos + i]))
+            replay(i)
             torch.cuda.synchronize()
     kernels = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
                       if e.device_type == DeviceType.CUDA), key=lambda k: k[1])

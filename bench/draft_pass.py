@@ -1,0 +1,105 @@
+"""Where a drafted decode pass's time goes (speculative decoding with the MTP block, runtime/speculative.py).
+
+A pass verifies the last token and its draft in one 2-token replay of the main model, then the MTP block drafts
+the next token from the two positions: two CUDA graphs, with the host reading two argmaxes and then the draft
+between them. Here each graph is timed alone (CUDA events, the median of `--reps` replays) beside the plain
+decode step's graph, each one's kernels are laid out in time (exposed time per kernel family, as
+bench/graph_timeline.py does for the step), and the pass is timed as the host runs it (`dsv4 bench`'s
+accepted_pass_ms). The gap between the pass and the plain step is what drafting must win back:
+
+    python bench/draft_pass.py ARTIFACT [--context 512] [--json bench/results/draft-pass-flash8-h200.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.graph_timeline import recorded_replays, summarise  # noqa: E402
+from bench.profile_decode import step_ms  # noqa: E402
+from runtime.artifact import ArtifactModel  # noqa: E402
+from runtime.bench import bytes_per_token, copy_bandwidth  # noqa: E402
+
+
+def replay_ms(replay, reps: int) -> float:
+    """Median milliseconds of `replay()` over `reps` calls, each between CUDA events."""
+    replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[reps // 2]
+
+
+def host_pass_ms(model: ArtifactModel, q: int, reps: int) -> float:
+    """Median milliseconds of an accepted draft's pass as the host runs it: the verification of two tokens
+    at q, then the block's draft from those positions, read on the host (runtime/bench.py measure_speculative)."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.verify([5, 6], q)
+        model.drafter.draft([6, 7], q)
+        times.append(1e3 * (time.perf_counter() - t0))
+    return sorted(times)[reps // 2]
+
+
+@torch.inference_mode()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("artifact", type=Path)
+    ap.add_argument("--context", type=int, default=512, help="tokens fed before timing")
+    ap.add_argument("--reps", type=int, default=50, help="replays timed per graph")
+    ap.add_argument("--record", type=int, default=20, help="replays recorded per graph for the kernel layout")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    bandwidth = copy_bandwidth("cuda")
+    model = ArtifactModel(args.artifact, "cuda", graphs=True, draft=True)
+    drafter = model.drafter
+    if model.graph is None or model.verify_graph is None or drafter is None or set(drafter.graphs) != {1, 2}:
+        raise SystemExit("error: this artifact does not replay the decode step, the verification and both drafts "
+                         "as CUDA graphs (a bfloat16 aoti build with draft_tokens = 1 and an MTP block)")
+    model.forward(torch.arange(args.context)[None] % 1000 + 2)
+    q = args.context
+    verify, padded, start_t, n_t, _ = model.verify_graph
+    padded.copy_(torch.tensor([[5, 6]]))
+    start_t.fill_(q)
+    graphs = {"verify_2_tokens": verify.replay}
+    for n in (1, 2):
+        g, ids, start, _, _ = drafter.graphs[n]
+        ids.copy_(torch.arange(n)[None] + 5)
+        start.fill_(q)
+        graphs[f"draft_{n}_positions"] = g.replay
+    report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "python": platform.python_version(), "copy_bandwidth_gb_s": bandwidth / 1e9,
+              "floor_step_ms": 1e3 * bytes_per_token(model) / bandwidth,
+              "plain_step_ms": step_ms(model, args.reps, q)}
+    report["graphs_ms"] = {name: replay_ms(replay, args.reps) for name, replay in graphs.items()}
+    report["host_pass_ms"] = host_pass_ms(model, q, args.reps)
+    report["timelines"] = {name: summarise(recorded_replays(lambda i: replay(), args.record))
+                           for name, replay in graphs.items()}
+    g = report["graphs_ms"]
+    print(f"plain step {report['plain_step_ms']:.3f} ms (floor {report['floor_step_ms']:.3f}); verification "
+          f"{g['verify_2_tokens']:.3f} ms, drafts {g['draft_1_positions']:.3f} / {g['draft_2_positions']:.3f} ms; "
+          f"a pass on the host {report['host_pass_ms']:.3f} ms")
+    for name, line in report["timelines"].items():
+        print(f"{name}: span {line['span_us']:.1f} us, idle {line['idle_us']:.1f} us")
+        for f, v in list(line["families"].items())[:25]:
+            print(f"  {v['exposed_us']:8.1f} us exposed  {v['raw_us']:8.1f} us raw  x{v['launches']:<3d} {f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

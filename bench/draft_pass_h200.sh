@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Session 53's device batch: a Flash-8 synth and build (bench/artifact_h200.sh, BUILD_ONLY), then where a drafted
+# pass's time goes (bench/draft_pass.py), then `dsv4 bench --compare none` on the same artifact. Results under
+# $RES (default $OUT); DONE when all ran.
+set -u
+RES=${RES:-$OUT}
+mkdir -p "$RES"
+export OUT=$RES
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv > "$RES/gpu.txt" 2>&1
+start=$(date +%s)
+LAYERS=8 CKPT=/dev/shm/flash8 BUILD_ONLY=1 bash bench/artifact_h200.sh > "$RES/build.log" 2>&1
+echo "build rc=$? $(( $(date +%s) - start ))s" >> "$RES/progress.txt"
+export PYTHONPATH=$PWD LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6
+ART=/tmp/art/flash8-bfloat16
+start=$(date +%s)
+python bench/draft_pass.py $ART --json "$RES/draft-pass-flash8.json" > "$RES/draft-pass.txt" 2>&1
+echo "draft_pass rc=$? $(( $(date +%s) - start ))s" >> "$RES/progress.txt"
+start=$(date +%s)
+python -m dsv4.cli bench $ART --compare none --prompt-len 32 --json "$RES/artifact-flash8.json" > "$RES/bench.txt" 2>&1
+echo "bench rc=$? $(( $(date +%s) - start ))s" >> "$RES/progress.txt"
+touch "$RES/DONE"
