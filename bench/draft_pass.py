@@ -12,8 +12,6 @@ accepted_pass_ms). The gap between the pass and the plain step is what drafting 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -21,24 +19,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.graph_timeline import recorded_replays, summarise  # noqa: E402
+from bench.graph_timeline import print_families, recorded_replays, summarise  # noqa: E402
+from bench.kernels import time_ms  # noqa: E402
 from bench.profile_decode import step_ms  # noqa: E402
+from bench.results_json import run_header, write_json  # noqa: E402
 from runtime.artifact import ArtifactModel  # noqa: E402
 from runtime.bench import bytes_per_token, copy_bandwidth  # noqa: E402
-
-
-def replay_ms(replay, reps: int) -> float:
-    """Median milliseconds of `replay()` over `reps` calls, each between CUDA events."""
-    replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[reps // 2]
 
 
 def host_pass_ms(model: ArtifactModel, q: int, reps: int) -> float:
@@ -80,11 +66,10 @@ def main() -> None:
         ids.copy_(torch.arange(n)[None] + 5)
         start.fill_(q)
         graphs[f"draft_{n}_positions"] = g.replay
-    report = {"command": " ".join(sys.argv), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "python": platform.python_version(), "copy_bandwidth_gb_s": bandwidth / 1e9,
-              "floor_step_ms": 1e3 * bytes_per_token(model) / bandwidth,
-              "plain_step_ms": step_ms(model, args.reps, q)}
-    report["graphs_ms"] = {name: replay_ms(replay, args.reps) for name, replay in graphs.items()}
+    report = run_header() | {"copy_bandwidth_gb_s": bandwidth / 1e9,
+                             "floor_step_ms": 1e3 * bytes_per_token(model) / bandwidth,
+                             "plain_step_ms": step_ms(model, args.reps, q)}
+    report["graphs_ms"] = {name: time_ms(replay, args.reps) for name, replay in graphs.items()}
     report["host_pass_ms"] = host_pass_ms(model, q, args.reps)
     report["timelines"] = {name: summarise(recorded_replays(lambda i: replay(), args.record))
                            for name, replay in graphs.items()}
@@ -94,11 +79,9 @@ def main() -> None:
           f"a pass on the host {report['host_pass_ms']:.3f} ms")
     for name, line in report["timelines"].items():
         print(f"{name}: span {line['span_us']:.1f} us, idle {line['idle_us']:.1f} us")
-        for f, v in list(line["families"].items())[:25]:
-            print(f"  {v['exposed_us']:8.1f} us exposed  {v['raw_us']:8.1f} us raw  x{v['launches']:<3d} {f}")
+        print_families(line)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

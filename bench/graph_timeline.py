@@ -93,6 +93,12 @@ def summarise(steps: list[list[tuple[str, float, float]]]) -> dict:
                           "exposed_us": round(e, 2)} for name, s, d, e in middle]}
 
 
+def print_families(line: dict) -> None:
+    """`summarise`'s families, one a line: exposed and raw us per replay, launches."""
+    for f, v in line["families"].items():
+        print(f"  {v['exposed_us']:8.1f} us exposed  {v['raw_us']:8.1f} us raw  x{v['launches']:<3d} {f}")
+
+
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -115,8 +121,7 @@ def main() -> None:
     report |= summarise(replay_kernels(model, args.steps, args.context + 50 * 5))
     print(f"step {step:.3f} ms (replayed), {report['fraction_of_copy_bw']:.2f} of the copy bandwidth; recorded span "
           f"{report['span_us']:.1f} us, idle {report['idle_us']:.1f} us")
-    for f, v in report["families"].items():
-        print(f"  {v['exposed_us']:8.1f} us exposed  {v['raw_us']:8.1f} us raw  x{v['launches']:<3d} {f}")
+    print_families(report)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
