@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,20 +23,7 @@ from bench.kernels import time_ms  # noqa: E402
 from bench.profile_decode import step_ms  # noqa: E402
 from bench.results_json import run_header, write_json  # noqa: E402
 from runtime.artifact import ArtifactModel  # noqa: E402
-from runtime.bench import bytes_per_token, copy_bandwidth  # noqa: E402
-
-
-def host_pass_ms(model: ArtifactModel, q: int, reps: int) -> float:
-    """Median milliseconds of an accepted draft's pass as the host runs it: the verification of two tokens
-    at q, then the block's draft from those positions, read on the host (runtime/bench.py measure_speculative)."""
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model.verify([5, 6], q)
-        model.drafter.draft([6, 7], q)
-        times.append(1e3 * (time.perf_counter() - t0))
-    return sorted(times)[reps // 2]
+from runtime.bench import accepted_pass_seconds, bytes_per_token, copy_bandwidth  # noqa: E402
 
 
 @torch.inference_mode()
@@ -70,7 +56,7 @@ def main() -> None:
                              "floor_step_ms": 1e3 * bytes_per_token(model) / bandwidth,
                              "plain_step_ms": step_ms(model, args.reps, q)}
     report["graphs_ms"] = {name: time_ms(replay, args.reps) for name, replay in graphs.items()}
-    report["host_pass_ms"] = host_pass_ms(model, q, args.reps)
+    report["host_pass_ms"] = 1e3 * accepted_pass_seconds(model, [5, 6, 7], q, args.reps)
     report["timelines"] = {name: summarise(recorded_replays(lambda i: replay(), args.record))
                            for name, replay in graphs.items()}
     g = report["graphs_ms"]

@@ -10,7 +10,6 @@ time); what no kernel covers is idle. Exposed plus idle is the step's span, kern
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from collections import defaultdict
@@ -21,6 +20,7 @@ from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.profile_decode import family, step_ms  # noqa: E402
+from bench.results_json import write_json  # noqa: E402
 from runtime.artifact import ArtifactModel  # noqa: E402
 from runtime.bench import bytes_per_token, copy_bandwidth  # noqa: E402
 
@@ -123,8 +123,7 @@ def main() -> None:
           f"{report['span_us']:.1f} us, idle {report['idle_us']:.1f} us")
     print_families(report)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 # shared expert and the decode layer in one launch (4, 5 and 12 slots, clusters spread or as the driver
 # places them) against two launches, in turn, two rounds. Results under $RES.
 set -u
-RES=${RES:-$OUT}
+export RES=${RES:-$OUT}
 mkdir -p "$RES"
 { git apply bench/results/shared-expert-one-launch-s51.patch && git apply bench/results/shared-expert-ring5-s52.patch; } || { echo "patch failed" > "$RES/patch.txt"; touch "$RES/DONE"; exit 1; }
 cp plugins/s51_kernels.fatbin plugins/dsv4_kernels.fatbin
@@ -19,21 +19,11 @@ for s in 12:213248 5:98560 4:82176; do
 done
 timeout 200 python -m pytest -q -rA -m gpu tests/test_kernels_shared_expert.py > "$RES/gpu-tests.txt" 2>&1
 echo "tests rc=$?" >> "$RES/progress.txt"
-ONE="plugins.shared_expert.ONE_LAUNCH=True"
-declare -A CASE=(
-  [two]="$F"
-  [one4]="$F@$ONE,plugins.shared_expert.STAGE_CHOICES=[4]"
-  [one4s]="$F@$ONE,plugins.shared_expert.STAGE_CHOICES=[4],plugins.loader.CLUSTER_POLICY='spread'"
-  [one5s]="$F@$ONE,plugins.shared_expert.STAGE_CHOICES=[5],plugins.loader.CLUSTER_POLICY='spread'"
-  [one12s]="$F@$ONE,plugins.shared_expert.STAGE_CHOICES=[12],plugins.loader.CLUSTER_POLICY='spread'"
-)
-for round in 1 2; do
-  for name in two one4 one4s one5s one12s; do
-    lines=shared_expert_one_launch,decode_layer
-    [ "$name" = two ] && lines=shared_expert,decode_layer
-    python bench/read_ceiling.py --lines "$lines" --fatbin "${CASE[$name]}" \
-      --json "$RES/read-ceiling-$name-$round.json" > "$RES/read-ceiling-$name-$round.log" 2>&1
-    echo "$name $round rc=$?" >> "$RES/progress.txt"
-  done
+ONE="plugins.shared_expert.ONE_LAUNCH=True" STAGES=plugins.shared_expert.STAGE_CHOICES SPREAD="plugins.loader.CLUSTER_POLICY='spread'"
+for round in 1 2; do                     # the two launches' lines differ from the one launch's
+  ROUNDS=$round LINES=shared_expert,decode_layer bash bench/read_ceiling_in_turn.sh two="$F"
+  ROUNDS=$round LINES=shared_expert_one_launch,decode_layer bash bench/read_ceiling_in_turn.sh \
+    one4="$F@$ONE,$STAGES=[4]" one4s="$F@$ONE,$STAGES=[4],$SPREAD" one5s="$F@$ONE,$STAGES=[5],$SPREAD" \
+    one12s="$F@$ONE,$STAGES=[12],$SPREAD"
 done
 touch "$RES/DONE"

@@ -5,7 +5,7 @@
 # (plugins/s51_kernels.fatbin, carried), how many of the one-launch shared expert's clusters fit at once.
 # Results under $RES (default $OUT).
 set -u
-RES=${RES:-$OUT}
+export RES=${RES:-$OUT}
 mkdir -p "$RES"
 F=plugins/dsv4_kernels.fatbin
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv > "$RES/gpu.txt" 2>&1

@@ -91,6 +91,20 @@ def measure(model, prompt: list[int], new_tokens: int) -> dict:
     return figures
 
 
+def accepted_pass_seconds(model, ids: list[int], q: int, passes: int) -> float:
+    """Median seconds over `passes` of the pass an accepted draft costs, as the host runs it: the verification
+    of ids[0] and its draft ids[1] at q, then the MTP block's draft from those positions (ids[1:]), which ends
+    on the host's read of the draft, as in use."""
+    times = []
+    for _ in range(passes):
+        _sync(model)
+        t0 = time.perf_counter()
+        model.verify(ids[:2], q)
+        model.drafter.draft(ids[1:], q)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def measure_speculative(model, prompt: list[int], new_tokens: int, plain: list[int], passes: int = 20) -> dict:
     """The same greedy decode with the MTP block's drafts verified two tokens a pass (runtime/speculative.py),
     from a fresh prefill: decode tok/s (the drafter's fill over the prompt's last window included), drafts
@@ -107,14 +121,7 @@ def measure_speculative(model, prompt: list[int], new_tokens: int, plain: list[i
     tokens += picks                                    # each token read on the host
     decode = time.perf_counter() - t0
     q = len(prompt) + 1                                # past the answer's first token: a position fed anew each pass
-    ids, times = (plain + prompt)[:3], []              # three tokens, whatever --new (any: timing only)
-    for _ in range(passes):
-        _sync(model)
-        t1 = time.perf_counter()
-        model.verify(ids[:2], q)
-        model.drafter.draft(ids[1:], q)             # ends on the host's read of the draft, as in use
-        times.append(time.perf_counter() - t1)
-    accepted_pass = sorted(times)[len(times) // 2]
+    accepted_pass = accepted_pass_seconds(model, (plain + prompt)[:3], q, passes)   # any three tokens: timing only
     return {"decode_tok_s": (new_tokens - 1) / decode, "decode_step_ms": 1e3 * decode / max(new_tokens - 1, 1),
             "drafted": speculative.stats.drafted, "accepted": speculative.stats.accepted,
             "tokens_match_plain": tokens == plain, "accepted_pass_ms": 1e3 * accepted_pass,
