@@ -3,7 +3,7 @@
 A pass verifies the last token and its draft in one 2-token replay of the main model, then the MTP block drafts
 the next token from the two positions: two CUDA graphs, with the host reading two argmaxes and then the draft
 between them. Here each graph is timed alone (CUDA events, the median of `--reps` replays) beside the plain
-decode step's graph, each one's kernels are laid out in time (exposed time per kernel family, as
+decode step's graph, each one's kernels (the plain step's too) are laid out in time (exposed time per kernel family, as
 bench/graph_timeline.py does for the step), and the pass is timed as the host runs it (`dsv4 bench`'s
 accepted_pass_ms). The gap between the pass and the plain step is what drafting must win back:
 
@@ -46,7 +46,9 @@ def main() -> None:
     verify, padded, start_t, n_t, _ = model.verify_graph
     padded.copy_(torch.tensor([[5, 6]]))
     start_t.fill_(q)
-    graphs = {"verify_2_tokens": verify.replay}
+    model.tokens.fill_(5)                              # the plain step's graph, laid out beside the pass's
+    model.positions.fill_(q)
+    graphs = {"plain_step": model.graph.replay, "verify_2_tokens": verify.replay}
     for n in (1, 2):
         g, ids, start, _, _ = drafter.graphs[n]
         ids.copy_(torch.arange(n)[None] + 5)

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# Session 53's device batch: a Flash-8 synth and build (bench/artifact_h200.sh, BUILD_ONLY), then where a drafted
-# pass's time goes (bench/draft_pass.py), then `dsv4 bench --compare none` on the same artifact. Results under
-# $RES (default $OUT); DONE when all ran.
+# A device batch for speculative decoding: the GPU tests of drafting (tests/test_artifact_gpu.py -k speculative)
+# beside a Flash-8 synth and build (bench/artifact_h200.sh, BUILD_ONLY), then where a drafted pass's time goes
+# (bench/draft_pass.py), then `dsv4 bench --compare none` on the same artifact. Results under $RES (default
+# $OUT); DONE when all ran.
 set -u
 RES=${RES:-$OUT}
 mkdir -p "$RES"
 export OUT=$RES
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv > "$RES/gpu.txt" 2>&1
 start=$(date +%s)
+( LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6 python -m pytest -q -p no:cacheprovider \
+    tests/test_artifact_gpu.py -k "speculative" > "$RES/gpu-tests.txt" 2>&1
+  echo "gpu tests rc=$? $(( $(date +%s) - start ))s" >> "$RES/progress.txt" ) &
+tests=$!
 LAYERS=8 CKPT=/dev/shm/flash8 BUILD_ONLY=1 bash bench/artifact_h200.sh > "$RES/build.log" 2>&1
 echo "build rc=$? $(( $(date +%s) - start ))s" >> "$RES/progress.txt"
+wait $tests
 export PYTHONPATH=$PWD LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6
 ART=/tmp/art/flash8-bfloat16
 start=$(date +%s)
