@@ -1,11 +1,12 @@
 """Where a drafted decode pass's time goes (speculative decoding with the MTP block, runtime/speculative.py).
 
 A pass verifies the last token and its draft in one 2-token replay of the main model, then the MTP block drafts
-the next token from the two positions: two CUDA graphs, with the host reading two argmaxes and then the draft
-between them. Here each graph is timed alone (CUDA events, the median of `--reps` replays) beside the plain
-decode step's graph, each one's kernels (the plain step's too) are laid out in time (exposed time per kernel family, as
-bench/graph_timeline.py does for the step), and the pass is timed as the host runs it (`dsv4 bench`'s
-accepted_pass_ms). The gap between the pass and the plain step is what drafting must win back:
+the next token from the two positions. Sampling runs it as two CUDA graphs, with the host reading the logits
+and then the draft between them; greedy as one graph that decides on the device (runtime/drafted_pass.py).
+Here each graph is timed alone (CUDA events, the median of `--reps` replays) beside the plain decode step's
+graph, each one's kernels are laid out in time (exposed time per kernel family, as bench/graph_timeline.py
+does for the step), and both passes are timed as the host runs them (`dsv4 bench`'s accepted_pass_ms and
+host_pass_ms). The gap between the pass and the plain step is what drafting must win back:
 
     python bench/draft_pass.py ARTIFACT [--context 512] [--json bench/results/draft-pass-flash8-h200.json]
 """
@@ -38,15 +39,16 @@ def main() -> None:
     bandwidth = copy_bandwidth("cuda")
     model = ArtifactModel(args.artifact, "cuda", graphs=True, draft=True)
     drafter = model.drafter
-    if model.graph is None or model.verify_graph is None or drafter is None or set(drafter.graphs) != {1, 2}:
-        raise SystemExit("error: this artifact does not replay the decode step, the verification and both drafts "
-                         "as CUDA graphs (a bfloat16 aoti build with draft_tokens = 1 and an MTP block)")
+    if model.graph is None or model.verify_graph is None or drafter is None or set(drafter.graphs) != {1, 2} \
+            or model.drafted_pass.graph is None:
+        raise SystemExit("error: this artifact does not replay the decode step, the verification, both drafts and "
+                         "the greedy pass as CUDA graphs (a bfloat16 aoti build with draft_tokens = 1 and an MTP block)")
     model.forward(torch.arange(args.context)[None] % 1000 + 2)
     q = args.context
     verify, padded, start_t, n_t, _ = model.verify_graph
     padded.copy_(torch.tensor([[5, 6]]))
     start_t.fill_(q)
-    model.tokens.fill_(5)                              # the plain step's graph, laid out beside the pass's
+    model.tokens.fill_(5)
     model.positions.fill_(q)
     graphs = {"plain_step": model.graph.replay, "verify_2_tokens": verify.replay}
     for n in (1, 2):
@@ -54,17 +56,21 @@ def main() -> None:
         ids.copy_(torch.arange(n)[None] + 5)
         start.fill_(q)
         graphs[f"draft_{n}_positions"] = g.replay
+    passes = model.drafted_pass                        # from q each time, as the graphs above (a pass moves it on)
+    graphs["greedy_pass"] = lambda: (passes.start(5, q, 6), passes.graph.replay())
     report = run_header() | {"copy_bandwidth_gb_s": bandwidth / 1e9,
                              "floor_step_ms": 1e3 * bytes_per_token(model) / bandwidth,
                              "plain_step_ms": step_ms(model, args.reps, q)}
     report["graphs_ms"] = {name: time_ms(replay, args.reps) for name, replay in graphs.items()}
-    report["host_pass_ms"] = 1e3 * accepted_pass_seconds(model, [5, 6, 7], q, args.reps)
+    report["greedy_pass_ms"] = 1e3 * accepted_pass_seconds(model, [5, 6, 7], q, args.reps)
+    report["host_pass_ms"] = 1e3 * accepted_pass_seconds(model, [5, 6, 7], q, args.reps, device=False)
     report["timelines"] = {name: summarise(recorded_replays(lambda i: replay(), args.record))
                            for name, replay in graphs.items()}
     g = report["graphs_ms"]
     print(f"plain step {report['plain_step_ms']:.3f} ms (floor {report['floor_step_ms']:.3f}); verification "
-          f"{g['verify_2_tokens']:.3f} ms, drafts {g['draft_1_positions']:.3f} / {g['draft_2_positions']:.3f} ms; "
-          f"a pass on the host {report['host_pass_ms']:.3f} ms")
+          f"{g['verify_2_tokens']:.3f} ms, drafts {g['draft_1_positions']:.3f} / {g['draft_2_positions']:.3f} ms, "
+          f"greedy pass {g['greedy_pass']:.3f} ms; passes as the host runs them: greedy "
+          f"{report['greedy_pass_ms']:.3f} ms, sampling's {report['host_pass_ms']:.3f} ms")
     for name, line in report["timelines"].items():
         print(f"{name}: span {line['span_us']:.1f} us, idle {line['idle_us']:.1f} us")
         print_families(line)

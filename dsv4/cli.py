@@ -542,7 +542,8 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
                        f"{spec['drafted']} drafts accepted, tokens "
                        + ("as without drafts" if spec["tokens_match_plain"] else "DIFFER from those without drafts")
                        + f"; a pass whose draft is accepted {spec['accepted_pass_ms']:.2f} ms (every draft accepted: "
-                       f"{spec['decode_tok_s_all_accepted']:.1f} tok/s)")
+                       f"{spec['decode_tok_s_all_accepted']:.1f} tok/s; the host's pass, sampling's, "
+                       f"{spec['host_pass_ms']:.2f} ms)")
         del model
     runs = report["modes"]
     base = runs["compiled"]

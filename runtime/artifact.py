@@ -32,6 +32,7 @@ from plugins.head import GreedyPick, head_logits, kernel_fits
 from plugins.oracle import hc_head, ring_update, rms_norm, wide, wide_dtype
 
 from .draft import Head, MTPDraft
+from .drafted_pass import DraftedPass
 from .errors import UserError
 from .expert_bank import ExpertBank
 from .expert_pager import PagedExperts
@@ -164,6 +165,7 @@ class ArtifactModel:
         self.overlapped = [caches for e, (_, _, _, caches) in zip(main, self.layers)
                            if self.config.compress_ratios[e["layer"]] == 4]
         self.drafter: MTPDraft | None = None
+        self.drafted_pass: DraftedPass | None = None      # greedy drafting's pass, decided on the device
         self.recent: torch.Tensor | None = None          # the main model's last streams at the last `window` positions
         self.verify_runs = self.prefill_buckets.get(2) or (self.prefill_runs if compiled and self.chunk == 2 else None)
         mtp = [e for e in m["layers"] if e["prefix"].startswith("mtp.") and "prefill" in e]
@@ -171,6 +173,7 @@ class ArtifactModel:
             layer = mtp[0]["layer"]
             store = DeviceExperts(bank, [layer], self.device) if self.device.type == "cuda" else HostExperts(bank, [layer])
             self.drafter = MTPDraft(self, mtp[0], store)
+            self.drafted_pass = DraftedPass(self)
             self.recent = torch.zeros(1, self.config.sliding_window, self.config.hc_mult, self.config.hidden_size,
                                       dtype=self.act, device=dev)
         self.tokens = torch.zeros(batch, dtype=torch.int64, device=dev)
@@ -383,6 +386,9 @@ class ArtifactModel:
             except RuntimeError as e:
                 self.drafter.graphs.clear()
                 self._uncaptured("the MTP block's drafts", e)
+            graphed = self._graphed(self.drafted_pass.compute, "the greedy drafted pass")
+            if graphed is not None:
+                self.drafted_pass.graph, self.drafted_pass.out = graphed
         report("capturing prefill graphs", len(sizes) + 1, len(sizes) + 1)
 
     def _capture_size(self, size: int, runs: list, what: str, every: bool = False) -> tuple | None:
@@ -391,20 +397,26 @@ class ArtifactModel:
         padded = torch.zeros(1, size, dtype=torch.int64, device=self.device)
         start_t = torch.zeros(1, dtype=torch.int64, device=self.device)
         n_t = torch.full((1,), size, dtype=torch.int64, device=self.device)
+        graphed = self._graphed(lambda: self._prefill_through(runs, padded, start_t, n_t, every), what)
+        return None if graphed is None else (graphed[0], padded, start_t, n_t, graphed[1])
+
+    def _graphed(self, fn, what: str) -> tuple | None:
+        """fn() as a CUDA graph (`_captured`): (graph, fn's outputs), or None with a warning where it does not
+        capture or its memory would pass the budget (`what` runs plainly then)."""
         try:
-            graph, logits = self._captured(lambda: self._prefill_through(runs, padded, start_t, n_t, every))
+            graph, out = self._captured(fn)
         except RuntimeError as e:
             self._uncaptured(what, e)
             return None
         torch.cuda.empty_cache()                     # the warm-ups' blocks: the graph has a pool of its own
         reserved = torch.cuda.memory_reserved(self.device)
         if self._past_budget(reserved):
-            del graph, logits                        # its pool goes back; the programs run plainly
+            del graph, out                           # its pool goes back; the programs run plainly
             torch.cuda.empty_cache()
             warnings.warn(f"{what} run without a CUDA graph: its memory would take the device to "
                           f"{reserved / 2**30:.1f} GiB, past the recipe's {self.budget_gib:g}")
             return None
-        return graph, padded, start_t, n_t, logits
+        return graph, out
 
     def _uncaptured(self, what: str, error: RuntimeError) -> None:
         """After `what` failed to capture: empty the caches a warm-up may have written, and say it runs plainly."""
@@ -483,10 +495,14 @@ class ArtifactModel:
             self.pager.begin_step([])       # as a prefill chunk: the last step's misses admitted
         # ratio 4 overlaps blocks: its state's first rows hold the previous block, replaced as a block ends; the
         # token at `start` ends none when the draft does (only one of two neighbours ends a block of 4)
-        self._undo = (start + 1, [{k: c[k][:, :4].clone() for k in OVERLAP_STATES} for c in self.overlapped]) \
-            if (start + 2) % 4 == 0 else None
+        self._undo = (start + 1, self.overlap_rows()) if (start + 2) % 4 == 0 else None
         return self._prefill_run(torch.tensor([tokens], device=self.device), start, 2, self.verify_runs,
                                  self.verify_graph, every=True)
+
+    def overlap_rows(self) -> list[dict[str, torch.Tensor]]:
+        """A copy of the ratio-4 layers' compressor states' first rows (the previous block's), which the token
+        ending a block replaces: what `rewind` puts back after a rejected draft."""
+        return [{k: c[k][:, :4].clone() for k in OVERLAP_STATES} for c in self.overlapped]
 
     def rewind(self, position: int) -> None:
         """Forget the token fed at `position`, the last one fed (a rejected draft; `verify`): its rows elsewhere

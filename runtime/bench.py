@@ -91,16 +91,22 @@ def measure(model, prompt: list[int], new_tokens: int) -> dict:
     return figures
 
 
-def accepted_pass_seconds(model, ids: list[int], q: int, passes: int) -> float:
-    """Median seconds over `passes` of the pass an accepted draft costs, as the host runs it: the verification
-    of ids[0] and its draft ids[1] at q, then the MTP block's draft from those positions (ids[1:]), which ends
-    on the host's read of the draft, as in use."""
+def accepted_pass_seconds(model, ids: list[int], q: int, passes: int, device: bool = True) -> float:
+    """Median seconds over `passes` of the pass an accepted draft costs, as decoding runs it, from ids[0] at q
+    and its draft ids[1]: greedy's pass decided on the device (runtime/drafted_pass.py: whatever it accepts,
+    it verifies both tokens and drafts from two positions), or with `device` False (or no such pass) the
+    host's: the verification, then the MTP block's draft from both positions (ids[1:]). Each ends on the
+    host's read of what it decided, as in use."""
     times = []
     for _ in range(passes):
         _sync(model)
         t0 = time.perf_counter()
-        model.verify(ids[:2], q)
-        model.drafter.draft(ids[1:], q)
+        if device and model.drafted_pass is not None:
+            model.drafted_pass.start(ids[0], q, ids[1])
+            model.drafted_pass.run()
+        else:
+            model.verify(ids[:2], q)
+            model.drafter.draft(ids[1:], q)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
@@ -111,7 +117,8 @@ def measure_speculative(model, prompt: list[int], new_tokens: int, plain: list[i
     made and accepted, and whether the tokens are the plain loop's. Then the pass that an accepted draft
     costs, timed alone (the median of `passes`): the verification of a token and its draft and the block's
     next draft from the two positions, whose two tokens a pass bound drafted decode from above whatever the
-    weights' acceptance rate (synthetic weights draft noise, and their chaotic logits turn on any rounding)."""
+    weights' acceptance rate (synthetic weights draft noise, and their chaotic logits turn on any rounding);
+    greedy's pass, decided on the device, and the host's (sampling's) beside it."""
     from .speculative import Speculative
     _, logits = prefill_seconds(model, prompt)
     speculative = Speculative(model, prompt, int(logits[0].argmax()), new_tokens)
@@ -121,8 +128,10 @@ def measure_speculative(model, prompt: list[int], new_tokens: int, plain: list[i
     tokens += picks                                    # each token read on the host
     decode = time.perf_counter() - t0
     q = len(prompt) + 1                                # past the answer's first token: a position fed anew each pass
-    accepted_pass = accepted_pass_seconds(model, (plain + prompt)[:3], q, passes)   # any three tokens: timing only
+    three = (plain + prompt)[:3]                       # any three tokens: timing only
+    accepted_pass = accepted_pass_seconds(model, three, q, passes)
     return {"decode_tok_s": (new_tokens - 1) / decode, "decode_step_ms": 1e3 * decode / max(new_tokens - 1, 1),
             "drafted": speculative.stats.drafted, "accepted": speculative.stats.accepted,
             "tokens_match_plain": tokens == plain, "accepted_pass_ms": 1e3 * accepted_pass,
+            "host_pass_ms": 1e3 * accepted_pass_seconds(model, three, q, passes, device=False),
             "decode_tok_s_all_accepted": 2 / accepted_pass}

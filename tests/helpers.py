@@ -137,13 +137,18 @@ class KnownDrafts:
 
     def __init__(self, drafter, full: list[int], right: Callable[[int], bool], vocab: int):
         self.drafter, self.full, self.right, self.vocab, self.calls = drafter, full, right, vocab, 0
+        self.drafted: list[int] = []                   # what the drafter drafted, each time
 
     def __getattr__(self, name):                       # the drafter's caches and graphs
         return getattr(self.drafter, name)
 
     def draft(self, ids: list[int], start: int) -> int:
-        self.drafter.draft(ids, start)
-        target = start + len(ids) + 1                  # the position of the token drafted
+        return self.replace(start + len(ids) + 1, self.drafter.draft(ids, start))
+
+    def replace(self, target: int, drafted: int) -> int:
+        """The draft for position `target` in place of the drafter's `drafted` (the greedy device pass drafts on
+        the device, runtime/drafted_pass.py, and asks this after each pass)."""
+        self.drafted.append(drafted)
         self.calls += 1
         if target >= len(self.full):
             return 0

@@ -142,3 +142,30 @@ def test_dsv4_run_drafts_only_when_asked(built):
         assert result.exit_code == 0, result.output
     assert runs[()].stdout == runs[("--draft",)].stdout and runs[()].stdout.strip()
     assert "drafts accepted" in runs[("--draft",)].stderr and "drafts accepted" not in runs[()].stderr
+
+
+
+
+
+@pytest.mark.parametrize("pattern", [None, lambda i: i % 2 == 0], ids=["own-drafts", "every-other-right"])
+def test_the_device_pass_drafts_what_the_host_pass_drafts(built, plain, pattern):
+    """Greedy, the device decides each pass itself (runtime/drafted_pass.py), the MTP block drafting inside
+    the pass from the one or two positions it settled: the same tokens and, pass by pass, the same drafts as
+    the host's loop (which judges on the host and drafts through the block's own calls). With the block's own
+    drafts (nearly all rejected on random weights), and with every other draft told right (`KnownDrafts`,
+    whose record of what the block drafted covers the accepted passes' two-position drafts)."""
+    tok, ids, expect = plain
+    runs = {}
+    for device in (True, False):
+        model = ArtifactModel(built[0], draft=True)
+        if not device:
+            model.drafted_pass = None
+        if pattern is not None:
+            model.drafter = KnownDrafts(model.drafter, ids + list(expect), pattern, model.config.vocab_size)
+        done = generate(model, tok, ids, NEW, lambda text: None)
+        assert done.tokens == expect and done.drafts.drafted > 10
+        runs[device] = done.drafts.drafts if pattern is None else (model.drafter.drafted[:done.drafts.drafted],
+                                                                    done.drafts.accepted)
+    assert runs[True] == runs[False]
+    if pattern is not None:
+        assert runs[True][1] > 5
