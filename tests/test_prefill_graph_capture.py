@@ -81,10 +81,27 @@ class _Drafter:
         raise RuntimeError("operation not permitted when stream is capturing")
 
 
+class _Pass:
+    """Stands in for greedy's drafted pass (runtime/drafted_pass.py): `compute` is what its graph captures."""
+    graph = out = None
+
+    def compute(self):
+        return "pass"
+
+
 def test_the_drafts_verification_is_captured_and_drafts_that_fail_run_plainly(device_gib):
     model = _model(budget_gib=4)
-    model.drafter, model.verify_runs = _Drafter(), ["verify-2"]
+    model.drafter, model.verify_runs, model.drafted_pass = _Drafter(), ["verify-2"], _Pass()
     with pytest.warns(UserWarning, match="the MTP block's drafts run without a CUDA graph"):
         model._capture_prefill()
-    assert model.tried == [8, 16, 64, 2] and model.verify_graph[0] == "graph-2"
+    assert model.tried == [8, 16, 64, 2, "pass"] and model.verify_graph[0] == "graph-2"
     assert model.drafter.graphs == {} and model.resets == [1]            # none half made; caches emptied
+    assert (model.drafted_pass.graph, model.drafted_pass.out) == ("graph-pass", "logits-pass")
+
+
+def test_greedys_drafted_pass_that_fails_to_capture_runs_plainly(device_gib):
+    model = _model(budget_gib=4, fails=("pass",))
+    model.drafter, model.verify_runs, model.drafted_pass = _Drafter(), ["verify-2"], _Pass()
+    with pytest.warns(UserWarning, match="the greedy drafted pass run without a CUDA graph"):
+        model._capture_prefill()
+    assert model.drafted_pass.graph is None and model.verify_graph[0] == "graph-2"
