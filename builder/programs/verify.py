@@ -1,0 +1,58 @@
+"""The verification program of speculative decoding: one main layer for two tokens of one sequence, the last
+token drawn and its draft at positions q and q + 1, on the decode programs' ops (runtime/speculative.py).
+
+The 2-token prefill program serves today; on a GPU it spends about 0.4 ms of a Flash-8 verification on the
+prefill path's glue (README, "Session 54"). Here the two tokens go through the decode ops as two rows of a
+batch wherever a token's result does not depend on the other (hyper-connections, projections, the router, the
+experts), and one after the other where it does: the compressors' steps (either token may end a block) and the
+window row with its attention (the second token's row takes the ring slot of the row the first still reads).
+The caches are the decode program's for one sequence (`new_caches` with batch 1); afterwards they hold what
+two decode steps leave, `routed` the second token's experts.
+
+Contract: forward(h [2, hc, d], pos [2] int64 (q, q + 1), ids [2] int64, table [E] int64, caches, weights)
+    -> h' [2, hc, d]
+Not yet built into artifacts (builder/build.py) nor run on a GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+from plugins.oracle import softmax_scale
+
+from ..config import KV_FP8_BLOCK
+from .decode import DecodeLayer
+
+
+class VerifyLayer(DecodeLayer):
+    def attention(self, x, pos, caches, w):
+        """x [2, 1, d]: the two tokens at pos [2]."""
+        c = self.cfg
+        win, r = c.sliding_window, self.ratio
+        if r:                                   # the products for both rows at once, the steps in order
+            comp, idx_comp, weights = self.products_of_x(x[:, 0], w)
+            for t in range(2):
+                self.compressor(comp[t:t + 1], pos[t:t + 1], self.rot, caches["comp_kv"], caches["comp_score"],
+                                caches["kv"], win, w)
+                if r == 4:
+                    self.idx_compressor(idx_comp[t:t + 1], pos[t:t + 1], self.rot, caches["idx_kv"],
+                                        caches["idx_score"], caches["idx_keys"], 0, w)
+        q, kv, q_idx = self.project(x, w)
+        if r == 4:
+            q_idx = self.index_query(q_idx, pos[:, None])
+        out = []
+        for t in range(2):                      # the first token's attention before the second's window row
+            at = pos[t:t + 1, None]
+            qt = torch.ops.dsv4.q_heads_kv_row(q[t:t + 1], kv[t:t + 1, 0], w["attn.kv_norm.weight"], self.rot,
+                                               pos[t:t + 1], caches["kv"], win, c.rms_norm_eps,
+                                               c.qk_rope_head_dim, KV_FP8_BLOCK)
+            picked = self.pick_blocks(q_idx[t:t + 1], weights[t:t + 1, None], caches["idx_keys"], at) \
+                if r == 4 else None
+            out.append(torch.ops.dsv4.decode_attention(qt, caches["kv"], w["attn.attn_sink"], picked, at, win, r,
+                                                       softmax_scale(c.head_dim), self.rot))
+        return self.output(torch.cat(out), w)
+
+    def forward(self, h, pos, ids, table, caches: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]):
+        h, experts = self.block(h[:, None], lambda x: self.attention(x, pos, caches, weights), ids[:, None],
+                                table, weights)
+        caches["routed"].copy_(experts[-1:, 0])
+        return h[:, 0]

@@ -1,0 +1,37 @@
+"""The verification program (builder/programs/verify.py) against two decode steps of the decode program, in
+float32 on the CPU (the ops' oracles): the same outputs and the same caches, bit for bit, wherever the two
+tokens end a compressor block or not."""
+import pytest
+import torch
+
+from builder.checkpoint import Checkpoint
+from builder.programs.decode import expert_table, layer_weights, make_program, new_caches
+from builder.programs.verify import VerifyLayer
+
+MAX_LEN = 320
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_dir):
+    return Checkpoint(tiny_dir)
+
+
+@pytest.mark.parametrize("q", [126, 129, 130], ids=["second-ends-128-and-4", "first-ends-4", "second-ends-4"])
+@pytest.mark.parametrize("layer", [0, 2, 3, 4], ids=["hash-ratio0", "hash-ratio4-indexer", "ratio128", "ratio4"])
+def test_two_tokens_verified_equal_two_decode_steps(ckpt, layer, q):
+    cfg = ckpt.config
+    decode = make_program(cfg, layer, torch.float32, MAX_LEN)
+    verify = VerifyLayer(cfg, layer, torch.float32, MAX_LEN)
+    weights = layer_weights(cfg, ckpt.get, layer, torch.float32)
+    table, keep = expert_table(ckpt.get, cfg, layer)
+    g = torch.Generator().manual_seed(layer)
+    h = torch.randn(q + 2, 1, cfg.hc_mult, cfg.hidden_size, generator=g)
+    ids = torch.randint(0, 900, (q + 2, 1), generator=g)
+    caches = new_caches(cfg, layer, 1, MAX_LEN, torch.float32)
+    for p in range(q):                                 # a history: the window wrapped, blocks completed
+        decode(h[p], torch.tensor([p]), ids[p], table, caches, weights)
+    stepped = {k: v.clone() for k, v in caches.items()}
+    expect = torch.cat([decode(h[p], torch.tensor([p]), ids[p], table, stepped, weights) for p in (q, q + 1)])
+    got = verify(h[q:q + 2, 0], torch.tensor([q, q + 1]), ids[q:q + 2, 0], table, caches, weights)
+    assert torch.equal(got, expect)
+    assert [k for k in caches if not torch.equal(caches[k], stepped[k])] == []
