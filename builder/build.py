@@ -6,9 +6,10 @@
     programs  one decode program per layer kind and batch bucket -> programs/KIND-bB.pt2 (AOTInductor),
               and one prefill program per main-layer kind for chunks of `prefill_chunk` tokens of one
               sequence -> programs/KIND-prefill-cC.pt2, and one for each smaller size in `prefill_buckets`
-              (a prompt's last chunk); with `draft_tokens` (speculative decoding) a 2-token prefill
-              program per main-layer kind (a token and its draft verified in one pass) and the MTP
-              block's own prefill programs of 2 and `sliding_window` tokens; programs hold no weights
+              (a prompt's last chunk); with `draft_tokens` (speculative decoding) a verification program
+              per main-layer kind -> programs/KIND-verify.pt2 (a token and its draft in one pass on the
+              decode ops, builder/programs/verify.py) and the MTP block's own prefill programs of 2 and
+              `sliding_window` tokens; programs hold no weights
               (bound at load time), so every layer of a kind shares one.
               TensorRT backends: programs/KIND.onnx and engines/KIND.engine, one profile per bucket
     manifest  manifest.json: config, recipe, versions, layer table, every file's sha256
@@ -47,10 +48,11 @@ from runtime.trt_support import load_tensorrt
 from .backends import trt_program
 from .checkpoint import Checkpoint
 from .expert_bank import write_layer_bank
-from .programs import decode, prefill
+from .programs import decode, prefill, verify
 from .recipe import Recipe
 
 STATE = "build-state.json"
+VERIFY = "verify"             # a program job's `chunk` for the verification program (`_compile_program`)
 TRT_BACKENDS = ("tensorrt", "tensorrt-rtx")
 DENSE = ["embed.weight", "head.weight", "norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale"]
 Progress = Callable[[str, int, int], None]
@@ -98,26 +100,36 @@ def _layers(cfg) -> list[int]:
     return list(range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers))
 
 
+def _drafts(recipe, cfg) -> bool:
+    """Whether the artifact drafts (speculative decoding): the recipe asks for it and the model has an MTP block."""
+    return bool(recipe.draft_tokens and cfg.num_nextn_predict_layers)
+
+
 def _prefill_sizes(recipe, cfg) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The prefill sizes below the whole chunk: the main layers' (the recipe's buckets, and with drafts the
-    verification of a drafted token after the last one: 1 + draft_tokens), and the MTP block's where it drafts
-    (that verification's size, and the sliding window: the block's cache filled over a prompt's last tokens)."""
-    if not (recipe.draft_tokens and cfg.num_nextn_predict_layers):
+    """The prefill sizes below the whole chunk: the main layers' (the recipe's buckets; a drafted token's
+    verification has a program of its own, builder/programs/verify.py), and the MTP block's where it drafts
+    (the positions a verification settles, 1 + draft_tokens, and the sliding window: the block's cache filled
+    over a prompt's last tokens)."""
+    if not _drafts(recipe, cfg):
         return recipe.prefill_buckets, ()
-    verify = 1 + recipe.draft_tokens
-    main = tuple(sorted({*recipe.prefill_buckets, verify} - {recipe.prefill_chunk}))
-    return main, tuple(sorted({verify, cfg.sliding_window}))
+    return recipe.prefill_buckets, tuple(sorted({1 + recipe.draft_tokens, cfg.sliding_window}))
 
 
 def _compile_program(cfg, layer: int, weights: dict, act: torch.dtype, max_len: int, batch: int,
-                     device: str, path: Path, chunk: int = 0) -> None:
+                     device: str, path: Path, chunk: int | str = 0) -> None:
     """Export and compile the program of `layer`'s kind, traced with `weights` (any layer of the kind): the
-    decode step, or with `chunk` the prefill of that many tokens."""
+    decode step, with `chunk` the prefill of that many tokens, or with chunk "verify" a drafted token's
+    verification (two tokens of one sequence)."""
     caches = decode.new_caches(cfg, layer, batch, max_len, act, device)
     table = torch.zeros(cfg.n_routed_experts, dtype=torch.int64, device=device)  # only its shape is traced
     pos = torch.zeros(batch, dtype=torch.int64, device=device)
     weights = {k: v.to(device) for k, v in weights.items()}
-    if chunk:
+    if chunk == VERIFY:
+        program = verify.VerifyLayer(cfg, layer, act, max_len).to(device)
+        h = torch.zeros(2, cfg.hc_mult, cfg.hidden_size, dtype=act, device=device)
+        two = torch.zeros(2, dtype=torch.int64, device=device)
+        args = (h, two, two.clone(), table, caches, weights)
+    elif chunk:
         program = prefill.make_prefill_program(cfg, layer, act, max_len, chunk).to(device)
         h = torch.zeros(batch, chunk, cfg.hc_mult, cfg.hidden_size, dtype=act, device=device)
         ids = torch.zeros(batch, chunk, dtype=torch.int64, device=device)
@@ -135,7 +147,7 @@ def _compile_program(cfg, layer: int, weights: dict, act: torch.dtype, max_len: 
 
 def _compile_job(job: tuple) -> None:
     """One program compile from plain arguments (it may run in a child process): (checkpoint folder, layer,
-    dtype name, max_len, batch, device, output path, prefill chunk or 0)."""
+    dtype name, max_len, batch, device, output path, prefill chunk, 0 or VERIFY)."""
     folder, layer, dtype, max_len, batch, device, path, chunk = job
     ckpt = Checkpoint(folder)
     act = getattr(torch, dtype)
@@ -324,17 +336,22 @@ def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
     def prefill_file(kind: str, size: int = chunk) -> str:
         return f"programs/{kind}-prefill-c{size}.pt2"
 
-    def prefill_program(kind: str, size: int) -> None:
-        stage(prefill_file(kind, size), lambda p: compiles.append(
+    def verify_file(kind: str) -> str:
+        return f"programs/{kind}-verify.pt2"
+
+    def prefill_program(kind: str, size: int | str) -> None:
+        stage(verify_file(kind) if size == VERIFY else prefill_file(kind, size), lambda p: compiles.append(
             (str(ckpt.folder), kinds[kind], recipe.dtype, max_len, 1, recipe.device, str(p), size)),
             config=cfg.digest(), kind=kind, chunk=size)
     main_sizes, mtp_sizes = _prefill_sizes(recipe, cfg)
+    verifies = (VERIFY,) if _drafts(recipe, cfg) else ()
     if recipe.backend == "aoti":
         for item in [(k, b) for k in kinds for b in buckets]:
             program(item)
-        # prefill for one sequence at a time; the MTP block's only where it drafts (speculative decoding)
+        # prefill for one sequence at a time; the MTP block's only where it drafts (speculative decoding), and
+        # then the main layers' verification of its drafts
         for kind, layer in kinds.items():
-            for size in mtp_sizes if decode.is_mtp(cfg, layer) else (chunk, *main_sizes):
+            for size in mtp_sizes if decode.is_mtp(cfg, layer) else (chunk, *main_sizes, *verifies):
                 prefill_program(kind, size)
         t0 = time.time()
         _compile_all(compiles, progress)
@@ -361,8 +378,9 @@ def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
         whole = {} if decode.is_mtp(cfg, layer) else {"chunk": chunk, "program": prefill_file(kind)}
         if recipe.backend != "aoti" or not (whole or sizes):
             return {}
+        checks = {} if decode.is_mtp(cfg, layer) or not verifies else {"verify": verify_file(kind)}
         return {"prefill": {**whole, "buckets": [{"chunk": size, "program": prefill_file(kind, size)}
-                                                 for size in sizes]}}
+                                                 for size in sizes]}, **checks}
     layer_table = [{
         "layer": layer, "prefix": decode.layer_prefix(cfg, layer), "kind": decode.program_kind(cfg, layer),
         "programs": _programs(recipe.backend, decode.program_kind(cfg, layer), buckets, program_file),

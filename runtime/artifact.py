@@ -167,7 +167,12 @@ class ArtifactModel:
         self.drafter: MTPDraft | None = None
         self.drafted_pass: DraftedPass | None = None      # greedy drafting's pass, decided on the device
         self.recent: torch.Tensor | None = None          # the main model's last streams at the last `window` positions
-        self.verify_runs = self.prefill_buckets.get(2) or (self.prefill_runs if compiled and self.chunk == 2 else None)
+        # a drafted token's verification: the verification programs on the decode ops (builder/programs/verify.py),
+        # or in artifacts built before them the 2-token prefill programs
+        checks = [e.get("verify") for e in main]
+        self.verify_decode = compiled and all(checks)
+        self.verify_runs = [self._package(p) for p in checks] if self.verify_decode else \
+            self.prefill_buckets.get(2) or (self.prefill_runs if compiled and self.chunk == 2 else None)
         mtp = [e for e in m["layers"] if e["prefix"].startswith("mtp.") and "prefill" in e]
         if draft and mtp and self.verify_runs is not None and batch == 1:
             layer = mtp[0]["layer"]
@@ -304,12 +309,13 @@ class ArtifactModel:
         size, runs = self.chunk, self.prefill_runs
         if self.use_buckets:                             # the smallest program that holds the n tokens
             size, runs = next(((c, r) for c, r in self.prefill_buckets.items() if c >= n), (size, runs))
-        return self._prefill_run(ids, start, size, runs, self.prefill_graphs.get(size))
+        return self._prefill_run(ids, start, size, lambda *inputs: self._prefill_through(runs, *inputs),
+                                 self.prefill_graphs.get(size))
 
-    def _prefill_run(self, ids: torch.Tensor, start: int, size: int, runs: list, graphed: tuple | None,
-                     every: bool = False) -> torch.Tensor:
-        """`_prefill_through` of ids [1, n] padded to `size` at positions start..: by replaying `graphed`
-        (`_capture_size`) with its static inputs refilled, or through `runs`; float32 logits."""
+    def _prefill_run(self, ids: torch.Tensor, start: int, size: int, through, graphed: tuple | None) -> torch.Tensor:
+        """through(ids padded to `size`, start, n) for ids [1, n] at positions start.. (`_prefill_through` or
+        `_verify_through`): by replaying `graphed` (`_capture_size`) with its static inputs refilled, or
+        launched; float32 logits."""
         n = ids.size(1)
         if graphed is not None:
             graph, padded, start_t, n_t, logits = graphed
@@ -323,7 +329,7 @@ class ArtifactModel:
         padded[:, :n] = ids
         start_t = torch.tensor([start], device=self.device)
         n_t = torch.tensor([n], device=self.device)
-        return self._prefill_through(runs, padded, start_t, n_t, every).float()
+        return through(padded, start_t, n_t).float()
 
     def _prefill_through(self, runs: list, padded: torch.Tensor, start_t: torch.Tensor,
                          n_t: torch.Tensor, every: bool = False) -> torch.Tensor:
@@ -336,6 +342,21 @@ class ArtifactModel:
         if self.recent is not None:                      # the drafter's input at these positions
             self.recent.copy_(ring_update(self.recent, h, start_t, n_t))
         return self._logits(h[0] if every else h.index_select(1, n_t - 1)[:, 0])
+
+    def _verify_through(self, padded: torch.Tensor, start_t: torch.Tensor, n_t: torch.Tensor) -> torch.Tensor:
+        """A token and its draft, ids padded [1, 2] at positions start_t and start_t + 1, through the verification
+        programs (or the 2-token prefill programs where the artifact has none): logits [2, vocab] of both, in
+        the working dtype (no host value: a CUDA graph can capture it)."""
+        if not self.verify_decode:
+            return self._prefill_through(self.verify_runs, padded, start_t, n_t, every=True)
+        ids = padded[0]
+        pos = start_t + torch.arange(2, device=ids.device)
+        h = self.embed[ids[:, None].expand(-1, self.config.hc_mult)]                # [2, hc, d]
+        for (_, table, weights, caches), run in zip(self.layers, self.verify_runs):
+            h = run(h, pos, ids, table, caches, weights)
+        if self.recent is not None:                      # the drafter's input at these positions
+            self.recent.copy_(ring_update(self.recent, h[None], start_t, n_t))
+        return self._logits(h)
 
     def _captured(self, fn) -> tuple[torch.cuda.CUDAGraph, object]:
         """fn() captured as a CUDA graph, after two warm-up runs on a side stream (module loads, first-run
@@ -376,11 +397,12 @@ class ArtifactModel:
             sizes[self.chunk] = self.prefill_runs
         for done, (size, runs) in enumerate(sizes.items()):
             report("capturing prefill graphs", done, len(sizes) + 1)
-            graphed = self._capture_size(size, runs, f"the {size}-token prefill programs")
+            graphed = self._capture_size(size, lambda *inputs, runs=runs: self._prefill_through(runs, *inputs),
+                                         f"the {size}-token prefill programs")
             if graphed is not None:
                 self.prefill_graphs[size] = graphed
         if self.drafter is not None:                    # a drafted token's verification: every row's logits
-            self.verify_graph = self._capture_size(2, self.verify_runs, "the verification of drafts", every=True)
+            self.verify_graph = self._capture_size(2, self._verify_through, "the verification of drafts")
             try:
                 self.drafter.capture()
             except RuntimeError as e:
@@ -391,13 +413,14 @@ class ArtifactModel:
                 self.drafted_pass.graph, self.drafted_pass.out = graphed
         report("capturing prefill graphs", len(sizes) + 1, len(sizes) + 1)
 
-    def _capture_size(self, size: int, runs: list, what: str, every: bool = False) -> tuple | None:
-        """`_prefill_through` of `size` tokens as a CUDA graph over static inputs: (graph, padded ids, start, n,
-        logits), or None with a warning where it does not capture or its memory would pass the budget."""
+    def _capture_size(self, size: int, through, what: str) -> tuple | None:
+        """through(padded ids, start, n) (`_prefill_through` of some programs, or `_verify_through`) of `size`
+        tokens as a CUDA graph over static inputs: (graph, padded ids, start, n, logits), or None with a warning
+        where it does not capture or its memory would pass the budget."""
         padded = torch.zeros(1, size, dtype=torch.int64, device=self.device)
         start_t = torch.zeros(1, dtype=torch.int64, device=self.device)
         n_t = torch.full((1,), size, dtype=torch.int64, device=self.device)
-        graphed = self._graphed(lambda: self._prefill_through(runs, padded, start_t, n_t, every), what)
+        graphed = self._graphed(lambda: through(padded, start_t, n_t), what)
         return None if graphed is None else (graphed[0], padded, start_t, n_t, graphed[1])
 
     def _graphed(self, fn, what: str) -> tuple | None:
@@ -496,8 +519,8 @@ class ArtifactModel:
         # ratio 4 overlaps blocks: its state's first rows hold the previous block, replaced as a block ends; the
         # token at `start` ends none when the draft does (only one of two neighbours ends a block of 4)
         self._undo = (start + 1, self.overlap_rows()) if (start + 2) % 4 == 0 else None
-        return self._prefill_run(torch.tensor([tokens], device=self.device), start, 2, self.verify_runs,
-                                 self.verify_graph, every=True)
+        return self._prefill_run(torch.tensor([tokens], device=self.device), start, 2, self._verify_through,
+                                 self.verify_graph)
 
     def overlap_rows(self) -> list[dict[str, torch.Tensor]]:
         """A copy of the ratio-4 layers' compressor states' first rows (the previous block's), which the token

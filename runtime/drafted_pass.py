@@ -56,8 +56,7 @@ class DraftedPass:
         judged = self.draft.clone()
         if self.kept:                                # a rejected draft ending a ratio-4 block shifts these
             torch._foreach_copy_(self.kept, self.states)
-        logits = m._prefill_through(m.verify_runs, torch.stack([self.cur, self.draft], 1), self.q, self.two,
-                                    every=True)      # [2, vocab]: the tokens after cur and after the draft
+        logits = m._verify_through(torch.stack([self.cur, self.draft], 1), self.q, self.two)   # [2, vocab]
         picks = self.pick(logits)
         accepted = picks[0] == self.draft[0]
         undo = ~accepted & ((self.q[0] + 2) % 4 == 0)

@@ -26,14 +26,14 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml"    # what
 def test_artifact_matches_the_reference(built, tiny_dir):
     out, _, summary = built
     assert not summary.reused and (out / "manifest.json").is_file()
-    # one decode program per layer kind (hash layers 0 and 1 share one) and one prefill program per main
-    # layer kind and size (the chunk, the bucket, the drafts' 2-token verification), the MTP block's of 2
-    # tokens and its window; weights bound from their own files
+    # one decode program per layer kind (hash layers 0 and 1 share one), one prefill program per main layer
+    # kind and size (the chunk, the bucket) and a verification program per main layer kind (the drafts'), the
+    # MTP block's of 2 tokens and its window; weights bound from their own files
     kinds = ["layer-ratio0-hash", "layer-ratio128", "layer-ratio4", "layer-ratio4-hash"]
     window = json.loads((out / "config.json").read_text())["sliding_window"]
     assert sorted(p.name for p in (out / "programs").iterdir()) == sorted(
-        [f"{k}-b1.pt2" for k in kinds + ["mtp-ratio0"]] + [f"{k}-prefill-c{c}.pt2" for k in kinds for c in (2, 8, 64)]
-        + [f"mtp-ratio0-prefill-c{c}.pt2" for c in (2, window)])
+        [f"{k}-b1.pt2" for k in kinds + ["mtp-ratio0"]] + [f"{k}-prefill-c{c}.pt2" for k in kinds for c in (8, 64)]
+        + [f"{k}-verify.pt2" for k in kinds] + [f"mtp-ratio0-prefill-c{c}.pt2" for c in (2, window)])
     assert len(list((out / "weights").iterdir())) == 6
     prompt, forced = [5, 17, 99, 300, 12] * 30, [3, 4, 5, 6, 7, 8]     # 150 tokens: a ratio-128 block completes
     model = ArtifactModel(out)
@@ -52,7 +52,7 @@ def test_short_prompt_goes_through_the_smallest_prefill_program_that_holds_it(bu
     """The recipe's prefill_buckets (8): a 5-token prompt, and a 70-token one's last 6 tokens, through the
     8-token programs rather than padded to 64: the logits of the reference, as when padded."""
     model = ArtifactModel(built[0])
-    assert list(model.prefill_buckets) == [2, 8]             # 2: the drafts' verification (draft_tokens 1)
+    assert list(model.prefill_buckets) == [8]                # the drafts' verification has programs of its own
     ran = count_bucket_runs(model, 8)
     ref_model = ReferenceModel(Checkpoint(tiny_dir), act=torch.float32, max_len=200)
     forced = [3, 4, 5]

@@ -16,7 +16,7 @@ def _model(budget_gib, fails=()):
     model.prefill_runs, model.chunk = ["chunk"], 64
     model.device, model.batch, model.budget_gib = torch.device("cpu"), 1, budget_gib
     model.prefill_graphs, model.tried, model.resets = {}, [], []
-    model.drafter = None
+    model.drafter, model.verify_decode = None, False
 
     def captured(fn):
         size = fn()

@@ -79,13 +79,13 @@ def test_budget_too_small_is_refused():
         r.check_fits(preset("flash"))
 
 
-def test_drafts_add_the_verification_and_mtp_prefill_sizes():
-    """draft_tokens 1 (the default): the main layers get a 2-token prefill program (a token and its draft), the
-    MTP block 2-token and window-sized ones; 0: neither."""
-    from builder.build import _prefill_sizes
+def test_drafts_add_the_mtp_prefill_sizes():
+    """draft_tokens 1 (the default): the MTP block gets 2-token and window-sized prefill programs (the main
+    layers' verification has a program of its own, builder/programs/verify.py); 0: none."""
+    from builder.build import _drafts, _prefill_sizes
     from builder.presets import preset
     cfg = preset("tiny")
     r = parse_recipe({**GOOD, "runtime": {**GOOD["runtime"], "prefill_buckets": [8]}}, "r")
-    assert r.draft_tokens == 1 and _prefill_sizes(r, cfg) == ((2, 8), (2, cfg.sliding_window))
+    assert r.draft_tokens == 1 and _drafts(r, cfg) and _prefill_sizes(r, cfg) == ((8,), (2, cfg.sliding_window))
     off = parse_recipe({**GOOD, "runtime": {**GOOD["runtime"], "prefill_buckets": [8], "draft_tokens": 0}}, "r")
-    assert _prefill_sizes(off, cfg) == ((8,), ())
+    assert not _drafts(off, cfg) and _prefill_sizes(off, cfg) == ((8,), ())

@@ -35,6 +35,7 @@ def plain(built):
 def test_the_drafter_loads_where_the_artifact_has_its_programs(built):
     model = ArtifactModel(built[0], draft=True)
     assert model.drafter is not None and model.verify_runs is not None
+    assert model.verify_decode                         # the verification programs (builder/programs/verify.py)
     assert set(model.drafter.sizes) == {2, model.config.sliding_window}
 
 

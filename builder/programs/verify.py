@@ -1,8 +1,8 @@
 """The verification program of speculative decoding: one main layer for two tokens of one sequence, the last
 token drawn and its draft at positions q and q + 1, on the decode programs' ops (runtime/speculative.py).
 
-The 2-token prefill program serves today; on a GPU it spends about 0.4 ms of a Flash-8 verification on the
-prefill path's glue (README, "Session 54"). Here the two tokens go through the decode ops as two rows of a
+Until session 54 the 2-token prefill program served; on a GPU it spent about 0.4 ms of a Flash-8 verification
+on the prefill path's glue (README, "Session 54"). Here the two tokens go through the decode ops as two rows of a
 batch wherever a token's result does not depend on the other (hyper-connections, projections, the router, the
 experts), and one after the other where it does: the compressors' steps (either token may end a block) and the
 window row with its attention (the second token's row takes the ring slot of the row the first still reads).
@@ -11,7 +11,8 @@ two decode steps leave, `routed` the second token's experts.
 
 Contract: forward(h [2, hc, d], pos [2] int64 (q, q + 1), ids [2] int64, table [E] int64, caches, weights)
     -> h' [2, hc, d]
-Not yet built into artifacts (builder/build.py) nor run on a GPU.
+Built into aoti artifacts that draft (builder/build.py: programs/KIND-verify.pt2; the runtime's
+`ArtifactModel._verify_through`). Not yet run on a GPU.
 """
 from __future__ import annotations
 
