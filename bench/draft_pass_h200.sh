@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A device batch for speculative decoding: the GPU tests of drafting (tests/test_artifact_gpu.py -k speculative)
-# beside a Flash-8 synth and build (bench/artifact_h200.sh, BUILD_ONLY), then where a drafted pass's time goes
-# (bench/draft_pass.py), then `dsv4 bench --compare none` on the same artifact. Results under $RES (default
-# $OUT); DONE when all ran.
+# beside a Flash-8 synth and build (bench/artifact_h200.sh, BUILD_ONLY, with 2-token prefill programs beside the
+# verification programs), then where a drafted pass's time goes (bench/draft_pass.py), the verification on its
+# programs against the 2-token prefill programs (bench/verify_ab.py), then `dsv4 bench --compare none` on the
+# same artifact. Results under $RES (default $OUT); DONE when all ran.
 set -u
 RES=${RES:-$OUT}
 mkdir -p "$RES"
@@ -13,7 +14,7 @@ start=$(date +%s)
     tests/test_artifact_gpu.py -k "speculative" > "$RES/gpu-tests.txt" 2>&1
   echo "gpu tests rc=$? $(( $(date +%s) - start ))s" >> "$RES/progress.txt" ) &
 tests=$!
-LAYERS=8 CKPT=/dev/shm/flash8 BUILD_ONLY=1 bash bench/artifact_h200.sh > "$RES/build.log" 2>&1
+LAYERS=8 CKPT=/dev/shm/flash8 BUILD_ONLY=1 PREFILL_BUCKETS=2 bash bench/artifact_h200.sh > "$RES/build.log" 2>&1
 echo "build rc=$? $(( $(date +%s) - start ))s" >> "$RES/progress.txt"
 wait $tests
 export PYTHONPATH=$PWD LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6
@@ -21,6 +22,9 @@ ART=/tmp/art/flash8-bfloat16
 start=$(date +%s)
 python bench/draft_pass.py $ART --json "$RES/draft-pass-flash8.json" > "$RES/draft-pass.txt" 2>&1
 echo "draft_pass rc=$? $(( $(date +%s) - start ))s" >> "$RES/progress.txt"
+start=$(date +%s)
+python bench/verify_ab.py $ART --json "$RES/verify-ab-flash8.json" > "$RES/verify-ab.txt" 2>&1
+echo "verify_ab rc=$? $(( $(date +%s) - start ))s" >> "$RES/progress.txt"
 start=$(date +%s)
 python -m dsv4.cli bench $ART --compare none --prompt-len 32 --json "$RES/artifact-flash8.json" > "$RES/bench.txt" 2>&1
 echo "bench rc=$? $(( $(date +%s) - start ))s" >> "$RES/progress.txt"
