@@ -378,9 +378,9 @@ def build(recipe: Recipe, checkpoint: str | Path, out: str | Path,
         whole = {} if decode.is_mtp(cfg, layer) else {"chunk": chunk, "program": prefill_file(kind)}
         if recipe.backend != "aoti" or not (whole or sizes):
             return {}
-        checks = {} if decode.is_mtp(cfg, layer) or not verifies else {"verify": verify_file(kind)}
+        verification = {} if decode.is_mtp(cfg, layer) or not verifies else {"verify": verify_file(kind)}
         return {"prefill": {**whole, "buckets": [{"chunk": size, "program": prefill_file(kind, size)}
-                                                 for size in sizes]}, **checks}
+                                                 for size in sizes]}, **verification}
     layer_table = [{
         "layer": layer, "prefix": decode.layer_prefix(cfg, layer), "kind": decode.program_kind(cfg, layer),
         "programs": _programs(recipe.backend, decode.program_kind(cfg, layer), buckets, program_file),

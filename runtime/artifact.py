@@ -169,9 +169,9 @@ class ArtifactModel:
         self.recent: torch.Tensor | None = None          # the main model's last streams at the last `window` positions
         # a drafted token's verification: the verification programs on the decode ops (builder/programs/verify.py),
         # or in artifacts built before them the 2-token prefill programs
-        checks = [e.get("verify") for e in main]
-        self.verify_decode = compiled and all(checks)
-        self.verify_runs = [self._package(p) for p in checks] if self.verify_decode else \
+        verifies = [e.get("verify") for e in main]
+        self.verify_decode = compiled and all(verifies)
+        self.verify_runs = [self._package(p) for p in verifies] if self.verify_decode else \
             self.prefill_buckets.get(2) or (self.prefill_runs if compiled and self.chunk == 2 else None)
         mtp = [e for e in m["layers"] if e["prefix"].startswith("mtp.") and "prefill" in e]
         if draft and mtp and self.verify_runs is not None and batch == 1:
@@ -518,14 +518,15 @@ class ArtifactModel:
             self.pager.begin_step([])       # as a prefill chunk: the last step's misses admitted
         # ratio 4 overlaps blocks: its state's first rows hold the previous block, replaced as a block ends; the
         # token at `start` ends none when the draft does (only one of two neighbours ends a block of 4)
-        self._undo = (start + 1, self.overlap_rows()) if (start + 2) % 4 == 0 else None
+        self._undo = (start + 1, [{k: t.clone() for k, t in rows.items()} for rows in self.overlap_rows()]) \
+            if (start + 2) % 4 == 0 else None
         return self._prefill_run(torch.tensor([tokens], device=self.device), start, 2, self._verify_through,
                                  self.verify_graph)
 
     def overlap_rows(self) -> list[dict[str, torch.Tensor]]:
-        """A copy of the ratio-4 layers' compressor states' first rows (the previous block's), which the token
-        ending a block replaces: what `rewind` puts back after a rejected draft."""
-        return [{k: c[k][:, :4].clone() for k in OVERLAP_STATES} for c in self.overlapped]
+        """The ratio-4 layers' compressor states' first rows (the previous block's; views), which the token ending
+        a block replaces: what `rewind` (a copy of them) and greedy's drafted pass put back after a rejected draft."""
+        return [{k: c[k][:, :4] for k in OVERLAP_STATES} for c in self.overlapped]
 
     def rewind(self, position: int) -> None:
         """Forget the token fed at `position`, the last one fed (a rejected draft; `verify`): its rows elsewhere

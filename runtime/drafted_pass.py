@@ -28,7 +28,7 @@ class DraftedPass:
         self.two = torch.full((1,), 2, dtype=torch.int64, device=dev)
         self.pick = GreedyPick(2, model.head.size(0), dev)            # both rows' argmax in one launch
         # the ratio-4 compressor states' first rows as the pass found them, flat lists for one foreach copy
-        self.states = [c[k][:, :4] for c, rows in zip(model.overlapped, model.overlap_rows()) for k in rows]
+        self.states = [t for rows in model.overlap_rows() for t in rows.values()]
         self.kept = [t.clone() for t in self.states]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None       # the graph's [pick 0, pick 1, accepted, the draft judged]
