@@ -44,8 +44,8 @@ def main() -> None:
     args = ap.parse_args()
     model = ArtifactModel(args.artifact, "cuda", graphs=True, draft=True)
     device_pass = model.drafted_pass
-    if device_pass is None or device_pass.graph is None:
-        raise SystemExit("error: this artifact does not replay greedy's drafted pass as a CUDA graph")
+    if device_pass is None or set(device_pass.graphs) != set(device_pass.forms()):
+        raise SystemExit("error: this artifact does not replay greedy's drafted pass as CUDA graphs")
     prompt = synthetic_prompt(args.prompt_len)
     runs: dict[str, list] = {"device": [], "host": []}
     tokens = {}

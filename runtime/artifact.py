@@ -408,9 +408,12 @@ class ArtifactModel:
             except RuntimeError as e:
                 self.drafter.graphs.clear()
                 self._uncaptured("the MTP block's drafts", e)
-            graphed = self._graphed(self.drafted_pass.compute, "the greedy drafted pass")
-            if graphed is not None:
-                self.drafted_pass.graph, self.drafted_pass.out = graphed
+            passes = self.drafted_pass
+            for ends in passes.forms():
+                graphed = self._graphed(lambda ends=ends: passes.compute(ends),
+                                        "the greedy drafted pass" + (" ending a block" if ends else ""))
+                if graphed is not None:
+                    passes.graphs[ends] = graphed
         report("capturing prefill graphs", len(sizes) + 1, len(sizes) + 1)
 
     def _capture_size(self, size: int, through, what: str) -> tuple | None:

@@ -9,6 +9,9 @@ only where the draft was right) and moves its own inputs on to the next pass. On
 graph; the host reads four numbers after it (both tokens, whether the draft was right, the draft judged).
 Measured in turn in one process (bench/drafted_decode_ab.py, Flash-8 on an H100): 2.83 ms a pass against the
 host's 2.99-3.01 where the draft is rejected; 3.02 against 3.06 ms where it is accepted (bench/draft_pass.py).
+Only a pass whose draft ends a ratio-4 block (one in four positions) can need the states put back, and the
+host knows the position of every pass (it reads whether each draft was right), so the pass has two forms,
+each its own graph: with the states kept and put back, and without (a copy and a where a state fewer).
 """
 from __future__ import annotations
 
@@ -30,38 +33,51 @@ class DraftedPass:
         # the ratio-4 compressor states' first rows as the pass found them, flat lists for one foreach copy
         self.states = [t for rows in model.overlap_rows() for t in rows.values()]
         self.kept = [t.clone() for t in self.states]
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.out: torch.Tensor | None = None       # the graph's [pick 0, pick 1, accepted, the draft judged]
+        self.at = 0                                  # the host's copy of q
+        # by form (`ends_block`): the graph and its output [pick 0, pick 1, accepted, the draft judged]
+        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def forms(self) -> tuple[bool, ...]:
+        """The pass's forms (`ends_block`'s values): one where no layer has ratio-4 states."""
+        return (True, False) if self.kept else (False,)
+
+    def ends_block(self) -> bool:
+        """Whether the next pass's draft (at q + 1) ends a ratio-4 block: the form that keeps the states."""
+        return bool(self.kept) and (self.at + 2) % 4 == 0
 
     def start(self, cur: int, q: int, draft: int) -> None:
         """Set the next pass's inputs (the passes move them on themselves)."""
         self.cur.fill_(cur)
         self.q.fill_(q)
         self.draft.fill_(draft)
+        self.at = q
 
     def run(self) -> tuple[int, int, bool, int]:
         """One pass: (the token after cur, the token after the draft, whether the draft was that first token,
         the draft); the second is the model's only where the draft was right."""
-        if self.graph is not None:
-            self.graph.replay()
-            out = self.out
+        ends = self.ends_block()
+        if ends in self.graphs:
+            graph, out = self.graphs[ends]
+            graph.replay()
         else:
-            out = self.compute()
+            out = self.compute(ends)
         first, second, accepted, judged = out.tolist()
+        self.at += 1 + accepted
         return first, second, bool(accepted), judged
 
-    def compute(self) -> torch.Tensor:
-        """The pass's launches (what the graph captures): no host value, no synchronisation."""
+    def compute(self, ends_block: bool) -> torch.Tensor:
+        """The pass's launches (what its graphs capture), for a draft that ends a ratio-4 block or not: no host
+        value, no synchronisation."""
         m = self.model
         judged = self.draft.clone()
-        if self.kept:                                # a rejected draft ending a ratio-4 block shifts these
+        if ends_block:                               # a rejected draft ending a ratio-4 block shifts these
             torch._foreach_copy_(self.kept, self.states)
         logits = m._verify_through(torch.stack([self.cur, self.draft], 1), self.q, self.two)   # [2, vocab]
         picks = self.pick(logits)
         accepted = picks[0] == self.draft[0]
-        undo = ~accepted & ((self.q[0] + 2) % 4 == 0)
-        for now, before in zip(self.states, self.kept):
-            torch.where(undo, before, now, out=now)
+        if ends_block:
+            for now, before in zip(self.states, self.kept):
+                torch.where(accepted, now, before, out=now)
         n = (1 + accepted.long()).reshape(1)          # positions settled: cur's, and the draft's if it was right
         drafted = m.drafter._run(picks[None], self.q, n)
         self.cur.copy_(torch.where(accepted, picks[1], picks[0]))

@@ -233,7 +233,8 @@ def test_speculative_decoding_replays_its_verification_graph(artifact):
     tok = Tokenizer(artifact)
     graphed = ArtifactModel(artifact, "cuda", graphs=True, draft=True)
     assert graphed.drafter is not None and graphed.verify_graph is not None and set(graphed.drafter.graphs) == {1, 2}
-    assert graphed.drafted_pass.graph is not None          # greedy: the device's pass (runtime/drafted_pass.py)
+    passes = graphed.drafted_pass                          # greedy: the device's pass (runtime/drafted_pass.py),
+    assert set(passes.graphs) == set(passes.forms()) == {True, False}     # with and without the states put back
     plain = ArtifactModel(artifact, "cuda", graphs=False, draft=True)
     replayed = generate(graphed, tok, PROMPT[:40], 24, lambda text: None)
     launched = generate(plain, tok, PROMPT[:40], 24, lambda text: None)

@@ -82,11 +82,17 @@ class _Drafter:
 
 
 class _Pass:
-    """Stands in for greedy's drafted pass (runtime/drafted_pass.py): `compute` is what its graph captures."""
-    graph = out = None
+    """Stands in for greedy's drafted pass (runtime/drafted_pass.py): `compute` is what its graphs capture, one
+    for a draft that ends a ratio-4 block and one for the others."""
 
-    def compute(self):
-        return "pass"
+    def __init__(self):
+        self.graphs = {}
+
+    def forms(self):
+        return (True, False)
+
+    def compute(self, ends_block):
+        return "pass-end" if ends_block else "pass"
 
 
 def test_the_drafts_verification_is_captured_and_drafts_that_fail_run_plainly(device_gib):
@@ -94,9 +100,10 @@ def test_the_drafts_verification_is_captured_and_drafts_that_fail_run_plainly(de
     model.drafter, model.verify_runs, model.drafted_pass = _Drafter(), ["verify-2"], _Pass()
     with pytest.warns(UserWarning, match="the MTP block's drafts run without a CUDA graph"):
         model._capture_prefill()
-    assert model.tried == [8, 16, 64, 2, "pass"] and model.verify_graph[0] == "graph-2"
+    assert model.tried == [8, 16, 64, 2, "pass-end", "pass"] and model.verify_graph[0] == "graph-2"
     assert model.drafter.graphs == {} and model.resets == [1]            # none half made; caches emptied
-    assert (model.drafted_pass.graph, model.drafted_pass.out) == ("graph-pass", "logits-pass")
+    assert model.drafted_pass.graphs == {True: ("graph-pass-end", "logits-pass-end"),
+                                         False: ("graph-pass", "logits-pass")}
 
 
 def test_greedys_drafted_pass_that_fails_to_capture_runs_plainly(device_gib):
@@ -104,4 +111,4 @@ def test_greedys_drafted_pass_that_fails_to_capture_runs_plainly(device_gib):
     model.drafter, model.verify_runs, model.drafted_pass = _Drafter(), ["verify-2"], _Pass()
     with pytest.warns(UserWarning, match="the greedy drafted pass run without a CUDA graph"):
         model._capture_prefill()
-    assert model.drafted_pass.graph is None and model.verify_graph[0] == "graph-2"
+    assert list(model.drafted_pass.graphs) == [True] and model.verify_graph[0] == "graph-2"   # the other form kept
