@@ -2,8 +2,8 @@
 # A device batch for speculative decoding: the GPU tests of drafting (tests/test_artifact_gpu.py -k speculative)
 # beside a Flash-8 synth and build (bench/artifact_h200.sh, BUILD_ONLY, with 2-token prefill programs beside the
 # verification programs), then where a drafted pass's time goes (bench/draft_pass.py), the verification on its
-# programs against the 2-token prefill programs (bench/verify_ab.py), then `dsv4 bench --compare none` on the
-# same artifact. Results under $RES (default $OUT); DONE when all ran.
+# programs against the 2-token prefill programs (bench/verify_ab.py), greedy's pass on the device against the
+# host's in turn (bench/drafted_decode_ab.py), then `dsv4 bench --compare none` on the same artifact. Results under $RES (default $OUT); DONE when all ran.
 set -u
 RES=${RES:-$OUT}
 mkdir -p "$RES"
@@ -25,6 +25,9 @@ echo "draft_pass rc=$? $(( $(date +%s) - start ))s" >> "$RES/progress.txt"
 start=$(date +%s)
 python bench/verify_ab.py $ART --json "$RES/verify-ab-flash8.json" > "$RES/verify-ab.txt" 2>&1
 echo "verify_ab rc=$? $(( $(date +%s) - start ))s" >> "$RES/progress.txt"
+start=$(date +%s)
+python bench/drafted_decode_ab.py $ART --json "$RES/drafted-decode-ab-flash8.json" > "$RES/drafted-decode-ab.txt" 2>&1
+echo "drafted_decode_ab rc=$? $(( $(date +%s) - start ))s" >> "$RES/progress.txt"
 start=$(date +%s)
 python -m dsv4.cli bench $ART --compare none --prompt-len 32 --json "$RES/artifact-flash8.json" > "$RES/bench.txt" 2>&1
 echo "bench rc=$? $(( $(date +%s) - start ))s" >> "$RES/progress.txt"
