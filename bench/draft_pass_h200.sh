@@ -3,7 +3,8 @@
 # beside a Flash-8 synth and build (bench/artifact_h200.sh, BUILD_ONLY, with 2-token prefill programs beside the
 # verification programs), then where a drafted pass's time goes (bench/draft_pass.py), the verification on its
 # programs against the 2-token prefill programs (bench/verify_ab.py), greedy's pass on the device against the
-# host's in turn (bench/drafted_decode_ab.py), then `dsv4 bench --compare none` on the same artifact. Results under $RES (default $OUT); DONE when all ran.
+# host's in turn (bench/drafted_decode_ab.py), then `dsv4 bench --compare none` on the same artifact. Results
+# under $RES (default $OUT); DONE when all ran.
 set -u
 RES=${RES:-$OUT}
 mkdir -p "$RES"
