@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # A device batch for speculative decoding: the GPU tests of drafting (tests/test_artifact_gpu.py -k speculative)
 # beside a Flash-8 synth and build (bench/artifact_h200.sh, BUILD_ONLY, with 2-token prefill programs beside the
-# verification programs), then where a drafted pass's time goes (bench/draft_pass.py), the verification on its
-# programs against the 2-token prefill programs (bench/verify_ab.py), greedy's pass on the device against the
-# host's in turn (bench/drafted_decode_ab.py), then `dsv4 bench --compare none` on the same artifact. Results
-# under $RES (default $OUT); DONE when all ran.
+# verification programs); then `dsv4 forced --pairs` against the artifact's decode steps, where a drafted pass's
+# time goes (bench/draft_pass.py), the verification on its programs against the 2-token prefill programs
+# (bench/verify_ab.py), greedy's pass on the device against the host's in turn (bench/drafted_decode_ab.py) and
+# `dsv4 bench --compare none` on the same artifact. Results under $RES (default $OUT); DONE when all ran.
 set -u
 RES=${RES:-$OUT}
 mkdir -p "$RES"
@@ -20,6 +20,14 @@ echo "build rc=$? $(( $(date +%s) - start ))s" >> "$RES/progress.txt"
 wait $tests
 export PYTHONPATH=$PWD LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6
 ART=/tmp/art/flash8-bfloat16
+start=$(date +%s)
+# the verification of drafts on its programs (the forced tokens two at a time) against the decode steps
+PROMPT=$(python -c "print(','.join(str((7 * i + 3) % 1000 + 2) for i in range(136)))")
+python -m dsv4.cli forced --artifact $ART --prompt-ids $PROMPT --forced-ids 11,12,13,14,15,16,17,18 \
+    --out /tmp/steps.safetensors > "$RES/forced-steps.txt" 2>&1
+python -m dsv4.cli forced --artifact $ART --pairs --prompt-ids $PROMPT --forced-ids 11,12,13,14,15,16,17,18 \
+    --compare /tmp/steps.safetensors --min-cosine 0.9999 > "$RES/forced-pairs.txt" 2>&1
+echo "forced pairs rc=$? $(( $(date +%s) - start ))s" >> "$RES/progress.txt"
 start=$(date +%s)
 python bench/draft_pass.py $ART --json "$RES/draft-pass-flash8.json" > "$RES/draft-pass.txt" 2>&1
 echo "draft_pass rc=$? $(( $(date +%s) - start ))s" >> "$RES/progress.txt"

@@ -29,13 +29,22 @@ def check_ids(ids: list[int], vocab: int, what: str) -> None:
 
 
 @torch.inference_mode()
-def forced_logits(model, prompt: list[int], forced: list[int]) -> torch.Tensor:
+def forced_logits(model, prompt: list[int], forced: list[int], paired: bool = False) -> torch.Tensor:
     """float32 [1 + len(forced), vocab]: row 0 after prefilling `prompt`, row i after feeding
-    forced[i-1] as one decode step. `model` has `reset()` and `forward(ids, start)`."""
+    forced[i-1] as one decode step. `model` has `reset()` and `forward(ids, start)`. `paired`: the forced
+    tokens go two at a time through the verification of a drafted token (an ArtifactModel's `verify`, the
+    pass speculative decoding runs), a last odd one as a decode step: the same rows, from that path."""
     model.reset(1)
     rows = [model.forward(torch.tensor([prompt]), 0)[0].float().cpu()]
-    for step, token in enumerate(forced):
-        rows.append(model.forward(torch.tensor([[token]]), len(prompt) + step)[0].float().cpu())
+    step = 0
+    while step < len(forced):
+        at = len(prompt) + step
+        if paired and step + 1 < len(forced):
+            rows.extend(model.verify(forced[step:step + 2], at).float().cpu())
+            step += 2
+        else:
+            rows.append(model.forward(torch.tensor([[forced[step]]]), at)[0].float().cpu())
+            step += 1
     return torch.stack(rows)
 
 

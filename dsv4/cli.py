@@ -245,8 +245,11 @@ def _read_ids(inline: str | None, file: Path | None, what: str, required: bool) 
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="bfloat16", show_default=True,
               help="Activation dtype; bfloat16 reproduces DeepSeek's official numerics.")
+@click.option("--pairs", is_flag=True,
+              help="With --artifact: feed the forced tokens two at a time through the verification of drafted "
+                   "tokens (speculative decoding's pass) instead of one decode step each; the same rows.")
 def forced(checkpoint, artifact, prompt_ids, prompt_ids_file, forced_ids, forced_ids_file, out, compare_with,
-           min_cosine, device, dtype) -> None:
+           min_cosine, device, dtype, pairs) -> None:
     """Logits after prefilling a prompt, then after each forced token as one decode step.
 
     Row 0 of the output is after the whole prompt; row i after feeding forced_ids[i-1].
@@ -259,17 +262,22 @@ def forced(checkpoint, artifact, prompt_ids, prompt_ids_file, forced_ids, forced
     if out is None and compare_with is None:
         raise UserError("give --out, --compare or both")
     other = load_logits(compare_with) if compare_with else None
+    if pairs and artifact is None:
+        raise UserError("--pairs feeds an artifact's verification of drafts: give --artifact")
     if artifact is not None:
         if checkpoint is not None:
             raise UserError("give --checkpoint or --artifact, not both")
-        model = _open_artifact(artifact, device)
-        vocab, source = model.config.vocab_size, f"artifact:{artifact}"
+        model = _open_artifact(artifact, device, draft=pairs)     # draft: the verification as speculative runs it
+        if pairs and model.verify_runs is None:
+            raise UserError(f"{artifact} has no programs that verify drafts (they come with an aoti build whose "
+                            f"recipe has runtime.draft_tokens = 1)")
+        vocab, source = model.config.vocab_size, f"artifact:{artifact}" + (" (pairs)" if pairs else "")
     else:
         ckpt, model = _load_reference(checkpoint, device, dtype, max_len=len(prompt) + len(steps) + 1)
         vocab, source = ckpt.config.vocab_size, f"reference:{ckpt.folder}"
     check_ids(prompt + steps, vocab, "token ids")
     t0 = time.time()
-    logits = forced_logits(model, prompt, steps)
+    logits = forced_logits(model, prompt, steps, paired=pairs)
     click.echo(f"{len(prompt)} prompt tokens + {len(steps)} forced steps in {time.time() - t0:.2f}s", err=True)
     if out:
         save_logits(out, logits, prompt, steps, source=source)

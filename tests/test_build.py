@@ -45,6 +45,12 @@ def test_artifact_matches_the_reference(built, tiny_dir):
     for got in (art, by_token):
         cos = torch.nn.functional.cosine_similarity(got.double(), ref.double(), dim=-1)
         assert torch.equal(got.argmax(-1), ref.argmax(-1)) and cos.min() >= 0.999999, (got - ref).abs().max()
+    # `dsv4 forced --pairs`: the forced tokens two at a time through the verification programs, bit for bit the
+    # decode steps' rows (float32); from 150 the pairs' second tokens end ratio-4 blocks, from 149 their first
+    model = ArtifactModel(out)
+    assert model.verify_decode
+    for n in (150, 149):
+        assert torch.equal(forced_logits(model, prompt[:n], forced, paired=True), forced_logits(model, prompt[:n], forced))
 
 
 @pytest.mark.slow
@@ -147,6 +153,21 @@ def test_run_streams_text_from_the_artifact(built, tmp_path):
     assert again.stdout == r.stdout                           # seeded sampling is reproducible
     missing = subprocess.run([*cli, str(tmp_path / "none"), "--prompt", "x"], capture_output=True, text=True)
     assert missing.returncode == 2 and "dsv4 build recipes/tiny.toml" in missing.stderr
+
+
+@pytest.mark.slow
+def test_forced_pairs_gate_the_verification_against_the_reference(built, tiny_dir, tmp_path):
+    """`dsv4 forced --artifact A --pairs --compare REF`: the verification of drafts against the reference model's
+    logits, the gate speculative decoding's path takes (the tiny artifact is float32)."""
+    cli = [sys.executable, "-m", "dsv4.cli", "forced", "--prompt-ids", ",".join(["5,17,99,300,12"] * 6),
+           "--forced-ids", "3,4,5,6,7", "--device", "cpu"]
+    ref = tmp_path / "ref.safetensors"
+    r = subprocess.run([*cli, "--checkpoint", str(tiny_dir), "--dtype", "float32", "--out", str(ref)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*cli, "--artifact", str(built[0]), "--pairs", "--compare", str(ref), "--min-cosine",
+                        "0.999999"], capture_output=True, text=True)
+    assert r.returncode == 0 and "argmax agreement 6/6" in r.stdout, r.stdout + r.stderr
 
 
 def test_top_p_keeps_the_smallest_prefix():

@@ -43,7 +43,8 @@ def test_forced_writes_logits_and_compares(tiny_dir, tmp_path):
     (["--prompt-ids", "1,99999"], True, "outside the vocabulary"),
     (["--prompt-ids", "1"], False, "give --out, --compare or both"),
     (["--prompt-ids-file", "/nonexistent/ids.txt"], True, "no file at"),
-], ids=["not-an-id", "out-of-vocab", "no-output", "missing-ids-file"])
+    (["--prompt-ids", "1", "--pairs"], True, "--pairs feeds an artifact's verification of drafts"),
+], ids=["not-an-id", "out-of-vocab", "no-output", "missing-ids-file", "pairs-without-artifact"])
 def test_forced_user_errors(tiny_dir, tmp_path, args, with_out, message):
     out = ["--out", str(tmp_path / "o.safetensors")] if with_out else []
     r = _cli("forced", "--checkpoint", str(tiny_dir), *args, *out)
