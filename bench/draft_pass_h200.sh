@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A device batch for speculative decoding: the GPU tests of drafting (tests/test_artifact_gpu.py -k speculative)
+# A device batch for speculative decoding: the GPU tests of drafting (tests/test_artifact_gpu.py: drafting, pairs, graphs)
 # beside a Flash-8 synth and build (bench/artifact_h200.sh, BUILD_ONLY, with 2-token prefill programs beside the
 # verification programs); then `dsv4 forced --pairs` against the artifact's decode steps, where a drafted pass's
 # time goes (bench/draft_pass.py), the verification on its programs against the 2-token prefill programs
@@ -12,7 +12,7 @@ export OUT=$RES
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv > "$RES/gpu.txt" 2>&1
 start=$(date +%s)
 ( LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6 python -m pytest -q -p no:cacheprovider \
-    tests/test_artifact_gpu.py -k "speculative" > "$RES/gpu-tests.txt" 2>&1
+    tests/test_artifact_gpu.py -k "speculative or pairs or graph" > "$RES/gpu-tests.txt" 2>&1
   echo "gpu tests rc=$? $(( $(date +%s) - start ))s" >> "$RES/progress.txt" ) &
 tests=$!
 LAYERS=8 CKPT=/dev/shm/flash8 BUILD_ONLY=1 PREFILL_BUCKETS=2 bash bench/artifact_h200.sh > "$RES/build.log" 2>&1

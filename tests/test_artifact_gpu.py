@@ -246,3 +246,17 @@ def test_speculative_decoding_replays_its_verification_graph(artifact):
         model.drafter = KnownDrafts(model.drafter, answer, lambda n: n % 3 != 0, model.config.vocab_size)
         runs.append(generate(model, tok, PROMPT[:40], 24, lambda text: None))
     assert runs[0].tokens == runs[1].tokens and runs[0].drafts.accepted == runs[1].drafts.accepted > 0
+
+
+def test_forced_pairs_through_the_verification_give_the_decode_steps_rows(artifact, artifact_fp32):
+    """`dsv4 forced --pairs`: the forced tokens two at a time through the verification programs (on the
+    graph, as speculative decoding runs them) against one decode step each. float32 (the ops' oracles): bit
+    for bit. bfloat16 (the kernels, two rows where a step has one): the same argmax and cosine >= 0.9999."""
+    exact = ArtifactModel(artifact_fp32, "cuda", graphs=True, draft=True)
+    assert exact.verify_decode
+    assert torch.equal(forced_logits(exact, PROMPT, FORCED, paired=True), forced_logits(exact, PROMPT, FORCED))
+    model = ArtifactModel(artifact, "cuda", graphs=True, draft=True)
+    assert model.verify_graph is not None
+    paired, steps = forced_logits(model, PROMPT, FORCED, paired=True), forced_logits(model, PROMPT, FORCED)
+    assert torch.equal(paired.argmax(-1), steps.argmax(-1))
+    assert _cosines(paired, steps).min() >= 0.9999, (paired - steps).abs().max()
