@@ -2,12 +2,15 @@
 2-token prefill programs, in turn in one process on one artifact: each as a CUDA graph, timed alone (CUDA
 events, the median of `--reps` replays) beside the plain decode step, and the logits of both compared. The
 artifact needs both: a build with `prefill_buckets = [2]` (bench/artifact_h200.sh: PREFILL_BUCKETS=2).
+A third form, `verify-torch-head`, takes the verification programs with the head's input made by torch's
+ops (hc_head, rms_norm: the rule before session 55, when only the decode batch's rows took the kernels).
 
     python bench/verify_ab.py ARTIFACT [--context 512] [--rounds 2] [--json OUT]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -21,10 +24,12 @@ from runtime.artifact import ArtifactModel  # noqa: E402
 from runtime.bench import copy_bandwidth  # noqa: E402
 
 
-def use(model: ArtifactModel, decode_ops: bool, programs: dict) -> None:
-    """Verify through the verification programs or the 2-token prefill programs, recaptured as a graph."""
-    model.verify_decode = decode_ops
-    model.verify_runs = programs["verify" if decode_ops else "prefill"]
+def use(model: ArtifactModel, form: str, programs: dict, head) -> None:
+    """Verify in `form` (the verification programs, with the head's kernels or torch's ops, or the 2-token
+    prefill programs), recaptured as a graph."""
+    model.verify_decode = form != "prefill"
+    model.verify_runs = programs["prefill" if form == "prefill" else "verify"]
+    model.main_head = dataclasses.replace(head, hc_pre=None) if form == "verify-torch-head" else head
     model.verify_graph = None
     torch.cuda.empty_cache()
     model.verify_graph = model._capture_size(2, model._verify_through, "the verification")
@@ -48,11 +53,11 @@ def main() -> None:
     model.forward(torch.arange(args.context)[None] % 1000 + 2)
     q = args.context
     report = run_header() | {"copy_bandwidth_gb_s": bandwidth / 1e9, "plain_step_ms": step_ms(model, args.reps, q),
-                             "runs": {"verify": [], "prefill": []}}
-    logits = {}
+                             "runs": {"verify": [], "prefill": [], "verify-torch-head": []}}
+    logits, head = {}, model.main_head
     for _ in range(args.rounds):
-        for name in ("verify", "prefill"):
-            use(model, name == "verify", programs)
+        for name in report["runs"]:
+            use(model, name, programs, head)
             graph, padded, start_t, n_t, out = model.verify_graph
             padded.copy_(torch.tensor([[5, 6]]))
             start_t.fill_(q)
@@ -61,9 +66,11 @@ def main() -> None:
             logits[name] = out.float().clone()
             del graph, out                             # the graph's pool goes with it at the next capture
             print(f"{name}: {report['runs'][name][-1]:.3f} ms", flush=True)
-    a, b = logits["verify"], logits["prefill"]
-    report["logits"] = {"argmax_same": (a.argmax(-1) == b.argmax(-1)).tolist(),
-                        "cosine": torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).tolist()}
+    a = logits["verify"]
+    report["logits"] = {name: {"argmax_same": (a.argmax(-1) == b.argmax(-1)).tolist(), "max_abs_diff":
+                               (a - b).abs().amax(-1).tolist(), "cosine": torch.nn.functional.cosine_similarity(
+                                   a.double(), b.double(), dim=-1).tolist()}
+                        for name, b in logits.items() if name != "verify"}
     print(f"plain step {report['plain_step_ms']:.3f} ms; logits {report['logits']}")
     if args.json:
         write_json(args.json, report)

@@ -286,7 +286,7 @@ class ArtifactModel:
         past hc_pre's rows)."""
         from plugins.hc_pre import head_as_hc_pre, supports_norm
         padded = head_as_hc_pre(*hc)
-        probe = torch.empty(self.batch, self.config.hc_mult, padded[0].size(1) // self.config.hc_mult,
+        probe = torch.empty(1, self.config.hc_mult, padded[0].size(1) // self.config.hc_mult,
                             dtype=self.act, device=self.device)
         fits = self.head.dtype == torch.bfloat16 and supports_norm(probe, padded[0])    # the bf16 head's kernel
         return Head(hc, norm, padded if fits else None)
@@ -296,7 +296,9 @@ class ArtifactModel:
         or the model's own, and the model's head matrix."""
         head = head or self.main_head
         eps = self.config.rms_norm_eps
-        if head.hc_pre is not None and h.size(0) == self.batch:       # no Sinkhorn iterations: comb unused
+        # the decode steps' kernels wherever they take the rows (a drafted token's verification: 2), so that the
+        # verification's logits are the steps' (no Sinkhorn iterations: comb unused)
+        if head.hc_pre is not None and kernel_fits(h.size(0), h.size(-1), h.device):
             y = torch.ops.dsv4.hc_pre_norm(h[:, None], *head.hc_pre, head.norm, eps, self.config.hc_eps, 0)[0]
             return head_logits(y[:, 0], self.head)
         y = rms_norm(hc_head(h[:, None], *head.hc, self.config)[:, 0], head.norm, eps)

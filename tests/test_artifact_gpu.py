@@ -79,7 +79,7 @@ def test_prefill_chunks_replayed_as_cuda_graphs_give_the_same_bits(artifact):
     140-token one (two whole chunks, then a tail padded to 64) then prefill by replays, to the bits of their
     plain launches."""
     graphed = ArtifactModel(artifact, "cuda", graphs=True)
-    assert list(graphed.prefill_graphs) == [2, 8, 64]
+    assert list(graphed.prefill_graphs) == [8, 64]        # drafts verify on programs of their own (no 2-token size)
     plain = ArtifactModel(artifact, "cuda", graphs=False)
     for prompt in (PROMPT[:5], PROMPT):
         assert torch.equal(forced_logits(graphed, prompt, FORCED), forced_logits(plain, prompt, FORCED))
@@ -96,7 +96,7 @@ def test_a_prefill_chunk_on_the_grouped_moe_kernels_is_captured_too(artifact, mo
         warnings.simplefilter("always")
         graphed = ArtifactModel(artifact, "cuda", graphs=True)
     assert not [w for w in caught if "CUDA graph" in str(w.message)]
-    assert list(graphed.prefill_graphs) == [2, 8, 64]
+    assert list(graphed.prefill_graphs) == [8, 64]        # drafts verify on programs of their own (no 2-token size)
     plain = ArtifactModel(artifact, "cuda", graphs=False)
     assert torch.equal(forced_logits(graphed, PROMPT, FORCED), forced_logits(plain, PROMPT, FORCED))
 
