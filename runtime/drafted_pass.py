@@ -7,11 +7,13 @@ drawn and its draft, picks both rows' tokens, puts back the compressor states a 
 the MTP block draft again from the positions settled (the 2-position program, its second position counted
 only where the draft was right) and moves its own inputs on to the next pass. On a GPU the pass is one CUDA
 graph; the host reads four numbers after it (both tokens, whether the draft was right, the draft judged).
-Measured in turn in one process (bench/drafted_decode_ab.py, Flash-8 on an H100): 2.83 ms a pass against the
-host's 2.99-3.01 where the draft is rejected; 3.02 against 3.06 ms where it is accepted (bench/draft_pass.py).
+Measured in turn in one process (bench/drafted_decode_ab.py, Flash-8 on the H200, session 55): 2.38-2.39 ms a
+pass against the host's 2.59-2.63 where the draft is rejected; 2.49 against 2.56 ms where it is accepted
+(bench/draft_pass.py).
 Only a pass whose draft ends a ratio-4 block (one in four positions) can need the states put back, and the
 host knows the position of every pass (it reads whether each draft was right), so the pass has two forms,
-each its own graph: with the states kept and put back, and without (a copy and a where a state fewer).
+each its own graph: with the states kept and put back, and without (a copy and a where a state fewer; on the
+H200 2.504 against 2.523 ms at Flash-8).
 """
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ two decode steps leave, `routed` the second token's experts.
 Contract: forward(h [2, hc, d], pos [2] int64 (q, q + 1), ids [2] int64, table [E] int64, caches, weights)
     -> h' [2, hc, d]
 Built into aoti artifacts that draft (builder/build.py: programs/KIND-verify.pt2; the runtime's
-`ArtifactModel._verify_through`). Not yet run on a GPU.
+`ArtifactModel._verify_through`). On the H200 (session 55, Flash-8): 1.90 ms against the 2-token prefill
+programs' 1.94, its logits the decode steps' bit for bit (`dsv4 forced --pairs`).
 """
 from __future__ import annotations
 
