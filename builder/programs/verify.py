@@ -12,8 +12,9 @@ two decode steps leave, `routed` the second token's experts.
 Contract: forward(h [2, hc, d], pos [2] int64 (q, q + 1), ids [2] int64, table [E] int64, caches, weights)
     -> h' [2, hc, d]
 Built into aoti artifacts that draft (builder/build.py: programs/KIND-verify.pt2; the runtime's
-`ArtifactModel._verify_through`). On the H200 (session 55, Flash-8): 1.90 ms against the 2-token prefill
-programs' 1.94, its logits the decode steps' bit for bit (`dsv4 forced --pairs`).
+`ArtifactModel._verify_through`). On the H200 (session 55, Flash-8): 1.90 ms a verification, 1.94 with the
+head's input on torch's ops as the 2-token prefill programs had it (their time too), so these programs gained
+nothing on their own there; its logits are the decode steps' bit for bit (`dsv4 forced --pairs`).
 """
 from __future__ import annotations
 
