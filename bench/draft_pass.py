@@ -39,7 +39,7 @@ def main() -> None:
     bandwidth = copy_bandwidth("cuda")
     model = ArtifactModel(args.artifact, "cuda", graphs=True, draft=True)
     drafter = model.drafter
-    if model.graph is None or model.verify_graph is None or drafter is None or set(drafter.graphs) != {1, 2} \
+    if model.graph is None or model.verify_graph is None or drafter is None or not {1, 2} <= set(drafter.graphs) \
             or set(model.drafted_pass.graphs) != set(model.drafted_pass.forms()):
         raise SystemExit("error: this artifact does not replay the decode step, the verification, both drafts and "
                          "the greedy pass as CUDA graphs (a bfloat16 aoti build with draft_tokens = 1 and an MTP block)")
@@ -51,10 +51,9 @@ def main() -> None:
     model.tokens.fill_(5)
     model.positions.fill_(q)
     graphs = {"plain_step": model.graph.replay, "verify_2_tokens": verify.replay}
-    for n in (1, 2):
-        g, ids, start, _, _ = drafter.graphs[n]
+    for n, (g, ids, start, _, _) in sorted(drafter.graphs.items()):     # each pass's, and a turn's fill (the window)
         ids.copy_(torch.arange(n)[None] + 5)
-        start.fill_(q)
+        start.fill_(q - n + 1 if n > 2 else q)
         graphs[f"draft_{n}_positions"] = g.replay
     passes = model.drafted_pass                        # from the same place each time (a pass moves it on)
     ends = q + (2 - q) % 4                             # a position whose draft ends a ratio-4 block

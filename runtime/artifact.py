@@ -405,11 +405,7 @@ class ArtifactModel:
                 self.prefill_graphs[size] = graphed
         if self.drafter is not None:                    # a drafted token's verification: every row's logits
             self.verify_graph = self._capture_size(2, self._verify_through, "the verification of drafts")
-            try:
-                self.drafter.capture()
-            except RuntimeError as e:
-                self.drafter.graphs.clear()
-                self._uncaptured("the MTP block's drafts", e)
+            self.drafter.capture()
             passes = self.drafted_pass
             for ends in passes.forms():
                 graphed = self._graphed(lambda ends=ends: passes.compute(ends),

@@ -37,22 +37,26 @@ class MTPDraft:
         self.head = model.head_of([weights[f"hc_head_{n}"] for n in ("fn", "scale", "base")], weights["norm.weight"])
         self.experts, self.table = experts, experts.tables[entry["layer"]]
         self.fills = {name: float(fill) for name, (_, _, fill) in entry["caches"].items()}
-        self.graphs: dict[int, tuple] = {}             # drafts of 1 and 2 positions as CUDA graphs (`capture`)
+        self.graphs: dict[int, tuple] = {}             # drafts by program size as CUDA graphs (`capture`)
         self.caches = {name: torch.full(shape, float(fill), dtype=getattr(torch, dtype), device=dev)
                        for name, (shape, dtype, fill) in sorted(entry["caches"].items())}
 
     def draft(self, ids: list[int], start: int) -> int:
         """Feed positions start.. start + len(ids) - 1 (the main model's streams there from `model.recent`, ids
-        the tokens after each) and return the greedy draft after the last: the token after ids[-1]'s. One or
-        two positions (each decode step's) replay a CUDA graph where `capture` made one."""
+        the tokens after each) and return the greedy draft after the last: the token after ids[-1]'s. Each
+        program size (one or two positions: each decode step's; the window: a turn's fill over the prompt's
+        last positions) replays a CUDA graph where `capture` made one."""
         m, n = self.model, len(ids)
-        if n in self.graphs:
-            graph, padded, start_t, n_t, out = self.graphs[n]
-            padded.copy_(torch.tensor([ids]), non_blocking=True)
+        size = 1 if n == 1 else next(s for s in sorted(self.sizes) if s >= n)
+        if size in self.graphs:
+            graph, padded, start_t, n_t, out = self.graphs[size]
+            if size > 2:                                 # the window's graph takes any count: padding token 0
+                padded.zero_()
+                n_t.fill_(n)
+            padded[:, :n].copy_(torch.tensor([ids]), non_blocking=True)
             start_t.fill_(start)
             graph.replay()
             return int(out[0])
-        size = 1 if n == 1 else next(s for s in self.sizes if s >= n)
         padded = torch.zeros(1, size, dtype=torch.int64)                       # padding: token 0
         padded[0, :n] = torch.tensor(ids)
         return int(self._run(padded.to(m.device), torch.tensor([start], device=m.device),
@@ -73,13 +77,12 @@ class MTPDraft:
         return m.pick(m._logits(x, self.head))
 
     def capture(self) -> None:
-        """The drafts of one and two positions (after a rejected and an accepted draft: every decode step's) as
-        CUDA graphs over static inputs: one replay each instead of the block's launches from the host."""
-        dev = self.model.device
-        for n in (1, 2):
-            padded = torch.zeros(1, n, dtype=torch.int64, device=dev)
-            start_t = torch.zeros(1, dtype=torch.int64, device=dev)
-            n_t = torch.full((1,), n, dtype=torch.int64, device=dev)
-            graph, out = self.model._captured(lambda: self._run(padded, start_t, n_t))
-            self.graphs[n] = graph, padded, start_t, n_t, out
+        """The drafts of one and two positions (after a rejected and an accepted draft: every decode step's) and
+        of the window (the fill over a prompt's last positions, once a turn: each of its kernels launched from the
+        host otherwise) as CUDA graphs over static inputs: one replay each. A size that does not capture, or whose
+        memory would pass the budget, runs plainly with a warning."""
+        for size in sorted({1, 2, max(self.sizes)}):
+            graphed = self.model._capture_size(size, self._run, f"the MTP block's drafts of {size} positions")
+            if graphed is not None:
+                self.graphs[size] = graphed
 

@@ -224,15 +224,16 @@ def test_the_server_replays_the_graphs_from_its_worker_thread(artifact):
 
 
 def test_speculative_decoding_replays_its_verification_graph(artifact):
-    """The drafts' two-token verification, the MTP block's drafts of one and two positions and greedy's pass
-    decided on the device are captured as CUDA graphs of their own at load: replayed, they give the tokens their
+    """The drafts' two-token verification, the MTP block's drafts of one and two positions and of its window (a
+    turn's fill) and greedy's pass decided on the device are captured as CUDA graphs of their own at load: replayed, they give the tokens their
     programs give launched plainly (the same kernels), with drafts made and verified, accepted ones among them
     (`KnownDrafts`)."""
     from runtime.generate import generate
     from runtime.tokenizer import Tokenizer
     tok = Tokenizer(artifact)
     graphed = ArtifactModel(artifact, "cuda", graphs=True, draft=True)
-    assert graphed.drafter is not None and graphed.verify_graph is not None and set(graphed.drafter.graphs) == {1, 2}
+    assert graphed.drafter is not None and graphed.verify_graph is not None
+    assert set(graphed.drafter.graphs) == {1, 2, graphed.config.sliding_window}     # each pass's, a turn's fill
     passes = graphed.drafted_pass                          # greedy: the device's pass (runtime/drafted_pass.py),
     assert set(passes.graphs) == set(passes.forms()) == {True, False}     # with and without the states put back
     plain = ArtifactModel(artifact, "cuda", graphs=False, draft=True)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from runtime.artifact import ArtifactModel
+from runtime.draft import MTPDraft
 
 
 def _model(budget_gib, fails=()):
@@ -71,14 +72,15 @@ def test_a_graph_past_the_memory_budget_is_dropped(device_gib):
 
 
 class _Drafter:
-    """Stands in for the MTP drafter: its capture makes one graph, then fails as a capture that synchronised."""
+    """Stands in for the MTP drafter (its programs of 2 and 8 positions, the window), with its own `capture`."""
+    sizes = {2: "mtp-2", 8: "mtp-8"}
+    capture = MTPDraft.capture
 
-    def __init__(self):
-        self.graphs = {}
+    def __init__(self, model):
+        self.model, self.graphs = model, {}
 
-    def capture(self):
-        self.graphs[1] = "graph"
-        raise RuntimeError("operation not permitted when stream is capturing")
+    def _run(self, padded, start_t, n_t):
+        return f"draft-{padded.size(1)}"
 
 
 class _Pass:
@@ -96,19 +98,23 @@ class _Pass:
 
 
 def test_the_drafts_verification_is_captured_and_drafts_that_fail_run_plainly(device_gib):
-    model = _model(budget_gib=4)
-    model.drafter, model.verify_runs, model.drafted_pass = _Drafter(), ["verify-2"], _Pass()
-    with pytest.warns(UserWarning, match="the MTP block's drafts run without a CUDA graph"):
+    """The verification, the MTP block's drafts of 1 and 2 positions and of its window (a turn's fill), and
+    greedy's pass in both forms; a draft size that fails runs plainly, the others keep their graphs."""
+    model = _model(budget_gib=4, fails=("draft-8",))
+    model.drafter, model.verify_runs, model.drafted_pass = _Drafter(model), ["verify-2"], _Pass()
+    with pytest.warns(UserWarning, match="the MTP block's drafts of 8 positions run without a CUDA graph"):
         model._capture_prefill()
-    assert model.tried == [8, 16, 64, 2, "pass-end", "pass"] and model.verify_graph[0] == "graph-2"
-    assert model.drafter.graphs == {} and model.resets == [1]            # none half made; caches emptied
+    assert model.tried == [8, 16, 64, 2, "draft-1", "draft-2", "draft-8", "pass-end", "pass"]
+    assert model.verify_graph[0] == "graph-2" and model.resets == [1]    # the failed warm-up's caches emptied
+    assert {n: (g[0], g[4]) for n, g in model.drafter.graphs.items()} == {
+        1: ("graph-draft-1", "logits-draft-1"), 2: ("graph-draft-2", "logits-draft-2")}
     assert model.drafted_pass.graphs == {True: ("graph-pass-end", "logits-pass-end"),
                                          False: ("graph-pass", "logits-pass")}
 
 
 def test_greedys_drafted_pass_that_fails_to_capture_runs_plainly(device_gib):
     model = _model(budget_gib=4, fails=("pass",))
-    model.drafter, model.verify_runs, model.drafted_pass = _Drafter(), ["verify-2"], _Pass()
+    model.drafter, model.verify_runs, model.drafted_pass = _Drafter(model), ["verify-2"], _Pass()
     with pytest.warns(UserWarning, match="the greedy drafted pass run without a CUDA graph"):
         model._capture_prefill()
     assert list(model.drafted_pass.graphs) == [True] and model.verify_graph[0] == "graph-2"   # the other form kept
