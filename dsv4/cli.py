@@ -551,7 +551,9 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
                        + ("as without drafts" if spec["tokens_match_plain"] else "DIFFER from those without drafts")
                        + f"; a pass whose draft is accepted {spec['accepted_pass_ms']:.2f} ms (every draft accepted: "
                        f"{spec['decode_tok_s_all_accepted']:.1f} tok/s; the host's pass, sampling's, "
-                       f"{spec['host_pass_ms']:.2f} ms)")
+                       f"{spec['host_pass_ms']:.2f} ms); "
+                       + (f"drafts pay above {spec['pays_above_acceptance']:.0%} accepted"
+                          if spec["pays_above_acceptance"] < 1 else "drafts cannot pay: a pass costs two steps or more"))
         del model
     runs = report["modes"]
     base = runs["compiled"]

@@ -87,8 +87,17 @@ def measure(model, prompt: list[int], new_tokens: int) -> dict:
                "decode_step_ms": 1e3 * decode / max(new_tokens - 1, 1), "tokens": tokens}
     # drafts where the experts are resident: a paged run's pager counters are its plain decode's
     if getattr(model, "drafter", None) is not None and getattr(model, "pager", None) is None:
-        figures["speculative"] = measure_speculative(model, prompt, new_tokens, tokens)
+        spec = figures["speculative"] = measure_speculative(model, prompt, new_tokens, tokens)
+        spec["pays_above_acceptance"] = pays_above(spec["accepted_pass_ms"], figures["decode_step_ms"])
     return figures
+
+
+def pays_above(pass_ms: float, step_ms: float) -> float:
+    """The share of drafts accepted above which drafted decode outruns plain steps of `step_ms`, where a pass
+    costs `pass_ms` whatever its draft (greedy's device pass verifies both tokens and drafts from two positions
+    either way): a pass gives 1 + a tokens for a accepted, so it pays where (1 + a) * step > pass. 1 or more:
+    it cannot pay."""
+    return pass_ms / step_ms - 1
 
 
 def accepted_pass_seconds(model, ids: list[int], q: int, passes: int, device: bool = True) -> float:

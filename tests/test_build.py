@@ -170,6 +170,13 @@ def test_forced_pairs_gate_the_verification_against_the_reference(built, tiny_di
     assert r.returncode == 0 and "argmax agreement 6/6" in r.stdout, r.stdout + r.stderr
 
 
+def test_drafts_pay_above_the_acceptance_where_a_pass_beats_plain_steps():
+    from runtime.bench import pays_above
+    a = pays_above(2.0, 1.25)                  # a pass of 1.6 steps gives 1 + a tokens
+    assert a == pytest.approx(0.6) and (1 + a) * 1.25 == pytest.approx(2.0)     # break-even there
+    assert pays_above(2.5, 1.25) == pytest.approx(1.0)                          # two steps a pass: never
+
+
 def test_top_p_keeps_the_smallest_prefix():
     from runtime.sampling import Sampling, sample
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
@@ -243,6 +250,10 @@ def test_paged_bench_reports_prefetch_and_the_resident_run(built, tmp_path):
                                  "compiled-resident"}
     assert got["tokens_agree"]
     assert "pager" not in got["modes"]["compiled-resident"]
+    spec = got["modes"]["compiled-resident"]["speculative"]       # drafts where the experts are resident
+    assert spec["pays_above_acceptance"] == pytest.approx(
+        spec["accepted_pass_ms"] / got["modes"]["compiled-resident"]["decode_step_ms"] - 1)
+    assert "drafts pay above" in r.stdout or "drafts cannot pay" in r.stdout
     for name in ("compiled", "compiled-no-prediction", "compiled-no-prefetch", "compiled-admit-always"):
         pager = got["modes"][name]["pager"]
         assert pager["slots"] == 20 and "time_lost_to_paging_s" in pager
