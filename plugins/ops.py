@@ -17,6 +17,7 @@ torch.export and AOTInductor can trace layer programs through them.
     dsv4::wide_linear(x, weight, branch)                    float32 product with a weight kept in bf16
                                                             (bf16 x widened first)
     dsv4::fork_side(x), dsv4::join_side(branch, keep, written)   a side branch on a second stream
+    dsv4::written_after(written, after)                     nothing: orders a later write after a read
     dsv4::grouped_fp8_linear(x, weight, scale)              per-group FP8 weights, bf16 activations (wo_a)
     dsv4::route_topk(logits, bias, k, scoring, scale, experts)   a score-routed gate's weights (experts
                                                             written in place)
@@ -458,6 +459,20 @@ def join_side(branch: torch.Tensor, keep: list[torch.Tensor], written: list[torc
 
 @join_side.register_fake
 def _(branch, keep, written):
+    return None
+
+
+@torch.library.custom_op("dsv4::written_after", mutates_args=("written",))
+def written_after(written: list[torch.Tensor], after: list[torch.Tensor]) -> None:
+    """Nothing, declared as writing `written` after reading `after`: a program that reads a cache and then
+    writes it again with no data path between the two (the verification program's first attention, then the
+    second token's window row) passes the reader's output here and the cache, so that the write is ordered
+    after the read and AOTInductor writes the cache in place, where it otherwise copied the whole cache and
+    back around the write (builder/programs/verify.py)."""
+
+
+@written_after.register_fake
+def _(written, after):
     return None
 
 

@@ -1,6 +1,9 @@
 """The verification program (builder/programs/verify.py) against two decode steps of the decode program, in
 float32 on the CPU (the ops' oracles): the same outputs and the same caches, bit for bit, wherever the two
 tokens end a compressor block or not."""
+import re
+import zipfile
+
 import pytest
 import torch
 
@@ -35,3 +38,19 @@ def test_two_tokens_verified_equal_two_decode_steps(ckpt, layer, q):
     got = verify(h[q:q + 2, 0], torch.tensor([q, q + 1]), ids[q:q + 2, 0], table, caches, weights)
     assert torch.equal(got, expect)
     assert [k for k in caches if not torch.equal(caches[k], stepped[k])] == []
+
+
+@pytest.mark.slow
+def test_the_verification_writes_the_window_cache_in_place(built):
+    """The second token's window row is written after the first token's attention reads the cache, with no data
+    path between the two; `dsv4::written_after` orders them, so AOTInductor writes the cache in place. Without
+    it, every verification program copied its whole kv cache out and back around that write (two kernels named
+    for the clone and the as_strided copy: computed at Flash size and 65536 positions, about 34 MB a ratio-4
+    layer a verification)."""
+    programs = sorted((built[0] / "programs").glob("*-verify.pt2"))
+    assert programs
+    for program in programs:
+        with zipfile.ZipFile(program) as z:
+            src = "".join(z.read(n).decode() for n in z.namelist() if n.endswith(".wrapper.cpp"))
+        kernels = set(re.findall(r"void\s+(cpp_fused_\w+)\(", src))
+        assert kernels and not [k for k in kernels if "clone" in k or "as_strided" in k], (program.name, kernels)

@@ -45,6 +45,8 @@ class VerifyLayer(DecodeLayer):
         out = []
         for t in range(2):                      # the first token's attention before the second's window row
             at = pos[t:t + 1, None]
+            if t:                               # (with no data path between them, Inductor copied the cache)
+                torch.ops.dsv4.written_after([caches["kv"]], out)
             qt = torch.ops.dsv4.q_heads_kv_row(q[t:t + 1], kv[t:t + 1, 0], w["attn.kv_norm.weight"], self.rot,
                                                pos[t:t + 1], caches["kv"], win, c.rms_norm_eps,
                                                c.qk_rope_head_dim, KV_FP8_BLOCK)
