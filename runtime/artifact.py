@@ -520,9 +520,14 @@ class ArtifactModel:
         # ratio 4 overlaps blocks: its state's first rows hold the previous block, replaced as a block ends; the
         # token at `start` ends none when the draft does (only one of two neighbours ends a block of 4)
         self._undo = (start + 1, [{k: t.clone() for k, t in rows.items()} for rows in self.overlap_rows()]) \
-            if (start + 2) % 4 == 0 else None
+            if self.draft_ends_block(start) else None
         return self._prefill_run(torch.tensor([tokens], device=self.device), start, 2, self._verify_through,
                                  self.verify_graph)
+
+    def draft_ends_block(self, q: int) -> bool:
+        """Whether a draft at q + 1 ends a ratio-4 block, shifting those layers' compressor states (`overlap_rows`),
+        where the model has any: what a rejected draft must put back."""
+        return bool(self.overlapped) and (q + 2) % 4 == 0
 
     def overlap_rows(self) -> list[dict[str, torch.Tensor]]:
         """The ratio-4 layers' compressor states' first rows (the previous block's; views), which the token ending

@@ -31,7 +31,8 @@ class MTPDraft:
         self.model = model
         dev = str(model.device)
         self.decode = model._package(entry["programs"]["1"])
-        self.sizes = {b["chunk"]: model._package(b["program"]) for b in entry["prefill"]["buckets"]}
+        self.sizes = {b["chunk"]: model._package(b["program"])        # smallest first (`draft`)
+                      for b in sorted(entry["prefill"]["buckets"], key=lambda b: b["chunk"])}
         weights = load_file(str(model.root / entry["weights"]), device=dev) | {"embed.weight": model.embed}
         self.weights = dict(sorted(weights.items()))       # the traced key order
         self.head = model.head_of([weights[f"hc_head_{n}"] for n in ("fn", "scale", "base")], weights["norm.weight"])
@@ -47,7 +48,7 @@ class MTPDraft:
         program size (one or two positions: each decode step's; the window: a turn's fill over the prompt's
         last positions) replays a CUDA graph where `capture` made one."""
         m, n = self.model, len(ids)
-        size = 1 if n == 1 else next(s for s in sorted(self.sizes) if s >= n)
+        size = 1 if n == 1 else next(s for s in self.sizes if s >= n)
         if size in self.graphs:
             graph, padded, start_t, n_t, out = self.graphs[size]
             if size > 2:                                 # the window's graph takes any count: padding token 0

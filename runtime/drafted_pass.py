@@ -45,7 +45,7 @@ class DraftedPass:
 
     def ends_block(self) -> bool:
         """Whether the next pass's draft (at q + 1) ends a ratio-4 block: the form that keeps the states."""
-        return bool(self.kept) and (self.at + 2) % 4 == 0
+        return self.model.draft_ends_block(self.at)
 
     def start(self, cur: int, q: int, draft: int) -> None:
         """Set the next pass's inputs (the passes move them on themselves)."""
