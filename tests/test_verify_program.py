@@ -54,3 +54,25 @@ def test_the_verification_writes_the_window_cache_in_place(built):
             src = "".join(z.read(n).decode() for n in z.namelist() if n.endswith(".wrapper.cpp"))
         kernels = set(re.findall(r"void\s+(cpp_fused_\w+)\(", src))
         assert kernels and not [k for k in kernels if "clone" in k or "as_strided" in k], (program.name, kernels)
+
+
+@pytest.mark.parametrize("layer", [3, 4], ids=["ratio128", "ratio4-indexer"])
+def test_the_verification_runs_both_tokens_compressor_steps_on_a_side_branch(ckpt, layer):
+    """As in the decode program: the compressors' products and both tokens' steps, in order, are ops of one side
+    branch (`dsv4::fork_side`'s token), forked before the query path's first GEMV and joined before the first
+    token's attention reads what they wrote."""
+    cfg = ckpt.config
+    verify = VerifyLayer(cfg, layer, torch.float32, MAX_LEN)
+    table, _ = expert_table(ckpt.get, cfg, layer)
+    args = (torch.randn(2, cfg.hc_mult, cfg.hidden_size), torch.tensor([130, 131]), torch.tensor([3, 9]), table,
+            new_caches(cfg, layer, 1, MAX_LEN, torch.float32), layer_weights(cfg, ckpt.get, layer, torch.float32))
+    nodes = [n for n in torch.export.export(verify, args).graph.nodes if n.op == "call_function"]
+    ops = [str(n.target).removeprefix("dsv4.").removesuffix(".default") for n in nodes]
+    first = {op: ops.index(op) for op in set(ops)}
+    fork = nodes[first["fork_side"]]
+    steps = ["compressor_step"] * (4 if layer == 4 else 2)
+    assert [op for n, op in zip(nodes, ops) if fork in n.args] == ["wide_linear", *steps, "join_side"]
+    assert first["fork_side"] < first["wide_linear"] < first["fp8_linear"] < first["join_side"] \
+        < first["decode_attention"]
+    if layer == 4:
+        assert first["join_side"] < first["indexer_picks"]

@@ -348,11 +348,18 @@ class DecodeLayer(torch.nn.Module):
         reads)."""
         win = self.cfg.sliding_window
         comp, idx_comp, weights = self.products_of_x(x, w, branch)
-        self.compressor(comp, pos, self.rot, caches["comp_kv"], caches["comp_score"], caches["kv"], win, w, branch)
-        if self.ratio == 4:
-            self.idx_compressor(idx_comp, pos, self.rot, caches["idx_kv"], caches["idx_score"], caches["idx_keys"],
-                                0, w, branch)
+        for rows in self.step_rows(x.size(0)):
+            self.compressor(comp[rows], pos[rows], self.rot, caches["comp_kv"], caches["comp_score"], caches["kv"],
+                            win, w, branch)
+            if self.ratio == 4:
+                self.idx_compressor(idx_comp[rows], pos[rows], self.rot, caches["idx_kv"], caches["idx_score"],
+                                    caches["idx_keys"], 0, w, branch)
         return weights, [t for t in (comp, idx_comp, weights) if t is not None]
+
+    def step_rows(self, rows: int) -> list[slice]:
+        """The rows each compressor step takes: here every row is its own sequence, so one step takes them all
+        (the verification program's rows are one sequence's tokens: a step each, in order)."""
+        return [slice(None)]
 
     def index_query(self, q, pos):
         """The indexer's queries [B, S, iheads, idim] (RoPE, Hadamard, FP4 round-trip) of tokens at positions

@@ -6,6 +6,8 @@ on the prefill path's glue (README, "Session 54"). Here the two tokens go throug
 batch wherever a token's result does not depend on the other (hyper-connections, projections, the router, the
 experts), and one after the other where it does: the compressors' steps (either token may end a block) and the
 window row with its attention (the second token's row takes the ring slot of the row the first still reads).
+The compressors' products and both tokens' steps run on a second stream beside the query path, as in the decode
+program (session 56).
 The caches are the decode program's for one sequence (`new_caches` with batch 1); afterwards they hold what
 two decode steps leave, `routed` the second token's experts.
 
@@ -23,25 +25,27 @@ import torch
 from plugins.oracle import softmax_scale
 
 from ..config import KV_FP8_BLOCK
-from .decode import DecodeLayer
+from . import decode
+from .decode import COMPRESSOR_CACHES, DecodeLayer
 
 
 class VerifyLayer(DecodeLayer):
+    def step_rows(self, rows):
+        return [slice(t, t + 1) for t in range(rows)]  # either token may end a block: their steps in order
+
     def attention(self, x, pos, caches, w):
         """x [2, 1, d]: the two tokens at pos [2]."""
         c = self.cfg
         win, r = c.sliding_window, self.ratio
-        if r:                                   # the products for both rows at once, the steps in order
-            comp, idx_comp, weights = self.products_of_x(x[:, 0], w)
-            for t in range(2):
-                self.compressor(comp[t:t + 1], pos[t:t + 1], self.rot, caches["comp_kv"], caches["comp_score"],
-                                caches["kv"], win, w)
-                if r == 4:
-                    self.idx_compressor(idx_comp[t:t + 1], pos[t:t + 1], self.rot, caches["idx_kv"],
-                                        caches["idx_score"], caches["idx_keys"], 0, w)
+        # the compressors' products and both tokens' steps on a second stream beside the query path, as in the
+        # decode program (DecodeLayer.attention), joined before the first attention reads what they wrote
+        branch = torch.ops.dsv4.fork_side(x) if r and decode.WIDE_LINEAR_OP else None
+        weights, side = self.compressors(x[:, 0], pos, caches, w, branch) if r else (None, [])
         q, kv, q_idx = self.project(x, w)
         if r == 4:
             q_idx = self.index_query(q_idx, pos[:, None])
+        if branch is not None:
+            torch.ops.dsv4.join_side(branch, [x, *side], [caches[k] for k in COMPRESSOR_CACHES[r]])
         out = []
         for t in range(2):                      # the first token's attention before the second's window row
             at = pos[t:t + 1, None]
