@@ -2,15 +2,15 @@
 2-token prefill programs, in turn in one process on one artifact: each as a CUDA graph, timed alone (CUDA
 events, the median of `--reps` replays) beside the plain decode step, and the logits of both compared. The
 artifact needs both: a build with `prefill_buckets = [2]` (bench/artifact_h200.sh: PREFILL_BUCKETS=2).
-A third form, `verify-torch-head`, takes the verification programs with the head's input made by torch's
-ops (hc_head, rms_norm: the rule before session 55, when only the decode batch's rows took the kernels).
+A third form, `verify-in-line`, runs the verification programs with their side branch in line (the compressors'
+products and steps on the main stream: plugins.streams.SIDE_BRANCHES off, as before session 56). (Session 55's
+third form, the head's input on torch's ops, is in git history.)
 
     python bench/verify_ab.py ARTIFACT [--context 512] [--rounds 2] [--json OUT]
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -20,16 +20,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.kernels import time_ms  # noqa: E402
 from bench.profile_decode import step_ms  # noqa: E402
 from bench.results_json import run_header, write_json  # noqa: E402
+from plugins import streams  # noqa: E402
 from runtime.artifact import ArtifactModel  # noqa: E402
 from runtime.bench import copy_bandwidth  # noqa: E402
 
 
-def use(model: ArtifactModel, form: str, programs: dict, head) -> None:
-    """Verify in `form` (the verification programs, with the head's kernels or torch's ops, or the 2-token
-    prefill programs), recaptured as a graph."""
+def use(model: ArtifactModel, form: str, programs: dict) -> None:
+    """Verify in `form` (the verification programs, with their side branch or in line, or the 2-token prefill
+    programs), recaptured as a graph."""
     model.verify_decode = form != "prefill"
     model.verify_runs = programs["prefill" if form == "prefill" else "verify"]
-    model.main_head = dataclasses.replace(head, hc_pre=None) if form == "verify-torch-head" else head
+    streams.SIDE_BRANCHES = form != "verify-in-line"
     model.verify_graph = None
     torch.cuda.empty_cache()
     model.verify_graph = model._capture_size(2, model._verify_through, "the verification")
@@ -53,11 +54,11 @@ def main() -> None:
     model.forward(torch.arange(args.context)[None] % 1000 + 2)
     q = args.context
     report = run_header() | {"copy_bandwidth_gb_s": bandwidth / 1e9, "plain_step_ms": step_ms(model, args.reps, q),
-                             "runs": {"verify": [], "prefill": [], "verify-torch-head": []}}
-    logits, head = {}, model.main_head
+                             "runs": {"verify": [], "prefill": [], "verify-in-line": []}}
+    logits = {}
     for _ in range(args.rounds):
         for name in report["runs"]:
-            use(model, name, programs, head)
+            use(model, name, programs)
             graph, padded, start_t, n_t, out = model.verify_graph
             padded.copy_(torch.tensor([[5, 6]]))
             start_t.fill_(q)

@@ -149,14 +149,19 @@ def test_graph_replay_equals_plain_launches_and_eager(artifact, tiny_dir):
 def test_the_side_branches_change_no_bit(artifact, monkeypatch, sinkhorn_beside):
     """The compressors on a second stream beside the query path (`dsv4::fork_side`, plugins/streams.py), and
     comb's Sinkhorn iterations beside the chain (plugins.hc_pre.SINKHORN_BESIDE): the same logits as in
-    line, from the captured graph and from plain launches."""
+    line, from the captured graph and from plain launches, in decode steps and in the verification of drafts
+    (the tokens two at a time)."""
     from plugins import hc_pre, streams
     monkeypatch.setattr(streams, "SIDE_BRANCHES", False)
     in_line = forced_logits(ArtifactModel(artifact, "cuda", graphs=True), PROMPT, FORCED)
+    pairs_in_line = forced_logits(ArtifactModel(artifact, "cuda", graphs=True, draft=True), PROMPT, FORCED,
+                                  paired=True)
     monkeypatch.setattr(streams, "SIDE_BRANCHES", True)
     monkeypatch.setattr(hc_pre, "SINKHORN_BESIDE", sinkhorn_beside)
-    assert torch.equal(forced_logits(ArtifactModel(artifact, "cuda", graphs=True), PROMPT, FORCED), in_line)
-    assert torch.equal(forced_logits(ArtifactModel(artifact, "cuda", graphs=False), PROMPT, FORCED), in_line)
+    for graphs in (True, False):
+        assert torch.equal(forced_logits(ArtifactModel(artifact, "cuda", graphs=graphs), PROMPT, FORCED), in_line)
+        assert torch.equal(forced_logits(ArtifactModel(artifact, "cuda", graphs=graphs, draft=True), PROMPT, FORCED,
+                                         paired=True), pairs_in_line)
 
 
 def test_greedy_decode_ahead_of_the_host_equals_step_by_step_on_the_graph(artifact):
