@@ -60,7 +60,7 @@ def test_the_verification_writes_the_window_cache_in_place(built):
 def test_the_verification_runs_both_tokens_compressor_steps_on_a_side_branch(ckpt, layer):
     """As in the decode program: the compressors' products and both tokens' steps, in order, are ops of one side
     branch (`dsv4::fork_side`'s token), forked before the query path's first GEMV and joined before the first
-    token's attention reads what they wrote."""
+    token's attention reads what they wrote; both tokens' indexer picks are one op."""
     cfg = ckpt.config
     verify = VerifyLayer(cfg, layer, torch.float32, MAX_LEN)
     table, _ = expert_table(ckpt.get, cfg, layer)
@@ -74,5 +74,5 @@ def test_the_verification_runs_both_tokens_compressor_steps_on_a_side_branch(ckp
     assert [op for n, op in zip(nodes, ops) if fork in n.args] == ["wide_linear", *steps, "join_side"]
     assert first["fork_side"] < first["wide_linear"] < first["fp8_linear"] < first["join_side"] \
         < first["decode_attention"]
-    if layer == 4:
-        assert first["join_side"] < first["indexer_picks"]
+    if layer == 4:                              # both tokens' picks in one op, after the join
+        assert first["join_side"] < first["indexer_picks"] and ops.count("indexer_picks") == 1

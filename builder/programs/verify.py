@@ -42,10 +42,13 @@ class VerifyLayer(DecodeLayer):
         branch = torch.ops.dsv4.fork_side(x) if r and decode.WIDE_LINEAR_OP else None
         weights, side = self.compressors(x[:, 0], pos, caches, w, branch) if r else (None, [])
         q, kv, q_idx = self.project(x, w)
-        if r == 4:
-            q_idx = self.index_query(q_idx, pos[:, None])
+        if r == 4:                              # both tokens' queries as one sequence's two [1, 2, ...]
+            q_idx = self.index_query(q_idx.transpose(0, 1), pos[None])
         if branch is not None:
             torch.ops.dsv4.join_side(branch, [x, *side], [caches[k] for k in COMPRESSOR_CACHES[r]])
+        # both tokens' picks in one launch pair: the steps of both are in the keys by now, and each query sees
+        # only the blocks complete at its own position
+        picked = self.pick_blocks(q_idx, weights[None], caches["idx_keys"], pos[None]) if r == 4 else None
         out = []
         for t in range(2):                      # the first token's attention before the second's window row
             at = pos[t:t + 1, None]
@@ -54,9 +57,8 @@ class VerifyLayer(DecodeLayer):
             qt = torch.ops.dsv4.q_heads_kv_row(q[t:t + 1], kv[t:t + 1, 0], w["attn.kv_norm.weight"], self.rot,
                                                pos[t:t + 1], caches["kv"], win, c.rms_norm_eps,
                                                c.qk_rope_head_dim, KV_FP8_BLOCK)
-            picked = self.pick_blocks(q_idx[t:t + 1], weights[t:t + 1, None], caches["idx_keys"], at) \
-                if r == 4 else None
-            out.append(torch.ops.dsv4.decode_attention(qt, caches["kv"], w["attn.attn_sink"], picked, at, win, r,
+            out.append(torch.ops.dsv4.decode_attention(qt, caches["kv"], w["attn.attn_sink"],
+                                                       picked[:, t:t + 1] if r == 4 else None, at, win, r,
                                                        softmax_scale(c.head_dim), self.rot))
         return self.output(torch.cat(out), w)
 
