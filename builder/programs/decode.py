@@ -317,12 +317,7 @@ class DecodeLayer(torch.nn.Module):
         c = self.cfg
         win, r, at = c.sliding_window, self.ratio, pos[:, None]
         ops = x.size(0) <= COMPRESSOR_OP_ROWS
-        # decode rows: the compressors' branch (their products of x, then their steps) on a second stream
-        # beside the query path, up to the join below (`compressors`); only where the products go through
-        # `dsv4::wide_linear` too, since a product written out would run on this stream, unordered with the
-        # steps that read it on the other
-        branch = torch.ops.dsv4.fork_side(x) if r and ops and WIDE_LINEAR_OP else None
-        weights, side = self.compressors(x[:, 0], pos, caches, w, branch) if r else (None, [])
+        weights, join = self.compressors_beside(x, pos, caches, w, ops) if r else (None, None)
         q, kv, q_idx = self.project(x, w)
         row = (kv[:, 0], w["attn.kv_norm.weight"], self.rot, pos, caches["kv"], win, c.rms_norm_eps,
                c.qk_rope_head_dim, KV_FP8_BLOCK)                    # the new window row
@@ -333,13 +328,26 @@ class DecodeLayer(torch.nn.Module):
             kv_row(*row)
         if r == 4:
             q_idx = self.index_query(q_idx, at)
-        if branch is not None:
-            torch.ops.dsv4.join_side(branch, [x, *side], [caches[k] for k in COMPRESSOR_CACHES[r]])
+        if join is not None:
+            join()
         picked = self.pick_blocks(q_idx, weights[:, None], caches["idx_keys"], at) if r == 4 else None  # [B, 1, topk]
         args, scale = (q, caches["kv"], w["attn.attn_sink"]), softmax_scale(c.head_dim)
         if ops:                                 # the rows (`decode_rows`) and the inverse RoPE in its launches
             return self.output(torch.ops.dsv4.decode_attention(*args, picked, at, win, r, scale, self.rot), w)
         return self.attend(q, caches["kv"], decode_rows(at, picked, win, r, caches["kv"].size(1)), self.rot[at], w)
+
+    def compressors_beside(self, x, pos, caches, w, ops=True):
+        """The compressors of x [B, 1, d] at `pos` (`compressors`), on a second stream beside the query path where
+        `ops` (decode rows) -> (the indexer's raw head weights or None; `join`, which the caller calls before
+        anything reads what they wrote). Only where the products go through `dsv4::wide_linear` too, since a
+        product written out would run on this stream, unordered with the steps that read it on the other."""
+        branch = torch.ops.dsv4.fork_side(x) if ops and WIDE_LINEAR_OP else None
+        weights, side = self.compressors(x[:, 0], pos, caches, w, branch)
+        if branch is None:
+            return weights, lambda: None
+        # the branch's inputs held until the join; the caches its steps wrote declared written there
+        return weights, lambda: torch.ops.dsv4.join_side(branch, [x, *side],
+                                                         [caches[k] for k in COMPRESSOR_CACHES[self.ratio]])
 
     def compressors(self, x, pos, caches, w, branch=None):
         """The compressors of one token per sequence x [B, d] at `pos` [B] (their products of x, then their steps,

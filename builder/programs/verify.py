@@ -25,8 +25,7 @@ import torch
 from plugins.oracle import softmax_scale
 
 from ..config import KV_FP8_BLOCK
-from . import decode
-from .decode import COMPRESSOR_CACHES, DecodeLayer
+from .decode import DecodeLayer
 
 
 class VerifyLayer(DecodeLayer):
@@ -37,15 +36,14 @@ class VerifyLayer(DecodeLayer):
         """x [2, 1, d]: the two tokens at pos [2]."""
         c = self.cfg
         win, r = c.sliding_window, self.ratio
-        # the compressors' products and both tokens' steps on a second stream beside the query path, as in the
-        # decode program (DecodeLayer.attention), joined before the first attention reads what they wrote
-        branch = torch.ops.dsv4.fork_side(x) if r and decode.WIDE_LINEAR_OP else None
-        weights, side = self.compressors(x[:, 0], pos, caches, w, branch) if r else (None, [])
+        # the compressors' products and both tokens' steps (`step_rows`) beside the query path, as in the decode
+        # program, joined before the first attention reads what they wrote
+        weights, join = self.compressors_beside(x, pos, caches, w) if r else (None, None)
         q, kv, q_idx = self.project(x, w)
         if r == 4:                              # both tokens' queries as one sequence's two [1, 2, ...]
             q_idx = self.index_query(q_idx.transpose(0, 1), pos[None])
-        if branch is not None:
-            torch.ops.dsv4.join_side(branch, [x, *side], [caches[k] for k in COMPRESSOR_CACHES[r]])
+        if join is not None:
+            join()
         # both tokens' picks in one launch pair: the steps of both are in the keys by now, and each query sees
         # only the blocks complete at its own position
         picked = self.pick_blocks(q_idx, weights[None], caches["idx_keys"], pos[None]) if r == 4 else None
