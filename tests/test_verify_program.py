@@ -37,7 +37,11 @@ def test_two_tokens_verified_equal_two_decode_steps(ckpt, layer, q):
     expect = torch.cat([decode(h[p], torch.tensor([p]), ids[p], table, stepped, weights) for p in (q, q + 1)])
     got = verify(h[q:q + 2, 0], torch.tensor([q, q + 1]), ids[q:q + 2, 0], table, caches, weights)
     assert torch.equal(got, expect)
-    assert [k for k in caches if not torch.equal(caches[k], stepped[k])] == []
+    for k in [k for k in caches if not torch.equal(caches[k], stepped[k])]:
+        # the compressors' float64 states: a CPU BLAS may sum two rows' products in another order than one row's
+        # (torch 2.11's double GEMM does, in the last column: 1 ulp), so these hold to float64 rounding only
+        assert caches[k].dtype == torch.float64, k
+        torch.testing.assert_close(caches[k], stepped[k], rtol=1e-13, atol=1e-13, msg=k)
 
 
 @pytest.mark.slow
