@@ -274,9 +274,16 @@ class ArtifactModel:
             if self.pager is not None:
                 self.pager.before_layer(i, h)
             h = run(h, self.positions, self.tokens, table, caches, weights)
-        if self.recent is not None:                      # batch 1: the drafter's input at this position
-            self.recent[0].index_copy_(0, self.positions % self.recent.size(1), h)
+        self._keep_recent(self.positions, h)
         return self._logits(h)
+
+    def _keep_recent(self, positions: torch.Tensor, h: torch.Tensor) -> None:
+        """The main model's last streams h [n, hc, d] of one sequence at `positions` [n] into the drafter's ring
+        of inputs (`recent`, where the artifact drafts): one launch for the slots, one for the rows. (Until session
+        57 the verification rewrote the whole ring through `ring_update` for its two rows: about twelve launches
+        and, computed at Flash size, some 25 MB read and written a pass.)"""
+        if self.recent is not None:
+            self.recent[0].index_copy_(0, positions % self.recent.size(1), h)
 
     def head_of(self, hc: list[torch.Tensor], norm: torch.Tensor) -> Head:
         """A head's hc_head weights and norm, with hc_head in `dsv4::hc_pre_norm`'s form
@@ -356,8 +363,7 @@ class ArtifactModel:
         h = self.embed[ids[:, None].expand(-1, self.config.hc_mult)]                # [2, hc, d]
         for (_, table, weights, caches), run in zip(self.layers, self.verify_runs):
             h = run(h, pos, ids, table, caches, weights)
-        if self.recent is not None:                      # the drafter's input at these positions
-            self.recent.copy_(ring_update(self.recent, h[None], start_t, n_t))
+        self._keep_recent(pos, h)                        # both rows (a rejected draft's is written again)
         return self._logits(h)
 
     def _captured(self, fn) -> tuple[torch.cuda.CUDAGraph, object]:

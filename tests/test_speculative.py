@@ -95,6 +95,25 @@ def test_the_draft_is_the_reference_mtp_blocks_greedy_token(built, tiny_dir, pla
     assert got == want
 
 
+def test_the_verification_leaves_the_drafters_inputs_as_two_steps_do(built, plain):
+    """The drafter drafts from the main model's last streams at the positions settled (`recent`): after a
+    verification they are what two one-token steps leave, bit for bit in float32 (the tokens alone would not
+    show a wrong row: whatever is drafted, the verification decides them)."""
+    tok, ids, expect = plain
+    model = ArtifactModel(built[0], draft=True)
+    q = len(ids)
+
+    def recent_after(feed) -> torch.Tensor:
+        model.reset(1)
+        model.forward(torch.tensor([ids]), 0)
+        before = model.recent.clone()
+        feed()
+        assert not torch.equal(model.recent, before)
+        return model.recent.clone()
+    stepped = recent_after(lambda: [model.forward(torch.tensor([[t]]), q + i) for i, t in enumerate(expect[:2])])
+    assert torch.equal(recent_after(lambda: model.verify(expect[:2], q)), stepped)
+
+
 def _block_end(model, ids: list[int], first: int, fed: bool) -> int:
     """The index of the first token a speculative run draws at the last position of a ratio-4 block (whose
     compressor state shifts there) with the caches holding it (`fed`: right after an accepted draft) or not."""
