@@ -339,12 +339,13 @@ class DecodeLayer(torch.nn.Module):
     def compressors_beside(self, x, pos, caches, w, ops=True):
         """The compressors of x [B, 1, d] at `pos` (`compressors`), on a second stream beside the query path where
         `ops` (decode rows) -> (the indexer's raw head weights or None; `join`, which the caller calls before
-        anything reads what they wrote). Only where the products go through `dsv4::wide_linear` too, since a
-        product written out would run on this stream, unordered with the steps that read it on the other."""
+        anything reads what they wrote, or None where they ran in line). Only where the products go through
+        `dsv4::wide_linear` too, since a product written out would run on this stream, unordered with the steps
+        that read it on the other."""
         branch = torch.ops.dsv4.fork_side(x) if ops and WIDE_LINEAR_OP else None
         weights, side = self.compressors(x[:, 0], pos, caches, w, branch)
         if branch is None:
-            return weights, lambda: None
+            return weights, None
         # the branch's inputs held until the join; the caches its steps wrote declared written there
         return weights, lambda: torch.ops.dsv4.join_side(branch, [x, *side],
                                                          [caches[k] for k in COMPRESSOR_CACHES[self.ratio]])
