@@ -6,8 +6,9 @@
 #   plan     the GEMVs on the second stream at one CTA an SM and two ring stages (74 KB: plugins.fp8_linear.BESIDE_PLAN)
 #   g2       gate_up capped at two CTAs an SM (plugins.loader.RESIDENT_CAPS), the GEMVs as the tree plans them
 #   plan_g2  both: two gate_up CTAs and one GEMV CTA fit an SM (139 + 75 KB)
+#   plan_m2  the GEMVs so, and both MoE kernels capped at two CTAs an SM (w2 may run beside down)
 # in turn, two rounds (bench/read_ceiling_in_turn.sh, LINES below). First, the drafter ring's A/B
-# (bench/recent_ring_ab.py). Results under $RES (default $OUT); DONE when all ran.
+# (bench/recent_ring_ab.py) and the GPU tests of the shared expert beside the routed experts. Results under $RES (default $OUT); DONE when all ran.
 set -u
 export RES=${RES:-$OUT}
 mkdir -p "$RES"
@@ -20,5 +21,6 @@ PLAN=plugins.fp8_linear.BESIDE_PLAN CAPS=plugins.loader.RESIDENT_CAPS
 python -m pytest -q -p no:cacheprovider tests/test_kernels_moe.py -k "beside" > "$RES/gpu-tests.txt" 2>&1
 echo "gpu tests rc=$?" >> "$RES/progress.txt"
 LINES=${LINES:-decode_layer,moe_decode,shared_expert} bash bench/read_ceiling_in_turn.sh base="$F" \
-  plan="$F@$PLAN='1:2'" g2="$F@$CAPS='dsv4_moe_gate_up:2'" plan_g2="$F@$PLAN='1:2',$CAPS='dsv4_moe_gate_up:2'"
+  plan="$F@$PLAN='1:2'" g2="$F@$CAPS='dsv4_moe_gate_up:2'" plan_g2="$F@$PLAN='1:2',$CAPS='dsv4_moe_gate_up:2'" \
+  plan_m2="$F@$PLAN='1:2',$CAPS='dsv4_moe_:2'"
 touch "$RES/DONE"
