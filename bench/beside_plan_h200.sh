@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Session 58's device batch: the shared expert's two GEMVs beside the routed experts with room made for each
+# Session 58's device batch, in a copy of the tree, which it patches with bench/results/beside-plan-s58.patch (the
+# switch below, not kept): the shared expert's two GEMVs beside the routed experts with room made for each
 # other on every SM (the decode layer line), against the tree. Today the routed gate_up holds three CTAs an SM
 # (208 KB of shared memory) and a shared-expert GEMV CTA takes 105 KB, so the two hardly share an SM. Cases:
 #   base     the tree
@@ -8,10 +9,12 @@
 #   plan_g2  both: two gate_up CTAs and one GEMV CTA fit an SM (139 + 75 KB)
 #   plan_m2  the GEMVs so, and both MoE kernels capped at two CTAs an SM (w2 may run beside down)
 # in turn, two rounds (bench/read_ceiling_in_turn.sh, LINES below). First, the drafter ring's A/B
-# (bench/recent_ring_ab.py) and the GPU tests of the shared expert beside the routed experts. Results under $RES (default $OUT); DONE when all ran.
+# (bench/recent_ring_ab.py) and the GPU tests of the shared expert beside the routed experts. Results under
+# $RES (default $OUT); DONE when all ran.
 set -u
 export RES=${RES:-$OUT}
 mkdir -p "$RES"
+git apply bench/results/beside-plan-s58.patch || { echo "patch failed" >> "$RES/progress.txt"; touch "$RES/DONE"; exit 1; }
 F=plugins/dsv4_kernels.fatbin
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv > "$RES/gpu.txt" 2>&1
 export LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libstdc++.so.6

@@ -39,11 +39,6 @@ GW_CTAS_PER_SM = 1.9
 # slices' sums took 4 KB (8 KB at 16 rows) there, which left wo_b two ring stages where it now gets three;
 # a benchmark may set 4096 to plan as then (bench/profile_decode.py).
 SHARED_STATIC_BYTES = 32
-# The GEMVs launched on the second stream (plugins/streams.py: the shared expert beside the routed experts) as
-# "CTAS:STAGES", at most CTAS an SM and STAGES ring stages (at least 2), so that they fit on SMs beside the
-# routed experts' CTAs; "": planned as any GEMV, taking whole SMs. A switch for benchmarks (session 58:
-# bench/beside_plan_h200.sh).
-BESIDE_PLAN = ""
 
 
 def ring_stages(shared_memory: tuple[int, int], fixed: int) -> int:
@@ -204,20 +199,6 @@ def gemv_split(n: int, k: int, name: str, shared: int, device: int | None = None
     return (*split_for(n, k, resident, sms), resident)
 
 
-def _beside_plan(x: torch.Tensor, stages: int, shared: int) -> tuple[int, int, int | None]:
-    """(stages, shared bytes, CTAs per SM or None) of a GEMV launched now: BESIDE_PLAN's where it is set and
-    the launch goes to the second stream, else as planned. The split of K stays the plain plan's, so the
-    output is the same bits."""
-    if not BESIDE_PLAN:
-        return stages, shared, None
-    from .streams import on_second_stream
-    if not on_second_stream(x.device):
-        return stages, shared, None
-    per_sm, most = (int(v) for v in BESIDE_PLAN.split(":"))
-    fewer = max(0, stages - max(2, most))
-    return stages - fewer, shared - fewer * STAGE_BYTES, per_sm
-
-
 def _check_gemv(x, w, w_scale, m: int, k: int) -> None:
     """The decode GEMVs' contract on their inputs (internal: the programs build them)."""
     n = w.size(0)
@@ -235,9 +216,6 @@ def gemv_launch(name: str, x, codes, scales, w, w_scale, out, m: int, k: int, st
     _check_gemv(x, w, w_scale, m, k)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x.device) if out is None else out
     wpr, items, resident = gemv_split(n, k, name, shared, x.device.index)
-    stages, shared, per_sm = _beside_plan(x, stages, shared)
-    if per_sm is not None:
-        max_ctas = min(max_ctas or resident, per_sm * sm_count(device_index(x.device)))
     grid = balanced_grid(items, min(resident, max_ctas or resident))
     pro_w, ld, up, param = prologue
     kernels().launch(name, grid, 256,

@@ -69,12 +69,6 @@ def join_pending(device: torch.device) -> None:
         _PENDING.discard(device_index(device))
 
 
-def on_second_stream(device: torch.device) -> bool:
-    """Whether torch's launches on `device` go to its second stream now (inside `on_side`)."""
-    current, other = _streams(device)
-    return current == other
-
-
 def on_side(device: torch.device, enabled: bool = True):
     """A context in which torch's launches and allocations go to the second stream of `device` (after a
     `fork`); a no-op where not enabled."""
