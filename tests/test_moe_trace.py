@@ -1,0 +1,42 @@
+"""bench/moe_trace.py's reading of the decode MoE probe's records (CPU): the layout it expects is the kernel
+source's, and a known timeline gives back its waits, work, prologue and tail."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.moe_trace import CTAS, RECORD, STEPS, summarize
+
+SOURCE = Path(__file__).resolve().parents[1] / "plugins" / "csrc" / "moe_decode_wgmma.cu"
+
+
+def test_the_record_layout_is_the_kernels():
+    text = SOURCE.read_text()
+    assert re.search(rf"constexpr int CTAS = {CTAS}, STEPS = {STEPS};", text)
+    fields = re.search(r"struct Warp \{(.*?)\};", text, re.S).group(1)
+    assert "start_ns, end_ns, start, walk, step[STEPS][2], end;" in fields and "unsigned sm, steps;" in fields
+    assert RECORD.itemsize == 8 * (5 + 2 * STEPS) + 8 and list(RECORD.names)[-2:] == ["sm", "steps"]
+
+
+def test_a_known_timeline_is_summarised():
+    records = np.zeros((CTAS, 4), dtype=RECORD)
+    for cta in range(2):
+        for warp in range(4):
+            r = records[cta, warp]
+            r["start"], r["walk"], r["end"] = 100, 1100, 2300
+            r["step"][:3] = [[1300, 1500], [1600, 1900], [2000, 2100]]
+            r["start_ns"], r["end_ns"], r["sm"], r["steps"] = 5000 + cta, 5600 + cta, cta, 3
+    s = summarize(records)
+    assert (s["ctas"], s["warps"], s["sms"], s["steps_recorded"]) == (2, 8, 2, 3)
+    assert s["prologue_cycles"]["median"] == 1000 and s["tail_cycles"]["median"] == 200
+    assert s["wait_cycles_per_step"]["median"] == pytest.approx(400 / 3)
+    assert s["work_cycles_per_step"]["median"] == pytest.approx(200)
+    assert s["walk_share_waiting"] == pytest.approx(400 / 1200)
+    assert s["wait_by_step"] == [200, 100, 100] and s["work_by_step"] == [200, 300, 100]
+    assert s["cycles_per_ns"] == pytest.approx(2200 / 600) and s["span_us"] == pytest.approx(0.601)
+
+
+def test_a_kernel_without_records_is_refused():
+    with pytest.raises(ValueError):
+        summarize(np.zeros((CTAS, 4), dtype=RECORD))
