@@ -79,14 +79,18 @@ def trace_buffer(module) -> tuple[int, int]:
     return int(ptr), size
 
 
+class _DeviceBytes:
+    """`size` bytes at device address `ptr`, for torch.as_tensor to view without a copy."""
+
+    def __init__(self, ptr: int, size: int):
+        self.__cuda_array_interface__ = {"shape": (size,), "typestr": "|u1", "data": (ptr, False), "version": 3}
+
+
 def read_trace(module) -> np.ndarray:
     """The trace buffer of the loaded kernel image -> [2, CTAS, 4] RECORD."""
-    from cuda.bindings import driver
-    from plugins.loader import _check
     ptr, size = trace_buffer(module)
     torch.cuda.synchronize()
-    host = np.empty(size, dtype=np.uint8)
-    _check(driver.cuMemcpyDtoH(host.ctypes.data, ptr, size))
+    host = torch.as_tensor(_DeviceBytes(ptr, size), device="cuda").cpu().numpy()
     return host.view(RECORD).reshape(2, CTAS, 4)
 
 
