@@ -8,8 +8,9 @@ warp's timeline (csrc/moe_decode_wgmma.cu, DSV4_MOE_TRACE), then reads the last 
 Per kernel (gate_up, down), over its warps: the cycles from the warp's start to its walk's loop (the prologue:
 x's quantise, the wait for the launch before, the table, the first copies); per step, the cycles from the end of
 the previous step to its stage having landed (`wait`: the weights were late) and from there to its products
-being added (`work`: the warp's own instructions and the warpgroup's MMAs); the tail after the last step; and
-the share of the walk spent waiting. Session 43 found the kernels 1.6x their bytes' read and no one part of the
+being added (`work`), split into the first half's conversion (`convert`), the MMAs until they are done
+(`mma`: the second half's conversion, the wait for the warpgroup's other warps, the tensor cores) and the
+products' scaling (`finish`); the tail after the last step; and the share of the walk spent waiting. Session 43 found the kernels 1.6x their bytes' read and no one part of the
 step to blame (README, "Kernel status"); a warp that waits most of each step asks for more in flight, one that
 works most of it for fewer instructions or more warps. The probe's own stores slow the kernels somewhat: the
 report times the trace build, to set beside the tree's figure.
@@ -29,7 +30,8 @@ from bench.results_json import run_header, write_json  # noqa: E402
 KERNELS = ("gate_up", "down")
 CTAS, STEPS = 1024, 32                      # csrc/moe_decode_wgmma.cu moe_trace
 RECORD = np.dtype([("start_ns", "<u8"), ("end_ns", "<u8"), ("start", "<u8"), ("walk", "<u8"),
-                   ("step", "<u8", (STEPS, 2)), ("end", "<u8"), ("sm", "<u4"), ("steps", "<u4")])
+                   ("step", "<u8", (STEPS, 4)), ("end", "<u8"), ("sm", "<u4"), ("steps", "<u4")])
+PARTS = ("convert", "mma", "finish")       # a step's work between its landed, converted, MMAs-done, added marks
 
 
 def summarize(records: np.ndarray) -> dict:
@@ -40,7 +42,7 @@ def summarize(records: np.ndarray) -> dict:
         raise ValueError("no warp of this kernel left a record")
     n = int(min(warps["steps"].min(), STEPS))  # steps every warp recorded
     step = warps["step"][:, :n].astype(np.int64)
-    landed, added = step[:, :, 0], step[:, :, 1]
+    landed, added = step[:, :, 0], step[:, :, 3]
     before = np.concatenate([warps["walk"].astype(np.int64)[:, None], added[:, :-1]], axis=1)
     wait, work = landed - before, added - landed
     walk = warps["end"].astype(np.int64) - warps["walk"].astype(np.int64)
@@ -55,6 +57,7 @@ def summarize(records: np.ndarray) -> dict:
         "steps_per_warp": int(warps["steps"].max()), "steps_recorded": n,
         "prologue_cycles": dist(warps["walk"].astype(np.int64) - warps["start"].astype(np.int64)),
         "wait_cycles_per_step": dist(wait.mean(axis=1)), "work_cycles_per_step": dist(work.mean(axis=1)),
+        **{f"{part}_cycles_per_step": dist(np.diff(step, axis=2)[:, :, i].mean(axis=1)) for i, part in enumerate(PARTS)},
         "tail_cycles": dist(tail), "warp_cycles": dist(spans),
         "walk_share_waiting": float(wait.sum() / walk.sum()),
         "wait_by_step": [float(v) for v in np.median(wait, axis=0)],
@@ -117,7 +120,9 @@ def main() -> None:
         s = report[k]
         print(f"{k}: {s['ctas']} CTAs on {s['sms']} SMs, {s['steps_per_warp']} steps a warp; a step waits "
               f"{s['wait_cycles_per_step']['median']:.0f} and works {s['work_cycles_per_step']['median']:.0f} "
-              f"cycles (median warp); {s['walk_share_waiting']:.2f} of the walk waiting; prologue "
+              f"cycles (median warp: convert {s['convert_cycles_per_step']['median']:.0f}, MMAs "
+              f"{s['mma_cycles_per_step']['median']:.0f}, finish {s['finish_cycles_per_step']['median']:.0f}); "
+              f"{s['walk_share_waiting']:.2f} of the walk waiting; prologue "
               f"{s['prologue_cycles']['median']:.0f}, tail {s['tail_cycles']['median']:.0f} cycles; "
               f"span {s['span_us']:.1f} us")
     print(f"traced MoE: {timed['time_us']:.1f} us, {timed['fraction_of_copy_bw']:.3f} of the copy bandwidth")

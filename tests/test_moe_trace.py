@@ -15,8 +15,8 @@ def test_the_record_layout_is_the_kernels():
     text = SOURCE.read_text()
     assert re.search(rf"constexpr int CTAS = {CTAS}, STEPS = {STEPS};", text)
     fields = re.search(r"struct Warp \{(.*?)\};", text, re.S).group(1)
-    assert "start_ns, end_ns, start, walk, step[STEPS][2], end;" in fields and "unsigned sm, steps;" in fields
-    assert RECORD.itemsize == 8 * (5 + 2 * STEPS) + 8 and list(RECORD.names)[-2:] == ["sm", "steps"]
+    assert "start_ns, end_ns, start, walk, step[STEPS][4], end;" in fields and "unsigned sm, steps;" in fields
+    assert RECORD.itemsize == 8 * (5 + 4 * STEPS) + 8 and list(RECORD.names)[-2:] == ["sm", "steps"]
 
 
 def test_a_known_timeline_is_summarised():
@@ -25,13 +25,16 @@ def test_a_known_timeline_is_summarised():
         for warp in range(4):
             r = records[cta, warp]
             r["start"], r["walk"], r["end"] = 100, 1100, 2300
-            r["step"][:3] = [[1300, 1500], [1600, 1900], [2000, 2100]]
+            r["step"][:3] = [[1300, 1350, 1450, 1500], [1600, 1650, 1850, 1900], [2000, 2010, 2090, 2100]]
             r["start_ns"], r["end_ns"], r["sm"], r["steps"] = 5000 + cta, 5600 + cta, cta, 3
     s = summarize(records)
     assert (s["ctas"], s["warps"], s["sms"], s["steps_recorded"]) == (2, 8, 2, 3)
     assert s["prologue_cycles"]["median"] == 1000 and s["tail_cycles"]["median"] == 200
     assert s["wait_cycles_per_step"]["median"] == pytest.approx(400 / 3)
     assert s["work_cycles_per_step"]["median"] == pytest.approx(200)
+    assert s["convert_cycles_per_step"]["median"] == pytest.approx((50 + 50 + 10) / 3)
+    assert s["mma_cycles_per_step"]["median"] == pytest.approx((100 + 200 + 80) / 3)
+    assert s["finish_cycles_per_step"]["median"] == pytest.approx((50 + 50 + 10) / 3)
     assert s["walk_share_waiting"] == pytest.approx(400 / 1200)
     assert s["wait_by_step"] == [200, 100, 100] and s["work_by_step"] == [200, 300, 100]
     assert s["cycles_per_ns"] == pytest.approx(2200 / 600) and s["span_us"] == pytest.approx(0.601)

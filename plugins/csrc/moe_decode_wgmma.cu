@@ -30,13 +30,14 @@
 #ifdef DSV4_MOE_TRACE
 // A probe build's timeline of every warp of the two kernels (python -m plugins.build -D DSV4_MOE_TRACE=1; read
 // by bench/moe_trace.py), to tell a warp that waits for its weights from one that waits on its own work: when
-// it started, when its walk's loop began, when each step's ring stage had landed and when that step's products
-// were added, when it ended (the SM's cycles; start and end also in global nanoseconds). Lane 0 of each warp
-// writes its record; the default build has none of this.
+// it started, when its walk's loop began, and for each step when its ring stage had landed, when the first half
+// of its codes was converted (its first MMAs' fence), when its MMAs were done (the warpgroup's, so the wait for
+// the other three warps is in it) and when its products were added; when it ended (the SM's cycles; start and
+// end also in global nanoseconds). Lane 0 of each warp writes its record; the default build has none of this.
 namespace moe_trace {
 constexpr int CTAS = 1024, STEPS = 32;
 struct Warp {
-  unsigned long long start_ns, end_ns, start, walk, step[STEPS][2], end;
+  unsigned long long start_ns, end_ns, start, walk, step[STEPS][4], end;   // step: landed, converted, MMAs done, added
   unsigned sm, steps;
 };
 }  // namespace moe_trace
@@ -101,7 +102,8 @@ __device__ __forceinline__ void lane_scales(const uint8_t* stage, const Fp4Job& 
 // step at Flash sizes), without bounds checks.
 template <bool FULL>
 __device__ __forceinline__ void wgmma_step(const uint8_t* stage, const Fp4Job& j, bool async_scales, uint64_t desc,
-                                           const float* act_s, int lane, float (&acc)[2]) {
+                                           const float* act_s, int lane, float (&acc)[2]
+                                           DSV4_MOE_TRACE_AT(, unsigned long long (&marks)[2])) {
   const int r = lane >> 2, q = lane & 3, blocks = FULL ? UB : j.blocks;
   // Each half's A fragments first, then a fence, then its MMAs: wgmma reads its A registers asynchronously,
   // and registers written between the fence and an MMA may not feed it (PTX: wgmma.fence). A short step
@@ -129,6 +131,7 @@ __device__ __forceinline__ void wgmma_step(const uint8_t* stage, const Fp4Job& j
     for (int u = half * UB / 2; u < (half + 1) * UB / 2; ++u)   // computed before the fence (the compiler
 #pragma unroll                                                 // would sink them)
       for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[u][i])::"memory");
+    DSV4_MOE_TRACE_AT(if (half == 0) marks[0] = clock64();)
     wgmma_fence();
 #pragma unroll
     for (int u = half * UB / 2; u < (half + 1) * UB / 2; ++u) {  // past a short step's blocks: block 0's B,
@@ -140,6 +143,7 @@ __device__ __forceinline__ void wgmma_step(const uint8_t* stage, const Fp4Job& j
   }
   wgmma_commit();
   wgmma_wait_all();
+  DSV4_MOE_TRACE_AT(marks[1] = clock64();)
 #pragma unroll
   for (int i = 0; i < 4; ++i) wgmma_pin(c[i]);
   float s[2][2];
@@ -198,7 +202,7 @@ __device__ __forceinline__ void walk_items(uint8_t* ring_base, const uint8_t* ti
   for (int g = 0; g < total; ++g) {
     issue((g + STAGES - 1) % STAGES);
     wait_stage();
-    DSV4_MOE_TRACE_AT(const unsigned long long landed = clock64();)
+    DSV4_MOE_TRACE_AT(const unsigned long long landed = clock64(); unsigned long long marks[2];)
     const uint8_t* stage = ring + (g % STAGES) * STAGE_BYTES;
     Fp4Job jb{};                                // the scales' addresses only where they skip the ring
     if (async_scales)
@@ -208,11 +212,14 @@ __device__ __forceinline__ void walk_items(uint8_t* ring_base, const uint8_t* ti
     const int blk = region(now) * nb + now.s * UB;   // in blocks from the tile's start
     const float* act_s = scales + blk / 4;
     if (jb.blocks == UB)
-      wgmma_step<true>(stage, jb, async_scales, desc0 + 16 * blk, act_s, lane, acc);
+      wgmma_step<true>(stage, jb, async_scales, desc0 + 16 * blk, act_s, lane, acc DSV4_MOE_TRACE_AT(, marks));
     else
-      wgmma_step<false>(stage, jb, async_scales, desc0 + 16 * blk, act_s, lane, acc);
+      wgmma_step<false>(stage, jb, async_scales, desc0 + 16 * blk, act_s, lane, acc DSV4_MOE_TRACE_AT(, marks));
     __syncwarp();                               // the stage is refilled by the next iteration's issue
-    DSV4_MOE_TRACE_AT(if (trace && g < moe_trace::STEPS) trace->step[g][0] = landed, trace->step[g][1] = clock64();)
+    DSV4_MOE_TRACE_AT(if (trace && g < moe_trace::STEPS) {
+      trace->step[g][0] = landed, trace->step[g][1] = marks[0], trace->step[g][2] = marks[1];
+      trace->step[g][3] = clock64();
+    })
     if (now.s == steps - 1) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {             // the four lanes q's shares of each row, in every lane
