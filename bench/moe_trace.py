@@ -10,9 +10,10 @@ x's quantise, the wait for the launch before, the table, the first copies); per 
 the previous step to its stage having landed (`wait`: the weights were late) and from there to its products
 being added (`work`), split into the first half's conversion (`convert`), the MMAs until they are done
 (`mma`: the second half's conversion, the wait for the warpgroup's other warps, the tensor cores) and the
-products' scaling (`finish`); the tail after the last step; and the share of the walk spent waiting. Session 43 found the kernels 1.6x their bytes' read and no one part of the
-step to blame (README, "Kernel status"); a warp that waits most of each step asks for more in flight, one that
-works most of it for fewer instructions or more warps. The probe's own stores slow the kernels somewhat: the
+products' scaling (`finish`); the tail after the last step; and the share of the walk spent waiting. Session
+43 found the kernels 1.6x their bytes' read and no one part of the step to blame (README, "Kernel status"); a
+warp that waits most of each step asks for more in flight, one that works most of it for fewer instructions or
+more warps. The probe's own stores slow the kernels somewhat: the
 report times the trace build, to set beside the tree's figure.
 """
 from __future__ import annotations
@@ -35,12 +36,17 @@ PARTS = ("convert", "mma", "finish")       # a step's work between its landed, c
 
 
 def summarize(records: np.ndarray) -> dict:
-    """A kernel's records [CTAS, 4] (RECORD) -> its figures; warps that did not run (steps 0) are left out."""
+    """A kernel's records [CTAS, 4] (RECORD) -> its figures, over the warps that walked the most common number of
+    steps (at Flash size, one token: all of them); warps that did not run (steps 0) are left out."""
     warps = records.reshape(-1)
     warps = warps[warps["steps"] > 0]
     if warps.size == 0:
         raise ValueError("no warp of this kernel left a record")
-    n = int(min(warps["steps"].min(), STEPS))  # steps every warp recorded
+    counts, seen = np.unique(warps["steps"], return_counts=True)
+    common = counts[seen.argmax()]
+    others = int((warps["steps"] != common).sum())
+    warps = warps[warps["steps"] == common]
+    n = int(min(common, STEPS))                # steps recorded (all, up to STEPS)
     step = warps["step"][:, :n].astype(np.int64)
     landed, added = step[:, :, 0], step[:, :, 3]
     before = np.concatenate([warps["walk"].astype(np.int64)[:, None], added[:, :-1]], axis=1)
@@ -54,7 +60,7 @@ def summarize(records: np.ndarray) -> dict:
         return {"median": float(np.median(v)), "p10": float(np.percentile(v, 10)), "p90": float(np.percentile(v, 90))}
     return {
         "warps": int(warps.size), "ctas": int(warps.size // 4), "sms": int(np.unique(warps["sm"]).size),
-        "steps_per_warp": int(warps["steps"].max()), "steps_recorded": n,
+        "steps_per_warp": int(common), "steps_recorded": n, "warps_left_out": others,
         "prologue_cycles": dist(warps["walk"].astype(np.int64) - warps["start"].astype(np.int64)),
         "wait_cycles_per_step": dist(wait.mean(axis=1)), "work_cycles_per_step": dist(work.mean(axis=1)),
         **{f"{part}_cycles_per_step": dist(np.diff(step, axis=2)[:, :, i].mean(axis=1)) for i, part in enumerate(PARTS)},

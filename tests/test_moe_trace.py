@@ -27,8 +27,9 @@ def test_a_known_timeline_is_summarised():
             r["start"], r["walk"], r["end"] = 100, 1100, 2300
             r["step"][:3] = [[1300, 1350, 1450, 1500], [1600, 1650, 1850, 1900], [2000, 2010, 2090, 2100]]
             r["start_ns"], r["end_ns"], r["sm"], r["steps"] = 5000 + cta, 5600 + cta, cta, 3
+    records[2, 0]["steps"] = 5                   # a warp with another step count is left out, and counted
     s = summarize(records)
-    assert (s["ctas"], s["warps"], s["sms"], s["steps_recorded"]) == (2, 8, 2, 3)
+    assert (s["ctas"], s["warps"], s["sms"], s["steps_recorded"], s["warps_left_out"]) == (2, 8, 2, 3, 1)
     assert s["prologue_cycles"]["median"] == 1000 and s["tail_cycles"]["median"] == 200
     assert s["wait_cycles_per_step"]["median"] == pytest.approx(400 / 3)
     assert s["work_cycles_per_step"]["median"] == pytest.approx(200)
