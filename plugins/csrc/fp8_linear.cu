@@ -18,6 +18,7 @@
 
 #include "common.cuh"
 #include "rows.cuh"
+#include "trace.cuh"
 
 using dsv4::e8m0;
 using dsv4::mma_e4m3;
@@ -163,6 +164,7 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
                                          int rows, int N, int K, int wpr, int items, int stages,
                                          const float* __restrict__ pro_w, int ld, int pro_up, float pro_param) {
   if (STAGES > 0) stages = STAGES;              // a depth known at compile time: no jump table to wait on it
+  DSV4_TRACE_AT(dsv4_trace::Warp* const trace = dsv4_trace::start(dsv4_trace::kFp8Gemv);)
   constexpr int NACC = M > 8 ? 8 : 4;           // c[0..3]: tokens 2t, 2t+1 of rows g, g + 8; c[4..7]: tokens + 8
   constexpr bool f16_path = FUSED && (dsv4::kEmulatedFp8Mma || PRO == kGrouped);
   // dynamic shared memory: the weight ring [WARPS][stages][CHUNKS][32 lanes] (16 B each), the scale ring
@@ -241,6 +243,7 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
   for (int p = 0; p < stages - 1; ++p) issue();  // in flight while the activations are quantised
   bool early = false;                           // the first loop step's copies issued (early_step)
   dsv4::pdl_wait();                              // x (or its codes) come from the previous kernels
+  DSV4_TRACE_AT(if (trace) trace->waited = clock64();)
   dsv4::pdl_launch_dependents();
   // kGrouped: group g's rows into the activation's place
   auto stage_group = [&](int g) {
@@ -295,11 +298,13 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
   for (int i = 0; i < NACC; ++i) total_c[i] = 0.f;
   int item = 0, step = 0, slot = 0;              // the step being multiplied and its ring slot
   int n0 = first_row(0), scale0 = (n0 / 128) * kblocks + kb_begin;
+  DSV4_TRACE_AT(if (trace) trace->walk = clock64();)
   for (int gstep = 0; gstep < total; ++gstep) {
     __syncwarp();                                // the warp has read the scale words the next copy replaces
     if (gstep > 0 || !early) issue();
     dsv4::cp_async_wait_pending(stages - 1);     // this step's group has landed
     __syncwarp();                                // lanes 0..U-1's scale words are visible to the warp
+    DSV4_TRACE_AT(const unsigned long long landed = clock64();)
     dsv4::keep_in_register(b_row0), dsv4::keep_in_register(b_row1);
     dsv4::keep_in_register(ring_at), dsv4::keep_in_register(scale_at);
 #pragma unroll
@@ -360,6 +365,7 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
       for (int i = 0; i < NACC; ++i)             // c[.][i]: token 2t + (i & 1) (+ 8 for i >= 4)
         total_c[i] = fmaf(c[0][i] + c[1][i], sws[(i & 1) + (i >= 4 ? 2 : 0)], total_c[i]);
     }
+    DSV4_TRACE_AT(dsv4_trace::step(trace, gstep, landed, 0, 0);)
     const int used = slot;
     if (++slot == stages) slot = 0;
     if (step == steps - 1) {                     // the item's last step: add the K slices, write y
@@ -397,6 +403,7 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
       ++step;
     }
   }
+  DSV4_TRACE_AT(dsv4_trace::end(trace, total);)
 }
 
 }  // namespace

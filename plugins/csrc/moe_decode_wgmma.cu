@@ -25,46 +25,9 @@
 // Launches never allocate or synchronise.
 #include "common.cuh"
 #include "fp4_ring.cuh"
+#include "trace.cuh"
 #include "wgmma.cuh"
 
-#ifdef DSV4_MOE_TRACE
-// A probe build's timeline of every warp of the two kernels (python -m plugins.build -D DSV4_MOE_TRACE=1; read
-// by bench/moe_trace.py), to tell a warp that waits for its weights from one that waits on its own work: when
-// it started, when its walk's loop began, and for each step when its ring stage had landed, when the first half
-// of its codes was converted (its first MMAs' fence), when its MMAs were done (the warpgroup's, so the wait for
-// the other three warps is in it) and when its products were added; when it ended (the SM's cycles; start and
-// end also in global nanoseconds). Lane 0 of each warp writes its record; the default build has none of this.
-namespace moe_trace {
-constexpr int CTAS = 1024, STEPS = 32;
-struct Warp {
-  unsigned long long start_ns, end_ns, start, walk, step[STEPS][4], end;   // step: landed, converted, MMAs done, added
-  unsigned sm, steps;
-};
-}  // namespace moe_trace
-extern "C" {
-__device__ moe_trace::Warp dsv4_moe_trace[2][moe_trace::CTAS][4];   // [gate_up, down][CTA][warp]
-}
-
-__device__ __forceinline__ moe_trace::Warp* trace_warp(int kernel) {
-  const int cta = blockIdx.x + blockIdx.y * gridDim.x;
-  return (threadIdx.x & 31) == 0 && cta < moe_trace::CTAS ? &dsv4_moe_trace[kernel][cta][threadIdx.x >> 5] : nullptr;
-}
-__device__ __forceinline__ unsigned long long trace_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-__device__ __forceinline__ void trace_start(int kernel) {
-  if (moe_trace::Warp* w = trace_warp(kernel)) {
-    unsigned sm;
-    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    w->start_ns = trace_ns(), w->start = clock64(), w->sm = sm;
-  }
-}
-#define DSV4_MOE_TRACE_AT(...) __VA_ARGS__
-#else
-#define DSV4_MOE_TRACE_AT(...)
-#endif
 
 namespace {
 
@@ -103,7 +66,7 @@ __device__ __forceinline__ void lane_scales(const uint8_t* stage, const Fp4Job& 
 template <bool FULL>
 __device__ __forceinline__ void wgmma_step(const uint8_t* stage, const Fp4Job& j, bool async_scales, uint64_t desc,
                                            const float* act_s, int lane, float (&acc)[2]
-                                           DSV4_MOE_TRACE_AT(, unsigned long long (&marks)[2])) {
+                                           DSV4_TRACE_AT(, unsigned long long (&marks)[2])) {
   const int r = lane >> 2, q = lane & 3, blocks = FULL ? UB : j.blocks;
   // Each half's A fragments first, then a fence, then its MMAs: wgmma reads its A registers asynchronously,
   // and registers written between the fence and an MMA may not feed it (PTX: wgmma.fence). A short step
@@ -131,7 +94,7 @@ __device__ __forceinline__ void wgmma_step(const uint8_t* stage, const Fp4Job& j
     for (int u = half * UB / 2; u < (half + 1) * UB / 2; ++u)   // computed before the fence (the compiler
 #pragma unroll                                                 // would sink them)
       for (int i = 0; i < 4; ++i) asm volatile("" : "+r"(a[u][i])::"memory");
-    DSV4_MOE_TRACE_AT(if (half == 0) marks[0] = clock64();)
+    DSV4_TRACE_AT(if (half == 0) marks[0] = clock64();)
     wgmma_fence();
 #pragma unroll
     for (int u = half * UB / 2; u < (half + 1) * UB / 2; ++u) {  // past a short step's blocks: block 0's B,
@@ -143,7 +106,7 @@ __device__ __forceinline__ void wgmma_step(const uint8_t* stage, const Fp4Job& j
   }
   wgmma_commit();
   wgmma_wait_all();
-  DSV4_MOE_TRACE_AT(marks[1] = clock64();)
+  DSV4_TRACE_AT(marks[1] = clock64();)
 #pragma unroll
   for (int i = 0; i < 4; ++i) wgmma_pin(c[i]);
   float s[2][2];
@@ -168,7 +131,7 @@ __device__ __forceinline__ void wgmma_step(const uint8_t* stage, const Fp4Job& j
 // and come from job() only where an item starts: the kernels stream at about the copy bandwidth only with
 // all their warps at once, so a warp's instructions per step set how fast the last CTAs finish (session 31,
 // README). Finding every step's addresses afresh took about 85 of a step's 430 instructions.
-template <int KERNEL, class Job, class Quantise, class Region, class Epilogue>   // KERNEL: 0 gate_up, 1 down (the trace's)
+template <int KERNEL, class Job, class Quantise, class Region, class Epilogue>   // KERNEL: the trace's (trace.cuh)
 __device__ __forceinline__ void walk_items(uint8_t* ring_base, const uint8_t* tile, const float* scales, int items,
                                            int groups, int nb, Job job, Quantise quantise, Region region, Epilogue epilogue) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -198,11 +161,11 @@ __device__ __forceinline__ void walk_items(uint8_t* ring_base, const uint8_t* ti
   __syncthreads();
   const uint64_t desc0 = b_tile_desc(tile);
   float acc[2] = {0.f, 0.f};
-  DSV4_MOE_TRACE_AT(moe_trace::Warp* const trace = trace_warp(KERNEL); if (trace) trace->walk = clock64();)
+  DSV4_TRACE_AT(dsv4_trace::Warp* const trace = dsv4_trace::warp_record(KERNEL); if (trace) trace->walk = clock64();)
   for (int g = 0; g < total; ++g) {
     issue((g + STAGES - 1) % STAGES);
     wait_stage();
-    DSV4_MOE_TRACE_AT(const unsigned long long landed = clock64(); unsigned long long marks[2];)
+    DSV4_TRACE_AT(const unsigned long long landed = clock64(); unsigned long long marks[2];)
     const uint8_t* stage = ring + (g % STAGES) * STAGE_BYTES;
     Fp4Job jb{};                                // the scales' addresses only where they skip the ring
     if (async_scales)
@@ -212,14 +175,11 @@ __device__ __forceinline__ void walk_items(uint8_t* ring_base, const uint8_t* ti
     const int blk = region(now) * nb + now.s * UB;   // in blocks from the tile's start
     const float* act_s = scales + blk / 4;
     if (jb.blocks == UB)
-      wgmma_step<true>(stage, jb, async_scales, desc0 + 16 * blk, act_s, lane, acc DSV4_MOE_TRACE_AT(, marks));
+      wgmma_step<true>(stage, jb, async_scales, desc0 + 16 * blk, act_s, lane, acc DSV4_TRACE_AT(, marks));
     else
-      wgmma_step<false>(stage, jb, async_scales, desc0 + 16 * blk, act_s, lane, acc DSV4_MOE_TRACE_AT(, marks));
+      wgmma_step<false>(stage, jb, async_scales, desc0 + 16 * blk, act_s, lane, acc DSV4_TRACE_AT(, marks));
     __syncwarp();                               // the stage is refilled by the next iteration's issue
-    DSV4_MOE_TRACE_AT(if (trace && g < moe_trace::STEPS) {
-      trace->step[g][0] = landed, trace->step[g][1] = marks[0], trace->step[g][2] = marks[1];
-      trace->step[g][3] = clock64();
-    })
+    DSV4_TRACE_AT(dsv4_trace::step(trace, g, landed, marks[0], marks[1]);)
     if (now.s == steps - 1) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {             // the four lanes q's shares of each row, in every lane
@@ -231,7 +191,7 @@ __device__ __forceinline__ void walk_items(uint8_t* ring_base, const uint8_t* ti
     }
     now.advance(steps, groups);
   }
-  DSV4_MOE_TRACE_AT(if (trace) trace->end = clock64(), trace->end_ns = trace_ns(), trace->steps = total;)
+  DSV4_TRACE_AT(dsv4_trace::end(trace, total);)
 }
 
 // The down kernel's B tile regions, one per item in hand: two let a CTA with more items than that quantise its
@@ -257,7 +217,7 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_gate_up_decode_wgmma(
   extern __shared__ uint4 smem[];
   __shared__ const uint8_t* base[MAX_TOPK];
   __shared__ float gu[2][32];
-  DSV4_MOE_TRACE_AT(trace_start(0);)
+  DSV4_TRACE_AT(dsv4_trace::Warp* const trace = dsv4_trace::start(dsv4_trace::kMoeGateUp);)
   uint8_t* tile = reinterpret_cast<uint8_t*>(smem) + RING_BYTES / 2;
   float* scales = reinterpret_cast<float*>(tile + D / 32 * 256);
   const int t = blockIdx.y, warp = threadIdx.x >> 5, r = (threadIdx.x & 31) >> 2, q = threadIdx.x & 3;
@@ -275,6 +235,7 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_gate_up_decode_wgmma(
   __syncthreads();
   dsv4::quantise_to_smem<true, false, true>(x + size_t(t) * D, D, D, 0, tile, scales);
   dsv4::pdl_wait();                             // the routing (experts, weights) comes from the launch before
+  DSV4_TRACE_AT(if (trace) trace->waited = clock64();)
   dsv4::pdl_launch_dependents();
   if (threadIdx.x < topk) base[threadIdx.x] = reinterpret_cast<const uint8_t*>(table[experts[t * topk + threadIdx.x]]);
   __syncthreads();
@@ -303,8 +264,8 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_gate_up_decode_wgmma(
     }
     __syncthreads();
   };
-  walk_items<0>(reinterpret_cast<uint8_t*>(smem), tile, scales, topk * groups, groups, nb, job, quantise, region,
-                epilogue);
+  walk_items<dsv4_trace::kMoeGateUp>(reinterpret_cast<uint8_t*>(smem), tile, scales, topk * groups, groups, nb, job,
+                                    quantise, region, epilogue);
 #endif
 }
 
@@ -320,7 +281,7 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_down_decode_wgmma(
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ uint4 smem[];
   __shared__ const uint8_t* base[MAX_TOPK];
-  DSV4_MOE_TRACE_AT(trace_start(1);)
+  DSV4_TRACE_AT(dsv4_trace::Warp* const trace = dsv4_trace::start(dsv4_trace::kMoeDown);)
   const int t = blockIdx.y, warp = threadIdx.x >> 5, r = (threadIdx.x & 31) >> 2, q = threadIdx.x & 3;
   const int groups = D / 64, nb = F / 32;
   const int regions = min(TILE_REGIONS, (topk * groups + int(gridDim.x) - 1) / int(gridDim.x));
@@ -343,6 +304,7 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_down_decode_wgmma(
   };
   auto quantise = [&] {
     dsv4::pdl_wait();                           // h comes from gate_up (experts and table from before it)
+    DSV4_TRACE_AT(if (trace) trace->waited = clock64();)
     dsv4::pdl_launch_dependents();
     for (int it = 0; it < min(mine, regions); ++it) quantise_item(it);
   };
@@ -361,7 +323,7 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_down_decode_wgmma(
       __syncthreads();
     }
   };
-  walk_items<1>(reinterpret_cast<uint8_t*>(smem), tile, scales, topk * groups, groups, nb, job, quantise, region,
-                epilogue);
+  walk_items<dsv4_trace::kMoeDown>(reinterpret_cast<uint8_t*>(smem), tile, scales, topk * groups, groups, nb, job,
+                                  quantise, region, epilogue);
 #endif
 }

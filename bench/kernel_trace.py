@@ -1,0 +1,142 @@
+"""Where a decode weight kernel's warps spend their time: waiting for the weights, or on their own work. Times
+the Flash-size routed experts (6 experts, 1 token, wgmma kernels) or one Flash FP8 GEMV as `bench/kernels.py`
+does, on a probe build that records every warp's timeline (csrc/trace.cuh, DSV4_TRACE), then reads the last
+launch's records:
+
+    python -m plugins.build --out /tmp/trace.fatbin -D DSV4_TRACE=1
+    python bench/kernel_trace.py /tmp/trace.fatbin moe|GEMV [--json bench/results/kernel-trace.json]
+
+GEMV: a line of bench/kernels.py's FLASH_FP8_SHAPES (wq_b, wo_b, shared_w13, shared_w2, ...). Per kernel
+(the MoE's gate_up and down, or the GEMV), over its warps: the cycles from the warp's start to its wait for the
+launch before returning (`before_wait`: what it does first, and the wait), from there to its loop (`after_wait`:
+the routing table, the activation's quantise); per step, from the end of the previous step to its weights
+having landed (`wait`: they were late) and from there to its products being added (`work`; in the MoE split
+into the first half's conversion, the MMAs until done, with the wait for the warpgroup's other warps, and the
+scaling); the tail after the last step (the epilogue); the share of the loop spent waiting. A warp that waits
+most of each step asks for more in flight; one that works most of it, for fewer instructions or more warps;
+a long prologue or tail, for the launch's edges. The probe's own stores slow the kernels somewhat: the report
+times the trace build, to set beside the tree's figure (bench/kernel_trace_h200.sh runs both).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results_json import run_header, write_json  # noqa: E402
+
+KERNELS = {"moe": {"gate_up": 0, "down": 1}, "gemv": {"fp8_gemv": 2}}   # csrc/trace.cuh Kernel
+SLOTS, CTAS, WARPS, STEPS = 3, 512, 8, 32   # csrc/trace.cuh
+RECORD = np.dtype([("start_ns", "<u8"), ("end_ns", "<u8"), ("start", "<u8"), ("waited", "<u8"), ("walk", "<u8"),
+                   ("step", "<u8", (STEPS, 4)), ("end", "<u8"), ("sm", "<u4"), ("steps", "<u4")])
+PARTS = ("convert", "mma", "finish")       # a step's work between its landed, converted, MMAs-done, added marks
+
+
+def summarize(records: np.ndarray) -> dict:
+    """A kernel's records [CTAS, WARPS] (RECORD) -> its figures, over the warps that walked the most common
+    number of steps (at Flash size, one token: all that ran); warps that did not run (steps 0) are left out.
+    A step's middle marks are reported where every warp set them (the MoE's; the GEMV leaves them zero)."""
+    warps = records.reshape(-1)
+    warps = warps[warps["steps"] > 0]
+    if warps.size == 0:
+        raise ValueError("no warp of this kernel left a record")
+    counts, seen = np.unique(warps["steps"], return_counts=True)
+    common = counts[seen.argmax()]
+    others = int((warps["steps"] != common).sum())
+    warps = warps[warps["steps"] == common]
+    n = int(min(common, STEPS))                # steps recorded (all, up to STEPS)
+    at = {k: warps[k].astype(np.int64) for k in ("start", "waited", "walk", "end", "start_ns", "end_ns")}
+    step = warps["step"][:, :n].astype(np.int64)
+    landed, added = step[:, :, 0], step[:, :, 3]
+    before = np.concatenate([at["walk"][:, None], added[:, :-1]], axis=1)
+    wait, work = landed - before, added - landed
+
+    def dist(v: np.ndarray) -> dict:
+        return {"median": float(np.median(v)), "p10": float(np.percentile(v, 10)), "p90": float(np.percentile(v, 90))}
+    report = {
+        "warps": int(warps.size), "sms": int(np.unique(warps["sm"]).size), "steps_per_warp": int(common),
+        "steps_recorded": n, "warps_left_out": others,
+        "before_wait_cycles": dist(at["waited"] - at["start"]), "after_wait_cycles": dist(at["walk"] - at["waited"]),
+        "wait_cycles_per_step": dist(wait.mean(axis=1)), "work_cycles_per_step": dist(work.mean(axis=1)),
+        "tail_cycles": dist(at["end"] - added[:, -1]), "warp_cycles": dist(at["end"] - at["start"]),
+        "loop_share_waiting": float(wait.sum() / (at["end"] - at["walk"]).sum()),
+        "wait_by_step": [float(v) for v in np.median(wait, axis=0)],
+        "work_by_step": [float(v) for v in np.median(work, axis=0)],
+        "cycles_per_ns": float(np.median((at["end"] - at["start"]) / (at["end_ns"] - at["start_ns"]).clip(min=1))),
+        "span_us": float((at["end_ns"].max() - at["start_ns"].min()) / 1e3),
+        "start_spread_us": float((np.percentile(at["start_ns"], 90) - at["start_ns"].min()) / 1e3),
+    }
+    if (step[:, :, 1:3] > 0).all():
+        parts = np.diff(step, axis=2)
+        report |= {f"{part}_cycles_per_step": dist(parts[:, :, i].mean(axis=1)) for i, part in enumerate(PARTS)}
+    return report
+
+
+class _DeviceBytes:
+    """`size` bytes at device address `ptr`, for torch.as_tensor to view without a copy."""
+
+    def __init__(self, ptr: int, size: int):
+        self.__cuda_array_interface__ = {"shape": (size,), "typestr": "|u1", "data": (ptr, False), "version": 3}
+
+
+def trace_buffer(module) -> torch.Tensor:
+    """The loaded kernel image's trace buffer as a uint8 CUDA tensor (a view); exits where the build has none."""
+    from cuda.bindings import driver
+    from plugins.loader import _check
+    try:
+        ptr, size = _check(driver.cuModuleGetGlobal(module, b"dsv4_trace_buffer"))
+    except RuntimeError:
+        raise SystemExit("error: the fat binary has no trace: build it with -D DSV4_TRACE=1") from None
+    if size != SLOTS * CTAS * WARPS * RECORD.itemsize:
+        raise SystemExit(f"error: the trace buffer has {size} bytes, not the {SLOTS * CTAS * WARPS * RECORD.itemsize} "
+                         "bench/kernel_trace.py reads: its layout and csrc/trace.cuh's differ")
+    return torch.as_tensor(_DeviceBytes(int(ptr), size), device="cuda")
+
+
+@torch.inference_mode()
+def main() -> None:
+    from bench.kernels import FLASH_FP8_SHAPES
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("fatbin", type=Path, help="a build with -D DSV4_TRACE=1")
+    ap.add_argument("what", help=f"moe, or a GEMV line: {', '.join(FLASH_FP8_SHAPES)}")
+    ap.add_argument("--json", type=Path, default=Path("bench/results/kernel-trace.json"))
+    args = ap.parse_args()
+    if args.what != "moe" and args.what not in FLASH_FP8_SHAPES:
+        raise SystemExit(f"error: {args.what!r} is neither moe nor a GEMV line ({', '.join(FLASH_FP8_SHAPES)})")
+    if not torch.cuda.is_available():
+        raise SystemExit("error: bench/kernel_trace.py needs a CUDA GPU")
+    from plugins import loader
+    loader.FATBIN = args.fatbin.resolve()
+    from bench.kernels import bench_fp8_gemv, bench_moe_decode
+    from runtime.bench import copy_bandwidth
+    buffer = trace_buffer(loader.kernels().module)            # fails before any timing on a build without it
+    buffer.zero_()                                            # no record of an earlier launch's shape stays
+    bandwidth = copy_bandwidth()
+    if args.what == "moe":                                    # CUDA-graph replays; the last one's records stay
+        timed, kernels = bench_moe_decode(bandwidth, 1, wgmma=True), KERNELS["moe"]
+    else:
+        timed, kernels = bench_fp8_gemv(args.what, *FLASH_FP8_SHAPES[args.what], 1, bandwidth), KERNELS["gemv"]
+    torch.cuda.synchronize()
+    records = buffer.cpu().numpy().view(RECORD).reshape(SLOTS, CTAS, WARPS)
+    report = {**run_header(), "copy_bandwidth_gb_s": bandwidth / 1e9, "fatbin": str(args.fatbin), "what": args.what,
+              "traced_timing": timed, **{k: summarize(records[i]) for k, i in kernels.items()}}
+    write_json(args.json, report)
+    for k in kernels:
+        s = report[k]
+        parts = ("" if "mma_cycles_per_step" not in s else
+                 f" (convert {s['convert_cycles_per_step']['median']:.0f}, MMAs {s['mma_cycles_per_step']['median']:.0f},"
+                 f" finish {s['finish_cycles_per_step']['median']:.0f})")
+        print(f"{k}: {s['warps']} warps on {s['sms']} SMs, {s['steps_per_warp']} steps a warp; before the wait "
+              f"{s['before_wait_cycles']['median']:.0f} cycles, after it {s['after_wait_cycles']['median']:.0f}; a step "
+              f"waits {s['wait_cycles_per_step']['median']:.0f} and works {s['work_cycles_per_step']['median']:.0f}"
+              f"{parts}; {s['loop_share_waiting']:.2f} of the loop waiting; tail {s['tail_cycles']['median']:.0f}; "
+              f"span {s['span_us']:.1f} us (median warp, cycles)")
+    print(f"traced: {timed['time_us']:.1f} us, {timed['fraction_of_copy_bw']:.3f} of the copy bandwidth")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""bench/kernel_trace.py's reading of the weight kernels' probe records (CPU): the layout it expects is the
+kernel source's, and a known timeline gives back its waits, work, prologue and tail."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.kernel_trace import CTAS, KERNELS, RECORD, SLOTS, STEPS, WARPS, summarize
+
+SOURCE = Path(__file__).resolve().parents[1] / "plugins" / "csrc" / "trace.cuh"
+
+
+def test_the_record_layout_is_the_kernels():
+    text = SOURCE.read_text()
+    assert re.search(rf"constexpr int KERNELS = {SLOTS}, CTAS = {CTAS}, WARPS = {WARPS}, STEPS = {STEPS};", text)
+    assert re.search(r"enum Kernel \{ kMoeGateUp = 0, kMoeDown = 1, kFp8Gemv = 2 \}", text)
+    assert KERNELS == {"moe": {"gate_up": 0, "down": 1}, "gemv": {"fp8_gemv": 2}}
+    fields = re.search(r"struct Warp \{(.*?)\};", text, re.S).group(1)
+    assert "start_ns, end_ns, start, waited, walk, step[STEPS][4], end;" in fields and "unsigned sm, steps;" in fields
+    assert RECORD.itemsize == 8 * (6 + 4 * STEPS) + 8 and list(RECORD.names)[-2:] == ["sm", "steps"]
+
+
+def _timeline(marks: list[list[int]]) -> np.ndarray:
+    """Two CTAs of four warps, each warp the same three steps with these four marks each, and one stray warp."""
+    records = np.zeros((CTAS, WARPS), dtype=RECORD)
+    for cta in range(2):
+        for warp in range(4):
+            r = records[cta, warp]
+            r["start"], r["waited"], r["walk"], r["end"] = 100, 700, 1100, 2300
+            r["step"][:3] = marks
+            r["start_ns"], r["end_ns"], r["sm"], r["steps"] = 5000 + cta, 5600 + cta, cta, 3
+    records[2, 0]["steps"] = 5                   # another step count: left out, and counted
+    return records
+
+
+def test_a_known_timeline_is_summarised():
+    s = summarize(_timeline([[1300, 1350, 1450, 1500], [1600, 1650, 1850, 1900], [2000, 2010, 2090, 2100]]))
+    assert (s["warps"], s["sms"], s["steps_recorded"], s["warps_left_out"]) == (8, 2, 3, 1)
+    assert s["before_wait_cycles"]["median"] == 600 and s["after_wait_cycles"]["median"] == 400
+    assert s["tail_cycles"]["median"] == 200
+    assert s["wait_cycles_per_step"]["median"] == pytest.approx(400 / 3)
+    assert s["work_cycles_per_step"]["median"] == pytest.approx(200)
+    assert s["convert_cycles_per_step"]["median"] == pytest.approx((50 + 50 + 10) / 3)
+    assert s["mma_cycles_per_step"]["median"] == pytest.approx((100 + 200 + 80) / 3)
+    assert s["finish_cycles_per_step"]["median"] == pytest.approx((50 + 50 + 10) / 3)
+    assert s["loop_share_waiting"] == pytest.approx(400 / 1200)
+    assert s["wait_by_step"] == [200, 100, 100] and s["work_by_step"] == [200, 300, 100]
+    assert s["cycles_per_ns"] == pytest.approx(2200 / 600) and s["span_us"] == pytest.approx(0.601)
+
+
+def test_a_gemvs_steps_have_no_parts():
+    s = summarize(_timeline([[1300, 0, 0, 1500], [1600, 0, 0, 1900], [2000, 0, 0, 2100]]))
+    assert s["work_cycles_per_step"]["median"] == pytest.approx(200) and "mma_cycles_per_step" not in s
+
+
+def test_a_kernel_without_records_is_refused():
+    with pytest.raises(ValueError):
+        summarize(np.zeros((CTAS, WARPS), dtype=RECORD))
