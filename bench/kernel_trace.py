@@ -4,9 +4,11 @@ does, on a probe build that records every warp's timeline (csrc/trace.cuh, DSV4_
 launch's records:
 
     python -m plugins.build --out /tmp/trace.fatbin -D DSV4_TRACE=1
-    python bench/kernel_trace.py /tmp/trace.fatbin moe|GEMV [--json bench/results/kernel-trace.json]
+    python bench/kernel_trace.py /tmp/trace.fatbin moe|layer|GEMV [--json bench/results/kernel-trace.json]
 
-GEMV: a line of bench/kernels.py's FLASH_FP8_SHAPES (wq_b, wo_b, shared_w13, shared_w2, ...). Per kernel
+GEMV: a line of bench/kernels.py's FLASH_FP8_SHAPES (wq_b, wo_b, shared_w13, shared_w2, ...); layer: a whole
+decode layer's kernels as bench/read_ceiling.py's decode_layer line runs them, the MoE's two traced, and the
+GEMV that ran last. Per kernel
 (the MoE's gate_up and down, or the GEMV), over its warps: the cycles from the warp's start to its wait for the
 launch before returning (`before_wait`: what it does first, and the wait), from there to its loop (`after_wait`:
 the routing table, the activation's quantise); per step, from the end of the previous step to its weights
@@ -14,7 +16,8 @@ having landed (`wait`: they were late) and from there to its products being adde
 into the first half's conversion, the MMAs until done, with the wait for the warpgroup's other warps, and the
 scaling); the tail after the last step (the epilogue); the share of the loop spent waiting. A warp that waits
 most of each step asks for more in flight; one that works most of it, for fewer instructions or more warps;
-a long prologue or tail, for the launch's edges. The probe's own stores slow the kernels somewhat: the report
+a long prologue or tail, for the launch's edges. The kernels' marks on one clock (`timeline_us`) show the gaps
+between one launch's end and the next one's wait. The probe's own stores slow the kernels somewhat: the report
 times the trace build, to set beside the tree's figure (bench/kernel_trace_h200.sh runs both).
 """
 from __future__ import annotations
@@ -76,6 +79,27 @@ def summarize(records: np.ndarray) -> dict:
     return report
 
 
+def timeline(kernels: dict[str, np.ndarray]) -> dict:
+    """Kernels' records (name -> [CTAS, WARPS] RECORD) on one clock, in us from the earliest warp's start:
+    when their warps started, their waits returned, their loops began and they ended (first, median, last).
+    A warp's cycle marks become times through its own cycles per ns (its SM's clock; start_ns and end_ns are
+    the GPU's global timer), so the gaps between a launch's end and the next one's wait show."""
+    warps = {name: r.reshape(-1)[r.reshape(-1)["steps"] > 0] for name, r in kernels.items()}
+    origin = min(int(w["start_ns"].min()) for w in warps.values() if w.size)
+    report = {}
+    for name, w in warps.items():
+        if not w.size:
+            continue
+        start, start_ns = w["start"].astype(np.int64), w["start_ns"].astype(np.int64)
+        per_ns = (w["end"].astype(np.int64) - start) / (w["end_ns"].astype(np.int64) - start_ns).clip(min=1)
+        at = {"start": start_ns.astype(np.float64), "end": w["end_ns"].astype(np.float64)}
+        for mark in ("waited", "walk"):
+            at[mark] = start_ns + (w[mark].astype(np.int64) - start) / per_ns
+        report[name] = {mark: {q: float((np.percentile(v, p) - origin) / 1e3) for q, p in
+                               (("first", 0), ("median", 50), ("last", 100))} for mark, v in at.items()}
+    return report
+
+
 class _DeviceBytes:
     """`size` bytes at device address `ptr`, for torch.as_tensor to view without a copy."""
 
@@ -102,28 +126,32 @@ def main() -> None:
     from bench.kernels import FLASH_FP8_SHAPES
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("fatbin", type=Path, help="a build with -D DSV4_TRACE=1")
-    ap.add_argument("what", help=f"moe, or a GEMV line: {', '.join(FLASH_FP8_SHAPES)}")
+    ap.add_argument("what", help="moe; layer (a decode layer's kernels as read_ceiling times them: the MoE's, and "
+                    f"the last GEMV to run); or a GEMV line: {', '.join(FLASH_FP8_SHAPES)}")
     ap.add_argument("--json", type=Path, default=Path("bench/results/kernel-trace.json"))
     args = ap.parse_args()
-    if args.what != "moe" and args.what not in FLASH_FP8_SHAPES:
-        raise SystemExit(f"error: {args.what!r} is neither moe nor a GEMV line ({', '.join(FLASH_FP8_SHAPES)})")
+    if args.what not in ("moe", "layer") and args.what not in FLASH_FP8_SHAPES:
+        raise SystemExit(f"error: {args.what!r} is neither moe, layer nor a GEMV line ({', '.join(FLASH_FP8_SHAPES)})")
     if not torch.cuda.is_available():
         raise SystemExit("error: bench/kernel_trace.py needs a CUDA GPU")
     from plugins import loader
     loader.FATBIN = args.fatbin.resolve()
-    from bench.kernels import bench_fp8_gemv, bench_moe_decode
+    from bench.kernels import bench_decode_layer, bench_fp8_gemv, bench_moe_decode
     from runtime.bench import copy_bandwidth
     buffer = trace_buffer(loader.kernels().module)            # fails before any timing on a build without it
     buffer.zero_()                                            # no record of an earlier launch's shape stays
     bandwidth = copy_bandwidth()
     if args.what == "moe":                                    # CUDA-graph replays; the last one's records stay
         timed, kernels = bench_moe_decode(bandwidth, 1, wgmma=True), KERNELS["moe"]
+    elif args.what == "layer":                                # as read_ceiling's decode_layer line
+        timed, kernels = bench_decode_layer(bandwidth, wgmma=True, beside=True), KERNELS["moe"] | KERNELS["gemv"]
     else:
         timed, kernels = bench_fp8_gemv(args.what, *FLASH_FP8_SHAPES[args.what], 1, bandwidth), KERNELS["gemv"]
     torch.cuda.synchronize()
     records = buffer.cpu().numpy().view(RECORD).reshape(SLOTS, CTAS, WARPS)
     report = {**run_header(), "copy_bandwidth_gb_s": bandwidth / 1e9, "fatbin": str(args.fatbin), "what": args.what,
-              "traced_timing": timed, **{k: summarize(records[i]) for k, i in kernels.items()}}
+              "traced_timing": timed, **{k: summarize(records[i]) for k, i in kernels.items()},
+              "timeline_us": timeline({k: records[i] for k, i in kernels.items()})}
     write_json(args.json, report)
     for k in kernels:
         s = report[k]
@@ -135,6 +163,9 @@ def main() -> None:
               f"waits {s['wait_cycles_per_step']['median']:.0f} and works {s['work_cycles_per_step']['median']:.0f}"
               f"{parts}; {s['loop_share_waiting']:.2f} of the loop waiting; tail {s['tail_cycles']['median']:.0f}; "
               f"span {s['span_us']:.1f} us (median warp, cycles)")
+    for k, marks in report["timeline_us"].items():
+        print(f"{k} (us from the first start; first/median/last): " + "; ".join(
+            f"{mark} {v['first']:.2f}/{v['median']:.2f}/{v['last']:.2f}" for mark, v in marks.items()))
     print(f"traced: {timed['time_us']:.1f} us, {timed['fraction_of_copy_bw']:.3f} of the copy bandwidth")
 
 

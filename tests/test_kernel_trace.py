@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.kernel_trace import CTAS, KERNELS, RECORD, SLOTS, STEPS, WARPS, summarize
+from bench.kernel_trace import CTAS, KERNELS, RECORD, SLOTS, STEPS, WARPS, summarize, timeline
 
 SOURCE = Path(__file__).resolve().parents[1] / "plugins" / "csrc" / "trace.cuh"
 
@@ -59,3 +59,18 @@ def test_a_gemvs_steps_have_no_parts():
 def test_a_kernel_without_records_is_refused():
     with pytest.raises(ValueError):
         summarize(np.zeros((CTAS, WARPS), dtype=RECORD))
+
+
+def test_two_kernels_share_one_clock():
+    """The second kernel's warps start 1 us after the first's on the global timer, at 2 cycles a ns on their own
+    SM's clock: its wait's return is placed by its own clock, and the first kernel's empty CTAs are skipped."""
+    first = _timeline([[1300, 1350, 1450, 1500]] * 3)
+    first[2, 0]["steps"] = 0                     # the stray warp has no times; a CTA that did not run
+    second = np.zeros((CTAS, WARPS), dtype=RECORD)
+    r = second[0, 0]
+    r["start"], r["waited"], r["walk"], r["end"], r["steps"] = 10_000, 10_400, 10_600, 12_000, 1
+    r["start_ns"], r["end_ns"] = 6000, 7000
+    t = timeline({"a": first, "b": second})
+    assert t["a"]["start"]["first"] == 0 and t["a"]["end"]["last"] == pytest.approx(0.601)
+    assert t["b"]["start"]["median"] == pytest.approx(1.0) and t["b"]["waited"]["median"] == pytest.approx(1.2)
+    assert t["b"]["walk"]["last"] == pytest.approx(1.3) and t["b"]["end"]["first"] == pytest.approx(2.0)
