@@ -17,7 +17,8 @@ into the first half's conversion, the MMAs until done, with the wait for the war
 scaling); the tail after the last step (the epilogue); the share of the loop spent waiting. A warp that waits
 most of each step asks for more in flight; one that works most of it, for fewer instructions or more warps;
 a long prologue or tail, for the launch's edges. The kernels' marks on one clock (`timeline_us`) show the gaps
-between one launch's end and the next one's wait. The probe's own stores slow the kernels somewhat: the report
+between one launch's end and the next one's wait; the rate at which their weights landed over time
+(`landed`, each step an equal share of the launch's bytes), where the memory sat idle. The probe's own stores slow the kernels somewhat: the report
 times the trace build, to set beside the tree's figure (bench/kernel_trace_h200.sh runs both).
 """
 from __future__ import annotations
@@ -79,25 +80,56 @@ def summarize(records: np.ndarray) -> dict:
     return report
 
 
+def _ran(records: np.ndarray) -> np.ndarray:
+    """The warps of a kernel's records [CTAS, WARPS] that ran (steps > 0)."""
+    flat = records.reshape(-1)
+    return flat[flat["steps"] > 0]
+
+
+def _ns(w: np.ndarray, cycles: np.ndarray) -> np.ndarray:
+    """Cycle marks of warps `w` (one per warp, or [warp, ...]) on the global timer, in ns: through each warp's
+    own cycles per ns (its SM's clock) from its start."""
+    start, start_ns = w["start"].astype(np.int64), w["start_ns"].astype(np.int64)
+    per_ns = (w["end"].astype(np.int64) - start) / (w["end_ns"].astype(np.int64) - start_ns).clip(min=1)
+    shape = (-1,) + (1,) * (cycles.ndim - 1)
+    return start_ns.reshape(shape) + (cycles.astype(np.int64) - start.reshape(shape)) / per_ns.reshape(shape)
+
+
 def timeline(kernels: dict[str, np.ndarray]) -> dict:
     """Kernels' records (name -> [CTAS, WARPS] RECORD) on one clock, in us from the earliest warp's start:
-    when their warps started, their waits returned, their loops began and they ended (first, median, last).
-    A warp's cycle marks become times through its own cycles per ns (its SM's clock; start_ns and end_ns are
-    the GPU's global timer), so the gaps between a launch's end and the next one's wait show."""
-    warps = {name: r.reshape(-1)[r.reshape(-1)["steps"] > 0] for name, r in kernels.items()}
+    when their warps started, their waits returned, their loops began and they ended (first, median, last),
+    so the gaps between a launch's end and the next one's wait show."""
+    warps = {name: _ran(r) for name, r in kernels.items()}
     origin = min(int(w["start_ns"].min()) for w in warps.values() if w.size)
     report = {}
     for name, w in warps.items():
         if not w.size:
             continue
-        start, start_ns = w["start"].astype(np.int64), w["start_ns"].astype(np.int64)
-        per_ns = (w["end"].astype(np.int64) - start) / (w["end_ns"].astype(np.int64) - start_ns).clip(min=1)
-        at = {"start": start_ns.astype(np.float64), "end": w["end_ns"].astype(np.float64)}
+        at = {"start": w["start_ns"].astype(np.float64), "end": w["end_ns"].astype(np.float64)}
         for mark in ("waited", "walk"):
-            at[mark] = start_ns + (w[mark].astype(np.int64) - start) / per_ns
+            at[mark] = _ns(w, w[mark])
         report[name] = {mark: {q: float((np.percentile(v, p) - origin) / 1e3) for q, p in
                                (("first", 0), ("median", 50), ("last", 100))} for mark, v in at.items()}
     return report
+
+
+def landed_profile(kernels: dict[str, tuple[np.ndarray, int]], bin_us: float = 0.5) -> dict:
+    """The rate at which kernels' weights landed, over time: name -> (records, the bytes the launch reads),
+    each recorded step of a warp taken as an equal share of those bytes, landed at its `landed` mark. Bins of
+    `bin_us` from the earliest warp's start; GB/s per kernel and in all. Where the sum sits far below the copy
+    bandwidth, the memory was idle: at a launch's edges, or in a loop that asks for too little."""
+    warps = {name: (_ran(r), nbytes) for name, (r, nbytes) in kernels.items()}
+    origin = min(int(w["start_ns"].min()) for w, _ in warps.values() if w.size)
+    landed = {}
+    for name, (w, nbytes) in warps.items():
+        n = np.minimum(w["steps"], STEPS).astype(np.int64)
+        at = _ns(w, w["step"][:, :, 0])[np.arange(STEPS)[None, :] < n[:, None]]
+        landed[name] = ((at - origin) / 1e3, nbytes / max(1, int(n.sum())))
+    bins = int(max(t.max() for t, _ in landed.values()) / bin_us) + 1
+    rate = {name: np.bincount((t / bin_us).astype(np.int64), minlength=bins) * share / (bin_us * 1e3)
+            for name, (t, share) in landed.items()}
+    return {"bin_us": bin_us, "gb_s": {name: [round(float(v), 1) for v in r] for name, r in rate.items()},
+            "all_gb_s": [round(float(v), 1) for v in sum(rate.values())]}
 
 
 class _DeviceBytes:
@@ -136,7 +168,8 @@ def main() -> None:
         raise SystemExit("error: bench/kernel_trace.py needs a CUDA GPU")
     from plugins import loader
     loader.FATBIN = args.fatbin.resolve()
-    from bench.kernels import bench_decode_layer, bench_fp8_gemv, bench_moe_decode
+    from bench import read_ceiling
+    from bench.kernels import bench_decode_layer, bench_fp8_gemv, bench_moe_decode, fp8_bytes
     from runtime.bench import copy_bandwidth
     buffer = trace_buffer(loader.kernels().module)            # fails before any timing on a build without it
     buffer.zero_()                                            # no record of an earlier launch's shape stays
@@ -148,10 +181,16 @@ def main() -> None:
     else:
         timed, kernels = bench_fp8_gemv(args.what, *FLASH_FP8_SHAPES[args.what], 1, bandwidth), KERNELS["gemv"]
     torch.cuda.synchronize()
+    launches = read_ceiling.lines()                           # the bytes each launch reads
+    launch_bytes = dict(zip(("gate_up", "down"), launches["moe_decode"]))
+    if args.what in FLASH_FP8_SHAPES:
+        launch_bytes["fp8_gemv"] = fp8_bytes(*FLASH_FP8_SHAPES[args.what])
     records = buffer.cpu().numpy().view(RECORD).reshape(SLOTS, CTAS, WARPS)
     report = {**run_header(), "copy_bandwidth_gb_s": bandwidth / 1e9, "fatbin": str(args.fatbin), "what": args.what,
               "traced_timing": timed, **{k: summarize(records[i]) for k, i in kernels.items()},
-              "timeline_us": timeline({k: records[i] for k, i in kernels.items()})}
+              "timeline_us": timeline({k: records[i] for k, i in kernels.items()}),
+              "landed": landed_profile({k: (records[i], launch_bytes[k]) for k, i in kernels.items()
+                                        if k in launch_bytes})}
     write_json(args.json, report)
     for k in kernels:
         s = report[k]
@@ -166,6 +205,10 @@ def main() -> None:
     for k, marks in report["timeline_us"].items():
         print(f"{k} (us from the first start; first/median/last): " + "; ".join(
             f"{mark} {v['first']:.2f}/{v['median']:.2f}/{v['last']:.2f}" for mark, v in marks.items()))
+    rate = np.array(report["landed"]["all_gb_s"])
+    busy = rate[rate.nonzero()[0].min():rate.nonzero()[0].max() + 1] if rate.any() else rate
+    print(f"weights landed ({report['landed']['bin_us']} us bins, from the first to the last that landed any; GB/s): "
+          + " ".join(f"{v:.0f}" for v in busy))
     print(f"traced: {timed['time_us']:.1f} us, {timed['fraction_of_copy_bw']:.3f} of the copy bandwidth")
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.kernel_trace import CTAS, KERNELS, RECORD, SLOTS, STEPS, WARPS, summarize, timeline
+from bench.kernel_trace import CTAS, KERNELS, RECORD, SLOTS, STEPS, WARPS, landed_profile, summarize, timeline
 
 SOURCE = Path(__file__).resolve().parents[1] / "plugins" / "csrc" / "trace.cuh"
 
@@ -74,3 +74,13 @@ def test_two_kernels_share_one_clock():
     assert t["a"]["start"]["first"] == 0 and t["a"]["end"]["last"] == pytest.approx(0.601)
     assert t["b"]["start"]["median"] == pytest.approx(1.0) and t["b"]["waited"]["median"] == pytest.approx(1.2)
     assert t["b"]["walk"]["last"] == pytest.approx(1.3) and t["b"]["end"]["first"] == pytest.approx(2.0)
+
+
+def test_the_landed_rate_is_binned_in_time():
+    """Eight warps of three steps each (_timeline), 2400 bytes in all, so 100 a step. Every warp starts at
+    cycle 100 at 5000 ns (one CTA) or 5001 ns and runs 2200 cycles in 600 ns: steps landed at cycles 1300,
+    1600, 2000 fall at about 327, 409 and 518 ns (the second CTA's 1 ns later), in 0.25 us bins 1, 1 and 2."""
+    records = _timeline([[1300, 1350, 1450, 1500], [1600, 1650, 1850, 1900], [2000, 2010, 2090, 2100]])
+    records[2, 0]["steps"] = 0
+    p = landed_profile({"k": (records, 2400)}, bin_us=0.25)
+    assert p["gb_s"]["k"] == pytest.approx([0.0, 1600 / 250, 800 / 250]) and p["all_gb_s"] == p["gb_s"]["k"]
