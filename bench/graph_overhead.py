@@ -3,8 +3,9 @@ bench/kernels.py times a line as one graph of N calls (N: enough copies of the w
 MoE), each replay between two events, and divides by N. A replay's time holds a fixed part besides the calls
 (the graph's launch, its first kernel starting with no launch before it to overlap, its last draining alone):
 in session 59 the MoE took 40.0 us a call at 10 calls a graph and 36.1 at 40 (H100). In a decode step's graph
-hundreds of launches share that part. Times each line at 1, 2 and 4 times its N calls a graph and fits
-time per replay = fixed + calls x per_call (least squares over the three), after `--rounds` rounds.
+hundreds of launches share that part. Times each line at 1, 2 and 4 times its N calls a graph (`--factors`)
+and fits time per replay = fixed + calls x per_call (least squares), after `--rounds` rounds; `--together R`
+also times R replays of the N-call graph back to back between the events.
 
     python bench/graph_overhead.py [--lines moe_decode,wq_b,...] [--json bench/results/graph-overhead.json]
 """
@@ -28,12 +29,27 @@ LINES = ("moe_decode", "wq_b", "wo_b", "shared_w13", "shared_w2", "decode_layer"
 FACTORS = (1, 2, 4)
 
 
-def timed(line: str, factor: int, bandwidth: float) -> tuple[float, int]:
-    """(us per call, calls a graph) of `line` in bench/kernels.py's harness at `factor` times its calls."""
+def back_to_back_ms(fn, launches: int, replays: int = 20, together: int = 4) -> float:
+    """kernels.graph_time_ms, but `together` replays of the graph between the two events: the time per call
+    without a host round trip between replays."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            fn()
+    return kernels.time_ms(lambda: [graph.replay() for _ in range(together)], iters=replays) / (together * launches)
+
+
+def timed(line: str, factor: int, bandwidth: float, together: int = 0) -> tuple[float, int]:
+    """(us per call, calls a graph) of `line` in bench/kernels.py's harness at `factor` times its calls;
+    `together` > 0: that many replays back to back between the events."""
     seen = {}
 
     def graph_time_ms(fn, launches: int, replays: int = 20) -> float:
         seen["calls"] = launches * factor
+        if together:
+            return back_to_back_ms(fn, launches * factor, replays, together)
         return TREE(fn, launches * factor, replays)
     kernels.graph_time_ms = graph_time_ms
     try:
@@ -47,6 +63,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lines", default=",".join(LINES))
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--factors", default=",".join(map(str, FACTORS)), help="multiples of each line's calls a graph")
+    ap.add_argument("--together", type=int, default=0, help="also time this many replays back to back, at 1x")
     ap.add_argument("--json", type=Path, default=Path("bench/results/graph-overhead.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -57,11 +75,17 @@ def main() -> None:
     for line in args.lines.split(","):
         points = []
         for r in range(args.rounds):
-            for factor in FACTORS:
+            for factor in map(int, args.factors.split(",")):
                 us, calls = timed(line, factor, bandwidth)
                 rows.append({"line": line, "round": r, "factor": factor, "calls": calls, "us_per_call": us})
                 points.append((calls, us * calls))
                 print(f"{line} round {r}: {calls} calls a graph, {us:.2f} us a call", flush=True)
+            if args.together:
+                us, calls = timed(line, 1, bandwidth, args.together)
+                rows.append({"line": line, "round": r, "factor": 1, "calls": calls, "together": args.together,
+                             "us_per_call": us})
+                print(f"{line} round {r}: {calls} calls a graph, {args.together} replays back to back, {us:.2f} us "
+                      "a call", flush=True)
         calls, replay = np.array(points, dtype=np.float64).T
         per_call, fixed = np.polyfit(calls, replay, 1)
         fits[line] = {"per_call_us": float(per_call), "fixed_us": float(fixed)}
