@@ -51,8 +51,15 @@ def time_ms(fn, iters: int = 50) -> float:
     return sorted(times)[len(times) // 2]
 
 
+# A graph holds at least this many calls (whole multiples of `launches`): a switch for
+# bench/graph_overhead.py's question, how much of a line's figure its own graph's launch adds.
+MIN_GRAPH_CALLS = 1
+
+
 def graph_time_ms(fn, launches: int, replays: int = 20) -> float:
-    """Time per call of `fn` with `launches` calls captured in one CUDA graph (no host launch cost)."""
+    """Time per call of `fn` with `launches` calls (or whole multiples of them, MIN_GRAPH_CALLS) captured in
+    one CUDA graph (no host launch cost)."""
+    launches *= -(-MIN_GRAPH_CALLS // launches)
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
