@@ -51,9 +51,12 @@ def time_ms(fn, iters: int = 50) -> float:
     return sorted(times)[len(times) // 2]
 
 
-# A graph holds at least this many calls (whole multiples of `launches`): a switch for
-# bench/graph_overhead.py's question, how much of a line's figure its own graph's launch adds.
-MIN_GRAPH_CALLS = 1
+# A graph holds at least this many calls (whole multiples of `launches`). A replay timed alone between two
+# events holds a cost of its own beside its calls, which a decode step's graph of hundreds of launches
+# shares out: at 10 calls a graph (the MoE's rotation of experts) the MoE took 41.6-41.8 us a call, at 20-60
+# 37.1-37.9, four replays of the 10 back to back 37.4-37.6 (H100, session 59,
+# bench/results/graph-calls-s59-h100/); the GEMVs (16-64 calls) moved 1-3%. A switch (bench/graph_overhead.py).
+MIN_GRAPH_CALLS = 40
 
 
 def graph_time_ms(fn, launches: int, replays: int = 20) -> float:
