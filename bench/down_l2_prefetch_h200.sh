@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Session 59's probe batch: down's warps asking L2 for their later steps before their wait (a build with
-# -D DSV4_DOWN_L2_PREFETCH=1 at plugins/probe_l2.fatbin, carried). The routed experts' GPU tests on it, then
-# bench/read_ceiling.py's moe_decode and decode_layer lines on the tree's build and on it, in turn, twice.
-# All into $OUT/down-l2.tgz; DONE in it when all ran.
+# Session 59's probe batch: down's warps asking L2 for their later steps before their wait. Slower, not kept:
+# the probe is bench/results/down-l2-prefetch-s59.patch; build it where nvcc is (here, then carry it) with
+#   git apply bench/results/down-l2-prefetch-s59.patch && python -m plugins.build --out plugins/probe_l2.fatbin \
+#     -D DSV4_DOWN_L2_PREFETCH=1; git apply -R bench/results/down-l2-prefetch-s59.patch
+# The routed experts' GPU tests on it, then bench/read_ceiling.py's moe_decode and decode_layer lines on the
+# tree's build and on it, in turn, twice. All into $OUT/down-l2.tgz; DONE in it when all ran.
 set -u
 W=$(mktemp -d)
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv > "$W/gpu.txt" 2>&1

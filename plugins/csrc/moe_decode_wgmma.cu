@@ -156,30 +156,6 @@ __device__ __forceinline__ void walk_items(uint8_t* ring_base, const uint8_t* ti
   };
 #pragma unroll
   for (int g = 0; g < STAGES - 1; ++g) issue(g);
-#if defined(DSV4_DOWN_L2_PREFETCH)
-  // A probe (session 59): down's CTAs start as gate_up's leave, and its last CTAs end some microseconds
-  // after the rest, the memory half idle meanwhile. Here each down warp asks L2 for its steps past the ring's
-  // first ones before its wait (weights and scales, one line a row), so that after the wait they come from L2.
-  if constexpr (KERNEL == dsv4_trace::kMoeDown) {
-    GateUpCursor c = ahead;
-    Fp4Job j = next;
-    for (int g = STAGES - 1; g < total; ++g) {
-      if (j.blocks > 0) {
-        if (lc.col == 0)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(j.w + lc.src[i]));
-        if (lane < 16) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(j.s + size_t(lane) * j.sld));
-      }
-      c.advance(steps, groups);
-      if (c.s == 0) {
-        j = job(c);
-      } else {
-        j.w += UB * 16, j.s += UB;
-        j.blocks = step_blocks(c, mine, nb);
-      }
-    }
-  }
-#endif
   quantise();
   fence_async_shared();                         // the tile's stores, visible to wgmma's reads
   __syncthreads();
