@@ -59,10 +59,16 @@ def time_ms(fn, iters: int = 50) -> float:
 MIN_GRAPH_CALLS = 40
 
 
+def graph_calls(launches: int) -> int:
+    """The calls a graph of `launches` calls holds: the fewest whole multiples of them that reach MIN_GRAPH_CALLS
+    (a bench's calls rotate through weight copies, and each copy keeps its share)."""
+    return launches * -(-MIN_GRAPH_CALLS // launches)
+
+
 def graph_time_ms(fn, launches: int, replays: int = 20) -> float:
-    """Time per call of `fn` with `launches` calls (or whole multiples of them, MIN_GRAPH_CALLS) captured in
-    one CUDA graph (no host launch cost)."""
-    launches *= -(-MIN_GRAPH_CALLS // launches)
+    """Time per call of `fn` with graph_calls(launches) calls captured in one CUDA graph (no host launch
+    cost)."""
+    launches = graph_calls(launches)
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
