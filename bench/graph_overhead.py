@@ -32,12 +32,7 @@ FACTORS = (1, 2, 4)
 def back_to_back_ms(fn, launches: int, replays: int = 20, together: int = 4) -> float:
     """kernels.graph_time_ms, but `together` replays of the graph between the two events: the time per call
     without a host round trip between replays."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(launches):
-            fn()
+    graph = kernels.capture_calls(fn, launches)
     return kernels.time_ms(lambda: [graph.replay() for _ in range(together)], iters=replays) / (together * launches)
 
 

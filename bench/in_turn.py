@@ -53,3 +53,35 @@ def turn_switches(switches: list[tuple[str, str, object]]) -> None:
         if not hasattr(target, name):
             raise SystemExit(f"error: {module} has no {name}")
         setattr(target, name, value)
+
+
+def cases_in_one_process(doc: str, cases: tuple[str, ...], run_case: Callable[[str, float], dict], default_json: str,
+                         rounds: int = 3, note: Callable[[], str] | None = None) -> None:
+    """The main of a probe whose cases turn switches within one process (one kernel image) and time a line of
+    bench/kernels.py: `--rounds` rounds of each case in turn, run_case(case, copy bandwidth) -> that bench's
+    figures (time_us, fraction_of_copy_bw); prints each, and writes them all with the run's header to
+    `--json` (default `default_json`). `note()`: a line printed after the copy bandwidth."""
+    import argparse
+    from pathlib import Path
+
+    import torch
+
+    from bench.results_json import run_header, write_json
+    from runtime.bench import copy_bandwidth
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--json", type=Path, default=Path(default_json))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit(f"error: {Path(sys.argv[0]).name} needs a CUDA GPU")
+    with torch.inference_mode():
+        bandwidth = copy_bandwidth()
+        print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s" + (f"; {note()}" if note else ""), flush=True)
+        rows = []
+        for r in range(args.rounds):
+            for case in cases:
+                row = {"round": r, "case": case, **run_case(case, bandwidth)}
+                rows.append(row)
+                print(f"round {r} {case}: {row['time_us']:.1f} us, {row['fraction_of_copy_bw']:.3f} of the copy "
+                      "bandwidth", flush=True)
+    write_json(args.json, {**run_header(), "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": rows})

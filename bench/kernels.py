@@ -65,17 +65,22 @@ def graph_calls(launches: int) -> int:
     return launches * -(-MIN_GRAPH_CALLS // launches)
 
 
-def graph_time_ms(fn, launches: int, replays: int = 20) -> float:
-    """Time per call of `fn` with graph_calls(launches) calls captured in one CUDA graph (no host launch
-    cost)."""
-    launches = graph_calls(launches)
+def capture_calls(fn, calls: int) -> torch.cuda.CUDAGraph:
+    """`calls` calls of `fn` captured in one CUDA graph (after one call outside it, to warm up)."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(launches):
+        for _ in range(calls):
             fn()
-    return time_ms(graph.replay, iters=replays) / launches
+    return graph
+
+
+def graph_time_ms(fn, launches: int, replays: int = 20) -> float:
+    """Time per call of `fn` with graph_calls(launches) calls captured in one CUDA graph (no host launch
+    cost)."""
+    launches = graph_calls(launches)
+    return time_ms(capture_calls(fn, launches).replay, iters=replays) / launches
 
 
 def fp8_bytes(n: int, k: int) -> int:

@@ -10,17 +10,13 @@ times the calls in one graph (what a graph's own launch adds per call).
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench.kernels as kernels  # noqa: E402
-from bench.results_json import run_header, write_json  # noqa: E402
-from runtime.bench import copy_bandwidth  # noqa: E402
+from bench.in_turn import cases_in_one_process  # noqa: E402
 
 CASES = ("tree", "no_sum", "tree_4x_calls")
 TREE = (kernels.moe_experts_decode, kernels.graph_time_ms)
@@ -38,24 +34,8 @@ def run_case(case: str, bandwidth: float) -> dict:
         kernels.moe_experts_decode, kernels.graph_time_ms = TREE
 
 
-@torch.inference_mode()
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", type=Path, default=Path("bench/results/moe-chain-ab.json"))
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("error: bench/moe_chain_ab.py needs a CUDA GPU")
-    bandwidth = copy_bandwidth()
-    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
-    rows = []
-    for r in range(args.rounds):
-        for case in CASES:
-            row = {"round": r, "case": case, **run_case(case, bandwidth)}
-            rows.append(row)
-            print(f"round {r} {case}: {row['time_us']:.1f} us, {row['fraction_of_copy_bw']:.3f} of the copy "
-                  "bandwidth", flush=True)
-    write_json(args.json, {**run_header(), "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": rows})
+    cases_in_one_process(__doc__, CASES, run_case, "bench/results/moe-chain-ab.json")
 
 
 if __name__ == "__main__":

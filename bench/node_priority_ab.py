@@ -15,7 +15,6 @@ rounds. Same kernels, same bits: only the order in which waiting CTAs get SMs di
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,10 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench.kernels as kernels  # noqa: E402
-from bench.results_json import run_header, write_json  # noqa: E402
+from bench.in_turn import cases_in_one_process  # noqa: E402
 from plugins import streams  # noqa: E402
 from plugins.loader import _check  # noqa: E402
-from runtime.bench import copy_bandwidth  # noqa: E402
 
 CASES = ("tree", "routed_first", "shared_first")
 TREE_GRAPH_TIME = kernels.graph_time_ms
@@ -74,25 +72,9 @@ def run_case(case: str, bandwidth: float) -> dict:
         kernels.graph_time_ms, streams._side_stream = TREE_GRAPH_TIME, TREE_SIDE_STREAM
 
 
-@torch.inference_mode()
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", type=Path, default=Path("bench/results/node-priority-ab.json"))
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("error: bench/node_priority_ab.py needs a CUDA GPU")
-    bandwidth = copy_bandwidth()
-    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; a high-priority stream's priority "
-          f"{torch.cuda.Stream(priority=-100).priority}", flush=True)
-    rows = []
-    for r in range(args.rounds):
-        for case in CASES:
-            row = {"round": r, "case": case, **run_case(case, bandwidth)}
-            rows.append(row)
-            print(f"round {r} {case}: {row['time_us']:.1f} us, {row['fraction_of_copy_bw']:.3f} of the copy "
-                  "bandwidth", flush=True)
-    write_json(args.json, {**run_header(), "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": rows})
+    cases_in_one_process(__doc__, CASES, run_case, "bench/results/node-priority-ab.json",
+                         note=lambda: f"a high-priority stream's priority {torch.cuda.Stream(priority=-100).priority}")
 
 
 if __name__ == "__main__":
