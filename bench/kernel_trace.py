@@ -17,8 +17,10 @@ into the first half's conversion, the MMAs until done, with the wait for the war
 scaling); the tail after the last step (the epilogue); the share of the loop spent waiting. A warp that waits
 most of each step asks for more in flight; one that works most of it, for fewer instructions or more warps;
 a long prologue or tail, for the launch's edges. The kernels' marks on one clock (`timeline_us`) show the gaps
-between one launch's end and the next one's wait; the rate at which their weights landed over time
-(`landed`, each step an equal share of the launch's bytes), where the memory sat idle. The probe's own stores slow the kernels somewhat: the report
+between one launch's end and the next one's wait, and each CTA's SM, start and end (which CTAs end last, and
+whether their SMs or their items make them late); the rate at which their weights landed over time
+(`landed`, each step an equal share of the launch's bytes), where the memory sat idle. The probe's own
+stores slow the kernels somewhat: the report
 times the trace build, to set beside the tree's figure (bench/kernel_trace_h200.sh runs both).
 """
 from __future__ import annotations
@@ -98,7 +100,8 @@ def _ns(w: np.ndarray, cycles: np.ndarray) -> np.ndarray:
 def timeline(kernels: dict[str, np.ndarray]) -> dict:
     """Kernels' records (name -> [CTAS, WARPS] RECORD) on one clock, in us from the earliest warp's start:
     when their warps started, their waits returned, their loops began and they ended (first, median, last),
-    so the gaps between a launch's end and the next one's wait show."""
+    so the gaps between a launch's end and the next one's wait show; and per CTA that ran (`ctas`: its index in
+    the grid, its SM, its first warp's start and its last warp's end, in us)."""
     warps = {name: _ran(r) for name, r in kernels.items()}
     origin = min(int(w["start_ns"].min()) for w in warps.values() if w.size)
     report = {}
@@ -110,6 +113,13 @@ def timeline(kernels: dict[str, np.ndarray]) -> dict:
             at[mark] = _ns(w, w[mark])
         report[name] = {mark: {q: float((np.percentile(v, p) - origin) / 1e3) for q, p in
                                (("first", 0), ("median", 50), ("last", 100))} for mark, v in at.items()}
+        ran = kernels[name]["steps"].max(axis=1) > 0
+        start = np.where(kernels[name]["steps"] > 0, kernels[name]["start_ns"], np.iinfo(np.uint64).max)
+        report[name]["ctas"] = {
+            "index": [int(i) for i in np.flatnonzero(ran)],
+            "sm": [int(v) for v in kernels[name]["sm"].max(axis=1)[ran]],     # warps that did not run: 0
+            "start_us": [round((int(v) - origin) / 1e3, 3) for v in start.min(axis=1)[ran]],
+            "end_us": [round((int(v) - origin) / 1e3, 3) for v in kernels[name]["end_ns"].max(axis=1)[ran]]}
     return report
 
 

@@ -74,6 +74,8 @@ def test_two_kernels_share_one_clock():
     assert t["a"]["start"]["first"] == 0 and t["a"]["end"]["last"] == pytest.approx(0.601)
     assert t["b"]["start"]["median"] == pytest.approx(1.0) and t["b"]["waited"]["median"] == pytest.approx(1.2)
     assert t["b"]["walk"]["last"] == pytest.approx(1.3) and t["b"]["end"]["first"] == pytest.approx(2.0)
+    assert t["a"]["ctas"] == {"index": [0, 1], "sm": [0, 1], "start_us": [0.0, 0.001], "end_us": [0.6, 0.601]}
+    assert t["b"]["ctas"] == {"index": [0], "sm": [0], "start_us": [1.0], "end_us": [2.0]}
 
 
 def test_the_landed_rate_is_binned_in_time():
