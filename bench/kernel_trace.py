@@ -214,7 +214,7 @@ def main() -> None:
               f"span {s['span_us']:.1f} us (median warp, cycles)")
     for k, marks in report["timeline_us"].items():
         print(f"{k} (us from the first start; first/median/last): " + "; ".join(
-            f"{mark} {v['first']:.2f}/{v['median']:.2f}/{v['last']:.2f}" for mark, v in marks.items()))
+            f"{mark} {v['first']:.2f}/{v['median']:.2f}/{v['last']:.2f}" for mark, v in marks.items() if mark != "ctas"))
     rate = np.array(report["landed"]["all_gb_s"])
     busy = rate[rate.nonzero()[0].min():rate.nonzero()[0].max() + 1] if rate.any() else rate
     print(f"weights landed ({report['landed']['bin_us']} us bins, from the first to the last that landed any; GB/s): "
