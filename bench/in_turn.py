@@ -1,7 +1,8 @@
 """Cases of a benchmark timed in turn, each in a process of its own (a process loads one kernel image), for
 several rounds, so that drift of the machine falls on every case alike (bench/fatbin_ab.py,
 bench/attention_pairs.py). A case may turn runtime switches in its process, as CASE@MODULE.NAME=VALUE[,...]
-(VALUE a Python literal): one build timed with a switch each way."""
+(VALUE a Python literal): one build timed with a switch each way. Probes whose cases need no process of their
+own (switches that take effect at once) run them in one process: `cases_in_one_process`."""
 from __future__ import annotations
 
 import ast
