@@ -6,22 +6,20 @@ launch's records:
     python -m plugins.build --out /tmp/trace.fatbin -D DSV4_TRACE=1
     python bench/kernel_trace.py /tmp/trace.fatbin moe|layer|GEMV [--json bench/results/kernel-trace.json]
 
-GEMV: a line of bench/kernels.py's FLASH_FP8_SHAPES (wq_b, wo_b, shared_w13, shared_w2, ...); layer: a whole
-decode layer's kernels as bench/read_ceiling.py's decode_layer line runs them, the MoE's two traced, and the
-GEMV that ran last. Per kernel
-(the MoE's gate_up and down, or the GEMV), over its warps: the cycles from the warp's start to its wait for the
-launch before returning (`before_wait`: what it does first, and the wait), from there to its loop (`after_wait`:
-the routing table, the activation's quantise); per step, from the end of the previous step to its weights
-having landed (`wait`: they were late) and from there to its products being added (`work`; in the MoE split
-into the first half's conversion, the MMAs until done, with the wait for the warpgroup's other warps, and the
-scaling); the tail after the last step (the epilogue); the share of the loop spent waiting. A warp that waits
-most of each step asks for more in flight; one that works most of it, for fewer instructions or more warps;
-a long prologue or tail, for the launch's edges. The kernels' marks on one clock (`timeline_us`) show the gaps
-between one launch's end and the next one's wait, and each CTA's SM, start and end (which CTAs end last, and
-whether their SMs or their items make them late); the rate at which their weights landed over time
-(`landed`, each step an equal share of the launch's bytes), where the memory sat idle. The probe's own
-stores slow the kernels somewhat: the report
-times the trace build, to set beside the tree's figure (bench/kernel_trace_h200.sh runs both).
+GEMV: a line of bench/kernels.py's FLASH_FP8_SHAPES (wq_b, wo_b, shared_w13, shared_w2, ...); layer: a whole decode
+layer's kernels as bench/read_ceiling.py's decode_layer line runs them, the MoE's two traced, and the GEMV that ran
+last. Per kernel (the MoE's gate_up and down, or the GEMV), over its warps: the cycles from the warp's start to its
+wait for the launch before returning (`before_wait`: what it does first, `own_work_before_wait`, and the wait),
+from there to its loop (`after_wait`: the routing table, the activation's quantise); per step, from the end of the
+previous step to its weights having landed (`wait`: they were late) and from there to its products being added
+(`work`; in the MoE split into the first half's conversion, the MMAs until done, with the wait for the warpgroup's
+other warps, and the scaling); the tail after the last step (the epilogue); the share of the loop spent waiting. A
+warp that waits most of each step asks for more in flight; one that works most of it, for fewer instructions or
+more warps; a long prologue or tail, for the launch's edges. The kernels' marks on one clock (`timeline_us`) show
+the gaps between one launch's end and the next one's wait, and each CTA's SM, start and end (which CTAs end last,
+and whether their SMs or their items make them late); the rate at which their weights landed over time (`landed`,
+each step an equal share of the launch's bytes), where the memory sat idle. The probe's own stores slow the kernels
+somewhat: the report times the trace build, to set beside the tree's figure (bench/kernel_trace_h200.sh runs both).
 """
 from __future__ import annotations
 
@@ -37,8 +35,8 @@ from bench.results_json import run_header, write_json  # noqa: E402
 
 KERNELS = {"moe": {"gate_up": 0, "down": 1}, "gemv": {"fp8_gemv": 2}}   # csrc/trace.cuh Kernel
 SLOTS, CTAS, WARPS, STEPS = 3, 512, 8, 32   # csrc/trace.cuh
-RECORD = np.dtype([("start_ns", "<u8"), ("end_ns", "<u8"), ("start", "<u8"), ("waited", "<u8"), ("walk", "<u8"),
-                   ("step", "<u8", (STEPS, 4)), ("end", "<u8"), ("sm", "<u4"), ("steps", "<u4")])
+RECORD = np.dtype([("start_ns", "<u8"), ("end_ns", "<u8"), ("start", "<u8"), ("ready", "<u8"), ("waited", "<u8"),
+                   ("walk", "<u8"), ("step", "<u8", (STEPS, 4)), ("end", "<u8"), ("sm", "<u4"), ("steps", "<u4")])
 PARTS = ("convert", "mma", "finish")       # a step's work between its landed, converted, MMAs-done, added marks
 
 
@@ -55,7 +53,7 @@ def summarize(records: np.ndarray) -> dict:
     others = int((warps["steps"] != common).sum())
     warps = warps[warps["steps"] == common]
     n = int(min(common, STEPS))                # steps recorded (all, up to STEPS)
-    at = {k: warps[k].astype(np.int64) for k in ("start", "waited", "walk", "end", "start_ns", "end_ns")}
+    at = {k: warps[k].astype(np.int64) for k in ("start", "ready", "waited", "walk", "end", "start_ns", "end_ns")}
     step = warps["step"][:, :n].astype(np.int64)
     landed, added = step[:, :, 0], step[:, :, 3]
     before = np.concatenate([at["walk"][:, None], added[:, :-1]], axis=1)
@@ -67,6 +65,7 @@ def summarize(records: np.ndarray) -> dict:
         "warps": int(warps.size), "sms": int(np.unique(warps["sm"]).size), "steps_per_warp": int(common),
         "steps_recorded": n, "warps_left_out": others,
         "before_wait_cycles": dist(at["waited"] - at["start"]), "after_wait_cycles": dist(at["walk"] - at["waited"]),
+        "own_work_before_wait_cycles": dist(at["ready"] - at["start"]),   # then waiting: before_wait less this
         "wait_cycles_per_step": dist(wait.mean(axis=1)), "work_cycles_per_step": dist(work.mean(axis=1)),
         "tail_cycles": dist(at["end"] - added[:, -1]), "warp_cycles": dist(at["end"] - at["start"]),
         "loop_share_waiting": float(wait.sum() / (at["end"] - at["walk"]).sum()),
@@ -109,7 +108,7 @@ def timeline(kernels: dict[str, np.ndarray]) -> dict:
         if not w.size:
             continue
         at = {"start": w["start_ns"].astype(np.float64), "end": w["end_ns"].astype(np.float64)}
-        for mark in ("waited", "walk"):
+        for mark in ("ready", "waited", "walk"):
             at[mark] = _ns(w, w[mark])
         report[name] = {mark: {q: float((np.percentile(v, p) - origin) / 1e3) for q, p in
                                (("first", 0), ("median", 50), ("last", 100))} for mark, v in at.items()}
@@ -208,7 +207,8 @@ def main() -> None:
                  f" (convert {s['convert_cycles_per_step']['median']:.0f}, MMAs {s['mma_cycles_per_step']['median']:.0f},"
                  f" finish {s['finish_cycles_per_step']['median']:.0f})")
         print(f"{k}: {s['warps']} warps on {s['sms']} SMs, {s['steps_per_warp']} steps a warp; before the wait "
-              f"{s['before_wait_cycles']['median']:.0f} cycles, after it {s['after_wait_cycles']['median']:.0f}; a step "
+              f"{s['before_wait_cycles']['median']:.0f} cycles (its own work "
+              f"{s['own_work_before_wait_cycles']['median']:.0f}), after it {s['after_wait_cycles']['median']:.0f}; a step "
               f"waits {s['wait_cycles_per_step']['median']:.0f} and works {s['work_cycles_per_step']['median']:.0f}"
               f"{parts}; {s['loop_share_waiting']:.2f} of the loop waiting; tail {s['tail_cycles']['median']:.0f}; "
               f"span {s['span_us']:.1f} us (median warp, cycles)")

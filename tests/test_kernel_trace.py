@@ -19,8 +19,10 @@ def test_the_record_layout_is_the_kernels():
                                                    "kMoeDown": KERNELS["moe"]["down"],
                                                    "kFp8Gemv": KERNELS["gemv"]["fp8_gemv"]}
     fields = re.search(r"struct Warp \{(.*?)\};", text, re.S).group(1)
-    assert "start_ns, end_ns, start, waited, walk, step[STEPS][4], end;" in fields and "unsigned sm, steps;" in fields
-    assert RECORD.itemsize == 8 * (6 + 4 * STEPS) + 8 and list(RECORD.names)[-2:] == ["sm", "steps"]
+    assert "start_ns, end_ns, start, ready, waited, walk, step[STEPS][4], end;" in fields
+    assert "unsigned sm, steps;" in fields
+    assert RECORD.itemsize == 8 * (7 + 4 * STEPS) + 8 and list(RECORD.names)[:6] == [
+        "start_ns", "end_ns", "start", "ready", "waited", "walk"] and list(RECORD.names)[-2:] == ["sm", "steps"]
 
 
 def _timeline(marks: list[list[int]]) -> np.ndarray:
@@ -29,7 +31,7 @@ def _timeline(marks: list[list[int]]) -> np.ndarray:
     for cta in range(2):
         for warp in range(4):
             r = records[cta, warp]
-            r["start"], r["waited"], r["walk"], r["end"] = 100, 700, 1100, 2300
+            r["start"], r["ready"], r["waited"], r["walk"], r["end"] = 100, 250, 700, 1100, 2300
             r["step"][:3] = marks
             r["start_ns"], r["end_ns"], r["sm"], r["steps"] = 5000 + cta, 5600 + cta, cta, 3
     records[2, 0]["steps"] = 5                   # another step count: left out, and counted
@@ -40,6 +42,7 @@ def test_a_known_timeline_is_summarised():
     s = summarize(_timeline([[1300, 1350, 1450, 1500], [1600, 1650, 1850, 1900], [2000, 2010, 2090, 2100]]))
     assert (s["warps"], s["sms"], s["steps_recorded"], s["warps_left_out"]) == (8, 2, 3, 1)
     assert s["before_wait_cycles"]["median"] == 600 and s["after_wait_cycles"]["median"] == 400
+    assert s["own_work_before_wait_cycles"]["median"] == 150
     assert s["tail_cycles"]["median"] == 200
     assert s["wait_cycles_per_step"]["median"] == pytest.approx(400 / 3)
     assert s["work_cycles_per_step"]["median"] == pytest.approx(200)
@@ -68,11 +71,12 @@ def test_two_kernels_share_one_clock():
     first[2, 0]["steps"] = 0                     # the stray warp has no times; a CTA that did not run
     second = np.zeros((CTAS, WARPS), dtype=RECORD)
     r = second[0, 0]
-    r["start"], r["waited"], r["walk"], r["end"], r["steps"] = 10_000, 10_400, 10_600, 12_000, 1
+    r["start"], r["ready"], r["waited"], r["walk"], r["end"], r["steps"] = 10_000, 10_200, 10_400, 10_600, 12_000, 1
     r["start_ns"], r["end_ns"] = 6000, 7000
     t = timeline({"a": first, "b": second})
     assert t["a"]["start"]["first"] == 0 and t["a"]["end"]["last"] == pytest.approx(0.601)
     assert t["b"]["start"]["median"] == pytest.approx(1.0) and t["b"]["waited"]["median"] == pytest.approx(1.2)
+    assert t["b"]["ready"]["median"] == pytest.approx(1.1)
     assert t["b"]["walk"]["last"] == pytest.approx(1.3) and t["b"]["end"]["first"] == pytest.approx(2.0)
     assert t["a"]["ctas"] == {"index": [0, 1], "sm": [0, 1], "start_us": [0.0, 0.001], "end_us": [0.6, 0.601]}
     assert t["b"]["ctas"] == {"index": [0], "sm": [0], "start_us": [1.0], "end_us": [2.0]}

@@ -242,6 +242,7 @@ __device__ __forceinline__ void fp8_gemv(const __nv_bfloat16* __restrict__ x, co
 
   for (int p = 0; p < stages - 1; ++p) issue();  // in flight while the activations are quantised
   bool early = false;                           // the first loop step's copies issued (early_step)
+  DSV4_TRACE_AT(if (trace) trace->ready = clock64();)
   dsv4::pdl_wait();                              // x (or its codes) come from the previous kernels
   DSV4_TRACE_AT(if (trace) trace->waited = clock64();)
   dsv4::pdl_launch_dependents();

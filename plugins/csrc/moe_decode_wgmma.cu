@@ -234,6 +234,7 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_gate_up_decode_wgmma(
   clear_tile(tile, D / 32 * 256);
   __syncthreads();
   dsv4::quantise_to_smem<true, false, true>(x + size_t(t) * D, D, D, 0, tile, scales);
+  DSV4_TRACE_AT(if (trace) trace->ready = clock64();)
   dsv4::pdl_wait();                             // the routing (experts, weights) comes from the launch before
   DSV4_TRACE_AT(if (trace) trace->waited = clock64();)
   dsv4::pdl_launch_dependents();
@@ -303,6 +304,7 @@ extern "C" __global__ void __launch_bounds__(128) dsv4_moe_down_decode_wgmma(
                                               scales + reg * (nb / 4));
   };
   auto quantise = [&] {
+    DSV4_TRACE_AT(if (trace) trace->ready = clock64();)
     dsv4::pdl_wait();                           // h comes from gate_up (experts and table from before it)
     DSV4_TRACE_AT(if (trace) trace->waited = clock64();)
     dsv4::pdl_launch_dependents();

@@ -1,6 +1,7 @@
 // A probe build's timeline of every warp of the traced kernels (python -m plugins.build -D DSV4_TRACE=1; read by
 // bench/kernel_trace.py), to tell a warp that waits for its weights from one that waits on its own work. Per
-// warp: when it started, when its wait for the launch before returned, when its walk's loop began, and for each
+// warp: when it started, when it reached its wait for the launch before (its own work before it done), when
+// that wait returned, when its walk's loop began, and for each
 // step four marks (the decode MoE: its ring stage landed, the first half of its codes converted, the
 // warpgroup's MMAs done, its products added; the FP8 GEMV: landed and added, the middle two zero), when it
 // ended (the SM's cycles; start and end also in global nanoseconds). Lane 0 of each warp writes its record,
@@ -15,7 +16,7 @@ enum Kernel { kMoeGateUp = 0, kMoeDown = 1, kFp8Gemv = 2 };   // the buffer's fi
 namespace dsv4_trace {
 constexpr int KERNELS = 3, CTAS = 512, WARPS = 8, STEPS = 32;
 struct Warp {
-  unsigned long long start_ns, end_ns, start, waited, walk, step[STEPS][4], end;
+  unsigned long long start_ns, end_ns, start, ready, waited, walk, step[STEPS][4], end;
   unsigned sm, steps;
 };
 }  // namespace dsv4_trace
