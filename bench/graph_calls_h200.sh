@@ -2,8 +2,9 @@
 # A device batch: how much of the decode lines' figures is their own graph's launch (bench/graph_overhead.py:
 # the MoE at 1, 2, 3 and 6 times its 10 calls a graph, and 4 replays back to back; wq_b and the layer back to
 # back; skipped with PROBES=0), then bench/read_ceiling.py's lines at the calls a graph of sessions before 59
-# (bench.kernels.MIN_GRAPH_CALLS=1) and at 40 or more (the default since), in turn, twice (the second round
-# the MoE and the layer only). All into $OUT/graph-calls.tgz; DONE in it when all ran.
+# (bench.kernels.MIN_GRAPH_CALLS=1) and at 40 or more (the default since), in turn, twice
+# (bench/read_ceiling_in_turn.sh; session 59's own runs named their files rc-CALLS-ROUND). All into
+# $OUT/graph-calls.tgz; DONE in it when all ran.
 set -u
 W=$(mktemp -d)
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv > "$W/gpu.txt" 2>&1
@@ -15,20 +16,9 @@ if [ "${PROBES:-1}" = 1 ]; then
     --json "$W/graph-overhead-others.json" >> "$W/graph-overhead.txt" 2>&1
   echo "graph_overhead others rc=$?" >> "$W/progress.txt"
 fi
-LINES=moe_decode,shared_expert,wq_b,wo_a,wo_b,decode_layer
-for r in 0 1; do
-  [ $r = 1 ] && LINES=moe_decode,decode_layer
-  for calls in 1 40; do
-    python bench/read_ceiling.py --lines $LINES \
-      --fatbin plugins/dsv4_kernels.fatbin@bench.kernels.MIN_GRAPH_CALLS=$calls \
-      --json "$W/rc-$calls-$r.json" > "$W/rc-$calls-$r.txt" 2>&1
-    echo "read_ceiling MIN_GRAPH_CALLS=$calls round $r rc=$?" >> "$W/progress.txt"
-  done
-done
+RES=$W ROUNDS="0 1" LINES=moe_decode,shared_expert,wq_b,wo_a,wo_b,decode_layer bash bench/read_ceiling_in_turn.sh \
+  calls1=plugins/dsv4_kernels.fatbin@bench.kernels.MIN_GRAPH_CALLS=1 \
+  calls40=plugins/dsv4_kernels.fatbin@bench.kernels.MIN_GRAPH_CALLS=40
 touch "$W/DONE"
 tar czf "${OUT:-.}/graph-calls.tgz" -C "$W" .
 cat "$W/progress.txt"; [ -f "$W/graph-overhead.txt" ] && grep -v "^ " "$W/graph-overhead.txt" | grep -v "^copy"
-for f in "$W"/rc-*.txt; do echo "== $f"; grep '"line"' "$f" | python -c "
-import sys, json
-for l in sys.stdin:
-    d = json.loads(l); print(d['line'], round(d['kernel_us'], 2), round(d['kernel_fraction'], 3), round(d['read_fraction'], 3))"; done

@@ -40,12 +40,22 @@ RECORD = np.dtype([("start_ns", "<u8"), ("end_ns", "<u8"), ("start", "<u8"), ("r
 PARTS = ("convert", "mma", "finish")       # a step's work between its landed, converted, MMAs-done, added marks
 
 
+def _ran(records: np.ndarray) -> np.ndarray:
+    """The warps of a kernel's records [CTAS, WARPS] that ran (steps > 0)."""
+    flat = records.reshape(-1)
+    return flat[flat["steps"] > 0]
+
+
+def _origin(warps: list[np.ndarray]) -> int:
+    """The earliest start of these warps (that ran) on the global timer, ns: the zero of a shared clock."""
+    return min(int(w["start_ns"].min()) for w in warps if w.size)
+
+
 def summarize(records: np.ndarray) -> dict:
     """A kernel's records [CTAS, WARPS] (RECORD) -> its figures, over the warps that walked the most common
     number of steps (at Flash size, one token: all that ran); warps that did not run (steps 0) are left out.
     A step's middle marks are reported where every warp set them (the MoE's; the GEMV leaves them zero)."""
-    warps = records.reshape(-1)
-    warps = warps[warps["steps"] > 0]
+    warps = _ran(records)
     if warps.size == 0:
         raise ValueError("no warp of this kernel left a record")
     counts, seen = np.unique(warps["steps"], return_counts=True)
@@ -81,12 +91,6 @@ def summarize(records: np.ndarray) -> dict:
     return report
 
 
-def _ran(records: np.ndarray) -> np.ndarray:
-    """The warps of a kernel's records [CTAS, WARPS] that ran (steps > 0)."""
-    flat = records.reshape(-1)
-    return flat[flat["steps"] > 0]
-
-
 def _ns(w: np.ndarray, cycles: np.ndarray) -> np.ndarray:
     """Cycle marks of warps `w` (one per warp, or [warp, ...]) on the global timer, in ns: through each warp's
     own cycles per ns (its SM's clock) from its start."""
@@ -102,7 +106,7 @@ def timeline(kernels: dict[str, np.ndarray]) -> dict:
     so the gaps between a launch's end and the next one's wait show; and per CTA that ran (`ctas`: its index in
     the grid, its SM, its first warp's start and its last warp's end, in us)."""
     warps = {name: _ran(r) for name, r in kernels.items()}
-    origin = min(int(w["start_ns"].min()) for w in warps.values() if w.size)
+    origin = _origin(list(warps.values()))
     report = {}
     for name, w in warps.items():
         if not w.size:
@@ -128,7 +132,7 @@ def landed_profile(kernels: dict[str, tuple[np.ndarray, int]], bin_us: float = 0
     `bin_us` from the earliest warp's start; GB/s per kernel and in all. Where the sum sits far below the copy
     bandwidth, the memory was idle: at a launch's edges, or in a loop that asks for too little."""
     warps = {name: (_ran(r), nbytes) for name, (r, nbytes) in kernels.items()}
-    origin = min(int(w["start_ns"].min()) for w, _ in warps.values() if w.size)
+    origin = _origin([w for w, _ in warps.values()])
     landed = {}
     for name, (w, nbytes) in warps.items():
         n = np.minimum(w["steps"], STEPS).astype(np.int64)

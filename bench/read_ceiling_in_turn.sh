@@ -15,3 +15,12 @@ for round in ${ROUNDS:-1 2}; do
     echo "$name $round rc=$? $(( $(date +%s) - start ))s" >> "$RES/progress.txt"
   done
 done
+# A line a run and line: its kernels' time and fraction of the copy bandwidth (the JSON lines in each log).
+for log in "$RES"/read-ceiling-*.log; do
+  python -c "
+import json, sys
+for l in open(sys.argv[1]):
+    if l.startswith('{\"line\"'):
+        d = json.loads(l); print(sys.argv[1].rsplit('/', 1)[-1], d['line'], round(d['kernel_us'], 2), round(d['kernel_fraction'], 3))
+" "$log"
+done

@@ -28,7 +28,6 @@
 #include "trace.cuh"
 #include "wgmma.cuh"
 
-
 namespace {
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)

@@ -1,11 +1,11 @@
 // A probe build's timeline of every warp of the traced kernels (python -m plugins.build -D DSV4_TRACE=1; read by
 // bench/kernel_trace.py), to tell a warp that waits for its weights from one that waits on its own work. Per
 // warp: when it started, when it reached its wait for the launch before (its own work before it done), when
-// that wait returned, when its walk's loop began, and for each
-// step four marks (the decode MoE: its ring stage landed, the first half of its codes converted, the
-// warpgroup's MMAs done, its products added; the FP8 GEMV: landed and added, the middle two zero), when it
-// ended (the SM's cycles; start and end also in global nanoseconds). Lane 0 of each warp writes its record,
-// each launch over the last one's. The default build has none of this (DSV4_TRACE_AT expands to nothing).
+// that wait returned, when its walk's loop began, and for each step four marks (the decode MoE: its ring
+// stage landed, the first half of its codes converted, the warpgroup's MMAs done, its products added; the FP8
+// GEMV: landed and added, the middle two zero), when it ended (the SM's cycles; start and end also in global
+// nanoseconds). Lane 0 of each warp writes its record, each launch over the last one's. The default build has
+// none of this (DSV4_TRACE_AT expands to nothing).
 #pragma once
 
 namespace dsv4_trace {
