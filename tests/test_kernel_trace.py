@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.kernel_trace import CTAS, KERNELS, RECORD, SLOTS, STEPS, WARPS, landed_profile, summarize, timeline
+from bench.kernel_trace import (CTAS, KERNELS, RECORD, SLOTS, STEPS, WARPS, landed_profile, sm_ends, summarize,
+                                timeline)
 
 SOURCE = Path(__file__).resolve().parents[1] / "plugins" / "csrc" / "trace.cuh"
 
@@ -80,6 +81,23 @@ def test_two_kernels_share_one_clock():
     assert t["b"]["walk"]["last"] == pytest.approx(1.3) and t["b"]["end"]["first"] == pytest.approx(2.0)
     assert t["a"]["ctas"] == {"index": [0, 1], "sm": [0, 1], "start_us": [0.0, 0.001], "end_us": [0.6, 0.601]}
     assert t["b"]["ctas"] == {"index": [0], "sm": [0], "start_us": [1.0], "end_us": [2.0]}
+
+
+def test_sm_ends_say_where_a_launchs_tail_is():
+    """Three SMs of two CTAs and one of one: CTAs 0-2 placed first on SMs 5, 6, 7, then 3-5 on the same; SM 8 holds
+    CTA 6 alone. The later-placed CTA ends last on SMs 5 and 7, the earlier on SM 6."""
+    ctas = {"index": [0, 1, 2, 3, 4, 5, 6], "sm": [5, 6, 7, 5, 6, 7, 8],
+            "end_us": [10.0, 13.0, 11.0, 12.0, 12.5, 11.5, 9.0]}
+    e = sm_ends(ctas)
+    assert e["within_sm_spread_us"] == pytest.approx((2.0 + 0.5 + 0.5) / 3)
+    last = np.array([12.0, 13.0, 11.5, 9.0])
+    assert e["sm_last_end_us"] == pytest.approx({"sd": last.std(), "first": 9.0, "last": 13.0})
+    assert e["ctas_per_sm"] == 2 and e["last_to_end_by_place"] == [1, 2]
+    records = _timeline([[1300, 1350, 1450, 1500]] * 3)
+    records[2, 0]["steps"] = 0                   # the stray warp's CTA did not run: two CTAs on SMs 0 and 1
+    t = timeline({"a": records})
+    assert t["a"]["sm_ends"]["ctas_per_sm"] == 1 and t["a"]["sm_ends"]["within_sm_spread_us"] == 0.0
+    assert t["a"]["sm_ends"]["last_to_end_by_place"] == [2]
 
 
 def test_the_landed_rate_is_binned_in_time():
