@@ -143,7 +143,7 @@ def sm_ends(ctas: dict) -> dict:
     for held in by_sm.values():
         if len(held) == most:
             last_by_place[int(np.argmax([end for _, end in sorted(held)]))] += 1
-    spreads = [max(e for _, e in held) - min(e for _, e in held) for held in by_sm.values() if len(held) > 1]
+    spreads = [max(end for _, end in held) - min(end for _, end in held) for held in by_sm.values() if len(held) > 1]
     return {"within_sm_spread_us": float(np.mean(spreads)) if spreads else 0.0,
             "sm_last_end_us": {"sd": float(last.std()), "first": float(last.min()), "last": float(last.max())},
             "ctas_per_sm": most, "last_to_end_by_place": last_by_place}
