@@ -45,7 +45,7 @@ def timed(line: str, factor: int, bandwidth: float, together: int = 0) -> tuple[
         seen["calls"] = launches * factor
         if together:
             return back_to_back_ms(fn, launches * factor, replays, together)
-        return TREE(fn, launches * factor, replays)
+        return kernels.exact_graph_time_ms(fn, launches * factor, replays)   # not rounded up to MIN_GRAPH_CALLS
     kernels.graph_time_ms = graph_time_ms
     try:
         return kernel_us(line, bandwidth), seen["calls"]

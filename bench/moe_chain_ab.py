@@ -27,7 +27,8 @@ def run_case(case: str, bandwidth: float) -> dict:
     if case == "no_sum":
         kernels.moe_experts_decode = functools.partial(decode, summed=False)
     elif case == "tree_4x_calls":
-        kernels.graph_time_ms = lambda fn, launches, replays=20: graph_time(fn, 4 * launches, replays)
+        kernels.graph_time_ms = lambda fn, launches, replays=20: graph_time(fn, 4 * kernels.graph_calls(launches),
+                                                                            replays)
     try:
         return kernels.bench_moe_decode(bandwidth, 1, wgmma=True)
     finally:
