@@ -31,14 +31,7 @@ for round in 0 1 2; do
     echo "$case $round rc=$? $(( $(date +%s) - start ))s" >> "$W/progress.txt"
   done
 done
-for log in "$W"/read-ceiling-*.log; do
-  python -c "
-import json, sys
-for l in open(sys.argv[1]):
-    if l.startswith('{\"line\"'):
-        d = json.loads(l); print(sys.argv[1].rsplit('/', 1)[-1], d['line'], round(d['kernel_us'], 2), round(d['kernel_fraction'], 3))
-" "$log"
-done > "$W/summary.txt"
+RES=$W bash bench/read_ceiling_in_turn.sh > "$W/summary.txt"
 touch "$W/DONE"
 tar czf "${OUT:-.}/down-sums.tgz" -C "$W" .
 cat "$W/progress.txt"; sort -k2,2 -k1,1 "$W/summary.txt"

@@ -2,11 +2,12 @@
 # bench/read_ceiling.py over several cases in turn, for several rounds, so that drift of the machine falls on
 # every case alike; each case a --fatbin spec (FILE[@MODULE.NAME=VALUE,...], bench/in_turn.py):
 #   RES=DIR LINES=wq_b,decode_layer ROUNDS="1 2" bash bench/read_ceiling_in_turn.sh NAME=SPEC [NAME=SPEC ...]
-# Writes DIR/read-ceiling-NAME-ROUND.json and .log, and a line per run to DIR/progress.txt.
+# Writes DIR/read-ceiling-NAME-ROUND.json and .log, and a line per run to DIR/progress.txt. With no case it runs
+# nothing and only prints the lines of the logs already in DIR (for a batch that ran its cases its own way).
 set -u
 RES=${RES:-$OUT}
 mkdir -p "$RES"
-for round in ${ROUNDS:-1 2}; do
+for round in $([ $# -gt 0 ] && echo ${ROUNDS:-1 2}); do
   for case in "$@"; do
     name=${case%%=*} spec=${case#*=}
     start=$(date +%s)
