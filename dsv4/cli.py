@@ -503,6 +503,7 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
     the device has the memory: hit rates, how often the predictions were right, bytes copied in and read
     from cold copies, the time steps waited for copies (those into their first layers), and the decode time
     lost to paging (those waits and the misses' reads from host memory) against the resident run."""
+    import gc
     import platform
 
     import torch
@@ -554,7 +555,12 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
                        f"{spec['host_pass_ms']:.2f} ms); "
                        + (f"drafts pay above {spec['pays_above_acceptance']:.0%} accepted"
                           if spec["pays_above_acceptance"] < 1 else "drafts cannot pay: a pass costs two steps or more"))
+        # Gone before the next mode's opens (a model's captured graphs refer back to it): at Flash-8 two fit
+        # an 80 GB GPU, three do not.
         del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     runs = report["modes"]
     base = runs["compiled"]
     if "compiled-resident" in runs:              # what paging cost each paged mode, decode steps only

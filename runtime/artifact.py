@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+import torch._inductor  # noqa: F401  (here, not first inside a load: the import keeps the frames it ran under,
+#                         and so the first model loaded in a process, alive; session 61: `dsv4 bench` ran out of
+#                         an 80 GB GPU at Flash-8, its first mode's model never freed)
 from safetensors.torch import load_file
 
 import plugins.ops  # noqa: F401  (the packages call torch.ops.dsv4)

@@ -8,6 +8,7 @@ Its head is the main model's head matrix behind its own hc_head and norm (`Artif
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ class MTPDraft:
         """`model`: the ArtifactModel (its embedding, head, packages, streams of recent positions); `entry`: the
         MTP block's manifest entry, with its decode program and prefill programs (`prefill.buckets`); `experts`:
         the store holding the block's routed experts (runtime/expert_store.py)."""
-        self.model = model
+        self.model = weakref.proxy(model)   # the model holds its drafter: no cycle keeping either alive
         dev = str(model.device)
         self.decode = model._package(entry["programs"]["1"])
         self.sizes = {b["chunk"]: model._package(b["program"])        # smallest first (`draft`)

@@ -234,6 +234,48 @@ def test_the_pager_counts_waits_for_experts_a_prediction_evicted_and_can_spare_t
     assert runs[True][0] == 0 and runs[True][2] == runs[False][2]
 
 
+def test_a_dropped_model_is_freed_in_a_fresh_process(built):
+    """A model, its drafter loaded, is freed as soon as it is dropped, without the garbage collector, the first
+    one a process loads too: `dsv4 bench` opens one per mode, and at Flash-8 two fit an 80 GB GPU, three do
+    not (session 61's run ran out of memory at its third). The drafter and the drafted pass held the model
+    (a cycle), and importing torch._inductor inside the first load kept that load's frames, and so the
+    model, for the life of the process."""
+    code = ("import gc, sys, weakref; gc.disable(); from runtime.artifact import ArtifactModel\n"
+            f"refs = [weakref.ref(ArtifactModel({str(built[0])!r}, draft=d)) for d in (False, True, True)]\n"
+            "print([r() is None for r in refs])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[True, True, True]"
+
+
+def test_bench_frees_each_modes_model_before_it_opens_the_next(built, monkeypatch):
+    """`dsv4 bench` drops each mode's model, cycles and all, before the next mode's opens."""
+    import gc
+    import weakref
+
+    from click.testing import CliRunner
+
+    from dsv4 import cli
+    opened, real_open = [], cli._open_artifact
+
+    def open_checked(*args, **kwargs):
+        assert all(ref() is None for ref in opened), "a mode's model outlived it"
+        model = real_open(*args, **kwargs)
+        model.cycle = model                      # what a GPU's captured graphs make: only a collection frees it
+        opened.append(weakref.ref(model))
+        return model
+    monkeypatch.setattr(cli, "_open_artifact", open_checked)
+    gc.disable()
+    try:
+        result = CliRunner().invoke(cli.cli, ["bench", str(built[0]), "--compare", "eager", "--prompt-len", "4",
+                                              "--new", "2"])
+    finally:
+        gc.enable()
+    assert result.exit_code == 0, result.output
+    assert len(opened) == 2 and opened[-1]() is None
+
+
 @pytest.mark.slow
 def test_paged_bench_reports_prefetch_and_the_resident_run(built, tmp_path):
     """`dsv4 bench --expert-slots`: the paged run with route prediction, with hash-layer prefetch only, with no
