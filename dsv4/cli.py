@@ -555,8 +555,8 @@ def bench_cmd(artifact, compare_with, prompt_len, new_tokens, device, json_out, 
                        f"{spec['host_pass_ms']:.2f} ms); "
                        + (f"drafts pay above {spec['pays_above_acceptance']:.0%} accepted"
                           if spec["pays_above_acceptance"] < 1 else "drafts cannot pay: a pass costs two steps or more"))
-        # Gone before the next mode's opens (a model's captured graphs refer back to it): at Flash-8 two fit
-        # an 80 GB GPU, three do not.
+        # Gone before the next mode's opens, even where something still refers back to it (a collection
+        # frees cycles): at Flash-8 two models fit an 80 GB GPU, three do not.
         del model
         gc.collect()
         if torch.cuda.is_available():

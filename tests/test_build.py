@@ -240,7 +240,7 @@ def test_a_dropped_model_is_freed_in_a_fresh_process(built):
     not (session 61's run ran out of memory at its third). The drafter and the drafted pass held the model
     (a cycle), and importing torch._inductor inside the first load kept that load's frames, and so the
     model, for the life of the process."""
-    code = ("import gc, sys, weakref; gc.disable(); from runtime.artifact import ArtifactModel\n"
+    code = ("import gc, weakref; gc.disable(); from runtime.artifact import ArtifactModel\n"
             f"refs = [weakref.ref(ArtifactModel({str(built[0])!r}, draft=d)) for d in (False, True, True)]\n"
             "print([r() is None for r in refs])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -262,7 +262,7 @@ def test_bench_frees_each_modes_model_before_it_opens_the_next(built, monkeypatc
     def open_checked(*args, **kwargs):
         assert all(ref() is None for ref in opened), "a mode's model outlived it"
         model = real_open(*args, **kwargs)
-        model.cycle = model                      # what a GPU's captured graphs make: only a collection frees it
+        model.cycle = model                      # a reference back: only a collection frees it
         opened.append(weakref.ref(model))
         return model
     monkeypatch.setattr(cli, "_open_artifact", open_checked)
